@@ -1,0 +1,541 @@
+//! kvgate's config file: one YAML document → one typed tree, checked as a whole.
+//!
+//! [`Config::load`] reads and parses the file, resolves relative paths from the file's folder,
+//! and [`Config::resolve`] checks everything a running kvgate would trip over later: addresses,
+//! ports, duplicate names and models, role labels, and each pool's scheduler (compiled, so an
+//! unknown plugin is caught here). Every error says what is wrong and where.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::endpoint::{ROLE_LABEL, Role};
+use crate::request::DEFAULT_MAX_BODY_BYTES;
+use crate::schedule::{Scheduler, SchedulerSpec};
+
+/// Data-parallel ranks one endpoint entry may declare (InferencePool `targetPorts` allows 8).
+pub const MAX_RANK_PORTS: usize = 8;
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// ext_proc + gRPC health listener.
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/debug/*`).
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: SocketAddr,
+    /// OpenAI reverse proxy listener; off when absent.
+    #[serde(default)]
+    pub proxy_addr: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes (default 32 MiB).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// The pools, each a set of endpoints serving some models.
+    pub pools: Vec<PoolConfig>,
+}
+
+fn default_grpc_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9002))
+}
+
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+/// One pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name (unique).
+    pub name: String,
+    /// Model names and LoRA adapters served; requests are routed to the pool by `model`.
+    pub models: Vec<String>,
+    /// Static endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    /// A YAML or JSON file with `endpoints: [...]`, reloaded when it changes.
+    #[serde(default)]
+    pub endpoints_file: Option<PathBuf>,
+    /// The scheduler, in EndpointPickerConfig shape; the default scheduler when absent.
+    #[serde(default)]
+    pub scheduler: Option<SchedulerSpec>,
+}
+
+/// An endpoint entry, the same inline and in an endpoints file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `ip`, `ip:port`, `[v6]:port`, `host` or `host:port`.
+    pub address: String,
+    /// Port, when `address` has none.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// One port per data-parallel rank (port i = rank i), when `address` has none.
+    #[serde(default)]
+    pub ports: Option<Vec<u16>>,
+    /// Labels, e.g. `llm-d.ai/role: prefill`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where an endpoint lives: an IP, or a host name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// An IP address.
+    Ip(IpAddr),
+    /// A DNS name.
+    Name(String),
+}
+
+/// One `host:port` endpoint from an entry (an entry with `ports` gives one per rank).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedEndpoint {
+    /// Display name.
+    pub name: String,
+    /// Host.
+    pub host: Host,
+    /// Port.
+    pub port: u16,
+    /// Data-parallel rank, for entries with `ports`.
+    pub rank: Option<u32>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ResolvedEndpoint {
+    /// The socket address, if the host is an IP.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match &self.host {
+            Host::Ip(ip) => Some(SocketAddr::new(*ip, self.port)),
+            Host::Name(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ResolvedEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
+            Host::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+impl EndpointSpec {
+    /// The endpoints this entry stands for.
+    pub fn resolve(&self) -> Result<Vec<ResolvedEndpoint>, String> {
+        let (host, addr_port) = parse_address(&self.address)?;
+        let ports: Vec<(u16, Option<u32>)> = match (addr_port, self.port, &self.ports) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(format!(
+                    "`{}` already has a port; drop `port`/`ports`",
+                    self.address
+                ));
+            }
+            (_, Some(_), Some(_)) => return Err("give `port` or `ports`, not both".into()),
+            (Some(p), None, None) | (None, Some(p), None) => vec![(p, None)],
+            (None, None, Some(ps)) => {
+                if ps.is_empty() || ps.len() > MAX_RANK_PORTS {
+                    return Err(format!(
+                        "`ports` needs 1 to {MAX_RANK_PORTS} ports, got {}",
+                        ps.len()
+                    ));
+                }
+                let mut seen = HashSet::new();
+                if let Some(d) = ps.iter().find(|p| !seen.insert(**p)) {
+                    return Err(format!("port {d} appears twice in `ports`"));
+                }
+                ps.iter()
+                    .enumerate()
+                    .map(|(rank, &p)| (p, Some(rank as u32)))
+                    .collect()
+            }
+            (None, None, None) => {
+                return Err(format!(
+                    "`{}` has no port; add `:port`, `port` or `ports`",
+                    self.address
+                ));
+            }
+        };
+        if let Some(p) = ports.iter().find(|(p, _)| *p == 0) {
+            return Err(format!("port {} is not a valid port", p.0));
+        }
+        if let Some(v) = self
+            .labels
+            .get(ROLE_LABEL)
+            .filter(|v| Role::from_label(v).is_none())
+        {
+            return Err(format!(
+                "label `{ROLE_LABEL}: {v}` is not a role; use prefill, decode or both"
+            ));
+        }
+        Ok(ports
+            .into_iter()
+            .map(|(port, rank)| {
+                let mut e = ResolvedEndpoint {
+                    name: String::new(),
+                    host: host.clone(),
+                    port,
+                    rank,
+                    labels: self.labels.clone(),
+                };
+                e.name = match (&self.name, rank) {
+                    (Some(n), None) => n.clone(),
+                    (Some(n), Some(r)) => format!("{n}-rank-{r}"),
+                    (None, _) => e.to_string(),
+                };
+                e
+            })
+            .collect())
+    }
+}
+
+/// Splits an address into host and optional port.
+fn parse_address(addr: &str) -> Result<(Host, Option<u16>), String> {
+    let addr = addr.trim();
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return Ok((Host::Ip(sa.ip()), Some(sa.port())));
+    }
+    let bare = addr
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(addr);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok((Host::Ip(ip), None));
+    }
+    let (name, port) = match addr.rsplit_once(':') {
+        Some((n, p)) => {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| format!("`{addr}`: `{p}` is not a port number"))?;
+            (n, Some(port))
+        }
+        None => (addr, None),
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid {
+        return Err(format!("`{addr}` is not an IP, ip:port or host name"));
+    }
+    Ok((Host::Name(name.to_owned()), port))
+}
+
+/// A config error: the file, where in it, and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{path}: {at}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Where in the file (a path such as `pools[0].endpoints[1].address`).
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A pool with its endpoints resolved and scheduler compiled.
+#[derive(Debug)]
+pub struct ResolvedPool {
+    /// Pool name.
+    pub name: String,
+    /// Models served.
+    pub models: Vec<String>,
+    /// Static endpoints.
+    pub endpoints: Vec<ResolvedEndpoint>,
+    /// Endpoints file (absolute, or relative to the working directory).
+    pub endpoints_file: Option<PathBuf>,
+    /// The compiled scheduler.
+    pub scheduler: Scheduler,
+}
+
+/// Parses YAML into `T`, reporting the path of the first bad field.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (String, String)> {
+    let mut at = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+            at = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    parsed.map_err(|e| {
+        let msg = e.to_string();
+        (
+            if at.is_empty() || at == "." {
+                "(document)".to_owned()
+            } else {
+                at
+            },
+            msg,
+        )
+    })
+}
+
+impl Config {
+    /// Reads and parses a config file (relative paths in it resolve from its folder).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = parse_yaml(text).map_err(|(at, message)| ConfigError::Invalid {
+            path: path.display().to_string(),
+            at,
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for pool in &mut cfg.pools {
+            if let Some(f) = pool.endpoints_file.as_mut().filter(|f| f.is_relative()) {
+                *f = base.join(&*f);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the whole config and compiles each pool's scheduler.
+    pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
+        let invalid = |at: String, message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            at,
+            message,
+        };
+        if self.pools.is_empty() {
+            return Err(invalid(
+                "pools".into(),
+                "at least one pool is needed".into(),
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid(
+                "max_body_bytes".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut out = Vec::with_capacity(self.pools.len());
+        for (i, pool) in self.pools.iter().enumerate() {
+            let at = |field: &str| format!("pools[{i}].{field}");
+            if pool.name.trim().is_empty() {
+                return Err(invalid(at("name"), "a pool needs a name".into()));
+            }
+            if !names.insert(pool.name.as_str()) {
+                return Err(invalid(
+                    at("name"),
+                    format!("two pools are named `{}`", pool.name),
+                ));
+            }
+            if pool.models.is_empty() {
+                return Err(invalid(
+                    at("models"),
+                    "a pool must serve at least one model".into(),
+                ));
+            }
+            for (m, model) in pool.models.iter().enumerate() {
+                if model.is_empty() {
+                    return Err(invalid(
+                        at(&format!("models[{m}]")),
+                        "empty model name".into(),
+                    ));
+                }
+                if let Some(other) = model_owner.insert(model, &pool.name) {
+                    return Err(invalid(
+                        at(&format!("models[{m}]")),
+                        format!(
+                            "model `{model}` is also served by pool `{other}`; each model routes to one pool"
+                        ),
+                    ));
+                }
+            }
+            let mut endpoints = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, e) in pool.endpoints.iter().enumerate() {
+                let eat = at(&format!("endpoints[{j}]"));
+                for r in e.resolve().map_err(|m| invalid(eat.clone(), m))? {
+                    if !seen.insert((r.host.clone(), r.port)) {
+                        return Err(invalid(eat, format!("endpoint {r} is listed twice")));
+                    }
+                    endpoints.push(r);
+                }
+            }
+            if let Some(f) = &pool.endpoints_file {
+                if !f.is_file() {
+                    return Err(invalid(
+                        at("endpoints_file"),
+                        format!("{} is not a file", f.display()),
+                    ));
+                }
+            } else if endpoints.is_empty() {
+                return Err(invalid(
+                    at("endpoints"),
+                    "a pool needs `endpoints` or an `endpoints_file`".into(),
+                ));
+            }
+            let scheduler = match &pool.scheduler {
+                None => Scheduler::default_config(),
+                Some(spec) => Scheduler::from_spec(spec)
+                    .map_err(|e| invalid(format!("pools[{i}].scheduler.{}", e.at), e.message))?,
+            };
+            out.push(ResolvedPool {
+                name: pool.name.clone(),
+                models: pool.models.clone(),
+                endpoints,
+                endpoints_file: pool.endpoints_file.clone(),
+                scheduler,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_endpoint(yaml: &str, want: Result<&[&str], &str>) {
+        let spec: EndpointSpec = parse_yaml(yaml).unwrap_or_else(|e| panic!("{yaml}: {e:?}"));
+        match (spec.resolve(), want) {
+            (Ok(got), Ok(want)) => {
+                let got: Vec<String> = got.iter().map(|e| e.to_string()).collect();
+                assert_eq!(got, want, "{yaml}");
+            }
+            (Err(e), Err(needle)) => assert!(e.contains(needle), "{yaml}: `{e}` lacks `{needle}`"),
+            (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn endpoint_addresses() {
+        check_endpoint("{address: 10.0.0.1:8000}", Ok(&["10.0.0.1:8000"]));
+        check_endpoint("{address: 10.0.0.1, port: 8000}", Ok(&["10.0.0.1:8000"]));
+        check_endpoint(
+            "{address: 10.0.0.1, ports: [8000, 8001]}",
+            Ok(&["10.0.0.1:8000", "10.0.0.1:8001"]),
+        );
+        check_endpoint("{address: '[fd00::1]:8000'}", Ok(&["[fd00::1]:8000"]));
+        check_endpoint("{address: 'fd00::1', port: 9}", Ok(&["[fd00::1]:9"]));
+        check_endpoint(
+            "{address: vllm-0.vllm.svc:8000}",
+            Ok(&["vllm-0.vllm.svc:8000"]),
+        );
+        check_endpoint("{address: 10.0.0.1}", Err("has no port"));
+        check_endpoint(
+            "{address: 10.0.0.1:80, port: 81}",
+            Err("already has a port"),
+        );
+        check_endpoint("{address: 10.0.0.1, port: 1, ports: [2]}", Err("not both"));
+        check_endpoint("{address: 10.0.0.1, ports: []}", Err("1 to 8"));
+        check_endpoint(
+            "{address: 10.0.0.1, ports: [1,2,3,4,5,6,7,8,9]}",
+            Err("1 to 8"),
+        );
+        check_endpoint("{address: 10.0.0.1, ports: [1, 1]}", Err("twice"));
+        check_endpoint("{address: 'bad host:80'}", Err("not an IP"));
+        check_endpoint("{address: 'host:http'}", Err("not a port number"));
+        check_endpoint("{address: 10.0.0.1:0}", Err("not a valid port"));
+        check_endpoint(
+            "{address: 10.0.0.1:1, labels: {llm-d.ai/role: chef}}",
+            Err("not a role"),
+        );
+    }
+
+    #[test]
+    fn ranks_and_names() {
+        let spec: EndpointSpec =
+            parse_yaml("{name: moe, address: 10.0.0.5, ports: [8000, 8001]}").expect("parses");
+        let r = spec.resolve().expect("resolves");
+        assert_eq!(r[1].rank, Some(1));
+        assert_eq!(r[1].name, "moe-rank-1");
+    }
+
+    fn check_config(yaml: &str, want: Result<usize, (&str, &str)>) {
+        let path = Path::new("/etc/kvgate/test.yaml");
+        let got = Config::from_yaml(yaml, path).and_then(|c| c.resolve(path));
+        match (got, want) {
+            (Ok(pools), Ok(n)) => assert_eq!(pools.len(), n),
+            (Err(ConfigError::Invalid { at, message, .. }), Err((want_at, needle))) => {
+                assert_eq!(at, want_at, "{yaml}: {message}");
+                assert!(
+                    message.contains(needle),
+                    "{yaml}: `{message}` lacks `{needle}`"
+                );
+            }
+            (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_place() {
+        let ok = "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]";
+        check_config(ok, Ok(1));
+        check_config("pools: []", Err(("pools", "at least one")));
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1', colour: red}]}]",
+            Err(("pools[0].endpoints[0].colour", "unknown field `colour`")),
+        );
+        check_config(
+            "bogus: 1\npools: []",
+            Err(("bogus", "unknown field `bogus`")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}, {name: a, models: [n], endpoints: [{address: '127.0.0.1:2'}]}]",
+            Err(("pools[1].name", "two pools")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}, {name: b, models: [m], endpoints: [{address: '127.0.0.1:2'}]}]",
+            Err(("pools[1].models[0]", "also served by pool `a`")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}, {address: '127.0.0.1', port: 1}]}]",
+            Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m]}]",
+            Err(("pools[0].endpoints", "needs `endpoints`")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints_file: nowhere.yaml}]",
+            Err((
+                "pools[0].endpoints_file",
+                "/etc/kvgate/nowhere.yaml is not a file",
+            )),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}], scheduler: {plugins: [{type: nope}]}}]",
+            Err(("pools[0].scheduler.plugins[0].type", "valid types")),
+        );
+        check_config("grpc_addr: nope\npools: []", Err(("grpc_addr", "")));
+    }
+}

@@ -1,0 +1,12 @@
+//! kvgate: routes OpenAI-style requests to the vLLM endpoint that should serve them — where the
+//! prompt's prefix is cached, the queue is short and the model is served.
+//!
+//! The decision core ([`request`], [`prefix`], [`endpoint`], [`schedule`]) is synchronous and
+//! pure; [`route`] is the one decision path every front-end calls. See ARCHITECTURE.md.
+
+pub mod config;
+pub mod endpoint;
+pub mod prefix;
+pub mod request;
+pub mod route;
+pub mod schedule;

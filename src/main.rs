@@ -1,0 +1,71 @@
+//! The `kvgate` binary: parse the command line, run the subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use kvgate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvgate",
+    version,
+    about = "Prefix-cache-aware routing for vLLM fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file and print each pool's resolved endpoints and scheduler.
+    CheckConfig {
+        /// The config file (YAML).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let resolved = Config::load(file).and_then(|cfg| cfg.resolve(file).map(|pools| (cfg, pools)));
+    let (cfg, pools) = match resolved {
+        Ok(v) => v,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}: OK", file.display());
+    println!(
+        "listeners: grpc {}, admin {}, proxy {}",
+        cfg.grpc_addr,
+        cfg.admin_addr,
+        cfg.proxy_addr.map_or("off".to_owned(), |a| a.to_string())
+    );
+    for pool in &pools {
+        println!("\npool `{}` serves {}", pool.name, pool.models.join(", "));
+        for e in &pool.endpoints {
+            let rank = e.rank.map(|r| format!(" rank {r}")).unwrap_or_default();
+            let role = kvgate::endpoint::Role::of_labels(&e.labels);
+            println!("  endpoint {e} ({}) role {role}{rank}", e.name);
+        }
+        if let Some(f) = &pool.endpoints_file {
+            println!("  endpoints file {}", f.display());
+        }
+        for line in pool.scheduler.to_string().lines() {
+            println!("  {line}");
+        }
+    }
+    ExitCode::SUCCESS
+}
