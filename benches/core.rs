@@ -1,1 +1,158 @@
-fn main() {}
+//! Criterion benches of the decision core: prompt hashing, prefix-index match and record, and a
+//! whole decision (parse + hash + match + score + pick + record) as the front-ends make it.
+//!
+//! Run: `cargo bench --bench core` (add `-- hashing` etc. to pick a group).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::json;
+
+use kvgate::endpoint::{Endpoint, EndpointId, Metrics};
+use kvgate::prefix::{BlockHash, PrefixConfig, PrefixIndex, hash_prompt};
+use kvgate::request::ApiKind;
+use kvgate::route::{PoolRouter, RouteOptions};
+use kvgate::schedule::Scheduler;
+
+/// Deterministic prose-like text of `len` bytes.
+fn text(len: usize, seed: u64) -> String {
+    const WORDS: &[&str] = &[
+        "the", "cache", "prefix", "token", "request", "endpoint", "model", "latency", "queue", "block", "decode",
+        "prefill", "router", "answer", "question", "context",
+    ];
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut s = String::with_capacity(len + 16);
+    while s.len() < len {
+        s.push_str(WORDS[rng.usize(..WORDS.len())]);
+        s.push(if rng.u8(..10) == 0 { '\n' } else { ' ' });
+    }
+    s.truncate(len);
+    s
+}
+
+fn hashing(c: &mut Criterion) {
+    let cfg = PrefixConfig::default();
+    let mut g = c.benchmark_group("hashing");
+    for kib in [1usize, 16, 220] {
+        let prompt = text(kib * 1024, 1);
+        g.throughput(Throughput::Bytes(prompt.len() as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("{kib}KiB")), |b| {
+            b.iter(|| hash_prompt(&cfg, "meta-llama/Llama-3.1-8B-Instruct", None, black_box(prompt.as_bytes())))
+        });
+    }
+    g.finish();
+}
+
+/// A chain of `n` hashes for prompt `tag`.
+fn chain(tag: u64, n: usize) -> Vec<BlockHash> {
+    (0..n as u64).map(|i| BlockHash(xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), tag))).collect()
+}
+
+fn index(c: &mut Criterion) {
+    const RESIDENT: usize = 1 << 20;
+    const CHAIN: usize = 64; // a 16 KiB prompt
+    let mut g = c.benchmark_group("index");
+    for n in [8usize, 64, 512] {
+        let per = RESIDENT / n;
+        let index = PrefixIndex::new(per);
+        let ids: Vec<EndpointId> = (0..n as u32).map(EndpointId::new).collect();
+        for (e, id) in ids.iter().enumerate() {
+            for k in 0..per / CHAIN {
+                index.record(*id, &chain((e * 1_000_000 + k) as u64, CHAIN));
+            }
+        }
+        let stats = index.stats();
+        println!(
+            "index with {n} endpoints: {} resident entries, {:.1} bytes per entry",
+            stats.resident_blocks,
+            stats.bytes_per_entry()
+        );
+        // A prompt the first endpoint holds whole and the second holds half of.
+        let hot = chain(7, CHAIN);
+        index.record(ids[0], &hot);
+        index.record(ids[1], &hot[..CHAIN / 2]);
+        let mut out = Vec::with_capacity(n);
+        g.bench_function(BenchmarkId::new("match", n), |b| {
+            b.iter(|| index.match_into(black_box(&ids), black_box(&hot), &mut out))
+        });
+        let mut k = 0u64;
+        g.bench_function(BenchmarkId::new("record", n), |b| {
+            b.iter(|| {
+                k += 1;
+                // Half the prompt is shared (as in a conversation), half is new.
+                let mut p = hot[..CHAIN / 2].to_vec();
+                p.extend(chain(1 << 40 | k, CHAIN / 2));
+                index.record(ids[(k as usize) % n], black_box(&p));
+            })
+        });
+    }
+    g.finish();
+}
+
+fn chat_body(system_bytes: usize, user: &str) -> Vec<u8> {
+    let turns: Vec<serde_json::Value> = (0..6)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": text(300, 100 + i)}))
+        .collect();
+    let mut messages = vec![json!({"role": "system", "content": text(system_bytes, 2)})];
+    messages.extend(turns);
+    messages.push(json!({"role": "user", "content": user}));
+    serde_json::to_vec(&json!({"model": "m", "stream": true, "max_tokens": 256, "messages": messages}))
+        .expect("serialises")
+}
+
+fn parsing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse");
+    for kib in [16usize, 220] {
+        let body = chat_body(kib * 1024 - 2200, "what is the answer?");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("chat", format!("{kib}KiB")), |b| {
+            b.iter(|| kvgate::request::parse(ApiKind::ChatCompletions, black_box(&body), 32 << 20).map(|r| r.priority))
+        });
+    }
+    g.finish();
+}
+
+fn decision(c: &mut Criterion) {
+    const ENDPOINTS: u32 = 64;
+    let mut g = c.benchmark_group("decision");
+    for kib in [16usize, 220] {
+        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 32 << 20, 2000);
+        let mut eps: Vec<Endpoint> = (0..ENDPOINTS)
+            .map(|i| {
+                let addr = format!("10.0.{}.{}:8000", i / 200, i % 200 + 1).parse().expect("addr");
+                let mut e = Endpoint::new(EndpointId::new(i), addr, BTreeMap::new());
+                e.metrics = Some(Metrics {
+                    running: i % 7,
+                    waiting: i % 3,
+                    kv_usage: f64::from(i % 10) / 10.0,
+                    lora: None,
+                    scraped_at_ms: 0,
+                });
+                e
+            })
+            .collect();
+        for e in &mut eps {
+            e.in_flight.start(u64::from(e.id.index() as u32 % 5) * 1000);
+        }
+        let body = chat_body(kib * 1024 - 2200, "what is the answer?");
+        let mut rng = fastrand::Rng::with_seed(1);
+        let opts = RouteOptions { subset: None, want: 3, now_ms: 100 };
+        // Warm the index: the conversation has been seen, and other prompts fill the index.
+        for i in 0..256 {
+            let other = chat_body(4096, &format!("filler {i}"));
+            router.decide(ApiKind::ChatCompletions, &other, &eps, opts, &mut rng, None).expect("routes");
+        }
+        router.decide(ApiKind::ChatCompletions, &body, &eps, opts, &mut rng, None).expect("routes");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("chat_64_endpoints", format!("{kib}KiB")), |b| {
+            b.iter(|| {
+                router.decide(ApiKind::ChatCompletions, black_box(&body), &eps, opts, &mut rng, None).expect("routes")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, hashing, index, parsing, decision);
+criterion_main!(benches);

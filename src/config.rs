@@ -139,47 +139,29 @@ impl EndpointSpec {
         let (host, addr_port) = parse_address(&self.address)?;
         let ports: Vec<(u16, Option<u32>)> = match (addr_port, self.port, &self.ports) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-                return Err(format!(
-                    "`{}` already has a port; drop `port`/`ports`",
-                    self.address
-                ));
+                return Err(format!("`{}` already has a port; drop `port`/`ports`", self.address));
             }
             (_, Some(_), Some(_)) => return Err("give `port` or `ports`, not both".into()),
             (Some(p), None, None) | (None, Some(p), None) => vec![(p, None)],
             (None, None, Some(ps)) => {
                 if ps.is_empty() || ps.len() > MAX_RANK_PORTS {
-                    return Err(format!(
-                        "`ports` needs 1 to {MAX_RANK_PORTS} ports, got {}",
-                        ps.len()
-                    ));
+                    return Err(format!("`ports` needs 1 to {MAX_RANK_PORTS} ports, got {}", ps.len()));
                 }
                 let mut seen = HashSet::new();
                 if let Some(d) = ps.iter().find(|p| !seen.insert(**p)) {
                     return Err(format!("port {d} appears twice in `ports`"));
                 }
-                ps.iter()
-                    .enumerate()
-                    .map(|(rank, &p)| (p, Some(rank as u32)))
-                    .collect()
+                ps.iter().enumerate().map(|(rank, &p)| (p, Some(rank as u32))).collect()
             }
             (None, None, None) => {
-                return Err(format!(
-                    "`{}` has no port; add `:port`, `port` or `ports`",
-                    self.address
-                ));
+                return Err(format!("`{}` has no port; add `:port`, `port` or `ports`", self.address));
             }
         };
         if let Some(p) = ports.iter().find(|(p, _)| *p == 0) {
             return Err(format!("port {} is not a valid port", p.0));
         }
-        if let Some(v) = self
-            .labels
-            .get(ROLE_LABEL)
-            .filter(|v| Role::from_label(v).is_none())
-        {
-            return Err(format!(
-                "label `{ROLE_LABEL}: {v}` is not a role; use prefill, decode or both"
-            ));
+        if let Some(v) = self.labels.get(ROLE_LABEL).filter(|v| Role::from_label(v).is_none()) {
+            return Err(format!("label `{ROLE_LABEL}: {v}` is not a role; use prefill, decode or both"));
         }
         Ok(ports
             .into_iter()
@@ -208,29 +190,22 @@ fn parse_address(addr: &str) -> Result<(Host, Option<u16>), String> {
     if let Ok(sa) = addr.parse::<SocketAddr>() {
         return Ok((Host::Ip(sa.ip()), Some(sa.port())));
     }
-    let bare = addr
-        .strip_prefix('[')
-        .and_then(|a| a.strip_suffix(']'))
-        .unwrap_or(addr);
+    let bare = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(addr);
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok((Host::Ip(ip), None));
     }
     let (name, port) = match addr.rsplit_once(':') {
         Some((n, p)) => {
-            let port = p
-                .parse::<u16>()
-                .map_err(|_| format!("`{addr}`: `{p}` is not a port number"))?;
+            let port = p.parse::<u16>().map_err(|_| format!("`{addr}`: `{p}` is not a port number"))?;
             (n, Some(port))
         }
         None => (addr, None),
     };
     let valid = !name.is_empty()
         && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     if !valid {
         return Err(format!("`{addr}` is not an IP, ip:port or host name"));
     }
@@ -287,24 +262,36 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (Stri
     });
     parsed.map_err(|e| {
         let msg = e.to_string();
-        (
-            if at.is_empty() || at == "." {
-                "(document)".to_owned()
-            } else {
-                at
-            },
-            msg,
-        )
+        let msg = msg.strip_prefix("error: ").unwrap_or(&msg).to_owned();
+        (if at.is_empty() || at == "." { "(document)".to_owned() } else { at }, msg)
     })
+}
+
+/// The document of an endpoints file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointsFile {
+    endpoints: Vec<EndpointSpec>,
+}
+
+/// Reads an endpoints file (YAML or JSON: `endpoints: [...]`) and resolves its entries.
+pub fn load_endpoints_file(path: &Path) -> Result<Vec<ResolvedEndpoint>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let invalid = |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
+    let file: EndpointsFile = parse_yaml(&text).map_err(|(at, m)| invalid(at, m))?;
+    let mut out = Vec::new();
+    for (j, e) in file.endpoints.iter().enumerate() {
+        out.extend(e.resolve().map_err(|m| invalid(format!("endpoints[{j}]"), m))?);
+    }
+    Ok(out)
 }
 
 impl Config {
     /// Reads and parses a config file (relative paths in it resolve from its folder).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::from_yaml(&text, path)
     }
 
@@ -326,22 +313,13 @@ impl Config {
 
     /// Checks the whole config and compiles each pool's scheduler.
     pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
-        let invalid = |at: String, message: String| ConfigError::Invalid {
-            path: path.display().to_string(),
-            at,
-            message,
-        };
+        let invalid =
+            |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
         if self.pools.is_empty() {
-            return Err(invalid(
-                "pools".into(),
-                "at least one pool is needed".into(),
-            ));
+            return Err(invalid("pools".into(), "at least one pool is needed".into()));
         }
         if self.max_body_bytes == 0 {
-            return Err(invalid(
-                "max_body_bytes".into(),
-                "must be at least 1".into(),
-            ));
+            return Err(invalid("max_body_bytes".into(), "must be at least 1".into()));
         }
         let mut names = HashSet::new();
         let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
@@ -352,30 +330,19 @@ impl Config {
                 return Err(invalid(at("name"), "a pool needs a name".into()));
             }
             if !names.insert(pool.name.as_str()) {
-                return Err(invalid(
-                    at("name"),
-                    format!("two pools are named `{}`", pool.name),
-                ));
+                return Err(invalid(at("name"), format!("two pools are named `{}`", pool.name)));
             }
             if pool.models.is_empty() {
-                return Err(invalid(
-                    at("models"),
-                    "a pool must serve at least one model".into(),
-                ));
+                return Err(invalid(at("models"), "a pool must serve at least one model".into()));
             }
             for (m, model) in pool.models.iter().enumerate() {
                 if model.is_empty() {
-                    return Err(invalid(
-                        at(&format!("models[{m}]")),
-                        "empty model name".into(),
-                    ));
+                    return Err(invalid(at(&format!("models[{m}]")), "empty model name".into()));
                 }
                 if let Some(other) = model_owner.insert(model, &pool.name) {
                     return Err(invalid(
                         at(&format!("models[{m}]")),
-                        format!(
-                            "model `{model}` is also served by pool `{other}`; each model routes to one pool"
-                        ),
+                        format!("model `{model}` is also served by pool `{other}`; each model routes to one pool"),
                     ));
                 }
             }
@@ -392,16 +359,16 @@ impl Config {
             }
             if let Some(f) = &pool.endpoints_file {
                 if !f.is_file() {
-                    return Err(invalid(
-                        at("endpoints_file"),
-                        format!("{} is not a file", f.display()),
-                    ));
+                    return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
+                }
+                for r in load_endpoints_file(f)? {
+                    if !seen.insert((r.host.clone(), r.port)) {
+                        return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
+                    }
+                    endpoints.push(r);
                 }
             } else if endpoints.is_empty() {
-                return Err(invalid(
-                    at("endpoints"),
-                    "a pool needs `endpoints` or an `endpoints_file`".into(),
-                ));
+                return Err(invalid(at("endpoints"), "a pool needs `endpoints` or an `endpoints_file`".into()));
             }
             let scheduler = match &pool.scheduler {
                 None => Scheduler::default_config(),
@@ -440,41 +407,25 @@ mod tests {
     fn endpoint_addresses() {
         check_endpoint("{address: 10.0.0.1:8000}", Ok(&["10.0.0.1:8000"]));
         check_endpoint("{address: 10.0.0.1, port: 8000}", Ok(&["10.0.0.1:8000"]));
-        check_endpoint(
-            "{address: 10.0.0.1, ports: [8000, 8001]}",
-            Ok(&["10.0.0.1:8000", "10.0.0.1:8001"]),
-        );
+        check_endpoint("{address: 10.0.0.1, ports: [8000, 8001]}", Ok(&["10.0.0.1:8000", "10.0.0.1:8001"]));
         check_endpoint("{address: '[fd00::1]:8000'}", Ok(&["[fd00::1]:8000"]));
         check_endpoint("{address: 'fd00::1', port: 9}", Ok(&["[fd00::1]:9"]));
-        check_endpoint(
-            "{address: vllm-0.vllm.svc:8000}",
-            Ok(&["vllm-0.vllm.svc:8000"]),
-        );
+        check_endpoint("{address: vllm-0.vllm.svc:8000}", Ok(&["vllm-0.vllm.svc:8000"]));
         check_endpoint("{address: 10.0.0.1}", Err("has no port"));
-        check_endpoint(
-            "{address: 10.0.0.1:80, port: 81}",
-            Err("already has a port"),
-        );
+        check_endpoint("{address: 10.0.0.1:80, port: 81}", Err("already has a port"));
         check_endpoint("{address: 10.0.0.1, port: 1, ports: [2]}", Err("not both"));
         check_endpoint("{address: 10.0.0.1, ports: []}", Err("1 to 8"));
-        check_endpoint(
-            "{address: 10.0.0.1, ports: [1,2,3,4,5,6,7,8,9]}",
-            Err("1 to 8"),
-        );
+        check_endpoint("{address: 10.0.0.1, ports: [1,2,3,4,5,6,7,8,9]}", Err("1 to 8"));
         check_endpoint("{address: 10.0.0.1, ports: [1, 1]}", Err("twice"));
         check_endpoint("{address: 'bad host:80'}", Err("not an IP"));
         check_endpoint("{address: 'host:http'}", Err("not a port number"));
         check_endpoint("{address: 10.0.0.1:0}", Err("not a valid port"));
-        check_endpoint(
-            "{address: 10.0.0.1:1, labels: {llm-d.ai/role: chef}}",
-            Err("not a role"),
-        );
+        check_endpoint("{address: 10.0.0.1:1, labels: {llm-d.ai/role: chef}}", Err("not a role"));
     }
 
     #[test]
     fn ranks_and_names() {
-        let spec: EndpointSpec =
-            parse_yaml("{name: moe, address: 10.0.0.5, ports: [8000, 8001]}").expect("parses");
+        let spec: EndpointSpec = parse_yaml("{name: moe, address: 10.0.0.5, ports: [8000, 8001]}").expect("parses");
         let r = spec.resolve().expect("resolves");
         assert_eq!(r[1].rank, Some(1));
         assert_eq!(r[1].name, "moe-rank-1");
@@ -487,10 +438,7 @@ mod tests {
             (Ok(pools), Ok(n)) => assert_eq!(pools.len(), n),
             (Err(ConfigError::Invalid { at, message, .. }), Err((want_at, needle))) => {
                 assert_eq!(at, want_at, "{yaml}: {message}");
-                assert!(
-                    message.contains(needle),
-                    "{yaml}: `{message}` lacks `{needle}`"
-                );
+                assert!(message.contains(needle), "{yaml}: `{message}` lacks `{needle}`");
             }
             (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
         }
@@ -505,10 +453,7 @@ mod tests {
             "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1', colour: red}]}]",
             Err(("pools[0].endpoints[0].colour", "unknown field `colour`")),
         );
-        check_config(
-            "bogus: 1\npools: []",
-            Err(("bogus", "unknown field `bogus`")),
-        );
+        check_config("bogus: 1\npools: []", Err(("bogus", "unknown field `bogus`")));
         check_config(
             "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}, {name: a, models: [n], endpoints: [{address: '127.0.0.1:2'}]}]",
             Err(("pools[1].name", "two pools")),
@@ -521,21 +466,44 @@ mod tests {
             "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}, {address: '127.0.0.1', port: 1}]}]",
             Err(("pools[0].endpoints[1]", "listed twice")),
         );
-        check_config(
-            "pools: [{name: a, models: [m]}]",
-            Err(("pools[0].endpoints", "needs `endpoints`")),
-        );
+        check_config("pools: [{name: a, models: [m]}]", Err(("pools[0].endpoints", "needs `endpoints`")));
         check_config(
             "pools: [{name: a, models: [m], endpoints_file: nowhere.yaml}]",
-            Err((
-                "pools[0].endpoints_file",
-                "/etc/kvgate/nowhere.yaml is not a file",
-            )),
+            Err(("pools[0].endpoints_file", "/etc/kvgate/nowhere.yaml is not a file")),
         );
         check_config(
             "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}], scheduler: {plugins: [{type: nope}]}}]",
             Err(("pools[0].scheduler.plugins[0].type", "valid types")),
         );
         check_config("grpc_addr: nope\npools: []", Err(("grpc_addr", "")));
+    }
+
+    #[test]
+    fn endpoints_files() {
+        let dir = std::env::temp_dir().join(format!("kvgate-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let json = write(
+            "eps.json",
+            r#"{"endpoints": [{"address": "10.1.0.1:8000"}, {"address": "10.1.0.2", "ports": [1, 2]}]}"#,
+        );
+        let got: Vec<String> = load_endpoints_file(&json).expect("loads").iter().map(|e| e.to_string()).collect();
+        assert_eq!(got, ["10.1.0.1:8000", "10.1.0.2:1", "10.1.0.2:2"]);
+        let bad = write("bad.yaml", "endpoints: [{address: 10.1.0.1}]");
+        let e = load_endpoints_file(&bad).expect_err("no port");
+        assert!(e.to_string().contains("endpoints[0]: `10.1.0.1` has no port"), "{e}");
+        let cfg_path = dir.join("kvgate.yaml");
+        let cfg = Config::from_yaml(
+            "pools: [{name: a, models: [m], endpoints: [{address: '10.1.0.1:8000'}], endpoints_file: eps.json}]",
+            &cfg_path,
+        )
+        .expect("parses");
+        let e = cfg.resolve(&cfg_path).expect_err("duplicate across inline and file");
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -65,10 +65,7 @@ impl Role {
 
     /// The role named by `labels` (unlabeled = both; unknown values are rejected by config).
     pub fn of_labels(labels: &BTreeMap<String, String>) -> Self {
-        labels
-            .get(ROLE_LABEL)
-            .and_then(|v| Self::from_label(v))
-            .unwrap_or(Self::Both)
+        labels.get(ROLE_LABEL).and_then(|v| Self::from_label(v)).unwrap_or(Self::Both)
     }
 
     /// Can serve as the decode side (or do a whole request).
@@ -147,16 +144,8 @@ impl InFlight {
     /// Releases a request counted by [`InFlight::start`] with the same `tokens`.
     pub fn finish(&self, tokens: u64) {
         // Saturating: a release must never wrap a counter, whatever the caller did.
-        let _ = self
-            .requests
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(1))
-            });
-        let _ = self
-            .tokens
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(tokens))
-            });
+        let _ = self.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+        let _ = self.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(tokens)));
     }
 
     /// Requests in flight.
@@ -214,9 +203,7 @@ impl Endpoint {
 
     /// Scraped metrics, if younger than `stale_after_ms` at `now_ms`; stale data is unknown.
     pub fn fresh_metrics(&self, now_ms: u64, stale_after_ms: u64) -> Option<&Metrics> {
-        self.metrics
-            .as_ref()
-            .filter(|m| now_ms.saturating_sub(m.scraped_at_ms) <= stale_after_ms)
+        self.metrics.as_ref().filter(|m| now_ms.saturating_sub(m.scraped_at_ms) <= stale_after_ms)
     }
 
     /// Whether the endpoint serves `model` (a base model or adapter), given the pool's models.
@@ -269,15 +256,8 @@ mod tests {
 
     #[test]
     fn staleness_and_models() {
-        let mut e = Endpoint::new(
-            EndpointId::new(0),
-            "127.0.0.1:1".parse().expect("addr"),
-            BTreeMap::new(),
-        );
-        e.metrics = Some(Metrics {
-            scraped_at_ms: 1000,
-            ..Metrics::default()
-        });
+        let mut e = Endpoint::new(EndpointId::new(0), "127.0.0.1:1".parse().expect("addr"), BTreeMap::new());
+        e.metrics = Some(Metrics { scraped_at_ms: 1000, ..Metrics::default() });
         assert!(e.fresh_metrics(1500, 500).is_some());
         assert!(e.fresh_metrics(1501, 500).is_none());
         let pool = vec!["base".to_owned()];

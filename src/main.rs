@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use kvgate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "kvgate",
-    version,
-    about = "Prefix-cache-aware routing for vLLM fleets"
-)]
+#[command(name = "kvgate", version, about = "Prefix-cache-aware routing for vLLM fleets")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

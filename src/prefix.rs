@@ -66,9 +66,7 @@ impl PrefixConfig {
     /// tokens (from `vllm:cache_config_info`).
     pub fn capacity_for_kv(&self, gpu_blocks: u64, block_size_tokens: u64) -> usize {
         let tokens = gpu_blocks.saturating_mul(block_size_tokens);
-        usize::try_from(tokens / self.block_tokens() as u64)
-            .unwrap_or(usize::MAX)
-            .max(1)
+        usize::try_from(tokens / self.block_tokens() as u64).unwrap_or(usize::MAX).max(1)
     }
 }
 
@@ -148,10 +146,7 @@ impl BlockHasher {
 
     /// The hashes of the full blocks fed so far, and the prompt's total length.
     pub fn finish(self) -> PromptHashes {
-        PromptHashes {
-            hashes: self.hashes,
-            prompt_bytes: self.total_bytes,
-        }
+        PromptHashes { hashes: self.hashes, prompt_bytes: self.total_bytes }
     }
 }
 
@@ -172,12 +167,7 @@ impl PromptHashes {
 }
 
 /// Hashes a whole prompt held in one slice.
-pub fn hash_prompt(
-    cfg: &PrefixConfig,
-    model: &str,
-    cache_salt: Option<&str>,
-    prompt: &[u8],
-) -> PromptHashes {
+pub fn hash_prompt(cfg: &PrefixConfig, model: &str, cache_salt: Option<&str>, prompt: &[u8]) -> PromptHashes {
     let mut h = BlockHasher::new(cfg, model, cache_salt);
     h.update(prompt);
     h.finish()
@@ -189,21 +179,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn cfg(block_bytes: usize, max_blocks: usize) -> PrefixConfig {
-        PrefixConfig {
-            block_bytes,
-            max_blocks,
-            index_capacity: 16,
-        }
+        PrefixConfig { block_bytes, max_blocks, index_capacity: 16 }
     }
 
     fn check(block: usize, max: usize, prompt: &[u8], want_blocks: usize) {
         let h = hash_prompt(&cfg(block, max), "m", None, prompt);
-        assert_eq!(
-            h.hashes.len(),
-            want_blocks,
-            "blocks of a {}-byte prompt",
-            prompt.len()
-        );
+        assert_eq!(h.hashes.len(), want_blocks, "blocks of a {}-byte prompt", prompt.len());
         assert_eq!(h.prompt_bytes, prompt.len());
     }
 

@@ -135,10 +135,7 @@ impl RequestError {
     }
 
     fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self::InvalidField {
-            field: field.into(),
-            detail: detail.into(),
-        }
+        Self::InvalidField { field: field.into(), detail: detail.into() }
     }
 }
 
@@ -231,20 +228,11 @@ struct Message<'a> {
 }
 
 /// Parses an OpenAI request body for `api`, enforcing `max_bytes`.
-pub fn parse(
-    api: ApiKind,
-    body: &[u8],
-    max_bytes: usize,
-) -> Result<ParsedRequest<'_>, RequestError> {
+pub fn parse(api: ApiKind, body: &[u8], max_bytes: usize) -> Result<ParsedRequest<'_>, RequestError> {
     if body.len() > max_bytes {
-        return Err(RequestError::TooLarge {
-            size: body.len(),
-            limit: max_bytes,
-        });
+        return Err(RequestError::TooLarge { size: body.len(), limit: max_bytes });
     }
-    let text = std::str::from_utf8(body).map_err(|e| RequestError::InvalidUtf8 {
-        offset: e.valid_up_to(),
-    })?;
+    let text = std::str::from_utf8(body).map_err(|e| RequestError::InvalidUtf8 { offset: e.valid_up_to() })?;
     let first = text.trim_start().as_bytes().first().copied();
     if first != Some(b'{') {
         return Err(match serde_json::from_str::<IgnoredAny>(text) {
@@ -259,9 +247,7 @@ pub fn parse(
     };
     let cache_salt = match body.cache_salt.filter(|m| m.get() != "null") {
         None => None,
-        Some(s) => Some(
-            json_str(s).ok_or_else(|| RequestError::invalid("cache_salt", "must be a string"))?,
-        ),
+        Some(s) => Some(json_str(s).ok_or_else(|| RequestError::invalid("cache_salt", "must be a string"))?),
     };
     if model.is_empty() {
         return Err(RequestError::invalid("model", "must not be empty"));
@@ -270,57 +256,35 @@ pub fn parse(
         ApiKind::Completions => prompt_of(body.prompt, "prompt")?,
         ApiKind::Embeddings => prompt_of(body.input, "input")?,
         ApiKind::ChatCompletions => {
-            let messages = body
-                .messages
-                .ok_or(RequestError::MissingPrompt("messages"))?;
+            let messages = body.messages.ok_or(RequestError::MissingPrompt("messages"))?;
             for (i, m) in messages.iter().enumerate() {
-                if m.name
-                    .is_some_and(|n| string_body(n).is_none() && n.get() != "null")
-                {
-                    return Err(RequestError::invalid(
-                        format!("messages[{i}].name"),
-                        "must be a string",
-                    ));
+                if m.name.is_some_and(|n| string_body(n).is_none() && n.get() != "null") {
+                    return Err(RequestError::invalid(format!("messages[{i}].name"), "must be a string"));
                 }
                 if let Some(c) = m.content {
                     visit_content(c, &mut |_| {})
                         .map_err(|e| RequestError::invalid(format!("messages[{i}].content"), e))?;
                 }
             }
-            Prompt::Chat {
-                tools: body.tools.filter(|t| t.get() != "null"),
-                messages,
-            }
+            Prompt::Chat { tools: body.tools.filter(|t| t.get() != "null"), messages }
         }
         ApiKind::Responses => {
             let input = body.input.ok_or(RequestError::MissingPrompt("input"))?;
             match first_byte(input) {
                 b'"' | b'[' => {}
                 _ => {
-                    return Err(RequestError::invalid(
-                        "input",
-                        "must be a string or an array",
-                    ));
+                    return Err(RequestError::invalid("input", "must be a string or an array"));
                 }
             }
-            Prompt::Responses {
-                instructions: body.instructions.filter(|t| t.get() != "null"),
-                input,
-            }
+            Prompt::Responses { instructions: body.instructions.filter(|t| t.get() != "null"), input }
         }
     };
     Ok(ParsedRequest {
         api,
         model,
         stream: body.stream.unwrap_or(false),
-        include_usage: body
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        max_tokens: body
-            .max_completion_tokens
-            .or(body.max_tokens)
-            .or(body.max_output_tokens),
+        include_usage: body.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        max_tokens: body.max_completion_tokens.or(body.max_tokens).or(body.max_output_tokens),
         cache_salt,
         kv_transfer_params: body.kv_transfer_params,
         priority: body.priority.unwrap_or(0),
@@ -378,10 +342,7 @@ impl ParsedRequest<'_> {
                     }
                 }
             }
-            Prompt::Responses {
-                instructions,
-                input,
-            } => {
+            Prompt::Responses { instructions, input } => {
                 if let Some(i) = instructions {
                     sink(RECORD);
                     sink(string_body(i).unwrap_or(i.get()).as_bytes());
@@ -461,9 +422,7 @@ fn first_byte(raw: &RawValue) -> u8 {
 fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
     let body = string_body(raw)?;
     if body.contains('\\') {
-        serde_json::from_str::<String>(raw.get())
-            .ok()
-            .map(Cow::Owned)
+        serde_json::from_str::<String>(raw.get()).ok().map(Cow::Owned)
     } else {
         Some(Cow::Borrowed(body))
     }
@@ -475,17 +434,12 @@ fn string_body(raw: &RawValue) -> Option<&str> {
 }
 
 /// A completions `prompt` or embeddings `input`: a string, strings, token ids, or lists of ids.
-fn prompt_of<'a>(
-    raw: Option<&'a RawValue>,
-    field: &'static str,
-) -> Result<Prompt<'a>, RequestError> {
+fn prompt_of<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<Prompt<'a>, RequestError> {
     let raw = raw.ok_or(RequestError::MissingPrompt(field))?;
     let bad = |detail: &str| RequestError::invalid(field, detail);
     let shape = "must be a string, an array of strings, an array of token ids or an array of arrays of token ids";
     match first_byte(raw) {
-        b'"' => Ok(Prompt::Texts(vec![
-            string_body(raw).ok_or_else(|| bad(shape))?,
-        ])),
+        b'"' => Ok(Prompt::Texts(vec![string_body(raw).ok_or_else(|| bad(shape))?])),
         b'[' => {
             let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| bad(shape))?;
             let Some(head) = items.first() else {
@@ -497,12 +451,10 @@ fn prompt_of<'a>(
                     .map(|i| string_body(i).ok_or_else(|| bad(shape)))
                     .collect::<Result<_, _>>()
                     .map(Prompt::Texts),
-                b'[' => serde_json::from_str::<Vec<Vec<u32>>>(raw.get())
-                    .map_err(|_| bad(shape))
-                    .map(Prompt::Tokens),
-                _ => serde_json::from_str::<Vec<u32>>(raw.get())
-                    .map_err(|_| bad(shape))
-                    .map(|t| Prompt::Tokens(vec![t])),
+                b'[' => serde_json::from_str::<Vec<Vec<u32>>>(raw.get()).map_err(|_| bad(shape)).map(Prompt::Tokens),
+                _ => {
+                    serde_json::from_str::<Vec<u32>>(raw.get()).map_err(|_| bad(shape)).map(|t| Prompt::Tokens(vec![t]))
+                }
             }
         }
         _ => Err(bad(shape)),
@@ -534,9 +486,7 @@ fn for_each_element<'a>(
         }
     }
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    Each(f)
-        .deserialize(&mut de)
-        .map_err(|e| strip_position(&e.to_string()))
+    Each(f).deserialize(&mut de).map_err(|e| strip_position(&e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -601,10 +551,7 @@ mod tests {
                 assert_eq!(out, bytes, "prompt stream of {body}");
             }
             (Err(e), Err(msg)) => {
-                assert!(
-                    e.to_string().contains(msg),
-                    "error for {body}: got `{e}`, want `{msg}`"
-                );
+                assert!(e.to_string().contains(msg), "error for {body}: got `{e}`, want `{msg}`");
                 assert_eq!(e.status(), 400);
             }
             (Ok(_), Err(msg)) => panic!("{body} parsed, want error `{msg}`"),
@@ -617,37 +564,13 @@ mod tests {
         use ApiKind::Completions as C;
         check(C, r#"{"model":"m","prompt":"hello"}"#, Ok(b"hello"));
         check(C, r#"{"model":"m","prompt":"a\nb"}"#, Ok(br"a\nb"));
-        check(
-            C,
-            r#"{"model":"m","prompt":["first","second"]}"#,
-            Ok(b"first"),
-        );
-        check(
-            C,
-            r#"{"model":"m","prompt":[1,2]}"#,
-            Ok(&[1, 0, 0, 0, 2, 0, 0, 0]),
-        );
-        check(
-            C,
-            r#"{"model":"m","prompt":[[258],[3]]}"#,
-            Ok(&[2, 1, 0, 0]),
-        );
+        check(C, r#"{"model":"m","prompt":["first","second"]}"#, Ok(b"first"));
+        check(C, r#"{"model":"m","prompt":[1,2]}"#, Ok(&[1, 0, 0, 0, 2, 0, 0, 0]));
+        check(C, r#"{"model":"m","prompt":[[258],[3]]}"#, Ok(&[2, 1, 0, 0]));
         check(C, r#"{"model":"m","prompt":[]}"#, Err("must not be empty"));
-        check(
-            C,
-            r#"{"model":"m","prompt":5}"#,
-            Err("invalid field `prompt`"),
-        );
-        check(
-            C,
-            r#"{"model":"m","prompt":[1,"x"]}"#,
-            Err("invalid field `prompt`"),
-        );
-        check(
-            C,
-            r#"{"model":"m","prompt":[-1]}"#,
-            Err("invalid field `prompt`"),
-        );
+        check(C, r#"{"model":"m","prompt":5}"#, Err("invalid field `prompt`"));
+        check(C, r#"{"model":"m","prompt":[1,"x"]}"#, Err("invalid field `prompt`"));
+        check(C, r#"{"model":"m","prompt":[-1]}"#, Err("invalid field `prompt`"));
         check(C, r#"{"model":"m"}"#, Err("no `prompt` field"));
     }
 
@@ -674,26 +597,14 @@ mod tests {
             r#"{"model":"m","tools":[{"t":1}],"messages":[{"role":"user","content":"x"}]}"#,
             Ok(b"\x1etools\x1f[{\"t\":1}]\x1euser\x1fx"),
         );
-        check(
-            Chat,
-            r#"{"model":"m","messages":[{"role":"user","content":7}]}"#,
-            Err("messages[0].content"),
-        );
+        check(Chat, r#"{"model":"m","messages":[{"role":"user","content":7}]}"#, Err("messages[0].content"));
         check(
             Chat,
             r#"{"model":"m","messages":[{"role":"user","content":[{"text":"a"}]}]}"#,
             Err("messages[0].content"),
         );
-        check(
-            Chat,
-            r#"{"model":"m","messages":[{"content":"x"}]}"#,
-            Err("missing field `role`"),
-        );
-        check(
-            Chat,
-            r#"{"model":"m","messages":"hi"}"#,
-            Err("invalid field `messages`"),
-        );
+        check(Chat, r#"{"model":"m","messages":[{"content":"x"}]}"#, Err("missing field `role`"));
+        check(Chat, r#"{"model":"m","messages":"hi"}"#, Err("invalid field `messages`"));
         check(Chat, r#"{"model":"m"}"#, Err("no `messages` field"));
     }
 
@@ -714,26 +625,14 @@ mod tests {
 
     #[test]
     fn responses_and_embeddings() {
-        check(
-            ApiKind::Responses,
-            r#"{"model":"m","input":"hello"}"#,
-            Ok(b"\x1ehello"),
-        );
+        check(ApiKind::Responses, r#"{"model":"m","input":"hello"}"#, Ok(b"\x1ehello"));
         check(
             ApiKind::Responses,
             r#"{"model":"m","instructions":"sys","input":[{"role":"user","content":"q"}]}"#,
             Ok(b"\x1esys\x1e{\"role\":\"user\",\"content\":\"q\"}"),
         );
-        check(
-            ApiKind::Responses,
-            r#"{"model":"m","input":3}"#,
-            Err("invalid field `input`"),
-        );
-        check(
-            ApiKind::Embeddings,
-            r#"{"model":"m","input":["x","y"]}"#,
-            Ok(b"x"),
-        );
+        check(ApiKind::Responses, r#"{"model":"m","input":3}"#, Err("invalid field `input`"));
+        check(ApiKind::Embeddings, r#"{"model":"m","input":["x","y"]}"#, Ok(b"x"));
     }
 
     #[test]
@@ -747,42 +646,14 @@ mod tests {
         check(C, r#"{"prompt":"x"}"#, Err("no `model` field"));
         check(C, r#"{"model":null,"prompt":"x"}"#, Err("no `model` field"));
         check(C, r#"{"model":"","prompt":"x"}"#, Err("must not be empty"));
-        check(
-            C,
-            r#"{"model":5,"prompt":"x"}"#,
-            Err("invalid field `model`"),
-        );
-        check(
-            C,
-            r#"{"model":"m","cache_salt":[],"prompt":"x"}"#,
-            Err("invalid field `cache_salt`"),
-        );
-        check(
-            C,
-            r#"{"model":"m","prompt":"x","stream":"yes"}"#,
-            Err("invalid field `stream`"),
-        );
-        check(
-            C,
-            r#"{"model":"m","prompt":"x","max_tokens":-3}"#,
-            Err("invalid field `max_tokens`"),
-        );
+        check(C, r#"{"model":5,"prompt":"x"}"#, Err("invalid field `model`"));
+        check(C, r#"{"model":"m","cache_salt":[],"prompt":"x"}"#, Err("invalid field `cache_salt`"));
+        check(C, r#"{"model":"m","prompt":"x","stream":"yes"}"#, Err("invalid field `stream`"));
+        check(C, r#"{"model":"m","prompt":"x","max_tokens":-3}"#, Err("invalid field `max_tokens`"));
         let e = parse(C, b"{\"model\":\"\xff\"}", 100).expect_err("bad utf8");
-        assert!(
-            matches!(e, RequestError::InvalidUtf8 { offset: 10 }),
-            "{e:?}"
-        );
+        assert!(matches!(e, RequestError::InvalidUtf8 { offset: 10 }), "{e:?}");
         let e = parse(C, &[b' '; 101], 100).expect_err("too large");
-        assert!(
-            matches!(
-                e,
-                RequestError::TooLarge {
-                    size: 101,
-                    limit: 100
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(matches!(e, RequestError::TooLarge { size: 101, limit: 100 }), "{e:?}");
     }
 
     #[test]
@@ -797,40 +668,18 @@ mod tests {
         assert_eq!(r.max_tokens, Some(7));
         assert_eq!(r.cache_salt.as_deref(), Some("s1"));
         assert_eq!(r.priority, -2);
-        assert_eq!(
-            r.kv_transfer_params.map(|p| p.get()),
-            Some(r#"{"do_remote_decode":true}"#)
-        );
-        assert!(
-            matches!(r.model, Cow::Borrowed(_)),
-            "model must borrow from the body"
-        );
-        let r = parse(
-            ApiKind::Completions,
-            br#"{"model":"a\u0062","prompt":"x"}"#,
-            100,
-        )
-        .expect("parses");
+        assert_eq!(r.kv_transfer_params.map(|p| p.get()), Some(r#"{"do_remote_decode":true}"#));
+        assert!(matches!(r.model, Cow::Borrowed(_)), "model must borrow from the body");
+        let r = parse(ApiKind::Completions, br#"{"model":"a\u0062","prompt":"x"}"#, 100).expect("parses");
         assert_eq!(r.model, "ab");
     }
 
     #[test]
     fn paths() {
-        assert_eq!(
-            ApiKind::from_path("/v1/chat/completions?x=1"),
-            Some(ApiKind::ChatCompletions)
-        );
-        assert_eq!(
-            ApiKind::from_path("/v1/completions/"),
-            Some(ApiKind::Completions)
-        );
+        assert_eq!(ApiKind::from_path("/v1/chat/completions?x=1"), Some(ApiKind::ChatCompletions));
+        assert_eq!(ApiKind::from_path("/v1/completions/"), Some(ApiKind::Completions));
         assert_eq!(ApiKind::from_path("/v1/models"), None);
-        for api in [
-            ApiKind::Completions,
-            ApiKind::ChatCompletions,
-            ApiKind::Responses,
-            ApiKind::Embeddings,
-        ] {
+        for api in [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings] {
             assert_eq!(ApiKind::from_path(api.path()), Some(api));
         }
     }

@@ -60,12 +60,7 @@ impl RouteError {
             Self::UnknownModel { .. } => Some("model".to_owned()),
             Self::Unavailable(_) => None,
         };
-        error_body(
-            self.status(),
-            &self.to_string(),
-            self.code(),
-            param.as_deref(),
-        )
+        error_body(self.status(), &self.to_string(), self.code(), param.as_deref())
     }
 }
 
@@ -130,14 +125,7 @@ impl PoolRouter {
         stale_after_ms: u64,
     ) -> Self {
         let index = PrefixIndex::new(scheduler.prefix_config().index_capacity);
-        Self {
-            name,
-            models,
-            scheduler,
-            index,
-            max_body_bytes,
-            stale_after_ms,
-        }
+        Self { name, models, scheduler, index, max_body_bytes, stale_after_ms }
     }
 
     /// The pool's prefix index.
@@ -167,13 +155,8 @@ impl PoolRouter {
     ) -> Result<Routed, RouteError> {
         let req = request::parse(api, body, self.max_body_bytes)?;
         let model = req.model.as_ref();
-        if !self.models.iter().any(|m| m == model)
-            && !snapshot.iter().any(|e| e.models.iter().any(|m| m == model))
-        {
-            return Err(RouteError::UnknownModel {
-                model: model.to_owned(),
-                served: self.models.clone(),
-            });
+        if !self.models.iter().any(|m| m == model) && !snapshot.iter().any(|e| e.models.iter().any(|m| m == model)) {
+            return Err(RouteError::UnknownModel { model: model.to_owned(), served: self.models.clone() });
         }
         let cfg = self.prefix_config();
         let mut hasher = BlockHasher::new(cfg, model, req.cache_salt.as_deref());
@@ -225,13 +208,7 @@ mod tests {
     use super::*;
 
     fn pool() -> (PoolRouter, Vec<Endpoint>) {
-        let router = PoolRouter::new(
-            "p".into(),
-            vec!["m".into()],
-            Scheduler::default_config(),
-            1 << 20,
-            2000,
-        );
+        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 1 << 20, 2000);
         let eps = (0..4)
             .map(|i| {
                 let addr = format!("127.0.0.1:{}", 8000 + i).parse().expect("addr");
@@ -251,11 +228,7 @@ mod tests {
     }
 
     fn opts() -> RouteOptions<'static> {
-        RouteOptions {
-            subset: None,
-            want: 1,
-            now_ms: 0,
-        }
+        RouteOptions { subset: None, want: 1, now_ms: 0 }
     }
 
     #[test]
@@ -266,27 +239,14 @@ mod tests {
         let mut first = None;
         let mut turns = vec![];
         for i in 0..6 {
-            turns.push(format!(
-                "question number {i} with some padding to make it longer"
-            ));
+            turns.push(format!("question number {i} with some padding to make it longer"));
             let body = chat(&long, &turns.iter().map(String::as_str).collect::<Vec<_>>());
-            let r = router
-                .decide(
-                    ApiKind::ChatCompletions,
-                    body.as_bytes(),
-                    &eps,
-                    opts(),
-                    &mut rng,
-                    None,
-                )
-                .expect("routed");
+            let r =
+                router.decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, None).expect("routed");
             let target = r.decision.primary().id;
             assert_eq!(*first.get_or_insert(target), target, "turn {i} moved");
             if i > 0 {
-                assert!(
-                    r.decision.primary().matched_blocks > 0,
-                    "turn {i} matched nothing"
-                );
+                assert!(r.decision.primary().matched_blocks > 0, "turn {i} matched nothing");
             }
             turns.push("an answer".to_owned());
         }
@@ -294,16 +254,8 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for i in 0..4 {
             let body = chat(&format!("{i} unrelated system prompt ").repeat(50), &["hi"]);
-            let r = router
-                .decide(
-                    ApiKind::ChatCompletions,
-                    body.as_bytes(),
-                    &eps,
-                    opts(),
-                    &mut rng,
-                    None,
-                )
-                .expect("routed");
+            let r =
+                router.decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, None).expect("routed");
             assert!(r.decision.cold);
             seen.insert(r.decision.primary().id);
         }
@@ -315,34 +267,16 @@ mod tests {
         let (router, eps) = pool();
         let mut rng = fastrand::Rng::with_seed(1);
         let mut check = |body: &str, snapshot: &[Endpoint], status: u16, code: &str| {
-            let e = router
-                .decide(
-                    ApiKind::Completions,
-                    body.as_bytes(),
-                    snapshot,
-                    opts(),
-                    &mut rng,
-                    None,
-                )
-                .expect_err(body);
+            let e =
+                router.decide(ApiKind::Completions, body.as_bytes(), snapshot, opts(), &mut rng, None).expect_err(body);
             assert_eq!((e.status(), e.code()), (status, code), "{body}: {e}");
-            let v: serde_json::Value =
-                serde_json::from_str(&e.to_json()).expect("error body is JSON");
+            let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error body is JSON");
             assert_eq!(v["error"]["code"], code);
-            assert!(
-                v["error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| !m.is_empty())
-            );
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         };
         check("{", &eps, 400, "invalid_json");
         check(r#"{"prompt":"x"}"#, &eps, 400, "missing_model");
-        check(
-            r#"{"model":"nope","prompt":"x"}"#,
-            &eps,
-            404,
-            "model_not_found",
-        );
+        check(r#"{"model":"nope","prompt":"x"}"#, &eps, 404, "model_not_found");
         check(r#"{"model":"m","prompt":"x"}"#, &[], 503, "no_endpoints");
     }
 
@@ -353,34 +287,11 @@ mod tests {
         let body = chat(&"shared ".repeat(200), &["q"]);
         let mut x = Explanation::default();
         let r = router
-            .decide(
-                ApiKind::ChatCompletions,
-                body.as_bytes(),
-                &eps,
-                opts(),
-                &mut rng,
-                Some(&mut x),
-            )
+            .decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, Some(&mut x))
             .expect("routed");
         assert_eq!(x.endpoints.len(), 4);
-        assert_eq!(
-            router.index().stats().resident_blocks,
-            0,
-            "explain recorded blocks"
-        );
-        router
-            .decide(
-                ApiKind::ChatCompletions,
-                body.as_bytes(),
-                &eps,
-                opts(),
-                &mut rng,
-                None,
-            )
-            .expect("routed");
-        assert_eq!(
-            router.index().stats().resident_blocks,
-            r.prompt.hashes.len()
-        );
+        assert_eq!(router.index().stats().resident_blocks, 0, "explain recorded blocks");
+        router.decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, None).expect("routed");
+        assert_eq!(router.index().stats().resident_blocks, r.prompt.hashes.len());
     }
 }

@@ -24,9 +24,7 @@ use std::sync::Arc;
 pub use config::{SchedulerSpec, SpecError};
 pub use filter::{AffinityParams, Filter, Subset, UtilizationParams};
 pub use picker::{Picker, PickerParams};
-pub use scorer::{
-    ActiveRequestParams, LoadAwareParams, NoHitLruParams, PrefixParams, Scorer, TokenLoadParams,
-};
+pub use scorer::{ActiveRequestParams, LoadAwareParams, NoHitLruParams, PrefixParams, Scorer, TokenLoadParams};
 
 use crate::endpoint::{Endpoint, EndpointId, Health, Metrics};
 use crate::prefix::PrefixConfig;
@@ -258,11 +256,7 @@ impl Scheduler {
     ) -> Result<Decision, NoDecision> {
         let ctx = Ctx { input };
         let eps = input.endpoints;
-        debug_assert_eq!(
-            eps.len(),
-            input.prefix_blocks.len(),
-            "one prefix match per endpoint"
-        );
+        debug_assert_eq!(eps.len(), input.prefix_blocks.len(), "one prefix match per endpoint");
         if let Some(x) = explain.as_deref_mut() {
             *x = Explanation {
                 profile: self.profile.name.clone(),
@@ -294,9 +288,7 @@ impl Scheduler {
             }
         };
         if let Some(s) = input.request.subset {
-            stage("subset", &mut cands, &|c| {
-                c.retain(|&i| s.contains(eps[i].address))
-            });
+            stage("subset", &mut cands, &|c| c.retain(|&i| s.contains(eps[i].address)));
             if cands.is_empty() {
                 return Err(NoDecision::SubsetUnmatched);
             }
@@ -331,16 +323,19 @@ impl Scheduler {
 
         let k = want.max(profile.picker.plugin.max_endpoints());
         let mut totals = Vec::with_capacity(cands.len());
-        let mut scored =
-            self.score_and_order(&ctx, &cands, rng, &mut totals, explain.as_deref_mut());
+        let mut scored = self.score_and_order(&ctx, &cands, rng, k, &mut totals, explain.as_deref_mut());
+        scored.truncate(k);
         if scored.len() < k && !set_aside.is_empty() {
             set_aside.retain(|i| !cands.contains(i));
             set_aside.sort_unstable();
             set_aside.dedup();
             let mut ignored = Vec::new();
-            scored.extend(self.score_and_order(&ctx, &set_aside, rng, &mut ignored, None));
+            let more = k - scored.len();
+            let mut rest = self.score_and_order(&ctx, &set_aside, rng, more, &mut ignored, None);
+            rest.truncate(more);
+            scored.extend(rest);
         }
-        let targets: Vec<Target> = scored[..k.min(scored.len())]
+        let targets: Vec<Target> = scored
             .iter()
             .map(|s| Target {
                 index: s.index,
@@ -374,13 +369,14 @@ impl Scheduler {
 }
 
 impl Scheduler {
-    /// Scores `cands` with the profile's scorers and orders them with its picker. Totals go to
-    /// `totals` (same order as `cands`), and each term to `explain` when given.
+    /// Scores `cands` with the profile's scorers and has its picker put the best `k` first.
+    /// Totals go to `totals` (same order as `cands`), and each term to `explain` when given.
     fn score_and_order(
         &self,
         ctx: &Ctx<'_>,
         cands: &[usize],
         rng: &mut fastrand::Rng,
+        k: usize,
         totals: &mut Vec<f64>,
         mut explain: Option<&mut Explanation>,
     ) -> Vec<Scored> {
@@ -408,13 +404,9 @@ impl Scheduler {
         let mut scored: Vec<Scored> = cands
             .iter()
             .zip(totals.iter())
-            .map(|(&index, &total)| Scored {
-                index,
-                id: eps[index].id,
-                total,
-            })
+            .map(|(&index, &total)| Scored { index, id: eps[index].id, total })
             .collect();
-        self.profile.picker.plugin.order(&mut scored, rng);
+        self.profile.picker.plugin.order(&mut scored, rng, k);
         scored
     }
 }
@@ -432,11 +424,7 @@ impl fmt::Display for Scheduler {
         )?;
         let prof = &self.profile;
         writeln!(f, "profile `{}` (single-profile-handler):", prof.name)?;
-        let filters: Vec<String> = prof
-            .filters
-            .iter()
-            .map(|x| config::describe(&x.name, x.kind))
-            .collect();
+        let filters: Vec<String> = prof.filters.iter().map(|x| config::describe(&x.name, x.kind)).collect();
         writeln!(
             f,
             "  filters: subset-hint, model, health{}{}",
@@ -444,11 +432,7 @@ impl fmt::Display for Scheduler {
             filters.join(", ")
         )?;
         for (s, w) in &prof.scorers {
-            writeln!(
-                f,
-                "  scorer:  {:<40} weight {w}",
-                config::describe(&s.name, s.kind)
-            )?;
+            writeln!(f, "  scorer:  {:<40} weight {w}", config::describe(&s.name, s.kind))?;
         }
         write!(
             f,

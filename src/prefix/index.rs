@@ -60,9 +60,7 @@ impl BlockLru {
 
     fn find(&self, hash: u64) -> Option<u32> {
         let nodes = &self.nodes;
-        self.table
-            .find(hash, |&i| nodes[i as usize].hash == hash)
-            .copied()
+        self.table.find(hash, |&i| nodes[i as usize].hash == hash).copied()
     }
 
     fn contains(&self, hash: u64) -> bool {
@@ -122,36 +120,24 @@ impl BlockLru {
         let slot = if self.len() < self.capacity {
             if self.nodes.len() == self.nodes.capacity() {
                 // Grow by doubling, but never past the capacity.
-                let extra = self
-                    .nodes
-                    .len()
-                    .max(64)
-                    .min(self.capacity - self.nodes.len());
+                let extra = self.nodes.len().max(64).min(self.capacity - self.nodes.len());
                 self.nodes.reserve_exact(extra);
             }
-            self.nodes.push(Node {
-                hash,
-                prev: NIL,
-                next: NIL,
-            });
+            self.nodes.push(Node { hash, prev: NIL, next: NIL });
             (self.nodes.len() - 1) as u32
         } else {
             let victim = self.tail;
             self.unlink(victim);
             let old = self.nodes[victim as usize].hash;
             let nodes = &self.nodes;
-            if let Ok(entry) = self
-                .table
-                .find_entry(old, |&i| nodes[i as usize].hash == old)
-            {
+            if let Ok(entry) = self.table.find_entry(old, |&i| nodes[i as usize].hash == old) {
                 entry.remove();
             }
             self.nodes[victim as usize].hash = hash;
             victim
         };
         let nodes = &self.nodes;
-        self.table
-            .insert_unique(hash, slot, |&i| nodes[i as usize].hash);
+        self.table.insert_unique(hash, slot, |&i| nodes[i as usize].hash);
         self.push_front(slot);
     }
 
@@ -189,11 +175,7 @@ pub struct IndexStats {
 impl IndexStats {
     /// Heap bytes per resident (endpoint, block) entry.
     pub fn bytes_per_entry(&self) -> f64 {
-        if self.resident_blocks == 0 {
-            0.0
-        } else {
-            self.heap_bytes as f64 / self.resident_blocks as f64
-        }
+        if self.resident_blocks == 0 { 0.0 } else { self.heap_bytes as f64 / self.resident_blocks as f64 }
     }
 }
 
@@ -208,10 +190,7 @@ pub struct PrefixIndex {
 impl PrefixIndex {
     /// An empty index whose endpoints hold `default_capacity` blocks each unless set otherwise.
     pub fn new(default_capacity: usize) -> Self {
-        Self {
-            default_capacity,
-            endpoints: RwLock::new(Vec::new()),
-        }
+        Self { default_capacity, endpoints: RwLock::new(Vec::new()) }
     }
 
     /// For each of `endpoints`, the number of leading `hashes` it holds, written to `out`
@@ -308,9 +287,7 @@ mod tests {
 
     fn chain(tag: u64, n: usize) -> Vec<BlockHash> {
         // Distinct chains: (tag, position) → hash; shared tags share prefixes.
-        (0..n as u64)
-            .map(|i| BlockHash(xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), tag)))
-            .collect()
+        (0..n as u64).map(|i| BlockHash(xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), tag))).collect()
     }
 
     fn ep(i: u32) -> EndpointId {
@@ -318,11 +295,7 @@ mod tests {
     }
 
     fn check(index: &PrefixIndex, endpoint: u32, hashes: &[BlockHash], want: usize) {
-        assert_eq!(
-            index.matched(ep(endpoint), hashes),
-            want,
-            "match on endpoint {endpoint}"
-        );
+        assert_eq!(index.matched(ep(endpoint), hashes), want, "match on endpoint {endpoint}");
     }
 
     #[test]
@@ -379,11 +352,7 @@ mod tests {
         }
         let s = index.stats();
         assert_eq!(s.resident_blocks, 64_000);
-        assert!(
-            s.bytes_per_entry() < 64.0,
-            "{} bytes per entry",
-            s.bytes_per_entry()
-        );
+        assert!(s.bytes_per_entry() < 64.0, "{} bytes per entry", s.bytes_per_entry());
     }
 
     proptest! {

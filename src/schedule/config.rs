@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AffinityParams, Filter, Picker, PickerParams, Plugin, PrefixParams, Profile, Scheduler, Scorer,
-    Subset, UtilizationParams,
+    AffinityParams, Filter, Picker, PickerParams, Plugin, PrefixParams, Profile, Scheduler, Scorer, Subset,
+    UtilizationParams,
 };
 use crate::prefix::{BYTES_PER_TOKEN, PrefixConfig};
 
@@ -85,10 +85,7 @@ pub struct SpecError {
 }
 
 fn err(at: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError {
-        at: at.into(),
-        message: message.into(),
-    }
+    SpecError { at: at.into(), message: message.into() }
 }
 
 /// Every plugin type kvgate implements, and its category.
@@ -117,20 +114,12 @@ pub const PLUGIN_TYPES: &[(&str, &str)] = &[
 ];
 
 fn valid_types() -> String {
-    PLUGIN_TYPES
-        .iter()
-        .map(|(t, _)| *t)
-        .collect::<Vec<_>>()
-        .join(", ")
+    PLUGIN_TYPES.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
 }
 
 /// `name (type)` or just `type` when they are the same.
 pub(super) fn describe(name: &str, kind: &str) -> String {
-    if name == kind {
-        kind.to_owned()
-    } else {
-        format!("{name} ({kind})")
-    }
+    if name == kind { kind.to_owned() } else { format!("{name} ({kind})") }
 }
 
 /// Parameters of `approx-prefix-cache-producer`: how prompts are hashed and indexed.
@@ -240,9 +229,7 @@ fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, St
             scorer(Scorer::PrefixCache(s))
         }
         "queue-scorer" => no_params(p).and_then(|()| scorer(Scorer::Queue)),
-        "kv-cache-utilization-scorer" => {
-            no_params(p).and_then(|()| scorer(Scorer::KvCacheUtilization))
-        }
+        "kv-cache-utilization-scorer" => no_params(p).and_then(|()| scorer(Scorer::KvCacheUtilization)),
         "active-request-scorer" => scorer(Scorer::ActiveRequest(params(p)?)),
         "token-load-scorer" => scorer(Scorer::TokenLoad(params(p)?)),
         "load-aware-scorer" => scorer(Scorer::LoadAware(params(p)?)),
@@ -251,53 +238,32 @@ fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, St
         "max-score-picker" => picker(Picker::MaxScore(params::<PickerParams>(p)?)),
         "weighted-random-picker" => picker(Picker::WeightedRandom(params::<PickerParams>(p)?)),
         "random-picker" => picker(Picker::Random(params::<PickerParams>(p)?)),
-        "round-robin-picker" => picker(Picker::RoundRobin(
-            params::<PickerParams>(p)?,
-            AtomicUsize::new(0),
-        )),
+        "round-robin-picker" => picker(Picker::RoundRobin(params::<PickerParams>(p)?, AtomicUsize::new(0))),
         "approx-prefix-cache-producer" => Ok(I::Producer(params(p)?)),
         "single-profile-handler" => no_params(p).map(|()| I::Handler),
-        other => Err(format!(
-            "unknown plugin type `{other}`; valid types: {}",
-            valid_types()
-        )),
+        other => Err(format!("unknown plugin type `{other}`; valid types: {}", valid_types())),
     }
 }
 
 fn type_name(kind: &str) -> &'static str {
-    PLUGIN_TYPES
-        .iter()
-        .find(|(t, _)| *t == kind)
-        .map_or("?", |(t, _)| t)
+    PLUGIN_TYPES.iter().find(|(t, _)| *t == kind).map_or("?", |(t, _)| t)
 }
 
 impl Scheduler {
     /// Compiles a scheduler spec, checking every type, parameter and reference.
     pub fn from_spec(spec: &SchedulerSpec) -> Result<Self, SpecError> {
-        if let Some(k) = spec
-            .kind
-            .as_deref()
-            .filter(|k| *k != "EndpointPickerConfig")
-        {
-            return Err(err(
-                "kind",
-                format!("expected `EndpointPickerConfig`, got `{k}`"),
-            ));
+        if let Some(k) = spec.kind.as_deref().filter(|k| *k != "EndpointPickerConfig") {
+            return Err(err("kind", format!("expected `EndpointPickerConfig`, got `{k}`")));
         }
         let mut defined: Vec<(String, &'static str, Instance)> = Vec::new();
         let mut prefix = PrefixConfig::default();
         for (i, p) in spec.plugins.iter().enumerate() {
             let inst = instantiate(&p.kind, p.parameters.as_ref()).map_err(|m| {
-                let field = if type_name(&p.kind) == "?" {
-                    "type"
-                } else {
-                    "parameters"
-                };
+                let field = if type_name(&p.kind) == "?" { "type" } else { "parameters" };
                 err(format!("plugins[{i}].{field}"), m)
             })?;
             if let Instance::Producer(pp) = &inst {
-                pp.apply(&mut prefix)
-                    .map_err(|m| err(format!("plugins[{i}].parameters"), m))?;
+                pp.apply(&mut prefix).map_err(|m| err(format!("plugins[{i}].parameters"), m))?;
             }
             let name = p.name.clone().unwrap_or_else(|| p.kind.clone());
             if defined.iter().any(|(n, ..)| *n == name) {
@@ -312,13 +278,7 @@ impl Scheduler {
             // No profiles: one `default` profile running every plugin, as the reference does.
             vec![ProfileSpec {
                 name: "default".into(),
-                plugins: defined
-                    .iter()
-                    .map(|(n, ..)| PluginRef {
-                        plugin_ref: n.clone(),
-                        weight: None,
-                    })
-                    .collect(),
+                plugins: defined.iter().map(|(n, ..)| PluginRef { plugin_ref: n.clone(), weight: None }).collect(),
             }]
         } else {
             spec.scheduling_profiles.clone()
@@ -350,11 +310,7 @@ impl Scheduler {
                 let names: Vec<&str> = defined.iter().map(|(n, ..)| n.as_str()).collect();
                 return Err(err(
                     format!("{at}.pluginRef"),
-                    format!(
-                        "no plugin named `{}`; defined plugins: {}",
-                        r.plugin_ref,
-                        names.join(", ")
-                    ),
+                    format!("no plugin named `{}`; defined plugins: {}", r.plugin_ref, names.join(", ")),
                 ));
             };
             if r.weight.is_some() && !matches!(inst, Instance::Scorer(_)) {
@@ -364,41 +320,20 @@ impl Scheduler {
                 ));
             }
             match inst {
-                Instance::Filter(f) => profile.filters.push(Plugin {
-                    name: name.clone(),
-                    kind,
-                    plugin: f.clone(),
-                }),
+                Instance::Filter(f) => profile.filters.push(Plugin { name: name.clone(), kind, plugin: f.clone() }),
                 Instance::Scorer(s) => {
                     let w = r.weight.unwrap_or(1.0);
                     if !w.is_finite() || w < 0.0 {
-                        return Err(err(
-                            format!("{at}.weight"),
-                            "a weight must be a non-negative number",
-                        ));
+                        return Err(err(format!("{at}.weight"), "a weight must be a non-negative number"));
                     }
-                    profile.scorers.push((
-                        Plugin {
-                            name: name.clone(),
-                            kind,
-                            plugin: s.clone(),
-                        },
-                        w,
-                    ));
+                    profile.scorers.push((Plugin { name: name.clone(), kind, plugin: s.clone() }, w));
                 }
                 Instance::Picker(p) => {
                     if picker_set {
-                        return Err(err(
-                            at,
-                            format!("a profile has one picker; `{name}` is a second one"),
-                        ));
+                        return Err(err(at, format!("a profile has one picker; `{name}` is a second one")));
                     }
                     picker_set = true;
-                    profile.picker = Plugin {
-                        name: name.clone(),
-                        kind,
-                        plugin: p.clone(),
-                    };
+                    profile.picker = Plugin { name: name.clone(), kind, plugin: p.clone() };
                 }
                 Instance::Producer(_) | Instance::Handler => {}
             }
@@ -409,8 +344,8 @@ impl Scheduler {
 
 /// Compiles the embedded default scheduler.
 pub(super) fn default_scheduler() -> Scheduler {
-    let spec: SchedulerSpec = serde_saphyr::from_str(super::DEFAULT_SCHEDULER_YAML)
-        .expect("the embedded default scheduler is valid YAML");
+    let spec: SchedulerSpec =
+        serde_saphyr::from_str(super::DEFAULT_SCHEDULER_YAML).expect("the embedded default scheduler is valid YAML");
     Scheduler::from_spec(&spec).expect("the embedded default scheduler compiles")
 }
 

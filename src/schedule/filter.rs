@@ -21,11 +21,7 @@ impl Subset {
         for e in entries.into_iter().map(str::trim).filter(|e| !e.is_empty()) {
             if let Ok(a) = e.parse::<SocketAddr>() {
                 s.addrs.push(a);
-            } else if let Ok(ip) = e
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-            {
+            } else if let Ok(ip) = e.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
                 s.ips.push(ip);
             } else {
                 return Err(format!("`{e}` is neither ip:port nor an IP address"));
@@ -67,12 +63,7 @@ pub struct UtilizationParams {
 
 impl Default for UtilizationParams {
     fn default() -> Self {
-        Self {
-            queue_depth_threshold: 5.0,
-            kv_cache_util_threshold: 0.8,
-            threshold: 1.0,
-            headroom: 0.0,
-        }
+        Self { queue_depth_threshold: 5.0, kv_cache_util_threshold: 0.8, threshold: 1.0, headroom: 0.0 }
     }
 }
 
@@ -135,9 +126,7 @@ impl Filter {
     pub(super) fn apply(&self, ctx: &Ctx<'_>, cands: &mut Vec<usize>) {
         let e = |i: usize| &ctx.input.endpoints[i];
         match self {
-            Self::ServesModel => {
-                cands.retain(|&i| e(i).serves(ctx.input.request.model, ctx.input.pool_models))
-            }
+            Self::ServesModel => cands.retain(|&i| e(i).serves(ctx.input.request.model, ctx.input.pool_models)),
             Self::Healthy => cands.retain(|&i| e(i).health == Health::Healthy),
             Self::Decode => cands.retain(|&i| e(i).role.decodes()),
             Self::Prefill => cands.retain(|&i| e(i).role.prefills()),
@@ -147,8 +136,9 @@ impl Filter {
                 let saturation = |i: usize| match ctx.metrics(i) {
                     // Unknown load counts as saturated, as in the reference detector.
                     None => 1.0,
-                    Some(m) => (f64::from(m.waiting) / p.queue_depth_threshold)
-                        .max(m.kv_usage / p.kv_cache_util_threshold),
+                    Some(m) => {
+                        (f64::from(m.waiting) / p.queue_depth_threshold).max(m.kv_usage / p.kv_cache_util_threshold)
+                    }
                 };
                 if cands.iter().any(|&i| saturation(i) <= limit) {
                     cands.retain(|&i| saturation(i) <= limit);
@@ -175,15 +165,8 @@ fn affinity(p: &AffinityParams, ctx: &Ctx<'_>, cands: &mut Vec<usize>) {
         let uncached = req.prompt_tokens.saturating_sub(cached);
         (in_flight(i).tokens() + uncached) as f64 * 1000.0 / p.peak_prefill_throughput.max(1.0)
     };
-    let min_req = cands
-        .iter()
-        .map(|&i| in_flight(i).requests())
-        .min()
-        .unwrap_or(0);
-    let min_est = cands
-        .iter()
-        .map(|&i| est_ms(i))
-        .fold(f64::INFINITY, f64::min);
+    let min_req = cands.iter().map(|&i| in_flight(i).requests()).min().unwrap_or(0);
+    let min_est = cands.iter().map(|&i| est_ms(i)).fold(f64::INFINITY, f64::min);
     let saturated = |i: usize| {
         in_flight(i).requests().saturating_sub(min_req) > p.max_in_flight_imbalance
             || est_ms(i) > min_est + p.max_ttft_penalty_ms
@@ -203,8 +186,7 @@ mod tests {
 
     #[test]
     fn subset_parsing_and_matching() {
-        let s =
-            Subset::parse_list("10.0.0.1:8000, 10.0.0.2,[fd00::1]:9000,fd00::2").expect("parses");
+        let s = Subset::parse_list("10.0.0.1:8000, 10.0.0.2,[fd00::1]:9000,fd00::2").expect("parses");
         let check = |addr: &str, want: bool| {
             assert_eq!(s.contains(addr.parse().expect("addr")), want, "{addr}");
         };

@@ -17,9 +17,7 @@ pub struct PickerParams {
 
 impl Default for PickerParams {
     fn default() -> Self {
-        Self {
-            max_num_of_endpoints: 1,
-        }
+        Self { max_num_of_endpoints: 1 }
     }
 }
 
@@ -50,19 +48,28 @@ impl Picker {
     /// How many endpoints the picker returns.
     pub fn max_endpoints(&self) -> usize {
         match self {
-            Self::MaxScore(p)
-            | Self::WeightedRandom(p)
-            | Self::Random(p)
-            | Self::RoundRobin(p, _) => p.max_num_of_endpoints.max(1),
+            Self::MaxScore(p) | Self::WeightedRandom(p) | Self::Random(p) | Self::RoundRobin(p, _) => {
+                p.max_num_of_endpoints.max(1)
+            }
         }
     }
 
-    /// Orders `cands` in place, best first.
-    pub(super) fn order(&self, cands: &mut [Scored], rng: &mut fastrand::Rng) {
+    /// Puts the best `k` of `cands` first, in order (the order of the rest is unspecified).
+    pub(super) fn order(&self, cands: &mut [Scored], rng: &mut fastrand::Rng, k: usize) {
+        let k = k.min(cands.len());
+        if k == 0 {
+            return;
+        }
+        let desc = |a: &Scored, b: &Scored| b.total.total_cmp(&a.total);
         match self {
             Self::MaxScore(_) => {
+                // Shuffle first: comparisons then see tied candidates in a uniformly random
+                // order, so ties are broken at random. Then select the top k and sort only them.
                 rng.shuffle(cands);
-                cands.sort_by(|a, b| b.total.total_cmp(&a.total));
+                if k < cands.len() {
+                    cands.select_nth_unstable_by(k - 1, desc);
+                }
+                cands[..k].sort_by(desc);
             }
             Self::Random(_) => rng.shuffle(cands),
             Self::WeightedRandom(_) => {
@@ -70,30 +77,18 @@ impl Picker {
                     rng.shuffle(cands);
                     return;
                 }
-                // Efraimidis–Spirakis: key = u^(1/w); larger keys first; w <= 0 sorts last.
-                let mut keyed: Vec<(f64, Scored)> = cands
-                    .iter()
-                    .map(|&c| {
-                        let key = if c.total > 0.0 {
-                            rng.f64().powf(1.0 / c.total)
-                        } else {
-                            -1.0
-                        };
-                        (key, c)
-                    })
-                    .collect();
-                keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
-                for (dst, (_, c)) in cands.iter_mut().zip(keyed) {
-                    *dst = c;
+                // Efraimidis–Spirakis: key = u^(1/w), largest first; w <= 0 sorts last. The key
+                // replaces the total, which the caller has already recorded.
+                for c in cands.iter_mut() {
+                    c.total = if c.total > 0.0 { rng.f64().powf(1.0 / c.total) } else { -1.0 };
                 }
+                rng.shuffle(cands);
+                cands.sort_by(desc);
             }
             Self::RoundRobin(_, next) => {
                 cands.sort_by_key(|c| c.id);
-                let n = cands.len();
-                if n > 0 {
-                    let start = next.fetch_add(1, Ordering::Relaxed) % n;
-                    cands.rotate_left(start);
-                }
+                let start = next.fetch_add(1, Ordering::Relaxed) % cands.len();
+                cands.rotate_left(start);
             }
         }
     }
@@ -104,20 +99,12 @@ mod tests {
     use super::*;
 
     fn scored(totals: &[f64]) -> Vec<Scored> {
-        totals
-            .iter()
-            .enumerate()
-            .map(|(i, &total)| Scored {
-                index: i,
-                id: EndpointId::new(i as u32),
-                total,
-            })
-            .collect()
+        totals.iter().enumerate().map(|(i, &total)| Scored { index: i, id: EndpointId::new(i as u32), total }).collect()
     }
 
     fn order(p: &Picker, totals: &[f64], seed: u64) -> Vec<usize> {
         let mut c = scored(totals);
-        p.order(&mut c, &mut fastrand::Rng::with_seed(seed));
+        p.order(&mut c, &mut fastrand::Rng::with_seed(seed), totals.len());
         c.iter().map(|c| c.index).collect()
     }
 
@@ -125,15 +112,15 @@ mod tests {
     fn max_score_orders_and_breaks_ties_at_random() {
         let p = Picker::MaxScore(PickerParams::default());
         assert_eq!(order(&p, &[0.1, 0.9, 0.5], 1), [1, 2, 0]);
-        let firsts: std::collections::HashSet<usize> = (0..64)
-            .map(|s| order(&p, &[1.0, 1.0, 1.0, 0.0], s)[0])
-            .collect();
-        assert_eq!(
-            firsts.len(),
-            3,
-            "ties must be broken among all tied candidates"
-        );
+        let firsts: std::collections::HashSet<usize> =
+            (0..64).map(|s| order(&p, &[1.0, 1.0, 1.0, 0.0], s)[0]).collect();
+        assert_eq!(firsts.len(), 3, "ties must be broken among all tied candidates");
         assert!(!firsts.contains(&3));
+        // Top-k selection agrees with a full sort.
+        let totals = [0.3, 0.9, 0.1, 0.7, 0.5, 0.8];
+        let mut c = scored(&totals);
+        p.order(&mut c, &mut fastrand::Rng::with_seed(9), 3);
+        assert_eq!(c[..3].iter().map(|c| c.index).collect::<Vec<_>>(), [1, 5, 3]);
     }
 
     #[test]
@@ -150,7 +137,7 @@ mod tests {
         let mut wins = [0u32; 3];
         for _ in 0..3000 {
             let mut c = scored(&[1.0, 3.0, 0.0]);
-            p.order(&mut c, &mut rng);
+            p.order(&mut c, &mut rng, 1);
             wins[c[0].index] += 1;
         }
         assert_eq!(wins[2], 0, "zero weight never wins");

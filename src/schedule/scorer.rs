@@ -1,7 +1,5 @@
 //! Scorers: rate each candidate in [0, 1]; a profile adds them up with weights.
 
-use std::collections::HashMap;
-
 use parking_lot::Mutex;
 use serde::Deserialize;
 
@@ -20,10 +18,7 @@ pub struct PrefixParams {
 
 impl Default for PrefixParams {
     fn default() -> Self {
-        Self {
-            match_length_weight: 0.3,
-            match_length_scale_tokens: 2048.0,
-        }
+        Self { match_length_weight: 0.3, match_length_scale_tokens: 2048.0 }
     }
 }
 
@@ -39,10 +34,7 @@ pub struct ActiveRequestParams {
 
 impl Default for ActiveRequestParams {
     fn default() -> Self {
-        Self {
-            idle_threshold: 0,
-            max_busy_score: 1.0,
-        }
+        Self { idle_threshold: 0, max_busy_score: 1.0 }
     }
 }
 
@@ -56,9 +48,7 @@ pub struct TokenLoadParams {
 
 impl Default for TokenLoadParams {
     fn default() -> Self {
-        Self {
-            queue_threshold_tokens: 4_194_304,
-        }
+        Self { queue_threshold_tokens: 4_194_304 }
     }
 }
 
@@ -80,7 +70,8 @@ impl Default for LoadAwareParams {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct NoHitLruParams {
-    /// Endpoints remembered.
+    /// Endpoints remembered. Accepted for compatibility: kvgate keeps one `u64` per endpoint of
+    /// the pool, so it never forgets one early.
     pub lru_size: usize,
 }
 
@@ -90,11 +81,18 @@ impl Default for NoHitLruParams {
     }
 }
 
-/// Which endpoints got cold requests (no prefix hit anywhere), and in what order.
+/// Which endpoints got cold requests (no prefix hit anywhere), and in what order: the sequence
+/// number of each endpoint's last cold request, indexed by endpoint id (0 = never).
 #[derive(Debug, Default)]
 pub struct ColdAssignments {
     seq: u64,
-    last: HashMap<EndpointId, u64>,
+    last: Vec<u64>,
+}
+
+impl ColdAssignments {
+    fn last(&self, id: EndpointId) -> u64 {
+        self.last.get(id.index()).copied().unwrap_or(0)
+    }
 }
 
 /// A scorer plugin.
@@ -132,9 +130,8 @@ impl Scorer {
                         0.0
                     } else {
                         let ratio = matched / req.total_blocks as f64;
-                        let length = (matched * req.block_tokens as f64
-                            / p.match_length_scale_tokens.max(1.0))
-                        .min(1.0);
+                        let length =
+                            (matched * req.block_tokens as f64 / p.match_length_scale_tokens.max(1.0)).min(1.0);
                         (1.0 - p.match_length_weight) * ratio + p.match_length_weight * length
                     };
                 }
@@ -144,9 +141,7 @@ impl Scorer {
                 let (lo, hi) = cands
                     .iter()
                     .filter_map(|&i| q(i))
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                        (lo.min(v), hi.max(v))
-                    });
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
                 for (o, &i) in out.iter_mut().zip(cands) {
                     *o = match q(i) {
                         None => 0.0,
@@ -165,11 +160,7 @@ impl Scorer {
                 let max = cands.iter().map(|&i| busy(i)).max().unwrap_or(0);
                 for (o, &i) in out.iter_mut().zip(cands) {
                     let b = busy(i);
-                    *o = if b == 0 {
-                        1.0
-                    } else {
-                        p.max_busy_score * (max - b.min(max)) as f64 / max as f64
-                    };
+                    *o = if b == 0 { 1.0 } else { p.max_busy_score * (max - b.min(max)) as f64 / max as f64 };
                 }
             }
             Self::TokenLoad(p) => {
@@ -183,9 +174,7 @@ impl Scorer {
                     *o = match ctx.metrics(i).map(|m| u64::from(m.waiting)) {
                         None => 0.0,
                         Some(0) => 0.5,
-                        Some(q) => {
-                            0.5 * (1.0 - q.min(p.threshold) as f64 / p.threshold.max(1) as f64)
-                        }
+                        Some(q) => 0.5 * (1.0 - q.min(p.threshold) as f64 / p.threshold.max(1) as f64),
                     };
                 }
             }
@@ -198,12 +187,7 @@ impl Scorer {
                         match ctx.metrics(i).and_then(|m| m.lora.as_ref()) {
                             None => 0.0,
                             Some(l) if l.running.iter().any(|a| a == req.model) => 1.0,
-                            Some(l)
-                                if ((l.running.len() + l.waiting.len()) as u64)
-                                    < u64::from(l.max_loras) =>
-                            {
-                                0.8
-                            }
+                            Some(l) if ((l.running.len() + l.waiting.len()) as u64) < u64::from(l.max_loras) => 0.8,
                             Some(l) if l.waiting.iter().any(|a| a == req.model) => 0.6,
                             Some(_) => 0.0,
                         }
@@ -218,20 +202,13 @@ impl Scorer {
                 // Rank by last cold assignment, never-assigned first, then by id: a total order,
                 // so cold requests rotate over idle endpoints instead of colliding at random.
                 let state = state.lock();
-                let key = |i: usize| (state.last.get(&ep(i).id).copied().unwrap_or(0), ep(i).id);
-                let mut order: Vec<(u64, EndpointId, usize)> = cands
-                    .iter()
-                    .enumerate()
-                    .map(|(pos, &i)| (key(i).0, key(i).1, pos))
-                    .collect();
+                let mut order: Vec<(u64, EndpointId, usize)> =
+                    cands.iter().enumerate().map(|(pos, &i)| (state.last(ep(i).id), ep(i).id, pos)).collect();
+                drop(state);
                 order.sort_unstable();
                 let n = order.len();
                 for (rank, &(_, _, pos)) in order.iter().enumerate() {
-                    out[pos] = if n == 1 {
-                        1.0
-                    } else {
-                        1.0 - rank as f64 / (n - 1) as f64
-                    };
+                    out[pos] = if n == 1 { 1.0 } else { 1.0 - rank as f64 / (n - 1) as f64 };
                 }
             }
         }
@@ -239,19 +216,17 @@ impl Scorer {
 
     /// Lets a stateful scorer learn the outcome of a decision.
     pub(super) fn on_pick(&self, ctx: &Ctx<'_>, cands: &[usize], picked: usize) {
-        if let Self::NoHitLru(p, state) = self {
+        if let Self::NoHitLru(_, state) = self {
             if !ctx.cold(cands) {
                 return;
             }
             let mut s = state.lock();
             s.seq += 1;
-            let seq = s.seq;
-            s.last.insert(ctx.input.endpoints[picked].id, seq);
-            if s.last.len() > p.lru_size.max(1)
-                && let Some(oldest) = s.last.iter().min_by_key(|(_, v)| **v).map(|(k, _)| *k)
-            {
-                s.last.remove(&oldest);
+            let (seq, i) = (s.seq, ctx.input.endpoints[picked].id.index());
+            if s.last.len() <= i {
+                s.last.resize(i + 1, 0);
             }
+            s.last[i] = seq;
         }
     }
 }

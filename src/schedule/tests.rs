@@ -58,13 +58,7 @@ fn run(
 }
 
 /// One table row: who gets the request (by endpoint index), or why nobody does.
-fn check(
-    s: &Scheduler,
-    eps: &[Endpoint],
-    blocks: &[u32],
-    req: SchedRequest<'_>,
-    want: Result<usize, NoDecision>,
-) {
+fn check(s: &Scheduler, eps: &[Endpoint], blocks: &[u32], req: SchedRequest<'_>, want: Result<usize, NoDecision>) {
     for seed in 0..8 {
         let got = run(s, eps, blocks, req, seed).map(|d| d.primary().index);
         assert_eq!(got, want, "seed {seed}, blocks {blocks:?}");
@@ -72,12 +66,7 @@ fn check(
 }
 
 fn fresh(waiting: u32, kv: f64) -> Option<Metrics> {
-    Some(Metrics {
-        waiting,
-        kv_usage: kv,
-        scraped_at_ms: NOW - 10,
-        ..Metrics::default()
-    })
+    Some(Metrics { waiting, kv_usage: kv, scraped_at_ms: NOW - 10, ..Metrics::default() })
 }
 
 #[test]
@@ -147,38 +136,17 @@ fn no_decision_reasons() {
     check(&s, &[], &[], request(1), Err(NoDecision::NoEndpoints));
     let mut eps = endpoints(3);
     let subset = Subset::parse_list("10.0.0.9:8000").expect("subset");
-    let req = SchedRequest {
-        subset: Some(&subset),
-        ..request(1)
-    };
+    let req = SchedRequest { subset: Some(&subset), ..request(1) };
     check(&s, &eps, &[0; 3], req, Err(NoDecision::SubsetUnmatched));
     let subset = Subset::parse_list("10.0.0.3").expect("subset");
-    let req = SchedRequest {
-        subset: Some(&subset),
-        ..request(1)
-    };
+    let req = SchedRequest { subset: Some(&subset), ..request(1) };
     check(&s, &eps, &[0; 3], req, Ok(2));
-    let req = SchedRequest {
-        model: "other",
-        ..request(1)
-    };
-    check(
-        &s,
-        &eps,
-        &[0; 3],
-        req,
-        Err(NoDecision::ModelNotServed("other".into())),
-    );
+    let req = SchedRequest { model: "other", ..request(1) };
+    check(&s, &eps, &[0; 3], req, Err(NoDecision::ModelNotServed("other".into())));
     for e in &mut eps {
         e.health = Health::Unhealthy;
     }
-    check(
-        &s,
-        &eps,
-        &[0; 3],
-        request(1),
-        Err(NoDecision::NoHealthyEndpoints),
-    );
+    check(&s, &eps, &[0; 3], request(1), Err(NoDecision::NoHealthyEndpoints));
     eps[1].health = Health::Probing;
     check(&s, &eps, &[0; 3], request(1), Ok(1));
     eps[0].health = Health::Healthy;
@@ -193,13 +161,7 @@ fn role_filters() {
         e.labels.insert(ROLE_LABEL.into(), "prefill".into());
         e.role = Role::Prefill;
     }
-    check(
-        &s,
-        &eps,
-        &[0; 2],
-        request(1),
-        Err(NoDecision::Filtered("decode-filter".into())),
-    );
+    check(&s, &eps, &[0; 2], request(1), Err(NoDecision::Filtered("decode-filter".into())));
     eps[1].role = Role::Both;
     check(&s, &eps, &[0; 2], request(1), Ok(1));
 }
@@ -208,11 +170,7 @@ fn role_filters() {
 fn stale_metrics_are_unknown_not_idle() {
     let s = spec("plugins: [{type: queue-scorer}]").expect("compiles");
     let mut eps = endpoints(2);
-    eps[0].metrics = Some(Metrics {
-        waiting: 0,
-        scraped_at_ms: NOW - STALE - 1,
-        ..Metrics::default()
-    });
+    eps[0].metrics = Some(Metrics { waiting: 0, scraped_at_ms: NOW - STALE - 1, ..Metrics::default() });
     eps[1].metrics = fresh(3, 0.0);
     check(&s, &eps, &[0; 2], request(1), Ok(1));
     eps[0].metrics = fresh(0, 0.0);
@@ -226,14 +184,8 @@ fn utilization_filter_fails_open() {
     eps[0].metrics = fresh(10, 0.1);
     eps[1].metrics = fresh(0, 0.95);
     // Both saturated: nobody is dropped, so both get picked over a few seeds.
-    let picks: std::collections::HashSet<usize> = (0..16)
-        .map(|seed| {
-            run(&s, &eps, &[0; 2], request(1), seed)
-                .expect("decision")
-                .primary()
-                .index
-        })
-        .collect();
+    let picks: std::collections::HashSet<usize> =
+        (0..16).map(|seed| run(&s, &eps, &[0; 2], request(1), seed).expect("decision").primary().index).collect();
     assert_eq!(picks.len(), 2);
     eps[1].metrics = fresh(0, 0.5);
     check(&s, &eps, &[0; 2], request(1), Ok(1));
@@ -251,34 +203,14 @@ fn lora_affinity() {
     for e in &mut eps {
         e.models = vec!["m".into(), "ad".into()];
     }
-    eps[0].metrics = Some(Metrics {
-        lora: Some(lora(&["x", "y"], &[], 2)),
-        scraped_at_ms: NOW,
-        ..Metrics::default()
-    });
-    eps[1].metrics = Some(Metrics {
-        lora: Some(lora(&["x"], &[], 2)),
-        scraped_at_ms: NOW,
-        ..Metrics::default()
-    });
-    eps[2].metrics = Some(Metrics {
-        lora: Some(lora(&["x", "y"], &["ad"], 2)),
-        scraped_at_ms: NOW,
-        ..Metrics::default()
-    });
-    let req = SchedRequest {
-        model: "ad",
-        ..request(1)
-    };
+    eps[0].metrics = Some(Metrics { lora: Some(lora(&["x", "y"], &[], 2)), scraped_at_ms: NOW, ..Metrics::default() });
+    eps[1].metrics = Some(Metrics { lora: Some(lora(&["x"], &[], 2)), scraped_at_ms: NOW, ..Metrics::default() });
+    eps[2].metrics =
+        Some(Metrics { lora: Some(lora(&["x", "y"], &["ad"], 2)), scraped_at_ms: NOW, ..Metrics::default() });
+    let req = SchedRequest { model: "ad", ..request(1) };
     // Room for the adapter (0.8) beats it merely waiting (0.6) and no room (0).
     check(&s, &eps, &[0; 3], req, Ok(1));
-    eps[0]
-        .metrics
-        .as_mut()
-        .and_then(|m| m.lora.as_mut())
-        .expect("lora")
-        .running
-        .push("ad".into());
+    eps[0].metrics.as_mut().and_then(|m| m.lora.as_mut()).expect("lora").running.push("ad".into());
     check(&s, &eps, &[0; 3], req, Ok(0));
 }
 
@@ -295,23 +227,14 @@ fn fallbacks_are_ordered_and_distinct() {
         now_ms: NOW,
         stale_after_ms: STALE,
     };
-    let d = s
-        .schedule(&input, &mut fastrand::Rng::with_seed(1), 3, None)
-        .expect("decision");
+    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(1), 3, None).expect("decision");
     // The affinity filter prefers the holder; endpoints it set aside follow as fallbacks.
     assert_eq!(d.targets.len(), 3);
     assert_eq!(d.primary().index, 2);
-    let d = s
-        .schedule(&input, &mut fastrand::Rng::with_seed(1), 1, None)
-        .expect("decision");
+    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(1), 1, None).expect("decision");
     assert_eq!(d.targets.len(), 1);
-    let input = Input {
-        prefix_blocks: &[0; 5],
-        ..input
-    };
-    let d = s
-        .schedule(&input, &mut fastrand::Rng::with_seed(1), 3, None)
-        .expect("decision");
+    let input = Input { prefix_blocks: &[0; 5], ..input };
+    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(1), 3, None).expect("decision");
     let ids: std::collections::HashSet<EndpointId> = d.targets.iter().map(|t| t.id).collect();
     assert_eq!((d.targets.len(), ids.len()), (3, 3));
 }
@@ -332,9 +255,7 @@ fn explanation_accounts_for_every_endpoint() {
         stale_after_ms: STALE,
     };
     let mut x = Explanation::default();
-    let d = s
-        .schedule(&input, &mut fastrand::Rng::with_seed(3), 1, Some(&mut x))
-        .expect("decision");
+    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(3), 1, Some(&mut x)).expect("decision");
     assert_eq!(x.profile, "default");
     assert_eq!(x.endpoints.len(), 3);
     assert_eq!(x.endpoints[0].filtered_by.as_deref(), Some("health"));
@@ -358,21 +279,13 @@ fn spec_errors_say_what_and_where() {
         assert_eq!(e.at, at, "{yaml}: {e}");
         assert!(e.message.contains(needle), "{yaml}: `{e}` lacks `{needle}`");
     };
-    check_err(
-        "plugins: [{type: magic-scorer}]",
-        "plugins[0].type",
-        "valid types: model-serving-filter",
-    );
+    check_err("plugins: [{type: magic-scorer}]", "plugins[0].type", "valid types: model-serving-filter");
     check_err(
         "plugins: [{type: queue-scorer}, {type: prefix-cache-scorer, parameters: {bogus: 1}}]",
         "plugins[1].parameters",
         "unknown field `bogus`, expected `matchLengthWeight` or `matchLengthScaleTokens`",
     );
-    check_err(
-        "plugins: [{type: queue-scorer, parameters: {x: 1}}]",
-        "plugins[0].parameters",
-        "no parameters",
-    );
+    check_err("plugins: [{type: queue-scorer, parameters: {x: 1}}]", "plugins[0].parameters", "no parameters");
     check_err(
         "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: p, plugins: [{pluginRef: nope}]}]",
         "schedulingProfiles[0].plugins[0].pluginRef",
@@ -388,16 +301,8 @@ fn spec_errors_say_what_and_where() {
         "schedulingProfiles[0].plugins[1]",
         "second one",
     );
-    check_err(
-        "plugins: [{type: queue-scorer}, {type: queue-scorer}]",
-        "plugins[1].name",
-        "two plugins",
-    );
-    check_err(
-        "schedulingProfiles: [{name: a}, {name: b}]",
-        "schedulingProfiles",
-        "single-profile-handler",
-    );
+    check_err("plugins: [{type: queue-scorer}, {type: queue-scorer}]", "plugins[1].name", "two plugins");
+    check_err("schedulingProfiles: [{name: a}, {name: b}]", "schedulingProfiles", "single-profile-handler");
     check_err(
         "plugins: [{type: approx-prefix-cache-producer, parameters: {blockSizeBytes: 0}}]",
         "plugins[0].parameters",
@@ -411,14 +316,7 @@ fn producer_parameters_size_the_prefix() {
         "plugins: [{type: approx-prefix-cache-producer, parameters: {blockSizeTokens: 16, maxPrefixTokensToMatch: 4096, lruCapacityPerServer: 1000}}, {type: prefix-cache-scorer}]",
     )
     .expect("compiles");
-    assert_eq!(
-        *s.prefix_config(),
-        PrefixConfig {
-            block_bytes: 64,
-            max_blocks: 256,
-            index_capacity: 1000
-        }
-    );
+    assert_eq!(*s.prefix_config(), PrefixConfig { block_bytes: 64, max_blocks: 256, index_capacity: 1000 });
     let shown = s.to_string();
     assert!(shown.contains("prefix-cache-scorer"), "{shown}");
 }
