@@ -684,3 +684,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::prefix::{PrefixConfig, hash_prompt};
+    use proptest::prelude::*;
+
+    fn hashes(body: &str) -> Vec<crate::prefix::BlockHash> {
+        let req = parse(ApiKind::ChatCompletions, body.as_bytes(), DEFAULT_MAX_BODY_BYTES).expect("parses");
+        let mut bytes = Vec::new();
+        req.feed_prompt(&mut |b| bytes.extend_from_slice(b));
+        let cfg = PrefixConfig { block_bytes: 16, ..PrefixConfig::default() };
+        hash_prompt(&cfg, &req.model, None, &bytes).hashes
+    }
+
+    fn body(messages: &[(bool, String)], tools: bool) -> String {
+        let msgs: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|(parts, text)| {
+                if *parts {
+                    serde_json::json!({"role": "user", "content": [{"type": "text", "text": text}]})
+                } else {
+                    serde_json::json!({"role": "assistant", "content": text})
+                }
+            })
+            .collect();
+        let mut v = serde_json::json!({"model": "m", "messages": msgs, "stream": true});
+        if tools {
+            v["tools"] = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        }
+        v.to_string()
+    }
+
+    proptest! {
+        /// A later turn of a conversation (the same messages plus more) extends the earlier
+        /// turn's block hashes.
+        #[test]
+        fn later_turns_extend_earlier_hashes(
+            turns in proptest::collection::vec((any::<bool>(), "[ -~\n\"\\\\é]{0,80}"), 1..8),
+            cut in 0usize..8,
+            tools in any::<bool>(),
+        ) {
+            let cut = cut.min(turns.len());
+            let early = hashes(&body(&turns[..cut], tools));
+            let late = hashes(&body(&turns, tools));
+            prop_assert!(early.len() <= late.len());
+            prop_assert_eq!(&late[..early.len()], &early[..]);
+        }
+    }
+}

@@ -355,6 +355,47 @@ mod tests {
         assert!(s.bytes_per_entry() < 64.0, "{} bytes per entry", s.bytes_per_entry());
     }
 
+    #[test]
+    fn sequential_many_chains() {
+        let index = PrefixIndex::new(500);
+        for k in 0..400u64 {
+            let c = chain(k % 17, 40);
+            index.record(ep(0), &c);
+            assert_eq!(index.matched(ep(0), &c), 40, "k={k}");
+        }
+    }
+
+    #[test]
+    fn concurrent_readers_and_writers() {
+        let index = std::sync::Arc::new(PrefixIndex::new(500));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let index = index.clone();
+                std::thread::spawn(move || {
+                    for k in 0..200u64 {
+                        // Each thread owns one endpoint; all share endpoint 9 and read the others.
+                        let c = chain(k % 17, 40);
+                        index.record(ep(t), &c);
+                        assert_eq!(index.matched(ep(t), &c), 40, "a chain just recorded is held whole");
+                        index.record(ep(9), &chain(100 + k % 23, 40));
+                        assert!(index.matched(ep((t + 1) % 4), &c) <= 40);
+                        if k % 50 == 0 {
+                            index.set_capacity(ep(10 + t), 10 + k as usize);
+                            index.remove(ep(10 + t));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panics");
+        }
+        for e in [0, 1, 2, 3, 9] {
+            assert!(index.endpoint_blocks(ep(e)) <= 500);
+        }
+        assert_eq!(index.stats().endpoints, 5);
+    }
+
     proptest! {
         /// Binary search agrees with a linear scan, and no set exceeds its bound, under any
         /// sequence of records of overlapping chains.
