@@ -10,3 +10,4 @@ pub mod prefix;
 pub mod request;
 pub mod route;
 pub mod schedule;
+pub mod sim;

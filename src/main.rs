@@ -21,12 +21,34 @@ enum Command {
         /// The config file (YAML).
         file: PathBuf,
     },
+    /// Run a simulated vLLM server (OpenAI API, metrics, prefix cache, KV events, DP, P/D, LoRA).
+    Sim(Box<kvgate::sim::SimArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Sim(args) => run_async(kvgate::sim::run(*args)),
+    }
+}
+
+/// Runs an async subcommand on a multi-threaded runtime; errors go to stderr and exit 1.
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(fut));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
     }
 }
 

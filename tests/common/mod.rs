@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: start simulators in-process on loopback port 0,
+//! read Prometheus text, pick free ports.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kvgate::sim::{self, SimArgs};
+
+/// A simulator running in this test's runtime; stops when the runtime ends.
+pub struct Sim {
+    pub addrs: Vec<SocketAddr>,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sim {
+    /// `http://addr` of port `k`.
+    pub fn url(&self, k: usize) -> String {
+        format!("http://{}", self.addrs[k])
+    }
+}
+
+/// Starts a simulator with these flags (plus `--port 0` unless given).
+pub async fn start_sim(flags: &[&str]) -> Sim {
+    let mut all: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    if !flags.contains(&"--port") {
+        all.extend(["--port".into(), "0".into()]);
+    }
+    let args = SimArgs::from_flags(&all).expect("valid simulator flags");
+    let (running, tasks) = sim::start(args).await.expect("simulator starts");
+    Sim { addrs: running.addrs, _tasks: tasks }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// An HTTP client with a bound on every request.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client")
+}
+
+/// The value of the series of `name` whose labels include every `label="value"` in `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) { value.parse().ok() } else { None }
+    })
+}
+
+/// Fetches `/metrics` of `base`.
+pub async fn metrics(base: &str) -> String {
+    client().get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text")
+}
+
+/// POSTs JSON, returns status and parsed body.
+pub async fn post(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// Polls `cond` every 20 ms until it holds or `secs` pass; returns whether it held.
+pub async fn eventually<F, Fut>(secs: u64, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
