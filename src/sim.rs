@@ -304,7 +304,13 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         ports.push((listener, Arc::new(PortState::new(shared.clone(), engines, metrics, port))));
     }
     for (listener, state) in ports {
+        use axum::serve::ListenerExt;
         let app = server::app(state);
+        // Tokens go out as small writes: without TCP_NODELAY, Nagle's algorithm and delayed
+        // ACKs hold each one back by up to 40 ms.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing_free_log(&format!("simulator listener stopped: {e}"));

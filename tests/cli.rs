@@ -50,3 +50,27 @@ fn invalid_configs_fail_saying_what_and_where() {
     check(&broken, false, &["broken.yaml"]);
     check(Path::new("/nonexistent/kvgate.yaml"), false, &["cannot read /nonexistent/kvgate.yaml"]);
 }
+
+#[test]
+fn sim_subcommand_serves_until_killed() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["sim", "--port", "0", "--time-scale", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kvgate sim starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("a line");
+    let addr = line.trim().rsplit("http://").next().expect("address").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read");
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("x-inference-port"), "{resp}");
+    let bad = kvgate(&["sim", "--data-parallel-size", "2", "--data-parallel-rank", "5", "--port", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--data-parallel-rank 5"));
+}

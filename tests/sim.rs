@@ -430,6 +430,29 @@ async fn kv_events_array_encoding() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_events_connect_to_a_listening_subscriber() {
+    // An endpoint without `*` connects: here the subscriber binds, as a central indexer does.
+    let port = free_port();
+    let mut sub = SubSocket::new();
+    sub.bind(&format!("tcp://127.0.0.1:{port}")).await.expect("bind SUB");
+    sub.subscribe("").await.expect("subscribe");
+    let cfg = json!({"enable_kv_cache_events": true, "endpoint": format!("tcp://127.0.0.1:{port}")}).to_string();
+    let sim = start_sim(&["--time-scale", "0", "--kv-events-config", &cfg]).await;
+    let mut got = None;
+    for k in 0..50 {
+        complete(&sim.url(0), ids(64, k), 1).await;
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+            got = Some(m);
+            break;
+        }
+    }
+    let m = got.expect("events reach the listening subscriber");
+    assert_eq!(m.get(0).expect("topic").len(), 0, "empty topic");
+    let (stored, _, _) = decode_batch(m.get(2).expect("payload"));
+    assert!(!stored.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_adapters() {
     let sim = start_sim(&[
         "--time-scale",
