@@ -113,11 +113,23 @@ fn parsing(c: &mut Criterion) {
     g.finish();
 }
 
+/// A whole decision as the front-ends make it: parse, hash, match, score, pick, record.
+fn decide(
+    router: &PoolRouter,
+    body: &[u8],
+    eps: &[Endpoint],
+    opts: RouteOptions<'_>,
+    rng: &mut fastrand::Rng,
+) -> usize {
+    let req = kvgate::request::parse(ApiKind::ChatCompletions, body, 32 << 20).expect("parses");
+    router.plan(&req, eps, opts, rng, None).expect("routes").decision.primary().index
+}
+
 fn decision(c: &mut Criterion) {
     const ENDPOINTS: u32 = 64;
     let mut g = c.benchmark_group("decision");
     for kib in [16usize, 220] {
-        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 32 << 20, 2000);
+        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 2000);
         let mut eps: Vec<Endpoint> = (0..ENDPOINTS)
             .map(|i| {
                 let addr = format!("10.0.{}.{}:8000", i / 200, i % 200 + 1).parse().expect("addr");
@@ -141,14 +153,12 @@ fn decision(c: &mut Criterion) {
         // Warm the index: the conversation has been seen, and other prompts fill the index.
         for i in 0..256 {
             let other = chat_body(4096, &format!("filler {i}"));
-            router.decide(ApiKind::ChatCompletions, &other, &eps, opts, &mut rng, None).expect("routes");
+            decide(&router, &other, &eps, opts, &mut rng);
         }
-        router.decide(ApiKind::ChatCompletions, &body, &eps, opts, &mut rng, None).expect("routes");
+        decide(&router, &body, &eps, opts, &mut rng);
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("chat_64_endpoints", format!("{kib}KiB")), |b| {
-            b.iter(|| {
-                router.decide(ApiKind::ChatCompletions, black_box(&body), &eps, opts, &mut rng, None).expect("routes")
-            })
+            b.iter(|| decide(&router, black_box(&body), &eps, opts, &mut rng))
         });
     }
     g.finish();

@@ -35,8 +35,52 @@ pub struct Config {
     /// Largest request body accepted, in bytes (default 32 MiB).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// How endpoints are scraped.
+    #[serde(default)]
+    pub scrape: ScrapeConfig,
+    /// When endpoints leave and rejoin rotation.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
+}
+
+/// Metric scraping (applies to every pool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrapeConfig {
+    /// Time between scrapes of one endpoint, jittered ±20% (default 50).
+    pub interval_ms: u64,
+    /// Bound on one scrape (default 1000).
+    pub timeout_ms: u64,
+    /// Scraped load older than this counts as unknown, not idle (default 2000).
+    pub stale_after_ms: u64,
+    /// Largest `/metrics` body accepted (default 8 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self { interval_ms: 50, timeout_ms: 1000, stale_after_ms: 2000, max_bytes: 8 << 20 }
+    }
+}
+
+/// Health judgement (applies to every pool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failed scrapes or requests that take an endpoint out of rotation (default 3).
+    pub failure_threshold: u32,
+    /// First time out of rotation before a probe (default 500); doubles per failed probe.
+    pub backoff_ms: u64,
+    /// Longest time out of rotation (default 30000).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { failure_threshold: 3, backoff_ms: 500, max_backoff_ms: 30_000 }
+    }
 }
 
 fn default_grpc_addr() -> SocketAddr {
@@ -245,6 +289,8 @@ pub struct ResolvedPool {
     pub models: Vec<String>,
     /// Static endpoints.
     pub endpoints: Vec<ResolvedEndpoint>,
+    /// The endpoints file's entries when it was checked (discovery keeps reading it).
+    pub file_endpoints: Vec<ResolvedEndpoint>,
     /// Endpoints file (absolute, or relative to the working directory).
     pub endpoints_file: Option<PathBuf>,
     /// The compiled scheduler.
@@ -288,6 +334,21 @@ pub fn load_endpoints_file(path: &Path) -> Result<Vec<ResolvedEndpoint>, ConfigE
 }
 
 impl Config {
+    /// The pool settings these sections describe.
+    pub fn pool_settings(&self) -> crate::pool::PoolSettings {
+        use std::time::Duration;
+        crate::pool::PoolSettings {
+            scrape_interval: Duration::from_millis(self.scrape.interval_ms),
+            scrape_timeout: Duration::from_millis(self.scrape.timeout_ms),
+            stale_after: Duration::from_millis(self.scrape.stale_after_ms),
+            max_scrape_bytes: self.scrape.max_bytes,
+            failure_threshold: self.health.failure_threshold,
+            initial_backoff: Duration::from_millis(self.health.backoff_ms),
+            max_backoff: Duration::from_millis(self.health.max_backoff_ms),
+            ..crate::pool::PoolSettings::default()
+        }
+    }
+
     /// Reads and parses a config file (relative paths in it resolve from its folder).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -321,6 +382,15 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes".into(), "must be at least 1".into()));
         }
+        if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
+            return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
+        }
+        if self.health.failure_threshold == 0 || self.health.backoff_ms > self.health.max_backoff_ms {
+            return Err(invalid(
+                "health".into(),
+                "failure_threshold must be at least 1 and backoff_ms at most max_backoff_ms".into(),
+            ));
+        }
         let mut names = HashSet::new();
         let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
         let mut out = Vec::with_capacity(self.pools.len());
@@ -347,6 +417,7 @@ impl Config {
                 }
             }
             let mut endpoints = Vec::new();
+            let mut file_endpoints = Vec::new();
             let mut seen = HashSet::new();
             for (j, e) in pool.endpoints.iter().enumerate() {
                 let eat = at(&format!("endpoints[{j}]"));
@@ -365,7 +436,7 @@ impl Config {
                     if !seen.insert((r.host.clone(), r.port)) {
                         return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
                     }
-                    endpoints.push(r);
+                    file_endpoints.push(r);
                 }
             } else if endpoints.is_empty() {
                 return Err(invalid(at("endpoints"), "a pool needs `endpoints` or an `endpoints_file`".into()));
@@ -379,6 +450,7 @@ impl Config {
                 name: pool.name.clone(),
                 models: pool.models.clone(),
                 endpoints,
+                file_endpoints,
                 endpoints_file: pool.endpoints_file.clone(),
                 scheduler,
             });

@@ -159,6 +159,39 @@ impl InFlight {
     }
 }
 
+/// Holds one request's share of an endpoint's [`InFlight`] counts; dropping it releases them,
+/// so every path out of a request (end, error, client gone) releases exactly once.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    in_flight: Arc<InFlight>,
+    tokens: u64,
+}
+
+impl InFlightGuard {
+    /// Counts a request of `tokens` uncached prompt tokens on `in_flight`.
+    pub fn new(in_flight: Arc<InFlight>, tokens: u64) -> Self {
+        in_flight.start(tokens);
+        Self { in_flight, tokens }
+    }
+
+    /// The prompt has been computed (first token seen): its tokens no longer wait for prefill.
+    pub fn prefill_done(&mut self) {
+        if self.tokens > 0 {
+            self.in_flight
+                .tokens
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(self.tokens)))
+                .ok();
+            self.tokens = 0;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.in_flight.finish(self.tokens);
+    }
+}
+
 /// One endpoint (one `ip:port`, i.e. one data-parallel rank) as of a snapshot.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -174,7 +207,7 @@ pub struct Endpoint {
     pub rank: Option<u32>,
     /// Labels from discovery.
     pub labels: BTreeMap<String, String>,
-    /// Models (and LoRA adapters) the endpoint is known to serve; empty = the pool's models.
+    /// LoRA adapters (and models beyond the pool's) the endpoint is known to serve.
     pub models: Vec<String>,
     /// Latest scraped load, `None` until the first successful scrape.
     pub metrics: Option<Metrics>,
@@ -206,19 +239,15 @@ impl Endpoint {
         self.metrics.as_ref().filter(|m| now_ms.saturating_sub(m.scraped_at_ms) <= stale_after_ms)
     }
 
-    /// Whether the endpoint serves `model` (a base model or adapter), given the pool's models.
+    /// Whether the endpoint serves `model`: one of the pool's models (every endpoint of a pool
+    /// serves those), or an adapter it lists or has running or waiting.
     pub fn serves(&self, model: &str, pool_models: &[String]) -> bool {
-        let listed = |list: &[String]| list.iter().any(|m| m == model);
-        if self.models.is_empty() {
-            listed(pool_models)
-        } else {
-            listed(&self.models)
-                || self
-                    .metrics
-                    .as_ref()
-                    .and_then(|m| m.lora.as_ref())
-                    .is_some_and(|l| l.running.iter().chain(&l.waiting).any(|a| a == model))
-        }
+        pool_models.iter().chain(&self.models).any(|m| m == model)
+            || self
+                .metrics
+                .as_ref()
+                .and_then(|m| m.lora.as_ref())
+                .is_some_and(|l| l.running.iter().chain(&l.waiting).any(|a| a == model))
     }
 }
 
@@ -263,8 +292,23 @@ mod tests {
         let pool = vec!["base".to_owned()];
         assert!(e.serves("base", &pool));
         assert!(!e.serves("other", &pool));
-        e.models = vec!["base".to_owned(), "adapter-a".to_owned()];
+        e.models = vec!["adapter-a".to_owned()];
         assert!(e.serves("adapter-a", &pool));
+        assert!(e.serves("base", &pool));
         assert!(!e.serves("adapter-b", &pool));
+    }
+
+    #[test]
+    fn guards_release_exactly_once() {
+        let f = Arc::new(InFlight::default());
+        let mut g = InFlightGuard::new(f.clone(), 300);
+        let h = InFlightGuard::new(f.clone(), 100);
+        assert_eq!((f.requests(), f.tokens()), (2, 400));
+        g.prefill_done();
+        assert_eq!((f.requests(), f.tokens()), (2, 100));
+        drop(g);
+        assert_eq!((f.requests(), f.tokens()), (1, 100));
+        drop(h);
+        assert_eq!((f.requests(), f.tokens()), (0, 0));
     }
 }

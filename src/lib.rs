@@ -4,10 +4,14 @@
 //! The decision core ([`request`], [`prefix`], [`endpoint`], [`schedule`]) is synchronous and
 //! pure; [`route`] is the one decision path every front-end calls. See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod config;
 pub mod endpoint;
+pub mod pool;
 pub mod prefix;
 pub mod request;
 pub mod route;
 pub mod schedule;
+pub mod serve;
 pub mod sim;
+pub mod telemetry;

@@ -21,6 +21,8 @@ enum Command {
         /// The config file (YAML).
         file: PathBuf,
     },
+    /// Run kvgate: pools, discovery, scraping and the admin API, from a config file.
+    Serve(kvgate::serve::ServeArgs),
     /// Run a simulated vLLM server (OpenAI API, metrics, prefix cache, KV events, DP, P/D, LoRA).
     Sim(Box<kvgate::sim::SimArgs>),
 }
@@ -29,8 +31,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Sim(args) => run_async(kvgate::sim::run(*args)),
+        Command::Serve(args) => {
+            init_logging();
+            run_async(kvgate::serve::run(args))
+        }
+        Command::Sim(args) => {
+            init_logging();
+            run_async(kvgate::sim::run(*args))
+        }
     }
+}
+
+/// Logs to stderr at info level.
+fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Runs an async subcommand on a multi-threaded runtime; errors go to stderr and exit 1.
@@ -76,10 +95,14 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         for e in &pool.endpoints {
             let rank = e.rank.map(|r| format!(" rank {r}")).unwrap_or_default();
             let role = kvgate::endpoint::Role::of_labels(&e.labels);
-            println!("  endpoint {e} ({}) role {role}{rank}", e.name);
+            let name = if e.name == e.to_string() { String::new() } else { format!(" ({})", e.name) };
+            println!("  endpoint {e}{name} role {role}{rank}");
         }
         if let Some(f) = &pool.endpoints_file {
-            println!("  endpoints file {}", f.display());
+            println!("  endpoints file {} (now {} endpoints):", f.display(), pool.file_endpoints.len());
+            for e in &pool.file_endpoints {
+                println!("    endpoint {e} ({}) role {}", e.name, kvgate::endpoint::Role::of_labels(&e.labels));
+            }
         }
         for line in pool.scheduler.to_string().lines() {
             println!("  {line}");

@@ -1,15 +1,18 @@
-//! The one decision path: request body → parse → prefix hashes → prefix matches → scheduler →
-//! decision, and the prefix index learns the pick. Both front-ends (Envoy ext_proc and the
-//! proxy) call [`PoolRouter::decide`]; neither has scheduling logic of its own.
-//!
-//! Synchronous: the caller passes the snapshot, the time and the random number generator.
+//! The one decision path: request body → parse → pool by model → prefix hashes → prefix
+//! matches → scheduler → decision; the prefix index learns the pick and the target's in-flight
+//! count goes up until the request ends. Both front-ends (Envoy ext_proc and the proxy) call
+//! [`Gateway::decide`]; neither has scheduling logic of its own.
+
+use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::endpoint::{Endpoint, EndpointId};
+use crate::endpoint::{Endpoint, EndpointId, InFlightGuard};
+use crate::pool::{Pool, Snapshot, now_ms};
 use crate::prefix::{BlockHasher, PrefixConfig, PrefixIndex, PromptHashes};
-use crate::request::{self, ApiKind, RequestError};
-use crate::schedule::{Decision, Explanation, Input, NoDecision, SchedRequest, Scheduler, Subset};
+use crate::request::{self, ApiKind, ParsedRequest, RequestError};
+use crate::schedule::{Decision, DecisionKind, Explanation, Input, NoDecision, SchedRequest, Scheduler, Subset};
+use crate::telemetry::Telemetry;
 
 /// Why a request was not routed. [`RouteError::status`] is the one place these become HTTP
 /// statuses, for both front-ends.
@@ -76,21 +79,6 @@ pub fn error_body(status: u16, message: &str, code: &str, param: Option<&str>) -
     json!({"error": {"message": message, "type": kind, "param": param, "code": code}}).to_string()
 }
 
-/// What a routed request needs downstream of the decision.
-#[derive(Debug, Clone)]
-pub struct Routed {
-    /// The decision.
-    pub decision: Decision,
-    /// The requested model.
-    pub model: String,
-    /// Streaming response requested.
-    pub stream: bool,
-    /// The prompt's block hashes.
-    pub prompt: PromptHashes,
-    /// Estimated prompt tokens not cached on the target (for in-flight accounting).
-    pub uncached_tokens: u64,
-}
-
 /// The per-request options of a decision.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteOptions<'a> {
@@ -102,6 +90,17 @@ pub struct RouteOptions<'a> {
     pub now_ms: u64,
 }
 
+/// A pool-level decision and what it was made from.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The decision.
+    pub decision: Decision,
+    /// The prompt's block hashes.
+    pub prompt: PromptHashes,
+    /// Estimated prompt tokens not cached on the target.
+    pub uncached_tokens: u64,
+}
+
 /// One pool's decision state: its scheduler and prefix index.
 #[derive(Debug)]
 pub struct PoolRouter {
@@ -111,21 +110,14 @@ pub struct PoolRouter {
     pub models: Vec<String>,
     scheduler: Scheduler,
     index: PrefixIndex,
-    max_body_bytes: usize,
     stale_after_ms: u64,
 }
 
 impl PoolRouter {
     /// A router for a pool.
-    pub fn new(
-        name: String,
-        models: Vec<String>,
-        scheduler: Scheduler,
-        max_body_bytes: usize,
-        stale_after_ms: u64,
-    ) -> Self {
+    pub fn new(name: String, models: Vec<String>, scheduler: Scheduler, stale_after_ms: u64) -> Self {
         let index = PrefixIndex::new(scheduler.prefix_config().index_capacity);
-        Self { name, models, scheduler, index, max_body_bytes, stale_after_ms }
+        Self { name, models, scheduler, index, stale_after_ms }
     }
 
     /// The pool's prefix index.
@@ -143,23 +135,18 @@ impl PoolRouter {
         self.scheduler.prefix_config()
     }
 
-    /// Routes one request over `snapshot`. With `explain`, a dry run: nothing is recorded.
-    pub fn decide(
+    /// Decides where a parsed request goes over `snapshot`, and records the prompt on the
+    /// chosen endpoints. With `explain`, a dry run: nothing is recorded.
+    pub fn plan(
         &self,
-        api: ApiKind,
-        body: &[u8],
+        req: &ParsedRequest<'_>,
         snapshot: &[Endpoint],
         opts: RouteOptions<'_>,
         rng: &mut fastrand::Rng,
         explain: Option<&mut Explanation>,
-    ) -> Result<Routed, RouteError> {
-        let req = request::parse(api, body, self.max_body_bytes)?;
-        let model = req.model.as_ref();
-        if !self.models.iter().any(|m| m == model) && !snapshot.iter().any(|e| e.models.iter().any(|m| m == model)) {
-            return Err(RouteError::UnknownModel { model: model.to_owned(), served: self.models.clone() });
-        }
+    ) -> Result<Planned, NoDecision> {
         let cfg = self.prefix_config();
-        let mut hasher = BlockHasher::new(cfg, model, req.cache_salt.as_deref());
+        let mut hasher = BlockHasher::new(cfg, &req.model, req.cache_salt.as_deref());
         req.feed_prompt(&mut |b| hasher.update(b));
         let prompt = hasher.finish();
 
@@ -168,7 +155,7 @@ impl PoolRouter {
         self.index.match_into(&ids, &prompt.hashes, &mut blocks);
         let input = Input {
             request: SchedRequest {
-                model,
+                model: &req.model,
                 prompt_tokens: prompt.prompt_tokens() as u64,
                 total_blocks: prompt.hashes.len(),
                 block_tokens: cfg.block_tokens() as u64,
@@ -191,13 +178,140 @@ impl PoolRouter {
             }
         }
         let cached = u64::from(primary.matched_blocks) * cfg.block_tokens() as u64;
-        Ok(Routed {
-            uncached_tokens: (prompt.prompt_tokens() as u64).saturating_sub(cached),
-            model: model.to_owned(),
-            stream: req.stream,
-            decision,
-            prompt,
-        })
+        Ok(Planned { uncached_tokens: (prompt.prompt_tokens() as u64).saturating_sub(cached), decision, prompt })
+    }
+}
+
+/// A routed request: its decision, and its share of the target's in-flight counts, held until
+/// this is dropped.
+#[derive(Debug)]
+pub struct Routed {
+    /// The pool.
+    pub pool: Pool,
+    /// The snapshot the decision was made on (its indices are valid here).
+    pub snapshot: Arc<Snapshot>,
+    /// The decision, prompt hashes and uncached tokens.
+    pub planned: Planned,
+    /// The requested model.
+    pub model: String,
+    /// Streaming response requested.
+    pub stream: bool,
+    /// The in-flight count on the current target.
+    pub guard: InFlightGuard,
+}
+
+impl Routed {
+    /// The decision.
+    pub fn decision(&self) -> &Decision {
+        &self.planned.decision
+    }
+
+    /// Moves the in-flight count to fallback target `k` of the decision.
+    pub fn retarget(&mut self, k: usize) {
+        if let Some(t) = self.planned.decision.targets.get(k) {
+            let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
+            self.guard = InFlightGuard::new(in_flight, self.planned.uncached_tokens);
+        }
+    }
+}
+
+/// Every pool, and the choice among them by `model` (body-based routing).
+#[derive(Debug)]
+pub struct Gateway {
+    pools: Vec<Pool>,
+    max_body_bytes: usize,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Gateway {
+    /// A gateway over `pools`.
+    pub fn new(pools: Vec<Pool>, max_body_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
+        Self { pools, max_body_bytes, telemetry }
+    }
+
+    /// The pools.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Telemetry.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// Largest body accepted.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    /// Every servable model: configured models, then adapters the endpoints report.
+    pub fn served_models(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.pools.iter().flat_map(|p| p.models().iter().cloned()).collect();
+        for p in &self.pools {
+            for a in &p.snapshot().adapters {
+                if !out.contains(a) {
+                    out.push(a.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The pool serving `model`: the one configured with it, else one whose endpoints serve it
+    /// as an adapter (routing an adapter to the pool of its base model).
+    pub fn pool_for(&self, model: &str) -> Result<&Pool, RouteError> {
+        self.pools
+            .iter()
+            .find(|p| p.models().iter().any(|m| m == model))
+            .or_else(|| self.pools.iter().find(|p| p.snapshot().adapters.iter().any(|a| a == model)))
+            .ok_or_else(|| RouteError::UnknownModel { model: model.to_owned(), served: self.served_models() })
+    }
+
+    /// Parses, picks the pool, decides, and counts the request in flight on its target.
+    pub fn decide(
+        &self,
+        api: ApiKind,
+        body: &[u8],
+        subset: Option<&Subset>,
+        want: usize,
+    ) -> Result<Routed, RouteError> {
+        let started = std::time::Instant::now();
+        let req = request::parse(api, body, self.max_body_bytes)?;
+        let pool = self.pool_for(&req.model)?;
+        let snapshot = pool.snapshot();
+        let opts = RouteOptions { subset, want, now_ms: now_ms() };
+        let planned = pool.router().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
+        self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
+        let target = planned.decision.primary().index;
+        let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.uncached_tokens);
+        Ok(Routed { pool: pool.clone(), model: req.model.into_owned(), stream: req.stream, snapshot, planned, guard })
+    }
+
+    /// The decision kvgate would make for a body, with every endpoint's scores; sends nothing
+    /// and records nothing.
+    pub fn explain(&self, api: ApiKind, body: &[u8]) -> Result<(String, Decision, Explanation), RouteError> {
+        let req = request::parse(api, body, self.max_body_bytes)?;
+        let pool = self.pool_for(&req.model)?;
+        let snapshot = pool.snapshot();
+        let opts = RouteOptions { subset: None, want: 1, now_ms: now_ms() };
+        let mut x = Explanation::default();
+        let planned = pool.router().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
+        Ok((pool.name().to_owned(), planned.decision, x))
+    }
+
+    /// Counts a finished request: `status` is the HTTP status the client got.
+    pub fn count(&self, pool: &str, model: &str, decision: Option<DecisionKind>, status: u16, code: &str) {
+        let kind = match decision {
+            Some(DecisionKind::DecodeOnly) => "decode-only",
+            Some(DecisionKind::PrefillDecode) => "prefill-decode",
+            None => "none",
+        };
+        let t = &self.telemetry;
+        t.requests.with_label_values(&[model, model]).inc();
+        t.outcomes.with_label_values(&[pool, model, kind, &status.to_string()]).inc();
+        if status >= 400 {
+            t.request_errors.with_label_values(&[model, model, code]).inc();
+        }
     }
 }
 
@@ -208,7 +322,7 @@ mod tests {
     use super::*;
 
     fn pool() -> (PoolRouter, Vec<Endpoint>) {
-        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 1 << 20, 2000);
+        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 2000);
         let eps = (0..4)
             .map(|i| {
                 let addr = format!("127.0.0.1:{}", 8000 + i).parse().expect("addr");
@@ -231,6 +345,17 @@ mod tests {
         RouteOptions { subset: None, want: 1, now_ms: 0 }
     }
 
+    fn plan(
+        router: &PoolRouter,
+        eps: &[Endpoint],
+        body: &str,
+        rng: &mut fastrand::Rng,
+        explain: Option<&mut Explanation>,
+    ) -> Planned {
+        let req = request::parse(ApiKind::ChatCompletions, body.as_bytes(), 1 << 20).expect("parses");
+        router.plan(&req, eps, opts(), rng, explain).expect("planned")
+    }
+
     #[test]
     fn conversations_stick_and_strangers_spread() {
         let (router, eps) = pool();
@@ -241,12 +366,11 @@ mod tests {
         for i in 0..6 {
             turns.push(format!("question number {i} with some padding to make it longer"));
             let body = chat(&long, &turns.iter().map(String::as_str).collect::<Vec<_>>());
-            let r =
-                router.decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, None).expect("routed");
-            let target = r.decision.primary().id;
+            let d = plan(&router, &eps, &body, &mut rng, None).decision;
+            let target = d.primary().id;
             assert_eq!(*first.get_or_insert(target), target, "turn {i} moved");
             if i > 0 {
-                assert!(r.decision.primary().matched_blocks > 0, "turn {i} matched nothing");
+                assert!(d.primary().matched_blocks > 0, "turn {i} matched nothing");
             }
             turns.push("an answer".to_owned());
         }
@@ -254,30 +378,28 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for i in 0..4 {
             let body = chat(&format!("{i} unrelated system prompt ").repeat(50), &["hi"]);
-            let r =
-                router.decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, None).expect("routed");
-            assert!(r.decision.cold);
-            seen.insert(r.decision.primary().id);
+            let d = plan(&router, &eps, &body, &mut rng, None).decision;
+            assert!(d.cold);
+            seen.insert(d.primary().id);
         }
         assert_eq!(seen.len(), 4);
     }
 
     #[test]
-    fn errors_map_to_statuses() {
-        let (router, eps) = pool();
-        let mut rng = fastrand::Rng::with_seed(1);
-        let mut check = |body: &str, snapshot: &[Endpoint], status: u16, code: &str| {
-            let e =
-                router.decide(ApiKind::Completions, body.as_bytes(), snapshot, opts(), &mut rng, None).expect_err(body);
-            assert_eq!((e.status(), e.code()), (status, code), "{body}: {e}");
+    fn errors_map_to_statuses_and_openai_bodies() {
+        let check = |e: RouteError, status: u16, code: &str| {
+            assert_eq!((e.status(), e.code()), (status, code), "{e}");
             let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error body is JSON");
             assert_eq!(v["error"]["code"], code);
             assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         };
-        check("{", &eps, 400, "invalid_json");
-        check(r#"{"prompt":"x"}"#, &eps, 400, "missing_model");
-        check(r#"{"model":"nope","prompt":"x"}"#, &eps, 404, "model_not_found");
-        check(r#"{"model":"m","prompt":"x"}"#, &[], 503, "no_endpoints");
+        let parse =
+            |b: &str| request::parse(ApiKind::Completions, b.as_bytes(), 1 << 20).map(|_| ()).map_err(RouteError::from);
+        check(parse("{").expect_err("bad json"), 400, "invalid_json");
+        check(parse(r#"{"prompt":"x"}"#).expect_err("no model"), 400, "missing_model");
+        check(RouteError::UnknownModel { model: "x".into(), served: vec!["m".into()] }, 404, "model_not_found");
+        check(RouteError::Unavailable(NoDecision::NoEndpoints), 503, "no_endpoints");
+        check(RouteError::Unavailable(NoDecision::NoHealthyEndpoints), 503, "no_healthy_endpoints");
     }
 
     #[test]
@@ -286,12 +408,10 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(1);
         let body = chat(&"shared ".repeat(200), &["q"]);
         let mut x = Explanation::default();
-        let r = router
-            .decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, Some(&mut x))
-            .expect("routed");
+        plan(&router, &eps, &body, &mut rng, Some(&mut x));
         assert_eq!(x.endpoints.len(), 4);
         assert_eq!(router.index().stats().resident_blocks, 0, "explain recorded blocks");
-        router.decide(ApiKind::ChatCompletions, body.as_bytes(), &eps, opts(), &mut rng, None).expect("routed");
-        assert_eq!(router.index().stats().resident_blocks, r.prompt.hashes.len());
+        let p = plan(&router, &eps, &body, &mut rng, None);
+        assert_eq!(router.index().stats().resident_blocks, p.prompt.hashes.len());
     }
 }

@@ -267,7 +267,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
             let enc = args.kv_events_encoding;
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = events::publish(cfg, rank, enc, rx).await {
-                    tracing_free_log(&format!("kv events of rank {rank} stopped: {e:#}"));
+                    tracing::error!(rank, error = %format!("{e:#}"), "KV event publisher stopped");
                 }
             }));
             tx
@@ -313,19 +313,11 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         });
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
-                tracing_free_log(&format!("simulator listener stopped: {e}"));
+                tracing::error!(error = %e, "simulator listener stopped");
             }
         }));
     }
     Ok((Running { addrs }, tasks))
-}
-
-/// Logs a line to stderr (the simulator has no log framework of its own).
-fn tracing_free_log(msg: &str) {
-    #[allow(clippy::print_stderr)]
-    {
-        eprintln!("kvgate sim: {msg}");
-    }
 }
 
 /// Runs the simulator until Ctrl-C.

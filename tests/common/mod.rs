@@ -87,3 +87,47 @@ where
     }
     false
 }
+
+/// A `kvgate sim` child process (for tests that kill and restart an endpoint).
+pub struct SimProcess {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl SimProcess {
+    /// Starts `kvgate sim` with `flags` and waits for its listening line.
+    pub fn start(flags: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .arg("sim")
+            .args(flags)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kvgate sim starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("listening line");
+        let addr =
+            line.trim().rsplit("http://").next().and_then(|a| a.parse().ok()).expect("an address in the first line");
+        Self { addr, child }
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts kvgate (pools, discovery, admin) from config text; returns the server.
+pub async fn start_kvgate(yaml: &str) -> kvgate::serve::Server {
+    let path = std::path::Path::new("test.yaml");
+    let cfg = kvgate::config::Config::from_yaml(yaml, path).expect("config parses");
+    kvgate::serve::start(cfg, path).await.expect("kvgate starts")
+}
+
+/// GETs a JSON document.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client().get(url).send().await.expect("request").json().await.expect("JSON")
+}

@@ -1,0 +1,300 @@
+//! Pools against real simulators on loopback: file discovery, scraping, health, staleness,
+//! routing by model, in-flight accounting, and bad metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::routing::get;
+use common::{SimProcess, eventually, free_port, get_json, start_kvgate, start_sim};
+use kvgate::request::ApiKind;
+use serde_json::{Value, json};
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+fn endpoints_of(v: &Value, pool: usize) -> Vec<Value> {
+    v["pools"][pool]["endpoints"].as_array().cloned().unwrap_or_default()
+}
+
+fn chat(system: &str) -> Vec<u8> {
+    json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": "go"}]})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
+    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
+    let dir = std::env::temp_dir().join(format!("kvgate-pool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let file = dir.join("endpoints.yaml");
+    let write = |text: String| std::fs::write(&file, text).expect("write endpoints file");
+    write(format!("endpoints: [{{address: '{}'}}]\n", a.addrs[0]));
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints_file: '{}'}}]\n",
+        file.display()
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let addrs = |v: &Value| {
+        endpoints_of(v, 0).iter().map(|e| e["address"].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>()
+    };
+    assert!(eventually(5, || async { addrs(&get_json(&debug).await) == [a.addrs[0].to_string()] }).await);
+
+    // A request in flight on `a` while `a` is removed keeps its count until it ends.
+    let routed = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect("routed");
+    let in_flight = routed.snapshot.endpoints[routed.decision().primary().index].in_flight.clone();
+    assert_eq!(in_flight.requests(), 1);
+
+    // Add b with a label, remove a: applied within a second.
+    write(format!("endpoints: [{{address: '{}', labels: {{llm-d.ai/role: decode}}}}]\n", b.addrs[0]));
+    let started = std::time::Instant::now();
+    assert!(eventually(5, || async { addrs(&get_json(&debug).await) == [b.addrs[0].to_string()] }).await);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_eq!(endpoints_of(&get_json(&debug).await, 0)[0]["role"], "decode");
+    assert_eq!(in_flight.requests(), 1, "the removed endpoint's request is still counted");
+    drop(routed);
+    assert_eq!(in_flight.requests(), 0);
+
+    // A broken edit is rejected; the last good set stays.
+    write("endpoints: [{address: 'not an address at all'}]\n".into());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(addrs(&get_json(&debug).await), [b.addrs[0].to_string()]);
+    write("endpoints: [ {address: \n".into());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(addrs(&get_json(&debug).await), [b.addrs[0].to_string()]);
+    // And a good edit after it applies.
+    write(format!("endpoints: [{{address: '{}'}}, {{address: '{}'}}]\n", a.addrs[0], b.addrs[0]));
+    assert!(eventually(5, || async { addrs(&get_json(&debug).await).len() == 2 }).await);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraped_numbers_match_the_simulator() {
+    let sim = start_sim(&["--time-scale", "1", "--max-num-seqs", "2", "--num-gpu-blocks-override", "1000"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    // Three long streams: two run, one waits.
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        let body =
+            json!({"model": MODEL, "prompt": format!("{i} tell me everything "), "max_tokens": 5000, "stream": true});
+        let r = common::client()
+            .post(format!("{}/v1/completions", sim.url(0)))
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("send");
+        streams.push(r);
+    }
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let matched = eventually(10, || async {
+        let e = &endpoints_of(&get_json(&debug).await, 0)[0];
+        e["running"] == 2 && e["waiting"] == 1 && e["kv_cache_usage"].as_f64().is_some_and(|k| k > 0.0)
+    })
+    .await;
+    assert!(matched, "{}", get_json(&debug).await);
+    let e = &endpoints_of(&get_json(&debug).await, 0)[0];
+    // cache_config_info sized the index: 1000 blocks × 16 tokens / 64 tokens per index block.
+    assert_eq!(e["prefix_capacity"], 250);
+    assert_eq!(e["stale"], false);
+    drop(streams);
+    assert!(eventually(10, || async { endpoints_of(&get_json(&debug).await, 0)[0]["running"] == 0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
+    let port = free_port();
+    let sim = SimProcess::start(&["--port", &port.to_string(), "--time-scale", "0"]);
+    let other = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nhealth: {{backoff_ms: 200, max_backoff_ms: 400}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
+        sim.addr, other.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let health = |v: &Value| endpoints_of(v, 0)[0]["health"].as_str().unwrap_or("").to_owned();
+    assert!(eventually(5, || async { health(&get_json(&debug).await) == "healthy" }).await);
+    drop(sim);
+    assert!(eventually(10, || async { health(&get_json(&debug).await) == "unhealthy" }).await, "marked unhealthy");
+    // While it is out, every decision goes to the other endpoint.
+    for i in 0..20 {
+        let r = kv.gateway.decide(ApiKind::ChatCompletions, &chat(&format!("{i}")), None, 1).expect("routed");
+        assert_eq!(r.decision().primary().address, other.addrs[0]);
+    }
+    let e = &endpoints_of(&get_json(&debug).await, 0)[0];
+    assert!(e["scrape_errors"].as_u64().is_some_and(|n| n >= 3));
+    assert!(e["last_error"].is_string());
+    let _back = SimProcess::start(&["--port", &port.to_string(), "--time-scale", "0"]);
+    assert!(eventually(10, || async { health(&get_json(&debug).await) == "healthy" }).await, "recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_down_is_a_503_with_a_reason() {
+    let port = free_port();
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '127.0.0.1:{port}'}}]}}]\n"
+    ))
+    .await;
+    let unhealthy = eventually(10, || async {
+        matches!(kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1), Err(e) if e.status() == 503)
+    })
+    .await;
+    assert!(unhealthy);
+    let e = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect_err("503");
+    assert_eq!(e.code(), "no_healthy_endpoints");
+    assert!(e.to_json().contains("unhealthy"), "{}", e.to_json());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_metrics_count_as_unknown_not_idle() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let config = |stale_ms: u64| {
+        format!(
+            "admin_addr: 127.0.0.1:0\nscrape: {{interval_ms: 600000, stale_after_ms: {stale_ms}}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+            sim.addrs[0]
+        )
+    };
+    let queue_score = |explained: &Value| {
+        explained["explanation"]["endpoints"][0]["scores"]
+            .as_array()
+            .and_then(|s| s.iter().find(|t| t["scorer"] == "queue-scorer"))
+            .map(|t| t["raw"].as_f64().unwrap_or(-1.0))
+            .expect("queue-scorer term")
+    };
+    let explain = |kv: &kvgate::serve::Server| {
+        let url = format!("http://{}/debug/explain", kv.admin_addr);
+        async move { common::post(&url, &serde_json::from_slice(&chat("s")).expect("json")).await.1 }
+    };
+    // Fresh: an idle endpoint scores 1 on the queue scorer.
+    let fresh = start_kvgate(&config(600_000)).await;
+    let debug = format!("http://{}/debug/endpoints", fresh.admin_addr);
+    assert!(eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["stale"] == false }).await);
+    assert_eq!(queue_score(&explain(&fresh).await), 1.0);
+    // Stale (one scrape, then none for 10 minutes): the same idle numbers are not trusted.
+    let stale = start_kvgate(&config(100)).await;
+    let debug = format!("http://{}/debug/endpoints", stale.admin_addr);
+    assert!(
+        eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["running"] == 0 }).await,
+        "first scrape"
+    );
+    assert!(eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["stale"] == true }).await);
+    assert_eq!(queue_score(&explain(&stale).await), 0.0);
+    assert!(endpoints_of(&get_json(&debug).await, 0)[0]["running"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_route_by_model_and_adapters_find_their_base() {
+    let llama = start_sim(&["--time-scale", "0", "--enable-lora", "--lora-modules", "sql-lora=/a/sql"]).await;
+    let qwen = start_sim(&["--time-scale", "0", "--served-model-name", "Qwen/Qwen3-32B"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools:\n  - {{name: llama, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}\n  - {{name: qwen, models: ['Qwen/Qwen3-32B'], endpoints: [{{address: '{}'}}]}}\n",
+        llama.addrs[0], qwen.addrs[0]
+    ))
+    .await;
+    let url = format!("http://{}/debug/explain", kv.admin_addr);
+    let pool_of = |model: &str| {
+        let url = url.clone();
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        async move { common::post(&url, &body).await }
+    };
+    assert!(eventually(5, || async { pool_of(MODEL).await.1["pool"] == "llama" }).await);
+    assert_eq!(pool_of("Qwen/Qwen3-32B").await.1["pool"], "qwen");
+    // The adapter is learned from the llama endpoint's /v1/models.
+    assert!(eventually(5, || async { pool_of("sql-lora").await.1["pool"] == "llama" }).await);
+    let (status, body) = pool_of("gpt-17").await;
+    assert_eq!(status, 404);
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains(MODEL) && msg.contains("Qwen/Qwen3-32B") && msg.contains("sql-lora"), "{msg}");
+    let (status, _) = common::post(&format!("{url}?path=/v1/nope"), &json!({})).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_identical_prefixes_is_spread() {
+    let sims = [
+        start_sim(&["--time-scale", "0"]).await,
+        start_sim(&["--time-scale", "0"]).await,
+        start_sim(&["--time-scale", "0"]).await,
+    ];
+    let eps: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
+        eps.join(", ")
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert!(
+        eventually(5, || async { endpoints_of(&get_json(&debug).await, 0).iter().all(|e| e["stale"] == false) }).await
+    );
+    let body = chat(&"The same long system prompt for everyone. ".repeat(50));
+    // Twelve requests at once, none finished: kvgate's own in-flight counts must spread them.
+    let held: Vec<_> =
+        (0..12).map(|_| kv.gateway.decide(ApiKind::ChatCompletions, &body, None, 1).expect("routed")).collect();
+    let mut per: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in &held {
+        *per.entry(r.decision().primary().address.to_string()).or_default() += 1;
+    }
+    assert!(per.len() >= 2, "all on one endpoint: {per:?}");
+    assert!(per.values().all(|&n| n <= 6), "{per:?}");
+    let counted: u64 =
+        endpoints_of(&get_json(&debug).await, 0).iter().map(|e| e["in_flight_requests"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(counted, 12);
+    drop(held);
+    let counted: u64 =
+        endpoints_of(&get_json(&debug).await, 0).iter().map(|e| e["in_flight_requests"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(counted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_enormous_metrics_are_errors_that_hurt_no_one_else() {
+    let garbage = axum::Router::new()
+        .route("/metrics", get(|| async { "<html>definitely not prometheus</html>" }))
+        .route("/v1/models", get(|| async { "{}" }));
+    let huge = axum::Router::new().route("/metrics", get(|| async { "vllm:num_requests_running 1\n".repeat(1 << 17) }));
+    let mut addrs = Vec::new();
+    for app in [garbage, huge] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        addrs.push(l.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(l, app).await.ok() });
+    }
+    let good = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nscrape: {{max_bytes: 1000000}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}, {{address: '{}'}}]}}]\n",
+        addrs[0], addrs[1], good.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let settled = eventually(10, || async {
+        let e = endpoints_of(&get_json(&debug).await, 0);
+        e.len() == 3
+            && e[0]["health"] == "unhealthy"
+            && e[1]["health"] == "unhealthy"
+            && e[2]["health"] == "healthy"
+            && e[2]["stale"] == false
+    })
+    .await;
+    let v = get_json(&debug).await;
+    assert!(settled, "{v}");
+    let e = endpoints_of(&v, 0);
+    assert!(e[0]["last_error"].as_str().is_some_and(|m| m.contains("no vllm:num_requests_running")), "{}", e[0]);
+    assert!(e[1]["last_error"].as_str().is_some_and(|m| m.contains("body")), "{}", e[1]);
+    let metrics = common::client()
+        .get(format!("http://{}/metrics", kv.admin_addr))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        common::metric(&metrics, "kvgate_scrape_errors_total", &[("endpoint", &addrs[0].to_string())])
+            .is_some_and(|n| n >= 3.0)
+    );
+    assert_eq!(common::metric(&metrics, "inference_pool_ready_pods", &[("name", "p")]), Some(1.0));
+    let r = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect("routed");
+    assert_eq!(r.decision().primary().address, good.addrs[0]);
+}
