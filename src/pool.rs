@@ -241,7 +241,6 @@ struct Inner {
     models: Vec<String>,
     router: PoolRouter,
     settings: PoolSettings,
-    client: HttpClient,
     telemetry: Arc<Telemetry>,
     snapshot: RwLock<Arc<Snapshot>>,
     state: Mutex<State>,
@@ -259,13 +258,12 @@ pub struct Pool {
 
 impl Pool {
     /// A pool with no endpoints yet; its publisher runs until the pool is dropped.
-    pub fn new(router: PoolRouter, settings: PoolSettings, client: HttpClient, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(router: PoolRouter, settings: PoolSettings, telemetry: Arc<Telemetry>) -> Self {
         let inner = Arc::new(Inner {
             name: router.name.clone(),
             models: router.models.clone(),
             router,
             settings,
-            client,
             telemetry,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             state: Mutex::new(State::default()),
@@ -508,15 +506,25 @@ impl Inner {
         }
         let wait = match (m.health.state(now), m.health.down_until) {
             (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
-            _ => {
-                let jitter = 0.8 + 0.4 * fastrand::f64();
-                s.scrape_interval.mul_f64(jitter)
-            }
+            _ => next_round(s.scrape_interval, now),
         };
         drop(st);
         self.dirty.notify_one();
         wait
     }
+}
+
+/// Time until the next scrape round. Every endpoint's scraper wakes on the same rounds, so a
+/// hundred scrapes cost one wake-up of the runtime rather than a hundred; each round is shifted
+/// by up to 20% of the interval, by an amount that differs per round and per kvgate process, so
+/// replicas of kvgate do not scrape in lockstep.
+fn next_round(interval: Duration, now: u64) -> Duration {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| fastrand::u64(..));
+    let step = (interval.as_millis() as u64).max(1);
+    let round = now / step + 1;
+    let jitter = xxhash_rust::xxh3::xxh3_64_with_seed(&round.to_le_bytes(), seed) % (step / 5).max(1);
+    Duration::from_millis(round * step + jitter - now)
 }
 
 /// A pool that is only reachable weakly (scrapers hold this so they end with the pool).

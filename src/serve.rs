@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::config::Config;
-use crate::pool::{AbortOnDrop, Pool, discovery, http_client};
+use crate::pool::{AbortOnDrop, Pool, discovery};
 use crate::route::{Gateway, PoolRouter};
 use crate::telemetry::Telemetry;
 
@@ -46,13 +46,12 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let resolved = cfg.resolve(path)?;
     let settings = cfg.pool_settings();
     let telemetry = Arc::new(Telemetry::new());
-    let client = http_client();
     let stale_ms = settings.stale_after.as_millis() as u64;
     let mut tasks = Vec::new();
     let mut pools = Vec::new();
     for rp in resolved {
         let router = PoolRouter::new(rp.name, rp.models, rp.scheduler, stale_ms);
-        let pool = Pool::new(router, settings.clone(), client.clone(), telemetry.clone());
+        let pool = Pool::new(router, settings.clone(), telemetry.clone());
         tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
         pools.push(pool);
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::routing::get;
 use common::{SimProcess, eventually, free_port, get_json, start_kvgate, start_sim};
 use kvgate::request::ApiKind;
+use kvgate::route::RouteError;
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -120,7 +121,12 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     assert!(eventually(5, || async { health(&get_json(&debug).await) == "healthy" }).await);
     drop(sim);
     assert!(eventually(10, || async { health(&get_json(&debug).await) == "unhealthy" }).await, "marked unhealthy");
-    // While it is out, every decision goes to the other endpoint.
+    // While it is out (once the snapshot shows it), every decision goes to the other endpoint.
+    let only_other = || async {
+        kv.gateway.decide(ApiKind::ChatCompletions, &chat("probe"), None, 1).expect("routed").decision().primary().address
+            == other.addrs[0]
+    };
+    assert!(eventually(5, only_other).await);
     for i in 0..20 {
         let r = kv.gateway.decide(ApiKind::ChatCompletions, &chat(&format!("{i}")), None, 1).expect("routed");
         assert_eq!(r.decision().primary().address, other.addrs[0]);
@@ -139,13 +145,14 @@ async fn every_endpoint_down_is_a_503_with_a_reason() {
         "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '127.0.0.1:{port}'}}]}}]\n"
     ))
     .await;
+    // Before the first discovery there are no endpoints; then the only one fails its scrapes.
     let unhealthy = eventually(10, || async {
-        matches!(kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1), Err(e) if e.status() == 503)
+        matches!(kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1), Err(e) if e.code() == "no_healthy_endpoints")
     })
     .await;
     assert!(unhealthy);
-    let e = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect_err("503");
-    assert_eq!(e.code(), "no_healthy_endpoints");
+    let e = RouteError::Unavailable(kvgate::schedule::NoDecision::NoHealthyEndpoints);
+    assert_eq!(e.status(), 503);
     assert!(e.to_json().contains("unhealthy"), "{}", e.to_json());
 }
 
@@ -173,7 +180,8 @@ async fn stale_metrics_count_as_unknown_not_idle() {
     let fresh = start_kvgate(&config(600_000)).await;
     let debug = format!("http://{}/debug/endpoints", fresh.admin_addr);
     assert!(eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["stale"] == false }).await);
-    assert_eq!(queue_score(&explain(&fresh).await), 1.0);
+    // (The snapshot the scheduler reads is published a few milliseconds after the scrape.)
+    assert!(eventually(5, || async { queue_score(&explain(&fresh).await) == 1.0 }).await);
     // Stale (one scrape, then none for 10 minutes): the same idle numbers are not trusted.
     let stale = start_kvgate(&config(100)).await;
     let debug = format!("http://{}/debug/endpoints", stale.admin_addr);

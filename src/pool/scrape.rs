@@ -7,26 +7,13 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
 
-use super::{HttpClient, WeakPool, scrape_parse};
+use super::{WeakPool, scrape_parse};
 
-/// GETs `url`, returning the body as text if it is a 200 within `timeout` and `max_bytes`.
-pub async fn fetch(client: &HttpClient, url: &str, timeout: Duration, max_bytes: usize) -> Result<String, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
-    let work = async {
-        let resp = client.get(uri).await.map_err(|e| format!("request failed: {e}"))?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), max_bytes)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body failed: {e}"))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!("HTTP {status}"));
-        }
-        String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_owned())
-    };
-    tokio::time::timeout(timeout, work).await.map_err(|_| format!("timed out after {timeout:?}"))?
-}
+/// The `name[]` filter of the families routing reads.
+/// (`name[]=vllm:…`, percent-encoded.)
+const SCRAPED_FAMILIES: &str = "name%5B%5D=vllm%3Anum_requests_running&name%5B%5D=vllm%3Anum_requests_waiting\
+    &name%5B%5D=vllm%3Akv_cache_usage_perc&name%5B%5D=vllm%3Agpu_cache_usage_perc\
+    &name%5B%5D=vllm%3Acache_config_info&name%5B%5D=vllm%3Alora_requests_info";
 
 /// Adapters (entries with a `parent`) from a `/v1/models` body.
 pub fn adapters_of(models_json: &str) -> Vec<String> {
@@ -42,22 +29,91 @@ pub fn adapters_of(models_json: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// One endpoint's own keep-alive connection: a scraper asks one question at a time, so it
+/// needs no connection pool (and none of its lookups and locks, twenty times a second).
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    _driver: super::AbortOnDrop,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Result<Self, String> {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect failed: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake failed: {e}"))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self { sender, _driver: super::AbortOnDrop(driver) })
+    }
+
+    /// GETs `path`; the body as text if it is a 200 within `max_bytes`.
+    async fn get(&mut self, addr: SocketAddr, path: &str, max_bytes: usize) -> Result<String, String> {
+        self.sender.ready().await.map_err(|e| format!("connection lost: {e}"))?;
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::new())
+            .map_err(|e| format!("bad request: {e}"))?;
+        let resp = self.sender.send_request(req).await.map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), max_bytes)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the body failed: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_owned())
+    }
+}
+
+/// A GET on the scraper's connection (opened or reopened as needed), bounded by `timeout`.
+async fn get(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<String, String> {
+    let work = async {
+        if conn.is_none() {
+            *conn = Some(Conn::open(addr).await?);
+        }
+        match conn.as_mut() {
+            Some(c) => c.get(addr, path, max_bytes).await,
+            None => Err("no connection".to_owned()),
+        }
+    };
+    let result =
+        tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")));
+    if result.is_err() {
+        // Never reuse a connection that failed or may still carry an unread answer.
+        *conn = None;
+    }
+    result
+}
+
 /// Scrapes one endpoint until its pool drops it.
 pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
-    let metrics_url = format!("http://{addr}/metrics");
-    let models_url = format!("http://{addr}/v1/models");
+    // Ask only for the families routing reads: prometheus_client (vLLM's exporter) honours
+    // `name[]`, which cuts a busy server's exposition from tens of kilobytes to one; a server
+    // that ignores it still answers with everything.
+    let metrics_path = format!("/metrics?{SCRAPED_FAMILIES}");
+    let mut conn: Option<Conn> = None;
     let mut next_models = Instant::now();
     loop {
         let Some(inner) = pool.upgrade() else { return };
         let s = inner.settings.clone();
-        let client = inner.client.clone();
         drop(inner);
-        let result = fetch(&client, &metrics_url, s.scrape_timeout, s.max_scrape_bytes)
+        let result = get(&mut conn, addr, &metrics_path, s.scrape_timeout, s.max_scrape_bytes)
             .await
             .and_then(|text| scrape_parse::parse(&text));
         let adapters = if result.is_ok() && Instant::now() >= next_models {
             next_models = Instant::now() + s.models_refresh;
-            fetch(&client, &models_url, s.scrape_timeout, s.max_scrape_bytes).await.ok().map(|b| adapters_of(&b))
+            get(&mut conn, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes).await.ok().map(|b| adapters_of(&b))
         } else {
             None
         };

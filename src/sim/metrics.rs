@@ -153,11 +153,19 @@ impl SimMetrics {
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition; with `names`, only those families (as prometheus_client
+    /// does for `?name[]=…`; counters are named without `_total` there).
+    pub fn render(&self, names: &[String]) -> String {
+        let mut families = self.registry.gather();
+        if !names.is_empty() {
+            families.retain(|f| {
+                let n = f.name();
+                names.iter().any(|w| w == n || n.strip_suffix("_total") == Some(w.as_str()))
+            });
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

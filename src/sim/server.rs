@@ -642,8 +642,17 @@ async fn health(State(st): St) -> StatusCode {
     if st.shared.faults.read().paused { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
 }
 
-async fn metrics(State(st): St) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
+async fn metrics(State(st): St, uri: axum::http::Uri) -> Response {
+    // `?name[]=a&name[]=b` restricts the output, as prometheus_client's exposition does.
+    let names: Vec<String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "name[]" || *k == "name%5B%5D")
+        .map(|(_, v)| v.replace("%3A", ":").replace("%3a", ":"))
+        .collect();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render(&names)).into_response()
 }
 
 async fn version() -> Response {
