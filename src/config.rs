@@ -41,6 +41,9 @@ pub struct Config {
     /// When endpoints leave and rejoin rotation.
     #[serde(default)]
     pub health: HealthConfig,
+    /// How the reverse proxy talks to endpoints.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
 }
@@ -62,6 +65,27 @@ pub struct ScrapeConfig {
 impl Default for ScrapeConfig {
     fn default() -> Self {
         Self { interval_ms: 50, timeout_ms: 1000, stale_after_ms: 2000, max_bytes: 8 << 20 }
+    }
+}
+
+/// The reverse proxy's timeouts and retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Bound on connecting to an endpoint (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Bound on an endpoint's response headers after the request is sent (default 600000:
+    /// a non-streaming answer only starts when it is complete).
+    pub first_byte_timeout_ms: u64,
+    /// Bound on silence between two chunks of a response (default 300000).
+    pub idle_timeout_ms: u64,
+    /// Endpoints tried per request at most: the decision's target, then its fallbacks (default 3).
+    pub attempts: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self { connect_timeout_ms: 2000, first_byte_timeout_ms: 600_000, idle_timeout_ms: 300_000, attempts: 3 }
     }
 }
 
@@ -112,6 +136,9 @@ pub struct PoolConfig {
     /// The scheduler, in EndpointPickerConfig shape; the default scheduler when absent.
     #[serde(default)]
     pub scheduler: Option<SchedulerSpec>,
+    /// Admission limits (429 beyond them); none by default.
+    #[serde(default)]
+    pub admission: crate::route::Admission,
 }
 
 /// An endpoint entry, the same inline and in an endpoints file.
@@ -295,6 +322,8 @@ pub struct ResolvedPool {
     pub endpoints_file: Option<PathBuf>,
     /// The compiled scheduler.
     pub scheduler: Scheduler,
+    /// Admission limits.
+    pub admission: crate::route::Admission,
 }
 
 /// Parses YAML into `T`, reporting the path of the first bad field.
@@ -385,6 +414,9 @@ impl Config {
         if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
             return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
         }
+        if self.proxy.attempts == 0 || self.proxy.connect_timeout_ms == 0 {
+            return Err(invalid("proxy".into(), "attempts and connect_timeout_ms must be at least 1".into()));
+        }
         if self.health.failure_threshold == 0 || self.health.backoff_ms > self.health.max_backoff_ms {
             return Err(invalid(
                 "health".into(),
@@ -453,6 +485,7 @@ impl Config {
                 file_endpoints,
                 endpoints_file: pool.endpoints_file.clone(),
                 scheduler,
+                admission: pool.admission,
             });
         }
         Ok(out)

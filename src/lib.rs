@@ -9,6 +9,7 @@ pub mod config;
 pub mod endpoint;
 pub mod pool;
 pub mod prefix;
+pub mod proxy;
 pub mod request;
 pub mod route;
 pub mod schedule;

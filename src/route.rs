@@ -32,6 +32,16 @@ pub enum RouteError {
     /// The pool has no endpoint that can take the request.
     #[error("{0}")]
     Unavailable(#[from] NoDecision),
+    /// The pool is over its admission limits (or near them, for a sheddable request).
+    #[error("pool `{pool}` is saturated: {reason}")]
+    Saturated {
+        /// The pool.
+        pool: String,
+        /// Which limit.
+        reason: String,
+        /// The request was sheddable (negative priority) and shed early.
+        shed: bool,
+    },
 }
 
 impl RouteError {
@@ -41,6 +51,7 @@ impl RouteError {
             Self::BadRequest(e) => e.status(),
             Self::UnknownModel { .. } => 404,
             Self::Unavailable(_) => 503,
+            Self::Saturated { .. } => 429,
         }
     }
 
@@ -53,6 +64,8 @@ impl RouteError {
             Self::Unavailable(NoDecision::SubsetUnmatched) => "subset_unmatched",
             Self::Unavailable(NoDecision::NoHealthyEndpoints) => "no_healthy_endpoints",
             Self::Unavailable(_) => "no_endpoints",
+            Self::Saturated { shed: true, .. } => "shed",
+            Self::Saturated { shed: false, .. } => "saturated",
         }
     }
 
@@ -61,7 +74,7 @@ impl RouteError {
         let param = match self {
             Self::BadRequest(e) => e.param().map(str::to_owned),
             Self::UnknownModel { .. } => Some("model".to_owned()),
-            Self::Unavailable(_) => None,
+            Self::Unavailable(_) | Self::Saturated { .. } => None,
         };
         error_body(self.status(), &self.to_string(), self.code(), param.as_deref())
     }
@@ -101,7 +114,52 @@ pub struct Planned {
     pub uncached_tokens: u64,
 }
 
-/// One pool's decision state: its scheduler and prefix index.
+/// A pool's admission limits: beyond them requests get 429 before any endpoint is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admission {
+    /// kvgate's requests in flight to the pool at most.
+    pub max_in_flight: Option<u64>,
+    /// Requests waiting in the pool's endpoint queues (scraped) at most.
+    pub max_queued: Option<u64>,
+    /// Sheddable requests (negative `priority`) are refused this fraction below the limits
+    /// (default 0.2), so they go first when the pool fills up.
+    pub sheddable_headroom: Option<f64>,
+}
+
+impl Admission {
+    /// Whether a request of `priority` may enter a pool in the state `snapshot` shows.
+    fn admit(
+        &self,
+        pool: &str,
+        snapshot: &[Endpoint],
+        priority: i64,
+        now: u64,
+        stale_ms: u64,
+    ) -> Result<(), RouteError> {
+        let shed = priority < 0;
+        let factor = if shed { 1.0 - self.sheddable_headroom.unwrap_or(0.2).clamp(0.0, 1.0) } else { 1.0 };
+        let over = |value: u64, limit: u64| value as f64 >= limit as f64 * factor;
+        if let Some(max) = self.max_in_flight {
+            let n: u64 = snapshot.iter().map(|e| e.in_flight.requests()).sum();
+            if over(n, max) {
+                let reason = format!("{n} requests in flight, limit {max}");
+                return Err(RouteError::Saturated { pool: pool.to_owned(), reason, shed });
+            }
+        }
+        if let Some(max) = self.max_queued {
+            let n: u64 =
+                snapshot.iter().filter_map(|e| e.fresh_metrics(now, stale_ms)).map(|m| u64::from(m.waiting)).sum();
+            if over(n, max) {
+                let reason = format!("{n} requests queued at endpoints, limit {max}");
+                return Err(RouteError::Saturated { pool: pool.to_owned(), reason, shed });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One pool's decision state: its scheduler, prefix index and admission limits.
 #[derive(Debug)]
 pub struct PoolRouter {
     /// Pool name.
@@ -111,13 +169,20 @@ pub struct PoolRouter {
     scheduler: Scheduler,
     index: PrefixIndex,
     stale_after_ms: u64,
+    admission: Admission,
 }
 
 impl PoolRouter {
     /// A router for a pool.
     pub fn new(name: String, models: Vec<String>, scheduler: Scheduler, stale_after_ms: u64) -> Self {
         let index = PrefixIndex::new(scheduler.prefix_config().index_capacity);
-        Self { name, models, scheduler, index, stale_after_ms }
+        Self { name, models, scheduler, index, stale_after_ms, admission: Admission::default() }
+    }
+
+    /// Sets the admission limits.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = admission;
+        self
     }
 
     /// The pool's prefix index.
@@ -279,8 +344,11 @@ impl Gateway {
         let req = request::parse(api, body, self.max_body_bytes)?;
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
-        let opts = RouteOptions { subset, want, now_ms: now_ms() };
-        let planned = pool.router().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
+        let now = now_ms();
+        let router = pool.router();
+        router.admission.admit(pool.name(), &snapshot.endpoints, req.priority, now, router.stale_after_ms)?;
+        let opts = RouteOptions { subset, want, now_ms: now };
+        let planned = router.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         let target = planned.decision.primary().index;
         let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.uncached_tokens);

@@ -11,15 +11,17 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::config::Config;
 use crate::pool::{AbortOnDrop, Pool, discovery};
+use crate::proxy::{self, ProxyState};
 use crate::route::{Gateway, PoolRouter};
 use crate::telemetry::Telemetry;
 
 /// `kvgate serve` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// The config file (YAML).
+    /// The config file (YAML). Without it, kvgate runs its built-in demo: four simulated vLLM
+    /// replicas behind the proxy, all on loopback.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Override the config's `grpc_addr`.
     #[arg(long)]
     pub grpc_addr: Option<SocketAddr>,
@@ -38,7 +40,22 @@ pub struct Server {
     pub gateway: Arc<Gateway>,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
+    /// Where the OpenAI proxy listens, if configured.
+    pub proxy_addr: Option<SocketAddr>,
     _tasks: Vec<AbortOnDrop>,
+}
+
+/// Serves `app` on `listener` until the task is dropped.
+fn serve_http(listener: TcpListener, app: axum::Router, what: &'static str) -> AbortOnDrop {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "{what} listener stopped");
+        }
+    }))
 }
 
 /// Starts pools and listeners for `cfg` (read from `path`); returns once they are bound.
@@ -50,7 +67,7 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let mut tasks = Vec::new();
     let mut pools = Vec::new();
     for rp in resolved {
-        let router = PoolRouter::new(rp.name, rp.models, rp.scheduler, stale_ms);
+        let router = PoolRouter::new(rp.name, rp.models, rp.scheduler, stale_ms).with_admission(rp.admission);
         let pool = Pool::new(router, settings.clone(), telemetry.clone());
         tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
         pools.push(pool);
@@ -59,18 +76,34 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let listener =
         TcpListener::bind(cfg.admin_addr).await.with_context(|| format!("binding admin_addr {}", cfg.admin_addr))?;
     let admin_addr = listener.local_addr()?;
-    let app = admin::app(gateway.clone());
-    tasks.push(AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin listener stopped");
+    tasks.push(serve_http(listener, admin::app(gateway.clone()), "admin"));
+    let proxy_addr = match cfg.proxy_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding proxy_addr {addr}"))?;
+            let bound = listener.local_addr()?;
+            let state = Arc::new(ProxyState::new(gateway.clone(), cfg.proxy.clone()));
+            tasks.push(serve_http(listener, proxy::app(state), "proxy"));
+            Some(bound)
         }
-    })));
-    Ok(Server { gateway, admin_addr, _tasks: tasks })
+        None => None,
+    };
+    Ok(Server { gateway, admin_addr, proxy_addr, _tasks: tasks })
 }
 
 /// Runs `kvgate serve` until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = Config::load(&args.config)?;
+    let Some(path) = args.config.clone() else { return demo::run(args).await };
+    let mut cfg = Config::load(&path)?;
+    apply_overrides(&mut cfg, &args);
+    let server = start(cfg, &path).await?;
+    tracing::info!(admin = %server.admin_addr, proxy = ?server.proxy_addr, pools = server.gateway.pools().len(), "kvgate serving");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+/// Applies `--grpc-addr`, `--admin-addr` and `--proxy-addr`.
+fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {
     if let Some(a) = args.grpc_addr {
         cfg.grpc_addr = a;
     }
@@ -80,11 +113,66 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = args.proxy_addr {
         cfg.proxy_addr = Some(a);
     }
-    let server = start(cfg, &args.config).await?;
-    tracing::info!(admin = %server.admin_addr, pools = server.gateway.pools().len(), "kvgate serving");
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    Ok(())
+}
+
+/// The built-in demo: simulated replicas on loopback behind the proxy.
+mod demo {
+    use super::*;
+
+    /// The model the demo serves.
+    pub(super) const MODEL: &str = "demo-model";
+
+    pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+        let mut sims = Vec::new();
+        let mut endpoints = Vec::new();
+        for k in 0..4 {
+            // Real-time 8B-on-H100 latency, a small KV cache (so prefix affinity matters), and a
+            // pod name per replica so responses say who served them.
+            let flags = [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--served-model-name",
+                MODEL,
+                "--time-scale",
+                "1",
+                "--max-num-seqs",
+                "32",
+                "--num-gpu-blocks-override",
+                "4096",
+                "--seed",
+                &k.to_string(),
+                "--pod-name",
+                &format!("demo-replica-{k}"),
+            ];
+            let sim_args = crate::sim::SimArgs::from_flags(flags).context("demo simulator flags")?;
+            let (running, tasks) = crate::sim::start(sim_args).await?;
+            endpoints.push(format!("{{address: '{}', name: demo-replica-{k}}}", running.addrs[0]));
+            sims.push(tasks);
+        }
+        let yaml = format!(
+            "grpc_addr: 127.0.0.1:9002\nadmin_addr: 127.0.0.1:9090\nproxy_addr: 127.0.0.1:8080\n\
+             pools: [{{name: demo, models: [{MODEL}], endpoints: [{}]}}]\n",
+            endpoints.join(", ")
+        );
+        let path = Path::new("(built-in demo)");
+        let mut cfg = Config::from_yaml(&yaml, path)?;
+        apply_overrides(&mut cfg, &args);
+        let server = start(cfg, path).await?;
+        let proxy = server.proxy_addr.context("the demo always runs the proxy")?;
+        println!(
+            "kvgate demo: 4 simulated vLLM replicas serving `{MODEL}` (this is a demo, not a real model)\n\
+             \n  proxy   http://{proxy}/v1   (OpenAI API)\n  admin   http://{admin}/debug/endpoints   (watch the picks)\n\
+             \ntry:\n  curl -s http://{proxy}/v1/chat/completions -H 'content-type: application/json' \\\n    \
+             -d '{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":16}}'\n\
+             \nCtrl-C stops it; `kvgate serve --config FILE` serves a real fleet.",
+            admin = server.admin_addr,
+        );
+        shutdown_signal().await;
+        drop(sims);
+        Ok(())
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -123,7 +123,12 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     assert!(eventually(10, || async { health(&get_json(&debug).await) == "unhealthy" }).await, "marked unhealthy");
     // While it is out (once the snapshot shows it), every decision goes to the other endpoint.
     let only_other = || async {
-        kv.gateway.decide(ApiKind::ChatCompletions, &chat("probe"), None, 1).expect("routed").decision().primary().address
+        kv.gateway
+            .decide(ApiKind::ChatCompletions, &chat("probe"), None, 1)
+            .expect("routed")
+            .decision()
+            .primary()
+            .address
             == other.addrs[0]
     };
     assert!(eventually(5, only_other).await);

@@ -338,7 +338,9 @@ impl Engine {
             Command::Submit(sub) => {
                 let mut tokens = Vec::with_capacity(sub.prompt.len() + sub.max_tokens);
                 tokens.extend_from_slice(&sub.prompt);
-                let seed = self.cfg.seed ^ xxhash_rust::xxh3::xxh3_64(sub.id.as_bytes());
+                // Same seed and prompt, same answer (as with greedy sampling).
+                let prompt_bytes: Vec<u8> = sub.prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
+                let seed = self.cfg.seed ^ xxhash_rust::xxh3::xxh3_64(&prompt_bytes);
                 self.waiting.push_back(Seq {
                     prompt_len: tokens.len(),
                     tokens,

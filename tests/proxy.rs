@@ -1,0 +1,402 @@
+//! The reverse proxy with real simulators on loopback: byte-exact streaming, affinity and
+//! spread, retries (and none after the first byte), aborts, errors, admission and the demo.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, eventually, free_port, get_json, metric, metrics, post, start_kvgate, start_sim};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+const SERVED: &str = "x-gateway-destination-endpoint-served";
+
+fn config(endpoints: &[String], extra: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|a| format!("{{address: '{a}'}}")).collect();
+    format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n{extra}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
+        eps.join(", ")
+    )
+}
+
+/// Replaces the per-request `id` and `created` values, which differ between two requests.
+fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("\"id\":\"") {
+        out.push_str(&rest[..i + 6]);
+        rest = &rest[i + 6..];
+        let end = rest.find('"').unwrap_or(rest.len());
+        out.push_str("ID");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    let mut norm = String::new();
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("\"created\":") {
+        norm.push_str(&rest[..i + 10]);
+        rest = &rest[i + 10..];
+        let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        norm.push('0');
+        rest = &rest[end..];
+    }
+    norm.push_str(rest);
+    norm
+}
+
+async fn wait_ready(kv: &kvgate::serve::Server, n: usize) {
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let ok = eventually(10, || async {
+        let v = get_json(&debug).await;
+        v["pools"][0]["endpoints"].as_array().is_some_and(|e| e.len() == n && e.iter().all(|e| e["stale"] == false))
+    })
+    .await;
+    assert!(ok, "endpoints scraped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_bytes_match_a_direct_request() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
+    wait_ready(&kv, 1).await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12,
+                      "stream": true, "stream_options": {"include_usage": true}})
+    .to_string();
+    let fetch = |base: String| {
+        let body = body.clone();
+        async move {
+            let r = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            let served = r.headers().get(SERVED).map(|v| v.to_str().unwrap_or("").to_owned());
+            let ctype = r.headers()["content-type"].to_str().expect("ascii").to_owned();
+            (served, ctype, r.text().await.expect("body"))
+        }
+    };
+    let (_, direct_type, direct) = fetch(sim.url(0)).await;
+    // Same starting state for the second request: an empty prefix cache.
+    assert_eq!(client().post(format!("{}/reset_prefix_cache", sim.url(0))).send().await.expect("reset").status(), 200);
+    let (served, proxied_type, proxied) = fetch(format!("http://{proxy}")).await;
+    assert_eq!(served.as_deref(), Some(sim.addrs[0].to_string().as_str()));
+    assert_eq!(direct_type, proxied_type);
+    assert!(direct.ends_with("data: [DONE]\n\n") && direct.matches("data: ").count() == 15, "{direct}");
+    assert_eq!(normalize(&direct), normalize(&proxied));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_stick_and_strangers_spread() {
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(start_sim(&["--time-scale", "0"]).await);
+    }
+    let kv = start_kvgate(&config(&sims.iter().map(|s| s.addrs[0].to_string()).collect::<Vec<_>>(), "")).await;
+    wait_ready(&kv, 4).await;
+    let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
+    let ask = |messages: Value| {
+        let url = url.clone();
+        async move {
+            let r = client()
+                .post(&url)
+                .body(json!({"model": MODEL, "messages": messages, "max_tokens": 4}).to_string())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200);
+            let served = r.headers()[SERVED].to_str().expect("ascii").to_owned();
+            let v: Value = r.json().await.expect("json");
+            (served, v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0))
+        }
+    };
+    let system = json!({"role": "system", "content": "You are a patient tutor. ".repeat(60)});
+    let mut msgs = vec![system.clone()];
+    let mut home = None;
+    for turn in 0..5 {
+        msgs.push(json!({"role": "user", "content": format!("question {turn}: why is the sky blue?")}));
+        let (served, cached) = ask(Value::Array(msgs.clone())).await;
+        assert_eq!(home.get_or_insert(served.clone()), &served, "turn {turn} moved");
+        if turn > 0 {
+            assert!(cached > 300, "turn {turn} hit only {cached} tokens");
+        }
+        msgs.push(json!({"role": "assistant", "content": "because of Rayleigh scattering"}));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for k in 0..8 {
+        let (served, _) = ask(json!([{"role": "system", "content": format!("{k} a different persona ").repeat(40)}, {"role": "user", "content": "hi"}])).await;
+        seen.insert(served);
+    }
+    assert_eq!(seen.len(), 4, "cold conversations spread over every endpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_first_choices_are_retried_on_the_next() {
+    let live = start_sim(&["--time-scale", "0"]).await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    // Scrape rarely, so only request failures can reveal the dead endpoint; rotate the first
+    // choice, so the dead endpoint is the first choice of every other request.
+    let eps = format!("[{{address: '{dead}'}}, {{address: '{}'}}]", live.addrs[0]);
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nscrape: {{interval_ms: 600000}}\n\
+         pools: [{{name: p, models: ['{MODEL}'], endpoints: {eps}, scheduler: {{plugins: [{{type: round-robin-picker}}]}}}}]\n"
+    ))
+    .await;
+    let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
+    assert!(
+        eventually(5, || async { post(&url, &json!({"model": MODEL, "prompt": "x", "max_tokens": 1})).await.0 == 200 })
+            .await
+    );
+    for k in 0..6 {
+        let r = client()
+            .post(&url)
+            .body(json!({"model": MODEL, "prompt": format!("{k} "), "max_tokens": 1}).to_string())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[SERVED].to_str().expect("ascii"), live.addrs[0].to_string());
+    }
+    let v = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
+    let d = v["pools"][0]["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["address"] == dead.as_str()))
+        .cloned()
+        .expect("dead listed");
+    assert_eq!(d["health"], "unhealthy", "failed attempts were reported: {d}");
+    assert_eq!(d["in_flight_requests"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_before_the_first_byte_are_retried_but_never_after() {
+    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
+    let kv = start_kvgate(&config(&[a.addrs[0].to_string(), b.addrs[0].to_string()], "")).await;
+    wait_ready(&kv, 2).await;
+    let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
+    let faults = |base: String, f: Value| async move {
+        assert_eq!(
+            client().post(format!("{base}/admin/faults")).body(f.to_string()).send().await.expect("send").status(),
+            200
+        );
+    };
+    // A answers 503 to everything: every request ends on B.
+    faults(a.url(0), json!({"failure_rate": 1.0, "failure_types": ["503"]})).await;
+    for k in 0..6 {
+        let r = client()
+            .post(format!("{proxy}/v1/completions"))
+            .body(json!({"model": MODEL, "prompt": format!("{k}"), "max_tokens": 2}).to_string())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[SERVED].to_str().expect("ascii"), b.addrs[0].to_string());
+    }
+    // Both cut streams off mid-way: the client sees the break, and nothing is sent twice.
+    faults(a.url(0), json!({"failure_rate": 1.0, "failure_types": ["abort"]})).await;
+    faults(b.url(0), json!({"failure_rate": 1.0, "failure_types": ["abort"]})).await;
+    let done = |base: String| async move {
+        let m = metrics(&base).await;
+        ["stop", "length", "abort"]
+            .iter()
+            .filter_map(|r| metric(&m, "vllm:request_success_total", &[("finished_reason", r)]))
+            .sum::<f64>()
+    };
+    let before = done(a.url(0)).await + done(b.url(0)).await;
+    let r = client()
+        .post(format!("{proxy}/v1/completions"))
+        .body(json!({"model": MODEL, "prompt": "stream", "max_tokens": 40, "stream": true}).to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut broke = false;
+    while let Some(c) = body.next().await {
+        if c.is_err() {
+            broke = true;
+            break;
+        }
+    }
+    assert!(broke, "the client sees the cut");
+    assert!(eventually(5, || async { done(a.url(0)).await + done(b.url(0)).await == before + 1.0 }).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(done(a.url(0)).await + done(b.url(0)).await, before + 1.0, "retried after the first byte");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_upstream() {
+    let sim = start_sim(&["--time-scale", "1"]).await;
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
+    wait_ready(&kv, 1).await;
+    let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
+    let r = client()
+        .post(&url)
+        .body(json!({"model": MODEL, "prompt": "a long story", "max_tokens": 5000, "stream": true}).to_string())
+        .send()
+        .await
+        .expect("send");
+    let mut stream = r.bytes_stream();
+    stream.next().await.expect("a first chunk").expect("ok");
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert_eq!(get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"], 1);
+    drop(stream);
+    let aborted = eventually(10, || async {
+        metric(&metrics(&sim.url(0)).await, "vllm:request_success_total", &[("finished_reason", "abort")]) == Some(1.0)
+    })
+    .await;
+    assert!(aborted, "the simulator saw the abort");
+    assert!(
+        eventually(5, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"] == 0 }).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "max_body_bytes: 4096")).await;
+    wait_ready(&kv, 1).await;
+    let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
+    let check = |status: u16, body: &Value, want: u16, code: &str| {
+        assert_eq!(status, want, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    };
+    let r = client().post(format!("{proxy}/v1/chat/completions")).body("{\"model\": ").send().await.expect("send");
+    check(r.status().as_u16(), &r.json().await.expect("json"), 400, "invalid_json");
+    let (s, b) = post(&format!("{proxy}/v1/chat/completions"), &json!({"messages": []})).await;
+    check(s, &b, 400, "missing_model");
+    let (s, b) = post(&format!("{proxy}/v1/completions"), &json!({"model": MODEL, "prompt": "x".repeat(5000)})).await;
+    check(s, &b, 400, "request_too_large");
+    let (s, b) = post(&format!("{proxy}/v1/completions"), &json!({"model": "gpt-17", "prompt": "x"})).await;
+    check(s, &b, 404, "model_not_found");
+    assert!(b["error"]["message"].as_str().is_some_and(|m| m.contains(MODEL)));
+    let r = client().get(format!("{proxy}/nope")).send().await.expect("send");
+    assert_eq!(r.status(), 404);
+    let models = get_json(&format!("{proxy}/v1/models")).await;
+    assert_eq!(models["data"][0]["id"], MODEL);
+    // Other /v1 paths go to an endpoint of the model's pool.
+    let r = client()
+        .post(format!("{proxy}/v1/completions/render"))
+        .body(json!({"model": MODEL, "prompt": "hello world"}).to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key(SERVED));
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v[0]["token_ids"].as_array().map(Vec::len), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_limits_answer_429_and_shed_low_priority_first() {
+    let sim = start_sim(&["--time-scale", "1"]).await;
+    let yaml = format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], admission: {{max_in_flight: 2, sheddable_headroom: 0.5}}, endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    );
+    let kv = start_kvgate(&yaml).await;
+    wait_ready(&kv, 1).await;
+    let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
+    let long = |priority: i64| {
+        json!({"model": MODEL, "prompt": "go on", "max_tokens": 5000, "stream": true, "priority": priority}).to_string()
+    };
+    let first = client().post(&url).body(long(0)).send().await.expect("send");
+    assert_eq!(first.status(), 200);
+    // One in flight: a sheddable request is refused (limit 2 × (1 − 0.5) = 1), a normal one is not.
+    let shed = client().post(&url).body(long(-1)).send().await.expect("send");
+    assert_eq!(shed.status(), 429);
+    assert!(shed.headers().contains_key("retry-after"));
+    let v: Value = shed.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "shed");
+    let second = client().post(&url).body(long(0)).send().await.expect("send");
+    assert_eq!(second.status(), 200);
+    let third = client().post(&url).body(long(0)).send().await.expect("send");
+    assert_eq!(third.status(), 429);
+    drop((first, second));
+    assert!(
+        eventually(5, || async {
+            client().post(&url).body(long(0)).send().await.map(|r| r.status() == 200).unwrap_or(false)
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_by_model_through_the_proxy() {
+    let (a, b) = (
+        start_sim(&["--time-scale", "0"]).await,
+        start_sim(&["--time-scale", "0", "--served-model-name", "small"]).await,
+    );
+    let yaml = format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools:\n  - {{name: big, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}\n  - {{name: small, models: [small], endpoints: [{{address: '{}'}}]}}\n",
+        a.addrs[0], b.addrs[0]
+    );
+    let kv = start_kvgate(&yaml).await;
+    let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
+    for (model, want) in [(MODEL, a.addrs[0]), ("small", b.addrs[0])] {
+        let ok = eventually(5, || async {
+            let r = client()
+                .post(format!("{proxy}/v1/completions"))
+                .body(json!({"model": model, "prompt": "x", "max_tokens": 1}).to_string())
+                .send()
+                .await
+                .expect("send");
+            r.status() == 200 && r.headers()[SERVED].to_str().ok() == Some(want.to_string().as_str())
+        })
+        .await;
+        assert!(ok, "{model} → {want}");
+    }
+    let ids: Vec<String> = get_json(&format!("{proxy}/v1/models")).await["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(ids, [MODEL, "small"]);
+}
+
+#[test]
+fn the_demo_answers_a_chat_request() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["serve", "--proxy-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kvgate serve starts");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut banner = String::new();
+    let mut proxy = None;
+    for _ in 0..20 {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        banner.push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("proxy") {
+            proxy = rest.trim().strip_prefix("http://").and_then(|r| r.split('/').next()).map(str::to_owned);
+            break;
+        }
+    }
+    let proxy = proxy.unwrap_or_else(|| panic!("no proxy line in the banner:\n{banner}"));
+    assert!(banner.contains("demo"), "{banner}");
+    let body = r#"{"model":"demo-model","messages":[{"role":"user","content":"Hello!"}],"max_tokens":4}"#;
+    let mut answer = String::new();
+    for _ in 0..50 {
+        let mut conn = std::net::TcpStream::connect(&proxy).expect("connect");
+        write!(conn, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).expect("write");
+        answer.clear();
+        conn.read_to_string(&mut answer).expect("read");
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("chat.completion") && answer.contains("demo-replica-"), "{answer}");
+}
