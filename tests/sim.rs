@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{client, eventually, free_port, metric, metrics, post, start_sim};
+use common::{client, eventually, free_port, metric, metrics, post, post_text, start_sim};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
@@ -103,15 +103,7 @@ async fn streaming_matches_vllm_format() {
 
     // Completions stream, no usage: one event per token, then [DONE].
     let body = json!({"model": MODEL, "prompt": "once upon a time", "max_tokens": 4, "stream": true});
-    let text = client()
-        .post(format!("{base}/v1/completions"))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("body");
+    let text = post_text(&format!("{base}/v1/completions"), &body).await;
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert_eq!(events.len(), 5, "{text}");
     let last: Value = serde_json::from_str(&events[3][6..]).expect("json");
@@ -273,15 +265,7 @@ async fn prefill_decode_handoff_round_trips() {
     // Decode leg: the original request plus those parameters, streamed.
     let body = json!({"model": MODEL, "messages": messages, "max_tokens": 5, "stream": true,
                       "stream_options": {"include_usage": true}, "kv_transfer_params": ktp});
-    let text = client()
-        .post(format!("{}/v1/chat/completions", decode.url(0)))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("body");
+    let text = post_text(&format!("{}/v1/chat/completions", decode.url(0)), &body).await;
     assert!(text.ends_with("data: [DONE]\n\n"));
     let usage: Value = text
         .split("\n\n")

@@ -131,3 +131,8 @@ pub async fn start_kvgate(yaml: &str) -> kvgate::serve::Server {
 pub async fn get_json(url: &str) -> serde_json::Value {
     client().get(url).send().await.expect("request").json().await.expect("JSON")
 }
+
+/// POSTs a JSON body, returns the response text (e.g. an SSE stream, read to its end).
+pub async fn post_text(url: &str, body: &serde_json::Value) -> String {
+    client().post(url).body(body.to_string()).send().await.expect("request").text().await.expect("body")
+}
