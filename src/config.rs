@@ -44,6 +44,12 @@ pub struct Config {
     /// How the reverse proxy talks to endpoints.
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// The Envoy ext_proc endpoint picker on `grpc_addr`.
+    #[serde(default)]
+    pub extproc: crate::extproc::ExtProcConfig,
+    /// A second listener serving only gRPC health (the reference picker's charts probe `:9003`).
+    #[serde(default)]
+    pub health_addr: Option<SocketAddr>,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
 }
@@ -413,6 +419,12 @@ impl Config {
         }
         if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
             return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
+        }
+        if self.extproc.max_endpoints == 0 || self.extproc.max_message_bytes < 1024 {
+            return Err(invalid(
+                "extproc".into(),
+                "max_endpoints must be at least 1 and max_message_bytes at least 1024".into(),
+            ));
         }
         if self.proxy.attempts == 0 || self.proxy.connect_timeout_ms == 0 {
             return Err(invalid("proxy".into(), "attempts and connect_timeout_ms must be at least 1".into()));

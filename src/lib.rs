@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod endpoint;
+pub mod extproc;
 pub mod pool;
 pub mod prefix;
 pub mod proxy;

@@ -367,6 +367,14 @@ impl Gateway {
         Ok((pool.name().to_owned(), planned.decision, x))
     }
 
+    /// Counts the usage a response reported.
+    pub fn count_tokens(&self, pool: &str, prompt: u64, completion: u64, cached: u64) {
+        let t = &self.telemetry.tokens;
+        t.with_label_values(&[pool, "prompt"]).inc_by(prompt);
+        t.with_label_values(&[pool, "completion"]).inc_by(completion);
+        t.with_label_values(&[pool, "cached"]).inc_by(cached);
+    }
+
     /// Counts a finished request: `status` is the HTTP status the client got.
     pub fn count(&self, pool: &str, model: &str, decision: Option<DecisionKind>, status: u16, code: &str) {
         let kind = match decision {

@@ -8,8 +8,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
 use crate::admin;
 use crate::config::Config;
+use crate::extproc::{self, Picker};
 use crate::pool::{AbortOnDrop, Pool, discovery};
 use crate::proxy::{self, ProxyState};
 use crate::route::{Gateway, PoolRouter};
@@ -42,6 +46,8 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     /// Where the OpenAI proxy listens, if configured.
     pub proxy_addr: Option<SocketAddr>,
+    /// Where the ext_proc gRPC server listens.
+    pub grpc_addr: SocketAddr,
     _tasks: Vec<AbortOnDrop>,
 }
 
@@ -87,7 +93,29 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
         }
         None => None,
     };
-    Ok(Server { gateway, admin_addr, proxy_addr, _tasks: tasks })
+    let listener =
+        TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding grpc_addr {}", cfg.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let picker = Picker::new(gateway.clone(), cfg.extproc.clone());
+    let max = cfg.extproc.max_message_bytes;
+    let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
+    let health = extproc::health_service(gateway.clone()).await;
+    let grpc = tonic::transport::Server::builder().add_service(health.clone()).add_service(ext);
+    tasks.push(AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = grpc.serve_with_incoming(TcpListenerStream::new(listener)).await {
+            tracing::error!(error = %e, "ext_proc listener stopped");
+        }
+    })));
+    if let Some(addr) = cfg.health_addr {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding health_addr {addr}"))?;
+        let only_health = tonic::transport::Server::builder().add_service(health);
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = only_health.serve_with_incoming(TcpListenerStream::new(listener)).await {
+                tracing::error!(error = %e, "health listener stopped");
+            }
+        })));
+    }
+    Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, _tasks: tasks })
 }
 
 /// Runs `kvgate serve` until Ctrl-C or SIGTERM.
@@ -96,7 +124,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = Config::load(&path)?;
     apply_overrides(&mut cfg, &args);
     let server = start(cfg, &path).await?;
-    tracing::info!(admin = %server.admin_addr, proxy = ?server.proxy_addr, pools = server.gateway.pools().len(), "kvgate serving");
+    tracing::info!(
+        admin = %server.admin_addr, proxy = ?server.proxy_addr, ext_proc = %server.grpc_addr,
+        pools = server.gateway.pools().len(), "kvgate serving"
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
@@ -163,11 +194,12 @@ mod demo {
         let proxy = server.proxy_addr.context("the demo always runs the proxy")?;
         println!(
             "kvgate demo: 4 simulated vLLM replicas serving `{MODEL}` (this is a demo, not a real model)\n\
-             \n  proxy   http://{proxy}/v1   (OpenAI API)\n  admin   http://{admin}/debug/endpoints   (watch the picks)\n\
+             \n  proxy   http://{proxy}/v1   (OpenAI API)\n  ext_proc {grpc}   (Envoy endpoint picker, gRPC)\n  admin   http://{admin}/debug/endpoints   (watch the picks)\n\
              \ntry:\n  curl -s http://{proxy}/v1/chat/completions -H 'content-type: application/json' \\\n    \
              -d '{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":16}}'\n\
              \nCtrl-C stops it; `kvgate serve --config FILE` serves a real fleet.",
             admin = server.admin_addr,
+            grpc = server.grpc_addr,
         );
         shutdown_signal().await;
         drop(sims);

@@ -23,6 +23,8 @@ pub struct Telemetry {
     pub decision_seconds: HistogramVec,
     /// `kvgate_scrape_errors_total{pool,endpoint}`.
     pub scrape_errors: IntCounterVec,
+    /// `kvgate_tokens_total{pool,kind}` (prompt, completion, cached), from responses' usage.
+    pub tokens: IntCounterVec,
     ready_pods: IntGaugeVec,
     avg_kv: GaugeVec,
     avg_queue: GaugeVec,
@@ -82,6 +84,12 @@ impl Telemetry {
                 "kvgate_scrape_errors_total",
                 "Failed metric scrapes.",
                 &["pool", "endpoint"]
+            ),
+            tokens: family!(
+                IntCounterVec,
+                "kvgate_tokens_total",
+                "Tokens in responses' usage, by kind.",
+                &["pool", "kind"]
             ),
             ready_pods: family!(IntGaugeVec, "inference_pool_ready_pods", "Endpoints in rotation.", &["name"]),
             avg_kv: family!(

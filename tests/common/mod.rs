@@ -120,10 +120,12 @@ impl Drop for SimProcess {
     }
 }
 
-/// Starts kvgate (pools, discovery, admin) from config text; returns the server.
+/// Starts kvgate (pools, discovery, listeners) from config text; returns the server. The gRPC
+/// listener goes on a free port unless the text names one.
 pub async fn start_kvgate(yaml: &str) -> kvgate::serve::Server {
     let path = std::path::Path::new("test.yaml");
-    let cfg = kvgate::config::Config::from_yaml(yaml, path).expect("config parses");
+    let yaml = if yaml.contains("grpc_addr") { yaml.to_owned() } else { format!("grpc_addr: 127.0.0.1:0\n{yaml}") };
+    let cfg = kvgate::config::Config::from_yaml(&yaml, path).expect("config parses");
     kvgate::serve::start(cfg, path).await.expect("kvgate starts")
 }
 

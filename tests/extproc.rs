@@ -1,0 +1,329 @@
+//! The ext_proc server over real gRPC on loopback, with a test client sending the messages
+//! Envoy sends (full duplex and buffered modes), against a real simulator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, get_json, metric, start_kvgate, start_sim};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration, body_mutation::Mutation,
+};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+fn headers(pairs: &[(&str, &str)], eos: bool) -> Req {
+    Req::RequestHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue { key: (*k).into(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
+                .collect(),
+        }),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn msg(r: Req) -> ProcessingRequest {
+    ProcessingRequest { request: Some(r), ..Default::default() }
+}
+
+fn subset_hint(entries: &[&str]) -> Metadata {
+    let list = Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: entries.iter().map(|e| Value { kind: Some(Kind::StringValue((*e).into())) }).collect(),
+        })),
+    };
+    let inner = Struct { fields: [("x-gateway-destination-endpoint-subset".to_owned(), list)].into_iter().collect() };
+    Metadata {
+        filter_metadata: [("envoy.lb.subset_hint".to_owned(), inner)].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// One ext_proc stream, as Envoy drives it.
+struct Stream {
+    tx: mpsc::Sender<ProcessingRequest>,
+    rx: tonic::Streaming<ProcessingResponse>,
+}
+
+impl Stream {
+    async fn open(addr: std::net::SocketAddr) -> Self {
+        let mut client = ExternalProcessorClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(64);
+        let resp = client.process(ReceiverStream::new(rx)).await.expect("process");
+        Self { tx, rx: resp.into_inner() }
+    }
+    async fn send(&self, m: ProcessingRequest) {
+        self.tx.send(m).await.expect("send");
+    }
+    async fn recv(&mut self) -> ProcessingResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("answer in time")
+            .expect("ok")
+            .expect("a message")
+    }
+}
+
+/// The destination header set by a headers (or buffered body) response.
+fn destination(r: &ProcessingResponse) -> Option<String> {
+    let common = match &r.response {
+        Some(Resp::RequestHeaders(h)) => h.response.as_ref(),
+        Some(Resp::RequestBody(b)) => b.response.as_ref(),
+        _ => None,
+    }?;
+    common.header_mutation.as_ref()?.set_headers.iter().find_map(|h| {
+        let h = h.header.as_ref()?;
+        (h.key == "x-gateway-destination-endpoint").then(|| String::from_utf8_lossy(&h.raw_value).into_owned())
+    })
+}
+
+fn metadata_destination(r: &ProcessingResponse) -> Option<String> {
+    let lb = r.dynamic_metadata.as_ref()?.fields.get("envoy.lb")?;
+    let Some(Kind::StructValue(s)) = &lb.kind else { return None };
+    match &s.fields.get("x-gateway-destination-endpoint")?.kind {
+        Some(Kind::StringValue(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn streamed_body(r: &ProcessingResponse) -> Option<(Vec<u8>, bool)> {
+    let common = match &r.response {
+        Some(Resp::RequestBody(b)) | Some(Resp::ResponseBody(b)) => b.response.as_ref()?,
+        _ => return None,
+    };
+    match common.body_mutation.as_ref()?.mutation.as_ref()? {
+        Mutation::StreamedResponse(s) => Some((s.body.clone(), s.end_of_stream)),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_request_and_response() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert!(eventually(5, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["stale"] == false }).await);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(150_000)}], "stream": true})
+        .to_string()
+        .into_bytes();
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(
+        &[(":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")],
+        false,
+    )))
+    .await;
+    // Three body chunks; nothing comes back before the last.
+    for (i, part) in body.chunks(60_000).enumerate() {
+        let last = (i + 1) * 60_000 >= body.len();
+        s.send(msg(Req::RequestBody(HttpBody { body: part.to_vec(), end_of_stream: last, ..Default::default() })))
+            .await;
+    }
+    let first = s.recv().await;
+    let dest = destination(&first).expect("destination header");
+    assert_eq!(dest, sim.addrs[0].to_string());
+    assert_eq!(metadata_destination(&first).as_deref(), Some(dest.as_str()), "header and metadata agree");
+    match &first.response {
+        Some(Resp::RequestHeaders(h)) => assert!(h.response.as_ref().is_some_and(|c| c.clear_route_cache)),
+        other => panic!("expected a headers response first, got {other:?}"),
+    }
+    let mut echoed = Vec::new();
+    loop {
+        let (chunk, eos) = streamed_body(&s.recv().await).expect("a body chunk");
+        assert!(chunk.len() <= 62_000);
+        echoed.extend(chunk);
+        if eos {
+            break;
+        }
+    }
+    assert_eq!(echoed, body, "the body comes back byte for byte");
+    assert_eq!(get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"], 1);
+
+    // Response phase: headers, then SSE chunks with the usage line split across two chunks.
+    s.send(msg(Req::ResponseHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![
+                HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() },
+                HeaderValue {
+                    key: "content-type".into(),
+                    raw_value: b"text/event-stream".to_vec(),
+                    ..Default::default()
+                },
+            ],
+        }),
+        ..Default::default()
+    })))
+    .await;
+    assert!(matches!(s.recv().await.response, Some(Resp::ResponseHeaders(_))));
+    let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":40000,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n";
+    let cut = 80;
+    for (part, eos) in [(&sse[..cut], false), (&sse[cut..], true)] {
+        s.send(msg(Req::ResponseBody(HttpBody { body: part.to_vec(), end_of_stream: eos, ..Default::default() })))
+            .await;
+        let (back, back_eos) = streamed_body(&s.recv().await).expect("echoed chunk");
+        assert_eq!((back.as_slice(), back_eos), (part, eos), "response chunks are echoed at once");
+    }
+    assert!(
+        eventually(5, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"] == 0 }).await
+    );
+    let m = common::client()
+        .get(format!("http://{}/metrics", kv.admin_addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(metric(&m, "kvgate_tokens_total", &[("kind", "prompt")]), Some(40000.0));
+    assert_eq!(metric(&m, "kvgate_tokens_total", &[("kind", "cached")]), Some(16.0));
+    assert_eq!(metric(&m, "kvgate_requests_total", &[("status", "200"), ("decision", "decode-only")]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_buffered_mode_bodyless_requests_and_resets() {
+    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
+        a.addrs[0], b.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert!(
+        eventually(5, || async {
+            get_json(&debug).await["pools"][0]["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+        })
+        .await
+    );
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
+    let post = [(":method", "POST"), (":path", "/v1/chat/completions")];
+
+    // Unknown model: an ImmediateResponse 404 with an OpenAI body and the drop reason.
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&post, false))).await;
+    s.send(msg(Req::RequestBody(HttpBody { body: chat("gpt-17"), end_of_stream: true, ..Default::default() }))).await;
+    match s.recv().await.response {
+        Some(Resp::ImmediateResponse(ir)) => {
+            assert_eq!(ir.status.map(|s| s.code), Some(404));
+            let v: serde_json::Value = serde_json::from_slice(&ir.body).expect("JSON body");
+            assert_eq!(v["error"]["code"], "model_not_found");
+            let hs = ir.headers.expect("headers").set_headers;
+            assert!(hs.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "x-llm-d-request-dropped-reason")));
+        }
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+    drop(s);
+
+    // The subset hint restricts the pick (ip:port exact), and an unmatched hint is a 503.
+    for (hint, want) in [
+        (vec![b.addrs[0].to_string()], Some(b.addrs[0].to_string())),
+        (vec!["10.9.9.9:1".to_owned()], None),
+        (vec![], None),
+    ] {
+        let mut s = Stream::open(kv.grpc_addr).await;
+        let hint_refs: Vec<&str> = hint.iter().map(String::as_str).collect();
+        s.send(ProcessingRequest { metadata_context: Some(subset_hint(&hint_refs)), ..msg(headers(&post, false)) })
+            .await;
+        s.send(msg(Req::RequestBody(HttpBody { body: chat(MODEL), end_of_stream: true, ..Default::default() }))).await;
+        let r = s.recv().await;
+        match want {
+            Some(w) => assert_eq!(destination(&r), Some(w)),
+            None => assert!(
+                matches!(r.response, Some(Resp::ImmediateResponse(ref ir)) if ir.status.as_ref().map(|s| s.code) == Some(503)),
+                "{hint:?}: {r:?}"
+            ),
+        }
+    }
+
+    // Buffered mode, announced by Envoy: the headers are answered at once; the pick rides on
+    // the body answer.
+    let mut s = Stream::open(kv.grpc_addr).await;
+    let pc = ProtocolConfiguration {
+        request_body_mode: BodySendMode::Buffered as i32,
+        response_body_mode: BodySendMode::None as i32,
+        ..Default::default()
+    };
+    s.send(ProcessingRequest { protocol_config: Some(pc), ..msg(headers(&post, false)) }).await;
+    let r = s.recv().await;
+    assert!(matches!(r.response, Some(Resp::RequestHeaders(_))) && destination(&r).is_none());
+    s.send(msg(Req::RequestBody(HttpBody { body: chat(MODEL), end_of_stream: true, ..Default::default() }))).await;
+    let r = s.recv().await;
+    assert!(matches!(r.response, Some(Resp::RequestBody(_))));
+    let dest = destination(&r).expect("destination on the body answer");
+    assert_eq!(metadata_destination(&r), Some(dest));
+    drop(s);
+
+    // A request without a body is decided at its headers.
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&[(":method", "GET"), (":path", "/v1/models")], true))).await;
+    assert!(destination(&s.recv().await).is_some());
+    drop(s);
+
+    // A stream reset mid-request releases the in-flight count.
+    let total = || async {
+        get_json(&debug).await["pools"][0]["endpoints"]
+            .as_array()
+            .map(|e| e.iter().map(|x| x["in_flight_requests"].as_u64().unwrap_or(0)).sum::<u64>())
+            .unwrap_or(99)
+    };
+    assert!(eventually(5, || async { total().await == 0 }).await, "earlier streams released");
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&post, false))).await;
+    s.send(msg(Req::RequestBody(HttpBody { body: chat(MODEL), end_of_stream: true, ..Default::default() }))).await;
+    let _ = s.recv().await;
+    assert!(eventually(5, || async { total().await == 1 }).await);
+    drop(s);
+    assert!(eventually(5, || async { total().await == 0 }).await, "released on reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_services() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let health_port = common::free_port();
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nhealth_addr: 127.0.0.1:{health_port}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    for addr in [kv.grpc_addr.to_string(), format!("127.0.0.1:{health_port}")] {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = HealthClient::new(channel);
+        for service in ["", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"] {
+            let serving = eventually(5, || {
+                let mut c = client.clone();
+                async move {
+                    c.check(HealthCheckRequest { service: service.into() })
+                        .await
+                        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+                }
+            })
+            .await;
+            assert!(serving, "{service} on {addr}");
+        }
+        let unknown = client.check(HealthCheckRequest { service: "nope".into() }).await;
+        assert!(unknown.is_err());
+    }
+}
