@@ -2,6 +2,8 @@
 //! read Prometheus text, pick free ports.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod envoy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
