@@ -11,7 +11,7 @@ const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
 struct Setup {
     sims: Vec<common::Sim>,
-    kv: kvgate::serve::Server,
+    _kv: kvgate::serve::Server,
     envoy: Envoy,
 }
 
@@ -43,7 +43,7 @@ async fn setup(n: usize, extra: &str) -> Setup {
     let grpc = kv.grpc_addr.port();
     let envoy =
         tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
-    Setup { sims, kv, envoy }
+    Setup { sims, _kv: kv, envoy }
 }
 
 /// Which simulator served a response (by its `x-inference-port`).
