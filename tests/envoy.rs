@@ -141,3 +141,127 @@ async fn streams_bodies_and_errors_through_envoy() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(status, 503, "{v}");
 }
+
+/// The `lb_endpoints` line of override-host.yaml for these addresses.
+fn pool_members(addrs: &[String]) -> String {
+    let eps: Vec<String> = addrs
+        .iter()
+        .map(|a| {
+            let (ip, port) = a.rsplit_once(':').expect("ip:port");
+            format!("{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}")
+        })
+        .collect();
+    format!("      - lb_endpoints: [{}]", eps.join(", "))
+}
+
+fn with_members(text: String, addrs: &[String]) -> String {
+    text.lines()
+        .map(|l| if l.trim_start().starts_with("- lb_endpoints: [") { pool_members(addrs) } else { l.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_host_falls_back_to_the_next_entry() {
+    let live = start_sim(&["--time-scale", "0"]).await;
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let members = vec![dead.clone(), live.addrs[0].to_string()];
+    // Two endpoints per pick; scrape rarely and rotate the first choice, so the dead endpoint
+    // still looks healthy to kvgate and heads every other list.
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nscrape: {{interval_ms: 600000}}\nextproc: {{max_endpoints: 2}}\n\
+         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{dead}'}}, {{address: '{}'}}], scheduler: {{plugins: [{{type: round-robin-picker}}]}}}}]\n",
+        live.addrs[0]
+    ))
+    .await;
+    let grpc = kv.grpc_addr.port();
+    let m = members.clone();
+    let envoy =
+        tokio::task::spawn_blocking(move || Envoy::start("override-host.yaml", grpc, move |t| with_members(t, &m)))
+            .await
+            .expect("envoy");
+    let url = format!("http://{}/v1/completions", envoy.listener);
+    for k in 0..6 {
+        let r = client()
+            .post(&url)
+            .body(json!({"model": MODEL, "prompt": format!("{k}"), "max_tokens": 1}).to_string())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "request {k}");
+        assert_eq!(served_by(&r), live.addrs[0].port());
+    }
+}
+
+/// The upstream conformance suite's GatewayFollowingEPPRouting and its data-parallel variant:
+/// with the test filter on, `test-epp-endpoint-selection` decides, down to the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_following_epp_routing_with_ranks_on_one_ip() {
+    let s = setup(3, "extproc: {conformance_test_filter: true}").await;
+    let url = s.url("/v1/completions");
+    let ports: Vec<u16> = s.sims.iter().map(|x| x.addrs[0].port()).collect();
+    let send = |selection: String| {
+        let url = url.clone();
+        async move {
+            let r = client()
+                .post(&url)
+                .header("test-epp-endpoint-selection", selection)
+                .body(json!({"model": MODEL, "prompt": "x", "max_tokens": 1}).to_string())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200);
+            served_by(&r)
+        }
+    };
+    // One endpoint per request: always that one (every endpoint shares the IP 127.0.0.1, as
+    // data-parallel ranks do; only the port tells them apart).
+    for &p in &ports {
+        for _ in 0..3 {
+            assert_eq!(send(format!("127.0.0.1:{p}")).await, p);
+        }
+    }
+    // Several: one of them, never another.
+    let allowed = format!("127.0.0.1:{},127.0.0.1:{}", ports[1], ports[2]);
+    for _ in 0..6 {
+        let got = send(allowed.clone()).await;
+        assert!(got == ports[1] || got == ports[2], "{got} not in {allowed}");
+    }
+}
+
+/// EppUnAvailableFailOpen: with kvgate down and `failure_mode_allow: true`, what still gets
+/// through. Envoy 1.40 fails open for buffered request bodies (the fallback policy picks), but
+/// not for full-duplex ones: a POST whose body was being streamed to the picker gets a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_epp_unavailable_fail_open() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let members = vec![sim.addrs[0].to_string()];
+    let nobody = common::free_port();
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 1}).to_string();
+    for (mode, want) in [("BUFFERED", 200u16), ("FULL_DUPLEX_STREAMED", 500)] {
+        let m = members.clone();
+        let envoy = tokio::task::spawn_blocking(move || {
+            Envoy::start("override-host.yaml", nobody, move |t| {
+                let t = with_members(t, &m).replace("failure_mode_allow: false", "failure_mode_allow: true");
+                if mode == "BUFFERED" {
+                    t.replace("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+                        .replace("request_trailer_mode: SEND", "request_trailer_mode: SKIP")
+                } else {
+                    t
+                }
+            })
+        })
+        .await
+        .expect("envoy");
+        let r = client()
+            .post(format!("http://{}/v1/completions", envoy.listener))
+            .body(body.clone())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), want, "{mode}");
+        // A request without a body fails open in either mode.
+        let r = client().get(format!("http://{}/v1/models", envoy.listener)).send().await.expect("send");
+        assert_eq!(r.status(), 200, "{mode}: GET");
+    }
+}
