@@ -48,20 +48,56 @@ pub struct Server {
     pub proxy_addr: Option<SocketAddr>,
     /// Where the ext_proc gRPC server listens.
     pub grpc_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
     _tasks: Vec<AbortOnDrop>,
 }
 
-/// Serves `app` on `listener` until the task is dropped.
-fn serve_http(listener: TcpListener, app: axum::Router, what: &'static str) -> AbortOnDrop {
+impl Server {
+    /// Stops accepting new connections and requests, lets the ones in flight (streams
+    /// included) finish for up to `grace`, then stops everything.
+    pub async fn shutdown(mut self, grace: std::time::Duration) {
+        let _ = self.stop.send(true);
+        let listeners = std::mem::take(&mut self.listeners);
+        let aborts: Vec<_> = listeners.iter().map(|h| h.abort_handle()).collect();
+        if tokio::time::timeout(grace, futures_util::future::join_all(listeners)).await.is_err() {
+            tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
+            for a in aborts {
+                a.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            l.abort();
+        }
+    }
+}
+
+/// Resolves when `stop` turns true.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves `app` on `listener` until `stop`, then lets open connections finish.
+fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    what: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
             tracing::error!(error = %e, "{what} listener stopped");
         }
-    }))
+    })
 }
 
 /// Starts pools and listeners for `cfg` (read from `path`); returns once they are bound.
@@ -79,16 +115,18 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
         pools.push(pool);
     }
     let gateway = Arc::new(Gateway::new(pools, cfg.max_body_bytes, telemetry));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut listeners = Vec::new();
     let listener =
         TcpListener::bind(cfg.admin_addr).await.with_context(|| format!("binding admin_addr {}", cfg.admin_addr))?;
     let admin_addr = listener.local_addr()?;
-    tasks.push(serve_http(listener, admin::app(gateway.clone()), "admin"));
+    listeners.push(serve_http(listener, admin::app(gateway.clone()), "admin", stop_rx.clone()));
     let proxy_addr = match cfg.proxy_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.with_context(|| format!("binding proxy_addr {addr}"))?;
             let bound = listener.local_addr()?;
             let state = Arc::new(ProxyState::new(gateway.clone(), cfg.proxy.clone()));
-            tasks.push(serve_http(listener, proxy::app(state), "proxy"));
+            listeners.push(serve_http(listener, proxy::app(state), "proxy", stop_rx.clone()));
             Some(bound)
         }
         None => None,
@@ -101,21 +139,25 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
     let health = extproc::health_service(gateway.clone()).await;
     let grpc = tonic::transport::Server::builder().add_service(health.clone()).add_service(ext);
-    tasks.push(AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = grpc.serve_with_incoming(TcpListenerStream::new(listener)).await {
+    let grpc_stop = stopped(stop_rx.clone());
+    listeners.push(tokio::spawn(async move {
+        if let Err(e) = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listener), grpc_stop).await {
             tracing::error!(error = %e, "ext_proc listener stopped");
         }
-    })));
+    }));
     if let Some(addr) = cfg.health_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding health_addr {addr}"))?;
         let only_health = tonic::transport::Server::builder().add_service(health);
-        tasks.push(AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = only_health.serve_with_incoming(TcpListenerStream::new(listener)).await {
+        let health_stop = stopped(stop_rx.clone());
+        listeners.push(tokio::spawn(async move {
+            if let Err(e) =
+                only_health.serve_with_incoming_shutdown(TcpListenerStream::new(listener), health_stop).await
+            {
                 tracing::error!(error = %e, "health listener stopped");
             }
-        })));
+        }));
     }
-    Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, _tasks: tasks })
+    Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, stop, listeners, _tasks: tasks })
 }
 
 /// Runs `kvgate serve` until Ctrl-C or SIGTERM.
@@ -129,9 +171,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         pools = server.gateway.pools().len(), "kvgate serving"
     );
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    tracing::info!(grace_s = SHUTDOWN_GRACE.as_secs(), "shutting down: finishing requests in flight");
+    server.shutdown(SHUTDOWN_GRACE).await;
     Ok(())
 }
+
+/// How long a shutdown waits for requests in flight.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Applies `--grpc-addr`, `--admin-addr` and `--proxy-addr`.
 fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {
@@ -202,6 +248,7 @@ mod demo {
             grpc = server.grpc_addr,
         );
         shutdown_signal().await;
+        server.shutdown(std::time::Duration::from_secs(5)).await;
         drop(sims);
         Ok(())
     }

@@ -265,3 +265,35 @@ async fn conformance_epp_unavailable_fail_open() {
         assert_eq!(r.status(), 200, "{mode}: GET");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_picker_finishes_the_streams_it_holds() {
+    let sim = start_sim(&["--time-scale", "1"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert!(eventually(10, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["stale"] == false }).await);
+    let grpc = kv.grpc_addr.port();
+    let envoy =
+        tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
+    let r = client()
+        .post(format!("http://{}/v1/completions", envoy.listener))
+        .body(json!({"model": MODEL, "prompt": "a story", "max_tokens": 40, "stream": true}).to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    use futures_util::StreamExt;
+    let mut stream = r.bytes_stream();
+    let mut got = stream.next().await.expect("first chunk").expect("ok").to_vec();
+    let stopping = tokio::spawn(kv.shutdown(std::time::Duration::from_secs(20)));
+    while let Some(c) = stream.next().await {
+        got.extend_from_slice(&c.expect("the stream is not cut"));
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    stopping.await.expect("shutdown completes");
+}

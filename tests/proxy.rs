@@ -400,3 +400,28 @@ fn the_demo_answers_a_chat_request() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("chat.completion") && answer.contains("demo-replica-"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_streams_in_flight() {
+    let sim = start_sim(&["--time-scale", "1"]).await;
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
+    wait_ready(&kv, 1).await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    let r = client()
+        .post(format!("http://{proxy}/v1/completions"))
+        .body(json!({"model": MODEL, "prompt": "a story", "max_tokens": 40, "stream": true}).to_string())
+        .send()
+        .await
+        .expect("send");
+    let mut stream = r.bytes_stream();
+    let mut got = stream.next().await.expect("first chunk").expect("ok").to_vec();
+    let stopping = tokio::spawn(kv.shutdown(Duration::from_secs(20)));
+    while let Some(c) = stream.next().await {
+        got.extend_from_slice(&c.expect("the stream is not cut"));
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(text.matches("data: ").count(), 41);
+    stopping.await.expect("shutdown completes");
+    assert!(std::net::TcpStream::connect(proxy).is_err(), "no longer accepting");
+}
