@@ -399,6 +399,13 @@ impl Config {
             message,
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
+        if let Some(tls) = cfg.extproc.tls.as_mut() {
+            for p in [&mut tls.cert_path, &mut tls.key_path] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         for pool in &mut cfg.pools {
             if let Some(f) = pool.endpoints_file.as_mut().filter(|f| f.is_relative()) {
                 *f = base.join(&*f);

@@ -87,6 +87,18 @@ pub struct ExtProcConfig {
     pub max_message_bytes: usize,
     /// Obey `test-epp-endpoint-selection` (for the upstream conformance suite only).
     pub conformance_test_filter: bool,
+    /// Serve gRPC over TLS with this certificate and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate (chain) and its private key.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert_path: std::path::PathBuf,
+    /// Private key (PEM).
+    pub key_path: std::path::PathBuf,
 }
 
 impl Default for ExtProcConfig {
@@ -97,6 +109,7 @@ impl Default for ExtProcConfig {
             response_body_mode: BodyMode::FullDuplexStreamed,
             max_message_bytes: 64 << 20,
             conformance_test_filter: false,
+            tls: None,
         }
     }
 }

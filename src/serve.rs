@@ -138,7 +138,16 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let max = cfg.extproc.max_message_bytes;
     let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
     let health = extproc::health_service(gateway.clone()).await;
-    let grpc = tonic::transport::Server::builder().add_service(health.clone()).add_service(ext);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.extproc.tls {
+        let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
+        let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("TLS on grpc_addr")?;
+    }
+    let grpc = builder.add_service(health.clone()).add_service(ext);
     let grpc_stop = stopped(stop_rx.clone());
     listeners.push(tokio::spawn(async move {
         if let Err(e) = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listener), grpc_stop).await {

@@ -327,3 +327,47 @@ async fn grpc_health_services() {
         assert!(unknown.is_err());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_over_tls() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let dir = std::env::temp_dir().join(format!("kvgate-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    std::fs::write(dir.join("cert.pem"), key.cert.pem()).expect("cert");
+    std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).expect("key");
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{tls: {{cert_path: '{}', key_path: '{}'}}}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+        sim.addrs[0]
+    ))
+    .await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(key.cert.pem()))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", kv.grpc_addr))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("a TLS connection");
+    let mut client = ExternalProcessorClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let mut resp = client.process(ReceiverStream::new(rx)).await.expect("process").into_inner();
+    tx.send(msg(headers(&[(":method", "GET"), (":path", "/v1/models")], true))).await.expect("send");
+    let r = tokio::time::timeout(Duration::from_secs(10), resp.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("message");
+    assert_eq!(destination(&r), Some(sim.addrs[0].to_string()));
+    // A plaintext client gets nowhere.
+    let plain = ExternalProcessorClient::connect(format!("http://{}", kv.grpc_addr)).await;
+    if let Ok(mut c) = plain {
+        let (_tx, rx) = mpsc::channel::<ProcessingRequest>(1);
+        assert!(c.process(ReceiverStream::new(rx)).await.is_err());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
