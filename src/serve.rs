@@ -77,6 +77,19 @@ impl Drop for Server {
     }
 }
 
+/// Accepted connections with TCP_NODELAY: gRPC messages are small writes that Nagle's algorithm
+/// (with the peer's delayed ACKs) would hold back by up to 40 ms each.
+fn nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    })
+}
+
 /// Resolves when `stop` turns true.
 async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -150,7 +163,7 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let grpc = builder.add_service(health.clone()).add_service(ext);
     let grpc_stop = stopped(stop_rx.clone());
     listeners.push(tokio::spawn(async move {
-        if let Err(e) = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listener), grpc_stop).await {
+        if let Err(e) = grpc.serve_with_incoming_shutdown(nodelay(listener), grpc_stop).await {
             tracing::error!(error = %e, "ext_proc listener stopped");
         }
     }));
