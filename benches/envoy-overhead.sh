@@ -2,8 +2,9 @@
 # What kvgate adds as Envoy's endpoint picker, side by side in one run with the same client (wrk):
 #   Envoy -> simulator with a fixed destination (no picker)  vs  Envoy -> kvgate -> simulator.
 #   1. latency at concurrency 1 for 4 KB and 220 KB chat bodies (simulator at --time-scale 0);
-#   2. saturation throughput at concurrency 20 and 150 (4 KB bodies);
-#   3. kvgate's CPU time per request (from /proc) for 4 KB, 220 KB and 400 KB (~100k-token) bodies.
+#   2. latency at a fixed rate below saturation (200 requests/s, open loop: benches/open_loop.py);
+#   3. saturation throughput at concurrency 20 and 150 (4 KB bodies);
+#   4. kvgate's CPU time per request (from /proc) for 4 KB, 220 KB and 400 KB (~100k-token) bodies.
 # Needs wrk (Debian `wrk`) and Envoy (found or installed as in deploy/envoy/run-local.sh).
 # Usage: benches/envoy-overhead.sh [seconds per run]
 set -euo pipefail
@@ -89,6 +90,13 @@ for b in 4k 220k 400k; do
 d50,d99,v50,v99=$(ms $dp50),$(ms $dp99),$(ms $vp50),$(ms $vp99)
 us=($z-$a)/$tck*1e6/$vn
 print('%-5s %9.3fms %9.3fms %7.3fms %9.3fms %9.3fms %7.3fms %10.0fus' % ('$b', d50, v50, v50-d50, d99, v99, v99-d99, us))"
+done
+echo "== fixed rate below saturation (200 requests/s, open loop, latency from scheduled start) =="
+printf "%-5s %11s %11s %9s %11s %11s %9s\n" body fixed_p50 kvgate_p50 added fixed_p99 kvgate_p99 added
+for b in 4k 220k; do
+  read -r dp50 dp99 _ _ < <(python3 benches/open_loop.py "127.0.0.1:$direct" /v1/chat/completions "$dir/$b.json" 200 "$secs")
+  read -r vp50 vp99 _ _ < <(python3 benches/open_loop.py "127.0.0.1:$via" /v1/chat/completions "$dir/$b.json" 200 "$secs")
+  python3 -c "print('%-5s %9.3fms %9.3fms %7.3fms %9.3fms %9.3fms %7.3fms' % ('$b', $dp50, $vp50, $vp50-$dp50, $dp99, $vp99, $vp99-$dp99))"
 done
 echo "== saturation throughput (4 KB bodies) =="
 printf "%-6s %12s %12s %8s\n" conns fixed_rps kvgate_rps ratio
