@@ -297,3 +297,38 @@ async fn a_stopping_picker_finishes_the_streams_it_holds() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     stopping.await.expect("shutdown completes");
 }
+
+/// Envoy 1.40 announces its body modes in the first message (`protocol_config`): a picker left
+/// on its full-duplex default follows an Envoy configured for buffered bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_announces_buffered_mode_and_kvgate_follows() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let grpc = kv.grpc_addr.port();
+    let envoy = tokio::task::spawn_blocking(move || {
+        Envoy::start("original-dst.yaml", grpc, |t| {
+            t.replace("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+                .replace("request_trailer_mode: SEND", "request_trailer_mode: SKIP")
+        })
+    })
+    .await
+    .expect("envoy");
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert!(eventually(10, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["stale"] == false }).await);
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(4),
+        client()
+            .post(format!("http://{}/v1/completions", envoy.listener))
+            .body(json!({"model": MODEL, "prompt": "x", "max_tokens": 1}).to_string())
+            .send(),
+    )
+    .await
+    .expect("answered before Envoy's 5 s message timeout")
+    .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), sim.addrs[0].port());
+}
