@@ -371,3 +371,66 @@ async fn ext_proc_over_tls() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// When the gateway reports (in `envoy.lb` metadata) that a fallback served the request, the
+/// in-flight count moves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_endpoint_reported_by_the_gateway_gets_the_count() {
+    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{max_endpoints: 2}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
+        a.addrs[0], b.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    assert!(
+        eventually(5, || async {
+            get_json(&debug).await["pools"][0]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 2 && e.iter().all(|x| x["stale"] == false))
+        })
+        .await
+    );
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&[(":method", "POST"), (":path", "/v1/completions")], false))).await;
+    s.send(msg(Req::RequestBody(HttpBody {
+        body: json!({"model": MODEL, "prompt": "x"}).to_string().into_bytes(),
+        end_of_stream: true,
+        ..Default::default()
+    })))
+    .await;
+    let list = destination(&s.recv().await).expect("destination");
+    let entries: Vec<&str> = list.split(',').collect();
+    assert_eq!(entries.len(), 2, "an ordered fallback list: {list}");
+    let _ = s.recv().await; // the body
+    let in_flight = |addr: String| {
+        let debug = debug.clone();
+        async move {
+            get_json(&debug).await["pools"][0]["endpoints"]
+                .as_array()
+                .and_then(|e| {
+                    e.iter()
+                        .find(|x| x["address"] == addr.as_str())
+                        .map(|x| x["in_flight_requests"].as_u64().unwrap_or(9))
+                })
+                .unwrap_or(9)
+        }
+    };
+    assert_eq!(in_flight(entries[0].to_owned()).await, 1);
+    // The gateway says the second entry served.
+    let served = Value { kind: Some(Kind::StringValue(entries[1].to_owned())) };
+    let lb = Struct { fields: [("x-gateway-destination-endpoint-served".to_owned(), served)].into_iter().collect() };
+    let meta = Metadata { filter_metadata: [("envoy.lb".to_owned(), lb)].into_iter().collect(), ..Default::default() };
+    let resp_headers = Req::ResponseHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() }],
+        }),
+        ..Default::default()
+    });
+    s.send(ProcessingRequest { metadata_context: Some(meta), ..msg(resp_headers) }).await;
+    let _ = s.recv().await;
+    assert_eq!(in_flight(entries[0].to_owned()).await, 0);
+    assert_eq!(in_flight(entries[1].to_owned()).await, 1);
+    drop(s);
+    assert!(eventually(5, || async { in_flight(entries[1].to_owned()).await == 0 }).await);
+}
