@@ -335,6 +335,18 @@ impl StreamState {
         match msg.request {
             Some(Req::RequestHeaders(h)) => self.request_headers(h),
             Some(Req::RequestBody(b)) => {
+                let limit = self.gateway.max_body_bytes();
+                if self.body.len() + b.body.len() > limit {
+                    // Refuse as soon as the body is too large, rather than holding all of it.
+                    let e = RouteError::BadRequest(crate::request::RequestError::TooLarge {
+                        size: self.body.len() + b.body.len(),
+                        limit,
+                    });
+                    self.body = Vec::new();
+                    self.done = true;
+                    self.gateway.count("unknown", "unknown", None, e.status(), e.code());
+                    return vec![immediate(&e)];
+                }
                 self.body.extend_from_slice(&b.body);
                 if b.end_of_stream { self.decide(true) } else { Vec::new() }
             }
@@ -505,8 +517,7 @@ impl StreamState {
             }
         }
         if let Some(r) = &self.routed {
-            let ok = self.status < 500;
-            r.pool.report(r.decision().primary().id, ok);
+            r.pool.report(r.target().id, self.status < 500);
         }
         if h.end_of_stream {
             self.finish();

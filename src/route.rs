@@ -263,6 +263,8 @@ pub struct Routed {
     pub stream: bool,
     /// The in-flight count on the current target.
     pub guard: InFlightGuard,
+    /// Which of the decision's targets the request is on now.
+    current: usize,
 }
 
 impl Routed {
@@ -276,7 +278,13 @@ impl Routed {
         if let Some(t) = self.planned.decision.targets.get(k) {
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
             self.guard = InFlightGuard::new(in_flight, self.planned.uncached_tokens);
+            self.current = k;
         }
+    }
+
+    /// The target the request is on now (the decision's primary until retargeted).
+    pub fn target(&self) -> &crate::schedule::Target {
+        &self.planned.decision.targets[self.current]
     }
 }
 
@@ -352,7 +360,15 @@ impl Gateway {
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         let target = planned.decision.primary().index;
         let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.uncached_tokens);
-        Ok(Routed { pool: pool.clone(), model: req.model.into_owned(), stream: req.stream, snapshot, planned, guard })
+        Ok(Routed {
+            pool: pool.clone(),
+            model: req.model.into_owned(),
+            stream: req.stream,
+            snapshot,
+            planned,
+            guard,
+            current: 0,
+        })
     }
 
     /// The decision kvgate would make for a body, with every endpoint's scores; sends nothing

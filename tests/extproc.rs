@@ -434,3 +434,26 @@ async fn the_served_endpoint_reported_by_the_gateway_gets_the_count() {
     drop(s);
     assert!(eventually(5, || async { in_flight(entries[1].to_owned()).await == 0 }).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_are_refused_as_they_arrive() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nmax_body_bytes: 100000\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&[(":method", "POST"), (":path", "/v1/completions")], false))).await;
+    s.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    s.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    // Refused at the second chunk, before any end of stream.
+    match s.recv().await.response {
+        Some(Resp::ImmediateResponse(ir)) => {
+            assert_eq!(ir.status.map(|s| s.code), Some(400));
+            let v: serde_json::Value = serde_json::from_slice(&ir.body).expect("JSON");
+            assert_eq!(v["error"]["code"], "request_too_large");
+        }
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+}
