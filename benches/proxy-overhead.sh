@@ -7,14 +7,9 @@
 #   3. kvgate's CPU time per request, from /proc, over the concurrency-64 run.
 # Needs wrk (Debian package `wrk`). Usage: benches/proxy-overhead.sh [seconds per run]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 secs=${1:-10}
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
-cargo build --release --quiet
-bin=$PWD/target/release/kvgate
-dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/harness.sh"
+need_wrk
 
 python3 - "$dir" <<'PY'
 import json, sys
