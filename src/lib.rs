@@ -5,6 +5,7 @@
 //! pure; [`route`] is the one decision path every front-end calls. See ARCHITECTURE.md.
 
 pub mod admin;
+pub mod bench;
 pub mod config;
 pub mod endpoint;
 pub mod extproc;

@@ -23,6 +23,9 @@ enum Command {
     },
     /// Run kvgate: pools, discovery, scraping and the admin API, from a config file.
     Serve(kvgate::serve::ServeArgs),
+    /// Drive a seeded workload against an OpenAI-compatible server and report latency,
+    /// throughput and prefix-cache hit rate.
+    Bench(Box<kvgate::bench::BenchArgs>),
     /// Run a simulated vLLM server (OpenAI API, metrics, prefix cache, KV events, DP, P/D, LoRA).
     Sim(Box<kvgate::sim::SimArgs>),
 }
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
             init_logging();
             run_async(kvgate::serve::run(args))
         }
+        Command::Bench(args) => run_async(kvgate::bench::run(*args)),
         Command::Sim(args) => {
             init_logging();
             run_async(kvgate::sim::run(*args))

@@ -1,0 +1,56 @@
+//! `kvgate bench` against a simulator: a short run gives sane numbers.
+
+mod common;
+
+use common::start_sim;
+use kvgate::bench::{BenchArgs, run_bench};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_against_a_simulator() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", "m", "--pod-name", "sim-a"]).await;
+    let args = BenchArgs {
+        base_url: sim.url(0),
+        model: "m".into(),
+        workload: "shared-prefix".into(),
+        num_prompts: None,
+        request_rate: None,
+        max_concurrency: 4,
+        groups: 3,
+        prompts_per_group: 4,
+        system_prompt_len: 500,
+        question_len: 20,
+        output_len: 8,
+        seed: 1,
+        metrics_url: vec![format!("{}/metrics", sim.url(0))],
+        output: None,
+        no_stream: false,
+    };
+    let r = run_bench(args.clone()).await.expect("runs");
+    assert_eq!((r.requests, r.errors), (12, 0));
+    assert_eq!(r.per_endpoint.get("sim-a"), Some(&12));
+    assert!((r.output_tokens_per_s * r.duration_s - 96.0).abs() < 1e-6, "8 tokens × 12 requests");
+    assert!(r.ttft_ms.p50 > 0.0 && r.ttft_ms.p50 <= r.e2e_ms.p50);
+    // 3 system prompts shared 4 ways: most prompt tokens after the first of each group are hits.
+    let hit = r.prefix_cache_hit_rate.expect("hit rate from /metrics");
+    assert!((0.5..0.8).contains(&hit), "{hit}");
+    // Non-streaming too; and the report is JSON with the contract's fields.
+    let r = run_bench(BenchArgs { no_stream: true, ..args }).await.expect("runs");
+    assert_eq!(r.errors, 0);
+    let v = serde_json::to_value(&r).expect("json");
+    for k in [
+        "requests",
+        "errors",
+        "errors_by_kind",
+        "duration_s",
+        "throughput_rps",
+        "output_tokens_per_s",
+        "ttft_ms",
+        "tpot_ms",
+        "e2e_ms",
+        "prefix_cache_hit_rate",
+        "per_endpoint",
+    ] {
+        assert!(v.get(k).is_some(), "{k}");
+    }
+    assert!(v["ttft_ms"].get("p99").is_some());
+}
