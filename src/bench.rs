@@ -26,9 +26,18 @@ pub struct BenchArgs {
     /// Model name to send.
     #[arg(long)]
     pub model: String,
-    /// `shared-prefix`, `multi-turn` or `random`.
+    /// `shared-prefix`, `multi-turn`, `random` or `trace`.
     #[arg(long, default_value = "shared-prefix")]
     pub workload: String,
+    /// Trace to replay (JSONL: `timestamp` ms, `input_length`, `output_length`, `hash_ids`).
+    #[arg(long)]
+    pub trace: Option<std::path::PathBuf>,
+    /// Tokens per trace `hash_ids` block.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: usize,
+    /// Trace time multiplier: 0.5 replays twice as fast.
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_time_scale: f64,
     /// Requests to send (at most the workload's size).
     #[arg(long)]
     pub num_prompts: Option<usize>,
@@ -247,7 +256,16 @@ async fn counters(urls: &[String]) -> Option<(f64, f64)> {
 
 /// Runs a benchmark and returns its report.
 pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
+    let mut arrivals: Option<Vec<f64>> = None;
     let mut items: Vec<Item> = match args.workload.as_str() {
+        "trace" => {
+            let path = args.trace.as_ref().context("--workload trace needs --trace FILE")?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let timed = workload::trace(&text, args.block_size.max(1))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            arrivals = Some(timed.iter().map(|(t, _)| t * args.trace_time_scale.max(0.0)).collect());
+            timed.into_iter().map(|(_, item)| item).collect()
+        }
         "shared-prefix" => workload::shared_prefix(
             args.seed,
             args.groups,
@@ -270,7 +288,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
             args.system_prompt_len + args.question_len,
             args.output_len,
         ),
-        other => bail!("unknown workload `{other}` (shared-prefix, multi-turn, random)"),
+        other => bail!("unknown workload `{other}` (shared-prefix, multi-turn, random, trace)"),
     };
     if let Some(n) = args.num_prompts {
         items.truncate(n);
@@ -287,8 +305,10 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut next_at = Duration::ZERO;
     let mut tasks = Vec::with_capacity(items.len());
-    for item in &items {
-        if let Some(rate) = args.request_rate.filter(|r| *r > 0.0) {
+    for (k, item) in items.iter().enumerate() {
+        if let Some(at) = arrivals.as_ref().and_then(|a| a.get(k)) {
+            tokio::time::sleep_until((started + Duration::from_secs_f64(*at)).into()).await;
+        } else if let Some(rate) = args.request_rate.filter(|r| *r > 0.0) {
             next_at += Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate);
             tokio::time::sleep_until((started + next_at).into()).await;
         }

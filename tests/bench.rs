@@ -12,6 +12,9 @@ async fn a_short_run_against_a_simulator() {
         base_url: sim.url(0),
         model: "m".into(),
         workload: "shared-prefix".into(),
+        trace: None,
+        block_size: 512,
+        trace_time_scale: 1.0,
         num_prompts: None,
         request_rate: None,
         max_concurrency: 4,
@@ -53,4 +56,49 @@ async fn a_short_run_against_a_simulator() {
         assert!(v.get(k).is_some(), "{k}");
     }
     assert!(v["ttft_ms"].get("p99").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_replays_with_its_prefix_sharing() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", "m"]).await;
+    let dir = std::env::temp_dir().join(format!("kvgate-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let file = dir.join("trace.jsonl");
+    let lines: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                r#"{{"timestamp": {}, "input_length": 300, "output_length": 4, "hash_ids": [7, 8, {}]}}"#,
+                i * 20,
+                100 + i
+            )
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n")).expect("write trace");
+    let args = BenchArgs {
+        base_url: sim.url(0),
+        model: "m".into(),
+        workload: "trace".into(),
+        trace: Some(file),
+        block_size: 100,
+        trace_time_scale: 1.0,
+        num_prompts: None,
+        request_rate: None,
+        max_concurrency: 8,
+        groups: 0,
+        prompts_per_group: 0,
+        system_prompt_len: 0,
+        question_len: 0,
+        output_len: 0,
+        seed: 0,
+        metrics_url: vec![format!("{}/metrics", sim.url(0))],
+        output: None,
+        no_stream: false,
+    };
+    let r = run_bench(args).await.expect("runs");
+    assert_eq!((r.requests, r.errors), (6, 0));
+    assert!(r.duration_s >= 0.1, "arrivals follow the timestamps (last at 100 ms)");
+    // Two shared 100-token blocks of 300: after the first request, about two thirds hit.
+    let hit = r.prefix_cache_hit_rate.expect("hit rate");
+    assert!((0.45..0.7).contains(&hit), "{hit}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -104,6 +104,59 @@ pub fn multi_turn(
     out
 }
 
+/// One line of a trace file.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct TraceLine {
+    /// Arrival, milliseconds from the start.
+    timestamp: f64,
+    input_length: usize,
+    output_length: usize,
+    /// Prefix block ids: equal ids at equal positions are equal prompt blocks.
+    #[serde(default)]
+    hash_ids: Vec<u64>,
+}
+
+/// A trace (JSONL: `timestamp` ms, `input_length`, `output_length`, `hash_ids`) as requests and
+/// their arrival offsets in seconds. Block `id` is the same `block_tokens`-token text wherever it
+/// appears, so equal hash ids give identical text; the prompt is cut or padded (with text unique
+/// to the request) to `input_length`.
+pub fn trace(jsonl: &str, block_tokens: usize) -> Result<Vec<(f64, Item)>, String> {
+    let mut out = Vec::new();
+    let mut blocks: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    for (n, line) in jsonl.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let t: TraceLine = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        let mut prompt = String::new();
+        let mut tokens = 0;
+        for id in &t.hash_ids {
+            if tokens + block_tokens > t.input_length {
+                break;
+            }
+            let block =
+                blocks.entry(*id).or_insert_with(|| text(&mut fastrand::Rng::with_seed(*id ^ 0xb10c), block_tokens));
+            if !prompt.is_empty() {
+                prompt.push(' ');
+            }
+            prompt.push_str(block);
+            tokens = tokenizer::count(&prompt);
+        }
+        if tokens < t.input_length {
+            let mut rng = fastrand::Rng::with_seed(n as u64 ^ 0x7a11);
+            let tail = text(&mut rng, t.input_length - tokens);
+            prompt = if prompt.is_empty() { tail } else { format!("{prompt} {tail}") };
+        }
+        out.push((
+            t.timestamp / 1000.0,
+            Item {
+                messages: vec![("user".into(), prompt)],
+                output_len: t.output_length.max(1),
+                group: t.hash_ids.first().copied().unwrap_or(0) as usize,
+            },
+        ));
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(out)
+}
+
 /// `n` independent prompts (no sharing), as a control.
 pub fn random(seed: u64, n: usize, prompt_len: usize, output_len: usize) -> Vec<Item> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -146,6 +199,27 @@ mod tests {
         }
         let first_five: std::collections::HashSet<usize> = items[..5].iter().map(|i| i.group).collect();
         assert!(first_five.len() > 1, "groups are interleaved, not sent one after another");
+    }
+
+    #[test]
+    fn trace_blocks_and_lengths() {
+        let jsonl = r#"{"timestamp": 0, "input_length": 40, "output_length": 5, "hash_ids": [1, 2]}
+{"timestamp": 250, "input_length": 50, "output_length": 3, "hash_ids": [1, 2, 3]}
+{"timestamp": 100, "input_length": 25, "output_length": 2, "hash_ids": [9]}"#;
+        let items = trace(jsonl, 16).expect("parses");
+        let times: Vec<f64> = items.iter().map(|(t, _)| *t).collect();
+        assert_eq!(times, [0.0, 0.1, 0.25], "sorted by arrival");
+        let prompt = |i: usize| items[i].1.messages[0].1.clone();
+        for (i, want) in [(0, 40), (1, 25), (2, 50)] {
+            assert_eq!(tokenizer::count(&prompt(i)), want, "request {i}");
+        }
+        // Blocks 1 and 2 are the same text in both requests that start with them.
+        let block = |id: u64| text(&mut fastrand::Rng::with_seed(id ^ 0xb10c), 16);
+        let head = format!("{} {}", block(1), block(2));
+        assert!(prompt(0).starts_with(&head) && prompt(2).starts_with(&head));
+        assert!(prompt(2).contains(&block(3)));
+        assert!(!prompt(1).starts_with(&block(1)));
+        assert!(trace("{bad", 16).is_err());
     }
 
     #[test]
