@@ -74,6 +74,9 @@ pub struct BenchArgs {
     /// Send non-streaming requests.
     #[arg(long)]
     pub no_stream: bool,
+    /// Draw the TTFT distribution (CDF) as SVG to this file.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Mean and percentiles of a set of samples.
@@ -144,6 +147,8 @@ pub struct Report {
     pub hot_spot_factor: Option<f64>,
     /// What was run (flags and seed), to repeat it.
     pub config: BenchArgs,
+    /// Every successful request's TTFT, sorted (for CDF plots and comparisons).
+    pub ttft_samples_ms: Vec<f64>,
 }
 
 /// One request's outcome.
@@ -346,6 +351,8 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         max / (ok.len() as f64 / per_endpoint.len() as f64)
     });
     let tokens: usize = ok.iter().map(|o| o.tokens).sum();
+    let mut ttft_samples_ms: Vec<f64> = ok.iter().filter_map(|o| o.ttft).map(|t| t * 1000.0).collect();
+    ttft_samples_ms.sort_by(f64::total_cmp);
     let ms = |f: &dyn Fn(&Outcome) -> Option<f64>| {
         Stats::of(&ok.iter().filter_map(|o| f(o)).map(|s| s * 1000.0).collect::<Vec<_>>())
     };
@@ -366,6 +373,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         per_endpoint,
         hot_spot_factor,
         config: args,
+        ttft_samples_ms,
     })
 }
 
@@ -394,16 +402,131 @@ pub fn summary(r: &Report) -> String {
     )
 }
 
-/// Runs `kvgate bench`: the run, the summary, the report file.
+/// Runs `kvgate bench`: the run, the summary, the report file, the plot.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let output = args.output.clone();
+    let (output, plot) = (args.output.clone(), args.plot.clone());
     let report = run_bench(args).await?;
     println!("{}", summary(&report));
     if let Some(path) = output {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = plot {
+        write_plot(&path, &[("run".to_owned(), report.ttft_samples_ms.clone())])?;
+    }
     Ok(())
+}
+
+/// Writes an SVG (anything else is refused: PNG would need a font stack).
+fn write_plot(path: &std::path::Path, series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+    if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+        bail!("--plot writes SVG; name the file *.svg");
+    }
+    std::fs::write(path, ttft_cdf_svg(series)).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Overlaid TTFT CDFs, one line per named series of sorted samples (ms), log-scaled time axis.
+pub fn ttft_cdf_svg(series: &[(String, Vec<f64>)]) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 420.0;
+    const L: f64 = 60.0;
+    const B: f64 = 40.0;
+    const COLORS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+    let all: Vec<f64> = series.iter().flat_map(|(_, s)| s.iter().copied()).filter(|x| *x > 0.0).collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1e-3);
+    let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
+    let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil());
+    let x = |v: f64| L + (v.max(lo).log10() - llo) / (lhi - llo) * (W - L - 20.0);
+    let y = |p: f64| H - B - p * (H - B - 20.0);
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{L}" y1="20" x2="{L}" y2="{}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">time to first token (ms, log scale)</text>
+<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">fraction of requests</text>
+"#,
+        H - B,
+        W - 20.0,
+        H - B,
+        H - B,
+        (L + W - 20.0) / 2.0,
+        H - 8.0,
+        H / 2.0,
+        H / 2.0
+    );
+    for d in llo as i32..=lhi as i32 {
+        let v = 10f64.powi(d);
+        out.push_str(&format!(
+            "<line x1=\"{0:.1}\" y1=\"{1}\" x2=\"{0:.1}\" y2=\"{2}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{3}\" text-anchor=\"middle\">{v}</text>\n",
+            x(v),
+            20.0,
+            H - B,
+            H - B + 16.0
+        ));
+    }
+    for p in [0.5, 0.9, 0.99] {
+        out.push_str(&format!(
+            "<line x1=\"{L}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#eee\"/><text x=\"{2}\" y=\"{0:.1}\" text-anchor=\"end\">p{3}</text>\n",
+            y(p),
+            W - 20.0,
+            L - 4.0,
+            (p * 100.0) as u32
+        ));
+    }
+    for (k, (name, samples)) in series.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let n = samples.len().max(1) as f64;
+        let points: Vec<String> =
+            samples.iter().enumerate().map(|(i, v)| format!("{:.1},{:.1}", x(*v), y((i + 1) as f64 / n))).collect();
+        out.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>\n",
+            points.join(" "),
+            L + 10.0,
+            34.0 + 16.0 * k as f64,
+            name.replace('&', "&amp;").replace('<', "&lt;")
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// `kvgate bench compare`: reports side by side, and their TTFT CDFs overlaid.
+pub fn compare(files: &[std::path::PathBuf], plot: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let mut rows = vec![format!(
+        "{:<24} {:>8} {:>7} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "report", "requests", "errors", "req/s", "out tok/s", "ttft p50", "ttft p90", "ttft p99", "hit", "hotspot"
+    )];
+    let mut series = Vec::new();
+    for f in files {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+                .with_context(|| format!("{} is not a report", f.display()))?;
+        let name = f.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_owned();
+        let num = |p: &str| v.pointer(p).and_then(serde_json::Value::as_f64);
+        let opt = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".to_owned(), f);
+        rows.push(format!(
+            "{:<24} {:>8} {:>7} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8}",
+            name,
+            num("/requests").unwrap_or(0.0),
+            num("/errors").unwrap_or(0.0),
+            num("/throughput_rps").unwrap_or(0.0),
+            num("/output_tokens_per_s").unwrap_or(0.0),
+            num("/ttft_ms/p50").unwrap_or(0.0),
+            num("/ttft_ms/p90").unwrap_or(0.0),
+            num("/ttft_ms/p99").unwrap_or(0.0),
+            opt(num("/prefix_cache_hit_rate"), &|h| format!("{:.1}%", h * 100.0)),
+            opt(num("/hot_spot_factor"), &|h| format!("{h:.2}")),
+        ));
+        let samples: Vec<f64> = v["ttft_samples_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        series.push((name, samples));
+    }
+    if let Some(p) = plot {
+        write_plot(p, &series)?;
+    }
+    Ok(rows.join("\n"))
 }
 
 #[cfg(test)]
@@ -419,6 +542,14 @@ mod tests {
         assert_eq!(Stats::of(&[7.0]).p99, 7.0);
         assert_eq!(Stats::of(&[]), Stats::default());
         assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+    }
+
+    #[test]
+    fn plots_are_svg_with_one_line_per_series() {
+        let svg = ttft_cdf_svg(&[("a".into(), vec![1.0, 2.0, 30.0]), ("b<".into(), vec![5.0, 500.0])]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("b&lt;"));
     }
 
     #[test]

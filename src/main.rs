@@ -14,6 +14,28 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BenchCli {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
+    #[command(flatten)]
+    args: kvgate::bench::BenchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchSub {
+    /// Compare reports side by side (and overlay their TTFT distributions with --plot).
+    Compare {
+        /// Report files written by `kvgate bench --output`.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Write the overlaid TTFT CDFs here (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate a config file and print each pool's resolved endpoints and scheduler.
@@ -25,7 +47,7 @@ enum Command {
     Serve(kvgate::serve::ServeArgs),
     /// Drive a seeded workload against an OpenAI-compatible server and report latency,
     /// throughput and prefix-cache hit rate.
-    Bench(Box<kvgate::bench::BenchArgs>),
+    Bench(Box<BenchCli>),
     /// Run a simulated vLLM server (OpenAI API, metrics, prefix cache, KV events, DP, P/D, LoRA).
     Sim(Box<kvgate::sim::SimArgs>),
 }
@@ -38,7 +60,22 @@ fn main() -> ExitCode {
             init_logging();
             run_async(kvgate::serve::run(args))
         }
-        Command::Bench(args) => run_async(kvgate::bench::run(*args)),
+        Command::Bench(cli) => match cli.sub {
+            Some(BenchSub::Compare { reports, plot }) => match kvgate::bench::compare(&reports, plot.as_deref()) {
+                Ok(table) => {
+                    println!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!("error: {e:#}");
+                    }
+                    ExitCode::FAILURE
+                }
+            },
+            None => run_async(kvgate::bench::run(cli.args)),
+        },
         Command::Sim(args) => {
             init_logging();
             run_async(kvgate::sim::run(*args))

@@ -27,6 +27,7 @@ async fn a_short_run_against_a_simulator() {
         metrics_url: vec![format!("{}/metrics", sim.url(0))],
         output: None,
         no_stream: false,
+        plot: None,
     };
     let r = run_bench(args.clone()).await.expect("runs");
     assert_eq!((r.requests, r.errors), (12, 0));
@@ -93,6 +94,7 @@ async fn a_trace_replays_with_its_prefix_sharing() {
         metrics_url: vec![format!("{}/metrics", sim.url(0))],
         output: None,
         no_stream: false,
+        plot: None,
     };
     let r = run_bench(args).await.expect("runs");
     assert_eq!((r.requests, r.errors), (6, 0));
@@ -100,5 +102,51 @@ async fn a_trace_replays_with_its_prefix_sharing() {
     // Two shared 100-token blocks of 300: after the first request, about two thirds hit.
     let hit = r.prefix_cache_hit_rate.expect("hit rate");
     assert!((0.45..0.7).contains(&hit), "{hit}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_round_trip_through_compare() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", "m"]).await;
+    let dir = std::env::temp_dir().join(format!("kvgate-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let mut files = Vec::new();
+    for (name, groups) in [("one-group", 1), ("four-groups", 4)] {
+        let args = BenchArgs {
+            base_url: sim.url(0),
+            model: "m".into(),
+            workload: "shared-prefix".into(),
+            trace: None,
+            block_size: 512,
+            trace_time_scale: 1.0,
+            num_prompts: None,
+            request_rate: None,
+            max_concurrency: 2,
+            groups,
+            prompts_per_group: 3,
+            system_prompt_len: 200,
+            question_len: 10,
+            output_len: 2,
+            seed: 5,
+            metrics_url: vec![],
+            output: None,
+            no_stream: false,
+            plot: None,
+        };
+        let r = run_bench(args).await.expect("runs");
+        assert_eq!(r.ttft_samples_ms.len(), r.requests - r.errors);
+        let f = dir.join(format!("{name}.json"));
+        std::fs::write(&f, serde_json::to_string(&r).expect("json")).expect("write");
+        files.push(f);
+    }
+    let svg = dir.join("ttft.svg");
+    let table = kvgate::bench::compare(&files, Some(&svg)).expect("compares");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[1].starts_with("one-group") && lines[2].starts_with("four-groups"), "{table}");
+    assert!(lines[2].split_whitespace().nth(1) == Some("12"), "{table}");
+    let svg = std::fs::read_to_string(svg).expect("plot written");
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(kvgate::bench::compare(&[dir.join("missing.json")], None).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
