@@ -20,7 +20,7 @@ struct BenchCli {
     #[command(subcommand)]
     sub: Option<BenchSub>,
     #[command(flatten)]
-    args: kvgate::bench::BenchArgs,
+    args: Option<kvgate::bench::BenchArgs>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,7 +74,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            None => run_async(kvgate::bench::run(cli.args)),
+            None => match cli.args {
+                Some(args) => run_async(kvgate::bench::run(args)),
+                None => {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!("error: kvgate bench needs --base-url and --model (or `compare`); see --help");
+                    }
+                    ExitCode::FAILURE
+                }
+            },
         },
         Command::Sim(args) => {
             init_logging();
