@@ -436,7 +436,7 @@ pub fn ttft_cdf_svg(series: &[(String, Vec<f64>)]) -> String {
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1e-3);
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
     let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil());
-    let x = |v: f64| L + (v.max(lo).log10() - llo) / (lhi - llo) * (W - L - 20.0);
+    let x = |v: f64| L + (v.max(1e-9).log10() - llo) / (lhi - llo) * (W - L - 20.0);
     let y = |p: f64| H - B - p * (H - B - 20.0);
     let mut out = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
