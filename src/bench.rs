@@ -226,6 +226,34 @@ async fn send(client: &Client, url: &str, body: Bytes, stream: bool) -> Outcome 
     out
 }
 
+/// A live progress line on the terminal (none when stderr is not one).
+fn progress_bar(
+    total: usize,
+    done: Arc<std::sync::atomic::AtomicUsize>,
+    started: Instant,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || total == 0 {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        loop {
+            let n = done.load(std::sync::atomic::Ordering::Relaxed);
+            let filled = n * 30 / total;
+            #[allow(clippy::print_stderr)]
+            {
+                eprint!(
+                    "\r[{}{}] {n}/{total} requests, {:.1} s",
+                    "#".repeat(filled),
+                    " ".repeat(30 - filled),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }))
+}
+
 /// Whether an SSE event carries generated text (chat `delta.content` or completions `text`).
 fn token_event(event: &[u8]) -> bool {
     let Some(data) = event.strip_prefix(b"data:") else { return false };
@@ -308,6 +336,8 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.max(1)));
     let mut rng = fastrand::Rng::with_seed(args.seed ^ 0xa11);
     let started = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = progress_bar(items.len(), done.clone(), started);
     let mut next_at = Duration::ZERO;
     let mut tasks = Vec::with_capacity(items.len());
     for (k, item) in items.iter().enumerate() {
@@ -324,10 +354,11 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         if stream {
             body["stream_options"] = json!({"include_usage": true});
         }
-        let (client, url) = (client.clone(), url.clone());
+        let (client, url, done) = (client.clone(), url.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let out = send(&client, &url, Bytes::from(body.to_string()), stream).await;
             drop(permit);
+            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             out
         }));
     }
@@ -336,6 +367,13 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         outcomes.push(t.await.context("request task")?);
     }
     let duration = started.elapsed().as_secs_f64();
+    if let Some(p) = progress {
+        p.abort();
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!();
+        }
+    }
     let after = counters(&args.metrics_url).await;
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let mut errors_by_kind = BTreeMap::new();
