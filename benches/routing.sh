@@ -6,7 +6,7 @@
 #   workloads: shared-prefix (Poisson arrivals), multi-turn, bursty (shared-prefix, all at once)
 # Prints one table (hit rate, TTFT p50/p90/p99, throughput, hot-spot factor) and writes reports and
 # TTFT plots (SVG) to the output folder.
-# Usage: benches/routing.sh [output-dir]      (about 3 minutes here)
+# Usage: benches/routing.sh [output-dir]      (about 1.5 minutes here)
 set -euo pipefail
 out=$(realpath -m "${1:-target/routing-bench}")
 source "$(dirname "$0")/harness.sh"
@@ -25,9 +25,9 @@ policy_yaml() {
 }
 workload_flags() {
   case "$1" in
-    shared-prefix) echo "--workload shared-prefix --groups 16 --prompts-per-group 8 --system-prompt-len 2000 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
-    multi-turn) echo "--workload multi-turn --groups 16 --prompts-per-group 6 --system-prompt-len 1000 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
-    bursty) echo "--workload shared-prefix --groups 16 --prompts-per-group 8 --system-prompt-len 2000 --question-len 100 --output-len 32 --max-concurrency 128 --seed 3" ;;
+    shared-prefix) echo "--workload shared-prefix --groups 12 --prompts-per-group 16 --system-prompt-len 2500 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
+    multi-turn) echo "--workload multi-turn --groups 16 --prompts-per-group 6 --system-prompt-len 2500 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
+    bursty) echo "--workload shared-prefix --groups 12 --prompts-per-group 16 --system-prompt-len 2500 --question-len 100 --output-len 32 --max-concurrency 128 --seed 3" ;;
   esac
 }
 
