@@ -79,6 +79,17 @@ pub struct BenchArgs {
     pub plot: Option<std::path::PathBuf>,
 }
 
+impl BenchArgs {
+    /// Parses bench flags as the command line would (without the `bench` word).
+    pub fn from_flags<I, S>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        crate::cli::parse_flags("bench", flags)
+    }
+}
+
 /// Mean and percentiles of a set of samples.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Stats {
@@ -299,22 +310,17 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
             arrivals = Some(timed.iter().map(|(t, _)| t * args.trace_time_scale.max(0.0)).collect());
             timed.into_iter().map(|(_, item)| item).collect()
         }
-        "shared-prefix" => workload::shared_prefix(
-            args.seed,
-            args.groups,
-            args.prompts_per_group,
-            args.system_prompt_len,
-            args.question_len,
-            args.output_len,
-        ),
-        "multi-turn" => workload::multi_turn(
-            args.seed,
-            args.groups,
-            args.prompts_per_group,
-            args.system_prompt_len,
-            args.question_len,
-            args.output_len,
-        ),
+        w @ ("shared-prefix" | "multi-turn") => {
+            let make = if w == "shared-prefix" { workload::shared_prefix } else { workload::multi_turn };
+            make(
+                args.seed,
+                args.groups,
+                args.prompts_per_group,
+                args.system_prompt_len,
+                args.question_len,
+                args.output_len,
+            )
+        }
         "random" => workload::random(
             args.seed,
             args.num_prompts.unwrap_or(50),

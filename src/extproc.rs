@@ -15,7 +15,6 @@
 //! served endpoint, when the gateway reports it, moves the in-flight count to the right
 //! endpoint; the count is released when the response ends or the stream goes away.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -435,18 +434,12 @@ impl StreamState {
             _ => {
                 // No body, or a path kvgate does not parse: place it by its model (or the only
                 // pool's), without prompt affinity.
-                let model = serde_json::from_slice::<serde_json::Value>(&self.body)
-                    .ok()
-                    .and_then(|v| v["model"].as_str().map(str::to_owned))
-                    .or_else(|| match self.gateway.pools() {
-                        [only] => only.models().first().cloned(),
-                        _ => None,
-                    });
+                let model = crate::request::model_of(&self.body).or_else(|| match self.gateway.pools() {
+                    [only] => only.models().first().cloned(),
+                    _ => None,
+                });
                 match model {
-                    Some(m) => {
-                        let probe = serde_json::json!({"model": m, "prompt": ""}).to_string();
-                        self.gateway.decide(ApiKind::Completions, probe.as_bytes(), subset.as_ref(), want)
-                    }
+                    Some(m) => self.gateway.decide_by_model(&m, subset.as_ref(), want),
                     None => Err(RouteError::BadRequest(crate::request::RequestError::MissingModel)),
                 }
             }
@@ -611,24 +604,26 @@ pub async fn health_service(
     service
 }
 
-/// Metadata fields as a map (for tests and debugging).
-pub fn struct_fields(s: &Struct) -> BTreeMap<String, String> {
-    s.fields
-        .iter()
-        .map(|(k, v)| {
-            let text = match &v.kind {
-                Some(Kind::StringValue(x)) => x.clone(),
-                Some(Kind::StructValue(inner)) => format!("{:?}", struct_fields(inner)),
-                other => format!("{other:?}"),
-            };
-            (k.clone(), text)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    /// Metadata fields as a map.
+    fn struct_fields(s: &Struct) -> BTreeMap<String, String> {
+        s.fields
+            .iter()
+            .map(|(k, v)| {
+                let text = match &v.kind {
+                    Some(Kind::StringValue(x)) => x.clone(),
+                    Some(Kind::StructValue(inner)) => format!("{:?}", struct_fields(inner)),
+                    other => format!("{other:?}"),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
 
     #[test]
     fn usage_from_sse_split_anywhere_and_from_json() {

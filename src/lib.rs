@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod endpoint;
 pub mod extproc;

@@ -152,17 +152,14 @@ async fn passthrough(st: &ProxyState, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return route_error(&e),
     };
-    let Some(model) =
-        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["model"].as_str().map(str::to_owned))
-    else {
+    let Some(model) = crate::request::model_of(&body) else {
         return json_error(
             404,
             &format!("no route for {} {}: no `model` to choose a pool by", parts.method, parts.uri.path()),
             "not_found",
         );
     };
-    let probe = json!({"model": model, "prompt": ""}).to_string();
-    match st.gateway.decide(ApiKind::Completions, probe.as_bytes(), None, st.cfg.attempts) {
+    match st.gateway.decide_by_model(&model, None, st.cfg.attempts) {
         Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
         Err(e) => route_error(&e),
     }

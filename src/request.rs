@@ -390,6 +390,15 @@ impl ParsedRequest<'_> {
     }
 }
 
+/// The `model` of any JSON body, reading nothing else (for paths kvgate does not parse).
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct OnlyModel {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<OnlyModel>(body).ok()?.model
+}
+
 /// Maps a serde error on a JSON object to the right `RequestError`, naming the field.
 fn classify(text: &str, err: serde_json::Error) -> RequestError {
     use serde_json::error::Category;
@@ -672,6 +681,13 @@ mod tests {
         assert!(matches!(r.model, Cow::Borrowed(_)), "model must borrow from the body");
         let r = parse(ApiKind::Completions, br#"{"model":"a\u0062","prompt":"x"}"#, 100).expect("parses");
         assert_eq!(r.model, "ab");
+    }
+
+    #[test]
+    fn model_of_any_body() {
+        assert_eq!(model_of(br#"{"input":[1,{"x":2}],"model":"m"}"#).as_deref(), Some("m"));
+        assert_eq!(model_of(br#"{"input":"x"}"#), None);
+        assert_eq!(model_of(b"not json"), None);
     }
 
     #[test]

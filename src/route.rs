@@ -371,6 +371,13 @@ impl Gateway {
         })
     }
 
+    /// Places a request kvgate does not parse (no body, or another API) on an endpoint of
+    /// `model`'s pool, by load alone — there is no prompt to match.
+    pub fn decide_by_model(&self, model: &str, subset: Option<&Subset>, want: usize) -> Result<Routed, RouteError> {
+        let empty_prompt = json!({"model": model, "prompt": ""}).to_string();
+        self.decide(ApiKind::Completions, empty_prompt.as_bytes(), subset, want)
+    }
+
     /// The decision kvgate would make for a body, with every endpoint's scores; sends nothing
     /// and records nothing.
     pub fn explain(&self, api: ApiKind, body: &[u8]) -> Result<(String, Decision, Explanation), RouteError> {

@@ -131,14 +131,7 @@ impl SimArgs {
         I: IntoIterator<Item = S>,
         S: Into<std::ffi::OsString> + Clone,
     {
-        use clap::Parser;
-        #[derive(Debug, Parser)]
-        struct Flags {
-            #[command(flatten)]
-            args: SimArgs,
-        }
-        let argv = std::iter::once(std::ffi::OsString::from("sim")).chain(flags.into_iter().map(Into::into));
-        Flags::try_parse_from(argv).map(|f| f.args)
+        crate::cli::parse_flags("sim", flags)
     }
 }
 

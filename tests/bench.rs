@@ -5,30 +5,37 @@ mod common;
 use common::start_sim;
 use kvgate::bench::{BenchArgs, run_bench};
 
+/// Bench flags as a user would type them.
+fn bench_args(flags: &[&str]) -> BenchArgs {
+    BenchArgs::from_flags(flags).expect("valid bench flags")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_run_against_a_simulator() {
     let sim = start_sim(&["--time-scale", "0", "--served-model-name", "m", "--pod-name", "sim-a"]).await;
-    let args = BenchArgs {
-        base_url: sim.url(0),
-        model: "m".into(),
-        workload: "shared-prefix".into(),
-        trace: None,
-        block_size: 512,
-        trace_time_scale: 1.0,
-        num_prompts: None,
-        request_rate: None,
-        max_concurrency: 4,
-        groups: 3,
-        prompts_per_group: 4,
-        system_prompt_len: 500,
-        question_len: 20,
-        output_len: 8,
-        seed: 1,
-        metrics_url: vec![format!("{}/metrics", sim.url(0))],
-        output: None,
-        no_stream: false,
-        plot: None,
-    };
+    let metrics = format!("{}/metrics", sim.url(0));
+    let args = bench_args(&[
+        "--base-url",
+        &sim.url(0),
+        "--model",
+        "m",
+        "--max-concurrency",
+        "4",
+        "--groups",
+        "3",
+        "--prompts-per-group",
+        "4",
+        "--system-prompt-len",
+        "500",
+        "--question-len",
+        "20",
+        "--output-len",
+        "8",
+        "--seed",
+        "1",
+        "--metrics-url",
+        &metrics,
+    ]);
     let r = run_bench(args.clone()).await.expect("runs");
     assert_eq!((r.requests, r.errors), (12, 0));
     assert_eq!(r.per_endpoint.get("sim-a"), Some(&12));
@@ -75,27 +82,24 @@ async fn a_trace_replays_with_its_prefix_sharing() {
         })
         .collect();
     std::fs::write(&file, lines.join("\n")).expect("write trace");
-    let args = BenchArgs {
-        base_url: sim.url(0),
-        model: "m".into(),
-        workload: "trace".into(),
-        trace: Some(file),
-        block_size: 100,
-        trace_time_scale: 1.0,
-        num_prompts: None,
-        request_rate: None,
-        max_concurrency: 8,
-        groups: 0,
-        prompts_per_group: 0,
-        system_prompt_len: 0,
-        question_len: 0,
-        output_len: 0,
-        seed: 0,
-        metrics_url: vec![format!("{}/metrics", sim.url(0))],
-        output: None,
-        no_stream: false,
-        plot: None,
-    };
+    let metrics = format!("{}/metrics", sim.url(0));
+    let trace = file.to_str().expect("utf-8 path");
+    let args = bench_args(&[
+        "--base-url",
+        &sim.url(0),
+        "--model",
+        "m",
+        "--workload",
+        "trace",
+        "--trace",
+        trace,
+        "--block-size",
+        "100",
+        "--max-concurrency",
+        "8",
+        "--metrics-url",
+        &metrics,
+    ]);
     let r = run_bench(args).await.expect("runs");
     assert_eq!((r.requests, r.errors), (6, 0));
     assert!(r.duration_s >= 0.1, "arrivals follow the timestamps (last at 100 ms)");
@@ -112,27 +116,27 @@ async fn reports_round_trip_through_compare() {
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let mut files = Vec::new();
     for (name, groups) in [("one-group", 1), ("four-groups", 4)] {
-        let args = BenchArgs {
-            base_url: sim.url(0),
-            model: "m".into(),
-            workload: "shared-prefix".into(),
-            trace: None,
-            block_size: 512,
-            trace_time_scale: 1.0,
-            num_prompts: None,
-            request_rate: None,
-            max_concurrency: 2,
-            groups,
-            prompts_per_group: 3,
-            system_prompt_len: 200,
-            question_len: 10,
-            output_len: 2,
-            seed: 5,
-            metrics_url: vec![],
-            output: None,
-            no_stream: false,
-            plot: None,
-        };
+        let groups = groups.to_string();
+        let args = bench_args(&[
+            "--base-url",
+            &sim.url(0),
+            "--model",
+            "m",
+            "--max-concurrency",
+            "2",
+            "--groups",
+            &groups,
+            "--prompts-per-group",
+            "3",
+            "--system-prompt-len",
+            "200",
+            "--question-len",
+            "10",
+            "--output-len",
+            "2",
+            "--seed",
+            "5",
+        ]);
         let r = run_bench(args).await.expect("runs");
         assert_eq!(r.ttft_samples_ms.len(), r.requests - r.errors);
         let f = dir.join(format!("{name}.json"));
