@@ -5,37 +5,38 @@ mod common;
 use common::start_sim;
 use kvgate::bench::{BenchArgs, run_bench};
 
-/// Bench flags as a user would type them.
-fn bench_args(flags: &[&str]) -> BenchArgs {
-    BenchArgs::from_flags(flags).expect("valid bench flags")
+/// Bench flags as a user would type them, aimed at `sim` with model `m`.
+fn bench_args(sim: &common::Sim, flags: &[&str]) -> BenchArgs {
+    let base = sim.url(0);
+    let all = ["--base-url", base.as_str(), "--model", "m"].into_iter().chain(flags.iter().copied());
+    BenchArgs::from_flags(all).expect("valid bench flags")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_run_against_a_simulator() {
     let sim = start_sim(&["--time-scale", "0", "--served-model-name", "m", "--pod-name", "sim-a"]).await;
     let metrics = format!("{}/metrics", sim.url(0));
-    let args = bench_args(&[
-        "--base-url",
-        &sim.url(0),
-        "--model",
-        "m",
-        "--max-concurrency",
-        "4",
-        "--groups",
-        "3",
-        "--prompts-per-group",
-        "4",
-        "--system-prompt-len",
-        "500",
-        "--question-len",
-        "20",
-        "--output-len",
-        "8",
-        "--seed",
-        "1",
-        "--metrics-url",
-        &metrics,
-    ]);
+    let args = bench_args(
+        &sim,
+        &[
+            "--max-concurrency",
+            "4",
+            "--groups",
+            "3",
+            "--prompts-per-group",
+            "4",
+            "--system-prompt-len",
+            "500",
+            "--question-len",
+            "20",
+            "--output-len",
+            "8",
+            "--seed",
+            "1",
+            "--metrics-url",
+            &metrics,
+        ],
+    );
     let r = run_bench(args.clone()).await.expect("runs");
     assert_eq!((r.requests, r.errors), (12, 0));
     assert_eq!(r.per_endpoint.get("sim-a"), Some(&12));
@@ -84,22 +85,21 @@ async fn a_trace_replays_with_its_prefix_sharing() {
     std::fs::write(&file, lines.join("\n")).expect("write trace");
     let metrics = format!("{}/metrics", sim.url(0));
     let trace = file.to_str().expect("utf-8 path");
-    let args = bench_args(&[
-        "--base-url",
-        &sim.url(0),
-        "--model",
-        "m",
-        "--workload",
-        "trace",
-        "--trace",
-        trace,
-        "--block-size",
-        "100",
-        "--max-concurrency",
-        "8",
-        "--metrics-url",
-        &metrics,
-    ]);
+    let args = bench_args(
+        &sim,
+        &[
+            "--workload",
+            "trace",
+            "--trace",
+            trace,
+            "--block-size",
+            "100",
+            "--max-concurrency",
+            "8",
+            "--metrics-url",
+            &metrics,
+        ],
+    );
     let r = run_bench(args).await.expect("runs");
     assert_eq!((r.requests, r.errors), (6, 0));
     assert!(r.duration_s >= 0.1, "arrivals follow the timestamps (last at 100 ms)");
@@ -117,26 +117,25 @@ async fn reports_round_trip_through_compare() {
     let mut files = Vec::new();
     for (name, groups) in [("one-group", 1), ("four-groups", 4)] {
         let groups = groups.to_string();
-        let args = bench_args(&[
-            "--base-url",
-            &sim.url(0),
-            "--model",
-            "m",
-            "--max-concurrency",
-            "2",
-            "--groups",
-            &groups,
-            "--prompts-per-group",
-            "3",
-            "--system-prompt-len",
-            "200",
-            "--question-len",
-            "10",
-            "--output-len",
-            "2",
-            "--seed",
-            "5",
-        ]);
+        let args = bench_args(
+            &sim,
+            &[
+                "--max-concurrency",
+                "2",
+                "--groups",
+                &groups,
+                "--prompts-per-group",
+                "3",
+                "--system-prompt-len",
+                "200",
+                "--question-len",
+                "10",
+                "--output-len",
+                "2",
+                "--seed",
+                "5",
+            ],
+        );
         let r = run_bench(args).await.expect("runs");
         assert_eq!(r.ttft_samples_ms.len(), r.requests - r.errors);
         let f = dir.join(format!("{name}.json"));
