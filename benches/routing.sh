@@ -6,7 +6,8 @@
 #   workloads: shared-prefix (Poisson arrivals), multi-turn, bursty (shared-prefix, all at once)
 # Prints one table (hit rate, TTFT p50/p90/p99, throughput, hot-spot factor) and writes reports and
 # TTFT plots (SVG) to the output folder.
-# Usage: benches/routing.sh [output-dir]      (about 1.5 minutes here)
+# Usage: benches/routing.sh [output-dir]      (about 2 minutes here)
+#   WORKLOADS="bursty" POLICIES="round-robin default" narrow the run; RATE sets the Poisson rate.
 set -euo pipefail
 out=$(realpath -m "${1:-target/routing-bench}")
 source "$(dirname "$0")/harness.sh"
@@ -26,13 +27,15 @@ policy_yaml() {
 workload_flags() {
   case "$1" in
     shared-prefix) echo "--workload shared-prefix --groups 12 --prompts-per-group 16 --system-prompt-len 2500 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
-    multi-turn) echo "--workload multi-turn --groups 16 --prompts-per-group 6 --system-prompt-len 2500 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
+    multi-turn) echo "--workload multi-turn --groups 10 --prompts-per-group 12 --system-prompt-len 2500 --question-len 100 --output-len 32 --request-rate ${RATE:-24} --max-concurrency 256" ;;
     bursty) echo "--workload shared-prefix --groups 12 --prompts-per-group 16 --system-prompt-len 2500 --question-len 100 --output-len 32 --max-concurrency 128 --seed 3" ;;
   esac
 }
 
-for workload in shared-prefix multi-turn bursty; do
-  for policy in round-robin load-only prefix-only default; do
+workloads=${WORKLOADS:-shared-prefix multi-turn bursty}
+policies=${POLICIES:-round-robin load-only prefix-only default}
+for workload in $workloads; do
+  for policy in $policies; do
     sims=(); metrics=()
     for _ in $(seq $replicas); do
       p=$(port)
@@ -53,15 +56,16 @@ for workload in shared-prefix multi-turn bursty; do
     kill "$kv" "${sims[@]}" 2>/dev/null || true
     wait "$kv" "${sims[@]}" 2>/dev/null || true
   done
-  "$bin" bench compare "$out/$workload"-{round-robin,load-only,prefix-only,default}.json --plot "$out/$workload-ttft.svg" > "$out/$workload.txt"
+  # shellcheck disable=SC2086
+  "$bin" bench compare $(printf "$out/$workload-%s.json " $policies) --plot "$out/$workload-ttft.svg" > "$out/$workload.txt"
 done
 
-python3 - "$out" <<'PY'
+python3 - "$out" "$workloads" "$policies" <<'PY'
 import json, sys
 out = sys.argv[1]
 print(f"{'workload':<14} {'policy':<12} {'hit rate':>8} {'ttft p50':>9} {'ttft p90':>9} {'ttft p99':>9} {'req/s':>7} {'hotspot':>8} {'errors':>6}")
-for w in ("shared-prefix", "multi-turn", "bursty"):
-    for p in ("round-robin", "load-only", "prefix-only", "default"):
+for w in sys.argv[2].split():
+    for p in sys.argv[3].split():
         r = json.load(open(f"{out}/{w}-{p}.json"))
         hit = r["prefix_cache_hit_rate"]
         print(f"{w:<14} {p:<12} {hit*100 if hit is not None else float('nan'):>7.1f}% {r['ttft_ms']['p50']:>8.0f}ms {r['ttft_ms']['p90']:>8.0f}ms "

@@ -93,12 +93,13 @@ pub fn multi_turn(
         }
         convs.push(conv);
     }
-    // Round-robin over sessions in a seeded order, so every session advances turn by turn.
+    // Rounds over the sessions, each in a fresh seeded order: every session advances turn by turn,
+    // and no fixed cycle lines a session up with the same replica under round-robin routing.
     let mut order: Vec<usize> = (0..sessions).collect();
-    rng.shuffle(&mut order);
     let mut iters: Vec<_> = convs.into_iter().map(Vec::into_iter).collect();
     let mut out = Vec::with_capacity(sessions * turns);
     for _ in 0..turns {
+        rng.shuffle(&mut order);
         out.extend(order.iter().filter_map(|&s| iters[s].next()));
     }
     out

@@ -88,7 +88,7 @@ impl Default for AffinityParams {
     fn default() -> Self {
         Self {
             affinity_threshold: 0.5,
-            max_in_flight_imbalance: 4,
+            max_in_flight_imbalance: 64,
             peak_prefill_throughput: 15928.0,
             max_ttft_penalty_ms: 2000.0,
         }

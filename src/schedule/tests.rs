@@ -100,8 +100,8 @@ fn prefix_affinity_until_saturated() {
     eps[2].in_flight.start(100);
     eps[2].in_flight.start(100);
     check(&s, &eps, &hot, request(10), Ok(2));
-    // Past the in-flight imbalance (4): released to an endpoint without the prefix.
-    for _ in 0..3 {
+    // Past the in-flight imbalance (64): released to an endpoint without the prefix.
+    for _ in 0..63 {
         eps[2].in_flight.start(100);
     }
     let d = run(&s, &eps, &hot, request(10), 0).expect("decision");
