@@ -461,12 +461,38 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes an SVG (anything else is refused: PNG would need a font stack).
+/// Writes the TTFT chart as SVG or PNG, by the file's extension.
 fn write_plot(path: &std::path::Path, series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-    if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-        bail!("--plot writes SVG; name the file *.svg");
+    let svg = ttft_cdf_svg(series);
+    let bytes = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("svg") => svg.into_bytes(),
+        Some("png") => svg_to_png(&svg)?,
+        _ => bail!("--plot writes SVG or PNG; name the file *.svg or *.png"),
+    };
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Rasterizes a chart at twice its size. Labels use the system's fonts; without any, the lines
+/// are still drawn.
+pub fn svg_to_png(svg: &str) -> anyhow::Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let mut opt = usvg::Options::default();
+    let db = opt.fontdb_mut();
+    db.load_system_fonts();
+    // The chart asks for `sans-serif`; map it to an installed sans face (else any face).
+    let family = |pred: &dyn Fn(&str) -> bool| {
+        db.faces().flat_map(|f| f.families.iter()).map(|(name, _)| name.clone()).find(|n| pred(n))
+    };
+    if let Some(name) = family(&|n| n.contains("Sans") && !n.contains("Mono")).or_else(|| family(&|_| true)) {
+        db.set_sans_serif_family(name.clone());
+        opt.font_family = name;
     }
-    std::fs::write(path, ttft_cdf_svg(series)).with_context(|| format!("writing {}", path.display()))
+    let tree = usvg::Tree::from_str(svg, &opt).context("rendering the plot")?;
+    let size = tree.size().to_int_size();
+    let mut pixmap =
+        tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2).context("rendering the plot: empty image")?;
+    resvg::render(&tree, tiny_skia::Transform::from_scale(2.0, 2.0), &mut pixmap.as_mut());
+    pixmap.encode_png().context("encoding the plot as PNG")
 }
 
 /// Overlaid TTFT CDFs, one line per named series of sorted samples (ms), log-scaled time axis.
@@ -594,6 +620,10 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("b&lt;"));
+        let png = svg_to_png(&svg).expect("rasterizes");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        // 1440 x 840: the chart at twice its size (IHDR width and height, big-endian).
+        assert_eq!(&png[16..24], &[0, 0, 5, 160, 0, 0, 3, 72]);
     }
 
     #[test]

@@ -150,6 +150,10 @@ async fn reports_round_trip_through_compare() {
     assert!(lines[2].split_whitespace().nth(1) == Some("12"), "{table}");
     let svg = std::fs::read_to_string(svg).expect("plot written");
     assert_eq!(svg.matches("<polyline").count(), 2);
+    let png = dir.join("ttft.png");
+    kvgate::bench::compare(&files, Some(&png)).expect("compares to PNG");
+    assert!(std::fs::read(&png).expect("png written").starts_with(b"\x89PNG"));
+    assert!(kvgate::bench::compare(&files, Some(&dir.join("ttft.gif"))).is_err());
     assert!(kvgate::bench::compare(&[dir.join("missing.json")], None).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
