@@ -18,6 +18,8 @@ use crate::schedule::{Scheduler, SchedulerSpec};
 
 /// Data-parallel ranks one endpoint entry may declare (InferencePool `targetPorts` allows 8).
 pub const MAX_RANK_PORTS: usize = 8;
+/// Data-parallel ranks one port may front (`data_parallel_size`).
+pub const MAX_HEADER_RANKS: u32 = 64;
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +164,10 @@ pub struct EndpointSpec {
     /// One port per data-parallel rank (port i = rank i), when `address` has none.
     #[serde(default)]
     pub ports: Option<Vec<u16>>,
+    /// Data-parallel ranks behind one port (vLLM's internal load balancing): each rank is
+    /// scored on its own (`engine` label of the metrics) and pinned with `X-data-parallel-rank`.
+    #[serde(default)]
+    pub data_parallel_size: Option<u32>,
     /// Labels, e.g. `llm-d.ai/role: prefill`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -185,8 +191,10 @@ pub struct ResolvedEndpoint {
     pub host: Host,
     /// Port.
     pub port: u16,
-    /// Data-parallel rank, for entries with `ports`.
+    /// Data-parallel rank, for entries with `ports` or `data_parallel_size`.
     pub rank: Option<u32>,
+    /// The rank shares its port with the others and is pinned by header.
+    pub rank_header: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -237,6 +245,19 @@ impl EndpointSpec {
         if let Some(p) = ports.iter().find(|(p, _)| *p == 0) {
             return Err(format!("port {} is not a valid port", p.0));
         }
+        let ports = match self.data_parallel_size {
+            None => ports,
+            Some(_) if self.ports.is_some() => {
+                return Err("give `ports` (one port per rank) or `data_parallel_size` (ranks behind one port), \
+                            not both"
+                    .into());
+            }
+            Some(n) if n == 0 || n > MAX_HEADER_RANKS => {
+                return Err(format!("`data_parallel_size` must be 1 to {MAX_HEADER_RANKS}, got {n}"));
+            }
+            Some(n) => (0..n).map(|r| (ports[0].0, Some(r))).collect(),
+        };
+        let rank_header = self.data_parallel_size.is_some();
         if let Some(v) = self.labels.get(ROLE_LABEL).filter(|v| Role::from_label(v).is_none()) {
             return Err(format!("label `{ROLE_LABEL}: {v}` is not a role; use prefill, decode or both"));
         }
@@ -248,11 +269,13 @@ impl EndpointSpec {
                     host: host.clone(),
                     port,
                     rank,
+                    rank_header,
                     labels: self.labels.clone(),
                 };
                 e.name = match (&self.name, rank) {
                     (Some(n), None) => n.clone(),
                     (Some(n), Some(r)) => format!("{n}-rank-{r}"),
+                    (None, Some(r)) if rank_header => format!("{e}-rank-{r}"),
                     (None, _) => e.to_string(),
                 };
                 e
@@ -541,6 +564,10 @@ mod tests {
         check_endpoint("{address: 10.0.0.1, ports: []}", Err("1 to 8"));
         check_endpoint("{address: 10.0.0.1, ports: [1,2,3,4,5,6,7,8,9]}", Err("1 to 8"));
         check_endpoint("{address: 10.0.0.1, ports: [1, 1]}", Err("twice"));
+        check_endpoint("{address: 10.0.0.1, ports: [1, 2], data_parallel_size: 2}", Err("not both"));
+        check_endpoint("{address: '10.0.0.1:8000', data_parallel_size: 0}", Err("1 to 64"));
+        check_endpoint("{address: '10.0.0.1:8000', data_parallel_size: 65}", Err("1 to 64"));
+        check_endpoint("{address: 10.0.0.1, data_parallel_size: 2}", Err("no port"));
         check_endpoint("{address: 'bad host:80'}", Err("not an IP"));
         check_endpoint("{address: 'host:http'}", Err("not a port number"));
         check_endpoint("{address: 10.0.0.1:0}", Err("not a valid port"));
@@ -553,6 +580,13 @@ mod tests {
         let r = spec.resolve().expect("resolves");
         assert_eq!(r[1].rank, Some(1));
         assert_eq!(r[1].name, "moe-rank-1");
+        assert!(!r[1].rank_header);
+        let spec: EndpointSpec = parse_yaml("{address: '10.0.0.5:8000', data_parallel_size: 4}").expect("parses");
+        let r = spec.resolve().expect("resolves");
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|e| e.port == 8000 && e.rank_header));
+        assert_eq!(r.iter().map(|e| e.rank).collect::<Vec<_>>(), [Some(0), Some(1), Some(2), Some(3)]);
+        assert_eq!(r[3].name, "10.0.0.5:8000-rank-3");
     }
 
     fn check_config(yaml: &str, want: Result<usize, (&str, &str)>) {

@@ -205,6 +205,9 @@ pub struct Endpoint {
     pub role: Role,
     /// Data-parallel rank, when the endpoint is one rank of a DP deployment.
     pub rank: Option<u32>,
+    /// The rank shares its address with the deployment's other ranks (vLLM balancing
+    /// internally); requests for it carry `X-data-parallel-rank`.
+    pub rank_header: bool,
     /// Labels from discovery.
     pub labels: BTreeMap<String, String>,
     /// LoRA adapters (and models beyond the pool's) the endpoint is known to serve.
@@ -226,12 +229,18 @@ impl Endpoint {
             name: address.to_string(),
             role: Role::of_labels(&labels),
             rank: None,
+            rank_header: false,
             labels,
             models: Vec::new(),
             metrics: None,
             health: Health::Healthy,
             in_flight: Arc::new(InFlight::default()),
         }
+    }
+
+    /// The `X-data-parallel-rank` value requests for this endpoint carry, if any.
+    pub fn header_rank(&self) -> Option<u32> {
+        self.rank.filter(|_| self.rank_header)
     }
 
     /// Scraped metrics, if younger than `stale_after_ms` at `now_ms`; stale data is unknown.

@@ -93,6 +93,8 @@ pub struct Target {
     pub name: String,
     /// Data-parallel rank (selects the `engine` series of its metrics).
     pub rank: Option<u32>,
+    /// The rank shares its address with the others and is pinned by header.
+    pub rank_header: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -449,6 +451,7 @@ impl Inner {
                     name: m.target.name.clone(),
                     role: Role::of_labels(&m.target.labels),
                     rank: m.target.rank,
+                    rank_header: m.target.rank_header,
                     labels: m.target.labels.clone(),
                     models,
                     metrics: m.metrics.clone(),

@@ -96,6 +96,8 @@ pub struct Target {
     pub address: SocketAddr,
     /// Its data-parallel rank, if it is one.
     pub rank: Option<u32>,
+    /// The `X-data-parallel-rank` to pin, when the rank shares its address with others.
+    pub header_rank: Option<u32>,
     /// Blocks of the prompt it holds.
     pub matched_blocks: u32,
 }
@@ -177,10 +179,44 @@ pub struct Profile {
     pub picker: Plugin<Picker>,
 }
 
+/// `prefix-based-pd-decider`: whether a request is worth a separate prefill endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PdDecider {
+    /// Prompt tokens not cached on the chosen decode endpoint at which prefill moves to a
+    /// prefill endpoint (0 disables disaggregation).
+    pub non_cached_tokens: u64,
+    /// Prompts shorter than this stay decode-only whatever their cache state (0: no minimum).
+    pub prompt_tokens: u64,
+}
+
+impl PdDecider {
+    /// Whether to disaggregate a prompt of `prompt_tokens` of which `cached_tokens` are cached on
+    /// the decode endpoint.
+    pub fn disaggregate(&self, prompt_tokens: u64, cached_tokens: u64) -> bool {
+        self.non_cached_tokens > 0
+            && prompt_tokens >= self.prompt_tokens
+            && prompt_tokens.saturating_sub(cached_tokens) >= self.non_cached_tokens
+    }
+}
+
+/// Decode-first disaggregation (`disagg-profile-handler`): the main profile picks the decode
+/// endpoint, then `decider` says whether `profile` picks a prefill endpoint too.
+#[derive(Debug)]
+pub struct Disagg {
+    /// The `prefill` profile.
+    pub profile: Profile,
+    /// The decider.
+    pub decider: PdDecider,
+}
+
 /// A compiled scheduler for one pool.
 #[derive(Debug)]
 pub struct Scheduler {
+    /// The profile that picks the endpoint serving the request (`decode` under P/D).
     profile: Profile,
+    /// Prefill disaggregation, when configured.
+    disagg: Option<Disagg>,
     prefix: PrefixConfig,
 }
 
@@ -191,6 +227,9 @@ pub struct Explanation {
     pub profile: String,
     /// Every endpoint of the snapshot, in snapshot order.
     pub endpoints: Vec<EndpointExplanation>,
+    /// The prefill profile's run, when the decider asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<Box<Explanation>>,
 }
 
 /// One endpoint's part of an [`Explanation`].
@@ -208,6 +247,28 @@ pub struct EndpointExplanation {
     pub total: f64,
     /// Position in the picker's order (0 = target), if it was ranked and returned.
     pub rank: Option<usize>,
+}
+
+impl Explanation {
+    fn new(profile: &str, input: &Input<'_>) -> Self {
+        Self {
+            profile: profile.to_owned(),
+            prefill: None,
+            endpoints: input
+                .endpoints
+                .iter()
+                .zip(input.prefix_blocks)
+                .map(|(e, &m)| EndpointExplanation {
+                    address: e.address,
+                    matched_blocks: m,
+                    filtered_by: None,
+                    scores: Vec::new(),
+                    total: 0.0,
+                    rank: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One scorer's contribution.
@@ -244,9 +305,15 @@ impl Scheduler {
         self.profile.picker.plugin.max_endpoints()
     }
 
+    /// Prefill disaggregation, when configured.
+    pub fn disagg(&self) -> Option<&Disagg> {
+        self.disagg.as_ref()
+    }
+
     /// Decides where `input.request` goes. Returns at least one and at most
-    /// `max(want, picker's maxNumOfEndpoints)` targets, best first. With `explain`, the call is a
-    /// dry run that fills in every endpoint's scores and changes no plugin state.
+    /// `max(want, picker's maxNumOfEndpoints)` targets, best first, and under P/D possibly a
+    /// prefill endpoint. With `explain`, the call is a dry run that fills in every endpoint's
+    /// scores and changes no plugin state.
     pub fn schedule(
         &self,
         input: &Input<'_>,
@@ -258,61 +325,73 @@ impl Scheduler {
         let eps = input.endpoints;
         debug_assert_eq!(eps.len(), input.prefix_blocks.len(), "one prefix match per endpoint");
         if let Some(x) = explain.as_deref_mut() {
-            *x = Explanation {
-                profile: self.profile.name.clone(),
-                endpoints: eps
-                    .iter()
-                    .zip(input.prefix_blocks)
-                    .map(|(e, &m)| EndpointExplanation {
-                        address: e.address,
-                        matched_blocks: m,
-                        filtered_by: None,
-                        scores: Vec::new(),
-                        total: 0.0,
-                        rank: None,
-                    })
-                    .collect(),
-            };
+            *x = Explanation::new(&self.profile.name, input);
         }
         if eps.is_empty() {
             return Err(NoDecision::NoEndpoints);
         }
         let mut cands: Vec<usize> = (0..eps.len()).collect();
-        let mut stage = |name: &str, cands: &mut Vec<usize>, keep: &dyn Fn(&mut Vec<usize>)| {
-            let before = explain.is_some().then(|| cands.clone());
-            keep(cands);
-            if let (Some(x), Some(before)) = (explain.as_deref_mut(), before) {
-                for i in before.into_iter().filter(|i| !cands.contains(i)) {
-                    x.endpoints[i].filtered_by = Some(name.to_owned());
-                }
-            }
-        };
         if let Some(s) = input.request.subset {
-            stage("subset", &mut cands, &|c| c.retain(|&i| s.contains(eps[i].address)));
+            stage(explain.as_deref_mut(), "subset", &mut cands, &|c| c.retain(|&i| s.contains(eps[i].address)));
             if cands.is_empty() {
                 return Err(NoDecision::SubsetUnmatched);
             }
         }
-        stage("model", &mut cands, &|c| Filter::ServesModel.apply(&ctx, c));
-        if cands.is_empty() {
-            return Err(NoDecision::ModelNotServed(input.request.model.to_owned()));
+        locate(&ctx, &mut cands, explain.as_deref_mut())?;
+        let (targets, cold) = self.run_profile(&self.profile, &ctx, cands, rng, want, explain.as_deref_mut())?;
+        let mut decision = Decision {
+            profile: self.profile.name.clone(),
+            cold,
+            targets,
+            prefill: None,
+            kind: DecisionKind::DecodeOnly,
+        };
+        let Some(d) = &self.disagg else { return Ok(decision) };
+        let req = &input.request;
+        let cached = u64::from(decision.primary().matched_blocks) * req.block_tokens;
+        if !d.decider.disaggregate(req.prompt_tokens, cached) {
+            return Ok(decision);
         }
-        stage("health", &mut cands, &|c| {
-            if c.iter().any(|&i| eps[i].health == Health::Healthy) {
-                c.retain(|&i| eps[i].health == Health::Healthy);
-            } else {
-                c.retain(|&i| eps[i].health == Health::Probing);
-            }
-        });
-        if cands.is_empty() {
-            return Err(NoDecision::NoHealthyEndpoints);
+        // Prefill endpoints are reached by the decode side, not by the gateway: the subset hint
+        // (which names where the gateway may send the request) does not narrow them.
+        let mut px = explain.is_some().then(|| Explanation::new(&d.profile.name, input));
+        // The decode endpoint cannot hand off to itself (a `both` endpoint may prefill for others).
+        let decode = decision.primary().index;
+        let mut cands: Vec<usize> = (0..eps.len()).collect();
+        stage(px.as_mut(), "decode-endpoint", &mut cands, &|c| c.retain(|&i| i != decode));
+        let picked = locate(&ctx, &mut cands, px.as_mut())
+            .and_then(|()| self.run_profile(&d.profile, &ctx, cands, rng, 1, px.as_mut()));
+        if let (Some(x), Some(px)) = (explain, px) {
+            x.prefill = Some(Box::new(px));
         }
-        let profile = &self.profile;
+        // No prefill endpoint available: prefill locally.
+        if let Ok((p, _)) = picked
+            && let Some(p) = p.first()
+        {
+            decision.prefill = Some(*p);
+            decision.kind = DecisionKind::PrefillDecode;
+        }
+        Ok(decision)
+    }
+
+    /// Runs one profile's filters, scorers and picker over located candidates: the ordered
+    /// targets, and whether the request was cold for them.
+    fn run_profile(
+        &self,
+        profile: &Profile,
+        ctx: &Ctx<'_>,
+        mut cands: Vec<usize>,
+        rng: &mut fastrand::Rng,
+        want: usize,
+        mut explain: Option<&mut Explanation>,
+    ) -> Result<(Vec<Target>, bool), NoDecision> {
+        let input = ctx.input;
+        let eps = input.endpoints;
         // Endpoints set aside by soft filters (preferences, not rules): fallbacks of last resort.
         let mut set_aside = Vec::new();
         for f in &profile.filters {
             let before = f.plugin.is_soft().then(|| cands.clone());
-            stage(&f.name, &mut cands, &|c| f.plugin.apply(&ctx, c));
+            stage(explain.as_deref_mut(), &f.name, &mut cands, &|c| f.plugin.apply(ctx, c));
             if cands.is_empty() {
                 return Err(NoDecision::Filtered(f.name.clone()));
             }
@@ -323,7 +402,7 @@ impl Scheduler {
 
         let k = want.max(profile.picker.plugin.max_endpoints());
         let mut totals = Vec::with_capacity(cands.len());
-        let mut scored = self.score_and_order(&ctx, &cands, rng, k, &mut totals, explain.as_deref_mut());
+        let mut scored = score_and_order(profile, ctx, &cands, rng, k, &mut totals, explain.as_deref_mut());
         scored.truncate(k);
         if scored.len() < k && !set_aside.is_empty() {
             set_aside.retain(|i| !cands.contains(i));
@@ -331,7 +410,7 @@ impl Scheduler {
             set_aside.dedup();
             let mut ignored = Vec::new();
             let more = k - scored.len();
-            let mut rest = self.score_and_order(&ctx, &set_aside, rng, more, &mut ignored, None);
+            let mut rest = score_and_order(profile, ctx, &set_aside, rng, more, &mut ignored, None);
             rest.truncate(more);
             scored.extend(rest);
         }
@@ -342,12 +421,13 @@ impl Scheduler {
                 id: s.id,
                 address: eps[s.index].address,
                 rank: eps[s.index].rank,
+                header_rank: eps[s.index].header_rank(),
                 matched_blocks: input.prefix_blocks[s.index],
             })
             .collect();
         if explain.is_none() {
             for (s, _) in &profile.scorers {
-                s.plugin.on_pick(&ctx, &cands, targets[0].index);
+                s.plugin.on_pick(ctx, &cands, targets[0].index);
             }
         }
         if let Some(x) = explain {
@@ -358,57 +438,78 @@ impl Scheduler {
                 x.endpoints[t.index].rank = Some(rank);
             }
         }
-        Ok(Decision {
-            profile: profile.name.clone(),
-            cold: ctx.cold(&cands),
-            targets,
-            prefill: None,
-            kind: DecisionKind::DecodeOnly,
-        })
+        Ok((targets, ctx.cold(&cands)))
     }
 }
 
-impl Scheduler {
-    /// Scores `cands` with the profile's scorers and has its picker put the best `k` first.
-    /// Totals go to `totals` (same order as `cands`), and each term to `explain` when given.
-    fn score_and_order(
-        &self,
-        ctx: &Ctx<'_>,
-        cands: &[usize],
-        rng: &mut fastrand::Rng,
-        k: usize,
-        totals: &mut Vec<f64>,
-        mut explain: Option<&mut Explanation>,
-    ) -> Vec<Scored> {
-        let n = cands.len();
-        totals.clear();
-        totals.resize(n, 0.0);
-        let mut raw = vec![0.0; n];
-        for (s, weight) in &self.profile.scorers {
-            raw.fill(0.0);
-            s.plugin.score(ctx, cands, &mut raw);
-            for (j, &r) in raw.iter().enumerate() {
-                let r = if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0) };
-                totals[j] += r * weight;
-                if let Some(x) = explain.as_deref_mut() {
-                    x.endpoints[cands[j]].scores.push(ScoreTerm {
-                        scorer: s.name.clone(),
-                        raw: r,
-                        weight: *weight,
-                        weighted: r * weight,
-                    });
-                }
+/// Applies one narrowing step, noting in `explain` which endpoints it removed.
+fn stage(explain: Option<&mut Explanation>, name: &str, cands: &mut Vec<usize>, keep: &dyn Fn(&mut Vec<usize>)) {
+    let before = explain.is_some().then(|| cands.clone());
+    keep(cands);
+    if let (Some(x), Some(before)) = (explain, before) {
+        for i in before.into_iter().filter(|i| !cands.contains(i)) {
+            x.endpoints[i].filtered_by = Some(name.to_owned());
+        }
+    }
+}
+
+/// Narrows candidates to the endpoints that serve the model, then to the healthy ones (or the
+/// half-open ones when none is healthy).
+fn locate(ctx: &Ctx<'_>, cands: &mut Vec<usize>, mut explain: Option<&mut Explanation>) -> Result<(), NoDecision> {
+    let eps = ctx.input.endpoints;
+    stage(explain.as_deref_mut(), "model", cands, &|c| Filter::ServesModel.apply(ctx, c));
+    if cands.is_empty() {
+        return Err(NoDecision::ModelNotServed(ctx.input.request.model.to_owned()));
+    }
+    stage(explain, "health", cands, &|c| {
+        if c.iter().any(|&i| eps[i].health == Health::Healthy) {
+            c.retain(|&i| eps[i].health == Health::Healthy);
+        } else {
+            c.retain(|&i| eps[i].health == Health::Probing);
+        }
+    });
+    if cands.is_empty() {
+        return Err(NoDecision::NoHealthyEndpoints);
+    }
+    Ok(())
+}
+
+/// Scores `cands` with `profile`'s scorers and has its picker put the best `k` first. Totals go
+/// to `totals` (same order as `cands`), and each term to `explain` when given.
+fn score_and_order(
+    profile: &Profile,
+    ctx: &Ctx<'_>,
+    cands: &[usize],
+    rng: &mut fastrand::Rng,
+    k: usize,
+    totals: &mut Vec<f64>,
+    mut explain: Option<&mut Explanation>,
+) -> Vec<Scored> {
+    let n = cands.len();
+    totals.clear();
+    totals.resize(n, 0.0);
+    let mut raw = vec![0.0; n];
+    for (s, weight) in &profile.scorers {
+        raw.fill(0.0);
+        s.plugin.score(ctx, cands, &mut raw);
+        for (j, &r) in raw.iter().enumerate() {
+            let r = if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0) };
+            totals[j] += r * weight;
+            if let Some(x) = explain.as_deref_mut() {
+                x.endpoints[cands[j]].scores.push(ScoreTerm {
+                    scorer: s.name.clone(),
+                    raw: r,
+                    weight: *weight,
+                    weighted: r * weight,
+                });
             }
         }
-        let eps = ctx.input.endpoints;
-        let mut scored: Vec<Scored> = cands
-            .iter()
-            .zip(totals.iter())
-            .map(|(&index, &total)| Scored { index, id: eps[index].id, total })
-            .collect();
-        self.profile.picker.plugin.order(&mut scored, rng, k);
-        scored
     }
+    let eps = ctx.input.endpoints;
+    let mut scored: Vec<Scored> =
+        cands.iter().zip(totals.iter()).map(|(&index, &total)| Scored { index, id: eps[index].id, total }).collect();
+    profile.picker.plugin.order(&mut scored, rng, k);
+    scored
 }
 
 impl fmt::Display for Scheduler {
@@ -422,25 +523,50 @@ impl fmt::Display for Scheduler {
             p.max_blocks,
             p.index_capacity
         )?;
-        let prof = &self.profile;
-        writeln!(f, "profile `{}` (single-profile-handler):", prof.name)?;
-        let filters: Vec<String> = prof.filters.iter().map(|x| config::describe(&x.name, x.kind)).collect();
-        writeln!(
-            f,
-            "  filters: subset-hint, model, health{}{}",
-            if filters.is_empty() { "" } else { ", " },
-            filters.join(", ")
-        )?;
-        for (s, w) in &prof.scorers {
-            writeln!(f, "  scorer:  {:<40} weight {w}", config::describe(&s.name, s.kind))?;
+        match &self.disagg {
+            None => {
+                writeln!(f, "profile `{}` (single-profile-handler):", self.profile.name)?;
+                write_profile(f, &self.profile)
+            }
+            Some(d) => {
+                writeln!(
+                    f,
+                    "disagg-profile-handler: decode first; prefill elsewhere when at least {} prompt tokens are \
+                     not cached on the decode endpoint{}",
+                    d.decider.non_cached_tokens,
+                    if d.decider.prompt_tokens > 0 {
+                        format!(" and the prompt has at least {} tokens", d.decider.prompt_tokens)
+                    } else {
+                        String::new()
+                    }
+                )?;
+                writeln!(f, "profile `{}`:", self.profile.name)?;
+                write_profile(f, &self.profile)?;
+                writeln!(f)?;
+                writeln!(f, "profile `{}`:", d.profile.name)?;
+                write_profile(f, &d.profile)
+            }
         }
-        write!(
-            f,
-            "  picker:  {} (maxNumOfEndpoints {})",
-            config::describe(&prof.picker.name, prof.picker.kind),
-            prof.picker.plugin.max_endpoints()
-        )
     }
+}
+
+fn write_profile(f: &mut fmt::Formatter<'_>, prof: &Profile) -> fmt::Result {
+    let filters: Vec<String> = prof.filters.iter().map(|x| config::describe(&x.name, x.kind)).collect();
+    writeln!(
+        f,
+        "  filters: subset-hint, model, health{}{}",
+        if filters.is_empty() { "" } else { ", " },
+        filters.join(", ")
+    )?;
+    for (s, w) in &prof.scorers {
+        writeln!(f, "  scorer:  {:<40} weight {w}", config::describe(&s.name, s.kind))?;
+    }
+    write!(
+        f,
+        "  picker:  {} (maxNumOfEndpoints {})",
+        config::describe(&prof.picker.name, prof.picker.kind),
+        prof.picker.plugin.max_endpoints()
+    )
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ pub async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Target> {
         let many = addrs.len() > 1;
         for addr in addrs {
             let name = if many { format!("{}@{addr}", e.name) } else { e.name.clone() };
-            out.push(Target { addr, name, rank: e.rank, labels: e.labels.clone() });
+            out.push(Target { addr, name, rank: e.rank, rank_header: e.rank_header, labels: e.labels.clone() });
         }
     }
     out

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AffinityParams, Filter, Picker, PickerParams, Plugin, PrefixParams, Profile, Scheduler, Scorer, Subset,
-    UtilizationParams,
+    AffinityParams, Disagg, Filter, PdDecider, Picker, PickerParams, Plugin, PrefixParams, Profile, Scheduler, Scorer,
+    Subset, UtilizationParams,
 };
 use crate::prefix::{BYTES_PER_TOKEN, PrefixConfig};
 
@@ -111,6 +111,8 @@ pub const PLUGIN_TYPES: &[(&str, &str)] = &[
     ("round-robin-picker", "picker"),
     ("approx-prefix-cache-producer", "producer"),
     ("single-profile-handler", "profile handler"),
+    ("disagg-profile-handler", "profile handler"),
+    ("prefix-based-pd-decider", "decider"),
 ];
 
 fn valid_types() -> String {
@@ -190,12 +192,31 @@ fn no_params(value: Option<&serde_json::Value>) -> Result<(), String> {
     }
 }
 
+/// Parameters of `disagg-profile-handler`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct DisaggParams {
+    /// Decider plugin names by stage; kvgate has a `prefill` stage.
+    #[serde(default)]
+    deciders: DisaggDeciders,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct DisaggDeciders {
+    /// Name of the plugin deciding whether to disaggregate prefill.
+    #[serde(default)]
+    prefill: Option<String>,
+}
+
 enum Instance {
     Filter(Arc<Filter>),
     Scorer(Arc<Scorer>),
     Picker(Arc<Picker>),
     Producer(ProducerParams),
-    Handler,
+    SingleHandler,
+    DisaggHandler(DisaggParams),
+    Decider(PdDecider),
 }
 
 fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, String> {
@@ -240,7 +261,9 @@ fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, St
         "random-picker" => picker(Picker::Random(params::<PickerParams>(p)?)),
         "round-robin-picker" => picker(Picker::RoundRobin(params::<PickerParams>(p)?, AtomicUsize::new(0))),
         "approx-prefix-cache-producer" => Ok(I::Producer(params(p)?)),
-        "single-profile-handler" => no_params(p).map(|()| I::Handler),
+        "single-profile-handler" => no_params(p).map(|()| I::SingleHandler),
+        "disagg-profile-handler" => Ok(I::DisaggHandler(params(p)?)),
+        "prefix-based-pd-decider" => Ok(I::Decider(params(p)?)),
         other => Err(format!("unknown plugin type `{other}`; valid types: {}", valid_types())),
     }
 }
@@ -283,63 +306,127 @@ impl Scheduler {
         } else {
             spec.scheduling_profiles.clone()
         };
-        if profiles.len() > 1 {
+        let handler = defined.iter().find_map(|(n, _, inst)| match inst {
+            Instance::DisaggHandler(p) => Some((n.clone(), p.clone())),
+            _ => None,
+        });
+        let Some((handler_name, hp)) = handler else {
+            if profiles.len() > 1 {
+                return Err(err(
+                    "schedulingProfiles",
+                    format!(
+                        "{} profiles given, but `single-profile-handler` runs one; for prefill/decode \
+                         disaggregation add a `disagg-profile-handler` and name the profiles `decode` and `prefill`",
+                        profiles.len()
+                    ),
+                ));
+            }
+            let profile = compile_profile(0, &profiles[0], &defined)?;
+            return Ok(Self { profile, disagg: None, prefix });
+        };
+        // Decode-first disaggregation: exactly the profiles `decode` and `prefill`.
+        let find = |name: &str| profiles.iter().position(|p| p.name == name);
+        let (Some(d), Some(p)) = (find("decode"), find("prefill")) else {
             return Err(err(
                 "schedulingProfiles",
-                format!(
-                    "{} profiles given, but the only profile handler is `single-profile-handler`, which runs one profile",
-                    profiles.len()
-                ),
+                format!("`{handler_name}` (disagg-profile-handler) needs profiles named `decode` and `prefill`"),
+            ));
+        };
+        if let Some((k, extra)) = profiles.iter().enumerate().find(|(_, x)| x.name != "decode" && x.name != "prefill") {
+            return Err(err(
+                format!("schedulingProfiles[{k}].name"),
+                format!("profile `{}`: with `{handler_name}` the profiles are `decode` and `prefill` only", extra.name),
             ));
         }
-        let ps = &profiles[0];
-        let mut profile = Profile {
-            name: ps.name.clone(),
-            filters: Vec::new(),
-            scorers: Vec::new(),
-            picker: Plugin {
-                name: "max-score-picker".into(),
-                kind: "max-score-picker",
-                plugin: Arc::new(Picker::MaxScore(PickerParams::default())),
+        let deciders: Vec<(&String, &PdDecider)> = defined
+            .iter()
+            .filter_map(|(n, _, inst)| match inst {
+                Instance::Decider(x) => Some((n, x)),
+                _ => None,
+            })
+            .collect();
+        let decider = match &hp.deciders.prefill {
+            Some(name) => match deciders.iter().find(|(n, _)| *n == name) {
+                Some((_, x)) => **x,
+                None => {
+                    return Err(err(
+                        "plugins",
+                        format!(
+                            "`{handler_name}` names decider `{name}`, but no prefix-based-pd-decider has that name"
+                        ),
+                    ));
+                }
+            },
+            None => match deciders.as_slice() {
+                [(_, x)] => **x,
+                _ => {
+                    return Err(err(
+                        "plugins",
+                        format!(
+                            "`{handler_name}` needs one prefix-based-pd-decider (or `deciders: {{prefill: NAME}}`) \
+                             to say when prefill is worth a separate endpoint"
+                        ),
+                    ));
+                }
             },
         };
-        let mut picker_set = false;
-        for (k, r) in ps.plugins.iter().enumerate() {
-            let at = format!("schedulingProfiles[0].plugins[{k}]");
-            let Some((name, kind, inst)) = defined.iter().find(|(n, ..)| *n == r.plugin_ref) else {
-                let names: Vec<&str> = defined.iter().map(|(n, ..)| n.as_str()).collect();
-                return Err(err(
-                    format!("{at}.pluginRef"),
-                    format!("no plugin named `{}`; defined plugins: {}", r.plugin_ref, names.join(", ")),
-                ));
-            };
-            if r.weight.is_some() && !matches!(inst, Instance::Scorer(_)) {
-                return Err(err(
-                    format!("{at}.weight"),
-                    format!("`{name}` is not a scorer; only scorers take a weight"),
-                ));
-            }
-            match inst {
-                Instance::Filter(f) => profile.filters.push(Plugin { name: name.clone(), kind, plugin: f.clone() }),
-                Instance::Scorer(s) => {
-                    let w = r.weight.unwrap_or(1.0);
-                    if !w.is_finite() || w < 0.0 {
-                        return Err(err(format!("{at}.weight"), "a weight must be a non-negative number"));
-                    }
-                    profile.scorers.push((Plugin { name: name.clone(), kind, plugin: s.clone() }, w));
-                }
-                Instance::Picker(p) => {
-                    if picker_set {
-                        return Err(err(at, format!("a profile has one picker; `{name}` is a second one")));
-                    }
-                    picker_set = true;
-                    profile.picker = Plugin { name: name.clone(), kind, plugin: p.clone() };
-                }
-                Instance::Producer(_) | Instance::Handler => {}
-            }
-        }
-        Ok(Self { profile, prefix })
+        Ok(Self {
+            profile: compile_profile(d, &profiles[d], &defined)?,
+            disagg: Some(Disagg { profile: compile_profile(p, &profiles[p], &defined)?, decider }),
+            prefix,
+        })
     }
+}
+
+/// Compiles profile number `idx` against the defined plugins.
+fn compile_profile(
+    idx: usize,
+    ps: &ProfileSpec,
+    defined: &[(String, &'static str, Instance)],
+) -> Result<Profile, SpecError> {
+    let mut profile = Profile {
+        name: ps.name.clone(),
+        filters: Vec::new(),
+        scorers: Vec::new(),
+        picker: Plugin {
+            name: "max-score-picker".into(),
+            kind: "max-score-picker",
+            plugin: Arc::new(Picker::MaxScore(PickerParams::default())),
+        },
+    };
+    let mut picker_set = false;
+    for (k, r) in ps.plugins.iter().enumerate() {
+        let at = format!("schedulingProfiles[{idx}].plugins[{k}]");
+        let Some((name, kind, inst)) = defined.iter().find(|(n, ..)| *n == r.plugin_ref) else {
+            let names: Vec<&str> = defined.iter().map(|(n, ..)| n.as_str()).collect();
+            return Err(err(
+                format!("{at}.pluginRef"),
+                format!("no plugin named `{}`; defined plugins: {}", r.plugin_ref, names.join(", ")),
+            ));
+        };
+        if r.weight.is_some() && !matches!(inst, Instance::Scorer(_)) {
+            return Err(err(format!("{at}.weight"), format!("`{name}` is not a scorer; only scorers take a weight")));
+        }
+        match inst {
+            Instance::Filter(f) => profile.filters.push(Plugin { name: name.clone(), kind, plugin: f.clone() }),
+            Instance::Scorer(s) => {
+                let w = r.weight.unwrap_or(1.0);
+                if !w.is_finite() || w < 0.0 {
+                    return Err(err(format!("{at}.weight"), "a weight must be a non-negative number"));
+                }
+                profile.scorers.push((Plugin { name: name.clone(), kind, plugin: s.clone() }, w));
+            }
+            Instance::Picker(p) => {
+                if picker_set {
+                    return Err(err(at, format!("a profile has one picker; `{name}` is a second one")));
+                }
+                picker_set = true;
+                profile.picker = Plugin { name: name.clone(), kind, plugin: p.clone() };
+            }
+            Instance::Producer(_) | Instance::SingleHandler | Instance::DisaggHandler(_) | Instance::Decider(_) => {}
+        }
+    }
+    Ok(profile)
 }
 
 /// Compiles the embedded default scheduler.

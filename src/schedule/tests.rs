@@ -57,6 +57,13 @@ fn run(
     s.schedule(&input, &mut fastrand::Rng::with_seed(seed), 1, None)
 }
 
+/// Asserts that `yaml` fails to compile at `at` with a message containing `needle`.
+fn check_err(yaml: &str, at: &str, needle: &str) {
+    let e = spec(yaml).expect_err(yaml);
+    assert_eq!(e.at, at, "{yaml}: {e}");
+    assert!(e.message.contains(needle), "{yaml}: `{e}` lacks `{needle}`");
+}
+
 /// One table row: who gets the request (by endpoint index), or why nobody does.
 fn check(s: &Scheduler, eps: &[Endpoint], blocks: &[u32], req: SchedRequest<'_>, want: Result<usize, NoDecision>) {
     for seed in 0..8 {
@@ -274,11 +281,6 @@ fn explanation_accounts_for_every_endpoint() {
 
 #[test]
 fn spec_errors_say_what_and_where() {
-    let check_err = |yaml: &str, at: &str, needle: &str| {
-        let e = spec(yaml).expect_err(yaml);
-        assert_eq!(e.at, at, "{yaml}: {e}");
-        assert!(e.message.contains(needle), "{yaml}: `{e}` lacks `{needle}`");
-    };
     check_err("plugins: [{type: magic-scorer}]", "plugins[0].type", "valid types: model-serving-filter");
     check_err(
         "plugins: [{type: queue-scorer}, {type: prefix-cache-scorer, parameters: {bogus: 1}}]",
@@ -319,4 +321,151 @@ fn producer_parameters_size_the_prefix() {
     assert_eq!(*s.prefix_config(), PrefixConfig { block_bytes: 64, max_blocks: 256, index_capacity: 1000 });
     let shown = s.to_string();
     assert!(shown.contains("prefix-cache-scorer"), "{shown}");
+}
+
+/// The P/D shape of the llm-d sample configuration, with a decider threshold of 256 tokens.
+const PD: &str = "
+plugins:
+  - type: prefix-cache-scorer
+  - type: active-request-scorer
+  - type: prefill-filter
+  - type: decode-filter
+  - type: max-score-picker
+  - type: disagg-profile-handler
+    parameters: {deciders: {prefill: pd}}
+  - {type: prefix-based-pd-decider, name: pd, parameters: {nonCachedTokens: 256}}
+schedulingProfiles:
+  - name: prefill
+    plugins: [{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: active-request-scorer}, {pluginRef: max-score-picker}]
+  - name: decode
+    plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: active-request-scorer}, {pluginRef: max-score-picker}]
+";
+
+/// Endpoints 0 and 1 prefill, 2 and 3 decode.
+fn pd_endpoints() -> Vec<Endpoint> {
+    let mut eps = endpoints(4);
+    for (i, e) in eps.iter_mut().enumerate() {
+        e.role = if i < 2 { Role::Prefill } else { Role::Decode };
+    }
+    eps
+}
+
+#[test]
+fn decode_first_then_prefill_when_enough_is_uncached() {
+    let s = spec(PD).expect("compiles");
+    assert!(s.to_string().contains("at least 256 prompt tokens"), "{s}");
+    let eps = pd_endpoints();
+    // 16 blocks of 64 tokens, nothing cached: disaggregated.
+    let d = run(&s, &eps, &[0; 4], request(16), 1).expect("decision");
+    assert_eq!(d.kind, DecisionKind::PrefillDecode);
+    assert!(d.primary().index >= 2, "decode side: {d:?}");
+    let p = d.prefill.expect("prefill target");
+    assert!(p.index < 2, "prefill side: {p:?}");
+    // The prefill endpoint is picked by its own prefix match.
+    for seed in 0..8 {
+        let d = run(&s, &eps, &[0, 12, 0, 0], request(16), seed).expect("decision");
+        assert_eq!(d.prefill.map(|p| p.index), Some(1));
+    }
+    // Short prompt (3 blocks = 192 tokens < 256): decode only.
+    let d = run(&s, &eps, &[0; 4], request(3), 1).expect("decision");
+    assert_eq!((d.kind, d.prefill), (DecisionKind::DecodeOnly, None));
+    // Mostly cached on a decode endpoint (14 of 16 blocks: 128 tokens left): that endpoint, alone.
+    for seed in 0..8 {
+        let d = run(&s, &eps, &[0, 0, 0, 14], request(16), seed).expect("decision");
+        assert_eq!((d.primary().index, d.kind), (3, DecisionKind::DecodeOnly));
+    }
+    // Half cached (8 of 16: 512 tokens left): still worth a prefill endpoint.
+    let d = run(&s, &eps, &[0, 0, 0, 8], request(16), 1).expect("decision");
+    assert_eq!((d.primary().index, d.kind), (3, DecisionKind::PrefillDecode));
+}
+
+#[test]
+fn no_prefill_endpoint_means_decode_only() {
+    let s = spec(PD).expect("compiles");
+    let mut eps = pd_endpoints();
+    eps[0].health = Health::Unhealthy;
+    eps[1].health = Health::Unhealthy;
+    let d = run(&s, &eps, &[0; 4], request(16), 1).expect("decision");
+    assert_eq!((d.kind, d.prefill), (DecisionKind::DecodeOnly, None));
+    assert!(d.primary().index >= 2);
+    // Endpoints in role `both` prefill for others, but never hand off to themselves.
+    let mut eps = endpoints(1);
+    eps[0].role = Role::Both;
+    let d = run(&s, &eps, &[0], request(16), 1).expect("decision");
+    assert_eq!((d.kind, d.prefill), (DecisionKind::DecodeOnly, None));
+    let mut eps = endpoints(2);
+    eps[0].role = Role::Both;
+    eps[1].role = Role::Both;
+    let d = run(&s, &eps, &[0; 2], request(16), 1).expect("decision");
+    assert_eq!(d.kind, DecisionKind::PrefillDecode);
+    assert_ne!(d.prefill.map(|p| p.index), Some(d.primary().index));
+}
+
+#[test]
+fn the_subset_hint_narrows_decode_not_prefill() {
+    let s = spec(PD).expect("compiles");
+    let eps = pd_endpoints();
+    let subset = Subset::parse_list("10.0.0.4:8000").expect("subset");
+    let req = SchedRequest { subset: Some(&subset), ..request(16) };
+    let d = run(&s, &eps, &[0; 4], req, 1).expect("decision");
+    assert_eq!(d.primary().index, 3);
+    assert!(d.prefill.is_some_and(|p| p.index < 2));
+}
+
+#[test]
+fn explain_shows_the_prefill_profile() {
+    let s = spec(PD).expect("compiles");
+    let eps = pd_endpoints();
+    let pool = models();
+    let blocks = [0; 4];
+    let input = Input {
+        request: request(16),
+        endpoints: &eps,
+        prefix_blocks: &blocks,
+        pool_models: &pool,
+        now_ms: NOW,
+        stale_after_ms: STALE,
+    };
+    let mut x = Explanation::default();
+    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(1), 1, Some(&mut x)).expect("decision");
+    assert_eq!(x.profile, "decode");
+    let px = x.prefill.expect("prefill explanation");
+    assert_eq!(px.profile, "prefill");
+    let p = d.prefill.expect("prefill");
+    assert_eq!(px.endpoints[p.index].rank, Some(0));
+    let decode = d.primary().index;
+    assert_eq!(px.endpoints[decode].filtered_by.as_deref(), Some("decode-endpoint"));
+    assert_eq!(px.endpoints[5 - decode].filtered_by.as_deref(), Some("prefill-filter"));
+}
+
+#[test]
+fn disagg_config_errors() {
+    let base = "plugins: [{type: prefill-filter}, {type: decode-filter}, {type: disagg-profile-handler}";
+    check_err(
+        &format!("{base}]\nschedulingProfiles: [{{name: prefill}}, {{name: decode}}]"),
+        "plugins",
+        "needs one prefix-based-pd-decider",
+    );
+    check_err(
+        &format!("{base}, {{type: prefix-based-pd-decider}}]\nschedulingProfiles: [{{name: prefill}}, {{name: d}}]"),
+        "schedulingProfiles",
+        "named `decode` and `prefill`",
+    );
+    check_err(
+        &format!(
+            "{base}, {{type: prefix-based-pd-decider}}]\nschedulingProfiles: [{{name: prefill}}, {{name: decode}}, {{name: x}}]"
+        ),
+        "schedulingProfiles[2].name",
+        "`decode` and `prefill` only",
+    );
+    check_err(
+        "plugins: [{type: disagg-profile-handler, parameters: {deciders: {prefill: nope}}}, {type: prefix-based-pd-decider}]\nschedulingProfiles: [{name: prefill}, {name: decode}]",
+        "plugins",
+        "no prefix-based-pd-decider has that name",
+    );
+    check_err(
+        "plugins: [{type: prefix-based-pd-decider, parameters: {nonCached: 3}}]",
+        "plugins[0].parameters",
+        "nonCachedTokens",
+    );
 }
