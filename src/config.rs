@@ -89,11 +89,20 @@ pub struct ProxyConfig {
     pub idle_timeout_ms: u64,
     /// Endpoints tried per request at most: the decision's target, then its fallbacks (default 3).
     pub attempts: usize,
+    /// Bound on a P/D prefill leg, from sending it to reading its answer (default 30000); past
+    /// it the decode endpoint prefills locally.
+    pub prefill_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        Self { connect_timeout_ms: 2000, first_byte_timeout_ms: 600_000, idle_timeout_ms: 300_000, attempts: 3 }
+        Self {
+            connect_timeout_ms: 2000,
+            first_byte_timeout_ms: 600_000,
+            idle_timeout_ms: 300_000,
+            attempts: 3,
+            prefill_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -496,7 +505,7 @@ impl Config {
             for (j, e) in pool.endpoints.iter().enumerate() {
                 let eat = at(&format!("endpoints[{j}]"));
                 for r in e.resolve().map_err(|m| invalid(eat.clone(), m))? {
-                    if !seen.insert((r.host.clone(), r.port)) {
+                    if !seen.insert((r.host.clone(), r.port, r.rank.filter(|_| r.rank_header))) {
                         return Err(invalid(eat, format!("endpoint {r} is listed twice")));
                     }
                     endpoints.push(r);
@@ -507,7 +516,7 @@ impl Config {
                     return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
                 }
                 for r in load_endpoints_file(f)? {
-                    if !seen.insert((r.host.clone(), r.port)) {
+                    if !seen.insert((r.host.clone(), r.port, r.rank.filter(|_| r.rank_header))) {
                         return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
                     }
                     file_endpoints.push(r);

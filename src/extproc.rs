@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::disagg::{DP_RANK_HEADER, PREFILLER_HEADER, PREFILLER_RANK_HEADER};
 use crate::proxy::new_request_id;
 use crate::request::ApiKind;
 use crate::route::{Gateway, RouteError, Routed};
@@ -452,9 +453,30 @@ impl StreamState {
                 return vec![immediate(&e)];
             }
         };
-        let dest =
-            routed.decision().targets.iter().take(want).map(|t| t.address.to_string()).collect::<Vec<_>>().join(",");
+        // Ranks sharing one address (pinned by header) appear once in the fallback list.
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(want);
+        for t in routed.decision().targets.iter() {
+            if addrs.len() < want && !addrs.contains(&t.address) {
+                addrs.push(t.address);
+            }
+        }
+        let dest = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
         let mut set = vec![set_header(DEST, &dest)];
+        // Placement headers are kvgate's: set them for this decision, drop any the client sent.
+        let mut remove = Vec::new();
+        let d = routed.decision();
+        match d.primary().header_rank {
+            Some(r) => set.push(set_header(DP_RANK_HEADER, &r.to_string())),
+            None => remove.push(DP_RANK_HEADER.to_owned()),
+        }
+        match d.prefill {
+            Some(p) => set.push(set_header(PREFILLER_HEADER, &p.address.to_string())),
+            None => remove.push(PREFILLER_HEADER.to_owned()),
+        }
+        match d.prefill.and_then(|p| p.header_rank) {
+            Some(r) => set.push(set_header(PREFILLER_RANK_HEADER, &r.to_string())),
+            None => remove.push(PREFILLER_RANK_HEADER.to_owned()),
+        }
         if self.generated_id
             && let Some(id) = &self.request_id
         {
@@ -462,7 +484,7 @@ impl StreamState {
         }
         self.routed = Some(routed);
         let common = CommonResponse {
-            header_mutation: Some(HeaderMutation { set_headers: set, ..Default::default() }),
+            header_mutation: Some(HeaderMutation { set_headers: set, remove_headers: remove }),
             clear_route_cache: true,
             ..Default::default()
         };
@@ -509,8 +531,10 @@ impl StreamState {
                 r.retarget(k);
             }
         }
-        if let Some(r) = &self.routed {
+        if let Some(r) = self.routed.as_mut() {
             r.pool.report(r.target().id, self.status < 500);
+            // The decode side answers only after the prefill leg, if any, is over.
+            r.prefill_guard = None;
         }
         if h.end_of_stream {
             self.finish();

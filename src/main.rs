@@ -50,6 +50,9 @@ enum Command {
     Bench(Box<BenchCli>),
     /// Run a simulated vLLM server (OpenAI API, metrics, prefix cache, KV events, DP, P/D, LoRA).
     Sim(Box<kvgate::sim::SimArgs>),
+    /// Run beside a decode endpoint: for requests naming a prefill endpoint in
+    /// `x-prefiller-host-port`, do the prefill hand-off, then decode locally.
+    Sidecar(kvgate::sidecar::SidecarArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,10 @@ fn main() -> ExitCode {
         Command::Sim(args) => {
             init_logging();
             run_async(kvgate::sim::run(*args))
+        }
+        Command::Sidecar(args) => {
+            init_logging();
+            run_async(kvgate::sidecar::run(args))
         }
     }
 }

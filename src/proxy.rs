@@ -21,14 +21,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
 use crate::config::ProxyConfig;
+use crate::disagg::{self, DP_RANK_HEADER, PREFILLER_HEADER, PrefillLeg, UpstreamClient};
 use crate::endpoint::InFlightGuard;
 use crate::request::{ApiKind, RequestError};
 use crate::route::{Gateway, RouteError, Routed, error_body};
 
 /// The response header naming the endpoint that served the request.
 pub const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
-
-type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
 /// What the proxy needs.
 #[derive(Debug)]
@@ -41,14 +40,16 @@ pub struct ProxyState {
 impl ProxyState {
     /// A proxy over `gateway`.
     pub fn new(gateway: Arc<Gateway>, cfg: ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Self { gateway, client, cfg }
+        Self { gateway, client: upstream_client(cfg.connect_timeout_ms), cfg }
     }
+}
+
+/// An HTTP/1 client for endpoints: keep-alive, no Nagle delay, bounded connects.
+pub(crate) fn upstream_client(connect_timeout_ms: u64) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector)
 }
 
 /// The proxy router.
@@ -61,7 +62,7 @@ const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
 
 /// Copies end-to-end headers (dropping hop-by-hop ones and any the `Connection` header names).
-fn end_to_end(from: &HeaderMap) -> HeaderMap {
+pub(crate) fn end_to_end(from: &HeaderMap) -> HeaderMap {
     let named: Vec<String> = from
         .get_all(header::CONNECTION)
         .iter()
@@ -86,7 +87,7 @@ pub fn new_request_id() -> String {
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
-fn json_error(status: u16, message: &str, code: &str) -> Response {
+pub(crate) fn json_error(status: u16, message: &str, code: &str) -> Response {
     let s = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     (s, [(header::CONTENT_TYPE, "application/json")], error_body(status, message, code, None)).into_response()
 }
@@ -200,6 +201,10 @@ async fn send(
     body: Bytes,
 ) -> Response {
     let mut fwd = end_to_end(&headers);
+    // Placement headers are kvgate's to set, never the client's.
+    fwd.remove(PREFILLER_HEADER);
+    fwd.remove(disagg::PREFILLER_RANK_HEADER);
+    fwd.remove(DP_RANK_HEADER);
     if !fwd.contains_key("x-request-id")
         && let Ok(v) = HeaderValue::from_str(&new_request_id())
     {
@@ -208,7 +213,35 @@ async fn send(
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let targets = routed.decision().targets.len().min(st.cfg.attempts.max(1));
     let pool = routed.pool.clone();
-    let kind = Some(routed.decision().kind);
+    let mut kind = Some(routed.decision().kind);
+    let mut body = body;
+    let mut prefiller = None;
+    if let Some(p) = routed.decision().prefill {
+        let leg = PrefillLeg {
+            address: p.address,
+            header_rank: p.header_rank,
+            path: &path,
+            headers: &fwd,
+            timeout: Duration::from_millis(st.cfg.prefill_timeout_ms),
+        };
+        match disagg::handoff(&st.client, leg, &body).await {
+            Ok(decode) => {
+                pool.report(p.id, true);
+                body = Bytes::from(decode);
+                prefiller = Some(p.address);
+            }
+            Err(f) => {
+                if f.endpoint_failed() {
+                    pool.report(p.id, false);
+                }
+                tracing::warn!(pool = pool.name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
+                routed.prefill_failed(f.reason(), st.gateway.telemetry());
+                kind = Some(crate::schedule::DecisionKind::DecodeOnly);
+            }
+        }
+        // The prefill endpoint's part is over either way.
+        routed.prefill_guard = None;
+    }
     let mut last = Failure::Connect("no endpoint was tried".into());
     for k in 0..targets {
         if k > 0 {
@@ -220,6 +253,9 @@ async fn send(
             h.extend(fwd.clone());
             if let Ok(v) = HeaderValue::from_str(&target.address.to_string()) {
                 h.insert(header::HOST, v);
+            }
+            if let Some(r) = target.header_rank {
+                h.insert(HeaderName::from_static(DP_RANK_HEADER), HeaderValue::from(r));
             }
         }
         let Ok(req) = req.body(Full::new(body.clone())) else {
@@ -243,13 +279,19 @@ async fn send(
         let status = resp.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             pool.report(target.id, status == StatusCode::TOO_MANY_REQUESTS);
-            last = Failure::Status(relay(resp, target.address, None, st.cfg.idle_timeout_ms));
+            last = Failure::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms));
             continue;
         }
         pool.report(target.id, true);
         st.gateway.count(pool.name(), &routed.model, kind, status.as_u16(), "");
         let Routed { guard, .. } = routed;
-        return relay(resp, target.address, Some(guard), st.cfg.idle_timeout_ms);
+        let mut out = relay(resp, Some(target.address), Some(guard), st.cfg.idle_timeout_ms);
+        if let Some(p) = prefiller
+            && let Ok(v) = HeaderValue::from_str(&p.to_string())
+        {
+            out.headers_mut().insert(HeaderName::from_static(PREFILLER_HEADER), v);
+        }
+        return out;
     }
     let resp = match last {
         Failure::Status(r) => r,
@@ -263,12 +305,13 @@ async fn send(
     resp
 }
 
-/// The client's response: the endpoint's status and end-to-end headers, the served-by header,
+/// The client's response: the endpoint's status and end-to-end headers, the served-by header
+/// (when given),
 /// and its body relayed frame by frame (bounded by `idle_ms` between frames). The in-flight
 /// guard lives as long as the body.
-fn relay(
+pub(crate) fn relay(
     resp: hyper::Response<hyper::body::Incoming>,
-    served: std::net::SocketAddr,
+    served: Option<std::net::SocketAddr>,
     guard: Option<InFlightGuard>,
     idle_ms: u64,
 ) -> Response {
@@ -300,7 +343,9 @@ fn relay(
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = parts.status;
     *out.headers_mut() = end_to_end(&parts.headers);
-    if let Ok(v) = HeaderValue::from_str(&served.to_string()) {
+    if let Some(served) = served
+        && let Ok(v) = HeaderValue::from_str(&served.to_string())
+    {
         out.headers_mut().insert(HeaderName::from_static(SERVED_HEADER), v);
     }
     out

@@ -110,8 +110,11 @@ pub struct Planned {
     pub decision: Decision,
     /// The prompt's block hashes.
     pub prompt: PromptHashes,
-    /// Estimated prompt tokens not cached on the target.
+    /// Estimated prompt tokens the target computes: those not cached on it, or none when a
+    /// prefill endpoint computes them.
     pub uncached_tokens: u64,
+    /// Estimated prompt tokens not cached on the prefill endpoint (P/D decisions).
+    pub prefill_uncached_tokens: Option<u64>,
 }
 
 /// A pool's admission limits: beyond them requests get 429 before any endpoint is chosen.
@@ -242,8 +245,14 @@ impl PoolRouter {
                 self.index.record(p.id, &prompt.hashes);
             }
         }
-        let cached = u64::from(primary.matched_blocks) * cfg.block_tokens() as u64;
-        Ok(Planned { uncached_tokens: (prompt.prompt_tokens() as u64).saturating_sub(cached), decision, prompt })
+        let tokens = prompt.prompt_tokens() as u64;
+        let uncached = |t: &crate::schedule::Target| {
+            tokens.saturating_sub(u64::from(t.matched_blocks) * cfg.block_tokens() as u64)
+        };
+        let prefill_uncached_tokens = decision.prefill.as_ref().map(uncached);
+        // The decode side of a hand-off loads the prompt's KV rather than computing it.
+        let uncached_tokens = if decision.prefill.is_some() { 0 } else { uncached(primary) };
+        Ok(Planned { uncached_tokens, prefill_uncached_tokens, decision, prompt })
     }
 }
 
@@ -263,6 +272,8 @@ pub struct Routed {
     pub stream: bool,
     /// The in-flight count on the current target.
     pub guard: InFlightGuard,
+    /// The in-flight count on the prefill endpoint, while its leg runs (P/D decisions).
+    pub prefill_guard: Option<InFlightGuard>,
     /// Which of the decision's targets the request is on now.
     current: usize,
 }
@@ -271,6 +282,19 @@ impl Routed {
     /// The decision.
     pub fn decision(&self) -> &Decision {
         &self.planned.decision
+    }
+
+    /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Counts the
+    /// fallback and moves the prefill work onto the decode endpoint's in-flight count.
+    pub fn prefill_failed(&mut self, reason: &str, telemetry: &Telemetry) {
+        telemetry.disagg_fallbacks.with_label_values(&[self.pool.name(), reason]).inc();
+        self.prefill_guard = None;
+        let t = *self.target();
+        let tokens = self.planned.prompt.prompt_tokens() as u64;
+        self.planned.uncached_tokens = tokens
+            .saturating_sub(u64::from(t.matched_blocks) * self.pool.router().prefix_config().block_tokens() as u64);
+        let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
+        self.guard = InFlightGuard::new(in_flight, self.planned.uncached_tokens);
     }
 
     /// Moves the in-flight count to fallback target `k` of the decision.
@@ -360,6 +384,17 @@ impl Gateway {
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         let target = planned.decision.primary().index;
         let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.uncached_tokens);
+        let prefill_guard = planned.prefill_uncached_tokens.and_then(|tokens| {
+            let p = planned.decision.prefill?;
+            Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
+        });
+        if router.scheduler.disagg().is_some() {
+            let kind = match planned.decision.kind {
+                DecisionKind::DecodeOnly => "decode-only",
+                DecisionKind::PrefillDecode => "prefill-decode",
+            };
+            self.telemetry.disagg_decisions.with_label_values(&[pool.name(), kind]).inc();
+        }
         Ok(Routed {
             pool: pool.clone(),
             model: req.model.into_owned(),
@@ -367,6 +402,7 @@ impl Gateway {
             snapshot,
             planned,
             guard,
+            prefill_guard,
             current: 0,
         })
     }

@@ -25,6 +25,12 @@ pub struct Telemetry {
     pub scrape_errors: IntCounterVec,
     /// `kvgate_tokens_total{pool,kind}` (prompt, completion, cached), from responses' usage.
     pub tokens: IntCounterVec,
+    /// `kvgate_disagg_decisions_total{pool,decision_type}` (decode-only, prefill-decode), for
+    /// pools with a prefill/decode scheduler.
+    pub disagg_decisions: IntCounterVec,
+    /// `kvgate_disagg_fallbacks_total{pool,reason}`: prefill hand-offs that failed, after which
+    /// the decode endpoint prefilled locally.
+    pub disagg_fallbacks: IntCounterVec,
     ready_pods: IntGaugeVec,
     avg_kv: GaugeVec,
     avg_queue: GaugeVec,
@@ -71,6 +77,18 @@ impl Telemetry {
                 "inference_objective_request_error_total",
                 "Requests that failed, by model and error code.",
                 &["model_name", "target_model_name", "error_code"]
+            ),
+            disagg_decisions: family!(
+                IntCounterVec,
+                "kvgate_disagg_decisions_total",
+                "Prefill/decode decisions by kind (decode-only, prefill-decode).",
+                &["pool", "decision_type"]
+            ),
+            disagg_fallbacks: family!(
+                IntCounterVec,
+                "kvgate_disagg_fallbacks_total",
+                "Prefill hand-offs that failed and fell back to prefill on the decode endpoint, by reason.",
+                &["pool", "reason"]
             ),
             outcomes: family!(
                 IntCounterVec,

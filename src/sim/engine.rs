@@ -602,6 +602,14 @@ impl Engine {
     fn finish(&mut self, seq: Seq, reason: FinishReason, last_token: Option<u32>) {
         let l = [self.rank_label.as_str(), self.cfg.model_name.as_str()];
         self.metrics.request_success.with_label_values(&[l[0], reason.as_str(), l[1]]).inc();
+        let leg = match seq.sub.handoff {
+            Handoff::Prefill => Some("prefill"),
+            Handoff::Decode => Some("decode"),
+            Handoff::None => None,
+        };
+        if let Some(leg) = leg.filter(|_| reason != FinishReason::Abort) {
+            self.metrics.handoffs.with_label_values(&[l[0], l[1], leg]).inc();
+        }
         if reason != FinishReason::Abort {
             self.metrics.e2e.with_label_values(&l).observe(seq.sub.arrival.elapsed().as_secs_f64());
         }

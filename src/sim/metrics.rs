@@ -52,6 +52,9 @@ pub struct SimMetrics {
     pub cache_config: GaugeVec,
     /// `vllm:lora_requests_info` (value: unix time of the last change).
     pub lora_info: GaugeVec,
+    /// `kvgate_sim_kv_handoffs_total{engine,model_name,leg}` (simulator only): finished P/D legs,
+    /// `prefill` (KV kept for a decode endpoint) or `decode` (KV loaded from a prefill endpoint).
+    pub handoffs: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -146,6 +149,11 @@ impl SimMetrics {
                 "vllm:request_queue_time_seconds",
                 "Histogram of time spent in WAITING phase for request.",
                 REQUEST_BUCKETS,
+            ),
+            handoffs: counter(
+                "kvgate_sim_kv_handoffs_total",
+                "Finished prefill/decode legs: prefill (KV kept for a decode endpoint) or decode (KV loaded).",
+                &["engine", "model_name", "leg"],
             ),
             cache_config,
             lora_info,

@@ -463,8 +463,17 @@ async fn generate(st: Arc<PortState>, api: Api, headers: HeaderMap, body: Bytes)
             if p.get("do_remote_prefill").and_then(Value::as_bool) == Some(true)
                 && shared.kv_role != KvRole::Producer =>
         {
-            if p.get("remote_block_ids").is_none_or(Value::is_null) {
-                return Err(ApiError::bad("`kv_transfer_params.do_remote_prefill` needs `remote_block_ids`"));
+            // What a decode endpoint needs to pull the blocks: which, from which engine, where.
+            if !p.get("remote_block_ids").is_some_and(Value::is_array) {
+                return Err(ApiError::bad("`kv_transfer_params.do_remote_prefill` needs a `remote_block_ids` list"));
+            }
+            for field in ["remote_engine_id", "remote_host"] {
+                if !p.get(field).is_some_and(Value::is_string) {
+                    return Err(ApiError::bad(format!("`kv_transfer_params.{field}` must be a string")));
+                }
+            }
+            if !p.get("remote_port").is_some_and(Value::is_u64) {
+                return Err(ApiError::bad("`kv_transfer_params.remote_port` must be a port number"));
             }
             Handoff::Decode
         }
