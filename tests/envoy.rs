@@ -332,3 +332,127 @@ async fn envoy_announces_buffered_mode_and_kvgate_follows() {
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(&r), sim.addrs[0].port());
 }
+
+/// Pattern 5 behind Envoy with kvgate alone: Envoy asks kvgate's picker, which chooses the decode
+/// endpoint (its sidecar's address) and, for a long uncached prompt, a prefill endpoint named in
+/// `x-prefiller-host-port`; the sidecar runs the hand-off and the decode simulator answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_decode_through_envoy_and_the_sidecar() {
+    let role = |r: &str| format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{r}"}}"#);
+    let (producer, consumer) = (role("kv_producer"), role("kv_consumer"));
+    let p = start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
+    let d = start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
+    let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
+    let args: kvgate::sidecar::SidecarArgs = kvgate::cli::parse_flags(
+        "sidecar",
+        ["--listen", "127.0.0.1:0", "--decode", &da, "--admin-addr", "127.0.0.1:0", "--allow-prefill", &pa],
+    )
+    .expect("flags");
+    let sc = kvgate::sidecar::start(args).await.expect("sidecar");
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
+         {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
+         scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
+         {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}], \
+         schedulingProfiles: [{{name: prefill, plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: prefix-cache-scorer}}]}}, \
+         {{name: decode, plugins: [{{pluginRef: decode-filter}}, {{pluginRef: prefix-cache-scorer}}]}}]}}}}]\n",
+        sc.addr
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    // The decode endpoint is scraped through its sidecar.
+    let ok = eventually(10, || async {
+        get_json(&debug).await["pools"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|e| e["stale"] == false))
+    })
+    .await;
+    assert!(ok, "endpoints scraped");
+    let grpc = kv.grpc_addr.port();
+    let envoy =
+        tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
+    let url = format!("http://{}/v1/chat/completions", envoy.listener);
+    let leg = |base: String, leg: &'static str| async move {
+        common::metric(&common::metrics(&base).await, "kvgate_sim_kv_handoffs_total", &[("leg", leg)]).unwrap_or(0.0)
+    };
+    let sidecar = |kind: &'static str| {
+        let base = format!("http://{}", sc.admin_addr.expect("admin"));
+        async move {
+            common::metric(&common::metrics(&base).await, "kvgate_sidecar_requests_total", &[("kind", kind)])
+                .unwrap_or(0.0)
+        }
+    };
+    let system = "Clause of the service agreement. ".repeat(200);
+    let ask = |q: &str| {
+        json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+               "max_tokens": 5, "stream": true})
+        .to_string()
+    };
+    let r = client().post(&url).body(ask("First?")).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(&r), d.addrs[0].port(), "the decode simulator answered");
+    assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
+    assert_eq!((leg(format!("http://{pa}"), "prefill").await, leg(format!("http://{da}"), "decode").await), (1.0, 1.0));
+    assert_eq!(sidecar("prefill-decode").await, 1.0);
+    // Next turn, cached on the decode side: no prefill endpoint named, the sidecar decodes locally.
+    let r = client().post(&url).body(ask("Second?")).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    assert_eq!((sidecar("prefill-decode").await, sidecar("decode-only").await), (1.0, 1.0));
+    // A client cannot name a prefill endpoint itself: the picker removes the header.
+    let r = client()
+        .post(format!("http://{}/v1/completions", envoy.listener))
+        .header("x-prefiller-host-port", format!("127.0.0.1:{}", common::free_port()))
+        .body(json!({"model": MODEL, "prompt": "hi", "max_tokens": 2}).to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!((sidecar("decode-only").await, sidecar("fallback").await), (2.0, 0.0));
+}
+
+/// Data-parallel ranks behind one port, through Envoy: the picker pins its rank with a header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_rank_pinned_by_header_through_envoy() {
+    let sim = start_sim(&["--time-scale", "0", "--data-parallel-size", "2"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}', data_parallel_size: 2}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let ok = eventually(10, || async {
+        get_json(&debug).await["pools"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2 && e.iter().all(|e| e["stale"] == false))
+    })
+    .await;
+    assert!(ok, "ranks scraped");
+    let grpc = kv.grpc_addr.port();
+    let envoy =
+        tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
+    let url = format!("http://{}/v1/chat/completions", envoy.listener);
+    let base = sim.url(0);
+    let queries = || async {
+        let m = common::metrics(&base).await;
+        (0..2)
+            .map(|r| {
+                common::metric(&m, "vllm:prefix_cache_queries_total", &[("engine", &r.to_string())]).unwrap_or(0.0)
+            })
+            .collect::<Vec<f64>>()
+    };
+    let mut ranks = Vec::new();
+    for (system, q) in [("Nu", "a"), ("Nu", "b"), ("Nu", "c"), ("Xi", "a"), ("Xi", "b")] {
+        let before = queries().await;
+        let body = json!({"model": MODEL, "messages": [{"role": "system", "content": format!("{system} rules. ").repeat(300)},
+                          {"role": "user", "content": q}], "max_tokens": 2});
+        let r = client().post(&url).body(body.to_string()).send().await.expect("send");
+        assert_eq!(r.status(), 200);
+        let after = queries().await;
+        let moved: Vec<usize> = (0..2).filter(|&k| after[k] > before[k]).collect();
+        assert_eq!(moved.len(), 1);
+        ranks.push(moved[0]);
+    }
+    assert!(ranks[..3].iter().all(|&r| r == ranks[0]), "one prefix, one rank: {ranks:?}");
+    assert!(ranks[3..].iter().all(|&r| r != ranks[0]), "the other prefix on the other rank: {ranks:?}");
+}
