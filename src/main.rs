@@ -150,7 +150,11 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     for pool in &pools {
         println!("\npool `{}` serves {}", pool.name, pool.models.join(", "));
         for e in &pool.endpoints {
-            let rank = e.rank.map(|r| format!(" rank {r}")).unwrap_or_default();
+            let rank = match e.rank {
+                Some(r) if e.rank_header => format!(" rank {r} (pinned with X-data-parallel-rank)"),
+                Some(r) => format!(" rank {r}"),
+                None => String::new(),
+            };
             let role = kvgate::endpoint::Role::of_labels(&e.labels);
             let name = if e.name == e.to_string() { String::new() } else { format!(" ({})", e.name) };
             println!("  endpoint {e}{name} role {role}{rank}");

@@ -42,3 +42,29 @@ fn design_example_has_rank_endpoints() {
     let eps: Vec<String> = pools[0].endpoints.iter().map(|e| format!("{e}/{:?}", e.rank)).collect();
     assert_eq!(eps, ["127.0.0.1:8001/None", "127.0.0.1:8002/Some(0)", "127.0.0.1:8003/Some(1)"]);
 }
+
+/// The five deployment patterns each have a config, shaped as the pattern needs.
+#[test]
+fn pattern_configs() {
+    let load = |name: &str| {
+        let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+        Config::load(&f).and_then(|c| c.resolve(&f)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(load("p1-baseline.yaml")[0].endpoints.len(), 1);
+    let p2 = load("p2-multi-model.yaml");
+    assert_eq!(p2.len(), 2);
+    assert_ne!(p2[0].models, p2[1].models);
+    assert_eq!(load("p3-prefix-cache.yaml")[0].endpoints.len(), 3);
+    let p4 = load("p4-moe-dp.yaml");
+    let ranks: Vec<(String, Option<u32>, bool)> =
+        p4[0].endpoints.iter().map(|e| (e.to_string(), e.rank, e.rank_header)).collect();
+    assert_eq!(ranks.len(), 8);
+    assert!(ranks[..4].iter().enumerate().all(|(r, (_, rank, header))| *rank == Some(r as u32) && !header));
+    assert!(ranks[4..].iter().all(|(addr, _, header)| addr == "127.0.0.1:8100" && *header), "{ranks:?}");
+    let p5 = load("p5-moe-pd.yaml");
+    let d = p5[0].scheduler.disagg().expect("a P/D scheduler");
+    assert_eq!(d.decider.non_cached_tokens, 512);
+    let roles: Vec<kvgate::endpoint::Role> =
+        p5[0].endpoints.iter().map(|e| kvgate::endpoint::Role::of_labels(&e.labels)).collect();
+    assert!(roles.contains(&kvgate::endpoint::Role::Prefill) && roles.contains(&kvgate::endpoint::Role::Decode));
+}
