@@ -37,6 +37,12 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
+    /// Whether a request of this API can be split into a prefill and a decode leg (the
+    /// completions APIs, whose `max_tokens` and `kv_transfer_params` the hand-off sets).
+    pub fn disaggregates(self) -> bool {
+        matches!(self, Self::Completions | Self::ChatCompletions)
+    }
+
     /// The API a request path names (query string ignored), or `None` for other paths.
     pub fn from_path(path: &str) -> Option<Self> {
         let path = path.split_once('?').map_or(path, |(p, _)| p);

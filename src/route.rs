@@ -101,6 +101,8 @@ pub struct RouteOptions<'a> {
     pub want: usize,
     /// Now, in monotonic milliseconds.
     pub now_ms: u64,
+    /// The request may be split into prefill and decode legs (P/D pools).
+    pub disaggregate: bool,
 }
 
 /// A pool-level decision and what it was made from.
@@ -237,7 +239,11 @@ impl PoolRouter {
             stale_after_ms: self.stale_after_ms,
         };
         let dry_run = explain.is_some();
-        let decision = self.scheduler.schedule(&input, rng, opts.want, explain)?;
+        let mut decision = self.scheduler.schedule(&input, rng, opts.want, explain)?;
+        if !opts.disaggregate {
+            decision.prefill = None;
+            decision.kind = DecisionKind::DecodeOnly;
+        }
         let primary = decision.primary();
         if !dry_run {
             self.index.record(primary.id, &prompt.hashes);
@@ -379,7 +385,7 @@ impl Gateway {
         let now = now_ms();
         let router = pool.router();
         router.admission.admit(pool.name(), &snapshot.endpoints, req.priority, now, router.stale_after_ms)?;
-        let opts = RouteOptions { subset, want, now_ms: now };
+        let opts = RouteOptions { subset, want, now_ms: now, disaggregate: api.disaggregates() };
         let planned = router.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         let target = planned.decision.primary().index;
@@ -420,7 +426,7 @@ impl Gateway {
         let req = request::parse(api, body, self.max_body_bytes)?;
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
-        let opts = RouteOptions { subset: None, want: 1, now_ms: now_ms() };
+        let opts = RouteOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate: api.disaggregates() };
         let mut x = Explanation::default();
         let planned = pool.router().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
         Ok((pool.name().to_owned(), planned.decision, x))
@@ -477,7 +483,7 @@ mod tests {
     }
 
     fn opts() -> RouteOptions<'static> {
-        RouteOptions { subset: None, want: 1, now_ms: 0 }
+        RouteOptions { subset: None, want: 1, now_ms: 0, disaggregate: true }
     }
 
     fn plan(

@@ -101,14 +101,31 @@ struct Sidecar {
     counters: Counters,
 }
 
-/// A running sidecar. Dropping it stops it.
+/// A running sidecar. Dropping it stops it at once; [`Running::shutdown`] lets requests finish.
 #[derive(Debug)]
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Where its admin listener is, if any.
     pub admin_addr: Option<SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting connections and lets requests in flight (streams included) finish for up
+    /// to `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut self.tasks);
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        if tokio::time::timeout(grace, futures_util::future::join_all(tasks)).await.is_err() {
+            tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
+            for a in aborts {
+                a.abort();
+            }
+        }
+    }
 }
 
 impl Drop for Running {
@@ -136,13 +153,18 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("binding the sidecar listener {}: {e}", state.args.listen))?;
     let addr = listener.local_addr()?;
     let mut tasks = Vec::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let app = Router::new().fallback(handle).with_state(state.clone());
+    let rx = stopped.clone();
     tasks.push(tokio::spawn(async move {
         use axum::serve::ListenerExt;
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(until_stopped(rx)).await {
             tracing::error!(error = %e, "sidecar listener stopped");
         }
     }));
@@ -164,13 +186,14 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
                 }
             }),
         );
+        let rx = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, admin).await {
+            if let Err(e) = axum::serve(l, admin).with_graceful_shutdown(until_stopped(rx)).await {
                 tracing::error!(error = %e, "sidecar admin listener stopped");
             }
         }));
     }
-    Ok(Running { addr, admin_addr, tasks })
+    Ok(Running { addr, admin_addr, stop, tasks })
 }
 
 /// `kvgate sidecar`: runs until Ctrl-C or SIGTERM.
@@ -179,7 +202,8 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let running = start(args).await?;
     tracing::info!(listen = %running.addr, %decode, admin = ?running.admin_addr, "P/D sidecar ready");
     crate::serve::shutdown_signal().await;
-    drop(running);
+    tracing::info!("shutting down: finishing requests in flight");
+    running.shutdown(Duration::from_secs(30)).await;
     Ok(())
 }
 
@@ -220,7 +244,8 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     let mut headers = end_to_end(&parts.headers);
     let named = headers.remove(PREFILLER_HEADER);
     let named_rank = headers.remove(PREFILLER_RANK_HEADER);
-    let routed_api = parts.method == Method::POST && ApiKind::from_path(parts.uri.path()).is_some();
+    let routed_api =
+        parts.method == Method::POST && ApiKind::from_path(parts.uri.path()).is_some_and(ApiKind::disaggregates);
     let body = match named {
         Some(v) if routed_api => {
             let leg = prefiller(&st, &v, named_rank.as_ref()).map(|(address, header_rank)| PrefillLeg {

@@ -457,3 +457,129 @@ async fn oversized_bodies_are_refused_as_they_arrive() {
         other => panic!("expected an immediate response, got {other:?}"),
     }
 }
+
+fn header_mutation(r: &ProcessingResponse) -> (Vec<(String, String)>, Vec<String>) {
+    let common = match &r.response {
+        Some(Resp::RequestHeaders(h)) => h.response.as_ref(),
+        Some(Resp::RequestBody(b)) => b.response.as_ref(),
+        _ => None,
+    };
+    let m = common.and_then(|c| c.header_mutation.clone()).unwrap_or_default();
+    let set = m
+        .set_headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.raw_value).into_owned()))
+        .collect();
+    (set, m.remove_headers)
+}
+
+/// Sends one request through a fresh stream (full duplex); returns the stream (which holds the
+/// request open) and the headers answer.
+async fn decide(
+    addr: std::net::SocketAddr,
+    body: &serde_json::Value,
+    extra: &[(&str, &str)],
+) -> (Stream, ProcessingResponse) {
+    let mut s = Stream::open(addr).await;
+    let mut hs = vec![(":method", "POST"), (":path", "/v1/chat/completions")];
+    hs.extend_from_slice(extra);
+    s.send(msg(headers(&hs, false))).await;
+    s.send(msg(Req::RequestBody(HttpBody {
+        body: body.to_string().into_bytes(),
+        end_of_stream: true,
+        ..Default::default()
+    })))
+    .await;
+    let r = s.recv().await;
+    (s, r)
+}
+
+/// The P/D and data-parallel placement headers the picker sets (and the client's it removes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_headers_for_prefill_and_ranks() {
+    let p = start_sim(&["--time-scale", "0"]).await;
+    let d = start_sim(&["--time-scale", "0"]).await;
+    let dp = start_sim(&["--time-scale", "0", "--data-parallel-size", "2", "--served-model-name", "moe"]).await;
+    let other = start_sim(&["--time-scale", "0", "--served-model-name", "moe"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nextproc: {{max_endpoints: 4}}\npools:\n\
+         - {{name: pd, models: ['{MODEL}'], endpoints: [{{address: '{}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}],\n\
+            scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}],\n\
+            schedulingProfiles: [{{name: prefill, plugins: [{{pluginRef: prefill-filter}}]}}, {{name: decode, plugins: [{{pluginRef: decode-filter}}]}}]}}}}\n\
+         - {{name: moe, models: [moe], endpoints: [{{address: '{}', data_parallel_size: 2}}, {{address: '{}'}}]}}\n",
+        p.addrs[0], d.addrs[0], dp.addrs[0], other.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let scraped = || async {
+        let v = get_json(&debug).await;
+        v["pools"].as_array().is_some_and(|ps| {
+            ps.iter().all(|p| p["endpoints"].as_array().is_some_and(|e| e.iter().all(|e| e["stale"] == false)))
+        })
+    };
+    assert!(eventually(10, scraped).await);
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Terms and conditions. ".repeat(200)}]});
+    let (mut open, first) = decide(kv.grpc_addr, &long, &[("x-data-parallel-rank", "5")]).await;
+    let (set, remove) = header_mutation(&first);
+    let get = |k: &str| set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(get("x-gateway-destination-endpoint"), Some(d.addrs[0].to_string()));
+    assert_eq!(get("x-prefiller-host-port"), Some(p.addrs[0].to_string()));
+    assert!(remove.contains(&"x-data-parallel-rank".to_owned()), "a client's rank pin is removed: {remove:?}");
+    assert!(remove.contains(&"x-prefiller-data-parallel-rank".to_owned()));
+    // The prefill endpoint counts the request until the response starts.
+    let in_flight = |addr: String| {
+        let debug = debug.clone();
+        async move {
+            let v = get_json(&debug).await;
+            v["pools"][0]["endpoints"]
+                .as_array()
+                .expect("endpoints")
+                .iter()
+                .find(|e| e["address"] == addr.as_str())
+                .expect("listed")["in_flight_requests"]
+                .as_u64()
+        }
+    };
+    assert_eq!(in_flight(p.addrs[0].to_string()).await, Some(1));
+    assert!(streamed_body(&open.recv().await).is_some_and(|(_, eos)| eos), "the body comes back");
+    open.send(msg(Req::ResponseHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() }],
+        }),
+        ..Default::default()
+    })))
+    .await;
+    assert!(matches!(open.recv().await.response, Some(Resp::ResponseHeaders(_))));
+    assert_eq!(in_flight(p.addrs[0].to_string()).await, Some(0), "released when the decode side answers");
+    assert_eq!(in_flight(d.addrs[0].to_string()).await, Some(1), "the decode side still counts it");
+    drop(open);
+
+    // Short: decode only, and a client's own prefiller header is removed.
+    let short = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let (set, remove) =
+        header_mutation(&decide(kv.grpc_addr, &short, &[("x-prefiller-host-port", "10.9.9.9:1")]).await.1);
+    assert!(set.iter().all(|(k, _)| k != "x-prefiller-host-port"));
+    assert!(remove.contains(&"x-prefiller-host-port".to_owned()), "{remove:?}");
+
+    // Ranks behind one port: pinned by header, and the address appears once in the fallbacks.
+    let moe = json!({"model": "moe", "messages": [{"role": "user", "content": "Hello there. ".repeat(100)}]});
+    let mut pinned = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let (set, _) = header_mutation(&decide(kv.grpc_addr, &moe, &[]).await.1);
+        let get = |k: &str| set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let dest = get("x-gateway-destination-endpoint").expect("destination");
+        let list: Vec<&str> = dest.split(',').collect();
+        let mut unique = list.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(list.len(), unique.len(), "no address twice: {dest}");
+        assert_eq!(list.len(), 2, "{dest}");
+        if list[0] == dp.addrs[0].to_string() {
+            pinned.insert(get("x-data-parallel-rank").expect("rank pinned"));
+        } else {
+            assert_eq!(get("x-data-parallel-rank"), None);
+        }
+    }
+    assert!(!pinned.is_empty() && pinned.iter().all(|r| r == "0" || r == "1"), "{pinned:?}");
+}
