@@ -346,7 +346,6 @@ impl Pool {
                     }
                 };
                 let serial = inner.serials.fetch_add(1, Ordering::Relaxed);
-                let scraper = tokio::spawn(scrape::run(Arc::downgrade(inner), serial, t.addr));
                 members.push(Member {
                     target: t,
                     id: EndpointId::new(id),
@@ -358,8 +357,20 @@ impl Pool {
                     health: HealthState::new(&inner.settings),
                     scrape_errors: 0,
                     last_error: None,
-                    _scraper: Some(AbortOnDrop(scraper)),
+                    _scraper: None,
                 });
+            }
+            // One scraper per address: ranks behind one port share their server's /metrics.
+            for k in 0..members.len() {
+                let shares = |m: &Member| m.target.rank_header && m.target.addr == members[k].target.addr;
+                let scraped_by_earlier = members[..k].iter().any(|m| shares(m) && shares(&members[k]));
+                if scraped_by_earlier {
+                    members[k]._scraper = None;
+                } else if members[k]._scraper.is_none() {
+                    let (serial, addr) = (members[k].serial, members[k].target.addr);
+                    let task = tokio::spawn(scrape::run(Arc::downgrade(inner), serial, addr));
+                    members[k]._scraper = Some(AbortOnDrop(task));
+                }
             }
             for gone in old {
                 inner.router.index().remove(gone.id);
@@ -467,50 +478,73 @@ impl Inner {
         *self.snapshot.write() = snap;
     }
 
-    /// Applies a scrape result; returns how long the scraper waits before the next one.
+    /// Applies a scrape result to the endpoint that scraped it and to the other ranks behind
+    /// the same port; returns how long the scraper waits before the next one.
     fn on_scrape(&self, serial: u64, result: Result<Scrape, String>, adapters: Option<Vec<String>>) -> Duration {
         let now = now_ms();
         let s = &self.settings;
         let mut st = self.state.lock();
-        let Some(m) = st.members.iter_mut().find(|m| m.serial == serial) else { return s.scrape_interval };
-        match result {
-            Ok(scrape) => {
-                let engine = scrape.engine(m.target.rank).cloned().unwrap_or_default();
-                m.metrics = Some(Metrics {
-                    running: engine.running.unwrap_or(0.0) as u32,
-                    waiting: engine.waiting.unwrap_or(0.0) as u32,
-                    kv_usage: engine.kv_usage.unwrap_or(0.0),
-                    lora: scrape.lora.map(|l| LoraState {
-                        running: l.running,
-                        waiting: l.waiting,
-                        max_loras: l.max_loras,
-                    }),
-                    scraped_at_ms: now,
-                });
-                if let (Some(bs), Some(blocks)) = (engine.block_size, engine.num_gpu_blocks) {
-                    let cap = self.router.prefix_config().capacity_for_kv(blocks, bs);
-                    if m.kv_capacity != Some(cap) {
-                        m.kv_capacity = Some(cap);
-                        self.router.index().set_capacity(m.id, cap);
+        let Some(scraper) = st.members.iter().find(|m| m.serial == serial) else { return s.scrape_interval };
+        let (addr, shared) = (scraper.target.addr, scraper.target.rank_header);
+        let mut wait = s.scrape_interval;
+        for m in st
+            .members
+            .iter_mut()
+            .filter(|m| m.serial == serial || (shared && m.target.rank_header && m.target.addr == addr))
+        {
+            let engine = match &result {
+                Err(e) => Err(e.clone()),
+                // A rank pinned by header must be reported by its own `engine` series.
+                Ok(scrape) if m.target.rank_header => {
+                    let rank = m.target.rank.unwrap_or(0).to_string();
+                    scrape.engines.get(&rank).cloned().ok_or_else(|| format!("the metrics show no engine \"{rank}\""))
+                }
+                Ok(scrape) => Ok(scrape.engine(m.target.rank).cloned().unwrap_or_default()),
+            };
+            match engine {
+                Ok(engine) => {
+                    let lora = result.as_ref().ok().and_then(|x| x.lora.clone());
+                    m.metrics = Some(Metrics {
+                        running: engine.running.unwrap_or(0.0) as u32,
+                        waiting: engine.waiting.unwrap_or(0.0) as u32,
+                        kv_usage: engine.kv_usage.unwrap_or(0.0),
+                        lora: lora.map(|l| LoraState {
+                            running: l.running,
+                            waiting: l.waiting,
+                            max_loras: l.max_loras,
+                        }),
+                        scraped_at_ms: now,
+                    });
+                    if let (Some(bs), Some(blocks)) = (engine.block_size, engine.num_gpu_blocks) {
+                        let cap = self.router.prefix_config().capacity_for_kv(blocks, bs);
+                        if m.kv_capacity != Some(cap) {
+                            m.kv_capacity = Some(cap);
+                            self.router.index().set_capacity(m.id, cap);
+                        }
                     }
+                    if let Some(a) = &adapters {
+                        m.adapters = a.clone();
+                    }
+                    m.last_error = None;
+                    m.health.success(now, s);
                 }
-                if let Some(a) = adapters {
-                    m.adapters = a;
+                Err(e) => {
+                    m.scrape_errors += 1;
+                    self.telemetry
+                        .scrape_errors
+                        .with_label_values(&[self.name.as_str(), &m.target.addr.to_string()])
+                        .inc();
+                    m.last_error = Some(e);
+                    m.health.failure(now, s);
                 }
-                m.last_error = None;
-                m.health.success(now, s);
             }
-            Err(e) => {
-                m.scrape_errors += 1;
-                self.telemetry.scrape_errors.with_label_values(&[self.name.as_str(), &m.target.addr.to_string()]).inc();
-                m.last_error = Some(e);
-                m.health.failure(now, s);
+            if m.serial == serial {
+                wait = match (m.health.state(now), m.health.down_until) {
+                    (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
+                    _ => next_round(s.scrape_interval, now),
+                };
             }
         }
-        let wait = match (m.health.state(now), m.health.down_until) {
-            (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
-            _ => next_round(s.scrape_interval, now),
-        };
         drop(st);
         self.dirty.notify_one();
         wait

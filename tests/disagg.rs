@@ -318,3 +318,29 @@ async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
     };
     assert!(hits[home] > 1500.0, "the pinned rank reused the prefix: {hits:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_the_server_does_not_report_is_taken_out() {
+    let sim = start_sim(&["--time-scale", "0", "--data-parallel-size", "2"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}', data_parallel_size: 3}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let ok = eventually(10, || async {
+        let v = get_json(&debug).await;
+        let eps = v["pools"][0]["endpoints"].as_array().cloned().unwrap_or_default();
+        eps.len() == 3
+            && eps[..2].iter().all(|e| e["stale"] == false && e["healthy"] == true)
+            && eps[2]["healthy"] == false
+            && eps[2]["last_error"].as_str().is_some_and(|e| e.contains("no engine \"2\""))
+    })
+    .await;
+    assert!(ok, "{}", get_json(&debug).await);
+    // Requests still go to the two real ranks.
+    let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
+    for q in ["a", "b", "c", "d"] {
+        assert_eq!(send(&url, &chat("Omicron", 100, q), &[]).await.status, 200);
+    }
+}

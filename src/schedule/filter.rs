@@ -73,9 +73,11 @@ impl Default for UtilizationParams {
 pub struct AffinityParams {
     /// Prefix match ratio at which an endpoint becomes sticky for a request.
     pub affinity_threshold: f64,
-    /// A sticky endpoint with this many more in-flight requests than the least loaded
-    /// candidate is saturated and released.
+    /// A sticky endpoint whose in-flight requests exceed the candidates' mean by more than this,
+    /// and by more than `maxInFlightRatio` times the mean, is saturated and released.
     pub max_in_flight_imbalance: u64,
+    /// See `maxInFlightImbalance`: the allowed excess grows with the pool's load.
+    pub max_in_flight_ratio: f64,
     /// Prefill throughput (tokens/s) used to turn queued tokens into waiting time.
     pub peak_prefill_throughput: f64,
     /// A sticky endpoint whose estimated time to first token exceeds the best candidate's by
@@ -88,7 +90,8 @@ impl Default for AffinityParams {
     fn default() -> Self {
         Self {
             affinity_threshold: 0.5,
-            max_in_flight_imbalance: 64,
+            max_in_flight_imbalance: 4,
+            max_in_flight_ratio: 1.0,
             peak_prefill_throughput: 15928.0,
             max_ttft_penalty_ms: 2000.0,
         }
@@ -165,10 +168,11 @@ fn affinity(p: &AffinityParams, ctx: &Ctx<'_>, cands: &mut Vec<usize>) {
         let uncached = req.prompt_tokens.saturating_sub(cached);
         (in_flight(i).tokens() + uncached) as f64 * 1000.0 / p.peak_prefill_throughput.max(1.0)
     };
-    let min_req = cands.iter().map(|&i| in_flight(i).requests()).min().unwrap_or(0);
+    let mean_req = cands.iter().map(|&i| in_flight(i).requests()).sum::<u64>() as f64 / cands.len() as f64;
     let min_est = cands.iter().map(|&i| est_ms(i)).fold(f64::INFINITY, f64::min);
     let saturated = |i: usize| {
-        in_flight(i).requests().saturating_sub(min_req) > p.max_in_flight_imbalance
+        let excess = in_flight(i).requests() as f64 - mean_req;
+        excess > p.max_in_flight_imbalance as f64 && excess > p.max_in_flight_ratio * mean_req
             || est_ms(i) > min_est + p.max_ttft_penalty_ms
     };
     let sticky = |i: usize| ratio(i) >= p.affinity_threshold;

@@ -103,14 +103,14 @@ fn prefix_affinity_until_saturated() {
     let eps = endpoints(4);
     let hot = [0, 0, 10, 0];
     check(&s, &eps, &hot, request(10), Ok(2));
-    // A little busier than the rest: still sticky.
-    eps[2].in_flight.start(100);
-    eps[2].in_flight.start(100);
-    check(&s, &eps, &hot, request(10), Ok(2));
-    // Past the in-flight imbalance (64): released to an endpoint without the prefix.
-    for _ in 0..63 {
+    // A little busier than the rest: still sticky (5 in flight: 3.75 over the mean of 1.25).
+    for _ in 0..5 {
         eps[2].in_flight.start(100);
     }
+    check(&s, &eps, &hot, request(10), Ok(2));
+    // Past the in-flight imbalance (6 in flight: 4.5 over the mean, and more than the mean):
+    // released to an endpoint without the prefix.
+    eps[2].in_flight.start(100);
     let d = run(&s, &eps, &hot, request(10), 0).expect("decision");
     assert_ne!(d.primary().index, 2);
     // A second holder of the prefix that is not saturated takes over.
