@@ -58,13 +58,17 @@ impl Server {
     /// included) finish for up to `grace`, then stops everything.
     pub async fn shutdown(mut self, grace: std::time::Duration) {
         let _ = self.stop.send(true);
-        let listeners = std::mem::take(&mut self.listeners);
-        let aborts: Vec<_> = listeners.iter().map(|h| h.abort_handle()).collect();
-        if tokio::time::timeout(grace, futures_util::future::join_all(listeners)).await.is_err() {
-            tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
-            for a in aborts {
-                a.abort();
-            }
+        drain(std::mem::take(&mut self.listeners), grace).await;
+    }
+}
+
+/// Waits up to `grace` for stopping listeners to finish their connections, then aborts them.
+pub(crate) async fn drain(listeners: Vec<tokio::task::JoinHandle<()>>, grace: std::time::Duration) {
+    let aborts: Vec<_> = listeners.iter().map(|h| h.abort_handle()).collect();
+    if tokio::time::timeout(grace, futures_util::future::join_all(listeners)).await.is_err() {
+        tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
+        for a in aborts {
+            a.abort();
         }
     }
 }

@@ -117,14 +117,7 @@ impl Running {
     /// to `grace`.
     pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.stop.send(true);
-        let tasks = std::mem::take(&mut self.tasks);
-        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
-        if tokio::time::timeout(grace, futures_util::future::join_all(tasks)).await.is_err() {
-            tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
-            for a in aborts {
-                a.abort();
-            }
-        }
+        crate::serve::drain(std::mem::take(&mut self.tasks), grace).await;
     }
 }
 

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{SimProcess, client, eventually, free_port, get_json, metric, metrics, start_kvgate, start_sim};
+use common::{
+    SimProcess, client, eventually, free_port, get_json, metric, metrics, start_kvgate, start_sim, wait_scraped,
+};
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -32,16 +34,6 @@ fn pd_config(prefill: &[String], decode: &[String], extra: &str) -> String {
         "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n{extra}\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [{}], scheduler: {PD_SCHEDULER}}}]\n",
         eps.join(", ")
     )
-}
-
-async fn wait_ready(kv: &kvgate::serve::Server, n: usize) {
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    let ok = eventually(10, || async {
-        let v = get_json(&debug).await;
-        v["pools"][0]["endpoints"].as_array().is_some_and(|e| e.len() == n && e.iter().all(|e| e["stale"] == false))
-    })
-    .await;
-    assert!(ok, "endpoints scraped");
 }
 
 /// A chat request with a system prompt of about `tokens` estimated tokens.
@@ -82,7 +74,7 @@ async fn proxy_disaggregates_long_uncached_prompts_only() {
     let prefill = [p0.addrs[0].to_string(), p1.addrs[0].to_string()];
     let decode = [d0.addrs[0].to_string(), d1.addrs[0].to_string()];
     let kv = start_kvgate(&pd_config(&prefill, &decode, "")).await;
-    wait_ready(&kv, 4).await;
+    wait_scraped(&kv, 4).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
 
     // Long and cold: prefill on a prefill endpoint, decode on a decode endpoint.
@@ -141,7 +133,7 @@ async fn a_failing_or_dead_prefill_endpoint_degrades_to_decode_only() {
         "proxy: {prefill_timeout_ms: 300}",
     ))
     .await;
-    wait_ready(&kv, 2).await;
+    wait_scraped(&kv, 2).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let admin = format!("http://{}", kv.admin_addr);
     let fallbacks = |reason: &'static str| {
@@ -176,7 +168,7 @@ async fn a_failing_or_dead_prefill_endpoint_degrades_to_decode_only() {
         "scrape: {interval_ms: 60000, stale_after_ms: 120000}",
     ))
     .await;
-    wait_ready(&kv2, 2).await;
+    wait_scraped(&kv2, 2).await;
     drop(dead);
     let url2 = format!("http://{}/v1/chat/completions", kv2.proxy_addr.expect("proxy"));
     let c = send(&url2, &chat("Epsilon", 1500, "Q?"), &[]).await;
@@ -240,15 +232,6 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
     assert_eq!(models["data"][0]["id"], MODEL);
 }
 
-/// Which engine (DP rank) of a simulator's port got the most recent prompt: the one whose
-/// prefix-cache query counter moved.
-async fn queries_by_engine(base: &str, ranks: u32) -> Vec<f64> {
-    let m = metrics(base).await;
-    (0..ranks)
-        .map(|r| metric(&m, "vllm:prefix_cache_queries_total", &[("engine", &r.to_string())]).unwrap_or(0.0))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
     // Multi-port: one port per rank, one endpoint per ip:port.
@@ -261,7 +244,7 @@ async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
         ports[0], ports[1]
     ))
     .await;
-    wait_ready(&kv, 2).await;
+    wait_scraped(&kv, 2).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let a = send(&url, &chat("Iota", 600, "Q1?"), &[]).await;
     let home = a.served.clone().expect("served");
@@ -284,38 +267,37 @@ async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
         sim.addrs[0]
     ))
     .await;
-    wait_ready(&kv, 2).await;
+    wait_scraped(&kv, 2).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let moved = |before: &[f64], after: &[f64]| -> usize {
         let changed: Vec<usize> = (0..before.len()).filter(|&r| after[r] > before[r]).collect();
         assert_eq!(changed.len(), 1, "exactly one rank served: {before:?} → {after:?}");
         changed[0]
     };
-    let q0 = queries_by_engine(&base, 2).await;
+    let q0 = common::per_engine(&base, "vllm:prefix_cache_queries_total", 2).await;
     // A client's own rank header is not trusted.
     assert_eq!(send(&url, &chat("Lambda", 600, "Q1?"), &[("x-data-parallel-rank", "7")]).await.status, 200);
-    let q1 = queries_by_engine(&base, 2).await;
+    let q1 = common::per_engine(&base, "vllm:prefix_cache_queries_total", 2).await;
     let home = moved(&q0, &q1);
     // Without the pin, the simulator's own balancing would alternate ranks; with it, the prefix
     // stays on its rank.
     for q in ["Q2?", "Q3?", "Q4?"] {
-        let before = queries_by_engine(&base, 2).await;
+        let before = common::per_engine(&base, "vllm:prefix_cache_queries_total", 2).await;
         assert_eq!(send(&url, &chat("Lambda", 600, q), &[]).await.status, 200);
-        assert_eq!(moved(&before, &queries_by_engine(&base, 2).await), home);
+        assert_eq!(moved(&before, &common::per_engine(&base, "vllm:prefix_cache_queries_total", 2).await), home);
     }
-    let before = queries_by_engine(&base, 2).await;
+    let before = common::per_engine(&base, "vllm:prefix_cache_queries_total", 2).await;
     assert_eq!(send(&url, &chat("Mu", 600, "Q1?"), &[]).await.status, 200);
-    assert_ne!(moved(&before, &queries_by_engine(&base, 2).await), home, "a new prefix goes to the other rank");
+    assert_ne!(
+        moved(&before, &common::per_engine(&base, "vllm:prefix_cache_queries_total", 2).await),
+        home,
+        "a new prefix goes to the other rank"
+    );
     let eps = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
     let eps = eps["pools"][0]["endpoints"].as_array().expect("endpoints").clone();
     assert!(eps.iter().all(|e| e["address"] == sim.addrs[0].to_string()), "one address, two ranks");
     assert_eq!(eps.iter().map(|e| e["rank"].as_u64()).collect::<Vec<_>>(), [Some(0), Some(1)]);
-    let hits: Vec<f64> = {
-        let m = metrics(&base).await;
-        (0..2)
-            .map(|r| metric(&m, "vllm:prefix_cache_hits_total", &[("engine", &r.to_string())]).unwrap_or(0.0))
-            .collect()
-    };
+    let hits = common::per_engine(&base, "vllm:prefix_cache_hits_total", 2).await;
     assert!(hits[home] > 1500.0, "the pinned rank reused the prefix: {hits:?}");
 }
 

@@ -433,14 +433,7 @@ async fn dp_rank_pinned_by_header_through_envoy() {
         tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
     let url = format!("http://{}/v1/chat/completions", envoy.listener);
     let base = sim.url(0);
-    let queries = || async {
-        let m = common::metrics(&base).await;
-        (0..2)
-            .map(|r| {
-                common::metric(&m, "vllm:prefix_cache_queries_total", &[("engine", &r.to_string())]).unwrap_or(0.0)
-            })
-            .collect::<Vec<f64>>()
-    };
+    let queries = || common::per_engine(&base, "vllm:prefix_cache_queries_total", 2);
     let mut ranks = Vec::new();
     for (system, q) in [("Nu", "a"), ("Nu", "b"), ("Nu", "c"), ("Xi", "a"), ("Xi", "b")] {
         let before = queries().await;

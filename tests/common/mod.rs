@@ -131,6 +131,23 @@ pub async fn start_kvgate(yaml: &str) -> kvgate::serve::Server {
     kvgate::serve::start(cfg, path).await.expect("kvgate starts")
 }
 
+/// Waits until kvgate lists `n` endpoints in its first pool, all scraped.
+pub async fn wait_scraped(kv: &kvgate::serve::Server, n: usize) {
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let ok = eventually(10, || async {
+        let v = get_json(&debug).await;
+        v["pools"][0]["endpoints"].as_array().is_some_and(|e| e.len() == n && e.iter().all(|e| e["stale"] == false))
+    })
+    .await;
+    assert!(ok, "endpoints scraped: {}", get_json(&debug).await);
+}
+
+/// A counter's value per data-parallel rank (`engine` label) in a simulator's `/metrics`.
+pub async fn per_engine(base: &str, name: &str, ranks: u32) -> Vec<f64> {
+    let m = metrics(base).await;
+    (0..ranks).map(|r| metric(&m, name, &[("engine", &r.to_string())]).unwrap_or(0.0)).collect()
+}
+
 /// GETs a JSON document.
 pub async fn get_json(url: &str) -> serde_json::Value {
     client().get(url).send().await.expect("request").json().await.expect("JSON")
