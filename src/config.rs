@@ -293,6 +293,12 @@ impl EndpointSpec {
     }
 }
 
+/// Whether `r`'s `host:port` is not yet taken by another entry. The ranks of one
+/// `data_parallel_size` entry share theirs: only rank 0 claims it.
+fn first_use(seen: &mut HashSet<(Host, u16)>, r: &ResolvedEndpoint) -> bool {
+    (r.rank_header && r.rank.is_some_and(|k| k > 0)) || seen.insert((r.host.clone(), r.port))
+}
+
 /// Splits an address into host and optional port.
 fn parse_address(addr: &str) -> Result<(Host, Option<u16>), String> {
     let addr = addr.trim();
@@ -465,8 +471,11 @@ impl Config {
                 "max_endpoints must be at least 1 and max_message_bytes at least 1024".into(),
             ));
         }
-        if self.proxy.attempts == 0 || self.proxy.connect_timeout_ms == 0 {
-            return Err(invalid("proxy".into(), "attempts and connect_timeout_ms must be at least 1".into()));
+        if self.proxy.attempts == 0 || self.proxy.connect_timeout_ms == 0 || self.proxy.prefill_timeout_ms == 0 {
+            return Err(invalid(
+                "proxy".into(),
+                "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
+            ));
         }
         if self.health.failure_threshold == 0 || self.health.backoff_ms > self.health.max_backoff_ms {
             return Err(invalid(
@@ -505,7 +514,7 @@ impl Config {
             for (j, e) in pool.endpoints.iter().enumerate() {
                 let eat = at(&format!("endpoints[{j}]"));
                 for r in e.resolve().map_err(|m| invalid(eat.clone(), m))? {
-                    if !seen.insert((r.host.clone(), r.port, r.rank.filter(|_| r.rank_header))) {
+                    if !first_use(&mut seen, &r) {
                         return Err(invalid(eat, format!("endpoint {r} is listed twice")));
                     }
                     endpoints.push(r);
@@ -516,7 +525,7 @@ impl Config {
                     return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
                 }
                 for r in load_endpoints_file(f)? {
-                    if !seen.insert((r.host.clone(), r.port, r.rank.filter(|_| r.rank_header))) {
+                    if !first_use(&mut seen, &r) {
                         return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
                     }
                     file_endpoints.push(r);
@@ -632,6 +641,18 @@ mod tests {
         check_config(
             "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}, {address: '127.0.0.1', port: 1}]}]",
             Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1', data_parallel_size: 2}, {address: '127.0.0.1:1'}]}]",
+            Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: 127.0.0.1, ports: [1, 2]}, {address: '127.0.0.1:2', data_parallel_size: 2}]}]",
+            Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "proxy: {prefill_timeout_ms: 0}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
+            Err(("proxy", "prefill_timeout_ms")),
         );
         check_config("pools: [{name: a, models: [m]}]", Err(("pools[0].endpoints", "needs `endpoints`")));
         check_config(

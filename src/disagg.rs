@@ -74,9 +74,10 @@ impl Fallback {
         }
     }
 
-    /// Whether the failure says something about the prefill endpoint's health.
+    /// Whether the failure says something about the prefill endpoint's health (a timeout does
+    /// not: a long prompt can be slow to prefill on a healthy endpoint).
     pub fn endpoint_failed(&self) -> bool {
-        matches!(self, Self::Unreachable(_) | Self::Timeout) || matches!(self, Self::Status(s) if *s >= 500)
+        matches!(self, Self::Unreachable(_)) || matches!(self, Self::Status(s) if *s >= 500)
     }
 }
 
@@ -119,6 +120,13 @@ pub fn decode_body(body: &[u8], params: Value) -> Result<Vec<u8>, Fallback> {
     let mut m = object(body)?;
     m.insert("kv_transfer_params".into(), params);
     serde_json::to_vec(&m).map_err(|e| Fallback::BadRequest(e.to_string()))
+}
+
+/// The body without a client's own `kv_transfer_params` (`None` if it is not a JSON object).
+pub fn without_transfer_params(body: &[u8]) -> Option<Vec<u8>> {
+    let mut m = object(body).ok()?;
+    m.remove("kv_transfer_params");
+    serde_json::to_vec(&m).ok()
 }
 
 /// Checks a prefill answer's `kv_transfer_params` enough for the decode side to use them.
@@ -239,8 +247,17 @@ mod tests {
     }
 
     #[test]
+    fn client_transfer_params_are_removed() {
+        let body = br#"{"model":"m","kv_transfer_params":{"do_remote_prefill":true},"prompt":"x"}"#;
+        let v: Value = serde_json::from_slice(&without_transfer_params(body).expect("object")).expect("json");
+        assert_eq!(v, json!({"model": "m", "prompt": "x"}));
+        assert_eq!(without_transfer_params(b"[]"), None);
+    }
+
+    #[test]
     fn fallback_reasons() {
-        assert!(Fallback::Timeout.endpoint_failed());
+        assert!(!Fallback::Timeout.endpoint_failed());
+        assert!(Fallback::Unreachable(String::new()).endpoint_failed());
         assert!(Fallback::Status(503).endpoint_failed());
         assert!(!Fallback::Status(400).endpoint_failed());
         assert!(!Fallback::BadResponse(String::new()).endpoint_failed());

@@ -453,10 +453,13 @@ impl StreamState {
                 return vec![immediate(&e)];
             }
         };
-        // Ranks sharing one address (pinned by header) appear once in the fallback list.
-        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(want);
+        // Ranks sharing one address (pinned by header) appear once in the fallback list. A rank
+        // pin is for the primary's server only, so a pinned request gets no fallbacks: another
+        // server would get the wrong rank (or one it does not have).
+        let limit = if routed.decision().primary().header_rank.is_some() { 1 } else { want };
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(limit);
         for t in routed.decision().targets.iter() {
-            if addrs.len() < want && !addrs.contains(&t.address) {
+            if addrs.len() < limit && !addrs.contains(&t.address) {
                 addrs.push(t.address);
             }
         }
@@ -482,12 +485,28 @@ impl StreamState {
         {
             set.push(set_header("x-request-id", id));
         }
+        // A client's own transfer parameters never reach a P/D endpoint: the body is rewritten.
+        let mut rewritten = false;
+        if with_body
+            && routed.strip_transfer_params
+            && let Some(b) = crate::disagg::without_transfer_params(&self.body)
+        {
+            set.push(set_header("content-length", &b.len().to_string()));
+            self.body = b;
+            rewritten = true;
+        }
+        // The sidecar runs the hand-off; kvgate does not see its outcome.
+        routed.prefilled();
         self.routed = Some(routed);
-        let common = CommonResponse {
+        let mut common = CommonResponse {
             header_mutation: Some(HeaderMutation { set_headers: set, remove_headers: remove }),
             clear_route_cache: true,
             ..Default::default()
         };
+        if rewritten && self.request_mode == BodyMode::Buffered {
+            common.body_mutation =
+                Some(BodyMutation { mutation: Some(Mutation::Body(std::mem::take(&mut self.body))) });
+        }
         let mut out = Vec::new();
         match (self.request_mode, with_body) {
             (BodyMode::Buffered, true) => out.push(ProcessingResponse {

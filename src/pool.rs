@@ -486,7 +486,8 @@ impl Inner {
         let mut st = self.state.lock();
         let Some(scraper) = st.members.iter().find(|m| m.serial == serial) else { return s.scrape_interval };
         let (addr, shared) = (scraper.target.addr, scraper.target.rank_header);
-        let mut wait = s.scrape_interval;
+        // The next scrape comes as soon as any endpoint it serves needs one.
+        let mut wait: Option<Duration> = None;
         for m in st
             .members
             .iter_mut()
@@ -538,16 +539,15 @@ impl Inner {
                     m.health.failure(now, s);
                 }
             }
-            if m.serial == serial {
-                wait = match (m.health.state(now), m.health.down_until) {
-                    (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
-                    _ => next_round(s.scrape_interval, now),
-                };
-            }
+            let mine = match (m.health.state(now), m.health.down_until) {
+                (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
+                _ => next_round(s.scrape_interval, now),
+            };
+            wait = Some(wait.map_or(mine, |w| w.min(mine)));
         }
         drop(st);
         self.dirty.notify_one();
-        wait
+        wait.unwrap_or(s.scrape_interval)
     }
 }
 

@@ -211,10 +211,15 @@ async fn send(
         fwd.insert(HeaderName::from_static("x-request-id"), v);
     }
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let targets = routed.decision().targets.len().min(st.cfg.attempts.max(1));
+    let attempts = st.cfg.attempts.max(1);
     let pool = routed.pool.clone();
     let mut kind = Some(routed.decision().kind);
     let mut body = body;
+    if routed.strip_transfer_params
+        && let Some(b) = disagg::without_transfer_params(&body)
+    {
+        body = Bytes::from(b);
+    }
     let mut prefiller = None;
     if let Some(p) = routed.decision().prefill {
         let leg = PrefillLeg {
@@ -227,6 +232,7 @@ async fn send(
         match disagg::handoff(&st.client, leg, &body).await {
             Ok(decode) => {
                 pool.report(p.id, true);
+                routed.prefilled();
                 body = Bytes::from(decode);
                 prefiller = Some(p.address);
             }
@@ -243,11 +249,21 @@ async fn send(
         routed.prefill_guard = None;
     }
     let mut last = Failure::Connect("no endpoint was tried".into());
-    for k in 0..targets {
+    // Servers that could not be reached: their other ranks are not worth an attempt.
+    let mut unreachable: Vec<std::net::SocketAddr> = Vec::new();
+    let mut tried = 0;
+    for k in 0..routed.decision().targets.len() {
+        let target = routed.decision().targets[k];
+        if tried == attempts {
+            break;
+        }
+        if unreachable.contains(&target.address) {
+            continue;
+        }
+        tried += 1;
         if k > 0 {
             routed.retarget(k);
         }
-        let target = routed.decision().targets[k];
         let mut req = hyper::Request::builder().method(method.clone()).uri(format!("http://{}{path}", target.address));
         if let Some(h) = req.headers_mut() {
             h.extend(fwd.clone());
@@ -266,11 +282,13 @@ async fn send(
         let resp = match attempt {
             Err(_) => {
                 pool.report(target.id, false);
+                unreachable.push(target.address);
                 last = Failure::Timeout;
                 continue;
             }
             Ok(Err(e)) => {
                 pool.report(target.id, false);
+                unreachable.push(target.address);
                 last = Failure::Connect(e.to_string());
                 continue;
             }

@@ -206,7 +206,7 @@ impl PoolRouter {
     }
 
     /// Decides where a parsed request goes over `snapshot`, and records the prompt on the
-    /// chosen endpoints. With `explain`, a dry run: nothing is recorded.
+    /// chosen (decode) endpoint. With `explain`, a dry run: nothing is recorded.
     pub fn plan(
         &self,
         req: &ParsedRequest<'_>,
@@ -231,6 +231,7 @@ impl PoolRouter {
                 block_tokens: cfg.block_tokens() as u64,
                 priority: req.priority,
                 subset: opts.subset,
+                disaggregate: opts.disaggregate,
             },
             endpoints: snapshot,
             prefix_blocks: &blocks,
@@ -239,17 +240,11 @@ impl PoolRouter {
             stale_after_ms: self.stale_after_ms,
         };
         let dry_run = explain.is_some();
-        let mut decision = self.scheduler.schedule(&input, rng, opts.want, explain)?;
-        if !opts.disaggregate {
-            decision.prefill = None;
-            decision.kind = DecisionKind::DecodeOnly;
-        }
+        let decision = self.scheduler.schedule(&input, rng, opts.want, explain)?;
         let primary = decision.primary();
         if !dry_run {
+            // The prefill side learns the prompt when its leg succeeds: `Routed::prefilled`.
             self.index.record(primary.id, &prompt.hashes);
-            if let Some(p) = &decision.prefill {
-                self.index.record(p.id, &prompt.hashes);
-            }
         }
         let tokens = prompt.prompt_tokens() as u64;
         let uncached = |t: &crate::schedule::Target| {
@@ -280,6 +275,9 @@ pub struct Routed {
     pub guard: InFlightGuard,
     /// The in-flight count on the prefill endpoint, while its leg runs (P/D decisions).
     pub prefill_guard: Option<InFlightGuard>,
+    /// The client sent its own `kv_transfer_params` to a P/D pool: they must not reach an
+    /// endpoint (they name where KV is pulled from), so the body is rewritten without them.
+    pub strip_transfer_params: bool,
     /// Which of the decision's targets the request is on now.
     current: usize,
 }
@@ -288,6 +286,14 @@ impl Routed {
     /// The decision.
     pub fn decision(&self) -> &Decision {
         &self.planned.decision
+    }
+
+    /// The prefill endpoint computed the prompt (or, behind a sidecar, was asked to): it now
+    /// holds the prompt's blocks.
+    pub fn prefilled(&self) {
+        if let Some(p) = &self.planned.decision.prefill {
+            self.pool.router().index().record(p.id, &self.planned.prompt.hashes);
+        }
     }
 
     /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Counts the
@@ -394,7 +400,7 @@ impl Gateway {
             let p = planned.decision.prefill?;
             Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
         });
-        if router.scheduler.disagg().is_some() {
+        if router.scheduler.disagg().is_some() && opts.disaggregate {
             let kind = match planned.decision.kind {
                 DecisionKind::DecodeOnly => "decode-only",
                 DecisionKind::PrefillDecode => "prefill-decode",
@@ -409,6 +415,7 @@ impl Gateway {
             planned,
             guard,
             prefill_guard,
+            strip_transfer_params: req.kv_transfer_params.is_some() && router.scheduler.disagg().is_some(),
             current: 0,
         })
     }

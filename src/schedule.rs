@@ -48,6 +48,8 @@ pub struct SchedRequest<'a> {
     pub priority: i64,
     /// The gateway's subset hint: only these endpoints may be picked.
     pub subset: Option<&'a Subset>,
+    /// The request may be split into prefill and decode legs (the completions APIs).
+    pub disaggregate: bool,
 }
 
 /// Everything one decision reads.
@@ -346,8 +348,8 @@ impl Scheduler {
             prefill: None,
             kind: DecisionKind::DecodeOnly,
         };
-        let Some(d) = &self.disagg else { return Ok(decision) };
         let req = &input.request;
+        let Some(d) = self.disagg.as_ref().filter(|_| req.disaggregate) else { return Ok(decision) };
         let cached = u64::from(decision.primary().matched_blocks) * req.block_tokens;
         if !d.decider.disaggregate(req.prompt_tokens, cached) {
             return Ok(decision);
@@ -370,6 +372,8 @@ impl Scheduler {
         {
             decision.prefill = Some(*p);
             decision.kind = DecisionKind::PrefillDecode;
+            // Nor is the prefill endpoint a fallback for the decode leg.
+            decision.targets.retain(|t| t.id != p.id);
         }
         Ok(decision)
     }

@@ -37,16 +37,23 @@ pub struct SidecarArgs {
     #[arg(long, default_value = "127.0.0.1:8200")]
     pub decode: SocketAddr,
     /// Prefill endpoints the sidecar may be sent to (`ip:port`, or an IP for all its ports);
-    /// repeatable. Without any, every endpoint named by `x-prefiller-host-port` is used — only
-    /// safe when clients cannot set that header (the picker overwrites it).
+    /// repeatable. A request naming any other endpoint is decoded with local prefill. Without
+    /// this or `--allow-any-prefill`, no hand-off is made.
     #[arg(long = "allow-prefill")]
     pub allow_prefill: Vec<String>,
+    /// Use whatever prefill endpoint `x-prefiller-host-port` names. Only safe when nothing but
+    /// the picker (which overwrites the header) can reach the sidecar.
+    #[arg(long, conflicts_with = "allow_prefill")]
+    pub allow_any_prefill: bool,
     /// Bound on the prefill leg; past it the local endpoint prefills.
     #[arg(long, default_value_t = 30_000)]
     pub prefill_timeout_ms: u64,
     /// Bound on connecting to an endpoint.
     #[arg(long, default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
+    /// Bound on the local endpoint's response headers after the request is sent.
+    #[arg(long, default_value_t = 600_000)]
+    pub first_byte_timeout_ms: u64,
     /// Bound on silence between two chunks of a response.
     #[arg(long, default_value_t = 300_000)]
     pub idle_timeout_ms: u64,
@@ -93,10 +100,21 @@ impl Counters {
     }
 }
 
+/// Which prefill endpoints a request may name.
+#[derive(Debug)]
+enum Allow {
+    /// None (no allow-list given).
+    Nothing,
+    /// Those in the list.
+    Listed(Subset),
+    /// Any.
+    Any,
+}
+
 #[derive(Debug)]
 struct Sidecar {
     args: SidecarArgs,
-    allow: Option<Subset>,
+    allow: Allow,
     client: UpstreamClient,
     counters: Counters,
 }
@@ -131,10 +149,13 @@ impl Drop for Running {
 
 /// Binds and starts a sidecar.
 pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
-    let allow = if args.allow_prefill.is_empty() {
-        None
+    let allow = if args.allow_any_prefill {
+        Allow::Any
+    } else if args.allow_prefill.is_empty() {
+        tracing::warn!("no --allow-prefill given: requests naming a prefill endpoint are decoded with local prefill");
+        Allow::Nothing
     } else {
-        Some(
+        Allow::Listed(
             Subset::parse(args.allow_prefill.iter().map(String::as_str))
                 .map_err(|e| anyhow::anyhow!("--allow-prefill: {e}"))?,
         )
@@ -217,8 +238,11 @@ fn prefiller(
                 .ok_or_else(|| Fallback::NotAllowed(format!("{PREFILLER_RANK_HEADER} is not a rank")))?,
         ),
     };
-    if st.allow.as_ref().is_some_and(|a| !a.contains(addr)) {
-        return Err(Fallback::NotAllowed(format!("{addr} is not in --allow-prefill")));
+    match &st.allow {
+        Allow::Any => {}
+        Allow::Listed(a) if a.contains(addr) => {}
+        Allow::Listed(_) => return Err(Fallback::NotAllowed(format!("{addr} is not in --allow-prefill"))),
+        Allow::Nothing => return Err(Fallback::NotAllowed("no --allow-prefill given".into())),
     }
     Ok((addr, rank))
 }
@@ -292,12 +316,14 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     let Ok(up) = up.body(Full::new(body)) else {
         return json_error(500, "could not build the upstream request", "internal_error");
     };
-    match st.client.request(up).await {
-        Ok(resp) => relay(resp, None, None, st.args.idle_timeout_ms),
-        Err(e) => {
+    let first_byte = Duration::from_millis(st.args.first_byte_timeout_ms);
+    match tokio::time::timeout(first_byte, st.client.request(up)).await {
+        Ok(Ok(resp)) => relay(resp, None, None, st.args.idle_timeout_ms),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, %decode, "decode endpoint unreachable");
             json_error(502, "the decode endpoint could not be reached", "upstream_unreachable")
         }
+        Err(_) => json_error(504, "the decode endpoint did not answer in time", "upstream_timeout"),
     }
     .into_response()
 }
@@ -306,19 +332,14 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
 mod tests {
     use super::*;
 
-    fn sidecar(allow: &[&str]) -> Sidecar {
+    fn sidecar(allow: Allow) -> Sidecar {
         let args = crate::cli::parse_flags::<SidecarArgs, _, _>("sidecar", ["--decode", "127.0.0.1:1"]).expect("flags");
-        Sidecar {
-            allow: (!allow.is_empty()).then(|| Subset::parse(allow.iter().copied()).expect("allow")),
-            client: upstream_client(100),
-            counters: Counters::new(),
-            args,
-        }
+        Sidecar { allow, client: upstream_client(100), counters: Counters::new(), args }
     }
 
     #[test]
     fn prefiller_header_values() {
-        let open = sidecar(&[]);
+        let open = sidecar(Allow::Any);
         let v = |s: &'static str| HeaderValue::from_static(s);
         assert_eq!(prefiller(&open, &v("10.0.0.1:8000"), None), Ok(("10.0.0.1:8000".parse().expect("addr"), None)));
         assert_eq!(
@@ -327,8 +348,10 @@ mod tests {
         );
         assert!(matches!(prefiller(&open, &v("prefill-0:8000"), None), Err(Fallback::NotAllowed(_))));
         assert!(matches!(prefiller(&open, &v("10.0.0.1:8000"), Some(&v("x"))), Err(Fallback::NotAllowed(_))));
-        let closed = sidecar(&["10.0.0.1"]);
-        assert!(prefiller(&closed, &v("10.0.0.1:9000"), None).is_ok());
-        assert!(matches!(prefiller(&closed, &v("10.0.0.2:8000"), None), Err(Fallback::NotAllowed(_))));
+        let listed = sidecar(Allow::Listed(Subset::parse(["10.0.0.1"]).expect("allow")));
+        assert!(prefiller(&listed, &v("10.0.0.1:9000"), None).is_ok());
+        assert!(matches!(prefiller(&listed, &v("10.0.0.2:8000"), None), Err(Fallback::NotAllowed(_))));
+        let closed = sidecar(Allow::Nothing);
+        assert!(matches!(prefiller(&closed, &v("10.0.0.1:9000"), None), Err(Fallback::NotAllowed(_))));
     }
 }

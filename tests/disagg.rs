@@ -98,9 +98,17 @@ async fn proxy_disaggregates_long_uncached_prompts_only() {
     let hits = metric(&metrics(&format!("http://{d}")).await, "vllm:prefix_cache_hits_total", &[]).unwrap_or(0.0);
     assert!(hits > 1000.0, "the transferred blocks served the second turn: {hits} tokens hit");
 
-    // Short: decode only. A client's own prefiller header is not trusted.
-    let c = send(&url, &chat("Beta", 20, "Hi?"), &[(PREFILLER, "127.0.0.1:1")]).await;
-    assert_eq!((c.status, c.prefiller), (200, None));
+    // Short: decode only. A client's own placement headers are not forwarded (a rank pin of 7
+    // would get a 400 from a one-rank server), nor its own transfer parameters (with them, the
+    // decode simulator would load KV instead of prefilling: a second decode leg).
+    let mut short = chat("Beta", 20, "Hi?");
+    short["kv_transfer_params"] = json!({"do_remote_prefill": true, "do_remote_decode": false,
+        "remote_block_ids": [1, 2], "remote_engine_id": "elsewhere", "remote_host": "10.9.9.9", "remote_port": 5600});
+    let c = send(&url, &short, &[(PREFILLER, "127.0.0.1:1"), ("x-data-parallel-rank", "7")]).await;
+    assert_eq!((c.status, c.prefiller), (200, None), "{}", c.text);
+    let legs = handoffs(&format!("http://{}", decode[0]), "decode").await
+        + handoffs(&format!("http://{}", decode[1]), "decode").await;
+    assert_eq!(legs, 1.0, "only kvgate's own hand-off reached a decode endpoint");
 
     let m = metrics(&format!("http://{}", kv.admin_addr)).await;
     let decisions = |t: &str| metric(&m, "kvgate_disagg_decisions_total", &[("decision_type", t)]).unwrap_or(0.0);
@@ -193,6 +201,8 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
             "127.0.0.1:0",
             "--prefill-timeout-ms",
             "500",
+            "--allow-prefill",
+            "127.0.0.1",
         ],
     )
     .expect("flags");
@@ -224,6 +234,19 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
     assert_eq!(c.status, 200, "{}", c.text);
     assert_eq!(counters().await, (1.0, 1.0, 1.0));
     assert_eq!(handoffs(&format!("http://{da}"), "decode").await, 1.0);
+
+    // Through kvgate's proxy, with the sidecar as the decode endpoint: a client's prefiller
+    // header does not reach the sidecar (it would hand off to the named endpoint).
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sc.addr
+    ))
+    .await;
+    wait_scraped(&kv, 1).await;
+    let via = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
+    let d = send(&via, &chat("Iota", 800, "Q?"), &[(PREFILLER, &pa)]).await;
+    assert_eq!(d.status, 200, "{}", d.text);
+    assert_eq!(counters().await, (1.0, 2.0, 1.0));
 
     // Everything else passes through: the sidecar's address stands for the decode endpoint.
     let m = metrics(&format!("http://{}", sc.addr)).await;

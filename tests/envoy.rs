@@ -409,6 +409,20 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
         .expect("send");
     assert_eq!(r.status(), 200);
     assert_eq!((sidecar("decode-only").await, sidecar("fallback").await), (2.0, 0.0));
+    // Nor its own transfer parameters: the picker rewrites the body without them (had they
+    // reached the decode simulator, it would have loaded KV instead of prefilling).
+    let forged = json!({"model": MODEL, "prompt": "hello", "max_tokens": 2, "kv_transfer_params": {
+        "do_remote_prefill": true, "do_remote_decode": false, "remote_block_ids": [1], "remote_engine_id": "x",
+        "remote_host": "10.9.9.9", "remote_port": 5600}});
+    let r = client()
+        .post(format!("http://{}/v1/completions", envoy.listener))
+        .body(forged.to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.expect("body").contains("\"choices\""));
+    assert_eq!(leg(format!("http://{da}"), "decode").await, 1.0);
 }
 
 /// Data-parallel ranks behind one port, through Envoy: the picker pins its rank with a header.

@@ -562,24 +562,24 @@ async fn placement_headers_for_prefill_and_ranks() {
     assert!(set.iter().all(|(k, _)| k != "x-prefiller-host-port"));
     assert!(remove.contains(&"x-prefiller-host-port".to_owned()), "{remove:?}");
 
-    // Ranks behind one port: pinned by header, and the address appears once in the fallbacks.
-    let moe = json!({"model": "moe", "messages": [{"role": "user", "content": "Hello there. ".repeat(100)}]});
-    let mut pinned = std::collections::BTreeSet::new();
-    for _ in 0..3 {
+    // Ranks behind one port. Cold prompts rotate over the three endpoints (two ranks and
+    // `other`), so six distinct ones reach each twice. A pinned rank gets no fallback (another
+    // server would get the wrong rank); `other` gets the DP server as its fallback, listed once.
+    let (mut pinned, mut unpinned) = (std::collections::BTreeMap::new(), 0);
+    for k in 0..6 {
+        let moe =
+            json!({"model": "moe", "messages": [{"role": "user", "content": format!("Topic {k}. ").repeat(100)}]});
         let (set, _) = header_mutation(&decide(kv.grpc_addr, &moe, &[]).await.1);
         let get = |k: &str| set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let dest = get("x-gateway-destination-endpoint").expect("destination");
-        let list: Vec<&str> = dest.split(',').collect();
-        let mut unique = list.clone();
-        unique.sort_unstable();
-        unique.dedup();
-        assert_eq!(list.len(), unique.len(), "no address twice: {dest}");
-        assert_eq!(list.len(), 2, "{dest}");
-        if list[0] == dp.addrs[0].to_string() {
-            pinned.insert(get("x-data-parallel-rank").expect("rank pinned"));
+        if dest == dp.addrs[0].to_string() {
+            *pinned.entry(get("x-data-parallel-rank").expect("rank pinned")).or_insert(0) += 1;
         } else {
+            assert_eq!(dest, format!("{},{}", other.addrs[0], dp.addrs[0]), "the DP server once, as the fallback");
             assert_eq!(get("x-data-parallel-rank"), None);
+            unpinned += 1;
         }
     }
-    assert!(!pinned.is_empty() && pinned.iter().all(|r| r == "0" || r == "1"), "{pinned:?}");
+    assert_eq!(pinned, [("0".to_owned(), 2), ("1".to_owned(), 2)].into_iter().collect(), "each rank in turn");
+    assert_eq!(unpinned, 2);
 }

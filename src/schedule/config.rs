@@ -240,6 +240,9 @@ fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, St
             if !(0.0..=1.0).contains(&a.affinity_threshold) {
                 return Err("affinityThreshold must be in [0, 1]".into());
             }
+            if !(a.max_in_flight_ratio.is_finite() && a.max_in_flight_ratio >= 0.0) {
+                return Err("maxInFlightRatio must be a non-negative number".into());
+            }
             filter(Filter::PrefixAffinity(a))
         }
         "prefix-cache-scorer" => {
@@ -306,6 +309,22 @@ impl Scheduler {
         } else {
             spec.scheduling_profiles.clone()
         };
+        if let Some(k) = profiles.iter().enumerate().position(|(k, p)| profiles[..k].iter().any(|q| q.name == p.name)) {
+            return Err(err(
+                format!("schedulingProfiles[{k}].name"),
+                format!("two profiles are named `{}`", profiles[k].name),
+            ));
+        }
+        let handlers: Vec<usize> = spec
+            .plugins
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| PLUGIN_TYPES.iter().any(|(t, c)| *t == p.kind && *c == "profile handler"))
+            .map(|(i, _)| i)
+            .collect();
+        if let [_, second, ..] = handlers[..] {
+            return Err(err(format!("plugins[{second}]"), "a scheduler has one profile handler; this is a second one"));
+        }
         let handler = defined.iter().find_map(|(n, _, inst)| match inst {
             Instance::DisaggHandler(p) => Some((n.clone(), p.clone())),
             _ => None,
@@ -370,6 +389,15 @@ impl Scheduler {
                 }
             },
         };
+        if decider.non_cached_tokens == 0 {
+            return Err(err(
+                "plugins",
+                format!(
+                    "`{handler_name}` uses a prefix-based-pd-decider with nonCachedTokens 0, which never \
+                     disaggregates; set it to the uncached prompt tokens worth a separate prefill (e.g. 512)"
+                ),
+            ));
+        }
         Ok(Self {
             profile: compile_profile(d, &profiles[d], &defined)?,
             disagg: Some(Disagg { profile: compile_profile(p, &profiles[p], &defined)?, decider }),

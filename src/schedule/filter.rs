@@ -73,8 +73,8 @@ impl Default for UtilizationParams {
 pub struct AffinityParams {
     /// Prefix match ratio at which an endpoint becomes sticky for a request.
     pub affinity_threshold: f64,
-    /// A sticky endpoint whose in-flight requests exceed the candidates' mean by more than this,
-    /// and by more than `maxInFlightRatio` times the mean, is saturated and released.
+    /// A sticky endpoint whose in-flight requests exceed the other candidates' mean by more
+    /// than this, and by more than `maxInFlightRatio` times that mean, is saturated and released.
     pub max_in_flight_imbalance: u64,
     /// See `maxInFlightImbalance`: the allowed excess grows with the pool's load.
     pub max_in_flight_ratio: f64,
@@ -168,11 +168,16 @@ fn affinity(p: &AffinityParams, ctx: &Ctx<'_>, cands: &mut Vec<usize>) {
         let uncached = req.prompt_tokens.saturating_sub(cached);
         (in_flight(i).tokens() + uncached) as f64 * 1000.0 / p.peak_prefill_throughput.max(1.0)
     };
-    let mean_req = cands.iter().map(|&i| in_flight(i).requests()).sum::<u64>() as f64 / cands.len() as f64;
+    let total: u64 = cands.iter().map(|&i| in_flight(i).requests()).sum();
+    let others = cands.len() as f64 - 1.0;
     let min_est = cands.iter().map(|&i| est_ms(i)).fold(f64::INFINITY, f64::min);
     let saturated = |i: usize| {
-        let excess = in_flight(i).requests() as f64 - mean_req;
-        excess > p.max_in_flight_imbalance as f64 && excess > p.max_in_flight_ratio * mean_req
+        // Against the others' mean, not the least loaded: in a burst every endpoint ramps up at
+        // once, and one that has not been reached yet says little about the rest.
+        let r = in_flight(i).requests();
+        let others_mean = total.saturating_sub(r) as f64 / others;
+        let excess = r as f64 - others_mean;
+        excess > p.max_in_flight_imbalance as f64 && excess > p.max_in_flight_ratio * others_mean
             || est_ms(i) > min_est + p.max_ttft_penalty_ms
     };
     let sticky = |i: usize| ratio(i) >= p.affinity_threshold;

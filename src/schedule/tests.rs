@@ -29,6 +29,7 @@ fn request(total_blocks: usize) -> SchedRequest<'static> {
         block_tokens: 64,
         priority: 0,
         subset: None,
+        disaggregate: true,
     }
 }
 
@@ -103,18 +104,41 @@ fn prefix_affinity_until_saturated() {
     let eps = endpoints(4);
     let hot = [0, 0, 10, 0];
     check(&s, &eps, &hot, request(10), Ok(2));
-    // A little busier than the rest: still sticky (5 in flight: 3.75 over the mean of 1.25).
-    for _ in 0..5 {
+    // A little busier than the rest: still sticky (4 in flight, 4 over the others' mean of 0).
+    for _ in 0..4 {
         eps[2].in_flight.start(100);
     }
     check(&s, &eps, &hot, request(10), Ok(2));
-    // Past the in-flight imbalance (6 in flight: 4.5 over the mean, and more than the mean):
-    // released to an endpoint without the prefix.
+    // Past the in-flight imbalance (5 over the others' mean, and more than that mean): released
+    // to an endpoint without the prefix.
     eps[2].in_flight.start(100);
     let d = run(&s, &eps, &hot, request(10), 0).expect("decision");
     assert_ne!(d.primary().index, 2);
     // A second holder of the prefix that is not saturated takes over.
     check(&s, &eps, &[0, 10, 10, 0], request(10), Ok(1));
+}
+
+#[test]
+fn saturation_is_relative_to_the_others_load() {
+    let s = Scheduler::default_config();
+    // Two endpoints: the holder is released once it is 5 over the other and twice its load.
+    let eps = endpoints(2);
+    let hot = [10, 0];
+    for _ in 0..5 {
+        eps[0].in_flight.start(10);
+    }
+    check(&s, &eps, &hot, request(10), Ok(1));
+    // The same excess on a busy pool is no saturation: 15 against 10.
+    for _ in 0..10 {
+        eps[0].in_flight.start(10);
+        eps[1].in_flight.start(10);
+    }
+    check(&s, &eps, &hot, request(10), Ok(0));
+    // 21 against 10: released.
+    for _ in 0..6 {
+        eps[0].in_flight.start(10);
+    }
+    check(&s, &eps, &hot, request(10), Ok(1));
 }
 
 #[test]
@@ -402,6 +426,36 @@ fn no_prefill_endpoint_means_decode_only() {
 }
 
 #[test]
+fn only_disaggregable_requests_split_and_the_prefill_endpoint_is_no_fallback() {
+    let s = spec(PD).expect("compiles");
+    let eps = pd_endpoints();
+    let req = SchedRequest { disaggregate: false, ..request(16) };
+    let d = run(&s, &eps, &[0; 4], req, 1).expect("decision");
+    assert_eq!((d.kind, d.prefill), (DecisionKind::DecodeOnly, None));
+    // All in role both, three targets wanted: the prefill endpoint is not among them.
+    let mut eps = endpoints(4);
+    for e in &mut eps {
+        e.role = Role::Both;
+    }
+    let pool = models();
+    let blocks = [0; 4];
+    let input = Input {
+        request: request(16),
+        endpoints: &eps,
+        prefix_blocks: &blocks,
+        pool_models: &pool,
+        now_ms: NOW,
+        stale_after_ms: STALE,
+    };
+    for seed in 0..8 {
+        let d = s.schedule(&input, &mut fastrand::Rng::with_seed(seed), 3, None).expect("decision");
+        let p = d.prefill.expect("prefill");
+        assert!(d.targets.iter().all(|t| t.id != p.id), "{d:?}");
+        assert!(!d.targets.is_empty());
+    }
+}
+
+#[test]
 fn the_subset_hint_narrows_decode_not_prefill() {
     let s = spec(PD).expect("compiles");
     let eps = pd_endpoints();
@@ -447,13 +501,15 @@ fn disagg_config_errors() {
         "needs one prefix-based-pd-decider",
     );
     check_err(
-        &format!("{base}, {{type: prefix-based-pd-decider}}]\nschedulingProfiles: [{{name: prefill}}, {{name: d}}]"),
+        &format!(
+            "{base}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 9}}}}]\nschedulingProfiles: [{{name: prefill}}, {{name: d}}]"
+        ),
         "schedulingProfiles",
         "named `decode` and `prefill`",
     );
     check_err(
         &format!(
-            "{base}, {{type: prefix-based-pd-decider}}]\nschedulingProfiles: [{{name: prefill}}, {{name: decode}}, {{name: x}}]"
+            "{base}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 9}}}}]\nschedulingProfiles: [{{name: prefill}}, {{name: decode}}, {{name: x}}]"
         ),
         "schedulingProfiles[2].name",
         "`decode` and `prefill` only",
@@ -462,6 +518,30 @@ fn disagg_config_errors() {
         "plugins: [{type: disagg-profile-handler, parameters: {deciders: {prefill: nope}}}, {type: prefix-based-pd-decider}]\nschedulingProfiles: [{name: prefill}, {name: decode}]",
         "plugins",
         "no prefix-based-pd-decider has that name",
+    );
+    check_err(
+        "plugins: [{type: disagg-profile-handler}, {type: prefix-based-pd-decider}]\nschedulingProfiles: [{name: prefill}, {name: decode}]",
+        "plugins",
+        "nonCachedTokens 0",
+    );
+    check_err(
+        &format!(
+            "{base}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 9}}}}]\nschedulingProfiles: [{{name: prefill}}, {{name: decode}}, {{name: decode}}]"
+        ),
+        "schedulingProfiles[2].name",
+        "two profiles are named `decode`",
+    );
+    check_err(
+        &format!(
+            "{base}, {{type: single-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 9}}}}]\nschedulingProfiles: [{{name: prefill}}, {{name: decode}}]"
+        ),
+        "plugins[3]",
+        "one profile handler",
+    );
+    check_err(
+        "plugins: [{type: prefix-cache-affinity-filter, parameters: {maxInFlightRatio: -1}}]",
+        "plugins[0].parameters",
+        "maxInFlightRatio",
     );
     check_err(
         "plugins: [{type: prefix-based-pd-decider, parameters: {nonCached: 3}}]",
