@@ -423,6 +423,17 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     assert_eq!(r.status(), 200);
     assert!(r.text().await.expect("body").contains("\"choices\""));
     assert_eq!(leg(format!("http://{da}"), "decode").await, 1.0);
+    // The prefill endpoint fails: the sidecar prefills locally and the client never knows.
+    let faults = json!({"failure_rate": 1.0, "failure_types": ["500"]}).to_string();
+    let r = client().post(format!("http://{pa}/admin/faults")).body(faults).send().await.expect("faults");
+    assert_eq!(r.status(), 200);
+    let system = "Entirely different terms of service. ".repeat(200);
+    let body = json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Q?"}],
+                      "max_tokens": 5, "stream": true});
+    let r = client().post(&url).body(body.to_string()).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
+    assert_eq!((sidecar("prefill-decode").await, sidecar("fallback").await), (1.0, 1.0));
 }
 
 /// Data-parallel ranks behind one port, through Envoy: the picker pins its rank with a header.
