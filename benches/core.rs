@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
 
-use kvgate::endpoint::{Endpoint, EndpointId, Metrics};
+use kvgate::endpoint::{Endpoint, EndpointId, Metrics, Role};
 use kvgate::prefix::{BlockHash, PrefixConfig, PrefixIndex, hash_prompt};
 use kvgate::request::ApiKind;
 use kvgate::route::{PoolRouter, RouteOptions};
@@ -125,11 +125,35 @@ fn decide(
     router.plan(&req, eps, opts, rng, None).expect("routes").decision.primary().index
 }
 
+/// A P/D scheduler whose decider always splits (a threshold of one uncached token), so every
+/// decision runs both profiles.
+const PD_SCHEDULER: &str = "
+plugins:
+  - {type: prefill-filter}
+  - {type: decode-filter}
+  - {type: prefix-cache-scorer}
+  - {type: active-request-scorer}
+  - {type: token-load-scorer}
+  - {type: queue-scorer}
+  - {type: disagg-profile-handler}
+  - {type: prefix-based-pd-decider, parameters: {nonCachedTokens: 1}}
+schedulingProfiles:
+  - {name: prefill, plugins: [{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: token-load-scorer, weight: 2}, {pluginRef: queue-scorer}]}
+  - {name: decode, plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: active-request-scorer, weight: 2}, {pluginRef: queue-scorer}]}
+";
+
 fn decision(c: &mut Criterion) {
     const ENDPOINTS: u32 = 64;
     let mut g = c.benchmark_group("decision");
-    for kib in [16usize, 220] {
-        let router = PoolRouter::new("p".into(), vec!["m".into()], Scheduler::default_config(), 2000);
+    let pd: kvgate::schedule::SchedulerSpec = serde_saphyr::from_str(PD_SCHEDULER).expect("yaml");
+    for (name, kib, scheduler) in [
+        ("chat_64_endpoints", 16usize, Scheduler::default_config()),
+        ("chat_64_endpoints", 220, Scheduler::default_config()),
+        ("pd_32_prefill_32_decode", 16, Scheduler::from_spec(&pd).expect("compiles")),
+        ("pd_32_prefill_32_decode", 220, Scheduler::from_spec(&pd).expect("compiles")),
+    ] {
+        let pd = scheduler.disagg().is_some();
+        let router = PoolRouter::new("p".into(), vec!["m".into()], scheduler, 2000);
         let mut eps: Vec<Endpoint> = (0..ENDPOINTS)
             .map(|i| {
                 let addr = format!("10.0.{}.{}:8000", i / 200, i % 200 + 1).parse().expect("addr");
@@ -146,10 +170,13 @@ fn decision(c: &mut Criterion) {
             .collect();
         for e in &mut eps {
             e.in_flight.start(u64::from(e.id.index() as u32 % 5) * 1000);
+            if pd {
+                e.role = if e.id.index() % 2 == 0 { Role::Prefill } else { Role::Decode };
+            }
         }
         let body = chat_body(kib * 1024 - 2200, "what is the answer?");
         let mut rng = fastrand::Rng::with_seed(1);
-        let opts = RouteOptions { subset: None, want: 3, now_ms: 100, disaggregate: false };
+        let opts = RouteOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd };
         // Warm the index: the conversation has been seen, and other prompts fill the index.
         for i in 0..256 {
             let other = chat_body(4096, &format!("filler {i}"));
@@ -157,12 +184,32 @@ fn decision(c: &mut Criterion) {
         }
         decide(&router, &body, &eps, opts, &mut rng);
         g.throughput(Throughput::Bytes(body.len() as u64));
-        g.bench_function(BenchmarkId::new("chat_64_endpoints", format!("{kib}KiB")), |b| {
+        g.bench_function(BenchmarkId::new(name, format!("{kib}KiB")), |b| {
             b.iter(|| decide(&router, black_box(&body), &eps, opts, &mut rng))
         });
     }
     g.finish();
 }
 
-criterion_group!(benches, hashing, index, parsing, decision);
+/// The proxy's P/D body work: the prefill leg's body, then the decode leg's.
+fn handoff_bodies(c: &mut Criterion) {
+    let mut g = c.benchmark_group("handoff");
+    let params: serde_json::Value = json!({"do_remote_prefill": true, "do_remote_decode": false,
+        "remote_block_ids": (0..2048).collect::<Vec<u32>>(), "remote_engine_id": "e", "remote_host": "10.0.0.1",
+        "remote_port": 5600});
+    for kib in [16usize, 220] {
+        let body = chat_body(kib * 1024 - 2200, "what is the answer?");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("bodies", format!("{kib}KiB")), |b| {
+            b.iter(|| {
+                let p = kvgate::disagg::prefill_body(black_box(&body)).expect("object");
+                let d = kvgate::disagg::decode_body(black_box(&body), &params).expect("object");
+                p.len() + d.len()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, hashing, index, parsing, decision, handoff_bodies);
 criterion_main!(benches);

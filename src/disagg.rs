@@ -10,6 +10,8 @@
 //! usable parameters) is a [`Fallback`]: the caller sends the original request to the decode
 //! endpoint, which prefills locally. Disaggregation never fails a request by itself.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,7 +20,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use serde_json::{Map, Value, json};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 /// Request header naming the prefill endpoint (`ip:port`) for the decode side; on a proxy
 /// response, the prefill endpoint that was used.
@@ -81,44 +84,52 @@ impl Fallback {
     }
 }
 
-fn object(body: &[u8]) -> Result<Map<String, Value>, Fallback> {
-    match serde_json::from_slice(body) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(Fallback::BadRequest("the body is not a JSON object".into())),
-        Err(e) => Err(Fallback::BadRequest(e.to_string())),
-    }
+/// A request body's fields, values kept as raw JSON text: rewriting a few fields of a long
+/// prompt's body never decodes (or re-encodes) the prompt.
+type Fields<'a> = BTreeMap<Cow<'a, str>, Cow<'a, RawValue>>;
+
+fn object(body: &[u8]) -> Result<Fields<'_>, Fallback> {
+    let m: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(body).map_err(|e| {
+        Fallback::BadRequest(if e.is_data() { "the body is not a JSON object".into() } else { e.to_string() })
+    })?;
+    Ok(m.into_iter().map(|(k, v)| (k, Cow::Borrowed(v))).collect())
+}
+
+fn raw(v: &Value) -> Cow<'static, RawValue> {
+    // Serializing a `Value` cannot fail.
+    Cow::Owned(serde_json::value::to_raw_value(v).unwrap_or_else(|_| RawValue::NULL.to_owned()))
 }
 
 /// The prefill leg's body: the request computing only the prompt, keeping its KV for the decode
 /// side. Fields that would make it generate more than one token or stream are dropped.
 pub fn prefill_body(body: &[u8]) -> Result<Vec<u8>, Fallback> {
     let mut m = object(body)?;
-    m.insert("stream".into(), Value::Bool(false));
-    m.insert("max_tokens".into(), json!(1));
+    m.insert("stream".into(), raw(&Value::Bool(false)));
+    m.insert("max_tokens".into(), raw(&json!(1)));
     if m.contains_key("max_completion_tokens") {
-        m.insert("max_completion_tokens".into(), json!(1));
+        m.insert("max_completion_tokens".into(), raw(&json!(1)));
     }
     for k in ["stream_options", "min_tokens", "min_completion_tokens"] {
         m.remove(k);
     }
     m.insert(
         "kv_transfer_params".into(),
-        json!({
+        raw(&json!({
             "do_remote_decode": true,
             "do_remote_prefill": false,
             "remote_engine_id": null,
             "remote_block_ids": null,
             "remote_host": null,
             "remote_port": null,
-        }),
+        })),
     );
     serde_json::to_vec(&m).map_err(|e| Fallback::BadRequest(e.to_string()))
 }
 
 /// The decode leg's body: the original request plus the prefill endpoint's `kv_transfer_params`.
-pub fn decode_body(body: &[u8], params: Value) -> Result<Vec<u8>, Fallback> {
+pub fn decode_body(body: &[u8], params: &Value) -> Result<Vec<u8>, Fallback> {
     let mut m = object(body)?;
-    m.insert("kv_transfer_params".into(), params);
+    m.insert("kv_transfer_params".into(), raw(params));
     serde_json::to_vec(&m).map_err(|e| Fallback::BadRequest(e.to_string()))
 }
 
@@ -195,7 +206,7 @@ pub async fn handoff(client: &UpstreamClient, leg: PrefillLeg<'_>, body: &[u8]) 
         transfer_params(&answer)
     };
     let params = tokio::time::timeout(leg.timeout, run).await.map_err(|_| Fallback::Timeout)??;
-    decode_body(body, params)
+    decode_body(body, &params)
 }
 
 #[cfg(test)]
@@ -230,7 +241,7 @@ mod tests {
             br#"{"id":"x","choices":[],"kv_transfer_params":{"do_remote_prefill":true,"do_remote_decode":false,
             "remote_block_ids":[1,2,3],"remote_engine_id":"e","remote_host":"10.0.0.1","remote_port":5600}}"#;
         let p = transfer_params(answer).expect("usable");
-        let body = decode_body(br#"{"model":"m","stream":true,"max_tokens":9}"#, p).expect("object");
+        let body = decode_body(br#"{"model":"m","stream":true,"max_tokens":9}"#, &p).expect("object");
         let v: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!((v["stream"].clone(), v["max_tokens"].clone()), (json!(true), json!(9)));
         assert_eq!(v["kv_transfer_params"]["remote_block_ids"], json!([1, 2, 3]));
