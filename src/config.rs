@@ -293,10 +293,21 @@ impl EndpointSpec {
     }
 }
 
-/// Whether `r`'s `host:port` is not yet taken by another entry. The ranks of one
-/// `data_parallel_size` entry share theirs: only rank 0 claims it.
-fn first_use(seen: &mut HashSet<(Host, u16)>, r: &ResolvedEndpoint) -> bool {
-    (r.rank_header && r.rank.is_some_and(|k| k > 0)) || seen.insert((r.host.clone(), r.port))
+/// The `host:port`s claimed so far, and whether by ranks behind one port.
+pub type Claims = std::collections::HashMap<(Host, u16), bool>;
+
+/// Whether `r` may be added: its `host:port` is not yet taken by another entry. The ranks of one
+/// `data_parallel_size` entry share theirs: rank 0 claims it, the others follow it.
+pub fn first_use(seen: &mut Claims, r: &ResolvedEndpoint) -> bool {
+    let key = (r.host.clone(), r.port);
+    if r.rank_header && r.rank.is_some_and(|k| k > 0) {
+        return seen.get(&key) == Some(&true);
+    }
+    if seen.contains_key(&key) {
+        return false;
+    }
+    seen.insert(key, r.rank_header);
+    true
 }
 
 /// Splits an address into host and optional port.
@@ -400,8 +411,14 @@ pub fn load_endpoints_file(path: &Path) -> Result<Vec<ResolvedEndpoint>, ConfigE
     let invalid = |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
     let file: EndpointsFile = parse_yaml(&text).map_err(|(at, m)| invalid(at, m))?;
     let mut out = Vec::new();
+    let mut seen = Claims::new();
     for (j, e) in file.endpoints.iter().enumerate() {
-        out.extend(e.resolve().map_err(|m| invalid(format!("endpoints[{j}]"), m))?);
+        for r in e.resolve().map_err(|m| invalid(format!("endpoints[{j}]"), m))? {
+            if !first_use(&mut seen, &r) {
+                return Err(invalid(format!("endpoints[{j}]"), format!("endpoint {r} is listed twice")));
+            }
+            out.push(r);
+        }
     }
     Ok(out)
 }
@@ -510,7 +527,7 @@ impl Config {
             }
             let mut endpoints = Vec::new();
             let mut file_endpoints = Vec::new();
-            let mut seen = HashSet::new();
+            let mut seen = Claims::new();
             for (j, e) in pool.endpoints.iter().enumerate() {
                 let eat = at(&format!("endpoints[{j}]"));
                 for r in e.resolve().map_err(|m| invalid(eat.clone(), m))? {
@@ -684,6 +701,12 @@ mod tests {
         let bad = write("bad.yaml", "endpoints: [{address: 10.1.0.1}]");
         let e = load_endpoints_file(&bad).expect_err("no port");
         assert!(e.to_string().contains("endpoints[0]: `10.1.0.1` has no port"), "{e}");
+        let twice =
+            write("twice.yaml", "endpoints: [{address: '10.1.0.1:1', data_parallel_size: 2}, {address: '10.1.0.1:1'}]");
+        let e = load_endpoints_file(&twice).expect_err("one server, two ways");
+        assert!(e.to_string().contains("endpoints[1]") && e.to_string().contains("listed twice"), "{e}");
+        let ranks = write("ranks.yaml", "endpoints: [{address: '10.1.0.1:1', data_parallel_size: 3}]");
+        assert_eq!(load_endpoints_file(&ranks).expect("ranks share their port").len(), 3);
         let cfg_path = dir.join("kvgate.yaml");
         let cfg = Config::from_yaml(
             "pools: [{name: a, models: [m], endpoints: [{address: '10.1.0.1:8000'}], endpoints_file: eps.json}]",

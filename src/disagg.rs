@@ -133,10 +133,15 @@ pub fn decode_body(body: &[u8], params: &Value) -> Result<Vec<u8>, Fallback> {
     serde_json::to_vec(&m).map_err(|e| Fallback::BadRequest(e.to_string()))
 }
 
-/// The body without a client's own `kv_transfer_params` (`None` if it is not a JSON object).
+/// The body without a client's own `kv_transfer_params`, if it has them (`None`: nothing to
+/// remove, or not a JSON object). Bodies that do not mention the field are not parsed.
 pub fn without_transfer_params(body: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"kv_transfer_params";
+    if !body.windows(KEY.len()).any(|w| w == KEY) {
+        return None;
+    }
     let mut m = object(body).ok()?;
-    m.remove("kv_transfer_params");
+    m.remove("kv_transfer_params")?;
     serde_json::to_vec(&m).ok()
 }
 
@@ -263,6 +268,8 @@ mod tests {
         let v: Value = serde_json::from_slice(&without_transfer_params(body).expect("object")).expect("json");
         assert_eq!(v, json!({"model": "m", "prompt": "x"}));
         assert_eq!(without_transfer_params(b"[]"), None);
+        assert_eq!(without_transfer_params(br#"{"prompt":"kv_transfer_params"}"#), None, "only the field");
+        assert_eq!(without_transfer_params(br#"{"prompt":"x"}"#), None);
     }
 
     #[test]

@@ -487,10 +487,7 @@ impl StreamState {
         }
         // A client's own transfer parameters never reach a P/D endpoint: the body is rewritten.
         let mut rewritten = false;
-        if with_body
-            && routed.strip_transfer_params
-            && let Some(b) = crate::disagg::without_transfer_params(&self.body)
-        {
+        if with_body && let Some(b) = routed.sanitized(&self.body) {
             set.push(set_header("content-length", &b.len().to_string()));
             self.body = b;
             rewritten = true;

@@ -160,7 +160,7 @@ async fn passthrough(st: &ProxyState, req: Request) -> Response {
             "not_found",
         );
     };
-    match st.gateway.decide_by_model(&model, None, st.cfg.attempts) {
+    match st.gateway.decide_by_model(&model, None, candidates(&st.cfg)) {
         Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
         Err(e) => route_error(&e),
     }
@@ -175,13 +175,19 @@ async fn forward(st: &ProxyState, api: ApiKind, req: Request) -> Response {
             return route_error(&e);
         }
     };
-    match st.gateway.decide(api, &body, None, st.cfg.attempts) {
+    match st.gateway.decide(api, &body, None, candidates(&st.cfg)) {
         Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
         Err(e) => {
             st.gateway.count("unknown", "unknown", None, e.status(), e.code());
             route_error(&e)
         }
     }
+}
+
+/// Candidates a decision carries: more than the attempts, since the other ranks of a server
+/// that cannot be reached are skipped.
+fn candidates(cfg: &ProxyConfig) -> usize {
+    cfg.attempts.max(1) * 4
 }
 
 /// Why an attempt failed before the response started.
@@ -215,9 +221,7 @@ async fn send(
     let pool = routed.pool.clone();
     let mut kind = Some(routed.decision().kind);
     let mut body = body;
-    if routed.strip_transfer_params
-        && let Some(b) = disagg::without_transfer_params(&body)
-    {
+    if let Some(b) = routed.sanitized(&body) {
         body = Bytes::from(b);
     }
     let mut prefiller = None;
@@ -282,7 +286,6 @@ async fn send(
         let resp = match attempt {
             Err(_) => {
                 pool.report(target.id, false);
-                unreachable.push(target.address);
                 last = Failure::Timeout;
                 continue;
             }

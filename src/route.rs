@@ -275,9 +275,7 @@ pub struct Routed {
     pub guard: InFlightGuard,
     /// The in-flight count on the prefill endpoint, while its leg runs (P/D decisions).
     pub prefill_guard: Option<InFlightGuard>,
-    /// The client sent its own `kv_transfer_params` to a P/D pool: they must not reach an
-    /// endpoint (they name where KV is pulled from), so the body is rewritten without them.
-    pub strip_transfer_params: bool,
+
     /// Which of the decision's targets the request is on now.
     current: usize,
 }
@@ -286,6 +284,13 @@ impl Routed {
     /// The decision.
     pub fn decision(&self) -> &Decision {
         &self.planned.decision
+    }
+
+    /// The body to send for this request: in a P/D pool, without a client's own
+    /// `kv_transfer_params` (they name where an endpoint pulls KV from, which is kvgate's to
+    /// decide); `None` when `body` can go as it is.
+    pub fn sanitized(&self, body: &[u8]) -> Option<Vec<u8>> {
+        self.pool.router().scheduler().disagg().and_then(|_| crate::disagg::without_transfer_params(body))
     }
 
     /// The prefill endpoint computed the prompt (or, behind a sidecar, was asked to): it now
@@ -415,7 +420,6 @@ impl Gateway {
             planned,
             guard,
             prefill_guard,
-            strip_transfer_params: req.kv_transfer_params.is_some() && router.scheduler.disagg().is_some(),
             current: 0,
         })
     }

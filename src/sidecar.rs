@@ -37,8 +37,8 @@ pub struct SidecarArgs {
     #[arg(long, default_value = "127.0.0.1:8200")]
     pub decode: SocketAddr,
     /// Prefill endpoints the sidecar may be sent to (`ip:port`, or an IP for all its ports);
-    /// repeatable. A request naming any other endpoint is decoded with local prefill. Without
-    /// this or `--allow-any-prefill`, no hand-off is made.
+    /// repeatable. A request naming any other endpoint is decoded with local prefill. This or
+    /// `--allow-any-prefill` is required.
     #[arg(long = "allow-prefill")]
     pub allow_prefill: Vec<String>,
     /// Use whatever prefill endpoint `x-prefiller-host-port` names. Only safe when nothing but
@@ -103,8 +103,6 @@ impl Counters {
 /// Which prefill endpoints a request may name.
 #[derive(Debug)]
 enum Allow {
-    /// None (no allow-list given).
-    Nothing,
     /// Those in the list.
     Listed(Subset),
     /// Any.
@@ -149,11 +147,16 @@ impl Drop for Running {
 
 /// Binds and starts a sidecar.
 pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
+    if args.prefill_timeout_ms == 0 || args.first_byte_timeout_ms == 0 || args.connect_timeout_ms == 0 {
+        anyhow::bail!("--prefill-timeout-ms, --first-byte-timeout-ms and --connect-timeout-ms must be at least 1");
+    }
     let allow = if args.allow_any_prefill {
         Allow::Any
     } else if args.allow_prefill.is_empty() {
-        tracing::warn!("no --allow-prefill given: requests naming a prefill endpoint are decoded with local prefill");
-        Allow::Nothing
+        anyhow::bail!(
+            "say which prefill endpoints this sidecar may hand off to: --allow-prefill IP[:PORT] (repeatable), \
+             or --allow-any-prefill if only the gateway can reach it"
+        );
     } else {
         Allow::Listed(
             Subset::parse(args.allow_prefill.iter().map(String::as_str))
@@ -242,9 +245,14 @@ fn prefiller(
         Allow::Any => {}
         Allow::Listed(a) if a.contains(addr) => {}
         Allow::Listed(_) => return Err(Fallback::NotAllowed(format!("{addr} is not in --allow-prefill"))),
-        Allow::Nothing => return Err(Fallback::NotAllowed("no --allow-prefill given".into())),
     }
     Ok((addr, rank))
+}
+
+/// A body for the local endpoint to serve alone: a client's own `kv_transfer_params` (which
+/// would make it pull KV from wherever they say) are removed.
+fn local(body: Bytes) -> Bytes {
+    disagg::without_transfer_params(&body).map_or(body, Bytes::from)
 }
 
 async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
@@ -285,7 +293,7 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
                     tracing::warn!(reason = %f, "prefill hand-off failed; the local endpoint prefills");
                     st.counters.requests.with_label_values(&["fallback"]).inc();
                     st.counters.fallbacks.with_label_values(&[f.reason()]).inc();
-                    body
+                    local(body)
                 }
             }
         }
@@ -293,7 +301,7 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
             if routed_api {
                 st.counters.requests.with_label_values(&["decode-only"]).inc();
             }
-            body
+            local(body)
         }
     };
     if !headers.contains_key("x-request-id")
@@ -351,7 +359,5 @@ mod tests {
         let listed = sidecar(Allow::Listed(Subset::parse(["10.0.0.1"]).expect("allow")));
         assert!(prefiller(&listed, &v("10.0.0.1:9000"), None).is_ok());
         assert!(matches!(prefiller(&listed, &v("10.0.0.2:8000"), None), Err(Fallback::NotAllowed(_))));
-        let closed = sidecar(Allow::Nothing);
-        assert!(matches!(prefiller(&closed, &v("10.0.0.1:9000"), None), Err(Fallback::NotAllowed(_))));
     }
 }

@@ -248,6 +248,21 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
     assert_eq!(d.status, 200, "{}", d.text);
     assert_eq!(counters().await, (1.0, 2.0, 1.0));
 
+    // A client that reaches the sidecar directly cannot supply its own transfer parameters:
+    // the local endpoint prefills (no decode leg is added to the simulator's count).
+    let mut forged = chat("Kappa", 100, "Q?");
+    forged["kv_transfer_params"] = json!({"do_remote_prefill": true, "do_remote_decode": false,
+        "remote_block_ids": [1], "remote_engine_id": "x", "remote_host": "10.9.9.9", "remote_port": 5600});
+    let e = send(&url, &forged, &[]).await;
+    assert_eq!(e.status, 200, "{}", e.text);
+    assert_eq!(handoffs(&format!("http://{da}"), "decode").await, 1.0);
+
+    // A sidecar must be told which prefill endpoints it may use.
+    let bare: kvgate::sidecar::SidecarArgs =
+        kvgate::cli::parse_flags("sidecar", ["--listen", "127.0.0.1:0", "--decode", da.as_str()]).expect("flags");
+    let err = kvgate::sidecar::start(bare).await.expect_err("refused");
+    assert!(err.to_string().contains("--allow-prefill"), "{err}");
+
     // Everything else passes through: the sidecar's address stands for the decode endpoint.
     let m = metrics(&format!("http://{}", sc.addr)).await;
     assert!(m.contains("vllm:num_requests_running"), "decode endpoint's metrics through the sidecar");

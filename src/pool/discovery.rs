@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Host, ResolvedEndpoint, load_endpoints_file};
+use crate::config::{Claims, Host, ResolvedEndpoint, first_use, load_endpoints_file};
 
 use super::{Pool, Target};
 
@@ -72,7 +72,20 @@ pub async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<PathBuf>
                 }
             }
         }
-        let all: Vec<ResolvedEndpoint> = fixed.iter().chain(&file_entries).cloned().collect();
+        // A file entry may not take the host:port of a fixed one.
+        let mut seen = Claims::new();
+        let all: Vec<ResolvedEndpoint> = fixed
+            .iter()
+            .chain(&file_entries)
+            .filter(|r| {
+                let ok = first_use(&mut seen, r);
+                if !ok && changed {
+                    tracing::warn!(pool = pool.name(), endpoint = %r, "endpoint listed both in the config and in the endpoints file; the file's entry is ignored");
+                }
+                ok
+            })
+            .cloned()
+            .collect();
         if needs_dns(&all) && last_dns.elapsed() >= DNS_REFRESH {
             last_dns = Instant::now();
             changed = true;
