@@ -46,6 +46,19 @@ fn run(
     req: SchedRequest<'_>,
     seed: u64,
 ) -> Result<Decision, NoDecision> {
+    run_with(s, eps, blocks, req, seed, 1, None)
+}
+
+/// [`run`] wanting `want` targets, optionally explained.
+fn run_with(
+    s: &Scheduler,
+    eps: &[Endpoint],
+    blocks: &[u32],
+    req: SchedRequest<'_>,
+    seed: u64,
+    want: usize,
+    explain: Option<&mut Explanation>,
+) -> Result<Decision, NoDecision> {
     let pool = models();
     let input = Input {
         request: req,
@@ -55,7 +68,7 @@ fn run(
         now_ms: NOW,
         stale_after_ms: STALE,
     };
-    s.schedule(&input, &mut fastrand::Rng::with_seed(seed), 1, None)
+    s.schedule(&input, &mut fastrand::Rng::with_seed(seed), want, explain)
 }
 
 /// Asserts that `yaml` fails to compile at `at` with a message containing `needle`.
@@ -437,18 +450,8 @@ fn only_disaggregable_requests_split_and_the_prefill_endpoint_is_no_fallback() {
     for e in &mut eps {
         e.role = Role::Both;
     }
-    let pool = models();
-    let blocks = [0; 4];
-    let input = Input {
-        request: request(16),
-        endpoints: &eps,
-        prefix_blocks: &blocks,
-        pool_models: &pool,
-        now_ms: NOW,
-        stale_after_ms: STALE,
-    };
     for seed in 0..8 {
-        let d = s.schedule(&input, &mut fastrand::Rng::with_seed(seed), 3, None).expect("decision");
+        let d = run_with(&s, &eps, &[0; 4], request(16), seed, 3, None).expect("decision");
         let p = d.prefill.expect("prefill");
         assert!(d.targets.iter().all(|t| t.id != p.id), "{d:?}");
         assert!(!d.targets.is_empty());
@@ -470,18 +473,8 @@ fn the_subset_hint_narrows_decode_not_prefill() {
 fn explain_shows_the_prefill_profile() {
     let s = spec(PD).expect("compiles");
     let eps = pd_endpoints();
-    let pool = models();
-    let blocks = [0; 4];
-    let input = Input {
-        request: request(16),
-        endpoints: &eps,
-        prefix_blocks: &blocks,
-        pool_models: &pool,
-        now_ms: NOW,
-        stale_after_ms: STALE,
-    };
     let mut x = Explanation::default();
-    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(1), 1, Some(&mut x)).expect("decision");
+    let d = run_with(&s, &eps, &[0; 4], request(16), 1, 1, Some(&mut x)).expect("decision");
     assert_eq!(x.profile, "decode");
     let px = x.prefill.expect("prefill explanation");
     assert_eq!(px.profile, "prefill");
