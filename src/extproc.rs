@@ -430,8 +430,10 @@ impl StreamState {
     /// sent back in full duplex mode).
     fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
         let want = self.cfg.max_endpoints.max(1);
+        // Candidates beyond the list's length: ranks of one server take one place in it.
+        let candidates = if want > 1 { want * 4 } else { 1 };
         let routed = self.subset().and_then(|subset| match ApiKind::from_path(&self.path) {
-            Some(api) if with_body => self.gateway.decide(api, &self.body, subset.as_ref(), want),
+            Some(api) if with_body => self.gateway.decide(api, &self.body, subset.as_ref(), candidates),
             _ => {
                 // No body, or a path kvgate does not parse: place it by its model (or the only
                 // pool's), without prompt affinity.
@@ -440,7 +442,7 @@ impl StreamState {
                     _ => None,
                 });
                 match model {
-                    Some(m) => self.gateway.decide_by_model(&m, subset.as_ref(), want),
+                    Some(m) => self.gateway.decide_by_model(&m, subset.as_ref(), candidates),
                     None => Err(RouteError::BadRequest(crate::request::RequestError::MissingModel)),
                 }
             }
