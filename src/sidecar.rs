@@ -5,8 +5,9 @@
 //! prefill endpoint, names it in `x-prefiller-host-port`. For such a request the sidecar runs
 //! the prefill leg against that endpoint ([`crate::disagg::handoff`]) and sends the decode leg
 //! to its local vLLM; if the prefill leg fails, the local vLLM prefills itself. Every other
-//! request (no header, other paths, `/metrics`, `/health`) goes to the local vLLM unchanged, so
-//! the sidecar's address can stand for the decode endpoint everywhere, scraping included.
+//! request (no header, other paths, `/metrics`, `/health`) goes to the local vLLM as it is — but
+//! for a client's own `kv_transfer_params`, which are removed — so the sidecar's address can
+//! stand for the decode endpoint everywhere, scraping included.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
