@@ -79,17 +79,6 @@ pub struct BenchArgs {
     pub plot: Option<std::path::PathBuf>,
 }
 
-impl BenchArgs {
-    /// Parses bench flags as the command line would (without the `bench` word).
-    pub fn from_flags<I, S>(flags: I) -> Result<Self, clap::Error>
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<std::ffi::OsString> + Clone,
-    {
-        crate::cli::parse_flags("bench", flags)
-    }
-}
-
 /// Mean and percentiles of a set of samples.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Stats {

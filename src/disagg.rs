@@ -35,6 +35,16 @@ pub const PREFILLER_RANK_HEADER: &str = "x-prefiller-data-parallel-rank";
 /// its ranks internally.
 pub const DP_RANK_HEADER: &str = "x-data-parallel-rank";
 
+/// The headers that say where a request is placed: kvgate's to set, never a client's.
+const PLACEMENT_HEADERS: [&str; 3] = [PREFILLER_HEADER, PREFILLER_RANK_HEADER, DP_RANK_HEADER];
+
+/// Removes any placement header from `headers`.
+pub fn strip_placement(headers: &mut HeaderMap) {
+    for h in PLACEMENT_HEADERS {
+        headers.remove(h);
+    }
+}
+
 /// Largest prefill-leg answer read (its `kv_transfer_params` list every block of the prompt).
 const MAX_PREFILL_RESPONSE: usize = 16 << 20;
 
@@ -136,10 +146,7 @@ pub fn decode_body(body: &[u8], params: &Value) -> Result<Vec<u8>, Fallback> {
 /// The body without a client's own `kv_transfer_params`, if it has them (`None`: nothing to
 /// remove, or not a JSON object). Bodies that do not mention the field are not parsed.
 pub fn without_transfer_params(body: &[u8]) -> Option<Vec<u8>> {
-    const KEY: &[u8] = b"kv_transfer_params";
-    if !body.windows(KEY.len()).any(|w| w == KEY) {
-        return None;
-    }
+    memchr::memmem::find(body, b"kv_transfer_params")?;
     let mut m = object(body).ok()?;
     m.remove("kv_transfer_params")?;
     serde_json::to_vec(&m).ok()
@@ -177,27 +184,23 @@ pub struct PrefillLeg<'a> {
 /// Runs the prefill leg of `body`; returns the decode leg's body.
 pub async fn handoff(client: &UpstreamClient, leg: PrefillLeg<'_>, body: &[u8]) -> Result<Vec<u8>, Fallback> {
     let prefill = prefill_body(body)?;
+    let mut headers = leg.headers.clone();
+    strip_placement(&mut headers);
+    // Its own id, so the prefill and decode legs are distinct requests to vLLM.
+    if let Ok(v) = HeaderValue::from_str(&format!("prefill-{}", crate::proxy::new_request_id())) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let req = crate::proxy::upstream_request(
+        Method::POST,
+        leg.address,
+        leg.path,
+        headers,
+        leg.header_rank,
+        Bytes::from(prefill),
+    )
+    .map_err(|e| Fallback::BadRequest(e.to_string()))?;
     let run = async {
-        let mut req = hyper::Request::builder().method(Method::POST).uri(format!("http://{}{}", leg.address, leg.path));
-        if let Some(h) = req.headers_mut() {
-            for (k, v) in leg.headers {
-                if k != PREFILLER_HEADER && k != PREFILLER_RANK_HEADER && k != DP_RANK_HEADER && k != "x-request-id" {
-                    h.append(k.clone(), v.clone());
-                }
-            }
-            // Its own id, so the prefill and decode legs are distinct requests to vLLM.
-            if let Ok(v) = HeaderValue::from_str(&format!("prefill-{}", crate::proxy::new_request_id())) {
-                h.insert(HeaderName::from_static("x-request-id"), v);
-            }
-            if let Some(r) = leg.header_rank {
-                h.insert(HeaderName::from_static(DP_RANK_HEADER), HeaderValue::from(r));
-            }
-            if let Ok(v) = HeaderValue::from_str(&leg.address.to_string()) {
-                h.insert(header::HOST, v);
-            }
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
-        let req = req.body(Full::new(Bytes::from(prefill))).map_err(|e| Fallback::BadRequest(e.to_string()))?;
         let resp = client.request(req).await.map_err(|e| Fallback::Unreachable(e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {

@@ -221,39 +221,41 @@ impl UsageReader {
         Self { sse: Some(sse), ..Self::default() }
     }
 
-    fn take(&mut self, v: &serde_json::Value) {
-        let u = v.get("usage").or_else(|| v.get("response").and_then(|r| r.get("usage")));
-        if let Some(u) = u.filter(|u| u.is_object()) {
-            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-            let cached = u
-                .get("prompt_tokens_details")
-                .or_else(|| u.get("input_tokens_details"))
-                .and_then(|d| d.get("cached_tokens"))
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0);
-            let prompt = n("prompt_tokens").max(n("input_tokens"));
-            let completion = n("completion_tokens").max(n("output_tokens"));
-            self.usage = Some((prompt, completion, cached));
+    /// Prompt, completion and cached tokens from a response object (or a Responses API event).
+    fn usage_of(v: &serde_json::Value) -> Option<(u64, u64, u64)> {
+        let u = v.get("usage").or_else(|| v.get("response").and_then(|r| r.get("usage")))?;
+        if !u.is_object() {
+            return None;
         }
+        let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let cached = u
+            .get("prompt_tokens_details")
+            .or_else(|| u.get("input_tokens_details"))
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        Some((n("prompt_tokens").max(n("input_tokens")), n("completion_tokens").max(n("output_tokens")), cached))
     }
 
     /// Feeds the next chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.sse == Some(true) {
             self.pending.extend_from_slice(chunk);
-            while let Some(nl) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=nl).collect();
-                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+            // Complete lines are read in place and dropped at once; a partial one waits.
+            let mut start = 0;
+            while let Some(nl) = memchr::memchr(b'\n', &self.pending[start..]) {
+                let line = &self.pending[start..start + nl];
+                start += nl + 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if let Some(data) = line.strip_prefix(b"data:") {
-                    let data = data.trim_ascii();
-                    if data.windows(7).any(|w| w == b"\"usage\"")
-                        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
-                    {
-                        self.take(&v);
-                    }
+                if let Some(data) = line.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
+                    && memchr::memmem::find(data, b"\"usage\"").is_some()
+                    && let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+                    && let Some(u) = Self::usage_of(&v)
+                {
+                    self.usage = Some(u);
                 }
             }
+            self.pending.drain(..start);
             if self.pending.len() > MAX_USAGE_BODY {
                 self.pending.clear();
             }
@@ -266,8 +268,9 @@ impl UsageReader {
     pub fn finish(&mut self) {
         if self.sse != Some(true)
             && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.pending)
+            && let Some(u) = Self::usage_of(&v)
         {
-            self.take(&v);
+            self.usage = Some(u);
         }
         self.pending.clear();
     }
@@ -430,8 +433,7 @@ impl StreamState {
     /// sent back in full duplex mode).
     fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
         let want = self.cfg.max_endpoints.max(1);
-        // Candidates beyond the list's length: ranks of one server take one place in it.
-        let candidates = if want > 1 { want * 4 } else { 1 };
+        let candidates = crate::route::candidates_for(want);
         let routed = self.subset().and_then(|subset| match ApiKind::from_path(&self.path) {
             Some(api) if with_body => self.gateway.decide(api, &self.body, subset.as_ref(), candidates),
             _ => {

@@ -362,8 +362,9 @@ impl Pool {
             }
             // One scraper per address: ranks behind one port share their server's /metrics.
             for k in 0..members.len() {
-                let shares = |m: &Member| m.target.rank_header && m.target.addr == members[k].target.addr;
-                let scraped_by_earlier = members[..k].iter().any(|m| shares(m) && shares(&members[k]));
+                let t = &members[k].target;
+                let scraped_by_earlier =
+                    t.rank_header && members[..k].iter().any(|m| m.target.rank_header && m.target.addr == t.addr);
                 if scraped_by_earlier {
                     members[k]._scraper = None;
                 } else if members[k]._scraper.is_none() {

@@ -130,28 +130,57 @@ fn models(st: &ProxyState) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// Reads the whole body, up to the configured limit.
-async fn read_body(st: &ProxyState, body: Body) -> Result<Bytes, RouteError> {
-    let limit = st.gateway.max_body_bytes();
+/// Reads a whole request body of at most `limit` bytes.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, RequestError> {
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(RequestError::TooLarge { size: limit + 1, limit }.into())
+            Err(RequestError::TooLarge { size: limit + 1, limit })
         }
         Err(_) => Err(RequestError::InvalidField {
             field: "body".into(),
             detail: "the request body could not be read".into(),
-        }
-        .into()),
+        }),
     }
+}
+
+/// Gives the request an `x-request-id` if it has none.
+pub(crate) fn ensure_request_id(headers: &mut HeaderMap) {
+    if !headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&new_request_id())
+    {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+}
+
+/// A request to an endpoint: `headers` plus its `Host` and, for a rank that shares its port with
+/// others, the rank pin.
+pub(crate) fn upstream_request(
+    method: Method,
+    address: std::net::SocketAddr,
+    path: &str,
+    mut headers: HeaderMap,
+    rank: Option<u32>,
+    body: Bytes,
+) -> Result<hyper::Request<Full<Bytes>>, axum::http::Error> {
+    if let Ok(v) = HeaderValue::from_str(&address.to_string()) {
+        headers.insert(header::HOST, v);
+    }
+    if let Some(r) = rank {
+        headers.insert(HeaderName::from_static(DP_RANK_HEADER), HeaderValue::from(r));
+    }
+    let mut req =
+        hyper::Request::builder().method(method).uri(format!("http://{address}{path}")).body(Full::new(body))?;
+    *req.headers_mut() = headers;
+    Ok(req)
 }
 
 /// Other `/v1/*` requests: to an endpoint of the pool named by the body's `model`.
 async fn passthrough(st: &ProxyState, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match read_body(st, body).await {
+    let body = match read_body(body, st.gateway.max_body_bytes()).await {
         Ok(b) => b,
-        Err(e) => return route_error(&e),
+        Err(e) => return route_error(&e.into()),
     };
     let Some(model) = crate::request::model_of(&body) else {
         return json_error(
@@ -160,7 +189,7 @@ async fn passthrough(st: &ProxyState, req: Request) -> Response {
             "not_found",
         );
     };
-    match st.gateway.decide_by_model(&model, None, candidates(&st.cfg)) {
+    match st.gateway.decide_by_model(&model, None, crate::route::candidates_for(st.cfg.attempts.max(1))) {
         Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
         Err(e) => route_error(&e),
     }
@@ -168,26 +197,20 @@ async fn passthrough(st: &ProxyState, req: Request) -> Response {
 
 async fn forward(st: &ProxyState, api: ApiKind, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match read_body(st, body).await {
+    let body = match read_body(body, st.gateway.max_body_bytes()).await {
         Ok(b) => b,
         Err(e) => {
             st.gateway.count("unknown", "unknown", None, e.status(), e.code());
-            return route_error(&e);
+            return route_error(&e.into());
         }
     };
-    match st.gateway.decide(api, &body, None, candidates(&st.cfg)) {
+    match st.gateway.decide(api, &body, None, crate::route::candidates_for(st.cfg.attempts.max(1))) {
         Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
         Err(e) => {
             st.gateway.count("unknown", "unknown", None, e.status(), e.code());
             route_error(&e)
         }
     }
-}
-
-/// Candidates a decision carries: more than the attempts, since the other ranks of a server
-/// that cannot be reached are skipped.
-fn candidates(cfg: &ProxyConfig) -> usize {
-    cfg.attempts.max(1) * 4
 }
 
 /// Why an attempt failed before the response started.
@@ -207,24 +230,15 @@ async fn send(
     body: Bytes,
 ) -> Response {
     let mut fwd = end_to_end(&headers);
-    // Placement headers are kvgate's to set, never the client's.
-    fwd.remove(PREFILLER_HEADER);
-    fwd.remove(disagg::PREFILLER_RANK_HEADER);
-    fwd.remove(DP_RANK_HEADER);
-    if !fwd.contains_key("x-request-id")
-        && let Ok(v) = HeaderValue::from_str(&new_request_id())
-    {
-        fwd.insert(HeaderName::from_static("x-request-id"), v);
-    }
+    disagg::strip_placement(&mut fwd);
+    ensure_request_id(&mut fwd);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let attempts = st.cfg.attempts.max(1);
     let pool = routed.pool.clone();
-    let mut kind = Some(routed.decision().kind);
     let mut body = body;
     if let Some(b) = routed.sanitized(&body) {
         body = Bytes::from(b);
     }
-    let mut prefiller = None;
     if let Some(p) = routed.decision().prefill {
         let leg = PrefillLeg {
             address: p.address,
@@ -238,7 +252,6 @@ async fn send(
                 pool.report(p.id, true);
                 routed.prefilled();
                 body = Bytes::from(decode);
-                prefiller = Some(p.address);
             }
             Err(f) => {
                 if f.endpoint_failed() {
@@ -246,7 +259,6 @@ async fn send(
                 }
                 tracing::warn!(pool = pool.name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
                 routed.prefill_failed(f.reason(), st.gateway.telemetry());
-                kind = Some(crate::schedule::DecisionKind::DecodeOnly);
             }
         }
         // The prefill endpoint's part is over either way.
@@ -268,17 +280,9 @@ async fn send(
         if k > 0 {
             routed.retarget(k);
         }
-        let mut req = hyper::Request::builder().method(method.clone()).uri(format!("http://{}{path}", target.address));
-        if let Some(h) = req.headers_mut() {
-            h.extend(fwd.clone());
-            if let Ok(v) = HeaderValue::from_str(&target.address.to_string()) {
-                h.insert(header::HOST, v);
-            }
-            if let Some(r) = target.header_rank {
-                h.insert(HeaderName::from_static(DP_RANK_HEADER), HeaderValue::from(r));
-            }
-        }
-        let Ok(req) = req.body(Full::new(body.clone())) else {
+        let req =
+            upstream_request(method.clone(), target.address, &path, fwd.clone(), target.header_rank, body.clone());
+        let Ok(req) = req else {
             return json_error(500, "could not build the upstream request", "internal_error");
         };
         let attempt =
@@ -304,7 +308,8 @@ async fn send(
             continue;
         }
         pool.report(target.id, true);
-        st.gateway.count(pool.name(), &routed.model, kind, status.as_u16(), "");
+        st.gateway.count(pool.name(), &routed.model, Some(routed.decision().kind), status.as_u16(), "");
+        let prefiller = routed.decision().prefill.map(|p| p.address);
         let Routed { guard, .. } = routed;
         let mut out = relay(resp, Some(target.address), Some(guard), st.cfg.idle_timeout_ms);
         if let Some(p) = prefiller
@@ -322,7 +327,13 @@ async fn send(
             json_error(502, "no endpoint could be reached", "upstream_unreachable")
         }
     };
-    st.gateway.count(pool.name(), &routed.model, kind, resp.status().as_u16(), "upstream_error");
+    st.gateway.count(
+        pool.name(),
+        &routed.model,
+        Some(routed.decision().kind),
+        resp.status().as_u16(),
+        "upstream_error",
+    );
     resp
 }
 

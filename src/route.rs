@@ -112,11 +112,18 @@ pub struct Planned {
     pub decision: Decision,
     /// The prompt's block hashes.
     pub prompt: PromptHashes,
-    /// Estimated prompt tokens the target computes: those not cached on it, or none when a
-    /// prefill endpoint computes them.
+    /// Estimated prompt tokens not cached on the target.
     pub uncached_tokens: u64,
     /// Estimated prompt tokens not cached on the prefill endpoint (P/D decisions).
     pub prefill_uncached_tokens: Option<u64>,
+}
+
+impl Planned {
+    /// Estimated prompt tokens the serving endpoint computes: none when a prefill endpoint
+    /// computes them (the decode side of a hand-off loads the prompt's KV).
+    pub fn target_tokens(&self) -> u64 {
+        if self.decision.prefill.is_some() { 0 } else { self.uncached_tokens }
+    }
 }
 
 /// A pool's admission limits: beyond them requests get 429 before any endpoint is chosen.
@@ -250,10 +257,12 @@ impl PoolRouter {
         let uncached = |t: &crate::schedule::Target| {
             tokens.saturating_sub(u64::from(t.matched_blocks) * cfg.block_tokens() as u64)
         };
-        let prefill_uncached_tokens = decision.prefill.as_ref().map(uncached);
-        // The decode side of a hand-off loads the prompt's KV rather than computing it.
-        let uncached_tokens = if decision.prefill.is_some() { 0 } else { uncached(primary) };
-        Ok(Planned { uncached_tokens, prefill_uncached_tokens, decision, prompt })
+        Ok(Planned {
+            uncached_tokens: uncached(primary),
+            prefill_uncached_tokens: decision.prefill.as_ref().map(uncached),
+            decision,
+            prompt,
+        })
     }
 }
 
@@ -302,23 +311,21 @@ impl Routed {
     }
 
     /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Counts the
-    /// fallback and moves the prefill work onto the decode endpoint's in-flight count.
+    /// fallback, makes the decision decode-only and moves the prefill work onto the decode
+    /// endpoint's in-flight count.
     pub fn prefill_failed(&mut self, reason: &str, telemetry: &Telemetry) {
         telemetry.disagg_fallbacks.with_label_values(&[self.pool.name(), reason]).inc();
         self.prefill_guard = None;
-        let t = *self.target();
-        let tokens = self.planned.prompt.prompt_tokens() as u64;
-        self.planned.uncached_tokens = tokens
-            .saturating_sub(u64::from(t.matched_blocks) * self.pool.router().prefix_config().block_tokens() as u64);
-        let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
-        self.guard = InFlightGuard::new(in_flight, self.planned.uncached_tokens);
+        self.planned.decision.prefill = None;
+        self.planned.decision.kind = DecisionKind::DecodeOnly;
+        self.retarget(self.current);
     }
 
-    /// Moves the in-flight count to fallback target `k` of the decision.
+    /// Moves the in-flight count to target `k` of the decision.
     pub fn retarget(&mut self, k: usize) {
         if let Some(t) = self.planned.decision.targets.get(k) {
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
-            self.guard = InFlightGuard::new(in_flight, self.planned.uncached_tokens);
+            self.guard = InFlightGuard::new(in_flight, self.planned.target_tokens());
             self.current = k;
         }
     }
@@ -327,6 +334,13 @@ impl Routed {
     pub fn target(&self) -> &crate::schedule::Target {
         &self.planned.decision.targets[self.current]
     }
+}
+
+/// Candidates to ask a decision for when `places` distinct servers are wanted (fallback list
+/// entries, retry attempts): ranks that share a server take one place, so a few spares keep
+/// them from crowding other servers out. One place needs no spares.
+pub fn candidates_for(places: usize) -> usize {
+    if places > 1 { places * 4 } else { 1 }
 }
 
 /// Every pool, and the choice among them by `model` (body-based routing).
@@ -400,17 +414,13 @@ impl Gateway {
         let planned = router.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         let target = planned.decision.primary().index;
-        let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.uncached_tokens);
+        let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.target_tokens());
         let prefill_guard = planned.prefill_uncached_tokens.and_then(|tokens| {
             let p = planned.decision.prefill?;
             Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
         });
         if router.scheduler.disagg().is_some() && opts.disaggregate {
-            let kind = match planned.decision.kind {
-                DecisionKind::DecodeOnly => "decode-only",
-                DecisionKind::PrefillDecode => "prefill-decode",
-            };
-            self.telemetry.disagg_decisions.with_label_values(&[pool.name(), kind]).inc();
+            self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
         }
         Ok(Routed {
             pool: pool.clone(),
@@ -453,11 +463,7 @@ impl Gateway {
 
     /// Counts a finished request: `status` is the HTTP status the client got.
     pub fn count(&self, pool: &str, model: &str, decision: Option<DecisionKind>, status: u16, code: &str) {
-        let kind = match decision {
-            Some(DecisionKind::DecodeOnly) => "decode-only",
-            Some(DecisionKind::PrefillDecode) => "prefill-decode",
-            None => "none",
-        };
+        let kind = decision.map_or("none", DecisionKind::as_str);
         let t = &self.telemetry;
         t.requests.with_label_values(&[model, model]).inc();
         t.outcomes.with_label_values(&[pool, model, kind, &status.to_string()]).inc();

@@ -114,6 +114,16 @@ pub enum DecisionKind {
     PrefillDecode,
 }
 
+impl DecisionKind {
+    /// The metric label (and serialized name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DecodeOnly => "decode-only",
+            Self::PrefillDecode => "prefill-decode",
+        }
+    }
+}
+
 /// The outcome of scheduling one request.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Decision {

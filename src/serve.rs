@@ -249,7 +249,8 @@ mod demo {
                 "--pod-name",
                 &format!("demo-replica-{k}"),
             ];
-            let sim_args = crate::sim::SimArgs::from_flags(flags).context("demo simulator flags")?;
+            let sim_args =
+                crate::cli::parse_flags::<crate::sim::SimArgs, _, _>("sim", flags).context("demo simulator flags")?;
             let (running, tasks) = crate::sim::start(sim_args).await?;
             endpoints.push(format!("{{address: '{}', name: demo-replica-{k}}}", running.addrs[0]));
             sims.push(tasks);

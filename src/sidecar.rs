@@ -16,15 +16,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Full, Limited};
 use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::disagg::{
-    self, DP_RANK_HEADER, Fallback, PREFILLER_HEADER, PREFILLER_RANK_HEADER, PrefillLeg, UpstreamClient,
-};
-use crate::proxy::{end_to_end, json_error, new_request_id, relay, upstream_client};
+use crate::disagg::{self, Fallback, PREFILLER_HEADER, PREFILLER_RANK_HEADER, PrefillLeg, UpstreamClient};
+use crate::proxy::{end_to_end, ensure_request_id, json_error, read_body, relay, upstream_client, upstream_request};
 use crate::request::ApiKind;
 use crate::schedule::Subset;
 
@@ -258,13 +255,9 @@ fn local(body: Bytes) -> Bytes {
 
 async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, st.args.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            let msg = format!("the request body exceeds {} bytes", st.args.max_body_bytes);
-            return json_error(413, &msg, "body_too_large");
-        }
-        Err(_) => return json_error(400, "the request body could not be read", "invalid_body"),
+    let body = match read_body(body, st.args.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return crate::admin::error_response(&e.into()),
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let mut headers = end_to_end(&parts.headers);
@@ -305,24 +298,10 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
             local(body)
         }
     };
-    if !headers.contains_key("x-request-id")
-        && let Ok(v) = HeaderValue::from_str(&new_request_id())
-    {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
-    }
+    ensure_request_id(&mut headers);
+    // A rank pin the picker set for the decode endpoint stays in `headers`.
     let decode = st.args.decode;
-    let mut up = hyper::Request::builder().method(parts.method).uri(format!("http://{decode}{path}"));
-    if let Some(h) = up.headers_mut() {
-        *h = headers;
-        if let Ok(v) = HeaderValue::from_str(&decode.to_string()) {
-            h.insert(header::HOST, v);
-        }
-        // A rank pin, if any, was set by the picker for the decode endpoint: keep it.
-        if let Some(r) = parts.headers.get(DP_RANK_HEADER) {
-            h.insert(HeaderName::from_static(DP_RANK_HEADER), r.clone());
-        }
-    }
-    let Ok(up) = up.body(Full::new(body)) else {
+    let Ok(up) = upstream_request(parts.method, decode, &path, headers, None, body) else {
         return json_error(500, "could not build the upstream request", "internal_error");
     };
     let first_byte = Duration::from_millis(st.args.first_byte_timeout_ms);

@@ -124,17 +124,6 @@ pub struct SimArgs {
     pub pod_name: Option<String>,
 }
 
-impl SimArgs {
-    /// Parses simulator flags as the command line would (without the `sim` word).
-    pub fn from_flags<I, S>(flags: I) -> Result<Self, clap::Error>
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<std::ffi::OsString> + Clone,
-    {
-        crate::cli::parse_flags("sim", flags)
-    }
-}
-
 /// Default KV blocks: ~465k tokens of KV for an 8B model on an 80 GB GPU.
 pub const DEFAULT_GPU_BLOCKS: usize = 29_067;
 

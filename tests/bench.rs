@@ -9,7 +9,7 @@ use kvgate::bench::{BenchArgs, run_bench};
 fn bench_args(sim: &common::Sim, flags: &[&str]) -> BenchArgs {
     let base = sim.url(0);
     let all = ["--base-url", base.as_str(), "--model", "m"].into_iter().chain(flags.iter().copied());
-    BenchArgs::from_flags(all).expect("valid bench flags")
+    kvgate::cli::parse_flags::<BenchArgs, _, _>("bench", all).expect("valid bench flags")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,7 @@ pub async fn start_sim(flags: &[&str]) -> Sim {
     if !flags.contains(&"--port") {
         all.extend(["--port".into(), "0".into()]);
     }
-    let args = SimArgs::from_flags(&all).expect("valid simulator flags");
+    let args = kvgate::cli::parse_flags::<SimArgs, _, _>("sim", &all).expect("valid simulator flags");
     let (running, tasks) = sim::start(args).await.expect("simulator starts");
     Sim { addrs: running.addrs, _tasks: tasks }
 }
