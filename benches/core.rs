@@ -9,11 +9,11 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
 
-use kvgate::endpoint::{Endpoint, EndpointId, Metrics, Role};
-use kvgate::prefix::{BlockHash, PrefixConfig, PrefixIndex, hash_prompt};
-use kvgate::request::ApiKind;
-use kvgate::route::{PoolRouter, RouteOptions};
-use kvgate::schedule::Scheduler;
+use kvgate::routing::endpoint::{Endpoint, EndpointId, Metrics, Role};
+use kvgate::routing::prefix::{BlockHash, PrefixConfig, PrefixIndex, hash_prompt};
+use kvgate::routing::request::ApiKind;
+use kvgate::routing::plan::{PlanOptions, Planner};
+use kvgate::routing::schedule::Scheduler;
 
 /// Deterministic prose-like text of `len` bytes.
 fn text(len: usize, seed: u64) -> String {
@@ -107,7 +107,7 @@ fn parsing(c: &mut Criterion) {
         let body = chat_body(kib * 1024 - 2200, "what is the answer?");
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("chat", format!("{kib}KiB")), |b| {
-            b.iter(|| kvgate::request::parse(ApiKind::ChatCompletions, black_box(&body), 32 << 20).map(|r| r.priority))
+            b.iter(|| kvgate::routing::request::parse(ApiKind::ChatCompletions, black_box(&body), 32 << 20).map(|r| r.priority))
         });
     }
     g.finish();
@@ -115,13 +115,13 @@ fn parsing(c: &mut Criterion) {
 
 /// A whole decision as the front-ends make it: parse, hash, match, score, pick, record.
 fn decide(
-    router: &PoolRouter,
+    router: &Planner,
     body: &[u8],
     eps: &[Endpoint],
-    opts: RouteOptions<'_>,
+    opts: PlanOptions<'_>,
     rng: &mut fastrand::Rng,
 ) -> usize {
-    let req = kvgate::request::parse(ApiKind::ChatCompletions, body, 32 << 20).expect("parses");
+    let req = kvgate::routing::request::parse(ApiKind::ChatCompletions, body, 32 << 20).expect("parses");
     router.plan(&req, eps, opts, rng, None).expect("routes").decision.primary().index
 }
 
@@ -145,7 +145,7 @@ schedulingProfiles:
 fn decision(c: &mut Criterion) {
     const ENDPOINTS: u32 = 64;
     let mut g = c.benchmark_group("decision");
-    let pd: kvgate::schedule::SchedulerSpec = serde_saphyr::from_str(PD_SCHEDULER).expect("yaml");
+    let pd: kvgate::routing::schedule::SchedulerSpec = serde_saphyr::from_str(PD_SCHEDULER).expect("yaml");
     for (name, kib, scheduler) in [
         ("chat_64_endpoints", 16usize, Scheduler::default_config()),
         ("chat_64_endpoints", 220, Scheduler::default_config()),
@@ -153,7 +153,7 @@ fn decision(c: &mut Criterion) {
         ("pd_32_prefill_32_decode", 220, Scheduler::from_spec(&pd).expect("compiles")),
     ] {
         let pd = scheduler.disagg().is_some();
-        let router = PoolRouter::new("p".into(), vec!["m".into()], scheduler, 2000);
+        let router = Planner::new(vec!["m".into()], scheduler, 2000);
         let mut eps: Vec<Endpoint> = (0..ENDPOINTS)
             .map(|i| {
                 let addr = format!("10.0.{}.{}:8000", i / 200, i % 200 + 1).parse().expect("addr");
@@ -176,7 +176,7 @@ fn decision(c: &mut Criterion) {
         }
         let body = chat_body(kib * 1024 - 2200, "what is the answer?");
         let mut rng = fastrand::Rng::with_seed(1);
-        let opts = RouteOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd };
+        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd };
         // Warm the index: the conversation has been seen, and other prompts fill the index.
         for i in 0..256 {
             let other = chat_body(4096, &format!("filler {i}"));
@@ -202,8 +202,8 @@ fn handoff_bodies(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("bodies", format!("{kib}KiB")), |b| {
             b.iter(|| {
-                let p = kvgate::disagg::prefill_body(black_box(&body)).expect("object");
-                let d = kvgate::disagg::decode_body(black_box(&body), &params).expect("object");
+                let p = kvgate::routing::pd::prefill_body(black_box(&body)).expect("object");
+                let d = kvgate::routing::pd::decode_body(black_box(&body), &params).expect("object");
                 p.len() + d.len()
             })
         });

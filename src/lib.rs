@@ -1,23 +1,17 @@
 //! kvgate: routes OpenAI-style requests to the vLLM endpoint that should serve them — where the
 //! prompt's prefix is cached, the queue is short and the model is served.
 //!
-//! The decision core ([`request`], [`prefix`], [`endpoint`], [`schedule`]) is synchronous and
-//! pure; [`route`] is the one decision path every front-end calls. See ARCHITECTURE.md.
+//! Four layers, each a folder, each importing only from the layers below it (checked by
+//! `tests/layers.rs`); see ARCHITECTURE.md:
+//! - [`routing`]: the pure decision core — request parsing, prefix hashes and index, endpoints,
+//!   the scheduler and its plugins, per-pool planning, P/D body rewriting;
+//! - [`gateway`]: state that keeps decisions fed — config, pools (discovery, scraping,
+//!   health), telemetry, and the `Gateway` facade with its outcome API;
+//! - [`front`]: the front-ends that translate between the wire and the gateway — proxy,
+//!   prefill hand-off, sidecar, admin, Envoy ext_proc;
+//! - [`tools`]: the subcommands — `serve` (and its demo), the simulator, the load generator.
 
-pub mod admin;
-pub mod bench;
-pub mod cli;
-pub mod config;
-pub mod disagg;
-pub mod endpoint;
-pub mod extproc;
-pub mod pool;
-pub mod prefix;
-pub mod proxy;
-pub mod request;
-pub mod route;
-pub mod schedule;
-pub mod serve;
-pub mod sidecar;
-pub mod sim;
-pub mod telemetry;
+pub mod front;
+pub mod gateway;
+pub mod routing;
+pub mod tools;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kvgate::config::Config;
+use kvgate::gateway::config::Config;
 
 #[derive(Debug, Parser)]
 #[command(name = "kvgate", version, about = "Prefix-cache-aware routing for vLLM fleets")]
@@ -20,7 +20,7 @@ struct BenchCli {
     #[command(subcommand)]
     sub: Option<BenchSub>,
     #[command(flatten)]
-    args: Option<kvgate::bench::BenchArgs>,
+    args: Option<kvgate::tools::bench::BenchArgs>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,15 +44,15 @@ enum Command {
         file: PathBuf,
     },
     /// Run kvgate: pools, discovery, scraping and the admin API, from a config file.
-    Serve(kvgate::serve::ServeArgs),
+    Serve(kvgate::tools::serve::ServeArgs),
     /// Drive a seeded workload against an OpenAI-compatible server and report latency,
     /// throughput and prefix-cache hit rate.
     Bench(Box<BenchCli>),
     /// Run a simulated vLLM server (OpenAI API, metrics, prefix cache, KV events, DP, P/D, LoRA).
-    Sim(Box<kvgate::sim::SimArgs>),
+    Sim(Box<kvgate::tools::sim::SimArgs>),
     /// Run beside a decode endpoint: for requests naming a prefill endpoint in
     /// `x-prefiller-host-port`, do the prefill hand-off, then decode locally.
-    Sidecar(kvgate::sidecar::SidecarArgs),
+    Sidecar(kvgate::front::sidecar::SidecarArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,10 +61,10 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve(args) => {
             init_logging();
-            run_async(kvgate::serve::run(args))
+            run_async(kvgate::tools::serve::run(args))
         }
         Command::Bench(cli) => match cli.sub {
-            Some(BenchSub::Compare { reports, plot }) => match kvgate::bench::compare(&reports, plot.as_deref()) {
+            Some(BenchSub::Compare { reports, plot }) => match kvgate::tools::bench::compare(&reports, plot.as_deref()) {
                 Ok(table) => {
                     println!("{table}");
                     ExitCode::SUCCESS
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
                 }
             },
             None => match cli.args {
-                Some(args) => run_async(kvgate::bench::run(args)),
+                Some(args) => run_async(kvgate::tools::bench::run(args)),
                 None => {
                     #[allow(clippy::print_stderr)]
                     {
@@ -90,11 +90,11 @@ fn main() -> ExitCode {
         },
         Command::Sim(args) => {
             init_logging();
-            run_async(kvgate::sim::run(*args))
+            run_async(kvgate::tools::sim::run(*args))
         }
         Command::Sidecar(args) => {
             init_logging();
-            run_async(kvgate::sidecar::run(args))
+            run_async(kvgate::front::sidecar::run(args))
         }
     }
 }
@@ -155,14 +155,14 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 Some(r) => format!(" rank {r}"),
                 None => String::new(),
             };
-            let role = kvgate::endpoint::Role::of_labels(&e.labels);
+            let role = kvgate::routing::endpoint::Role::of_labels(&e.labels);
             let name = if e.name == e.to_string() { String::new() } else { format!(" ({})", e.name) };
             println!("  endpoint {e}{name} role {role}{rank}");
         }
         if let Some(f) = &pool.endpoints_file {
             println!("  endpoints file {} (now {} endpoints):", f.display(), pool.file_endpoints.len());
             for e in &pool.file_endpoints {
-                println!("    endpoint {e} ({}) role {}", e.name, kvgate::endpoint::Role::of_labels(&e.labels));
+                println!("    endpoint {e} ({}) role {}", e.name, kvgate::routing::endpoint::Role::of_labels(&e.labels));
             }
         }
         for line in pool.scheduler.to_string().lines() {

@@ -3,13 +3,13 @@
 mod common;
 
 use common::start_sim;
-use kvgate::bench::{BenchArgs, run_bench};
+use kvgate::tools::bench::{BenchArgs, run_bench};
 
 /// Bench flags as a user would type them, aimed at `sim` with model `m`.
 fn bench_args(sim: &common::Sim, flags: &[&str]) -> BenchArgs {
     let base = sim.url(0);
     let all = ["--base-url", base.as_str(), "--model", "m"].into_iter().chain(flags.iter().copied());
-    kvgate::cli::parse_flags::<BenchArgs, _, _>("bench", all).expect("valid bench flags")
+    kvgate::tools::cli::parse_flags::<BenchArgs, _, _>("bench", all).expect("valid bench flags")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +143,7 @@ async fn reports_round_trip_through_compare() {
         files.push(f);
     }
     let svg = dir.join("ttft.svg");
-    let table = kvgate::bench::compare(&files, Some(&svg)).expect("compares");
+    let table = kvgate::tools::bench::compare(&files, Some(&svg)).expect("compares");
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
     assert!(lines[1].starts_with("one-group") && lines[2].starts_with("four-groups"), "{table}");
@@ -151,9 +151,9 @@ async fn reports_round_trip_through_compare() {
     let svg = std::fs::read_to_string(svg).expect("plot written");
     assert_eq!(svg.matches("<polyline").count(), 2);
     let png = dir.join("ttft.png");
-    kvgate::bench::compare(&files, Some(&png)).expect("compares to PNG");
+    kvgate::tools::bench::compare(&files, Some(&png)).expect("compares to PNG");
     assert!(std::fs::read(&png).expect("png written").starts_with(b"\x89PNG"));
-    assert!(kvgate::bench::compare(&files, Some(&dir.join("ttft.gif"))).is_err());
-    assert!(kvgate::bench::compare(&[dir.join("missing.json")], None).is_err());
+    assert!(kvgate::tools::bench::compare(&files, Some(&dir.join("ttft.gif"))).is_err());
+    assert!(kvgate::tools::bench::compare(&[dir.join("missing.json")], None).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kvgate::config::Config;
-use kvgate::schedule::Scheduler;
+use kvgate::gateway::config::Config;
+use kvgate::routing::schedule::Scheduler;
 
 fn example_configs() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
@@ -64,7 +64,7 @@ fn pattern_configs() {
     let p5 = load("p5-moe-pd.yaml");
     let d = p5[0].scheduler.disagg().expect("a P/D scheduler");
     assert_eq!(d.decider.non_cached_tokens, 512);
-    let roles: Vec<kvgate::endpoint::Role> =
-        p5[0].endpoints.iter().map(|e| kvgate::endpoint::Role::of_labels(&e.labels)).collect();
-    assert!(roles.contains(&kvgate::endpoint::Role::Prefill) && roles.contains(&kvgate::endpoint::Role::Decode));
+    let roles: Vec<kvgate::routing::endpoint::Role> =
+        p5[0].endpoints.iter().map(|e| kvgate::routing::endpoint::Role::of_labels(&e.labels)).collect();
+    assert!(roles.contains(&kvgate::routing::endpoint::Role::Prefill) && roles.contains(&kvgate::routing::endpoint::Role::Decode));
 }

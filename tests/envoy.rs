@@ -11,7 +11,7 @@ const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
 struct Setup {
     sims: Vec<common::Sim>,
-    _kv: kvgate::serve::Server,
+    _kv: kvgate::tools::serve::Server,
     envoy: Envoy,
 }
 
@@ -343,12 +343,12 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     let p = start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
     let d = start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
     let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
-    let args: kvgate::sidecar::SidecarArgs = kvgate::cli::parse_flags(
+    let args: kvgate::front::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
         "sidecar",
         ["--listen", "127.0.0.1:0", "--decode", &da, "--admin-addr", "127.0.0.1:0", "--allow-prefill", &pa],
     )
     .expect("flags");
-    let sc = kvgate::sidecar::start(args).await.expect("sidecar");
+    let sc = kvgate::front::sidecar::start(args).await.expect("sidecar");
     let kv = start_kvgate(&format!(
         "admin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
          {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \

@@ -8,8 +8,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use kvgate::prefix::{BlockHasher, PrefixConfig};
-use kvgate::request::{ApiKind, parse};
+use kvgate::routing::prefix::{BlockHasher, PrefixConfig};
+use kvgate::routing::request::{ApiKind, parse};
 
 struct Counting;
 

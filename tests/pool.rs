@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::routing::get;
 use common::{SimProcess, eventually, free_port, get_json, start_kvgate, start_sim};
-use kvgate::request::ApiKind;
-use kvgate::route::RouteError;
+use kvgate::routing::request::ApiKind;
+use kvgate::gateway::error::RouteError;
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -44,7 +44,7 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
 
     // A request in flight on `a` while `a` is removed keeps its count until it ends.
     let routed = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect("routed");
-    let in_flight = routed.snapshot.endpoints[routed.decision().primary().index].in_flight.clone();
+    let in_flight = routed.snapshot().endpoints[routed.decision().primary().index].in_flight.clone();
     assert_eq!(in_flight.requests(), 1);
 
     // Add b with a label, remove a: applied within a second.
@@ -156,7 +156,7 @@ async fn every_endpoint_down_is_a_503_with_a_reason() {
     })
     .await;
     assert!(unhealthy);
-    let e = RouteError::Unavailable(kvgate::schedule::NoDecision::NoHealthyEndpoints);
+    let e = RouteError::Unavailable(kvgate::routing::schedule::NoDecision::NoHealthyEndpoints);
     assert_eq!(e.status(), 503);
     assert!(e.to_json().contains("unhealthy"), "{}", e.to_json());
 }
@@ -177,7 +177,7 @@ async fn stale_metrics_count_as_unknown_not_idle() {
             .map(|t| t["raw"].as_f64().unwrap_or(-1.0))
             .expect("queue-scorer term")
     };
-    let explain = |kv: &kvgate::serve::Server| {
+    let explain = |kv: &kvgate::tools::serve::Server| {
         let url = format!("http://{}/debug/explain", kv.admin_addr);
         async move { common::post(&url, &serde_json::from_slice(&chat("s")).expect("json")).await.1 }
     };

@@ -7,7 +7,7 @@ pub mod envoy;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kvgate::sim::{self, SimArgs};
+use kvgate::tools::sim::{self, SimArgs};
 
 /// A simulator running in this test's runtime; stops when the runtime ends.
 pub struct Sim {
@@ -28,7 +28,7 @@ pub async fn start_sim(flags: &[&str]) -> Sim {
     if !flags.contains(&"--port") {
         all.extend(["--port".into(), "0".into()]);
     }
-    let args = kvgate::cli::parse_flags::<SimArgs, _, _>("sim", &all).expect("valid simulator flags");
+    let args = kvgate::tools::cli::parse_flags::<SimArgs, _, _>("sim", &all).expect("valid simulator flags");
     let (running, tasks) = sim::start(args).await.expect("simulator starts");
     Sim { addrs: running.addrs, _tasks: tasks }
 }
@@ -124,15 +124,15 @@ impl Drop for SimProcess {
 
 /// Starts kvgate (pools, discovery, listeners) from config text; returns the server. The gRPC
 /// listener goes on a free port unless the text names one.
-pub async fn start_kvgate(yaml: &str) -> kvgate::serve::Server {
+pub async fn start_kvgate(yaml: &str) -> kvgate::tools::serve::Server {
     let path = std::path::Path::new("test.yaml");
     let yaml = if yaml.contains("grpc_addr") { yaml.to_owned() } else { format!("grpc_addr: 127.0.0.1:0\n{yaml}") };
-    let cfg = kvgate::config::Config::from_yaml(&yaml, path).expect("config parses");
-    kvgate::serve::start(cfg, path).await.expect("kvgate starts")
+    let cfg = kvgate::gateway::config::Config::from_yaml(&yaml, path).expect("config parses");
+    kvgate::tools::serve::start(cfg, path).await.expect("kvgate starts")
 }
 
 /// Waits until kvgate lists `n` endpoints in its first pool, all scraped.
-pub async fn wait_scraped(kv: &kvgate::serve::Server, n: usize) {
+pub async fn wait_scraped(kv: &kvgate::tools::serve::Server, n: usize) {
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     let ok = eventually(10, || async {
         let v = get_json(&debug).await;

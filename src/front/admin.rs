@@ -1,0 +1,76 @@
+//! The admin HTTP surface: kvgate's `/metrics`, `/healthz`, `/readyz`, and the debug views
+//! `/debug/endpoints` (every endpoint's state) and `/debug/explain` (the decision a body would
+//! get, with every scorer's score, without sending anything).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::front::http::refusal;
+use crate::gateway::error::error_body;
+use crate::gateway::facade::Gateway;
+use crate::routing::request::ApiKind;
+
+/// The admin router.
+pub fn app(gateway: Arc<Gateway>) -> Router {
+    let limit = gateway.max_body_bytes().saturating_add(1);
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/debug/endpoints", get(endpoints))
+        .route("/debug/explain", post(explain))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(gateway)
+}
+
+type St = State<Arc<Gateway>>;
+
+async fn metrics(State(g): St) -> Response {
+    let text = g.metrics_text();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+async fn readyz(State(g): St) -> (StatusCode, &'static str) {
+    if g.ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "discovering endpoints") }
+}
+
+async fn endpoints(State(g): St) -> Response {
+    let pools: Vec<_> = g
+        .pools()
+        .iter()
+        .map(|p| {
+            let snap = p.snapshot();
+            let mut models = p.models().to_vec();
+            models.extend(snap.adapters.iter().filter(|a| !models.contains(a)).cloned().collect::<Vec<_>>());
+            json!({"name": p.name(), "models": models, "endpoints": p.status()})
+        })
+        .collect();
+    axum::Json(json!({"pools": pools})).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ExplainQuery {
+    path: Option<String>,
+}
+
+async fn explain(State(g): St, Query(q): Query<ExplainQuery>, body: Bytes) -> Response {
+    let path = q.path.as_deref().unwrap_or("/v1/chat/completions");
+    let Some(api) = ApiKind::from_path(path) else {
+        let body =
+            error_body(400, &format!("`{path}` is not a routed API path"), "invalid_path", Some("path"));
+        return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    };
+    match g.explain(api, &body) {
+        Ok((pool, decision, explanation)) => {
+            axum::Json(json!({"pool": pool, "decision": decision, "explanation": explanation})).into_response()
+        }
+        Err(e) => refusal(&e),
+    }
+}

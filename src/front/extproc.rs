@@ -1,0 +1,556 @@
+//! The Envoy ext_proc endpoint picker: the Gateway API Inference Extension's endpoint-picker
+//! protocol (v1.0.0) over Envoy's `ExternalProcessor` gRPC stream, one stream per HTTP request.
+//!
+//! Request phase. In `FULL_DUPLEX_STREAMED` mode Envoy sends the headers and then the body
+//! without waiting; kvgate holds its answer to the headers until the body's last chunk, decides
+//! through the one decision path, and then sends the headers answer (destination header and the
+//! same value in `envoy.lb` dynamic metadata, route cache cleared) followed by the whole body
+//! again in chunks of at most 62,000 bytes. In `BUFFERED` mode the headers are answered at once
+//! and the destination rides on the body answer. A request without a body is decided at its
+//! headers. A refusal is an `ImmediateResponse` with an OpenAI-shaped body and
+//! `x-llm-d-request-dropped-reason`.
+//!
+//! Response phase. Chunks are echoed back at once (full duplex) or let through (streamed);
+//! usage is read from the JSON body or the SSE `data:` lines (a line may span chunks); the
+//! served endpoint, when the gateway reports it, moves the in-flight count to the right
+//! endpoint; the count is released when the response ends or the stream goes away.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse,
+    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation::Mutation,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub mod health;
+
+use crate::front::http::{
+    DESTINATION_HEADER as DEST, DP_RANK_HEADER, DROPPED_HEADER as DROPPED, PREFILLER_HEADER, PREFILLER_RANK_HEADER,
+    REQUEST_ID_HEADER, SERVED_HEADER as SERVED, TEST_SELECTION_HEADER as TEST_SELECTION, new_request_id,
+    refusal_headers,
+};
+use crate::front::usage::UsageReader;
+use crate::gateway::config::{BodyMode, ExtProcConfig};
+use crate::gateway::error::{RouteError, error_body};
+use crate::gateway::facade::{Ask, Gateway};
+use crate::gateway::outcome::Routed;
+use crate::routing::request::RequestError;
+use crate::routing::schedule::{NoDecision, Subset};
+
+/// Dynamic metadata namespace of the pick.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Metadata namespace of the subset hint.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Metadata key of the subset hint.
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Largest body chunk sent back to Envoy.
+pub const CHUNK: usize = 62_000;
+
+/// The ext_proc service.
+#[derive(Debug, Clone)]
+pub struct Picker {
+    gateway: Arc<Gateway>,
+    cfg: Arc<ExtProcConfig>,
+}
+
+impl Picker {
+    /// A picker deciding through `gateway`.
+    pub fn new(gateway: Arc<Gateway>, cfg: ExtProcConfig) -> Self {
+        Self { gateway, cfg: Arc::new(cfg) }
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Picker {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        req: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let mut stream = StreamState::new(self.gateway.clone(), self.cfg.clone());
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    // End of stream or a reset: dropping the state releases any in-flight count.
+                    Ok(None) | Err(_) => return,
+                };
+                for out in stream.handle(msg) {
+                    if tx.send(Ok(out)).await.is_err() {
+                        return;
+                    }
+                }
+                if stream.done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(Kind::StringValue(s.into())) }
+}
+
+/// `{"envoy.lb": {"x-gateway-destination-endpoint": dest}}`.
+fn lb_metadata(dest: &str) -> Struct {
+    let inner = Struct { fields: [(DEST.to_owned(), string_value(dest))].into_iter().collect() };
+    Struct { fields: [(LB_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(inner)) })].into_iter().collect() }
+}
+
+fn response(r: Resp) -> ProcessingResponse {
+    ProcessingResponse { response: Some(r), ..Default::default() }
+}
+
+/// A string list or comma string from a metadata value.
+fn metadata_strings(v: &Value) -> Vec<String> {
+    match &v.kind {
+        Some(Kind::StringValue(s)) => s.split(',').map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect(),
+        Some(Kind::ListValue(l)) => l
+            .values
+            .iter()
+            .filter_map(|x| match &x.kind {
+                Some(Kind::StringValue(s)) => Some(s.trim().to_owned()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Looks up `namespace` / `key` in a message's metadata context.
+fn metadata<'a>(msg: &'a ProcessingRequest, namespace: &str, key: &str) -> Option<&'a Value> {
+    msg.metadata_context.as_ref()?.filter_metadata.get(namespace)?.fields.get(key)
+}
+
+/// One HTTP request's ext_proc exchange.
+struct StreamState {
+    gateway: Arc<Gateway>,
+    cfg: Arc<ExtProcConfig>,
+    request_mode: BodyMode,
+    response_mode: BodyMode,
+    method: String,
+    path: String,
+    request_id: Option<String>,
+    generated_id: bool,
+    test_selection: Option<String>,
+    body: Vec<u8>,
+    subset: Option<Option<Subset>>,
+    routed: Option<Routed>,
+    usage: UsageReader,
+    status: u16,
+    done: bool,
+}
+
+impl StreamState {
+    fn new(gateway: Arc<Gateway>, cfg: Arc<ExtProcConfig>) -> Self {
+        Self {
+            request_mode: cfg.request_body_mode,
+            response_mode: cfg.response_body_mode,
+            gateway,
+            cfg,
+            method: String::new(),
+            path: String::new(),
+            request_id: None,
+            generated_id: false,
+            test_selection: None,
+            body: Vec::new(),
+            subset: None,
+            routed: None,
+            usage: UsageReader::default(),
+            status: 0,
+            done: false,
+        }
+    }
+
+    fn handle(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
+        if let Some(pc) = &msg.protocol_config {
+            let mode = |m: i32| match BodySendMode::try_from(m) {
+                Ok(BodySendMode::FullDuplexStreamed) => Some(BodyMode::FullDuplexStreamed),
+                Ok(BodySendMode::Buffered | BodySendMode::BufferedPartial) => Some(BodyMode::Buffered),
+                Ok(BodySendMode::Streamed) => Some(BodyMode::Streamed),
+                Ok(BodySendMode::None) => Some(BodyMode::None),
+                _ => None,
+            };
+            if let Some(m) = mode(pc.request_body_mode) {
+                self.request_mode = m;
+            }
+            if let Some(m) = mode(pc.response_body_mode) {
+                self.response_mode = m;
+            }
+        }
+        if let Some(v) = metadata(&msg, SUBSET_NAMESPACE, SUBSET_KEY) {
+            let entries = metadata_strings(v);
+            self.subset = Some(Subset::parse(entries.iter().map(String::as_str)).ok());
+        }
+        let served = msg_served(&msg);
+        match msg.request {
+            Some(Req::RequestHeaders(h)) => self.request_headers(h),
+            Some(Req::RequestBody(b)) => {
+                let limit = self.gateway.max_body_bytes();
+                if self.body.len() + b.body.len() > limit {
+                    // Refuse as soon as the body is too large, rather than holding all of it.
+                    let e = RouteError::BadRequest(RequestError::TooLarge { size: self.body.len() + b.body.len(), limit });
+                    self.body = Vec::new();
+                    self.done = true;
+                    self.gateway.refused(&e);
+                    return vec![immediate(&e)];
+                }
+                self.body.extend_from_slice(&b.body);
+                if b.end_of_stream { self.decide(true) } else { Vec::new() }
+            }
+            Some(Req::RequestTrailers(_)) => vec![response(Resp::RequestTrailers(TrailersResponse::default()))],
+            Some(Req::ResponseHeaders(h)) => self.response_headers(&served, h),
+            Some(Req::ResponseBody(b)) => {
+                self.usage.feed(&b.body);
+                if let Some(r) = self.routed.as_mut() {
+                    r.first_byte();
+                }
+                if b.end_of_stream {
+                    self.finish();
+                }
+                let common = if self.response_mode == BodyMode::FullDuplexStreamed {
+                    CommonResponse {
+                        body_mutation: Some(BodyMutation {
+                            mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
+                                body: b.body,
+                                end_of_stream: b.end_of_stream,
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    }
+                } else {
+                    CommonResponse::default()
+                };
+                vec![response(Resp::ResponseBody(BodyResponse { response: Some(common) }))]
+            }
+            Some(Req::ResponseTrailers(_)) => {
+                self.finish();
+                vec![response(Resp::ResponseTrailers(TrailersResponse::default()))]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        for hv in h.headers.map(|m| m.headers).unwrap_or_default() {
+            let value =
+                if hv.raw_value.is_empty() { hv.value } else { String::from_utf8_lossy(&hv.raw_value).into_owned() };
+            match hv.key.to_ascii_lowercase().as_str() {
+                ":method" => self.method = value,
+                ":path" => self.path = value,
+                REQUEST_ID_HEADER => self.request_id = Some(value),
+                TEST_SELECTION => self.test_selection = Some(value),
+                _ => {}
+            }
+        }
+        if self.request_id.is_none() {
+            self.request_id = Some(new_request_id());
+            self.generated_id = true;
+        }
+        // The gateway's own answers (and 404s) are given at once, as the proxy gives them.
+        match Ask::of(&self.method, &self.path) {
+            Ask::Route => {}
+            Ask::Models => {
+                self.done = true;
+                return vec![immediate_json(200, self.gateway.models_list().to_string(), &[])];
+            }
+            Ask::NotFound => {
+                self.done = true;
+                let msg = format!("no route for {} {}", self.method, self.path.split('?').next().unwrap_or(""));
+                return vec![immediate_json(404, error_body(404, &msg, "not_found", None), &[])];
+            }
+        }
+        if h.end_of_stream {
+            return self.decide(false);
+        }
+        match self.request_mode {
+            BodyMode::FullDuplexStreamed => Vec::new(),
+            _ => vec![response(Resp::RequestHeaders(HeadersResponse::default()))],
+        }
+    }
+
+    /// The subset the request may be placed in: the gateway's hint, narrowed by the
+    /// conformance header when that filter is on.
+    fn subset(&self) -> Result<Option<Subset>, RouteError> {
+        let hint = match &self.subset {
+            None => None,
+            Some(Some(s)) if !s.is_empty() => Some(s.clone()),
+            Some(_) => return Err(RouteError::Unavailable(NoDecision::SubsetUnmatched)),
+        };
+        if self.cfg.conformance_test_filter
+            && let Some(sel) = &self.test_selection
+            && let Ok(s) = Subset::parse_list(sel)
+            && !s.is_empty()
+        {
+            return Ok(Some(s));
+        }
+        Ok(hint)
+    }
+
+    /// Decides where the request goes; `with_body`: the body has been received (and must be
+    /// sent back in full duplex mode).
+    fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
+        let want = self.cfg.max_endpoints.max(1);
+        let routed = match self.subset() {
+            Ok(subset) => self.gateway.route(&self.path, &self.body, subset.as_ref(), want),
+            Err(e) => {
+                self.gateway.refused(&e);
+                Err(e)
+            }
+        };
+        let routed = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                self.done = true;
+                return vec![immediate(&e)];
+            }
+        };
+        // Ranks sharing one address (pinned by header) appear once in the fallback list. A rank
+        // pin is for the primary's server only, so a pinned request gets no fallbacks: another
+        // server would get the wrong rank (or one it does not have).
+        let limit = if routed.decision().primary().header_rank.is_some() { 1 } else { want };
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(limit);
+        for t in routed.decision().targets.iter() {
+            if addrs.len() < limit && !addrs.contains(&t.address) {
+                addrs.push(t.address);
+            }
+        }
+        let dest = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
+        let mut set = vec![set_header(DEST, &dest)];
+        // Placement headers are kvgate's: set them for this decision, drop any the client sent.
+        let mut remove = Vec::new();
+        let d = routed.decision();
+        match d.primary().header_rank {
+            Some(r) => set.push(set_header(DP_RANK_HEADER, &r.to_string())),
+            None => remove.push(DP_RANK_HEADER.to_owned()),
+        }
+        match d.prefill {
+            Some(p) => set.push(set_header(PREFILLER_HEADER, &p.address.to_string())),
+            None => remove.push(PREFILLER_HEADER.to_owned()),
+        }
+        match d.prefill.and_then(|p| p.header_rank) {
+            Some(r) => set.push(set_header(PREFILLER_RANK_HEADER, &r.to_string())),
+            None => remove.push(PREFILLER_RANK_HEADER.to_owned()),
+        }
+        if self.generated_id
+            && let Some(id) = &self.request_id
+        {
+            set.push(set_header(REQUEST_ID_HEADER, id));
+        }
+        // A client's own transfer parameters never reach a P/D endpoint: the body is rewritten.
+        let mut rewritten = false;
+        if with_body && let Some(b) = routed.sanitized(&self.body) {
+            set.push(set_header("content-length", &b.len().to_string()));
+            self.body = b;
+            rewritten = true;
+        }
+        // The sidecar runs the hand-off; kvgate does not see its outcome.
+        routed.prefill_delegated();
+        self.routed = Some(routed);
+        let mut common = CommonResponse {
+            header_mutation: Some(HeaderMutation { set_headers: set, remove_headers: remove }),
+            clear_route_cache: true,
+            ..Default::default()
+        };
+        if rewritten && self.request_mode == BodyMode::Buffered {
+            common.body_mutation =
+                Some(BodyMutation { mutation: Some(Mutation::Body(std::mem::take(&mut self.body))) });
+        }
+        let mut out = Vec::new();
+        match (self.request_mode, with_body) {
+            (BodyMode::Buffered, true) => out.push(ProcessingResponse {
+                response: Some(Resp::RequestBody(BodyResponse { response: Some(common) })),
+                dynamic_metadata: Some(lb_metadata(&dest)),
+                ..Default::default()
+            }),
+            _ => {
+                out.push(ProcessingResponse {
+                    response: Some(Resp::RequestHeaders(HeadersResponse { response: Some(common) })),
+                    dynamic_metadata: Some(lb_metadata(&dest)),
+                    ..Default::default()
+                });
+                if with_body {
+                    out.extend(body_chunks(std::mem::take(&mut self.body)));
+                }
+            }
+        }
+        out
+    }
+
+    fn response_headers(&mut self, served: &Option<String>, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        let mut sse = false;
+        for hv in h.headers.map(|m| m.headers).unwrap_or_default() {
+            let value =
+                if hv.raw_value.is_empty() { hv.value } else { String::from_utf8_lossy(&hv.raw_value).into_owned() };
+            match hv.key.as_str() {
+                ":status" => self.status = value.parse().unwrap_or(0),
+                "content-type" => sse = value.starts_with("text/event-stream"),
+                _ => {}
+            }
+        }
+        self.usage = UsageReader::new(sse);
+        if let (Some(served), Some(r)) = (served, self.routed.as_mut()) {
+            // The gateway reports who served (after its own retries): count it there.
+            let first = served.split(',').next().unwrap_or("").trim();
+            if let Ok(addr) = first.parse::<SocketAddr>() {
+                r.served_by(addr);
+            }
+        }
+        if let Some(r) = self.routed.as_mut() {
+            // The decode side answers only after the prefill leg, if any, is over.
+            r.responded(self.status);
+        }
+        if h.end_of_stream {
+            self.finish();
+        }
+        vec![response(Resp::ResponseHeaders(HeadersResponse::default()))]
+    }
+
+    /// The response is complete: count it and release the in-flight count.
+    fn finish(&mut self) {
+        self.usage.finish();
+        if let Some(mut r) = self.routed.take() {
+            r.count(self.status, "");
+            if let Some(u) = self.usage.usage {
+                r.usage(u);
+            }
+        }
+    }
+}
+
+/// The served endpoint the gateway reported in the message's metadata, if any.
+fn msg_served(msg: &ProcessingRequest) -> Option<String> {
+    metadata(msg, LB_NAMESPACE, SERVED).map(metadata_strings).and_then(|v| v.into_iter().next())
+}
+
+/// The body sent back in streamed chunks of at most [`CHUNK`] bytes, the last marked.
+fn body_chunks(body: Vec<u8>) -> Vec<ProcessingResponse> {
+    let chunk = |bytes: Vec<u8>, last: bool| {
+        response(Resp::RequestBody(BodyResponse {
+            response: Some(CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
+                        body: bytes,
+                        end_of_stream: last,
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+        }))
+    };
+    if body.is_empty() {
+        return vec![chunk(Vec::new(), true)];
+    }
+    let n = body.len().div_ceil(CHUNK);
+    body.chunks(CHUNK).enumerate().map(|(i, c)| chunk(c.to_vec(), i + 1 == n)).collect()
+}
+
+/// A refusal as an `ImmediateResponse`.
+fn immediate(e: &RouteError) -> ProcessingResponse {
+    let reason = match e.status() {
+        429 => "rejected-saturated",
+        503 => "rejected-no-endpoints",
+        _ => e.code(),
+    };
+    let mut extra = vec![(DROPPED, reason)];
+    extra.extend(refusal_headers(e));
+    let mut r = immediate_json(e.status(), e.to_json(), &extra);
+    if let Some(Resp::ImmediateResponse(i)) = r.response.as_mut() {
+        i.details = e.code().to_owned();
+    }
+    r
+}
+
+/// An `ImmediateResponse` with a JSON body and `headers` besides its content type.
+fn immediate_json(status: u16, body: String, headers: &[(&str, &str)]) -> ProcessingResponse {
+    let mut set = vec![set_header("content-type", "application/json")];
+    set.extend(headers.iter().map(|(k, v)| set_header(k, v)));
+    response(Resp::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus { code: i32::from(status) }),
+        headers: Some(HeaderMutation { set_headers: set, ..Default::default() }),
+        body: body.into_bytes(),
+        ..Default::default()
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Metadata fields as a map.
+    fn struct_fields(s: &Struct) -> BTreeMap<String, String> {
+        s.fields
+            .iter()
+            .map(|(k, v)| {
+                let text = match &v.kind {
+                    Some(Kind::StringValue(x)) => x.clone(),
+                    Some(Kind::StructValue(inner)) => format!("{:?}", struct_fields(inner)),
+                    other => format!("{other:?}"),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bodies_go_back_in_bounded_chunks() {
+        let chunks = body_chunks(vec![7u8; 2 * CHUNK + 5]);
+        let sizes: Vec<(usize, bool)> = chunks
+            .iter()
+            .map(|c| match &c.response {
+                Some(Resp::RequestBody(BodyResponse {
+                    response: Some(CommonResponse { body_mutation: Some(m), .. }),
+                })) => match &m.mutation {
+                    Some(Mutation::StreamedResponse(s)) => (s.body.len(), s.end_of_stream),
+                    _ => (0, false),
+                },
+                _ => (0, false),
+            })
+            .collect();
+        assert_eq!(sizes, [(CHUNK, false), (CHUNK, false), (5, true)]);
+        assert_eq!(body_chunks(Vec::new()).len(), 1);
+    }
+
+    #[test]
+    fn metadata_lists_and_comma_strings() {
+        let list = Value {
+            kind: Some(Kind::ListValue(envoy_types::pb::google::protobuf::ListValue {
+                values: vec![string_value("10.0.0.1:8000"), string_value("10.0.0.2")],
+            })),
+        };
+        assert_eq!(metadata_strings(&list), ["10.0.0.1:8000", "10.0.0.2"]);
+        assert_eq!(metadata_strings(&string_value("a:1, b:2")), ["a:1", "b:2"]);
+        let m = lb_metadata("10.0.0.1:8000");
+        assert!(struct_fields(&m)["envoy.lb"].contains("10.0.0.1:8000"));
+    }
+}

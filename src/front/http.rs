@@ -1,0 +1,248 @@
+//! HTTP pieces every front-end shares: the header names of the gateway protocol, the upstream
+//! client and request builder, request ids, hop-by-hop filtering, body reading, refusals as
+//! OpenAI-shaped responses, and the relay of an endpoint's answer to the client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::front::usage::UsageReader;
+use crate::gateway::error::{RouteError, error_body};
+use crate::gateway::outcome::Routed;
+use crate::routing::request::RequestError;
+
+/// Request header (and `envoy.lb` metadata key) carrying the pick.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// The endpoint that served: a proxy response header, and the metadata key where a gateway
+/// reports it to ext_proc.
+pub const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
+/// Header naming why a request was refused.
+pub const DROPPED_HEADER: &str = "x-llm-d-request-dropped-reason";
+/// Conformance-test header forcing the pick among the listed endpoints.
+pub const TEST_SELECTION_HEADER: &str = "test-epp-endpoint-selection";
+/// The request id header.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Request header naming the prefill endpoint (`ip:port`) for the decode side; on a proxy
+/// response, the prefill endpoint that was used.
+pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
+/// Request header for the decode side: the data-parallel rank to pin on the prefill endpoint,
+/// when that endpoint balances its ranks behind one port.
+pub const PREFILLER_RANK_HEADER: &str = "x-prefiller-data-parallel-rank";
+/// Request header pinning a request to one data-parallel rank of a vLLM server that balances
+/// its ranks internally.
+pub const DP_RANK_HEADER: &str = "x-data-parallel-rank";
+
+/// The headers that say where a request is placed: kvgate's to set, never a client's.
+const PLACEMENT_HEADERS: [&str; 3] = [PREFILLER_HEADER, PREFILLER_RANK_HEADER, DP_RANK_HEADER];
+
+/// Removes any placement header from `headers`.
+pub fn strip_placement(headers: &mut HeaderMap) {
+    for h in PLACEMENT_HEADERS {
+        headers.remove(h);
+    }
+}
+
+/// The HTTP client the front-ends use for upstream requests.
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1 client for endpoints: keep-alive, no Nagle delay, bounded connects.
+pub fn upstream_client(connect_timeout_ms: u64) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection only; never forwarded.
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
+
+/// Copies end-to-end headers (dropping hop-by-hop ones and any the `Connection` header names).
+pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    let mut out = HeaderMap::with_capacity(from.len());
+    for (k, v) in from {
+        let n = k.as_str();
+        if !HOP_BY_HOP.contains(&n) && !named.iter().any(|c| c == n) && k != header::CONTENT_LENGTH {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// A random (version 4) UUID.
+pub fn new_request_id() -> String {
+    let v = fastrand::u128(..) & !(0xf000 << 64) | (0x4000 << 64);
+    let v = v & !(0xc000 << 48) | (0x8000 << 48);
+    let h = format!("{v:032x}");
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Gives the request an `x-request-id` if it has none.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if !headers.contains_key(REQUEST_ID_HEADER)
+        && let Ok(v) = HeaderValue::from_str(&new_request_id())
+    {
+        headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+}
+
+/// Reads a whole request body of at most `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, RequestError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(RequestError::TooLarge { size: limit + 1, limit })
+        }
+        Err(_) => Err(RequestError::InvalidField {
+            field: "body".into(),
+            detail: "the request body could not be read".into(),
+        }),
+    }
+}
+
+/// A request to an endpoint: `headers` plus its `Host` and, for a rank that shares its port with
+/// others, the rank pin.
+pub fn upstream_request(
+    method: Method,
+    address: SocketAddr,
+    path: &str,
+    mut headers: HeaderMap,
+    rank: Option<u32>,
+    body: Bytes,
+) -> Result<hyper::Request<Full<Bytes>>, axum::http::Error> {
+    if let Ok(v) = HeaderValue::from_str(&address.to_string()) {
+        headers.insert(header::HOST, v);
+    }
+    if let Some(r) = rank {
+        headers.insert(HeaderName::from_static(DP_RANK_HEADER), HeaderValue::from(r));
+    }
+    let mut req =
+        hyper::Request::builder().method(method).uri(format!("http://{address}{path}")).body(Full::new(body))?;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// An OpenAI-shaped error response.
+pub fn json_error(status: u16, message: &str, code: &str) -> Response {
+    let s = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    (s, [(header::CONTENT_TYPE, "application/json")], error_body(status, message, code, None)).into_response()
+}
+
+/// The headers a refusal carries besides its content type: `Retry-After` on 429, in both
+/// front-ends.
+pub fn refusal_headers(e: &RouteError) -> Vec<(&'static str, &'static str)> {
+    if e.status() == 429 { vec![("retry-after", "1")] } else { Vec::new() }
+}
+
+/// A refusal as an OpenAI-shaped JSON response.
+pub fn refusal(e: &RouteError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response();
+    for (k, v) in refusal_headers(e) {
+        r.headers_mut().insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    r
+}
+
+/// Whether a response is a server-sent event stream.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// The client's response: the endpoint's status and end-to-end headers, the served-by header
+/// (when given), and its body relayed frame by frame (bounded by `idle_ms` between frames).
+/// A routed request lives as long as the body: its first byte, usage and in-flight release are
+/// reported through it.
+pub fn relay(
+    resp: hyper::Response<hyper::body::Incoming>,
+    served: Option<SocketAddr>,
+    routed: Option<Routed>,
+    idle_ms: u64,
+) -> Response {
+    let (parts, body) = resp.into_parts();
+    struct S {
+        body: hyper::body::Incoming,
+        routed: Option<(Routed, UsageReader)>,
+        idle: Duration,
+    }
+    let usage = UsageReader::new(is_event_stream(&parts.headers));
+    let s = S { body, routed: routed.map(|r| (r, usage)), idle: Duration::from_millis(idle_ms) };
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            match tokio::time::timeout(s.idle, s.body.frame()).await {
+                Err(_) => return Some((Err(std::io::Error::other("the endpoint went silent")), s)),
+                Ok(None) => {
+                    if let Some((r, mut usage)) = s.routed.take() {
+                        usage.finish();
+                        if let Some(u) = usage.usage {
+                            r.usage(u);
+                        }
+                    }
+                    return None;
+                }
+                Ok(Some(Err(e))) => return Some((Err(std::io::Error::other(e)), s)),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if let Some((r, usage)) = s.routed.as_mut() {
+                            r.first_byte();
+                            usage.feed(&data);
+                        }
+                        return Some((Ok::<Bytes, std::io::Error>(data), s));
+                    }
+                    // Trailers: not relayed.
+                }
+            }
+        }
+    });
+    let mut out = Response::new(Body::from_stream(stream));
+    *out.status_mut() = parts.status;
+    *out.headers_mut() = end_to_end(&parts.headers);
+    if let Some(served) = served
+        && let Ok(v) = HeaderValue::from_str(&served.to_string())
+    {
+        out.headers_mut().insert(HeaderName::from_static(SERVED_HEADER), v);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("host", HeaderValue::from_static("client"));
+        h.insert("authorization", HeaderValue::from_static("Bearer t"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        let out = end_to_end(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["authorization", "x-request-id"]);
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(id, new_request_id());
+    }
+}

@@ -1,0 +1,183 @@
+//! The OpenAI reverse proxy: takes a request, asks the one decision path where it goes, and
+//! forwards it there — the body byte for byte, the answer chunk by chunk as it arrives.
+//!
+//! Failures before an endpoint's response starts (refused, reset, timed out, 5xx, 429) move the
+//! request to the decision's next candidate, up to `proxy.attempts` endpoints; once the client
+//! has received a byte, nothing is retried. The request's in-flight count moves with it and is
+//! released when the response ends, fails, or the client goes away (dropping the response drops
+//! the upstream request too, which is how vLLM learns of the abort).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::front::handoff::{self, PrefillLeg};
+use crate::front::http::{
+    PREFILLER_HEADER, UpstreamClient, end_to_end, ensure_request_id, json_error, read_body, refusal, relay,
+    strip_placement, upstream_client, upstream_request,
+};
+use crate::gateway::config::ProxyConfig;
+use crate::gateway::error::RouteError;
+use crate::gateway::facade::{Ask, Gateway};
+use crate::gateway::outcome::Routed;
+
+/// What the proxy needs.
+#[derive(Debug)]
+pub struct ProxyState {
+    gateway: Arc<Gateway>,
+    client: UpstreamClient,
+    cfg: ProxyConfig,
+}
+
+impl ProxyState {
+    /// A proxy over `gateway`.
+    pub fn new(gateway: Arc<Gateway>, cfg: ProxyConfig) -> Self {
+        Self { gateway, client: upstream_client(cfg.connect_timeout_ms), cfg }
+    }
+}
+
+/// The proxy router.
+pub fn app(state: Arc<ProxyState>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
+    match Ask::of(req.method().as_str(), req.uri().path()) {
+        Ask::Route => forward(&st, req).await,
+        Ask::Models => axum::Json(st.gateway.models_list()).into_response(),
+        Ask::NotFound => json_error(404, &format!("no route for {} {}", req.method(), req.uri().path()), "not_found"),
+    }
+}
+
+/// Routes a request through the gateway — an API path by its prompt, any other `/v1/*` path
+/// by its body's `model` — and sends it.
+async fn forward(st: &ProxyState, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body, st.gateway.max_body_bytes()).await {
+        Ok(b) => b,
+        Err(e) => {
+            let e = RouteError::from(e);
+            st.gateway.refused(&e);
+            return refusal(&e);
+        }
+    };
+    match st.gateway.route(parts.uri.path(), &body, None, st.cfg.attempts.max(1)) {
+        Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
+        Err(e) => refusal(&e),
+    }
+}
+
+/// Why an attempt failed before the response started.
+enum Failure {
+    Connect(String),
+    Timeout,
+    Status(Response),
+}
+
+/// Sends the request to the decision's targets in order until one answers.
+async fn send(
+    st: &ProxyState,
+    mut routed: Routed,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut fwd = end_to_end(&headers);
+    strip_placement(&mut fwd);
+    ensure_request_id(&mut fwd);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let attempts = st.cfg.attempts.max(1);
+    let mut body = body;
+    if let Some(b) = routed.sanitized(&body) {
+        body = Bytes::from(b);
+    }
+    if let Some(p) = routed.decision().prefill {
+        let leg = PrefillLeg {
+            address: p.address,
+            header_rank: p.header_rank,
+            path: &path,
+            headers: &fwd,
+            timeout: Duration::from_millis(st.cfg.prefill_timeout_ms),
+        };
+        match handoff::handoff(&st.client, leg, &body).await {
+            Ok(decode) => {
+                routed.prefill_succeeded();
+                body = Bytes::from(decode);
+            }
+            Err(f) => {
+                tracing::warn!(pool = routed.pool_name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
+                routed.prefill_failed(f.reason(), f.endpoint_failed());
+            }
+        }
+    }
+    let mut last = Failure::Connect("no endpoint was tried".into());
+    // Servers that could not be reached: their other ranks are not worth an attempt.
+    let mut unreachable: Vec<std::net::SocketAddr> = Vec::new();
+    let mut tried = 0;
+    for k in 0..routed.decision().targets.len() {
+        let target = routed.decision().targets[k];
+        if tried == attempts {
+            break;
+        }
+        if unreachable.contains(&target.address) {
+            continue;
+        }
+        tried += 1;
+        if k > 0 {
+            routed.retarget(k);
+        }
+        let req =
+            upstream_request(method.clone(), target.address, &path, fwd.clone(), target.header_rank, body.clone());
+        let Ok(req) = req else {
+            return json_error(500, "could not build the upstream request", "internal_error");
+        };
+        let attempt =
+            tokio::time::timeout(Duration::from_millis(st.cfg.first_byte_timeout_ms), st.client.request(req)).await;
+        let resp = match attempt {
+            Err(_) => {
+                routed.unreachable();
+                last = Failure::Timeout;
+                continue;
+            }
+            Ok(Err(e)) => {
+                routed.unreachable();
+                unreachable.push(target.address);
+                last = Failure::Connect(e.to_string());
+                continue;
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        routed.responded(status.as_u16());
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            last = Failure::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms));
+            continue;
+        }
+        routed.count(status.as_u16(), "");
+        let prefiller = routed.decision().prefill.map(|p| p.address);
+        let mut out = relay(resp, Some(target.address), Some(routed), st.cfg.idle_timeout_ms);
+        if let Some(p) = prefiller
+            && let Ok(v) = HeaderValue::from_str(&p.to_string())
+        {
+            out.headers_mut().insert(HeaderName::from_static(PREFILLER_HEADER), v);
+        }
+        return out;
+    }
+    let resp = match last {
+        Failure::Status(r) => r,
+        Failure::Timeout => json_error(504, "the endpoint did not answer in time", "upstream_timeout"),
+        Failure::Connect(e) => {
+            tracing::warn!(error = %e, pool = routed.pool_name(), "no endpoint could be reached");
+            json_error(502, "no endpoint could be reached", "upstream_unreachable")
+        }
+    };
+    routed.count(resp.status().as_u16(), "upstream_error");
+    resp
+}
+

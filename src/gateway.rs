@@ -1,0 +1,11 @@
+//! Gateway state: the config tree ([`config`]), the pools kept fresh by discovery, scraping and
+//! health judgement ([`pool`]), kvgate's metrics ([`telemetry`]), and the facade every
+//! front-end calls ([`facade::Gateway`]: decide, explain, ready) with its one outcome API
+//! ([`outcome::Routed`]). [`error`] holds the refusals and their one status mapping.
+
+pub mod config;
+pub mod error;
+pub mod facade;
+pub mod outcome;
+pub mod pool;
+pub mod telemetry;

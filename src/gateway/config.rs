@@ -1,0 +1,478 @@
+//! kvgate's config file: one YAML document → one typed tree, checked as a whole.
+//!
+//! [`Config::load`] reads and parses the file, resolves relative paths from the file's folder,
+//! and [`Config::resolve`] checks everything a running kvgate would trip over later: addresses,
+//! ports, duplicate names and models, role labels, and each pool's scheduler (compiled, so an
+//! unknown plugin is caught here). Every error says what is wrong and where.
+
+pub mod endpoints;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::routing::request::DEFAULT_MAX_BODY_BYTES;
+use crate::routing::schedule::{Scheduler, SchedulerSpec};
+use endpoints::{Claims, EndpointSpec, ResolvedEndpoint, first_use, load_endpoints_file};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// ext_proc + gRPC health listener.
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/debug/*`).
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: SocketAddr,
+    /// OpenAI reverse proxy listener; off when absent.
+    #[serde(default)]
+    pub proxy_addr: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes (default 32 MiB).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How endpoints are scraped.
+    #[serde(default)]
+    pub scrape: ScrapeConfig,
+    /// When endpoints leave and rejoin rotation.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// How the reverse proxy talks to endpoints.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// The Envoy ext_proc endpoint picker on `grpc_addr`.
+    #[serde(default)]
+    pub extproc: ExtProcConfig,
+    /// A second listener serving only gRPC health (the reference picker's charts probe `:9003`).
+    #[serde(default)]
+    pub health_addr: Option<SocketAddr>,
+    /// The pools, each a set of endpoints serving some models.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Metric scraping (applies to every pool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrapeConfig {
+    /// Time between scrapes of one endpoint, jittered ±20% (default 50).
+    pub interval_ms: u64,
+    /// Bound on one scrape (default 1000).
+    pub timeout_ms: u64,
+    /// Scraped load older than this counts as unknown, not idle (default 2000).
+    pub stale_after_ms: u64,
+    /// Largest `/metrics` body accepted (default 8 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self { interval_ms: 50, timeout_ms: 1000, stale_after_ms: 2000, max_bytes: 8 << 20 }
+    }
+}
+
+/// The reverse proxy's timeouts and retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Bound on connecting to an endpoint (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Bound on an endpoint's response headers after the request is sent (default 600000:
+    /// a non-streaming answer only starts when it is complete).
+    pub first_byte_timeout_ms: u64,
+    /// Bound on silence between two chunks of a response (default 300000).
+    pub idle_timeout_ms: u64,
+    /// Endpoints tried per request at most: the decision's target, then its fallbacks (default 3).
+    pub attempts: usize,
+    /// Bound on a P/D prefill leg, from sending it to reading its answer (default 30000); past
+    /// it the decode endpoint prefills locally.
+    pub prefill_timeout_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 2000,
+            first_byte_timeout_ms: 600_000,
+            idle_timeout_ms: 300_000,
+            attempts: 3,
+            prefill_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Health judgement (applies to every pool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failed scrapes or requests that take an endpoint out of rotation (default 3).
+    pub failure_threshold: u32,
+    /// First time out of rotation before a probe (default 500); doubles per failed probe.
+    pub backoff_ms: u64,
+    /// Longest time out of rotation (default 30000).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { failure_threshold: 3, backoff_ms: 500, max_backoff_ms: 30_000 }
+    }
+}
+
+/// A pool's admission limits: beyond them requests get 429 before any endpoint is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admission {
+    /// kvgate's requests in flight to the pool at most.
+    pub max_in_flight: Option<u64>,
+    /// Requests waiting in the pool's endpoint queues (scraped) at most.
+    pub max_queued: Option<u64>,
+    /// Sheddable requests (negative `priority`) are refused this fraction below the limits
+    /// (default 0.2), so they go first when the pool fills up.
+    pub sheddable_headroom: Option<f64>,
+}
+
+/// Which body mode to assume when Envoy does not announce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum BodyMode {
+    /// `FULL_DUPLEX_STREAMED`.
+    FullDuplexStreamed,
+    /// `BUFFERED`.
+    Buffered,
+    /// `STREAMED` (responses only).
+    Streamed,
+    /// `NONE` (responses only).
+    None,
+}
+
+/// The Envoy ext_proc endpoint picker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtProcConfig {
+    /// Endpoints written to the destination (1: one `ip:port`, which ORIGINAL_DST clusters need;
+    /// more: an ordered fallback list for `override_host`).
+    pub max_endpoints: usize,
+    /// Request body mode assumed when Envoy's first message does not say.
+    pub request_body_mode: BodyMode,
+    /// Response body mode assumed when Envoy's first message does not say.
+    pub response_body_mode: BodyMode,
+    /// Largest gRPC message accepted or sent (default 64 MiB).
+    pub max_message_bytes: usize,
+    /// Obey `test-epp-endpoint-selection` (for the upstream conformance suite only).
+    pub conformance_test_filter: bool,
+    /// Serve gRPC over TLS with this certificate and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate (chain) and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert_path: PathBuf,
+    /// Private key (PEM).
+    pub key_path: PathBuf,
+}
+
+impl Default for ExtProcConfig {
+    fn default() -> Self {
+        Self {
+            max_endpoints: 1,
+            request_body_mode: BodyMode::FullDuplexStreamed,
+            response_body_mode: BodyMode::FullDuplexStreamed,
+            max_message_bytes: 64 << 20,
+            conformance_test_filter: false,
+            tls: None,
+        }
+    }
+}
+
+fn default_grpc_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9002))
+}
+
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+/// One pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name (unique).
+    pub name: String,
+    /// Model names and LoRA adapters served; requests are routed to the pool by `model`.
+    pub models: Vec<String>,
+    /// Static endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    /// A YAML or JSON file with `endpoints: [...]`, reloaded when it changes.
+    #[serde(default)]
+    pub endpoints_file: Option<PathBuf>,
+    /// The scheduler, in EndpointPickerConfig shape; the default scheduler when absent.
+    #[serde(default)]
+    pub scheduler: Option<SchedulerSpec>,
+    /// Admission limits (429 beyond them); none by default.
+    #[serde(default)]
+    pub admission: Admission,
+}
+
+/// A config error: the file, where in it, and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{path}: {at}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Where in the file (a path such as `pools[0].endpoints[1].address`).
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A pool with its endpoints resolved and scheduler compiled.
+#[derive(Debug)]
+pub struct ResolvedPool {
+    /// Pool name.
+    pub name: String,
+    /// Models served.
+    pub models: Vec<String>,
+    /// Static endpoints.
+    pub endpoints: Vec<ResolvedEndpoint>,
+    /// The endpoints file's entries when it was checked (discovery keeps reading it).
+    pub file_endpoints: Vec<ResolvedEndpoint>,
+    /// Endpoints file (absolute, or relative to the working directory).
+    pub endpoints_file: Option<PathBuf>,
+    /// The compiled scheduler.
+    pub scheduler: Scheduler,
+    /// Admission limits.
+    pub admission: Admission,
+}
+
+/// Parses YAML into `T`, reporting the path of the first bad field.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (String, String)> {
+    let mut at = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+            at = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    parsed.map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.strip_prefix("error: ").unwrap_or(&msg).to_owned();
+        (if at.is_empty() || at == "." { "(document)".to_owned() } else { at }, msg)
+    })
+}
+
+impl Config {
+    /// Reads and parses a config file (relative paths in it resolve from its folder).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = parse_yaml(text).map_err(|(at, message)| ConfigError::Invalid {
+            path: path.display().to_string(),
+            at,
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        if let Some(tls) = cfg.extproc.tls.as_mut() {
+            for p in [&mut tls.cert_path, &mut tls.key_path] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        for pool in &mut cfg.pools {
+            if let Some(f) = pool.endpoints_file.as_mut().filter(|f| f.is_relative()) {
+                *f = base.join(&*f);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the whole config and compiles each pool's scheduler.
+    pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
+        let invalid =
+            |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
+        if self.pools.is_empty() {
+            return Err(invalid("pools".into(), "at least one pool is needed".into()));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes".into(), "must be at least 1".into()));
+        }
+        if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
+            return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
+        }
+        if self.extproc.max_endpoints == 0 || self.extproc.max_message_bytes < 1024 {
+            return Err(invalid(
+                "extproc".into(),
+                "max_endpoints must be at least 1 and max_message_bytes at least 1024".into(),
+            ));
+        }
+        if self.proxy.attempts == 0 || self.proxy.connect_timeout_ms == 0 || self.proxy.prefill_timeout_ms == 0 {
+            return Err(invalid(
+                "proxy".into(),
+                "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if self.health.failure_threshold == 0 || self.health.backoff_ms > self.health.max_backoff_ms {
+            return Err(invalid(
+                "health".into(),
+                "failure_threshold must be at least 1 and backoff_ms at most max_backoff_ms".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut out = Vec::with_capacity(self.pools.len());
+        for (i, pool) in self.pools.iter().enumerate() {
+            let at = |field: &str| format!("pools[{i}].{field}");
+            if pool.name.trim().is_empty() {
+                return Err(invalid(at("name"), "a pool needs a name".into()));
+            }
+            if !names.insert(pool.name.as_str()) {
+                return Err(invalid(at("name"), format!("two pools are named `{}`", pool.name)));
+            }
+            if pool.models.is_empty() {
+                return Err(invalid(at("models"), "a pool must serve at least one model".into()));
+            }
+            for (m, model) in pool.models.iter().enumerate() {
+                if model.is_empty() {
+                    return Err(invalid(at(&format!("models[{m}]")), "empty model name".into()));
+                }
+                if let Some(other) = model_owner.insert(model, &pool.name) {
+                    return Err(invalid(
+                        at(&format!("models[{m}]")),
+                        format!("model `{model}` is also served by pool `{other}`; each model routes to one pool"),
+                    ));
+                }
+            }
+            let mut endpoints = Vec::new();
+            let mut file_endpoints = Vec::new();
+            let mut seen = Claims::new();
+            for (j, e) in pool.endpoints.iter().enumerate() {
+                let eat = at(&format!("endpoints[{j}]"));
+                for r in e.resolve().map_err(|m| invalid(eat.clone(), m.to_string()))? {
+                    if !first_use(&mut seen, &r) {
+                        return Err(invalid(eat, format!("endpoint {r} is listed twice")));
+                    }
+                    endpoints.push(r);
+                }
+            }
+            if let Some(f) = &pool.endpoints_file {
+                if !f.is_file() {
+                    return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
+                }
+                for r in load_endpoints_file(f)? {
+                    if !first_use(&mut seen, &r) {
+                        return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
+                    }
+                    file_endpoints.push(r);
+                }
+            } else if endpoints.is_empty() {
+                return Err(invalid(at("endpoints"), "a pool needs `endpoints` or an `endpoints_file`".into()));
+            }
+            let scheduler = match &pool.scheduler {
+                None => Scheduler::default_config(),
+                Some(spec) => Scheduler::from_spec(spec)
+                    .map_err(|e| invalid(format!("pools[{i}].scheduler.{}", e.at), e.message))?,
+            };
+            out.push(ResolvedPool {
+                name: pool.name.clone(),
+                models: pool.models.clone(),
+                endpoints,
+                file_endpoints,
+                endpoints_file: pool.endpoints_file.clone(),
+                scheduler,
+                admission: pool.admission,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_config(yaml: &str, want: Result<usize, (&str, &str)>) {
+        let path = Path::new("/etc/kvgate/test.yaml");
+        let got = Config::from_yaml(yaml, path).and_then(|c| c.resolve(path));
+        match (got, want) {
+            (Ok(pools), Ok(n)) => assert_eq!(pools.len(), n),
+            (Err(ConfigError::Invalid { at, message, .. }), Err((want_at, needle))) => {
+                assert_eq!(at, want_at, "{yaml}: {message}");
+                assert!(message.contains(needle), "{yaml}: `{message}` lacks `{needle}`");
+            }
+            (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_place() {
+        let ok = "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]";
+        check_config(ok, Ok(1));
+        check_config("pools: []", Err(("pools", "at least one")));
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1', colour: red}]}]",
+            Err(("pools[0].endpoints[0].colour", "unknown field `colour`")),
+        );
+        check_config("bogus: 1\npools: []", Err(("bogus", "unknown field `bogus`")));
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}, {name: a, models: [n], endpoints: [{address: '127.0.0.1:2'}]}]",
+            Err(("pools[1].name", "two pools")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}, {name: b, models: [m], endpoints: [{address: '127.0.0.1:2'}]}]",
+            Err(("pools[1].models[0]", "also served by pool `a`")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}, {address: '127.0.0.1', port: 1}]}]",
+            Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1', data_parallel_size: 2}, {address: '127.0.0.1:1'}]}]",
+            Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: 127.0.0.1, ports: [1, 2]}, {address: '127.0.0.1:2', data_parallel_size: 2}]}]",
+            Err(("pools[0].endpoints[1]", "listed twice")),
+        );
+        check_config(
+            "proxy: {prefill_timeout_ms: 0}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
+            Err(("proxy", "prefill_timeout_ms")),
+        );
+        check_config("pools: [{name: a, models: [m]}]", Err(("pools[0].endpoints", "needs `endpoints`")));
+        check_config(
+            "pools: [{name: a, models: [m], endpoints_file: nowhere.yaml}]",
+            Err(("pools[0].endpoints_file", "/etc/kvgate/nowhere.yaml is not a file")),
+        );
+        check_config(
+            "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}], scheduler: {plugins: [{type: nope}]}}]",
+            Err(("pools[0].scheduler.plugins[0].type", "valid types")),
+        );
+        check_config("grpc_addr: nope\npools: []", Err(("grpc_addr", "")));
+    }
+}

@@ -1,0 +1,108 @@
+//! Why a request is not routed ([`RouteError`]), mapped to an HTTP status and an OpenAI-shaped
+//! body exactly once, for every front-end.
+
+use serde_json::json;
+
+use crate::routing::request::RequestError;
+use crate::routing::schedule::NoDecision;
+
+/// Why a request was not routed. [`RouteError::status`] is the one place these become HTTP
+/// statuses, for both front-ends.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The body is not a routable OpenAI request.
+    #[error(transparent)]
+    BadRequest(#[from] RequestError),
+    /// No pool serves the model.
+    #[error("model `{model}` is not served here; served models: {}", served.join(", "))]
+    UnknownModel {
+        /// The requested model.
+        model: String,
+        /// Every model that is served.
+        served: Vec<String>,
+    },
+    /// The pool has no endpoint that can take the request.
+    #[error("{0}")]
+    Unavailable(#[from] NoDecision),
+    /// The pool is over its admission limits (or near them, for a sheddable request).
+    #[error("pool `{pool}` is saturated: {reason}")]
+    Saturated {
+        /// The pool.
+        pool: String,
+        /// Which limit.
+        reason: String,
+        /// The request was sheddable (negative priority) and shed early.
+        shed: bool,
+    },
+}
+
+impl RouteError {
+    /// HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::BadRequest(e) => e.status(),
+            Self::UnknownModel { .. } => 404,
+            Self::Unavailable(_) => 503,
+            Self::Saturated { .. } => 429,
+        }
+    }
+
+    /// Short machine-readable reason (OpenAI `code`, and the `x-llm-d-request-dropped-reason`
+    /// header of ext_proc).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(e) => e.code(),
+            Self::UnknownModel { .. } => "model_not_found",
+            Self::Unavailable(NoDecision::SubsetUnmatched) => "subset_unmatched",
+            Self::Unavailable(NoDecision::NoHealthyEndpoints) => "no_healthy_endpoints",
+            Self::Unavailable(_) => "no_endpoints",
+            Self::Saturated { shed: true, .. } => "shed",
+            Self::Saturated { shed: false, .. } => "saturated",
+        }
+    }
+
+    /// OpenAI-shaped error body.
+    pub fn to_json(&self) -> String {
+        let param = match self {
+            Self::BadRequest(e) => e.param().map(str::to_owned),
+            Self::UnknownModel { .. } => Some("model".to_owned()),
+            Self::Unavailable(_) | Self::Saturated { .. } => None,
+        };
+        error_body(self.status(), &self.to_string(), self.code(), param.as_deref())
+    }
+}
+
+/// An OpenAI-shaped error body: `{"error":{"message","type","param","code"}}`.
+pub fn error_body(status: u16, message: &str, code: &str, param: Option<&str>) -> String {
+    let kind = match status {
+        400 | 413 => "invalid_request_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 => "service_unavailable",
+        _ => "server_error",
+    };
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::request::{self, ApiKind};
+
+    #[test]
+    fn errors_map_to_statuses_and_openai_bodies() {
+        let check = |e: RouteError, status: u16, code: &str| {
+            assert_eq!((e.status(), e.code()), (status, code), "{e}");
+            let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error body is JSON");
+            assert_eq!(v["error"]["code"], code);
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        };
+        let parse =
+            |b: &str| request::parse(ApiKind::Completions, b.as_bytes(), 1 << 20).map(|_| ()).map_err(RouteError::from);
+        check(parse("{").expect_err("bad json"), 400, "invalid_json");
+        check(parse(r#"{"prompt":"x"}"#).expect_err("no model"), 400, "missing_model");
+        check(RouteError::UnknownModel { model: "x".into(), served: vec!["m".into()] }, 404, "model_not_found");
+        check(RouteError::Unavailable(NoDecision::NoEndpoints), 503, "no_endpoints");
+        check(RouteError::Unavailable(NoDecision::NoHealthyEndpoints), 503, "no_healthy_endpoints");
+    }
+}

@@ -1,0 +1,225 @@
+//! The one decision path every front-end calls: request → pool by model → admission → per-pool
+//! planning → a [`Routed`] request counted in flight on its target. [`Gateway`] also answers
+//! the questions the front-ends ask of the whole gateway (served models, readiness, the
+//! metrics page, a dry-run explanation) and counts the requests it refuses.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::gateway::config::Admission;
+use crate::gateway::error::RouteError;
+use crate::gateway::outcome::Routed;
+use crate::gateway::pool::{Pool, now_ms};
+use crate::gateway::telemetry::{PoolView, Telemetry};
+use crate::routing::endpoint::Endpoint;
+use crate::routing::plan::{PlanOptions, candidates_for};
+use crate::routing::request::{self, ApiKind, RequestError};
+use crate::routing::schedule::{Decision, Explanation, Subset};
+
+/// What a request's method and path ask of the gateway — the same answer in both front-ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Route it: an API path by its prompt, another `/v1/*` path by its body's `model`.
+    Route,
+    /// `GET /v1/models`: the gateway answers with every servable model itself.
+    Models,
+    /// Nothing here: a 404.
+    NotFound,
+}
+
+impl Ask {
+    /// The ask of `method` on `path` (query string ignored).
+    pub fn of(method: &str, path: &str) -> Self {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        match (method, ApiKind::from_path(path)) {
+            ("POST", Some(_)) => Self::Route,
+            ("GET", None) if path == "/v1/models" => Self::Models,
+            (_, None) if path.starts_with("/v1/") => Self::Route,
+            _ => Self::NotFound,
+        }
+    }
+}
+
+/// Every pool, and the choice among them by `model` (body-based routing).
+#[derive(Debug)]
+pub struct Gateway {
+    pools: Vec<Pool>,
+    max_body_bytes: usize,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Gateway {
+    /// A gateway over `pools`.
+    pub fn new(pools: Vec<Pool>, max_body_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
+        Self { pools, max_body_bytes, telemetry }
+    }
+
+    /// The pools.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Largest body accepted.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    /// Ready once every pool has completed its first discovery.
+    pub fn ready(&self) -> bool {
+        self.pools.iter().all(Pool::ready)
+    }
+
+    /// The Prometheus exposition, with pool and endpoint gauges refreshed.
+    pub fn metrics_text(&self) -> String {
+        let views: Vec<PoolView<'_>> = self
+            .pools
+            .iter()
+            .map(|p| PoolView {
+                name: p.name(),
+                prefix_blocks: p.planner().index().stats().resident_blocks,
+                endpoints: p.status(),
+            })
+            .collect();
+        self.telemetry.render(&views)
+    }
+
+    /// Every servable model: configured models, then adapters the endpoints report.
+    pub fn served_models(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.pools.iter().flat_map(|p| p.models().iter().cloned()).collect();
+        for p in &self.pools {
+            for a in &p.snapshot().adapters {
+                if !out.contains(a) {
+                    out.push(a.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The `/v1/models` list: every pool's models, then the adapters its endpoints serve (with
+    /// the pool's first model as their parent).
+    pub fn models_list(&self) -> serde_json::Value {
+        let mut data = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for pool in &self.pools {
+            for m in pool.models() {
+                if seen.insert(m.clone()) {
+                    data.push(json!({"id": m, "object": "model", "owned_by": "kvgate", "root": m, "parent": null}));
+                }
+            }
+            let parent = pool.models().first();
+            for a in &pool.snapshot().adapters {
+                if seen.insert(a.clone()) {
+                    data.push(json!({"id": a, "object": "model", "owned_by": "kvgate", "root": a, "parent": parent}));
+                }
+            }
+        }
+        json!({"object": "list", "data": data})
+    }
+
+    /// The pool serving `model`: the one configured with it, else one whose endpoints serve it
+    /// as an adapter (routing an adapter to the pool of its base model).
+    pub fn pool_for(&self, model: &str) -> Result<&Pool, RouteError> {
+        self.pools
+            .iter()
+            .find(|p| p.models().iter().any(|m| m == model))
+            .or_else(|| self.pools.iter().find(|p| p.snapshot().adapters.iter().any(|a| a == model)))
+            .ok_or_else(|| RouteError::UnknownModel { model: model.to_owned(), served: self.served_models() })
+    }
+
+    /// Counts a request refused before any endpoint was chosen (an unreadable body, say); the
+    /// decision path counts its own refusals.
+    pub fn refused(&self, e: &RouteError) {
+        self.telemetry.count_request("unknown", "unknown", None, e.status(), e.code());
+    }
+
+    /// Decides a request on `path` with `body` (empty when it has none), for `places` distinct
+    /// endpoints (fallback list entries, retry attempts). An API path kvgate parses is placed
+    /// by its prompt; any other path by its body's `model` alone. Refusals are counted here.
+    pub fn route(&self, path: &str, body: &[u8], subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let routed = match ApiKind::from_path(path) {
+            Some(api) => self.decide(api, body, subset, places),
+            None => match request::model_of(body) {
+                Some(model) => self.decide_by_model(&model, subset, places),
+                None => Err(RouteError::BadRequest(RequestError::MissingModel)),
+            },
+        };
+        routed.inspect_err(|e| self.refused(e))
+    }
+
+    /// Parses, picks the pool, decides for `places` distinct endpoints, and counts the request
+    /// in flight on its target.
+    pub fn decide(
+        &self,
+        api: ApiKind,
+        body: &[u8],
+        subset: Option<&Subset>,
+        places: usize,
+    ) -> Result<Routed, RouteError> {
+        let started = std::time::Instant::now();
+        let req = request::parse(api, body, self.max_body_bytes)?;
+        let pool = self.pool_for(&req.model)?;
+        let snapshot = pool.snapshot();
+        let now = now_ms();
+        let planner = pool.planner();
+        admit(pool.admission(), pool.name(), &snapshot.endpoints, req.priority, now, planner.stale_after_ms())?;
+        let want = candidates_for(places.max(1));
+        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: api.disaggregates() };
+        let planned = planner.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
+        self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
+        if planner.disaggregates() && opts.disaggregate {
+            self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
+        }
+        Ok(Routed::new(pool.clone(), snapshot, planned, req.model.into_owned()))
+    }
+
+    /// Places a request kvgate does not parse on an endpoint of `model`'s pool, by load alone —
+    /// there is no prompt to match.
+    fn decide_by_model(&self, model: &str, subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
+        let empty_prompt = json!({"model": model, "prompt": ""}).to_string();
+        self.decide(ApiKind::Completions, empty_prompt.as_bytes(), subset, places)
+    }
+
+    /// The decision kvgate would make for a body, with every endpoint's scores; sends nothing
+    /// and records nothing.
+    pub fn explain(&self, api: ApiKind, body: &[u8]) -> Result<(String, Decision, Explanation), RouteError> {
+        let req = request::parse(api, body, self.max_body_bytes)?;
+        let pool = self.pool_for(&req.model)?;
+        let snapshot = pool.snapshot();
+        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate: api.disaggregates() };
+        let mut x = Explanation::default();
+        let planned = pool.planner().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
+        Ok((pool.name().to_owned(), planned.decision, x))
+    }
+}
+
+/// Whether a request of `priority` may enter a pool in the state `snapshot` shows.
+fn admit(
+    limits: &Admission,
+    pool: &str,
+    snapshot: &[Endpoint],
+    priority: i64,
+    now: u64,
+    stale_ms: u64,
+) -> Result<(), RouteError> {
+    let shed = priority < 0;
+    let factor = if shed { 1.0 - limits.sheddable_headroom.unwrap_or(0.2).clamp(0.0, 1.0) } else { 1.0 };
+    let over = |value: u64, limit: u64| value as f64 >= limit as f64 * factor;
+    if let Some(max) = limits.max_in_flight {
+        let n: u64 = snapshot.iter().map(|e| e.in_flight.requests()).sum();
+        if over(n, max) {
+            let reason = format!("{n} requests in flight, limit {max}");
+            return Err(RouteError::Saturated { pool: pool.to_owned(), reason, shed });
+        }
+    }
+    if let Some(max) = limits.max_queued {
+        let n: u64 = snapshot.iter().filter_map(|e| e.fresh_metrics(now, stale_ms)).map(|m| u64::from(m.waiting)).sum();
+        if over(n, max) {
+            let reason = format!("{n} requests queued at endpoints, limit {max}");
+            return Err(RouteError::Saturated { pool: pool.to_owned(), reason, shed });
+        }
+    }
+    Ok(())
+}

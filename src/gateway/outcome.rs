@@ -1,0 +1,160 @@
+//! The outcome half of a request: a [`Routed`] request carries its decision and in-flight counts
+//! and is the one place its results are accounted — endpoint health, the prefill leg (index
+//! learning, fallbacks), which candidate it is on, the request count and usage tokens. The
+//! front-ends translate wire events into these calls; none of them accounts by hand.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::gateway::pool::{Pool, Snapshot};
+use crate::gateway::telemetry::Usage;
+use crate::routing::endpoint::InFlightGuard;
+use crate::routing::pd;
+use crate::routing::plan::Planned;
+use crate::routing::schedule::{Decision, DecisionKind, Target};
+
+/// A routed request: its decision, and its share of the target's in-flight counts, held until
+/// this is dropped.
+#[derive(Debug)]
+pub struct Routed {
+    pool: Pool,
+    /// The snapshot the decision was made on (its indices are valid here).
+    snapshot: Arc<Snapshot>,
+    planned: Planned,
+    model: String,
+    /// The in-flight count on the current target.
+    guard: InFlightGuard,
+    /// The in-flight count on the prefill endpoint, while its leg runs (P/D decisions).
+    prefill_guard: Option<InFlightGuard>,
+    /// Which of the decision's targets the request is on now.
+    current: usize,
+    counted: bool,
+}
+
+impl Routed {
+    /// A routed request on the decision's primary, counted in flight there (and on the prefill
+    /// endpoint while its leg runs).
+    pub(crate) fn new(pool: Pool, snapshot: Arc<Snapshot>, planned: Planned, model: String) -> Self {
+        let target = planned.decision.primary().index;
+        let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.target_tokens());
+        let prefill_guard = planned.prefill_uncached_tokens.and_then(|tokens| {
+            let p = planned.decision.prefill?;
+            Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
+        });
+        Self { pool, snapshot, planned, model, guard, prefill_guard, current: 0, counted: false }
+    }
+
+    /// The decision.
+    pub fn decision(&self) -> &Decision {
+        &self.planned.decision
+    }
+
+    /// The target the request is on now (the decision's primary until retargeted).
+    pub fn target(&self) -> &Target {
+        &self.planned.decision.targets[self.current]
+    }
+
+    /// The snapshot the decision was made on (the decision's endpoint indices point into it).
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The pool's name.
+    pub fn pool_name(&self) -> &str {
+        self.pool.name()
+    }
+
+    /// The body to send for this request: in a P/D pool, without a client's own
+    /// `kv_transfer_params` (they name where an endpoint pulls KV from, which is kvgate's to
+    /// decide); `None` when `body` can go as it is.
+    pub fn sanitized(&self, body: &[u8]) -> Option<Vec<u8>> {
+        if self.pool.planner().disaggregates() { pd::without_transfer_params(body) } else { None }
+    }
+
+    /// The prefill leg was handed to a sidecar (behind Envoy): the prefill endpoint is taken to
+    /// hold the prompt's blocks from now on. Its in-flight count ends when the response starts.
+    pub fn prefill_delegated(&self) {
+        self.learn_prefill();
+    }
+
+    /// The prefill leg succeeded: the prefill endpoint holds the prompt and its part is over.
+    pub fn prefill_succeeded(&mut self) {
+        if let Some(p) = self.planned.decision.prefill {
+            self.pool.report(p.id, true);
+        }
+        self.learn_prefill();
+        self.prefill_guard = None;
+    }
+
+    /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Reports the
+    /// prefill endpoint when the failure is its own, counts the fallback, makes the decision
+    /// decode-only and moves the prefill work onto the decode endpoint's in-flight count.
+    pub fn prefill_failed(&mut self, reason: &str, endpoint_failed: bool) {
+        if let Some(p) = self.planned.decision.prefill
+            && endpoint_failed
+        {
+            self.pool.report(p.id, false);
+        }
+        self.pool.telemetry().disagg_fallbacks.with_label_values(&[self.pool.name(), reason]).inc();
+        self.prefill_guard = None;
+        self.planned.decision.prefill = None;
+        self.planned.decision.kind = DecisionKind::DecodeOnly;
+        self.retarget(self.current);
+    }
+
+    fn learn_prefill(&self) {
+        if let Some(p) = &self.planned.decision.prefill {
+            self.pool.planner().index().record(p.id, &self.planned.prompt.hashes);
+        }
+    }
+
+    /// Moves the request (and its in-flight count) to target `k` of the decision.
+    pub fn retarget(&mut self, k: usize) {
+        if let Some(t) = self.planned.decision.targets.get(k) {
+            let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
+            self.guard = InFlightGuard::new(in_flight, self.planned.target_tokens());
+            self.current = k;
+        }
+    }
+
+    /// The gateway reports that `addr` served the request (after its own retries): the
+    /// in-flight count moves there, if it is one of the decision's targets.
+    pub fn served_by(&mut self, addr: SocketAddr) {
+        if let Some(k) = self.planned.decision.targets.iter().position(|t| t.address == addr)
+            && k != self.current
+        {
+            self.retarget(k);
+        }
+    }
+
+    /// The current target could not be reached or did not answer in time.
+    pub fn unreachable(&self) {
+        self.pool.report(self.target().id, false);
+    }
+
+    /// The current target's response started with `status`: 5xx count against its health (429
+    /// does not: it is load). The prefill leg, if any, is over by now.
+    pub fn responded(&mut self, status: u16) {
+        self.pool.report(self.target().id, status < 500);
+        self.prefill_guard = None;
+    }
+
+    /// The first byte of the response body: the prompt is computed, its tokens leave the
+    /// target's prefill count.
+    pub fn first_byte(&mut self) {
+        self.guard.prefill_done();
+    }
+
+    /// Counts the request with the status its client got (once; later calls do nothing).
+    pub fn count(&mut self, status: u16, code: &str) {
+        if !std::mem::replace(&mut self.counted, true) {
+            let kind = Some(self.planned.decision.kind);
+            self.pool.telemetry().count_request(self.pool.name(), &self.model, kind, status, code);
+        }
+    }
+
+    /// Counts the usage the response reported.
+    pub fn usage(&self, usage: Usage) {
+        self.pool.telemetry().count_tokens(self.pool.name(), usage);
+    }
+}

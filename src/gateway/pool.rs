@@ -1,0 +1,489 @@
+//! Pools: the endpoints of each pool, kept fresh — discovered from config, files and DNS,
+//! scraped for load, judged for health — and published as an immutable snapshot.
+//!
+//! One task per endpoint scrapes its `/metrics` (and now and then `/v1/models`); discovery
+//! replaces the endpoint set; front-ends report request outcomes. All of them update the pool's
+//! member list under a short lock and wake the publisher, which rebuilds the snapshot at most
+//! every few milliseconds. Readers take the current `Arc<Snapshot>` once per request. kvgate's
+//! own in-flight counts are atomics shared by every snapshot, so they are always current.
+
+pub mod discovery;
+mod health;
+pub mod scrape;
+pub mod scrape_parse;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use crate::gateway::config::endpoints::ResolvedEndpoint;
+use crate::gateway::config::{Admission, HealthConfig, ScrapeConfig};
+use crate::gateway::telemetry::Telemetry;
+use crate::routing::endpoint::{Endpoint, EndpointId, EndpointStatus, Health, InFlight, LoraState, Metrics, Role};
+use crate::routing::plan::Planner;
+use health::HealthState;
+use scrape_parse::{Scrape, ScrapeError};
+
+/// Milliseconds on kvgate's monotonic clock (the time the scheduler is given).
+pub fn now_ms() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// How a pool scrapes and judges its endpoints.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Time between scrapes of one endpoint (jittered by ±20%).
+    pub scrape_interval: Duration,
+    /// Bound on one scrape.
+    pub scrape_timeout: Duration,
+    /// Scraped metrics older than this are unknown to the scheduler.
+    pub stale_after: Duration,
+    /// Largest `/metrics` body accepted.
+    pub max_scrape_bytes: usize,
+    /// Consecutive failures (scrapes or requests) that take an endpoint out of rotation.
+    pub failure_threshold: u32,
+    /// First time out of rotation; doubles with each failed probe.
+    pub initial_backoff: Duration,
+    /// Longest time out of rotation before the next probe.
+    pub max_backoff: Duration,
+    /// How often `/v1/models` is read (LoRA adapters).
+    pub models_refresh: Duration,
+}
+
+impl PoolSettings {
+    /// The settings the config's `scrape` and `health` sections describe.
+    pub fn new(scrape: &ScrapeConfig, health: &HealthConfig) -> Self {
+        Self {
+            scrape_interval: Duration::from_millis(scrape.interval_ms),
+            scrape_timeout: Duration::from_millis(scrape.timeout_ms),
+            stale_after: Duration::from_millis(scrape.stale_after_ms),
+            max_scrape_bytes: scrape.max_bytes,
+            failure_threshold: health.failure_threshold,
+            initial_backoff: Duration::from_millis(health.backoff_ms),
+            max_backoff: Duration::from_millis(health.max_backoff_ms),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            scrape_interval: Duration::from_millis(50),
+            scrape_timeout: Duration::from_secs(1),
+            stale_after: Duration::from_secs(2),
+            max_scrape_bytes: 8 << 20,
+            failure_threshold: 3,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            models_refresh: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Cancels a task when dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An endpoint as discovery describes it, at its resolved address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// Address requests and scrapes go to.
+    pub addr: SocketAddr,
+    /// The entry it comes from (its host resolved to `addr`'s IP).
+    pub entry: ResolvedEndpoint,
+}
+
+impl Discovered {
+    fn key(&self) -> (SocketAddr, Option<u32>) {
+        (self.addr, self.entry.rank)
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    target: Discovered,
+    id: EndpointId,
+    serial: u64,
+    in_flight: Arc<InFlight>,
+    metrics: Option<Metrics>,
+    /// Adapters learned from `/v1/models`.
+    adapters: Vec<String>,
+    kv_capacity: Option<usize>,
+    health: HealthState,
+    scrape_errors: u64,
+    last_error: Option<String>,
+    _scraper: Option<AbortOnDrop>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    members: Vec<Member>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+}
+
+/// A pool's published view.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The endpoints, in discovery order.
+    pub endpoints: Vec<Endpoint>,
+    /// LoRA adapters some endpoint serves.
+    pub adapters: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    models: Vec<String>,
+    planner: Planner,
+    admission: Admission,
+    settings: PoolSettings,
+    telemetry: Arc<Telemetry>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    state: Mutex<State>,
+    dirty: Arc<Notify>,
+    discovered: AtomicBool,
+    serials: AtomicU64,
+    tasks: Mutex<Vec<AbortOnDrop>>,
+}
+
+/// One pool. Cheap to clone; the last clone dropped stops its tasks.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    /// A pool with no endpoints yet; its publisher runs until the pool is dropped.
+    pub fn new(
+        name: String,
+        models: Vec<String>,
+        planner: Planner,
+        admission: Admission,
+        settings: PoolSettings,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            name,
+            models,
+            planner,
+            admission,
+            settings,
+            telemetry,
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            state: Mutex::new(State::default()),
+            dirty: Arc::new(Notify::new()),
+            discovered: AtomicBool::new(false),
+            serials: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let dirty = inner.dirty.clone();
+        let publisher = tokio::spawn(async move {
+            loop {
+                dirty.notified().await;
+                // Coalesce bursts of updates into one publish.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.publish();
+            }
+        });
+        inner.tasks.lock().push(AbortOnDrop(publisher));
+        Self { inner }
+    }
+
+    /// Pool name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Models configured for the pool.
+    pub fn models(&self) -> &[String] {
+        &self.inner.models
+    }
+
+    /// The pool's decision state.
+    pub fn planner(&self) -> &Planner {
+        &self.inner.planner
+    }
+
+    /// The pool's admission limits.
+    pub fn admission(&self) -> &Admission {
+        &self.inner.admission
+    }
+
+    /// Where the pool's counters go.
+    pub(crate) fn telemetry(&self) -> &Telemetry {
+        &self.inner.telemetry
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.read().clone()
+    }
+
+    /// Whether the first discovery has completed.
+    pub fn ready(&self) -> bool {
+        self.inner.discovered.load(Ordering::Acquire)
+    }
+
+    /// Replaces the endpoint set. Endpoints that stay keep their id, in-flight counts, metrics
+    /// and prefix-index entries; new ones start being scraped; removed ones stop being scraped
+    /// and leave the index (requests already sent to them finish normally).
+    pub fn set_targets(&self, targets: Vec<Discovered>) {
+        let inner = &self.inner;
+        {
+            let mut st = inner.state.lock();
+            let mut old: Vec<Member> = std::mem::take(&mut st.members);
+            let mut members = Vec::with_capacity(targets.len());
+            for t in targets {
+                if members.iter().any(|m: &Member| m.target.key() == t.key()) {
+                    continue;
+                }
+                if let Some(pos) = old.iter().position(|m| m.target.key() == t.key()) {
+                    let mut m = old.swap_remove(pos);
+                    m.target = t;
+                    members.push(m);
+                    continue;
+                }
+                let id = match st.free_ids.pop() {
+                    Some(id) => id,
+                    None => {
+                        st.next_id += 1;
+                        st.next_id - 1
+                    }
+                };
+                let serial = inner.serials.fetch_add(1, Ordering::Relaxed);
+                members.push(Member {
+                    target: t,
+                    id: EndpointId::new(id),
+                    serial,
+                    in_flight: Arc::new(InFlight::default()),
+                    metrics: None,
+                    adapters: Vec::new(),
+                    kv_capacity: None,
+                    health: HealthState::new(&inner.settings),
+                    scrape_errors: 0,
+                    last_error: None,
+                    _scraper: None,
+                });
+            }
+            // One scraper per address: ranks behind one port share their server's /metrics.
+            for k in 0..members.len() {
+                let t = &members[k].target;
+                let scraped_by_earlier =
+                    t.entry.rank_header && members[..k].iter().any(|m| m.target.entry.rank_header && m.target.addr == t.addr);
+                if scraped_by_earlier {
+                    members[k]._scraper = None;
+                } else if members[k]._scraper.is_none() {
+                    let (serial, addr) = (members[k].serial, members[k].target.addr);
+                    let task = tokio::spawn(scrape::run(Arc::downgrade(inner), serial, addr));
+                    members[k]._scraper = Some(AbortOnDrop(task));
+                }
+            }
+            for gone in old {
+                inner.planner.index().remove(gone.id);
+                st.free_ids.push(gone.id.index() as u32);
+            }
+            st.members = members;
+        }
+        inner.publish();
+        inner.discovered.store(true, Ordering::Release);
+    }
+
+    /// Records the outcome of a request sent to `id` (connection failures and 5xx count as
+    /// failures).
+    pub fn report(&self, id: EndpointId, ok: bool) {
+        let inner = &self.inner;
+        let now = now_ms();
+        let mut st = inner.state.lock();
+        if let Some(m) = st.members.iter_mut().find(|m| m.id == id) {
+            let before = m.health.state(now);
+            if ok {
+                m.health.success(now, &inner.settings);
+            } else {
+                m.health.failure(now, &inner.settings);
+            }
+            if m.health.state(now) != before {
+                drop(st);
+                inner.dirty.notify_one();
+            }
+        }
+    }
+
+    /// Status of every endpoint, for `/debug/endpoints` and metrics.
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let stale_ms = inner.settings.stale_after.as_millis() as u64;
+        let st = inner.state.lock();
+        st.members
+            .iter()
+            .map(|m| {
+                let fresh = m.metrics.as_ref().filter(|x| now.saturating_sub(x.scraped_at_ms) <= stale_ms);
+                let health = m.health.state(now);
+                EndpointStatus {
+                    address: m.target.addr.to_string(),
+                    name: m.target.entry.name.clone(),
+                    role: Role::of_labels(&m.target.entry.labels),
+                    rank: m.target.entry.rank,
+                    labels: m.target.entry.labels.clone(),
+                    healthy: health == Health::Healthy,
+                    health,
+                    stale: fresh.is_none(),
+                    running: fresh.map(|x| x.running),
+                    waiting: fresh.map(|x| x.waiting),
+                    kv_cache_usage: fresh.map(|x| x.kv_usage),
+                    in_flight_requests: m.in_flight.requests(),
+                    in_flight_tokens: m.in_flight.tokens(),
+                    prefix_blocks: inner.planner.index().endpoint_blocks(m.id),
+                    prefix_capacity: m.kv_capacity.unwrap_or(inner.planner.prefix_config().index_capacity),
+                    adapters: m.adapters.clone(),
+                    scrape_errors: m.scrape_errors,
+                    last_error: m.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    /// Rebuilds and swaps the snapshot.
+    fn publish(&self) {
+        let now = now_ms();
+        let st = self.state.lock();
+        let mut adapters: Vec<String> = Vec::new();
+        let endpoints = st
+            .members
+            .iter()
+            .map(|m| {
+                let mut models = m.adapters.clone();
+                if let Some(l) = m.metrics.as_ref().and_then(|x| x.lora.as_ref()) {
+                    models.extend(l.running.iter().chain(&l.waiting).cloned());
+                }
+                models.sort_unstable();
+                models.dedup();
+                adapters.extend(models.iter().cloned());
+                Endpoint {
+                    id: m.id,
+                    address: m.target.addr,
+                    name: m.target.entry.name.clone(),
+                    role: Role::of_labels(&m.target.entry.labels),
+                    rank: m.target.entry.rank,
+                    rank_header: m.target.entry.rank_header,
+                    labels: m.target.entry.labels.clone(),
+                    models,
+                    metrics: m.metrics.clone(),
+                    health: m.health.state(now),
+                    in_flight: m.in_flight.clone(),
+                }
+            })
+            .collect();
+        adapters.sort_unstable();
+        adapters.dedup();
+        let snap = Arc::new(Snapshot { endpoints, adapters });
+        drop(st);
+        *self.snapshot.write() = snap;
+    }
+
+    /// Applies a scrape result to the endpoint that scraped it and to the other ranks behind
+    /// the same port; returns how long the scraper waits before the next one.
+    fn on_scrape(&self, serial: u64, result: Result<Scrape, ScrapeError>, adapters: Option<Vec<String>>) -> Duration {
+        let now = now_ms();
+        let s = &self.settings;
+        let mut st = self.state.lock();
+        let Some(scraper) = st.members.iter().find(|m| m.serial == serial) else { return s.scrape_interval };
+        let (addr, shared) = (scraper.target.addr, scraper.target.entry.rank_header);
+        // The next scrape comes as soon as any endpoint it serves needs one.
+        let mut wait: Option<Duration> = None;
+        for m in st
+            .members
+            .iter_mut()
+            .filter(|m| m.serial == serial || (shared && m.target.entry.rank_header && m.target.addr == addr))
+        {
+            let engine = match &result {
+                Err(e) => Err(e.clone()),
+                // A rank pinned by header must be reported by its own `engine` series.
+                Ok(scrape) if m.target.entry.rank_header => {
+                    let rank = m.target.entry.rank.unwrap_or(0).to_string();
+                    scrape.engines.get(&rank).cloned().ok_or(ScrapeError::NoEngine(rank))
+                }
+                Ok(scrape) => Ok(scrape.engine(m.target.entry.rank).cloned().unwrap_or_default()),
+            };
+            match engine {
+                Ok(engine) => {
+                    let lora = result.as_ref().ok().and_then(|x| x.lora.clone());
+                    m.metrics = Some(Metrics {
+                        running: engine.running.unwrap_or(0.0) as u32,
+                        waiting: engine.waiting.unwrap_or(0.0) as u32,
+                        kv_usage: engine.kv_usage.unwrap_or(0.0),
+                        lora: lora.map(|l| LoraState {
+                            running: l.running,
+                            waiting: l.waiting,
+                            max_loras: l.max_loras,
+                        }),
+                        scraped_at_ms: now,
+                    });
+                    if let (Some(bs), Some(blocks)) = (engine.block_size, engine.num_gpu_blocks) {
+                        let cap = self.planner.prefix_config().capacity_for_kv(blocks, bs);
+                        if m.kv_capacity != Some(cap) {
+                            m.kv_capacity = Some(cap);
+                            self.planner.index().set_capacity(m.id, cap);
+                        }
+                    }
+                    if let Some(a) = &adapters {
+                        m.adapters = a.clone();
+                    }
+                    m.last_error = None;
+                    m.health.success(now, s);
+                }
+                Err(e) => {
+                    m.scrape_errors += 1;
+                    self.telemetry
+                        .scrape_errors
+                        .with_label_values(&[self.name.as_str(), &m.target.addr.to_string()])
+                        .inc();
+                    m.last_error = Some(e.to_string());
+                    m.health.failure(now, s);
+                }
+            }
+            let mine = match (m.health.state(now), m.health.down_until) {
+                (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
+                _ => next_round(s.scrape_interval, now),
+            };
+            wait = Some(wait.map_or(mine, |w| w.min(mine)));
+        }
+        drop(st);
+        self.dirty.notify_one();
+        wait.unwrap_or(s.scrape_interval)
+    }
+}
+
+/// Time until the next scrape round. Every endpoint's scraper wakes on the same rounds, so a
+/// hundred scrapes cost one wake-up of the runtime rather than a hundred; each round is shifted
+/// by up to 20% of the interval, by an amount that differs per round and per kvgate process, so
+/// replicas of kvgate do not scrape in lockstep.
+fn next_round(interval: Duration, now: u64) -> Duration {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| fastrand::u64(..));
+    let step = (interval.as_millis() as u64).max(1);
+    let round = now / step + 1;
+    let jitter = xxhash_rust::xxh3::xxh3_64_with_seed(&round.to_le_bytes(), seed) % (step / 5).max(1);
+    Duration::from_millis(round * step + jitter - now)
+}
+
+/// A pool that is only reachable weakly (scrapers hold this so they end with the pool).
+type WeakPool = Weak<Inner>;
+

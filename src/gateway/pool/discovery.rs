@@ -1,0 +1,105 @@
+//! Discovery: turns a pool's config (static endpoints, an endpoints file, host names) into the
+//! pool's endpoint set, and keeps it current.
+//!
+//! The endpoints file is checked every 250 ms (modification time and size, then content); a
+//! change that parses replaces the set, one that does not is logged and ignored, keeping the
+//! last good set. Host names are resolved again every 5 s; a name with several addresses (a
+//! headless Kubernetes service) gives one endpoint per address.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Discovered, Pool};
+use crate::gateway::config::endpoints::{Claims, Host, ResolvedEndpoint, first_use, load_endpoints_file};
+
+const FILE_POLL: Duration = Duration::from_millis(250);
+const DNS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Resolves entries to endpoints (host names through DNS; failures are logged and skipped).
+pub async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Discovered> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let addrs: Vec<SocketAddr> = match &e.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, e.port)],
+            Host::Name(name) => match tokio::net::lookup_host((name.as_str(), e.port)).await {
+                Ok(it) => {
+                    let mut v: Vec<SocketAddr> = it.collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                }
+                Err(err) => {
+                    tracing::warn!(endpoint = %e, error = %err, "cannot resolve endpoint host; skipping it");
+                    Vec::new()
+                }
+            },
+        };
+        let many = addrs.len() > 1;
+        for addr in addrs {
+            let name = if many { format!("{}@{addr}", e.name) } else { e.name.clone() };
+            let entry = ResolvedEndpoint { name, host: Host::Ip(addr.ip()), port: addr.port(), ..e.clone() };
+            out.push(Discovered { addr, entry });
+        }
+    }
+    out
+}
+
+/// Keeps `pool`'s endpoints in line with `fixed` entries and the optional endpoints file.
+pub async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<PathBuf>) {
+    let mut file_entries: Vec<ResolvedEndpoint> = Vec::new();
+    let mut file_stamp: Option<(SystemTime, u64)> = None;
+    let mut last_dns = Instant::now();
+    let mut current: Option<Vec<Discovered>> = None;
+    let needs_dns = |entries: &[ResolvedEndpoint]| entries.iter().any(|e| matches!(e.host, Host::Name(_)));
+    loop {
+        let mut changed = current.is_none();
+        if let Some(path) = &file {
+            let stamp = std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+            if stamp != file_stamp {
+                file_stamp = stamp;
+                match load_endpoints_file(path) {
+                    Ok(entries) => {
+                        if entries != file_entries {
+                            tracing::info!(pool = pool.name(), file = %path.display(), endpoints = entries.len(), "endpoints file loaded");
+                            file_entries = entries;
+                            changed = true;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(pool = pool.name(), error = %e, "endpoints file rejected; keeping the last good endpoint set")
+                    }
+                }
+            }
+        }
+        // A file entry may not take the host:port of a fixed one.
+        let mut seen = Claims::new();
+        let all: Vec<ResolvedEndpoint> = fixed
+            .iter()
+            .chain(&file_entries)
+            .filter(|r| {
+                let ok = first_use(&mut seen, r);
+                if !ok && changed {
+                    tracing::warn!(pool = pool.name(), endpoint = %r, "endpoint listed both in the config and in the endpoints file; the file's entry is ignored");
+                }
+                ok
+            })
+            .cloned()
+            .collect();
+        if needs_dns(&all) && last_dns.elapsed() >= DNS_REFRESH {
+            last_dns = Instant::now();
+            changed = true;
+        }
+        if changed {
+            let targets = resolve(&all).await;
+            if current.as_ref() != Some(&targets) {
+                pool.set_targets(targets.clone());
+                current = Some(targets);
+            }
+        }
+        if file.is_none() && !needs_dns(&all) {
+            return;
+        }
+        tokio::time::sleep(FILE_POLL).await;
+    }
+}

@@ -1,0 +1,253 @@
+//! kvgate's own Prometheus metrics, with the Gateway API Inference Extension's standard names
+//! where one exists (`inference_objective_*`, `inference_pool_*`, `inference_extension_*`) and
+//! `kvgate_*` for the rest. Per-endpoint and per-pool gauges are refreshed when scraped.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::routing::endpoint::{EndpointStatus, Health};
+use crate::routing::schedule::DecisionKind;
+
+/// What the metrics page shows of one pool.
+#[derive(Debug)]
+pub struct PoolView<'a> {
+    /// Pool name.
+    pub name: &'a str,
+    /// Blocks resident in its prefix index.
+    pub prefix_blocks: usize,
+    /// Its endpoints' state.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// Token usage a response reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Completion tokens.
+    pub completion: u64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached: u64,
+}
+
+/// The registry and every family.
+#[derive(Debug)]
+pub struct Telemetry {
+    registry: Registry,
+    /// `inference_objective_request_total{model_name,target_model_name}`.
+    pub requests: IntCounterVec,
+    /// `inference_objective_request_error_total{model_name,target_model_name,error_code}`.
+    pub request_errors: IntCounterVec,
+    /// `kvgate_requests_total{pool,model,decision,status}`.
+    pub outcomes: IntCounterVec,
+    /// `inference_extension_scheduler_e2e_duration_seconds` (parse to decision).
+    pub decision_seconds: HistogramVec,
+    /// `kvgate_scrape_errors_total{pool,endpoint}`.
+    pub scrape_errors: IntCounterVec,
+    /// `kvgate_tokens_total{pool,kind}` (prompt, completion, cached), from responses' usage.
+    pub tokens: IntCounterVec,
+    /// `kvgate_disagg_decisions_total{pool,decision_type}` (decode-only, prefill-decode), for
+    /// pools with a prefill/decode scheduler.
+    pub disagg_decisions: IntCounterVec,
+    /// `kvgate_disagg_fallbacks_total{pool,reason}`: prefill hand-offs that failed, after which
+    /// the decode endpoint prefilled locally.
+    pub disagg_fallbacks: IntCounterVec,
+    ready_pods: IntGaugeVec,
+    avg_kv: GaugeVec,
+    avg_queue: GaugeVec,
+    per_pod_queue: GaugeVec,
+    endpoint_in_flight: IntGaugeVec,
+    endpoint_in_flight_tokens: IntGaugeVec,
+    endpoint_healthy: IntGaugeVec,
+    endpoint_running: GaugeVec,
+    endpoint_kv: GaugeVec,
+    prefix_size: IntGaugeVec,
+}
+
+impl Telemetry {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("metric names are unique");
+        macro_rules! family {
+            ($t:ty, $name:expr, $help:expr, $labels:expr) => {{
+                let f = <$t>::new(Opts::new($name, $help), $labels).expect("valid metric");
+                reg(Box::new(f.clone()));
+                f
+            }};
+        }
+        let decision_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "inference_extension_scheduler_e2e_duration_seconds",
+                "Time from a complete request body to a decision (parse, hash, match, schedule).",
+            )
+            .buckets(vec![1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1]),
+            &["pool"],
+        )
+        .expect("valid histogram");
+        reg(Box::new(decision_seconds.clone()));
+        Self {
+            requests: family!(
+                IntCounterVec,
+                "inference_objective_request_total",
+                "Requests routed, by model.",
+                &["model_name", "target_model_name"]
+            ),
+            request_errors: family!(
+                IntCounterVec,
+                "inference_objective_request_error_total",
+                "Requests that failed, by model and error code.",
+                &["model_name", "target_model_name", "error_code"]
+            ),
+            disagg_decisions: family!(
+                IntCounterVec,
+                "kvgate_disagg_decisions_total",
+                "Prefill/decode decisions by kind (decode-only, prefill-decode).",
+                &["pool", "decision_type"]
+            ),
+            disagg_fallbacks: family!(
+                IntCounterVec,
+                "kvgate_disagg_fallbacks_total",
+                "Prefill hand-offs that failed and fell back to prefill on the decode endpoint, by reason.",
+                &["pool", "reason"]
+            ),
+            outcomes: family!(
+                IntCounterVec,
+                "kvgate_requests_total",
+                "Requests by pool, model, decision kind and status.",
+                &["pool", "model", "decision", "status"]
+            ),
+            decision_seconds,
+            scrape_errors: family!(
+                IntCounterVec,
+                "kvgate_scrape_errors_total",
+                "Failed metric scrapes.",
+                &["pool", "endpoint"]
+            ),
+            tokens: family!(
+                IntCounterVec,
+                "kvgate_tokens_total",
+                "Tokens in responses' usage, by kind.",
+                &["pool", "kind"]
+            ),
+            ready_pods: family!(IntGaugeVec, "inference_pool_ready_pods", "Endpoints in rotation.", &["name"]),
+            avg_kv: family!(
+                GaugeVec,
+                "inference_pool_average_kv_cache_utilization",
+                "Mean KV-cache usage of fresh endpoints.",
+                &["name"]
+            ),
+            avg_queue: family!(
+                GaugeVec,
+                "inference_pool_average_queue_size",
+                "Mean waiting requests of fresh endpoints.",
+                &["name"]
+            ),
+            per_pod_queue: family!(
+                GaugeVec,
+                "inference_pool_per_pod_queue_size",
+                "Waiting requests per endpoint.",
+                &["name", "model_server_pod"]
+            ),
+            endpoint_in_flight: family!(
+                IntGaugeVec,
+                "kvgate_endpoint_in_flight_requests",
+                "kvgate's requests in flight.",
+                &["pool", "endpoint"]
+            ),
+            endpoint_in_flight_tokens: family!(
+                IntGaugeVec,
+                "kvgate_endpoint_in_flight_tokens",
+                "kvgate's uncached prompt tokens in flight.",
+                &["pool", "endpoint"]
+            ),
+            endpoint_healthy: family!(
+                IntGaugeVec,
+                "kvgate_endpoint_healthy",
+                "1 when the endpoint is in rotation.",
+                &["pool", "endpoint"]
+            ),
+            endpoint_running: family!(
+                GaugeVec,
+                "kvgate_endpoint_running_requests",
+                "Scraped running requests.",
+                &["pool", "endpoint"]
+            ),
+            endpoint_kv: family!(
+                GaugeVec,
+                "kvgate_endpoint_kv_cache_usage",
+                "Scraped KV-cache usage.",
+                &["pool", "endpoint"]
+            ),
+            prefix_size: family!(
+                IntGaugeVec,
+                "inference_extension_prefix_indexer_size",
+                "Resident prefix-index blocks.",
+                &["pool"]
+            ),
+            registry,
+        }
+    }
+
+    /// Counts a finished (or refused) request: `status` is the HTTP status the client got.
+    pub fn count_request(&self, pool: &str, model: &str, decision: Option<DecisionKind>, status: u16, code: &str) {
+        let kind = decision.map_or("none", DecisionKind::as_str);
+        self.requests.with_label_values(&[model, model]).inc();
+        self.outcomes.with_label_values(&[pool, model, kind, &status.to_string()]).inc();
+        if status >= 400 {
+            self.request_errors.with_label_values(&[model, model, code]).inc();
+        }
+    }
+
+    /// Counts the usage a response reported.
+    pub fn count_tokens(&self, pool: &str, usage: Usage) {
+        self.tokens.with_label_values(&[pool, "prompt"]).inc_by(usage.prompt);
+        self.tokens.with_label_values(&[pool, "completion"]).inc_by(usage.completion);
+        self.tokens.with_label_values(&[pool, "cached"]).inc_by(usage.cached);
+    }
+
+    /// The exposition, with pool and endpoint gauges refreshed from `pools`.
+    pub fn render(&self, pools: &[PoolView<'_>]) -> String {
+        for g in [&self.per_pod_queue, &self.endpoint_running, &self.endpoint_kv] {
+            g.reset();
+        }
+        for g in [&self.endpoint_in_flight, &self.endpoint_in_flight_tokens, &self.endpoint_healthy] {
+            g.reset();
+        }
+        for pool in pools {
+            let name = pool.name;
+            let status = &pool.endpoints;
+            let fresh: Vec<_> = status.iter().filter(|e| !e.stale).collect();
+            self.ready_pods
+                .with_label_values(&[name])
+                .set(status.iter().filter(|e| e.health == Health::Healthy).count() as i64);
+            let mean = |f: &dyn Fn(&&EndpointStatus) -> f64| {
+                if fresh.is_empty() { 0.0 } else { fresh.iter().map(f).sum::<f64>() / fresh.len() as f64 }
+            };
+            self.avg_kv.with_label_values(&[name]).set(mean(&|e| e.kv_cache_usage.unwrap_or(0.0)));
+            self.avg_queue.with_label_values(&[name]).set(mean(&|e| f64::from(e.waiting.unwrap_or(0))));
+            self.prefix_size.with_label_values(&[name]).set(pool.prefix_blocks as i64);
+            for e in status {
+                let l = [name, e.address.as_str()];
+                self.endpoint_in_flight.with_label_values(&l).set(e.in_flight_requests as i64);
+                self.endpoint_in_flight_tokens.with_label_values(&l).set(e.in_flight_tokens as i64);
+                self.endpoint_healthy.with_label_values(&l).set(i64::from(e.healthy));
+                if let (Some(w), Some(r), Some(kv)) = (e.waiting, e.running, e.kv_cache_usage) {
+                    self.per_pod_queue.with_label_values(&l).set(f64::from(w));
+                    self.endpoint_running.with_label_values(&l).set(f64::from(r));
+                    self.endpoint_kv.with_label_values(&l).set(kv);
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}

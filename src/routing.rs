@@ -1,0 +1,14 @@
+//! The decision core: synchronous and pure — no I/O, no clock, no global randomness (time and a
+//! seeded RNG are arguments). `tests/core_purity.rs` scans this folder.
+//!
+//! A body is parsed ([`request`]), its prompt cut into chained block hashes ([`prefix`]),
+//! matched against what each endpoint ([`endpoint`]) is believed to hold, and scheduled
+//! ([`schedule`]); [`plan`] strings this together for one pool. [`pd`] rewrites bodies for
+//! the prefill/decode hand-off.
+
+pub mod endpoint;
+pub mod pd;
+pub mod plan;
+pub mod prefix;
+pub mod request;
+pub mod schedule;

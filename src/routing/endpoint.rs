@@ -1,0 +1,365 @@
+//! Endpoints as the scheduler sees them: identity, role, data-parallel rank, scraped load,
+//! health, and kvgate's own in-flight counts.
+//!
+//! A pool publishes its endpoints as an immutable snapshot (`Arc<[Endpoint]>`) and swaps it
+//! whole; the in-flight counters are shared atomics (`Arc<InFlight>`), so counts survive a
+//! republish and are always current, unlike scraped metrics.
+//!
+//! Part of the decision core: no I/O, no clock, no async. Times are milliseconds on a monotonic
+//! clock that the caller reads and passes in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The label that carries an endpoint's P/D role.
+pub const ROLE_LABEL: &str = "llm-d.ai/role";
+
+/// A dense endpoint number, unique within a pool while the endpoint exists (it indexes the
+/// prefix index and per-endpoint scheduler state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct EndpointId(u32);
+
+impl EndpointId {
+    /// The id with number `n`.
+    pub const fn new(n: u32) -> Self {
+        Self(n)
+    }
+
+    /// The id as an index.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Prefill/decode role, from the `llm-d.ai/role` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Only prefills (hands KV over to a decode endpoint).
+    Prefill,
+    /// Only decodes (receives KV from a prefill endpoint, or prefills locally as a fallback).
+    Decode,
+    /// Both: an ordinary endpoint. Unlabeled endpoints are `Both`.
+    Both,
+}
+
+impl Role {
+    /// Parses a role label value (llm-d's spellings), `None` if unknown.
+    pub fn from_label(value: &str) -> Option<Self> {
+        match value {
+            "prefill" | "encode-prefill" => Some(Self::Prefill),
+            "decode" => Some(Self::Decode),
+            "both" | "prefill-decode" | "encode-prefill-decode" => Some(Self::Both),
+            _ => None,
+        }
+    }
+
+    /// The role named by `labels` (unlabeled = both; unknown values are rejected by config).
+    pub fn of_labels(labels: &BTreeMap<String, String>) -> Self {
+        labels.get(ROLE_LABEL).and_then(|v| Self::from_label(v)).unwrap_or(Self::Both)
+    }
+
+    /// Can serve as the decode side (or do a whole request).
+    pub fn decodes(self) -> bool {
+        matches!(self, Self::Decode | Self::Both)
+    }
+
+    /// Can serve as the prefill side.
+    pub fn prefills(self) -> bool {
+        matches!(self, Self::Prefill | Self::Both)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Prefill => "prefill",
+            Self::Decode => "decode",
+            Self::Both => "both",
+        })
+    }
+}
+
+/// Health as kvgate judges it from scrapes and request outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// In rotation.
+    Healthy,
+    /// Out of rotation.
+    Unhealthy,
+    /// Out of rotation, but one probe request may be let through (half-open).
+    Probing,
+}
+
+/// LoRA adapters an endpoint has resident, from `vllm:lora_requests_info`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraState {
+    /// Adapters with running requests.
+    pub running: Vec<String>,
+    /// Adapters with waiting requests.
+    pub waiting: Vec<String>,
+    /// `max_lora`: adapters that fit at once.
+    pub max_loras: u32,
+}
+
+/// Load scraped from the endpoint's `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    /// `vllm:num_requests_running`.
+    pub running: u32,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: u32,
+    /// `vllm:kv_cache_usage_perc`, a fraction in [0, 1].
+    pub kv_usage: f64,
+    /// LoRA state, when the endpoint serves adapters.
+    pub lora: Option<LoraState>,
+    /// When these numbers were scraped (monotonic milliseconds).
+    pub scraped_at_ms: u64,
+}
+
+/// kvgate's own count of work sent to an endpoint and not yet finished.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    requests: AtomicU64,
+    tokens: AtomicU64,
+}
+
+impl InFlight {
+    /// Counts a request of `tokens` uncached prompt tokens as sent.
+    pub fn start(&self, tokens: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Releases a request counted by [`InFlight::start`] with the same `tokens`.
+    pub fn finish(&self, tokens: u64) {
+        // Saturating: a release must never wrap a counter, whatever the caller did.
+        let _ = self.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+        let _ = self.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(tokens)));
+    }
+
+    /// Requests in flight.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Uncached prompt tokens in flight.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+}
+
+/// Holds one request's share of an endpoint's [`InFlight`] counts; dropping it releases them,
+/// so every path out of a request (end, error, client gone) releases exactly once.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    in_flight: Arc<InFlight>,
+    tokens: u64,
+}
+
+impl InFlightGuard {
+    /// Counts a request of `tokens` uncached prompt tokens on `in_flight`.
+    pub fn new(in_flight: Arc<InFlight>, tokens: u64) -> Self {
+        in_flight.start(tokens);
+        Self { in_flight, tokens }
+    }
+
+    /// The prompt has been computed (first token seen): its tokens no longer wait for prefill.
+    pub fn prefill_done(&mut self) {
+        if self.tokens > 0 {
+            self.in_flight
+                .tokens
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(self.tokens)))
+                .ok();
+            self.tokens = 0;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.in_flight.finish(self.tokens);
+    }
+}
+
+/// One endpoint (one `ip:port`, i.e. one data-parallel rank) as of a snapshot.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Dense id within the pool.
+    pub id: EndpointId,
+    /// Where requests go.
+    pub address: SocketAddr,
+    /// Display name (config `name`, else the address).
+    pub name: String,
+    /// P/D role.
+    pub role: Role,
+    /// Data-parallel rank, when the endpoint is one rank of a DP deployment.
+    pub rank: Option<u32>,
+    /// The rank shares its address with the deployment's other ranks (vLLM balancing
+    /// internally); requests for it carry `X-data-parallel-rank`.
+    pub rank_header: bool,
+    /// Labels from discovery.
+    pub labels: BTreeMap<String, String>,
+    /// LoRA adapters (and models beyond the pool's) the endpoint is known to serve.
+    pub models: Vec<String>,
+    /// Latest scraped load, `None` until the first successful scrape.
+    pub metrics: Option<Metrics>,
+    /// Health.
+    pub health: Health,
+    /// kvgate's in-flight counts (shared across snapshots).
+    pub in_flight: Arc<InFlight>,
+}
+
+impl Endpoint {
+    /// A healthy endpoint with no metrics yet, role from `labels`.
+    pub fn new(id: EndpointId, address: SocketAddr, labels: BTreeMap<String, String>) -> Self {
+        Self {
+            id,
+            address,
+            name: address.to_string(),
+            role: Role::of_labels(&labels),
+            rank: None,
+            rank_header: false,
+            labels,
+            models: Vec::new(),
+            metrics: None,
+            health: Health::Healthy,
+            in_flight: Arc::new(InFlight::default()),
+        }
+    }
+
+    /// The `X-data-parallel-rank` value requests for this endpoint carry, if any.
+    pub fn header_rank(&self) -> Option<u32> {
+        self.rank.filter(|_| self.rank_header)
+    }
+
+    /// Scraped metrics, if younger than `stale_after_ms` at `now_ms`; stale data is unknown.
+    pub fn fresh_metrics(&self, now_ms: u64, stale_after_ms: u64) -> Option<&Metrics> {
+        self.metrics.as_ref().filter(|m| now_ms.saturating_sub(m.scraped_at_ms) <= stale_after_ms)
+    }
+
+    /// Whether the endpoint serves `model`: one of the pool's models (every endpoint of a pool
+    /// serves those), or an adapter it lists or has running or waiting.
+    pub fn serves(&self, model: &str, pool_models: &[String]) -> bool {
+        pool_models.iter().chain(&self.models).any(|m| m == model)
+            || self
+                .metrics
+                .as_ref()
+                .and_then(|m| m.lora.as_ref())
+                .is_some_and(|l| l.running.iter().chain(&l.waiting).any(|a| a == model))
+    }
+}
+
+/// What `/debug/endpoints` shows beyond the snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointStatus {
+    /// `ip:port`.
+    pub address: String,
+    /// Display name.
+    pub name: String,
+    /// P/D role.
+    pub role: Role,
+    /// DP rank.
+    pub rank: Option<u32>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// In rotation.
+    pub healthy: bool,
+    /// `healthy`, `unhealthy` or `probing`.
+    pub health: Health,
+    /// No fresh scrape.
+    pub stale: bool,
+    /// Scraped running requests.
+    pub running: Option<u32>,
+    /// Scraped waiting requests.
+    pub waiting: Option<u32>,
+    /// Scraped KV-cache usage.
+    pub kv_cache_usage: Option<f64>,
+    /// kvgate's in-flight requests.
+    pub in_flight_requests: u64,
+    /// kvgate's in-flight uncached prompt tokens.
+    pub in_flight_tokens: u64,
+    /// Blocks in the prefix index.
+    pub prefix_blocks: usize,
+    /// Prefix-index capacity (from `cache_config_info` when scraped).
+    pub prefix_capacity: usize,
+    /// LoRA adapters it serves.
+    pub adapters: Vec<String>,
+    /// Failed scrapes so far.
+    pub scrape_errors: u64,
+    /// The last scrape error, if the last scrape failed.
+    pub last_error: Option<String>,
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_from_labels() {
+        let check = |value: Option<&str>, want: Role| {
+            let mut labels = BTreeMap::new();
+            if let Some(v) = value {
+                labels.insert(ROLE_LABEL.to_owned(), v.to_owned());
+            }
+            assert_eq!(Role::of_labels(&labels), want, "label {value:?}");
+        };
+        check(None, Role::Both);
+        check(Some("prefill"), Role::Prefill);
+        check(Some("decode"), Role::Decode);
+        check(Some("both"), Role::Both);
+        check(Some("prefill-decode"), Role::Both);
+    }
+
+    #[test]
+    fn in_flight_never_wraps() {
+        let f = InFlight::default();
+        f.start(100);
+        f.start(50);
+        f.finish(100);
+        assert_eq!((f.requests(), f.tokens()), (1, 50));
+        f.finish(50);
+        f.finish(50);
+        assert_eq!((f.requests(), f.tokens()), (0, 0));
+    }
+
+    #[test]
+    fn staleness_and_models() {
+        let mut e = Endpoint::new(EndpointId::new(0), "127.0.0.1:1".parse().expect("addr"), BTreeMap::new());
+        e.metrics = Some(Metrics { scraped_at_ms: 1000, ..Metrics::default() });
+        assert!(e.fresh_metrics(1500, 500).is_some());
+        assert!(e.fresh_metrics(1501, 500).is_none());
+        let pool = vec!["base".to_owned()];
+        assert!(e.serves("base", &pool));
+        assert!(!e.serves("other", &pool));
+        e.models = vec!["adapter-a".to_owned()];
+        assert!(e.serves("adapter-a", &pool));
+        assert!(e.serves("base", &pool));
+        assert!(!e.serves("adapter-b", &pool));
+    }
+
+    #[test]
+    fn guards_release_exactly_once() {
+        let f = Arc::new(InFlight::default());
+        let mut g = InFlightGuard::new(f.clone(), 300);
+        let h = InFlightGuard::new(f.clone(), 100);
+        assert_eq!((f.requests(), f.tokens()), (2, 400));
+        g.prefill_done();
+        assert_eq!((f.requests(), f.tokens()), (2, 100));
+        drop(g);
+        assert_eq!((f.requests(), f.tokens()), (1, 100));
+        drop(h);
+        assert_eq!((f.requests(), f.tokens()), (0, 0));
+    }
+}

@@ -1,0 +1,427 @@
+//! The prefix index: for each endpoint, a bounded LRU set of the block hashes it likely holds.
+//!
+//! Each endpoint has its own [`BlockLru`]: a slab of 16-byte nodes threaded on a recency list,
+//! and a `hashbrown` table of 4-byte slot numbers keyed by the block hash itself (block hashes
+//! are already uniform, so they need no rehashing). That is about 16 + 5/load bytes per resident
+//! (endpoint, block), well under 64.
+//!
+//! **Invariant: each endpoint's set is prefix-closed.** [`PrefixIndex::record`] touches a
+//! prompt's blocks from last to first, so a block is always more recent than every block after
+//! it in the same chain, and LRU eviction removes a chain from its tail. Because a block hash
+//! names its whole prefix, holding `h_i` then implies holding `h_0..h_i`, and the longest held
+//! prefix can be found by binary search: a match costs O(log n) lookups per endpoint that holds
+//! the first block, and one lookup for every other endpoint.
+//!
+//! Part of the decision core: no I/O, no clock, no async.
+
+use hashbrown::HashTable;
+use parking_lot::RwLock;
+
+use super::BlockHash;
+use crate::routing::endpoint::EndpointId;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    hash: u64,
+    /// Towards the most recent end.
+    prev: u32,
+    /// Towards the least recent end.
+    next: u32,
+}
+
+/// One endpoint's bounded LRU set of block hashes.
+#[derive(Debug)]
+struct BlockLru {
+    table: HashTable<u32>,
+    nodes: Vec<Node>,
+    /// Most recently touched.
+    head: u32,
+    /// Least recently touched: evicted first.
+    tail: u32,
+    capacity: usize,
+}
+
+impl BlockLru {
+    fn new(capacity: usize) -> Self {
+        Self {
+            table: HashTable::new(),
+            nodes: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            capacity: capacity.clamp(1, NIL as usize - 1),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn find(&self, hash: u64) -> Option<u32> {
+        let nodes = &self.nodes;
+        self.table.find(hash, |&i| nodes[i as usize].hash == hash).copied()
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        self.find(hash).is_some()
+    }
+
+    /// Length of the longest prefix of `hashes` held (relies on prefix-closure).
+    fn longest_prefix(&self, hashes: &[BlockHash]) -> usize {
+        match hashes.first() {
+            Some(h) if self.contains(h.0) => {}
+            _ => return 0,
+        }
+        let (mut lo, mut hi) = (1, hashes.len());
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if self.contains(hashes[mid - 1].0) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let Node { prev, next, .. } = self.nodes[i as usize];
+        match prev {
+            NIL => self.head = next,
+            p => self.nodes[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.nodes[n as usize].prev = prev,
+        }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        let old = self.head;
+        self.nodes[i as usize].prev = NIL;
+        self.nodes[i as usize].next = old;
+        match old {
+            NIL => self.tail = i,
+            o => self.nodes[o as usize].prev = i,
+        }
+        self.head = i;
+    }
+
+    /// Makes `hash` the most recent entry, inserting it (and evicting the LRU one) if new.
+    fn touch(&mut self, hash: u64) {
+        if let Some(i) = self.find(hash) {
+            if self.head != i {
+                self.unlink(i);
+                self.push_front(i);
+            }
+            return;
+        }
+        let slot = if self.len() < self.capacity {
+            if self.nodes.len() == self.nodes.capacity() {
+                // Grow by doubling, but never past the capacity.
+                let extra = self.nodes.len().max(64).min(self.capacity - self.nodes.len());
+                self.nodes.reserve_exact(extra);
+            }
+            self.nodes.push(Node { hash, prev: NIL, next: NIL });
+            (self.nodes.len() - 1) as u32
+        } else {
+            let victim = self.tail;
+            self.unlink(victim);
+            let old = self.nodes[victim as usize].hash;
+            let nodes = &self.nodes;
+            if let Ok(entry) = self.table.find_entry(old, |&i| nodes[i as usize].hash == old) {
+                entry.remove();
+            }
+            self.nodes[victim as usize].hash = hash;
+            victim
+        };
+        let nodes = &self.nodes;
+        self.table.insert_unique(hash, slot, |&i| nodes[i as usize].hash);
+        self.push_front(slot);
+    }
+
+    /// Rebuilds with a new capacity, keeping the most recent entries.
+    fn resize(&mut self, capacity: usize) {
+        let mut order = Vec::with_capacity(self.len());
+        let mut i = self.head;
+        while i != NIL {
+            order.push(self.nodes[i as usize].hash);
+            i = self.nodes[i as usize].next;
+        }
+        *self = Self::new(capacity);
+        let keep = order.len().min(self.capacity);
+        for &h in order[..keep].iter().rev() {
+            self.touch(h);
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.table.allocation_size() + self.nodes.capacity() * std::mem::size_of::<Node>()
+    }
+}
+
+/// Size and memory of the index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct IndexStats {
+    /// Endpoints with an entry set.
+    pub endpoints: usize,
+    /// Resident (endpoint, block) entries.
+    pub resident_blocks: usize,
+    /// Heap bytes held by the entries.
+    pub heap_bytes: usize,
+}
+
+impl IndexStats {
+    /// Heap bytes per resident (endpoint, block) entry.
+    pub fn bytes_per_entry(&self) -> f64 {
+        if self.resident_blocks == 0 { 0.0 } else { self.heap_bytes as f64 / self.resident_blocks as f64 }
+    }
+}
+
+/// The per-endpoint prefix index. Safe to share: matches take read locks, a record takes one
+/// endpoint's write lock, adding or removing an endpoint takes the outer write lock briefly.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    default_capacity: usize,
+    endpoints: RwLock<Vec<Option<RwLock<BlockLru>>>>,
+}
+
+impl PrefixIndex {
+    /// An empty index whose endpoints hold `default_capacity` blocks each unless set otherwise.
+    pub fn new(default_capacity: usize) -> Self {
+        Self { default_capacity, endpoints: RwLock::new(Vec::new()) }
+    }
+
+    /// For each of `endpoints`, the number of leading `hashes` it holds, written to `out`
+    /// (cleared first; same order as `endpoints`).
+    pub fn match_into(&self, endpoints: &[EndpointId], hashes: &[BlockHash], out: &mut Vec<u32>) {
+        out.clear();
+        let slots = self.endpoints.read();
+        out.extend(endpoints.iter().map(|id| match slots.get(id.index()) {
+            Some(Some(lru)) => lru.read().longest_prefix(hashes) as u32,
+            _ => 0,
+        }));
+    }
+
+    /// The number of leading `hashes` one endpoint holds.
+    pub fn matched(&self, endpoint: EndpointId, hashes: &[BlockHash]) -> usize {
+        let mut out = Vec::with_capacity(1);
+        self.match_into(&[endpoint], hashes, &mut out);
+        out[0] as usize
+    }
+
+    /// Records that `endpoint` now holds `hashes` (a prompt's chain, in order).
+    pub fn record(&self, endpoint: EndpointId, hashes: &[BlockHash]) {
+        if hashes.is_empty() {
+            return;
+        }
+        let slots = self.endpoints.read();
+        if let Some(Some(lru)) = slots.get(endpoint.index()) {
+            let mut lru = lru.write();
+            for h in hashes.iter().rev() {
+                lru.touch(h.0);
+            }
+            return;
+        }
+        drop(slots);
+        self.set_capacity(endpoint, self.default_capacity);
+        self.record(endpoint, hashes);
+    }
+
+    /// Sets one endpoint's capacity in blocks (creating its set if needed, evicting if smaller).
+    pub fn set_capacity(&self, endpoint: EndpointId, capacity: usize) {
+        let mut slots = self.endpoints.write();
+        let i = endpoint.index();
+        if slots.len() <= i {
+            slots.resize_with(i + 1, || None);
+        }
+        match &mut slots[i] {
+            Some(lru) => {
+                let lru = lru.get_mut();
+                if lru.capacity != capacity.max(1) {
+                    lru.resize(capacity);
+                }
+            }
+            slot @ None => *slot = Some(RwLock::new(BlockLru::new(capacity))),
+        }
+    }
+
+    /// Forgets an endpoint and frees its entries.
+    pub fn remove(&self, endpoint: EndpointId) {
+        let mut slots = self.endpoints.write();
+        if let Some(slot) = slots.get_mut(endpoint.index()) {
+            *slot = None;
+        }
+        while matches!(slots.last(), Some(None)) {
+            slots.pop();
+        }
+    }
+
+    /// Resident blocks of one endpoint.
+    pub fn endpoint_blocks(&self, endpoint: EndpointId) -> usize {
+        match self.endpoints.read().get(endpoint.index()) {
+            Some(Some(lru)) => lru.read().len(),
+            _ => 0,
+        }
+    }
+
+    /// Size and memory of the whole index.
+    pub fn stats(&self) -> IndexStats {
+        let slots = self.endpoints.read();
+        let mut s = IndexStats::default();
+        for lru in slots.iter().flatten() {
+            let lru = lru.read();
+            s.endpoints += 1;
+            s.resident_blocks += lru.len();
+            s.heap_bytes += lru.heap_bytes();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chain(tag: u64, n: usize) -> Vec<BlockHash> {
+        // Distinct chains: (tag, position) → hash; shared tags share prefixes.
+        (0..n as u64).map(|i| BlockHash(xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), tag))).collect()
+    }
+
+    fn ep(i: u32) -> EndpointId {
+        EndpointId::new(i)
+    }
+
+    fn check(index: &PrefixIndex, endpoint: u32, hashes: &[BlockHash], want: usize) {
+        assert_eq!(index.matched(ep(endpoint), hashes), want, "match on endpoint {endpoint}");
+    }
+
+    #[test]
+    fn per_endpoint_strict_prefix() {
+        let index = PrefixIndex::new(100);
+        let a = chain(1, 10);
+        index.record(ep(0), &a[..6]);
+        index.record(ep(1), &a[..3]);
+        check(&index, 0, &a, 6);
+        check(&index, 1, &a, 3);
+        check(&index, 2, &a, 0);
+        check(&index, 0, &chain(2, 10), 0);
+        check(&index, 0, &[], 0);
+        let mut out = Vec::new();
+        index.match_into(&[ep(1), ep(7), ep(0)], &a, &mut out);
+        assert_eq!(out, [3, 0, 6]);
+    }
+
+    #[test]
+    fn lru_evicts_tails_first_and_stays_bounded() {
+        let index = PrefixIndex::new(8);
+        let a = chain(1, 6);
+        let b = chain(2, 6);
+        index.record(ep(0), &a);
+        index.record(ep(0), &b); // 12 blocks into 8: a loses its last four blocks
+        assert_eq!(index.endpoint_blocks(ep(0)), 8);
+        check(&index, 0, &b, 6);
+        check(&index, 0, &a, 2);
+        // Touching a's head keeps it, but a[1] was last touched before all of b: it goes first.
+        index.record(ep(0), &a[..1]);
+        index.record(ep(0), &chain(3, 2));
+        check(&index, 0, &a, 1);
+        check(&index, 0, &b, 5);
+    }
+
+    #[test]
+    fn remove_and_resize() {
+        let index = PrefixIndex::new(100);
+        let a = chain(1, 50);
+        index.record(ep(3), &a);
+        assert_eq!(index.stats().resident_blocks, 50);
+        index.set_capacity(ep(3), 20);
+        check(&index, 3, &a, 20);
+        index.remove(ep(3));
+        check(&index, 3, &a, 0);
+        assert_eq!(index.stats(), IndexStats::default());
+    }
+
+    #[test]
+    fn memory_per_entry_is_small() {
+        let index = PrefixIndex::new(1 << 16);
+        for tag in 0..64 {
+            index.record(ep(0), &chain(tag, 1000));
+        }
+        let s = index.stats();
+        assert_eq!(s.resident_blocks, 64_000);
+        assert!(s.bytes_per_entry() < 64.0, "{} bytes per entry", s.bytes_per_entry());
+    }
+
+    #[test]
+    fn sequential_many_chains() {
+        let index = PrefixIndex::new(500);
+        for k in 0..400u64 {
+            let c = chain(k % 17, 40);
+            index.record(ep(0), &c);
+            assert_eq!(index.matched(ep(0), &c), 40, "k={k}");
+        }
+    }
+
+    #[test]
+    fn concurrent_readers_and_writers() {
+        let index = std::sync::Arc::new(PrefixIndex::new(500));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let index = index.clone();
+                std::thread::spawn(move || {
+                    for k in 0..200u64 {
+                        // Each thread owns one endpoint; all share endpoint 9 and read the others.
+                        let c = chain(k % 17, 40);
+                        index.record(ep(t), &c);
+                        assert_eq!(index.matched(ep(t), &c), 40, "a chain just recorded is held whole");
+                        index.record(ep(9), &chain(100 + k % 23, 40));
+                        assert!(index.matched(ep((t + 1) % 4), &c) <= 40);
+                        if k % 50 == 0 {
+                            index.set_capacity(ep(10 + t), 10 + k as usize);
+                            index.remove(ep(10 + t));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panics");
+        }
+        for e in [0, 1, 2, 3, 9] {
+            assert!(index.endpoint_blocks(ep(e)) <= 500);
+        }
+        assert_eq!(index.stats().endpoints, 5);
+    }
+
+    proptest! {
+        /// Binary search agrees with a linear scan, and no set exceeds its bound, under any
+        /// sequence of records of overlapping chains.
+        #[test]
+        fn matches_equal_linear_scan(
+            ops in proptest::collection::vec((0u32..3, 0u64..4, 0usize..12, 1usize..12), 1..60),
+            capacity in 1usize..30,
+        ) {
+            let index = PrefixIndex::new(capacity);
+            let mut trees: Vec<Vec<BlockHash>> = Vec::new();
+            for (endpoint, tag, fork, len) in ops {
+                // Chains that share `fork` blocks with chain `tag` and then diverge.
+                let mut c = chain(tag, fork);
+                c.extend(chain(tag * 100 + len as u64 + 7, len).into_iter().map(|h| BlockHash(h.0 ^ fork as u64)));
+                index.record(ep(endpoint), &c);
+                trees.push(c);
+                prop_assert!(index.endpoint_blocks(ep(endpoint)) <= capacity);
+            }
+            let slots = index.endpoints.read();
+            for lru in slots.iter().flatten() {
+                let lru = lru.read();
+                for c in &trees {
+                    let linear = c.iter().take_while(|h| lru.contains(h.0)).count();
+                    prop_assert_eq!(lru.longest_prefix(c), linear);
+                }
+            }
+        }
+    }
+}

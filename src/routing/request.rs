@@ -1,0 +1,758 @@
+//! OpenAI request bodies → the fields routing needs, and nothing more.
+//!
+//! The body is parsed once with `serde_json`, borrowing from the input: strings without escapes
+//! are not copied, and the prompt itself is never decoded — its raw JSON text (escapes and all)
+//! is what the prefix hasher sees. That keeps a 220 KB chat body to one scan and one small
+//! allocation (the message list), and it is sound for prefix matching because a client serialises
+//! the same conversation turn to the same bytes every time it resends it.
+//!
+//! Part of the decision core: no I/O, no clock, no async.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Default cap on a request body (32 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Separator bytes of the canonical prompt stream. JSON strings cannot contain raw control
+/// characters, so these never collide with prompt text.
+const RECORD: &[u8] = b"\x1e";
+const UNIT: &[u8] = b"\x1f";
+
+/// Which OpenAI API a request is for, chosen by its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiKind {
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/chat/completions`
+    ChatCompletions,
+    /// `POST /v1/responses`
+    Responses,
+    /// `POST /v1/embeddings`
+    Embeddings,
+}
+
+impl ApiKind {
+    /// Whether a request of this API can be split into a prefill and a decode leg (the
+    /// completions APIs, whose `max_tokens` and `kv_transfer_params` the hand-off sets).
+    pub fn disaggregates(self) -> bool {
+        matches!(self, Self::Completions | Self::ChatCompletions)
+    }
+
+    /// The API a request path names (query string ignored), or `None` for other paths.
+    pub fn from_path(path: &str) -> Option<Self> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let path = path.strip_suffix('/').unwrap_or(path);
+        match path {
+            "/v1/completions" => Some(Self::Completions),
+            "/v1/chat/completions" => Some(Self::ChatCompletions),
+            "/v1/responses" => Some(Self::Responses),
+            "/v1/embeddings" => Some(Self::Embeddings),
+            _ => None,
+        }
+    }
+
+    /// The request path of this API.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Completions => "/v1/completions",
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Responses => "/v1/responses",
+            Self::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// Why a request body cannot be routed. Every variant is the client's fault: a 400.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The body is larger than the configured limit.
+    #[error("request body is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Body size in bytes (or a lower bound, when the body was cut off while streaming).
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The body is not UTF-8.
+    #[error("request body is not valid UTF-8 (first bad byte at offset {offset})")]
+    InvalidUtf8 {
+        /// Offset of the first invalid byte.
+        offset: usize,
+    },
+    /// The body is not JSON at all.
+    #[error("request body is not valid JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The body is JSON but not an object.
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    /// No `model` field (or `null`).
+    #[error("request body has no `model` field")]
+    MissingModel,
+    /// The prompt field the API needs is absent.
+    #[error("request body has no `{0}` field")]
+    MissingPrompt(&'static str),
+    /// A field has the wrong JSON type or shape.
+    #[error("invalid field `{field}`: {detail}")]
+    InvalidField {
+        /// Dotted path of the field, e.g. `messages[2].content`.
+        field: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl RequestError {
+    /// HTTP status for this error (all are 400: the request itself is wrong).
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::TooLarge { .. }
+            | Self::InvalidUtf8 { .. }
+            | Self::NotJson(_)
+            | Self::NotAnObject
+            | Self::MissingModel
+            | Self::MissingPrompt(_)
+            | Self::InvalidField { .. } => 400,
+        }
+    }
+
+    /// The OpenAI error `code` for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "request_too_large",
+            Self::InvalidUtf8 { .. } | Self::NotJson(_) | Self::NotAnObject => "invalid_json",
+            Self::MissingModel => "missing_model",
+            Self::MissingPrompt(_) | Self::InvalidField { .. } => "invalid_request",
+        }
+    }
+
+    /// The body field the error is about, if any (OpenAI's `param`).
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::MissingModel => Some("model"),
+            Self::MissingPrompt(f) => Some(f),
+            Self::InvalidField { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::InvalidField { field: field.into(), detail: detail.into() }
+    }
+}
+
+/// The routing fields of an OpenAI request, borrowed from the body.
+#[derive(Debug)]
+pub struct ParsedRequest<'a> {
+    /// Which API the body was parsed as.
+    pub api: ApiKind,
+    /// The `model` field: a base model or a LoRA adapter name.
+    pub model: Cow<'a, str>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`.
+    pub include_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens` (`max_output_tokens` for responses).
+    pub max_tokens: Option<u64>,
+    /// vLLM's `cache_salt`: requests with different salts never share cached blocks.
+    pub cache_salt: Option<Cow<'a, str>>,
+    /// `kv_transfer_params`, kept as raw JSON (P/D hand-off).
+    pub kv_transfer_params: Option<&'a RawValue>,
+    /// `priority` (vLLM: lower runs first; kvgate sheds negative priorities first).
+    pub priority: i64,
+    prompt: Prompt<'a>,
+}
+
+#[derive(Debug)]
+enum Prompt<'a> {
+    /// Raw JSON string contents (between the quotes, escapes kept).
+    Texts(Vec<&'a str>),
+    Tokens(Vec<Vec<u32>>),
+    Chat {
+        tools: Option<&'a RawValue>,
+        messages: Vec<Message<'a>>,
+    },
+    /// `/v1/responses`: optional `instructions`, then `input` as text or a list of items.
+    Responses {
+        instructions: Option<&'a RawValue>,
+        input: &'a RawValue,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    cache_salt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    kv_transfer_params: Option<&'a RawValue>,
+    #[serde(default)]
+    priority: Option<i64>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+/// Parses an OpenAI request body for `api`, enforcing `max_bytes`.
+pub fn parse(api: ApiKind, body: &[u8], max_bytes: usize) -> Result<ParsedRequest<'_>, RequestError> {
+    if body.len() > max_bytes {
+        return Err(RequestError::TooLarge { size: body.len(), limit: max_bytes });
+    }
+    let text = std::str::from_utf8(body).map_err(|e| RequestError::InvalidUtf8 { offset: e.valid_up_to() })?;
+    let first = text.trim_start().as_bytes().first().copied();
+    if first != Some(b'{') {
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
+            Err(e) => RequestError::NotJson(e),
+            Ok(_) => RequestError::NotAnObject,
+        });
+    }
+    let body: Body<'_> = serde_json::from_str(text).map_err(|e| classify(text, e))?;
+    let model = match body.model.filter(|m| m.get() != "null") {
+        None => return Err(RequestError::MissingModel),
+        Some(m) => json_str(m).ok_or_else(|| RequestError::invalid("model", "must be a string"))?,
+    };
+    let cache_salt = match body.cache_salt.filter(|m| m.get() != "null") {
+        None => None,
+        Some(s) => Some(json_str(s).ok_or_else(|| RequestError::invalid("cache_salt", "must be a string"))?),
+    };
+    if model.is_empty() {
+        return Err(RequestError::invalid("model", "must not be empty"));
+    }
+    let prompt = match api {
+        ApiKind::Completions => prompt_of(body.prompt, "prompt")?,
+        ApiKind::Embeddings => prompt_of(body.input, "input")?,
+        ApiKind::ChatCompletions => {
+            let messages = body.messages.ok_or(RequestError::MissingPrompt("messages"))?;
+            for (i, m) in messages.iter().enumerate() {
+                if m.name.is_some_and(|n| string_body(n).is_none() && n.get() != "null") {
+                    return Err(RequestError::invalid(format!("messages[{i}].name"), "must be a string"));
+                }
+                if let Some(c) = m.content {
+                    visit_content(c, &mut |_| {})
+                        .map_err(|e| RequestError::invalid(format!("messages[{i}].content"), e))?;
+                }
+            }
+            Prompt::Chat { tools: body.tools.filter(|t| t.get() != "null"), messages }
+        }
+        ApiKind::Responses => {
+            let input = body.input.ok_or(RequestError::MissingPrompt("input"))?;
+            match first_byte(input) {
+                b'"' | b'[' => {}
+                _ => {
+                    return Err(RequestError::invalid("input", "must be a string or an array"));
+                }
+            }
+            Prompt::Responses { instructions: body.instructions.filter(|t| t.get() != "null"), input }
+        }
+    };
+    Ok(ParsedRequest {
+        api,
+        model,
+        stream: body.stream.unwrap_or(false),
+        include_usage: body.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        max_tokens: body.max_completion_tokens.or(body.max_tokens).or(body.max_output_tokens),
+        cache_salt,
+        kv_transfer_params: body.kv_transfer_params,
+        priority: body.priority.unwrap_or(0),
+        prompt,
+    })
+}
+
+impl ParsedRequest<'_> {
+    /// Feeds the prompt's canonical byte stream to `sink`, in order.
+    ///
+    /// Text is fed as its raw JSON string contents; token ids as little-endian `u32`s (four bytes
+    /// per token, the same ratio kvgate assumes for text). A chat is fed as the `tools` JSON, then
+    /// per message: role, name, content (text parts in order, other parts as a placeholder that
+    /// names the part's type and a hash of its bytes), tool calls — so turn N+1 of a conversation
+    /// begins with exactly the bytes of turn N. Requests with several prompts feed the first one:
+    /// routing places the whole request on one endpoint.
+    pub fn feed_prompt(&self, sink: &mut dyn FnMut(&[u8])) {
+        match &self.prompt {
+            Prompt::Texts(texts) => {
+                if let Some(t) = texts.first() {
+                    sink(t.as_bytes());
+                }
+            }
+            Prompt::Tokens(batches) => {
+                if let Some(tokens) = batches.first() {
+                    let mut buf = [0u8; 1024];
+                    for chunk in tokens.chunks(buf.len() / 4) {
+                        for (dst, t) in buf.chunks_exact_mut(4).zip(chunk) {
+                            dst.copy_from_slice(&t.to_le_bytes());
+                        }
+                        sink(&buf[..chunk.len() * 4]);
+                    }
+                }
+            }
+            Prompt::Chat { tools, messages } => {
+                if let Some(tools) = tools {
+                    sink(b"\x1etools\x1f");
+                    sink(tools.get().as_bytes());
+                }
+                for m in messages {
+                    sink(RECORD);
+                    sink(m.role.as_bytes());
+                    sink(UNIT);
+                    if let Some(name) = m.name.and_then(string_body) {
+                        sink(name.as_bytes());
+                        sink(UNIT);
+                    }
+                    if let Some(content) = m.content {
+                        // Validated in `parse`, so this cannot fail part-way.
+                        let _ = visit_content(content, sink);
+                    }
+                    if let Some(calls) = m.tool_calls {
+                        sink(UNIT);
+                        sink(calls.get().as_bytes());
+                    }
+                }
+            }
+            Prompt::Responses { instructions, input } => {
+                if let Some(i) = instructions {
+                    sink(RECORD);
+                    sink(string_body(i).unwrap_or(i.get()).as_bytes());
+                }
+                match string_body(input) {
+                    Some(text) => {
+                        sink(RECORD);
+                        sink(text.as_bytes());
+                    }
+                    None => {
+                        // Items are resent verbatim turn after turn: their raw JSON is canonical.
+                        let _ = for_each_element(input, &mut |item| {
+                            sink(RECORD);
+                            sink(item.get().as_bytes());
+                            Ok(())
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Length in bytes of the canonical prompt stream.
+    pub fn prompt_bytes(&self) -> usize {
+        let mut n = 0;
+        self.feed_prompt(&mut |b| n += b.len());
+        n
+    }
+
+    /// Number of prompts in the request (a completions batch can hold several).
+    pub fn prompt_count(&self) -> usize {
+        match &self.prompt {
+            Prompt::Texts(t) => t.len(),
+            Prompt::Tokens(t) => t.len(),
+            Prompt::Chat { .. } | Prompt::Responses { .. } => 1,
+        }
+    }
+
+    /// Token ids, when the (first) prompt was given as token ids.
+    pub fn prompt_token_ids(&self) -> Option<&[u32]> {
+        match &self.prompt {
+            Prompt::Tokens(t) => t.first().map(Vec::as_slice),
+            _ => None,
+        }
+    }
+}
+
+/// The `model` of any JSON body, reading nothing else (for paths kvgate does not parse).
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct OnlyModel {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<OnlyModel>(body).ok()?.model
+}
+
+/// Maps a serde error on a JSON object to the right `RequestError`, naming the field.
+fn classify(text: &str, err: serde_json::Error) -> RequestError {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Syntax | Category::Eof | Category::Io => RequestError::NotJson(err),
+        Category::Data => {
+            // The error path is cold: parse again with path tracking to name the field.
+            let mut de = serde_json::Deserializer::from_str(text);
+            match serde_path_to_error::deserialize::<_, Body<'_>>(&mut de) {
+                Err(e) => {
+                    let field = e.path().to_string();
+                    RequestError::invalid(field, strip_position(&e.into_inner().to_string()))
+                }
+                Ok(_) => RequestError::invalid("?", strip_position(&err.to_string())),
+            }
+        }
+    }
+}
+
+/// serde_json appends " at line L column C"; for a field error the path says more.
+fn strip_position(msg: &str) -> String {
+    msg.split(" at line ").next().unwrap_or(msg).to_owned()
+}
+
+fn first_byte(raw: &RawValue) -> u8 {
+    raw.get().as_bytes().first().copied().unwrap_or(b' ')
+}
+
+/// A JSON string's value, borrowed unless it has escapes.
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let body = string_body(raw)?;
+    if body.contains('\\') {
+        serde_json::from_str::<String>(raw.get()).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(body))
+    }
+}
+
+/// The raw contents of a JSON string (between the quotes), or `None` if `raw` is not a string.
+fn string_body(raw: &RawValue) -> Option<&str> {
+    raw.get().strip_prefix('"')?.strip_suffix('"')
+}
+
+/// A completions `prompt` or embeddings `input`: a string, strings, token ids, or lists of ids.
+fn prompt_of<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<Prompt<'a>, RequestError> {
+    let raw = raw.ok_or(RequestError::MissingPrompt(field))?;
+    let bad = |detail: &str| RequestError::invalid(field, detail);
+    let shape = "must be a string, an array of strings, an array of token ids or an array of arrays of token ids";
+    match first_byte(raw) {
+        b'"' => Ok(Prompt::Texts(vec![string_body(raw).ok_or_else(|| bad(shape))?])),
+        b'[' => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| bad(shape))?;
+            let Some(head) = items.first() else {
+                return Err(bad("must not be empty"));
+            };
+            match first_byte(head) {
+                b'"' => items
+                    .iter()
+                    .map(|i| string_body(i).ok_or_else(|| bad(shape)))
+                    .collect::<Result<_, _>>()
+                    .map(Prompt::Texts),
+                b'[' => serde_json::from_str::<Vec<Vec<u32>>>(raw.get()).map_err(|_| bad(shape)).map(Prompt::Tokens),
+                _ => {
+                    serde_json::from_str::<Vec<u32>>(raw.get()).map_err(|_| bad(shape)).map(|t| Prompt::Tokens(vec![t]))
+                }
+            }
+        }
+        _ => Err(bad(shape)),
+    }
+}
+
+/// Calls `f` on each element of a JSON array without collecting them.
+fn for_each_element<'a>(
+    raw: &'a RawValue,
+    f: &mut dyn FnMut(&'a RawValue) -> Result<(), String>,
+) -> Result<(), String> {
+    struct Each<'f, 'a>(&'f mut dyn FnMut(&'a RawValue) -> Result<(), String>);
+    impl<'de, 'f> Visitor<'de> for Each<'f, 'de> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+            while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                (self.0)(item).map_err(serde::de::Error::custom)?;
+            }
+            Ok(())
+        }
+    }
+    impl<'de, 'f> DeserializeSeed<'de> for Each<'f, 'de> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    Each(f).deserialize(&mut de).map_err(|e| strip_position(&e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+}
+
+/// Feeds a message `content` (a string, `null`, or an array of content parts) to `sink`.
+fn visit_content(content: &RawValue, sink: &mut dyn FnMut(&[u8])) -> Result<(), String> {
+    if let Some(text) = string_body(content) {
+        sink(text.as_bytes());
+        return Ok(());
+    }
+    match first_byte(content) {
+        b'n' if content.get() == "null" => Ok(()),
+        b'[' => for_each_element(content, &mut |raw| {
+            let part: Part<'_> = serde_json::from_str(raw.get())
+                .map_err(|_| "content parts must be objects with a string `type`".to_owned())?;
+            match (part.kind.as_ref(), part.text) {
+                ("text" | "input_text" | "output_text", Some(t)) => {
+                    let t = string_body(t).ok_or("a text part's `text` must be a string")?;
+                    sink(t.as_bytes());
+                }
+                ("text" | "input_text" | "output_text", None) => {
+                    return Err("a text part needs `text`".to_owned());
+                }
+                (kind, _) => {
+                    // Images, audio, files: a stable stand-in, equal for equal parts.
+                    let h = xxhash_rust::xxh3::xxh3_64(raw.get().as_bytes());
+                    sink(UNIT);
+                    sink(kind.as_bytes());
+                    sink(&h.to_le_bytes());
+                    sink(UNIT);
+                }
+            }
+            Ok(())
+        }),
+        _ => Err("must be a string, null or an array of content parts".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(api: ApiKind, body: &str) -> Vec<u8> {
+        let req = parse(api, body.as_bytes(), DEFAULT_MAX_BODY_BYTES).expect("parses");
+        let mut out = Vec::new();
+        req.feed_prompt(&mut |b| out.extend_from_slice(b));
+        out
+    }
+
+    /// One table row: API, body, and either the expected prompt stream or the expected error.
+    fn check(api: ApiKind, body: &str, want: Result<&[u8], &str>) {
+        match (parse(api, body.as_bytes(), 1 << 20), want) {
+            (Ok(req), Ok(bytes)) => {
+                let mut out = Vec::new();
+                req.feed_prompt(&mut |b| out.extend_from_slice(b));
+                assert_eq!(out, bytes, "prompt stream of {body}");
+            }
+            (Err(e), Err(msg)) => {
+                assert!(e.to_string().contains(msg), "error for {body}: got `{e}`, want `{msg}`");
+                assert_eq!(e.status(), 400);
+            }
+            (Ok(_), Err(msg)) => panic!("{body} parsed, want error `{msg}`"),
+            (Err(e), Ok(_)) => panic!("{body} failed: {e}"),
+        }
+    }
+
+    #[test]
+    fn completions_prompt_shapes() {
+        use ApiKind::Completions as C;
+        check(C, r#"{"model":"m","prompt":"hello"}"#, Ok(b"hello"));
+        check(C, r#"{"model":"m","prompt":"a\nb"}"#, Ok(br"a\nb"));
+        check(C, r#"{"model":"m","prompt":["first","second"]}"#, Ok(b"first"));
+        check(C, r#"{"model":"m","prompt":[1,2]}"#, Ok(&[1, 0, 0, 0, 2, 0, 0, 0]));
+        check(C, r#"{"model":"m","prompt":[[258],[3]]}"#, Ok(&[2, 1, 0, 0]));
+        check(C, r#"{"model":"m","prompt":[]}"#, Err("must not be empty"));
+        check(C, r#"{"model":"m","prompt":5}"#, Err("invalid field `prompt`"));
+        check(C, r#"{"model":"m","prompt":[1,"x"]}"#, Err("invalid field `prompt`"));
+        check(C, r#"{"model":"m","prompt":[-1]}"#, Err("invalid field `prompt`"));
+        check(C, r#"{"model":"m"}"#, Err("no `prompt` field"));
+    }
+
+    #[test]
+    fn chat_messages_and_parts() {
+        use ApiKind::ChatCompletions as Chat;
+        check(
+            Chat,
+            r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}"#,
+            Ok(b"\x1esystem\x1fbe brief\x1euser\x1fhi"),
+        );
+        check(
+            Chat,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+            Ok(b"\x1euser\x1fab"),
+        );
+        check(
+            Chat,
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#,
+            Ok(b"\x1eassistant\x1f\x1f[{\"id\":\"1\"}]"),
+        );
+        check(
+            Chat,
+            r#"{"model":"m","tools":[{"t":1}],"messages":[{"role":"user","content":"x"}]}"#,
+            Ok(b"\x1etools\x1f[{\"t\":1}]\x1euser\x1fx"),
+        );
+        check(Chat, r#"{"model":"m","messages":[{"role":"user","content":7}]}"#, Err("messages[0].content"));
+        check(
+            Chat,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"text":"a"}]}]}"#,
+            Err("messages[0].content"),
+        );
+        check(Chat, r#"{"model":"m","messages":[{"content":"x"}]}"#, Err("missing field `role`"));
+        check(Chat, r#"{"model":"m","messages":"hi"}"#, Err("invalid field `messages`"));
+        check(Chat, r#"{"model":"m"}"#, Err("no `messages` field"));
+    }
+
+    #[test]
+    fn image_parts_are_stable_placeholders() {
+        let img = |url: &str| {
+            stream(
+                ApiKind::ChatCompletions,
+                &format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{url}"}}}},{{"type":"text","text":"what is it"}}]}}]}}"#
+                ),
+            )
+        };
+        assert_eq!(img("a.png"), img("a.png"));
+        assert_ne!(img("a.png"), img("b.png"));
+        assert!(img("a.png").ends_with(b"what is it"));
+    }
+
+    #[test]
+    fn responses_and_embeddings() {
+        check(ApiKind::Responses, r#"{"model":"m","input":"hello"}"#, Ok(b"\x1ehello"));
+        check(
+            ApiKind::Responses,
+            r#"{"model":"m","instructions":"sys","input":[{"role":"user","content":"q"}]}"#,
+            Ok(b"\x1esys\x1e{\"role\":\"user\",\"content\":\"q\"}"),
+        );
+        check(ApiKind::Responses, r#"{"model":"m","input":3}"#, Err("invalid field `input`"));
+        check(ApiKind::Embeddings, r#"{"model":"m","input":["x","y"]}"#, Ok(b"x"));
+    }
+
+    #[test]
+    fn body_level_errors() {
+        use ApiKind::Completions as C;
+        check(C, "not json", Err("not valid JSON"));
+        check(C, r#"{"model":"m","prompt":"x""#, Err("not valid JSON"));
+        check(C, "[1,2]", Err("must be a JSON object"));
+        check(C, "\"str\"", Err("must be a JSON object"));
+        check(C, "", Err("not valid JSON"));
+        check(C, r#"{"prompt":"x"}"#, Err("no `model` field"));
+        check(C, r#"{"model":null,"prompt":"x"}"#, Err("no `model` field"));
+        check(C, r#"{"model":"","prompt":"x"}"#, Err("must not be empty"));
+        check(C, r#"{"model":5,"prompt":"x"}"#, Err("invalid field `model`"));
+        check(C, r#"{"model":"m","cache_salt":[],"prompt":"x"}"#, Err("invalid field `cache_salt`"));
+        check(C, r#"{"model":"m","prompt":"x","stream":"yes"}"#, Err("invalid field `stream`"));
+        check(C, r#"{"model":"m","prompt":"x","max_tokens":-3}"#, Err("invalid field `max_tokens`"));
+        let e = parse(C, b"{\"model\":\"\xff\"}", 100).expect_err("bad utf8");
+        assert!(matches!(e, RequestError::InvalidUtf8 { offset: 10 }), "{e:?}");
+        let e = parse(C, &[b' '; 101], 100).expect_err("too large");
+        assert!(matches!(e, RequestError::TooLarge { size: 101, limit: 100 }), "{e:?}");
+    }
+
+    #[test]
+    fn routing_fields() {
+        let body = r#"{"model":"llama","stream":true,"stream_options":{"include_usage":true},
+            "max_tokens":5,"max_completion_tokens":7,"cache_salt":"s1","priority":-2,
+            "kv_transfer_params":{"do_remote_decode":true},"unknown":[1,{"x":2}],
+            "messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse(ApiKind::ChatCompletions, body.as_bytes(), 1 << 20).expect("parses");
+        assert_eq!(r.model, "llama");
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.cache_salt.as_deref(), Some("s1"));
+        assert_eq!(r.priority, -2);
+        assert_eq!(r.kv_transfer_params.map(|p| p.get()), Some(r#"{"do_remote_decode":true}"#));
+        assert!(matches!(r.model, Cow::Borrowed(_)), "model must borrow from the body");
+        let r = parse(ApiKind::Completions, br#"{"model":"a\u0062","prompt":"x"}"#, 100).expect("parses");
+        assert_eq!(r.model, "ab");
+    }
+
+    #[test]
+    fn model_of_any_body() {
+        assert_eq!(model_of(br#"{"input":[1,{"x":2}],"model":"m"}"#).as_deref(), Some("m"));
+        assert_eq!(model_of(br#"{"input":"x"}"#), None);
+        assert_eq!(model_of(b"not json"), None);
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(ApiKind::from_path("/v1/chat/completions?x=1"), Some(ApiKind::ChatCompletions));
+        assert_eq!(ApiKind::from_path("/v1/completions/"), Some(ApiKind::Completions));
+        assert_eq!(ApiKind::from_path("/v1/models"), None);
+        for api in [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings] {
+            assert_eq!(ApiKind::from_path(api.path()), Some(api));
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::routing::prefix::{PrefixConfig, hash_prompt};
+    use proptest::prelude::*;
+
+    fn hashes(body: &str) -> Vec<crate::routing::prefix::BlockHash> {
+        let req = parse(ApiKind::ChatCompletions, body.as_bytes(), DEFAULT_MAX_BODY_BYTES).expect("parses");
+        let mut bytes = Vec::new();
+        req.feed_prompt(&mut |b| bytes.extend_from_slice(b));
+        let cfg = PrefixConfig { block_bytes: 16, ..PrefixConfig::default() };
+        hash_prompt(&cfg, &req.model, None, &bytes).hashes
+    }
+
+    fn body(messages: &[(bool, String)], tools: bool) -> String {
+        let msgs: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|(parts, text)| {
+                if *parts {
+                    serde_json::json!({"role": "user", "content": [{"type": "text", "text": text}]})
+                } else {
+                    serde_json::json!({"role": "assistant", "content": text})
+                }
+            })
+            .collect();
+        let mut v = serde_json::json!({"model": "m", "messages": msgs, "stream": true});
+        if tools {
+            v["tools"] = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        }
+        v.to_string()
+    }
+
+    proptest! {
+        /// A later turn of a conversation (the same messages plus more) extends the earlier
+        /// turn's block hashes.
+        #[test]
+        fn later_turns_extend_earlier_hashes(
+            turns in proptest::collection::vec((any::<bool>(), "[ -~\n\"\\\\é]{0,80}"), 1..8),
+            cut in 0usize..8,
+            tools in any::<bool>(),
+        ) {
+            let cut = cut.min(turns.len());
+            let early = hashes(&body(&turns[..cut], tools));
+            let late = hashes(&body(&turns, tools));
+            prop_assert!(early.len() <= late.len());
+            prop_assert_eq!(&late[..early.len()], &early[..]);
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `kvgate serve`: load the config, start every pool's discovery and scraping, and serve the
+//! admin API (ext_proc and the proxy listen here too once configured).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+mod demo;
+
+use crate::front::admin;
+use crate::front::extproc::{Picker, health::health_service};
+use crate::front::listen::{drain, nodelay, serve_http, shutdown_signal, stopped};
+use crate::front::proxy::{self, ProxyState};
+use crate::gateway::config::Config;
+use crate::gateway::facade::Gateway;
+use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery};
+use crate::gateway::telemetry::Telemetry;
+use crate::routing::plan::Planner;
+
+/// `kvgate serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The config file (YAML). Without it, kvgate runs its built-in demo: four simulated vLLM
+    /// replicas behind the proxy, all on loopback.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override the config's `grpc_addr`.
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Override the config's `admin_addr`.
+    #[arg(long)]
+    pub admin_addr: Option<SocketAddr>,
+    /// Override the config's `proxy_addr`.
+    #[arg(long)]
+    pub proxy_addr: Option<SocketAddr>,
+}
+
+/// A running kvgate: its gateway and bound listeners. Dropping it stops everything.
+#[derive(Debug)]
+pub struct Server {
+    /// The decision path over every pool.
+    pub gateway: Arc<Gateway>,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// Where the OpenAI proxy listens, if configured.
+    pub proxy_addr: Option<SocketAddr>,
+    /// Where the ext_proc gRPC server listens.
+    pub grpc_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl Server {
+    /// Stops accepting new connections and requests, lets the ones in flight (streams
+    /// included) finish for up to `grace`, then stops everything.
+    pub async fn shutdown(mut self, grace: std::time::Duration) {
+        let _ = self.stop.send(true);
+        drain(std::mem::take(&mut self.listeners), grace).await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            l.abort();
+        }
+    }
+}
+
+/// Starts pools and listeners for `cfg` (read from `path`); returns once they are bound.
+pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
+    let resolved = cfg.resolve(path)?;
+    let settings = PoolSettings::new(&cfg.scrape, &cfg.health);
+    let telemetry = Arc::new(Telemetry::new());
+    let stale_ms = settings.stale_after.as_millis() as u64;
+    let mut tasks = Vec::new();
+    let mut pools = Vec::new();
+    for rp in resolved {
+        let planner = Planner::new(rp.models.clone(), rp.scheduler, stale_ms);
+        let pool = Pool::new(rp.name, rp.models, planner, rp.admission, settings.clone(), telemetry.clone());
+        tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
+        pools.push(pool);
+    }
+    let gateway = Arc::new(Gateway::new(pools, cfg.max_body_bytes, telemetry));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut listeners = Vec::new();
+    let listener =
+        TcpListener::bind(cfg.admin_addr).await.with_context(|| format!("binding admin_addr {}", cfg.admin_addr))?;
+    let admin_addr = listener.local_addr()?;
+    listeners.push(serve_http(listener, admin::app(gateway.clone()), "admin", stop_rx.clone()));
+    let proxy_addr = match cfg.proxy_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding proxy_addr {addr}"))?;
+            let bound = listener.local_addr()?;
+            let state = Arc::new(ProxyState::new(gateway.clone(), cfg.proxy.clone()));
+            listeners.push(serve_http(listener, proxy::app(state), "proxy", stop_rx.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+    let listener =
+        TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding grpc_addr {}", cfg.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let picker = Picker::new(gateway.clone(), cfg.extproc.clone());
+    let max = cfg.extproc.max_message_bytes;
+    let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
+    let (health, follow_readiness) = health_service(&gateway).await;
+    tasks.push(AbortOnDrop(tokio::spawn(follow_readiness)));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.extproc.tls {
+        let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
+        let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("TLS on grpc_addr")?;
+    }
+    let grpc = builder.add_service(health.clone()).add_service(ext);
+    let grpc_stop = stopped(stop_rx.clone());
+    listeners.push(tokio::spawn(async move {
+        if let Err(e) = grpc.serve_with_incoming_shutdown(nodelay(listener), grpc_stop).await {
+            tracing::error!(error = %e, "ext_proc listener stopped");
+        }
+    }));
+    if let Some(addr) = cfg.health_addr {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding health_addr {addr}"))?;
+        let only_health = tonic::transport::Server::builder().add_service(health);
+        let health_stop = stopped(stop_rx.clone());
+        listeners.push(tokio::spawn(async move {
+            if let Err(e) =
+                only_health.serve_with_incoming_shutdown(TcpListenerStream::new(listener), health_stop).await
+            {
+                tracing::error!(error = %e, "health listener stopped");
+            }
+        }));
+    }
+    Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, stop, listeners, _tasks: tasks })
+}
+
+/// Runs `kvgate serve` until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(path) = args.config.clone() else { return demo::run(args).await };
+    let mut cfg = Config::load(&path)?;
+    apply_overrides(&mut cfg, &args);
+    let server = start(cfg, &path).await?;
+    tracing::info!(
+        admin = %server.admin_addr, proxy = ?server.proxy_addr, ext_proc = %server.grpc_addr,
+        pools = server.gateway.pools().len(), "kvgate serving"
+    );
+    shutdown_signal().await;
+    tracing::info!(grace_s = SHUTDOWN_GRACE.as_secs(), "shutting down: finishing requests in flight");
+    server.shutdown(SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+/// How long a shutdown waits for requests in flight.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Applies `--grpc-addr`, `--admin-addr` and `--proxy-addr`.
+pub(crate) fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {
+    if let Some(a) = args.grpc_addr {
+        cfg.grpc_addr = a;
+    }
+    if let Some(a) = args.admin_addr {
+        cfg.admin_addr = a;
+    }
+    if let Some(a) = args.proxy_addr {
+        cfg.proxy_addr = Some(a);
+    }
+}
+
