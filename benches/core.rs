@@ -10,9 +10,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use serde_json::json;
 
 use kvgate::routing::endpoint::{Endpoint, EndpointId, Metrics, Role};
+use kvgate::routing::plan::{PlanOptions, Planner};
 use kvgate::routing::prefix::{BlockHash, PrefixConfig, PrefixIndex, hash_prompt};
 use kvgate::routing::request::ApiKind;
-use kvgate::routing::plan::{PlanOptions, Planner};
 use kvgate::routing::schedule::Scheduler;
 
 /// Deterministic prose-like text of `len` bytes.
@@ -107,20 +107,17 @@ fn parsing(c: &mut Criterion) {
         let body = chat_body(kib * 1024 - 2200, "what is the answer?");
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("chat", format!("{kib}KiB")), |b| {
-            b.iter(|| kvgate::routing::request::parse(ApiKind::ChatCompletions, black_box(&body), 32 << 20).map(|r| r.priority))
+            b.iter(|| {
+                kvgate::routing::request::parse(ApiKind::ChatCompletions, black_box(&body), 32 << 20)
+                    .map(|r| r.priority)
+            })
         });
     }
     g.finish();
 }
 
 /// A whole decision as the front-ends make it: parse, hash, match, score, pick, record.
-fn decide(
-    router: &Planner,
-    body: &[u8],
-    eps: &[Endpoint],
-    opts: PlanOptions<'_>,
-    rng: &mut fastrand::Rng,
-) -> usize {
+fn decide(router: &Planner, body: &[u8], eps: &[Endpoint], opts: PlanOptions<'_>, rng: &mut fastrand::Rng) -> usize {
     let req = kvgate::routing::request::parse(ApiKind::ChatCompletions, body, 32 << 20).expect("parses");
     router.plan(&req, eps, opts, rng, None).expect("routes").decision.primary().index
 }

@@ -5,11 +5,11 @@
 //! admin API, [`extproc`] the Envoy endpoint picker, and [`usage`] reads token usage from
 //! responses for both.
 
-pub mod admin;
-pub mod extproc;
-pub mod handoff;
-pub mod http;
-pub mod listen;
-pub mod proxy;
+pub(crate) mod admin;
+pub(crate) mod extproc;
+pub(crate) mod handoff;
+pub(crate) mod http;
+pub(crate) mod listen;
+pub(crate) mod proxy;
 pub mod sidecar;
-pub mod usage;
+pub(crate) mod usage;

@@ -64,7 +64,8 @@ fn main() -> ExitCode {
             run_async(kvgate::tools::serve::run(args))
         }
         Command::Bench(cli) => match cli.sub {
-            Some(BenchSub::Compare { reports, plot }) => match kvgate::tools::bench::compare(&reports, plot.as_deref()) {
+            Some(BenchSub::Compare { reports, plot }) => match kvgate::tools::bench::compare(&reports, plot.as_deref())
+            {
                 Ok(table) => {
                     println!("{table}");
                     ExitCode::SUCCESS
@@ -162,7 +163,11 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         if let Some(f) = &pool.endpoints_file {
             println!("  endpoints file {} (now {} endpoints):", f.display(), pool.file_endpoints.len());
             for e in &pool.file_endpoints {
-                println!("    endpoint {e} ({}) role {}", e.name, kvgate::routing::endpoint::Role::of_labels(&e.labels));
+                println!(
+                    "    endpoint {e} ({}) role {}",
+                    e.name,
+                    kvgate::routing::endpoint::Role::of_labels(&e.labels)
+                );
             }
         }
         for line in pool.scheduler.to_string().lines() {

@@ -66,5 +66,8 @@ fn pattern_configs() {
     assert_eq!(d.decider.non_cached_tokens, 512);
     let roles: Vec<kvgate::routing::endpoint::Role> =
         p5[0].endpoints.iter().map(|e| kvgate::routing::endpoint::Role::of_labels(&e.labels)).collect();
-    assert!(roles.contains(&kvgate::routing::endpoint::Role::Prefill) && roles.contains(&kvgate::routing::endpoint::Role::Decode));
+    assert!(
+        roles.contains(&kvgate::routing::endpoint::Role::Prefill)
+            && roles.contains(&kvgate::routing::endpoint::Role::Decode)
+    );
 }

@@ -1,4 +1,4 @@
-//! The decision core (request, prefix, endpoint, schedule) must stay synchronous and pure: no
+//! The decision core (`src/routing/`) must stay synchronous and pure: no
 //! async or network crates, no clock, no global randomness, no file or socket I/O. This test
 //! reads the core's source and fails on any such use.
 
@@ -31,25 +31,19 @@ const FORBIDDEN: &[&str] = &[
     "std::env",
 ];
 
+/// Every `.rs` file of the core: `src/routing.rs` and everything under `src/routing/`.
 fn core_files() -> Vec<PathBuf> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(&src).expect("src/ exists") {
-        let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        let core = ["request", "prefix", "endpoint", "schedule"].iter().any(|m| name.starts_with(m));
-        if !core {
-            continue;
-        }
-        if path.is_dir() {
-            for sub in std::fs::read_dir(&path).expect("module dir") {
-                let p = sub.expect("entry").path();
-                if p.extension().is_some_and(|x| x == "rs") {
-                    files.push(p);
-                }
+    let mut files = vec![src.join("routing.rs")];
+    let mut dirs = vec![src.join("routing")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("core folder exists") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                files.push(path);
             }
-        } else if name.ends_with(".rs") {
-            files.push(path);
         }
     }
     files

@@ -259,7 +259,8 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
 
     // A sidecar must be told which prefill endpoints it may use.
     let bare: kvgate::front::sidecar::SidecarArgs =
-        kvgate::tools::cli::parse_flags("sidecar", ["--listen", "127.0.0.1:0", "--decode", da.as_str()]).expect("flags");
+        kvgate::tools::cli::parse_flags("sidecar", ["--listen", "127.0.0.1:0", "--decode", da.as_str()])
+            .expect("flags");
     let err = kvgate::front::sidecar::start(bare).await.expect_err("refused");
     assert!(err.to_string().contains("--allow-prefill"), "{err}");
 

@@ -271,10 +271,32 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
     assert_eq!(metadata_destination(&r), Some(dest));
     drop(s);
 
-    // A request without a body is decided at its headers.
+    // A request without a body is answered at its headers, as the proxy answers it: the model
+    // list by the gateway itself; an API request without a body (so without a `model`) is a
+    // 400, and so is one whose body names no model.
+    let immediate = |r: ProcessingResponse| match r.response {
+        Some(Resp::ImmediateResponse(ir)) => {
+            let v: serde_json::Value = serde_json::from_slice(&ir.body).expect("JSON body");
+            (ir.status.map(|s| s.code), v)
+        }
+        other => panic!("expected an immediate response, got {other:?}"),
+    };
     let mut s = Stream::open(kv.grpc_addr).await;
     s.send(msg(headers(&[(":method", "GET"), (":path", "/v1/models")], true))).await;
-    assert!(destination(&s.recv().await).is_some());
+    let (status, v) = immediate(s.recv().await);
+    assert_eq!(status, Some(200));
+    assert_eq!(v["data"][0]["id"], MODEL);
+    drop(s);
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&post, true))).await;
+    assert_eq!(immediate(s.recv().await).0, Some(400));
+    drop(s);
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&post, false))).await;
+    let no_model = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
+    s.send(msg(Req::RequestBody(HttpBody { body: no_model, end_of_stream: true, ..Default::default() }))).await;
+    let (status, v) = immediate(s.recv().await);
+    assert_eq!((status, v["error"]["code"].as_str()), (Some(400), Some("missing_model")));
     drop(s);
 
     // A stream reset mid-request releases the in-flight count.
@@ -356,7 +378,9 @@ async fn ext_proc_over_tls() {
     let mut client = ExternalProcessorClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     let mut resp = client.process(ReceiverStream::new(rx)).await.expect("process").into_inner();
-    tx.send(msg(headers(&[(":method", "GET"), (":path", "/v1/models")], true))).await.expect("send");
+    tx.send(msg(headers(&[(":method", "POST"), (":path", "/v1/completions")], false))).await.expect("send");
+    let body = json!({"model": MODEL, "prompt": "hi"}).to_string().into_bytes();
+    tx.send(msg(Req::RequestBody(HttpBody { body, end_of_stream: true, ..Default::default() }))).await.expect("send");
     let r = tokio::time::timeout(Duration::from_secs(10), resp.message())
         .await
         .expect("in time")

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::routing::get;
 use common::{SimProcess, eventually, free_port, get_json, start_kvgate, start_sim};
-use kvgate::routing::request::ApiKind;
 use kvgate::gateway::error::RouteError;
+use kvgate::routing::request::ApiKind;
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";

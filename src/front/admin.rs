@@ -18,7 +18,7 @@ use crate::gateway::facade::Gateway;
 use crate::routing::request::ApiKind;
 
 /// The admin router.
-pub fn app(gateway: Arc<Gateway>) -> Router {
+pub(crate) fn app(gateway: Arc<Gateway>) -> Router {
     let limit = gateway.max_body_bytes().saturating_add(1);
     Router::new()
         .route("/metrics", get(metrics))
@@ -63,8 +63,7 @@ struct ExplainQuery {
 async fn explain(State(g): St, Query(q): Query<ExplainQuery>, body: Bytes) -> Response {
     let path = q.path.as_deref().unwrap_or("/v1/chat/completions");
     let Some(api) = ApiKind::from_path(path) else {
-        let body =
-            error_body(400, &format!("`{path}` is not a routed API path"), "invalid_path", Some("path"));
+        let body = error_body(400, &format!("`{path}` is not a routed API path"), "invalid_path", Some("path"));
         return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     };
     match g.explain(api, &body) {

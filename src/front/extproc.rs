@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub mod health;
+pub(crate) mod health;
 
 use crate::front::http::{
     DESTINATION_HEADER as DEST, DP_RANK_HEADER, DROPPED_HEADER as DROPPED, PREFILLER_HEADER, PREFILLER_RANK_HEADER,
@@ -51,24 +51,24 @@ use crate::routing::request::RequestError;
 use crate::routing::schedule::{NoDecision, Subset};
 
 /// Dynamic metadata namespace of the pick.
-pub const LB_NAMESPACE: &str = "envoy.lb";
+pub(crate) const LB_NAMESPACE: &str = "envoy.lb";
 /// Metadata namespace of the subset hint.
-pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+pub(crate) const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Metadata key of the subset hint.
-pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+pub(crate) const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 /// Largest body chunk sent back to Envoy.
-pub const CHUNK: usize = 62_000;
+pub(crate) const CHUNK: usize = 62_000;
 
 /// The ext_proc service.
 #[derive(Debug, Clone)]
-pub struct Picker {
+pub(crate) struct Picker {
     gateway: Arc<Gateway>,
     cfg: Arc<ExtProcConfig>,
 }
 
 impl Picker {
     /// A picker deciding through `gateway`.
-    pub fn new(gateway: Arc<Gateway>, cfg: ExtProcConfig) -> Self {
+    pub(crate) fn new(gateway: Arc<Gateway>, cfg: ExtProcConfig) -> Self {
         Self { gateway, cfg: Arc::new(cfg) }
     }
 }
@@ -215,7 +215,8 @@ impl StreamState {
                 let limit = self.gateway.max_body_bytes();
                 if self.body.len() + b.body.len() > limit {
                     // Refuse as soon as the body is too large, rather than holding all of it.
-                    let e = RouteError::BadRequest(RequestError::TooLarge { size: self.body.len() + b.body.len(), limit });
+                    let e =
+                        RouteError::BadRequest(RequestError::TooLarge { size: self.body.len() + b.body.len(), limit });
                     self.body = Vec::new();
                     self.done = true;
                     self.gateway.refused(&e);

@@ -21,7 +21,7 @@ const MAX_PREFILL_RESPONSE: usize = 16 << 20;
 
 /// Why a prefill leg did not produce usable `kv_transfer_params`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Fallback {
+pub(crate) enum Fallback {
     /// The prefill endpoint could not be reached.
     #[error("prefill endpoint unreachable: {0}")]
     Unreachable(String),
@@ -53,7 +53,7 @@ impl From<BodyError> for Fallback {
 
 impl Fallback {
     /// Metric label.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::Unreachable(_) => "unreachable",
             Self::Timeout => "timeout",
@@ -66,14 +66,14 @@ impl Fallback {
 
     /// Whether the failure says something about the prefill endpoint's health (a timeout does
     /// not: a long prompt can be slow to prefill on a healthy endpoint).
-    pub fn endpoint_failed(&self) -> bool {
+    pub(crate) fn endpoint_failed(&self) -> bool {
         matches!(self, Self::Unreachable(_)) || matches!(self, Self::Status(s) if *s >= 500)
     }
 }
 
 /// One prefill leg: where, how, and the client's headers to carry.
 #[derive(Debug)]
-pub struct PrefillLeg<'a> {
+pub(crate) struct PrefillLeg<'a> {
     /// The prefill endpoint.
     pub address: SocketAddr,
     /// Its data-parallel rank to pin, when it shares its address with other ranks.
@@ -87,7 +87,7 @@ pub struct PrefillLeg<'a> {
 }
 
 /// Runs the prefill leg of `body`; returns the decode leg's body.
-pub async fn handoff(client: &UpstreamClient, leg: PrefillLeg<'_>, body: &[u8]) -> Result<Vec<u8>, Fallback> {
+pub(crate) async fn handoff(client: &UpstreamClient, leg: PrefillLeg<'_>, body: &[u8]) -> Result<Vec<u8>, Fallback> {
     let prefill = prefill_body(body)?;
     let mut headers = leg.headers.clone();
     strip_placement(&mut headers);
@@ -96,15 +96,8 @@ pub async fn handoff(client: &UpstreamClient, leg: PrefillLeg<'_>, body: &[u8]) 
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let req = upstream_request(
-        Method::POST,
-        leg.address,
-        leg.path,
-        headers,
-        leg.header_rank,
-        Bytes::from(prefill),
-    )
-    .map_err(|e| Fallback::BadRequest(e.to_string()))?;
+    let req = upstream_request(Method::POST, leg.address, leg.path, headers, leg.header_rank, Bytes::from(prefill))
+        .map_err(|e| Fallback::BadRequest(e.to_string()))?;
     let run = async {
         let resp = client.request(req).await.map_err(|e| Fallback::Unreachable(e.to_string()))?;
         let status = resp.status();

@@ -18,42 +18,42 @@ use crate::gateway::outcome::Routed;
 use crate::routing::request::RequestError;
 
 /// Request header (and `envoy.lb` metadata key) carrying the pick.
-pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+pub(crate) const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 /// The endpoint that served: a proxy response header, and the metadata key where a gateway
 /// reports it to ext_proc.
-pub const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
+pub(crate) const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
 /// Header naming why a request was refused.
-pub const DROPPED_HEADER: &str = "x-llm-d-request-dropped-reason";
+pub(crate) const DROPPED_HEADER: &str = "x-llm-d-request-dropped-reason";
 /// Conformance-test header forcing the pick among the listed endpoints.
-pub const TEST_SELECTION_HEADER: &str = "test-epp-endpoint-selection";
+pub(crate) const TEST_SELECTION_HEADER: &str = "test-epp-endpoint-selection";
 /// The request id header.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Request header naming the prefill endpoint (`ip:port`) for the decode side; on a proxy
 /// response, the prefill endpoint that was used.
-pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
+pub(crate) const PREFILLER_HEADER: &str = "x-prefiller-host-port";
 /// Request header for the decode side: the data-parallel rank to pin on the prefill endpoint,
 /// when that endpoint balances its ranks behind one port.
-pub const PREFILLER_RANK_HEADER: &str = "x-prefiller-data-parallel-rank";
+pub(crate) const PREFILLER_RANK_HEADER: &str = "x-prefiller-data-parallel-rank";
 /// Request header pinning a request to one data-parallel rank of a vLLM server that balances
 /// its ranks internally.
-pub const DP_RANK_HEADER: &str = "x-data-parallel-rank";
+pub(crate) const DP_RANK_HEADER: &str = "x-data-parallel-rank";
 
 /// The headers that say where a request is placed: kvgate's to set, never a client's.
 const PLACEMENT_HEADERS: [&str; 3] = [PREFILLER_HEADER, PREFILLER_RANK_HEADER, DP_RANK_HEADER];
 
 /// Removes any placement header from `headers`.
-pub fn strip_placement(headers: &mut HeaderMap) {
+pub(crate) fn strip_placement(headers: &mut HeaderMap) {
     for h in PLACEMENT_HEADERS {
         headers.remove(h);
     }
 }
 
 /// The HTTP client the front-ends use for upstream requests.
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
 /// An HTTP/1 client for endpoints: keep-alive, no Nagle delay, bounded connects.
-pub fn upstream_client(connect_timeout_ms: u64) -> UpstreamClient {
+pub(crate) fn upstream_client(connect_timeout_ms: u64) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
@@ -65,7 +65,7 @@ const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
 
 /// Copies end-to-end headers (dropping hop-by-hop ones and any the `Connection` header names).
-pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
+pub(crate) fn end_to_end(from: &HeaderMap) -> HeaderMap {
     let named: Vec<String> = from
         .get_all(header::CONNECTION)
         .iter()
@@ -83,7 +83,7 @@ pub fn end_to_end(from: &HeaderMap) -> HeaderMap {
 }
 
 /// A random (version 4) UUID.
-pub fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let v = fastrand::u128(..) & !(0xf000 << 64) | (0x4000 << 64);
     let v = v & !(0xc000 << 48) | (0x8000 << 48);
     let h = format!("{v:032x}");
@@ -91,7 +91,7 @@ pub fn new_request_id() -> String {
 }
 
 /// Gives the request an `x-request-id` if it has none.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
+pub(crate) fn ensure_request_id(headers: &mut HeaderMap) {
     if !headers.contains_key(REQUEST_ID_HEADER)
         && let Ok(v) = HeaderValue::from_str(&new_request_id())
     {
@@ -100,7 +100,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
 }
 
 /// Reads a whole request body of at most `limit` bytes.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, RequestError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, RequestError> {
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
@@ -115,7 +115,7 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, RequestError> 
 
 /// A request to an endpoint: `headers` plus its `Host` and, for a rank that shares its port with
 /// others, the rank pin.
-pub fn upstream_request(
+pub(crate) fn upstream_request(
     method: Method,
     address: SocketAddr,
     path: &str,
@@ -136,19 +136,19 @@ pub fn upstream_request(
 }
 
 /// An OpenAI-shaped error response.
-pub fn json_error(status: u16, message: &str, code: &str) -> Response {
+pub(crate) fn json_error(status: u16, message: &str, code: &str) -> Response {
     let s = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     (s, [(header::CONTENT_TYPE, "application/json")], error_body(status, message, code, None)).into_response()
 }
 
 /// The headers a refusal carries besides its content type: `Retry-After` on 429, in both
 /// front-ends.
-pub fn refusal_headers(e: &RouteError) -> Vec<(&'static str, &'static str)> {
+pub(crate) fn refusal_headers(e: &RouteError) -> Vec<(&'static str, &'static str)> {
     if e.status() == 429 { vec![("retry-after", "1")] } else { Vec::new() }
 }
 
 /// A refusal as an OpenAI-shaped JSON response.
-pub fn refusal(e: &RouteError) -> Response {
+pub(crate) fn refusal(e: &RouteError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = (status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response();
     for (k, v) in refusal_headers(e) {
@@ -158,7 +158,7 @@ pub fn refusal(e: &RouteError) -> Response {
 }
 
 /// Whether a response is a server-sent event stream.
-pub fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
@@ -166,7 +166,7 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
 /// (when given), and its body relayed frame by frame (bounded by `idle_ms` between frames).
 /// A routed request lives as long as the body: its first byte, usage and in-flight release are
 /// reported through it.
-pub fn relay(
+pub(crate) fn relay(
     resp: hyper::Response<hyper::body::Incoming>,
     served: Option<SocketAddr>,
     routed: Option<Routed>,

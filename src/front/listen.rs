@@ -10,12 +10,12 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// Resolves when `stop` turns true.
-pub async fn stopped(mut stop: watch::Receiver<bool>) {
+pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Serves `app` on `listener` until `stop`, then lets open connections finish.
-pub fn serve_http(
+pub(crate) fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     what: &'static str,
@@ -34,7 +34,7 @@ pub fn serve_http(
 
 /// Accepted connections with TCP_NODELAY: gRPC messages are small writes that Nagle's algorithm
 /// (with the peer's delayed ACKs) would hold back by up to 40 ms each.
-pub fn nodelay(
+pub(crate) fn nodelay(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
     use tokio_stream::StreamExt;
@@ -46,7 +46,7 @@ pub fn nodelay(
 }
 
 /// Waits up to `grace` for stopping listeners to finish their connections, then aborts them.
-pub async fn drain(listeners: Vec<JoinHandle<()>>, grace: Duration) {
+pub(crate) async fn drain(listeners: Vec<JoinHandle<()>>, grace: Duration) {
     let aborts: Vec<_> = listeners.iter().map(|h| h.abort_handle()).collect();
     if tokio::time::timeout(grace, futures_util::future::join_all(listeners)).await.is_err() {
         tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
@@ -57,7 +57,7 @@ pub async fn drain(listeners: Vec<JoinHandle<()>>, grace: Duration) {
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -28,7 +28,7 @@ use crate::gateway::outcome::Routed;
 
 /// What the proxy needs.
 #[derive(Debug)]
-pub struct ProxyState {
+pub(crate) struct ProxyState {
     gateway: Arc<Gateway>,
     client: UpstreamClient,
     cfg: ProxyConfig,
@@ -36,13 +36,13 @@ pub struct ProxyState {
 
 impl ProxyState {
     /// A proxy over `gateway`.
-    pub fn new(gateway: Arc<Gateway>, cfg: ProxyConfig) -> Self {
+    pub(crate) fn new(gateway: Arc<Gateway>, cfg: ProxyConfig) -> Self {
         Self { gateway, client: upstream_client(cfg.connect_timeout_ms), cfg }
     }
 }
 
 /// The proxy router.
-pub fn app(state: Arc<ProxyState>) -> Router {
+pub(crate) fn app(state: Arc<ProxyState>) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
@@ -180,4 +180,3 @@ async fn send(
     routed.count(resp.status().as_u16(), "upstream_error");
     resp
 }
-

@@ -309,7 +309,8 @@ mod tests {
     use super::*;
 
     fn sidecar(allow: Allow) -> Sidecar {
-        let args = crate::tools::cli::parse_flags::<SidecarArgs, _, _>("sidecar", ["--decode", "127.0.0.1:1"]).expect("flags");
+        let args =
+            crate::tools::cli::parse_flags::<SidecarArgs, _, _>("sidecar", ["--decode", "127.0.0.1:1"]).expect("flags");
         Sidecar { allow, client: upstream_client(100), counters: Counters::new(), args }
     }
 

@@ -5,7 +5,7 @@ use crate::gateway::telemetry::Usage;
 
 /// Reads usage from a response body as it streams (JSON, or SSE with lines split anywhere).
 #[derive(Debug, Default)]
-pub struct UsageReader {
+pub(crate) struct UsageReader {
     sse: Option<bool>,
     pending: Vec<u8>,
     /// The usage the body reported, once read.
@@ -17,7 +17,7 @@ const MAX_USAGE_BODY: usize = 4 << 20;
 
 impl UsageReader {
     /// A reader; `sse` when the response is `text/event-stream`.
-    pub fn new(sse: bool) -> Self {
+    pub(crate) fn new(sse: bool) -> Self {
         Self { sse: Some(sse), ..Self::default() }
     }
 
@@ -42,7 +42,7 @@ impl UsageReader {
     }
 
     /// Feeds the next chunk.
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         if self.sse == Some(true) {
             self.pending.extend_from_slice(chunk);
             // Complete lines are read in place and dropped at once; a partial one waits.
@@ -69,7 +69,7 @@ impl UsageReader {
     }
 
     /// The body is complete.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if self.sse != Some(true)
             && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.pending)
             && let Some(u) = Self::usage_of(&v)

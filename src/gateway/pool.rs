@@ -7,10 +7,10 @@
 //! every few milliseconds. Readers take the current `Arc<Snapshot>` once per request. kvgate's
 //! own in-flight counts are atomics shared by every snapshot, so they are always current.
 
-pub mod discovery;
+pub(crate) mod discovery;
 mod health;
-pub mod scrape;
-pub mod scrape_parse;
+pub(crate) mod scrape;
+pub(crate) mod scrape_parse;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -283,8 +283,8 @@ impl Pool {
             // One scraper per address: ranks behind one port share their server's /metrics.
             for k in 0..members.len() {
                 let t = &members[k].target;
-                let scraped_by_earlier =
-                    t.entry.rank_header && members[..k].iter().any(|m| m.target.entry.rank_header && m.target.addr == t.addr);
+                let scraped_by_earlier = t.entry.rank_header
+                    && members[..k].iter().any(|m| m.target.entry.rank_header && m.target.addr == t.addr);
                 if scraped_by_earlier {
                     members[k]._scraper = None;
                 } else if members[k]._scraper.is_none() {
@@ -486,4 +486,3 @@ fn next_round(interval: Duration, now: u64) -> Duration {
 
 /// A pool that is only reachable weakly (scrapers hold this so they end with the pool).
 type WeakPool = Weak<Inner>;
-

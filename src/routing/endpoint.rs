@@ -301,7 +301,6 @@ pub struct EndpointStatus {
     pub last_error: Option<String>,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,8 +132,7 @@ impl Planner {
             self.index.record(primary.id, &prompt.hashes);
         }
         let tokens = prompt.prompt_tokens() as u64;
-        let uncached =
-            |t: &Target| tokens.saturating_sub(u64::from(t.matched_blocks) * cfg.block_tokens() as u64);
+        let uncached = |t: &Target| tokens.saturating_sub(u64::from(t.matched_blocks) * cfg.block_tokens() as u64);
         Ok(Planned {
             uncached_tokens: uncached(primary),
             prefill_uncached_tokens: decision.prefill.as_ref().map(uncached),

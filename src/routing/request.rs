@@ -370,30 +370,6 @@ impl ParsedRequest<'_> {
             }
         }
     }
-
-    /// Length in bytes of the canonical prompt stream.
-    pub fn prompt_bytes(&self) -> usize {
-        let mut n = 0;
-        self.feed_prompt(&mut |b| n += b.len());
-        n
-    }
-
-    /// Number of prompts in the request (a completions batch can hold several).
-    pub fn prompt_count(&self) -> usize {
-        match &self.prompt {
-            Prompt::Texts(t) => t.len(),
-            Prompt::Tokens(t) => t.len(),
-            Prompt::Chat { .. } | Prompt::Responses { .. } => 1,
-        }
-    }
-
-    /// Token ids, when the (first) prompt was given as token ids.
-    pub fn prompt_token_ids(&self) -> Option<&[u32]> {
-        match &self.prompt {
-            Prompt::Tokens(t) => t.first().map(Vec::as_slice),
-            _ => None,
-        }
-    }
 }
 
 /// The `model` of any JSON body, reading nothing else (for paths kvgate does not parse).

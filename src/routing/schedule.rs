@@ -307,16 +307,6 @@ impl Scheduler {
         &self.prefix
     }
 
-    /// The profile.
-    pub fn profile(&self) -> &Profile {
-        &self.profile
-    }
-
-    /// How many ordered endpoints a decision carries by default (the picker's setting).
-    pub fn max_endpoints(&self) -> usize {
-        self.profile.picker.plugin.max_endpoints()
-    }
-
     /// Prefill disaggregation, when configured.
     pub fn disagg(&self) -> Option<&Disagg> {
         self.disagg.as_ref()

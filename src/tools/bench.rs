@@ -3,7 +3,7 @@
 //! output token, end-to-end latency, throughput, errors — and, from the endpoints' `/metrics`,
 //! the prefix-cache hit rate. Writes a JSON report.
 
-pub mod workload;
+pub(crate) mod workload;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -274,8 +274,7 @@ async fn counters(urls: &[String]) -> Option<(f64, f64)> {
     if urls.is_empty() {
         return None;
     }
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let (mut hits, mut queries) = (0.0, 0.0);
     for u in urls {
         let req = hyper::Request::get(u.as_str()).body(Full::new(Bytes::new())).ok()?;

@@ -175,4 +175,3 @@ pub(crate) fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {
         cfg.proxy_addr = Some(a);
     }
 }
-

@@ -8,13 +8,13 @@
 //! running request (≈ 20 ms at 64 requests); prefill runs at the ~15,900 tokens/s the reference
 //! router assumes for this model (0.0628 ms per uncached token); NIXL moves KV at ~3 µs per token.
 
-pub mod engine;
-pub mod events;
-pub mod faults;
-pub mod kv;
-pub mod metrics;
-pub mod server;
-pub mod tokenizer;
+pub(crate) mod engine;
+pub(crate) mod events;
+pub(crate) mod faults;
+pub(crate) mod kv;
+pub(crate) mod metrics;
+pub(crate) mod server;
+pub(crate) mod tokenizer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

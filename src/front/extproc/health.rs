@@ -20,7 +20,7 @@ const READINESS_POLL: Duration = Duration::from_millis(200);
 
 /// The health service, and the loop (to spawn and own) that keeps its readiness current; the
 /// loop ends when the gateway is dropped.
-pub async fn health_service(
+pub(crate) async fn health_service(
     gateway: &Arc<Gateway>,
 ) -> (HealthServer<impl Health>, impl Future<Output = ()> + Send + 'static) {
     let (reporter, service) = tonic_health::server::health_reporter();

@@ -125,8 +125,7 @@ impl EndpointSpec {
             None => ports,
             Some(_) if self.ports.is_some() => {
                 return Err(bad("give `ports` (one port per rank) or `data_parallel_size` (ranks behind one port), \
-                            not both"
-                    ));
+                            not both"));
             }
             Some(n) if n == 0 || n > MAX_HEADER_RANKS => {
                 return Err(bad(format!("`data_parallel_size` must be 1 to {MAX_HEADER_RANKS}, got {n}")));

@@ -17,7 +17,7 @@ const FILE_POLL: Duration = Duration::from_millis(250);
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Resolves entries to endpoints (host names through DNS; failures are logged and skipped).
-pub async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Discovered> {
+pub(crate) async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Discovered> {
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         let addrs: Vec<SocketAddr> = match &e.host {
@@ -46,7 +46,7 @@ pub async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Discovered> {
 }
 
 /// Keeps `pool`'s endpoints in line with `fixed` entries and the optional endpoints file.
-pub async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<PathBuf>) {
+pub(crate) async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<PathBuf>) {
     let mut file_entries: Vec<ResolvedEndpoint> = Vec::new();
     let mut file_stamp: Option<(SystemTime, u64)> = None;
     let mut last_dns = Instant::now();

@@ -50,7 +50,6 @@ impl HealthState {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -17,7 +17,7 @@ const SCRAPED_FAMILIES: &str = "name%5B%5D=vllm%3Anum_requests_running&name%5B%5
     &name%5B%5D=vllm%3Acache_config_info&name%5B%5D=vllm%3Alora_requests_info";
 
 /// Adapters (entries with a `parent`) from a `/v1/models` body.
-pub fn adapters_of(models_json: &str) -> Vec<String> {
+pub(crate) fn adapters_of(models_json: &str) -> Vec<String> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(models_json) else { return Vec::new() };
     v["data"]
         .as_array()
@@ -43,7 +43,8 @@ struct Conn {
 
 impl Conn {
     async fn open(addr: SocketAddr) -> Result<Self, ScrapeError> {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| transport(format!("connect failed: {e}")))?;
+        let stream =
+            tokio::net::TcpStream::connect(addr).await.map_err(|e| transport(format!("connect failed: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -92,8 +93,9 @@ async fn get(
             None => Err(transport("no connection".into())),
         }
     };
-    let result =
-        tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| Err(transport(format!("timed out after {timeout:?}"))));
+    let result = tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(transport(format!("timed out after {timeout:?}"))));
     if result.is_err() {
         // Never reuse a connection that failed or may still carry an unread answer.
         *conn = None;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 /// What one engine (one `engine` label value) reports.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineScrape {
+pub(crate) struct EngineScrape {
     /// `vllm:num_requests_running`.
     pub running: Option<f64>,
     /// `vllm:num_requests_waiting`.
@@ -23,7 +23,7 @@ pub struct EngineScrape {
 
 /// The newest `vllm:lora_requests_info` series.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct LoraScrape {
+pub(crate) struct LoraScrape {
     /// `running_lora_adapters`.
     pub running: Vec<String>,
     /// `waiting_lora_adapters`.
@@ -36,7 +36,7 @@ pub struct LoraScrape {
 
 /// A parsed scrape.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Scrape {
+pub(crate) struct Scrape {
     /// Per `engine` label value (`""` when the series have no `engine` label).
     pub engines: BTreeMap<String, EngineScrape>,
     /// LoRA state, when the endpoint serves adapters.
@@ -45,7 +45,7 @@ pub struct Scrape {
 
 impl Scrape {
     /// The engine for data-parallel rank `rank`: its own series if present, else the only one.
-    pub fn engine(&self, rank: Option<u32>) -> Option<&EngineScrape> {
+    pub(crate) fn engine(&self, rank: Option<u32>) -> Option<&EngineScrape> {
         if let Some(r) = rank
             && let Some(e) = self.engines.get(&r.to_string())
         {
@@ -80,7 +80,7 @@ fn family(name: &str) -> Option<Family> {
 
 /// Why a scrape gave no usable load.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ScrapeError {
+pub(crate) enum ScrapeError {
     /// The endpoint could not be asked (connect, handshake, HTTP status, timeout, body).
     #[error("{0}")]
     Transport(String),
@@ -144,7 +144,7 @@ fn value(s: &str, line: usize) -> Result<f64, ScrapeError> {
 }
 
 /// Parses an exposition, keeping only the families routing reads.
-pub fn parse(text: &str) -> Result<Scrape, ScrapeError> {
+pub(crate) fn parse(text: &str) -> Result<Scrape, ScrapeError> {
     let mut out = Scrape::default();
     let mut lora_best = f64::NEG_INFINITY;
     for (n, line) in text.lines().enumerate() {

@@ -10,7 +10,7 @@ use crate::tools::sim::tokenizer;
 
 /// One request of a workload.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Item {
+pub(crate) struct Item {
     /// Chat messages (role, content), system prompt first.
     pub messages: Vec<(String, String)>,
     /// Tokens to generate.
@@ -26,7 +26,7 @@ const WORDS: &[&str] = &[
 ];
 
 /// Text of exactly `tokens` simulator tokens.
-pub fn text(rng: &mut fastrand::Rng, tokens: usize) -> String {
+pub(crate) fn text(rng: &mut fastrand::Rng, tokens: usize) -> String {
     let mut out = String::with_capacity(tokens * 5);
     let mut n = 0;
     while n < tokens {
@@ -48,7 +48,7 @@ pub fn text(rng: &mut fastrand::Rng, tokens: usize) -> String {
 
 /// `groups` system prompts of `system_len` tokens, each shared by `per_group` questions of
 /// `question_len` tokens; requests interleaved across groups in a seeded order.
-pub fn shared_prefix(
+pub(crate) fn shared_prefix(
     seed: u64,
     groups: usize,
     per_group: usize,
@@ -73,7 +73,7 @@ pub fn shared_prefix(
 /// `sessions` conversations of `turns` turns: each turn resends the whole conversation (with
 /// the assistant's earlier answers as `answer_len`-token stand-ins) plus a new `question_len`
 /// message. Turns of different sessions interleave; a session's turns stay in order.
-pub fn multi_turn(
+pub(crate) fn multi_turn(
     seed: u64,
     sessions: usize,
     turns: usize,
@@ -121,7 +121,7 @@ struct TraceLine {
 /// their arrival offsets in seconds. Block `id` is the same `block_tokens`-token text wherever it
 /// appears, so equal hash ids give identical text; the prompt is cut or padded (with text unique
 /// to the request) to `input_length`.
-pub fn trace(jsonl: &str, block_tokens: usize) -> Result<Vec<(f64, Item)>, String> {
+pub(crate) fn trace(jsonl: &str, block_tokens: usize) -> Result<Vec<(f64, Item)>, String> {
     let mut out = Vec::new();
     let mut blocks: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
     for (n, line) in jsonl.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -159,7 +159,7 @@ pub fn trace(jsonl: &str, block_tokens: usize) -> Result<Vec<(f64, Item)>, Strin
 }
 
 /// `n` independent prompts (no sharing), as a control.
-pub fn random(seed: u64, n: usize, prompt_len: usize, output_len: usize) -> Vec<Item> {
+pub(crate) fn random(seed: u64, n: usize, prompt_len: usize, output_len: usize) -> Vec<Item> {
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..n)
         .map(|i| Item {

@@ -36,8 +36,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "--pod-name",
             &format!("demo-replica-{k}"),
         ];
-        let sim_args =
-            crate::tools::cli::parse_flags::<crate::tools::sim::SimArgs, _, _>("sim", flags).context("demo simulator flags")?;
+        let sim_args = crate::tools::cli::parse_flags::<crate::tools::sim::SimArgs, _, _>("sim", flags)
+            .context("demo simulator flags")?;
         let (running, tasks) = crate::tools::sim::start(sim_args).await?;
         endpoints.push(format!("{{address: '{}', name: demo-replica-{k}}}", running.addrs[0]));
         sims.push(tasks);

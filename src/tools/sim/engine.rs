@@ -28,7 +28,7 @@ use super::tokenizer::VOCAB;
 
 /// Step-time model. Defaults approximate Llama-3.1-8B on one H100 (see `SimArgs`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Fixed cost of every step (weights read once per step, scheduling, sampling).
     pub step_overhead_ms: f64,
     /// Cost per prefilled (uncached) prompt token.
@@ -43,7 +43,7 @@ pub struct Latency {
 
 /// Which P/D hand-offs the engine takes part in (`kv_role` of `--kv-transfer-config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvRole {
+pub(crate) enum KvRole {
     /// Prefill for others and decode from others (vLLM's `kv_both`; also with no config).
     Both,
     /// Only prefill for others (`kv_producer`).
@@ -54,7 +54,7 @@ pub enum KvRole {
 
 /// Engine settings.
 #[derive(Debug, Clone)]
-pub struct EngineConfig {
+pub(crate) struct EngineConfig {
     /// Data-parallel rank (the `engine` label).
     pub rank: u32,
     /// Tokens per KV block.
@@ -83,7 +83,7 @@ pub struct EngineConfig {
 
 /// Why a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
+pub(crate) enum FinishReason {
     /// Reached its natural end.
     Stop,
     /// Reached `max_tokens`.
@@ -94,7 +94,7 @@ pub enum FinishReason {
 
 impl FinishReason {
     /// vLLM's spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
@@ -105,7 +105,7 @@ impl FinishReason {
 
 /// The P/D part a request plays.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Handoff {
+pub(crate) enum Handoff {
     /// An ordinary request.
     None,
     /// Prefill leg (`do_remote_decode`): stop after prefill and return `kv_transfer_params`.
@@ -116,7 +116,7 @@ pub enum Handoff {
 
 /// A request handed to the engine.
 #[derive(Debug)]
-pub struct Submission {
+pub(crate) struct Submission {
     /// Request id.
     pub id: String,
     /// Prompt token ids.
@@ -140,7 +140,7 @@ pub struct Submission {
 /// What the engine reports about a request: a generated token, the end, or both at once (the
 /// last token carries the end, so a stream can mark it with its finish reason).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub(crate) struct Event {
     /// A generated token.
     pub token: Option<u32>,
     /// The request ended.
@@ -149,7 +149,7 @@ pub struct Event {
 
 /// The end of a request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Done {
+pub(crate) struct Done {
     /// Why.
     pub reason: FinishReason,
     /// Prompt tokens.
@@ -164,7 +164,7 @@ pub struct Done {
 
 /// Commands to the engine task.
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// A new request.
     Submit(Box<Submission>),
     /// Forget every cached block; answers whether it was done.
@@ -173,14 +173,14 @@ pub enum Command {
 
 /// Load figures the front-end reads to balance over engines.
 #[derive(Debug, Default)]
-pub struct EngineLoad {
+pub(crate) struct EngineLoad {
     /// Requests submitted and not yet finished.
     pub in_flight: AtomicUsize,
 }
 
 /// The front-end's handle on an engine task.
 #[derive(Debug, Clone)]
-pub struct EngineHandle {
+pub(crate) struct EngineHandle {
     /// Data-parallel rank.
     pub rank: u32,
     /// Command channel.
@@ -225,7 +225,7 @@ struct Work {
 
 /// The engine task's state.
 #[derive(Debug)]
-pub struct Engine {
+pub(crate) struct Engine {
     cfg: EngineConfig,
     pool: BlockPool,
     waiting: VecDeque<Seq>,
@@ -240,7 +240,7 @@ pub struct Engine {
 
 impl Engine {
     /// Starts an engine task; returns its handle.
-    pub fn spawn(
+    pub(crate) fn spawn(
         cfg: EngineConfig,
         metrics: SimMetrics,
         kv_events: Option<mpsc::UnboundedSender<Vec<KvEvent>>>,

@@ -22,7 +22,7 @@ use super::kv::KvEvent;
 /// vLLM's `--kv-events-config` JSON.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct KvEventsConfig {
+pub(crate) struct KvEventsConfig {
     /// Turn publishing on.
     pub enable_kv_cache_events: bool,
     /// `zmq` or `null`.
@@ -58,7 +58,7 @@ impl Default for KvEventsConfig {
 
 impl KvEventsConfig {
     /// Whether events are published at all.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enable_kv_cache_events && self.publisher.as_deref() != Some("null")
     }
 }
@@ -73,7 +73,7 @@ pub enum Encoding {
 }
 
 /// `endpoint` with `rank` added to its TCP port, and whether to bind (vs connect).
-pub fn rank_endpoint(endpoint: &str, rank: u32) -> Result<(String, bool), String> {
+pub(crate) fn rank_endpoint(endpoint: &str, rank: u32) -> Result<(String, bool), String> {
     let bind = endpoint.contains('*') || endpoint.contains("::");
     let rest =
         endpoint.strip_prefix("tcp://").ok_or_else(|| format!("`{endpoint}`: only tcp:// endpoints are supported"))?;
@@ -100,7 +100,7 @@ fn opt_str(v: Option<&str>) -> Value {
 }
 
 /// One event in the chosen encoding.
-pub fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
+pub(crate) fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
     let map = |pairs: Vec<(&str, Value)>| Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
     match (e, enc) {
         (
@@ -146,7 +146,7 @@ pub fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
 }
 
 /// A msgpack `EventBatch` payload.
-pub fn encode_batch(events: &[KvEvent], rank: u32, enc: Encoding) -> Vec<u8> {
+pub(crate) fn encode_batch(events: &[KvEvent], rank: u32, enc: Encoding) -> Vec<u8> {
     let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let batch = Value::Array(vec![
         Value::F64(ts),
@@ -160,7 +160,7 @@ pub fn encode_batch(events: &[KvEvent], rank: u32, enc: Encoding) -> Vec<u8> {
 }
 
 /// Publishes one engine's batches until the engine goes away.
-pub async fn publish(
+pub(crate) async fn publish(
     cfg: KvEventsConfig,
     rank: u32,
     enc: Encoding,

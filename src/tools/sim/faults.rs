@@ -33,7 +33,7 @@ pub enum FaultKind {
 /// Current failure settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Faults {
+pub(crate) struct Faults {
     /// Probability in [0, 1] that a request fails.
     pub failure_rate: f64,
     /// Kinds to choose from (uniformly) when a request fails.
@@ -57,7 +57,7 @@ impl Default for Faults {
 
 impl Faults {
     /// Rejects settings that make no sense.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.failure_rate) {
             return Err(format!("failure_rate must be in [0, 1], got {}", self.failure_rate));
         }
@@ -68,7 +68,7 @@ impl Faults {
     }
 
     /// Draws the fault (if any) for one request.
-    pub fn draw(&self, rng: &mut fastrand::Rng) -> Option<FaultKind> {
+    pub(crate) fn draw(&self, rng: &mut fastrand::Rng) -> Option<FaultKind> {
         if self.failure_rate <= 0.0 || self.failure_types.is_empty() || rng.f64() >= self.failure_rate {
             return None;
         }

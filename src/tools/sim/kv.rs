@@ -18,7 +18,7 @@ const NIL: u32 = u32::MAX;
 
 /// A cache event, in vLLM's terms.
 #[derive(Debug, Clone, PartialEq)]
-pub enum KvEvent {
+pub(crate) enum KvEvent {
     /// Full blocks became cached.
     BlockStored {
         /// Hashes of the stored blocks, in chain order.
@@ -52,7 +52,7 @@ struct Block {
 }
 
 /// Chained block hash over token ids with vLLM's extra keys.
-pub fn block_hash(parent: Option<u64>, tokens: &[u32], lora: Option<&str>, salt: Option<&str>) -> u64 {
+pub(crate) fn block_hash(parent: Option<u64>, tokens: &[u32], lora: Option<&str>, salt: Option<&str>) -> u64 {
     let mut h = Xxh3::new();
     h.update(&parent.unwrap_or(0x9e37_79b9_7f4a_7c15).to_le_bytes());
     for t in tokens {
@@ -71,7 +71,7 @@ pub fn block_hash(parent: Option<u64>, tokens: &[u32], lora: Option<&str>, salt:
 
 /// The block pool.
 #[derive(Debug)]
-pub struct BlockPool {
+pub(crate) struct BlockPool {
     block_size: usize,
     blocks: Vec<Block>,
     cached: HashMap<u64, u32>,
@@ -85,7 +85,7 @@ pub struct BlockPool {
 
 impl BlockPool {
     /// A pool of `num_blocks` empty blocks of `block_size` tokens.
-    pub fn new(num_blocks: usize, block_size: usize, record_events: bool) -> Self {
+    pub(crate) fn new(num_blocks: usize, block_size: usize, record_events: bool) -> Self {
         let n = num_blocks.min(NIL as usize - 1);
         let mut pool = Self {
             block_size: block_size.max(1),
@@ -103,33 +103,18 @@ impl BlockPool {
         pool
     }
 
-    /// Tokens per block.
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    /// Total blocks.
-    pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
     /// Blocks that can be allocated (free, cached or not).
-    pub fn num_free(&self) -> usize {
+    pub(crate) fn num_free(&self) -> usize {
         self.free_len
     }
 
     /// Fraction of blocks referenced by requests.
-    pub fn usage(&self) -> f64 {
+    pub(crate) fn usage(&self) -> f64 {
         if self.blocks.is_empty() { 0.0 } else { (self.blocks.len() - self.free_len) as f64 / self.blocks.len() as f64 }
     }
 
-    /// Blocks holding a cached hash.
-    pub fn cached_blocks(&self) -> usize {
-        self.cached.len()
-    }
-
     /// Takes the queued events.
-    pub fn take_events(&mut self) -> Vec<KvEvent> {
+    pub(crate) fn take_events(&mut self) -> Vec<KvEvent> {
         std::mem::take(&mut self.events)
     }
 
@@ -165,12 +150,12 @@ impl BlockPool {
     }
 
     /// The cached blocks holding the leading `hashes`, in order (stops at the first miss).
-    pub fn lookup(&self, hashes: &[u64]) -> Vec<u32> {
+    pub(crate) fn lookup(&self, hashes: &[u64]) -> Vec<u32> {
         hashes.iter().map_while(|h| self.cached.get(h).copied()).collect()
     }
 
     /// Takes a reference on a cached block found by [`BlockPool::lookup`].
-    pub fn acquire(&mut self, block: u32) {
+    pub(crate) fn acquire(&mut self, block: u32) {
         if self.blocks[block as usize].free {
             self.unlink_free(block);
         }
@@ -179,7 +164,7 @@ impl BlockPool {
 
     /// Allocates a fresh block (evicting the least recently freed cached one), or `None` when
     /// every block is referenced.
-    pub fn allocate(&mut self) -> Option<u32> {
+    pub(crate) fn allocate(&mut self) -> Option<u32> {
         let i = self.free_head;
         if i == NIL {
             return None;
@@ -198,7 +183,7 @@ impl BlockPool {
     }
 
     /// Releases a request's blocks, last block first (so its tail is evicted first).
-    pub fn release(&mut self, blocks: &[u32]) {
+    pub(crate) fn release(&mut self, blocks: &[u32]) {
         for &i in blocks.iter().rev() {
             let b = &mut self.blocks[i as usize];
             debug_assert!(b.refs > 0, "released a block with no references");
@@ -211,7 +196,7 @@ impl BlockPool {
 
     /// Names a just-filled block by its hash, making it hittable. If another block already
     /// holds that content, this one stays anonymous (and is reused first when freed).
-    pub fn commit(&mut self, block: u32, hash: u64, parent: Option<u64>, tokens: &[u32], lora: Option<&str>) {
+    pub(crate) fn commit(&mut self, block: u32, hash: u64, parent: Option<u64>, tokens: &[u32], lora: Option<&str>) {
         if self.cached.contains_key(&hash) || self.blocks[block as usize].hash.is_some() {
             return;
         }
@@ -238,7 +223,7 @@ impl BlockPool {
     }
 
     /// Forgets every cached hash (`/reset_prefix_cache`).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         for b in &mut self.blocks {
             b.hash = None;
         }

@@ -20,7 +20,7 @@ const REQUEST_BUCKETS: &[f64] = &[
 
 /// Every metric family one simulator port serves.
 #[derive(Debug, Clone)]
-pub struct SimMetrics {
+pub(crate) struct SimMetrics {
     registry: Registry,
     /// `vllm:num_requests_running`.
     pub running: IntGaugeVec,
@@ -63,7 +63,7 @@ fn opts(name: &str, help: &str) -> Opts {
 
 impl SimMetrics {
     /// Registers every family in a fresh registry.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry = Registry::new();
         let l = &["engine", "model_name"];
         let reg = |c: Box<dyn prometheus::core::Collector>| {
@@ -163,7 +163,7 @@ impl SimMetrics {
 
     /// The Prometheus text exposition; with `names`, only those families (as prometheus_client
     /// does for `?name[]=…`; counters are named without `_total` there).
-    pub fn render(&self, names: &[String]) -> String {
+    pub(crate) fn render(&self, names: &[String]) -> String {
         let mut families = self.registry.gather();
         if !names.is_empty() {
             families.retain(|f| {

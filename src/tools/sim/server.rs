@@ -27,11 +27,11 @@ use super::metrics::SimMetrics;
 use super::tokenizer::{self, ChatTurn};
 
 /// Largest request body accepted (vLLM has no limit of its own; gateways send up to tens of MiB).
-pub const MAX_BODY_BYTES: usize = 128 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 128 << 20;
 
 /// A LoRA adapter the simulator serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoraModule {
+pub(crate) struct LoraModule {
     /// Name requests use in `model`.
     pub name: String,
     /// Path reported as `root` in `/v1/models`.
@@ -40,7 +40,7 @@ pub struct LoraModule {
 
 /// Settings and state shared by every port of one simulator process.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Served model names; the first is the `model_name` label.
     pub served: Vec<String>,
     /// `--enable-lora`.
@@ -69,7 +69,7 @@ pub struct Shared {
 
 /// One listening port: its engines and metrics.
 #[derive(Debug)]
-pub struct PortState {
+pub(crate) struct PortState {
     /// Process-wide settings.
     pub shared: Arc<Shared>,
     /// Engines behind this port (several in internal-LB data-parallel mode).
@@ -83,7 +83,7 @@ pub struct PortState {
 
 impl PortState {
     /// A port serving `engines`.
-    pub fn new(shared: Arc<Shared>, engines: Vec<EngineHandle>, metrics: SimMetrics, port: u16) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, engines: Vec<EngineHandle>, metrics: SimMetrics, port: u16) -> Self {
         Self { shared, engines, metrics, port, rr: AtomicUsize::new(0) }
     }
 }
@@ -91,7 +91,7 @@ impl PortState {
 type St = State<Arc<PortState>>;
 
 /// The router for one port.
-pub fn app(state: Arc<PortState>) -> Router {
+pub(crate) fn app(state: Arc<PortState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))

@@ -20,24 +20,24 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Regular vocabulary size; special tokens come after it.
-pub const VOCAB: u32 = 128_000;
+pub(crate) const VOCAB: u32 = 128_000;
 /// `<|begin_of_text|>`.
-pub const BEGIN_OF_TEXT: u32 = VOCAB;
+pub(crate) const BEGIN_OF_TEXT: u32 = VOCAB;
 /// `<|start_header_id|>`.
-pub const START_HEADER: u32 = VOCAB + 6;
+pub(crate) const START_HEADER: u32 = VOCAB + 6;
 /// `<|end_header_id|>`.
-pub const END_HEADER: u32 = VOCAB + 7;
+pub(crate) const END_HEADER: u32 = VOCAB + 7;
 /// `<|eot_id|>`.
-pub const EOT: u32 = VOCAB + 9;
+pub(crate) const EOT: u32 = VOCAB + 9;
 /// Image placeholder token (one per 16 bytes of image reference, at least 16).
-pub const IMAGE: u32 = VOCAB + 10;
+pub(crate) const IMAGE: u32 = VOCAB + 10;
 
 fn piece_id(piece: &[u8]) -> u32 {
     (xxh3_64(piece) % u64::from(VOCAB)) as u32
 }
 
 /// Appends the tokens of `text` to `out`.
-pub fn tokenize(text: &str, out: &mut Vec<u32>) {
+pub(crate) fn tokenize(text: &str, out: &mut Vec<u32>) {
     let b = text.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -65,7 +65,7 @@ pub fn tokenize(text: &str, out: &mut Vec<u32>) {
 }
 
 /// Token count of `text`.
-pub fn count(text: &str) -> usize {
+pub(crate) fn count(text: &str) -> usize {
     let mut v = Vec::new();
     tokenize(text, &mut v);
     v.len()
@@ -73,7 +73,7 @@ pub fn count(text: &str) -> usize {
 
 /// One chat message as the template sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct ChatTurn<'a> {
+pub(crate) struct ChatTurn<'a> {
     /// `system`, `user`, `assistant`, `tool`.
     pub role: &'a str,
     /// Text content (text parts joined).
@@ -84,7 +84,7 @@ pub struct ChatTurn<'a> {
 
 /// Tokens of a chat conversation, template applied, ending with the assistant header
 /// (generation prompt) when `add_generation_prompt`.
-pub fn chat_tokens(tools: Option<&str>, turns: &[ChatTurn<'_>], add_generation_prompt: bool) -> Vec<u32> {
+pub(crate) fn chat_tokens(tools: Option<&str>, turns: &[ChatTurn<'_>], add_generation_prompt: bool) -> Vec<u32> {
     let mut out = vec![BEGIN_OF_TEXT];
     let header = |role: &str, out: &mut Vec<u32>| {
         out.push(START_HEADER);
@@ -122,7 +122,7 @@ const WORDS: &[&str] = &[
 ];
 
 /// The text of a generated token.
-pub fn token_text(id: u32) -> &'static str {
+pub(crate) fn token_text(id: u32) -> &'static str {
     WORDS[id as usize % WORDS.len()]
 }
 

@@ -1,0 +1,64 @@
+//! A running kvgate owns every task it starts: dropping the server, or shutting it down, stops
+//! its pools' publishers and scrapers, discovery, the gRPC health loop and the listeners. The
+//! simulator and the clients run on a runtime of their own, so the runtime under test counts
+//! kvgate's tasks alone.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, start_kvgate, start_sim};
+
+const MODEL: &str = "m";
+
+#[test]
+fn no_task_outlives_the_server() {
+    let outside = tokio::runtime::Runtime::new().expect("runtime for the simulator and clients");
+    let sim = outside.block_on(start_sim(&["--time-scale", "0", "--served-model-name", MODEL]));
+    let sim_addr = sim.addrs[0];
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let alive = || rt.metrics().num_alive_tasks();
+    let baseline = alive();
+    for graceful in [false, true] {
+        let kv = rt.block_on(start_kvgate(&format!(
+            "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nhealth_addr: 127.0.0.1:0\n\
+             pools: [{{name: p, models: [{MODEL}], endpoints: [{{address: '{sim_addr}'}}]}}]\n"
+        )));
+        let proxy = kv.proxy_addr.expect("proxy listens");
+        // Traffic from the other runtime: a scraped endpoint, a proxied request, a ready check.
+        // Each request closes its connection, so no client holds a server connection open.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+        let admin = kv.admin_addr;
+        let status = outside.block_on(async move {
+            let ready = eventually(10, || async {
+                let r = client.get(format!("http://{admin}/readyz")).header("connection", "close").send().await;
+                r.is_ok_and(|r| r.status() == 200)
+            })
+            .await;
+            assert!(ready, "kvgate became ready");
+            let body = serde_json::json!({"model": MODEL, "prompt": "hello", "max_tokens": 2});
+            let r = client
+                .post(format!("http://{proxy}/v1/completions"))
+                .header("connection", "close")
+                .json(&body)
+                .send()
+                .await
+                .expect("proxied");
+            let status = r.status().as_u16();
+            r.bytes().await.expect("body");
+            status
+        });
+        assert_eq!(status, 200);
+        let running = alive();
+        // Publisher, scraper, discovery, health loop and four listeners at least.
+        assert!(running >= baseline + 6, "only {} tasks while serving", running - baseline);
+        if graceful {
+            rt.block_on(kv.shutdown(Duration::from_secs(5)));
+        } else {
+            drop(kv);
+        }
+        let gone = rt.block_on(eventually(10, || async { alive() == baseline }));
+        assert!(gone, "{} of kvgate's tasks outlived it (graceful: {graceful})", alive() - baseline);
+    }
+    drop(sim);
+}
