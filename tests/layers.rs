@@ -150,9 +150,16 @@ fn resolve(segs: &[String], module: &[String]) -> Option<Vec<String>> {
     Some(abs)
 }
 
+/// The whole of a file without plain comments, test modules included. Lines keep their numbers.
+fn all_text(text: &str) -> String {
+    text.lines().flat_map(|l| [strip_comment(l), "\n"]).collect()
+}
+
 /// Scans `files` (paths relative to `src/`). `layered`: units are `layer::module` and upward
-/// references are collected; otherwise each top-level module is a unit.
-fn analyse(files: &[File], layered: bool) -> Analysis {
+/// references are collected; otherwise each top-level module is a unit. `with_tests`: test
+/// modules and test-only files are read too (for cycles: a test that makes two modules depend
+/// on each other still ties them together).
+fn analyse(files: &[File], layered: bool, with_tests: bool) -> Analysis {
     let mut modules = BTreeSet::new();
     for f in files {
         let segs = module_path(&f.rel);
@@ -164,11 +171,11 @@ fn analyse(files: &[File], layered: bool) -> Analysis {
     // Test-only files are not part of what a layer ships, so they may use anything.
     let is_test_only =
         |f: &&File| f.rel.rsplit('/').next().is_some_and(|n| n == "tests.rs" || n.ends_with("_tests.rs"));
-    for f in files.iter().filter(|f| !is_test_only(f)) {
+    for f in files.iter().filter(|f| with_tests || !is_test_only(f)) {
         let module = module_path(&f.rel);
         let Some(from) = unit_of(&module, &modules, layered) else { continue };
         a.units.insert(from.clone());
-        let code = runtime_text(&f.text);
+        let code = if with_tests { all_text(&f.text) } else { runtime_text(&f.text) };
         for (segs, at) in references(&code) {
             let Some(abs) = resolve(&segs, &module) else { continue };
             let Some(to) = unit_of(&abs, &modules, layered) else { continue };
@@ -309,7 +316,7 @@ fn layers_import_downward_only_and_without_cycles() {
     let layered = !explicit || LAYERS.iter().any(|l| src.join(l).is_dir());
     let files = load(&src);
     assert!(!files.is_empty(), "no .rs files under {}", src.display());
-    let a = analyse(&files, layered);
+    let a = analyse(&files, layered, false);
     let mode = if layered { "units are layer::module" } else { "flat: units are top-level modules" };
     println!("layers of {} ({mode})\n{}", src.display(), summary(&a));
     if !layered {
@@ -318,6 +325,9 @@ fn layers_import_downward_only_and_without_cycles() {
     let mut problems = stray_entries(&src);
     problems.extend(a.upward.iter().cloned());
     problems.extend(cycle_lines(&a, &condense(&a).1));
+    let with_tests = analyse(&files, layered, true);
+    problems
+        .extend(cycle_lines(&with_tests, &condense(&with_tests).1).into_iter().map(|l| format!("(tests counted) {l}")));
     assert!(problems.is_empty(), "layering broken:\n{}", problems.join("\n"));
 }
 
@@ -325,7 +335,7 @@ fn layers_import_downward_only_and_without_cycles() {
 fn scan(tree: &[(&str, &str)]) -> Analysis {
     let files: Vec<File> =
         tree.iter().map(|(rel, text)| File { rel: (*rel).to_owned(), text: (*text).to_owned() }).collect();
-    analyse(&files, true)
+    analyse(&files, true, false)
 }
 
 #[test]
@@ -400,4 +410,18 @@ fn the_scanner_resolves_super() {
     let edges: Vec<_> = a.edges.keys().map(|(f, t)| format!("{f} -> {t}")).collect();
     assert_eq!(edges, ["front -> routing", "gateway::pool -> front", "gateway::pool -> gateway::config"]);
     assert_eq!(a.upward, ["src/gateway/pool.rs:1: gateway::pool -> front (crate::front::X)"]);
+}
+
+#[test]
+fn a_cycle_made_by_test_code_counts_when_tests_are_read() {
+    let tree = [
+        ("routing/prefix.rs", "//! See [`crate::routing::request`].\n"),
+        ("routing/request.rs", "fn f() {}\n#[cfg(test)]\nmod tests;\n"),
+        ("routing/request/tests.rs", "use crate::routing::prefix::hash_prompt;\n"),
+    ];
+    let files: Vec<File> =
+        tree.iter().map(|(rel, text)| File { rel: (*rel).to_owned(), text: (*text).to_owned() }).collect();
+    assert!(condense(&analyse(&files, true, false)).1.is_empty(), "runtime code alone has no cycle");
+    let with_tests = analyse(&files, true, true);
+    assert_eq!(condense(&with_tests).1, [vec!["routing::prefix", "routing::request"]]);
 }

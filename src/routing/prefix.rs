@@ -1,7 +1,7 @@
 //! Prompt → chained block hashes, the unit of prefix matching.
 //!
-//! A prompt's canonical byte stream (see [`crate::routing::request::ParsedRequest::feed_prompt`]) is cut
-//! into fixed-size blocks and each block hashed together with the hash before it:
+//! A prompt's canonical byte stream (the request parser writes it; hashing reads only bytes) is
+//! cut into fixed-size blocks and each block hashed together with the hash before it:
 //! `h_i = xxh3(block_i, seed = h_{i-1})`, with `h_{-1}` derived from the model name and
 //! `cache_salt`. So a block hash names the whole prefix that ends with it: equal prefixes give
 //! equal hash prefixes, and two models (or two salts) never share a hash. Only full blocks are
