@@ -38,9 +38,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub(crate) mod health;
 
 use crate::front::http::{
-    DESTINATION_HEADER as DEST, DP_RANK_HEADER, DROPPED_HEADER as DROPPED, PREFILLER_HEADER, PREFILLER_RANK_HEADER,
-    REQUEST_ID_HEADER, SERVED_HEADER as SERVED, TEST_SELECTION_HEADER as TEST_SELECTION, new_request_id,
-    refusal_headers,
+    DESTINATION_HEADER, DP_RANK_HEADER, DROPPED_HEADER, PREFILLER_HEADER, PREFILLER_RANK_HEADER, REQUEST_ID_HEADER,
+    SERVED_HEADER, TEST_SELECTION_HEADER, new_request_id, refusal_headers,
 };
 use crate::front::usage::UsageReader;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
@@ -119,7 +118,7 @@ fn string_value(s: &str) -> Value {
 
 /// `{"envoy.lb": {"x-gateway-destination-endpoint": dest}}`.
 fn lb_metadata(dest: &str) -> Struct {
-    let inner = Struct { fields: [(DEST.to_owned(), string_value(dest))].into_iter().collect() };
+    let inner = Struct { fields: [(DESTINATION_HEADER.to_owned(), string_value(dest))].into_iter().collect() };
     Struct { fields: [(LB_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(inner)) })].into_iter().collect() }
 }
 
@@ -267,7 +266,7 @@ impl StreamState {
                 ":method" => self.method = value,
                 ":path" => self.path = value,
                 REQUEST_ID_HEADER => self.request_id = Some(value),
-                TEST_SELECTION => self.test_selection = Some(value),
+                TEST_SELECTION_HEADER => self.test_selection = Some(value),
                 _ => {}
             }
         }
@@ -280,12 +279,12 @@ impl StreamState {
             Ask::Route => {}
             Ask::Models => {
                 self.done = true;
-                return vec![immediate_json(200, self.gateway.models_list().to_string(), &[])];
+                return vec![immediate_json(200, self.gateway.models_list().to_string(), &[], "")];
             }
             Ask::NotFound => {
                 self.done = true;
                 let msg = format!("no route for {} {}", self.method, self.path.split('?').next().unwrap_or(""));
-                return vec![immediate_json(404, error_body(404, &msg, "not_found", None), &[])];
+                return vec![immediate_json(404, error_body(404, &msg, "not_found", None), &[], "not_found")];
             }
         }
         if h.end_of_stream {
@@ -344,7 +343,7 @@ impl StreamState {
             }
         }
         let dest = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
-        let mut set = vec![set_header(DEST, &dest)];
+        let mut set = vec![set_header(DESTINATION_HEADER, &dest)];
         // Placement headers are kvgate's: set them for this decision, drop any the client sent.
         let mut remove = Vec::new();
         let d = routed.decision();
@@ -448,7 +447,7 @@ impl StreamState {
 
 /// The served endpoint the gateway reported in the message's metadata, if any.
 fn msg_served(msg: &ProcessingRequest) -> Option<String> {
-    metadata(msg, LB_NAMESPACE, SERVED).map(metadata_strings).and_then(|v| v.into_iter().next())
+    metadata(msg, LB_NAMESPACE, SERVED_HEADER).map(metadata_strings).and_then(|v| v.into_iter().next())
 }
 
 /// The body sent back in streamed chunks of at most [`CHUNK`] bytes, the last marked.
@@ -481,23 +480,21 @@ fn immediate(e: &RouteError) -> ProcessingResponse {
         503 => "rejected-no-endpoints",
         _ => e.code(),
     };
-    let mut extra = vec![(DROPPED, reason)];
+    let mut extra = vec![(DROPPED_HEADER, reason)];
     extra.extend(refusal_headers(e));
-    let mut r = immediate_json(e.status(), e.to_json(), &extra);
-    if let Some(Resp::ImmediateResponse(i)) = r.response.as_mut() {
-        i.details = e.code().to_owned();
-    }
-    r
+    immediate_json(e.status(), e.to_json(), &extra, e.code())
 }
 
-/// An `ImmediateResponse` with a JSON body and `headers` besides its content type.
-fn immediate_json(status: u16, body: String, headers: &[(&str, &str)]) -> ProcessingResponse {
+/// An `ImmediateResponse` with a JSON body, `headers` besides its content type, and `details`
+/// for Envoy's access log.
+fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: &str) -> ProcessingResponse {
     let mut set = vec![set_header("content-type", "application/json")];
     set.extend(headers.iter().map(|(k, v)| set_header(k, v)));
     response(Resp::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(status) }),
         headers: Some(HeaderMutation { set_headers: set, ..Default::default() }),
         body: body.into_bytes(),
+        details: details.to_owned(),
         ..Default::default()
     }))
 }

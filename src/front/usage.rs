@@ -71,6 +71,7 @@ impl UsageReader {
     /// The body is complete.
     pub(crate) fn finish(&mut self) {
         if self.sse != Some(true)
+            && memchr::memmem::find(&self.pending, b"\"usage\"").is_some()
             && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.pending)
             && let Some(u) = Self::usage_of(&v)
         {

@@ -138,7 +138,6 @@ impl Gateway {
     /// endpoints (fallback list entries, retry attempts). An API path kvgate parses is placed
     /// by its prompt; any other path by its body's `model` alone. Refusals are counted here.
     pub fn route(&self, path: &str, body: &[u8], subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
         let routed = match ApiKind::from_path(path) {
             Some(api) => self.decide(api, body, subset, places),
             None => match request::model_of(body) {

@@ -96,24 +96,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// An endpoint as discovery describes it, at its resolved address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Discovered {
-    /// Address requests and scrapes go to.
-    pub addr: SocketAddr,
-    /// The entry it comes from (its host resolved to `addr`'s IP).
-    pub entry: ResolvedEndpoint,
-}
-
-impl Discovered {
-    fn key(&self) -> (SocketAddr, Option<u32>) {
-        (self.addr, self.entry.rank)
-    }
-}
-
 #[derive(Debug)]
 struct Member {
-    target: Discovered,
+    /// The entry discovery gave (its host an IP).
+    entry: ResolvedEndpoint,
+    /// Where requests and scrapes go: the entry's IP and port.
+    addr: SocketAddr,
     id: EndpointId,
     serial: u64,
     in_flight: Arc<InFlight>,
@@ -125,6 +113,13 @@ struct Member {
     scrape_errors: u64,
     last_error: Option<String>,
     _scraper: Option<AbortOnDrop>,
+}
+
+impl Member {
+    /// What identifies an endpoint across discovery rounds.
+    fn key(&self) -> (SocketAddr, Option<u32>) {
+        (self.addr, self.entry.rank)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -146,7 +141,6 @@ pub struct Snapshot {
 #[derive(Debug)]
 struct Inner {
     name: String,
-    models: Vec<String>,
     planner: Planner,
     admission: Admission,
     settings: PoolSettings,
@@ -169,7 +163,6 @@ impl Pool {
     /// A pool with no endpoints yet; its publisher runs until the pool is dropped.
     pub fn new(
         name: String,
-        models: Vec<String>,
         planner: Planner,
         admission: Admission,
         settings: PoolSettings,
@@ -177,7 +170,6 @@ impl Pool {
     ) -> Self {
         let inner = Arc::new(Inner {
             name,
-            models,
             planner,
             admission,
             settings,
@@ -211,7 +203,7 @@ impl Pool {
 
     /// Models configured for the pool.
     pub fn models(&self) -> &[String] {
-        &self.inner.models
+        self.inner.planner.models()
     }
 
     /// The pool's decision state.
@@ -241,20 +233,26 @@ impl Pool {
 
     /// Replaces the endpoint set. Endpoints that stay keep their id, in-flight counts, metrics
     /// and prefix-index entries; new ones start being scraped; removed ones stop being scraped
-    /// and leave the index (requests already sent to them finish normally).
-    pub fn set_targets(&self, targets: Vec<Discovered>) {
+    /// and leave the index (requests already sent to them finish normally). Entries must name
+    /// an IP (discovery resolves host names); the first entry for an address and rank counts.
+    pub fn set_endpoints(&self, entries: Vec<ResolvedEndpoint>) {
         let inner = &self.inner;
         {
             let mut st = inner.state.lock();
             let mut old: Vec<Member> = std::mem::take(&mut st.members);
-            let mut members = Vec::with_capacity(targets.len());
-            for t in targets {
-                if members.iter().any(|m: &Member| m.target.key() == t.key()) {
+            let mut members = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let Some(addr) = entry.socket_addr() else {
+                    tracing::warn!(pool = inner.name.as_str(), endpoint = %entry, "endpoint host not resolved; skipping it");
+                    continue;
+                };
+                let key = (addr, entry.rank);
+                if members.iter().any(|m: &Member| m.key() == key) {
                     continue;
                 }
-                if let Some(pos) = old.iter().position(|m| m.target.key() == t.key()) {
+                if let Some(pos) = old.iter().position(|m| m.key() == key) {
                     let mut m = old.swap_remove(pos);
-                    m.target = t;
+                    m.entry = entry;
                     members.push(m);
                     continue;
                 }
@@ -267,7 +265,8 @@ impl Pool {
                 };
                 let serial = inner.serials.fetch_add(1, Ordering::Relaxed);
                 members.push(Member {
-                    target: t,
+                    entry,
+                    addr,
                     id: EndpointId::new(id),
                     serial,
                     in_flight: Arc::new(InFlight::default()),
@@ -282,13 +281,13 @@ impl Pool {
             }
             // One scraper per address: ranks behind one port share their server's /metrics.
             for k in 0..members.len() {
-                let t = &members[k].target;
-                let scraped_by_earlier = t.entry.rank_header
-                    && members[..k].iter().any(|m| m.target.entry.rank_header && m.target.addr == t.addr);
+                let m = &members[k];
+                let scraped_by_earlier =
+                    m.entry.rank_header && members[..k].iter().any(|e| e.entry.rank_header && e.addr == m.addr);
                 if scraped_by_earlier {
                     members[k]._scraper = None;
                 } else if members[k]._scraper.is_none() {
-                    let (serial, addr) = (members[k].serial, members[k].target.addr);
+                    let (serial, addr) = (members[k].serial, members[k].addr);
                     let task = tokio::spawn(scrape::run(Arc::downgrade(inner), serial, addr));
                     members[k]._scraper = Some(AbortOnDrop(task));
                 }
@@ -335,11 +334,11 @@ impl Pool {
                 let fresh = m.metrics.as_ref().filter(|x| now.saturating_sub(x.scraped_at_ms) <= stale_ms);
                 let health = m.health.state(now);
                 EndpointStatus {
-                    address: m.target.addr.to_string(),
-                    name: m.target.entry.name.clone(),
-                    role: Role::of_labels(&m.target.entry.labels),
-                    rank: m.target.entry.rank,
-                    labels: m.target.entry.labels.clone(),
+                    address: m.addr.to_string(),
+                    name: m.entry.name.clone(),
+                    role: Role::of_labels(&m.entry.labels),
+                    rank: m.entry.rank,
+                    labels: m.entry.labels.clone(),
                     healthy: health == Health::Healthy,
                     health,
                     stale: fresh.is_none(),
@@ -378,12 +377,12 @@ impl Inner {
                 adapters.extend(models.iter().cloned());
                 Endpoint {
                     id: m.id,
-                    address: m.target.addr,
-                    name: m.target.entry.name.clone(),
-                    role: Role::of_labels(&m.target.entry.labels),
-                    rank: m.target.entry.rank,
-                    rank_header: m.target.entry.rank_header,
-                    labels: m.target.entry.labels.clone(),
+                    address: m.addr,
+                    name: m.entry.name.clone(),
+                    role: Role::of_labels(&m.entry.labels),
+                    rank: m.entry.rank,
+                    rank_header: m.entry.rank_header,
+                    labels: m.entry.labels.clone(),
                     models,
                     metrics: m.metrics.clone(),
                     health: m.health.state(now),
@@ -405,22 +404,20 @@ impl Inner {
         let s = &self.settings;
         let mut st = self.state.lock();
         let Some(scraper) = st.members.iter().find(|m| m.serial == serial) else { return s.scrape_interval };
-        let (addr, shared) = (scraper.target.addr, scraper.target.entry.rank_header);
+        let (addr, shared) = (scraper.addr, scraper.entry.rank_header);
         // The next scrape comes as soon as any endpoint it serves needs one.
         let mut wait: Option<Duration> = None;
-        for m in st
-            .members
-            .iter_mut()
-            .filter(|m| m.serial == serial || (shared && m.target.entry.rank_header && m.target.addr == addr))
+        for m in
+            st.members.iter_mut().filter(|m| m.serial == serial || (shared && m.entry.rank_header && m.addr == addr))
         {
             let engine = match &result {
                 Err(e) => Err(e.clone()),
                 // A rank pinned by header must be reported by its own `engine` series.
-                Ok(scrape) if m.target.entry.rank_header => {
-                    let rank = m.target.entry.rank.unwrap_or(0).to_string();
+                Ok(scrape) if m.entry.rank_header => {
+                    let rank = m.entry.rank.unwrap_or(0).to_string();
                     scrape.engines.get(&rank).cloned().ok_or(ScrapeError::NoEngine(rank))
                 }
-                Ok(scrape) => Ok(scrape.engine(m.target.entry.rank).cloned().unwrap_or_default()),
+                Ok(scrape) => Ok(scrape.engine(m.entry.rank).cloned().unwrap_or_default()),
             };
             match engine {
                 Ok(engine) => {
@@ -451,10 +448,7 @@ impl Inner {
                 }
                 Err(e) => {
                     m.scrape_errors += 1;
-                    self.telemetry
-                        .scrape_errors
-                        .with_label_values(&[self.name.as_str(), &m.target.addr.to_string()])
-                        .inc();
+                    self.telemetry.scrape_errors.with_label_values(&[self.name.as_str(), &m.addr.to_string()]).inc();
                     m.last_error = Some(e.to_string());
                     m.health.failure(now, s);
                 }

@@ -65,6 +65,11 @@ impl Planner {
         Self { models, scheduler, index, stale_after_ms }
     }
 
+    /// The models the pool serves.
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
     /// The pool's prefix index.
     pub fn index(&self) -> &PrefixIndex {
         &self.index

@@ -83,8 +83,8 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let mut tasks = Vec::new();
     let mut pools = Vec::new();
     for rp in resolved {
-        let planner = Planner::new(rp.models.clone(), rp.scheduler, stale_ms);
-        let pool = Pool::new(rp.name, rp.models, planner, rp.admission, settings.clone(), telemetry.clone());
+        let planner = Planner::new(rp.models, rp.scheduler, stale_ms);
+        let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
         tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
         pools.push(pool);
     }

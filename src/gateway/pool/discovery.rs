@@ -10,14 +10,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Discovered, Pool};
+use super::Pool;
 use crate::gateway::config::endpoints::{Claims, Host, ResolvedEndpoint, first_use, load_endpoints_file};
 
 const FILE_POLL: Duration = Duration::from_millis(250);
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
-/// Resolves entries to endpoints (host names through DNS; failures are logged and skipped).
-pub(crate) async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Discovered> {
+/// Resolves entries' host names to IPs through DNS (one entry per address; failures are logged
+/// and skipped).
+pub(crate) async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<ResolvedEndpoint> {
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         let addrs: Vec<SocketAddr> = match &e.host {
@@ -38,8 +39,7 @@ pub(crate) async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<Discovered> {
         let many = addrs.len() > 1;
         for addr in addrs {
             let name = if many { format!("{}@{addr}", e.name) } else { e.name.clone() };
-            let entry = ResolvedEndpoint { name, host: Host::Ip(addr.ip()), port: addr.port(), ..e.clone() };
-            out.push(Discovered { addr, entry });
+            out.push(ResolvedEndpoint { name, host: Host::Ip(addr.ip()), port: addr.port(), ..e.clone() });
         }
     }
     out
@@ -50,7 +50,7 @@ pub(crate) async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<P
     let mut file_entries: Vec<ResolvedEndpoint> = Vec::new();
     let mut file_stamp: Option<(SystemTime, u64)> = None;
     let mut last_dns = Instant::now();
-    let mut current: Option<Vec<Discovered>> = None;
+    let mut current: Option<Vec<ResolvedEndpoint>> = None;
     let needs_dns = |entries: &[ResolvedEndpoint]| entries.iter().any(|e| matches!(e.host, Host::Name(_)));
     loop {
         let mut changed = current.is_none();
@@ -91,10 +91,10 @@ pub(crate) async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<P
             changed = true;
         }
         if changed {
-            let targets = resolve(&all).await;
-            if current.as_ref() != Some(&targets) {
-                pool.set_targets(targets.clone());
-                current = Some(targets);
+            let endpoints = resolve(&all).await;
+            if current.as_ref() != Some(&endpoints) {
+                pool.set_endpoints(endpoints.clone());
+                current = Some(endpoints);
             }
         }
         if file.is_none() && !needs_dns(&all) {
