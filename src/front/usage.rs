@@ -1,6 +1,9 @@
 //! Token usage read from a response body as it streams past, for both front-ends: a JSON body
 //! (kept, bounded, until it ends) or SSE `data:` lines (read in place; a line may span chunks).
 
+use serde_json::Value;
+use serde_json::value::RawValue;
+
 use crate::gateway::telemetry::Usage;
 
 /// Reads usage from a response body as it streams (JSON, or SSE with lines split anywhere).
@@ -21,18 +24,37 @@ impl UsageReader {
         Self { sse: Some(sse), ..Self::default() }
     }
 
-    /// Prompt, completion and cached tokens from a response object (or a Responses API event).
-    fn usage_of(v: &serde_json::Value) -> Option<Usage> {
-        let u = v.get("usage").or_else(|| v.get("response").and_then(|r| r.get("usage")))?;
+    /// Prompt, completion and cached tokens from a response object (or a Responses API event,
+    /// whose usage is in `response`). Only the `usage` object is decoded: the rest of the body
+    /// (choices, embeddings) is skipped without building a tree.
+    fn usage_in(body: &[u8]) -> Option<Usage> {
+        #[derive(serde::Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            usage: Option<&'a RawValue>,
+            #[serde(borrow)]
+            response: Option<&'a RawValue>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Inner<'a> {
+            #[serde(borrow)]
+            usage: Option<&'a RawValue>,
+        }
+        let env: Envelope<'_> = serde_json::from_slice(body).ok()?;
+        let raw = match env.usage {
+            Some(u) => u,
+            None => serde_json::from_str::<Inner<'_>>(env.response?.get()).ok()?.usage?,
+        };
+        let u: Value = serde_json::from_str(raw.get()).ok()?;
         if !u.is_object() {
             return None;
         }
-        let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
         let cached = u
             .get("prompt_tokens_details")
             .or_else(|| u.get("input_tokens_details"))
             .and_then(|d| d.get("cached_tokens"))
-            .and_then(serde_json::Value::as_u64)
+            .and_then(Value::as_u64)
             .unwrap_or(0);
         Some(Usage {
             prompt: n("prompt_tokens").max(n("input_tokens")),
@@ -53,8 +75,7 @@ impl UsageReader {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if let Some(data) = line.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
                     && memchr::memmem::find(data, b"\"usage\"").is_some()
-                    && let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
-                    && let Some(u) = Self::usage_of(&v)
+                    && let Some(u) = Self::usage_in(data)
                 {
                     self.usage = Some(u);
                 }
@@ -72,8 +93,7 @@ impl UsageReader {
     pub(crate) fn finish(&mut self) {
         if self.sse != Some(true)
             && memchr::memmem::find(&self.pending, b"\"usage\"").is_some()
-            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.pending)
-            && let Some(u) = Self::usage_of(&v)
+            && let Some(u) = Self::usage_in(&self.pending)
         {
             self.usage = Some(u);
         }
@@ -101,5 +121,25 @@ mod tests {
         assert_eq!(r.usage, None, "not before the end");
         r.finish();
         assert_eq!(r.usage, Some(Usage { prompt: 5, completion: 2, cached: 0 }));
+    }
+
+    #[test]
+    fn usage_of_responses_events_and_bodies_without_it() {
+        let check = |body: &str, want: Option<Usage>| {
+            let mut r = UsageReader::new(false);
+            r.feed(body.as_bytes());
+            r.finish();
+            assert_eq!(r.usage, want, "{body}");
+        };
+        let u = |prompt, completion, cached| Some(Usage { prompt, completion, cached });
+        check(
+            r#"{"type":"response.completed","response":{"id":"r","output":[{"a":[1,2]}],"usage":{"input_tokens":9,"output_tokens":4,"input_tokens_details":{"cached_tokens":6}}}}"#,
+            u(9, 4, 6),
+        );
+        check(r#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":3,"total_tokens":3}}"#, u(3, 0, 0));
+        check(r#"{"response":"text","usage":{"prompt_tokens":2}}"#, u(2, 0, 0));
+        check(r#"{"choices":[{"text":"the word \"usage\" in text"}]}"#, None);
+        check(r#"{"usage":"none"}"#, None);
+        check(r#"[{"usage":{"prompt_tokens":1}}]"#, None);
     }
 }
