@@ -66,10 +66,7 @@ fn main() -> ExitCode {
         Command::Bench(cli) => match cli.sub {
             Some(BenchSub::Compare { reports, plot }) => match kvgate::tools::bench::compare(&reports, plot.as_deref())
             {
-                Ok(table) => {
-                    println!("{table}");
-                    ExitCode::SUCCESS
-                }
+                Ok(table) => print_out(&format!("{table}\n")),
                 Err(e) => {
                     #[allow(clippy::print_stderr)]
                     {
@@ -141,15 +138,18 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}: OK", file.display());
-    println!(
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK", file.display());
+    let _ = writeln!(
+        out,
         "listeners: grpc {}, admin {}, proxy {}",
         cfg.grpc_addr,
         cfg.admin_addr,
         cfg.proxy_addr.map_or("off".to_owned(), |a| a.to_string())
     );
     for pool in &pools {
-        println!("\npool `{}` serves {}", pool.name, pool.models.join(", "));
+        let _ = writeln!(out, "\npool `{}` serves {}", pool.name, pool.models.join(", "));
         for e in &pool.endpoints {
             let rank = match e.rank {
                 Some(r) if e.rank_header => format!(" rank {r} (pinned with X-data-parallel-rank)"),
@@ -158,12 +158,13 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             };
             let role = kvgate::routing::endpoint::Role::of_labels(&e.labels);
             let name = if e.name == e.to_string() { String::new() } else { format!(" ({})", e.name) };
-            println!("  endpoint {e}{name} role {role}{rank}");
+            let _ = writeln!(out, "  endpoint {e}{name} role {role}{rank}");
         }
         if let Some(f) = &pool.endpoints_file {
-            println!("  endpoints file {} (now {} endpoints):", f.display(), pool.file_endpoints.len());
+            let _ = writeln!(out, "  endpoints file {} (now {} endpoints):", f.display(), pool.file_endpoints.len());
             for e in &pool.file_endpoints {
-                println!(
+                let _ = writeln!(
+                    out,
                     "    endpoint {e} ({}) role {}",
                     e.name,
                     kvgate::routing::endpoint::Role::of_labels(&e.labels)
@@ -171,8 +172,19 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             }
         }
         for line in pool.scheduler.to_string().lines() {
-            println!("  {line}");
+            let _ = writeln!(out, "  {line}");
         }
     }
-    ExitCode::SUCCESS
+    print_out(&out)
+}
+
+/// Writes `text` to stdout. A reader that has gone (`| head`) is not an error: the output was
+/// wanted only in part.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
 }

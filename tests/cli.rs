@@ -74,3 +74,20 @@ fn sim_subcommand_serves_until_killed() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--data-parallel-rank 5"));
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    // `kvgate check-config FILE | head -1`: the reader is gone before kvgate writes.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let minimal = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/minimal.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["check-config", minimal.to_str().expect("utf-8 path")])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("kvgate runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

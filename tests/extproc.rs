@@ -607,3 +607,33 @@ async fn placement_headers_for_prefill_and_ranks() {
     assert_eq!(pinned, [("0".to_owned(), 2), ("1".to_owned(), 2)].into_iter().collect(), "each rank in turn");
     assert_eq!(unpinned, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_does_not_decode_is_invalid_argument() {
+    use envoy_types::pb::google::protobuf::Duration as NotARequest;
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    // Field 2 of a ProcessingRequest is `request_headers`, a message; this sends it as a varint.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", kv.grpc_addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<NotARequest, ProcessingResponse>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/envoy.service.ext_proc.v3.ExternalProcessor/Process");
+    let garbage = tokio_stream::StreamExt::chain(
+        tokio_stream::iter([NotARequest { seconds: 0, nanos: 5 }]),
+        tokio_stream::pending(),
+    );
+    let mut resp = grpc.streaming(tonic::Request::new(garbage), path, codec).await.expect("stream opens").into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(10), resp.message()).await.expect("an answer in time");
+    let status = end.expect_err("the stream ends with an error");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}

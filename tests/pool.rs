@@ -64,6 +64,10 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
     write("endpoints: [ {address: \n".into());
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(addrs(&get_json(&debug).await), [b.addrs[0].to_string()]);
+    // An edit that would empty the pool is taken for a mistake: the last set stays.
+    write("endpoints: []\n".into());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(addrs(&get_json(&debug).await), [b.addrs[0].to_string()]);
     // And a good edit after it applies.
     write(format!("endpoints: [{{address: '{}'}}, {{address: '{}'}}]\n", a.addrs[0], b.addrs[0]));
     assert!(eventually(5, || async { addrs(&get_json(&debug).await).len() == 2 }).await);

@@ -415,3 +415,40 @@ async fn graceful_shutdown_finishes_streams_in_flight() {
     stopping.await.expect("shutdown completes");
     assert!(std::net::TcpStream::connect(proxy).is_err(), "no longer accepting");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_headers_for_the_gateway_stay_behind_and_forwarding_is_recorded() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
+    wait_scraped(&kv, 1).await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    let r = client()
+        .post(format!("http://{proxy}/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-gateway-destination-endpoint", "10.9.9.9:8000")
+        .header("x-gateway-destination-endpoint-served", "10.9.9.9:8000")
+        .header("test-epp-endpoint-selection", "10.9.9.9:8000")
+        .header("x-prefiller-host-port", "10.9.9.9:8000")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("authorization", "Bearer for-the-endpoint")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("forwarded", "for=203.0.113.7")
+        .body(json!({"model": MODEL, "prompt": "hi", "max_tokens": 1}).to_string())
+        .send()
+        .await
+        .expect("proxied");
+    assert_eq!(r.status(), 200);
+    let seen = get_json(&format!("{}/admin/last_request_headers", sim.url(0))).await;
+    for gone in [
+        "x-gateway-destination-endpoint",
+        "x-gateway-destination-endpoint-served",
+        "test-epp-endpoint-selection",
+        "x-prefiller-host-port",
+        "proxy-authorization",
+    ] {
+        assert!(seen.get(gone).is_none(), "`{gone}` reached the endpoint: {seen}");
+    }
+    assert_eq!(seen["authorization"], json!(["Bearer for-the-endpoint"]));
+    assert_eq!(seen["x-forwarded-for"], json!(["203.0.113.7, 127.0.0.1"]));
+    assert_eq!(seen["forwarded"], json!(["for=203.0.113.7, for=127.0.0.1;proto=http"]));
+}

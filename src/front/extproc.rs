@@ -88,7 +88,16 @@ impl ExternalProcessor for Picker {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
                     // End of stream or a reset: dropping the state releases any in-flight count.
-                    Ok(None) | Err(_) => return,
+                    Ok(None) => return,
+                    Err(e) => {
+                        // A message that does not decode is the peer's error, and says so; a
+                        // stream that broke has nobody left to tell.
+                        if e.code() == tonic::Code::Internal {
+                            let bad = Status::invalid_argument(format!("unreadable ext_proc message: {}", e.message()));
+                            let _ = tx.send(Err(bad)).await;
+                        }
+                        return;
+                    }
                 };
                 for out in stream.handle(msg) {
                     if tx.send(Ok(out)).await.is_err() {

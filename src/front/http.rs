@@ -2,7 +2,7 @@
 //! client and request builder, request ids, hop-by-hop filtering, body reading, refusals as
 //! OpenAI-shaped responses, and the relay of an endpoint's answer to the client.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -48,6 +48,42 @@ pub(crate) fn strip_placement(headers: &mut HeaderMap) {
         headers.remove(h);
     }
 }
+
+/// Headers of the gateway protocol, and a client's credentials for a proxy: what a client sends
+/// under these names is for kvgate (or nobody), never for an endpoint.
+const GATEWAY_HEADERS: [&str; 4] = [DESTINATION_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
+
+/// Removes the gateway's own headers (and `Proxy-Authorization`) a client sent.
+pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
+    for h in GATEWAY_HEADERS {
+        headers.remove(h);
+    }
+}
+
+/// Appends the client kvgate saw to `X-Forwarded-For` and `Forwarded` (RFC 7239). Entries a
+/// client sent stay in front, as earlier hops claim them; the last entry is kvgate's own word.
+pub(crate) fn append_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+    let node = match client {
+        IpAddr::V4(ip) => format!("for={ip};proto=http"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=http"),
+    };
+    for (name, entry) in [(X_FORWARDED_FOR, client.to_string()), (header::FORWARDED, node)] {
+        let earlier: Vec<&str> = headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let value = if earlier.is_empty() { entry } else { format!("{}, {entry}", earlier.join(", ")) };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+/// `X-Forwarded-For`.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The HTTP client the front-ends use for upstream requests.
 pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
@@ -244,5 +280,26 @@ mod tests {
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
         assert_ne!(id, new_request_id());
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended_and_gateway_headers_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
+        h.insert("x-gateway-destination-endpoint", HeaderValue::from_static("10.0.0.9:8000"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("authorization", HeaderValue::from_static("Bearer t"));
+        strip_gateway_headers(&mut h);
+        append_forwarded(&mut h, "127.0.0.1".parse().expect("ip"));
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 127.0.0.1");
+        assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http");
+        assert!(!h.contains_key("x-gateway-destination-endpoint") && !h.contains_key("proxy-authorization"));
+        assert_eq!(h["authorization"], "Bearer t");
+        let mut v6 = HeaderMap::new();
+        v6.insert("forwarded", HeaderValue::from_static("for=192.0.2.60;proto=https"));
+        append_forwarded(&mut v6, "::1".parse().expect("ip"));
+        assert_eq!(v6["forwarded"], "for=192.0.2.60;proto=https, for=\"[::1]\";proto=http");
+        assert_eq!(v6["x-forwarded-for"], "::1");
     }
 }

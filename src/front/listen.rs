@@ -26,6 +26,8 @@ pub(crate) fn serve_http(
         let _ = tcp.set_nodelay(true);
     });
     tokio::spawn(async move {
+        // Connect info: the proxy names the client in `X-Forwarded-For`.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
             tracing::error!(error = %e, "{what} listener stopped");
         }

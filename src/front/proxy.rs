@@ -7,19 +7,20 @@
 //! released when the response ends, fails, or the client goes away (dropping the response drops
 //! the upstream request too, which is how vLLM learns of the abort).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::front::handoff::{self, PrefillLeg};
 use crate::front::http::{
-    PREFILLER_HEADER, UpstreamClient, end_to_end, ensure_request_id, json_error, read_body, refusal, relay,
-    strip_placement, upstream_client, upstream_request,
+    PREFILLER_HEADER, UpstreamClient, append_forwarded, end_to_end, ensure_request_id, json_error, read_body, refusal,
+    relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
 use crate::gateway::error::RouteError;
@@ -67,7 +68,10 @@ async fn forward(st: &ProxyState, req: Request) -> Response {
         }
     };
     match st.gateway.route(parts.uri.path(), &body, None, st.cfg.attempts.max(1)) {
-        Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, body).await,
+        Ok(routed) => {
+            let client = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+            send(st, routed, parts.method, parts.uri, parts.headers, client, body).await
+        }
         Err(e) => refusal(&e),
     }
 }
@@ -86,10 +90,15 @@ async fn send(
     method: Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
+    client: Option<IpAddr>,
     body: Bytes,
 ) -> Response {
     let mut fwd = end_to_end(&headers);
     strip_placement(&mut fwd);
+    strip_gateway_headers(&mut fwd);
+    if let Some(ip) = client {
+        append_forwarded(&mut fwd, ip);
+    }
     ensure_request_id(&mut fwd);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let attempts = st.cfg.attempts.max(1);
@@ -118,7 +127,7 @@ async fn send(
     }
     let mut last = Failure::Connect("no endpoint was tried".into());
     // Servers that could not be reached: their other ranks are not worth an attempt.
-    let mut unreachable: Vec<std::net::SocketAddr> = Vec::new();
+    let mut unreachable: Vec<SocketAddr> = Vec::new();
     let mut tried = 0;
     for k in 0..routed.decision().targets.len() {
         let target = routed.decision().targets[k];

@@ -90,6 +90,9 @@ pub struct ProxyConfig {
     pub prefill_timeout_ms: u64,
 }
 
+/// Endpoints one proxied request may try at most (`proxy.attempts`).
+pub const MAX_ATTEMPTS: usize = 10;
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
@@ -131,6 +134,21 @@ pub struct Admission {
     /// Sheddable requests (negative `priority`) are refused this fraction below the limits
     /// (default 0.2), so they go first when the pool fills up.
     pub sheddable_headroom: Option<f64>,
+}
+
+impl Admission {
+    /// What is wrong with these limits, if anything.
+    fn problem(&self) -> Option<String> {
+        if self.max_in_flight == Some(0) || self.max_queued == Some(0) {
+            return Some("max_in_flight and max_queued must be at least 1 when given".into());
+        }
+        match self.sheddable_headroom {
+            Some(h) if !(0.0..=1.0).contains(&h) => {
+                Some(format!("sheddable_headroom is a fraction of the limits, 0 to 1; got {h}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Which body mode to assume when Envoy does not announce it.
@@ -313,6 +331,28 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Two listeners on one port (the same address, or one of them on every address), as
+    /// `(field, message)` of the second; port 0 (any free port) never clashes.
+    fn listener_clash(&self) -> Option<(&'static str, String)> {
+        let listeners = [
+            ("grpc_addr", Some(self.grpc_addr)),
+            ("admin_addr", Some(self.admin_addr)),
+            ("proxy_addr", self.proxy_addr),
+            ("health_addr", self.health_addr),
+        ];
+        let bound: Vec<(&'static str, SocketAddr)> =
+            listeners.into_iter().filter_map(|(name, a)| Some((name, a?))).filter(|(_, a)| a.port() != 0).collect();
+        for (k, (name, a)) in bound.iter().enumerate() {
+            let overlaps = |b: &SocketAddr| {
+                b.port() == a.port() && (b.ip() == a.ip() || b.ip().is_unspecified() || a.ip().is_unspecified())
+            };
+            if let Some((other, b)) = bound[..k].iter().find(|(_, b)| overlaps(b)) {
+                return Some((name, format!("{a} is also `{other}` ({b}); each listener needs its own port")));
+            }
+        }
+        None
+    }
+
     /// Checks the whole config and compiles each pool's scheduler.
     pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
         let invalid =
@@ -337,6 +377,15 @@ impl Config {
                 "proxy".into(),
                 "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
             ));
+        }
+        if self.proxy.attempts > MAX_ATTEMPTS {
+            return Err(invalid(
+                "proxy.attempts".into(),
+                format!("at most {MAX_ATTEMPTS}, got {}", self.proxy.attempts),
+            ));
+        }
+        if let Some((at, message)) = self.listener_clash() {
+            return Err(invalid(at.into(), message));
         }
         if self.health.failure_threshold == 0 || self.health.backoff_ms > self.health.max_backoff_ms {
             return Err(invalid(
@@ -368,6 +417,9 @@ impl Config {
                         format!("model `{model}` is also served by pool `{other}`; each model routes to one pool"),
                     ));
                 }
+            }
+            if let Some(message) = pool.admission.problem() {
+                return Err(invalid(at("admission"), message));
             }
             let mut endpoints = Vec::new();
             let mut file_endpoints = Vec::new();
@@ -474,5 +526,24 @@ mod tests {
             Err(("pools[0].scheduler.plugins[0].type", "valid types")),
         );
         check_config("grpc_addr: nope\npools: []", Err(("grpc_addr", "")));
+        let pool = "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]";
+        check_config(
+            &format!("admin_addr: 127.0.0.1:8080\nproxy_addr: 127.0.0.1:8080\n{pool}"),
+            Err(("proxy_addr", "also `admin_addr`")),
+        );
+        check_config(
+            &format!("grpc_addr: 0.0.0.0:9002\nhealth_addr: 127.0.0.1:9002\n{pool}"),
+            Err(("health_addr", "also `grpc_addr`")),
+        );
+        check_config(&format!("admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n{pool}"), Ok(1));
+        check_config(&format!("admin_addr: 127.0.0.1:9090\nproxy_addr: 127.0.0.2:9090\n{pool}"), Ok(1));
+        check_config(&format!("proxy: {{attempts: 4294967296}}\n{pool}"), Err(("proxy.attempts", "at most 10")));
+        let with_admission = |a: &str| {
+            format!("pools: [{{name: a, models: [m], endpoints: [{{address: '127.0.0.1:1'}}], admission: {a}}}]")
+        };
+        check_config(&with_admission("{sheddable_headroom: 2.0}"), Err(("pools[0].admission", "0 to 1")));
+        check_config(&with_admission("{sheddable_headroom: .nan}"), Err(("pools[0].admission", "0 to 1")));
+        check_config(&with_admission("{max_in_flight: 0}"), Err(("pools[0].admission", "at least 1")));
+        check_config(&with_admission("{max_in_flight: 8, sheddable_headroom: 0.5}"), Ok(1));
     }
 }

@@ -226,6 +226,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         kv_capacity_tokens: num_gpu_blocks * args.block_size,
         kv_role,
         faults: RwLock::new(faults),
+        last_request_headers: Mutex::new(Vec::new()),
         pod_name,
         info: json!({
             "model_path": args.model, "served_model_names": served, "max_model_len": args.max_model_len,

@@ -2,9 +2,10 @@
 //! pool's endpoint set, and keeps it current.
 //!
 //! The endpoints file is checked every 250 ms (modification time and size, then content); a
-//! change that parses replaces the set, one that does not is logged and ignored, keeping the
-//! last good set. Host names are resolved again every 5 s; a name with several addresses (a
-//! headless Kubernetes service) gives one endpoint per address.
+//! change that parses replaces the set, one that does not — or one that would leave the pool
+//! with no endpoint at all — is logged and ignored, keeping the last good set. Host names are
+//! resolved again every 5 s; a name with several addresses (a headless Kubernetes service)
+//! gives one endpoint per address.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +60,11 @@ pub(crate) async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<P
             if stamp != file_stamp {
                 file_stamp = stamp;
                 match load_endpoints_file(path) {
+                    // Emptying a pool that has endpoints by an edit is more likely a mistake
+                    // (a truncated write, a bad template) than a wish to refuse every request.
+                    Ok(entries) if entries.is_empty() && fixed.is_empty() && !file_entries.is_empty() => {
+                        tracing::error!(pool = pool.name(), file = %path.display(), "endpoints file lists no endpoint; keeping the last good endpoint set (list at least one endpoint, or remove the pool)");
+                    }
                     Ok(entries) => {
                         if entries != file_entries {
                             tracing::info!(pool = pool.name(), file = %path.display(), endpoints = entries.len(), "endpoints file loaded");

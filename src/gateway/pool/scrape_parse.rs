@@ -133,14 +133,13 @@ fn labels(s: &str) -> Result<(Labels<'_>, &str), &'static str> {
     }
 }
 
-fn value(s: &str, line: usize) -> Result<f64, ScrapeError> {
+/// A sample's value; `None` for `NaN`, which the exposition format allows and which says the
+/// value is unknown (the sample is read as absent, not as an error).
+fn value(s: &str, line: usize) -> Result<Option<f64>, ScrapeError> {
     let bad = |detail: String| ScrapeError::Malformed { line, detail };
     let v = s.split_whitespace().next().ok_or_else(|| bad("no value".into()))?;
     let x: f64 = v.parse().map_err(|_| bad(format!("bad value `{v}`")))?;
-    if x.is_nan() {
-        return Err(bad("NaN value".into()));
-    }
-    Ok(x)
+    Ok((!x.is_nan()).then_some(x))
 }
 
 /// Parses an exposition, keeping only the families routing reads.
@@ -155,7 +154,7 @@ pub(crate) fn parse(text: &str) -> Result<Scrape, ScrapeError> {
         let Some(fam) = family(&line[..name_end]) else { continue };
         let err = |detail: String| ScrapeError::Malformed { line: n + 1, detail };
         let (labels, rest) = labels(&line[name_end..]).map_err(|e| err(e.into()))?;
-        let v = value(rest, n + 1)?;
+        let Some(v) = value(rest, n + 1)? else { continue };
         let label = |k: &str| labels.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
         let engine = label("engine").unwrap_or("").to_owned();
         let gauge = |v: f64| if v < 0.0 { Err(err(format!("negative value {v}"))) } else { Ok(v) };
@@ -248,6 +247,11 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="0.04",model_name="m"} 210
         check("vllm:num_requests_running{engine=\"0\"} twelve\nvllm:num_requests_waiting 1\n");
         check("vllm:num_requests_running{engine=\"0} 1\n");
         check("vllm:num_requests_running{engine=\"0\"} NaN\nvllm:num_requests_waiting 1\n");
+        // NaN is a valid sample meaning "unknown": read as absent, so a NaN load series leaves
+        // the endpoint without load (an error above), while a NaN elsewhere is no error.
+        let nan_kv = parse("vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc NaN\n")
+            .expect("a NaN KV usage sample is valid");
+        assert_eq!(nan_kv.engine(None).map(|e| (e.running, e.kv_usage)), Some((Some(1.0), None)));
         check("vllm:num_requests_running -1\nvllm:num_requests_waiting 1\n");
         check("vllm:num_requests_running{engine=\"0\"} 1\n"); // truncated: no waiting
         check("vllm:num_requests_running{engine=\"0\"} 1\nvllm:num_requests_waiting{engine=");

@@ -56,6 +56,9 @@ pub(crate) struct Shared {
     pub kv_role: KvRole,
     /// Failure injection.
     pub faults: RwLock<Faults>,
+    /// The headers of the last completions or chat request, for tests of what a gateway
+    /// forwards (`GET /admin/last_request_headers`).
+    pub last_request_headers: Mutex<Vec<(String, String)>>,
     /// `x-inference-pod`.
     pub pod_name: String,
     /// For `/server_info`.
@@ -111,6 +114,7 @@ pub(crate) fn app(state: Arc<PortState>) -> Router {
         .route("/model_info", get(model_info))
         .route("/get_model_info", get(model_info))
         .route("/admin/faults", get(get_faults).post(set_faults))
+        .route("/admin/last_request_headers", get(last_request_headers))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), identity_headers))
@@ -278,6 +282,17 @@ async fn model_info(State(st): St) -> Response {
         "is_generation": true, "max_model_len": s.max_model_len, "max_context_length": s.max_model_len,
     }))
     .into_response()
+}
+
+/// `{"name": ["value", …]}` of the last completions or chat request (names lower-case).
+async fn last_request_headers(State(st): St) -> Response {
+    let mut out: serde_json::Map<String, Value> = serde_json::Map::new();
+    for (k, v) in st.shared.last_request_headers.lock().iter() {
+        if let Value::Array(values) = out.entry(k.clone()).or_insert_with(|| Value::Array(Vec::new())) {
+            values.push(Value::String(v.clone()));
+        }
+    }
+    axum::Json(Value::Object(out)).into_response()
 }
 
 async fn get_faults(State(st): St) -> Response {

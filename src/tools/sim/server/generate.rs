@@ -142,6 +142,10 @@ pub(super) async fn generate(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
+    *st.shared.last_request_headers.lock() = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
     let shared = st.shared.clone();
     let faults = shared.faults.read().clone();
     if faults.paused {
