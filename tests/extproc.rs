@@ -291,6 +291,12 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
     s.send(msg(headers(&post, true))).await;
     assert_eq!(immediate(s.recv().await).0, Some(400));
     drop(s);
+    // A wrong method on an API path is a 405, as from the proxy.
+    let mut s = Stream::open(kv.grpc_addr).await;
+    s.send(msg(headers(&[(":method", "GET"), (":path", "/v1/chat/completions")], true))).await;
+    let (status, v) = immediate(s.recv().await);
+    assert_eq!((status, v["error"]["code"].as_str()), (Some(405), Some("method_not_allowed")));
+    drop(s);
     let mut s = Stream::open(kv.grpc_addr).await;
     s.send(msg(headers(&post, false))).await;
     let no_model = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
@@ -474,7 +480,7 @@ async fn oversized_bodies_are_refused_as_they_arrive() {
     // Refused at the second chunk, before any end of stream.
     match s.recv().await.response {
         Some(Resp::ImmediateResponse(ir)) => {
-            assert_eq!(ir.status.map(|s| s.code), Some(400));
+            assert_eq!(ir.status.map(|s| s.code), Some(413));
             let v: serde_json::Value = serde_json::from_slice(&ir.body).expect("JSON");
             assert_eq!(v["error"]["code"], "request_too_large");
         }

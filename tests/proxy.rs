@@ -259,7 +259,10 @@ async fn bad_requests_get_openai_errors() {
     let (s, b) = post(&format!("{proxy}/v1/chat/completions"), &json!({"messages": []})).await;
     check(s, &b, 400, "missing_model");
     let (s, b) = post(&format!("{proxy}/v1/completions"), &json!({"model": MODEL, "prompt": "x".repeat(5000)})).await;
-    check(s, &b, 400, "request_too_large");
+    check(s, &b, 413, "request_too_large");
+    let r = client().get(format!("{proxy}/v1/chat/completions")).send().await.expect("send");
+    assert_eq!(r.headers()["allow"], "POST");
+    check(r.status().as_u16(), &r.json().await.expect("json"), 405, "method_not_allowed");
     let (s, b) = post(&format!("{proxy}/v1/completions"), &json!({"model": "gpt-17", "prompt": "x"})).await;
     check(s, &b, 404, "model_not_found");
     assert!(b["error"]["message"].as_str().is_some_and(|m| m.contains(MODEL)));

@@ -290,6 +290,13 @@ impl StreamState {
                 self.done = true;
                 return vec![immediate_json(200, self.gateway.models_list().to_string(), &[], "")];
             }
+            Ask::MethodNotAllowed => {
+                self.done = true;
+                let path = self.path.split('?').next().unwrap_or("");
+                let msg = format!("{} is not allowed on {path}; use POST", self.method);
+                let body = error_body(405, &msg, "method_not_allowed", None);
+                return vec![immediate_json(405, body, &[("allow", "POST")], "method_not_allowed")];
+            }
             Ask::NotFound => {
                 self.done = true;
                 let msg = format!("no route for {} {}", self.method, self.path.split('?').next().unwrap_or(""));

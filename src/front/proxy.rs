@@ -52,6 +52,12 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         Ask::Route => forward(&st, req).await,
         Ask::Models => axum::Json(st.gateway.models_list()).into_response(),
         Ask::NotFound => json_error(404, &format!("no route for {} {}", req.method(), req.uri().path()), "not_found"),
+        Ask::MethodNotAllowed => {
+            let msg = format!("{} is not allowed on {}; use POST", req.method(), req.uri().path());
+            let mut r = json_error(405, &msg, "method_not_allowed");
+            r.headers_mut().insert(axum::http::header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
     }
 }
 

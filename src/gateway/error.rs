@@ -75,7 +75,7 @@ impl RouteError {
 /// An OpenAI-shaped error body: `{"error":{"message","type","param","code"}}`.
 pub fn error_body(status: u16, message: &str, code: &str, param: Option<&str>) -> String {
     let kind = match status {
-        400 | 413 => "invalid_request_error",
+        400 | 405 | 413 => "invalid_request_error",
         404 => "not_found_error",
         429 => "rate_limit_error",
         503 => "service_unavailable",

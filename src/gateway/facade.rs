@@ -24,6 +24,8 @@ pub enum Ask {
     Route,
     /// `GET /v1/models`: the gateway answers with every servable model itself.
     Models,
+    /// An API path with another method than `POST`: a 405.
+    MethodNotAllowed,
     /// Nothing here: a 404.
     NotFound,
 }
@@ -34,6 +36,7 @@ impl Ask {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         match (method, ApiKind::from_path(path)) {
             ("POST", Some(_)) => Self::Route,
+            (_, Some(_)) => Self::MethodNotAllowed,
             ("GET", None) if path == "/v1/models" => Self::Models,
             (_, None) if path.starts_with("/v1/") => Self::Route,
             _ => Self::NotFound,

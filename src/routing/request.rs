@@ -107,11 +107,12 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    /// HTTP status for this error (all are 400: the request itself is wrong).
+    /// HTTP status for this error: 413 for a body over the limit, 400 for the rest (the
+    /// request itself is wrong).
     pub fn status(&self) -> u16 {
         match self {
-            Self::TooLarge { .. }
-            | Self::InvalidUtf8 { .. }
+            Self::TooLarge { .. } => 413,
+            Self::InvalidUtf8 { .. }
             | Self::NotJson(_)
             | Self::NotAnObject
             | Self::MissingModel
