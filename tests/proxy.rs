@@ -455,3 +455,106 @@ async fn client_headers_for_the_gateway_stay_behind_and_forwarding_is_recorded()
     assert_eq!(seen["x-forwarded-for"], json!(["203.0.113.7, 127.0.0.1"]));
     assert_eq!(seen["forwarded"], json!(["for=203.0.113.7, for=127.0.0.1;proto=http"]));
 }
+
+/// Sends `total` non-streaming completions through `proxy`, `concurrency` at a time; returns
+/// the statuses.
+async fn load(proxy: &str, total: usize, concurrency: usize) -> Vec<u16> {
+    let per_task = total / concurrency;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let url = format!("{proxy}/v1/completions");
+            tokio::spawn(async move {
+                let mut statuses = Vec::with_capacity(per_task);
+                for k in 0..per_task {
+                    let body = json!({"model": MODEL, "prompt": format!("task {t} request {k}"), "max_tokens": 2});
+                    let r = client().post(&url).body(body.to_string()).send().await.expect("send");
+                    statuses.push(r.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(total);
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_on_every_endpoint_do_not_empty_the_pool() {
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(start_sim(&["--time-scale", "0"]).await);
+    }
+    let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
+    let kv = start_kvgate(&config(&addrs, "")).await;
+    wait_scraped(&kv, 4).await;
+    for s in &sims {
+        let f = json!({"failure_rate": 0.4, "failure_types": ["503"]});
+        let r = client().post(format!("{}/admin/faults", s.url(0))).body(f.to_string()).send().await.expect("send");
+        assert_eq!(r.status(), 200);
+    }
+    let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
+    let statuses = load(&proxy, 300, 10).await;
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    println!("{failed} of 300 requests failed");
+    // Three attempts at 40% each leave 6.4% failing; the pool must not eject its way to 503s.
+    assert!(failed <= 45, "{failed} of 300 failed: {:?}", statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>());
+    let m = metrics(&format!("http://{}", kv.admin_addr)).await;
+    let refused = metric(&m, "kvgate_requests_total", &[("status", "503"), ("decision", "none")]).unwrap_or(0.0);
+    assert_eq!(refused, 0.0, "no request was refused for want of a healthy endpoint");
+    let debug = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
+    let healthy =
+        debug["pools"][0]["endpoints"].as_array().map_or(0, |e| e.iter().filter(|e| e["healthy"] == true).count());
+    assert_eq!(healthy, 4, "errors alike on every endpoint eject none: {debug}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_far_more_than_the_pool_is_ejected() {
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(start_sim(&["--time-scale", "0"]).await);
+    }
+    let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
+    let kv = start_kvgate(&config(&addrs, "health: {backoff_ms: 60000, max_backoff_ms: 60000}")).await;
+    wait_scraped(&kv, 4).await;
+    let f = json!({"failure_rate": 1.0, "failure_types": ["500"]});
+    let r = client().post(format!("{}/admin/faults", sims[0].url(0))).body(f.to_string()).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
+    let statuses = load(&proxy, 120, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "retries cover the bad endpoint: {statuses:?}");
+    let debug = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
+    let bad = debug["pools"][0]["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["address"] == addrs[0].as_str()))
+        .cloned()
+        .expect("listed");
+    assert_eq!(bad["healthy"], false, "ejected for its error rate: {debug}");
+    // It is sent nothing while out: no request needs a retry any more.
+    let admin = format!("http://{}", kv.admin_addr);
+    let retries = |m: String| metric(&m, "kvgate_proxy_retries_total", &[("outcome", "sent")]).unwrap_or(0.0);
+    let before = retries(metrics(&admin).await);
+    assert!(before > 0.0, "the bad endpoint's answers were retried before it was ejected");
+    let statuses = load(&proxy, 40, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(retries(metrics(&admin).await), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_retry_budget_holds_retries_back() {
+    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
+    let cfg = "proxy: {retry_budget_percent: 0, min_retry_concurrency: 0}";
+    let kv = start_kvgate(&config(&[a.addrs[0].to_string(), b.addrs[0].to_string()], cfg)).await;
+    wait_scraped(&kv, 2).await;
+    let f = json!({"failure_rate": 1.0, "failure_types": ["503"]});
+    let r = client().post(format!("{}/admin/faults", a.url(0))).body(f.to_string()).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    let statuses = load(&format!("http://{}", kv.proxy_addr.expect("proxy")), 8, 1).await;
+    // Cold requests rotate over both endpoints; those that start on A get A's 503.
+    assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
+    let m = metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert!(metric(&m, "kvgate_proxy_retries_total", &[("outcome", "budget_exhausted")]).is_some_and(|n| n >= 1.0));
+    assert_eq!(metric(&m, "kvgate_proxy_retries_total", &[("outcome", "sent")]), None);
+}

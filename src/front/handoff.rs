@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body_util::{BodyExt, Limited};
 
 use crate::front::http::{UpstreamClient, new_request_id, strip_placement, upstream_request};
+use crate::gateway::pool::Outcome;
 use crate::routing::pd::{BodyError, decode_body, prefill_body, transfer_params};
 
 /// Largest prefill-leg answer read (its `kv_transfer_params` list every block of the prompt).
@@ -64,10 +65,15 @@ impl Fallback {
         }
     }
 
-    /// Whether the failure says something about the prefill endpoint's health (a timeout does
-    /// not: a long prompt can be slow to prefill on a healthy endpoint).
-    pub(crate) fn endpoint_failed(&self) -> bool {
-        matches!(self, Self::Unreachable(_)) || matches!(self, Self::Status(s) if *s >= 500)
+    /// What the failure says about the prefill endpoint, for its health: an unreachable one, or
+    /// the status it answered with; nothing for a timeout (a long prompt can be slow to prefill
+    /// on a healthy endpoint) or for a failure of the request or the answer's contents.
+    pub(crate) fn learned(&self) -> Option<Outcome> {
+        match self {
+            Self::Unreachable(_) => Some(Outcome::Unreachable),
+            Self::Status(s) => Some(Outcome::Answered(*s)),
+            _ => None,
+        }
     }
 }
 
@@ -121,11 +127,10 @@ mod tests {
 
     #[test]
     fn fallback_reasons() {
-        assert!(!Fallback::Timeout.endpoint_failed());
-        assert!(Fallback::Unreachable(String::new()).endpoint_failed());
-        assert!(Fallback::Status(503).endpoint_failed());
-        assert!(!Fallback::Status(400).endpoint_failed());
-        assert!(!Fallback::BadResponse(String::new()).endpoint_failed());
+        assert_eq!(Fallback::Timeout.learned(), None);
+        assert_eq!(Fallback::Unreachable(String::new()).learned(), Some(Outcome::Unreachable));
+        assert_eq!(Fallback::Status(503).learned(), Some(Outcome::Answered(503)));
+        assert_eq!(Fallback::BadResponse(String::new()).learned(), None);
         assert_eq!(Fallback::NotAllowed(String::new()).reason(), "not_allowed");
     }
 }

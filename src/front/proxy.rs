@@ -9,6 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,12 +34,45 @@ pub(crate) struct ProxyState {
     gateway: Arc<Gateway>,
     client: UpstreamClient,
     cfg: ProxyConfig,
+    /// Requests waiting for an endpoint's answer.
+    waiting: AtomicUsize,
+    /// Of those, the ones on their second or later attempt.
+    retrying: AtomicUsize,
 }
 
 impl ProxyState {
     /// A proxy over `gateway`.
     pub(crate) fn new(gateway: Arc<Gateway>, cfg: ProxyConfig) -> Self {
-        Self { gateway, client: upstream_client(cfg.connect_timeout_ms), cfg }
+        let client = upstream_client(cfg.connect_timeout_ms);
+        Self { gateway, client, cfg, waiting: AtomicUsize::new(0), retrying: AtomicUsize::new(0) }
+    }
+
+    /// Takes a place in the retry budget, if one is left.
+    fn retry_permit(&self) -> Option<Counted<'_>> {
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        let budget =
+            (waiting * self.cfg.retry_budget_percent as usize / 100).max(self.cfg.min_retry_concurrency as usize);
+        let permit = Counted::new(&self.retrying);
+        (permit.value <= budget).then_some(permit)
+    }
+}
+
+/// One unit of a counter, given back when dropped.
+struct Counted<'a> {
+    counter: &'a AtomicUsize,
+    /// The counter with this unit.
+    value: usize,
+}
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        Self { value: counter.fetch_add(1, Ordering::Relaxed) + 1, counter }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -127,10 +161,12 @@ async fn send(
             }
             Err(f) => {
                 tracing::warn!(pool = routed.pool_name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
-                routed.prefill_failed(f.reason(), f.endpoint_failed());
+                routed.prefill_failed(f.reason(), f.learned());
             }
         }
     }
+    let _waiting = Counted::new(&st.waiting);
+    let mut retry_permit = None;
     let mut last = Failure::Connect("no endpoint was tried".into());
     // Servers that could not be reached: their other ranks are not worth an attempt.
     let mut unreachable: Vec<SocketAddr> = Vec::new();
@@ -142,6 +178,16 @@ async fn send(
         }
         if unreachable.contains(&target.address) {
             continue;
+        }
+        if tried > 0 {
+            // A retry holds one place in the budget until the request has its answer.
+            if retry_permit.is_none() {
+                retry_permit = st.retry_permit();
+            }
+            routed.retry(retry_permit.is_some());
+            if retry_permit.is_none() {
+                break;
+            }
         }
         tried += 1;
         if k > 0 {

@@ -88,6 +88,11 @@ pub struct ProxyConfig {
     /// Bound on a P/D prefill leg, from sending it to reading its answer (default 30000); past
     /// it the decode endpoint prefills locally.
     pub prefill_timeout_ms: u64,
+    /// Retries (second and later attempts) in progress at once, in percent of the requests
+    /// waiting for an endpoint's answer (default 50), so a sick fleet is not hammered...
+    pub retry_budget_percent: u32,
+    /// ...but always at least this many (default 10).
+    pub min_retry_concurrency: u32,
 }
 
 /// Endpoints one proxied request may try at most (`proxy.attempts`).
@@ -101,6 +106,8 @@ impl Default for ProxyConfig {
             idle_timeout_ms: 300_000,
             attempts: 3,
             prefill_timeout_ms: 30_000,
+            retry_budget_percent: 50,
+            min_retry_concurrency: 10,
         }
     }
 }
@@ -109,9 +116,15 @@ impl Default for ProxyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
-    /// Consecutive failed scrapes or requests that take an endpoint out of rotation (default 3).
+    /// Consecutive failures to reach an endpoint (scrapes, connects, timeouts) that take it out
+    /// of rotation (default 3). 5xx answers never do by themselves: see `max_ejection_percent`.
     pub failure_threshold: u32,
-    /// First time out of rotation before a probe (default 500); doubles per failed probe.
+    /// An endpoint whose error rate is well above its pool's is ejected, but no more than this
+    /// percentage of the pool is ever out of rotation that way (default 50: in the 2–8 endpoint
+    /// pools vLLM fleets run, Envoy's 10% would round down to never ejecting anything).
+    pub max_ejection_percent: u32,
+    /// Time out of rotation before a probe (default 500); doubles with each ejection that
+    /// follows soon after a recovery, so a flapping endpoint is held out longer.
     pub backoff_ms: u64,
     /// Longest time out of rotation (default 30000).
     pub max_backoff_ms: u64,
@@ -119,7 +132,7 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { failure_threshold: 3, backoff_ms: 500, max_backoff_ms: 30_000 }
+        Self { failure_threshold: 3, max_ejection_percent: 50, backoff_ms: 500, max_backoff_ms: 30_000 }
     }
 }
 
@@ -378,6 +391,9 @@ impl Config {
                 "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
             ));
         }
+        if self.proxy.retry_budget_percent > 100 {
+            return Err(invalid("proxy.retry_budget_percent".into(), "a percentage: 0 to 100".into()));
+        }
         if self.proxy.attempts > MAX_ATTEMPTS {
             return Err(invalid(
                 "proxy.attempts".into(),
@@ -386,6 +402,9 @@ impl Config {
         }
         if let Some((at, message)) = self.listener_clash() {
             return Err(invalid(at.into(), message));
+        }
+        if self.health.max_ejection_percent > 100 {
+            return Err(invalid("health.max_ejection_percent".into(), "a percentage: 0 to 100".into()));
         }
         if self.health.failure_threshold == 0 || self.health.backoff_ms > self.health.max_backoff_ms {
             return Err(invalid(

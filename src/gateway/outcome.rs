@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::gateway::pool::{Pool, Snapshot};
+use crate::gateway::pool::{Outcome, Pool, Snapshot};
 use crate::gateway::telemetry::Usage;
 use crate::routing::endpoint::InFlightGuard;
 use crate::routing::pd;
@@ -80,20 +80,19 @@ impl Routed {
     /// The prefill leg succeeded: the prefill endpoint holds the prompt and its part is over.
     pub fn prefill_succeeded(&mut self) {
         if let Some(p) = self.planned.decision.prefill {
-            self.pool.report(p.id, true);
+            self.pool.report(p.id, Outcome::Answered(200));
         }
         self.learn_prefill();
         self.prefill_guard = None;
     }
 
-    /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Reports the
-    /// prefill endpoint when the failure is its own, counts the fallback, makes the decision
-    /// decode-only and moves the prefill work onto the decode endpoint's in-flight count.
-    pub fn prefill_failed(&mut self, reason: &str, endpoint_failed: bool) {
-        if let Some(p) = self.planned.decision.prefill
-            && endpoint_failed
-        {
-            self.pool.report(p.id, false);
+    /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Reports
+    /// what the leg learned about the prefill endpoint (`None`: nothing about its health),
+    /// counts the fallback, makes the decision decode-only and moves the prefill work onto the
+    /// decode endpoint's in-flight count.
+    pub fn prefill_failed(&mut self, reason: &str, learned: Option<Outcome>) {
+        if let (Some(p), Some(outcome)) = (self.planned.decision.prefill, learned) {
+            self.pool.report(p.id, outcome);
         }
         self.pool.telemetry().disagg_fallbacks.with_label_values(&[self.pool.name(), reason]).inc();
         self.prefill_guard = None;
@@ -129,13 +128,13 @@ impl Routed {
 
     /// The current target could not be reached or did not answer in time.
     pub fn unreachable(&self) {
-        self.pool.report(self.target().id, false);
+        self.pool.report(self.target().id, Outcome::Unreachable);
     }
 
-    /// The current target's response started with `status`: 5xx count against its health (429
-    /// does not: it is load). The prefill leg, if any, is over by now.
+    /// The current target's response started with `status` (5xx count towards its error rate
+    /// unless its load explains them). The prefill leg, if any, is over by now.
     pub fn responded(&mut self, status: u16) {
-        self.pool.report(self.target().id, status < 500);
+        self.pool.report(self.target().id, Outcome::Answered(status));
         self.prefill_guard = None;
     }
 
@@ -151,6 +150,12 @@ impl Routed {
             let kind = Some(self.planned.decision.kind);
             self.pool.telemetry().count_request(self.pool.name(), &self.model, kind, status, code);
         }
+    }
+
+    /// Counts a retry the proxy sent (`sent`), or held back for its budget.
+    pub fn retry(&self, sent: bool) {
+        let outcome = if sent { "sent" } else { "budget_exhausted" };
+        self.pool.telemetry().retries.with_label_values(&[self.pool.name(), outcome]).inc();
     }
 
     /// Counts the usage the response reported.

@@ -25,7 +25,7 @@ use crate::gateway::config::{Admission, HealthConfig, ScrapeConfig};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{Endpoint, EndpointId, EndpointStatus, Health, InFlight, LoraState, Metrics, Role};
 use crate::routing::plan::Planner;
-use health::HealthState;
+use health::{Ejected, HealthState};
 use scrape_parse::{Scrape, ScrapeError};
 
 /// Milliseconds on kvgate's monotonic clock (the time the scheduler is given).
@@ -45,9 +45,13 @@ pub struct PoolSettings {
     pub stale_after: Duration,
     /// Largest `/metrics` body accepted.
     pub max_scrape_bytes: usize,
-    /// Consecutive failures (scrapes or requests) that take an endpoint out of rotation.
+    /// Consecutive failures to reach an endpoint (scrapes or requests) that take it out of
+    /// rotation.
     pub failure_threshold: u32,
-    /// First time out of rotation; doubles with each failed probe.
+    /// Endpoints that may be out of rotation for their error rate, in percent of the pool.
+    pub max_ejection_percent: u32,
+    /// First time out of rotation; doubles with each ejection that follows soon after a
+    /// recovery (flapping).
     pub initial_backoff: Duration,
     /// Longest time out of rotation before the next probe.
     pub max_backoff: Duration,
@@ -64,6 +68,7 @@ impl PoolSettings {
             stale_after: Duration::from_millis(scrape.stale_after_ms),
             max_scrape_bytes: scrape.max_bytes,
             failure_threshold: health.failure_threshold,
+            max_ejection_percent: health.max_ejection_percent,
             initial_backoff: Duration::from_millis(health.backoff_ms),
             max_backoff: Duration::from_millis(health.max_backoff_ms),
             ..Self::default()
@@ -79,6 +84,7 @@ impl Default for PoolSettings {
             stale_after: Duration::from_secs(2),
             max_scrape_bytes: 8 << 20,
             failure_threshold: 3,
+            max_ejection_percent: 50,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             models_refresh: Duration::from_secs(10),
@@ -273,7 +279,7 @@ impl Pool {
                     metrics: None,
                     adapters: Vec::new(),
                     kv_capacity: None,
-                    health: HealthState::new(&inner.settings),
+                    health: HealthState::new(),
                     scrape_errors: 0,
                     last_error: None,
                     _scraper: None,
@@ -302,23 +308,34 @@ impl Pool {
         inner.discovered.store(true, Ordering::Release);
     }
 
-    /// Records the outcome of a request sent to `id` (connection failures and 5xx count as
-    /// failures).
-    pub fn report(&self, id: EndpointId, ok: bool) {
+    /// Records what a request learned about endpoint `id`. A 5xx is an error unless the
+    /// endpoint's own load explains it (a 503 while it has a queue); 429 is load. An error rate
+    /// well above the pool's ejects the endpoint, while no more than `max_ejection_percent` of
+    /// the pool is out.
+    pub fn report(&self, id: EndpointId, outcome: Outcome) {
         let inner = &self.inner;
+        let s = &inner.settings;
         let now = now_ms();
         let mut st = inner.state.lock();
-        if let Some(m) = st.members.iter_mut().find(|m| m.id == id) {
-            let before = m.health.state(now);
-            if ok {
-                m.health.success(now, &inner.settings);
-            } else {
-                m.health.failure(now, &inner.settings);
+        let Some(k) = st.members.iter().position(|m| m.id == id) else { return };
+        let before = st.members[k].health.state(now);
+        match outcome {
+            Outcome::Unreachable => st.members[k].health.unreachable(now, s),
+            Outcome::Answered(status) => {
+                let m = &mut st.members[k];
+                let queued = m.metrics.as_ref().is_some_and(|x| x.waiting > 0);
+                let error = status >= 500 && !(status == 503 && queued);
+                m.health.answered(now);
+                m.health.record(error);
+                if error && is_outlier(&st.members, k, s.max_ejection_percent) {
+                    st.members[k].health.eject(Ejected::Outlier, now, s);
+                    tracing::warn!(pool = inner.name.as_str(), endpoint = %st.members[k].addr, "endpoint ejected: its error rate is well above the pool's");
+                }
             }
-            if m.health.state(now) != before {
-                drop(st);
-                inner.dirty.notify_one();
-            }
+        }
+        if st.members[k].health.state(now) != before {
+            drop(st);
+            inner.dirty.notify_one();
         }
     }
 
@@ -386,6 +403,7 @@ impl Inner {
                     models,
                     metrics: m.metrics.clone(),
                     health: m.health.state(now),
+                    ejected: m.health.reason == Some(Ejected::Outlier),
                     in_flight: m.in_flight.clone(),
                 }
             })
@@ -444,13 +462,13 @@ impl Inner {
                         m.adapters = a.clone();
                     }
                     m.last_error = None;
-                    m.health.success(now, s);
+                    m.health.answered(now);
                 }
                 Err(e) => {
                     m.scrape_errors += 1;
                     self.telemetry.scrape_errors.with_label_values(&[self.name.as_str(), &m.addr.to_string()]).inc();
                     m.last_error = Some(e.to_string());
-                    m.health.failure(now, s);
+                    m.health.unreachable(now, s);
                 }
             }
             let mine = match (m.health.state(now), m.health.down_until) {
@@ -463,6 +481,37 @@ impl Inner {
         self.dirty.notify_one();
         wait.unwrap_or(s.scrape_interval)
     }
+}
+
+/// What a request learned about its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered with this status.
+    Answered(u16),
+    /// It could not be reached, or did not answer in time.
+    Unreachable,
+}
+
+/// Outcomes an endpoint needs in its window before its error rate counts.
+const OUTLIER_MIN_REQUESTS: u32 = 10;
+
+/// Whether member `k` is an error-rate outlier that may be ejected: at least half of its recent
+/// requests failed, a rate at least 25 points above the pool's, and ejecting it keeps the
+/// endpoints out of rotation within `max_percent` of the pool. When every endpoint fails alike
+/// (a bad model version, a shared dependency down) none is an outlier: ejecting would only take
+/// capacity away.
+fn is_outlier(members: &[Member], k: usize, max_percent: u32) -> bool {
+    let (errors, n) = members[k].health.error_counts();
+    if n < OUTLIER_MIN_REQUESTS {
+        return false;
+    }
+    let rate = f64::from(errors) / f64::from(n);
+    let (all_errors, all_n) =
+        members.iter().map(|m| m.health.error_counts()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let pool_rate = f64::from(all_errors) / f64::from(all_n.max(1));
+    let down = members.iter().filter(|m| m.health.is_down()).count();
+    let cap = members.len() * max_percent as usize / 100;
+    rate >= 0.5 && rate >= pool_rate + 0.25 && down < cap
 }
 
 /// Time until the next scrape round. Every endpoint's scraper wakes on the same rounds, so a

@@ -50,6 +50,9 @@ pub struct Telemetry {
     /// `kvgate_disagg_decisions_total{pool,decision_type}` (decode-only, prefill-decode), for
     /// pools with a prefill/decode scheduler.
     pub disagg_decisions: IntCounterVec,
+    /// `kvgate_proxy_retries_total{pool,outcome}`: retries the proxy sent (`sent`) or did not
+    /// send because the retry budget was spent (`budget_exhausted`).
+    pub retries: IntCounterVec,
     /// `kvgate_disagg_fallbacks_total{pool,reason}`: prefill hand-offs that failed, after which
     /// the decode endpoint prefilled locally.
     pub disagg_fallbacks: IntCounterVec,
@@ -111,6 +114,12 @@ impl Telemetry {
                 "kvgate_disagg_fallbacks_total",
                 "Prefill hand-offs that failed and fell back to prefill on the decode endpoint, by reason.",
                 &["pool", "reason"]
+            ),
+            retries: family!(
+                IntCounterVec,
+                "kvgate_proxy_retries_total",
+                "Retries the proxy sent, or held back because the retry budget was spent.",
+                &["pool", "outcome"]
             ),
             outcomes: family!(
                 IntCounterVec,

@@ -216,6 +216,9 @@ pub struct Endpoint {
     pub metrics: Option<Metrics>,
     /// Health.
     pub health: Health,
+    /// Out of rotation for its error rate, though it answers (outlier ejection). A pool with too
+    /// few healthy endpoints routes over these too rather than refuse.
+    pub ejected: bool,
     /// kvgate's in-flight counts (shared across snapshots).
     pub in_flight: Arc<InFlight>,
 }
@@ -234,6 +237,7 @@ impl Endpoint {
             models: Vec::new(),
             metrics: None,
             health: Health::Healthy,
+            ejected: false,
             in_flight: Arc::new(InFlight::default()),
         }
     }

@@ -459,6 +459,10 @@ fn stage(explain: Option<&mut Explanation>, name: &str, cands: &mut Vec<usize>, 
 
 /// Narrows candidates to the endpoints that serve the model, then to the healthy ones (or the
 /// half-open ones when none is healthy).
+/// Below this share of healthy endpoints a pool routes over every endpoint that answers
+/// (Envoy's default panic threshold).
+const PANIC_THRESHOLD: f64 = 0.5;
+
 fn locate(ctx: &Ctx<'_>, cands: &mut Vec<usize>, mut explain: Option<&mut Explanation>) -> Result<(), NoDecision> {
     let eps = ctx.input.endpoints;
     stage(explain.as_deref_mut(), "model", cands, &|c| Filter::ServesModel.apply(ctx, c));
@@ -466,8 +470,15 @@ fn locate(ctx: &Ctx<'_>, cands: &mut Vec<usize>, mut explain: Option<&mut Explan
         return Err(NoDecision::ModelNotServed(ctx.input.request.model.to_owned()));
     }
     stage(explain, "health", cands, &|c| {
-        if c.iter().any(|&i| eps[i].health == Health::Healthy) {
+        let healthy = c.iter().filter(|&&i| eps[i].health == Health::Healthy).count();
+        let answering = |i: usize| eps[i].health == Health::Healthy || eps[i].ejected;
+        if healthy as f64 >= PANIC_THRESHOLD * c.len() as f64 {
             c.retain(|&i| eps[i].health == Health::Healthy);
+        } else if c.iter().any(|&i| answering(i)) {
+            // Panic: too few healthy endpoints to carry the pool, so every endpoint that
+            // answers takes requests, ejected ones included. Unreachable ones stay out: a
+            // request sent there would only fail later.
+            c.retain(|&i| answering(i));
         } else {
             c.retain(|&i| eps[i].health == Health::Probing);
         }

@@ -1,21 +1,60 @@
-//! Whether an endpoint is in rotation: consecutive failures take it out for a backoff that
-//! doubles with each failed probe; a success while probing brings it back.
+//! Whether an endpoint is in rotation — outlier detection after Envoy's model, not a trip-wire.
+//!
+//! Two things take an endpoint out ("eject" it): `failure_threshold` consecutive failures to
+//! reach it (connects, timeouts, scrapes), or an error rate well above its pool's (the pool
+//! decides that, since it needs the other endpoints' rates and the ejection cap). Errors an
+//! endpoint's own load explains (429, 503 with a queue) are load, not failure, and never eject.
+//!
+//! An ejected endpoint stays out for the base backoff, doubled for each ejection that follows
+//! soon after the last recovery (a flapping endpoint is held out longer and longer), then is
+//! probed by its scraper: an answer brings it back at once, a failed probe keeps it out for the
+//! same time again. So an endpoint that comes back is in rotation within one backoff of
+//! answering, whatever happened before.
 
 use super::PoolSettings;
 use crate::routing::endpoint::Health;
 
+/// Request outcomes kept per endpoint for its error rate.
+const WINDOW: u32 = 20;
+
+/// Why an endpoint is out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ejected {
+    /// It could not be reached.
+    Unreachable,
+    /// It answers, with an error rate well above its pool's.
+    Outlier,
+}
+
 /// An endpoint's health bookkeeping.
 #[derive(Debug, Clone)]
 pub(super) struct HealthState {
-    failures: u32,
-    /// Out of rotation until this time (ms); afterwards the next scrape is a probe.
+    /// Consecutive failures to reach it.
+    unreachable: u32,
+    /// Out of rotation until this time (ms), and why; afterwards the next scrape is a probe.
     pub(super) down_until: Option<u64>,
-    backoff_ms: u64,
+    pub(super) reason: Option<Ejected>,
+    /// Ejections in a row (each one soon after the last recovery).
+    ejections: u32,
+    /// When it last came back (ms).
+    recovered_at: Option<u64>,
+    /// The last `WINDOW` request outcomes, newest in bit 0: 1 for an error.
+    outcomes: u32,
+    /// How many of them are recorded.
+    recorded: u32,
 }
 
 impl HealthState {
-    pub(super) fn new(settings: &PoolSettings) -> Self {
-        Self { failures: 0, down_until: None, backoff_ms: settings.initial_backoff.as_millis() as u64 }
+    pub(super) fn new() -> Self {
+        Self {
+            unreachable: 0,
+            down_until: None,
+            reason: None,
+            ejections: 0,
+            recovered_at: None,
+            outcomes: 0,
+            recorded: 0,
+        }
     }
 
     pub(super) fn state(&self, now: u64) -> Health {
@@ -26,27 +65,60 @@ impl HealthState {
         }
     }
 
-    pub(super) fn failure(&mut self, now: u64, s: &PoolSettings) {
-        self.failures += 1;
+    /// Out of rotation, for whatever reason.
+    pub(super) fn is_down(&self) -> bool {
+        self.down_until.is_some()
+    }
+
+    /// The endpoint could not be reached (or did not answer in time).
+    pub(super) fn unreachable(&mut self, now: u64, s: &PoolSettings) {
+        self.unreachable += 1;
         match self.state(now) {
-            Health::Healthy if self.failures >= s.failure_threshold => self.down_until = Some(now + self.backoff_ms),
-            Health::Probing => {
-                self.backoff_ms = (self.backoff_ms * 2).min(s.max_backoff.as_millis() as u64);
-                self.down_until = Some(now + self.backoff_ms);
-            }
+            Health::Healthy if self.unreachable >= s.failure_threshold => self.eject(Ejected::Unreachable, now, s),
+            // A failed probe: out again for as long as before, not longer — it is not flapping,
+            // it is still down.
+            Health::Probing => self.down_until = Some(now + self.ejection_ms(s)),
             _ => {}
         }
     }
 
-    pub(super) fn success(&mut self, now: u64, s: &PoolSettings) {
-        match self.state(now) {
-            Health::Unhealthy => {}
-            Health::Healthy | Health::Probing => {
-                self.failures = 0;
-                self.down_until = None;
-                self.backoff_ms = s.initial_backoff.as_millis() as u64;
-            }
+    /// The endpoint answered (a scrape, or a response of any status).
+    pub(super) fn answered(&mut self, now: u64) {
+        self.unreachable = 0;
+        if self.state(now) == Health::Probing {
+            self.down_until = None;
+            self.reason = None;
+            self.recovered_at = Some(now);
+            // It must show a high error rate anew before it is ejected again.
+            self.outcomes = 0;
+            self.recorded = 0;
         }
+    }
+
+    /// Records a request's outcome for the error rate.
+    pub(super) fn record(&mut self, error: bool) {
+        self.outcomes = (self.outcomes << 1 | u32::from(error)) & ((1 << WINDOW) - 1);
+        self.recorded = (self.recorded + 1).min(WINDOW);
+    }
+
+    /// `(errors, outcomes)` in the window.
+    pub(super) fn error_counts(&self) -> (u32, u32) {
+        (self.outcomes.count_ones(), self.recorded)
+    }
+
+    /// Takes the endpoint out of rotation.
+    pub(super) fn eject(&mut self, reason: Ejected, now: u64, s: &PoolSettings) {
+        // An ejection soon after the last recovery is flapping: it doubles the time out.
+        let soon = self.recovered_at.is_some_and(|t| now.saturating_sub(t) < s.max_backoff.as_millis() as u64);
+        self.ejections = if soon { self.ejections + 1 } else { 1 };
+        self.reason = Some(reason);
+        self.down_until = Some(now + self.ejection_ms(s));
+    }
+
+    fn ejection_ms(&self, s: &PoolSettings) -> u64 {
+        let base = s.initial_backoff.as_millis() as u64;
+        let doubled = base.saturating_mul(1 << self.ejections.saturating_sub(1).min(20));
+        doubled.min(s.max_backoff.as_millis() as u64)
     }
 }
 
@@ -56,30 +128,72 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn health_backs_off_and_probes() {
-        let s = PoolSettings {
+    fn settings() -> PoolSettings {
+        PoolSettings {
             failure_threshold: 2,
             initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
             ..PoolSettings::default()
-        };
-        let mut h = HealthState::new(&s);
-        h.failure(0, &s);
+        }
+    }
+
+    #[test]
+    fn unreachable_endpoints_are_ejected_and_come_back_at_the_first_answer() {
+        let s = settings();
+        let mut h = HealthState::new();
+        h.unreachable(0, &s);
         assert_eq!(h.state(0), Health::Healthy, "one failure is not enough");
-        h.failure(10, &s);
-        assert_eq!(h.state(10), Health::Unhealthy);
+        h.unreachable(10, &s);
+        assert_eq!((h.state(10), h.reason), (Health::Unhealthy, Some(Ejected::Unreachable)));
         assert_eq!(h.state(109), Health::Unhealthy);
         assert_eq!(h.state(110), Health::Probing);
-        h.success(50, &s);
-        assert_eq!(h.state(50), Health::Unhealthy, "success while down does not cut the backoff short");
-        h.failure(120, &s); // failed probe: 200 ms now
-        assert_eq!(h.state(319), Health::Unhealthy);
-        assert_eq!(h.state(320), Health::Probing);
-        h.success(330, &s);
-        assert_eq!(h.state(330), Health::Healthy);
-        h.failure(400, &s);
-        h.failure(401, &s);
-        assert_eq!(h.state(401 + 99), Health::Unhealthy, "backoff reset after recovery");
-        assert_eq!(h.state(401 + 100), Health::Probing);
+        h.answered(50);
+        assert_eq!(h.state(50), Health::Unhealthy, "an answer while out does not cut the time short");
+        // Failed probes keep it out for the same time, however many: a restarted endpoint is
+        // back within one backoff of answering.
+        for t in [120, 220, 320, 420] {
+            h.unreachable(t, &s);
+            assert_eq!(h.state(t + 99), Health::Unhealthy);
+            assert_eq!(h.state(t + 100), Health::Probing, "probe at {t}");
+        }
+        h.answered(530);
+        assert_eq!((h.state(530), h.reason), (Health::Healthy, None));
+    }
+
+    #[test]
+    fn a_flapping_endpoint_is_held_out_longer_each_time() {
+        let s = settings();
+        let mut h = HealthState::new();
+        let mut now = 0;
+        let mut out_for = Vec::new();
+        for _ in 0..5 {
+            h.unreachable(now, &s);
+            h.unreachable(now, &s);
+            let until = h.down_until.expect("ejected");
+            out_for.push(until - now);
+            now = until;
+            h.answered(now);
+            now += 10; // fails again soon after coming back
+        }
+        assert_eq!(out_for, [100, 200, 400, 800, 1000], "doubling up to max_backoff");
+        // Stable for max_backoff: the next ejection is a first one again.
+        now += 1000;
+        h.unreachable(now, &s);
+        h.unreachable(now, &s);
+        assert_eq!(h.down_until.map(|t| t - now), Some(100));
+    }
+
+    #[test]
+    fn the_error_window_keeps_the_last_outcomes() {
+        let mut h = HealthState::new();
+        for k in 0..30 {
+            h.record(k % 3 == 0);
+        }
+        // The last 20 of 30: k = 10..29, of which 12, 15, 18, 21, 24, 27 are errors.
+        assert_eq!(h.error_counts(), (6, 20));
+        let s = settings();
+        h.eject(Ejected::Outlier, 0, &s);
+        h.answered(100);
+        assert_eq!(h.error_counts(), (0, 0), "a recovered endpoint starts a new window");
     }
 }

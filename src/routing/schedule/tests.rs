@@ -195,6 +195,20 @@ fn no_decision_reasons() {
     check(&s, &eps, &[0; 3], request(1), Ok(1));
     eps[0].health = Health::Healthy;
     check(&s, &eps, &[0; 3], request(1), Ok(0));
+    // Panic: one healthy endpoint of three is too few; an ejected one (it answers) takes
+    // requests too, an unreachable one does not.
+    eps[1].health = Health::Unhealthy;
+    eps[2].ejected = true;
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..40 {
+        seen.insert(run(&s, &eps, &[0; 3], request(1), seed).expect("panic routes").primary().index);
+    }
+    assert_eq!(seen, [0, 2].into_iter().collect(), "panic routes over the answering endpoints");
+    // Two healthy of three is enough: the ejected one stays out.
+    eps[1].health = Health::Healthy;
+    for seed in 0..40 {
+        assert_ne!(run(&s, &eps, &[0; 3], request(1), seed).expect("routes").primary().index, 2, "seed {seed}");
+    }
 }
 
 #[test]
