@@ -1,5 +1,6 @@
 //! A running kvgate owns every task it starts: dropping the server, or shutting it down, stops
-//! its pools' publishers and scrapers, discovery, the gRPC health loop and the listeners. The
+//! its pools' publishers and scrapers, discovery, the gRPC health loop, the listeners and the
+//! connections they serve (a client that keeps its connection open holds no task). The
 //! simulator and the clients run on a runtime of their own, so the runtime under test counts
 //! kvgate's tasks alone.
 
@@ -26,12 +27,13 @@ fn no_task_outlives_the_server() {
         )));
         let proxy = kv.proxy_addr.expect("proxy listens");
         // Traffic from the other runtime: a scraped endpoint, a proxied request, a ready check.
-        // Each request closes its connection, so no client holds a server connection open.
-        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+        // The client keeps its connections open: their tasks on the server are the server's too.
+        let client = reqwest::Client::new();
+        let keep = client.clone();
         let admin = kv.admin_addr;
         let status = outside.block_on(async move {
             let ready = eventually(10, || async {
-                let r = client.get(format!("http://{admin}/readyz")).header("connection", "close").send().await;
+                let r = client.get(format!("http://{admin}/readyz")).send().await;
                 r.is_ok_and(|r| r.status() == 200)
             })
             .await;
@@ -39,7 +41,6 @@ fn no_task_outlives_the_server() {
             let body = serde_json::json!({"model": MODEL, "prompt": "hello", "max_tokens": 2});
             let r = client
                 .post(format!("http://{proxy}/v1/completions"))
-                .header("connection", "close")
                 .json(&body)
                 .send()
                 .await
@@ -59,6 +60,7 @@ fn no_task_outlives_the_server() {
         }
         let gone = rt.block_on(eventually(10, || async { alive() == baseline }));
         assert!(gone, "{} of kvgate's tasks outlived it (graceful: {graceful})", alive() - baseline);
+        drop(keep);
     }
     drop(sim);
 }

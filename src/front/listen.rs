@@ -1,36 +1,97 @@
-//! Listeners the front-ends are served on: HTTP with graceful shutdown, accepted connections
-//! with TCP_NODELAY for gRPC, the drain that lets requests in flight finish, and the signal that
-//! starts a shutdown.
+//! Listeners the front-ends are served on: HTTP with bounded connections (a header-read and
+//! idle timeout, a connection cap) and graceful shutdown, accepted connections with TCP_NODELAY
+//! for gRPC, the drain that lets requests in flight finish, and the signal that starts a
+//! shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
+use tower::ServiceExt;
 
 /// Resolves when `stop` turns true.
 pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Serves `app` on `listener` until `stop`, then lets open connections finish.
+/// Bounds on one HTTP listener's connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnLimits {
+    /// Time a connection may take to send a request's headers — counted from when it is ready
+    /// for the next request, so it is also the idle timeout of a kept-alive connection.
+    pub(crate) header_read_timeout: Duration,
+    /// Connections open at once; past it new ones are closed at accept.
+    pub(crate) max_connections: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self { header_read_timeout: Duration::from_secs(30), max_connections: 4096 }
+    }
+}
+
+/// Serves `app` on `listener` until `stop`, then lets open connections finish. Every
+/// connection's task belongs to the returned one: aborting it ends them all.
 pub(crate) fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     what: &'static str,
     stop: watch::Receiver<bool>,
+    limits: ConnLimits,
 ) -> JoinHandle<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     tokio::spawn(async move {
-        // Connect info: the proxy names the client in `X-Forwarded-For`.
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
-            tracing::error!(error = %e, "{what} listener stopped");
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+        let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let mut connections = JoinSet::new();
+        let stopping = stopped(stop);
+        tokio::pin!(stopping);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = &mut stopping => break,
+                // Reap finished connections as they end, so the set stays the size of the open ones.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: wait for some to be freed.
+                        tracing::warn!(error = %e, "{what} listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, max = limits.max_connections, "{what} listener: too many connections; closing a new one");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                // The client's address, as axum's `ConnectInfo` (the proxy names it in
+                // `X-Forwarded-For`).
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+            let conn = graceful.watch(conn);
+            connections.spawn(async move {
+                let _ = conn.await;
+                drop(slot);
+            });
         }
+        drop(listener);
+        // Open connections finish their requests and close; the caller bounds the wait.
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
     })
 }
 

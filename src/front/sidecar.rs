@@ -25,7 +25,7 @@ use crate::front::http::{
     PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, end_to_end, ensure_request_id, json_error, read_body,
     refusal, relay, upstream_client, upstream_request,
 };
-use crate::front::listen::{drain, serve_http, shutdown_signal};
+use crate::front::listen::{ConnLimits, drain, serve_http, shutdown_signal};
 use crate::routing::pd;
 use crate::routing::request::ApiKind;
 use crate::routing::schedule::Subset;
@@ -175,7 +175,7 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
     let mut tasks = Vec::new();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let app = Router::new().fallback(handle).with_state(state.clone());
-    tasks.push(serve_http(listener, app, "sidecar", stopped.clone()));
+    tasks.push(serve_http(listener, app, "sidecar", stopped.clone(), ConnLimits::default()));
     let mut admin_addr = None;
     if let Some(a) = state.args.admin_addr {
         let l = tokio::net::TcpListener::bind(a)
@@ -194,7 +194,7 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
                 }
             }),
         );
-        tasks.push(serve_http(l, admin, "sidecar admin", stopped.clone()));
+        tasks.push(serve_http(l, admin, "sidecar admin", stopped.clone(), ConnLimits::default()));
     }
     Ok(Running { addr, admin_addr, stop, tasks })
 }

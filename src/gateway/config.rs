@@ -42,6 +42,9 @@ pub struct Config {
     /// How the reverse proxy talks to endpoints.
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Bounds on the connections of the proxy and admin listeners.
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
     /// The Envoy ext_proc endpoint picker on `grpc_addr`.
     #[serde(default)]
     pub extproc: ExtProcConfig,
@@ -109,6 +112,23 @@ impl Default for ProxyConfig {
             retry_budget_percent: 50,
             min_retry_concurrency: 10,
         }
+    }
+}
+
+/// Bounds on each HTTP listener's connections (proxy, admin).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Time a connection may take to send a request's headers, counted from when it is ready
+    /// for the next one — so also the idle timeout of a kept-alive connection (default 30000).
+    pub header_read_timeout_ms: u64,
+    /// Connections open at once per listener; past it new ones are closed (default 4096).
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self { header_read_timeout_ms: 30_000, max_connections: 4096 }
     }
 }
 
@@ -389,6 +409,12 @@ impl Config {
             return Err(invalid(
                 "proxy".into(),
                 "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if self.connections.header_read_timeout_ms == 0 || self.connections.max_connections == 0 {
+            return Err(invalid(
+                "connections".into(),
+                "header_read_timeout_ms and max_connections must be at least 1".into(),
             ));
         }
         if self.proxy.retry_budget_percent > 100 {

@@ -15,7 +15,7 @@ mod demo;
 
 use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
-use crate::front::listen::{drain, nodelay, serve_http, shutdown_signal, stopped};
+use crate::front::listen::{ConnLimits, drain, nodelay, serve_http, shutdown_signal, stopped};
 use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::Config;
 use crate::gateway::facade::Gateway;
@@ -90,17 +90,21 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     }
     let gateway = Arc::new(Gateway::new(pools, cfg.max_body_bytes, telemetry));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let limits = ConnLimits {
+        header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
+        max_connections: cfg.connections.max_connections,
+    };
     let mut listeners = Vec::new();
     let listener =
         TcpListener::bind(cfg.admin_addr).await.with_context(|| format!("binding admin_addr {}", cfg.admin_addr))?;
     let admin_addr = listener.local_addr()?;
-    listeners.push(serve_http(listener, admin::app(gateway.clone()), "admin", stop_rx.clone()));
+    listeners.push(serve_http(listener, admin::app(gateway.clone()), "admin", stop_rx.clone(), limits));
     let proxy_addr = match cfg.proxy_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.with_context(|| format!("binding proxy_addr {addr}"))?;
             let bound = listener.local_addr()?;
             let state = Arc::new(ProxyState::new(gateway.clone(), cfg.proxy.clone()));
-            listeners.push(serve_http(listener, proxy::app(state), "proxy", stop_rx.clone()));
+            listeners.push(serve_http(listener, proxy::app(state), "proxy", stop_rx.clone(), limits));
             Some(bound)
         }
         None => None,

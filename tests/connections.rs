@@ -1,0 +1,78 @@
+//! The proxy's connections are bounded: a client that sends its headers too slowly, or keeps a
+//! connection idle too long, is closed; past the connection cap, new connections are closed at
+//! once — and the listener keeps serving everyone else.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, start_kvgate, start_sim, wait_scraped};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MODEL: &str = "m";
+
+/// Reads until the server closes the connection (returns what it sent), or `None` if it was
+/// still open after `secs`.
+async fn closed_within(conn: &mut TcpStream, secs: u64) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), read).await.ok().map(|()| got)
+}
+
+/// kvgate's proxy over one endpoint, with `connections` as its connection bounds.
+async fn start(endpoint: std::net::SocketAddr, connections: &str) -> kvgate::tools::serve::Server {
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nconnections: {connections}\n\
+         pools: [{{name: p, models: [{MODEL}], endpoints: [{{address: '{endpoint}'}}]}}]\n"
+    ))
+    .await;
+    wait_scraped(&kv, 1).await;
+    kv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_surplus_connections_are_closed() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let kv = start(sim.addrs[0], "{header_read_timeout_ms: 300}").await;
+    let proxy = kv.proxy_addr.expect("proxy");
+
+    // Slowloris: half a request's headers, then silence.
+    let mut slow = TcpStream::connect(proxy).await.expect("connect");
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Type: applic").await.expect("write");
+    assert!(closed_within(&mut slow, 10).await.is_some(), "a connection stuck in its headers is closed");
+
+    // A kept-alive connection left idle after its answer is closed too.
+    let mut idle = TcpStream::connect(proxy).await.expect("connect");
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.expect("write");
+    let answer = closed_within(&mut idle, 10).await.expect("closed once idle");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+
+    // Three connections fill a listener capped at three (with time enough to hold them); a
+    // fourth is closed at once, without an answer.
+    let kv = start(sim.addrs[0], "{max_connections: 3}").await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(proxy).await.expect("connect"));
+    }
+    let mut surplus = TcpStream::connect(proxy).await.expect("the kernel accepts it");
+    surplus.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.ok();
+    let got = closed_within(&mut surplus, 10).await.expect("closed");
+    assert!(got.is_empty(), "the surplus connection got an answer: {}", String::from_utf8_lossy(&got));
+    // Once they go, the listener serves again.
+    drop(held);
+    let ok = common::eventually(10, || async {
+        client().get(format!("http://{proxy}/v1/models")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ok, "served again after the held connections closed");
+}
