@@ -39,12 +39,7 @@ fn no_task_outlives_the_server() {
             .await;
             assert!(ready, "kvgate became ready");
             let body = serde_json::json!({"model": MODEL, "prompt": "hello", "max_tokens": 2});
-            let r = client
-                .post(format!("http://{proxy}/v1/completions"))
-                .json(&body)
-                .send()
-                .await
-                .expect("proxied");
+            let r = client.post(format!("http://{proxy}/v1/completions")).json(&body).send().await.expect("proxied");
             let status = r.status().as_u16();
             r.bytes().await.expect("body");
             status
