@@ -1,8 +1,10 @@
 //! Gateway state: the config tree ([`config`]), the pools kept fresh by discovery, scraping and
 //! health judgement ([`pool`]), kvgate's metrics ([`telemetry`]), and the facade every
 //! front-end calls ([`facade::Gateway`]: decide, explain, ready) with its one outcome API
-//! ([`outcome::Routed`]). [`error`] holds the refusals and their one status mapping.
+//! ([`outcome::Routed`]). [`error`] holds the refusals and their one status mapping; [`budget`] bounds the request
+//! bytes held in memory.
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod facade;

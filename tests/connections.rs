@@ -76,3 +76,59 @@ async fn slow_idle_and_surplus_connections_are_closed() {
     .await;
     assert!(ok, "served again after the held connections closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_at_once_are_bounded() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nmax_buffered_bytes: 1000000\n\
+         pools: [{{name: p, models: [{MODEL}], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    wait_scraped(&kv, 1).await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    // A slow uploader: 800 kB of a 900 kB body, then a pause.
+    let body = format!("{{\"model\":\"{MODEL}\",\"max_tokens\":1,\"prompt\":\"{}\"}}", "x".repeat(900_000));
+    let mut slow = TcpStream::connect(proxy).await.expect("connect");
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.expect("head");
+    slow.write_all(&body.as_bytes()[..800_000]).await.expect("most of the body");
+    // Another 300 kB request would take more than the bound: refused, told to come back.
+    let other = serde_json::json!({"model": MODEL, "max_tokens": 1, "prompt": "y".repeat(300_000)});
+    let refused = common::eventually(10, || async {
+        let r = client().post(format!("http://{proxy}/v1/completions")).json(&other).send().await;
+        r.is_ok_and(|r| r.status() == 503 && r.headers().get("retry-after").is_some())
+    })
+    .await;
+    assert!(refused, "a body past the bound is refused with 503 and Retry-After");
+    let r = client().post(format!("http://{proxy}/v1/completions")).json(&other).send().await.expect("send");
+    let v: serde_json::Value = r.json().await.expect("an OpenAI body");
+    assert_eq!(v["error"]["code"], "overloaded");
+    // The uploader finishes and its request reaches the endpoint (which finds the prompt too
+    // long for its context, and says so); then there is room again.
+    slow.write_all(&body.as_bytes()[800_000..]).await.expect("rest of the body");
+    let answer = String::from_utf8_lossy(&closed_within_or_answered(&mut slow).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 ") && answer.contains("x-inference-pod"), "{answer}");
+    let r = client().post(format!("http://{proxy}/v1/completions")).json(&other).send().await.expect("send");
+    assert!(r.headers().contains_key("x-inference-pod"), "forwarded once there is room: {}", r.status());
+}
+
+/// Reads a response's first bytes (its status line and headers) from `conn`.
+async fn closed_within_or_answered(conn: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    got
+}

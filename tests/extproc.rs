@@ -643,3 +643,47 @@ async fn a_message_that_does_not_decode_is_invalid_argument() {
     let status = end.expect_err("the stream ends with an error");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_across_streams_are_bounded() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nmax_buffered_bytes: 100000\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let post = [(":method", "POST"), (":path", "/v1/completions")];
+    // One stream holds 60 kB of an unfinished body...
+    let a = Stream::open(kv.grpc_addr).await;
+    a.send(msg(headers(&post, false))).await;
+    a.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    // ...so another's 60 kB is past the bound: refused at once, and told to come back.
+    let refused = eventually(10, || async {
+        let mut b = Stream::open(kv.grpc_addr).await;
+        b.send(msg(headers(&post, false))).await;
+        b.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+        match b.recv().await.response {
+            Some(Resp::ImmediateResponse(ir)) => {
+                let v: serde_json::Value = serde_json::from_slice(&ir.body).unwrap_or_default();
+                let retry = ir.headers.is_some_and(|h| {
+                    h.set_headers.iter().any(|x| x.header.as_ref().is_some_and(|x| x.key == "retry-after"))
+                });
+                ir.status.map(|s| s.code) == Some(503) && v["error"]["code"] == "overloaded" && retry
+            }
+            _ => false,
+        }
+    })
+    .await;
+    assert!(refused);
+    // When the first stream goes, its bytes are given back.
+    drop(a);
+    let room = eventually(10, || async {
+        let mut b = Stream::open(kv.grpc_addr).await;
+        b.send(msg(headers(&post, false))).await;
+        let body = json!({"model": MODEL, "prompt": "z".repeat(60_000)}).to_string().into_bytes();
+        b.send(msg(Req::RequestBody(HttpBody { body, end_of_stream: true, ..Default::default() }))).await;
+        destination(&b.recv().await).is_some()
+    })
+    .await;
+    assert!(room, "routed again once the held body was released");
+}

@@ -42,6 +42,7 @@ use crate::front::http::{
     SERVED_HEADER, TEST_SELECTION_HEADER, new_request_id, refusal_headers,
 };
 use crate::front::usage::UsageReader;
+use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
 use crate::gateway::error::{RouteError, error_body};
 use crate::gateway::facade::{Ask, Gateway};
@@ -168,6 +169,8 @@ struct StreamState {
     generated_id: bool,
     test_selection: Option<String>,
     body: Vec<u8>,
+    /// The body's share of the gateway's buffered-bytes bound, while it is held.
+    reservation: Reservation,
     subset: Option<Option<Subset>>,
     routed: Option<Routed>,
     usage: UsageReader,
@@ -177,6 +180,7 @@ struct StreamState {
 
 impl StreamState {
     fn new(gateway: Arc<Gateway>, cfg: Arc<ExtProcConfig>) -> Self {
+        let reservation = gateway.body_budget().reservation();
         Self {
             request_mode: cfg.request_body_mode,
             response_mode: cfg.response_body_mode,
@@ -188,6 +192,7 @@ impl StreamState {
             generated_id: false,
             test_selection: None,
             body: Vec::new(),
+            reservation,
             subset: None,
             routed: None,
             usage: UsageReader::default(),
@@ -221,10 +226,14 @@ impl StreamState {
             Some(Req::RequestHeaders(h)) => self.request_headers(h),
             Some(Req::RequestBody(b)) => {
                 let limit = self.gateway.max_body_bytes();
-                if self.body.len() + b.body.len() > limit {
-                    // Refuse as soon as the body is too large, rather than holding all of it.
-                    let e =
-                        RouteError::BadRequest(RequestError::TooLarge { size: self.body.len() + b.body.len(), limit });
+                // Refuse as soon as the body is too large, or the bytes held for every request
+                // are at their bound, rather than holding more.
+                let held = if self.body.len() + b.body.len() > limit {
+                    Err(RouteError::BadRequest(RequestError::TooLarge { size: self.body.len() + b.body.len(), limit }))
+                } else {
+                    self.reservation.grow(b.body.len())
+                };
+                if let Err(e) = held {
                     self.body = Vec::new();
                     self.done = true;
                     self.gateway.refused(&e);
@@ -399,6 +408,8 @@ impl StreamState {
             common.body_mutation =
                 Some(BodyMutation { mutation: Some(Mutation::Body(std::mem::take(&mut self.body))) });
         }
+        // The body goes back to Envoy now: its bytes are no longer held here.
+        self.reservation = self.gateway.body_budget().reservation();
         let mut out = Vec::new();
         match (self.request_mode, with_body) {
             (BodyMode::Buffered, true) => out.push(ProcessingResponse {
@@ -491,9 +502,9 @@ fn body_chunks(body: Vec<u8>) -> Vec<ProcessingResponse> {
 
 /// A refusal as an `ImmediateResponse`.
 fn immediate(e: &RouteError) -> ProcessingResponse {
-    let reason = match e.status() {
-        429 => "rejected-saturated",
-        503 => "rejected-no-endpoints",
+    let reason = match e {
+        RouteError::Saturated { .. } => "rejected-saturated",
+        RouteError::Unavailable(_) => "rejected-no-endpoints",
         _ => e.code(),
     };
     let mut extra = vec![(DROPPED_HEADER, reason)];

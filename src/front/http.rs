@@ -8,11 +8,13 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::BytesMut;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::front::usage::UsageReader;
+use crate::gateway::budget::Reservation;
 use crate::gateway::error::{RouteError, error_body};
 use crate::gateway::outcome::Routed;
 use crate::routing::request::RequestError;
@@ -135,18 +137,24 @@ pub(crate) fn ensure_request_id(headers: &mut HeaderMap) {
     }
 }
 
-/// Reads a whole request body of at most `limit` bytes.
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, RequestError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(RequestError::TooLarge { size: limit + 1, limit })
-        }
-        Err(_) => Err(RequestError::InvalidField {
+/// Reads a whole request body of at most `limit` bytes, reserving each chunk in `budget` as it
+/// arrives (the reservation holds the body's bytes until the caller drops it).
+pub(crate) async fn read_body(body: Body, limit: usize, budget: &mut Reservation) -> Result<Bytes, RouteError> {
+    let mut body = body;
+    let mut out = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| RequestError::InvalidField {
             field: "body".into(),
             detail: "the request body could not be read".into(),
-        }),
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        if out.len() + data.len() > limit {
+            return Err(RequestError::TooLarge { size: out.len() + data.len(), limit }.into());
+        }
+        budget.grow(data.len())?;
+        out.extend_from_slice(&data);
     }
+    Ok(out.freeze())
 }
 
 /// A request to an endpoint: `headers` plus its `Host` and, for a rank that shares its port with
@@ -177,10 +185,10 @@ pub(crate) fn json_error(status: u16, message: &str, code: &str) -> Response {
     (s, [(header::CONTENT_TYPE, "application/json")], error_body(status, message, code, None)).into_response()
 }
 
-/// The headers a refusal carries besides its content type: `Retry-After` on 429, in both
-/// front-ends.
+/// The headers a refusal carries besides its content type: `Retry-After` when trying again
+/// shortly may work (429, and 503 for a full body budget), in both front-ends.
 pub(crate) fn refusal_headers(e: &RouteError) -> Vec<(&'static str, &'static str)> {
-    if e.status() == 429 { vec![("retry-after", "1")] } else { Vec::new() }
+    if e.retry_soon() { vec![("retry-after", "1")] } else { Vec::new() }
 }
 
 /// A refusal as an OpenAI-shaped JSON response.

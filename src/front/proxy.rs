@@ -24,7 +24,6 @@ use crate::front::http::{
     relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
-use crate::gateway::error::RouteError;
 use crate::gateway::facade::{Ask, Gateway};
 use crate::gateway::outcome::Routed;
 
@@ -99,10 +98,11 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
 /// by its body's `model` — and sends it.
 async fn forward(st: &ProxyState, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match read_body(body, st.gateway.max_body_bytes()).await {
+    // Held until the request has its answer (retries resend the body).
+    let mut held = st.gateway.body_budget().reservation();
+    let body = match read_body(body, st.gateway.max_body_bytes(), &mut held).await {
         Ok(b) => b,
         Err(e) => {
-            let e = RouteError::from(e);
             st.gateway.refused(&e);
             return refusal(&e);
         }

@@ -26,6 +26,8 @@ use crate::front::http::{
     refusal, relay, upstream_client, upstream_request,
 };
 use crate::front::listen::{ConnLimits, drain, serve_http, shutdown_signal};
+use crate::gateway::budget::BodyBudget;
+use crate::gateway::config::DEFAULT_MAX_BUFFERED_BYTES;
 use crate::routing::pd;
 use crate::routing::request::ApiKind;
 use crate::routing::schedule::Subset;
@@ -63,6 +65,9 @@ pub struct SidecarArgs {
     /// Largest request body accepted.
     #[arg(long, default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
+    /// Request bytes held in memory at once, over every request; past it, 503.
+    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES)]
+    pub max_buffered_bytes: usize,
     /// Serve the sidecar's own metrics (`/metrics`) and `/healthz` here.
     #[arg(long)]
     pub admin_addr: Option<SocketAddr>,
@@ -115,6 +120,7 @@ enum Allow {
 #[derive(Debug)]
 struct Sidecar {
     args: SidecarArgs,
+    budget: BodyBudget,
     allow: Allow,
     client: UpstreamClient,
     counters: Counters,
@@ -166,8 +172,13 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
                 .map_err(|e| anyhow::anyhow!("--allow-prefill: {e}"))?,
         )
     };
-    let state =
-        Arc::new(Sidecar { client: upstream_client(args.connect_timeout_ms), allow, counters: Counters::new(), args });
+    let state = Arc::new(Sidecar {
+        client: upstream_client(args.connect_timeout_ms),
+        allow,
+        counters: Counters::new(),
+        budget: BodyBudget::new(args.max_buffered_bytes),
+        args,
+    });
     let listener = tokio::net::TcpListener::bind(state.args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding the sidecar listener {}: {e}", state.args.listen))?;
@@ -243,9 +254,10 @@ fn local(body: Bytes) -> Bytes {
 
 async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match read_body(body, st.args.max_body_bytes).await {
+    let mut held = st.budget.reservation();
+    let body = match read_body(body, st.args.max_body_bytes, &mut held).await {
         Ok(b) => b,
-        Err(e) => return refusal(&e.into()),
+        Err(e) => return refusal(&e),
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let mut headers = end_to_end(&parts.headers);
@@ -311,7 +323,8 @@ mod tests {
     fn sidecar(allow: Allow) -> Sidecar {
         let args =
             crate::tools::cli::parse_flags::<SidecarArgs, _, _>("sidecar", ["--decode", "127.0.0.1:1"]).expect("flags");
-        Sidecar { allow, client: upstream_client(100), counters: Counters::new(), args }
+        let budget = BodyBudget::new(args.max_buffered_bytes);
+        Sidecar { allow, client: upstream_client(100), counters: Counters::new(), budget, args }
     }
 
     #[test]

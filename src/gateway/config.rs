@@ -33,6 +33,10 @@ pub struct Config {
     /// Largest request body accepted, in bytes (default 32 MiB).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Request bytes held in memory at once, over every request (default 128 MiB); past it new
+    /// body bytes are refused with 503 and `Retry-After`.
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered_bytes: usize,
     /// How endpoints are scraped.
     #[serde(default)]
     pub scrape: ScrapeConfig,
@@ -248,6 +252,13 @@ fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
 }
 
+fn default_max_buffered() -> usize {
+    DEFAULT_MAX_BUFFERED_BYTES
+}
+
+/// The default of `max_buffered_bytes`.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 128 << 20;
+
 fn default_max_body() -> usize {
     DEFAULT_MAX_BODY_BYTES
 }
@@ -395,6 +406,9 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes".into(), "must be at least 1".into()));
+        }
+        if self.max_buffered_bytes == 0 {
+            return Err(invalid("max_buffered_bytes".into(), "must be at least 1".into()));
         }
         if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
             return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));

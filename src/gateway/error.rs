@@ -34,6 +34,14 @@ pub enum RouteError {
         /// The request was sheddable (negative priority) and shed early.
         shed: bool,
     },
+    /// The request bytes held in memory are at their bound; try again shortly.
+    #[error("kvgate holds {held} bytes of request bodies, its limit is {limit}; try again shortly")]
+    Overloaded {
+        /// Bytes held.
+        held: usize,
+        /// `max_buffered_bytes`.
+        limit: usize,
+    },
 }
 
 impl RouteError {
@@ -42,7 +50,7 @@ impl RouteError {
         match self {
             Self::BadRequest(e) => e.status(),
             Self::UnknownModel { .. } => 404,
-            Self::Unavailable(_) => 503,
+            Self::Unavailable(_) | Self::Overloaded { .. } => 503,
             Self::Saturated { .. } => 429,
         }
     }
@@ -58,7 +66,13 @@ impl RouteError {
             Self::Unavailable(_) => "no_endpoints",
             Self::Saturated { shed: true, .. } => "shed",
             Self::Saturated { shed: false, .. } => "saturated",
+            Self::Overloaded { .. } => "overloaded",
         }
+    }
+
+    /// Whether the client should try again shortly (`Retry-After`).
+    pub fn retry_soon(&self) -> bool {
+        matches!(self, Self::Saturated { .. } | Self::Overloaded { .. })
     }
 
     /// OpenAI-shaped error body.
@@ -66,7 +80,7 @@ impl RouteError {
         let param = match self {
             Self::BadRequest(e) => e.param().map(str::to_owned),
             Self::UnknownModel { .. } => Some("model".to_owned()),
-            Self::Unavailable(_) | Self::Saturated { .. } => None,
+            Self::Unavailable(_) | Self::Saturated { .. } | Self::Overloaded { .. } => None,
         };
         error_body(self.status(), &self.to_string(), self.code(), param.as_deref())
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::Admission;
 use crate::gateway::error::RouteError;
 use crate::gateway::outcome::Routed;
@@ -49,13 +50,20 @@ impl Ask {
 pub struct Gateway {
     pools: Vec<Pool>,
     max_body_bytes: usize,
+    body_budget: BodyBudget,
     telemetry: Arc<Telemetry>,
 }
 
 impl Gateway {
-    /// A gateway over `pools`.
-    pub fn new(pools: Vec<Pool>, max_body_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
-        Self { pools, max_body_bytes, telemetry }
+    /// A gateway over `pools`, holding request bodies of at most `max_body_bytes` each and
+    /// `max_buffered_bytes` in all.
+    pub fn new(pools: Vec<Pool>, max_body_bytes: usize, max_buffered_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
+        Self { pools, max_body_bytes, body_budget: BodyBudget::new(max_buffered_bytes), telemetry }
+    }
+
+    /// The bound on request bytes held at once, over every request.
+    pub fn body_budget(&self) -> &BodyBudget {
+        &self.body_budget
     }
 
     /// The pools.

@@ -88,7 +88,7 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
         tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
         pools.push(pool);
     }
-    let gateway = Arc::new(Gateway::new(pools, cfg.max_body_bytes, telemetry));
+    let gateway = Arc::new(Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
