@@ -71,3 +71,32 @@ fn pattern_configs() {
             && roles.contains(&kvgate::routing::endpoint::Role::Decode)
     );
 }
+
+proptest::proptest! {
+    /// Config files are untrusted input too: YAML-shaped text — including mutations of a valid
+    /// config — is a config or a located error, never a panic.
+    #[test]
+    fn yaml_shaped_text_is_a_config_or_an_error(
+        text in r#"((pools|name|models|endpoints|address|port|ports|scheduler|plugins|type|admission|proxy|health|connections|max_body_bytes|[a-z_]{1,8}): ?(\[|\]|\{|\}|-|'[0-9.:a-z]{0,12}'|[0-9]{1,20}|-1|\.nan|~|true|m|127\.0\.0\.1:[0-9]{1,6})?(, )?\n? ?){0,24}"#,
+    ) {
+        let path = Path::new("/etc/kvgate/fuzz.yaml");
+        if let Ok(cfg) = Config::from_yaml(&text, path) {
+            let _ = cfg.resolve(path);
+        }
+    }
+
+    /// A valid config with one byte replaced is a config or an error, never a panic.
+    #[test]
+    fn a_valid_config_with_a_byte_changed(at in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+        let valid = "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{name: p, models: [m], endpoints: [{address: '127.0.0.1:8000', labels: {llm-d.ai/role: decode}}, {address: 127.0.0.1, ports: [8001, 8002]}], admission: {max_in_flight: 4, sheddable_headroom: 0.5}}]\n";
+        let path = Path::new("/etc/kvgate/fuzz.yaml");
+        proptest::prop_assert!(Config::from_yaml(valid, path).and_then(|c| c.resolve(path)).is_ok(), "the seed is valid");
+        let mut bytes = valid.as_bytes().to_vec();
+        let at = at % bytes.len();
+        bytes[at] = byte;
+        let text = String::from_utf8_lossy(&bytes);
+        if let Ok(cfg) = Config::from_yaml(&text, path) {
+            let _ = cfg.resolve(path);
+        }
+    }
+}

@@ -578,4 +578,104 @@ mod tests {
         let m = lb_metadata("10.0.0.1:8000");
         assert!(struct_fields(&m)["envoy.lb"].contains("10.0.0.1:8000"));
     }
+
+    /// A gateway with one pool of no endpoints: enough for the stream handling to run every
+    /// path (refusals included) on untrusted messages.
+    fn gateway() -> Arc<Gateway> {
+        use crate::gateway::config::Admission;
+        use crate::gateway::pool::{Pool, PoolSettings};
+        use crate::gateway::telemetry::Telemetry;
+        use crate::routing::plan::Planner;
+        use crate::routing::schedule::Scheduler;
+        let telemetry = Arc::new(Telemetry::new());
+        let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
+        let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone());
+        Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry))
+    }
+
+    /// One message Envoy could send, built from proptest's choices.
+    fn message(kind: u8, text: &str, bytes: &[u8], flag: bool, mode: i32) -> ProcessingRequest {
+        use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+        use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpTrailers, ProtocolConfiguration};
+        let headers = |pairs: Vec<(&str, &str)>| HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .into_iter()
+                    .map(|(k, v)| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
+                    .collect(),
+            }),
+            end_of_stream: flag,
+            ..Default::default()
+        };
+        let body = HttpBody { body: bytes.to_vec(), end_of_stream: flag, ..Default::default() };
+        let request = match kind % 7 {
+            0 => Req::RequestHeaders(headers(vec![(":method", if flag { "GET" } else { "POST" }), (":path", text)])),
+            1 => Req::RequestBody(body),
+            2 => Req::RequestTrailers(HttpTrailers::default()),
+            3 => Req::ResponseHeaders(headers(vec![(":status", text), ("content-type", "text/event-stream")])),
+            4 => Req::ResponseBody(body),
+            5 => Req::ResponseTrailers(HttpTrailers::default()),
+            _ => {
+                Req::RequestHeaders(headers(vec![(text, text), ("x-request-id", text), (TEST_SELECTION_HEADER, text)]))
+            }
+        };
+        let mut m = ProcessingRequest { request: Some(request), ..Default::default() };
+        if mode != 0 {
+            m.protocol_config = Some(ProtocolConfiguration {
+                request_body_mode: mode,
+                response_body_mode: -mode,
+                ..Default::default()
+            });
+        }
+        if kind >= 7 {
+            let fields = [(SUBSET_KEY.to_owned(), string_value(text))].into_iter().collect();
+            m.metadata_context = Some(envoy_types::pb::envoy::config::core::v3::Metadata {
+                filter_metadata: [(SUBSET_NAMESPACE.to_owned(), Struct { fields })].into_iter().collect(),
+                ..Default::default()
+            });
+        }
+        m
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// ext_proc messages are untrusted: any sequence of them, in any order and with any
+        /// contents, is handled without a panic, and a refusal ends the stream.
+        #[test]
+        fn any_message_sequence_is_handled(
+            msgs in proptest::collection::vec(
+                (0u8..14, "(/v1/(chat/)?completions|/v1/models|/x|[ -~]{0,12}|10\\.0\\.0\\.1:8000|200|503)",
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+                 proptest::prelude::any::<bool>(), -2i32..6),
+                0..10,
+            ),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let mut stream = StreamState::new(gateway(), Arc::new(ExtProcConfig::default()));
+                for (kind, text, bytes, flag, mode) in msgs {
+                    let _ = stream.handle(message(kind, &text, &bytes, flag, mode));
+                    if stream.done {
+                        break;
+                    }
+                }
+            });
+        }
+
+        /// Bytes that decode as a `ProcessingRequest` (protobuf is lenient) are handled too.
+        #[test]
+        fn decoded_garbage_is_handled(frames in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), 1..6)) {
+            use tonic_prost::prost::Message;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let mut stream = StreamState::new(gateway(), Arc::new(ExtProcConfig::default()));
+                for f in frames {
+                    if let Ok(m) = ProcessingRequest::decode(f.as_slice()) {
+                        let _ = stream.handle(m);
+                    }
+                }
+            });
+        }
+    }
 }

@@ -142,4 +142,41 @@ mod tests {
         check(r#"{"usage":"none"}"#, None);
         check(r#"[{"usage":{"prompt_tokens":1}}]"#, None);
     }
+
+    proptest::proptest! {
+        /// Response bodies are untrusted: any bytes, cut anywhere, are read without a panic and
+        /// without holding more than the bound.
+        #[test]
+        fn any_response_bytes_cut_anywhere(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            cuts in proptest::collection::vec(0usize..600, 0..6),
+            sse in proptest::prelude::any::<bool>(),
+        ) {
+            let mut r = UsageReader::new(sse);
+            let mut at = 0;
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            for c in cuts.into_iter().map(|c| c.min(body.len())).chain([body.len()]) {
+                if c >= at {
+                    r.feed(&body[at..c]);
+                    at = c;
+                }
+                proptest::prop_assert!(r.pending.len() <= MAX_USAGE_BODY + body.len());
+            }
+            r.finish();
+            proptest::prop_assert!(r.pending.is_empty());
+        }
+
+        /// SSE lines that look like usage events, split anywhere, give the same usage as whole.
+        #[test]
+        fn sse_usage_does_not_depend_on_where_chunks_end(prompt in 0u64..100_000, cut in 0usize..200) {
+            let body = format!("data: {{\"choices\":[]}}\n\ndata: {{\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":1}}}}\n\ndata: [DONE]\n\n");
+            let cut = cut.min(body.len());
+            let mut r = UsageReader::new(true);
+            r.feed(&body.as_bytes()[..cut]);
+            r.feed(&body.as_bytes()[cut..]);
+            r.finish();
+            proptest::prop_assert_eq!(r.usage, Some(Usage { prompt, completion: 1, cached: 0 }));
+        }
+    }
 }

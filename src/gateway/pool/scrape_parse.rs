@@ -264,4 +264,25 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="0.04",model_name="m"} 210
             let _ = parse(&s);
         }
     }
+
+    proptest::proptest! {
+        /// `/metrics` bodies are untrusted: exposition-shaped text never makes the parser panic,
+        /// and what it accepts has non-negative, finite-or-capped load figures.
+        #[test]
+        fn exposition_shaped_text_never_panics(
+            lines in proptest::collection::vec(
+                r#"(vllm:(num_requests_running|num_requests_waiting|kv_cache_usage_perc|cache_config_info|lora_requests_info)|# HELP x|junk)(\{((engine|block_size|num_gpu_blocks|max_lora|running_lora_adapters)="[0-9a-z,\\"]{0,6}",?){0,3}\}?)? ?(-?[0-9]{0,3}(\.[0-9]{0,2})?|NaN|\+Inf|-Inf|x)?( [0-9]{0,13})?"#,
+                0..12,
+            ),
+        ) {
+            let text = lines.join("\n");
+            if let Ok(s) = parse(&text) {
+                for e in s.engines.values() {
+                    proptest::prop_assert!(e.running.is_none_or(|v| v >= 0.0));
+                    proptest::prop_assert!(e.waiting.is_none_or(|v| v >= 0.0));
+                    proptest::prop_assert!(e.kv_usage.is_none_or(|v| (0.0..=1.0).contains(&v)));
+                }
+            }
+        }
+    }
 }

@@ -202,4 +202,32 @@ mod properties {
             prop_assert_eq!(&late[..early.len()], &early[..]);
         }
     }
+
+    /// JSON-looking text: the tokens a request body is made of, in any order.
+    const JSONISH: &str = r#"(\{|\}|\[|\]|:|,|"model"|"prompt"|"messages"|"role"|"content"|"input"|"stream"|"tools"|"text"|"type"|"m"|null|true|1|-1|1e9|"\\u00e9"|"\\ud800"| ){0,60}"#;
+
+    proptest! {
+        /// The parser of untrusted bodies never panics: any bytes are a request or a 4xx.
+        #[test]
+        fn any_bytes_are_a_request_or_a_client_error(
+            body in proptest::collection::vec(any::<u8>(), 0..400),
+            api in 0usize..4,
+        ) {
+            let api = [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings][api];
+            if let Err(e) = parse(api, &body, 256) {
+                prop_assert!(matches!(e.status(), 400 | 413), "{e:?}");
+            }
+        }
+
+        /// The same for text shaped like JSON, which gets much further into the parser; a body
+        /// that parses also streams its prompt without panicking.
+        #[test]
+        fn json_like_bodies_are_a_request_or_a_client_error(text in JSONISH, api in 0usize..4) {
+            let api = [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings][api];
+            match parse(api, text.as_bytes(), 1 << 16) {
+                Ok(req) => req.feed_prompt(&mut |_| {}),
+                Err(e) => prop_assert!(matches!(e.status(), 400 | 413), "{e:?}"),
+            }
+        }
+    }
 }
