@@ -662,7 +662,9 @@ async fn bodies_held_across_streams_are_bounded() {
         let mut b = Stream::open(kv.grpc_addr).await;
         b.send(msg(headers(&post, false))).await;
         b.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
-        match b.recv().await.response {
+        // While the first stream's chunk is still on its way, this one fits and waits quietly.
+        let answer = tokio::time::timeout(Duration::from_millis(500), b.rx.message()).await;
+        match answer.ok().and_then(Result::ok).flatten().and_then(|r| r.response) {
             Some(Resp::ImmediateResponse(ir)) => {
                 let v: serde_json::Value = serde_json::from_slice(&ir.body).unwrap_or_default();
                 let retry = ir.headers.is_some_and(|h| {

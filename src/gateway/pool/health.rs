@@ -15,7 +15,7 @@ use super::PoolSettings;
 use crate::routing::endpoint::Health;
 
 /// Request outcomes kept per endpoint for its error rate.
-const WINDOW: u32 = 20;
+const WINDOW: u32 = 64;
 
 /// Why an endpoint is out of rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub(super) struct HealthState {
     /// When it last came back (ms).
     recovered_at: Option<u64>,
     /// The last `WINDOW` request outcomes, newest in bit 0: 1 for an error.
-    outcomes: u32,
+    outcomes: u64,
     /// How many of them are recorded.
     recorded: u32,
 }
@@ -97,7 +97,8 @@ impl HealthState {
 
     /// Records a request's outcome for the error rate.
     pub(super) fn record(&mut self, error: bool) {
-        self.outcomes = (self.outcomes << 1 | u32::from(error)) & ((1 << WINDOW) - 1);
+        // A 64-bit window: the shift drops the oldest outcome.
+        self.outcomes = self.outcomes << 1 | u64::from(error);
         self.recorded = (self.recorded + 1).min(WINDOW);
     }
 
@@ -186,11 +187,11 @@ mod tests {
     #[test]
     fn the_error_window_keeps_the_last_outcomes() {
         let mut h = HealthState::new();
-        for k in 0..30 {
+        for k in 0..100 {
             h.record(k % 3 == 0);
         }
-        // The last 20 of 30: k = 10..29, of which 12, 15, 18, 21, 24, 27 are errors.
-        assert_eq!(h.error_counts(), (6, 20));
+        // The last 64 of 100: k = 36..99, of which 36, 39, …, 99 (22) are errors.
+        assert_eq!(h.error_counts(), (22, 64));
         let s = settings();
         h.eject(Ejected::Outlier, 0, &s);
         h.answered(100);
