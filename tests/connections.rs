@@ -97,6 +97,11 @@ async fn bodies_held_at_once_are_bounded() {
     );
     slow.write_all(head.as_bytes()).await.expect("head");
     slow.write_all(&body.as_bytes()[..800_000]).await.expect("most of the body");
+    let admin = format!("http://{}", kv.admin_addr);
+    let held = || async {
+        common::metric(&common::metrics(&admin).await, "kvgate_buffered_request_bytes", &[]).unwrap_or(0.0)
+    };
+    assert!(common::eventually(10, || async { held().await >= 800_000.0 }).await, "the slow body is held");
     // Another 300 kB request would take more than the bound: refused, told to come back.
     let other = serde_json::json!({"model": MODEL, "max_tokens": 1, "prompt": "y".repeat(300_000)});
     let refused = common::eventually(10, || async {

@@ -657,26 +657,23 @@ async fn bodies_held_across_streams_are_bounded() {
     let a = Stream::open(kv.grpc_addr).await;
     a.send(msg(headers(&post, false))).await;
     a.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    let admin = format!("http://{}", kv.admin_addr);
+    let held = || async { metric(&common::metrics(&admin).await, "kvgate_buffered_request_bytes", &[]).unwrap_or(0.0) };
+    assert!(eventually(10, || async { held().await >= 60_000.0 }).await, "the first body is held");
     // ...so another's 60 kB is past the bound: refused at once, and told to come back.
-    let refused = eventually(10, || async {
-        let mut b = Stream::open(kv.grpc_addr).await;
-        b.send(msg(headers(&post, false))).await;
-        b.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
-        // While the first stream's chunk is still on its way, this one fits and waits quietly.
-        let answer = tokio::time::timeout(Duration::from_millis(500), b.rx.message()).await;
-        match answer.ok().and_then(Result::ok).flatten().and_then(|r| r.response) {
-            Some(Resp::ImmediateResponse(ir)) => {
-                let v: serde_json::Value = serde_json::from_slice(&ir.body).unwrap_or_default();
-                let retry = ir.headers.is_some_and(|h| {
-                    h.set_headers.iter().any(|x| x.header.as_ref().is_some_and(|x| x.key == "retry-after"))
-                });
-                ir.status.map(|s| s.code) == Some(503) && v["error"]["code"] == "overloaded" && retry
-            }
-            _ => false,
+    let mut b = Stream::open(kv.grpc_addr).await;
+    b.send(msg(headers(&post, false))).await;
+    b.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    match b.recv().await.response {
+        Some(Resp::ImmediateResponse(ir)) => {
+            let v: serde_json::Value = serde_json::from_slice(&ir.body).expect("JSON body");
+            assert_eq!((ir.status.map(|s| s.code), v["error"]["code"].as_str()), (Some(503), Some("overloaded")));
+            let hs = ir.headers.expect("headers").set_headers;
+            assert!(hs.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "retry-after")));
         }
-    })
-    .await;
-    assert!(refused);
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+    drop(b);
     // When the first stream goes, its bytes are given back.
     drop(a);
     let room = eventually(10, || async {

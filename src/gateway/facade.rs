@@ -92,6 +92,7 @@ impl Gateway {
                 endpoints: p.status(),
             })
             .collect();
+        self.telemetry.buffered_bytes.set(self.body_budget.held() as i64);
         self.telemetry.render(&views)
     }
 

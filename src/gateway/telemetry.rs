@@ -56,6 +56,8 @@ pub struct Telemetry {
     /// `kvgate_disagg_fallbacks_total{pool,reason}`: prefill hand-offs that failed, after which
     /// the decode endpoint prefilled locally.
     pub disagg_fallbacks: IntCounterVec,
+    /// `kvgate_buffered_request_bytes`: request body bytes held in memory now.
+    pub buffered_bytes: prometheus::IntGauge,
     ready_pods: IntGaugeVec,
     avg_kv: GaugeVec,
     avg_queue: GaugeVec,
@@ -140,6 +142,15 @@ impl Telemetry {
                 "Tokens in responses' usage, by kind.",
                 &["pool", "kind"]
             ),
+            buffered_bytes: {
+                let g = prometheus::IntGauge::new(
+                    "kvgate_buffered_request_bytes",
+                    "Request body bytes held in memory now, over every request (bounded by max_buffered_bytes).",
+                )
+                .expect("valid metric");
+                reg(Box::new(g.clone()));
+                g
+            },
             ready_pods: family!(IntGaugeVec, "inference_pool_ready_pods", "Endpoints in rotation.", &["name"]),
             avg_kv: family!(
                 GaugeVec,
