@@ -321,24 +321,34 @@ fn decode_batch(payload: &[u8]) -> (Vec<u64>, Vec<u64>, bool) {
 }
 
 async fn kv_events_agree_with_metrics(encoding: &str) {
-    let (pub_port, replay_port) = (free_port(), free_port());
-    let cfg = json!({"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": format!("tcp://*:{pub_port}"),
-                     "replay_endpoint": format!("tcp://*:{replay_port}"), "topic": "kv@test"})
-    .to_string();
-    let sim = start_sim(&[
-        "--time-scale",
-        "0",
-        "--num-gpu-blocks-override",
-        "64",
-        "--kv-events-config",
-        &cfg,
-        "--kv-events-encoding",
-        encoding,
-    ])
-    .await;
+    // Free ports are only free until someone else binds them (other tests run alongside), and
+    // the publisher binds after the simulator starts: a port lost to a race is retried on new ones.
+    let mut started = None;
+    for _ in 0..3 {
+        let (pub_port, replay_port) = (free_port(), free_port());
+        let cfg = json!({"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": format!("tcp://*:{pub_port}"),
+                         "replay_endpoint": format!("tcp://*:{replay_port}"), "topic": "kv@test"})
+        .to_string();
+        let sim = start_sim(&[
+            "--time-scale",
+            "0",
+            "--num-gpu-blocks-override",
+            "64",
+            "--kv-events-config",
+            &cfg,
+            "--kv-events-encoding",
+            encoding,
+        ])
+        .await;
+        let mut sub = SubSocket::new();
+        let endpoint = format!("tcp://127.0.0.1:{pub_port}");
+        if matches!(tokio::time::timeout(Duration::from_secs(5), sub.connect(&endpoint)).await, Ok(Ok(_))) {
+            started = Some((sim, sub, replay_port));
+            break;
+        }
+    }
+    let (sim, mut sub, replay_port) = started.expect("connect SUB");
     let base = sim.url(0);
-    let mut sub = SubSocket::new();
-    sub.connect(&format!("tcp://127.0.0.1:{pub_port}")).await.expect("connect SUB");
     sub.subscribe("kv@").await.expect("subscribe");
     // The live stream: send small requests until one batch arrives (a SUB misses what was
     // published before its subscription reached the publisher).
