@@ -2,12 +2,13 @@
 //! health judgement ([`pool`]), kvgate's metrics ([`telemetry`]), and the facade every
 //! front-end calls ([`facade::Gateway`]: decide, explain, ready) with its one outcome API
 //! ([`outcome::Routed`]). [`error`] holds the refusals and their one status mapping; [`budget`] bounds the request
-//! bytes held in memory.
+//! bytes held in memory; [`paths`] is the path policy both front-ends apply.
 
 pub mod budget;
 pub mod config;
 pub mod error;
 pub mod facade;
 pub mod outcome;
+pub mod paths;
 pub mod pool;
 pub mod telemetry;

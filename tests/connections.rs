@@ -137,3 +137,41 @@ async fn closed_within_or_answered(conn: &mut TcpStream) -> Vec<u8> {
     let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
     got
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_breaks_before_its_answer_is_resent_on_a_new_one() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL, "--timeout-keep-alive", "0.3"]).await;
+    // The simulator closes an idle kept-alive connection after its keep-alive timeout, as vLLM.
+    let mut idle = TcpStream::connect(sim.addrs[0]).await.expect("connect");
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: sim\r\n\r\n").await.expect("write");
+    let answer = closed_within(&mut idle, 10).await.expect("closed once idle");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+
+    let kv = start(sim.addrs[0], "{}").await;
+    let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
+    let body = serde_json::json!({"model": MODEL, "prompt": "hello", "max_tokens": 2});
+    // Connections the endpoint closed while idle are not reused.
+    assert_eq!(common::post(&url, &body).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(common::post(&url, &body).await.0, 200);
+    let admin = format!("{}/admin/faults", sim.url(0));
+    let faults = |n: u32| {
+        let f = serde_json::json!({"fail_next": n, "failure_types": ["reset"]});
+        let admin = admin.clone();
+        async move {
+            let r = client().post(admin).body(f.to_string()).send().await.expect("send");
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // The endpoint closes the connection as the request arrives, answering nothing: the
+    // request goes again on a new connection, and the endpoint is none the worse for it.
+    faults(1).await;
+    let (status, v) = common::post(&url, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let debug = common::get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
+    assert_eq!(debug["pools"][0]["endpoints"][0]["health"], "healthy", "{debug}");
+    // Twice in a row is the endpoint's doing: with no other endpoint to try, a 502.
+    faults(2).await;
+    let (status, v) = common::post(&url, &body).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (502, Some("upstream_unreachable")), "{v}");
+}

@@ -88,7 +88,38 @@ async fn prefix_affinity_and_spread_through_envoy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_bodies_and_errors_through_envoy() {
-    let s = setup(1, "").await;
+    let s = setup(1, "paths: {model: [/tokenize, /v1/load_lora_adapter]}").await;
+    // The path policy decides through Envoy as in the proxy: a model server's admin surface is
+    // refused with the proxy's status and body, and never reaches the endpoint.
+    let faults = json!({"failure_rate": 1.0, "failure_types": ["500"]});
+    for (method, path) in [("POST", "/admin/faults"), ("GET", "/metrics"), ("POST", "/reset_prefix_cache")] {
+        let r = client()
+            .request(method.parse().expect("method"), s.url(path))
+            .body(faults.to_string())
+            .send()
+            .await
+            .expect("send");
+        assert!(!r.headers().contains_key("x-inference-port"), "{path} reached the endpoint");
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.expect("an OpenAI body");
+        assert_eq!((status, v["error"]["code"].as_str()), (404, Some("not_found")), "{path}: {v}");
+    }
+    let sim_faults = get_json(&format!("{}/admin/faults", s.sims[0].url(0))).await;
+    assert_eq!(sim_faults["failure_rate"], 0.0, "the simulator was not reconfigured: {sim_faults}");
+    let r = client().get(s.url("/v1/completions")).send().await.expect("send");
+    assert_eq!((r.status().as_u16(), r.headers().get("allow").and_then(|v| v.to_str().ok())), (405, Some("POST")));
+    let r = client().post(s.url("/v1/completions")).send().await.expect("send");
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.expect("an OpenAI body");
+    assert_eq!((status, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
+    // Paths opened by model pass through to an endpoint of the model's pool.
+    let (status, v) = post(&s.url("/tokenize"), &json!({"model": MODEL, "prompt": "hello world"})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["tokens"].as_array().is_some_and(|t| !t.is_empty()), "{v}");
+    let lora = json!({"model": MODEL, "lora_name": "sql", "lora_path": "/adapters/sql"});
+    let r = client().post(s.url("/v1/load_lora_adapter")).body(lora.to_string()).send().await.expect("send");
+    // It reached the simulator (which answers that LoRA is not enabled on it).
+    assert_eq!(served_by(&r), s.sims[0].addrs[0].port());
     // A stream arrives whole, one event per token.
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "count"}], "max_tokens": 9, "stream": true,
                       "stream_options": {"include_usage": true}});

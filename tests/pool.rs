@@ -147,6 +147,44 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     assert!(eventually(10, || async { health(&get_json(&debug).await) == "healthy" }).await, "recovered");
 }
 
+/// With the default health settings: an endpoint down for a while is back within a couple of
+/// seconds of answering again; one that keeps failing soon after each return is held out
+/// longer each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_endpoint_returns_at_once_and_a_flapping_one_is_held_out() {
+    let port = free_port();
+    let flags = ["--port", &port.to_string(), "--time-scale", "0"];
+    let mut sim = Some(SimProcess::start(&flags));
+    let other = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '127.0.0.1:{port}'}}, {{address: '{}'}}]}}]\n",
+        other.addrs[0]
+    ))
+    .await;
+    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
+    let health = || async { endpoints_of(&get_json(&debug).await, 0)[0]["health"].as_str().unwrap_or("").to_owned() };
+    assert!(eventually(5, || async { health().await == "healthy" }).await);
+    // Down for 3 s: its probes fail all along, which does not lengthen its time out.
+    drop(sim.take());
+    assert!(eventually(10, || async { health().await == "unhealthy" }).await, "ejected");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sim = Some(SimProcess::start(&flags));
+    assert!(eventually(3, || async { health().await == "healthy" }).await, "back within a couple of seconds");
+    // Now it fails again as soon as it is back, three times: 1 s, 2 s, then 4 s out.
+    for round in 0..3 {
+        drop(sim.take());
+        assert!(eventually(10, || async { health().await != "healthy" }).await, "ejected in round {round}");
+        sim = Some(SimProcess::start(&flags));
+        if round < 2 {
+            assert!(eventually(10, || async { health().await == "healthy" }).await, "back in round {round}");
+        }
+    }
+    // It answers, but it is held out for its flapping.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ne!(health().await, "healthy", "a flapping endpoint is held out");
+    assert!(eventually(10, || async { health().await == "healthy" }).await, "and comes back after its time out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_down_is_a_503_with_a_reason() {
     let port = free_port();

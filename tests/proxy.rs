@@ -246,7 +246,8 @@ async fn client_disconnect_cancels_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_errors() {
     let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "max_body_bytes: 4096")).await;
+    let paths = "paths: {model: [/v1/completions/render]}";
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], &format!("max_body_bytes: 4096\n{paths}"))).await;
     wait_scraped(&kv, 1).await;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let check = |status: u16, body: &Value, want: u16, code: &str| {
@@ -270,7 +271,16 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(r.status(), 404);
     let models = get_json(&format!("{proxy}/v1/models")).await;
     assert_eq!(models["data"][0]["id"], MODEL);
-    // Other /v1 paths go to an endpoint of the model's pool.
+    // A model server's admin surface is refused, and so are paths the policy does not list
+    // (listing `model` replaced its default list, `/tokenize` included).
+    for path in ["/v1/load_lora_adapter", "/reset_prefix_cache", "/admin/faults", "/tokenize"] {
+        let (s, b) =
+            post(&format!("{proxy}{path}"), &json!({"model": MODEL, "lora_name": "a", "lora_path": "/a"})).await;
+        check(s, &b, 404, "not_found");
+    }
+    let r = client().post(format!("{proxy}/v1/models")).send().await.expect("send");
+    assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().ok()), (405, Some("GET")));
+    // A path opened by model goes to an endpoint of the model's pool.
     let r = client()
         .post(format!("{proxy}/v1/completions/render"))
         .body(json!({"model": MODEL, "prompt": "hello world"}).to_string())

@@ -45,8 +45,9 @@ use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
 use crate::gateway::error::{RouteError, error_body};
-use crate::gateway::facade::{Ask, Gateway};
+use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
+use crate::gateway::paths::{Ask, Place};
 use crate::routing::request::RequestError;
 use crate::routing::schedule::{NoDecision, Subset};
 
@@ -165,6 +166,8 @@ struct StreamState {
     response_mode: BodyMode,
     method: String,
     path: String,
+    /// How the path policy places this request (set with its headers).
+    place: Option<Place>,
     request_id: Option<String>,
     generated_id: bool,
     test_selection: Option<String>,
@@ -188,6 +191,7 @@ impl StreamState {
             cfg,
             method: String::new(),
             path: String::new(),
+            place: None,
             request_id: None,
             generated_id: false,
             test_selection: None,
@@ -293,18 +297,18 @@ impl StreamState {
             self.generated_id = true;
         }
         // The gateway's own answers (and 404s) are given at once, as the proxy gives them.
-        match Ask::of(&self.method, &self.path) {
-            Ask::Route => {}
+        match self.gateway.ask(&self.method, &self.path) {
+            Ask::Route(place) => self.place = Some(place),
             Ask::Models => {
                 self.done = true;
                 return vec![immediate_json(200, self.gateway.models_list().to_string(), &[], "")];
             }
-            Ask::MethodNotAllowed => {
+            Ask::MethodNotAllowed(allow) => {
                 self.done = true;
                 let path = self.path.split('?').next().unwrap_or("");
-                let msg = format!("{} is not allowed on {path}; use POST", self.method);
+                let msg = format!("{} is not allowed on {path}; use {allow}", self.method);
                 let body = error_body(405, &msg, "method_not_allowed", None);
-                return vec![immediate_json(405, body, &[("allow", "POST")], "method_not_allowed")];
+                return vec![immediate_json(405, body, &[("allow", allow)], "method_not_allowed")];
             }
             Ask::NotFound => {
                 self.done = true;
@@ -344,7 +348,11 @@ impl StreamState {
     fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
         let want = self.cfg.max_endpoints.max(1);
         let routed = match self.subset() {
-            Ok(subset) => self.gateway.route(&self.path, &self.body, subset.as_ref(), want),
+            Ok(subset) => match self.place {
+                Some(place) => self.gateway.route(place, &self.body, subset.as_ref(), want),
+                // Bodies before headers: nothing is known of the request.
+                None => Err(RouteError::BadRequest(crate::routing::request::RequestError::MissingModel)),
+            },
             Err(e) => {
                 self.gateway.refused(&e);
                 Err(e)

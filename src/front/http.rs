@@ -90,12 +90,31 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// The HTTP client the front-ends use for upstream requests.
 pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
+/// How long an idle upstream connection is kept for reuse: under the 5 s after which vLLM's
+/// HTTP server (uvicorn's `--timeout-keep-alive`) closes one, so kvgate does not send a request
+/// on a connection the endpoint is closing at that moment.
+pub(crate) const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
+
 /// An HTTP/1 client for endpoints: keep-alive, no Nagle delay, bounded connects.
 pub(crate) fn upstream_client(connect_timeout_ms: u64) -> UpstreamClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(UPSTREAM_IDLE)
+        .build(upstream_connector(connect_timeout_ms))
+}
+
+/// A client that keeps no connection: each request goes on a new one (the retry of a request
+/// whose pooled connection broke under it).
+pub(crate) fn fresh_connection_client(connect_timeout_ms: u64) -> UpstreamClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(upstream_connector(connect_timeout_ms))
+}
+
+fn upstream_connector(connect_timeout_ms: u64) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
-    Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector)
+    connector
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection only; never forwarded.

@@ -21,6 +21,12 @@ pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// A response extension asking the listener to close the connection without sending the
+/// response — what a client sees when a server closes a kept-alive connection as its request
+/// arrives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropConnection;
+
 /// Bounds on one HTTP listener's connections.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnLimits {
@@ -79,7 +85,14 @@ pub(crate) fn serve_http(
                 // The client's address, as axum's `ConnectInfo` (the proxy names it in
                 // `X-Forwarded-For`).
                 req.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().oneshot(req.map(axum::body::Body::new))
+                let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+                async move {
+                    let Ok(resp) = answer.await;
+                    if resp.extensions().get::<DropConnection>().is_some() {
+                        return Err(std::io::Error::other("the handler dropped the connection"));
+                    }
+                    Ok(resp)
+                }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
             let conn = graceful.watch(conn);

@@ -20,18 +20,21 @@ use axum::response::{IntoResponse, Response};
 
 use crate::front::handoff::{self, PrefillLeg};
 use crate::front::http::{
-    PREFILLER_HEADER, UpstreamClient, append_forwarded, end_to_end, ensure_request_id, json_error, read_body, refusal,
-    relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
+    PREFILLER_HEADER, UpstreamClient, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
+    json_error, read_body, refusal, relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
-use crate::gateway::facade::{Ask, Gateway};
+use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
+use crate::gateway::paths::{Ask, Place};
 
 /// What the proxy needs.
 #[derive(Debug)]
 pub(crate) struct ProxyState {
     gateway: Arc<Gateway>,
     client: UpstreamClient,
+    /// For the one resend of a request whose pooled connection broke before its answer.
+    fresh: UpstreamClient,
     cfg: ProxyConfig,
     /// Requests waiting for an endpoint's answer.
     waiting: AtomicUsize,
@@ -43,7 +46,8 @@ impl ProxyState {
     /// A proxy over `gateway`.
     pub(crate) fn new(gateway: Arc<Gateway>, cfg: ProxyConfig) -> Self {
         let client = upstream_client(cfg.connect_timeout_ms);
-        Self { gateway, client, cfg, waiting: AtomicUsize::new(0), retrying: AtomicUsize::new(0) }
+        let fresh = fresh_connection_client(cfg.connect_timeout_ms);
+        Self { gateway, client, fresh, cfg, waiting: AtomicUsize::new(0), retrying: AtomicUsize::new(0) }
     }
 
     /// Takes a place in the retry budget, if one is left.
@@ -81,22 +85,21 @@ pub(crate) fn app(state: Arc<ProxyState>) -> Router {
 }
 
 async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
-    match Ask::of(req.method().as_str(), req.uri().path()) {
-        Ask::Route => forward(&st, req).await,
+    match st.gateway.ask(req.method().as_str(), req.uri().path()) {
+        Ask::Route(place) => forward(&st, place, req).await,
         Ask::Models => axum::Json(st.gateway.models_list()).into_response(),
         Ask::NotFound => json_error(404, &format!("no route for {} {}", req.method(), req.uri().path()), "not_found"),
-        Ask::MethodNotAllowed => {
-            let msg = format!("{} is not allowed on {}; use POST", req.method(), req.uri().path());
+        Ask::MethodNotAllowed(allow) => {
+            let msg = format!("{} is not allowed on {}; use {allow}", req.method(), req.uri().path());
             let mut r = json_error(405, &msg, "method_not_allowed");
-            r.headers_mut().insert(axum::http::header::ALLOW, HeaderValue::from_static("POST"));
+            r.headers_mut().insert(axum::http::header::ALLOW, HeaderValue::from_static(allow));
             r
         }
     }
 }
 
-/// Routes a request through the gateway — an API path by its prompt, any other `/v1/*` path
-/// by its body's `model` — and sends it.
-async fn forward(st: &ProxyState, req: Request) -> Response {
+/// Routes a request through the gateway, placed as the path policy says, and sends it.
+async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     // Held until the request has its answer (retries resend the body).
     let mut held = st.gateway.body_budget().reservation();
@@ -107,13 +110,25 @@ async fn forward(st: &ProxyState, req: Request) -> Response {
             return refusal(&e);
         }
     };
-    match st.gateway.route(parts.uri.path(), &body, None, st.cfg.attempts.max(1)) {
+    match st.gateway.route(place, &body, None, st.cfg.attempts.max(1)) {
         Ok(routed) => {
             let client = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
             send(st, routed, parts.method, parts.uri, parts.headers, client, body).await
         }
         Err(e) => refusal(&e),
     }
+}
+
+/// An error with its causes, `: `-separated (hyper's own message is only its outermost kind).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Why an attempt failed before the response started.
@@ -193,13 +208,23 @@ async fn send(
         if k > 0 {
             routed.retarget(k);
         }
-        let req =
-            upstream_request(method.clone(), target.address, &path, fwd.clone(), target.header_rank, body.clone());
-        let Ok(req) = req else {
+        let request =
+            || upstream_request(method.clone(), target.address, &path, fwd.clone(), target.header_rank, body.clone());
+        let Ok(req) = request() else {
             return json_error(500, "could not build the upstream request", "internal_error");
         };
-        let attempt =
-            tokio::time::timeout(Duration::from_millis(st.cfg.first_byte_timeout_ms), st.client.request(req)).await;
+        let first_byte = Duration::from_millis(st.cfg.first_byte_timeout_ms);
+        let mut attempt = tokio::time::timeout(first_byte, st.client.request(req)).await;
+        // A connection that broke under the request before any answer (a kept-alive one the
+        // endpoint closed as the request went out, say) says nothing of the endpoint: the
+        // request goes again, once, on a new connection.
+        if let Ok(Err(e)) = &attempt
+            && !e.is_connect()
+            && let Ok(req) = request()
+        {
+            tracing::debug!(endpoint = %target.address, error = %e, "connection broke before an answer; resending on a new one");
+            attempt = tokio::time::timeout(first_byte, st.fresh.request(req)).await;
+        }
         let resp = match attempt {
             Err(_) => {
                 routed.unreachable();
@@ -209,7 +234,7 @@ async fn send(
             Ok(Err(e)) => {
                 routed.unreachable();
                 unreachable.push(target.address);
-                last = Failure::Connect(e.to_string());
+                last = Failure::Connect(error_chain(&e));
                 continue;
             }
             Ok(Ok(r)) => r,

@@ -55,6 +55,9 @@ pub struct Config {
     /// A second listener serving only gRPC health (the reference picker's charts probe `:9003`).
     #[serde(default)]
     pub health_addr: Option<SocketAddr>,
+    /// Which request paths are routed, and how (both front-ends).
+    #[serde(default)]
+    pub paths: crate::gateway::paths::PathsConfig,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
 }
@@ -403,6 +406,9 @@ impl Config {
             |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
         if self.pools.is_empty() {
             return Err(invalid("pools".into(), "at least one pool is needed".into()));
+        }
+        if let Err((at, message)) = crate::gateway::paths::PathPolicy::new(&self.paths) {
+            return Err(invalid(at.into(), message));
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes".into(), "must be at least 1".into()));

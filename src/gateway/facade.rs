@@ -11,6 +11,7 @@ use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::Admission;
 use crate::gateway::error::RouteError;
 use crate::gateway::outcome::Routed;
+use crate::gateway::paths::{Ask, PathPolicy, Place};
 use crate::gateway::pool::{Pool, now_ms};
 use crate::gateway::telemetry::{PoolView, Telemetry};
 use crate::routing::endpoint::Endpoint;
@@ -18,39 +19,13 @@ use crate::routing::plan::{PlanOptions, candidates_for};
 use crate::routing::request::{self, ApiKind, RequestError};
 use crate::routing::schedule::{Decision, Explanation, Subset};
 
-/// What a request's method and path ask of the gateway — the same answer in both front-ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ask {
-    /// Route it: an API path by its prompt, another `/v1/*` path by its body's `model`.
-    Route,
-    /// `GET /v1/models`: the gateway answers with every servable model itself.
-    Models,
-    /// An API path with another method than `POST`: a 405.
-    MethodNotAllowed,
-    /// Nothing here: a 404.
-    NotFound,
-}
-
-impl Ask {
-    /// The ask of `method` on `path` (query string ignored).
-    pub fn of(method: &str, path: &str) -> Self {
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
-        match (method, ApiKind::from_path(path)) {
-            ("POST", Some(_)) => Self::Route,
-            (_, Some(_)) => Self::MethodNotAllowed,
-            ("GET", None) if path == "/v1/models" => Self::Models,
-            (_, None) if path.starts_with("/v1/") => Self::Route,
-            _ => Self::NotFound,
-        }
-    }
-}
-
 /// Every pool, and the choice among them by `model` (body-based routing).
 #[derive(Debug)]
 pub struct Gateway {
     pools: Vec<Pool>,
     max_body_bytes: usize,
     body_budget: BodyBudget,
+    paths: PathPolicy,
     telemetry: Arc<Telemetry>,
 }
 
@@ -58,7 +33,20 @@ impl Gateway {
     /// A gateway over `pools`, holding request bodies of at most `max_body_bytes` each and
     /// `max_buffered_bytes` in all.
     pub fn new(pools: Vec<Pool>, max_body_bytes: usize, max_buffered_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
-        Self { pools, max_body_bytes, body_budget: BodyBudget::new(max_buffered_bytes), telemetry }
+        let body_budget = BodyBudget::new(max_buffered_bytes);
+        Self { pools, max_body_bytes, body_budget, paths: PathPolicy::default(), telemetry }
+    }
+
+    /// The gateway with `paths` as its path policy.
+    #[must_use]
+    pub fn with_paths(mut self, paths: PathPolicy) -> Self {
+        self.paths = paths;
+        self
+    }
+
+    /// What `method` on `path` asks of the gateway, under its path policy.
+    pub fn ask(&self, method: &str, path: &str) -> Ask {
+        self.paths.ask(method, path)
     }
 
     /// The bound on request bytes held at once, over every request.
@@ -146,13 +134,19 @@ impl Gateway {
         self.telemetry.count_request("unknown", "unknown", None, e.status(), e.code());
     }
 
-    /// Decides a request on `path` with `body` (empty when it has none), for `places` distinct
-    /// endpoints (fallback list entries, retry attempts). An API path kvgate parses is placed
-    /// by its prompt; any other path by its body's `model` alone. Refusals are counted here.
-    pub fn route(&self, path: &str, body: &[u8], subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
-        let routed = match ApiKind::from_path(path) {
-            Some(api) => self.decide(api, body, subset, places),
-            None => match request::model_of(body) {
+    /// Decides a request placed as `place` (what [`Gateway::ask`] said of its path) with `body`
+    /// (empty when it has none), for `places` distinct endpoints (fallback list entries, retry
+    /// attempts). Refusals are counted here.
+    pub fn route(
+        &self,
+        place: Place,
+        body: &[u8],
+        subset: Option<&Subset>,
+        places: usize,
+    ) -> Result<Routed, RouteError> {
+        let routed = match place {
+            Place::Prompt(api) => self.decide(api, body, subset, places),
+            Place::Model => match request::model_of(body) {
                 Some(model) => self.decide_by_model(&model, subset, places),
                 None => Err(RouteError::BadRequest(RequestError::MissingModel)),
             },

@@ -19,6 +19,7 @@ use crate::front::listen::{ConnLimits, drain, nodelay, serve_http, shutdown_sign
 use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::Config;
 use crate::gateway::facade::Gateway;
+use crate::gateway::paths::PathPolicy;
 use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::plan::Planner;
@@ -88,7 +89,9 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
         tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
         pools.push(pool);
     }
-    let gateway = Arc::new(Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry));
+    let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
+    let gateway =
+        Arc::new(Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry).with_paths(paths));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),

@@ -19,12 +19,16 @@ pub(crate) mod tokenizer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+
+use crate::front::listen::{ConnLimits, serve_http};
+use crate::gateway::pool::AbortOnDrop;
 
 use engine::{Engine, EngineConfig, KvRole, Latency};
 use events::{Encoding, KvEventsConfig};
@@ -122,6 +126,9 @@ pub struct SimArgs {
     /// `x-inference-pod` (default: $POD_NAME, else `kvgate-sim-<port>`).
     #[arg(long)]
     pub pod_name: Option<String>,
+    /// Seconds an idle kept-alive connection stays open (vLLM's HTTP server default: 5).
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout_keep_alive: f64,
 }
 
 /// Default KV blocks: ~465k tokens of KV for an 8B model on an 80 GB GPU.
@@ -168,6 +175,9 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
     if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
         bail!("--time-scale must be a number >= 0");
     }
+    if !(args.timeout_keep_alive.is_finite() && args.timeout_keep_alive > 0.0 && args.timeout_keep_alive <= 86_400.0) {
+        bail!("--timeout-keep-alive is in seconds, more than 0 and at most a day");
+    }
     if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
     }
@@ -176,6 +186,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         failure_types: args.failure_types.clone(),
         slow_start_ms: args.slow_start_ms,
         paused: false,
+        fail_next: 0,
     };
     faults.validate().map_err(anyhow::Error::msg)?;
     let kv_events: Option<KvEventsConfig> = match &args.kv_events_config {
@@ -286,18 +297,19 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         let port = listener.local_addr()?.port();
         ports.push((listener, Arc::new(PortState::new(shared.clone(), engines, metrics, port))));
     }
+    // An idle connection is closed after the keep-alive timeout, as vLLM closes it; accepted
+    // connections get TCP_NODELAY (tokens go out as small writes, which Nagle's algorithm and
+    // delayed ACKs would hold back by up to 40 ms each).
+    let limits =
+        ConnLimits { header_read_timeout: Duration::from_secs_f64(args.timeout_keep_alive), max_connections: 65_536 };
     for (listener, state) in ports {
-        use axum::serve::ListenerExt;
-        let app = server::app(state);
-        // Tokens go out as small writes: without TCP_NODELAY, Nagle's algorithm and delayed
-        // ACKs hold each one back by up to 40 ms.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let serving = AbortOnDrop(serve_http(listener, server::app(state), "simulator", stop_rx, limits));
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "simulator listener stopped");
-            }
+            // Never told to stop: the simulator serves until this task is aborted.
+            let _stop = stop;
+            let mut serving = serving;
+            let _ = (&mut serving.0).await;
         }));
     }
     Ok((Running { addrs }, tasks))

@@ -28,6 +28,9 @@ pub enum FaultKind {
     Abort,
     /// Delay the start of processing by `slow_start_ms`.
     SlowStart,
+    /// Close the connection without an answer, once the request is read — as a server closes
+    /// a kept-alive connection it has timed out just as a request arrives on it.
+    Reset,
 }
 
 /// Current failure settings.
@@ -42,6 +45,9 @@ pub(crate) struct Faults {
     pub slow_start_ms: u64,
     /// Refuse all new work (503) and fail `/health`.
     pub paused: bool,
+    /// The next this many requests fail for sure, with the first of `failure_types` (then
+    /// `failure_rate` applies again).
+    pub fail_next: u32,
 }
 
 impl Default for Faults {
@@ -51,6 +57,7 @@ impl Default for Faults {
             failure_types: vec![FaultKind::ServerError, FaultKind::RateLimit, FaultKind::Unavailable],
             slow_start_ms: 2000,
             paused: false,
+            fail_next: 0,
         }
     }
 }
@@ -61,14 +68,20 @@ impl Faults {
         if !(0.0..=1.0).contains(&self.failure_rate) {
             return Err(format!("failure_rate must be in [0, 1], got {}", self.failure_rate));
         }
-        if self.failure_rate > 0.0 && self.failure_types.is_empty() {
-            return Err("failure_types must name at least one kind when failure_rate > 0".into());
+        if (self.failure_rate > 0.0 || self.fail_next > 0) && self.failure_types.is_empty() {
+            return Err("failure_types must name at least one kind when failure_rate or fail_next is set".into());
         }
         Ok(())
     }
 
-    /// Draws the fault (if any) for one request.
-    pub(crate) fn draw(&self, rng: &mut fastrand::Rng) -> Option<FaultKind> {
+    /// Draws the fault (if any) for one request, counting down `fail_next`.
+    pub(crate) fn draw(&mut self, rng: &mut fastrand::Rng) -> Option<FaultKind> {
+        if self.fail_next > 0
+            && let Some(&kind) = self.failure_types.first()
+        {
+            self.fail_next -= 1;
+            return Some(kind);
+        }
         if self.failure_rate <= 0.0 || self.failure_types.is_empty() || rng.f64() >= self.failure_rate {
             return None;
         }
@@ -83,7 +96,7 @@ mod tests {
     #[test]
     fn draws_follow_the_rate() {
         let mut rng = fastrand::Rng::with_seed(3);
-        let f = Faults { failure_rate: 0.25, failure_types: vec![FaultKind::Hang], ..Faults::default() };
+        let mut f = Faults { failure_rate: 0.25, failure_types: vec![FaultKind::Hang], ..Faults::default() };
         let hits = (0..4000).filter(|_| f.draw(&mut rng).is_some()).count();
         assert!((800..1200).contains(&hits), "{hits}");
         assert_eq!(Faults::default().draw(&mut rng), None);
@@ -91,5 +104,9 @@ mod tests {
         let parsed: Faults =
             serde_json::from_str(r#"{"failure_rate":1,"failure_types":["429","hang","slow-start"]}"#).expect("parses");
         assert_eq!(parsed.failure_types, [FaultKind::RateLimit, FaultKind::Hang, FaultKind::SlowStart]);
+        // `fail_next` fails exactly that many, then the rate (none here) rules again.
+        let mut f: Faults = serde_json::from_str(r#"{"fail_next":2,"failure_types":["reset","500"]}"#).expect("parses");
+        let draws: Vec<_> = (0..4).map(|_| f.draw(&mut rng)).collect();
+        assert_eq!(draws, [Some(FaultKind::Reset), Some(FaultKind::Reset), None, None]);
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use super::engine::{Command, EngineHandle, KvRole};
 use super::faults::Faults;
 use super::metrics::SimMetrics;
+use crate::front::listen::DropConnection;
 
 mod generate;
 mod prompt;
@@ -137,19 +138,30 @@ struct ApiError {
     status: StatusCode,
     message: String,
     param: Option<&'static str>,
+    /// No answer at all: the connection is closed instead.
+    dropped: bool,
 }
 
 impl ApiError {
     fn bad(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: None }
+        Self::status(StatusCode::BAD_REQUEST, message)
     }
     fn status(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None }
+        Self { status, message: message.into(), param: None, dropped: false }
+    }
+    /// The connection closed without an answer (the `reset` fault).
+    fn dropped() -> Self {
+        Self { dropped: true, ..Self::status(StatusCode::SERVICE_UNAVAILABLE, "injected reset") }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.dropped {
+            let mut r = Response::new(axum::body::Body::empty());
+            r.extensions_mut().insert(DropConnection);
+            return r;
+        }
         let kind = match self.status {
             StatusCode::BAD_REQUEST => "BadRequestError",
             StatusCode::NOT_FOUND => "NotFoundError",

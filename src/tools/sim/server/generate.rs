@@ -192,7 +192,7 @@ pub(super) async fn generate(
         }
     };
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let fault = faults.draw(&mut shared.rng.lock());
+    let fault = shared.faults.write().draw(&mut shared.rng.lock());
     match fault {
         Some(FaultKind::ServerError) => {
             return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "injected failure"));
@@ -209,6 +209,7 @@ pub(super) async fn generate(
             return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "injected hang ended"));
         }
         Some(FaultKind::SlowStart) => tokio::time::sleep(Duration::from_millis(faults.slow_start_ms)).await,
+        Some(FaultKind::Reset) => return Err(ApiError::dropped()),
         Some(FaultKind::Abort) | None => {}
     }
     let ktp = v.get("kv_transfer_params");

@@ -30,9 +30,8 @@ pub(super) fn resolve_model(shared: &Shared, v: &Value) -> Result<(String, Optio
         return Ok((model.clone(), Some(model)));
     }
     Err(ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: format!("The model `{model}` does not exist."),
         param: Some("model"),
+        ..ApiError::status(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."))
     })
 }
 

@@ -1,0 +1,209 @@
+//! The path policy: which request paths the gateway routes, and how, in both front-ends. An API
+//! path kvgate parses is placed by its prompt; a path listed as `model` is sent to an endpoint
+//! of its body's `model` by load alone; everything else — a model server's admin surface
+//! included — is refused, so it is not reachable through the gateway unless opened on purpose.
+
+use serde::Deserialize;
+
+use crate::routing::request::ApiKind;
+
+/// The `paths:` section of the config. A pattern is a path (`/tokenize`), or a prefix ending in
+/// `*` (`/v1/audio/*`); a trailing `/` and the query string are ignored when matching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// API paths placed by their prompt (default: the four kvgate parses).
+    pub prompt: Vec<String>,
+    /// Paths sent to an endpoint of their JSON body's `model`, by load alone (default: the
+    /// serving APIs a vLLM server has besides those: `/tokenize`, `/detokenize`, scoring,
+    /// reranking, pooling and classification).
+    pub model: Vec<String>,
+    /// Paths refused even when a pattern above matches them (default: none).
+    pub refuse: Vec<String>,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            prompt: own(&["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"]),
+            model: own(&[
+                "/tokenize",
+                "/detokenize",
+                "/v1/score",
+                "/score",
+                "/v1/rerank",
+                "/v2/rerank",
+                "/rerank",
+                "/pooling",
+                "/classify",
+            ]),
+            refuse: Vec::new(),
+        }
+    }
+}
+
+/// How a routed request is placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// By its prompt, parsed as this API.
+    Prompt(ApiKind),
+    /// By its body's `model`, on load alone.
+    Model,
+}
+
+/// What a request's method and path ask of the gateway — the same answer in both front-ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Route it, placed so.
+    Route(Place),
+    /// `GET /v1/models`: the gateway answers with every servable model itself.
+    Models,
+    /// A routed path with a method it does not take: a 405 naming the one it does.
+    MethodNotAllowed(&'static str),
+    /// Nothing here: a 404.
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Pattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        if !text.starts_with('/') {
+            return Err(format!("`{text}` is not a path; patterns start with `/`"));
+        }
+        let (body, prefix) = match text.strip_suffix('*') {
+            Some(p) => (p, true),
+            None => (text, false),
+        };
+        if body.contains(['*', '?', '#']) {
+            return Err(format!("`{text}`: only a trailing `*` is a wildcard, and no query part is matched"));
+        }
+        Ok(if prefix { Self::Prefix(body.to_owned()) } else { Self::Exact(normal(body).to_owned()) })
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// `path` without its query string and trailing `/` (`/` itself stays).
+fn normal(path: &str) -> &str {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    }
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone)]
+pub struct PathPolicy {
+    prompt: Vec<ApiKind>,
+    model: Vec<Pattern>,
+    refuse: Vec<Pattern>,
+}
+
+impl Default for PathPolicy {
+    fn default() -> Self {
+        Self::new(&PathsConfig::default()).expect("the default path policy is valid")
+    }
+}
+
+impl PathPolicy {
+    /// Compiles `cfg`, or says (as `(field, message)`) what is wrong with it.
+    pub fn new(cfg: &PathsConfig) -> Result<Self, (&'static str, String)> {
+        let mut prompt = Vec::new();
+        for p in &cfg.prompt {
+            let api = ApiKind::from_path(p).filter(|_| !p.contains('*')).ok_or_else(|| {
+                let known = [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings];
+                let known: Vec<&str> = known.iter().map(|a| a.path()).collect();
+                (
+                    "paths.prompt",
+                    format!("kvgate parses the prompt of {} only; `{p}` is none of them", known.join(", ")),
+                )
+            })?;
+            prompt.push(api);
+        }
+        let patterns = |field: &'static str, list: &[String]| -> Result<Vec<Pattern>, (&'static str, String)> {
+            list.iter().map(|p| Pattern::parse(p).map_err(|m| (field, m))).collect()
+        };
+        Ok(Self { prompt, model: patterns("paths.model", &cfg.model)?, refuse: patterns("paths.refuse", &cfg.refuse)? })
+    }
+
+    /// The ask of `method` on `path`.
+    pub fn ask(&self, method: &str, path: &str) -> Ask {
+        let path = normal(path);
+        if self.refuse.iter().any(|p| p.matches(path)) {
+            return Ask::NotFound;
+        }
+        if path == "/v1/models" {
+            return if method == "GET" { Ask::Models } else { Ask::MethodNotAllowed("GET") };
+        }
+        let place = match ApiKind::from_path(path) {
+            Some(api) if self.prompt.contains(&api) => Some(Place::Prompt(api)),
+            _ if self.model.iter().any(|p| p.matches(path)) => Some(Place::Model),
+            _ => None,
+        };
+        match place {
+            Some(place) if method == "POST" => Ask::Route(place),
+            Some(_) => Ask::MethodNotAllowed("POST"),
+            None => Ask::NotFound,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> Result<PathPolicy, (&'static str, String)> {
+        PathPolicy::new(&crate::gateway::config::parse_yaml::<PathsConfig>(yaml).expect("yaml"))
+    }
+
+    #[test]
+    fn the_default_routes_the_serving_apis_and_refuses_the_rest() {
+        let p = PathPolicy::default();
+        assert_eq!(p.ask("POST", "/v1/chat/completions?x=1"), Ask::Route(Place::Prompt(ApiKind::ChatCompletions)));
+        assert_eq!(p.ask("POST", "/v1/completions/"), Ask::Route(Place::Prompt(ApiKind::Completions)));
+        assert_eq!(p.ask("POST", "/tokenize"), Ask::Route(Place::Model));
+        assert_eq!(p.ask("GET", "/v1/completions"), Ask::MethodNotAllowed("POST"));
+        assert_eq!(p.ask("GET", "/v1/models"), Ask::Models);
+        assert_eq!(p.ask("POST", "/v1/models"), Ask::MethodNotAllowed("GET"));
+        for admin in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/reset_prefix_cache", "/admin/faults"] {
+            assert_eq!(p.ask("POST", admin), Ask::NotFound, "{admin}");
+        }
+        for other in ["/metrics", "/", "", "/v1/anything", "/tokenizer"] {
+            assert_eq!(p.ask("GET", other), Ask::NotFound, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_config_opens_and_closes_paths() {
+        let p = policy("model: ['/v1/load_lora_adapter', '/v1/audio/*']\nrefuse: ['/v1/audio/secret', /v1/embeddings]")
+            .expect("valid");
+        assert_eq!(p.ask("POST", "/v1/load_lora_adapter"), Ask::Route(Place::Model));
+        assert_eq!(p.ask("POST", "/v1/audio/transcriptions"), Ask::Route(Place::Model));
+        assert_eq!(p.ask("POST", "/v1/audio/secret"), Ask::NotFound);
+        assert_eq!(p.ask("POST", "/v1/embeddings"), Ask::NotFound);
+        // Listing `model` replaced the default list.
+        assert_eq!(p.ask("POST", "/tokenize"), Ask::NotFound);
+        let p = policy("prompt: [/v1/chat/completions]").expect("valid");
+        assert_eq!(p.ask("POST", "/v1/completions"), Ask::NotFound);
+    }
+
+    #[test]
+    fn bad_patterns_are_named() {
+        assert_eq!(policy("prompt: [/tokenize]").unwrap_err().0, "paths.prompt");
+        assert_eq!(policy("prompt: ['/v1/*']").unwrap_err().0, "paths.prompt");
+        assert_eq!(policy("model: [tokenize]").unwrap_err().0, "paths.model");
+        assert_eq!(policy("refuse: ['/a*b']").unwrap_err().0, "paths.refuse");
+    }
+}
