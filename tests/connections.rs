@@ -175,3 +175,98 @@ async fn a_connection_that_breaks_before_its_answer_is_resent_on_a_new_one() {
     let (status, v) = common::post(&url, &body).await;
     assert_eq!((status, v["error"]["code"].as_str()), (502, Some("upstream_unreachable")), "{v}");
 }
+
+/// The status and JSON body of a raw answer.
+fn answer_of(raw: &[u8]) -> (u16, serde_json::Value) {
+    let text = String::from_utf8_lossy(raw);
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_stalled_and_endless_bodies_are_answered_408() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let kv = start(sim.addrs[0], "{body_read_timeout_ms: 300, min_body_bytes_per_s: 1000}").await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    let head = |len: &str| {
+        format!("POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Type: application/json\r\n{len}\r\n\r\n")
+    };
+    // A body that stops half-way.
+    let mut stalled = TcpStream::connect(proxy).await.expect("connect");
+    stalled.write_all(head("Content-Length: 100").as_bytes()).await.expect("head");
+    stalled.write_all(b"{\"model\": \"m\", \"prompt\": \"").await.expect("half a body");
+    // A chunk announced as 2^63 bytes long, of which a few arrive.
+    let mut endless = TcpStream::connect(proxy).await.expect("connect");
+    endless.write_all(head("Transfer-Encoding: chunked").as_bytes()).await.expect("head");
+    endless.write_all(b"8000000000000000\r\nabc").await.expect("a chunk's start");
+    for (what, conn) in [("stalled", &mut stalled), ("endless", &mut endless)] {
+        let raw = closed_within(conn, 10).await.unwrap_or_else(|| panic!("{what}: still open"));
+        let (status, v) = answer_of(&raw);
+        assert_eq!((status, v["error"]["code"].as_str()), (408, Some("request_timeout")), "{what}: {v}");
+    }
+    // A trickle: a byte every 100 ms keeps clear of the stall timeout, but 10 bytes/s is under
+    // the least rate, so it is cut once the 5 s grace is over.
+    let mut trickle = TcpStream::connect(proxy).await.expect("connect");
+    trickle.write_all(head("Content-Length: 10000").as_bytes()).await.expect("head");
+    let feed = async {
+        for _ in 0..150 {
+            if trickle.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(7), feed).await;
+    let raw = closed_within(&mut trickle, 10).await.expect("closed");
+    let (status, v) = answer_of(&raw);
+    assert_eq!((status, v["error"]["code"].as_str()), (408, Some("request_timeout")), "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("too slowly")), "{v}");
+    // Nobody else was held up.
+    assert_eq!(
+        common::post(
+            &format!("http://{proxy}/v1/completions"),
+            &serde_json::json!({"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        )
+        .await
+        .0,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_are_not_http_get_openai_errors() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let kv = start(sim.addrs[0], "{}").await;
+    let many: String = (0..120).map(|i| format!("X-{i}: y\r\n")).collect();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), 400, "invalid_http"),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_vec(),
+            400,
+            "invalid_http",
+        ),
+        (b"POST /v1/completions HTTP/1.1\r\nHo st: x\r\n\r\n".to_vec(), 400, "invalid_http"),
+        (format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\n{many}\r\n").into_bytes(), 431, "headers_too_large"),
+        (
+            format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(500_000)).into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+    ];
+    for addr in [kv.proxy_addr.expect("proxy"), kv.admin_addr] {
+        for (raw, want, code) in &cases {
+            let mut conn = TcpStream::connect(addr).await.expect("connect");
+            let _ = conn.write_all(raw).await;
+            let got = closed_within(&mut conn, 10).await.expect("answered and closed");
+            let (status, v) = answer_of(&got);
+            assert_eq!(
+                (status, v["error"]["code"].as_str()),
+                (*want, Some(*code)),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+}

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
+use crate::front::listen::SlowBody;
 use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::error::{RouteError, error_body};
@@ -162,9 +163,13 @@ pub(crate) async fn read_body(body: Body, limit: usize, budget: &mut Reservation
     let mut body = body;
     let mut out = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| RequestError::InvalidField {
-            field: "body".into(),
-            detail: "the request body could not be read".into(),
+        let frame = frame.map_err(|e| match e.into_inner().downcast::<SlowBody>() {
+            Ok(slow) => RouteError::SlowBody(slow.to_string()),
+            Err(e) => RequestError::InvalidField {
+                field: "body".into(),
+                detail: format!("the request body could not be read: {e}"),
+            }
+            .into(),
         })?;
         let Ok(data) = frame.into_data() else { continue };
         if out.len() + data.len() > limit {
@@ -216,6 +221,10 @@ pub(crate) fn refusal(e: &RouteError) -> Response {
     let mut r = (status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response();
     for (k, v) in refusal_headers(e) {
         r.headers_mut().insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    if matches!(e, RouteError::SlowBody(_)) {
+        // The rest of the body is not worth waiting for.
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

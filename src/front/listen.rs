@@ -1,7 +1,12 @@
 //! Listeners the front-ends are served on: HTTP with bounded connections (a header-read and
-//! idle timeout, a connection cap) and graceful shutdown, accepted connections with TCP_NODELAY
-//! for gRPC, the drain that lets requests in flight finish, and the signal that starts a
-//! shutdown.
+//! idle timeout, a paced body, a connection cap), OpenAI-shaped answers to requests that are not
+//! HTTP, and graceful shutdown; accepted connections with TCP_NODELAY for gRPC; the drain that
+//! lets requests in flight finish, and the signal that starts a shutdown.
+
+mod paced;
+mod shaped;
+
+pub(crate) use paced::{Pace, SlowBody};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,11 +40,17 @@ pub(crate) struct ConnLimits {
     pub(crate) header_read_timeout: Duration,
     /// Connections open at once; past it new ones are closed at accept.
     pub(crate) max_connections: usize,
+    /// How each request body must keep arriving.
+    pub(crate) pace: Pace,
 }
 
 impl Default for ConnLimits {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(30), max_connections: 4096 }
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            pace: Pace { stall: Duration::from_secs(30), min_rate: 1024 },
+        }
     }
 }
 
@@ -85,7 +96,8 @@ pub(crate) fn serve_http(
                 // The client's address, as axum's `ConnectInfo` (the proxy names it in
                 // `X-Forwarded-For`).
                 req.extensions_mut().insert(ConnectInfo(peer));
-                let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+                let req = req.map(|body| axum::body::Body::new(paced::Paced::new(body, limits.pace)));
+                let answer = app.clone().oneshot(req);
                 async move {
                     let Ok(resp) = answer.await;
                     if resp.extensions().get::<DropConnection>().is_some() {
@@ -94,7 +106,9 @@ pub(crate) fn serve_http(
                     Ok(resp)
                 }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(shaped::ShapedErrors::new(tcp)), service)
+                .into_owned();
             let conn = graceful.watch(conn);
             connections.spawn(async move {
                 let _ = conn.await;

@@ -131,11 +131,22 @@ pub struct ConnectionsConfig {
     pub header_read_timeout_ms: u64,
     /// Connections open at once per listener; past it new ones are closed (default 4096).
     pub max_connections: usize,
+    /// Longest wait for the next bytes of a request body; past it the request is a 408
+    /// (default 30000).
+    pub body_read_timeout_ms: u64,
+    /// Least average rate of a request body, bytes per second, once it has taken 5 s: a body
+    /// slower than that is a 408 (default 1024; 0 turns it off).
+    pub min_body_bytes_per_s: u64,
 }
 
 impl Default for ConnectionsConfig {
     fn default() -> Self {
-        Self { header_read_timeout_ms: 30_000, max_connections: 4096 }
+        Self {
+            header_read_timeout_ms: 30_000,
+            max_connections: 4096,
+            body_read_timeout_ms: 30_000,
+            min_body_bytes_per_s: 1024,
+        }
     }
 }
 
@@ -431,10 +442,11 @@ impl Config {
                 "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
             ));
         }
-        if self.connections.header_read_timeout_ms == 0 || self.connections.max_connections == 0 {
+        let c = &self.connections;
+        if c.header_read_timeout_ms == 0 || c.max_connections == 0 || c.body_read_timeout_ms == 0 {
             return Err(invalid(
                 "connections".into(),
-                "header_read_timeout_ms and max_connections must be at least 1".into(),
+                "header_read_timeout_ms, body_read_timeout_ms and max_connections must be at least 1".into(),
             ));
         }
         if self.proxy.retry_budget_percent > 100 {

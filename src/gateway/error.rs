@@ -42,6 +42,9 @@ pub enum RouteError {
         /// `max_buffered_bytes`.
         limit: usize,
     },
+    /// The client sent its body too slowly (or stopped sending it).
+    #[error("{0}")]
+    SlowBody(String),
 }
 
 impl RouteError {
@@ -52,6 +55,7 @@ impl RouteError {
             Self::UnknownModel { .. } => 404,
             Self::Unavailable(_) | Self::Overloaded { .. } => 503,
             Self::Saturated { .. } => 429,
+            Self::SlowBody(_) => 408,
         }
     }
 
@@ -67,6 +71,7 @@ impl RouteError {
             Self::Saturated { shed: true, .. } => "shed",
             Self::Saturated { shed: false, .. } => "saturated",
             Self::Overloaded { .. } => "overloaded",
+            Self::SlowBody(_) => "request_timeout",
         }
     }
 
@@ -80,7 +85,7 @@ impl RouteError {
         let param = match self {
             Self::BadRequest(e) => e.param().map(str::to_owned),
             Self::UnknownModel { .. } => Some("model".to_owned()),
-            Self::Unavailable(_) | Self::Saturated { .. } | Self::Overloaded { .. } => None,
+            Self::Unavailable(_) | Self::Saturated { .. } | Self::Overloaded { .. } | Self::SlowBody(_) => None,
         };
         error_body(self.status(), &self.to_string(), self.code(), param.as_deref())
     }
@@ -89,7 +94,7 @@ impl RouteError {
 /// An OpenAI-shaped error body: `{"error":{"message","type","param","code"}}`.
 pub fn error_body(status: u16, message: &str, code: &str, param: Option<&str>) -> String {
     let kind = match status {
-        400 | 405 | 413 => "invalid_request_error",
+        400 | 405 | 408 | 413 | 414 | 431 => "invalid_request_error",
         404 => "not_found_error",
         429 => "rate_limit_error",
         503 => "service_unavailable",

@@ -15,7 +15,7 @@ mod demo;
 
 use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
-use crate::front::listen::{ConnLimits, drain, nodelay, serve_http, shutdown_signal, stopped};
+use crate::front::listen::{ConnLimits, Pace, drain, nodelay, serve_http, shutdown_signal, stopped};
 use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::Config;
 use crate::gateway::facade::Gateway;
@@ -96,6 +96,10 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
         max_connections: cfg.connections.max_connections,
+        pace: Pace {
+            stall: std::time::Duration::from_millis(cfg.connections.body_read_timeout_ms),
+            min_rate: cfg.connections.min_body_bytes_per_s,
+        },
     };
     let mut listeners = Vec::new();
     let listener =

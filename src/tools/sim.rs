@@ -300,8 +300,11 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
     // An idle connection is closed after the keep-alive timeout, as vLLM closes it; accepted
     // connections get TCP_NODELAY (tokens go out as small writes, which Nagle's algorithm and
     // delayed ACKs would hold back by up to 40 ms each).
-    let limits =
-        ConnLimits { header_read_timeout: Duration::from_secs_f64(args.timeout_keep_alive), max_connections: 65_536 };
+    let limits = ConnLimits {
+        header_read_timeout: Duration::from_secs_f64(args.timeout_keep_alive),
+        max_connections: 65_536,
+        ..ConnLimits::default()
+    };
     for (listener, state) in ports {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let serving = AbortOnDrop(serve_http(listener, server::app(state), "simulator", stop_rx, limits));
