@@ -165,7 +165,7 @@ mod tests {
     use super::*;
 
     fn policy(yaml: &str) -> Result<PathPolicy, (&'static str, String)> {
-        PathPolicy::new(&crate::gateway::config::parse_yaml::<PathsConfig>(yaml).expect("yaml"))
+        PathPolicy::new(&serde_saphyr::from_str::<PathsConfig>(yaml).expect("yaml"))
     }
 
     #[test]
