@@ -56,6 +56,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    return_freed_buffers();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
@@ -188,3 +189,23 @@ fn print_out(text: &str) -> ExitCode {
         _ => ExitCode::SUCCESS,
     }
 }
+
+/// glibc's malloc raises its mmap threshold each time it frees a large block (up to 32 MiB), so
+/// after a burst of large request bodies later ones are carved from heap arenas it seldom gives
+/// back: measured with `benches/memory.sh` (3 rounds of 40 concurrent 3 MB uploads), RSS at rest
+/// grew from 17 to 130 MB over the rounds. A fixed threshold keeps every block of 128 KiB or more
+/// in its own mapping, unmapped when freed: RSS at rest stays at 16–19 MB, and the peak drops from
+/// 184 to 131 MB.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn return_freed_buffers() {
+    const THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: `mallopt` only sets allocator parameters, and this runs before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_freed_buffers() {}

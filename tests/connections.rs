@@ -254,6 +254,14 @@ async fn requests_that_are_not_http_get_openai_errors() {
             "headers_too_large",
         ),
     ];
+    // The admin API's own unknown paths and wrong methods too.
+    let admin = format!("http://{}", kv.admin_addr);
+    let r = client().get(format!("{admin}/nope")).send().await.expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<serde_json::Value>().await.expect("JSON")["error"]["code"], "not_found");
+    let r = client().post(format!("{admin}/metrics")).send().await.expect("send");
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.json::<serde_json::Value>().await.expect("JSON")["error"]["code"], "method_not_allowed");
     for addr in [kv.proxy_addr.expect("proxy"), kv.admin_addr] {
         for (raw, want, code) in &cases {
             let mut conn = TcpStream::connect(addr).await.expect("connect");

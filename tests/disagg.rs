@@ -222,6 +222,14 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
         (1.0, 1.0)
     );
     assert_eq!(counters().await, (1.0, 0.0, 0.0));
+    // The sidecar's admin listener answers unknown paths and methods in OpenAI's shape.
+    let sc_admin = format!("http://{}", sc.admin_addr.expect("admin"));
+    let r = client().get(format!("{sc_admin}/nope")).send().await.expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<serde_json::Value>().await.expect("JSON")["error"]["code"], "not_found");
+    let r = client().post(format!("{sc_admin}/metrics")).send().await.expect("send");
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.json::<serde_json::Value>().await.expect("JSON")["error"]["code"], "method_not_allowed");
 
     // No header: straight to the local endpoint.
     let b = send(&url, &chat("Eta", 800, "Q?"), &[]).await;

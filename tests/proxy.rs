@@ -491,33 +491,50 @@ async fn load(proxy: &str, total: usize, concurrency: usize) -> Vec<u16> {
     all
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn errors_on_every_endpoint_do_not_empty_the_pool() {
+/// Four endpoints failing alike (`kind` at `rate`), 300 requests 10 at a time through the proxy
+/// (with `extra` config): three attempts each leave `rate`³ failing (6.4% at 0.4, 12.5% at 0.5),
+/// and `max_failed` bounds that well above; the pool must not eject its way to 503s.
+async fn fail_alike_on_every_endpoint(kind: &str, rate: f64, max_failed: usize, extra: &str) {
     let mut sims = Vec::new();
     for _ in 0..4 {
         sims.push(start_sim(&["--time-scale", "0"]).await);
     }
     let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
-    let kv = start_kvgate(&config(&addrs, "")).await;
+    let kv = start_kvgate(&config(&addrs, extra)).await;
     wait_scraped(&kv, 4).await;
     for s in &sims {
-        let f = json!({"failure_rate": 0.4, "failure_types": ["503"]});
+        let f = json!({"failure_rate": rate, "failure_types": [kind]});
         let r = client().post(format!("{}/admin/faults", s.url(0))).body(f.to_string()).send().await.expect("send");
         assert_eq!(r.status(), 200);
     }
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let statuses = load(&proxy, 300, 10).await;
     let failed = statuses.iter().filter(|s| **s != 200).count();
-    println!("{failed} of 300 requests failed");
-    // Three attempts at 40% each leave 6.4% failing; the pool must not eject its way to 503s.
-    assert!(failed <= 45, "{failed} of 300 failed: {:?}", statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>());
+    println!("{kind}: {failed} of 300 requests failed");
+    assert!(
+        failed <= max_failed,
+        "{kind}: {failed} of 300 failed: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
     let m = metrics(&format!("http://{}", kv.admin_addr)).await;
     let refused = metric(&m, "kvgate_requests_total", &[("status", "503"), ("decision", "none")]).unwrap_or(0.0);
-    assert_eq!(refused, 0.0, "no request was refused for want of a healthy endpoint");
+    assert_eq!(refused, 0.0, "{kind}: no request was refused for want of a healthy endpoint");
     let debug = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
     let healthy =
         debug["pools"][0]["endpoints"].as_array().map_or(0, |e| e.iter().filter(|e| e["healthy"] == true).count());
-    assert_eq!(healthy, 4, "errors alike on every endpoint eject none: {debug}");
+    assert_eq!(healthy, 4, "{kind}: errors alike on every endpoint eject none: {debug}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_on_every_endpoint_do_not_empty_the_pool() {
+    fail_alike_on_every_endpoint("503", 0.4, 45, "").await;
+}
+
+/// Requests an endpoint takes but never answers time out; that says it is slow, not gone, so
+/// timeouts count towards its error rate and never eject the whole pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangs_on_every_endpoint_do_not_empty_the_pool() {
+    fail_alike_on_every_endpoint("hang", 0.5, 75, "proxy: {first_byte_timeout_ms: 150}").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::front::http::refusal;
+use crate::front::http::{no_route, refusal, wrong_method};
 use crate::gateway::error::error_body;
 use crate::gateway::facade::Gateway;
 use crate::routing::request::ApiKind;
@@ -26,6 +26,8 @@ pub(crate) fn app(gateway: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/debug/endpoints", get(endpoints))
         .route("/debug/explain", post(explain))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(gateway)
 }

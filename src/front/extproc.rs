@@ -534,6 +534,35 @@ fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: 
     }))
 }
 
+/// Handles `msgs` on one stream, over a gateway whose one pool has no endpoints.
+#[cfg(fuzzing)]
+pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
+    use crate::gateway::config::Admission;
+    use crate::gateway::pool::{Pool, PoolSettings};
+    use crate::gateway::telemetry::Telemetry;
+    use crate::routing::plan::Planner;
+    use crate::routing::schedule::Scheduler;
+    thread_local! {
+        static RT: tokio::runtime::Runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    }
+    RT.with(|rt| {
+        rt.block_on(async {
+            let telemetry = Arc::new(Telemetry::new());
+            let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
+            let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone());
+            let gateway = Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry));
+            let mut stream = StreamState::new(gateway, Arc::new(ExtProcConfig::default()));
+            for m in msgs {
+                let _ = stream.handle(m);
+                if stream.done {
+                    break;
+                }
+            }
+        });
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

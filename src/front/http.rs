@@ -203,6 +203,16 @@ pub(crate) fn upstream_request(
     Ok(req)
 }
 
+/// The 404 of a listener's unknown paths, OpenAI-shaped.
+pub(crate) async fn no_route(method: Method, uri: axum::http::Uri) -> Response {
+    json_error(404, &format!("no route for {method} {}", uri.path()), "not_found")
+}
+
+/// The 405 of a known path asked with a method it does not take, OpenAI-shaped.
+pub(crate) async fn wrong_method(method: Method, uri: axum::http::Uri) -> Response {
+    json_error(405, &format!("{method} is not allowed on {}", uri.path()), "method_not_allowed")
+}
+
 /// An OpenAI-shaped error response.
 pub(crate) fn json_error(status: u16, message: &str, code: &str) -> Response {
     let s = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -227,7 +227,7 @@ async fn send(
         }
         let resp = match attempt {
             Err(_) => {
-                routed.unreachable();
+                routed.timed_out();
                 last = Failure::Timeout;
                 continue;
             }

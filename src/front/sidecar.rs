@@ -22,8 +22,8 @@ use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::front::handoff::{self, Fallback, PrefillLeg};
 use crate::front::http::{
-    PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, end_to_end, ensure_request_id, json_error, read_body,
-    refusal, relay, upstream_client, upstream_request,
+    PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, end_to_end, ensure_request_id, json_error, no_route,
+    read_body, refusal, relay, upstream_client, upstream_request, wrong_method,
 };
 use crate::front::listen::{ConnLimits, drain, serve_http, shutdown_signal};
 use crate::gateway::budget::BodyBudget;
@@ -194,17 +194,21 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
             .map_err(|e| anyhow::anyhow!("binding the admin listener {a}: {e}"))?;
         admin_addr = Some(l.local_addr()?);
         let st = state.clone();
-        let admin = Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
-            "/metrics",
-            axum::routing::get(move || {
-                let st = st.clone();
-                async move {
-                    let mut buf = Vec::new();
-                    let _ = TextEncoder::new().encode(&st.counters.registry.gather(), &mut buf);
-                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
-                }
-            }),
-        );
+        let admin = Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let st = st.clone();
+                    async move {
+                        let mut buf = Vec::new();
+                        let _ = TextEncoder::new().encode(&st.counters.registry.gather(), &mut buf);
+                        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+                    }
+                }),
+            )
+            .fallback(no_route)
+            .method_not_allowed_fallback(wrong_method);
         tasks.push(serve_http(l, admin, "sidecar admin", stopped.clone(), ConnLimits::default()));
     }
     Ok(Running { addr, admin_addr, stop, tasks })

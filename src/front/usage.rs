@@ -101,6 +101,19 @@ impl UsageReader {
     }
 }
 
+/// Feeds `data` to a reader in pieces: byte 0 picks SSE or JSON, byte 1 the piece size.
+#[cfg(fuzzing)]
+pub(crate) fn fuzz(data: &[u8]) {
+    let (Some(&mode), Some(&size)) = (data.first(), data.get(1)) else { return };
+    let mut r = UsageReader::new(mode & 1 == 1);
+    for piece in data[2..].chunks(usize::from(size).max(1)) {
+        r.feed(piece);
+        assert!(r.pending.len() <= MAX_USAGE_BODY + piece.len(), "the reader holds more than its bound");
+    }
+    r.finish();
+    assert!(r.pending.is_empty(), "finish leaves nothing held");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

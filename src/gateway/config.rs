@@ -154,8 +154,9 @@ impl Default for ConnectionsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
-    /// Consecutive failures to reach an endpoint (scrapes, connects, timeouts) that take it out
-    /// of rotation (default 3). 5xx answers never do by themselves: see `max_ejection_percent`.
+    /// Consecutive failures to reach an endpoint (scrapes, connects) that take it out of
+    /// rotation (default 3). 5xx answers and requests that time out waiting for an answer never
+    /// do by themselves: they count towards its error rate (see `max_ejection_percent`).
     pub failure_threshold: u32,
     /// An endpoint whose error rate is well above its pool's is ejected, but no more than this
     /// percentage of the pool is ever out of rotation that way (default 50: in the 2–8 endpoint

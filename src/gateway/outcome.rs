@@ -126,9 +126,14 @@ impl Routed {
         }
     }
 
-    /// The current target could not be reached or did not answer in time.
+    /// The current target could not be reached.
     pub fn unreachable(&self) {
         self.pool.report(self.target().id, Outcome::Unreachable);
+    }
+
+    /// The current target took the request but sent no answer in time.
+    pub fn timed_out(&self) {
+        self.pool.report(self.target().id, Outcome::TimedOut);
     }
 
     /// The current target's response started with `status` (5xx count towards its error rate

@@ -321,11 +321,16 @@ impl Pool {
         let before = st.members[k].health.state(now);
         match outcome {
             Outcome::Unreachable => st.members[k].health.unreachable(now, s),
-            Outcome::Answered(status) => {
+            Outcome::Answered(_) | Outcome::TimedOut => {
                 let m = &mut st.members[k];
-                let queued = m.metrics.as_ref().is_some_and(|x| x.waiting > 0);
-                let error = status >= 500 && !(status == 503 && queued);
-                m.health.answered(now);
+                let error = match outcome {
+                    Outcome::Answered(status) => {
+                        m.health.answered(now);
+                        let queued = m.metrics.as_ref().is_some_and(|x| x.waiting > 0);
+                        status >= 500 && !(status == 503 && queued)
+                    }
+                    _ => true,
+                };
                 m.health.record(error);
                 if error && is_outlier(&st.members, k, s.max_ejection_percent) {
                     st.members[k].health.eject(Ejected::Outlier, now, s);
@@ -488,8 +493,11 @@ impl Inner {
 pub enum Outcome {
     /// The endpoint answered with this status.
     Answered(u16),
-    /// It could not be reached, or did not answer in time.
+    /// It could not be reached (or its connection broke before an answer).
     Unreachable,
+    /// It took the request but did not answer in time: an error for its error rate — the
+    /// endpoint is there, and a slow one is no reason to eject a pool's worth of endpoints.
+    TimedOut,
 }
 
 /// Outcomes an endpoint needs in its window before its error rate counts.

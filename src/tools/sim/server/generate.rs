@@ -2,6 +2,7 @@
 //! an engine (the one named by `X-data-parallel-rank`, else the least loaded), and its tokens
 //! relayed as SSE events or one JSON body; a dropped response is an abort.
 
+use futures_util::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -297,6 +298,9 @@ pub(super) fn stream_response(
         }
         if s.abort_after.is_some_and(|n| s.sent >= n.max(1)) {
             s.finished = true;
+            // A pause first, so what was sent is flushed to the client before the connection
+            // breaks: the client sees a response cut part-way, not a connection closed unanswered.
+            tokio::time::sleep(Duration::from_millis(2)).await;
             return Some((Err(std::io::Error::other("injected abort")), s));
         }
         match s.rx.recv().await {
@@ -348,14 +352,19 @@ pub(super) async fn collect_response(
                 if let Some(d) = done {
                     let body = reply.full(&text, &d).to_string();
                     if abort_after.is_some() {
-                        // Send half the body, then break the connection.
+                        // Send the head and half the body (flushed, with a pause before the
+                        // break), then break the connection.
                         let body = Bytes::from(body.into_bytes());
                         let half = body.slice(..body.len() / 2);
-                        let parts: Vec<Result<Bytes, std::io::Error>> =
-                            vec![Ok(half), Err(std::io::Error::other("injected abort"))];
+                        let broken = async {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            Err(std::io::Error::other("injected abort"))
+                        };
+                        let parts = futures_util::stream::iter([Ok::<_, std::io::Error>(half)])
+                            .chain(futures_util::stream::once(broken));
                         return Ok(Response::builder()
                             .header(header::CONTENT_TYPE, "application/json")
-                            .body(Body::from_stream(futures_util::stream::iter(parts)))
+                            .body(Body::from_stream(parts))
                             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()));
                     }
                     return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
