@@ -19,7 +19,7 @@ pub mod tools;
 /// Entry points of the coverage-guided fuzz targets in `fuzz/`, one per parser of untrusted
 /// bytes; built only with `--cfg fuzzing`, as `cargo fuzz` builds. Each must return, whatever
 /// the bytes: a panic is a finding.
-#[cfg(fuzzing)]
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing {
     /// A request body, parsed as each API kvgate parses (the first byte picks the size limit).
@@ -57,5 +57,37 @@ pub mod fuzzing {
     /// A sequence of ext_proc messages (decoded from the fuzzer's bytes) on one stream.
     pub fn extproc(msgs: Vec<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest>) {
         crate::front::extproc::fuzz(msgs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fuzz targets' entry points take seed inputs of every kind (so a change that breaks
+    /// them shows here, not only in a fuzzing run).
+    #[test]
+    fn fuzz_entry_points_take_seed_inputs() {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+        use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+        use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
+        let chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        for seed in [&chat[..], b"", b"{", b"\xff\xfe", br#"{"model":"m","prompt":[1,2,3]}"#] {
+            super::fuzzing::request(seed);
+            super::fuzzing::usage(&[1, 3].iter().chain(seed).copied().collect::<Vec<u8>>());
+            super::fuzzing::metrics(seed);
+            super::fuzzing::config(seed);
+        }
+        super::fuzzing::metrics(b"vllm:num_requests_running{model_name=\"m\"} 1\n");
+        super::fuzzing::config(b"pools: [{name: p, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]\n");
+        let header =
+            |k: &str, v: &str| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() };
+        let headers = HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![header(":method", "POST"), header(":path", "/v1/chat/completions")],
+            }),
+            ..Default::default()
+        };
+        let body = HttpBody { body: chat.to_vec(), end_of_stream: true, ..Default::default() };
+        let msg = |r: Request| ProcessingRequest { request: Some(r), ..Default::default() };
+        super::fuzzing::extproc(vec![msg(Request::RequestHeaders(headers)), msg(Request::RequestBody(body))]);
     }
 }

@@ -534,8 +534,9 @@ fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: 
     }))
 }
 
-/// Handles `msgs` on one stream, over a gateway whose one pool has no endpoints.
-#[cfg(fuzzing)]
+/// Handles `msgs` on one stream, over a gateway whose one pool has no endpoints (one gateway
+/// per thread, made once: each stream is new, as each request's is).
+#[cfg(any(fuzzing, test))]
 pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
     use crate::gateway::config::Admission;
     use crate::gateway::pool::{Pool, PoolSettings};
@@ -545,13 +546,20 @@ pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
     thread_local! {
         static RT: tokio::runtime::Runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        static GATEWAY: std::cell::OnceCell<Arc<Gateway>> = const { std::cell::OnceCell::new() };
     }
     RT.with(|rt| {
         rt.block_on(async {
-            let telemetry = Arc::new(Telemetry::new());
-            let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
-            let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone());
-            let gateway = Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry));
+            let gateway = GATEWAY.with(|g| {
+                g.get_or_init(|| {
+                    let telemetry = Arc::new(Telemetry::new());
+                    let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
+                    let settings = PoolSettings::default();
+                    let pool = Pool::new("p".into(), planner, Admission::default(), settings, telemetry.clone());
+                    Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry))
+                })
+                .clone()
+            });
             let mut stream = StreamState::new(gateway, Arc::new(ExtProcConfig::default()));
             for m in msgs {
                 let _ = stream.handle(m);

@@ -102,7 +102,7 @@ impl UsageReader {
 }
 
 /// Feeds `data` to a reader in pieces: byte 0 picks SSE or JSON, byte 1 the piece size.
-#[cfg(fuzzing)]
+#[cfg(any(fuzzing, test))]
 pub(crate) fn fuzz(data: &[u8]) {
     let (Some(&mode), Some(&size)) = (data.first(), data.get(1)) else { return };
     let mut r = UsageReader::new(mode & 1 == 1);
