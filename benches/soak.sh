@@ -45,20 +45,21 @@ faults() { # k json
 clear_all() {
   for k in 0 1 2 3; do faults "$k" '{"failure_rate": 0, "paused": false}'; done
 }
-# What window w brings (applied 5 s into it), and what ends it.
+# What window w brings (applied 5 s into it; it ends with the window), named in $what. It runs
+# in this shell, not a subshell, so the replicas it restarts are this shell's to stop at exit.
 trouble() {
   case $(($1 % 10)) in
-    0) echo "none" ;;
-    1) faults 0 '{"failure_rate": 0.3, "failure_types": ["503"]}'; echo "replica 0: 30% 503" ;;
-    2) faults 1 '{"failure_rate": 0.2, "failure_types": ["abort"]}'; echo "replica 1: 20% aborted mid-stream" ;;
-    3) kill "${sim_pids[2]}"; echo "replica 2 killed (restarted at the window's end)" ;;
-    4) faults 3 '{"failure_rate": 0.2, "failure_types": ["hang"]}'; echo "replica 3: 20% hang" ;;
-    5) echo "none" ;;
+    0) what="none" ;;
+    1) faults 0 '{"failure_rate": 0.3, "failure_types": ["503"]}'; what="replica 0: 30% 503" ;;
+    2) faults 1 '{"failure_rate": 0.2, "failure_types": ["abort"]}'; what="replica 1: 20% aborted mid-stream" ;;
+    3) kill "${sim_pids[2]}"; what="replica 2 killed (back at the window's end)" ;;
+    4) faults 3 '{"failure_rate": 0.2, "failure_types": ["hang"]}'; what="replica 3: 20% hang" ;;
+    5) what="none" ;;
     6) for k in 0 1 2 3; do faults "$k" '{"failure_rate": 0.2, "failure_types": ["503", "500"]}'; done
-       echo "every replica: 20% 5xx" ;;
-    7) kill "${sim_pids[0]}"; sleep 2; start_sim 0; echo "replica 0 restarted" ;;
-    8) faults 1 '{"paused": true}'; echo "replica 1 paused" ;;
-    9) echo "none" ;;
+       what="every replica: 20% 5xx" ;;
+    7) kill "${sim_pids[0]}"; sleep 2; start_sim 0; what="replica 0 killed, restarted 2 s later" ;;
+    8) faults 1 '{"paused": true}'; what="replica 1 paused" ;;
+    9) what="none" ;;
   esac
 }
 sample() { # prints "rss_mb fds in_flight"
@@ -78,7 +79,7 @@ for w in $(seq 0 $((windows - 1))); do
     --seed "$w" --output "$dir/w$w.json" >/dev/null 2>&1 &
   load=$!
   sleep 5
-  what=$(trouble "$w")
+  trouble "$w"
   wait "$load" || true
   read -r rss fds inflight < <(sample)
   python3 - "$dir/w$w.json" "$w" "$what" "$rss" "$fds" "$inflight" <<'PY'

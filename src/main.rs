@@ -56,11 +56,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    return_freed_buffers();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve(args) => {
+            return_freed_buffers();
             init_logging();
             run_async(kvgate::tools::serve::run(args))
         }
@@ -92,6 +92,7 @@ fn main() -> ExitCode {
             run_async(kvgate::tools::sim::run(*args))
         }
         Command::Sidecar(args) => {
+            return_freed_buffers();
             init_logging();
             run_async(kvgate::front::sidecar::run(args))
         }
@@ -193,13 +194,15 @@ fn print_out(text: &str) -> ExitCode {
 /// glibc's malloc raises its mmap threshold each time it frees a large block (up to 32 MiB), so
 /// after a burst of large request bodies later ones are carved from heap arenas it seldom gives
 /// back: measured with `benches/memory.sh` (3 rounds of 40 concurrent 3 MB uploads), RSS at rest
-/// grew from 17 to 130 MB over the rounds. A fixed threshold keeps every block of 128 KiB or more
-/// in its own mapping, unmapped when freed: RSS at rest stays at 16–19 MB, and the peak drops from
-/// 184 to 131 MB.
+/// grew from 17 to 32 to 130 MB over the rounds, peaking at 184 MB. A fixed 1 MiB threshold keeps
+/// every block that large in its own mapping, unmapped when freed: RSS at rest stays at 29–34 MB
+/// and peaks at 157 MB. (128 KiB gave 17–19 MB, but mapping every 220 KB chat body's buffers
+/// afresh cost about 1.5 ms a request in page faults.) For `serve` and `sidecar` only: the
+/// simulator and the load generator keep glibc's defaults.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn return_freed_buffers() {
-    const THRESHOLD: libc::c_int = 128 * 1024;
+    const THRESHOLD: libc::c_int = 1 << 20;
     // SAFETY: `mallopt` only sets allocator parameters, and this runs before any other thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
