@@ -14,22 +14,12 @@ n=${1:-200}
 out=${2:-$dir/faults.tsv}
 
 sims=()
-eps=()
 for k in 0 1 2 3; do
   p=$(port)
   "$bin" sim --port "$p" --time-scale 0 --served-model-name m --seed "$k" >/dev/null 2>&1 &
   sims+=("$p")
-  eps+=("{address: '127.0.0.1:$p'}")
 done
-proxy=$(port)
-admin=$(port)
-cat >"$dir/kvgate.yaml" <<EOF
-grpc_addr: 127.0.0.1:0
-admin_addr: 127.0.0.1:$admin
-proxy_addr: 127.0.0.1:$proxy
-proxy: {first_byte_timeout_ms: 300}
-pools: [{name: p, models: [m], endpoints: [$(IFS=,; echo "${eps[*]}")]}]
-EOF
+proxy_config "proxy: {first_byte_timeout_ms: 300}" "${sims[@]}"
 # A new kvgate for each cell, so no cell inherits another's ejections (a flapping endpoint is
 # held out for up to 30 s).
 kv=

@@ -13,18 +13,10 @@ rounds=${3:-3}
 
 sim=$(port)
 "$bin" sim --port "$sim" --time-scale 0 --served-model-name m --max-model-len 100000000 >/dev/null 2>&1 &
-proxy=$(port)
-admin=$(port)
-cat >"$dir/kvgate.yaml" <<EOF
-grpc_addr: 127.0.0.1:0
-admin_addr: 127.0.0.1:$admin
-proxy_addr: 127.0.0.1:$proxy
-max_body_bytes: 67108864
-pools: [{name: p, models: [m], endpoints: [{address: '127.0.0.1:$sim'}]}]
-EOF
+proxy_config "max_body_bytes: 67108864" "$sim"
 "$bin" serve --config "$dir/kvgate.yaml" >"$dir/kvgate.log" 2>&1 &
 kv=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+wait_ready
 python3 - "$kv" "$proxy" "$clients" "$size_mb" "$rounds" <<'PY'
 import socket, sys, threading, time
 pid, port, clients, size_mb, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])

@@ -20,24 +20,14 @@ start_sim() { # k
     --max-num-seqs 64 >/dev/null 2>&1 &
   sim_pids[$1]=$!
 }
-eps=()
 for k in 0 1 2 3; do
   sim_ports[$k]=$(port)
   start_sim "$k"
-  eps+=("{address: '127.0.0.1:${sim_ports[$k]}'}")
 done
-proxy=$(port)
-admin=$(port)
-cat >"$dir/kvgate.yaml" <<EOF
-grpc_addr: 127.0.0.1:0
-admin_addr: 127.0.0.1:$admin
-proxy_addr: 127.0.0.1:$proxy
-proxy: {first_byte_timeout_ms: 5000}
-pools: [{name: p, models: [m], endpoints: [$(IFS=,; echo "${eps[*]}")]}]
-EOF
+proxy_config "proxy: {first_byte_timeout_ms: 5000}" "${sim_ports[@]}"
 "$bin" serve --config "$dir/kvgate.yaml" >"$dir/kvgate.log" 2>&1 &
 kv=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+wait_ready
 
 faults() { # k json
   curl -sf "http://127.0.0.1:${sim_ports[$1]}/admin/faults" -d "$2" >/dev/null || true
