@@ -450,6 +450,13 @@ impl Config {
                 "header_read_timeout_ms, body_read_timeout_ms and max_connections must be at least 1".into(),
             ));
         }
+        const DAY_MS: u64 = 86_400_000;
+        if c.header_read_timeout_ms > DAY_MS || c.body_read_timeout_ms > DAY_MS {
+            return Err(invalid(
+                "connections".into(),
+                format!("header_read_timeout_ms and body_read_timeout_ms are at most a day ({DAY_MS})"),
+            ));
+        }
         if self.proxy.retry_budget_percent > 100 {
             return Err(invalid("proxy.retry_budget_percent".into(), "a percentage: 0 to 100".into()));
         }
@@ -593,6 +600,14 @@ mod tests {
         check_config(
             "proxy: {prefill_timeout_ms: 0}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
             Err(("proxy", "prefill_timeout_ms")),
+        );
+        check_config(
+            "connections: {body_read_timeout_ms: 18446744073709551615}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
+            Err(("connections", "at most a day")),
+        );
+        check_config(
+            "paths: {model: [tokenize]}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
+            Err(("paths.model", "start with `/`")),
         );
         check_config("pools: [{name: a, models: [m]}]", Err(("pools[0].endpoints", "needs `endpoints`")));
         check_config(

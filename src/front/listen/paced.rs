@@ -69,17 +69,23 @@ impl<B> Paced<B> {
     /// The next bytes are due by the stall timeout, and by the time the rate would fall under
     /// the minimum.
     fn rearm(&mut self, now: Instant) {
-        let mut due = now + self.pace.stall;
+        // A day stands in for "never" when a bound would overflow the clock.
+        let later = |from: Instant, by: Duration| from.checked_add(by).unwrap_or(now + Duration::from_secs(86_400));
+        let mut due = later(now, self.pace.stall);
         if self.pace.min_rate > 0 {
-            let earned = Duration::from_secs_f64(self.received as f64 / self.pace.min_rate as f64);
-            due = due.min(self.started + GRACE.max(earned));
+            let earned =
+                Duration::try_from_secs_f64(self.received as f64 / self.pace.min_rate as f64).unwrap_or(Duration::MAX);
+            due = due.min(later(self.started, GRACE.max(earned)));
         }
         self.deadline.as_mut().reset(due.max(now));
     }
 
     fn verdict(&self, now: Instant) -> SlowBody {
         let elapsed = now - self.started;
-        if self.pace.min_rate > 0 && elapsed >= GRACE && self.received < self.pace.min_rate * elapsed.as_secs() {
+        if self.pace.min_rate > 0
+            && elapsed >= GRACE
+            && self.received < self.pace.min_rate.saturating_mul(elapsed.as_secs())
+        {
             SlowBody::TooSlow { received: self.received, elapsed, min_rate: self.pace.min_rate }
         } else {
             SlowBody::Stalled(self.pace.stall)
