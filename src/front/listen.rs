@@ -28,7 +28,7 @@ pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
 
 /// A response extension asking the listener to close the connection without sending the
 /// response — what a client sees when a server closes a kept-alive connection as its request
-/// arrives.
+/// arrives. (On HTTP/2 only the stream is reset; the simulator, which uses it, speaks HTTP/1.)
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DropConnection;
 

@@ -119,6 +119,35 @@ async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
     }
 }
 
+/// Whether an upstream error is a connection that closed or reset before any answer — not a
+/// refused connect, and not an answer that could not be parsed.
+fn connection_broke(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return true;
+            }
+            if h.is_parse() || h.is_user() {
+                return false;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// An error with its causes, `: `-separated (hyper's own message is only its outermost kind).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -214,16 +243,24 @@ async fn send(
             return json_error(500, "could not build the upstream request", "internal_error");
         };
         let first_byte = Duration::from_millis(st.cfg.first_byte_timeout_ms);
+        let sent = std::time::Instant::now();
         let mut attempt = tokio::time::timeout(first_byte, st.client.request(req)).await;
-        // A connection that broke under the request before any answer (a kept-alive one the
-        // endpoint closed as the request went out, say) says nothing of the endpoint: the
-        // request goes again, once, on a new connection.
+        // A connection closed or reset under the request before any answer (a kept-alive one
+        // the endpoint closed as the request went out, say) says nothing of the endpoint: the
+        // request goes again, once, on a new connection, within the same first-byte time and as
+        // a retry under the budget. (A request that never left a reused connection is resent by
+        // the client itself; a malformed answer is not resent.)
         if let Ok(Err(e)) = &attempt
-            && !e.is_connect()
-            && let Ok(req) = request()
+            && connection_broke(e)
         {
-            tracing::debug!(endpoint = %target.address, error = %e, "connection broke before an answer; resending on a new one");
-            attempt = tokio::time::timeout(first_byte, st.fresh.request(req)).await;
+            let permit = retry_permit.take().or_else(|| st.retry_permit());
+            if let (Some(permit), Ok(req)) = (permit, request()) {
+                tracing::debug!(endpoint = %target.address, error = %error_chain(e), "connection broke before an answer; resending on a new one");
+                routed.retry(true);
+                retry_permit = Some(permit);
+                let left = first_byte.saturating_sub(sent.elapsed());
+                attempt = tokio::time::timeout(left, st.fresh.request(req)).await;
+            }
         }
         let resp = match attempt {
             Err(_) => {

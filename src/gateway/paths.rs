@@ -89,18 +89,28 @@ impl Pattern {
     fn matches(&self, path: &str) -> bool {
         match self {
             Self::Exact(p) => p == path,
-            Self::Prefix(p) => path.starts_with(p.as_str()),
+            // `/p/*` covers `/p` itself too.
+            Self::Prefix(p) => path.starts_with(p.as_str()) || p.strip_suffix('/') == Some(path),
         }
     }
 }
 
-/// `path` without its query string and trailing `/` (`/` itself stays).
+/// `path` without its query string and trailing `/`s (`/` itself stays).
 fn normal(path: &str) -> &str {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
-    match path.strip_suffix('/') {
-        Some(p) if !p.is_empty() => p,
-        _ => path,
+    match path.trim_end_matches('/') {
+        "" if path.starts_with('/') => "/",
+        p => p,
     }
+}
+
+/// A path that a model server could read as another one than it spells: percent-encoding,
+/// empty, `.` or `..` segments, `;` parameters, a backslash. Such a path is refused rather
+/// than matched, so no spelling of a refused path gets through.
+fn ambiguous(path: &str) -> bool {
+    !path.starts_with('/')
+        || path.contains(['%', ';', '\\'])
+        || path.split('/').skip(1).any(|seg| seg.is_empty() || seg == "." || seg == "..")
 }
 
 /// The compiled policy.
@@ -141,7 +151,7 @@ impl PathPolicy {
     /// The ask of `method` on `path`.
     pub fn ask(&self, method: &str, path: &str) -> Ask {
         let path = normal(path);
-        if self.refuse.iter().any(|p| p.matches(path)) {
+        if ambiguous(path) || self.refuse.iter().any(|p| p.matches(path)) {
             return Ask::NotFound;
         }
         if path == "/v1/models" {
@@ -192,6 +202,23 @@ mod tests {
         assert_eq!(p.ask("POST", "/v1/load_lora_adapter"), Ask::Route(Place::Model));
         assert_eq!(p.ask("POST", "/v1/audio/transcriptions"), Ask::Route(Place::Model));
         assert_eq!(p.ask("POST", "/v1/audio/secret"), Ask::NotFound);
+        // No other spelling of a refused path gets through.
+        for spelling in [
+            "/v1/audio/%73ecret",
+            "/v1/audio/secret//",
+            "/v1/audio//secret",
+            "/v1/audio/./secret",
+            "/v1/audio/x/../secret",
+            "/v1/audio/secret;x",
+            "/v1/audio\\secret",
+            "v1/audio/secret",
+        ] {
+            assert_eq!(p.ask("POST", spelling), Ask::NotFound, "{spelling}");
+        }
+        assert_eq!(p.ask("POST", "/v1/audio/translations///"), Ask::Route(Place::Model));
+        let q = policy("model: ['/v1/x/*']\nrefuse: ['/v1/x/admin/*']").expect("valid");
+        assert_eq!(q.ask("POST", "/v1/x"), Ask::Route(Place::Model), "a prefix covers its own folder");
+        assert_eq!(q.ask("POST", "/v1/x/admin"), Ask::NotFound);
         assert_eq!(p.ask("POST", "/v1/embeddings"), Ask::NotFound);
         // Listing `model` replaced the default list.
         assert_eq!(p.ask("POST", "/tokenize"), Ask::NotFound);

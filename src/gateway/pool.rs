@@ -327,12 +327,17 @@ impl Pool {
                     Outcome::Answered(status) => {
                         m.health.answered(now);
                         let queued = m.metrics.as_ref().is_some_and(|x| x.waiting > 0);
-                        status >= 500 && !(status == 503 && queued)
+                        let error = status >= 500 && !(status == 503 && queued);
+                        m.health.record(error);
+                        error
                     }
-                    _ => true,
+                    _ => {
+                        m.health.timed_out(now, s);
+                        true
+                    }
                 };
-                m.health.record(error);
-                if error && is_outlier(&st.members, k, s.max_ejection_percent) {
+                if error && m.health.state(now) == Health::Healthy && is_outlier(&st.members, k, s.max_ejection_percent)
+                {
                     st.members[k].health.eject(Ejected::Outlier, now, s);
                     tracing::warn!(pool = inner.name.as_str(), endpoint = %st.members[k].addr, "endpoint ejected: its error rate is well above the pool's");
                 }

@@ -84,7 +84,8 @@ impl<B> Paced<B> {
         let elapsed = now - self.started;
         if self.pace.min_rate > 0
             && elapsed >= GRACE
-            && self.received < self.pace.min_rate.saturating_mul(elapsed.as_secs())
+            // Slightly under the rate: the deadline fell when the body had earned just this much.
+            && (self.received as f64) < self.pace.min_rate as f64 * elapsed.as_secs_f64() * 0.999
         {
             SlowBody::TooSlow { received: self.received, elapsed, min_rate: self.pace.min_rate }
         } else {

@@ -60,11 +60,14 @@ pub(crate) struct ShapedErrors<T> {
     /// A shaped answer still to be written, and how much of it is.
     pending: Vec<u8>,
     at: usize,
+    /// Bytes were read since the last write: an automatic answer follows a request head just
+    /// read, so only then is a write taken for one (never mid-response, whatever a body holds).
+    read_since_write: bool,
 }
 
 impl<T> ShapedErrors<T> {
     pub(crate) fn new(inner: T) -> Self {
-        Self { inner, pending: Vec::new(), at: 0 }
+        Self { inner, pending: Vec::new(), at: 0, read_since_write: false }
     }
 }
 
@@ -85,6 +88,9 @@ impl<T: AsyncWrite + Unpin> ShapedErrors<T> {
 
     /// Takes `buf` as written, to be sent shaped, if it is an automatic answer.
     fn take_shaped(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<io::Result<usize>> {
+        if !std::mem::take(&mut self.read_since_write) {
+            return None;
+        }
         let shaped = reshape(buf)?;
         self.pending = shaped;
         self.at = 0;
@@ -98,7 +104,13 @@ impl<T: AsyncWrite + Unpin> ShapedErrors<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for ShapedErrors<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut me.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            me.read_since_write = true;
+        }
+        read
     }
 }
 

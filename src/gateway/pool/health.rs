@@ -70,7 +70,16 @@ impl HealthState {
         self.down_until.is_some()
     }
 
-    /// The endpoint could not be reached (or did not answer in time).
+    /// The endpoint took a request but did not answer it in time: an error for its error rate;
+    /// while it is being probed, a failed probe (out again for as long as before).
+    pub(super) fn timed_out(&mut self, now: u64, s: &PoolSettings) {
+        self.record(true);
+        if self.state(now) == Health::Probing {
+            self.down_until = Some(now + self.ejection_ms(s));
+        }
+    }
+
+    /// The endpoint could not be reached.
     pub(super) fn unreachable(&mut self, now: u64, s: &PoolSettings) {
         self.unreachable += 1;
         match self.state(now) {
@@ -157,8 +166,17 @@ mod tests {
             assert_eq!(h.state(t + 99), Health::Unhealthy);
             assert_eq!(h.state(t + 100), Health::Probing, "probe at {t}");
         }
-        h.answered(530);
-        assert_eq!((h.state(530), h.reason), (Health::Healthy, None));
+        // A request that times out while it is being probed is a failed probe too.
+        h.timed_out(525, &s);
+        assert_eq!(h.state(525), Health::Unhealthy, "a probe that timed out");
+        assert_eq!(h.state(625), Health::Probing);
+        h.answered(630);
+        assert_eq!((h.state(630), h.reason), (Health::Healthy, None));
+        // Healthy, a timeout is one error for the error rate, not a step towards ejection.
+        for t in 0..5 {
+            h.timed_out(700 + t, &s);
+        }
+        assert_eq!((h.state(710), h.error_counts()), (Health::Healthy, (5, 5)));
     }
 
     #[test]
