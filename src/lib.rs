@@ -26,7 +26,7 @@ pub mod fuzzing {
     pub fn request(data: &[u8]) {
         use crate::routing::request::{ApiKind, parse};
         let limit = if data.first().is_some_and(|b| b & 1 == 1) { 64 } else { 1 << 20 };
-        for api in [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings] {
+        for api in ApiKind::ALL {
             let _ = parse(api, data, limit);
         }
         let _ = crate::routing::request::model_of(data);

@@ -44,10 +44,10 @@ use crate::front::http::{
 use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
-use crate::gateway::error::{RouteError, error_body};
+use crate::gateway::error::RouteError;
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
-use crate::gateway::paths::{Ask, Place};
+use crate::gateway::paths::{Ask, PathRefusal, Place};
 use crate::routing::request::RequestError;
 use crate::routing::schedule::{NoDecision, Subset};
 
@@ -305,15 +305,11 @@ impl StreamState {
             }
             Ask::MethodNotAllowed(allow) => {
                 self.done = true;
-                let path = self.path.split('?').next().unwrap_or("");
-                let msg = format!("{} is not allowed on {path}; use {allow}", self.method);
-                let body = error_body(405, &msg, "method_not_allowed", None);
-                return vec![immediate_json(405, body, &[("allow", allow)], "method_not_allowed")];
+                return vec![refused_path(&PathRefusal::method_not_allowed(&self.method, &self.path, Some(allow)))];
             }
             Ask::NotFound => {
                 self.done = true;
-                let msg = format!("no route for {} {}", self.method, self.path.split('?').next().unwrap_or(""));
-                return vec![immediate_json(404, error_body(404, &msg, "not_found", None), &[], "not_found")];
+                return vec![refused_path(&PathRefusal::not_found(&self.method, &self.path))];
             }
         }
         if h.end_of_stream {
@@ -351,7 +347,7 @@ impl StreamState {
             Ok(subset) => match self.place {
                 Some(place) => self.gateway.route(place, &self.body, subset.as_ref(), want),
                 // Bodies before headers: nothing is known of the request.
-                None => Err(RouteError::BadRequest(crate::routing::request::RequestError::MissingModel)),
+                None => Err(RouteError::BadRequest(RequestError::MissingModel)),
             },
             Err(e) => {
                 self.gateway.refused(&e);
@@ -520,6 +516,12 @@ fn immediate(e: &RouteError) -> ProcessingResponse {
     immediate_json(e.status(), e.to_json(), &extra, e.code())
 }
 
+/// A refused path as an `ImmediateResponse`, as the proxy answers it.
+fn refused_path(r: &PathRefusal) -> ProcessingResponse {
+    let allow: Vec<(&str, &str)> = r.allow.map(|a| ("allow", a)).into_iter().collect();
+    immediate_json(r.status, r.body(), &allow, r.code)
+}
+
 /// An `ImmediateResponse` with a JSON body, `headers` besides its content type, and `details`
 /// for Envoy's access log.
 fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: &str) -> ProcessingResponse {
@@ -534,15 +536,25 @@ fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: 
     }))
 }
 
-/// Handles `msgs` on one stream, over a gateway whose one pool has no endpoints (one gateway
-/// per thread, made once: each stream is new, as each request's is).
+/// A gateway with one pool of no endpoints: enough for the stream handling to run every path
+/// (refusals included) on untrusted messages.
 #[cfg(any(fuzzing, test))]
-pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
+fn endpointless_gateway() -> Arc<Gateway> {
     use crate::gateway::config::Admission;
     use crate::gateway::pool::{Pool, PoolSettings};
     use crate::gateway::telemetry::Telemetry;
     use crate::routing::plan::Planner;
     use crate::routing::schedule::Scheduler;
+    let telemetry = Arc::new(Telemetry::new());
+    let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
+    let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone());
+    Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry))
+}
+
+/// Handles `msgs` on one stream, over an endpoint-less gateway (one per thread, made once: each
+/// stream is new, as each request's is).
+#[cfg(any(fuzzing, test))]
+pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
     thread_local! {
         static RT: tokio::runtime::Runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
@@ -550,16 +562,7 @@ pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
     }
     RT.with(|rt| {
         rt.block_on(async {
-            let gateway = GATEWAY.with(|g| {
-                g.get_or_init(|| {
-                    let telemetry = Arc::new(Telemetry::new());
-                    let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
-                    let settings = PoolSettings::default();
-                    let pool = Pool::new("p".into(), planner, Admission::default(), settings, telemetry.clone());
-                    Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry))
-                })
-                .clone()
-            });
+            let gateway = GATEWAY.with(|g| g.get_or_init(endpointless_gateway).clone());
             let mut stream = StreamState::new(gateway, Arc::new(ExtProcConfig::default()));
             for m in msgs {
                 let _ = stream.handle(m);
@@ -572,155 +575,4 @@ pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
-    /// Metadata fields as a map.
-    fn struct_fields(s: &Struct) -> BTreeMap<String, String> {
-        s.fields
-            .iter()
-            .map(|(k, v)| {
-                let text = match &v.kind {
-                    Some(Kind::StringValue(x)) => x.clone(),
-                    Some(Kind::StructValue(inner)) => format!("{:?}", struct_fields(inner)),
-                    other => format!("{other:?}"),
-                };
-                (k.clone(), text)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn bodies_go_back_in_bounded_chunks() {
-        let chunks = body_chunks(vec![7u8; 2 * CHUNK + 5]);
-        let sizes: Vec<(usize, bool)> = chunks
-            .iter()
-            .map(|c| match &c.response {
-                Some(Resp::RequestBody(BodyResponse {
-                    response: Some(CommonResponse { body_mutation: Some(m), .. }),
-                })) => match &m.mutation {
-                    Some(Mutation::StreamedResponse(s)) => (s.body.len(), s.end_of_stream),
-                    _ => (0, false),
-                },
-                _ => (0, false),
-            })
-            .collect();
-        assert_eq!(sizes, [(CHUNK, false), (CHUNK, false), (5, true)]);
-        assert_eq!(body_chunks(Vec::new()).len(), 1);
-    }
-
-    #[test]
-    fn metadata_lists_and_comma_strings() {
-        let list = Value {
-            kind: Some(Kind::ListValue(envoy_types::pb::google::protobuf::ListValue {
-                values: vec![string_value("10.0.0.1:8000"), string_value("10.0.0.2")],
-            })),
-        };
-        assert_eq!(metadata_strings(&list), ["10.0.0.1:8000", "10.0.0.2"]);
-        assert_eq!(metadata_strings(&string_value("a:1, b:2")), ["a:1", "b:2"]);
-        let m = lb_metadata("10.0.0.1:8000");
-        assert!(struct_fields(&m)["envoy.lb"].contains("10.0.0.1:8000"));
-    }
-
-    /// A gateway with one pool of no endpoints: enough for the stream handling to run every
-    /// path (refusals included) on untrusted messages.
-    fn gateway() -> Arc<Gateway> {
-        use crate::gateway::config::Admission;
-        use crate::gateway::pool::{Pool, PoolSettings};
-        use crate::gateway::telemetry::Telemetry;
-        use crate::routing::plan::Planner;
-        use crate::routing::schedule::Scheduler;
-        let telemetry = Arc::new(Telemetry::new());
-        let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
-        let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone());
-        Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry))
-    }
-
-    /// One message Envoy could send, built from proptest's choices.
-    fn message(kind: u8, text: &str, bytes: &[u8], flag: bool, mode: i32) -> ProcessingRequest {
-        use envoy_types::pb::envoy::config::core::v3::HeaderMap;
-        use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpTrailers, ProtocolConfiguration};
-        let headers = |pairs: Vec<(&str, &str)>| HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: pairs
-                    .into_iter()
-                    .map(|(k, v)| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
-                    .collect(),
-            }),
-            end_of_stream: flag,
-            ..Default::default()
-        };
-        let body = HttpBody { body: bytes.to_vec(), end_of_stream: flag, ..Default::default() };
-        let request = match kind % 7 {
-            0 => Req::RequestHeaders(headers(vec![(":method", if flag { "GET" } else { "POST" }), (":path", text)])),
-            1 => Req::RequestBody(body),
-            2 => Req::RequestTrailers(HttpTrailers::default()),
-            3 => Req::ResponseHeaders(headers(vec![(":status", text), ("content-type", "text/event-stream")])),
-            4 => Req::ResponseBody(body),
-            5 => Req::ResponseTrailers(HttpTrailers::default()),
-            _ => {
-                Req::RequestHeaders(headers(vec![(text, text), ("x-request-id", text), (TEST_SELECTION_HEADER, text)]))
-            }
-        };
-        let mut m = ProcessingRequest { request: Some(request), ..Default::default() };
-        if mode != 0 {
-            m.protocol_config = Some(ProtocolConfiguration {
-                request_body_mode: mode,
-                response_body_mode: -mode,
-                ..Default::default()
-            });
-        }
-        if kind >= 7 {
-            let fields = [(SUBSET_KEY.to_owned(), string_value(text))].into_iter().collect();
-            m.metadata_context = Some(envoy_types::pb::envoy::config::core::v3::Metadata {
-                filter_metadata: [(SUBSET_NAMESPACE.to_owned(), Struct { fields })].into_iter().collect(),
-                ..Default::default()
-            });
-        }
-        m
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-
-        /// ext_proc messages are untrusted: any sequence of them, in any order and with any
-        /// contents, is handled without a panic, and a refusal ends the stream.
-        #[test]
-        fn any_message_sequence_is_handled(
-            msgs in proptest::collection::vec(
-                (0u8..14, "(/v1/(chat/)?completions|/v1/models|/x|[ -~]{0,12}|10\\.0\\.0\\.1:8000|200|503)",
-                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
-                 proptest::prelude::any::<bool>(), -2i32..6),
-                0..10,
-            ),
-        ) {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async {
-                let mut stream = StreamState::new(gateway(), Arc::new(ExtProcConfig::default()));
-                for (kind, text, bytes, flag, mode) in msgs {
-                    let _ = stream.handle(message(kind, &text, &bytes, flag, mode));
-                    if stream.done {
-                        break;
-                    }
-                }
-            });
-        }
-
-        /// Bytes that decode as a `ProcessingRequest` (protobuf is lenient) are handled too.
-        #[test]
-        fn decoded_garbage_is_handled(frames in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), 1..6)) {
-            use tonic_prost::prost::Message;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async {
-                let mut stream = StreamState::new(gateway(), Arc::new(ExtProcConfig::default()));
-                for f in frames {
-                    if let Ok(m) = ProcessingRequest::decode(f.as_slice()) {
-                        let _ = stream.handle(m);
-                    }
-                }
-            });
-        }
-    }
-}
+mod tests;

@@ -18,6 +18,7 @@ use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::error::{RouteError, error_body};
 use crate::gateway::outcome::Routed;
+use crate::gateway::paths::PathRefusal;
 use crate::routing::request::RequestError;
 
 /// Request header (and `envoy.lb` metadata key) carrying the pick.
@@ -203,14 +204,23 @@ pub(crate) fn upstream_request(
     Ok(req)
 }
 
-/// The 404 of a listener's unknown paths, OpenAI-shaped.
-pub(crate) async fn no_route(method: Method, uri: axum::http::Uri) -> Response {
-    json_error(404, &format!("no route for {method} {}", uri.path()), "not_found")
+/// A refused path as a response: its status, OpenAI body and `Allow` header.
+pub(crate) fn path_refusal(r: &PathRefusal) -> Response {
+    let mut resp = json_error(r.status, &r.message, r.code);
+    if let Some(allow) = r.allow {
+        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    resp
 }
 
-/// The 405 of a known path asked with a method it does not take, OpenAI-shaped.
+/// The 404 of a listener's unknown paths.
+pub(crate) async fn no_route(method: Method, uri: axum::http::Uri) -> Response {
+    path_refusal(&PathRefusal::not_found(method.as_str(), uri.path()))
+}
+
+/// The 405 of a known path asked with a method it does not take.
 pub(crate) async fn wrong_method(method: Method, uri: axum::http::Uri) -> Response {
-    json_error(405, &format!("{method} is not allowed on {}", uri.path()), "method_not_allowed")
+    path_refusal(&PathRefusal::method_not_allowed(method.as_str(), uri.path(), None))
 }
 
 /// An OpenAI-shaped error response.

@@ -21,12 +21,13 @@ use axum::response::{IntoResponse, Response};
 use crate::front::handoff::{self, PrefillLeg};
 use crate::front::http::{
     PREFILLER_HEADER, UpstreamClient, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
-    json_error, read_body, refusal, relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
+    json_error, path_refusal, read_body, refusal, relay, strip_gateway_headers, strip_placement, upstream_client,
+    upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
-use crate::gateway::paths::{Ask, Place};
+use crate::gateway::paths::{Ask, PathRefusal, Place};
 
 /// What the proxy needs.
 #[derive(Debug)]
@@ -48,6 +49,15 @@ impl ProxyState {
         let client = upstream_client(cfg.connect_timeout_ms);
         let fresh = fresh_connection_client(cfg.connect_timeout_ms);
         Self { gateway, client, fresh, cfg, waiting: AtomicUsize::new(0), retrying: AtomicUsize::new(0) }
+    }
+
+    /// Whether a request may retry: it holds one place in the budget (`permit`) from its first
+    /// retry until it has its answer, taken here if one is left.
+    fn hold_retry<'a>(&'a self, permit: &mut Option<Counted<'a>>) -> bool {
+        if permit.is_none() {
+            *permit = self.retry_permit();
+        }
+        permit.is_some()
     }
 
     /// Takes a place in the retry budget, if one is left.
@@ -85,16 +95,12 @@ pub(crate) fn app(state: Arc<ProxyState>) -> Router {
 }
 
 async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
-    match st.gateway.ask(req.method().as_str(), req.uri().path()) {
+    let (method, path) = (req.method().as_str(), req.uri().path());
+    match st.gateway.ask(method, path) {
         Ask::Route(place) => forward(&st, place, req).await,
         Ask::Models => axum::Json(st.gateway.models_list()).into_response(),
-        Ask::NotFound => json_error(404, &format!("no route for {} {}", req.method(), req.uri().path()), "not_found"),
-        Ask::MethodNotAllowed(allow) => {
-            let msg = format!("{} is not allowed on {}; use {allow}", req.method(), req.uri().path());
-            let mut r = json_error(405, &msg, "method_not_allowed");
-            r.headers_mut().insert(axum::http::header::ALLOW, HeaderValue::from_static(allow));
-            r
-        }
+        Ask::NotFound => path_refusal(&PathRefusal::not_found(method, path)),
+        Ask::MethodNotAllowed(allow) => path_refusal(&PathRefusal::method_not_allowed(method, path, Some(allow))),
     }
 }
 
@@ -224,12 +230,9 @@ async fn send(
             continue;
         }
         if tried > 0 {
-            // A retry holds one place in the budget until the request has its answer.
-            if retry_permit.is_none() {
-                retry_permit = st.retry_permit();
-            }
-            routed.retry(retry_permit.is_some());
-            if retry_permit.is_none() {
+            let allowed = st.hold_retry(&mut retry_permit);
+            routed.retry(allowed);
+            if !allowed {
                 break;
             }
         }
@@ -252,15 +255,13 @@ async fn send(
         // the client itself; a malformed answer is not resent.)
         if let Ok(Err(e)) = &attempt
             && connection_broke(e)
+            && st.hold_retry(&mut retry_permit)
+            && let Ok(req) = request()
         {
-            let permit = retry_permit.take().or_else(|| st.retry_permit());
-            if let (Some(permit), Ok(req)) = (permit, request()) {
-                tracing::debug!(endpoint = %target.address, error = %error_chain(e), "connection broke before an answer; resending on a new one");
-                routed.retry(true);
-                retry_permit = Some(permit);
-                let left = first_byte.saturating_sub(sent.elapsed());
-                attempt = tokio::time::timeout(left, st.fresh.request(req)).await;
-            }
+            tracing::debug!(endpoint = %target.address, error = %error_chain(e), "connection broke before an answer; resending on a new one");
+            routed.retry(true);
+            let left = first_byte.saturating_sub(sent.elapsed());
+            attempt = tokio::time::timeout(left, st.fresh.request(req)).await;
         }
         let resp = match attempt {
             Err(_) => {

@@ -5,6 +5,7 @@
 
 use serde::Deserialize;
 
+use crate::gateway::error::error_body;
 use crate::routing::request::ApiKind;
 
 /// The `paths:` section of the config. A pattern is a path (`/tokenize`), or a prefix ending in
@@ -26,7 +27,7 @@ impl Default for PathsConfig {
     fn default() -> Self {
         let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
         Self {
-            prompt: own(&["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"]),
+            prompt: ApiKind::ALL.iter().map(|a| a.path().to_owned()).collect(),
             model: own(&[
                 "/tokenize",
                 "/detokenize",
@@ -65,6 +66,42 @@ pub enum Ask {
     NotFound,
 }
 
+/// The answer to a path the policy refuses, the same from both front-ends: 404, or 405 naming
+/// the method the path takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRefusal {
+    /// 404 or 405.
+    pub status: u16,
+    /// `not_found` or `method_not_allowed`.
+    pub code: &'static str,
+    /// What the client is told.
+    pub message: String,
+    /// For a 405, the `Allow` header.
+    pub allow: Option<&'static str>,
+}
+
+impl PathRefusal {
+    /// The 404 of `method` on `path` (its query string left out).
+    pub fn not_found(method: &str, path: &str) -> Self {
+        let message = format!("no route for {method} {}", without_query(path));
+        Self { status: 404, code: "not_found", message, allow: None }
+    }
+
+    /// The 405 of `method` on `path`, naming the method it takes when known.
+    pub fn method_not_allowed(method: &str, path: &str, allow: Option<&'static str>) -> Self {
+        let mut message = format!("{method} is not allowed on {}", without_query(path));
+        if let Some(a) = allow {
+            message.push_str(&format!("; use {a}"));
+        }
+        Self { status: 405, code: "method_not_allowed", message, allow }
+    }
+
+    /// The OpenAI-shaped body.
+    pub fn body(&self) -> String {
+        error_body(self.status, &self.message, self.code, None)
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Pattern {
     Exact(String),
@@ -95,9 +132,14 @@ impl Pattern {
     }
 }
 
+/// `path` without its query string.
+fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
+}
+
 /// `path` without its query string and trailing `/`s (`/` itself stays).
 fn normal(path: &str) -> &str {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let path = without_query(path);
     match path.trim_end_matches('/') {
         "" if path.starts_with('/') => "/",
         p => p,
@@ -133,8 +175,7 @@ impl PathPolicy {
         let mut prompt = Vec::new();
         for p in &cfg.prompt {
             let api = ApiKind::from_path(p).filter(|_| !p.contains('*')).ok_or_else(|| {
-                let known = [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings];
-                let known: Vec<&str> = known.iter().map(|a| a.path()).collect();
+                let known: Vec<&str> = ApiKind::ALL.iter().map(|a| a.path()).collect();
                 (
                     "paths.prompt",
                     format!("kvgate parses the prompt of {} only; `{p}` is none of them", known.join(", ")),

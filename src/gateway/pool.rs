@@ -319,29 +319,28 @@ impl Pool {
         let mut st = inner.state.lock();
         let Some(k) = st.members.iter().position(|m| m.id == id) else { return };
         let before = st.members[k].health.state(now);
-        match outcome {
-            Outcome::Unreachable => st.members[k].health.unreachable(now, s),
-            Outcome::Answered(_) | Outcome::TimedOut => {
-                let m = &mut st.members[k];
-                let error = match outcome {
-                    Outcome::Answered(status) => {
-                        m.health.answered(now);
-                        let queued = m.metrics.as_ref().is_some_and(|x| x.waiting > 0);
-                        let error = status >= 500 && !(status == 503 && queued);
-                        m.health.record(error);
-                        error
-                    }
-                    _ => {
-                        m.health.timed_out(now, s);
-                        true
-                    }
-                };
-                if error && m.health.state(now) == Health::Healthy && is_outlier(&st.members, k, s.max_ejection_percent)
-                {
-                    st.members[k].health.eject(Ejected::Outlier, now, s);
-                    tracing::warn!(pool = inner.name.as_str(), endpoint = %st.members[k].addr, "endpoint ejected: its error rate is well above the pool's");
-                }
+        let m = &mut st.members[k];
+        let error = match outcome {
+            Outcome::Unreachable => {
+                m.health.unreachable(now, s);
+                false
             }
+            Outcome::Answered(status) => {
+                m.health.answered(now);
+                let queued = m.metrics.as_ref().is_some_and(|x| x.waiting > 0);
+                let error = status >= 500 && !(status == 503 && queued);
+                m.health.record(error);
+                error
+            }
+            Outcome::TimedOut => {
+                m.health.timed_out(now, s);
+                true
+            }
+        };
+        // An error rate well above the pool's ejects a healthy endpoint.
+        if error && m.health.state(now) == Health::Healthy && is_outlier(&st.members, k, s.max_ejection_percent) {
+            st.members[k].health.eject(Ejected::Outlier, now, s);
+            tracing::warn!(pool = inner.name.as_str(), endpoint = %st.members[k].addr, "endpoint ejected: its error rate is well above the pool's");
         }
         if st.members[k].health.state(now) != before {
             drop(st);

@@ -37,6 +37,9 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
+    /// Every API kvgate parses.
+    pub const ALL: [Self; 4] = [Self::Completions, Self::ChatCompletions, Self::Responses, Self::Embeddings];
+
     /// Whether a request of this API can be split into a prefill and a decode leg (the
     /// completions APIs, whose `max_tokens` and `kv_transfer_params` the hand-off sets).
     pub fn disaggregates(self) -> bool {

@@ -1,9 +1,9 @@
 //! Whether an endpoint is in rotation — outlier detection after Envoy's model, not a trip-wire.
 //!
 //! Two things take an endpoint out ("eject" it): `failure_threshold` consecutive failures to
-//! reach it (connects, timeouts, scrapes), or an error rate well above its pool's (the pool
-//! decides that, since it needs the other endpoints' rates and the ejection cap). Errors an
-//! endpoint's own load explains (429, 503 with a queue) are load, not failure, and never eject.
+//! reach it (connects, scrapes), or an error rate well above its pool's, counting 5xx and
+//! requests it took but did not answer in time (the pool decides that, since it needs the other
+//! endpoints' rates and the ejection cap). Errors an endpoint's own load explains (429, 503 with a queue) are load, not failure, and never eject.
 //!
 //! An ejected endpoint stays out for the base backoff, doubled for each ejection that follows
 //! soon after the last recovery (a flapping endpoint is held out longer and longer), then is
@@ -75,8 +75,14 @@ impl HealthState {
     pub(super) fn timed_out(&mut self, now: u64, s: &PoolSettings) {
         self.record(true);
         if self.state(now) == Health::Probing {
-            self.down_until = Some(now + self.ejection_ms(s));
+            self.probe_failed(now, s);
         }
+    }
+
+    /// A failed probe: out again for as long as before, not longer — it is not flapping, it is
+    /// still down.
+    fn probe_failed(&mut self, now: u64, s: &PoolSettings) {
+        self.down_until = Some(now + self.ejection_ms(s));
     }
 
     /// The endpoint could not be reached.
@@ -84,9 +90,7 @@ impl HealthState {
         self.unreachable += 1;
         match self.state(now) {
             Health::Healthy if self.unreachable >= s.failure_threshold => self.eject(Ejected::Unreachable, now, s),
-            // A failed probe: out again for as long as before, not longer — it is not flapping,
-            // it is still down.
-            Health::Probing => self.down_until = Some(now + self.ejection_ms(s)),
+            Health::Probing => self.probe_failed(now, s),
             _ => {}
         }
     }

@@ -150,7 +150,7 @@ fn paths() {
     assert_eq!(ApiKind::from_path("/v1/chat/completions?x=1"), Some(ApiKind::ChatCompletions));
     assert_eq!(ApiKind::from_path("/v1/completions/"), Some(ApiKind::Completions));
     assert_eq!(ApiKind::from_path("/v1/models"), None);
-    for api in [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings] {
+    for api in ApiKind::ALL {
         assert_eq!(ApiKind::from_path(api.path()), Some(api));
     }
 }
@@ -213,7 +213,7 @@ mod properties {
             body in proptest::collection::vec(any::<u8>(), 0..400),
             api in 0usize..4,
         ) {
-            let api = [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings][api];
+            let api = ApiKind::ALL[api];
             if let Err(e) = parse(api, &body, 256) {
                 prop_assert!(matches!(e.status(), 400 | 413), "{e:?}");
             }
@@ -223,7 +223,7 @@ mod properties {
         /// that parses also streams its prompt without panicking.
         #[test]
         fn json_like_bodies_are_a_request_or_a_client_error(text in JSONISH, api in 0usize..4) {
-            let api = [ApiKind::Completions, ApiKind::ChatCompletions, ApiKind::Responses, ApiKind::Embeddings][api];
+            let api = ApiKind::ALL[api];
             match parse(api, text.as_bytes(), 1 << 16) {
                 Ok(req) => req.feed_prompt(&mut |_| {}),
                 Err(e) => prop_assert!(matches!(e.status(), 400 | 413), "{e:?}"),
