@@ -151,7 +151,20 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         cfg.proxy_addr.map_or("off".to_owned(), |a| a.to_string())
     );
     for pool in &pools {
-        let _ = writeln!(out, "\npool `{}` serves {}", pool.name, pool.models.join(", "));
+        let models =
+            if pool.models.is_empty() { "the models its endpoints list".to_owned() } else { pool.models.join(", ") };
+        let _ = writeln!(out, "\npool `{}` serves {models}", pool.name);
+        let _ = writeln!(out, "  endpoints from: {}", pool.source_kind());
+        if let Some(r) = &pool.inference_pool {
+            let ns = r.namespace.as_deref().unwrap_or("kvgate's own namespace");
+            let _ = writeln!(
+                out,
+                "  InferencePool {}/{} ({}/v1): its Ready pods, one endpoint per targetPorts entry",
+                ns,
+                r.name,
+                r.group()
+            );
+        }
         for e in &pool.endpoints {
             let rank = match e.rank {
                 Some(r) if e.rank_header => format!(" rank {r} (pinned with X-data-parallel-rank)"),

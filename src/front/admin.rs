@@ -49,9 +49,10 @@ async fn endpoints(State(g): St) -> Response {
         .iter()
         .map(|p| {
             let snap = p.snapshot();
-            let mut models = p.models().to_vec();
+            let mut models = p.served_models();
             models.extend(snap.adapters.iter().filter(|a| !models.contains(a)).cloned().collect::<Vec<_>>());
-            json!({"name": p.name(), "models": models, "endpoints": p.status()})
+            let source = p.source();
+            json!({"name": p.name(), "models": models, "source": source.kind, "discovery": source, "endpoints": p.status()})
         })
         .collect();
     axum::Json(json!({"pools": pools})).into_response()

@@ -25,6 +25,7 @@ use crate::front::http::{
     upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
+use crate::gateway::error::error_chain;
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{Ask, PathRefusal, Place};
@@ -152,18 +153,6 @@ fn connection_broke(e: &hyper_util::client::legacy::Error) -> bool {
         cause = c.source();
     }
     false
-}
-
-/// An error with its causes, `: `-separated (hyper's own message is only its outermost kind).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// Why an attempt failed before the response started.

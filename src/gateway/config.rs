@@ -284,8 +284,15 @@ fn default_max_body() -> usize {
 pub struct PoolConfig {
     /// Pool name (unique).
     pub name: String,
-    /// Model names and LoRA adapters served; requests are routed to the pool by `model`.
+    /// Model names and LoRA adapters served; requests are routed to the pool by `model`. A
+    /// pool sourced from an `inference_pool` may leave it empty: its models are then the ones
+    /// its endpoints list on `/v1/models`.
+    #[serde(default)]
     pub models: Vec<String>,
+    /// The Kubernetes `InferencePool` whose Ready pods are the endpoints (instead of
+    /// `endpoints` and `endpoints_file`).
+    #[serde(default)]
+    pub inference_pool: Option<InferencePoolRef>,
     /// Static endpoints.
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
@@ -298,6 +305,85 @@ pub struct PoolConfig {
     /// Admission limits (429 beyond them); none by default.
     #[serde(default)]
     pub admission: Admission,
+}
+
+/// The group of the Gateway API Inference Extension's `InferencePool` (version `v1`).
+pub const INFERENCE_POOL_GROUP: &str = "inference.networking.k8s.io";
+
+/// An `InferencePool` to source a pool's endpoints from.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InferencePoolRef {
+    /// The InferencePool's name.
+    pub name: String,
+    /// Its namespace; kvgate's own (from the service-account mount or the kubeconfig) when
+    /// absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Its API group (default `inference.networking.k8s.io`), version `v1`.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+impl InferencePoolRef {
+    /// The API group, defaulted.
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or(INFERENCE_POOL_GROUP)
+    }
+
+    /// What is wrong with the reference, as `(field, message)`.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if !is_dns_subdomain(&self.name) {
+            return Some((
+                "name",
+                format!(
+                    "`{}` is not a Kubernetes object name (lower-case letters, digits, '-' and '.', at most 253)",
+                    self.name
+                ),
+            ));
+        }
+        if let Some(ns) = self.namespace.as_deref().filter(|ns| !is_dns_label(ns)) {
+            return Some((
+                "namespace",
+                format!("`{ns}` is not a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)"),
+            ));
+        }
+        if let Some(g) = self.group.as_deref().filter(|g| !is_dns_subdomain(g)) {
+            return Some(("group", format!("`{g}` is not an API group name")));
+        }
+        None
+    }
+}
+
+/// A DNS-1123 label: what Kubernetes accepts as a namespace name.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A DNS-1123 subdomain: what Kubernetes accepts as most object names.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+impl ResolvedPool {
+    /// Where the endpoints come from: `kubernetes`, `file`, `dns` (a host name to resolve) or
+    /// `static`.
+    pub fn source_kind(&self) -> &'static str {
+        if self.inference_pool.is_some() {
+            "kubernetes"
+        } else if self.endpoints_file.is_some() {
+            "file"
+        } else if self.endpoints.iter().any(|e| matches!(e.host, endpoints::Host::Name(_))) {
+            "dns"
+        } else {
+            "static"
+        }
+    }
 }
 
 /// A config error: the file, where in it, and what.
@@ -333,6 +419,8 @@ pub struct ResolvedPool {
     pub models: Vec<String>,
     /// Static endpoints.
     pub endpoints: Vec<ResolvedEndpoint>,
+    /// The InferencePool the endpoints come from, instead of the others.
+    pub inference_pool: Option<InferencePoolRef>,
     /// The endpoints file's entries when it was checked (discovery keeps reading it).
     pub file_endpoints: Vec<ResolvedEndpoint>,
     /// Endpoints file (absolute, or relative to the working directory).
@@ -388,6 +476,49 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+
+    /// The config `kvgate serve --pool-name` runs with when given no file: the default
+    /// listeners (and gRPC health alone on `:9003`, where the reference picker's probes look)
+    /// and no pool yet ([`Config::follow_inference_pool`] adds it).
+    pub fn for_inference_pool() -> Self {
+        let mut cfg: Self = parse_yaml("pools: []").unwrap_or_else(|_| unreachable!("a valid document"));
+        cfg.health_addr = Some(SocketAddr::from(([0, 0, 0, 0], 9003)));
+        cfg
+    }
+
+    /// Sources the config's one pool from InferencePool `r` (`--pool-name`): a config with no
+    /// pool gets one named after the InferencePool; a config with one pool keeps its models,
+    /// scheduler and admission, and may not list endpoints of its own.
+    pub fn follow_inference_pool(&mut self, r: InferencePoolRef) -> Result<(), String> {
+        if let Some((field, message)) = r.problem() {
+            return Err(format!("{field}: {message}"));
+        }
+        match self.pools.as_mut_slice() {
+            [] => self.pools.push(PoolConfig {
+                name: r.name.clone(),
+                models: Vec::new(),
+                inference_pool: Some(r),
+                endpoints: Vec::new(),
+                endpoints_file: None,
+                scheduler: None,
+                admission: Admission::default(),
+            }),
+            [pool] if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() => {
+                return Err(format!(
+                    "pool `{}` lists its own endpoints; with --pool-name its endpoints come from the InferencePool",
+                    pool.name
+                ));
+            }
+            [pool] => pool.inference_pool = Some(r),
+            pools => {
+                return Err(format!(
+                    "the config has {} pools; --pool-name sources a config's one pool (use `inference_pool:` per pool instead)",
+                    pools.len()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Two listeners on one port (the same address, or one of them on every address), as
@@ -489,8 +620,23 @@ impl Config {
             if !names.insert(pool.name.as_str()) {
                 return Err(invalid(at("name"), format!("two pools are named `{}`", pool.name)));
             }
-            if pool.models.is_empty() {
-                return Err(invalid(at("models"), "a pool must serve at least one model".into()));
+            if let Some(r) = &pool.inference_pool {
+                if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() {
+                    return Err(invalid(
+                        at("inference_pool"),
+                        "a pool's endpoints come from `inference_pool` or from `endpoints`/`endpoints_file`, not both"
+                            .into(),
+                    ));
+                }
+                if let Some((field, message)) = r.problem() {
+                    return Err(invalid(at(&format!("inference_pool.{field}")), message));
+                }
+            } else if pool.models.is_empty() {
+                return Err(invalid(
+                    at("models"),
+                    "a pool must serve at least one model (only an `inference_pool` pool may learn them from its endpoints)"
+                        .into(),
+                ));
             }
             for (m, model) in pool.models.iter().enumerate() {
                 if model.is_empty() {
@@ -528,8 +674,11 @@ impl Config {
                     }
                     file_endpoints.push(r);
                 }
-            } else if endpoints.is_empty() {
-                return Err(invalid(at("endpoints"), "a pool needs `endpoints` or an `endpoints_file`".into()));
+            } else if endpoints.is_empty() && pool.inference_pool.is_none() {
+                return Err(invalid(
+                    at("endpoints"),
+                    "a pool needs `endpoints`, an `endpoints_file` or an `inference_pool`".into(),
+                ));
             }
             let scheduler = match &pool.scheduler {
                 None => Scheduler::default_config(),
@@ -540,6 +689,7 @@ impl Config {
                 name: pool.name.clone(),
                 models: pool.models.clone(),
                 endpoints,
+                inference_pool: pool.inference_pool.clone(),
                 file_endpoints,
                 endpoints_file: pool.endpoints_file.clone(),
                 scheduler,

@@ -103,6 +103,22 @@ pub fn error_body(status: u16, message: &str, code: &str, param: Option<&str>) -
     json!({"error": {"message": message, "type": kind, "param": param, "code": code}}).to_string()
 }
 
+/// An error with its causes, `: `-separated (hyper's own message is only its outermost kind);
+/// a cause whose text the message already holds is left out.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,7 +86,7 @@ impl Gateway {
 
     /// Every servable model: configured models, then adapters the endpoints report.
     pub fn served_models(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.pools.iter().flat_map(|p| p.models().iter().cloned()).collect();
+        let mut out: Vec<String> = self.pools.iter().flat_map(Pool::served_models).collect();
         for p in &self.pools {
             for a in &p.snapshot().adapters {
                 if !out.contains(a) {
@@ -103,12 +103,13 @@ impl Gateway {
         let mut data = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for pool in &self.pools {
-            for m in pool.models() {
+            let models = pool.served_models();
+            for m in &models {
                 if seen.insert(m.clone()) {
                     data.push(json!({"id": m, "object": "model", "owned_by": "kvgate", "root": m, "parent": null}));
                 }
             }
-            let parent = pool.models().first();
+            let parent = models.first();
             for a in &pool.snapshot().adapters {
                 if seen.insert(a.clone()) {
                     data.push(json!({"id": a, "object": "model", "owned_by": "kvgate", "root": a, "parent": parent}));
@@ -118,12 +119,16 @@ impl Gateway {
         json!({"object": "list", "data": data})
     }
 
-    /// The pool serving `model`: the one configured with it, else one whose endpoints serve it
-    /// as an adapter (routing an adapter to the pool of its base model).
+    /// The pool serving `model`: the one configured with it, else one configured without
+    /// models whose endpoints list it, else one whose endpoints serve it as an adapter
+    /// (routing an adapter to the pool of its base model).
     pub fn pool_for(&self, model: &str) -> Result<&Pool, RouteError> {
         self.pools
             .iter()
             .find(|p| p.models().iter().any(|m| m == model))
+            .or_else(|| {
+                self.pools.iter().find(|p| p.models().is_empty() && p.snapshot().models.iter().any(|m| m == model))
+            })
             .or_else(|| self.pools.iter().find(|p| p.snapshot().adapters.iter().any(|a| a == model)))
             .ok_or_else(|| RouteError::UnknownModel { model: model.to_owned(), served: self.served_models() })
     }

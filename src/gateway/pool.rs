@@ -9,6 +9,7 @@
 
 pub(crate) mod discovery;
 mod health;
+pub(crate) mod kubernetes;
 pub(crate) mod scrape;
 pub(crate) mod scrape_parse;
 
@@ -26,6 +27,7 @@ use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{Endpoint, EndpointId, EndpointStatus, Health, InFlight, LoraState, Metrics, Role};
 use crate::routing::plan::Planner;
 use health::{Ejected, HealthState};
+use scrape::Served;
 use scrape_parse::{Scrape, ScrapeError};
 
 /// Milliseconds on kvgate's monotonic clock (the time the scheduler is given).
@@ -114,6 +116,8 @@ struct Member {
     metrics: Option<Metrics>,
     /// Adapters learned from `/v1/models`.
     adapters: Vec<String>,
+    /// Base models learned from `/v1/models`.
+    bases: Vec<String>,
     kv_capacity: Option<usize>,
     health: HealthState,
     scrape_errors: u64,
@@ -142,6 +146,27 @@ pub struct Snapshot {
     pub endpoints: Vec<Endpoint>,
     /// LoRA adapters some endpoint serves.
     pub adapters: Vec<String>,
+    /// Base models some endpoint lists on `/v1/models` (what a pool configured without
+    /// `models` serves).
+    pub models: Vec<String>,
+}
+
+/// Where a pool's endpoints come from, for `/debug/endpoints` and `check-config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SourceStatus {
+    /// `static`, `file`, `dns` or `kubernetes`.
+    pub kind: &'static str,
+    /// The file, or the InferencePool (`namespace/name`, `group/v1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Whether the source has been read in full (Kubernetes: the pool and its pods listed).
+    pub synced: bool,
+    /// The source's last problem, while it lasts (Kubernetes: API errors, a malformed pool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Objects the source skipped as malformed, and why (Kubernetes: pods, by name).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -155,6 +180,7 @@ struct Inner {
     state: Mutex<State>,
     dirty: Arc<Notify>,
     discovered: AtomicBool,
+    source: Mutex<SourceStatus>,
     serials: AtomicU64,
     tasks: Mutex<Vec<AbortOnDrop>>,
 }
@@ -184,6 +210,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             dirty: Arc::new(Notify::new()),
             discovered: AtomicBool::new(false),
+            source: Mutex::new(SourceStatus { kind: "static", ..SourceStatus::default() }),
             serials: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         });
@@ -212,6 +239,30 @@ impl Pool {
         self.inner.planner.models()
     }
 
+    /// The models the pool serves: the configured ones, or, when none are configured, those
+    /// its endpoints list on `/v1/models` (LoRA adapters aside).
+    pub fn served_models(&self) -> Vec<String> {
+        match self.models() {
+            [] => self.snapshot().models.clone(),
+            configured => configured.to_vec(),
+        }
+    }
+
+    /// Where the endpoints come from.
+    pub fn source(&self) -> SourceStatus {
+        self.inner.source.lock().clone()
+    }
+
+    /// Sets where the endpoints come from (discovery keeps it current).
+    pub fn set_source(&self, source: SourceStatus) {
+        *self.inner.source.lock() = source;
+    }
+
+    /// Updates the source's status in place.
+    pub(crate) fn update_source(&self, f: impl FnOnce(&mut SourceStatus)) {
+        f(&mut self.inner.source.lock());
+    }
+
     /// The pool's decision state.
     pub fn planner(&self) -> &Planner {
         &self.inner.planner
@@ -232,7 +283,7 @@ impl Pool {
         self.inner.snapshot.read().clone()
     }
 
-    /// Whether the first discovery has completed.
+    /// Whether discovery has completed (and, for Kubernetes, is still in sync).
     pub fn ready(&self) -> bool {
         self.inner.discovered.load(Ordering::Acquire)
     }
@@ -242,6 +293,12 @@ impl Pool {
     /// and leave the index (requests already sent to them finish normally). Entries must name
     /// an IP (discovery resolves host names); the first entry for an address and rank counts.
     pub fn set_endpoints(&self, entries: Vec<ResolvedEndpoint>) {
+        self.set_endpoints_synced(entries, true);
+    }
+
+    /// [`Pool::set_endpoints`], saying whether the source is in sync: a pool whose source is
+    /// not (its InferencePool gone or never valid) is not ready.
+    pub fn set_endpoints_synced(&self, entries: Vec<ResolvedEndpoint>, synced: bool) {
         let inner = &self.inner;
         {
             let mut st = inner.state.lock();
@@ -278,6 +335,7 @@ impl Pool {
                     in_flight: Arc::new(InFlight::default()),
                     metrics: None,
                     adapters: Vec::new(),
+                    bases: Vec::new(),
                     kv_capacity: None,
                     health: HealthState::new(),
                     scrape_errors: 0,
@@ -305,7 +363,7 @@ impl Pool {
             st.members = members;
         }
         inner.publish();
-        inner.discovered.store(true, Ordering::Release);
+        inner.discovered.store(synced, Ordering::Release);
     }
 
     /// Records what a request learned about endpoint `id`. A 5xx is an error unless the
@@ -390,6 +448,7 @@ impl Inner {
         let now = now_ms();
         let st = self.state.lock();
         let mut adapters: Vec<String> = Vec::new();
+        let mut bases: Vec<String> = Vec::new();
         let endpoints = st
             .members
             .iter()
@@ -398,9 +457,11 @@ impl Inner {
                 if let Some(l) = m.metrics.as_ref().and_then(|x| x.lora.as_ref()) {
                     models.extend(l.running.iter().chain(&l.waiting).cloned());
                 }
+                adapters.extend(models.iter().cloned());
+                bases.extend(m.bases.iter().cloned());
+                models.extend(m.bases.iter().cloned());
                 models.sort_unstable();
                 models.dedup();
-                adapters.extend(models.iter().cloned());
                 Endpoint {
                     id: m.id,
                     address: m.addr,
@@ -419,14 +480,16 @@ impl Inner {
             .collect();
         adapters.sort_unstable();
         adapters.dedup();
-        let snap = Arc::new(Snapshot { endpoints, adapters });
+        bases.sort_unstable();
+        bases.dedup();
+        let snap = Arc::new(Snapshot { endpoints, adapters, models: bases });
         drop(st);
         *self.snapshot.write() = snap;
     }
 
     /// Applies a scrape result to the endpoint that scraped it and to the other ranks behind
     /// the same port; returns how long the scraper waits before the next one.
-    fn on_scrape(&self, serial: u64, result: Result<Scrape, ScrapeError>, adapters: Option<Vec<String>>) -> Duration {
+    fn on_scrape(&self, serial: u64, result: Result<Scrape, ScrapeError>, served: Option<Served>) -> Duration {
         let now = now_ms();
         let s = &self.settings;
         let mut st = self.state.lock();
@@ -467,8 +530,9 @@ impl Inner {
                             self.planner.index().set_capacity(m.id, cap);
                         }
                     }
-                    if let Some(a) = &adapters {
-                        m.adapters = a.clone();
+                    if let Some(served) = &served {
+                        m.adapters.clone_from(&served.adapters);
+                        m.bases.clone_from(&served.bases);
                     }
                     m.last_error = None;
                     m.health.answered(now);

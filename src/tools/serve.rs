@@ -17,10 +17,10 @@ use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
 use crate::front::listen::{ConnLimits, Pace, drain, nodelay, serve_http, shutdown_signal, stopped};
 use crate::front::proxy::{self, ProxyState};
-use crate::gateway::config::Config;
+use crate::gateway::config::{Config, INFERENCE_POOL_GROUP, InferencePoolRef};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
-use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery};
+use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, SourceStatus, discovery, kubernetes};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::plan::Planner;
 
@@ -40,6 +40,26 @@ pub struct ServeArgs {
     /// Override the config's `proxy_addr`.
     #[arg(long)]
     pub proxy_addr: Option<SocketAddr>,
+    /// Override the config's `health_addr` (gRPC health alone).
+    #[arg(long)]
+    pub health_addr: Option<SocketAddr>,
+    /// Serve one pool sourced from this Kubernetes `InferencePool` (the reference picker's
+    /// flag). Without `--config`, the listeners take their defaults and the pool's models are
+    /// learned from its endpoints; with it, the file's one pool (or a new one) follows the
+    /// InferencePool.
+    #[arg(long)]
+    pub pool_name: Option<String>,
+    /// The InferencePool's namespace (default: kvgate's own — the service account's, or the
+    /// kubeconfig context's).
+    #[arg(long, requires = "pool_name")]
+    pub pool_namespace: Option<String>,
+    /// The InferencePool's API group (version `v1`).
+    #[arg(long, requires = "pool_name", default_value = INFERENCE_POOL_GROUP)]
+    pub pool_group: String,
+    /// Kubeconfig for the API server (default: `KUBECONFIG`, `~/.kube/config`, then the
+    /// in-cluster service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A running kvgate: its gateway and bound listeners. Dropping it stops everything.
@@ -77,16 +97,44 @@ impl Drop for Server {
 
 /// Starts pools and listeners for `cfg` (read from `path`); returns once they are bound.
 pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
+    start_with(cfg, path, None).await
+}
+
+/// [`start`], with the kubeconfig for pools sourced from an InferencePool (see
+/// [`kubernetes::client`] for the default).
+pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> anyhow::Result<Server> {
     let resolved = cfg.resolve(path)?;
+    let mut kube: Option<(kube::Client, String)> = None;
     let settings = PoolSettings::new(&cfg.scrape, &cfg.health);
     let telemetry = Arc::new(Telemetry::new());
     let stale_ms = settings.stale_after.as_millis() as u64;
     let mut tasks = Vec::new();
     let mut pools = Vec::new();
     for rp in resolved {
+        let kind = rp.source_kind();
         let planner = Planner::new(rp.models, rp.scheduler, stale_ms);
         let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
-        tasks.push(AbortOnDrop(tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))));
+        let task = match &rp.inference_pool {
+            Some(r) => {
+                if kube.is_none() {
+                    kube = Some(kubernetes::client(kubeconfig).await?);
+                }
+                let Some((client, namespace)) = &kube else { unreachable!("set above") };
+                let target = kubernetes::Target::new(r, namespace);
+                tracing::info!(pool = pool.name(), inference_pool = %target.describe(), "endpoints from Kubernetes");
+                tokio::spawn(kubernetes::run(pool.clone(), client.clone(), target))
+            }
+            None => {
+                pool.set_source(SourceStatus {
+                    kind,
+                    from: rp.endpoints_file.as_ref().map(|f| f.display().to_string()),
+                    synced: true,
+                    ..SourceStatus::default()
+                });
+                tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))
+            }
+        };
+        tasks.push(AbortOnDrop(task));
         pools.push(pool);
     }
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
@@ -157,10 +205,21 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
 
 /// Runs `kvgate serve` until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let Some(path) = args.config.clone() else { return demo::run(args).await };
-    let mut cfg = Config::load(&path)?;
+    let (mut cfg, path) = match (&args.config, &args.pool_name) {
+        (None, None) => return demo::run(args).await,
+        (Some(path), _) => (Config::load(path)?, path.clone()),
+        (None, Some(_)) => (Config::for_inference_pool(), PathBuf::from("--pool-name")),
+    };
+    if let Some(name) = &args.pool_name {
+        let r = InferencePoolRef {
+            name: name.clone(),
+            namespace: args.pool_namespace.clone(),
+            group: Some(args.pool_group.clone()),
+        };
+        cfg.follow_inference_pool(r).map_err(|m| anyhow::anyhow!("--pool-name: {m}"))?;
+    }
     apply_overrides(&mut cfg, &args);
-    let server = start(cfg, &path).await?;
+    let server = start_with(cfg, &path, args.kubeconfig.as_deref()).await?;
     tracing::info!(
         admin = %server.admin_addr, proxy = ?server.proxy_addr, ext_proc = %server.grpc_addr,
         pools = server.gateway.pools().len(), "kvgate serving"
@@ -174,7 +233,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// How long a shutdown waits for requests in flight.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Applies `--grpc-addr`, `--admin-addr` and `--proxy-addr`.
+/// Applies `--grpc-addr`, `--admin-addr`, `--proxy-addr` and `--health-addr`.
 pub(crate) fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {
     if let Some(a) = args.grpc_addr {
         cfg.grpc_addr = a;
@@ -184,5 +243,8 @@ pub(crate) fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {
     }
     if let Some(a) = args.proxy_addr {
         cfg.proxy_addr = Some(a);
+    }
+    if let Some(a) = args.health_addr {
+        cfg.health_addr = Some(a);
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod envoy;
+pub mod kube;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -36,6 +36,8 @@ pub(crate) async fn health_service(
                 let s = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
                 reporter.set_service_status("readiness", s).await;
                 reporter.set_service_status(EXT_PROC_SERVICE, s).await;
+                // The name the reference picker's Helm chart probes.
+                reporter.set_service_status("inference-extension", s).await;
                 last = Some(ready);
             }
             tokio::time::sleep(READINESS_POLL).await;

@@ -16,18 +16,25 @@ const SCRAPED_FAMILIES: &str = "name%5B%5D=vllm%3Anum_requests_running&name%5B%5
     &name%5B%5D=vllm%3Akv_cache_usage_perc&name%5B%5D=vllm%3Agpu_cache_usage_perc\
     &name%5B%5D=vllm%3Acache_config_info&name%5B%5D=vllm%3Alora_requests_info";
 
-/// Adapters (entries with a `parent`) from a `/v1/models` body.
-pub(crate) fn adapters_of(models_json: &str) -> Vec<String> {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(models_json) else { return Vec::new() };
-    v["data"]
-        .as_array()
-        .map(|data| {
-            data.iter()
-                .filter(|m| m.get("parent").is_some_and(|p| !p.is_null()))
-                .filter_map(|m| m["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+/// What an endpoint's `/v1/models` lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Served {
+    /// Base models (entries without a `parent`).
+    pub(crate) bases: Vec<String>,
+    /// LoRA adapters (entries with a `parent`).
+    pub(crate) adapters: Vec<String>,
+}
+
+/// The models of a `/v1/models` body; `None` when it is not a model list.
+pub(crate) fn served_of(models_json: &str) -> Option<Served> {
+    let v = serde_json::from_str::<serde_json::Value>(models_json).ok()?;
+    let mut out = Served::default();
+    for m in v["data"].as_array()? {
+        let Some(id) = m["id"].as_str().filter(|id| !id.is_empty()) else { continue };
+        let list = if m.get("parent").is_some_and(|p| !p.is_null()) { &mut out.adapters } else { &mut out.bases };
+        list.push(id.to_owned());
+    }
+    Some(out)
 }
 
 fn transport(message: String) -> ScrapeError {
@@ -118,14 +125,22 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
         let result = get(&mut conn, addr, &metrics_path, s.scrape_timeout, s.max_scrape_bytes)
             .await
             .and_then(|text| scrape_parse::parse(&text));
-        let adapters = if result.is_ok() && Instant::now() >= next_models {
-            next_models = Instant::now() + s.models_refresh;
-            get(&mut conn, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes).await.ok().map(|b| adapters_of(&b))
+        // A model list that cannot be read is asked for again at the next scrape: a pool that
+        // learns its models from its endpoints has no other way to know them.
+        let served = if result.is_ok() && Instant::now() >= next_models {
+            let served = get(&mut conn, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes)
+                .await
+                .ok()
+                .and_then(|b| served_of(&b));
+            if served.is_some() {
+                next_models = Instant::now() + s.models_refresh;
+            }
+            served
         } else {
             None
         };
         let Some(inner) = pool.upgrade() else { return };
-        let wait = inner.on_scrape(serial, result, adapters);
+        let wait = inner.on_scrape(serial, result, served);
         drop(inner);
         tokio::time::sleep(wait).await;
     }
@@ -136,9 +151,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adapters_from_models() {
-        let body = r#"{"object":"list","data":[{"id":"base","parent":null},{"id":"sql","parent":"base"},{"id":"x"}]}"#;
-        assert_eq!(adapters_of(body), ["sql"]);
-        assert!(adapters_of("garbage").is_empty());
+    fn models_and_adapters_from_models() {
+        let body = r#"{"object":"list","data":[{"id":"base","parent":null},{"id":"sql","parent":"base"},{"id":"x"},{"id":""},{"id":3}]}"#;
+        let served = served_of(body).expect("a model list");
+        assert_eq!(served.adapters, ["sql"]);
+        assert_eq!(served.bases, ["base", "x"]);
+        assert_eq!(served_of("garbage"), None);
+        assert_eq!(served_of(r#"{"data":{}}"#), None);
     }
 }

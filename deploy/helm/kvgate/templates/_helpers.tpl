@@ -1,0 +1,90 @@
+{{/*
+The name of every object of the release: the release name, or fullnameOverride.
+*/}}
+{{- define "kvgate.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The InferencePool kvgate serves (and renders when inferencePool.create is set).
+*/}}
+{{- define "kvgate.poolName" -}}
+{{- default (include "kvgate.fullname" .) .Values.inferencePool.name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The InferencePool's API group, from inferencePool.apiVersion.
+*/}}
+{{- define "kvgate.poolGroup" -}}
+{{- (split "/" .Values.inferencePool.apiVersion)._0 -}}
+{{- end -}}
+
+{{- define "kvgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "kvgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kvgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "kvgate.image" -}}
+{{- $image := .Values.inferenceExtension.image -}}
+{{- $tag := default .Chart.AppVersion $image.tag -}}
+{{- if $image.hub -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" $image.hub) $image.name $tag -}}
+{{- else -}}
+{{- printf "%s:%s" $image.name $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+kvgate's config file: the listeners on every address at the chart's ports, and one pool sourced
+from the InferencePool, with inferenceExtension.models/scheduler/poolConfig/config filled in.
+The chart's own keys win over poolConfig and config.
+*/}}
+{{- define "kvgate.config" -}}
+{{- $ie := .Values.inferenceExtension -}}
+{{- $ref := dict "name" (include "kvgate.poolName" .) "namespace" .Release.Namespace -}}
+{{- if ne (include "kvgate.poolGroup" .) "inference.networking.k8s.io" -}}
+{{- $_ := set $ref "group" (include "kvgate.poolGroup" .) -}}
+{{- end -}}
+{{- $pool := dict "name" (include "kvgate.poolName" .) "inference_pool" $ref -}}
+{{- with $ie.models -}}
+{{- $_ := set $pool "models" . -}}
+{{- end -}}
+{{- with $ie.scheduler -}}
+{{- $_ := set $pool "scheduler" . -}}
+{{- end -}}
+{{- $pool = merge $pool (deepCopy (default (dict) $ie.poolConfig)) -}}
+{{- $cfg := dict
+      "grpc_addr" (printf "0.0.0.0:%d" (int $ie.extProcPort))
+      "health_addr" (printf "0.0.0.0:%d" (int $ie.healthPort))
+      "admin_addr" (printf "0.0.0.0:%d" (int $ie.metricsPort))
+      "pools" (list $pool) -}}
+{{- if $ie.proxy.enabled -}}
+{{- $_ := set $cfg "proxy_addr" (printf "0.0.0.0:%d" (int $ie.proxy.port)) -}}
+{{- end -}}
+{{- $cfg = merge $cfg (deepCopy (default (dict) $ie.config)) -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/*
+Checks that fail the render with a message rather than produce objects that cannot work.
+*/}}
+{{- define "kvgate.validate" -}}
+{{- $ie := .Values.inferenceExtension -}}
+{{- if and .Values.inferencePool.create (empty .Values.inferencePool.modelServers.matchLabels) -}}
+{{- fail "inferencePool.modelServers.matchLabels must name the model servers' labels" -}}
+{{- end -}}
+{{- $ports := len .Values.inferencePool.targetPorts -}}
+{{- if or (lt $ports 1) (gt $ports 8) -}}
+{{- fail "inferencePool.targetPorts takes 1 to 8 ports" -}}
+{{- end -}}
+{{- if le (int $ie.terminationGracePeriodSeconds) (add 30 (int $ie.preStopSleepSeconds)) -}}
+{{- fail "inferenceExtension.terminationGracePeriodSeconds must exceed kvgate's 30 s drain plus preStopSleepSeconds" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,462 @@
+//! Kubernetes discovery against a real API server (etcd + kube-apiserver on loopback; see
+//! `tests/common/kube.rs`): pods joining and leaving with their readiness, scaling, label
+//! changes, `targetPorts` ranks, spec changes, malformed objects, an API server that is down at
+//! start or restarts under a running kvgate. Pods get IPs `127.0.N.M`, where simulators listen,
+//! all on port 8000 as in a cluster; each test has its own `127.0.N.0/24`.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::kube::{ADMIN_TOKEN, Cluster, Kubelet, inference_pool, install_crd, namespace, pool_spec, put_pool};
+use common::{eventually, get_json, start_sim};
+use kvgate::gateway::config::Config;
+use kvgate::tools::serve::{Server, start_with};
+use serde_json::{Value, json};
+
+const GROUP: &str = "inference.networking.k8s.io";
+const LOOSE_GROUP: &str = "inference.kvgate.test";
+
+/// Starts kvgate in-process with one pool following InferencePool `vllm` in `ns` (`pool` is
+/// the rest of the pool's YAML mapping, e.g. `models: [m]`).
+async fn kvgate(cluster: &Cluster, ns: &str, pool: &str) -> Server {
+    let kubeconfig = cluster.kubeconfig("kvgate", ADMIN_TOKEN, ns);
+    let yaml = format!(
+        "grpc_addr: 127.0.0.1:0\nadmin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nscrape: {{interval_ms: 50}}\n\
+         pools:\n  - {{name: llama, {pool}}}\n"
+    );
+    let path = Path::new("kubernetes.yaml");
+    let cfg = Config::from_yaml(&yaml, path).expect("config");
+    start_with(cfg, path, Some(&kubeconfig)).await.expect("kvgate starts")
+}
+
+async fn debug(kv: &Server) -> Value {
+    get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await
+}
+
+/// The first pool's endpoint addresses, sorted.
+async fn addresses(kv: &Server) -> Vec<String> {
+    let v = debug(kv).await;
+    let mut out: Vec<String> = v["pools"][0]["endpoints"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|e| e["address"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Waits until the pool's endpoints are exactly `want`; returns how long that took.
+async fn expect_endpoints(kv: &Server, want: &[&str]) -> Duration {
+    let start = Instant::now();
+    let mut want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    let ok = eventually(20, || {
+        let want = want.clone();
+        async move { addresses(kv).await == want }
+    })
+    .await;
+    assert!(ok, "endpoints {want:?}, got: {}", debug(kv).await);
+    start.elapsed()
+}
+
+async fn readyz(kv: &Server) -> u16 {
+    common::client()
+        .get(format!("http://{}/readyz", kv.admin_addr))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+fn proxy(kv: &Server) -> String {
+    format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"))
+}
+
+/// A simulator standing in for pod `name` at `ip:8000`.
+async fn sim(name: &str, ip: &str, extra: &[&str]) -> common::Sim {
+    let mut flags = vec!["--host", ip, "--port", "8000", "--model", "m", "--pod-name", name];
+    flags.extend_from_slice(extra);
+    start_sim(&flags).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_follow_readiness_scaling_and_labels() {
+    let cluster = Cluster::start().await;
+    let client = cluster.admin().await;
+    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
+    namespace(&client, "t1").await;
+    let kubelet = Kubelet::new(&client, "t1");
+    let _sims = [sim("a", "127.0.1.2", &[]).await, sim("b", "127.0.1.3", &[]).await, sim("c", "127.0.1.4", &[]).await];
+    put_pool(&client, "t1", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
+    let kv = kvgate(&cluster, "t1", "models: [m], inference_pool: {name: vllm}").await;
+    let app = [("app", "vllm")];
+
+    // Listed with no pod: ready, and empty.
+    assert!(eventually(20, || async { readyz(&kv).await == 200 }).await, "ready once listed");
+    assert_eq!(addresses(&kv).await, Vec::<String>::new());
+    let d = debug(&kv).await;
+    assert_eq!(d["pools"][0]["source"], "kubernetes", "{d}");
+    assert_eq!(d["pools"][0]["discovery"]["from"], "t1/vllm (inference.networking.k8s.io/v1)", "{d}");
+
+    // A pod joins when Ready with an IP, not before.
+    kubelet.create("a", &app, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(addresses(&kv).await.is_empty(), "a pod without IP or readiness is no endpoint");
+    kubelet.status("a", "127.0.1.2", true).await;
+    let joined = expect_endpoints(&kv, &["127.0.1.2:8000"]).await;
+    let (status, body) = common::post(&proxy(&kv), &json!({"model": "m", "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Scale to three, one of them scheduled on a node (so deleting it leaves it terminating).
+    kubelet.ready("b", &app, "127.0.1.3").await;
+    kubelet.create("c", &app, true).await;
+    kubelet.status("c", "127.0.1.4", true).await;
+    expect_endpoints(&kv, &["127.0.1.2:8000", "127.0.1.3:8000", "127.0.1.4:8000"]).await;
+    common::wait_scraped(&kv, 3).await;
+
+    // A pod that stops being Ready leaves rotation while its request in flight finishes.
+    let long = json!({"model": "m", "prompt": "tell me a long story", "max_tokens": 150, "stream": true,
+                      "ignore_eos": true});
+    let resp = common::client()
+        .post(proxy(&kv))
+        .header("content-type", "application/json")
+        .body(long.to_string())
+        .send()
+        .await
+        .expect("streaming request");
+    assert_eq!(resp.status(), 200);
+    let served = resp.headers()["x-inference-pod"].to_str().expect("pod header").to_owned();
+    let ip = match served.as_str() {
+        "a" => "127.0.1.2",
+        "b" => "127.0.1.3",
+        _ => "127.0.1.4",
+    };
+    kubelet.status(&served, ip, false).await;
+    let rest: Vec<&str> = ["127.0.1.2:8000", "127.0.1.3:8000", "127.0.1.4:8000"]
+        .into_iter()
+        .filter(|a| !a.starts_with(&format!("{ip}:")))
+        .collect();
+    let left = expect_endpoints(&kv, &rest).await;
+    let body = resp.text().await.expect("the stream ends");
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "the request in flight finished: …{}",
+        &body[body.len().saturating_sub(200)..]
+    );
+    kubelet.status(&served, ip, true).await;
+    expect_endpoints(&kv, &["127.0.1.2:8000", "127.0.1.3:8000", "127.0.1.4:8000"]).await;
+
+    // Scale back to one: b is deleted (gone at once), c terminates (stays, with a deletion
+    // timestamp, as without a kubelet to stop it).
+    kubelet.delete("b").await;
+    kubelet.delete("c").await;
+    let pod_c = kubelet.pods.get("c").await.expect("c is still there, terminating");
+    assert!(pod_c.metadata.deletion_timestamp.is_some());
+    expect_endpoints(&kv, &["127.0.1.2:8000"]).await;
+
+    // A label change moves a pod out of the selector and back in.
+    kubelet.relabel("a", &[("app", "other")]).await;
+    let relabelled = expect_endpoints(&kv, &[]).await;
+    assert_eq!(readyz(&kv).await, 200, "an empty pool is still in sync");
+    let (status, body) = common::post(&proxy(&kv), &json!({"model": "m", "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(status, 503, "{body}");
+    // No health or panic rule brings back what discovery removed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(addresses(&kv).await.is_empty());
+    kubelet.relabel("a", &app).await;
+    expect_endpoints(&kv, &["127.0.1.2:8000"]).await;
+    println!("joined in {joined:?}; an unready pod left in {left:?}; a relabelled one in {relabelled:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_ports_are_ranks_and_spec_changes_resync() {
+    let cluster = Cluster::start().await;
+    let client = cluster.admin().await;
+    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
+    namespace(&client, "t2").await;
+    let kubelet = Kubelet::new(&client, "t2");
+    let _ranks = sim("dp", "127.0.2.2", &["--data-parallel-size", "2", "--data-parallel-multi-port-external-lb"]).await;
+    let _other = sim("solo", "127.0.2.3", &[]).await;
+    put_pool(&client, "t2", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000, 8001]))).await;
+    // No models configured: they are learned from the endpoints' /v1/models.
+    let kv = kvgate(&cluster, "t2", "inference_pool: {name: vllm}").await;
+    kubelet.ready("dp", &[("app", "vllm"), ("llm-d.ai/role", "both"), ("tier", "gold")], "127.0.2.2").await;
+    kubelet.ready("solo", &[("app", "other"), ("llm-d.ai/role", "decode")], "127.0.2.3").await;
+
+    expect_endpoints(&kv, &["127.0.2.2:8000", "127.0.2.2:8001"]).await;
+    let d = debug(&kv).await;
+    let eps = d["pools"][0]["endpoints"].as_array().expect("endpoints").clone();
+    let mut ranks: Vec<(String, u64)> =
+        eps.iter().map(|e| (e["name"].as_str().unwrap_or("").to_owned(), e["rank"].as_u64().unwrap_or(99))).collect();
+    ranks.sort();
+    assert_eq!(ranks, [("dp-rank-0".to_owned(), 0), ("dp-rank-1".to_owned(), 1)], "{d}");
+    assert_eq!(eps[0]["labels"]["tier"], "gold", "pod labels are endpoint labels: {d}");
+
+    // Models come from the endpoints; requests for them route once known.
+    let models = format!("http://{}/v1/models", kv.proxy_addr.expect("proxy"));
+    assert!(
+        eventually(20, || async { get_json(&models).await["data"][0]["id"] == "m" }).await,
+        "models learned: {}",
+        get_json(&models).await
+    );
+    for _ in 0..6 {
+        let (status, body) = common::post(&proxy(&kv), &json!({"model": "m", "prompt": "hi", "max_tokens": 2})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = common::post(&proxy(&kv), &json!({"model": "nope", "prompt": "hi"})).await;
+    assert_eq!(status, 404, "{body}");
+
+    // Fewer ports: one endpoint per pod, no rank.
+    put_pool(&client, "t2", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8001]))).await;
+    expect_endpoints(&kv, &["127.0.2.2:8001"]).await;
+    // Another selector: a full resync onto other pods, with their roles.
+    put_pool(&client, "t2", &inference_pool(GROUP, "vllm", pool_spec("other", &[8000]))).await;
+    expect_endpoints(&kv, &["127.0.2.3:8000"]).await;
+    let d = debug(&kv).await;
+    assert_eq!(d["pools"][0]["endpoints"][0]["role"], "decode", "{d}");
+    assert_eq!(d["pools"][0]["endpoints"][0]["name"], "solo", "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_pools_and_pods_are_reported_and_skipped() {
+    let cluster = Cluster::start().await;
+    let client = cluster.admin().await;
+    install_crd(&client, "loose-inferencepool-crd.yaml", LOOSE_GROUP).await;
+    namespace(&client, "t3").await;
+    let kubelet = Kubelet::new(&client, "t3");
+    let _sim = sim("a", "127.0.3.2", &[]).await;
+    let nine: Vec<u16> = (8000..8009).collect();
+    put_pool(&client, "t3", &inference_pool(LOOSE_GROUP, "vllm", pool_spec("vllm", &nine))).await;
+    let kv = kvgate(&cluster, "t3", "models: [m], inference_pool: {name: vllm, group: inference.kvgate.test}").await;
+    kubelet.ready("a", &[("app", "vllm")], "127.0.3.2").await;
+    kubelet.ready("bad-role", &[("app", "vllm"), ("llm-d.ai/role", "banana")], "127.0.3.3").await;
+
+    let error = |d: &Value| d["pools"][0]["discovery"]["last_error"].as_str().unwrap_or("").to_owned();
+    assert!(
+        eventually(20, || async { error(&debug(&kv).await).contains("has 9") }).await,
+        "the nine-port pool is reported: {}",
+        debug(&kv).await
+    );
+    assert_eq!(readyz(&kv).await, 503, "never a valid spec: not ready");
+    assert!(addresses(&kv).await.is_empty());
+
+    // Fixed: in force, and the pod with a bad role label is skipped and reported.
+    put_pool(&client, "t3", &inference_pool(LOOSE_GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
+    expect_endpoints(&kv, &["127.0.3.2:8000"]).await;
+    assert!(eventually(10, || async { readyz(&kv).await == 200 }).await);
+    let d = debug(&kv).await;
+    assert!(d["pools"][0]["discovery"]["skipped"][0].as_str().unwrap_or("").contains("bad-role"), "{d}");
+    assert_eq!(error(&d), "", "{d}");
+
+    // Broken again in several ways: each is reported, and the last good spec stays.
+    let broken = [
+        (json!({"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": "8000"}), "not a list"),
+        (json!({"selector": {"matchLabels": {"app": 7}}, "targetPorts": [{"number": 8000}]}), "not a string"),
+        (json!({"targetPorts": [{"number": 8000}]}), "matchLabels"),
+        (json!({"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": -1}]}), "not a port"),
+        (json!("a string"), "no `spec` object"),
+    ];
+    for (spec, why) in broken {
+        put_pool(&client, "t3", &inference_pool(LOOSE_GROUP, "vllm", spec.clone())).await;
+        assert!(
+            eventually(20, || async { error(&debug(&kv).await).contains(why) }).await,
+            "{spec} reported as {why:?}: {}",
+            debug(&kv).await
+        );
+        assert_eq!(addresses(&kv).await, ["127.0.3.2:8000"], "the last good spec stays in force");
+        assert_eq!(readyz(&kv).await, 200);
+    }
+
+    // Deleted: no endpoints, not ready.
+    let api = common::kube::api_for(&client, &inference_pool(LOOSE_GROUP, "vllm", json!({})), "t3").await;
+    api.delete("vllm", &Default::default()).await.expect("pool deleted");
+    expect_endpoints(&kv, &[]).await;
+    assert!(eventually(10, || async { readyz(&kv).await == 503 }).await, "a deleted pool is not ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_at_start_and_restarted_under_kvgate() {
+    let mut cluster = Cluster::start().await;
+    let client = cluster.admin().await;
+    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
+    namespace(&client, "t4").await;
+    let kubelet = Kubelet::new(&client, "t4");
+    let _sims = [sim("a", "127.0.4.2", &[]).await, sim("b", "127.0.4.3", &[]).await];
+    put_pool(&client, "t4", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
+    kubelet.ready("a", &[("app", "vllm")], "127.0.4.2").await;
+
+    // Unreachable at start: retried, and /readyz waits for the first list.
+    cluster.stop_apiserver();
+    let kv = kvgate(&cluster, "t4", "models: [m], inference_pool: {name: vllm}").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(readyz(&kv).await, 503, "not ready before the first list");
+    let d = debug(&kv).await;
+    assert!(d["pools"][0]["discovery"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{d}");
+    cluster.start_apiserver();
+    cluster.wait_ready().await;
+    expect_endpoints(&kv, &["127.0.4.2:8000"]).await;
+    assert!(eventually(20, || async { readyz(&kv).await == 200 }).await);
+
+    // Restarted under a running kvgate: the known endpoints stay while it is down …
+    cluster.stop_apiserver();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(addresses(&kv).await, ["127.0.4.2:8000"]);
+    assert_eq!(readyz(&kv).await, 200);
+    let (status, body) = common::post(&proxy(&kv), &json!({"model": "m", "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{body}");
+    // … and the watch resumes when it is back.
+    cluster.start_apiserver();
+    cluster.wait_ready().await;
+    let client = cluster.admin().await;
+    let kubelet = Kubelet::new(&client, "t4");
+    kubelet.ready("b", &[("app", "vllm")], "127.0.4.3").await;
+    expect_endpoints(&kv, &["127.0.4.2:8000", "127.0.4.3:8000"]).await;
+    kubelet.status("a", "127.0.4.2", false).await;
+    expect_endpoints(&kv, &["127.0.4.3:8000"]).await;
+    let d = debug(&kv).await;
+    assert!(d["pools"][0]["discovery"].get("last_error").is_none(), "the error clears: {d}");
+}
+
+/// `kvgate serve` as its own process (the binary a container runs); killed on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A log file in the cluster's folder, for a process's stderr.
+fn log_file(cluster: &Cluster, name: &str) -> std::fs::File {
+    std::fs::File::create(cluster.dir.join(format!("{name}.log"))).expect("log file")
+}
+
+/// Listener flags on free loopback ports, and the admin and proxy URLs.
+fn listener_flags() -> (Vec<String>, String, String) {
+    let [grpc, admin, health, proxy] = [0; 4].map(|_| common::free_port());
+    let flags = [("--grpc-addr", grpc), ("--admin-addr", admin), ("--health-addr", health), ("--proxy-addr", proxy)]
+        .iter()
+        .flat_map(|(f, p)| [(*f).to_owned(), format!("127.0.0.1:{p}")])
+        .collect();
+    (flags, format!("http://127.0.0.1:{admin}"), format!("http://127.0.0.1:{proxy}"))
+}
+
+/// The first pool's endpoint addresses on an admin URL, sorted.
+async fn remote_addresses(admin: &str) -> Vec<String> {
+    let Ok(r) = common::client().get(format!("{admin}/debug/endpoints")).send().await else { return Vec::new() };
+    let v: Value = r.json().await.unwrap_or_default();
+    let mut out: Vec<String> = v["pools"][0]["endpoints"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|e| e["address"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_rbac_is_enough_for_kvgate() {
+    let cluster = Cluster::start().await;
+    let client = cluster.admin().await;
+    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
+    namespace(&client, "t5").await;
+    namespace(&client, "elsewhere").await;
+
+    // The chart as rendered with its default values, applied as is: ServiceAccount, Role,
+    // RoleBinding, ConfigMap, Service, Deployment and the InferencePool itself.
+    let manifests = common::kube::render_chart("kvgate", "t5", &[]);
+    let created = common::kube::create_all(&client, &manifests, "t5").await;
+    let kinds: Vec<String> = created.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
+    for kind in ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment", "InferencePool"] {
+        assert!(kinds.iter().any(|k| k == kind), "the chart renders a {kind}: {kinds:?}");
+    }
+    let config = created
+        .iter()
+        .find(|o| o.types.as_ref().is_some_and(|t| t.kind == "ConfigMap"))
+        .and_then(|o| o.data["data"]["config.yaml"].as_str())
+        .expect("the ConfigMap's config.yaml")
+        .to_owned();
+    let config_path = cluster.dir.join("chart-config.yaml");
+    std::fs::write(&config_path, &config).expect("config written");
+
+    // kvgate's identity: the chart's service account, bound only to the chart's Role.
+    let token = common::kube::service_account_token(&client, "t5", "kvgate").await;
+    let kubeconfig = cluster.kubeconfig("chart-sa", &token, "t5");
+    let restricted = {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+        kube::Client::try_from(cfg).expect("client")
+    };
+    let pods_elsewhere: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(restricted.clone(), "elsewhere");
+    let denied = pods_elsewhere.list(&Default::default()).await.expect_err("no rights outside its namespace");
+    assert!(denied.to_string().contains("forbidden"), "{denied}");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(restricted, "t5");
+    assert!(secrets.list(&Default::default()).await.is_err(), "no rights beyond pods and InferencePools");
+
+    let kubelet = Kubelet::new(&client, "t5");
+    let _sims = [sim("vllm-0", "127.0.5.2", &[]).await, sim("vllm-1", "127.0.5.3", &[]).await];
+    kubelet.ready("vllm-0", &[("app", "vllm")], "127.0.5.2").await;
+
+    // The container's command line with the chart's config, and with the reference picker's
+    // flags alone.
+    let (flags, admin, proxy) = listener_flags();
+    let chart_run = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(&flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(&cluster, "chart-run"))
+            .spawn()
+            .expect("kvgate starts"),
+    );
+    let (flags2, admin2, proxy2) = listener_flags();
+    let flag_run = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["serve", "--pool-name", "kvgate", "--pool-namespace", "t5", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(&flags2)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(&cluster, "flag-run"))
+            .spawn()
+            .expect("kvgate starts"),
+    );
+    for (admin, proxy) in [(&admin, &proxy), (&admin2, &proxy2)] {
+        let seen = eventually(30, || async { remote_addresses(admin).await == ["127.0.5.2:8000"] }).await;
+        assert!(seen, "{admin}: endpoints {:?}", remote_addresses(admin).await);
+        let ready = eventually(10, || async {
+            common::client().get(format!("{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(ready, "{admin} ready");
+        // Models learned from the endpoint, then served.
+        let body = json!({"model": "m", "prompt": "hi", "max_tokens": 2});
+        let served =
+            eventually(20, || async { common::post(&format!("{proxy}/v1/completions"), &body).await.0 == 200 }).await;
+        assert!(served, "{proxy}: {:?}", common::post(&format!("{proxy}/v1/completions"), &body).await);
+    }
+    kubelet.ready("vllm-1", &[("app", "vllm")], "127.0.5.3").await;
+    for admin in [&admin, &admin2] {
+        let both = ["127.0.5.2:8000", "127.0.5.3:8000"];
+        assert!(eventually(20, || async { remote_addresses(admin).await == both }).await, "{admin}: watch works");
+    }
+    drop((chart_run, flag_run));
+}
+
+/// The container image: deploy/Dockerfile built with buildah around this build's binary, from
+/// a runtime base made on the spot (no registry can be reached); the binary inside starts.
+#[test]
+fn the_image_builds_and_its_binary_starts() {
+    let out = std::process::Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/image-test.sh"))
+        .arg(env!("CARGO_BIN_EXE_kvgate"))
+        .output()
+        .expect("ci/image-test.sh runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "image test failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("kvgate {}", env!("CARGO_PKG_VERSION")));
+}
