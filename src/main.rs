@@ -44,7 +44,7 @@ enum Command {
         file: PathBuf,
     },
     /// Run kvgate: pools, discovery, scraping and the admin API, from a config file.
-    Serve(kvgate::tools::serve::ServeArgs),
+    Serve(Box<kvgate::tools::serve::ServeArgs>),
     /// Drive a seeded workload against an OpenAI-compatible server and report latency,
     /// throughput and prefix-cache hit rate.
     Bench(Box<BenchCli>),
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             return_freed_buffers();
             init_logging();
-            run_async(kvgate::tools::serve::run(args))
+            run_async(kvgate::tools::serve::run(*args))
         }
         Command::Bench(cli) => match cli.sub {
             Some(BenchSub::Compare { reports, plot }) => match kvgate::tools::bench::compare(&reports, plot.as_deref())

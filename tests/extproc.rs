@@ -402,6 +402,37 @@ async fn ext_proc_over_tls() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `self_signed_tls` (the reference picker's `--secure-serving` without a certificate): the
+/// gRPC port speaks TLS only — a TLS client gets as far as an unknown certificate, a plaintext
+/// one nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_over_self_signed_tls() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{self_signed_tls: true}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let other = rcgen::generate_simple_self_signed(vec!["kvgate".to_owned()]).expect("certificate");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(other.cert.pem()))
+        .domain_name("kvgate");
+    let refused = tonic::transport::Endpoint::from_shared(format!("https://{}", kv.grpc_addr))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect_err("a certificate no CA signed");
+    let chain = format!("{refused:?}");
+    assert!(chain.contains("certificate") || chain.contains("Certificate"), "a TLS handshake: {chain}");
+    let plain = ExternalProcessorClient::connect(format!("http://{}", kv.grpc_addr)).await;
+    if let Ok(mut c) = plain {
+        let (_tx, rx) = mpsc::channel::<ProcessingRequest>(1);
+        assert!(c.process(ReceiverStream::new(rx)).await.is_err());
+    }
+}
+
 /// When the gateway reports (in `envoy.lb` metadata) that a fallback served the request, the
 /// in-flight count moves there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

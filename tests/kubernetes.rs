@@ -216,6 +216,11 @@ async fn target_ports_are_ranks_and_spec_changes_resync() {
     let d = debug(&kv).await;
     assert_eq!(d["pools"][0]["endpoints"][0]["role"], "decode", "{d}");
     assert_eq!(d["pools"][0]["endpoints"][0]["name"], "solo", "{d}");
+    // With no endpoint left, the learned model is still the pool's: 503, not 404.
+    kubelet.status("solo", "127.0.2.3", false).await;
+    expect_endpoints(&kv, &[]).await;
+    let (status, body) = common::post(&proxy(&kv), &json!({"model": "m", "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(status, 503, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,11 +273,18 @@ async fn malformed_pools_and_pods_are_reported_and_skipped() {
         assert_eq!(readyz(&kv).await, 200);
     }
 
-    // Deleted: no endpoints, not ready.
+    // Deleted: no endpoints (requests get a 503, not a 404: the pool keeps its models), and
+    // the reason shown; recreated: back.
     let api = common::kube::api_for(&client, &inference_pool(LOOSE_GROUP, "vllm", json!({})), "t3").await;
     api.delete("vllm", &Default::default()).await.expect("pool deleted");
     expect_endpoints(&kv, &[]).await;
-    assert!(eventually(10, || async { readyz(&kv).await == 503 }).await, "a deleted pool is not ready");
+    assert!(error(&debug(&kv).await).contains("does not exist"), "{}", debug(&kv).await);
+    assert!(debug(&kv).await["pools"][0]["discovery"].get("skipped").is_none(), "{}", debug(&kv).await);
+    let (status, body) = common::post(&proxy(&kv), &json!({"model": "m", "prompt": "hi", "max_tokens": 2})).await;
+    assert_eq!(status, 503, "{body}");
+    put_pool(&client, "t3", &inference_pool(LOOSE_GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
+    expect_endpoints(&kv, &["127.0.3.2:8000"]).await;
+    assert_eq!(error(&debug(&kv).await), "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,8 +326,13 @@ async fn api_server_down_at_start_and_restarted_under_kvgate() {
     expect_endpoints(&kv, &["127.0.4.2:8000", "127.0.4.3:8000"]).await;
     kubelet.status("a", "127.0.4.2", false).await;
     expect_endpoints(&kv, &["127.0.4.3:8000"]).await;
-    let d = debug(&kv).await;
-    assert!(d["pools"][0]["discovery"].get("last_error").is_none(), "the error clears: {d}");
+    // The watch error is shown until the watch delivers again (or for a minute).
+    let mut touched = inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000]));
+    touched.metadata.labels = Some([("touched".to_owned(), "yes".to_owned())].into());
+    put_pool(&client, "t4", &touched).await;
+    let cleared =
+        eventually(20, || async { debug(&kv).await["pools"][0]["discovery"].get("last_error").is_none() }).await;
+    assert!(cleared, "the error clears: {}", debug(&kv).await);
 }
 
 /// `kvgate serve` as its own process (the binary a container runs); killed on drop.
@@ -365,7 +382,7 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
 
     // The chart as rendered with its default values, applied as is: ServiceAccount, Role,
     // RoleBinding, ConfigMap, Service, Deployment and the InferencePool itself.
-    let manifests = common::kube::render_chart("kvgate", "t5", &[]);
+    let manifests = common::kube::render_chart("kvgate", "t5", &["inferencePool.modelServers.matchLabels.app=vllm"]);
     let created = common::kube::create_all(&client, &manifests, "t5").await;
     let kinds: Vec<String> = created.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     for kind in ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment", "InferencePool"] {
@@ -414,12 +431,35 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
             .spawn()
             .expect("kvgate starts"),
     );
-    let (flags2, admin2, proxy2) = listener_flags();
+    // The reference picker's chart's command line, unchanged but for the ports: its scheduler
+    // file, log flags, TLS with a certificate folder, health alone on its own port.
+    let epc = cluster.dir.join("default-plugins.yaml");
+    std::fs::write(
+        &epc,
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n\
+         - type: queue-scorer\n- type: kv-cache-utilization-scorer\n- type: prefix-cache-scorer\n\
+         schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n\
+         \x20 - pluginRef: kv-cache-utilization-scorer\n  - pluginRef: prefix-cache-scorer\n",
+    )
+    .expect("EndpointPickerConfig written");
+    let certs = cluster.dir.join("certs");
+    std::fs::create_dir_all(&certs).expect("cert folder");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    std::fs::write(certs.join("tls.crt"), cert.cert.pem()).expect("cert");
+    std::fs::write(certs.join("tls.key"), cert.signing_key.serialize_pem()).expect("key");
+    let [grpc2, health2, metrics2, proxy_port2] = [0; 4].map(|_| common::free_port());
+    let (admin2, proxy2) = (format!("http://127.0.0.1:{metrics2}"), format!("http://127.0.0.1:{proxy_port2}"));
     let flag_run = Process(
         std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .args(["serve", "--pool-name", "kvgate", "--pool-namespace", "t5", "--kubeconfig"])
+            .args(["serve", "--pool-name", "kvgate", "--pool-namespace", "t5", "--zap-encoder", "json"])
+            .args(["--log-level", "error", "--v", "1", "--config-file"])
+            .arg(&epc)
+            .args(["--secure-serving", "--cert-path"])
+            .arg(&certs)
+            .args(["--grpc-port", &grpc2.to_string(), "--grpc-health-port", &health2.to_string()])
+            .args(["--metrics-port", &metrics2.to_string(), "--proxy-addr", &format!("127.0.0.1:{proxy_port2}")])
+            .arg("--kubeconfig")
             .arg(&kubeconfig)
-            .args(&flags2)
             .stdout(std::process::Stdio::null())
             .stderr(log_file(&cluster, "flag-run"))
             .spawn()
@@ -439,6 +479,49 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
             eventually(20, || async { common::post(&format!("{proxy}/v1/completions"), &body).await.0 == 200 }).await;
         assert!(served, "{proxy}: {:?}", common::post(&format!("{proxy}/v1/completions"), &body).await);
     }
+    // The reference chart's probe (gRPC health, service `inference-extension`, plaintext on the
+    // health port) and ext_proc's port over TLS; the scheduler is the file's.
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let ask = |service: &str| HealthCheckRequest { service: service.to_owned() };
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{health2}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("health port");
+    let probe = HealthClient::new(plain);
+    // gRPC health follows readiness within its 200 ms poll.
+    let serving = eventually(10, || {
+        let mut probe = probe.clone();
+        async move {
+            let status = probe.check(ask("inference-extension")).await.map(|r| r.into_inner().status);
+            status.is_ok_and(|s| s == ServingStatus::Serving as i32)
+        }
+    })
+    .await;
+    assert!(serving, "the reference chart's probe passes");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc2}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("TLS")
+        .connect()
+        .await
+        .expect("ext_proc's port speaks TLS");
+    let status = HealthClient::new(channel).check(ask("")).await.expect("health over TLS").into_inner().status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let explain = common::client()
+        .post(format!("{admin2}/debug/explain?path=/v1/completions"))
+        .body(json!({"model": "m", "prompt": "hi"}).to_string())
+        .send()
+        .await
+        .expect("explain")
+        .text()
+        .await
+        .expect("text");
+    assert!(explain.contains("queue-scorer") && !explain.contains("active-request-scorer"), "{explain}");
+
     kubelet.ready("vllm-1", &[("app", "vllm")], "127.0.5.3").await;
     for admin in [&admin, &admin2] {
         let both = ["127.0.5.2:8000", "127.0.5.3:8000"];

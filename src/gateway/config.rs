@@ -234,6 +234,9 @@ pub struct ExtProcConfig {
     pub conformance_test_filter: bool,
     /// Serve gRPC over TLS with this certificate and key (PEM files).
     pub tls: Option<TlsFiles>,
+    /// Without `tls`, serve gRPC over TLS with a self-signed certificate made at start (what
+    /// the reference picker does by default; gateways then skip verification).
+    pub self_signed_tls: bool,
 }
 
 /// A PEM certificate (chain) and its private key.
@@ -255,6 +258,7 @@ impl Default for ExtProcConfig {
             max_message_bytes: 64 << 20,
             conformance_test_filter: false,
             tls: None,
+            self_signed_tls: false,
         }
     }
 }

@@ -120,8 +120,9 @@ impl Gateway {
     }
 
     /// The pool serving `model`: the one configured with it, else one configured without
-    /// models whose endpoints list it, else one whose endpoints serve it as an adapter
-    /// (routing an adapter to the pool of its base model).
+    /// models whose endpoints list it (or listed it), else one whose endpoints serve it as an
+    /// adapter (routing an adapter to the pool of its base model), else the one pool still
+    /// waiting to learn its models.
     pub fn pool_for(&self, model: &str) -> Result<&Pool, RouteError> {
         self.pools
             .iter()
@@ -130,6 +131,16 @@ impl Gateway {
                 self.pools.iter().find(|p| p.models().is_empty() && p.snapshot().models.iter().any(|m| m == model))
             })
             .or_else(|| self.pools.iter().find(|p| p.snapshot().adapters.iter().any(|a| a == model)))
+            // One pool that learns its models and knows none yet (no endpoint has answered):
+            // its requests wait for its endpoints (a 503 now), not a 404.
+            .or_else(|| {
+                let mut learning =
+                    self.pools.iter().filter(|p| p.models().is_empty() && p.snapshot().models.is_empty());
+                match (learning.next(), learning.next()) {
+                    (Some(p), None) => Some(p),
+                    _ => None,
+                }
+            })
             .ok_or_else(|| RouteError::UnknownModel { model: model.to_owned(), served: self.served_models() })
     }
 

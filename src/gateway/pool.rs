@@ -283,7 +283,7 @@ impl Pool {
         self.inner.snapshot.read().clone()
     }
 
-    /// Whether discovery has completed (and, for Kubernetes, is still in sync).
+    /// Whether the first discovery has completed.
     pub fn ready(&self) -> bool {
         self.inner.discovered.load(Ordering::Acquire)
     }
@@ -296,8 +296,9 @@ impl Pool {
         self.set_endpoints_synced(entries, true);
     }
 
-    /// [`Pool::set_endpoints`], saying whether the source is in sync: a pool whose source is
-    /// not (its InferencePool gone or never valid) is not ready.
+    /// [`Pool::set_endpoints`], saying whether the source is in sync. A pool is ready from its
+    /// first synced set on (a source that loses its sync later — an InferencePool deleted —
+    /// empties the pool, whose requests then get 503s, rather than making all of kvgate unready).
     pub fn set_endpoints_synced(&self, entries: Vec<ResolvedEndpoint>, synced: bool) {
         let inner = &self.inner;
         {
@@ -313,7 +314,9 @@ impl Pool {
                 if members.iter().any(|m: &Member| m.key() == key) {
                     continue;
                 }
-                if let Some(pos) = old.iter().position(|m| m.key() == key) {
+                // An address that now names another endpoint (a pod IP given to a new pod) starts
+                // afresh: nothing of the old one's load, health or cache carries over.
+                if let Some(pos) = old.iter().position(|m| m.key() == key && m.entry.name == entry.name) {
                     let mut m = old.swap_remove(pos);
                     m.entry = entry;
                     members.push(m);
@@ -363,7 +366,9 @@ impl Pool {
             st.members = members;
         }
         inner.publish();
-        inner.discovered.store(synced, Ordering::Release);
+        if synced {
+            inner.discovered.store(true, Ordering::Release);
+        }
     }
 
     /// Records what a request learned about endpoint `id`. A 5xx is an error unless the
@@ -482,8 +487,13 @@ impl Inner {
         adapters.dedup();
         bases.sort_unstable();
         bases.dedup();
-        let snap = Arc::new(Snapshot { endpoints, adapters, models: bases });
         drop(st);
+        // Learned models outlive their endpoints: a pool that is empty for a while (a rollout,
+        // a scale to zero) still owns its models, and their requests get a 503, not a 404.
+        if bases.is_empty() {
+            bases.clone_from(&self.snapshot.read().models);
+        }
+        let snap = Arc::new(Snapshot { endpoints, adapters, models: bases });
         *self.snapshot.write() = snap;
     }
 

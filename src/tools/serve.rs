@@ -17,12 +17,13 @@ use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
 use crate::front::listen::{ConnLimits, Pace, drain, nodelay, serve_http, shutdown_signal, stopped};
 use crate::front::proxy::{self, ProxyState};
-use crate::gateway::config::{Config, INFERENCE_POOL_GROUP, InferencePoolRef};
+use crate::gateway::config::{Config, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
 use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, SourceStatus, discovery, kubernetes};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::plan::Planner;
+use crate::routing::schedule::SchedulerSpec;
 
 /// `kvgate serve` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -60,6 +61,102 @@ pub struct ServeArgs {
     /// in-cluster service account).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub reference: ReferenceFlags,
+}
+
+/// The reference endpoint picker's other flags, so that its Helm chart can run kvgate's image
+/// unchanged: the scheduler config, the ports, and TLS are honoured; logging and tracing
+/// flags are accepted and ignored.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ReferenceFlags {
+    /// An EndpointPickerConfig file: the pool's scheduler (`plugins`, `schedulingProfiles`).
+    #[arg(long, conflicts_with = "config_text")]
+    pub config_file: Option<PathBuf>,
+    /// The same, inline.
+    #[arg(long)]
+    pub config_text: Option<String>,
+    /// ext_proc (and gRPC health) on `0.0.0.0:PORT`.
+    #[arg(long, value_name = "PORT")]
+    pub grpc_port: Option<u16>,
+    /// gRPC health alone on `0.0.0.0:PORT`.
+    #[arg(long, value_name = "PORT")]
+    pub grpc_health_port: Option<u16>,
+    /// The admin API (`/metrics`, probes, `/debug`) on `0.0.0.0:PORT`.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// Serve ext_proc over TLS: the certificate in `--cert-path`, or a self-signed one. On by
+    /// default with `--pool-name` and no `--config` (as the reference picker), off otherwise.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub secure_serving: Option<bool>,
+    /// A folder with `tls.crt` and `tls.key` for `--secure-serving`.
+    #[arg(long, value_name = "DIR")]
+    pub cert_path: Option<PathBuf>,
+    /// Accepted and ignored (kvgate logs as it does).
+    #[arg(long, hide = true)]
+    pub zap_encoder: Option<String>,
+    /// Accepted and ignored.
+    #[arg(long, hide = true)]
+    pub log_level: Option<String>,
+    /// Accepted and ignored.
+    #[arg(long = "v", hide = true)]
+    pub verbosity: Option<String>,
+    /// Accepted and ignored.
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub tracing: Option<String>,
+}
+
+impl ReferenceFlags {
+    /// Applies the flags to `cfg`; `reference` says kvgate runs as the reference picker would
+    /// (`--pool-name` without `--config`). The message says what is wrong.
+    fn apply(&self, cfg: &mut Config, reference: bool) -> anyhow::Result<()> {
+        let any = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
+        if let Some(p) = self.grpc_port {
+            cfg.grpc_addr = any(p);
+        }
+        if let Some(p) = self.grpc_health_port {
+            cfg.health_addr = Some(any(p));
+        }
+        if let Some(p) = self.metrics_port {
+            cfg.admin_addr = any(p);
+        }
+        let text = match (&self.config_file, &self.config_text) {
+            (Some(path), _) => Some(
+                std::fs::read_to_string(path).with_context(|| format!("reading --config-file {}", path.display()))?,
+            ),
+            (None, Some(text)) => Some(text.clone()),
+            (None, None) => None,
+        };
+        if let Some(text) = text {
+            let spec: SchedulerSpec =
+                parse_yaml(&text).map_err(|(at, m)| anyhow::anyhow!("--config-file/--config-text: {at}: {m}"))?;
+            match cfg.pools.as_mut_slice() {
+                [pool] => pool.scheduler = Some(spec),
+                pools => anyhow::bail!(
+                    "--config-file/--config-text sets the scheduler of a config's one pool; the config has {}",
+                    pools.len()
+                ),
+            }
+        }
+        match (self.secure_serving.or(reference.then_some(true)), &self.cert_path) {
+            (Some(false), _) | (None, None) => {}
+            (_, Some(dir)) => {
+                cfg.extproc.tls = Some(TlsFiles { cert_path: dir.join("tls.crt"), key_path: dir.join("tls.key") });
+            }
+            (Some(true), None) => cfg.extproc.self_signed_tls = true,
+        }
+        for (flag, set) in [
+            ("--zap-encoder", self.zap_encoder.is_some()),
+            ("--log-level", self.log_level.is_some()),
+            ("--v", self.verbosity.is_some()),
+            ("--tracing", self.tracing.is_some()),
+        ] {
+            if set {
+                tracing::info!(flag, "flag of the reference picker accepted and ignored");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A running kvgate: its gateway and bound listeners. Dropping it stops everything.
@@ -173,10 +270,21 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let (health, follow_readiness) = health_service(&gateway).await;
     tasks.push(AbortOnDrop(tokio::spawn(follow_readiness)));
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &cfg.extproc.tls {
-        let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
-        let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
-        let identity = tonic::transport::Identity::from_pem(cert, key);
+    let identity = match &cfg.extproc.tls {
+        Some(tls) => {
+            let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
+            let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
+            Some(tonic::transport::Identity::from_pem(cert, key))
+        }
+        None if cfg.extproc.self_signed_tls => {
+            let made = rcgen::generate_simple_self_signed(vec!["kvgate".to_owned(), "localhost".to_owned()])
+                .context("making a self-signed certificate")?;
+            tracing::info!("ext_proc over TLS with a self-signed certificate");
+            Some(tonic::transport::Identity::from_pem(made.cert.pem(), made.signing_key.serialize_pem()))
+        }
+        None => None,
+    };
+    if let Some(identity) = identity {
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .context("TLS on grpc_addr")?;
@@ -218,6 +326,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         cfg.follow_inference_pool(r).map_err(|m| anyhow::anyhow!("--pool-name: {m}"))?;
     }
+    args.reference.apply(&mut cfg, args.config.is_none())?;
     apply_overrides(&mut cfg, &args);
     let server = start_with(cfg, &path, args.kubeconfig.as_deref()).await?;
     tracing::info!(

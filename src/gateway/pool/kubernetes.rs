@@ -224,8 +224,9 @@ struct State {
     pods_listed: bool,
     /// The problem of the InferencePool itself, if any.
     pool_error: Option<String>,
-    /// The last watch error, until the watch works again.
-    watch_error: Option<String>,
+    /// The last error of each watch (InferencePool, pods) and when it happened; shown for a
+    /// minute after its last repeat, since a watch that resumes quietly sends no event.
+    watch_errors: [Option<(String, std::time::Instant)>; 2],
     /// Pods reported as malformed (name → why), so each is logged once.
     skipped: BTreeMap<String, String>,
     /// The endpoint set last handed to the pool.
@@ -285,7 +286,7 @@ pub(crate) async fn run(pool: Pool, client: kube::Client, target: Target) {
             ev = pool_events.next() => match ev {
                 None => return,
                 Some(Ok(ev)) => {
-                    st.watch_error = None;
+                    st.watch_errors[POOL_WATCH] = None;
                     if let Some(restart) = on_pool_event(&mut st, ev, &what) {
                         pod_events = restart.map(|selector| {
                             let cfg = watcher::Config::default().labels(&selector);
@@ -293,26 +294,43 @@ pub(crate) async fn run(pool: Pool, client: kube::Client, target: Target) {
                         });
                     }
                 }
-                Some(Err(e)) => watch_failed(&mut st, &what, "the InferencePool", &e),
+                Some(Err(e)) => watch_failed(&mut st, &what, POOL_WATCH, &e),
             },
             Some(ev) = next_pod => match ev {
                 Ok(ev) => {
-                    st.watch_error = None;
+                    st.watch_errors[POD_WATCH] = None;
                     on_pod_event(&mut st, ev, &what);
                 }
-                Err(e) => watch_failed(&mut st, &what, "its pods", &e),
+                Err(e) => watch_failed(&mut st, &what, POD_WATCH, &e),
             },
         }
         publish(&pool, &mut st);
     }
 }
 
-fn watch_failed(st: &mut State, what: &str, object: &str, e: &watcher::Error) {
-    let message = format!("watching {object}: {}", crate::gateway::error::error_chain(e));
-    if st.watch_error.as_deref() != Some(message.as_str()) {
+const POOL_WATCH: usize = 0;
+const POD_WATCH: usize = 1;
+/// How long a watch error stays in `/debug/endpoints` after its last repeat.
+const ERROR_SHOWN: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn watch_failed(st: &mut State, what: &str, watch: usize, e: &watcher::Error) {
+    let object = if watch == POOL_WATCH { "the InferencePool" } else { "its pods" };
+    let mut message = format!("watching {object}: {}", crate::gateway::error::error_chain(e));
+    let text = message.to_ascii_lowercase();
+    if watch == POOL_WATCH && (text.contains("404") || text.contains("not found")) {
+        message.push_str(" (is the InferencePool CRD, version v1 of this group, installed?)");
+    }
+    let repeat = st.watch_errors[watch].as_ref().is_some_and(|(m, _)| *m == message);
+    // An expired resource version (410) is routine: the watch lists again.
+    let routine = text.contains("410") || text.contains("expired");
+    if routine {
+        tracing::debug!(inference_pool = what, error = %message, "Kubernetes watch expired; listing again");
+    } else if !repeat {
         tracing::warn!(inference_pool = what, error = %message, "Kubernetes watch failed; retrying with backoff, endpoints kept");
     }
-    st.watch_error = Some(message);
+    if !routine {
+        st.watch_errors[watch] = Some((message, std::time::Instant::now()));
+    }
 }
 
 /// Applies an InferencePool event. Returns `Some(new pod selector)` when the pod watch must
@@ -340,7 +358,10 @@ fn on_pool_event(st: &mut State, ev: Event<DynamicObject>, what: &str) -> Option
         }
         st.spec = None;
         st.pods.clear();
+        st.pods_relist = None;
+        st.skipped.clear();
         st.pods_listed = false;
+        st.watch_errors[POD_WATCH] = None;
         st.pool_error = Some("the InferencePool does not exist".into());
         return Some(None);
     };
@@ -356,7 +377,9 @@ fn on_pool_event(st: &mut State, ev: Event<DynamicObject>, what: &str) -> Option
             if restart {
                 st.pods.clear();
                 st.pods_relist = None;
+                st.skipped.clear();
                 st.pods_listed = false;
+                st.watch_errors[POD_WATCH] = None;
                 return Some(Some(selector));
             }
             None
@@ -414,14 +437,23 @@ fn on_pod_event(st: &mut State, ev: Event<Pod>, what: &str) {
 /// Hands the pool its endpoints when they (or readiness) changed, and refreshes the status.
 fn publish(pool: &Pool, st: &mut State) {
     let synced = st.synced();
+    let recent = |e: &Option<(String, std::time::Instant)>| {
+        e.as_ref().filter(|(_, at)| at.elapsed() < ERROR_SHOWN).map(|(m, _)| m.clone())
+    };
+    let last_error = st
+        .pool_error
+        .clone()
+        .or_else(|| recent(&st.watch_errors[POOL_WATCH]))
+        .or_else(|| recent(&st.watch_errors[POD_WATCH]));
     pool.update_source(|s| {
         s.synced = synced;
-        s.last_error = st.pool_error.clone().or_else(|| st.watch_error.clone());
+        s.last_error = last_error;
         s.skipped = st.skipped.iter().map(|(n, why)| format!("pod {n}: {why}")).collect();
     });
-    // Until the pods are listed, the last set stands (no flap to empty on a selector change).
+    // Until the pods are listed, the last set stands (no flap to empty on a selector change);
+    // during a relist, nothing is recomputed until it is complete.
     let settled = synced || (st.pool_listed && st.spec.is_none());
-    if !settled {
+    if !settled || st.pods_relist.is_some() || st.pool_relist.is_some() {
         return;
     }
     let endpoints = st.endpoints();

@@ -118,6 +118,9 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
     let metrics_path = format!("/metrics?{SCRAPED_FAMILIES}");
     let mut conn: Option<Conn> = None;
     let mut next_models = Instant::now();
+    // After a failed model list: 1 s, doubling up to `models_refresh` (a server that refuses
+    // `/v1/models`, behind an API key say, is not asked twenty times a second).
+    let mut models_backoff = Duration::from_secs(1);
     loop {
         let Some(inner) = pool.upgrade() else { return };
         let s = inner.settings.clone();
@@ -125,8 +128,8 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
         let result = get(&mut conn, addr, &metrics_path, s.scrape_timeout, s.max_scrape_bytes)
             .await
             .and_then(|text| scrape_parse::parse(&text));
-        // A model list that cannot be read is asked for again at the next scrape: a pool that
-        // learns its models from its endpoints has no other way to know them.
+        // A model list that cannot be read is asked for again soon: a pool that learns its
+        // models from its endpoints has no other way to know them.
         let served = if result.is_ok() && Instant::now() >= next_models {
             let served = get(&mut conn, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes)
                 .await
@@ -134,6 +137,10 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
                 .and_then(|b| served_of(&b));
             if served.is_some() {
                 next_models = Instant::now() + s.models_refresh;
+                models_backoff = Duration::from_secs(1);
+            } else {
+                next_models = Instant::now() + models_backoff.min(s.models_refresh);
+                models_backoff = (models_backoff * 2).min(s.models_refresh);
             }
             served
         } else {

@@ -19,6 +19,15 @@ The InferencePool's API group, from inferencePool.apiVersion.
 {{- (split "/" .Values.inferencePool.apiVersion)._0 -}}
 {{- end -}}
 
+{{/*
+The model servers' labels: inferencePool.modelServers.matchLabels, or `app: <pool name>` when
+none are given (an empty default, so that --set adds to nothing).
+*/}}
+{{- define "kvgate.modelServerLabels" -}}
+{{- $labels := .Values.inferencePool.modelServers.matchLabels | default (dict "app" (include "kvgate.poolName" .)) -}}
+{{- toYaml $labels -}}
+{{- end -}}
+
 {{- define "kvgate.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -77,8 +86,8 @@ Checks that fail the render with a message rather than produce objects that cann
 */}}
 {{- define "kvgate.validate" -}}
 {{- $ie := .Values.inferenceExtension -}}
-{{- if and .Values.inferencePool.create (empty .Values.inferencePool.modelServers.matchLabels) -}}
-{{- fail "inferencePool.modelServers.matchLabels must name the model servers' labels" -}}
+{{- if not (hasSuffix "/v1" .Values.inferencePool.apiVersion) -}}
+{{- fail "inferencePool.apiVersion must be GROUP/v1: kvgate reads v1 InferencePools" -}}
 {{- end -}}
 {{- $ports := len .Values.inferencePool.targetPorts -}}
 {{- if or (lt $ports 1) (gt $ports 8) -}}
