@@ -116,6 +116,31 @@ fn parsing(c: &mut Criterion) {
     g.finish();
 }
 
+/// Tokenizing a chat request in-process (render the template, encode), with the test model's
+/// tokenizer (a 2,048-entry byte-level BPE; a real model's larger vocabulary costs more per
+/// merge lookup, not more merges per byte).
+fn tokenizing(c: &mut Criterion) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-llama-tokenizer");
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("tokenizer file");
+    let template = String::from_utf8(read("chat_template.jinja")).expect("UTF-8");
+    let t = kvgate::routing::tokenize::PromptTokenizer::from_parts(
+        &read("tokenizer.json"),
+        Some(&read("tokenizer_config.json")),
+        Some(&template),
+    )
+    .expect("tokenizer");
+    let mut g = c.benchmark_group("tokenize");
+    for kib in [16usize, 220] {
+        let body: serde_json::Value =
+            serde_json::from_slice(&chat_body(kib * 1024 - 2200, "what is the answer?")).expect("JSON");
+        g.throughput(Throughput::Bytes((kib * 1024) as u64));
+        g.bench_function(BenchmarkId::new("chat", format!("{kib}KiB")), |b| {
+            b.iter(|| t.encode_chat(black_box(&body["messages"]), None, true, None).map(|ids| ids.len()))
+        });
+    }
+    g.finish();
+}
+
 /// A whole decision as the front-ends make it: parse, hash, match, score, pick, record.
 fn decide(router: &Planner, body: &[u8], eps: &[Endpoint], opts: PlanOptions<'_>, rng: &mut fastrand::Rng) -> usize {
     let req = kvgate::routing::request::parse(ApiKind::ChatCompletions, body, 32 << 20).expect("parses");
@@ -208,5 +233,5 @@ fn handoff_bodies(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, index, parsing, decision, handoff_bodies);
+criterion_group!(benches, hashing, index, parsing, tokenizing, decision, handoff_bodies);
 criterion_main!(benches);

@@ -12,3 +12,4 @@ pub mod plan;
 pub mod prefix;
 pub mod request;
 pub mod schedule;
+pub mod tokenize;

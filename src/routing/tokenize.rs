@@ -1,0 +1,271 @@
+//! A model's own tokenizer, in-process: the Hugging Face `tokenizer.json`, and the chat template
+//! rendered as vLLM renders it (Hugging Face's Jinja environment: `trim_blocks`, `lstrip_blocks`,
+//! loop controls, `raise_exception`, Python's `tojson`), so kvgate's token ids are the server's.
+//!
+//! Completions prompts are encoded with the tokenizer's special tokens (its post-processor adds
+//! BOS where the model has one), chat prompts without them (the template writes its own), as
+//! vLLM does. Token-id prompts are used as given. Built from bytes: reading the folder is the
+//! caller's I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// Why a tokenizer cannot be built, or a prompt not rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenizeError(String);
+
+fn fail(message: impl Into<String>) -> TokenizeError {
+    TokenizeError(message.into())
+}
+
+/// A model's tokenizer and chat template.
+#[derive(Clone)]
+pub struct PromptTokenizer {
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    /// The compiled chat template (`chat` in its environment), if the model has one.
+    template: Option<Arc<minijinja::Environment<'static>>>,
+    /// Special tokens the template may use (`bos_token`, `eos_token`, `unk_token`, `pad_token`).
+    special: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for PromptTokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PromptTokenizer")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("chat_template", &self.template.is_some())
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+/// The name of the chat template in its environment.
+const CHAT: &str = "chat";
+
+impl PromptTokenizer {
+    /// A tokenizer from the files of a Hugging Face tokenizer folder: `tokenizer.json`, and
+    /// optionally `tokenizer_config.json` (special tokens, and a `chat_template` when there is
+    /// no `chat_template.jinja`) and `chat_template.jinja`.
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+        chat_template_jinja: Option<&str>,
+    ) -> Result<Self, TokenizeError> {
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| fail(format!("tokenizer.json: {e}")))?;
+        let config: Value = match tokenizer_config_json {
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| fail(format!("tokenizer_config.json: {e}")))?,
+            None => Value::Null,
+        };
+        let mut special = BTreeMap::new();
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            // A special token is a string, or an object with its `content` (older configs).
+            let token = match &config[key] {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+                _ => None,
+            };
+            if let Some(t) = token {
+                special.insert(key.to_owned(), t);
+            }
+        }
+        let source = match chat_template_jinja {
+            Some(t) => Some(t.to_owned()),
+            None => match &config["chat_template"] {
+                Value::String(s) => Some(s.clone()),
+                // A list of named templates: the `default` one.
+                Value::Array(list) => {
+                    list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_owned)
+                }
+                _ => None,
+            },
+        };
+        let template = source.map(|s| chat_environment(s).map(Arc::new)).transpose()?;
+        Ok(Self { tokenizer: Arc::new(tokenizer), template, special })
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// The token ids of a completions prompt (with the tokenizer's special tokens).
+    pub fn encode_completion(&self, prompt: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.encode(prompt, true)
+    }
+
+    /// The token ids of text the chat template rendered (its special tokens are in the text).
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.encode(text, false)
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizeError> {
+        let enc = self.tokenizer.encode_fast(text, special).map_err(|e| fail(format!("tokenizing: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Renders a chat request's prompt: `messages` (an array of OpenAI messages), `tools` when
+    /// given, the generation prompt when `add_generation_prompt`, and the request's
+    /// `chat_template_kwargs` (an object) on top.
+    pub fn render_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        kwargs: Option<&Value>,
+    ) -> Result<String, TokenizeError> {
+        let env = self.template.as_ref().ok_or_else(|| fail("the model has no chat template"))?;
+        let mut ctx = serde_json::Map::new();
+        for (k, v) in &self.special {
+            ctx.insert(k.clone(), Value::String(v.clone()));
+        }
+        ctx.insert("messages".into(), string_contents(messages));
+        if let Some(t) = tools.filter(|t| !t.is_null()) {
+            ctx.insert("tools".into(), t.clone());
+        }
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        if let Some(Value::Object(extra)) = kwargs {
+            for (k, v) in extra {
+                ctx.insert(k.clone(), v.clone());
+            }
+        }
+        let tmpl = env.get_template(CHAT).map_err(|e| fail(format!("chat template: {e}")))?;
+        tmpl.render(minijinja::Value::from(minijinja::value::Serde(Value::Object(ctx))))
+            .map_err(|e| fail(format!("rendering the chat template: {e:#}")))
+    }
+
+    /// The token ids of a chat request's prompt ([`PromptTokenizer::render_chat`], encoded
+    /// without added special tokens).
+    pub fn encode_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        kwargs: Option<&Value>,
+    ) -> Result<Vec<u32>, TokenizeError> {
+        let text = self.render_chat(messages, tools, add_generation_prompt, kwargs)?;
+        self.encode_rendered(&text)
+    }
+}
+
+/// Messages whose `content` is a list of parts get their text parts joined by newlines, as vLLM
+/// gives them to templates written for string contents.
+fn string_contents(messages: &Value) -> Value {
+    let Value::Array(list) = messages else { return messages.clone() };
+    Value::Array(
+        list.iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Some(Value::Array(parts)) = m.get("content") {
+                    let text: Vec<&str> =
+                        parts.iter().filter(|p| p["type"] == "text").filter_map(|p| p["text"].as_str()).collect();
+                    m["content"] = Value::String(text.join("\n"));
+                }
+                m
+            })
+            .collect(),
+    )
+}
+
+/// The Jinja environment Hugging Face renders chat templates in.
+fn chat_environment(source: String) -> Result<minijinja::Environment<'static>, TokenizeError> {
+    let mut env = minijinja::Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .map_err(|e| fail(format!("template syntax: {e}")))?;
+    env.set_syntax(syntax);
+    // Python's string and dict methods (`.strip()`, `.startswith()`, `.items()`, …).
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<minijinja::Value, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    env.add_filter("tojson", py_tojson);
+    env.add_template_owned(CHAT, source).map_err(|e| fail(format!("chat template: {e:#}")))?;
+    Ok(env)
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`, as Hugging Face's `tojson`:
+/// `", "` and `": "` separators on one line; with `indent`, one item a line and `","`.
+fn py_tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<minijinja::Value> = kwargs.get("separators")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&mut out, &json, indent, 0);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_py_json(out: &mut String, v: &Value, indent: Option<usize>, level: usize) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * level));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                write_py_json(out, item, indent, level + 1);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_py_json(out, item, indent, level + 1);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        // Scalars and empty containers print as serde_json prints them, which for strings is
+        // Python's `ensure_ascii=False` form (only `"`, `\` and control characters escaped).
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tojson_is_pythons() {
+        let v = json!({"name": "get_weather", "parameters": {"type": "object", "required": ["city", "ünit"]}, "n": [1, 2.5, null, true], "e": {}});
+        let mut out = String::new();
+        write_py_json(&mut out, &v, None, 0);
+        assert_eq!(
+            out,
+            r#"{"name": "get_weather", "parameters": {"type": "object", "required": ["city", "ünit"]}, "n": [1, 2.5, null, true], "e": {}}"#
+        );
+        let mut out = String::new();
+        write_py_json(&mut out, &json!({"a": [1, {"b": "c"}], "d": []}), Some(2), 0);
+        assert_eq!(out, "{\n  \"a\": [\n    1,\n    {\n      \"b\": \"c\"\n    }\n  ],\n  \"d\": []\n}");
+    }
+
+    #[test]
+    fn part_lists_become_text() {
+        let m = json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]}]);
+        assert_eq!(string_contents(&m)[0]["content"], "a\nb");
+    }
+}

@@ -1,0 +1,137 @@
+//! In-process tokenization gives exactly the token ids a real vLLM 0.32 server published in its
+//! KV events for the same prompts (`tests/data/vllm-0.32-kv-events.jsonl`, recorded with the
+//! model whose tokenizer folder is `tests/data/tiny-llama-tokenizer`): every `BlockStored`
+//! block's `token_ids` is a block-aligned slice of kvgate's tokens for a request of its batch
+//! (the first block of a chain at offset 0), and `usage.prompt_tokens` is kvgate's count.
+
+use std::path::Path;
+
+use kvgate::routing::tokenize::PromptTokenizer;
+use serde_json::{Value, json};
+
+fn data(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn tiny_llama() -> PromptTokenizer {
+    let dir = data("tiny-llama-tokenizer");
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("tokenizer file");
+    let template = String::from_utf8(read("chat_template.jinja")).expect("UTF-8");
+    PromptTokenizer::from_parts(&read("tokenizer.json"), Some(&read("tokenizer_config.json")), Some(&template))
+        .expect("the tokenizer loads")
+}
+
+/// kvgate's token ids for a recorded request body.
+fn tokens(t: &PromptTokenizer, req: &Value) -> Vec<u32> {
+    if let Some(messages) = req.get("messages") {
+        return t.encode_chat(messages, req.get("tools"), true, req.get("chat_template_kwargs")).expect("chat");
+    }
+    match &req["prompt"] {
+        Value::String(p) => t.encode_completion(p).expect("completion"),
+        Value::Array(ids) => ids.iter().map(|i| i.as_u64().expect("token id") as u32).collect(),
+        other => panic!("unexpected prompt {other}"),
+    }
+}
+
+#[test]
+fn token_ids_match_what_a_real_vllm_published() {
+    let t = tiny_llama();
+    let text = std::fs::read_to_string(data("vllm-0.32-kv-events.jsonl")).expect("recording");
+    let (mut blocks, mut counted, mut kinds) = (0, 0, std::collections::BTreeSet::new());
+    for line in text.lines() {
+        let row: Value = serde_json::from_str(line).expect("a JSON line");
+        let cause = &row["caused_by"];
+        let requests: Vec<&Value> = match (&cause["request"], &cause["requests"]) {
+            (Value::Object(_), _) => vec![&cause["request"]],
+            (_, Value::Array(list)) => list.iter().collect(),
+            _ => continue,
+        };
+        // Blocks filled by generated tokens are not the prompt's.
+        if cause["kind"] == "decode-fill" {
+            continue;
+        }
+        let ours: Vec<Vec<u32>> = requests.iter().map(|r| tokens(&t, r)).collect();
+        if let (Some(usage), [one]) = (cause["usage"]["prompt_tokens"].as_u64(), ours.as_slice()) {
+            assert_eq!(one.len() as u64, usage, "row {}: prompt_tokens", row["n"]);
+            counted += 1;
+        }
+        kinds.insert(cause["kind"].as_str().unwrap_or("").to_owned());
+        for event in row["decoded"][1].as_array().expect("events") {
+            if event["type"] != "BlockStored" {
+                continue;
+            }
+            let ids: Vec<u32> = event["token_ids"]
+                .as_array()
+                .expect("token_ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            let size = event["block_size"].as_u64().expect("block_size") as usize;
+            let first = event["parent_block_hash"].is_null();
+            let found = ours
+                .iter()
+                .any(|toks| (0..toks.len()).step_by(size).any(|k| (!first || k == 0) && toks[k..].starts_with(&ids)));
+            assert!(
+                found,
+                "row {} ({}): a stored run of {} tokens is not in kvgate's tokens",
+                row["n"],
+                cause["kind"],
+                ids.len()
+            );
+            blocks += ids.len() / size;
+        }
+    }
+    assert!(blocks >= 100 && counted >= 8, "blocks {blocks}, counted {counted}");
+    for kind in ["completion", "chat", "chat-2turn", "token-ids", "concurrent-3"] {
+        assert!(kinds.contains(kind), "{kind} covered: {kinds:?}");
+    }
+}
+
+#[test]
+fn chat_templates_render_as_hugging_face_does() {
+    let t = tiny_llama();
+    let messages = json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]);
+    assert_eq!(
+        t.render_chat(&messages, None, true, None).expect("render"),
+        "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+    );
+    assert_eq!(
+        t.render_chat(&messages, None, false, None).expect("render"),
+        "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n"
+    );
+    // A template with the constructs real models use: loop controls, Python methods, tojson,
+    // raise_exception, special tokens, trim_blocks/lstrip_blocks.
+    let template = r#"{{ bos_token }}
+{% for m in messages %}
+  {% if m.role not in ['user', 'assistant', 'system'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}
+  {% if loop.index0 == 0 and tools %}[TOOLS]{{ tools | tojson }}[/TOOLS]{% endif %}
+  [{{ m.role | upper }}]{{ m.content.strip() }}
+{% endfor %}
+{% if add_generation_prompt %}[ASSISTANT]{% endif %}"#;
+    let config = br#"{"bos_token": {"content": "<s>"}, "eos_token": "</s>"}"#;
+    let tok = std::fs::read(data("tiny-llama-tokenizer/tokenizer.json")).expect("tokenizer");
+    let t2 = PromptTokenizer::from_parts(&tok, Some(config), Some(template)).expect("loads");
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"a": 1}}}]);
+    let out =
+        t2.render_chat(&json!([{"role": "user", "content": "  hello  "}]), Some(&tools), true, None).expect("render");
+    assert_eq!(
+        out,
+        "<s>\n[TOOLS][{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {\"a\": 1}}}][/TOOLS]  [USER]hello\n[ASSISTANT]"
+    );
+    let bad = t2.render_chat(&json!([{"role": "robot", "content": "x"}]), None, true, None);
+    assert!(bad.expect_err("raise_exception").to_string().contains("bad role robot"));
+    // Encoding the rendered text adds no special tokens of its own.
+    let ids = t.encode_chat(&messages, None, true, None).expect("ids");
+    assert_eq!(ids[0], 4, "starts with <|system|>, no BOS added");
+}
+
+#[test]
+fn broken_tokenizer_files_are_errors() {
+    assert!(PromptTokenizer::from_parts(b"{not json", None, None).is_err());
+    let tok = std::fs::read(data("tiny-llama-tokenizer/tokenizer.json")).expect("tokenizer");
+    assert!(PromptTokenizer::from_parts(&tok, Some(b"[1,"), None).is_err());
+    assert!(PromptTokenizer::from_parts(&tok, None, Some("{% for %}")).is_err());
+    let plain = PromptTokenizer::from_parts(&tok, None, None).expect("no template is fine");
+    assert!(!plain.has_chat_template());
+    assert!(plain.render_chat(&json!([]), None, true, None).is_err());
+}
