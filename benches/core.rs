@@ -135,7 +135,8 @@ fn tokenizing(c: &mut Criterion) {
             serde_json::from_slice(&chat_body(kib * 1024 - 2200, "what is the answer?")).expect("JSON");
         g.throughput(Throughput::Bytes((kib * 1024) as u64));
         g.bench_function(BenchmarkId::new("chat", format!("{kib}KiB")), |b| {
-            b.iter(|| t.encode_chat(black_box(&body["messages"]), None, true, None).map(|ids| ids.len()))
+            let chat = kvgate::routing::tokenize::ChatPrompt::of_request(&body);
+            b.iter(|| t.encode_chat(black_box(&chat)).map(|ids| ids.len()))
         });
     }
     g.finish();

@@ -18,6 +18,17 @@ use serde_json::{Value, json};
 const GROUP: &str = "inference.networking.k8s.io";
 const LOOSE_GROUP: &str = "inference.kvgate.test";
 
+/// A fresh API server with the CRD of `crd_file` (serving `group`) and namespace `ns`, the
+/// admin's client, and the kubelet for `ns`.
+async fn cluster_with(crd_file: &str, group: &str, ns: &str) -> (Cluster, kube::Client, Kubelet) {
+    let cluster = Cluster::start().await;
+    let client = cluster.admin().await;
+    install_crd(&client, crd_file, group).await;
+    namespace(&client, ns).await;
+    let kubelet = Kubelet::new(&client, ns);
+    (cluster, client, kubelet)
+}
+
 /// Starts kvgate in-process with one pool following InferencePool `vllm` in `ns` (`pool` is
 /// the rest of the pool's YAML mapping, e.g. `models: [m]`).
 async fn kvgate(cluster: &Cluster, ns: &str, pool: &str) -> Server {
@@ -37,7 +48,13 @@ async fn debug(kv: &Server) -> Value {
 
 /// The first pool's endpoint addresses, sorted.
 async fn addresses(kv: &Server) -> Vec<String> {
-    let v = debug(kv).await;
+    addresses_at(&format!("http://{}", kv.admin_addr)).await
+}
+
+/// The same from an admin URL (nothing while it does not answer).
+async fn addresses_at(admin: &str) -> Vec<String> {
+    let Ok(r) = common::client().get(format!("{admin}/debug/endpoints")).send().await else { return Vec::new() };
+    let v: Value = r.json().await.unwrap_or_default();
     let mut out: Vec<String> = v["pools"][0]["endpoints"]
         .as_array()
         .map(|e| e.iter().filter_map(|e| e["address"].as_str().map(str::to_owned)).collect())
@@ -82,11 +99,7 @@ async fn sim(name: &str, ip: &str, extra: &[&str]) -> common::Sim {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_follow_readiness_scaling_and_labels() {
-    let cluster = Cluster::start().await;
-    let client = cluster.admin().await;
-    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
-    namespace(&client, "t1").await;
-    let kubelet = Kubelet::new(&client, "t1");
+    let (cluster, client, kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t1").await;
     let _sims = [sim("a", "127.0.1.2", &[]).await, sim("b", "127.0.1.3", &[]).await, sim("c", "127.0.1.4", &[]).await];
     put_pool(&client, "t1", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
     let kv = kvgate(&cluster, "t1", "models: [m], inference_pool: {name: vllm}").await;
@@ -171,11 +184,7 @@ async fn pods_follow_readiness_scaling_and_labels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_ports_are_ranks_and_spec_changes_resync() {
-    let cluster = Cluster::start().await;
-    let client = cluster.admin().await;
-    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
-    namespace(&client, "t2").await;
-    let kubelet = Kubelet::new(&client, "t2");
+    let (cluster, client, kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t2").await;
     let _ranks = sim("dp", "127.0.2.2", &["--data-parallel-size", "2", "--data-parallel-multi-port-external-lb"]).await;
     let _other = sim("solo", "127.0.2.3", &[]).await;
     put_pool(&client, "t2", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000, 8001]))).await;
@@ -225,11 +234,7 @@ async fn target_ports_are_ranks_and_spec_changes_resync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_pools_and_pods_are_reported_and_skipped() {
-    let cluster = Cluster::start().await;
-    let client = cluster.admin().await;
-    install_crd(&client, "loose-inferencepool-crd.yaml", LOOSE_GROUP).await;
-    namespace(&client, "t3").await;
-    let kubelet = Kubelet::new(&client, "t3");
+    let (cluster, client, kubelet) = cluster_with("loose-inferencepool-crd.yaml", LOOSE_GROUP, "t3").await;
     let _sim = sim("a", "127.0.3.2", &[]).await;
     let nine: Vec<u16> = (8000..8009).collect();
     put_pool(&client, "t3", &inference_pool(LOOSE_GROUP, "vllm", pool_spec("vllm", &nine))).await;
@@ -289,11 +294,7 @@ async fn malformed_pools_and_pods_are_reported_and_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_at_start_and_restarted_under_kvgate() {
-    let mut cluster = Cluster::start().await;
-    let client = cluster.admin().await;
-    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
-    namespace(&client, "t4").await;
-    let kubelet = Kubelet::new(&client, "t4");
+    let (mut cluster, client, kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t4").await;
     let _sims = [sim("a", "127.0.4.2", &[]).await, sim("b", "127.0.4.3", &[]).await];
     put_pool(&client, "t4", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
     kubelet.ready("a", &[("app", "vllm")], "127.0.4.2").await;
@@ -345,9 +346,21 @@ impl Drop for Process {
     }
 }
 
-/// A log file in the cluster's folder, for a process's stderr.
-fn log_file(cluster: &Cluster, name: &str) -> std::fs::File {
-    std::fs::File::create(cluster.dir.join(format!("{name}.log"))).expect("log file")
+/// `kvgate serve ARGS`, its stderr in `NAME.log` in the cluster's folder.
+fn serve_process<I, A>(cluster: &Cluster, name: &str, args: I) -> Process
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    let log = std::fs::File::create(cluster.dir.join(format!("{name}.log"))).expect("log file");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("kvgate starts");
+    Process(child)
 }
 
 /// Listener flags on free loopback ports, and the admin and proxy URLs.
@@ -360,24 +373,9 @@ fn listener_flags() -> (Vec<String>, String, String) {
     (flags, format!("http://127.0.0.1:{admin}"), format!("http://127.0.0.1:{proxy}"))
 }
 
-/// The first pool's endpoint addresses on an admin URL, sorted.
-async fn remote_addresses(admin: &str) -> Vec<String> {
-    let Ok(r) = common::client().get(format!("{admin}/debug/endpoints")).send().await else { return Vec::new() };
-    let v: Value = r.json().await.unwrap_or_default();
-    let mut out: Vec<String> = v["pools"][0]["endpoints"]
-        .as_array()
-        .map(|e| e.iter().filter_map(|e| e["address"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    out.sort();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_rbac_is_enough_for_kvgate() {
-    let cluster = Cluster::start().await;
-    let client = cluster.admin().await;
-    install_crd(&client, "inferencepool-crd.yaml", GROUP).await;
-    namespace(&client, "t5").await;
+    let (cluster, client, kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t5").await;
     namespace(&client, "elsewhere").await;
 
     // The chart as rendered with its default values, applied as is: ServiceAccount, Role,
@@ -412,25 +410,16 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(restricted, "t5");
     assert!(secrets.list(&Default::default()).await.is_err(), "no rights beyond pods and InferencePools");
 
-    let kubelet = Kubelet::new(&client, "t5");
     let _sims = [sim("vllm-0", "127.0.5.2", &[]).await, sim("vllm-1", "127.0.5.3", &[]).await];
     kubelet.ready("vllm-0", &[("app", "vllm")], "127.0.5.2").await;
 
     // The container's command line with the chart's config, and with the reference picker's
     // flags alone.
     let (flags, admin, proxy) = listener_flags();
-    let chart_run = Process(
-        std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(&flags)
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file(&cluster, "chart-run"))
-            .spawn()
-            .expect("kvgate starts"),
-    );
+    let mut args: Vec<std::ffi::OsString> = vec!["--config".into(), config_path.into(), "--kubeconfig".into()];
+    args.push(kubeconfig.clone().into());
+    args.extend(flags.iter().map(Into::into));
+    let chart_run = serve_process(&cluster, "chart-run", args);
     // The reference picker's chart's command line, unchanged but for the ports: its scheduler
     // file, log flags, TLS with a certificate folder, health alone on its own port.
     let epc = cluster.dir.join("default-plugins.yaml");
@@ -449,25 +438,35 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
     std::fs::write(certs.join("tls.key"), cert.signing_key.serialize_pem()).expect("key");
     let [grpc2, health2, metrics2, proxy_port2] = [0; 4].map(|_| common::free_port());
     let (admin2, proxy2) = (format!("http://127.0.0.1:{metrics2}"), format!("http://127.0.0.1:{proxy_port2}"));
-    let flag_run = Process(
-        std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .args(["serve", "--pool-name", "kvgate", "--pool-namespace", "t5", "--zap-encoder", "json"])
-            .args(["--log-level", "error", "--v", "1", "--config-file"])
-            .arg(&epc)
-            .args(["--secure-serving", "--cert-path"])
-            .arg(&certs)
-            .args(["--grpc-port", &grpc2.to_string(), "--grpc-health-port", &health2.to_string()])
-            .args(["--metrics-port", &metrics2.to_string(), "--proxy-addr", &format!("127.0.0.1:{proxy_port2}")])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file(&cluster, "flag-run"))
-            .spawn()
-            .expect("kvgate starts"),
-    );
+    let reference_args = [
+        "--pool-name",
+        "kvgate",
+        "--pool-namespace",
+        "t5",
+        "--zap-encoder",
+        "json",
+        "--log-level",
+        "error",
+        "--v",
+        "1",
+    ];
+    let mut args: Vec<std::ffi::OsString> = reference_args.iter().map(Into::into).collect();
+    args.extend([
+        "--config-file".into(),
+        epc.into(),
+        "--secure-serving".into(),
+        "--cert-path".into(),
+        certs.clone().into(),
+    ]);
+    for (flag, port) in [("--grpc-port", grpc2), ("--grpc-health-port", health2), ("--metrics-port", metrics2)] {
+        args.extend([flag.into(), port.to_string().into()]);
+    }
+    args.extend(["--proxy-addr".into(), format!("127.0.0.1:{proxy_port2}").into(), "--kubeconfig".into()]);
+    args.push(kubeconfig.clone().into());
+    let flag_run = serve_process(&cluster, "flag-run", args);
     for (admin, proxy) in [(&admin, &proxy), (&admin2, &proxy2)] {
-        let seen = eventually(30, || async { remote_addresses(admin).await == ["127.0.5.2:8000"] }).await;
-        assert!(seen, "{admin}: endpoints {:?}", remote_addresses(admin).await);
+        let seen = eventually(30, || async { addresses_at(admin).await == ["127.0.5.2:8000"] }).await;
+        assert!(seen, "{admin}: endpoints {:?}", addresses_at(admin).await);
         let ready = eventually(10, || async {
             common::client().get(format!("{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
         })
@@ -525,7 +524,7 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
     kubelet.ready("vllm-1", &[("app", "vllm")], "127.0.5.3").await;
     for admin in [&admin, &admin2] {
         let both = ["127.0.5.2:8000", "127.0.5.3:8000"];
-        assert!(eventually(20, || async { remote_addresses(admin).await == both }).await, "{admin}: watch works");
+        assert!(eventually(20, || async { addresses_at(admin).await == both }).await, "{admin}: watch works");
     }
     drop((chart_run, flag_run));
 }

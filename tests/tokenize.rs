@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use kvgate::routing::tokenize::PromptTokenizer;
+use kvgate::routing::tokenize::{ChatPrompt, PromptTokenizer};
 use serde_json::{Value, json};
 
 fn data(name: &str) -> std::path::PathBuf {
@@ -23,8 +23,8 @@ fn tiny_llama() -> PromptTokenizer {
 
 /// kvgate's token ids for a recorded request body.
 fn tokens(t: &PromptTokenizer, req: &Value) -> Vec<u32> {
-    if let Some(messages) = req.get("messages") {
-        return t.encode_chat(messages, req.get("tools"), true, req.get("chat_template_kwargs")).expect("chat");
+    if req.get("messages").is_some() {
+        return t.encode_chat(&ChatPrompt::of_request(req)).expect("chat");
     }
     match &req["prompt"] {
         Value::String(p) => t.encode_completion(p).expect("completion"),
@@ -87,16 +87,21 @@ fn token_ids_match_what_a_real_vllm_published() {
     }
 }
 
+/// A chat prompt without template variables of its own.
+fn chat<'a>(messages: &'a Value, tools: Option<&'a Value>, add_generation_prompt: bool) -> ChatPrompt<'a> {
+    ChatPrompt { messages, tools, add_generation_prompt, kwargs: None }
+}
+
 #[test]
 fn chat_templates_render_as_hugging_face_does() {
     let t = tiny_llama();
     let messages = json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]);
     assert_eq!(
-        t.render_chat(&messages, None, true, None).expect("render"),
+        t.render_chat(&chat(&messages, None, true)).expect("render"),
         "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
     );
     assert_eq!(
-        t.render_chat(&messages, None, false, None).expect("render"),
+        t.render_chat(&chat(&messages, None, false)).expect("render"),
         "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n"
     );
     // A template with the constructs real models use: loop controls, Python methods, tojson,
@@ -112,16 +117,17 @@ fn chat_templates_render_as_hugging_face_does() {
     let tok = std::fs::read(data("tiny-llama-tokenizer/tokenizer.json")).expect("tokenizer");
     let t2 = PromptTokenizer::from_parts(&tok, Some(config), Some(template)).expect("loads");
     let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"a": 1}}}]);
-    let out =
-        t2.render_chat(&json!([{"role": "user", "content": "  hello  "}]), Some(&tools), true, None).expect("render");
+    let hello = json!([{"role": "user", "content": "  hello  "}]);
+    let out = t2.render_chat(&chat(&hello, Some(&tools), true)).expect("render");
     assert_eq!(
         out,
         "<s>\n[TOOLS][{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {\"a\": 1}}}][/TOOLS]  [USER]hello\n[ASSISTANT]"
     );
-    let bad = t2.render_chat(&json!([{"role": "robot", "content": "x"}]), None, true, None);
+    let robot = json!([{"role": "robot", "content": "x"}]);
+    let bad = t2.render_chat(&chat(&robot, None, true));
     assert!(bad.expect_err("raise_exception").to_string().contains("bad role robot"));
     // Encoding the rendered text adds no special tokens of its own.
-    let ids = t.encode_chat(&messages, None, true, None).expect("ids");
+    let ids = t.encode_chat(&chat(&messages, None, true)).expect("ids");
     assert_eq!(ids[0], 4, "starts with <|system|>, no BOS added");
 }
 
@@ -133,5 +139,5 @@ fn broken_tokenizer_files_are_errors() {
     assert!(PromptTokenizer::from_parts(&tok, None, Some("{% for %}")).is_err());
     let plain = PromptTokenizer::from_parts(&tok, None, None).expect("no template is fine");
     assert!(!plain.has_chat_template());
-    assert!(plain.render_chat(&json!([]), None, true, None).is_err());
+    assert!(plain.render_chat(&chat(&json!([]), None, true)).is_err());
 }

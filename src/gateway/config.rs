@@ -6,8 +6,11 @@
 //! unknown plugin is caught here). Every error says what is wrong and where.
 
 pub mod endpoints;
+mod inference_pool;
+mod sections;
 
 use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +19,13 @@ use serde::Deserialize;
 use crate::routing::request::DEFAULT_MAX_BODY_BYTES;
 use crate::routing::schedule::{Scheduler, SchedulerSpec};
 use endpoints::{Claims, EndpointSpec, ResolvedEndpoint, first_use, load_endpoints_file};
+pub use inference_pool::{
+    INFERENCE_POOL_GROUP, InferencePoolRef, is_dns_label, is_dns_subdomain, is_label_key, is_label_value,
+};
+pub use sections::{
+    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, MAX_ATTEMPTS, ProxyConfig, ScrapeConfig,
+    TlsFiles,
+};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -60,207 +70,6 @@ pub struct Config {
     pub paths: crate::gateway::paths::PathsConfig,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
-}
-
-/// Metric scraping (applies to every pool).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScrapeConfig {
-    /// Time between scrapes of one endpoint, jittered ±20% (default 50).
-    pub interval_ms: u64,
-    /// Bound on one scrape (default 1000).
-    pub timeout_ms: u64,
-    /// Scraped load older than this counts as unknown, not idle (default 2000).
-    pub stale_after_ms: u64,
-    /// Largest `/metrics` body accepted (default 8 MiB).
-    pub max_bytes: usize,
-}
-
-impl Default for ScrapeConfig {
-    fn default() -> Self {
-        Self { interval_ms: 50, timeout_ms: 1000, stale_after_ms: 2000, max_bytes: 8 << 20 }
-    }
-}
-
-/// The reverse proxy's timeouts and retries.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProxyConfig {
-    /// Bound on connecting to an endpoint (default 2000).
-    pub connect_timeout_ms: u64,
-    /// Bound on an endpoint's response headers after the request is sent (default 600000:
-    /// a non-streaming answer only starts when it is complete).
-    pub first_byte_timeout_ms: u64,
-    /// Bound on silence between two chunks of a response (default 300000).
-    pub idle_timeout_ms: u64,
-    /// Endpoints tried per request at most: the decision's target, then its fallbacks (default 3).
-    pub attempts: usize,
-    /// Bound on a P/D prefill leg, from sending it to reading its answer (default 30000); past
-    /// it the decode endpoint prefills locally.
-    pub prefill_timeout_ms: u64,
-    /// Retries (second and later attempts) in progress at once, in percent of the requests
-    /// waiting for an endpoint's answer (default 50), so a sick fleet is not hammered...
-    pub retry_budget_percent: u32,
-    /// ...but always at least this many (default 10).
-    pub min_retry_concurrency: u32,
-}
-
-/// Endpoints one proxied request may try at most (`proxy.attempts`).
-pub const MAX_ATTEMPTS: usize = 10;
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        Self {
-            connect_timeout_ms: 2000,
-            first_byte_timeout_ms: 600_000,
-            idle_timeout_ms: 300_000,
-            attempts: 3,
-            prefill_timeout_ms: 30_000,
-            retry_budget_percent: 50,
-            min_retry_concurrency: 10,
-        }
-    }
-}
-
-/// Bounds on each HTTP listener's connections (proxy, admin).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConnectionsConfig {
-    /// Time a connection may take to send a request's headers, counted from when it is ready
-    /// for the next one — so also the idle timeout of a kept-alive connection (default 30000).
-    pub header_read_timeout_ms: u64,
-    /// Connections open at once per listener; past it new ones are closed (default 4096).
-    pub max_connections: usize,
-    /// Longest wait for the next bytes of a request body; past it the request is a 408
-    /// (default 30000).
-    pub body_read_timeout_ms: u64,
-    /// Least average rate of a request body, bytes per second, once it has taken 5 s: a body
-    /// slower than that is a 408 (default 1024; 0 turns it off).
-    pub min_body_bytes_per_s: u64,
-}
-
-impl Default for ConnectionsConfig {
-    fn default() -> Self {
-        Self {
-            header_read_timeout_ms: 30_000,
-            max_connections: 4096,
-            body_read_timeout_ms: 30_000,
-            min_body_bytes_per_s: 1024,
-        }
-    }
-}
-
-/// Health judgement (applies to every pool).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthConfig {
-    /// Consecutive failures to reach an endpoint (scrapes, connects) that take it out of
-    /// rotation (default 3). 5xx answers and requests that time out waiting for an answer never
-    /// do by themselves: they count towards its error rate (see `max_ejection_percent`).
-    pub failure_threshold: u32,
-    /// An endpoint whose error rate is well above its pool's is ejected, but no more than this
-    /// percentage of the pool is ever out of rotation that way (default 50: in the 2–8 endpoint
-    /// pools vLLM fleets run, Envoy's 10% would round down to never ejecting anything).
-    pub max_ejection_percent: u32,
-    /// Time out of rotation before a probe (default 500); doubles with each ejection that
-    /// follows soon after a recovery, so a flapping endpoint is held out longer.
-    pub backoff_ms: u64,
-    /// Longest time out of rotation (default 30000).
-    pub max_backoff_ms: u64,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self { failure_threshold: 3, max_ejection_percent: 50, backoff_ms: 500, max_backoff_ms: 30_000 }
-    }
-}
-
-/// A pool's admission limits: beyond them requests get 429 before any endpoint is chosen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Admission {
-    /// kvgate's requests in flight to the pool at most.
-    pub max_in_flight: Option<u64>,
-    /// Requests waiting in the pool's endpoint queues (scraped) at most.
-    pub max_queued: Option<u64>,
-    /// Sheddable requests (negative `priority`) are refused this fraction below the limits
-    /// (default 0.2), so they go first when the pool fills up.
-    pub sheddable_headroom: Option<f64>,
-}
-
-impl Admission {
-    /// What is wrong with these limits, if anything.
-    fn problem(&self) -> Option<String> {
-        if self.max_in_flight == Some(0) || self.max_queued == Some(0) {
-            return Some("max_in_flight and max_queued must be at least 1 when given".into());
-        }
-        match self.sheddable_headroom {
-            Some(h) if !(0.0..=1.0).contains(&h) => {
-                Some(format!("sheddable_headroom is a fraction of the limits, 0 to 1; got {h}"))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// Which body mode to assume when Envoy does not announce it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum BodyMode {
-    /// `FULL_DUPLEX_STREAMED`.
-    FullDuplexStreamed,
-    /// `BUFFERED`.
-    Buffered,
-    /// `STREAMED` (responses only).
-    Streamed,
-    /// `NONE` (responses only).
-    None,
-}
-
-/// The Envoy ext_proc endpoint picker.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExtProcConfig {
-    /// Endpoints written to the destination (1: one `ip:port`, which ORIGINAL_DST clusters need;
-    /// more: an ordered fallback list for `override_host`).
-    pub max_endpoints: usize,
-    /// Request body mode assumed when Envoy's first message does not say.
-    pub request_body_mode: BodyMode,
-    /// Response body mode assumed when Envoy's first message does not say.
-    pub response_body_mode: BodyMode,
-    /// Largest gRPC message accepted or sent (default 64 MiB).
-    pub max_message_bytes: usize,
-    /// Obey `test-epp-endpoint-selection` (for the upstream conformance suite only).
-    pub conformance_test_filter: bool,
-    /// Serve gRPC over TLS with this certificate and key (PEM files).
-    pub tls: Option<TlsFiles>,
-    /// Without `tls`, serve gRPC over TLS with a self-signed certificate made at start (what
-    /// the reference picker does by default; gateways then skip verification).
-    pub self_signed_tls: bool,
-}
-
-/// A PEM certificate (chain) and its private key.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// Certificate chain (PEM).
-    pub cert_path: PathBuf,
-    /// Private key (PEM).
-    pub key_path: PathBuf,
-}
-
-impl Default for ExtProcConfig {
-    fn default() -> Self {
-        Self {
-            max_endpoints: 1,
-            request_body_mode: BodyMode::FullDuplexStreamed,
-            response_body_mode: BodyMode::FullDuplexStreamed,
-            max_message_bytes: 64 << 20,
-            conformance_test_filter: false,
-            tls: None,
-            self_signed_tls: false,
-        }
-    }
 }
 
 fn default_grpc_addr() -> SocketAddr {
@@ -311,81 +120,43 @@ pub struct PoolConfig {
     pub admission: Admission,
 }
 
-/// The group of the Gateway API Inference Extension's `InferencePool` (version `v1`).
-pub const INFERENCE_POOL_GROUP: &str = "inference.networking.k8s.io";
-
-/// An `InferencePool` to source a pool's endpoints from.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct InferencePoolRef {
-    /// The InferencePool's name.
-    pub name: String,
-    /// Its namespace; kvgate's own (from the service-account mount or the kubeconfig) when
-    /// absent.
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// Its API group (default `inference.networking.k8s.io`), version `v1`.
-    #[serde(default)]
-    pub group: Option<String>,
+/// Where a pool's endpoints come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Listed in the config.
+    #[default]
+    Static,
+    /// An endpoints file, watched.
+    File,
+    /// Host names, resolved again and again.
+    Dns,
+    /// A Kubernetes InferencePool and its pods.
+    Kubernetes,
 }
 
-impl InferencePoolRef {
-    /// The API group, defaulted.
-    pub fn group(&self) -> &str {
-        self.group.as_deref().unwrap_or(INFERENCE_POOL_GROUP)
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Static => "static",
+            Self::File => "file",
+            Self::Dns => "dns",
+            Self::Kubernetes => "kubernetes",
+        })
     }
-
-    /// What is wrong with the reference, as `(field, message)`.
-    pub fn problem(&self) -> Option<(&'static str, String)> {
-        if !is_dns_subdomain(&self.name) {
-            return Some((
-                "name",
-                format!(
-                    "`{}` is not a Kubernetes object name (lower-case letters, digits, '-' and '.', at most 253)",
-                    self.name
-                ),
-            ));
-        }
-        if let Some(ns) = self.namespace.as_deref().filter(|ns| !is_dns_label(ns)) {
-            return Some((
-                "namespace",
-                format!("`{ns}` is not a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)"),
-            ));
-        }
-        if let Some(g) = self.group.as_deref().filter(|g| !is_dns_subdomain(g)) {
-            return Some(("group", format!("`{g}` is not an API group name")));
-        }
-        None
-    }
-}
-
-/// A DNS-1123 label: what Kubernetes accepts as a namespace name.
-pub fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// A DNS-1123 subdomain: what Kubernetes accepts as most object names.
-pub fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 impl ResolvedPool {
-    /// Where the endpoints come from: `kubernetes`, `file`, `dns` (a host name to resolve) or
-    /// `static`.
-    pub fn source_kind(&self) -> &'static str {
+    /// Where the endpoints come from.
+    pub fn source_kind(&self) -> SourceKind {
         if self.inference_pool.is_some() {
-            "kubernetes"
+            SourceKind::Kubernetes
         } else if self.endpoints_file.is_some() {
-            "file"
+            SourceKind::File
         } else if self.endpoints.iter().any(|e| matches!(e.host, endpoints::Host::Name(_))) {
-            "dns"
+            SourceKind::Dns
         } else {
-            "static"
+            SourceKind::Static
         }
     }
 }
@@ -480,49 +251,6 @@ impl Config {
             }
         }
         Ok(cfg)
-    }
-
-    /// The config `kvgate serve --pool-name` runs with when given no file: the default
-    /// listeners (and gRPC health alone on `:9003`, where the reference picker's probes look)
-    /// and no pool yet ([`Config::follow_inference_pool`] adds it).
-    pub fn for_inference_pool() -> Self {
-        let mut cfg: Self = parse_yaml("pools: []").unwrap_or_else(|_| unreachable!("a valid document"));
-        cfg.health_addr = Some(SocketAddr::from(([0, 0, 0, 0], 9003)));
-        cfg
-    }
-
-    /// Sources the config's one pool from InferencePool `r` (`--pool-name`): a config with no
-    /// pool gets one named after the InferencePool; a config with one pool keeps its models,
-    /// scheduler and admission, and may not list endpoints of its own.
-    pub fn follow_inference_pool(&mut self, r: InferencePoolRef) -> Result<(), String> {
-        if let Some((field, message)) = r.problem() {
-            return Err(format!("{field}: {message}"));
-        }
-        match self.pools.as_mut_slice() {
-            [] => self.pools.push(PoolConfig {
-                name: r.name.clone(),
-                models: Vec::new(),
-                inference_pool: Some(r),
-                endpoints: Vec::new(),
-                endpoints_file: None,
-                scheduler: None,
-                admission: Admission::default(),
-            }),
-            [pool] if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() => {
-                return Err(format!(
-                    "pool `{}` lists its own endpoints; with --pool-name its endpoints come from the InferencePool",
-                    pool.name
-                ));
-            }
-            [pool] => pool.inference_pool = Some(r),
-            pools => {
-                return Err(format!(
-                    "the config has {} pools; --pool-name sources a config's one pool (use `inference_pool:` per pool instead)",
-                    pools.len()
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Two listeners on one port (the same address, or one of them on every address), as

@@ -8,6 +8,7 @@
 //! own in-flight counts are atomics shared by every snapshot, so they are always current.
 
 pub(crate) mod discovery;
+pub use discovery::SourceStatus;
 mod health;
 pub(crate) mod kubernetes;
 pub(crate) mod scrape;
@@ -151,24 +152,6 @@ pub struct Snapshot {
     pub models: Vec<String>,
 }
 
-/// Where a pool's endpoints come from, for `/debug/endpoints` and `check-config`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SourceStatus {
-    /// `static`, `file`, `dns` or `kubernetes`.
-    pub kind: &'static str,
-    /// The file, or the InferencePool (`namespace/name`, `group/v1`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    /// Whether the source has been read in full (Kubernetes: the pool and its pods listed).
-    pub synced: bool,
-    /// The source's last problem, while it lasts (Kubernetes: API errors, a malformed pool).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Objects the source skipped as malformed, and why (Kubernetes: pods, by name).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub skipped: Vec<String>,
-}
-
 #[derive(Debug)]
 struct Inner {
     name: String,
@@ -210,7 +193,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             dirty: Arc::new(Notify::new()),
             discovered: AtomicBool::new(false),
-            source: Mutex::new(SourceStatus { kind: "static", ..SourceStatus::default() }),
+            source: Mutex::new(SourceStatus::default()),
             serials: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         });
@@ -556,7 +539,7 @@ impl Inner {
             }
             let mine = match (m.health.state(now), m.health.down_until) {
                 (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
-                _ => next_round(s.scrape_interval, now),
+                _ => scrape::next_round(s.scrape_interval, now),
             };
             wait = Some(wait.map_or(mine, |w| w.min(mine)));
         }
@@ -600,19 +583,6 @@ fn is_outlier(members: &[Member], k: usize, max_percent: u32) -> bool {
     let down = members.iter().filter(|m| m.health.is_down()).count();
     let cap = members.len() * max_percent as usize / 100;
     rate >= 0.5 && rate >= pool_rate + 0.3 && down < cap
-}
-
-/// Time until the next scrape round. Every endpoint's scraper wakes on the same rounds, so a
-/// hundred scrapes cost one wake-up of the runtime rather than a hundred; each round is shifted
-/// by up to 20% of the interval, by an amount that differs per round and per kvgate process, so
-/// replicas of kvgate do not scrape in lockstep.
-fn next_round(interval: Duration, now: u64) -> Duration {
-    static SEED: OnceLock<u64> = OnceLock::new();
-    let seed = *SEED.get_or_init(|| fastrand::u64(..));
-    let step = (interval.as_millis() as u64).max(1);
-    let round = now / step + 1;
-    let jitter = xxhash_rust::xxh3::xxh3_64_with_seed(&round.to_le_bytes(), seed) % (step / 5).max(1);
-    Duration::from_millis(round * step + jitter - now)
 }
 
 /// A pool that is only reachable weakly (scrapers hold this so they end with the pool).

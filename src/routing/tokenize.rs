@@ -107,27 +107,19 @@ impl PromptTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Renders a chat request's prompt: `messages` (an array of OpenAI messages), `tools` when
-    /// given, the generation prompt when `add_generation_prompt`, and the request's
-    /// `chat_template_kwargs` (an object) on top.
-    pub fn render_chat(
-        &self,
-        messages: &Value,
-        tools: Option<&Value>,
-        add_generation_prompt: bool,
-        kwargs: Option<&Value>,
-    ) -> Result<String, TokenizeError> {
+    /// Renders a chat request's prompt.
+    pub fn render_chat(&self, chat: &ChatPrompt<'_>) -> Result<String, TokenizeError> {
         let env = self.template.as_ref().ok_or_else(|| fail("the model has no chat template"))?;
         let mut ctx = serde_json::Map::new();
         for (k, v) in &self.special {
             ctx.insert(k.clone(), Value::String(v.clone()));
         }
-        ctx.insert("messages".into(), string_contents(messages));
-        if let Some(t) = tools.filter(|t| !t.is_null()) {
+        ctx.insert("messages".into(), string_contents(chat.messages));
+        if let Some(t) = chat.tools.filter(|t| !t.is_null()) {
             ctx.insert("tools".into(), t.clone());
         }
-        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
-        if let Some(Value::Object(extra)) = kwargs {
+        ctx.insert("add_generation_prompt".into(), Value::Bool(chat.add_generation_prompt));
+        if let Some(Value::Object(extra)) = chat.kwargs {
             for (k, v) in extra {
                 ctx.insert(k.clone(), v.clone());
             }
@@ -139,15 +131,36 @@ impl PromptTokenizer {
 
     /// The token ids of a chat request's prompt ([`PromptTokenizer::render_chat`], encoded
     /// without added special tokens).
-    pub fn encode_chat(
-        &self,
-        messages: &Value,
-        tools: Option<&Value>,
-        add_generation_prompt: bool,
-        kwargs: Option<&Value>,
-    ) -> Result<Vec<u32>, TokenizeError> {
-        let text = self.render_chat(messages, tools, add_generation_prompt, kwargs)?;
+    pub fn encode_chat(&self, chat: &ChatPrompt<'_>) -> Result<Vec<u32>, TokenizeError> {
+        let text = self.render_chat(chat)?;
         self.encode_rendered(&text)
+    }
+}
+
+/// What a chat template renders: a request's `messages` (OpenAI messages), its `tools`, whether
+/// to add the generation prompt (vLLM: yes, unless the request says otherwise), and the
+/// request's `chat_template_kwargs` (an object, set on top).
+#[derive(Debug, Clone, Copy)]
+pub struct ChatPrompt<'a> {
+    /// The messages.
+    pub messages: &'a Value,
+    /// The tools, if any.
+    pub tools: Option<&'a Value>,
+    /// Whether the prompt ends with the assistant's turn opened.
+    pub add_generation_prompt: bool,
+    /// More template variables.
+    pub kwargs: Option<&'a Value>,
+}
+
+impl<'a> ChatPrompt<'a> {
+    /// The prompt of a chat request body (a JSON object), as vLLM reads it.
+    pub fn of_request(body: &'a Value) -> Self {
+        Self {
+            messages: &body["messages"],
+            tools: body.get("tools"),
+            add_generation_prompt: body["add_generation_prompt"].as_bool().unwrap_or(true),
+            kwargs: body.get("chat_template_kwargs"),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::{Config, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
-use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, SourceStatus, discovery, kubernetes};
+use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery, kubernetes};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::plan::Planner;
 use crate::routing::schedule::SchedulerSpec;
@@ -201,7 +201,12 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
 /// [`kubernetes::client`] for the default).
 pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> anyhow::Result<Server> {
     let resolved = cfg.resolve(path)?;
-    let mut kube: Option<(kube::Client, String)> = None;
+    // One API client for every pool that follows an InferencePool (none without one).
+    let kube = if resolved.iter().any(|p| p.inference_pool.is_some()) {
+        Some(kubernetes::client(kubeconfig).await?)
+    } else {
+        None
+    };
     let settings = PoolSettings::new(&cfg.scrape, &cfg.health);
     let telemetry = Arc::new(Telemetry::new());
     let stale_ms = settings.stale_after.as_millis() as u64;
@@ -211,25 +216,13 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         let kind = rp.source_kind();
         let planner = Planner::new(rp.models, rp.scheduler, stale_ms);
         let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
-        let task = match &rp.inference_pool {
-            Some(r) => {
-                if kube.is_none() {
-                    kube = Some(kubernetes::client(kubeconfig).await?);
-                }
-                let Some((client, namespace)) = &kube else { unreachable!("set above") };
+        let task = match (&rp.inference_pool, &kube) {
+            (Some(r), Some((client, namespace))) => {
                 let target = kubernetes::Target::new(r, namespace);
                 tracing::info!(pool = pool.name(), inference_pool = %target.describe(), "endpoints from Kubernetes");
                 tokio::spawn(kubernetes::run(pool.clone(), client.clone(), target))
             }
-            None => {
-                pool.set_source(SourceStatus {
-                    kind,
-                    from: rp.endpoints_file.as_ref().map(|f| f.display().to_string()),
-                    synced: true,
-                    ..SourceStatus::default()
-                });
-                tokio::spawn(discovery::run(pool.clone(), rp.endpoints, rp.endpoints_file))
-            }
+            _ => tokio::spawn(discovery::run(pool.clone(), kind, rp.endpoints, rp.endpoints_file)),
         };
         tasks.push(AbortOnDrop(task));
         pools.push(pool);

@@ -19,20 +19,25 @@ use serde_json::{Value, json};
 /// The admin's bearer token (group `system:masters`).
 pub const ADMIN_TOKEN: &str = "kvgate-test-admin";
 
+/// The tool `env_var` names, or the path a `ci/` script prints after fetching (or building)
+/// and caching it.
+fn tool(env_var: &str, script: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{script} runs: {e}"));
+    assert!(out.status.success(), "{script} failed: {}", out.status);
+    PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
+}
+
 /// The kube-apiserver binary, built and cached once per machine.
 fn apiserver_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("KVGATE_KUBE_APISERVER") {
-            return PathBuf::from(p);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/kube-apiserver.sh");
-        let out =
-            Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().expect("ci/kube-apiserver.sh runs");
-        assert!(out.status.success(), "ci/kube-apiserver.sh failed: {}", out.status);
-        PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
-    })
-    .clone()
+    BIN.get_or_init(|| tool("KVGATE_KUBE_APISERVER", "ci/kube-apiserver.sh")).clone()
 }
 
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
@@ -331,16 +336,14 @@ impl Kubelet {
         self.status(name, ip, true).await;
     }
 
-    /// Replaces the pod's labels.
+    /// Replaces the pod's labels (one update, as `kubectl label --overwrite` of a whole set).
     pub async fn relabel(&self, name: &str, labels: &[(&str, &str)]) {
-        let labels: serde_json::Map<String, Value> = labels.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
-        let patch = json!({"metadata": {"labels": labels}});
-        // A JSON merge patch merges maps; clear the old labels first.
+        let mut pod = self.pods.get(name).await.unwrap_or_else(|e| panic!("reading pod {name}: {e}"));
+        pod.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
         self.pods
-            .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"labels": null}})))
+            .replace(name, &PostParams::default(), &pod)
             .await
-            .expect("labels cleared");
-        self.pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("labels set");
+            .unwrap_or_else(|e| panic!("relabelling pod {name}: {e}"));
     }
 
     /// Deletes the pod (a scheduled one stays terminating).
@@ -352,16 +355,7 @@ impl Kubelet {
 /// A Helm 3 binary (`ci/helm.sh` fetches and caches it), or the one `KVGATE_HELM` names.
 pub fn helm_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("KVGATE_HELM") {
-            return PathBuf::from(p);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/helm.sh");
-        let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().expect("ci/helm.sh runs");
-        assert!(out.status.success(), "ci/helm.sh failed: {}", out.status);
-        PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
-    })
-    .clone()
+    BIN.get_or_init(|| tool("KVGATE_HELM", "ci/helm.sh")).clone()
 }
 
 /// `helm template RELEASE deploy/helm/kvgate --namespace NS` with `--set` values.

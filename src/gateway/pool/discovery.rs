@@ -12,7 +12,26 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Pool;
+use crate::gateway::config::SourceKind;
 use crate::gateway::config::endpoints::{Claims, Host, ResolvedEndpoint, first_use, load_endpoints_file};
+
+/// Where a pool's endpoints come from, for `/debug/endpoints` and `check-config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SourceStatus {
+    /// `static`, `file`, `dns` or `kubernetes`.
+    pub kind: SourceKind,
+    /// The file, or the InferencePool (`namespace/name`, `group/v1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Whether the source has been read in full (Kubernetes: the pool and its pods listed).
+    pub synced: bool,
+    /// The source's last problem, while it lasts (Kubernetes: API errors, a malformed pool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Objects the source skipped as malformed, and why (Kubernetes: pods, by name).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+}
 
 const FILE_POLL: Duration = Duration::from_millis(250);
 const DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -46,8 +65,11 @@ pub(crate) async fn resolve(entries: &[ResolvedEndpoint]) -> Vec<ResolvedEndpoin
     out
 }
 
-/// Keeps `pool`'s endpoints in line with `fixed` entries and the optional endpoints file.
-pub(crate) async fn run(pool: Pool, fixed: Vec<ResolvedEndpoint>, file: Option<PathBuf>) {
+/// Keeps `pool`'s endpoints (from a source of `kind`) in line with `fixed` entries and the
+/// optional endpoints file.
+pub(crate) async fn run(pool: Pool, kind: SourceKind, fixed: Vec<ResolvedEndpoint>, file: Option<PathBuf>) {
+    let from = file.as_ref().map(|f| f.display().to_string());
+    pool.set_source(SourceStatus { kind, from, synced: true, ..SourceStatus::default() });
     let mut file_entries: Vec<ResolvedEndpoint> = Vec::new();
     let mut file_stamp: Option<(SystemTime, u64)> = None;
     let mut last_dns = Instant::now();

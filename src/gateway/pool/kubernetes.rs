@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use super::{Pool, SourceStatus};
 use crate::gateway::config::endpoints::{Host, MAX_RANK_PORTS, ResolvedEndpoint};
-use crate::gateway::config::{InferencePoolRef, is_dns_label, is_dns_subdomain};
+use crate::gateway::config::{InferencePoolRef, SourceKind, is_label_key, is_label_value};
 use crate::routing::endpoint::{ROLE_LABEL, Role};
 
 /// The InferencePool a pool follows, its namespace settled.
@@ -145,27 +145,6 @@ fn parse_spec(data: &Value) -> Result<Spec, String> {
     Ok(Spec { selector, ports })
 }
 
-/// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric (or empty).
-fn is_label_value(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.is_empty()
-        || (b.len() <= 63
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-            && b[0].is_ascii_alphanumeric()
-            && b[b.len() - 1].is_ascii_alphanumeric())
-}
-
-/// A label key: an optional DNS-subdomain prefix and `/`, then a non-empty label value.
-fn is_label_key(s: &str) -> bool {
-    let (prefix, name) = match s.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
-    };
-    !name.is_empty()
-        && is_label_value(name)
-        && prefix.is_none_or(|p| is_dns_subdomain(p) && p.split('.').all(is_dns_label))
-}
-
 /// What discovery keeps of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PodView {
@@ -268,7 +247,7 @@ impl State {
 /// pool is dropped.
 pub(crate) async fn run(pool: Pool, client: kube::Client, target: Target) {
     let what = target.describe();
-    pool.set_source(SourceStatus { kind: "kubernetes", from: Some(what.clone()), ..SourceStatus::default() });
+    pool.set_source(SourceStatus { kind: SourceKind::Kubernetes, from: Some(what.clone()), ..SourceStatus::default() });
     let pools: Api<DynamicObject> = Api::namespaced_with(client.clone(), &target.namespace, &target.resource());
     let pods: Api<Pod> = Api::namespaced(client, &target.namespace);
     let by_name = watcher::Config::default().fields(&format!("metadata.name={}", target.name));
@@ -512,16 +491,5 @@ mod tests {
         let nine: Vec<Value> = (1..=9).map(|n| json!({"number": 8000 + n})).collect();
         let e = parse_spec(&json!({"spec": {"selector": {"matchLabels": {"app": "x"}}, "targetPorts": nine}}));
         assert!(e.expect_err("nine ports").contains("has 9"));
-    }
-
-    #[test]
-    fn labels_are_checked() {
-        for ok in ["app", "llm-d.ai/role", "a.b/c_d-e", "x"] {
-            assert!(is_label_key(ok), "{ok}");
-        }
-        for bad in ["", "/x", "a/", "-a", "a b", "A_/x", "a=b"] {
-            assert!(!is_label_key(bad), "{bad}");
-        }
-        assert!(is_label_value("") && is_label_value("v1.2_x") && !is_label_value("a,b") && !is_label_value("-a"));
     }
 }

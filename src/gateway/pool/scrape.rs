@@ -3,6 +3,7 @@
 //! only ever costs its own task.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
@@ -108,6 +109,19 @@ async fn get(
         *conn = None;
     }
     result
+}
+
+/// Time until the next scrape round. Every endpoint's scraper wakes on the same rounds, so a
+/// hundred scrapes cost one wake-up of the runtime rather than a hundred; each round is shifted
+/// by up to 20% of the interval, by an amount that differs per round and per kvgate process, so
+/// replicas of kvgate do not scrape in lockstep.
+pub(super) fn next_round(interval: Duration, now: u64) -> Duration {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| fastrand::u64(..));
+    let step = (interval.as_millis() as u64).max(1);
+    let round = now / step + 1;
+    let jitter = xxhash_rust::xxh3::xxh3_64_with_seed(&round.to_le_bytes(), seed) % (step / 5).max(1);
+    Duration::from_millis(round * step + jitter - now)
 }
 
 /// Scrapes one endpoint until its pool drops it.

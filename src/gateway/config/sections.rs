@@ -1,0 +1,207 @@
+//! The config's sections other than listeners and pools: scraping, health, the proxy,
+//! connections, admission and ext_proc, each with its defaults.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Metric scraping (applies to every pool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrapeConfig {
+    /// Time between scrapes of one endpoint, jittered ±20% (default 50).
+    pub interval_ms: u64,
+    /// Bound on one scrape (default 1000).
+    pub timeout_ms: u64,
+    /// Scraped load older than this counts as unknown, not idle (default 2000).
+    pub stale_after_ms: u64,
+    /// Largest `/metrics` body accepted (default 8 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self { interval_ms: 50, timeout_ms: 1000, stale_after_ms: 2000, max_bytes: 8 << 20 }
+    }
+}
+
+/// The reverse proxy's timeouts and retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Bound on connecting to an endpoint (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Bound on an endpoint's response headers after the request is sent (default 600000:
+    /// a non-streaming answer only starts when it is complete).
+    pub first_byte_timeout_ms: u64,
+    /// Bound on silence between two chunks of a response (default 300000).
+    pub idle_timeout_ms: u64,
+    /// Endpoints tried per request at most: the decision's target, then its fallbacks (default 3).
+    pub attempts: usize,
+    /// Bound on a P/D prefill leg, from sending it to reading its answer (default 30000); past
+    /// it the decode endpoint prefills locally.
+    pub prefill_timeout_ms: u64,
+    /// Retries (second and later attempts) in progress at once, in percent of the requests
+    /// waiting for an endpoint's answer (default 50), so a sick fleet is not hammered...
+    pub retry_budget_percent: u32,
+    /// ...but always at least this many (default 10).
+    pub min_retry_concurrency: u32,
+}
+
+/// Endpoints one proxied request may try at most (`proxy.attempts`).
+pub const MAX_ATTEMPTS: usize = 10;
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 2000,
+            first_byte_timeout_ms: 600_000,
+            idle_timeout_ms: 300_000,
+            attempts: 3,
+            prefill_timeout_ms: 30_000,
+            retry_budget_percent: 50,
+            min_retry_concurrency: 10,
+        }
+    }
+}
+
+/// Bounds on each HTTP listener's connections (proxy, admin).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Time a connection may take to send a request's headers, counted from when it is ready
+    /// for the next one — so also the idle timeout of a kept-alive connection (default 30000).
+    pub header_read_timeout_ms: u64,
+    /// Connections open at once per listener; past it new ones are closed (default 4096).
+    pub max_connections: usize,
+    /// Longest wait for the next bytes of a request body; past it the request is a 408
+    /// (default 30000).
+    pub body_read_timeout_ms: u64,
+    /// Least average rate of a request body, bytes per second, once it has taken 5 s: a body
+    /// slower than that is a 408 (default 1024; 0 turns it off).
+    pub min_body_bytes_per_s: u64,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 30_000,
+            max_connections: 4096,
+            body_read_timeout_ms: 30_000,
+            min_body_bytes_per_s: 1024,
+        }
+    }
+}
+
+/// Health judgement (applies to every pool).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failures to reach an endpoint (scrapes, connects) that take it out of
+    /// rotation (default 3). 5xx answers and requests that time out waiting for an answer never
+    /// do by themselves: they count towards its error rate (see `max_ejection_percent`).
+    pub failure_threshold: u32,
+    /// An endpoint whose error rate is well above its pool's is ejected, but no more than this
+    /// percentage of the pool is ever out of rotation that way (default 50: in the 2–8 endpoint
+    /// pools vLLM fleets run, Envoy's 10% would round down to never ejecting anything).
+    pub max_ejection_percent: u32,
+    /// Time out of rotation before a probe (default 500); doubles with each ejection that
+    /// follows soon after a recovery, so a flapping endpoint is held out longer.
+    pub backoff_ms: u64,
+    /// Longest time out of rotation (default 30000).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { failure_threshold: 3, max_ejection_percent: 50, backoff_ms: 500, max_backoff_ms: 30_000 }
+    }
+}
+
+/// A pool's admission limits: beyond them requests get 429 before any endpoint is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admission {
+    /// kvgate's requests in flight to the pool at most.
+    pub max_in_flight: Option<u64>,
+    /// Requests waiting in the pool's endpoint queues (scraped) at most.
+    pub max_queued: Option<u64>,
+    /// Sheddable requests (negative `priority`) are refused this fraction below the limits
+    /// (default 0.2), so they go first when the pool fills up.
+    pub sheddable_headroom: Option<f64>,
+}
+
+impl Admission {
+    /// What is wrong with these limits, if anything.
+    pub(crate) fn problem(&self) -> Option<String> {
+        if self.max_in_flight == Some(0) || self.max_queued == Some(0) {
+            return Some("max_in_flight and max_queued must be at least 1 when given".into());
+        }
+        match self.sheddable_headroom {
+            Some(h) if !(0.0..=1.0).contains(&h) => {
+                Some(format!("sheddable_headroom is a fraction of the limits, 0 to 1; got {h}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Which body mode to assume when Envoy does not announce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum BodyMode {
+    /// `FULL_DUPLEX_STREAMED`.
+    FullDuplexStreamed,
+    /// `BUFFERED`.
+    Buffered,
+    /// `STREAMED` (responses only).
+    Streamed,
+    /// `NONE` (responses only).
+    None,
+}
+
+/// The Envoy ext_proc endpoint picker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtProcConfig {
+    /// Endpoints written to the destination (1: one `ip:port`, which ORIGINAL_DST clusters need;
+    /// more: an ordered fallback list for `override_host`).
+    pub max_endpoints: usize,
+    /// Request body mode assumed when Envoy's first message does not say.
+    pub request_body_mode: BodyMode,
+    /// Response body mode assumed when Envoy's first message does not say.
+    pub response_body_mode: BodyMode,
+    /// Largest gRPC message accepted or sent (default 64 MiB).
+    pub max_message_bytes: usize,
+    /// Obey `test-epp-endpoint-selection` (for the upstream conformance suite only).
+    pub conformance_test_filter: bool,
+    /// Serve gRPC over TLS with this certificate and key (PEM files).
+    pub tls: Option<TlsFiles>,
+    /// Without `tls`, serve gRPC over TLS with a self-signed certificate made at start (what
+    /// the reference picker does by default; gateways then skip verification).
+    pub self_signed_tls: bool,
+}
+
+/// A PEM certificate (chain) and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert_path: PathBuf,
+    /// Private key (PEM).
+    pub key_path: PathBuf,
+}
+
+impl Default for ExtProcConfig {
+    fn default() -> Self {
+        Self {
+            max_endpoints: 1,
+            request_body_mode: BodyMode::FullDuplexStreamed,
+            response_body_mode: BodyMode::FullDuplexStreamed,
+            max_message_bytes: 64 << 20,
+            conformance_test_filter: false,
+            tls: None,
+            self_signed_tls: false,
+        }
+    }
+}
