@@ -199,7 +199,7 @@ fn decision(c: &mut Criterion) {
         }
         let body = chat_body(kib * 1024 - 2200, "what is the answer?");
         let mut rng = fastrand::Rng::with_seed(1);
-        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd };
+        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd, lora: None };
         // Warm the index: the conversation has been seen, and other prompts fill the index.
         for i in 0..256 {
             let other = chat_body(4096, &format!("filler {i}"));

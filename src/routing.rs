@@ -7,6 +7,7 @@
 //! the prefill/decode hand-off.
 
 pub mod endpoint;
+pub mod kv_events;
 pub mod pd;
 pub mod plan;
 pub mod prefix;

@@ -141,3 +141,73 @@ fn broken_tokenizer_files_are_errors() {
     assert!(!plain.has_chat_template());
     assert!(plain.render_chat(&chat(&json!([]), None, true)).is_err());
 }
+
+/// The recorded frames decode, and kvgate's request keys — computed from its own tokenization of
+/// each recorded request — find exactly the blocks the real server said it stored: the precise
+/// index works with this server's hash algorithm and seed without knowing either.
+#[test]
+fn recorded_batches_decode_and_request_keys_find_their_blocks() {
+    use kvgate::routing::endpoint::EndpointId;
+    use kvgate::routing::kv_events::{KvEvent, decode_batch};
+    use kvgate::routing::prefix::precise::{PreciseIndex, request_keys};
+
+    let t = tiny_llama();
+    let text = std::fs::read_to_string(data("vllm-0.32-kv-events.jsonl")).expect("recording");
+    let index = PreciseIndex::default();
+    let ep = EndpointId::new(0);
+    let (mut rows, mut checked, mut last_seq) = (0, 0, 0);
+    for line in text.lines() {
+        let row: Value = serde_json::from_str(line).expect("a JSON line");
+        let hex = |h: &str| -> Vec<u8> {
+            (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex")).collect()
+        };
+        let frames: Vec<Vec<u8>> =
+            row["frames_hex"].as_array().expect("frames").iter().map(|f| hex(f.as_str().expect("hex"))).collect();
+        assert_eq!(frames.len(), 3, "topic, seq, payload");
+        let seq = u64::from_be_bytes(frames[1].as_slice().try_into().expect("8-byte seq"));
+        assert_eq!(seq, row["seq"].as_u64().expect("seq"));
+        assert!(seq > last_seq, "sequence numbers rise");
+        last_seq = seq;
+        let batch = decode_batch(&frames[2]).expect("every recorded batch decodes");
+        let decoded = row["decoded"][1].as_array().expect("events");
+        assert_eq!(batch.events.len(), decoded.len(), "row {}", row["n"]);
+        assert_eq!(batch.dp_rank, Some(0));
+        for (e, d) in batch.events.iter().zip(decoded) {
+            let (kind, hashes) = match e {
+                KvEvent::BlockStored(s) => ("BlockStored", s.block_hashes.clone()),
+                KvEvent::BlockRemoved { block_hashes, .. } => ("BlockRemoved", block_hashes.clone()),
+                KvEvent::AllBlocksCleared => ("AllBlocksCleared", vec![]),
+            };
+            assert_eq!(d["type"], kind);
+            let want: Vec<u64> = d["block_hashes"]
+                .as_array()
+                .map(|a| a.iter().map(|h| h.as_u64().expect("u64")).collect())
+                .unwrap_or_default();
+            assert_eq!(hashes, want, "row {}: hashes", row["n"]);
+        }
+        index.apply(ep, &batch, 0);
+        rows += 1;
+        let cause = &row["caused_by"];
+        let (Value::Object(_), true) = (&cause["request"], cause["kind"] != "decode-fill") else { continue };
+        let req = &cause["request"];
+        let Some(bs) = batch.events.iter().find_map(|e| match e {
+            KvEvent::BlockStored(s) => Some(s.block_size),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let ours = tokens(&t, req);
+        let salt = req["cache_salt"].as_str();
+        let keys = request_keys(&ours, bs, None, salt, usize::MAX);
+        let mut out = Vec::new();
+        index.match_into(&[Some(ep)], &keys, &mut out);
+        assert_eq!(out[0] as usize, keys.len(), "row {} ({}): the whole prompt is held", row["n"], cause["kind"]);
+        if salt.is_some() {
+            index.match_into(&[Some(ep)], &request_keys(&ours, bs, None, None, usize::MAX), &mut out);
+            assert_eq!(out[0], 0, "row {}: a salted prompt's blocks are not the unsalted prompt's", row["n"]);
+        }
+        checked += 1;
+    }
+    assert_eq!(rows, 21);
+    assert!(checked >= 8, "{checked} requests checked");
+}

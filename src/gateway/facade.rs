@@ -187,7 +187,8 @@ impl Gateway {
         let planner = pool.planner();
         admit(pool.admission(), pool.name(), &snapshot.endpoints, req.priority, now, planner.stale_after_ms())?;
         let want = candidates_for(places.max(1));
-        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: api.disaggregates() };
+        let lora = snapshot.lora(&req.model);
+        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: api.disaggregates(), lora };
         let planned = planner.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         if planner.disaggregates() && opts.disaggregate {
@@ -209,7 +210,8 @@ impl Gateway {
         let req = request::parse(api, body, self.max_body_bytes)?;
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
-        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate: api.disaggregates() };
+        let lora = snapshot.lora(&req.model);
+        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate: api.disaggregates(), lora };
         let mut x = Explanation::default();
         let planned = pool.planner().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
         Ok((pool.name().to_owned(), planned.decision, x))

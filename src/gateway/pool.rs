@@ -152,6 +152,14 @@ pub struct Snapshot {
     pub models: Vec<String>,
 }
 
+impl Snapshot {
+    /// `model` when it names a LoRA adapter (and no base model).
+    pub fn lora<'m>(&self, model: &'m str) -> Option<&'m str> {
+        let is = |list: &[String]| list.iter().any(|m| m == model);
+        (is(&self.adapters) && !is(&self.models)).then_some(model)
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     name: String,

@@ -3,9 +3,13 @@
 //! front-end's request needs decided, and nothing that talks to the outside world.
 
 use crate::routing::endpoint::{Endpoint, EndpointId};
+use crate::routing::prefix::precise::{DEFAULT_BLOCK_SIZE, PreciseIndex, ViewStatus, request_keys};
 use crate::routing::prefix::{BlockHasher, PrefixConfig, PrefixIndex, PromptHashes};
-use crate::routing::request::ParsedRequest;
-use crate::routing::schedule::{Decision, Explanation, Input, NoDecision, SchedRequest, Scheduler, Subset, Target};
+use crate::routing::request::{ParsedRequest, TokenSource};
+use crate::routing::schedule::{
+    Decision, Explanation, Input, NoDecision, PrefixSource, SchedRequest, Scheduler, Subset, Target,
+};
+use crate::routing::tokenize::{ChatPrompt, PromptTokenizer};
 
 /// The per-request options of a decision.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +22,8 @@ pub struct PlanOptions<'a> {
     pub now_ms: u64,
     /// The request may be split into prefill and decode legs (P/D pools).
     pub disaggregate: bool,
+    /// The LoRA adapter the request names, when its `model` is one (precise keys include it).
+    pub lora: Option<&'a str>,
 }
 
 /// A pool-level decision and what it was made from.
@@ -31,6 +37,9 @@ pub struct Planned {
     pub uncached_tokens: u64,
     /// Estimated prompt tokens not cached on the prefill endpoint (P/D decisions).
     pub prefill_uncached_tokens: Option<u64>,
+    /// The target's view is precise and the request will store at least one block there: its
+    /// events should follow the answer.
+    pub awaits_events: bool,
 }
 
 impl Planned {
@@ -48,12 +57,71 @@ pub fn candidates_for(places: usize) -> usize {
     if places > 1 { places * 4 } else { 1 }
 }
 
-/// One pool's decision state: its scheduler and prefix index.
+/// A pool's precise prefix state: its model's tokenizer, and the index the endpoints' KV
+/// events feed.
+#[derive(Debug)]
+pub struct PrecisePrefix {
+    tokenizer: PromptTokenizer,
+    index: PreciseIndex,
+    stale_after_ms: u64,
+}
+
+impl PrecisePrefix {
+    /// Precise prefix state with `tokenizer`; an endpoint whose answered requests have waited
+    /// more than `stale_after_ms` for their events is matched approximately.
+    pub fn new(tokenizer: PromptTokenizer, index: PreciseIndex, stale_after_ms: u64) -> Self {
+        Self { tokenizer, index, stale_after_ms }
+    }
+
+    /// The index.
+    pub fn index(&self) -> &PreciseIndex {
+        &self.index
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    /// The stale time, ms.
+    pub fn stale_after_ms(&self) -> u64 {
+        self.stale_after_ms
+    }
+
+    /// The request's prompt in the model's tokens, when kvgate can tell them.
+    pub fn tokens(&self, req: &ParsedRequest<'_>) -> Option<Vec<u32>> {
+        match req.token_source() {
+            TokenSource::Ids(ids) => Some(ids.to_vec()),
+            TokenSource::Text(t) => self.tokenizer.encode_completion(&t).ok(),
+            TokenSource::Chat(body) if self.tokenizer.has_chat_template() => {
+                self.tokenizer.encode_chat(&ChatPrompt::of_request(&body)).ok()
+            }
+            TokenSource::Chat(_) | TokenSource::Unsupported => None,
+        }
+    }
+
+    /// Whether `status` is exact at `now_ms`.
+    pub fn is_precise(&self, status: Option<&ViewStatus>, now_ms: u64) -> bool {
+        status.is_some_and(|s| s.precise(now_ms, self.stale_after_ms))
+    }
+}
+
+/// Per endpoint, how many leading prompt tokens it holds, and by which index.
+struct TokenMatch {
+    tokens: Vec<u32>,
+    sources: Vec<PrefixSource>,
+    /// The block size of each precise endpoint (0 for approximate ones).
+    block_sizes: Vec<u32>,
+    prompt_tokens: u64,
+}
+
+/// One pool's decision state: its scheduler and prefix indexes.
 #[derive(Debug)]
 pub struct Planner {
     models: Vec<String>,
     scheduler: Scheduler,
     index: PrefixIndex,
+    precise: Option<PrecisePrefix>,
     stale_after_ms: u64,
 }
 
@@ -62,7 +130,18 @@ impl Planner {
     /// unknown to its scheduler.
     pub fn new(models: Vec<String>, scheduler: Scheduler, stale_after_ms: u64) -> Self {
         let index = PrefixIndex::new(scheduler.prefix_config().index_capacity);
-        Self { models, scheduler, index, stale_after_ms }
+        Self { models, scheduler, index, precise: None, stale_after_ms }
+    }
+
+    /// The same planner, matching precisely where the endpoints' KV events allow.
+    pub fn with_precise(mut self, precise: PrecisePrefix) -> Self {
+        self.precise = Some(precise);
+        self
+    }
+
+    /// The precise prefix state, for pools that follow KV events.
+    pub fn precise(&self) -> Option<&PrecisePrefix> {
+        self.precise.as_ref()
     }
 
     /// The models the pool serves.
@@ -113,37 +192,105 @@ impl Planner {
         let ids: Vec<EndpointId> = snapshot.iter().map(|e| e.id).collect();
         let mut blocks = Vec::with_capacity(ids.len());
         self.index.match_into(&ids, &prompt.hashes, &mut blocks);
+        let exact = self.precise.as_ref().and_then(|p| self.match_precisely(p, req, &ids, &blocks, &prompt, opts));
+        // Precise pools count in tokens (blocks of one token); the approximate index in its blocks.
+        let (prompt_tokens, total_blocks, block_tokens) = match &exact {
+            Some(m) => (m.prompt_tokens, m.prompt_tokens as usize, 1),
+            None => (prompt.prompt_tokens() as u64, prompt.hashes.len(), cfg.block_tokens() as u64),
+        };
         let input = Input {
             request: SchedRequest {
                 model: &req.model,
-                prompt_tokens: prompt.prompt_tokens() as u64,
-                total_blocks: prompt.hashes.len(),
-                block_tokens: cfg.block_tokens() as u64,
+                prompt_tokens,
+                total_blocks,
+                block_tokens,
                 priority: req.priority,
                 subset: opts.subset,
                 disaggregate: opts.disaggregate,
             },
             endpoints: snapshot,
-            prefix_blocks: &blocks,
+            prefix_blocks: exact.as_ref().map_or(&blocks, |m| &m.tokens),
             pool_models: &self.models,
             now_ms: opts.now_ms,
             stale_after_ms: self.stale_after_ms,
         };
         let dry_run = explain.is_some();
-        let decision = self.scheduler.schedule(&input, rng, opts.want, explain)?;
+        let mut explain = explain;
+        let decision = self.scheduler.schedule(&input, rng, opts.want, explain.as_deref_mut())?;
+        if let (Some(x), Some(m)) = (explain, &exact) {
+            x.set_sources(&m.sources);
+        }
         let primary = decision.primary();
         if !dry_run {
             // The prefill side learns the prompt when its leg succeeds: `Routed::prefilled`.
             self.index.record(primary.id, &prompt.hashes);
         }
-        let tokens = prompt.prompt_tokens() as u64;
-        let uncached = |t: &Target| tokens.saturating_sub(u64::from(t.matched_blocks) * cfg.block_tokens() as u64);
+        let uncached = |t: &Target| prompt_tokens.saturating_sub(u64::from(t.matched_blocks) * block_tokens);
+        let awaits_events = exact.as_ref().is_some_and(|m| {
+            let bs = u64::from(m.block_sizes[primary.index]);
+            m.sources[primary.index] == PrefixSource::Precise && bs > 0 && uncached(primary) >= bs
+        }) && decision.prefill.is_none();
         Ok(Planned {
             uncached_tokens: uncached(primary),
             prefill_uncached_tokens: decision.prefill.as_ref().map(uncached),
+            awaits_events,
             decision,
             prompt,
         })
+    }
+
+    /// Token-level matches for a precise pool: exact for endpoints whose view is precise, the
+    /// approximate index's blocks turned into tokens for the rest. `None` when the prompt
+    /// cannot be tokenized (the pool then matches approximately throughout).
+    fn match_precisely(
+        &self,
+        p: &PrecisePrefix,
+        req: &ParsedRequest<'_>,
+        ids: &[EndpointId],
+        approx_blocks: &[u32],
+        prompt: &PromptHashes,
+        opts: PlanOptions<'_>,
+    ) -> Option<TokenMatch> {
+        let tokens = p.tokens(req)?;
+        let n = tokens.len() as u64;
+        let cfg = self.prefix_config();
+        let statuses = p.index.statuses(ids);
+        let precise: Vec<bool> = statuses.iter().map(|s| p.is_precise(s.as_ref(), opts.now_ms)).collect();
+        let size_of = |s: &Option<ViewStatus>| s.and_then(|s| s.block_size).unwrap_or(DEFAULT_BLOCK_SIZE);
+        let mut sizes: Vec<u32> = statuses.iter().zip(&precise).filter(|(_, p)| **p).map(|(s, _)| size_of(s)).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let mut m = TokenMatch {
+            tokens: vec![0; ids.len()],
+            sources: vec![PrefixSource::Approximate; ids.len()],
+            block_sizes: vec![0; ids.len()],
+            prompt_tokens: n,
+        };
+        // The approximate index's bytes, in this prompt's tokens per byte.
+        let bytes = prompt.prompt_bytes.max(1) as u64;
+        for (i, &b) in approx_blocks.iter().enumerate() {
+            m.tokens[i] = (u64::from(b) * cfg.block_bytes as u64 * n / bytes).min(n) as u32;
+        }
+        let max_tokens = cfg.max_blocks.saturating_mul(cfg.block_tokens());
+        let mut out = Vec::new();
+        for bs in sizes {
+            let keys = request_keys(&tokens, bs, opts.lora, req.cache_salt.as_deref(), max_tokens / bs.max(1) as usize);
+            let these: Vec<Option<EndpointId>> = ids
+                .iter()
+                .zip(&statuses)
+                .zip(&precise)
+                .map(|((id, s), &p)| (p && size_of(s) == bs).then_some(*id))
+                .collect();
+            p.index.match_into(&these, &keys, &mut out);
+            for (i, id) in these.iter().enumerate() {
+                if id.is_some() {
+                    m.tokens[i] = out[i] * bs;
+                    m.sources[i] = PrefixSource::Precise;
+                    m.block_sizes[i] = bs;
+                }
+            }
+        }
+        Some(m)
     }
 }
 
@@ -177,7 +324,7 @@ mod tests {
     }
 
     fn opts() -> PlanOptions<'static> {
-        PlanOptions { subset: None, want: 1, now_ms: 0, disaggregate: true }
+        PlanOptions { subset: None, want: 1, now_ms: 0, disaggregate: true, lora: None }
     }
 
     fn plan(

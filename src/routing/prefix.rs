@@ -16,6 +16,7 @@
 //! Part of the decision core: no I/O, no clock, no async.
 
 pub mod index;
+pub mod precise;
 
 pub use index::{IndexStats, PrefixIndex};
 

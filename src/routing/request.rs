@@ -169,6 +169,20 @@ pub struct ParsedRequest<'a> {
     /// `priority` (vLLM: lower runs first; kvgate sheds negative priorities first).
     pub priority: i64,
     prompt: Prompt<'a>,
+    body: &'a str,
+}
+
+/// What a model's tokenizer reads of a request's prompt.
+#[derive(Debug)]
+pub enum TokenSource<'a> {
+    /// A completions prompt's text, unescaped.
+    Text(String),
+    /// Token ids given by the client, used as they are.
+    Ids(&'a [u32]),
+    /// A chat, rendered from the request body with the model's template.
+    Chat(serde_json::Value),
+    /// Nothing kvgate tokenizes: several prompts, embeddings inputs, `/v1/responses`.
+    Unsupported,
 }
 
 #[derive(Debug)]
@@ -299,10 +313,29 @@ pub fn parse(api: ApiKind, body: &[u8], max_bytes: usize) -> Result<ParsedReques
         kv_transfer_params: body.kv_transfer_params,
         priority: body.priority.unwrap_or(0),
         prompt,
+        body: text,
     })
 }
 
 impl ParsedRequest<'_> {
+    /// The prompt as a tokenizer reads it: one completions prompt (text or ids) or a chat.
+    pub fn token_source(&self) -> TokenSource<'_> {
+        match (&self.prompt, self.api) {
+            (Prompt::Texts(t), ApiKind::Completions) if t.len() == 1 => {
+                match serde_json::from_str::<String>(&format!("\"{}\"", t[0])) {
+                    Ok(s) => TokenSource::Text(s),
+                    Err(_) => TokenSource::Unsupported,
+                }
+            }
+            (Prompt::Tokens(b), ApiKind::Completions) if b.len() == 1 => TokenSource::Ids(&b[0]),
+            (Prompt::Chat { .. }, _) => match serde_json::from_str(self.body) {
+                Ok(v) => TokenSource::Chat(v),
+                Err(_) => TokenSource::Unsupported,
+            },
+            _ => TokenSource::Unsupported,
+        }
+    }
+
     /// Feeds the prompt's canonical byte stream to `sink`, in order.
     ///
     /// Text is fed as its raw JSON string contents; token ids as little-endian `u32`s (four bytes

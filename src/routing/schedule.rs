@@ -244,13 +244,28 @@ pub struct Explanation {
     pub prefill: Option<Box<Explanation>>,
 }
 
+/// Which index an endpoint's prefix match came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixSource {
+    /// Its KV events: exact, in the model's tokens.
+    Precise,
+    /// What kvgate sent it (blocks of prompt bytes).
+    Approximate,
+}
+
 /// One endpoint's part of an [`Explanation`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EndpointExplanation {
     /// Endpoint address.
     pub address: SocketAddr,
-    /// Prompt blocks it holds.
+    /// Prompt blocks it holds (tokens, in a precise pool).
     pub matched_blocks: u32,
+    /// Prompt tokens it holds (estimated from bytes where the match is approximate).
+    pub matched_tokens: u64,
+    /// Where the match came from (precise pools only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_source: Option<PrefixSource>,
     /// The stage that removed it (`subset`, `model`, `health`, or a filter name).
     pub filtered_by: Option<String>,
     /// Each scorer's raw score, weight and weighted score.
@@ -262,6 +277,16 @@ pub struct EndpointExplanation {
 }
 
 impl Explanation {
+    /// Marks each endpoint (snapshot order) with the index its match came from.
+    pub fn set_sources(&mut self, sources: &[PrefixSource]) {
+        for (e, s) in self.endpoints.iter_mut().zip(sources) {
+            e.prefix_source = Some(*s);
+        }
+        if let Some(p) = &mut self.prefill {
+            p.set_sources(sources);
+        }
+    }
+
     fn new(profile: &str, input: &Input<'_>) -> Self {
         Self {
             profile: profile.to_owned(),
@@ -273,6 +298,8 @@ impl Explanation {
                 .map(|(e, &m)| EndpointExplanation {
                     address: e.address,
                     matched_blocks: m,
+                    matched_tokens: u64::from(m) * input.request.block_tokens,
+                    prefix_source: None,
                     filtered_by: None,
                     scores: Vec::new(),
                     total: 0.0,
