@@ -142,6 +142,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     };
     use std::fmt::Write as _;
     let mut out = String::new();
+    let mut warnings = Vec::new();
     let _ = writeln!(out, "{}: OK", file.display());
     let _ = writeln!(
         out,
@@ -189,8 +190,55 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         for line in pool.scheduler.to_string().lines() {
             let _ = writeln!(out, "  {line}");
         }
+        if let Some(p) = &pool.precise {
+            let ev = &p.kv_events;
+            let how = match (&ev.port, &ev.bind) {
+                (Some(port), _) => format!("connects to each endpoint's publisher at tcp://<ip>:{port}+rank"),
+                (_, Some(b)) => format!("binds {b} for the engines to connect (topic kv@<ip:port>@<model>)"),
+                _ => String::new(),
+            };
+            let replay = ev.replay_port.map_or("no replay socket".to_owned(), |r| format!("replays from <ip>:{r}+rank"));
+            let _ = writeln!(out, "  KV events: {how}; topic filter `{}`; {replay}", ev.topic);
+            let _ = writeln!(
+                out,
+                "  tokenizer {} (chat template: {})",
+                p.tokenizer_dir.display(),
+                if p.tokenizer.has_chat_template() { "yes" } else { "no" }
+            );
+            for w in block_size_warnings(pool, p.block_size) {
+                warnings.push(format!("pool `{}`: {w}", pool.name));
+            }
+        }
+        for w in &pool.warnings {
+            warnings.push(format!("pool `{}`: {w}", pool.name));
+        }
+    }
+    for w in &warnings {
+        let _ = writeln!(out, "warning: {w}");
     }
     print_out(&out)
+}
+
+/// Asks a precise pool's listed endpoints for their `vllm:cache_config_info` (2 s each) and
+/// says where its block size disagrees with the scheduler's.
+fn block_size_warnings(pool: &kvgate::gateway::config::ResolvedPool, block_size: u32) -> Vec<String> {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return Vec::new() };
+    let endpoints: Vec<_> = pool.endpoints.iter().chain(&pool.file_endpoints).collect();
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for e in endpoints {
+            let Some(addr) = e.socket_addr() else { continue };
+            match kvgate::gateway::pool::scrape::cache_config(addr, e.rank).await {
+                Ok((Some(bs), _)) if bs != u64::from(block_size) => out.push(format!(
+                    "endpoint {e} reports block_size {bs} in vllm:cache_config_info, but the precise index starts from {block_size} \
+                     (set `blockSize: {bs}` on precise-prefix-cache-producer; events will say so too)"
+                )),
+                Ok(_) => {}
+                Err(err) => out.push(format!("endpoint {e}: cannot read its vllm:cache_config_info ({err})")),
+            }
+        }
+        out
+    })
 }
 
 /// Writes `text` to stdout. A reader that has gone (`| head`) is not an error: the output was

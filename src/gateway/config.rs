@@ -18,13 +18,14 @@ use serde::Deserialize;
 
 use crate::routing::request::DEFAULT_MAX_BODY_BYTES;
 use crate::routing::schedule::{Scheduler, SchedulerSpec};
+use crate::routing::tokenize::PromptTokenizer;
 use endpoints::{Claims, EndpointSpec, ResolvedEndpoint, first_use, load_endpoints_file};
 pub use inference_pool::{
     INFERENCE_POOL_GROUP, InferencePoolRef, is_dns_label, is_dns_subdomain, is_label_key, is_label_value,
 };
 pub use sections::{
-    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, MAX_ATTEMPTS, ProxyConfig, ScrapeConfig,
-    TlsFiles,
+    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, ProxyConfig,
+    ScrapeConfig, TlsFiles, bind_address,
 };
 
 /// The whole config file.
@@ -118,6 +119,13 @@ pub struct PoolConfig {
     /// Admission limits (429 beyond them); none by default.
     #[serde(default)]
     pub admission: Admission,
+    /// The model's Hugging Face tokenizer folder (`tokenizer.json`, and `tokenizer_config.json`
+    /// and/or `chat_template.jinja`), for the precise prefix index.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Follow the endpoints' KV events (needs `tokenizer`): exact prefix matches.
+    #[serde(default)]
+    pub kv_events: Option<KvEventsSpec>,
 }
 
 /// Where a pool's endpoints come from.
@@ -204,6 +212,43 @@ pub struct ResolvedPool {
     pub scheduler: Scheduler,
     /// Admission limits.
     pub admission: Admission,
+    /// The precise prefix index's set-up, when the pool follows KV events and its tokenizer
+    /// loaded.
+    pub precise: Option<PreciseSetup>,
+    /// What is doubtful but not wrong (check-config prints these; serve logs them).
+    pub warnings: Vec<String>,
+}
+
+/// A precise pool's tokenizer and event subscription.
+#[derive(Debug, Clone)]
+pub struct PreciseSetup {
+    /// The model's tokenizer.
+    pub tokenizer: PromptTokenizer,
+    /// Its folder.
+    pub tokenizer_dir: PathBuf,
+    /// How to meet the publishers.
+    pub kv_events: KvEventsSpec,
+    /// Tokens per block until events say (`precise-prefix-cache-producer`'s `blockSize`).
+    pub block_size: u32,
+}
+
+/// Loads a Hugging Face tokenizer folder: `tokenizer.json`, and `tokenizer_config.json` and
+/// `chat_template.jinja` when present.
+pub fn load_tokenizer(dir: &Path) -> Result<PromptTokenizer, String> {
+    let read = |name: &str| std::fs::read(dir.join(name));
+    let json = read("tokenizer.json").map_err(|e| format!("{}: {e}", dir.join("tokenizer.json").display()))?;
+    let config = match read("tokenizer_config.json") {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", dir.join("tokenizer_config.json").display())),
+    };
+    let template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", dir.join("chat_template.jinja").display())),
+    };
+    PromptTokenizer::from_parts(&json, config.as_deref(), template.as_deref())
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// Parses YAML into `T`, reporting the path of the first bad field.
@@ -413,9 +458,52 @@ impl Config {
                 ));
             }
             let scheduler = match &pool.scheduler {
+                None if pool.kv_events.is_some() => Scheduler::default_precise(),
                 None => Scheduler::default_config(),
                 Some(spec) => Scheduler::from_spec(spec)
                     .map_err(|e| invalid(format!("pools[{i}].scheduler.{}", e.at), e.message))?,
+            };
+            let mut warnings = Vec::new();
+            let precise = match (&pool.kv_events, &pool.tokenizer, scheduler.precise_producer()) {
+                (None, _, Some(_)) => {
+                    return Err(invalid(
+                        at("scheduler"),
+                        "`precise-prefix-cache-producer` needs the pool's `kv_events` and `tokenizer`".into(),
+                    ));
+                }
+                (Some(_), None, _) => {
+                    return Err(invalid(
+                        at("kv_events"),
+                        "following KV events needs the model's `tokenizer` folder: kvgate computes prefix keys from token ids".into(),
+                    ));
+                }
+                (Some(ev), Some(_), _) if ev.problem().is_some() => {
+                    return Err(invalid(at("kv_events"), ev.problem().unwrap_or_default()));
+                }
+                (Some(_), Some(_), None) => {
+                    warnings.push("`kv_events` is set but the scheduler names no `precise-prefix-cache-producer`: matches stay approximate".to_owned());
+                    None
+                }
+                (Some(ev), Some(dir), Some(block_size)) => match load_tokenizer(dir) {
+                    Ok(tokenizer) => {
+                        if !tokenizer.has_chat_template() {
+                            warnings.push(format!(
+                                "tokenizer {} has no chat template: chat requests are matched approximately",
+                                dir.display()
+                            ));
+                        }
+                        Some(PreciseSetup { tokenizer, tokenizer_dir: dir.clone(), kv_events: ev.clone(), block_size })
+                    }
+                    Err(e) => {
+                        warnings.push(format!("the tokenizer cannot be loaded ({e}): the pool matches approximately"));
+                        None
+                    }
+                },
+                (None, Some(dir), None) => {
+                    warnings.push(format!("`tokenizer` {} is used only with `kv_events`", dir.display()));
+                    None
+                }
+                (None, None, None) => None,
             };
             out.push(ResolvedPool {
                 name: pool.name.clone(),
@@ -426,6 +514,8 @@ impl Config {
                 endpoints_file: pool.endpoints_file.clone(),
                 scheduler,
                 admission: pool.admission,
+                precise,
+                warnings,
             });
         }
         Ok(out)

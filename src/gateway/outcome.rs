@@ -147,6 +147,11 @@ impl Routed {
     /// target's prefill count.
     pub fn first_byte(&mut self) {
         self.guard.prefill_done();
+        // Its prefill stored blocks on a precise endpoint: their events should follow.
+        if self.planned.awaits_events && self.current == 0 {
+            self.planned.awaits_events = false;
+            self.pool.answered_precise(self.target().id);
+        }
     }
 
     /// Counts the request with the status its client got (once; later calls do nothing).

@@ -11,7 +11,8 @@ pub(crate) mod discovery;
 pub use discovery::SourceStatus;
 mod health;
 pub(crate) mod kubernetes;
-pub(crate) mod scrape;
+pub(crate) mod kv_events;
+pub mod scrape;
 pub(crate) mod scrape_parse;
 
 use std::net::SocketAddr;
@@ -23,9 +24,12 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use crate::gateway::config::endpoints::ResolvedEndpoint;
-use crate::gateway::config::{Admission, HealthConfig, ScrapeConfig};
+use crate::gateway::config::{Admission, HealthConfig, KvEventsSpec, ScrapeConfig};
 use crate::gateway::telemetry::Telemetry;
-use crate::routing::endpoint::{Endpoint, EndpointId, EndpointStatus, Health, InFlight, LoraState, Metrics, Role};
+use crate::routing::endpoint::{
+    Endpoint, EndpointId, EndpointStatus, Health, InFlight, KvEventsStatus, LoraState, Metrics, Role,
+};
+use crate::routing::schedule::PrefixSource;
 use crate::routing::plan::Planner;
 use health::{Ejected, HealthState};
 use scrape::Served;
@@ -124,6 +128,13 @@ struct Member {
     scrape_errors: u64,
     last_error: Option<String>,
     _scraper: Option<AbortOnDrop>,
+    /// `block_size` of its `vllm:cache_config_info`.
+    engine_block_size: Option<u64>,
+    /// Its KV-event feed's state, and the task following its publisher (connect mode).
+    feed: Arc<kv_events::FeedStatus>,
+    _kv_events: Option<AbortOnDrop>,
+    /// The block-size disagreement was logged.
+    block_size_warned: bool,
 }
 
 impl Member {
@@ -174,6 +185,8 @@ struct Inner {
     source: Mutex<SourceStatus>,
     serials: AtomicU64,
     tasks: Mutex<Vec<AbortOnDrop>>,
+    /// How the pool meets its endpoints' KV-event publishers, when it follows them.
+    kv_events: Mutex<Option<KvEventsSpec>>,
 }
 
 /// One pool. Cheap to clone; the last clone dropped stops its tasks.
@@ -204,6 +217,7 @@ impl Pool {
             source: Mutex::new(SourceStatus::default()),
             serials: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
+            kv_events: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
         let dirty = inner.dirty.clone();
@@ -335,6 +349,10 @@ impl Pool {
                     scrape_errors: 0,
                     last_error: None,
                     _scraper: None,
+                    engine_block_size: None,
+                    feed: Arc::default(),
+                    _kv_events: None,
+                    block_size_warned: false,
                 });
             }
             // One scraper per address: ranks behind one port share their server's /metrics.
@@ -350,8 +368,20 @@ impl Pool {
                     members[k]._scraper = Some(AbortOnDrop(task));
                 }
             }
+            // One KV-event subscription per endpoint, when kvgate connects to the publishers.
+            let spec = inner.kv_events.lock().clone().filter(|s| s.port.is_some());
+            if let Some(spec) = spec {
+                for m in members.iter_mut().filter(|m| m._kv_events.is_none()) {
+                    let target = feed_target(m);
+                    let task = tokio::spawn(kv_events::follow(Arc::downgrade(inner), target, spec.clone()));
+                    m._kv_events = Some(AbortOnDrop(task));
+                }
+            }
             for gone in old {
                 inner.planner.index().remove(gone.id);
+                if let Some(p) = inner.planner.precise() {
+                    p.index().remove(gone.id);
+                }
                 st.free_ids.push(gone.id.index() as u32);
             }
             st.members = members;
@@ -402,6 +432,23 @@ impl Pool {
         }
     }
 
+    /// Follows the endpoints' KV-event publishers as `spec` says (before discovery starts):
+    /// kvgate connects to each endpoint's, or binds one socket the engines connect to.
+    pub fn follow_kv_events(&self, spec: KvEventsSpec) {
+        if spec.bind.is_some() {
+            let task = tokio::spawn(kv_events::listen(Arc::downgrade(&self.inner), spec.clone()));
+            self.inner.tasks.lock().push(AbortOnDrop(task));
+        }
+        *self.inner.kv_events.lock() = Some(spec);
+    }
+
+    /// A request that should have stored blocks on `id` (a precise view) was answered.
+    pub fn answered_precise(&self, id: EndpointId) {
+        if let Some(p) = self.inner.planner.precise() {
+            p.index().answered(id, now_ms());
+        }
+    }
+
     /// Status of every endpoint, for `/debug/endpoints` and metrics.
     pub fn status(&self) -> Vec<EndpointStatus> {
         let inner = &self.inner;
@@ -432,13 +479,66 @@ impl Pool {
                     adapters: m.adapters.clone(),
                     scrape_errors: m.scrape_errors,
                     last_error: m.last_error.clone(),
+                    prefix_source: inner.planner.precise().map(|p| {
+                        if p.is_precise(p.index().status(m.id).as_ref(), now) {
+                            PrefixSource::Precise
+                        } else {
+                            PrefixSource::Approximate
+                        }
+                    }),
+                    kv_events: inner.planner.precise().map(|p| {
+                        let view = p.index().status(m.id);
+                        KvEventsStatus {
+                            connected: m.feed.connected(),
+                            last_seq: m.feed.last_seq(),
+                            last_event_age_ms: view.and_then(|v| v.last_event_ms).map(|t| now.saturating_sub(t)),
+                            gaps: m.feed.gaps(),
+                            replays: m.feed.replays(),
+                            blocks: view.map_or(0, |v| v.blocks),
+                            block_size: view.and_then(|v| v.block_size),
+                            engine_block_size: m.engine_block_size,
+                            rebuilding: view.and_then(|v| v.rebuilding),
+                        }
+                    }),
                 }
             })
             .collect()
     }
 }
 
+/// How a KV-event feed knows a member.
+fn feed_target(m: &Member) -> kv_events::FeedTarget {
+    let rank = m.entry.rank.unwrap_or(0);
+    kv_events::FeedTarget {
+        id: m.id,
+        label: if m.entry.rank_header { format!("{}#{rank}", m.addr) } else { m.addr.to_string() },
+        addr: m.addr,
+        rank,
+        status: m.feed.clone(),
+    }
+}
+
 impl Inner {
+    /// The members, as KV-event feeds know them.
+    fn feed_targets(&self) -> Vec<kv_events::FeedTarget> {
+        self.state.lock().members.iter().map(feed_target).collect()
+    }
+
+    /// Warns once when an endpoint's events and its `cache_config_info` disagree on the block
+    /// size (its blocks would then not be the ones kvgate matches).
+    fn check_block_size(&self, m: &mut Member) {
+        let Some(p) = self.planner.precise() else { return };
+        let events = p.index().status(m.id).and_then(|v| v.block_size);
+        if let (Some(ev), Some(engine)) = (events, m.engine_block_size)
+            && u64::from(ev) != engine
+            && !m.block_size_warned
+        {
+            m.block_size_warned = true;
+            tracing::warn!(pool = self.name.as_str(), endpoint = %m.addr, events = ev, cache_config_info = engine,
+                "the endpoint's KV events and its vllm:cache_config_info disagree on the block size");
+        }
+    }
+
     /// Rebuilds and swaps the snapshot.
     fn publish(&self) {
         let now = now_ms();
@@ -529,8 +629,13 @@ impl Inner {
                         if m.kv_capacity != Some(cap) {
                             m.kv_capacity = Some(cap);
                             self.planner.index().set_capacity(m.id, cap);
+                            if let Some(p) = self.planner.precise() {
+                                p.index().set_capacity(m.id, usize::try_from(blocks).unwrap_or(usize::MAX));
+                            }
                         }
                     }
+                    m.engine_block_size = engine.block_size;
+                    self.check_block_size(m);
                     if let Some(served) = &served {
                         m.adapters.clone_from(&served.adapters);
                         m.bases.clone_from(&served.bases);

@@ -31,6 +31,32 @@ pub struct Usage {
     pub cached: u64,
 }
 
+/// `kvgate_kv_events_*`, per pool and endpoint.
+#[derive(Debug, Clone)]
+pub struct KvEventMetrics {
+    /// `kvgate_kv_events_total{pool,endpoint,type}`: events applied, by type.
+    pub events: IntCounterVec,
+    /// `kvgate_kv_events_batches_total{pool,endpoint}`.
+    pub batches: IntCounterVec,
+    /// `kvgate_kv_events_gaps_total{pool,endpoint}`: lost batches detected (a sequence gap or a
+    /// publisher restart that was missed).
+    pub gaps: IntCounterVec,
+    /// `kvgate_kv_events_replays_total{pool,endpoint,result}` (`ok`, `failed`).
+    pub replays: IntCounterVec,
+    /// `kvgate_kv_events_errors_total{pool,endpoint}`: messages that were not event batches.
+    pub errors: IntCounterVec,
+    /// `kvgate_kv_events_lag_seconds{pool,endpoint}`: arrival time minus the batch's own
+    /// timestamp, for the last batch.
+    pub lag: GaugeVec,
+    /// `kvgate_kv_events_precise{pool,endpoint}`: 1 while matches on the endpoint are exact.
+    pub precise: IntGaugeVec,
+    /// `kvgate_kv_events_fallbacks_total{pool,endpoint,reason}`: times an endpoint fell back to
+    /// the approximate index (`disconnected`, `stale`, `gap`, `overflow`).
+    pub fallbacks: IntCounterVec,
+    /// `kvgate_kv_events_blocks{pool,endpoint}`: blocks the precise index holds.
+    pub blocks: IntGaugeVec,
+}
+
 /// The registry and every family.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -58,6 +84,8 @@ pub struct Telemetry {
     pub disagg_fallbacks: IntCounterVec,
     /// `kvgate_buffered_request_bytes`: request body bytes held in memory now.
     pub buffered_bytes: prometheus::IntGauge,
+    /// The KV-event feeds' families.
+    pub kv_events: KvEventMetrics,
     ready_pods: IntGaugeVec,
     avg_kv: GaugeVec,
     avg_queue: GaugeVec,
@@ -92,7 +120,30 @@ impl Telemetry {
         )
         .expect("valid histogram");
         reg(Box::new(decision_seconds.clone()));
+        let ep = &["pool", "endpoint"];
+        let kv_events = KvEventMetrics {
+            events: family!(IntCounterVec, "kvgate_kv_events_total", "KV events applied, by type.", &["pool", "endpoint", "type"]),
+            batches: family!(IntCounterVec, "kvgate_kv_events_batches_total", "KV-event batches received.", ep),
+            gaps: family!(IntCounterVec, "kvgate_kv_events_gaps_total", "KV-event batches found missing.", ep),
+            replays: family!(
+                IntCounterVec,
+                "kvgate_kv_events_replays_total",
+                "Replays of lost KV-event batches, by result.",
+                &["pool", "endpoint", "result"]
+            ),
+            errors: family!(IntCounterVec, "kvgate_kv_events_errors_total", "KV-event messages that did not decode.", ep),
+            lag: family!(GaugeVec, "kvgate_kv_events_lag_seconds", "Arrival minus publication time of the last KV-event batch.", ep),
+            precise: family!(IntGaugeVec, "kvgate_kv_events_precise", "1 while prefix matches on the endpoint come from its KV events.", ep),
+            fallbacks: family!(
+                IntCounterVec,
+                "kvgate_kv_events_fallbacks_total",
+                "Times an endpoint fell back to the approximate prefix index, by reason.",
+                &["pool", "endpoint", "reason"]
+            ),
+            blocks: family!(IntGaugeVec, "kvgate_kv_events_blocks", "Blocks the precise prefix index holds for the endpoint.", ep),
+        };
         Self {
+            kv_events,
             requests: family!(
                 IntCounterVec,
                 "inference_objective_request_total",

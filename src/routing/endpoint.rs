@@ -303,6 +303,36 @@ pub struct EndpointStatus {
     pub scrape_errors: u64,
     /// The last scrape error, if the last scrape failed.
     pub last_error: Option<String>,
+    /// In a pool that follows KV events: `precise` while matches come from the endpoint's
+    /// events, `approximate` when they cannot (stream down, unrepaired gap, stale).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_source: Option<crate::routing::schedule::PrefixSource>,
+    /// In a pool that follows KV events: its feed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_events: Option<KvEventsStatus>,
+}
+
+/// An endpoint's KV-event feed, for `/debug/endpoints`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KvEventsStatus {
+    /// Its subscription is in place.
+    pub connected: bool,
+    /// The last sequence number applied.
+    pub last_seq: Option<u64>,
+    /// Time since its last event arrived.
+    pub last_event_age_ms: Option<u64>,
+    /// Lost batches found.
+    pub gaps: u64,
+    /// Successful replays.
+    pub replays: u64,
+    /// Blocks the precise index holds for it.
+    pub blocks: usize,
+    /// Tokens per block, from its events.
+    pub block_size: Option<u32>,
+    /// `block_size` of its `vllm:cache_config_info`.
+    pub engine_block_size: Option<u64>,
+    /// Why its view is being rebuilt, if it is (`gap`, `overflow`).
+    pub rebuilding: Option<crate::routing::prefix::precise::Unknown>,
 }
 
 #[cfg(test)]

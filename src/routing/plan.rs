@@ -3,7 +3,7 @@
 //! front-end's request needs decided, and nothing that talks to the outside world.
 
 use crate::routing::endpoint::{Endpoint, EndpointId};
-use crate::routing::prefix::precise::{DEFAULT_BLOCK_SIZE, PreciseIndex, ViewStatus, request_keys};
+use crate::routing::prefix::precise::{PreciseIndex, ViewStatus, request_keys};
 use crate::routing::prefix::{BlockHasher, PrefixConfig, PrefixIndex, PromptHashes};
 use crate::routing::request::{ParsedRequest, TokenSource};
 use crate::routing::schedule::{
@@ -64,13 +64,15 @@ pub struct PrecisePrefix {
     tokenizer: PromptTokenizer,
     index: PreciseIndex,
     stale_after_ms: u64,
+    block_size: u32,
 }
 
 impl PrecisePrefix {
     /// Precise prefix state with `tokenizer`; an endpoint whose answered requests have waited
-    /// more than `stale_after_ms` for their events is matched approximately.
-    pub fn new(tokenizer: PromptTokenizer, index: PreciseIndex, stale_after_ms: u64) -> Self {
-        Self { tokenizer, index, stale_after_ms }
+    /// more than `stale_after_ms` for their events is matched approximately, and one whose
+    /// events have not said its block size is taken to have `block_size`.
+    pub fn new(tokenizer: PromptTokenizer, index: PreciseIndex, stale_after_ms: u64, block_size: u32) -> Self {
+        Self { tokenizer, index, stale_after_ms, block_size: block_size.max(1) }
     }
 
     /// The index.
@@ -256,7 +258,7 @@ impl Planner {
         let cfg = self.prefix_config();
         let statuses = p.index.statuses(ids);
         let precise: Vec<bool> = statuses.iter().map(|s| p.is_precise(s.as_ref(), opts.now_ms)).collect();
-        let size_of = |s: &Option<ViewStatus>| s.and_then(|s| s.block_size).unwrap_or(DEFAULT_BLOCK_SIZE);
+        let size_of = |s: &Option<ViewStatus>| s.and_then(|s| s.block_size).unwrap_or(p.block_size);
         let mut sizes: Vec<u32> = statuses.iter().zip(&precise).filter(|(_, p)| **p).map(|(s, _)| size_of(s)).collect();
         sizes.sort_unstable();
         sizes.dedup();

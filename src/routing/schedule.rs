@@ -230,6 +230,8 @@ pub struct Scheduler {
     /// Prefill disaggregation, when configured.
     disagg: Option<Disagg>,
     prefix: PrefixConfig,
+    /// `precise-prefix-cache-producer`'s block size, when the scheduler names it.
+    precise: Option<u32>,
 }
 
 /// Why each endpoint scored what it did.
@@ -327,6 +329,17 @@ impl Scheduler {
     /// The default scheduler.
     pub fn default_config() -> Self {
         config::default_scheduler()
+    }
+
+    /// The default scheduler of a pool that follows KV events: the default profile fed by
+    /// `precise-prefix-cache-producer`.
+    pub fn default_precise() -> Self {
+        Self { precise: Some(crate::routing::prefix::precise::DEFAULT_BLOCK_SIZE), ..config::default_scheduler() }
+    }
+
+    /// The block size `precise-prefix-cache-producer` starts from, when the scheduler names it.
+    pub fn precise_producer(&self) -> Option<u32> {
+        self.precise
     }
 
     /// Prompt hashing and index sizing for this pool.
@@ -565,6 +578,12 @@ impl fmt::Display for Scheduler {
             p.max_blocks,
             p.index_capacity
         )?;
+        if let Some(bs) = self.precise {
+            writeln!(
+                f,
+                "precise-prefix-cache-producer: exact matches from KV events (blocks of {bs} tokens until events say), the above where an endpoint's view is not precise"
+            )?;
+        }
         match &self.disagg {
             None => {
                 writeln!(f, "profile `{}` (single-profile-handler):", self.profile.name)?;

@@ -87,6 +87,16 @@ impl PromptTokenizer {
         Ok(Self { tokenizer: Arc::new(tokenizer), template, special })
     }
 
+    /// The vocabulary size (special tokens included).
+    pub fn vocab_size(&self) -> u32 {
+        self.tokenizer.get_vocab_size(true) as u32
+    }
+
+    /// The text of token ids (special tokens left out).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
     /// Whether the model has a chat template.
     pub fn has_chat_template(&self) -> bool {
         self.template.is_some()

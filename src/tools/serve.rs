@@ -22,7 +22,8 @@ use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
 use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery, kubernetes};
 use crate::gateway::telemetry::Telemetry;
-use crate::routing::plan::Planner;
+use crate::routing::plan::{PrecisePrefix, Planner};
+use crate::routing::prefix::precise::PreciseIndex;
 use crate::routing::schedule::SchedulerSpec;
 
 /// `kvgate serve` flags.
@@ -214,8 +215,20 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let mut pools = Vec::new();
     for rp in resolved {
         let kind = rp.source_kind();
-        let planner = Planner::new(rp.models, rp.scheduler, stale_ms);
+        for w in &rp.warnings {
+            tracing::warn!(pool = rp.name.as_str(), "{w}");
+        }
+        let mut planner = Planner::new(rp.models, rp.scheduler, stale_ms);
+        let kv_events = rp.precise.as_ref().map(|p| p.kv_events.clone());
+        if let Some(p) = rp.precise {
+            tracing::info!(pool = rp.name.as_str(), tokenizer = %p.tokenizer_dir.display(), "prefix matches from KV events");
+            let index = PreciseIndex::default();
+            planner = planner.with_precise(PrecisePrefix::new(p.tokenizer, index, p.kv_events.stale_after_ms, p.block_size));
+        }
         let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
+        if let Some(spec) = kv_events {
+            pool.follow_kv_events(spec);
+        }
         let task = match (&rp.inference_pool, &kube) {
             (Some(r), Some((client, namespace))) => {
                 let target = kubernetes::Target::new(r, namespace);

@@ -75,7 +75,14 @@ pub struct SimArgs {
     /// Serve rank k on port + k, each with its own engine and metrics.
     #[arg(long)]
     pub data_parallel_multi_port_external_lb: bool,
-    /// KV events, as vLLM's JSON (`{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",…}`).
+    /// The model's Hugging Face tokenizer folder (`tokenizer.json`, `tokenizer_config.json`,
+    /// `chat_template.jinja`): prompts are tokenized and chats rendered with them, so the KV
+    /// cache, the prefix-cache counters, usage and KV events are in the model's real tokens
+    /// (default: the simulator's own ~4-characters-per-token tokenizer).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// KV events, as vLLM's JSON (`{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",…}`):
+    /// an endpoint with `*` binds (on `--host`), any other connects; rank r publishes on port + r.
     #[arg(long)]
     pub kv_events_config: Option<String>,
     /// KV-event encoding: tagged maps (newer vLLM) or tagged arrays (older vLLM).
@@ -187,6 +194,8 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         slow_start_ms: args.slow_start_ms,
         paused: false,
         fail_next: 0,
+        kv_events_drop_next: 0,
+        kv_events_stalled: false,
     };
     faults.validate().map_err(anyhow::Error::msg)?;
     let kv_events: Option<KvEventsConfig> = match &args.kv_events_config {
@@ -194,6 +203,11 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         None => None,
     };
     let kv_role = parse_kv_role(args.kv_transfer_config.as_deref())?;
+    let tokenizer = match &args.tokenizer {
+        Some(dir) => Some(crate::gateway::config::load_tokenizer(dir).map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?),
+        None => None,
+    };
+    let vocab = tokenizer.as_ref().map_or(tokenizer::VOCAB, |t| t.vocab_size().max(1));
     let loras = args.lora_modules.iter().map(|s| parse_lora(s)).collect::<anyhow::Result<Vec<_>>>()?;
     if !loras.is_empty() && !args.enable_lora {
         bail!("--lora-modules needs --enable-lora");
@@ -250,6 +264,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         rng: Mutex::new(fastrand::Rng::with_seed(args.seed)),
         next_id: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        tokenizer,
     });
     let side_host =
         if args.host == "0.0.0.0" || args.host == "::" { "127.0.0.1".to_owned() } else { args.host.clone() };
@@ -259,8 +274,10 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
             let (tx, rx) = mpsc::unbounded_channel();
             let cfg = cfg.clone();
             let enc = args.kv_events_encoding;
+            let shared = shared.clone();
+            let host = args.host.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = events::publish(cfg, rank, enc, rx).await {
+                if let Err(e) = events::publish(cfg, rank, enc, rx, shared, host).await {
                     tracing::error!(rank, error = %format!("{e:#}"), "KV event publisher stopped");
                 }
             }));
@@ -279,6 +296,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
             side_channel: (side_host.clone(), 5600 + rank as u16),
             seed: args.seed.wrapping_add(u64::from(rank)),
             model_name: served[0].clone(),
+            vocab,
         };
         Engine::spawn(cfg, metrics.clone(), events_tx)
     };

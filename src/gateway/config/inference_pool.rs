@@ -117,6 +117,8 @@ impl Config {
                 endpoints_file: None,
                 scheduler: None,
                 admission: Admission::default(),
+                tokenizer: None,
+                kv_events: None,
             }),
             [pool] if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() => {
                 return Err(format!(

@@ -205,3 +205,65 @@ impl Default for ExtProcConfig {
         }
     }
 }
+
+/// A pool's `kv_events`: following its endpoints' KV-event publishers (with `tokenizer`, the
+/// precise prefix index). Either `port` (kvgate connects to every endpoint) or `bind` (the
+/// engines connect to kvgate).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KvEventsSpec {
+    /// Connect to each endpoint's publisher at `tcp://<endpoint ip>:<port + rank>` (vLLM
+    /// started with `"endpoint": "tcp://*:<port>"`).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Bind one SUB socket here (`tcp://0.0.0.0:5557`); engines connect to it (vLLM started
+    /// with `"endpoint": "tcp://<kvgate>:5557"`) and batches are attributed by their topic
+    /// `kv@<ip:port>@<model>` and data-parallel rank.
+    #[serde(default)]
+    pub bind: Option<String>,
+    /// Subscription filter: topics starting with this (default: every topic).
+    #[serde(default)]
+    pub topic: String,
+    /// The engines' replay sockets, at `tcp://<endpoint ip>:<replay_port + rank>`; lost
+    /// batches are asked for again there.
+    #[serde(default)]
+    pub replay_port: Option<u16>,
+    /// An endpoint whose answered requests have waited this long without any event is matched
+    /// approximately until events arrive again (default 5000).
+    #[serde(default = "default_events_stale_ms")]
+    pub stale_after_ms: u64,
+}
+
+fn default_events_stale_ms() -> u64 {
+    5000
+}
+
+impl KvEventsSpec {
+    /// What is wrong with the section, if anything.
+    pub fn problem(&self) -> Option<String> {
+        match (&self.port, &self.bind) {
+            (Some(_), Some(_)) => return Some("give `port` (kvgate connects) or `bind` (engines connect), not both".into()),
+            (None, None) => return Some("needs `port` (kvgate connects to each endpoint) or `bind` (engines connect to kvgate)".into()),
+            _ => {}
+        }
+        if let Some(b) = &self.bind
+            && bind_address(b).is_none()
+        {
+            return Some(format!("`bind` must be tcp://<ip>:<port>, got `{b}`"));
+        }
+        if self.port == Some(0) || self.replay_port == Some(0) {
+            return Some("`port` and `replay_port` must not be 0".into());
+        }
+        if self.stale_after_ms == 0 {
+            return Some("`stale_after_ms` must be at least 1".into());
+        }
+        None
+    }
+}
+
+/// The address of a `tcp://ip:port` endpoint (`*` for every interface).
+pub fn bind_address(endpoint: &str) -> Option<std::net::SocketAddr> {
+    let rest = endpoint.strip_prefix("tcp://")?;
+    let rest = rest.replacen('*', "0.0.0.0", 1);
+    rest.parse().ok()
+}

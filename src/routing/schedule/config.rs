@@ -17,6 +17,7 @@ use super::{
     AffinityParams, Disagg, Filter, PdDecider, Picker, PickerParams, Plugin, PrefixParams, Profile, Scheduler, Scorer,
     Subset, UtilizationParams,
 };
+use crate::routing::prefix::precise::DEFAULT_BLOCK_SIZE;
 use crate::routing::prefix::{BYTES_PER_TOKEN, PrefixConfig};
 
 /// The scheduler section of a pool, in EndpointPickerConfig shape.
@@ -110,6 +111,7 @@ pub const PLUGIN_TYPES: &[(&str, &str)] = &[
     ("random-picker", "picker"),
     ("round-robin-picker", "picker"),
     ("approx-prefix-cache-producer", "producer"),
+    ("precise-prefix-cache-producer", "producer"),
     ("single-profile-handler", "profile handler"),
     ("disagg-profile-handler", "profile handler"),
     ("prefix-based-pd-decider", "decider"),
@@ -169,6 +171,15 @@ impl ProducerParams {
     }
 }
 
+/// Parameters of `precise-prefix-cache-producer`: the pool matches on its endpoints' KV events
+/// (the pool's `tokenizer` and `kv_events` say how).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct PreciseParams {
+    /// Tokens per block until an endpoint's events say (default 16, vLLM's on GPUs).
+    block_size: Option<u32>,
+}
+
 /// Parameters of `subset-filter`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +225,7 @@ enum Instance {
     Scorer(Arc<Scorer>),
     Picker(Arc<Picker>),
     Producer(ProducerParams),
+    PreciseProducer(PreciseParams),
     SingleHandler,
     DisaggHandler(DisaggParams),
     Decider(PdDecider),
@@ -264,6 +276,13 @@ fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, St
         "random-picker" => picker(Picker::Random(params::<PickerParams>(p)?)),
         "round-robin-picker" => picker(Picker::RoundRobin(params::<PickerParams>(p)?, AtomicUsize::new(0))),
         "approx-prefix-cache-producer" => Ok(I::Producer(params(p)?)),
+        "precise-prefix-cache-producer" => {
+            let pp: PreciseParams = params(p)?;
+            if pp.block_size.is_some_and(|b| b == 0 || b > 1 << 16) {
+                return Err("blockSize must be between 1 and 65536 tokens".into());
+            }
+            Ok(I::PreciseProducer(pp))
+        }
         "single-profile-handler" => no_params(p).map(|()| I::SingleHandler),
         "disagg-profile-handler" => Ok(I::DisaggHandler(params(p)?)),
         "prefix-based-pd-decider" => Ok(I::Decider(params(p)?)),
@@ -283,6 +302,7 @@ impl Scheduler {
         }
         let mut defined: Vec<(String, &'static str, Instance)> = Vec::new();
         let mut prefix = PrefixConfig::default();
+        let mut precise = None;
         for (i, p) in spec.plugins.iter().enumerate() {
             let inst = instantiate(&p.kind, p.parameters.as_ref()).map_err(|m| {
                 let field = if type_name(&p.kind) == "?" { "type" } else { "parameters" };
@@ -290,6 +310,9 @@ impl Scheduler {
             })?;
             if let Instance::Producer(pp) = &inst {
                 pp.apply(&mut prefix).map_err(|m| err(format!("plugins[{i}].parameters"), m))?;
+            }
+            if let Instance::PreciseProducer(pp) = &inst {
+                precise = Some(pp.block_size.unwrap_or(DEFAULT_BLOCK_SIZE));
             }
             let name = p.name.clone().unwrap_or_else(|| p.kind.clone());
             if defined.iter().any(|(n, ..)| *n == name) {
@@ -341,7 +364,7 @@ impl Scheduler {
                 ));
             }
             let profile = compile_profile(0, &profiles[0], &defined)?;
-            return Ok(Self { profile, disagg: None, prefix });
+            return Ok(Self { profile, disagg: None, prefix, precise });
         };
         // Decode-first disaggregation: exactly the profiles `decode` and `prefill`.
         let find = |name: &str| profiles.iter().position(|p| p.name == name);
@@ -402,6 +425,7 @@ impl Scheduler {
             profile: compile_profile(d, &profiles[d], &defined)?,
             disagg: Some(Disagg { profile: compile_profile(p, &profiles[p], &defined)?, decider }),
             prefix,
+            precise,
         })
     }
 }
@@ -451,7 +475,7 @@ fn compile_profile(
                 picker_set = true;
                 profile.picker = Plugin { name: name.clone(), kind, plugin: p.clone() };
             }
-            Instance::Producer(_) | Instance::SingleHandler | Instance::DisaggHandler(_) | Instance::Decider(_) => {}
+            Instance::Producer(_) | Instance::PreciseProducer(_) | Instance::SingleHandler | Instance::DisaggHandler(_) | Instance::Decider(_) => {}
         }
     }
     Ok(profile)

@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 
 use super::kv::{BlockPool, KvEvent, block_hash};
 use super::metrics::SimMetrics;
-use super::tokenizer::VOCAB;
 
 mod api;
 pub(crate) use api::*;
@@ -408,12 +407,13 @@ impl Engine {
                 let j = seq.committed;
                 let parent = j.checked_sub(1).map(|p| seq.hashes[p]);
                 let tokens = &seq.tokens[j * bs..(j + 1) * bs];
-                self.pool.commit(seq.blocks[j], seq.hashes[j], parent, tokens, seq.sub.lora.as_deref());
+                let salt = if j == 0 { seq.sub.cache_salt.as_deref() } else { None };
+                self.pool.commit(seq.blocks[j], seq.hashes[j], parent, tokens, seq.sub.lora.as_deref(), salt);
                 seq.committed += 1;
             }
             if seq.computed == seq.tokens.len() {
                 // Sample the next token.
-                let token = seq.rng.u32(..VOCAB);
+                let token = seq.rng.u32(..self.cfg.vocab.max(1));
                 if seq.output == 0 {
                     self.metrics.ttft.with_label_values(&l).observe((now - seq.sub.arrival).as_secs_f64());
                     self.metrics.prompt_tokens.with_label_values(&l).inc_by(seq.prompt_len as u64);

@@ -72,15 +72,19 @@ pub enum Encoding {
     Array,
 }
 
-/// `endpoint` with `rank` added to its TCP port, and whether to bind (vs connect).
-pub(crate) fn rank_endpoint(endpoint: &str, rank: u32) -> Result<(String, bool), String> {
+/// `endpoint` with `rank` added to its TCP port, and whether to bind (vs connect). A bound `*`
+/// means `host`, the simulator's own `--host` (every interface for `0.0.0.0`), so simulators on
+/// several loopback addresses of one machine can each publish on the same port, as pods do.
+pub(crate) fn rank_endpoint(endpoint: &str, rank: u32, host: &str) -> Result<(String, bool), String> {
     let bind = endpoint.contains('*') || endpoint.contains("::");
     let rest =
         endpoint.strip_prefix("tcp://").ok_or_else(|| format!("`{endpoint}`: only tcp:// endpoints are supported"))?;
+    let own = host;
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("`{endpoint}` has no port"))?;
     let port: u32 = port.parse().map_err(|_| format!("`{endpoint}`: bad port"))?;
     let port = u16::try_from(port + rank).map_err(|_| format!("`{endpoint}`: port + rank {rank} is out of range"))?;
     let host = match host {
+        "*" | "[::]" | "::" if own.parse::<std::net::Ipv4Addr>().is_ok() => own,
         "*" | "[::]" | "::" => "0.0.0.0",
         h => h,
     };
@@ -99,12 +103,33 @@ fn opt_str(v: Option<&str>) -> Value {
     v.map_or(Value::Nil, Value::from)
 }
 
+/// vLLM's integer id of an adapter (stable per name here; vLLM numbers adapters as it loads them).
+fn lora_id(name: Option<&str>) -> Value {
+    name.map_or(Value::Nil, |n| Value::from(xxhash_rust::xxh3::xxh3_64(n.as_bytes()) % (1 << 31) + 1))
+}
+
+/// `extra_keys`: per block, null or the list of its keys.
+fn extra_keys(per_block: &[Vec<String>]) -> Value {
+    Value::Array(
+        per_block
+            .iter()
+            .map(|keys| {
+                if keys.is_empty() {
+                    Value::Nil
+                } else {
+                    Value::Array(keys.iter().map(|k| Value::from(k.as_str())).collect())
+                }
+            })
+            .collect(),
+    )
+}
+
 /// One event in the chosen encoding.
 pub(crate) fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
     let map = |pairs: Vec<(&str, Value)>| Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
     match (e, enc) {
         (
-            KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, lora_name },
+            KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, lora_name, extra_keys: extra },
             Encoding::Array,
         ) => Value::Array(vec![
             Value::from("BlockStored"),
@@ -112,25 +137,28 @@ pub(crate) fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
             opt_u64(*parent_block_hash),
             Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
             Value::from(*block_size as u64),
-            Value::Nil,
+            lora_id(lora_name.as_deref()),
             Value::from("GPU"),
             opt_str(lora_name.as_deref()),
+            extra_keys(extra),
+            Value::from(0),
         ]),
-        (KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, lora_name }, Encoding::Map) => {
-            map(vec![
-                ("type", Value::from("BlockStored")),
-                ("block_hashes", hashes(block_hashes)),
-                ("parent_block_hash", opt_u64(*parent_block_hash)),
-                ("token_ids", Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect())),
-                ("block_size", Value::from(*block_size as u64)),
-                ("lora_id", Value::Nil),
-                ("medium", Value::from("GPU")),
-                ("lora_name", opt_str(lora_name.as_deref())),
-                ("extra_keys", Value::Nil),
-                ("group_idx", Value::from(0)),
-                ("kv_cache_spec_kind", Value::from("full_attention")),
-            ])
-        }
+        (
+            KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, lora_name, extra_keys: extra },
+            Encoding::Map,
+        ) => map(vec![
+            ("type", Value::from("BlockStored")),
+            ("block_hashes", hashes(block_hashes)),
+            ("parent_block_hash", opt_u64(*parent_block_hash)),
+            ("token_ids", Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect())),
+            ("block_size", Value::from(*block_size as u64)),
+            ("lora_id", lora_id(lora_name.as_deref())),
+            ("medium", Value::from("GPU")),
+            ("lora_name", opt_str(lora_name.as_deref())),
+            ("extra_keys", extra_keys(extra)),
+            ("group_idx", Value::from(0)),
+            ("kv_cache_spec_kind", Value::from("full_attention")),
+        ]),
         (KvEvent::BlockRemoved { block_hashes }, Encoding::Array) => {
             Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from("GPU")])
         }
@@ -159,14 +187,17 @@ pub(crate) fn encode_batch(events: &[KvEvent], rank: u32, enc: Encoding) -> Vec<
     buf
 }
 
-/// Publishes one engine's batches until the engine goes away.
+/// Publishes one engine's batches until the engine goes away. The faults in `shared` can drop
+/// batches on the way or hold them back.
 pub(crate) async fn publish(
     cfg: KvEventsConfig,
     rank: u32,
     enc: Encoding,
     mut batches: mpsc::UnboundedReceiver<Vec<KvEvent>>,
+    shared: std::sync::Arc<super::server::Shared>,
+    host: String,
 ) -> anyhow::Result<()> {
-    let (endpoint, bind) = rank_endpoint(&cfg.endpoint, rank).map_err(anyhow::Error::msg)?;
+    let (endpoint, bind) = rank_endpoint(&cfg.endpoint, rank, &host).map_err(anyhow::Error::msg)?;
     let mut publisher = PubSocket::new();
     if bind {
         publisher.bind(&endpoint).await?;
@@ -175,7 +206,7 @@ pub(crate) async fn publish(
     }
     let mut replay = match &cfg.replay_endpoint {
         Some(r) => {
-            let (r, _) = rank_endpoint(r, rank).map_err(anyhow::Error::msg)?;
+            let (r, _) = rank_endpoint(r, rank, &host).map_err(anyhow::Error::msg)?;
             let mut s = RouterSocket::new();
             s.bind(&r).await?;
             Some(s)
@@ -185,15 +216,41 @@ pub(crate) async fn publish(
     let topic = Bytes::from(cfg.topic.clone().into_bytes());
     let mut seq: u64 = 0;
     let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
+    // Batches held back while the stream is stalled.
+    let mut held: VecDeque<ZmqMessage> = VecDeque::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
     loop {
         tokio::select! {
+            _ = tick.tick(), if !held.is_empty() => {
+                if !shared.faults.read().kv_events_stalled {
+                    while let Some(msg) = held.pop_front() {
+                        let _ = publisher.send(msg).await;
+                    }
+                }
+            }
             batch = batches.recv() => {
                 let Some(batch) = batch else { return Ok(()) };
                 let payload = Bytes::from(encode_batch(&batch, rank, enc));
                 let msg = ZmqMessage::try_from(vec![topic.clone(), Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()])
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                // A PUB socket drops messages nobody subscribes to; that is not an error.
-                let _ = publisher.send(msg).await;
+                let (drop_it, stalled) = {
+                    let mut f = shared.faults.write();
+                    let drop_it = f.kv_events_drop_next > 0;
+                    f.kv_events_drop_next = f.kv_events_drop_next.saturating_sub(1);
+                    (drop_it, f.kv_events_stalled)
+                };
+                if stalled || !held.is_empty() {
+                    if !drop_it {
+                        held.push_back(msg);
+                    }
+                    // vLLM's queue bound: the oldest go first.
+                    while held.len() > cfg.max_queue_size.max(1) {
+                        held.pop_front();
+                    }
+                } else if !drop_it {
+                    // A PUB socket drops messages nobody subscribes to; that is not an error.
+                    let _ = publisher.send(msg).await;
+                }
                 buffer.push_back((seq, payload));
                 while buffer.len() > cfg.buffer_steps.max(1) {
                     buffer.pop_front();
@@ -228,10 +285,12 @@ mod tests {
 
     #[test]
     fn endpoints_per_rank() {
-        assert_eq!(rank_endpoint("tcp://*:5557", 2), Ok(("tcp://0.0.0.0:5559".into(), true)));
-        assert_eq!(rank_endpoint("tcp://10.0.0.1:5557", 0), Ok(("tcp://10.0.0.1:5557".into(), false)));
-        assert!(rank_endpoint("ipc:///tmp/x", 0).is_err());
-        assert!(rank_endpoint("tcp://*:65535", 1).is_err());
+        assert_eq!(rank_endpoint("tcp://*:5557", 2, "0.0.0.0"), Ok(("tcp://0.0.0.0:5559".into(), true)));
+        assert_eq!(rank_endpoint("tcp://*:5557", 0, "127.0.0.2"), Ok(("tcp://127.0.0.2:5557".into(), true)));
+        assert_eq!(rank_endpoint("tcp://*:5557", 0, "::"), Ok(("tcp://0.0.0.0:5557".into(), true)));
+        assert_eq!(rank_endpoint("tcp://10.0.0.1:5557", 0, "0.0.0.0"), Ok(("tcp://10.0.0.1:5557".into(), false)));
+        assert!(rank_endpoint("ipc:///tmp/x", 0, "0.0.0.0").is_err());
+        assert!(rank_endpoint("tcp://*:65535", 1, "0.0.0.0").is_err());
     }
 
     #[test]
@@ -242,6 +301,7 @@ mod tests {
             token_ids: vec![1, 2],
             block_size: 1,
             lora_name: None,
+            extra_keys: vec![vec![], vec!["salt".into()]],
         };
         let payload = encode_batch(std::slice::from_ref(&e), 2, Encoding::Array);
         let v = rmpv::decode::read_value(&mut payload.as_slice()).expect("msgpack");

@@ -48,6 +48,11 @@ pub(crate) struct Faults {
     /// The next this many requests fail for sure, with the first of `failure_types` (then
     /// `failure_rate` applies again).
     pub fail_next: u32,
+    /// The next this many KV-event batches are lost on the way (their sequence numbers are
+    /// used and replay still has them), as a PUB socket past its high-water mark drops them.
+    pub kv_events_drop_next: u32,
+    /// KV-event batches are held back (not lost) while set, and sent in order once cleared.
+    pub kv_events_stalled: bool,
 }
 
 impl Default for Faults {
@@ -58,6 +63,8 @@ impl Default for Faults {
             slow_start_ms: 2000,
             paused: false,
             fail_next: 0,
+            kv_events_drop_next: 0,
+            kv_events_stalled: false,
         }
     }
 }

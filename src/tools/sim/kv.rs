@@ -31,6 +31,9 @@ pub(crate) enum KvEvent {
         block_size: usize,
         /// The LoRA adapter the blocks belong to.
         lora_name: Option<String>,
+        /// Per block, its extra hash keys as vLLM lists them: the adapter, then (first block
+        /// of a sequence) the `cache_salt`.
+        extra_keys: Vec<Vec<String>>,
     },
     /// Cached blocks were evicted.
     BlockRemoved {
@@ -195,21 +198,33 @@ impl BlockPool {
     }
 
     /// Names a just-filled block by its hash, making it hittable. If another block already
-    /// holds that content, this one stays anonymous (and is reused first when freed).
-    pub(crate) fn commit(&mut self, block: u32, hash: u64, parent: Option<u64>, tokens: &[u32], lora: Option<&str>) {
+    /// holds that content, this one stays anonymous (and is reused first when freed). `salt` is
+    /// the `cache_salt` of a sequence's first block.
+    pub(crate) fn commit(
+        &mut self,
+        block: u32,
+        hash: u64,
+        parent: Option<u64>,
+        tokens: &[u32],
+        lora: Option<&str>,
+        salt: Option<&str>,
+    ) {
         if self.cached.contains_key(&hash) || self.blocks[block as usize].hash.is_some() {
             return;
         }
         self.blocks[block as usize].hash = Some(hash);
         self.cached.insert(hash, block);
         if self.record_events {
+            let extra: Vec<String> = lora.into_iter().chain(salt).map(str::to_owned).collect();
             // Merge with the previous event when it ends with this block's parent.
-            if let Some(KvEvent::BlockStored { block_hashes, token_ids, lora_name, .. }) = self.events.last_mut()
+            if let Some(KvEvent::BlockStored { block_hashes, token_ids, lora_name, extra_keys, .. }) =
+                self.events.last_mut()
                 && block_hashes.last().copied() == parent
                 && lora_name.as_deref() == lora
             {
                 block_hashes.push(hash);
                 token_ids.extend_from_slice(tokens);
+                extra_keys.push(extra);
                 return;
             }
             self.events.push(KvEvent::BlockStored {
@@ -218,6 +233,7 @@ impl BlockPool {
                 token_ids: tokens.to_vec(),
                 block_size: self.block_size,
                 lora_name: lora.map(str::to_owned),
+                extra_keys: vec![extra],
             });
         }
     }
@@ -257,7 +273,7 @@ mod tests {
         let mut blocks = Vec::new();
         for (i, h) in hashes.iter().enumerate() {
             let b = pool.allocate().expect("a free block");
-            pool.commit(b, *h, i.checked_sub(1).map(|p| hashes[p]), &toks[i], None);
+            pool.commit(b, *h, i.checked_sub(1).map(|p| hashes[p]), &toks[i], None, None);
             blocks.push(b);
         }
         blocks

@@ -28,6 +28,8 @@ mod prompt;
 use generate::{Api, chat_completions, completions, unix_now};
 use prompt::{chat_prompt, completion_prompt, parse_json, resolve_model};
 
+use crate::routing::tokenize::PromptTokenizer;
+
 /// Largest request body accepted (vLLM has no limit of its own; gateways send up to tens of MiB).
 pub(crate) const MAX_BODY_BYTES: usize = 128 << 20;
 
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// Process start (unix seconds), the `created` of models.
     pub created: u64,
+    /// The model's tokenizer (`--tokenizer`), else the simulator's own.
+    pub tokenizer: Option<PromptTokenizer>,
 }
 
 /// One listening port: its engines and metrics.
@@ -178,17 +182,17 @@ async fn not_found() -> ApiError {
     ApiError::status(StatusCode::NOT_FOUND, "Not Found")
 }
 
-fn prompt_for_render(api: Api, v: &Value) -> Result<Vec<u32>, ApiError> {
+fn prompt_for_render(shared: &Shared, api: Api, v: &Value) -> Result<Vec<u32>, ApiError> {
     match api {
-        Api::Chat => chat_prompt(v),
-        Api::Completions => completion_prompt(v),
+        Api::Chat => chat_prompt(shared, v),
+        Api::Completions => completion_prompt(shared, v),
     }
 }
 
 async fn render_completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let v = parse_json(&body)?;
     let (model, _) = resolve_model(&st.shared, &v)?;
-    let ids = prompt_for_render(Api::Completions, &v)?;
+    let ids = prompt_for_render(&st.shared, Api::Completions, &v)?;
     Ok(axum::Json(json!([{"request_id": format!("render-{}", unix_now()), "model": model, "token_ids": ids}]))
         .into_response())
 }
@@ -196,7 +200,7 @@ async fn render_completions(State(st): St, body: Bytes) -> Result<Response, ApiE
 async fn render_chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let v = parse_json(&body)?;
     let (model, _) = resolve_model(&st.shared, &v)?;
-    let ids = prompt_for_render(Api::Chat, &v)?;
+    let ids = prompt_for_render(&st.shared, Api::Chat, &v)?;
     Ok(axum::Json(json!({"request_id": format!("render-{}", unix_now()), "model": model, "token_ids": ids}))
         .into_response())
 }
@@ -204,7 +208,7 @@ async fn render_chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
 async fn tokenize_route(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let v = parse_json(&body)?;
     resolve_model(&st.shared, &v)?;
-    let ids = if v.get("messages").is_some() { chat_prompt(&v)? } else { completion_prompt(&v)? };
+    let ids = if v.get("messages").is_some() { chat_prompt(&st.shared, &v)? } else { completion_prompt(&st.shared, &v)? };
     Ok(axum::Json(
         json!({"count": ids.len(), "max_model_len": st.shared.max_model_len, "tokens": ids, "token_strs": null}),
     )

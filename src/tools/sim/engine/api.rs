@@ -61,6 +61,8 @@ pub(crate) struct EngineConfig {
     pub seed: u64,
     /// Served model name (the `model_name` label).
     pub model_name: String,
+    /// Token ids are drawn below this (the tokenizer's vocabulary).
+    pub vocab: u32,
 }
 
 /// Why a request ended.

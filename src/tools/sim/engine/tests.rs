@@ -23,6 +23,7 @@ fn config(blocks: usize, max_seqs: usize, budget: usize) -> EngineConfig {
         side_channel: ("127.0.0.1".into(), 5600),
         seed: 1,
         model_name: "m".into(),
+        vocab: crate::tools::sim::tokenizer::VOCAB,
     }
 }
 

@@ -41,9 +41,18 @@ pub(super) struct Reply {
     model: String,
     api: Api,
     include_usage: bool,
+    tokenizer: Option<crate::routing::tokenize::PromptTokenizer>,
 }
 
 impl Reply {
+    /// The text of one generated token.
+    fn text_of(&self, token: u32) -> std::borrow::Cow<'static, str> {
+        match &self.tokenizer {
+            Some(t) => t.decode(&[token]).into(),
+            None => crate::tools::sim::tokenizer::token_text(token).into(),
+        }
+    }
+
     fn object(&self, chunk: bool) -> &'static str {
         match (self.api, chunk) {
             (Api::Chat, true) => "chat.completion.chunk",
@@ -155,8 +164,8 @@ pub(super) async fn generate(
     let v = parse_json(&body)?;
     let (model, lora) = resolve_model(&shared, &v)?;
     let prompt = match api {
-        Api::Chat => chat_prompt(&v)?,
-        Api::Completions => completion_prompt(&v)?,
+        Api::Chat => chat_prompt(&shared, &v)?,
+        Api::Completions => completion_prompt(&shared, &v)?,
     };
     let n = prompt.len();
     if n == 0 {
@@ -269,6 +278,7 @@ pub(super) async fn generate(
         model,
         api,
         include_usage: stream && flag(&v, "stream_options", "include_usage") == Some(true),
+        tokenizer: shared.tokenizer.clone(),
     };
     let abort_after = (fault == Some(FaultKind::Abort)).then_some(max_tokens / 2);
     if stream { Ok(stream_response(reply, rx, abort_after)) } else { collect_response(reply, rx, abort_after).await }
@@ -309,10 +319,10 @@ pub(super) fn stream_response(
                 Some((Err(std::io::Error::other("engine dropped the request")), s))
             }
             Some(Event { token, done }) => {
-                let text = token.map_or("", crate::tools::sim::tokenizer::token_text);
+                let text = token.map(|t| s.reply.text_of(t)).unwrap_or_default();
                 let first = s.sent == 0;
                 s.sent += 1;
-                let chunk = s.reply.chunk(text, done.as_ref().map(|d| d.reason));
+                let chunk = s.reply.chunk(&text, done.as_ref().map(|d| d.reason));
                 // `tail` is a stack: push what goes out last first.
                 if let Some(d) = done {
                     s.finished = true;
@@ -347,7 +357,7 @@ pub(super) async fn collect_response(
             None => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request")),
             Some(Event { token, done }) => {
                 if let Some(t) = token {
-                    text.push_str(crate::tools::sim::tokenizer::token_text(t));
+                    text.push_str(&reply.text_of(t));
                 }
                 if let Some(d) = done {
                     let body = reply.full(&text, &d).to_string();

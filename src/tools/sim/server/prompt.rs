@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::{ApiError, Shared};
+use crate::routing::tokenize::ChatPrompt;
 use crate::tools::sim::tokenizer::{self, ChatTurn};
 
 pub(super) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
@@ -60,8 +61,15 @@ pub(super) fn content_of(content: Option<&Value>) -> Result<(String, Vec<String>
     }
 }
 
-/// Token ids of a chat request's prompt (template applied).
-pub(super) fn chat_prompt(v: &Value) -> Result<Vec<u32>, ApiError> {
+/// Token ids of a chat request's prompt (template applied): the model's own tokenizer and
+/// template with `--tokenizer`, else the simulator's.
+pub(super) fn chat_prompt(shared: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
+    if let Some(t) = &shared.tokenizer {
+        if !v.get("messages").is_some_and(Value::is_array) {
+            return Err(ApiError { param: Some("messages"), ..ApiError::bad("`messages` must be an array") });
+        }
+        return t.encode_chat(&ChatPrompt::of_request(v)).map_err(|e| ApiError::bad(e.to_string()));
+    }
     let msgs = v
         .get("messages")
         .and_then(Value::as_array)
@@ -83,7 +91,7 @@ pub(super) fn chat_prompt(v: &Value) -> Result<Vec<u32>, ApiError> {
 }
 
 /// Token ids of a completions `prompt` (one prompt: a string, or token ids, or a one-element list).
-pub(super) fn completion_prompt(v: &Value) -> Result<Vec<u32>, ApiError> {
+pub(super) fn completion_prompt(shared: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
     let bad = || ApiError {
         param: Some("prompt"),
         ..ApiError::bad("`prompt` must be a string, a list of token ids, or a list holding one of those")
@@ -92,16 +100,19 @@ pub(super) fn completion_prompt(v: &Value) -> Result<Vec<u32>, ApiError> {
         a.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(bad)).collect()
     };
     match v.get("prompt") {
-        Some(Value::String(s)) => {
-            let mut out = Vec::new();
-            tokenizer::tokenize(s, &mut out);
-            Ok(out)
-        }
+        Some(Value::String(s)) => match &shared.tokenizer {
+            Some(t) => t.encode_completion(s).map_err(|e| ApiError::bad(e.to_string())),
+            None => {
+                let mut out = Vec::new();
+                tokenizer::tokenize(s, &mut out);
+                Ok(out)
+            }
+        },
         Some(Value::Array(a)) if a.is_empty() => {
             Err(ApiError { param: Some("prompt"), ..ApiError::bad("`prompt` must not be empty") })
         }
         Some(Value::Array(a)) if a[0].is_number() => ids(a),
-        Some(Value::Array(a)) if a.len() == 1 => completion_prompt(&json!({"prompt": a[0]})),
+        Some(Value::Array(a)) if a.len() == 1 => completion_prompt(shared, &json!({"prompt": a[0]})),
         Some(Value::Array(_)) => Err(ApiError::bad(
             "the simulator serves one prompt per request; send a list of prompts as separate requests",
         )),

@@ -1,0 +1,523 @@
+//! Following vLLM's KV-event publishers into a pool's precise prefix index.
+//!
+//! Two ways to meet them, as vLLM and llm-d do: with `kv_events.port`, one SUB subscription per
+//! endpoint, connected to `tcp://<endpoint ip>:<port + rank>` (the engine binds); with
+//! `kv_events.bind`, one SUB socket for the pool that the engines connect to, each batch
+//! attributed to an endpoint by its topic `kv@<ip:port>@<model>` and its data-parallel rank.
+//!
+//! Every message is `[topic, seq (8 bytes big-endian), msgpack batch]`. Sequence numbers are
+//! checked per publisher: the first one seen starts the stream (with a replay socket, what was
+//! published before is asked for); a jump is a gap, repaired from the engine's replay socket
+//! (`kv_events.replay_port`) when it has the batches, otherwise the endpoint's view is marked
+//! rebuilding (the approximate index serves it meanwhile); a step back is a restarted engine,
+//! whose cache starts empty. A message that does not decode counts as lost. Once a second each
+//! feed checks its endpoints: an endpoint whose view is not precise (disconnected, rebuilding,
+//! or answered requests waited too long for events) falls back with a logged warning and
+//! `kvgate_kv_events_fallbacks_total`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use zeromq::{DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+use super::{Inner, now_ms};
+use crate::gateway::config::KvEventsSpec;
+use crate::routing::endpoint::EndpointId;
+use crate::routing::kv_events::{EventBatch, KvEvent, decode_batch};
+use crate::routing::prefix::precise::{Unknown, ViewStatus};
+
+/// Bound on connecting a subscription or a replay request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on one replay, from request to terminator.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Batches one replay may return at most.
+const MAX_REPLAY: u64 = 100_000;
+/// How often feeds check their endpoints' precision.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// One endpoint's feed state, for `/debug/endpoints`.
+#[derive(Debug, Default)]
+pub(crate) struct FeedStatus {
+    connected: AtomicBool,
+    /// Last sequence number applied, plus one (0: none yet).
+    next_seq: AtomicU64,
+    gaps: AtomicU64,
+    replays: AtomicU64,
+    /// Whether the last check found the view precise (for transition logs).
+    precise: AtomicBool,
+    checked: AtomicBool,
+}
+
+impl FeedStatus {
+    /// Whether the subscription is in place.
+    pub(crate) fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The last sequence number applied.
+    pub(crate) fn last_seq(&self) -> Option<u64> {
+        self.next_seq.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Gaps found.
+    pub(crate) fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Relaxed)
+    }
+
+    /// Successful replays.
+    pub(crate) fn replays(&self) -> u64 {
+        self.replays.load(Ordering::Relaxed)
+    }
+}
+
+/// One endpoint as a feed knows it.
+#[derive(Debug, Clone)]
+pub(super) struct FeedTarget {
+    pub(super) id: EndpointId,
+    /// Its metrics label.
+    pub(super) label: String,
+    pub(super) addr: SocketAddr,
+    pub(super) rank: u32,
+    pub(super) status: Arc<FeedStatus>,
+}
+
+/// What a sequence number says about the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seq {
+    /// The first message of a subscription.
+    First,
+    /// The next one.
+    Next,
+    /// Batches `from..seq` are missing.
+    Gap { from: u64 },
+    /// Lower than before: the publisher started afresh.
+    Restarted,
+}
+
+fn classify(next: Option<u64>, seq: u64) -> Seq {
+    match next {
+        None => Seq::First,
+        Some(n) if seq == n => Seq::Next,
+        Some(n) if seq > n => Seq::Gap { from: n },
+        Some(_) => Seq::Restarted,
+    }
+}
+
+/// The sequence number of a message's second frame (8 bytes; the snapshot extension's 24-byte
+/// frame starts with it).
+fn seq_of(frame: &[u8]) -> Option<u64> {
+    frame.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes)
+}
+
+/// The precise index and metrics a feed writes to, while the pool lives.
+struct Sink {
+    pool: Arc<Inner>,
+}
+
+impl Sink {
+    fn of(pool: &Weak<Inner>) -> Option<Self> {
+        pool.upgrade().filter(|p| p.planner.precise().is_some()).map(|pool| Self { pool })
+    }
+
+    fn with_index<R>(&self, f: impl FnOnce(&crate::routing::prefix::precise::PreciseIndex) -> R) -> Option<R> {
+        self.pool.planner.precise().map(|p| f(p.index()))
+    }
+
+    fn applied(&self, t: &FeedTarget, seq: u64, batch: &EventBatch) {
+        let now = now_ms();
+        let Some(applied) = self.with_index(|i| i.apply(t.id, batch, now)) else { return };
+        t.status.next_seq.store(seq + 1, Ordering::Relaxed);
+        let m = &self.pool.telemetry.kv_events;
+        let labels = [self.pool.name.as_str(), t.label.as_str()];
+        m.batches.with_label_values(&labels).inc();
+        let count = |kind: &str, n: usize| {
+            if n > 0 {
+                m.events.with_label_values(&[labels[0], labels[1], kind]).inc_by(n as u64);
+            }
+        };
+        let (mut stored, mut removed) = (0, 0);
+        for e in &batch.events {
+            match e {
+                KvEvent::BlockStored(_) => stored += 1,
+                KvEvent::BlockRemoved { .. } => removed += 1,
+                KvEvent::AllBlocksCleared => {}
+            }
+        }
+        count("BlockStored", stored);
+        count("BlockRemoved", removed);
+        count("AllBlocksCleared", applied.cleared);
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        if batch.ts > 0.0 {
+            m.lag.with_label_values(&labels).set((wall - batch.ts).max(0.0));
+        }
+        if applied.overflowed {
+            tracing::warn!(pool = self.pool.name.as_str(), endpoint = t.label.as_str(),
+                "the precise index outgrew the endpoint's KV cache (removals were lost): its entries are dropped until it is rebuilt");
+        }
+    }
+
+    fn lost(&self, t: &FeedTarget, why: Unknown) {
+        self.with_index(|i| i.invalidate(t.id, why));
+    }
+
+    fn gap(&self, t: &FeedTarget) {
+        t.status.gaps.fetch_add(1, Ordering::Relaxed);
+        self.pool.telemetry.kv_events.gaps.with_label_values(&[self.pool.name.as_str(), t.label.as_str()]).inc();
+    }
+
+    fn replayed(&self, t: &FeedTarget, ok: bool) {
+        if ok {
+            t.status.replays.fetch_add(1, Ordering::Relaxed);
+        }
+        let result = if ok { "ok" } else { "failed" };
+        self.pool.telemetry.kv_events.replays.with_label_values(&[self.pool.name.as_str(), t.label.as_str(), result]).inc();
+    }
+
+    fn error(&self, t: &FeedTarget) {
+        self.pool.telemetry.kv_events.errors.with_label_values(&[self.pool.name.as_str(), t.label.as_str()]).inc();
+    }
+
+    fn set_connected(&self, t: &FeedTarget, connected: bool) {
+        t.status.connected.store(connected, Ordering::Relaxed);
+        self.with_index(|i| i.set_connected(t.id, connected));
+    }
+
+    /// Logs and counts a change of the endpoint's precision, and refreshes its gauges.
+    fn check(&self, t: &FeedTarget) {
+        let Some(p) = self.pool.planner.precise() else { return };
+        let now = now_ms();
+        let status = p.index().status(t.id);
+        let precise = p.is_precise(status.as_ref(), now);
+        let m = &self.pool.telemetry.kv_events;
+        let labels = [self.pool.name.as_str(), t.label.as_str()];
+        m.precise.with_label_values(&labels).set(i64::from(precise));
+        m.blocks.with_label_values(&labels).set(status.map_or(0, |s| s.blocks) as i64);
+        let was = t.status.precise.swap(precise, Ordering::Relaxed);
+        let first = !t.status.checked.swap(true, Ordering::Relaxed);
+        if precise == was && !first {
+            return;
+        }
+        let name = self.pool.name.as_str();
+        if precise {
+            if !first {
+                tracing::info!(pool = name, endpoint = t.label.as_str(), "KV events flow again: prefix matches are exact");
+            }
+        } else if !first || status.is_some_and(|s| s.connected) {
+            let reason = fallback_reason(status.as_ref(), now, p.stale_after_ms());
+            m.fallbacks.with_label_values(&[name, t.label.as_str(), reason]).inc();
+            tracing::warn!(pool = name, endpoint = t.label.as_str(), reason,
+                "prefix matches on this endpoint fall back to the approximate index");
+        }
+    }
+}
+
+/// Why a view is not precise.
+fn fallback_reason(status: Option<&ViewStatus>, now: u64, stale_ms: u64) -> &'static str {
+    match status {
+        None => "disconnected",
+        Some(s) if !s.connected => "disconnected",
+        Some(s) if s.rebuilding == Some(Unknown::Gap) => "gap",
+        Some(s) if s.rebuilding == Some(Unknown::Overflow) => "overflow",
+        Some(s) if s.awaiting_since_ms.is_some_and(|t| now.saturating_sub(t) > stale_ms) => "stale",
+        Some(_) => "unknown",
+    }
+}
+
+/// Asks an engine's replay socket for batches `from..until`, in order. `None` when it cannot
+/// give all of them (unreachable, or its buffer no longer reaches back to `from`).
+async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, EventBatch)>> {
+    let work = async {
+        let mut opts = SocketOptions::default();
+        opts.connect_timeout(CONNECT_TIMEOUT);
+        let mut s = DealerSocket::with_options(opts);
+        s.connect(endpoint).await.ok()?;
+        let request = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]).ok()?;
+        s.send(request).await.ok()?;
+        let mut out = Vec::new();
+        let mut expect = from;
+        for _ in 0..MAX_REPLAY {
+            let m = s.recv().await.ok()?;
+            let frames = m.into_vec();
+            // `[empty, seq, payload]` (the delimiter of a REQ-style envelope may be absent).
+            let frames: Vec<&Bytes> = frames.iter().skip_while(|f| f.is_empty()).collect();
+            let seq = frames.first().and_then(|f| <[u8; 8]>::try_from(f.as_ref()).ok()).map(i64::from_be_bytes)?;
+            if seq < 0 {
+                break;
+            }
+            let seq = seq as u64;
+            if seq < expect {
+                continue;
+            }
+            if seq >= until {
+                continue;
+            }
+            if seq != expect {
+                return None;
+            }
+            out.push((seq, decode_batch(frames.get(1)?).ok()?));
+            expect += 1;
+        }
+        (expect == until).then_some(out)
+    };
+    tokio::time::timeout(REPLAY_TIMEOUT, work).await.ok().flatten()
+}
+
+/// Handles one message of `t`'s publisher.
+async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option<&str>) {
+    let (Some(seq), Some(payload)) = (frames.get(1).and_then(|f| seq_of(f)), frames.get(2)) else {
+        sink.error(t);
+        return;
+    };
+    let next = Some(t.status.next_seq.load(Ordering::Relaxed)).filter(|&n| n > 0);
+    let missing = match classify(next, seq) {
+        Seq::Next => None,
+        // What was published before the subscription began is asked for when it can be.
+        Seq::First => replay_at.filter(|_| seq > 0).map(|_| 0),
+        Seq::Gap { from } => {
+            sink.gap(t);
+            Some(from)
+        }
+        Seq::Restarted => {
+            tracing::info!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), seq,
+                "the KV-event publisher started afresh (an engine restart): its view starts empty");
+            sink.with_index(|i| i.restart(t.id));
+            if seq > 0 {
+                sink.gap(t);
+                Some(0)
+            } else {
+                None
+            }
+        }
+    };
+    if let Some(from) = missing {
+        let got = match replay_at {
+            Some(at) => {
+                let r = replay(at, from, seq).await;
+                sink.replayed(t, r.is_some());
+                r
+            }
+            None => None,
+        };
+        match got {
+            Some(batches) => {
+                for (s, b) in &batches {
+                    sink.applied(t, *s, b);
+                }
+            }
+            // Lost batches at the start of a subscription are what any subscriber misses.
+            None if next.is_none() => {}
+            None => {
+                tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), from, to = seq,
+                    "KV-event batches were lost and could not be replayed: the endpoint is matched approximately until its view is rebuilt");
+                sink.lost(t, Unknown::Gap);
+            }
+        }
+    }
+    match decode_batch(payload) {
+        Ok(batch) => sink.applied(t, seq, &batch),
+        Err(e) => {
+            sink.error(t);
+            tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), seq, error = %e,
+                "a KV-event batch did not decode: the endpoint's view is rebuilt");
+            t.status.next_seq.store(seq + 1, Ordering::Relaxed);
+            sink.lost(t, Unknown::Gap);
+        }
+    }
+}
+
+/// `tcp://host:port` with `offset` added to the port.
+fn offset_endpoint(ip: std::net::IpAddr, port: u16, offset: u32) -> Option<String> {
+    let port = u16::try_from(u32::from(port) + offset).ok()?;
+    Some(format!("tcp://{}", SocketAddr::new(ip, port)))
+}
+
+/// Follows one endpoint's publisher (kvgate connects), until the task is aborted or the pool
+/// is gone.
+pub(super) async fn follow(pool: Weak<Inner>, t: FeedTarget, spec: KvEventsSpec) {
+    let Some(endpoint) = spec.port.and_then(|p| offset_endpoint(t.addr.ip(), p, t.rank)) else {
+        tracing::error!(endpoint = t.label.as_str(), "kv_events.port + rank is not a port: no KV events");
+        return;
+    };
+    let replay_at = spec.replay_port.and_then(|p| offset_endpoint(t.addr.ip(), p, t.rank));
+    let mut backoff = Duration::from_millis(200);
+    let mut failures = 0u32;
+    loop {
+        let mut opts = SocketOptions::default();
+        opts.connect_timeout(CONNECT_TIMEOUT);
+        let mut sub = SubSocket::with_options(opts);
+        let mut monitor = sub.monitor();
+        let connected = sub.connect(&endpoint).await.is_ok() && sub.subscribe(&spec.topic).await.is_ok();
+        let Some(sink) = Sink::of(&pool) else { return };
+        if !connected {
+            failures += 1;
+            if failures == 3 {
+                tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), publisher = endpoint.as_str(),
+                    "cannot subscribe to the endpoint's KV events; retrying (matches stay approximate)");
+            }
+            sink.check(&t);
+            drop(sink);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        failures = 0;
+        backoff = Duration::from_millis(200);
+        // The sequence carries over a reconnect: what the next message's number says was
+        // missed while disconnected is a gap (or a restart), not a fresh start.
+        sink.set_connected(&t, true);
+        drop(sink);
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        loop {
+            tokio::select! {
+                m = sub.recv() => {
+                    let Some(sink) = Sink::of(&pool) else { return };
+                    match m {
+                        Ok(m) => handle(&sink, &t, &m.into_vec(), replay_at.as_deref()).await,
+                        Err(_) => {
+                            sink.set_connected(&t, false);
+                            break;
+                        }
+                    }
+                }
+                e = monitor.next() => {
+                    let Some(sink) = Sink::of(&pool) else { return };
+                    match e {
+                        Some(SocketEvent::Disconnected(_)) => sink.set_connected(&t, false),
+                        Some(SocketEvent::Connected(..)) => sink.set_connected(&t, true),
+                        Some(_) => {}
+                        None => {
+                            sink.set_connected(&t, false);
+                            break;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let Some(sink) = Sink::of(&pool) else { return };
+                    sink.check(&t);
+                }
+            }
+        }
+    }
+}
+
+/// The endpoint a topic `kv@<ip:port>@<model>` (or `kv@<ip>@<model>`) names, among `targets`,
+/// for a batch of data-parallel rank `rank`.
+fn attribute<'a>(targets: &'a [FeedTarget], topic: &[u8], rank: Option<u32>) -> Option<&'a FeedTarget> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    let who = topic.strip_prefix("kv@")?.split('@').next()?;
+    let matches = |t: &&FeedTarget| match who.parse::<SocketAddr>() {
+        Ok(a) => t.addr == a,
+        Err(_) => who.parse::<std::net::IpAddr>().is_ok_and(|ip| t.addr.ip() == ip),
+    };
+    let candidates: Vec<&FeedTarget> = targets.iter().filter(matches).collect();
+    match candidates.as_slice() {
+        [one] => Some(*one),
+        many => many.iter().find(|t| t.rank == rank.unwrap_or(0)).copied(),
+    }
+}
+
+/// Listens on one bound SUB socket for the engines of a pool (they connect), until the task is
+/// aborted or the pool is gone.
+pub(super) async fn listen(pool: Weak<Inner>, spec: KvEventsSpec) {
+    let Some(bind) = spec.bind.clone() else { return };
+    let mut backoff = Duration::from_millis(500);
+    let mut sub = loop {
+        let mut sub = SubSocket::new();
+        match sub.bind(&bind).await {
+            Ok(_) => break sub,
+            Err(e) => {
+                let Some(inner) = pool.upgrade() else { return };
+                tracing::error!(pool = inner.name.as_str(), bind = bind.as_str(), error = %e,
+                    "cannot bind the KV-event socket; retrying (matches stay approximate)");
+                drop(inner);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    if sub.subscribe(&spec.topic).await.is_err() {
+        return;
+    }
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    let mut unattributed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut targets = Vec::new();
+    loop {
+        tokio::select! {
+            m = sub.recv() => {
+                let Ok(m) = m else { continue };
+                let Some(sink) = Sink::of(&pool) else { return };
+                let frames = m.into_vec();
+                let rank = frames.get(2).and_then(|p| decode_batch(p).ok()).and_then(|b| b.dp_rank);
+                let topic = frames.first().map(|t| t.to_vec()).unwrap_or_default();
+                if targets.is_empty() {
+                    targets = sink.pool.feed_targets();
+                }
+                let t = attribute(&targets, &topic, rank).cloned().or_else(|| {
+                    // A member added since the last refresh.
+                    targets = sink.pool.feed_targets();
+                    attribute(&targets, &topic, rank).cloned()
+                });
+                match t {
+                    Some(t) => {
+                        let replay_at = spec.replay_port.and_then(|p| offset_endpoint(t.addr.ip(), p, t.rank));
+                        handle(&sink, &t, &frames, replay_at.as_deref()).await;
+                    }
+                    None if unattributed.len() < 1024 && unattributed.insert(topic.clone()) => {
+                        tracing::warn!(pool = sink.pool.name.as_str(), topic = %String::from_utf8_lossy(&topic),
+                            "KV events under a topic that names no endpoint of the pool (expected kv@<ip:port>@<model>): ignored");
+                    }
+                    None => {}
+                }
+            }
+            _ = tick.tick() => {
+                let Some(sink) = Sink::of(&pool) else { return };
+                targets = sink.pool.feed_targets();
+                for t in &targets {
+                    if !t.status.connected() {
+                        sink.set_connected(t, true);
+                    }
+                    sink.check(t);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers() {
+        assert_eq!(classify(None, 7), Seq::First);
+        assert_eq!(classify(Some(7), 7), Seq::Next);
+        assert_eq!(classify(Some(7), 9), Seq::Gap { from: 7 });
+        assert_eq!(classify(Some(7), 0), Seq::Restarted);
+        assert_eq!(seq_of(&[0, 0, 0, 0, 0, 0, 1, 2, 9, 9]), Some(258));
+        assert_eq!(seq_of(&[1]), None);
+    }
+
+    #[test]
+    fn topics_name_endpoints() {
+        let t = |addr: &str, rank| FeedTarget {
+            id: EndpointId::new(rank),
+            label: addr.into(),
+            addr: addr.parse().expect("addr"),
+            rank,
+            status: Arc::default(),
+        };
+        let targets = [t("10.0.0.1:8000", 0), t("10.0.0.1:8000", 1), t("10.0.0.2:8000", 0)];
+        let who = |topic: &str, rank| attribute(&targets, topic.as_bytes(), rank).map(|t| (t.addr.to_string(), t.rank));
+        assert_eq!(who("kv@10.0.0.1:8000@m", Some(1)), Some(("10.0.0.1:8000".into(), 1)));
+        assert_eq!(who("kv@10.0.0.1:8000@m", None), Some(("10.0.0.1:8000".into(), 0)));
+        assert_eq!(who("kv@10.0.0.2@m", None), Some(("10.0.0.2:8000".into(), 0)), "older charts: the IP alone");
+        assert_eq!(who("kv@10.0.0.3:8000@m", None), None);
+        assert_eq!(who("other", None), None);
+        assert_eq!(offset_endpoint("10.0.0.1".parse().expect("ip"), 5557, 2).as_deref(), Some("tcp://10.0.0.1:5559"));
+        assert_eq!(offset_endpoint("10.0.0.1".parse().expect("ip"), 65535, 1), None);
+    }
+}
