@@ -197,7 +197,8 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 (_, Some(b)) => format!("binds {b} for the engines to connect (topic kv@<ip:port>@<model>)"),
                 _ => String::new(),
             };
-            let replay = ev.replay_port.map_or("no replay socket".to_owned(), |r| format!("replays from <ip>:{r}+rank"));
+            let replay =
+                ev.replay_port.map_or("no replay socket".to_owned(), |r| format!("replays from <ip>:{r}+rank"));
             let _ = writeln!(out, "  KV events: {how}; topic filter `{}`; {replay}", ev.topic);
             let _ = writeln!(
                 out,

@@ -29,8 +29,8 @@ use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{
     Endpoint, EndpointId, EndpointStatus, Health, InFlight, KvEventsStatus, LoraState, Metrics, Role,
 };
-use crate::routing::schedule::PrefixSource;
 use crate::routing::plan::Planner;
+use crate::routing::schedule::PrefixSource;
 use health::{Ejected, HealthState};
 use scrape::Served;
 use scrape_parse::{Scrape, ScrapeError};

@@ -122,7 +122,12 @@ impl Telemetry {
         reg(Box::new(decision_seconds.clone()));
         let ep = &["pool", "endpoint"];
         let kv_events = KvEventMetrics {
-            events: family!(IntCounterVec, "kvgate_kv_events_total", "KV events applied, by type.", &["pool", "endpoint", "type"]),
+            events: family!(
+                IntCounterVec,
+                "kvgate_kv_events_total",
+                "KV events applied, by type.",
+                &["pool", "endpoint", "type"]
+            ),
             batches: family!(IntCounterVec, "kvgate_kv_events_batches_total", "KV-event batches received.", ep),
             gaps: family!(IntCounterVec, "kvgate_kv_events_gaps_total", "KV-event batches found missing.", ep),
             replays: family!(
@@ -131,16 +136,36 @@ impl Telemetry {
                 "Replays of lost KV-event batches, by result.",
                 &["pool", "endpoint", "result"]
             ),
-            errors: family!(IntCounterVec, "kvgate_kv_events_errors_total", "KV-event messages that did not decode.", ep),
-            lag: family!(GaugeVec, "kvgate_kv_events_lag_seconds", "Arrival minus publication time of the last KV-event batch.", ep),
-            precise: family!(IntGaugeVec, "kvgate_kv_events_precise", "1 while prefix matches on the endpoint come from its KV events.", ep),
+            errors: family!(
+                IntCounterVec,
+                "kvgate_kv_events_errors_total",
+                "KV-event messages that did not decode.",
+                ep
+            ),
+            lag: family!(
+                GaugeVec,
+                "kvgate_kv_events_lag_seconds",
+                "Arrival minus publication time of the last KV-event batch.",
+                ep
+            ),
+            precise: family!(
+                IntGaugeVec,
+                "kvgate_kv_events_precise",
+                "1 while prefix matches on the endpoint come from its KV events.",
+                ep
+            ),
             fallbacks: family!(
                 IntCounterVec,
                 "kvgate_kv_events_fallbacks_total",
                 "Times an endpoint fell back to the approximate prefix index, by reason.",
                 &["pool", "endpoint", "reason"]
             ),
-            blocks: family!(IntGaugeVec, "kvgate_kv_events_blocks", "Blocks the precise prefix index holds for the endpoint.", ep),
+            blocks: family!(
+                IntGaugeVec,
+                "kvgate_kv_events_blocks",
+                "Blocks the precise prefix index holds for the endpoint.",
+                ep
+            ),
         };
         Self {
             kv_events,

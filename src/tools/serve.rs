@@ -22,7 +22,7 @@ use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
 use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery, kubernetes};
 use crate::gateway::telemetry::Telemetry;
-use crate::routing::plan::{PrecisePrefix, Planner};
+use crate::routing::plan::{Planner, PrecisePrefix};
 use crate::routing::prefix::precise::PreciseIndex;
 use crate::routing::schedule::SchedulerSpec;
 
@@ -223,7 +223,8 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         if let Some(p) = rp.precise {
             tracing::info!(pool = rp.name.as_str(), tokenizer = %p.tokenizer_dir.display(), "prefix matches from KV events");
             let index = PreciseIndex::default();
-            planner = planner.with_precise(PrecisePrefix::new(p.tokenizer, index, p.kv_events.stale_after_ms, p.block_size));
+            planner =
+                planner.with_precise(PrecisePrefix::new(p.tokenizer, index, p.kv_events.stale_after_ms, p.block_size));
         }
         let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
         if let Some(spec) = kv_events {

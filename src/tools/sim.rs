@@ -204,7 +204,9 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
     };
     let kv_role = parse_kv_role(args.kv_transfer_config.as_deref())?;
     let tokenizer = match &args.tokenizer {
-        Some(dir) => Some(crate::gateway::config::load_tokenizer(dir).map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?),
+        Some(dir) => {
+            Some(crate::gateway::config::load_tokenizer(dir).map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?)
+        }
         None => None,
     };
     let vocab = tokenizer.as_ref().map_or(tokenizer::VOCAB, |t| t.vocab_size().max(1));

@@ -242,8 +242,14 @@ impl KvEventsSpec {
     /// What is wrong with the section, if anything.
     pub fn problem(&self) -> Option<String> {
         match (&self.port, &self.bind) {
-            (Some(_), Some(_)) => return Some("give `port` (kvgate connects) or `bind` (engines connect), not both".into()),
-            (None, None) => return Some("needs `port` (kvgate connects to each endpoint) or `bind` (engines connect to kvgate)".into()),
+            (Some(_), Some(_)) => {
+                return Some("give `port` (kvgate connects) or `bind` (engines connect), not both".into());
+            }
+            (None, None) => {
+                return Some(
+                    "needs `port` (kvgate connects to each endpoint) or `bind` (engines connect to kvgate)".into(),
+                );
+            }
             _ => {}
         }
         if let Some(b) = &self.bind

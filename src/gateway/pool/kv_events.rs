@@ -47,6 +47,8 @@ pub(crate) struct FeedStatus {
     next_seq: AtomicU64,
     gaps: AtomicU64,
     replays: AtomicU64,
+    /// The publisher's connection broke since the last message.
+    broken: AtomicBool,
     /// Whether the last check found the view precise (for transition logs).
     precise: AtomicBool,
     checked: AtomicBool,
@@ -155,8 +157,11 @@ impl Sink {
             m.lag.with_label_values(&labels).set((wall - batch.ts).max(0.0));
         }
         if applied.overflowed {
-            tracing::warn!(pool = self.pool.name.as_str(), endpoint = t.label.as_str(),
-                "the precise index outgrew the endpoint's KV cache (removals were lost): its entries are dropped until it is rebuilt");
+            tracing::warn!(
+                pool = self.pool.name.as_str(),
+                endpoint = t.label.as_str(),
+                "the precise index outgrew the endpoint's KV cache (removals were lost): its entries are dropped until it is rebuilt"
+            );
         }
     }
 
@@ -174,7 +179,12 @@ impl Sink {
             t.status.replays.fetch_add(1, Ordering::Relaxed);
         }
         let result = if ok { "ok" } else { "failed" };
-        self.pool.telemetry.kv_events.replays.with_label_values(&[self.pool.name.as_str(), t.label.as_str(), result]).inc();
+        self.pool
+            .telemetry
+            .kv_events
+            .replays
+            .with_label_values(&[self.pool.name.as_str(), t.label.as_str(), result])
+            .inc();
     }
 
     fn error(&self, t: &FeedTarget) {
@@ -183,6 +193,9 @@ impl Sink {
 
     fn set_connected(&self, t: &FeedTarget, connected: bool) {
         t.status.connected.store(connected, Ordering::Relaxed);
+        if !connected {
+            t.status.broken.store(true, Ordering::Relaxed);
+        }
         self.with_index(|i| i.set_connected(t.id, connected));
     }
 
@@ -204,13 +217,21 @@ impl Sink {
         let name = self.pool.name.as_str();
         if precise {
             if !first {
-                tracing::info!(pool = name, endpoint = t.label.as_str(), "KV events flow again: prefix matches are exact");
+                tracing::info!(
+                    pool = name,
+                    endpoint = t.label.as_str(),
+                    "KV events flow again: prefix matches are exact"
+                );
             }
         } else if !first || status.is_some_and(|s| s.connected) {
             let reason = fallback_reason(status.as_ref(), now, p.stale_after_ms());
             m.fallbacks.with_label_values(&[name, t.label.as_str(), reason]).inc();
-            tracing::warn!(pool = name, endpoint = t.label.as_str(), reason,
-                "prefix matches on this endpoint fall back to the approximate index");
+            tracing::warn!(
+                pool = name,
+                endpoint = t.label.as_str(),
+                reason,
+                "prefix matches on this endpoint fall back to the approximate index"
+            );
         }
     }
 }
@@ -273,7 +294,14 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
         return;
     };
     let next = Some(t.status.next_seq.load(Ordering::Relaxed)).filter(|&n| n > 0);
-    let missing = match classify(next, seq) {
+    let mut verdict = classify(next, seq);
+    // After a broken connection, a stream that does not go on where it stopped is most likely
+    // a new engine (its publisher went away with it): its cache started empty, and everything
+    // it published before kvgate was back is asked for, or the view is rebuilt.
+    if t.status.broken.swap(false, Ordering::Relaxed) && matches!(verdict, Seq::Gap { .. }) {
+        verdict = Seq::Restarted;
+    }
+    let missing = match verdict {
         Seq::Next => None,
         // What was published before the subscription began is asked for when it can be.
         Seq::First => replay_at.filter(|_| seq > 0).map(|_| 0),
@@ -282,8 +310,12 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
             Some(from)
         }
         Seq::Restarted => {
-            tracing::info!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), seq,
-                "the KV-event publisher started afresh (an engine restart): its view starts empty");
+            tracing::info!(
+                pool = sink.pool.name.as_str(),
+                endpoint = t.label.as_str(),
+                seq,
+                "the KV-event publisher started afresh (an engine restart): its view starts empty"
+            );
             sink.with_index(|i| i.restart(t.id));
             if seq > 0 {
                 sink.gap(t);
@@ -311,8 +343,13 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
             // Lost batches at the start of a subscription are what any subscriber misses.
             None if next.is_none() => {}
             None => {
-                tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), from, to = seq,
-                    "KV-event batches were lost and could not be replayed: the endpoint is matched approximately until its view is rebuilt");
+                tracing::warn!(
+                    pool = sink.pool.name.as_str(),
+                    endpoint = t.label.as_str(),
+                    from,
+                    to = seq,
+                    "KV-event batches were lost and could not be replayed: the endpoint is matched approximately until its view is rebuilt"
+                );
                 sink.lost(t, Unknown::Gap);
             }
         }
@@ -355,8 +392,12 @@ pub(super) async fn follow(pool: Weak<Inner>, t: FeedTarget, spec: KvEventsSpec)
         if !connected {
             failures += 1;
             if failures == 3 {
-                tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), publisher = endpoint.as_str(),
-                    "cannot subscribe to the endpoint's KV events; retrying (matches stay approximate)");
+                tracing::warn!(
+                    pool = sink.pool.name.as_str(),
+                    endpoint = t.label.as_str(),
+                    publisher = endpoint.as_str(),
+                    "cannot subscribe to the endpoint's KV events; retrying (matches stay approximate)"
+                );
             }
             sink.check(&t);
             drop(sink);
@@ -386,8 +427,13 @@ pub(super) async fn follow(pool: Weak<Inner>, t: FeedTarget, spec: KvEventsSpec)
                 e = monitor.next() => {
                     let Some(sink) = Sink::of(&pool) else { return };
                     match e {
-                        Some(SocketEvent::Disconnected(_)) => sink.set_connected(&t, false),
-                        Some(SocketEvent::Connected(..)) => sink.set_connected(&t, true),
+                        // The publisher went away (an engine restart, say): subscribe afresh,
+                        // with kvgate's own backoff; the sequence carries over.
+                        Some(SocketEvent::Disconnected(_)) => {
+                            tracing::debug!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), "KV-event publisher disconnected");
+                            sink.set_connected(&t, false);
+                            break;
+                        }
                         Some(_) => {}
                         None => {
                             sink.set_connected(&t, false);

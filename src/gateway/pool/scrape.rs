@@ -167,6 +167,17 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
     }
 }
 
+/// One endpoint's `vllm:cache_config_info` `(block_size, num_gpu_blocks)`, asked once (for
+/// `kvgate check-config`).
+pub async fn cache_config(addr: SocketAddr, rank: Option<u32>) -> Result<(Option<u64>, Option<u64>), String> {
+    let mut conn = None;
+    let path = format!("/metrics?{SCRAPED_FAMILIES}");
+    let text = get(&mut conn, addr, &path, Duration::from_secs(2), 8 << 20).await.map_err(|e| e.to_string())?;
+    let scrape = scrape_parse::parse(&text).map_err(|e| e.to_string())?;
+    let engine = scrape.engine(rank).cloned().unwrap_or_default();
+    Ok((engine.block_size, engine.num_gpu_blocks))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,15 +191,4 @@ mod tests {
         assert_eq!(served_of("garbage"), None);
         assert_eq!(served_of(r#"{"data":{}}"#), None);
     }
-}
-
-/// One endpoint's `vllm:cache_config_info` `(block_size, num_gpu_blocks)`, asked once (for
-/// `kvgate check-config`).
-pub async fn cache_config(addr: SocketAddr, rank: Option<u32>) -> Result<(Option<u64>, Option<u64>), String> {
-    let mut conn = None;
-    let path = format!("/metrics?{SCRAPED_FAMILIES}");
-    let text = get(&mut conn, addr, &path, Duration::from_secs(2), 8 << 20).await.map_err(|e| e.to_string())?;
-    let scrape = scrape_parse::parse(&text).map_err(|e| e.to_string())?;
-    let engine = scrape.engine(rank).cloned().unwrap_or_default();
-    Ok((engine.block_size, engine.num_gpu_blocks))
 }

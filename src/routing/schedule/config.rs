@@ -475,7 +475,11 @@ fn compile_profile(
                 picker_set = true;
                 profile.picker = Plugin { name: name.clone(), kind, plugin: p.clone() };
             }
-            Instance::Producer(_) | Instance::PreciseProducer(_) | Instance::SingleHandler | Instance::DisaggHandler(_) | Instance::Decider(_) => {}
+            Instance::Producer(_)
+            | Instance::PreciseProducer(_)
+            | Instance::SingleHandler
+            | Instance::DisaggHandler(_)
+            | Instance::Decider(_) => {}
         }
     }
     Ok(profile)

@@ -129,7 +129,14 @@ pub(crate) fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
     let map = |pairs: Vec<(&str, Value)>| Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
     match (e, enc) {
         (
-            KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, lora_name, extra_keys: extra },
+            KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                lora_name,
+                extra_keys: extra,
+            },
             Encoding::Array,
         ) => Value::Array(vec![
             Value::from("BlockStored"),
@@ -144,7 +151,14 @@ pub(crate) fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
             Value::from(0),
         ]),
         (
-            KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, lora_name, extra_keys: extra },
+            KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                lora_name,
+                extra_keys: extra,
+            },
             Encoding::Map,
         ) => map(vec![
             ("type", Value::from("BlockStored")),

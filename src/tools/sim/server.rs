@@ -208,7 +208,8 @@ async fn render_chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
 async fn tokenize_route(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let v = parse_json(&body)?;
     resolve_model(&st.shared, &v)?;
-    let ids = if v.get("messages").is_some() { chat_prompt(&st.shared, &v)? } else { completion_prompt(&st.shared, &v)? };
+    let ids =
+        if v.get("messages").is_some() { chat_prompt(&st.shared, &v)? } else { completion_prompt(&st.shared, &v)? };
     Ok(axum::Json(
         json!({"count": ids.len(), "max_model_len": st.shared.max_model_len, "tokens": ids, "token_strs": null}),
     )
