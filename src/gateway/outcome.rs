@@ -148,8 +148,8 @@ impl Routed {
     pub fn first_byte(&mut self) {
         self.guard.prefill_done();
         // Its prefill stored blocks on a precise endpoint: their events should follow.
-        if self.planned.awaits_events && self.current == 0 {
-            self.planned.awaits_events = false;
+        if self.planned.expects_events && self.current == 0 {
+            self.planned.expects_events = false;
             self.pool.answered_precise(self.target().id);
         }
     }

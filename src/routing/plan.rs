@@ -39,7 +39,7 @@ pub struct Planned {
     pub prefill_uncached_tokens: Option<u64>,
     /// The target's view is precise and the request will store at least one block there: its
     /// events should follow the answer.
-    pub awaits_events: bool,
+    pub expects_events: bool,
 }
 
 impl Planned {
@@ -228,14 +228,14 @@ impl Planner {
             self.index.record(primary.id, &prompt.hashes);
         }
         let uncached = |t: &Target| prompt_tokens.saturating_sub(u64::from(t.matched_blocks) * block_tokens);
-        let awaits_events = exact.as_ref().is_some_and(|m| {
+        let expects_events = exact.as_ref().is_some_and(|m| {
             let bs = u64::from(m.block_sizes[primary.index]);
             m.sources[primary.index] == PrefixSource::Precise && bs > 0 && uncached(primary) >= bs
         }) && decision.prefill.is_none();
         Ok(Planned {
             uncached_tokens: uncached(primary),
             prefill_uncached_tokens: decision.prefill.as_ref().map(uncached),
-            awaits_events,
+            expects_events,
             decision,
             prompt,
         })

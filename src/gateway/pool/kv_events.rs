@@ -49,6 +49,9 @@ pub(crate) struct FeedStatus {
     replays: AtomicU64,
     /// The publisher's connection broke since the last message.
     broken: AtomicBool,
+    /// A hash of the last applied batch's payload (to tell, after a reconnect, whether the
+    /// engine's replay buffer is the same stream).
+    last_payload: AtomicU64,
     /// Whether the last check found the view precise (for transition logs).
     precise: AtomicBool,
     checked: AtomicBool,
@@ -129,10 +132,11 @@ impl Sink {
         self.pool.planner.precise().map(|p| f(p.index()))
     }
 
-    fn applied(&self, t: &FeedTarget, seq: u64, batch: &EventBatch) {
+    fn applied(&self, t: &FeedTarget, seq: u64, payload: &[u8], batch: &EventBatch) {
         let now = now_ms();
         let Some(applied) = self.with_index(|i| i.apply(t.id, batch, now)) else { return };
         t.status.next_seq.store(seq + 1, Ordering::Relaxed);
+        t.status.last_payload.store(xxhash_rust::xxh3::xxh3_64(payload), Ordering::Relaxed);
         let m = &self.pool.telemetry.kv_events;
         let labels = [self.pool.name.as_str(), t.label.as_str()];
         m.batches.with_label_values(&labels).inc();
@@ -243,14 +247,14 @@ fn fallback_reason(status: Option<&ViewStatus>, now: u64, stale_ms: u64) -> &'st
         Some(s) if !s.connected => "disconnected",
         Some(s) if s.rebuilding == Some(Unknown::Gap) => "gap",
         Some(s) if s.rebuilding == Some(Unknown::Overflow) => "overflow",
-        Some(s) if s.awaiting_since_ms.is_some_and(|t| now.saturating_sub(t) > stale_ms) => "stale",
+        Some(s) if s.unconfirmed_since_ms.is_some_and(|t| now.saturating_sub(t) > stale_ms) => "stale",
         Some(_) => "unknown",
     }
 }
 
-/// Asks an engine's replay socket for batches `from..until`, in order. `None` when it cannot
-/// give all of them (unreachable, or its buffer no longer reaches back to `from`).
-async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, EventBatch)>> {
+/// Asks an engine's replay socket for batches `from..until` (their payloads), in order. `None`
+/// when it cannot give all of them (unreachable, or its buffer no longer reaches back to `from`).
+async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, Bytes)>> {
     let work = async {
         let mut opts = SocketOptions::default();
         opts.connect_timeout(CONNECT_TIMEOUT);
@@ -279,7 +283,7 @@ async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, Event
             if seq != expect {
                 return None;
             }
-            out.push((seq, decode_batch(frames.get(1)?).ok()?));
+            out.push((seq, (*frames.get(1)?).clone()));
             expect += 1;
         }
         (expect == until).then_some(out)
@@ -295,11 +299,27 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
     };
     let next = Some(t.status.next_seq.load(Ordering::Relaxed)).filter(|&n| n > 0);
     let mut verdict = classify(next, seq);
-    // After a broken connection, a stream that does not go on where it stopped is most likely
-    // a new engine (its publisher went away with it): its cache started empty, and everything
-    // it published before kvgate was back is asked for, or the view is rebuilt.
-    if t.status.broken.swap(false, Ordering::Relaxed) && matches!(verdict, Seq::Gap { .. }) {
-        verdict = Seq::Restarted;
+    // After a broken connection (an engine restart takes its publisher with it), what came
+    // while disconnected is unknown even when the numbers go on: the engine's replay buffer
+    // tells whether this is the same stream (its batch `next - 1` is the one applied last); a
+    // new engine's cache started empty. Without a replay socket the view is rebuilt.
+    let mut verified = true;
+    if t.status.broken.swap(false, Ordering::Relaxed)
+        && let Some(n) = next
+        && verdict != Seq::Restarted
+    {
+        match replay_at {
+            Some(at) => {
+                let last = t.status.last_payload.load(Ordering::Relaxed);
+                let same = replay(at, n - 1, n)
+                    .await
+                    .is_some_and(|b| b.first().is_some_and(|(_, p)| xxhash_rust::xxh3::xxh3_64(p) == last));
+                if !same {
+                    verdict = Seq::Restarted;
+                }
+            }
+            None => verified = false,
+        }
     }
     let missing = match verdict {
         Seq::Next => None,
@@ -325,24 +345,38 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
             }
         }
     };
-    if let Some(from) = missing {
+    if !verified {
+        tracing::warn!(
+            pool = sink.pool.name.as_str(),
+            endpoint = t.label.as_str(),
+            "the KV-event publisher reconnected and there is no replay socket to tell what was missed: the endpoint is matched approximately until its view is rebuilt"
+        );
+        sink.gap(t);
+        sink.lost(t, Unknown::Gap);
+    } else if let Some(from) = missing {
         let got = match replay_at {
-            Some(at) => {
-                let r = replay(at, from, seq).await;
-                sink.replayed(t, r.is_some());
-                r
-            }
+            Some(at) => replay(at, from, seq).await,
             None => None,
         };
-        match got {
+        let decoded: Option<Vec<(u64, Bytes, EventBatch)>> = got
+            .and_then(|batches| batches.into_iter().map(|(s, p)| decode_batch(&p).ok().map(|b| (s, p, b))).collect());
+        match decoded {
             Some(batches) => {
-                for (s, b) in &batches {
-                    sink.applied(t, *s, b);
+                for (s, p, b) in &batches {
+                    sink.applied(t, *s, p, b);
                 }
+                sink.replayed(t, true);
             }
             // Lost batches at the start of a subscription are what any subscriber misses.
-            None if next.is_none() => {}
+            None if next.is_none() => {
+                if replay_at.is_some() {
+                    sink.replayed(t, false);
+                }
+            }
             None => {
+                if replay_at.is_some() {
+                    sink.replayed(t, false);
+                }
                 tracing::warn!(
                     pool = sink.pool.name.as_str(),
                     endpoint = t.label.as_str(),
@@ -355,7 +389,7 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
         }
     }
     match decode_batch(payload) {
-        Ok(batch) => sink.applied(t, seq, &batch),
+        Ok(batch) => sink.applied(t, seq, payload, &batch),
         Err(e) => {
             sink.error(t);
             tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), seq, error = %e,

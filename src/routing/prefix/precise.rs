@@ -216,7 +216,7 @@ struct View {
     connected: bool,
     last_event_ms: Option<u64>,
     /// The first request answered since the last event, when it should have stored blocks.
-    awaiting_since_ms: Option<u64>,
+    unconfirmed_since_ms: Option<u64>,
     /// Stored blocks whose parent was unknown (dropped).
     orphans: u64,
 }
@@ -231,7 +231,7 @@ impl View {
             unknown: None,
             connected: false,
             last_event_ms: None,
-            awaiting_since_ms: None,
+            unconfirmed_since_ms: None,
             orphans: 0,
         }
     }
@@ -286,7 +286,7 @@ pub struct ViewStatus {
     /// When its last event arrived (monotonic ms).
     pub last_event_ms: Option<u64>,
     /// Since when answered requests wait for events, if they do.
-    pub awaiting_since_ms: Option<u64>,
+    pub unconfirmed_since_ms: Option<u64>,
     /// Stored blocks dropped for an unknown parent.
     pub orphans: u64,
 }
@@ -297,7 +297,7 @@ impl ViewStatus {
     pub fn precise(&self, now_ms: u64, stale_ms: u64) -> bool {
         self.connected
             && self.rebuilding.is_none()
-            && self.awaiting_since_ms.is_none_or(|t| now_ms.saturating_sub(t) <= stale_ms)
+            && self.unconfirmed_since_ms.is_none_or(|t| now_ms.saturating_sub(t) <= stale_ms)
     }
 }
 
@@ -371,7 +371,7 @@ impl PreciseIndex {
         let mut out = Applied::default();
         let view = inner.view(id, self.default_capacity);
         view.last_event_ms = Some(now_ms);
-        view.awaiting_since_ms = None;
+        view.unconfirmed_since_ms = None;
         let mut buf = Vec::new();
         for e in &batch.events {
             match e {
@@ -449,7 +449,7 @@ impl PreciseIndex {
         let v = inner.view(ep.index() as u32, self.default_capacity);
         v.connected = connected;
         if !connected {
-            v.awaiting_since_ms = None;
+            v.unconfirmed_since_ms = None;
         }
     }
 
@@ -466,7 +466,7 @@ impl PreciseIndex {
         if let Some(v) = inner.views.get_mut(&(ep.index() as u32))
             && v.connected
         {
-            v.awaiting_since_ms.get_or_insert(now_ms);
+            v.unconfirmed_since_ms.get_or_insert(now_ms);
         }
     }
 
@@ -488,7 +488,7 @@ impl PreciseIndex {
             rebuilding: v.unknown.map(|(w, _)| w),
             connected: v.connected,
             last_event_ms: v.last_event_ms,
-            awaiting_since_ms: v.awaiting_since_ms,
+            unconfirmed_since_ms: v.unconfirmed_since_ms,
             orphans: v.orphans,
         })
     }
