@@ -142,6 +142,104 @@ fn tokenizing(c: &mut Criterion) {
     g.finish();
 }
 
+fn tiny_llama() -> kvgate::routing::tokenize::PromptTokenizer {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-llama-tokenizer");
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("tokenizer file");
+    let template = String::from_utf8(read("chat_template.jinja")).expect("UTF-8");
+    kvgate::routing::tokenize::PromptTokenizer::from_parts(
+        &read("tokenizer.json"),
+        Some(&read("tokenizer_config.json")),
+        Some(&template),
+    )
+    .expect("tokenizer")
+}
+
+/// A `BlockStored` of `blocks` blocks of 16 tokens, engine hashes `base..`.
+fn stored(base: u64, parent: Option<u64>, tokens: &[u32]) -> kvgate::routing::kv_events::KvEvent {
+    use kvgate::routing::kv_events::{BlockStored, KvEvent, Medium};
+    let n = tokens.len() / 16;
+    KvEvent::BlockStored(BlockStored {
+        block_hashes: (0..n as u64).map(|i| base + i).collect(),
+        parent_block_hash: parent,
+        token_ids: tokens.to_vec(),
+        block_size: 16,
+        lora_id: None,
+        medium: Medium::Gpu,
+        lora_name: None,
+        extra_keys: Some(vec![Vec::new(); n]),
+        group_idx: 0,
+    })
+}
+
+fn batch(events: Vec<kvgate::routing::kv_events::KvEvent>) -> kvgate::routing::kv_events::EventBatch {
+    kvgate::routing::kv_events::EventBatch { ts: 0.0, events, dp_rank: None, unknown: 0 }
+}
+
+/// The precise index: applying events (steady churn: each batch stores a 16-block chain and
+/// evicts an older one), its memory per million blocks, and decoding a recorded batch.
+fn precise(c: &mut Criterion) {
+    use kvgate::routing::kv_events::{KvEvent, Medium, decode_batch};
+    use kvgate::routing::prefix::precise::PreciseIndex;
+    let mut g = c.benchmark_group("precise");
+    let index = PreciseIndex::new(1 << 20);
+    let ep = EndpointId::new(0);
+    const LIVE: u64 = 512;
+    let chains: Vec<Vec<u32>> = (0..4096u32).map(|c| (0..256).map(|t| c * 7919 + t).collect()).collect();
+    for (i, toks) in chains.iter().enumerate().take(LIVE as usize) {
+        index.apply(ep, &batch(vec![stored(i as u64 * 16, None, toks)]), 0);
+    }
+    let mut i = LIVE;
+    g.throughput(Throughput::Elements(32));
+    g.bench_function("apply_16_stored_16_removed", |b| {
+        b.iter(|| {
+            let old = i - LIVE;
+            let removed = KvEvent::BlockRemoved {
+                block_hashes: (0..16).map(|k| old * 16 + k).collect(),
+                medium: Medium::Gpu,
+                group_idx: 0,
+            };
+            let toks = &chains[(i % chains.len() as u64) as usize];
+            let a = index.apply(ep, &batch(vec![stored(i * 16, None, toks), removed]), 0);
+            i += 1;
+            black_box(a)
+        })
+    });
+    // Memory: a million blocks over 64 endpoints, each block held by one of them.
+    let big = PreciseIndex::new(1 << 20);
+    for e in 0..64u32 {
+        for c in 0..(1_000_000 / 64 / 16) as u32 {
+            let toks: Vec<u32> = (0..256).map(|t| (e << 20) + c * 256 + t).collect();
+            big.apply(
+                EndpointId::new(e),
+                &batch(vec![stored((u64::from(e) << 32) | (u64::from(c) * 16), None, &toks)]),
+                0,
+            );
+        }
+    }
+    let st = big.stats();
+    println!(
+        "precise index: {} blocks on {} endpoints, {} keys, {:.1} MiB ({:.1} bytes per block)",
+        st.blocks,
+        st.endpoints,
+        st.keys,
+        st.heap_bytes as f64 / (1 << 20) as f64,
+        st.heap_bytes as f64 / st.blocks.max(1) as f64
+    );
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vllm-0.32-kv-events.jsonl"),
+    )
+    .expect("recording");
+    let row: serde_json::Value = serde_json::from_str(text.lines().next().expect("a row")).expect("JSON");
+    let hex = row["frames_hex"][2].as_str().expect("payload");
+    let payload: Vec<u8> =
+        (0..hex.len()).step_by(2).map(|k| u8::from_str_radix(&hex[k..k + 2], 16).expect("hex")).collect();
+    g.throughput(Throughput::Bytes(payload.len() as u64));
+    g.bench_function("decode_recorded_batch_21_blocks", |b| {
+        b.iter(|| decode_batch(black_box(&payload)).map(|b| b.events.len()))
+    });
+    g.finish();
+}
+
 /// A whole decision as the front-ends make it: parse, hash, match, score, pick, record.
 fn decide(router: &Planner, body: &[u8], eps: &[Endpoint], opts: PlanOptions<'_>, rng: &mut fastrand::Rng) -> usize {
     let req = kvgate::routing::request::parse(ApiKind::ChatCompletions, body, 32 << 20).expect("parses");
@@ -168,6 +266,35 @@ schedulingProfiles:
 fn decision(c: &mut Criterion) {
     const ENDPOINTS: u32 = 64;
     let mut g = c.benchmark_group("decision");
+    // A precise pool: the same decision plus tokenization and the precise match, with one
+    // endpoint holding the conversation's blocks by its events.
+    for kib in [16usize, 220] {
+        use kvgate::routing::plan::PrecisePrefix;
+        use kvgate::routing::prefix::precise::PreciseIndex;
+        let t = tiny_llama();
+        let body = chat_body(kib * 1024 - 2200, "what is the answer?");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        let tokens = t.encode_chat(&kvgate::routing::tokenize::ChatPrompt::of_request(&v)).expect("tokens");
+        let index = PreciseIndex::default();
+        let eps: Vec<Endpoint> = (0..ENDPOINTS)
+            .map(|i| {
+                let addr = format!("10.1.{}.{}:8000", i / 200, i % 200 + 1).parse().expect("addr");
+                index.set_connected(EndpointId::new(i), true);
+                Endpoint::new(EndpointId::new(i), addr, BTreeMap::new())
+            })
+            .collect();
+        let full = tokens.len() / 16 * 16;
+        index.apply(EndpointId::new(3), &batch(vec![stored(1, None, &tokens[..full])]), 0);
+        let router = Planner::new(vec!["m".into()], Scheduler::default_precise(), 2000)
+            .with_precise(PrecisePrefix::new(t, index, 5000, 16));
+        let mut rng = fastrand::Rng::with_seed(1);
+        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: false, lora: None };
+        assert_eq!(decide(&router, &body, &eps, opts, &mut rng), 3, "the precise holder wins");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("precise_chat_64_endpoints", format!("{kib}KiB")), |b| {
+            b.iter(|| decide(&router, black_box(&body), &eps, opts, &mut rng))
+        });
+    }
     let pd: kvgate::routing::schedule::SchedulerSpec = serde_saphyr::from_str(PD_SCHEDULER).expect("yaml");
     for (name, kib, scheduler) in [
         ("chat_64_endpoints", 16usize, Scheduler::default_config()),
@@ -234,5 +361,5 @@ fn handoff_bodies(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, index, parsing, tokenizing, decision, handoff_bodies);
+criterion_group!(benches, hashing, index, parsing, tokenizing, precise, decision, handoff_bodies);
 criterion_main!(benches);

@@ -54,6 +54,27 @@ pub mod fuzzing {
         }
     }
 
+    /// A KV-event batch payload: decoded, applied to a small precise index (twice: a second
+    /// endpoint sees it as a continuation), and matched against keys of its own tokens.
+    pub fn kv_events(data: &[u8]) {
+        use crate::routing::endpoint::EndpointId;
+        use crate::routing::kv_events::{KvEvent, decode_batch};
+        use crate::routing::prefix::precise::{PreciseIndex, request_keys};
+        let Ok(batch) = decode_batch(data) else { return };
+        let index = PreciseIndex::new(64);
+        for ep in [0, 1] {
+            index.apply(EndpointId::new(ep), &batch, 0);
+        }
+        let mut out = Vec::new();
+        for e in &batch.events {
+            if let KvEvent::BlockStored(s) = e {
+                let keys = request_keys(&s.token_ids, s.block_size, s.lora_name.as_deref(), None, 1 << 12);
+                index.match_into(&[Some(EndpointId::new(0)), None, Some(EndpointId::new(1))], &keys, &mut out);
+            }
+        }
+        let _ = index.stats();
+    }
+
     /// A sequence of ext_proc messages (decoded from the fuzzer's bytes) on one stream.
     pub fn extproc(msgs: Vec<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest>) {
         crate::front::extproc::fuzz(msgs);
@@ -75,7 +96,13 @@ mod tests {
             super::fuzzing::usage(&[1, 3].iter().chain(seed).copied().collect::<Vec<u8>>());
             super::fuzzing::metrics(seed);
             super::fuzzing::config(seed);
+            super::fuzzing::kv_events(seed);
         }
+        // A map-encoded batch: [ts, [{type: BlockStored, block_hashes: [1], parent_block_hash: nil,
+        // token_ids: [5, 6], block_size: 2}], 0].
+        super::fuzzing::kv_events(
+            b"\x93\xcb\x41\xd9\x00\x00\x00\x00\x00\x00\x91\x85\xa4type\xabBlockStored\xacblock_hashes\x91\x01\xb1parent_block_hash\xc0\xa9token_ids\x92\x05\x06\xaablock_size\x02\x00",
+        );
         super::fuzzing::metrics(b"vllm:num_requests_running{model_name=\"m\"} 1\n");
         super::fuzzing::config(b"pools: [{name: p, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]\n");
         let header =
