@@ -2,12 +2,16 @@
 # The routing benchmark: the same seeded workloads through kvgate's proxy with four scheduling
 # policies, over simulated replicas with a realistic latency model and a KV cache too small for
 # the whole working set on one replica.
-#   policies:  round-robin, load-only (queue + KV + in-flight), prefix-only, default
+#   policies:  round-robin, load-only (queue + KV + in-flight), prefix-only, default, and
+#              precise (the default profile fed by the replicas' KV events)
 #   workloads: shared-prefix (Poisson arrivals), multi-turn, bursty (shared-prefix, all at once)
 # Prints one table (hit rate, TTFT p50/p90/p99, throughput, hot-spot factor) and writes reports and
 # TTFT plots (SVG) to the output folder.
 # Usage: benches/routing.sh [output-dir]      (about 2 minutes here)
 #   WORKLOADS="bursty" POLICIES="round-robin default" narrow the run; RATE sets the Poisson rate.
+#   With `precise` among the policies, every policy's replicas tokenize with the model's
+#   tokenizer (tests/data/tiny-llama-tokenizer, or TOKENIZER=DIR) and publish KV events, each on
+#   its own loopback address (127.0.0.1..4) so that they share the events port, as pods do.
 set -euo pipefail
 out=$(realpath -m "${1:-target/routing-bench}")
 source "$(dirname "$0")/harness.sh"
@@ -16,8 +20,18 @@ replicas=4
 # 8B-on-H100 latency at 4x speed; 1,200 blocks x 16 = 19,200 tokens of KV per replica.
 sim_flags=(--served-model-name m --time-scale 0.25 --num-gpu-blocks-override 1200 --max-num-seqs 64 --seed 1)
 
+tokenizer=$(realpath -m "${TOKENIZER:-tests/data/tiny-llama-tokenizer}")
+events_port=$(port)
+precise=false
+case " ${POLICIES:-} " in *" precise "*) precise=true ;; esac
+if $precise; then
+  sim_flags+=(--tokenizer "$tokenizer" --kv-events-config
+    "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:$events_port\"}")
+fi
+
 policy_yaml() {
   case "$1" in
+    precise) echo "tokenizer: '$tokenizer', kv_events: {port: $events_port}" ;;
     round-robin) echo "scheduler: {plugins: [{type: round-robin-picker}]}" ;;
     load-only) echo "scheduler: {plugins: [{type: active-request-scorer}, {type: queue-scorer}, {type: kv-cache-utilization-scorer}, {type: max-score-picker}]}" ;;
     prefix-only) echo "scheduler: {plugins: [{type: prefix-cache-scorer}, {type: max-score-picker}]}" ;;
@@ -37,11 +51,13 @@ policies=${POLICIES:-round-robin load-only prefix-only default}
 for workload in $workloads; do
   for policy in $policies; do
     sims=(); metrics=()
-    for _ in $(seq $replicas); do
+    for k in $(seq $replicas); do
       p=$(port)
-      "$bin" sim --port "$p" "${sim_flags[@]}" >/dev/null 2>&1 &
-      sims+=("$!"); metrics+=(--metrics-url "http://127.0.0.1:$p/metrics")
-      eps+="{address: '127.0.0.1:$p'}, "
+      host=127.0.0.1
+      $precise && host=127.0.0.$k
+      "$bin" sim --host "$host" --port "$p" "${sim_flags[@]}" >/dev/null 2>&1 &
+      sims+=("$!"); metrics+=(--metrics-url "http://$host:$p/metrics")
+      eps+="{address: '$host:$p'}, "
     done
     proxy=$(port)
     printf "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:%s\npools: [{name: p, models: [m], endpoints: [%s] %s}]\n" \

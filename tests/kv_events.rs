@@ -534,3 +534,39 @@ async fn engines_connect_to_a_bound_socket() {
     let e = endpoint_status(&kv, 0).await;
     assert_eq!((e["prefix_source"].as_str(), e["kv_events"]["connected"].as_bool()), (Some("precise"), Some(true)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_warns_about_tokenizers_and_block_sizes() {
+    let port = free_port();
+    let sim = sim_on("127.0.0.1", &events_config(port, None, json!({})), &["--block-size", "32"]).await;
+    let dir = std::env::temp_dir().join(format!("kvgate-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let check = |yaml: String| {
+        let path = dir.join("kvgate.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["check-config", path.to_str().expect("UTF-8")])
+            .output()
+            .expect("kvgate runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The endpoint says 32 tokens per block; the producer starts from 16.
+    let (ok, out) = check(pool_yaml(&[sim.addrs[0].to_string()], &format!("{{port: {port}}}")));
+    assert!(ok, "{out}");
+    assert!(out.contains("KV events: connects to each endpoint's publisher"), "{out}");
+    assert!(out.contains("precise-prefix-cache-producer"), "{out}");
+    assert!(out.contains("warning:") && out.contains("block_size 32") && out.contains("blockSize: 32"), "{out}");
+    // A tokenizer folder that is not one: the pool still runs, approximately, and says so.
+    let yaml = pool_yaml(&[sim.addrs[0].to_string()], &format!("{{port: {port}}}"))
+        .replace(&tokenizer_dir().display().to_string(), &dir.display().to_string());
+    let (ok, out) = check(yaml);
+    assert!(ok, "{out}");
+    assert!(out.contains("warning:") && out.contains("the tokenizer cannot be loaded"), "{out}");
+    // kv_events without a tokenizer is an error.
+    let (ok, _) = check(format!(
+        "pools: [{{name: p, models: [m], endpoints: [{{address: '{}'}}], kv_events: {{port: {port}}}}}]\n",
+        sim.addrs[0]
+    ));
+    assert!(!ok);
+    let _ = std::fs::remove_dir_all(&dir);
+}

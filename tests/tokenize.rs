@@ -211,3 +211,54 @@ fn recorded_batches_decode_and_request_keys_find_their_blocks() {
     assert_eq!(rows, 21);
     assert!(checked >= 8, "{checked} requests checked");
 }
+
+/// The segment cache changes nothing: every recorded prompt, and chats with long repeated
+/// parts, give the ids the tokenizer gives for the whole text, on first sight and from cache.
+#[test]
+fn cached_segments_encode_as_the_whole_text() {
+    let t = tiny_llama();
+    assert!(format!("{t:?}").contains("segment_cache: true"), "{t:?}");
+    let text = std::fs::read_to_string(data("vllm-0.32-kv-events.jsonl")).expect("recording");
+    let mut checked = 0;
+    for line in text.lines() {
+        let row: Value = serde_json::from_str(line).expect("a JSON line");
+        let cause = &row["caused_by"];
+        let requests: Vec<&Value> = match (&cause["request"], &cause["requests"]) {
+            (Value::Object(_), _) => vec![&cause["request"]],
+            (_, Value::Array(list)) => list.iter().collect(),
+            _ => continue,
+        };
+        for req in requests {
+            for _ in 0..2 {
+                if let Some(p) = req["prompt"].as_str() {
+                    assert_eq!(t.encode_completion(p).expect("cached"), t.encode_whole(p, true).expect("whole"));
+                    checked += 1;
+                }
+                if req.get("messages").is_some() {
+                    let chat = ChatPrompt::of_request(req);
+                    let rendered = t.render_chat(&chat).expect("render");
+                    assert_eq!(t.encode_chat(&chat).expect("cached"), t.encode_whole(&rendered, false).expect("whole"));
+                    checked += 1;
+                }
+            }
+        }
+    }
+    let system = "You are a router. ".repeat(200);
+    for turn in 0..4 {
+        let mut messages = vec![json!({"role": "system", "content": system})];
+        for k in 0..turn {
+            messages.push(json!({"role": "user", "content": format!("question {k} ").repeat(40)}));
+            messages.push(json!({"role": "assistant", "content": "<|end|> is a marker; so is <|user|>"}));
+        }
+        let body = json!({"messages": messages});
+        let chat = ChatPrompt::of_request(&body);
+        let rendered = t.render_chat(&chat).expect("render");
+        assert_eq!(
+            t.encode_chat(&chat).expect("cached"),
+            t.encode_whole(&rendered, false).expect("whole"),
+            "turn {turn}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 20, "{checked}");
+}

@@ -6,12 +6,20 @@
 //! BOS where the model has one), chat prompts without them (the template writes its own), as
 //! vLLM does. Token-id prompts are used as given. Built from bytes: reading the folder is the
 //! caller's I/O.
+//!
+//! Tokenization is the cost of a precise decision, and prompts repeat: system prompts, tools,
+//! a conversation's earlier turns. `tokenizers` encodes the text between added tokens (the chat
+//! markers) independently, so kvgate splits rendered text at them itself and keeps each long
+//! segment's ids in a bounded cache; a segment seen before costs a hash. (Tokenizers whose added
+//! tokens strip whitespace or are normalized are always encoded whole.)
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde_json::Value;
+
+use crate::routing::prefix::precise::BuildKeyHasher;
 
 /// Why a tokenizer cannot be built, or a prompt not rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,10 +30,95 @@ fn fail(message: impl Into<String>) -> TokenizeError {
     TokenizeError(message.into())
 }
 
+/// Segments shorter than this are encoded every time.
+const CACHED_SEGMENT_BYTES: usize = 256;
+/// Token ids the segment cache holds at most (16 MiB); past it the cache starts over.
+const CACHE_IDS: usize = 4 << 20;
+
+type SegmentIds = hashbrown::HashMap<u64, Arc<[u32]>, BuildKeyHasher>;
+
+/// The added tokens to split text at, with the ids a completions prompt gets around its text.
+#[derive(Debug)]
+struct Segmenter {
+    matcher: aho_corasick::AhoCorasick,
+    /// Pattern index → token id.
+    ids: Vec<u32>,
+    /// What the post-processor adds before and after a completions prompt, when that is fixed.
+    around: Option<(Vec<u32>, Vec<u32>)>,
+    /// Segment hash → its ids, and the ids held in all.
+    cache: parking_lot::Mutex<(SegmentIds, usize)>,
+}
+
+impl Segmenter {
+    fn of(t: &tokenizers::Tokenizer) -> Option<Self> {
+        let added = t.get_added_tokens_decoder();
+        let has_normalizer = t.get_normalizer().is_some();
+        if added.values().any(|a| a.lstrip || a.rstrip || a.single_word || (a.normalized && has_normalizer)) {
+            return None;
+        }
+        let mut tokens: Vec<(u32, String)> = added.into_iter().map(|(id, a)| (id, a.content)).collect();
+        tokens.sort_unstable();
+        let matcher = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(tokens.iter().map(|(_, c)| c.as_str()))
+            .ok()?;
+        let ids = tokens.iter().map(|(id, _)| *id).collect();
+        // The post-processor's additions, read off a probe: `P ++ ids("a") ++ S`.
+        let bare = t.encode_fast("a", false).ok()?.get_ids().to_vec();
+        let full = t.encode_fast("a", true).ok()?.get_ids().to_vec();
+        let around = (0..=full.len().saturating_sub(bare.len()))
+            .find(|&k| full[k..].starts_with(&bare))
+            .map(|k| (full[..k].to_vec(), full[k + bare.len()..].to_vec()));
+        Some(Self { matcher, ids, around, cache: parking_lot::Mutex::new((hashbrown::HashMap::default(), 0)) })
+    }
+
+    /// `text`'s ids without special tokens added: added tokens as their ids, the text between
+    /// them encoded (from the cache when seen before).
+    fn encode(&self, t: &tokenizers::Tokenizer, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizeError> {
+        let mut at = 0;
+        for m in self.matcher.find_iter(text) {
+            self.segment(t, &text[at..m.start()], out)?;
+            out.push(self.ids[m.pattern().as_usize()]);
+            at = m.end();
+        }
+        self.segment(t, &text[at..], out)
+    }
+
+    fn segment(&self, t: &tokenizers::Tokenizer, piece: &str, out: &mut Vec<u32>) -> Result<(), TokenizeError> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let encode = |p: &str| {
+            t.encode_fast(p, false).map(|e| e.get_ids().to_vec()).map_err(|e| fail(format!("tokenizing: {e}")))
+        };
+        if piece.len() < CACHED_SEGMENT_BYTES {
+            out.extend(encode(piece)?);
+            return Ok(());
+        }
+        let key = xxhash_rust::xxh3::xxh3_64(piece.as_bytes());
+        if let Some(ids) = self.cache.lock().0.get(&key).cloned() {
+            out.extend_from_slice(&ids);
+            return Ok(());
+        }
+        let ids: Arc<[u32]> = encode(piece)?.into();
+        out.extend_from_slice(&ids);
+        let mut cache = self.cache.lock();
+        if cache.1 + ids.len() > CACHE_IDS {
+            cache.0.clear();
+            cache.1 = 0;
+        }
+        cache.1 += ids.len();
+        cache.0.insert(key, ids);
+        Ok(())
+    }
+}
+
 /// A model's tokenizer and chat template.
 #[derive(Clone)]
 pub struct PromptTokenizer {
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Splitting at added tokens, with the segment cache (when the tokenizer allows it).
+    segmenter: Option<Arc<Segmenter>>,
     /// The compiled chat template (`chat` in its environment), if the model has one.
     template: Option<Arc<minijinja::Environment<'static>>>,
     /// Special tokens the template may use (`bos_token`, `eos_token`, `unk_token`, `pad_token`).
@@ -37,6 +130,7 @@ impl fmt::Debug for PromptTokenizer {
         f.debug_struct("PromptTokenizer")
             .field("vocab", &self.tokenizer.get_vocab_size(true))
             .field("chat_template", &self.template.is_some())
+            .field("segment_cache", &self.segmenter.is_some())
             .field("special", &self.special)
             .finish()
     }
@@ -84,7 +178,8 @@ impl PromptTokenizer {
             },
         };
         let template = source.map(|s| chat_environment(s).map(Arc::new)).transpose()?;
-        Ok(Self { tokenizer: Arc::new(tokenizer), template, special })
+        let segmenter = Segmenter::of(&tokenizer).map(Arc::new);
+        Ok(Self { tokenizer: Arc::new(tokenizer), segmenter, template, special })
     }
 
     /// The vocabulary size (special tokens included).
@@ -113,6 +208,20 @@ impl PromptTokenizer {
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizeError> {
+        if let Some(s) = &self.segmenter {
+            let around = if special { s.around.as_ref() } else { Some(&(Vec::new(), Vec::new())) };
+            if let Some((before, after)) = around {
+                let mut out = before.clone();
+                s.encode(&self.tokenizer, text, &mut out)?;
+                out.extend_from_slice(after);
+                return Ok(out);
+            }
+        }
+        self.encode_whole(text, special)
+    }
+
+    /// `text` encoded in one piece by the tokenizer itself (what the segment cache must equal).
+    pub fn encode_whole(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizeError> {
         let enc = self.tokenizer.encode_fast(text, special).map_err(|e| fail(format!("tokenizing: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
