@@ -134,9 +134,19 @@ fn tokenizing(c: &mut Criterion) {
         let body: serde_json::Value =
             serde_json::from_slice(&chat_body(kib * 1024 - 2200, "what is the answer?")).expect("JSON");
         g.throughput(Throughput::Bytes((kib * 1024) as u64));
+        // Seen before (a shared system prompt, a conversation's earlier turns): its segments
+        // come from the cache.
         g.bench_function(BenchmarkId::new("chat", format!("{kib}KiB")), |b| {
             let chat = kvgate::routing::tokenize::ChatPrompt::of_request(&body);
             b.iter(|| t.encode_chat(black_box(&chat)).map(|ids| ids.len()))
+        });
+        // First sight: rendered and encoded whole.
+        g.bench_function(BenchmarkId::new("chat_first_sight", format!("{kib}KiB")), |b| {
+            let chat = kvgate::routing::tokenize::ChatPrompt::of_request(&body);
+            b.iter(|| {
+                let text = t.render_chat(black_box(&chat)).expect("renders");
+                t.encode_whole(&text, false).map(|ids| ids.len())
+            })
         });
     }
     g.finish();

@@ -140,6 +140,10 @@ impl Routed {
     /// unless its load explains them). The prefill leg, if any, is over by now.
     pub fn responded(&mut self, status: u16) {
         self.pool.report(self.target().id, Outcome::Answered(status));
+        // Only a prompt that was computed stores blocks.
+        if !(200..300).contains(&status) {
+            self.planned.expects_events = false;
+        }
         self.prefill_guard = None;
     }
 

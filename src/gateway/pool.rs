@@ -335,6 +335,11 @@ impl Pool {
                     }
                 };
                 let serial = inner.serials.fetch_add(1, Ordering::Relaxed);
+                // A reused id starts with nothing of its last holder's (a feed aborted late
+                // may have written to its view).
+                if let Some(p) = inner.planner.precise() {
+                    p.index().remove(EndpointId::new(id));
+                }
                 members.push(Member {
                     entry,
                     addr,
@@ -498,6 +503,7 @@ impl Pool {
                             block_size: view.and_then(|v| v.block_size),
                             engine_block_size: m.engine_block_size,
                             rebuilding: view.and_then(|v| v.rebuilding),
+                            orphans: view.map_or(0, |v| v.orphans),
                         }
                     }),
                 }

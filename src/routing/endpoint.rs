@@ -333,6 +333,9 @@ pub struct KvEventsStatus {
     pub engine_block_size: Option<u64>,
     /// Why its view is being rebuilt, if it is (`gap`, `overflow`).
     pub rebuilding: Option<crate::routing::prefix::precise::Unknown>,
+    /// Stored blocks whose parent the view did not know (cached before kvgate followed the
+    /// engine): their keys cannot be computed, so such prefixes are not matched.
+    pub orphans: u64,
 }
 
 #[cfg(test)]

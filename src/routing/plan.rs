@@ -92,6 +92,9 @@ impl PrecisePrefix {
 
     /// The request's prompt in the model's tokens, when kvgate can tell them.
     pub fn tokens(&self, req: &ParsedRequest<'_>) -> Option<Vec<u32>> {
+        if req.changes_tokenization() {
+            return None;
+        }
         match req.token_source() {
             TokenSource::Ids(ids) => Some(ids.to_vec()),
             TokenSource::Text(t) => self.tokenizer.encode_completion(&t).ok(),
@@ -114,6 +117,10 @@ struct TokenMatch {
     sources: Vec<PrefixSource>,
     /// The block size of each precise endpoint (0 for approximate ones).
     block_sizes: Vec<u32>,
+    /// Tokens the match looked at, per block size (a longer prompt's tail is not matched).
+    window: Vec<u64>,
+    /// The prompt's keys per block size.
+    keys: Vec<(u32, Vec<u64>)>,
     prompt_tokens: u64,
 }
 
@@ -226,11 +233,22 @@ impl Planner {
         if !dry_run {
             // The prefill side learns the prompt when its leg succeeds: `Routed::prefilled`.
             self.index.record(primary.id, &prompt.hashes);
+            // A precise target holds the prompt as soon as it is computed; until its events
+            // can say so, what was sent counts (the next request of a burst finds it).
+            if let (Some(p), Some(m)) = (&self.precise, &exact)
+                && m.sources[primary.index] == PrefixSource::Precise
+                && let Some((_, keys)) = m.keys.iter().find(|(bs, _)| *bs == m.block_sizes[primary.index])
+            {
+                p.index.record_pending(primary.id, keys, opts.now_ms, p.stale_after_ms);
+            }
         }
         let uncached = |t: &Target| prompt_tokens.saturating_sub(u64::from(t.matched_blocks) * block_tokens);
         let expects_events = exact.as_ref().is_some_and(|m| {
             let bs = u64::from(m.block_sizes[primary.index]);
-            m.sources[primary.index] == PrefixSource::Precise && bs > 0 && uncached(primary) >= bs
+            m.sources[primary.index] == PrefixSource::Precise
+                && bs > 0
+                && uncached(primary) >= bs
+                && u64::from(primary.matched_blocks) < m.window[primary.index]
         }) && decision.prefill.is_none();
         Ok(Planned {
             uncached_tokens: uncached(primary),
@@ -266,6 +284,8 @@ impl Planner {
             tokens: vec![0; ids.len()],
             sources: vec![PrefixSource::Approximate; ids.len()],
             block_sizes: vec![0; ids.len()],
+            window: vec![0; ids.len()],
+            keys: Vec::new(),
             prompt_tokens: n,
         };
         // The approximate index's bytes, in this prompt's tokens per byte.
@@ -289,8 +309,10 @@ impl Planner {
                     m.tokens[i] = out[i] * bs;
                     m.sources[i] = PrefixSource::Precise;
                     m.block_sizes[i] = bs;
+                    m.window[i] = keys.len() as u64 * u64::from(bs);
                 }
             }
+            m.keys.push((bs, keys));
         }
         Some(m)
     }

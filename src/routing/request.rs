@@ -318,6 +318,15 @@ pub fn parse(api: ApiKind, body: &[u8], max_bytes: usize) -> Result<ParsedReques
 }
 
 impl ParsedRequest<'_> {
+    /// Whether the body sets an option with which vLLM tokenizes otherwise than by default
+    /// (`add_special_tokens`, `continue_final_message`, `truncate_prompt_tokens`, its own
+    /// `chat_template`): kvgate then cannot tell its tokens.
+    pub fn changes_tokenization(&self) -> bool {
+        ["\"add_special_tokens\"", "\"continue_final_message\"", "\"truncate_prompt_tokens\"", "\"chat_template\""]
+            .iter()
+            .any(|k| memchr::memmem::find(self.body.as_bytes(), k.as_bytes()).is_some())
+    }
+
     /// The prompt as a tokenizer reads it: one completions prompt (text or ids) or a chat.
     pub fn token_source(&self) -> TokenSource<'_> {
         match (&self.prompt, self.api) {

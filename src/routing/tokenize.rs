@@ -52,8 +52,14 @@ struct Segmenter {
 impl Segmenter {
     fn of(t: &tokenizers::Tokenizer) -> Option<Self> {
         let added = t.get_added_tokens_decoder();
-        let has_normalizer = t.get_normalizer().is_some();
-        if added.values().any(|a| a.lstrip || a.rstrip || a.single_word || (a.normalized && has_normalizer)) {
+        // Whole-text encoding splits at added tokens too, but strips around some, normalizes
+        // others in a second pass, and a Metaspace pre-tokenizer marks only the text's first
+        // piece: those tokenizers are encoded whole.
+        if added.values().any(|a| a.lstrip || a.rstrip || a.single_word || a.normalized) {
+            return None;
+        }
+        let pre = serde_json::to_value(t.get_pre_tokenizer()).unwrap_or(Value::Null);
+        if first_only_prefix(&pre) {
             return None;
         }
         let mut tokens: Vec<(u32, String)> = added.into_iter().map(|(id, a)| (id, a.content)).collect();
@@ -69,7 +75,24 @@ impl Segmenter {
         let around = (0..=full.len().saturating_sub(bare.len()))
             .find(|&k| full[k..].starts_with(&bare))
             .map(|k| (full[..k].to_vec(), full[k + bare.len()..].to_vec()));
-        Some(Self { matcher, ids, around, cache: parking_lot::Mutex::new((hashbrown::HashMap::default(), 0)) })
+        let s = Self { matcher, ids, around, cache: parking_lot::Mutex::new((hashbrown::HashMap::default(), 0)) };
+        // A probe of every added token between words, long enough to be cached, must encode as
+        // the whole text does.
+        let filler = "Hello world, a probe of segments. ".repeat(8);
+        let mut probe = String::new();
+        for (_, content) in tokens.iter().take(64) {
+            probe.push_str(&filler);
+            probe.push_str(content);
+            probe.push_str("x y");
+            probe.push_str(content);
+        }
+        probe.push_str(&filler);
+        let whole = t.encode_fast(probe.as_str(), false).ok()?.get_ids().to_vec();
+        let mut split = Vec::new();
+        s.encode(t, &probe, &mut split).ok()?;
+        s.cache.lock().0.clear();
+        s.cache.lock().1 = 0;
+        (split == whole).then_some(s)
     }
 
     /// `text`'s ids without special tokens added: added tokens as their ids, the text between
@@ -95,7 +118,9 @@ impl Segmenter {
             out.extend(encode(piece)?);
             return Ok(());
         }
-        let key = xxhash_rust::xxh3::xxh3_64(piece.as_bytes());
+        // Keyed by a hash of the text and its length; entries count as their ids plus one, so
+        // segments of no tokens are bounded too.
+        let key = xxhash_rust::xxh3::xxh3_64_with_seed(piece.as_bytes(), piece.len() as u64);
         if let Some(ids) = self.cache.lock().0.get(&key).cloned() {
             out.extend_from_slice(&ids);
             return Ok(());
@@ -103,13 +128,26 @@ impl Segmenter {
         let ids: Arc<[u32]> = encode(piece)?.into();
         out.extend_from_slice(&ids);
         let mut cache = self.cache.lock();
-        if cache.1 + ids.len() > CACHE_IDS {
+        if cache.1 + ids.len() + 1 > CACHE_IDS {
             cache.0.clear();
             cache.1 = 0;
         }
-        cache.1 += ids.len();
+        cache.1 += ids.len() + 1;
         cache.0.insert(key, ids);
         Ok(())
+    }
+}
+
+/// Whether a pre-tokenizer (as JSON) holds a Metaspace that prefixes only the text's first piece.
+fn first_only_prefix(v: &Value) -> bool {
+    match v {
+        Value::Object(o) => {
+            let first = o.get("type").and_then(Value::as_str) == Some("Metaspace")
+                && o.get("prepend_scheme").and_then(Value::as_str).is_some_and(|p| p.eq_ignore_ascii_case("first"));
+            first || o.values().any(first_only_prefix)
+        }
+        Value::Array(a) => a.iter().any(first_only_prefix),
+        _ => false,
     }
 }
 
@@ -148,8 +186,11 @@ impl PromptTokenizer {
         tokenizer_config_json: Option<&[u8]>,
         chat_template_jinja: Option<&str>,
     ) -> Result<Self, TokenizeError> {
-        let tokenizer =
+        let mut tokenizer =
             tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| fail(format!("tokenizer.json: {e}")))?;
+        // vLLM's prompts are neither truncated nor padded by the tokenizer file's settings.
+        tokenizer.with_truncation(None).map_err(|e| fail(format!("tokenizer.json: {e}")))?;
+        tokenizer.with_padding(None);
         let config: Value = match tokenizer_config_json {
             Some(bytes) => serde_json::from_slice(bytes).map_err(|e| fail(format!("tokenizer_config.json: {e}")))?,
             None => Value::Null,

@@ -135,7 +135,7 @@ impl Sink {
     fn applied(&self, t: &FeedTarget, seq: u64, payload: &[u8], batch: &EventBatch) {
         let now = now_ms();
         let Some(applied) = self.with_index(|i| i.apply(t.id, batch, now)) else { return };
-        t.status.next_seq.store(seq + 1, Ordering::Relaxed);
+        t.status.next_seq.store(seq.saturating_add(1), Ordering::Relaxed);
         t.status.last_payload.store(xxhash_rust::xxh3::xxh3_64(payload), Ordering::Relaxed);
         let m = &self.pool.telemetry.kv_events;
         let labels = [self.pool.name.as_str(), t.label.as_str()];
@@ -267,9 +267,11 @@ async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, Bytes
         for _ in 0..MAX_REPLAY {
             let m = s.recv().await.ok()?;
             let frames = m.into_vec();
-            // `[empty, seq, payload]` (the delimiter of a REQ-style envelope may be absent).
-            let frames: Vec<&Bytes> = frames.iter().skip_while(|f| f.is_empty()).collect();
-            let seq = frames.first().and_then(|f| <[u8; 8]>::try_from(f.as_ref()).ok()).map(i64::from_be_bytes)?;
+            // `[empty, (topic,) seq, payload]`: newer vLLM puts the topic before the sequence
+            // number, so both are read from the end.
+            let [.., seq_frame, payload] = frames.as_slice() else { return None };
+            let frames = [payload];
+            let seq = <[u8; 8]>::try_from(seq_frame.as_ref()).ok().map(i64::from_be_bytes)?;
             if seq < 0 {
                 break;
             }
@@ -283,7 +285,7 @@ async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, Bytes
             if seq != expect {
                 return None;
             }
-            out.push((seq, (*frames.get(1)?).clone()));
+            out.push((seq, frames[0].clone()));
             expect += 1;
         }
         (expect == until).then_some(out)
@@ -304,7 +306,11 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
     // tells whether this is the same stream (its batch `next - 1` is the one applied last); a
     // new engine's cache started empty. Without a replay socket the view is rebuilt.
     let mut verified = true;
-    if t.status.broken.swap(false, Ordering::Relaxed)
+    let broken = t.status.broken.swap(false, Ordering::Relaxed);
+    // A gap is checked the same way: in bind mode there is no connection to see break, and a
+    // restarted engine's numbers may already be past the old ones.
+    let suspect = broken || (matches!(verdict, Seq::Gap { .. }) && replay_at.is_some());
+    if suspect
         && let Some(n) = next
         && verdict != Seq::Restarted
     {
@@ -320,6 +326,10 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
             }
             None => verified = false,
         }
+    }
+    if broken {
+        // Verified (or known lost): the view may be used again.
+        sink.set_connected(t, true);
     }
     let missing = match verdict {
         Seq::Next => None,
@@ -394,7 +404,7 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
             sink.error(t);
             tracing::warn!(pool = sink.pool.name.as_str(), endpoint = t.label.as_str(), seq, error = %e,
                 "a KV-event batch did not decode: the endpoint's view is rebuilt");
-            t.status.next_seq.store(seq + 1, Ordering::Relaxed);
+            t.status.next_seq.store(seq.saturating_add(1), Ordering::Relaxed);
             sink.lost(t, Unknown::Gap);
         }
     }
@@ -441,9 +451,11 @@ pub(super) async fn follow(pool: Weak<Inner>, t: FeedTarget, spec: KvEventsSpec)
         }
         failures = 0;
         backoff = Duration::from_millis(200);
-        // The sequence carries over a reconnect: what the next message's number says was
-        // missed while disconnected is a gap (or a restart), not a fresh start.
-        sink.set_connected(&t, true);
+        // The sequence carries over a reconnect: the view is used again once the first message
+        // has shown what was missed while disconnected (a gap, a restart, nothing).
+        if t.status.last_seq().is_none() {
+            sink.set_connected(&t, true);
+        }
         drop(sink);
         let mut tick = tokio::time::interval(CHECK_EVERY);
         loop {
@@ -543,6 +555,10 @@ pub(super) async fn listen(pool: Weak<Inner>, spec: KvEventsSpec) {
                 });
                 match t {
                     Some(t) => {
+                        // An engine counts as followed once its first batch has arrived.
+                        if !t.status.connected() {
+                            sink.set_connected(&t, true);
+                        }
                         let replay_at = spec.replay_port.and_then(|p| offset_endpoint(t.addr.ip(), p, t.rank));
                         handle(&sink, &t, &frames, replay_at.as_deref()).await;
                     }
@@ -557,9 +573,6 @@ pub(super) async fn listen(pool: Weak<Inner>, spec: KvEventsSpec) {
                 let Some(sink) = Sink::of(&pool) else { return };
                 targets = sink.pool.feed_targets();
                 for t in &targets {
-                    if !t.status.connected() {
-                        sink.set_connected(t, true);
-                    }
                     sink.check(t);
                 }
             }

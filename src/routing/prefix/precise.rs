@@ -314,10 +314,48 @@ pub struct PreciseStats {
     pub heap_bytes: usize,
 }
 
+/// Pending entries held at most (every endpoint together).
+const MAX_PENDING: usize = 1 << 20;
+
+/// Blocks kvgate has just sent to endpoints, before their events can have said so: a request
+/// in flight (a burst of one prefix, say) is matched by the next ones. Each entry lives until
+/// its time is up; the events then confirm it, or it is gone.
+#[derive(Debug, Default)]
+struct Pending {
+    holders: KeyMap<Holders>,
+    /// (recorded at, endpoint, key), oldest first.
+    queue: std::collections::VecDeque<(u64, u32, u64)>,
+}
+
+impl Pending {
+    fn pop(&mut self) {
+        if let Some((_, ep, key)) = self.queue.pop_front() {
+            unhold(&mut self.holders, key, ep);
+        }
+    }
+
+    fn expire(&mut self, before_ms: u64) {
+        while self.queue.front().is_some_and(|(t, ..)| *t < before_ms) || self.queue.len() > MAX_PENDING {
+            self.pop();
+        }
+    }
+
+    fn forget(&mut self, ep: u32) {
+        let holders = &mut self.holders;
+        self.queue.retain(|&(_, e, key)| {
+            if e == ep {
+                unhold(holders, key, ep);
+            }
+            e != ep
+        });
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     holders: KeyMap<Holders>,
     views: HashMap<u32, View, BuildKeyHasher>,
+    pending: Pending,
 }
 
 impl Inner {
@@ -381,7 +419,7 @@ impl PreciseIndex {
                 }
                 KvEvent::BlockStored(s) => {
                     let Some(view) = inner.views.get_mut(&id) else { continue };
-                    let before = out.stored;
+                    let before = (out.stored, out.orphans);
                     store(view, &mut inner.holders, id, s, &mut buf, &mut out);
                     let limit = view.limit(s.medium);
                     if view.tier(s.medium).len() > limit {
@@ -393,7 +431,9 @@ impl PreciseIndex {
                     } else if let Some((_, since)) = &mut view.unknown {
                         // A rebuilding view is whole again once the engine has stored as many
                         // blocks as it holds.
-                        *since += out.stored - before;
+                        if out.orphans == before.1 {
+                            *since += out.stored - before.0;
+                        }
                         if *since >= view.capacity {
                             view.unknown = None;
                         }
@@ -424,6 +464,7 @@ impl PreciseIndex {
     pub fn invalidate(&self, ep: EndpointId, why: Unknown) {
         let id = ep.index() as u32;
         let mut inner = self.inner.write();
+        inner.pending.forget(id);
         inner.view(id, self.default_capacity);
         inner.drop_entries(id);
         if let Some(v) = inner.views.get_mut(&id) {
@@ -436,6 +477,7 @@ impl PreciseIndex {
     pub fn restart(&self, ep: EndpointId) {
         let id = ep.index() as u32;
         let mut inner = self.inner.write();
+        inner.pending.forget(id);
         inner.view(id, self.default_capacity);
         inner.drop_entries(id);
         if let Some(v) = inner.views.get_mut(&id) {
@@ -476,6 +518,21 @@ impl PreciseIndex {
         let mut inner = self.inner.write();
         inner.drop_entries(id);
         inner.views.remove(&id);
+        inner.pending.forget(id);
+    }
+
+    /// kvgate sent a prompt with these keys to `ep` at `now_ms`: they match as held there for
+    /// `ttl_ms`, until its events can have said so.
+    pub fn record_pending(&self, ep: EndpointId, keys: &[u64], now_ms: u64, ttl_ms: u64) {
+        let id = ep.index() as u32;
+        let mut inner = self.inner.write();
+        let p = &mut inner.pending;
+        p.expire(now_ms.saturating_sub(ttl_ms));
+        for &k in keys {
+            p.holders.entry(k).and_modify(|h| h.add(id)).or_insert(Holders::One(id));
+            p.queue.push_back((now_ms, id, k));
+        }
+        p.expire(now_ms.saturating_sub(ttl_ms));
     }
 
     /// One endpoint's view, if it has one.
@@ -512,9 +569,13 @@ impl PreciseIndex {
         }
         let inner = self.inner.read();
         for (j, key) in keys.iter().enumerate() {
-            let Some(h) = inner.holders.get(key) else { break };
+            let held = inner.holders.get(key);
+            let pending = inner.pending.holders.get(key);
+            if held.is_none() && pending.is_none() {
+                break;
+            }
             let mut advanced = false;
-            h.for_each(|ep| {
+            let mut step = |ep: u32| {
                 if let Some(&p) = pos.get(ep as usize)
                     && p != u32::MAX
                     && out[p as usize] == j as u32
@@ -522,7 +583,13 @@ impl PreciseIndex {
                     out[p as usize] += 1;
                     advanced = true;
                 }
-            });
+            };
+            if let Some(h) = held {
+                h.for_each(&mut step);
+            }
+            if let Some(h) = pending {
+                h.for_each(&mut step);
+            }
             if !advanced {
                 break;
             }
@@ -562,7 +629,9 @@ fn store(
     out: &mut Applied,
 ) {
     let bs = s.block_size as usize;
-    view.block_size = Some(s.block_size);
+    if s.medium == Medium::Gpu {
+        view.block_size = Some(s.block_size);
+    }
     let mut parent = match s.parent_block_hash {
         None => SEED,
         Some(p) => match view.gpu.get(&p).or_else(|| view.other.get(&p)) {
@@ -572,11 +641,21 @@ fn store(
                 // cannot be known.
                 out.orphans += s.block_hashes.len();
                 view.orphans += s.block_hashes.len() as u64;
+                // A rebuilding view with orphans is still missing blocks the engine holds.
+                if let Some((_, since)) = &mut view.unknown {
+                    *since = 0;
+                }
                 return;
             }
         },
     };
-    let lora = s.lora_name.as_deref();
+    // An adapter known only by its integer id (older vLLM) gets a key no request computes:
+    // its blocks match neither the base model nor a named adapter.
+    let by_id = match (&s.lora_name, s.lora_id) {
+        (None, Some(id)) => Some(format!("\u{0}lora-id-{id}")),
+        _ => None,
+    };
+    let lora = s.lora_name.as_deref().or(by_id.as_deref());
     let mut extra = Vec::new();
     for (i, h) in s.block_hashes.iter().enumerate() {
         let tokens = &s.token_ids[i * bs..(i + 1) * bs];
@@ -736,6 +815,21 @@ mod tests {
         assert!(index.status(ep(0)).expect("view").precise(6, 1000));
         index.remove(ep(0));
         assert_eq!(index.stats(), PreciseStats { heap_bytes: index.stats().heap_bytes, ..PreciseStats::default() });
+    }
+
+    #[test]
+    fn pending_entries_match_until_their_time_is_up() {
+        let index = PreciseIndex::default();
+        let prompt: Vec<u32> = (0..65).collect();
+        let keys = request_keys(&prompt, 16, None, None, 99);
+        index.record_pending(ep(2), &keys, 1000, 500);
+        assert_eq!(matches(&index, &[1, 2], &keys), [0, 4], "sent, not yet confirmed");
+        // Confirmed by events for the first two blocks; the rest expire.
+        index.apply(ep(2), &batch(vec![stored(None, &prompt[..32], 16, 1, None, None)]), 1100);
+        index.record_pending(ep(1), &keys[..1], 1600, 500);
+        assert_eq!(matches(&index, &[1, 2], &keys), [1, 2]);
+        index.remove(ep(1));
+        assert_eq!(matches(&index, &[1, 2], &keys), [0, 2]);
     }
 
     #[test]
