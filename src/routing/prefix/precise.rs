@@ -322,15 +322,39 @@ const MAX_PENDING: usize = 1 << 20;
 /// its time is up; the events then confirm it, or it is gone.
 #[derive(Debug, Default)]
 struct Pending {
-    holders: KeyMap<Holders>,
-    /// (recorded at, endpoint, key), oldest first.
+    /// Key → (endpoint, when it was last recorded there): one entry per endpoint however often
+    /// the key is sent (a hot prefix is sent many times a second).
+    holders: KeyMap<Vec<(u32, u64)>>,
+    /// (recorded at, endpoint, key), oldest first; an entry refreshed since is skipped.
     queue: std::collections::VecDeque<(u64, u32, u64)>,
 }
 
 impl Pending {
     fn pop(&mut self) {
-        if let Some((_, ep, key)) = self.queue.pop_front() {
-            unhold(&mut self.holders, key, ep);
+        let Some((t, ep, key)) = self.queue.pop_front() else { return };
+        if let Some(list) = self.holders.get_mut(&key)
+            && let Some(pos) = list.iter().position(|&(e, at)| e == ep && at == t)
+        {
+            list.swap_remove(pos);
+            if list.is_empty() {
+                self.holders.remove(&key);
+            }
+        }
+    }
+
+    fn record(&mut self, ep: u32, key: u64, now_ms: u64, ttl_ms: u64) {
+        let list = self.holders.entry(key).or_default();
+        match list.iter_mut().find(|(e, _)| *e == ep) {
+            // Recorded a moment ago: it lives on (a refresh every quarter of its life).
+            Some((_, at)) if now_ms.saturating_sub(*at) < ttl_ms / 4 => {}
+            Some((_, at)) => {
+                *at = now_ms;
+                self.queue.push_back((now_ms, ep, key));
+            }
+            None => {
+                list.push((ep, now_ms));
+                self.queue.push_back((now_ms, ep, key));
+            }
         }
     }
 
@@ -341,12 +365,10 @@ impl Pending {
     }
 
     fn forget(&mut self, ep: u32) {
-        let holders = &mut self.holders;
-        self.queue.retain(|&(_, e, key)| {
-            if e == ep {
-                unhold(holders, key, ep);
-            }
-            e != ep
+        self.queue.retain(|&(_, e, _)| e != ep);
+        self.holders.retain(|_, list| {
+            list.retain(|&(e, _)| e != ep);
+            !list.is_empty()
         });
     }
 }
@@ -529,8 +551,7 @@ impl PreciseIndex {
         let p = &mut inner.pending;
         p.expire(now_ms.saturating_sub(ttl_ms));
         for &k in keys {
-            p.holders.entry(k).and_modify(|h| h.add(id)).or_insert(Holders::One(id));
-            p.queue.push_back((now_ms, id, k));
+            p.record(id, k, now_ms, ttl_ms);
         }
         p.expire(now_ms.saturating_sub(ttl_ms));
     }
@@ -587,8 +608,8 @@ impl PreciseIndex {
             if let Some(h) = held {
                 h.for_each(&mut step);
             }
-            if let Some(h) = pending {
-                h.for_each(&mut step);
+            if let Some(list) = pending {
+                list.iter().for_each(|&(e, _)| step(e));
             }
             if !advanced {
                 break;
