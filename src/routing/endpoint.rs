@@ -306,10 +306,30 @@ pub struct EndpointStatus {
     /// In a pool that follows KV events: `precise` while matches come from the endpoint's
     /// events, `approximate` when they cannot (stream down, unrepaired gap, stale).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefix_source: Option<crate::routing::schedule::PrefixSource>,
+    pub prefix_source: Option<PrefixSource>,
     /// In a pool that follows KV events: its feed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_events: Option<KvEventsStatus>,
+}
+
+/// Which index an endpoint's prefix match came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixSource {
+    /// Its KV events: exact, in the model's tokens.
+    Precise,
+    /// What kvgate sent it (blocks of prompt bytes).
+    Approximate,
+}
+
+/// Why a precise view is rebuilding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unknown {
+    /// Batches were lost and could not be replayed.
+    Gap,
+    /// The view outgrew the engine's capacity: removals were lost.
+    Overflow,
 }
 
 /// An endpoint's KV-event feed, for `/debug/endpoints`.
@@ -332,7 +352,7 @@ pub struct KvEventsStatus {
     /// `block_size` of its `vllm:cache_config_info`.
     pub engine_block_size: Option<u64>,
     /// Why its view is being rebuilt, if it is (`gap`, `overflow`).
-    pub rebuilding: Option<crate::routing::prefix::precise::Unknown>,
+    pub rebuilding: Option<Unknown>,
     /// Stored blocks whose parent the view did not know (cached before kvgate followed the
     /// engine): their keys cannot be computed, so such prefixes are not matched.
     pub orphans: u64,

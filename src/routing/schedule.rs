@@ -246,15 +246,7 @@ pub struct Explanation {
     pub prefill: Option<Box<Explanation>>,
 }
 
-/// Which index an endpoint's prefix match came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PrefixSource {
-    /// Its KV events: exact, in the model's tokens.
-    Precise,
-    /// What kvgate sent it (blocks of prompt bytes).
-    Approximate,
-}
+pub use crate::routing::endpoint::PrefixSource;
 
 /// One endpoint's part of an [`Explanation`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -193,15 +193,7 @@ impl Holders {
     }
 }
 
-/// Why a view is rebuilding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Unknown {
-    /// Batches were lost and could not be replayed.
-    Gap,
-    /// The view outgrew the engine's capacity: removals were lost.
-    Overflow,
-}
+pub use crate::routing::endpoint::Unknown;
 
 #[derive(Debug)]
 struct View {
