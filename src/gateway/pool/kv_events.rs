@@ -361,7 +361,9 @@ async fn handle(sink: &Sink, t: &FeedTarget, frames: &[Bytes], replay_at: Option
             endpoint = t.label.as_str(),
             "the KV-event publisher reconnected and there is no replay socket to tell what was missed: the endpoint is matched approximately until its view is rebuilt"
         );
-        sink.gap(t);
+        if missing.is_none() {
+            sink.gap(t);
+        }
         sink.lost(t, Unknown::Gap);
     } else if let Some(from) = missing {
         let got = match replay_at {
