@@ -17,6 +17,11 @@ fn endpoints_of(v: &Value, pool: usize) -> Vec<Value> {
     v["pools"][pool]["endpoints"].as_array().cloned().unwrap_or_default()
 }
 
+/// The first pool's first endpoint (null until discovery has published the list).
+fn first_endpoint(v: &Value) -> Value {
+    endpoints_of(v, 0).into_iter().next().unwrap_or(Value::Null)
+}
+
 fn chat(system: &str) -> Vec<u8> {
     json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": "go"}]})
         .to_string()
@@ -52,7 +57,7 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
     let started = std::time::Instant::now();
     assert!(eventually(5, || async { addrs(&get_json(&debug).await) == [b.addrs[0].to_string()] }).await);
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
-    assert_eq!(endpoints_of(&get_json(&debug).await, 0)[0]["role"], "decode");
+    assert_eq!(first_endpoint(&get_json(&debug).await)["role"], "decode");
     assert_eq!(in_flight.requests(), 1, "the removed endpoint's request is still counted");
     drop(routed);
     assert_eq!(in_flight.requests(), 0);
@@ -97,17 +102,17 @@ async fn scraped_numbers_match_the_simulator() {
     }
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     let matched = eventually(10, || async {
-        let e = &endpoints_of(&get_json(&debug).await, 0)[0];
+        let e = &first_endpoint(&get_json(&debug).await);
         e["running"] == 2 && e["waiting"] == 1 && e["kv_cache_usage"].as_f64().is_some_and(|k| k > 0.0)
     })
     .await;
     assert!(matched, "{}", get_json(&debug).await);
-    let e = &endpoints_of(&get_json(&debug).await, 0)[0];
+    let e = &first_endpoint(&get_json(&debug).await);
     // cache_config_info sized the index: 1000 blocks × 16 tokens / 64 tokens per index block.
     assert_eq!(e["prefix_capacity"], 250);
     assert_eq!(e["stale"], false);
     drop(streams);
-    assert!(eventually(10, || async { endpoints_of(&get_json(&debug).await, 0)[0]["running"] == 0 }).await);
+    assert!(eventually(10, || async { first_endpoint(&get_json(&debug).await)["running"] == 0 }).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +126,8 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     ))
     .await;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    let health = |v: &Value| endpoints_of(v, 0)[0]["health"].as_str().unwrap_or("").to_owned();
+    // (The list is empty until discovery has published it.)
+    let health = |v: &Value| endpoints_of(v, 0).first().and_then(|e| e["health"].as_str()).unwrap_or("").to_owned();
     assert!(eventually(5, || async { health(&get_json(&debug).await) == "healthy" }).await);
     drop(sim);
     assert!(eventually(10, || async { health(&get_json(&debug).await) == "unhealthy" }).await, "marked unhealthy");
@@ -140,7 +146,7 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
         let r = kv.gateway.decide(ApiKind::ChatCompletions, &chat(&format!("{i}")), None, 1).expect("routed");
         assert_eq!(r.decision().primary().address, other.addrs[0]);
     }
-    let e = &endpoints_of(&get_json(&debug).await, 0)[0];
+    let e = &first_endpoint(&get_json(&debug).await);
     assert!(e["scrape_errors"].as_u64().is_some_and(|n| n >= 3));
     assert!(e["last_error"].is_string());
     let _back = SimProcess::start(&["--port", &port.to_string(), "--time-scale", "0"]);
@@ -162,7 +168,7 @@ async fn a_recovered_endpoint_returns_at_once_and_a_flapping_one_is_held_out() {
     ))
     .await;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    let health = || async { endpoints_of(&get_json(&debug).await, 0)[0]["health"].as_str().unwrap_or("").to_owned() };
+    let health = || async { first_endpoint(&get_json(&debug).await)["health"].as_str().unwrap_or("").to_owned() };
     assert!(eventually(5, || async { health().await == "healthy" }).await);
     // Down for 3 s: its probes fail all along, which does not lengthen its time out.
     drop(sim.take());
@@ -226,19 +232,16 @@ async fn stale_metrics_count_as_unknown_not_idle() {
     // Fresh: an idle endpoint scores 1 on the queue scorer.
     let fresh = start_kvgate(&config(600_000)).await;
     let debug = format!("http://{}/debug/endpoints", fresh.admin_addr);
-    assert!(eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["stale"] == false }).await);
+    assert!(eventually(5, || async { first_endpoint(&get_json(&debug).await)["stale"] == false }).await);
     // (The snapshot the scheduler reads is published a few milliseconds after the scrape.)
     assert!(eventually(5, || async { queue_score(&explain(&fresh).await) == 1.0 }).await);
     // Stale (one scrape, then none for 10 minutes): the same idle numbers are not trusted.
     let stale = start_kvgate(&config(100)).await;
     let debug = format!("http://{}/debug/endpoints", stale.admin_addr);
-    assert!(
-        eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["running"] == 0 }).await,
-        "first scrape"
-    );
-    assert!(eventually(5, || async { endpoints_of(&get_json(&debug).await, 0)[0]["stale"] == true }).await);
+    assert!(eventually(5, || async { first_endpoint(&get_json(&debug).await)["running"] == 0 }).await, "first scrape");
+    assert!(eventually(5, || async { first_endpoint(&get_json(&debug).await)["stale"] == true }).await);
     assert_eq!(queue_score(&explain(&stale).await), 0.0);
-    assert!(endpoints_of(&get_json(&debug).await, 0)[0]["running"].is_null());
+    assert!(first_endpoint(&get_json(&debug).await)["running"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
