@@ -266,7 +266,9 @@ async fn requests_that_are_not_http_get_openai_errors() {
         for (raw, want, code) in &cases {
             let mut conn = TcpStream::connect(addr).await.expect("connect");
             let _ = conn.write_all(raw).await;
-            let got = closed_within(&mut conn, 10).await.expect("answered and closed");
+            let got = closed_within(&mut conn, 10).await.unwrap_or_else(|| {
+                panic!("{addr}: `{}…` answered and closed", String::from_utf8_lossy(&raw[..raw.len().min(40)]))
+            });
             let (status, v) = answer_of(&got);
             assert_eq!(
                 (status, v["error"]["code"].as_str()),
