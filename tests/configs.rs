@@ -55,6 +55,12 @@ fn pattern_configs() {
     assert_eq!(p2.len(), 2);
     assert_ne!(p2[0].models, p2[1].models);
     assert_eq!(load("p3-prefix-cache.yaml")[0].endpoints.len(), 3);
+    // The precise example names a tokenizer folder of a real deployment: here it cannot be
+    // loaded, which is a warning (the pool runs approximately), not an error.
+    let precise = load("p3-precise-kv-events.yaml");
+    assert_eq!(precise[0].scheduler.precise_producer(), Some(16));
+    assert!(precise[0].precise.is_none());
+    assert!(precise[0].warnings.iter().any(|w| w.contains("tokenizer cannot be loaded")), "{:?}", precise[0].warnings);
     let p4 = load("p4-moe-dp.yaml");
     let ranks: Vec<(String, Option<u32>, bool)> =
         p4[0].endpoints.iter().map(|e| (e.to_string(), e.rank, e.rank_header)).collect();
