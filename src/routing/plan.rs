@@ -57,6 +57,9 @@ pub fn candidates_for(places: usize) -> usize {
     if places > 1 { places * 4 } else { 1 }
 }
 
+/// Bodies longer than this are not tokenized (matched approximately).
+pub const MAX_TOKENIZED_BYTES: usize = 1 << 20;
+
 /// A pool's precise prefix state: its model's tokenizer, and the index the endpoints' KV
 /// events feed.
 #[derive(Debug)]
@@ -92,7 +95,9 @@ impl PrecisePrefix {
 
     /// The request's prompt in the model's tokens, when kvgate can tell them.
     pub fn tokens(&self, req: &ParsedRequest<'_>) -> Option<Vec<u32>> {
-        if req.changes_tokenization() {
+        // Tokenizing runs on the request's thread: a body past the bound (first sight costs
+        // about 0.3 ms per KiB) is matched approximately instead of stalling other requests.
+        if req.changes_tokenization() || req.body_len() > MAX_TOKENIZED_BYTES {
             return None;
         }
         match req.token_source() {

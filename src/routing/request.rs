@@ -318,6 +318,11 @@ pub fn parse(api: ApiKind, body: &[u8], max_bytes: usize) -> Result<ParsedReques
 }
 
 impl ParsedRequest<'_> {
+    /// The body's length in bytes.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
     /// Whether the body sets an option with which vLLM tokenizes otherwise than by default
     /// (`add_special_tokens`, `continue_final_message`, `truncate_prompt_tokens`, its own
     /// `chat_template`): kvgate then cannot tell its tokens.
