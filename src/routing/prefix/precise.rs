@@ -379,10 +379,15 @@ impl Inner {
 
     /// Drops every entry of `ep`'s view (keeping the view).
     fn drop_entries(&mut self, ep: u32) {
+        self.drop_tier(ep, Medium::Gpu);
+        self.drop_tier(ep, Medium::Other);
+    }
+
+    /// Drops one tier of `ep`'s view.
+    fn drop_tier(&mut self, ep: u32, medium: Medium) {
         let Some(v) = self.views.get_mut(&ep) else { return };
-        let gpu = std::mem::take(&mut v.gpu);
-        let other = std::mem::take(&mut v.other);
-        for key in gpu.values().chain(other.values()) {
+        let tier = std::mem::take(v.tier(medium));
+        for key in tier.values() {
             unhold(&mut self.holders, *key, ep);
         }
     }
@@ -437,8 +442,12 @@ impl PreciseIndex {
                     store(view, &mut inner.holders, id, s, &mut buf, &mut out);
                     let limit = view.limit(s.medium);
                     if view.tier(s.medium).len() > limit {
-                        inner.drop_entries(id);
-                        if let Some(v) = inner.views.get_mut(&id) {
+                        // Removals were lost for this tier. A GPU view is then unknown; an
+                        // offload tier is only dropped (its blocks are matched again once stored).
+                        inner.drop_tier(id, s.medium);
+                        if s.medium == Medium::Gpu
+                            && let Some(v) = inner.views.get_mut(&id)
+                        {
                             v.unknown = Some((Unknown::Overflow, 0));
                         }
                         out.overflowed = true;
@@ -462,8 +471,9 @@ impl PreciseIndex {
                         }
                     }
                 }
+                // The GPU block pool is cleared; offloaded copies stay where they are.
                 KvEvent::AllBlocksCleared => {
-                    inner.drop_entries(id);
+                    inner.drop_tier(id, Medium::Gpu);
                     if let Some(v) = inner.views.get_mut(&id) {
                         v.unknown = None;
                     }
@@ -856,12 +866,8 @@ mod tests {
         index.apply(ep(3), &batch(vec![stored(None, &prompt[..16], 16, 5, None, None), cpu]), 1);
         let keys = request_keys(&prompt, 16, None, None, 9);
         assert_eq!(matches(&index, &[3], &keys), [1]);
-        index.apply(
-            ep(3),
-            &batch(vec![KvEvent::BlockRemoved { block_hashes: vec![5], medium: Medium::Gpu, group_idx: 0 }]),
-            2,
-        );
-        assert_eq!(matches(&index, &[3], &keys), [1], "still on the CPU tier");
+        index.apply(ep(3), &batch(vec![KvEvent::AllBlocksCleared]), 2);
+        assert_eq!(matches(&index, &[3], &keys), [1], "a GPU clear leaves the CPU tier");
         index.apply(
             ep(3),
             &batch(vec![KvEvent::BlockRemoved { block_hashes: vec![5], medium: Medium::Other, group_idx: 0 }]),
