@@ -134,6 +134,9 @@ pub fn request_keys(
     keys
 }
 
+/// Entries one endpoint may have for one request key.
+const MAX_COPIES: usize = 4;
+
 /// Endpoints holding one request key (an endpoint may appear twice: two tiers, or two engine
 /// blocks of the same content).
 #[derive(Debug, Clone)]
@@ -147,6 +150,14 @@ enum Holders {
 
 impl Holders {
     fn add(&mut self, ep: u32) {
+        // An endpoint holds a key under a few engine blocks at most (its GPU and offload
+        // copies); a publisher that claims more gets no more entries, so lookups stay short
+        // (its later removals may then drop the key early: an under-claim, never an over-claim).
+        if let Self::Many(v) = self
+            && v.iter().filter(|&&x| x == ep).count() >= MAX_COPIES
+        {
+            return;
+        }
         *self = match std::mem::replace(self, Self::One(0)) {
             Self::One(a) => Self::Two(a, ep),
             Self::Two(a, b) => Self::Many(Box::new(vec![a, b, ep])),
@@ -853,6 +864,19 @@ mod tests {
         assert_eq!(matches(&index, &[1, 2], &keys), [1, 2]);
         index.remove(ep(1));
         assert_eq!(matches(&index, &[1, 2], &keys), [0, 2]);
+    }
+
+    #[test]
+    fn a_publisher_repeating_one_block_gets_few_entries() {
+        let index = PreciseIndex::default();
+        let prompt: Vec<u32> = (0..17).collect();
+        let events = (0..1000).map(|k| stored(None, &prompt[..16], 16, 10 + k, None, None)).collect();
+        index.apply(ep(1), &batch(events), 1);
+        let keys = request_keys(&prompt, 16, None, None, 9);
+        assert_eq!(matches(&index, &[1], &keys), [1]);
+        let inner = index.inner.read();
+        let Some(Holders::Many(v)) = inner.holders.get(&keys[0]) else { panic!("many copies") };
+        assert_eq!(v.len(), MAX_COPIES);
     }
 
     #[test]
