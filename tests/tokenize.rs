@@ -21,6 +21,15 @@ fn tiny_llama() -> PromptTokenizer {
         .expect("the tokenizer loads")
 }
 
+/// The request bodies that caused a recorded batch (one, or several sent together).
+fn requests_of(cause: &Value) -> Option<Vec<&Value>> {
+    match (&cause["request"], &cause["requests"]) {
+        (Value::Object(_), _) => Some(vec![&cause["request"]]),
+        (_, Value::Array(list)) => Some(list.iter().collect()),
+        _ => None,
+    }
+}
+
 /// kvgate's token ids for a recorded request body.
 fn tokens(t: &PromptTokenizer, req: &Value) -> Vec<u32> {
     if req.get("messages").is_some() {
@@ -41,11 +50,7 @@ fn token_ids_match_what_a_real_vllm_published() {
     for line in text.lines() {
         let row: Value = serde_json::from_str(line).expect("a JSON line");
         let cause = &row["caused_by"];
-        let requests: Vec<&Value> = match (&cause["request"], &cause["requests"]) {
-            (Value::Object(_), _) => vec![&cause["request"]],
-            (_, Value::Array(list)) => list.iter().collect(),
-            _ => continue,
-        };
+        let Some(requests) = requests_of(cause) else { continue };
         // Blocks filled by generated tokens are not the prompt's.
         if cause["kind"] == "decode-fill" {
             continue;
@@ -223,11 +228,7 @@ fn cached_segments_encode_as_the_whole_text() {
     for line in text.lines() {
         let row: Value = serde_json::from_str(line).expect("a JSON line");
         let cause = &row["caused_by"];
-        let requests: Vec<&Value> = match (&cause["request"], &cause["requests"]) {
-            (Value::Object(_), _) => vec![&cause["request"]],
-            (_, Value::Array(list)) => list.iter().collect(),
-            _ => continue,
-        };
+        let Some(requests) = requests_of(cause) else { continue };
         for req in requests {
             for _ in 0..2 {
                 if let Some(p) = req["prompt"].as_str() {

@@ -377,7 +377,7 @@ impl Pool {
             let spec = inner.kv_events.lock().clone().filter(|s| s.port.is_some());
             if let Some(spec) = spec {
                 for m in members.iter_mut().filter(|m| m._kv_events.is_none()) {
-                    let target = feed_target(m);
+                    let target = kv_events::feed_target(m);
                     let task = tokio::spawn(kv_events::follow(Arc::downgrade(inner), target, spec.clone()));
                     m._kv_events = Some(AbortOnDrop(task));
                 }
@@ -512,39 +512,7 @@ impl Pool {
     }
 }
 
-/// How a KV-event feed knows a member.
-fn feed_target(m: &Member) -> kv_events::FeedTarget {
-    let rank = m.entry.rank.unwrap_or(0);
-    kv_events::FeedTarget {
-        id: m.id,
-        label: if m.entry.rank_header { format!("{}#{rank}", m.addr) } else { m.addr.to_string() },
-        addr: m.addr,
-        rank,
-        status: m.feed.clone(),
-    }
-}
-
 impl Inner {
-    /// The members, as KV-event feeds know them.
-    fn feed_targets(&self) -> Vec<kv_events::FeedTarget> {
-        self.state.lock().members.iter().map(feed_target).collect()
-    }
-
-    /// Warns once when an endpoint's events and its `cache_config_info` disagree on the block
-    /// size (its blocks would then not be the ones kvgate matches).
-    fn check_block_size(&self, m: &mut Member) {
-        let Some(p) = self.planner.precise() else { return };
-        let events = p.index().status(m.id).and_then(|v| v.block_size);
-        if let (Some(ev), Some(engine)) = (events, m.engine_block_size)
-            && u64::from(ev) != engine
-            && !m.block_size_warned
-        {
-            m.block_size_warned = true;
-            tracing::warn!(pool = self.name.as_str(), endpoint = %m.addr, events = ev, cache_config_info = engine,
-                "the endpoint's KV events and its vllm:cache_config_info disagree on the block size");
-        }
-    }
-
     /// Rebuilds and swaps the snapshot.
     fn publish(&self) {
         let now = now_ms();

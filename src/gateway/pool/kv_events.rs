@@ -22,20 +22,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use zeromq::{DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{Socket, SocketEvent, SocketOptions, SocketRecv, SubSocket};
 
-use super::{Inner, now_ms};
+mod replay;
+
+use super::{Inner, Member, now_ms};
 use crate::gateway::config::KvEventsSpec;
 use crate::routing::endpoint::EndpointId;
 use crate::routing::kv_events::{EventBatch, KvEvent, decode_batch};
 use crate::routing::prefix::precise::{Unknown, ViewStatus};
+use replay::replay;
 
 /// Bound on connecting a subscription or a replay request.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Bound on one replay, from request to terminator.
-const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Batches one replay may return at most.
-const MAX_REPLAY: u64 = 100_000;
 /// How often feeds check their endpoints' precision.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -76,6 +75,40 @@ impl FeedStatus {
     /// Successful replays.
     pub(crate) fn replays(&self) -> u64 {
         self.replays.load(Ordering::Relaxed)
+    }
+}
+
+/// How a KV-event feed knows a member.
+pub(super) fn feed_target(m: &Member) -> FeedTarget {
+    let rank = m.entry.rank.unwrap_or(0);
+    FeedTarget {
+        id: m.id,
+        label: if m.entry.rank_header { format!("{}#{rank}", m.addr) } else { m.addr.to_string() },
+        addr: m.addr,
+        rank,
+        status: m.feed.clone(),
+    }
+}
+
+impl Inner {
+    /// The members, as KV-event feeds know them.
+    pub(super) fn feed_targets(&self) -> Vec<FeedTarget> {
+        self.state.lock().members.iter().map(feed_target).collect()
+    }
+
+    /// Warns once when an endpoint's events and its `cache_config_info` disagree on the block
+    /// size (its blocks would then not be the ones kvgate matches).
+    pub(super) fn check_block_size(&self, m: &mut Member) {
+        let Some(p) = self.planner.precise() else { return };
+        let events = p.index().status(m.id).and_then(|v| v.block_size);
+        if let (Some(ev), Some(engine)) = (events, m.engine_block_size)
+            && u64::from(ev) != engine
+            && !m.block_size_warned
+        {
+            m.block_size_warned = true;
+            tracing::warn!(pool = self.name.as_str(), endpoint = %m.addr, events = ev, cache_config_info = engine,
+                "the endpoint's KV events and its vllm:cache_config_info disagree on the block size");
+        }
     }
 }
 
@@ -250,47 +283,6 @@ fn fallback_reason(status: Option<&ViewStatus>, now: u64, stale_ms: u64) -> &'st
         Some(s) if s.unconfirmed_since_ms.is_some_and(|t| now.saturating_sub(t) > stale_ms) => "stale",
         Some(_) => "unknown",
     }
-}
-
-/// Asks an engine's replay socket for batches `from..until` (their payloads), in order. `None`
-/// when it cannot give all of them (unreachable, or its buffer no longer reaches back to `from`).
-async fn replay(endpoint: &str, from: u64, until: u64) -> Option<Vec<(u64, Bytes)>> {
-    let work = async {
-        let mut opts = SocketOptions::default();
-        opts.connect_timeout(CONNECT_TIMEOUT);
-        let mut s = DealerSocket::with_options(opts);
-        s.connect(endpoint).await.ok()?;
-        let request = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]).ok()?;
-        s.send(request).await.ok()?;
-        let mut out = Vec::new();
-        let mut expect = from;
-        for _ in 0..MAX_REPLAY {
-            let m = s.recv().await.ok()?;
-            let frames = m.into_vec();
-            // `[empty, (topic,) seq, payload]`: newer vLLM puts the topic before the sequence
-            // number, so both are read from the end.
-            let [.., seq_frame, payload] = frames.as_slice() else { return None };
-            let frames = [payload];
-            let seq = <[u8; 8]>::try_from(seq_frame.as_ref()).ok().map(i64::from_be_bytes)?;
-            if seq < 0 {
-                break;
-            }
-            let seq = seq as u64;
-            if seq < expect {
-                continue;
-            }
-            if seq >= until {
-                continue;
-            }
-            if seq != expect {
-                return None;
-            }
-            out.push((seq, frames[0].clone()));
-            expect += 1;
-        }
-        (expect == until).then_some(out)
-    };
-    tokio::time::timeout(REPLAY_TIMEOUT, work).await.ok().flatten()
 }
 
 /// Handles one message of `t`'s publisher.

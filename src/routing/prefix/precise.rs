@@ -26,114 +26,23 @@
 //!
 //! Part of the decision core: no I/O, no clock (times are arguments).
 
-use std::hash::{BuildHasher, Hasher};
+mod keys;
 
 use hashbrown::HashMap;
 use parking_lot::RwLock;
-use xxhash_rust::xxh3::Xxh3;
+
+pub(crate) use keys::BuildKeyHasher;
+pub use keys::request_keys;
+use keys::{KeyMap, SEED, block_key, is_lora};
 
 use crate::routing::endpoint::EndpointId;
-use crate::routing::kv_events::{BlockStored, EventBatch, ExtraKey, KvEvent, Medium};
+use crate::routing::kv_events::{BlockStored, EventBatch, KvEvent, Medium};
 
 /// A view's capacity, in blocks, until the engine reports its own (`vllm:cache_config_info`):
 /// 4M tokens in blocks of 16.
 pub const DEFAULT_CAPACITY: usize = 1 << 18;
 /// vLLM's default block size on GPUs, used until an endpoint's events say otherwise.
 pub const DEFAULT_BLOCK_SIZE: u32 = 16;
-/// The chain seed of request keys.
-const SEED: u64 = 0x6b76_6761_7465_2d6b;
-
-/// Hashes u64 keys that are already hashes, with one multiply to spread structured ones.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (x ^ (x >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(26);
-    }
-}
-
-/// [`KeyHasher`]'s builder.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct BuildKeyHasher;
-
-impl BuildHasher for BuildKeyHasher {
-    type Hasher = KeyHasher;
-
-    fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(0)
-    }
-}
-
-type KeyMap<V> = HashMap<u64, V, BuildKeyHasher>;
-
-/// The request key of one block.
-fn block_key(parent: u64, tokens: &[u32], lora: Option<&str>, extra: &[ExtraKey], buf: &mut Vec<u8>) -> u64 {
-    buf.clear();
-    for t in tokens {
-        buf.extend_from_slice(&t.to_le_bytes());
-    }
-    let mut h = Xxh3::with_seed(parent);
-    h.update(buf);
-    if let Some(l) = lora {
-        h.update(b"\xffL");
-        h.update(&(l.len() as u32).to_le_bytes());
-        h.update(l.as_bytes());
-    }
-    for e in extra {
-        match e {
-            ExtraKey::Str(s) => {
-                h.update(b"\xffS");
-                h.update(&(s.len() as u32).to_le_bytes());
-                h.update(s.as_bytes());
-            }
-            ExtraKey::Int(i) => {
-                h.update(b"\xffI");
-                h.update(&i.to_le_bytes());
-            }
-            ExtraKey::Other(x) => {
-                h.update(b"\xffO");
-                h.update(&x.to_le_bytes());
-            }
-        }
-    }
-    h.digest()
-}
-
-/// A prompt's request keys for blocks of `block_size` tokens: one per full block that vLLM
-/// could serve from cache (it always computes the prompt's last token, so at most
-/// `(len - 1) / block_size` blocks), at most `max_blocks`.
-pub fn request_keys(
-    tokens: &[u32],
-    block_size: u32,
-    lora: Option<&str>,
-    cache_salt: Option<&str>,
-    max_blocks: usize,
-) -> Vec<u64> {
-    let bs = block_size.max(1) as usize;
-    let n = (tokens.len().saturating_sub(1) / bs).min(max_blocks);
-    let salt: Vec<ExtraKey> = cache_salt.map(|s| ExtraKey::Str(s.to_owned())).into_iter().collect();
-    let mut keys = Vec::with_capacity(n);
-    let mut parent = SEED;
-    let mut buf = Vec::with_capacity(bs * 4);
-    for (i, block) in tokens.chunks_exact(bs).take(n).enumerate() {
-        let extra: &[ExtraKey] = if i == 0 { &salt } else { &[] };
-        parent = block_key(parent, block, lora, extra, &mut buf);
-        keys.push(parent);
-    }
-    keys
-}
-
 /// Entries one endpoint may have for one request key.
 const MAX_COPIES: usize = 4;
 
@@ -236,6 +145,19 @@ impl View {
             last_event_ms: None,
             unconfirmed_since_ms: None,
             orphans: 0,
+        }
+    }
+
+    fn status(&self) -> ViewStatus {
+        ViewStatus {
+            blocks: self.gpu.len() + self.other.len(),
+            block_size: self.block_size,
+            capacity: self.capacity,
+            rebuilding: self.unknown.map(|(w, _)| w),
+            connected: self.connected,
+            last_event_ms: self.last_event_ms,
+            unconfirmed_since_ms: self.unconfirmed_since_ms,
+            orphans: self.orphans,
         }
     }
 
@@ -497,26 +419,23 @@ impl PreciseIndex {
 
     /// Drops `ep`'s entries and marks its view rebuilding (`why`).
     pub fn invalidate(&self, ep: EndpointId, why: Unknown) {
-        let id = ep.index() as u32;
-        let mut inner = self.inner.write();
-        inner.pending.forget(id);
-        inner.view(id, self.default_capacity);
-        inner.drop_entries(id);
-        if let Some(v) = inner.views.get_mut(&id) {
-            v.unknown = Some((why, 0));
-        }
+        self.reset(ep, Some((why, 0)));
     }
 
     /// Drops `ep`'s entries for a publisher that started afresh (an engine restart: its cache
     /// is empty, so the view stays exact).
     pub fn restart(&self, ep: EndpointId) {
+        self.reset(ep, None);
+    }
+
+    fn reset(&self, ep: EndpointId, unknown: Option<(Unknown, usize)>) {
         let id = ep.index() as u32;
         let mut inner = self.inner.write();
         inner.pending.forget(id);
         inner.view(id, self.default_capacity);
         inner.drop_entries(id);
         if let Some(v) = inner.views.get_mut(&id) {
-            v.unknown = None;
+            v.unknown = unknown;
         }
     }
 
@@ -571,22 +490,13 @@ impl PreciseIndex {
 
     /// One endpoint's view, if it has one.
     pub fn status(&self, ep: EndpointId) -> Option<ViewStatus> {
-        let inner = self.inner.read();
-        inner.views.get(&(ep.index() as u32)).map(|v| ViewStatus {
-            blocks: v.gpu.len() + v.other.len(),
-            block_size: v.block_size,
-            capacity: v.capacity,
-            rebuilding: v.unknown.map(|(w, _)| w),
-            connected: v.connected,
-            last_event_ms: v.last_event_ms,
-            unconfirmed_since_ms: v.unconfirmed_since_ms,
-            orphans: v.orphans,
-        })
+        self.inner.read().views.get(&(ep.index() as u32)).map(View::status)
     }
 
-    /// For each of `endpoints`, its view's status (`None`: no view yet).
+    /// For each of `endpoints`, its view's status (`None`: no view yet), under one lock.
     pub fn statuses(&self, endpoints: &[EndpointId]) -> Vec<Option<ViewStatus>> {
-        endpoints.iter().map(|&e| self.status(e)).collect()
+        let inner = self.inner.read();
+        endpoints.iter().map(|e| inner.views.get(&(e.index() as u32)).map(View::status)).collect()
     }
 
     /// For each of `endpoints` (`None`: skipped, 0), how many leading `keys` it holds, into
@@ -714,189 +624,5 @@ fn store(
     }
 }
 
-/// Whether an extra key is the block's LoRA adapter (already in the key by name).
-fn is_lora(k: &ExtraKey, name: Option<&str>, id: Option<i64>) -> bool {
-    match k {
-        ExtraKey::Str(s) => name == Some(s.as_str()),
-        ExtraKey::Int(i) => id == Some(*i),
-        ExtraKey::Other(_) => false,
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ep(i: u32) -> EndpointId {
-        EndpointId::new(i)
-    }
-
-    /// A stored event for blocks of `bs` tokens, engine hashes `base + i`.
-    fn stored(
-        parent: Option<u64>,
-        tokens: &[u32],
-        bs: u32,
-        base: u64,
-        lora: Option<&str>,
-        salt: Option<&str>,
-    ) -> KvEvent {
-        let n = tokens.len() / bs as usize;
-        let extra = (0..n)
-            .map(|i| {
-                let mut e: Vec<ExtraKey> = lora.map(|l| ExtraKey::Str(l.into())).into_iter().collect();
-                if i == 0 && parent.is_none() {
-                    e.extend(salt.map(|s| ExtraKey::Str(s.into())));
-                }
-                e
-            })
-            .collect();
-        KvEvent::BlockStored(BlockStored {
-            block_hashes: (0..n as u64).map(|i| base + i).collect(),
-            parent_block_hash: parent,
-            token_ids: tokens.to_vec(),
-            block_size: bs,
-            lora_id: lora.map(|_| 1),
-            medium: Medium::Gpu,
-            lora_name: lora.map(str::to_owned),
-            extra_keys: Some(extra),
-            group_idx: 0,
-        })
-    }
-
-    fn batch(events: Vec<KvEvent>) -> EventBatch {
-        EventBatch { ts: 0.0, events, dp_rank: None, unknown: 0 }
-    }
-
-    fn matches(index: &PreciseIndex, eps: &[u32], keys: &[u64]) -> Vec<u32> {
-        let ids: Vec<Option<EndpointId>> = eps.iter().map(|&e| Some(ep(e))).collect();
-        let mut out = Vec::new();
-        index.match_into(&ids, keys, &mut out);
-        out
-    }
-
-    #[test]
-    fn keys_from_events_equal_keys_from_requests() {
-        let index = PreciseIndex::default();
-        let prompt: Vec<u32> = (0..50).collect();
-        // Endpoint 0 stores the first two blocks, then a third chained by parent.
-        index.apply(ep(0), &batch(vec![stored(None, &prompt[..32], 16, 100, None, None)]), 1);
-        index.apply(ep(0), &batch(vec![stored(Some(101), &prompt[32..48], 16, 102, None, None)]), 2);
-        // Endpoint 1 holds only the first block.
-        index.apply(ep(1), &batch(vec![stored(None, &prompt[..16], 16, 900, None, None)]), 3);
-        let keys = request_keys(&prompt, 16, None, None, usize::MAX);
-        assert_eq!(keys.len(), 3, "(50 - 1) / 16 full blocks can hit");
-        assert_eq!(matches(&index, &[0, 1, 2], &keys), [3, 1, 0]);
-        // Removing a middle block cuts the match there (vLLM's lookup stops at the first miss).
-        index.apply(
-            ep(0),
-            &batch(vec![KvEvent::BlockRemoved { block_hashes: vec![101], medium: Medium::Gpu, group_idx: 0 }]),
-            4,
-        );
-        assert_eq!(matches(&index, &[0, 1], &keys), [1, 1]);
-        // Another block size gives other keys.
-        assert_eq!(matches(&index, &[0], &request_keys(&prompt, 8, None, None, 99)), [0]);
-        let s = index.stats();
-        assert_eq!((s.endpoints, s.blocks, s.keys), (2, 3, 2), "k0 twice, k2 once");
-    }
-
-    #[test]
-    fn lora_and_salt_separate_blocks() {
-        let index = PreciseIndex::default();
-        let prompt: Vec<u32> = (0..33).collect();
-        index.apply(ep(0), &batch(vec![stored(None, &prompt[..32], 16, 1, Some("sql"), None)]), 1);
-        index.apply(ep(1), &batch(vec![stored(None, &prompt[..32], 16, 1, None, Some("tenant-a"))]), 1);
-        index.apply(ep(2), &batch(vec![stored(None, &prompt[..32], 16, 1, None, None)]), 1);
-        let all = [0, 1, 2];
-        assert_eq!(matches(&index, &all, &request_keys(&prompt, 16, Some("sql"), None, 9)), [2, 0, 0]);
-        assert_eq!(matches(&index, &all, &request_keys(&prompt, 16, None, Some("tenant-a"), 9)), [0, 2, 0]);
-        assert_eq!(matches(&index, &all, &request_keys(&prompt, 16, None, Some("tenant-b"), 9)), [0, 0, 0]);
-        assert_eq!(matches(&index, &all, &request_keys(&prompt, 16, None, None, 9)), [0, 0, 2]);
-    }
-
-    #[test]
-    fn orphans_clears_gaps_and_overflow() {
-        let index = PreciseIndex::new(4);
-        let prompt: Vec<u32> = (0..200).collect();
-        let a = index.apply(ep(0), &batch(vec![stored(Some(77), &prompt[..16], 16, 1, None, None)]), 1);
-        assert_eq!((a.stored, a.orphans), (0, 1), "an unknown parent's chain is dropped");
-        index.set_connected(ep(0), true);
-        index.apply(ep(0), &batch(vec![stored(None, &prompt[..32], 16, 1, None, None)]), 2);
-        let keys = request_keys(&prompt, 16, None, None, 99);
-        assert_eq!(matches(&index, &[0], &keys), [2]);
-        assert!(index.status(ep(0)).expect("view").precise(2, 1000));
-        // A gap: entries dropped, rebuilding until the engine has stored its capacity again.
-        index.invalidate(ep(0), Unknown::Gap);
-        assert_eq!(matches(&index, &[0], &keys), [0]);
-        assert_eq!(index.status(ep(0)).expect("view").rebuilding, Some(Unknown::Gap));
-        index.apply(ep(0), &batch(vec![stored(None, &prompt[..32], 16, 1, None, None)]), 3);
-        assert!(!index.status(ep(0)).expect("view").precise(3, 1000));
-        index.apply(ep(0), &batch(vec![stored(Some(2), &prompt[32..64], 16, 3, None, None)]), 4);
-        assert!(index.status(ep(0)).expect("view").precise(4, 1000), "4 blocks stored: rebuilt");
-        // Answered requests without events go stale.
-        index.answered(ep(0), 10);
-        assert!(index.status(ep(0)).expect("view").precise(500, 1000));
-        assert!(!index.status(ep(0)).expect("view").precise(1011, 1000));
-        index.apply(ep(0), &batch(vec![]), 1012);
-        assert!(index.status(ep(0)).expect("view").precise(1013, 1000));
-        // More blocks than the capacity allows (4 + 0 + 64 slack): the view cannot be right.
-        let big: Vec<u32> = (0..16 * 70).collect();
-        let a = index.apply(ep(0), &batch(vec![stored(Some(4), &big, 16, 1000, None, None)]), 5);
-        assert!(a.overflowed);
-        assert_eq!(index.status(ep(0)).expect("view").rebuilding, Some(Unknown::Overflow));
-        assert_eq!(index.stats().keys, 0);
-        // A clear is an exact state again.
-        index.apply(ep(0), &batch(vec![KvEvent::AllBlocksCleared]), 6);
-        assert!(index.status(ep(0)).expect("view").precise(6, 1000));
-        index.remove(ep(0));
-        assert_eq!(index.stats(), PreciseStats { heap_bytes: index.stats().heap_bytes, ..PreciseStats::default() });
-    }
-
-    #[test]
-    fn pending_entries_match_until_their_time_is_up() {
-        let index = PreciseIndex::default();
-        let prompt: Vec<u32> = (0..65).collect();
-        let keys = request_keys(&prompt, 16, None, None, 99);
-        index.record_pending(ep(2), &keys, 1000, 500);
-        assert_eq!(matches(&index, &[1, 2], &keys), [0, 4], "sent, not yet confirmed");
-        // Confirmed by events for the first two blocks; the rest expire.
-        index.apply(ep(2), &batch(vec![stored(None, &prompt[..32], 16, 1, None, None)]), 1100);
-        index.record_pending(ep(1), &keys[..1], 1600, 500);
-        assert_eq!(matches(&index, &[1, 2], &keys), [1, 2]);
-        index.remove(ep(1));
-        assert_eq!(matches(&index, &[1, 2], &keys), [0, 2]);
-    }
-
-    #[test]
-    fn a_publisher_repeating_one_block_gets_few_entries() {
-        let index = PreciseIndex::default();
-        let prompt: Vec<u32> = (0..17).collect();
-        let events = (0..1000).map(|k| stored(None, &prompt[..16], 16, 10 + k, None, None)).collect();
-        index.apply(ep(1), &batch(events), 1);
-        let keys = request_keys(&prompt, 16, None, None, 9);
-        assert_eq!(matches(&index, &[1], &keys), [1]);
-        let inner = index.inner.read();
-        let Some(Holders::Many(v)) = inner.holders.get(&keys[0]) else { panic!("many copies") };
-        assert_eq!(v.len(), MAX_COPIES);
-    }
-
-    #[test]
-    fn holders_count_tiers_and_duplicates() {
-        let index = PreciseIndex::default();
-        let prompt: Vec<u32> = (0..17).collect();
-        let mut cpu = stored(None, &prompt[..16], 16, 5, None, None);
-        if let KvEvent::BlockStored(s) = &mut cpu {
-            s.medium = Medium::Other;
-        }
-        index.apply(ep(3), &batch(vec![stored(None, &prompt[..16], 16, 5, None, None), cpu]), 1);
-        let keys = request_keys(&prompt, 16, None, None, 9);
-        assert_eq!(matches(&index, &[3], &keys), [1]);
-        index.apply(ep(3), &batch(vec![KvEvent::AllBlocksCleared]), 2);
-        assert_eq!(matches(&index, &[3], &keys), [1], "a GPU clear leaves the CPU tier");
-        index.apply(
-            ep(3),
-            &batch(vec![KvEvent::BlockRemoved { block_hashes: vec![5], medium: Medium::Other, group_idx: 0 }]),
-            3,
-        );
-        assert_eq!(matches(&index, &[3], &keys), [0]);
-    }
-}
+mod tests;

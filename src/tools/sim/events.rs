@@ -137,42 +137,30 @@ pub(crate) fn encode_event(e: &KvEvent, enc: Encoding) -> Value {
                 lora_name,
                 extra_keys: extra,
             },
-            Encoding::Array,
-        ) => Value::Array(vec![
-            Value::from("BlockStored"),
-            hashes(block_hashes),
-            opt_u64(*parent_block_hash),
-            Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
-            Value::from(*block_size as u64),
-            lora_id(lora_name.as_deref()),
-            Value::from("GPU"),
-            opt_str(lora_name.as_deref()),
-            extra_keys(extra),
-            Value::from(0),
-        ]),
-        (
-            KvEvent::BlockStored {
-                block_hashes,
-                parent_block_hash,
-                token_ids,
-                block_size,
-                lora_name,
-                extra_keys: extra,
-            },
-            Encoding::Map,
-        ) => map(vec![
-            ("type", Value::from("BlockStored")),
-            ("block_hashes", hashes(block_hashes)),
-            ("parent_block_hash", opt_u64(*parent_block_hash)),
-            ("token_ids", Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect())),
-            ("block_size", Value::from(*block_size as u64)),
-            ("lora_id", lora_id(lora_name.as_deref())),
-            ("medium", Value::from("GPU")),
-            ("lora_name", opt_str(lora_name.as_deref())),
-            ("extra_keys", extra_keys(extra)),
-            ("group_idx", Value::from(0)),
-            ("kv_cache_spec_kind", Value::from("full_attention")),
-        ]),
+            _,
+        ) => {
+            let fields = [
+                ("block_hashes", hashes(block_hashes)),
+                ("parent_block_hash", opt_u64(*parent_block_hash)),
+                ("token_ids", Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect())),
+                ("block_size", Value::from(*block_size as u64)),
+                ("lora_id", lora_id(lora_name.as_deref())),
+                ("medium", Value::from("GPU")),
+                ("lora_name", opt_str(lora_name.as_deref())),
+                ("extra_keys", extra_keys(extra)),
+                ("group_idx", Value::from(0)),
+            ];
+            match enc {
+                // Positional, in vLLM's field order after the tag.
+                Encoding::Array => Value::Array(
+                    std::iter::once(Value::from("BlockStored")).chain(fields.into_iter().map(|(_, v)| v)).collect(),
+                ),
+                Encoding::Map => map(std::iter::once(("type", Value::from("BlockStored")))
+                    .chain(fields)
+                    .chain([("kv_cache_spec_kind", Value::from("full_attention"))])
+                    .collect()),
+            }
+        }
         (KvEvent::BlockRemoved { block_hashes }, Encoding::Array) => {
             Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from("GPU")])
         }
