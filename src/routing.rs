@@ -14,3 +14,4 @@ pub mod prefix;
 pub mod request;
 pub mod schedule;
 pub mod tokenize;
+pub mod ttft;

@@ -587,3 +587,35 @@ async fn info_probes_and_tokenizer_endpoints() {
         "model_name is the first served name"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_as_large_as_a_real_servers_and_filters_are_ignored() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let base = sim.url(0);
+    for k in 0..3 {
+        complete(&base, ids(100, k), 4).await;
+    }
+    let whole = metrics(&base).await;
+    // vLLM 0.32 answers about 52 KB, mostly histograms.
+    assert!(whole.len() > 30_000, "{} bytes", whole.len());
+    let buckets = whole.lines().filter(|l| l.contains("_bucket{")).count();
+    assert!(buckets * 2 > whole.lines().filter(|l| !l.starts_with('#')).count(), "mostly histogram buckets");
+    assert!(metric(&whole, "vllm:request_prompt_tokens_count", &[("engine", "0")]) == Some(3.0));
+    // `name[]` is ignored, as vLLM 0.32 ignores it …
+    let filtered = client()
+        .get(format!("{base}/metrics?name%5B%5D=vllm%3Anum_requests_running"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(filtered.len() > 30_000 && filtered.contains("vllm:cache_config_info"));
+    // … unless asked to behave like older servers; and a backend may hide its cache config.
+    let old = start_sim(&["--time-scale", "0", "--metrics-name-filter", "--no-cache-config-info"]).await;
+    let url =
+        format!("{}/metrics?name%5B%5D=vllm%3Anum_requests_running&name%5B%5D=vllm%3Acache_config_info", old.url(0));
+    let small = client().get(url).send().await.expect("metrics").text().await.expect("text");
+    assert!(small.contains("vllm:num_requests_running") && !small.contains("cache_config_info"), "{small}");
+    assert!(small.len() < 1000);
+}

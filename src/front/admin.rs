@@ -52,7 +52,12 @@ async fn endpoints(State(g): St) -> Response {
             let mut models = p.served_models();
             models.extend(snap.adapters.iter().filter(|a| !models.contains(a)).cloned().collect::<Vec<_>>());
             let source = p.source();
-            json!({"name": p.name(), "models": models, "source": source.kind, "discovery": source, "endpoints": p.status()})
+            let bpt = p.planner().bytes_per_token();
+            json!({
+                "name": p.name(), "models": models, "source": source.kind, "discovery": source,
+                "bytes_per_token": {"value": bpt.get(), "samples": bpt.samples()},
+                "endpoints": p.status(),
+            })
         })
         .collect();
     axum::Json(json!({"pools": pools})).into_response()

@@ -457,6 +457,9 @@ impl StreamState {
         if let Some(r) = self.routed.as_mut() {
             // The decode side answers only after the prefill leg, if any, is over.
             r.responded(self.status);
+            // Its first body message is its first token only when Envoy streams the body here.
+            let streamed = matches!(self.response_mode, BodyMode::Streamed | BodyMode::FullDuplexStreamed);
+            r.streaming(sse && streamed);
         }
         if h.end_of_stream {
             self.finish();

@@ -270,14 +270,19 @@ pub(crate) fn relay(
         routed: Option<(Routed, UsageReader)>,
         idle: Duration,
     }
-    let usage = UsageReader::new(is_event_stream(&parts.headers));
-    let s = S { body, routed: routed.map(|r| (r, usage)), idle: Duration::from_millis(idle_ms) };
+    let sse = is_event_stream(&parts.headers);
+    let usage = UsageReader::new(sse);
+    let routed = routed.map(|mut r| {
+        r.streaming(sse);
+        (r, usage)
+    });
+    let s = S { body, routed, idle: Duration::from_millis(idle_ms) };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         loop {
             match tokio::time::timeout(s.idle, s.body.frame()).await {
                 Err(_) => return Some((Err(std::io::Error::other("the endpoint went silent")), s)),
                 Ok(None) => {
-                    if let Some((r, mut usage)) = s.routed.take() {
+                    if let Some((mut r, mut usage)) = s.routed.take() {
                         usage.finish();
                         if let Some(u) = usage.usage {
                             r.usage(u);

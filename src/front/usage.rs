@@ -54,12 +54,12 @@ impl UsageReader {
             .get("prompt_tokens_details")
             .or_else(|| u.get("input_tokens_details"))
             .and_then(|d| d.get("cached_tokens"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+            .and_then(Value::as_u64);
         Some(Usage {
             prompt: n("prompt_tokens").max(n("input_tokens")),
             completion: n("completion_tokens").max(n("output_tokens")),
-            cached,
+            cached: cached.unwrap_or(0),
+            cached_reported: cached.is_some(),
         })
     }
 
@@ -126,14 +126,18 @@ mod tests {
             r.feed(&sse[..cut]);
             r.feed(&sse[cut..]);
             r.finish();
-            assert_eq!(r.usage, Some(Usage { prompt: 12, completion: 3, cached: 8 }), "cut at {cut}");
+            assert_eq!(
+                r.usage,
+                Some(Usage { prompt: 12, completion: 3, cached: 8, cached_reported: true }),
+                "cut at {cut}"
+            );
         }
         let mut r = UsageReader::new(false);
         r.feed(br#"{"id":"x","usage":{"prompt_tokens":5,"completion_tokens":"#);
         r.feed(br#"2}}"#);
         assert_eq!(r.usage, None, "not before the end");
         r.finish();
-        assert_eq!(r.usage, Some(Usage { prompt: 5, completion: 2, cached: 0 }));
+        assert_eq!(r.usage, Some(Usage { prompt: 5, completion: 2, cached: 0, cached_reported: false }));
     }
 
     #[test]
@@ -144,13 +148,15 @@ mod tests {
             r.finish();
             assert_eq!(r.usage, want, "{body}");
         };
-        let u = |prompt, completion, cached| Some(Usage { prompt, completion, cached });
+        let u = |prompt, completion, cached: Option<u64>| {
+            Some(Usage { prompt, completion, cached: cached.unwrap_or(0), cached_reported: cached.is_some() })
+        };
         check(
             r#"{"type":"response.completed","response":{"id":"r","output":[{"a":[1,2]}],"usage":{"input_tokens":9,"output_tokens":4,"input_tokens_details":{"cached_tokens":6}}}}"#,
-            u(9, 4, 6),
+            u(9, 4, Some(6)),
         );
-        check(r#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":3,"total_tokens":3}}"#, u(3, 0, 0));
-        check(r#"{"response":"text","usage":{"prompt_tokens":2}}"#, u(2, 0, 0));
+        check(r#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":3,"total_tokens":3}}"#, u(3, 0, None));
+        check(r#"{"response":"text","usage":{"prompt_tokens":2}}"#, u(2, 0, None));
         check(r#"{"choices":[{"text":"the word \"usage\" in text"}]}"#, None);
         check(r#"{"usage":"none"}"#, None);
         check(r#"[{"usage":{"prompt_tokens":1}}]"#, None);
@@ -189,7 +195,7 @@ mod tests {
             r.feed(&body.as_bytes()[..cut]);
             r.feed(&body.as_bytes()[cut..]);
             r.finish();
-            proptest::prop_assert_eq!(r.usage, Some(Usage { prompt, completion: 1, cached: 0 }));
+            proptest::prop_assert_eq!(r.usage, Some(Usage { prompt, completion: 1, cached: 0, cached_reported: false }));
         }
     }
 }

@@ -5,13 +5,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::gateway::pool::{Outcome, Pool, Snapshot};
+use crate::gateway::pool::{Outcome, Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::Usage;
 use crate::routing::endpoint::InFlightGuard;
 use crate::routing::pd;
 use crate::routing::plan::Planned;
 use crate::routing::schedule::{Decision, DecisionKind, Target};
+use crate::routing::ttft::TtftSample;
 
 /// A routed request: its decision, and its share of the target's in-flight counts, held until
 /// this is dropped.
@@ -29,6 +31,42 @@ pub struct Routed {
     /// Which of the decision's targets the request is on now.
     current: usize,
     counted: bool,
+    /// What its TTFT model learns from, on the current target.
+    timing: Timing,
+    /// The response is a stream whose first byte is its first token (SSE, relayed as it comes).
+    streaming: bool,
+    /// The response's status was 2xx.
+    succeeded: bool,
+    /// The usage the response reported.
+    usage: Option<Usage>,
+}
+
+/// One attempt's TTFT sample in the making.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    sent: Instant,
+    sent_ms: u64,
+    /// Prefill tokens in flight on the target before this request.
+    ahead: u64,
+    /// Its requests in decode then.
+    decodes: u64,
+    /// Time to the first byte, once seen.
+    ttft_ms: Option<f64>,
+    /// `sent` is when the request went to this target (not so after a gateway's own retry).
+    timed: bool,
+}
+
+impl Timing {
+    fn start(in_flight: &crate::routing::endpoint::InFlight) -> Self {
+        Self {
+            sent: Instant::now(),
+            sent_ms: now_ms(),
+            ahead: in_flight.tokens(),
+            decodes: in_flight.decoding(),
+            ttft_ms: None,
+            timed: true,
+        }
+    }
 }
 
 impl Routed {
@@ -36,12 +74,38 @@ impl Routed {
     /// endpoint while its leg runs).
     pub(crate) fn new(pool: Pool, snapshot: Arc<Snapshot>, planned: Planned, model: String) -> Self {
         let target = planned.decision.primary().index;
-        let guard = InFlightGuard::new(snapshot.endpoints[target].in_flight.clone(), planned.target_tokens());
+        let in_flight = snapshot.endpoints[target].in_flight.clone();
+        let timing = Timing::start(&in_flight);
+        let guard = InFlightGuard::new(in_flight, planned.target_tokens());
         let prefill_guard = planned.prefill_uncached_tokens.and_then(|tokens| {
             let p = planned.decision.prefill?;
             Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
         });
-        Self { pool, snapshot, planned, model, guard, prefill_guard, current: 0, counted: false }
+        Self {
+            pool,
+            snapshot,
+            planned,
+            model,
+            guard,
+            prefill_guard,
+            current: 0,
+            counted: false,
+            timing,
+            streaming: false,
+            succeeded: false,
+            usage: None,
+        }
+    }
+
+    /// The prompt tokens target `k` computes: those it does not hold, none when a prefill
+    /// endpoint computes them.
+    fn tokens_on(&self, k: usize) -> u64 {
+        match (self.planned.decision.prefill, self.planned.decision.targets.get(k)) {
+            (Some(_), _) | (None, None) => 0,
+            (None, Some(t)) => {
+                self.planned.prompt_tokens.saturating_sub(u64::from(t.matched_blocks) * self.planned.block_tokens)
+            }
+        }
     }
 
     /// The decision.
@@ -111,9 +175,16 @@ impl Routed {
     pub fn retarget(&mut self, k: usize) {
         if let Some(t) = self.planned.decision.targets.get(k) {
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
-            self.guard = InFlightGuard::new(in_flight, self.planned.target_tokens());
+            self.timing = Timing::start(&in_flight);
+            self.guard = InFlightGuard::new(in_flight, self.tokens_on(k));
             self.current = k;
         }
+    }
+
+    /// The response streams its tokens as they come (SSE relayed frame by frame): its first
+    /// byte times its first token, so the target's TTFT model may learn from it.
+    pub fn streaming(&mut self, yes: bool) {
+        self.streaming = yes;
     }
 
     /// The gateway reports that `addr` served the request (after its own retries): the
@@ -123,6 +194,8 @@ impl Routed {
             && k != self.current
         {
             self.retarget(k);
+            // When the gateway sent it there is not known: no TTFT sample.
+            self.timing.timed = false;
         }
     }
 
@@ -140,8 +213,9 @@ impl Routed {
     /// unless its load explains them). The prefill leg, if any, is over by now.
     pub fn responded(&mut self, status: u16) {
         self.pool.report(self.target().id, Outcome::Answered(status));
+        self.succeeded = (200..300).contains(&status);
         // Only a prompt that was computed stores blocks.
-        if !(200..300).contains(&status) {
+        if !self.succeeded {
             self.planned.expects_events = false;
         }
         self.prefill_guard = None;
@@ -150,6 +224,9 @@ impl Routed {
     /// The first byte of the response body: the prompt is computed, its tokens leave the
     /// target's prefill count.
     pub fn first_byte(&mut self) {
+        if self.guard.in_prefill() && self.timing.timed {
+            self.timing.ttft_ms = Some(self.timing.sent.elapsed().as_secs_f64() * 1000.0);
+        }
         self.guard.prefill_done();
         // Its prefill stored blocks on a precise endpoint: their events should follow.
         if self.planned.expects_events && self.current == 0 {
@@ -172,8 +249,72 @@ impl Routed {
         self.pool.telemetry().retries.with_label_values(&[self.pool.name(), outcome]).inc();
     }
 
-    /// Counts the usage the response reported.
-    pub fn usage(&self, usage: Usage) {
+    /// Counts the usage the response reported, and learns from it: the pool's bytes per
+    /// token, and (cache feedback) whether the target held what the index believed.
+    pub fn usage(&mut self, usage: Usage) {
         self.pool.telemetry().count_tokens(self.pool.name(), usage);
+        self.usage = Some(usage);
+        let bytes = self.planned.prompt.prompt_bytes;
+        if !self.succeeded || usage.prompt == 0 {
+            return;
+        }
+        self.pool.planner().bytes_per_token().observe(bytes, usage.prompt);
+        self.cache_feedback(usage);
+    }
+
+    /// Compares what the target reported cached with what the approximate index predicted
+    /// for it; a difference beyond a block corrects the target's index capacity.
+    fn cache_feedback(&self, usage: Usage) {
+        let Some(cached) = usage.cached_reported.then_some(usage.cached) else { return };
+        let planned = &self.planned;
+        if planned.decision.prefill.is_some() || planned.precise_targets.get(self.current) != Some(&false) {
+            return;
+        }
+        let t = self.target();
+        let cfg = self.pool.planner().prefix_config();
+        // This request's own bytes per token: blocks of prompt bytes in its tokens.
+        let bytes = planned.prompt.prompt_bytes.max(1) as f64;
+        let block_tokens = cfg.block_bytes as f64 * usage.prompt as f64 / bytes;
+        if block_tokens < 1.0 {
+            return;
+        }
+        let predicted = f64::from(t.matched_blocks) * block_tokens;
+        // Slack: one kvgate block (a turn's last bytes differ) and one engine block (vLLM caches
+        // whole blocks of 16 and always computes the last token).
+        let slack = block_tokens + 16.0;
+        let cached = cached as f64;
+        let index = self.pool.planner().index();
+        let telemetry = self.pool.telemetry();
+        if predicted > cached + slack {
+            let missing = ((predicted - cached - 16.0) / block_tokens) as usize;
+            index.held_less(t.id, missing);
+            telemetry.index_corrections.with_label_values(&[self.pool.name(), "held_less"]).inc();
+        } else if cached > predicted + slack {
+            let extra = ((cached - predicted - 16.0) / block_tokens) as usize;
+            index.held_more(t.id, extra);
+            telemetry.index_corrections.with_label_values(&[self.pool.name(), "held_more"]).inc();
+        }
+    }
+}
+
+impl Drop for Routed {
+    /// The request is over: a streamed, successful decode-only response teaches its target's
+    /// TTFT model (with the target's real uncached tokens when usage reported them).
+    fn drop(&mut self) {
+        let Some(ttft_ms) = self.timing.ttft_ms else { return };
+        if !self.streaming || !self.succeeded || self.planned.decision.prefill.is_some() {
+            return;
+        }
+        let own = match self.usage {
+            Some(u) if u.prompt > 0 && u.cached_reported => u.prompt.saturating_sub(u.cached),
+            _ => self.tokens_on(self.current),
+        };
+        let sample = TtftSample {
+            work_tokens: self.timing.ahead + own,
+            decodes: self.timing.decodes,
+            ttft_ms,
+            at_ms: self.timing.sent_ms,
+        };
+        self.snapshot.endpoints[self.target().index].ttft.observe(sample);
     }
 }

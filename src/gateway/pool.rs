@@ -31,6 +31,7 @@ use crate::routing::endpoint::{
 };
 use crate::routing::plan::Planner;
 use crate::routing::schedule::PrefixSource;
+use crate::routing::ttft::TtftModel;
 use health::{Ejected, HealthState};
 use scrape::Served;
 use scrape_parse::{Scrape, ScrapeError};
@@ -44,8 +45,11 @@ pub fn now_ms() -> u64 {
 /// How a pool scrapes and judges its endpoints.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
-    /// Time between scrapes of one endpoint (jittered by ±20%).
+    /// Time between scrapes of one endpoint whose scraped load kvgate's own counts explain
+    /// (each round shifted by up to 20%).
     pub scrape_interval: Duration,
+    /// Time between scrapes while they are not explained (or the last one failed).
+    pub fast_scrape_interval: Duration,
     /// Bound on one scrape.
     pub scrape_timeout: Duration,
     /// Scraped metrics older than this are unknown to the scheduler.
@@ -71,8 +75,9 @@ impl PoolSettings {
     pub fn new(scrape: &ScrapeConfig, health: &HealthConfig) -> Self {
         Self {
             scrape_interval: Duration::from_millis(scrape.interval_ms),
+            fast_scrape_interval: Duration::from_millis(scrape.fast_interval_ms.clamp(1, scrape.interval_ms.max(1))),
             scrape_timeout: Duration::from_millis(scrape.timeout_ms),
-            stale_after: Duration::from_millis(scrape.stale_after_ms),
+            stale_after: Duration::from_millis(scrape.stale_after_ms()),
             max_scrape_bytes: scrape.max_bytes,
             failure_threshold: health.failure_threshold,
             max_ejection_percent: health.max_ejection_percent,
@@ -86,9 +91,10 @@ impl PoolSettings {
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {
-            scrape_interval: Duration::from_millis(50),
+            scrape_interval: Duration::from_millis(2000),
+            fast_scrape_interval: Duration::from_millis(750),
             scrape_timeout: Duration::from_secs(1),
-            stale_after: Duration::from_secs(2),
+            stale_after: Duration::from_secs(5),
             max_scrape_bytes: 8 << 20,
             failure_threshold: 3,
             max_ejection_percent: 50,
@@ -118,6 +124,7 @@ struct Member {
     id: EndpointId,
     serial: u64,
     in_flight: Arc<InFlight>,
+    ttft: Arc<TtftModel>,
     metrics: Option<Metrics>,
     /// Adapters learned from `/v1/models`.
     adapters: Vec<String>,
@@ -346,6 +353,7 @@ impl Pool {
                     id: EndpointId::new(id),
                     serial,
                     in_flight: Arc::new(InFlight::default()),
+                    ttft: Arc::new(TtftModel::default()),
                     metrics: None,
                     adapters: Vec::new(),
                     bases: Vec::new(),
@@ -479,8 +487,15 @@ impl Pool {
                     kv_cache_usage: fresh.map(|x| x.kv_usage),
                     in_flight_requests: m.in_flight.requests(),
                     in_flight_tokens: m.in_flight.tokens(),
+                    in_prefill_requests: m.in_flight.prefilling(),
+                    in_decode_requests: m.in_flight.decoding(),
+                    ttft_model: m.ttft.params(),
                     prefix_blocks: inner.planner.index().endpoint_blocks(m.id),
-                    prefix_capacity: m.kv_capacity.unwrap_or(inner.planner.prefix_config().index_capacity),
+                    prefix_capacity: inner
+                        .planner
+                        .index()
+                        .capacity(m.id)
+                        .map_or(m.kv_capacity.unwrap_or(inner.planner.prefix_config().index_capacity), |(cap, _)| cap),
                     adapters: m.adapters.clone(),
                     scrape_errors: m.scrape_errors,
                     last_error: m.last_error.clone(),
@@ -545,6 +560,7 @@ impl Inner {
                     health: m.health.state(now),
                     ejected: m.health.reason == Some(Ejected::Outlier),
                     in_flight: m.in_flight.clone(),
+                    ttft: m.ttft.clone(),
                 }
             })
             .collect();
@@ -584,6 +600,15 @@ impl Inner {
                 }
                 Ok(scrape) => Ok(scrape.engine(m.entry.rank).cloned().unwrap_or_default()),
             };
+            // Explained: the endpoint's running + waiting requests are what kvgate has in
+            // flight there, within 2 or a quarter. Otherwise someone else loads it, or it
+            // restarted: scrape faster until they agree again.
+            let explained = engine.as_ref().is_ok_and(|e| {
+                let scraped = e.running.unwrap_or(0.0) + e.waiting.unwrap_or(0.0);
+                let own = m.in_flight.requests() as f64;
+                (scraped - own).abs() <= (own / 4.0).max(2.0)
+            });
+            let interval = if explained { s.scrape_interval } else { s.fast_scrape_interval };
             match engine {
                 Ok(engine) => {
                     let lora = result.as_ref().ok().and_then(|x| x.lora.clone());
@@ -599,8 +624,11 @@ impl Inner {
                         scraped_at_ms: now,
                     });
                     if let (Some(bs), Some(blocks)) = (engine.block_size, engine.num_gpu_blocks) {
-                        let cap = self.planner.prefix_config().capacity_for_kv(blocks, bs);
-                        if m.kv_capacity != Some(cap) {
+                        let bpt = self.planner.bytes_per_token().get();
+                        let cap = self.planner.prefix_config().capacity_for_kv(blocks, bs, bpt);
+                        // Resizing rebuilds the endpoint's set: only for a change over 5% (the
+                        // learned bytes per token moves the figure a little with every scrape).
+                        if m.kv_capacity.is_none_or(|c| c.abs_diff(cap) * 20 > c) {
                             m.kv_capacity = Some(cap);
                             self.planner.index().set_capacity(m.id, cap);
                             if let Some(p) = self.planner.precise() {
@@ -626,7 +654,7 @@ impl Inner {
             }
             let mine = match (m.health.state(now), m.health.down_until) {
                 (Health::Unhealthy, Some(until)) => Duration::from_millis(until.saturating_sub(now)),
-                _ => scrape::next_round(s.scrape_interval, now),
+                _ => scrape::next_round(interval, now),
             };
             wait = Some(wait.map_or(mine, |w| w.min(mine)));
         }

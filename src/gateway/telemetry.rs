@@ -29,6 +29,9 @@ pub struct Usage {
     pub completion: u64,
     /// Prompt tokens served from the prefix cache.
     pub cached: u64,
+    /// The response reported `prompt_tokens_details.cached_tokens` (vLLM does only with
+    /// `--enable-prompt-tokens-details`): without it, `cached` is 0 for want of knowing.
+    pub cached_reported: bool,
 }
 
 /// `kvgate_kv_events_*`, per pool and endpoint.
@@ -82,6 +85,9 @@ pub struct Telemetry {
     /// `kvgate_disagg_fallbacks_total{pool,reason}`: prefill hand-offs that failed, after which
     /// the decode endpoint prefilled locally.
     pub disagg_fallbacks: IntCounterVec,
+    /// `kvgate_prefix_index_corrections_total{pool,direction}`: responses whose cached tokens
+    /// showed the endpoint held less (`held_less`) or more (`held_more`) than the index believed.
+    pub index_corrections: IntCounterVec,
     /// `kvgate_buffered_request_bytes`: request body bytes held in memory now.
     pub buffered_bytes: prometheus::IntGauge,
     /// The KV-event feeds' families.
@@ -192,6 +198,12 @@ impl Telemetry {
                 "kvgate_disagg_fallbacks_total",
                 "Prefill hand-offs that failed and fell back to prefill on the decode endpoint, by reason.",
                 &["pool", "reason"]
+            ),
+            index_corrections: family!(
+                IntCounterVec,
+                "kvgate_prefix_index_corrections_total",
+                "Responses whose reported cached tokens corrected the prefix index, by direction (held_less, held_more).",
+                &["pool", "direction"]
             ),
             retries: family!(
                 IntCounterVec,

@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::routing::ttft::{TtftModel, TtftParams};
+
 /// The label that carries an endpoint's P/D role.
 pub const ROLE_LABEL: &str = "llm-d.ai/role";
 
@@ -127,25 +129,42 @@ pub struct Metrics {
     pub scraped_at_ms: u64,
 }
 
-/// kvgate's own count of work sent to an endpoint and not yet finished.
+/// kvgate's own count of work sent to an endpoint and not yet finished: requests, the ones of
+/// them still waiting for or in prefill (no response byte yet), and their uncached prompt tokens.
 #[derive(Debug, Default)]
 pub struct InFlight {
     requests: AtomicU64,
+    prefilling: AtomicU64,
     tokens: AtomicU64,
 }
 
+fn release(counter: &AtomicU64, n: u64) {
+    // Saturating: a release must never wrap a counter, whatever the caller did.
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+}
+
 impl InFlight {
-    /// Counts a request of `tokens` uncached prompt tokens as sent.
+    /// Counts a request of `tokens` uncached prompt tokens as sent (in prefill).
     pub fn start(&self, tokens: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.prefilling.fetch_add(1, Ordering::Relaxed);
         self.tokens.fetch_add(tokens, Ordering::Relaxed);
     }
 
-    /// Releases a request counted by [`InFlight::start`] with the same `tokens`.
-    pub fn finish(&self, tokens: u64) {
-        // Saturating: a release must never wrap a counter, whatever the caller did.
-        let _ = self.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
-        let _ = self.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(tokens)));
+    /// A request counted by [`InFlight::start`] with `tokens` has its first token: it is in
+    /// decode now.
+    pub fn prefilled(&self, tokens: u64) {
+        release(&self.prefilling, 1);
+        release(&self.tokens, tokens);
+    }
+
+    /// Releases a request counted by [`InFlight::start`]; `prefilling` with its `tokens` when it
+    /// ends before its first token.
+    pub fn finish(&self, prefilling: Option<u64>) {
+        release(&self.requests, 1);
+        if let Some(tokens) = prefilling {
+            self.prefilled(tokens);
+        }
     }
 
     /// Requests in flight.
@@ -153,7 +172,17 @@ impl InFlight {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Uncached prompt tokens in flight.
+    /// Requests in flight that have not had their first token.
+    pub fn prefilling(&self) -> u64 {
+        self.prefilling.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight past their first token.
+    pub fn decoding(&self) -> u64 {
+        self.requests().saturating_sub(self.prefilling())
+    }
+
+    /// Uncached prompt tokens waiting for or in prefill.
     pub fn tokens(&self) -> u64 {
         self.tokens.load(Ordering::Relaxed)
     }
@@ -164,31 +193,34 @@ impl InFlight {
 #[derive(Debug)]
 pub struct InFlightGuard {
     in_flight: Arc<InFlight>,
-    tokens: u64,
+    /// `Some(tokens)` until the first token.
+    prefilling: Option<u64>,
 }
 
 impl InFlightGuard {
     /// Counts a request of `tokens` uncached prompt tokens on `in_flight`.
     pub fn new(in_flight: Arc<InFlight>, tokens: u64) -> Self {
         in_flight.start(tokens);
-        Self { in_flight, tokens }
+        Self { in_flight, prefilling: Some(tokens) }
     }
 
-    /// The prompt has been computed (first token seen): its tokens no longer wait for prefill.
+    /// The prompt has been computed (first token seen): the request is in decode, its tokens no
+    /// longer wait for prefill. Later calls do nothing.
     pub fn prefill_done(&mut self) {
-        if self.tokens > 0 {
-            self.in_flight
-                .tokens
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(self.tokens)))
-                .ok();
-            self.tokens = 0;
+        if let Some(tokens) = self.prefilling.take() {
+            self.in_flight.prefilled(tokens);
         }
+    }
+
+    /// Whether the request has not had its first token.
+    pub fn in_prefill(&self) -> bool {
+        self.prefilling.is_some()
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.in_flight.finish(self.tokens);
+        self.in_flight.finish(self.prefilling.take());
     }
 }
 
@@ -221,6 +253,8 @@ pub struct Endpoint {
     pub ejected: bool,
     /// kvgate's in-flight counts (shared across snapshots).
     pub in_flight: Arc<InFlight>,
+    /// Its predicted-TTFT model, learned from its responses (shared across snapshots).
+    pub ttft: Arc<TtftModel>,
 }
 
 impl Endpoint {
@@ -239,6 +273,7 @@ impl Endpoint {
             health: Health::Healthy,
             ejected: false,
             in_flight: Arc::new(InFlight::default()),
+            ttft: Arc::new(TtftModel::default()),
         }
     }
 
@@ -291,8 +326,14 @@ pub struct EndpointStatus {
     pub kv_cache_usage: Option<f64>,
     /// kvgate's in-flight requests.
     pub in_flight_requests: u64,
-    /// kvgate's in-flight uncached prompt tokens.
+    /// kvgate's in-flight uncached prompt tokens (requests waiting for or in prefill).
     pub in_flight_tokens: u64,
+    /// kvgate's in-flight requests that have not had their first token.
+    pub in_prefill_requests: u64,
+    /// kvgate's in-flight requests past their first token.
+    pub in_decode_requests: u64,
+    /// Its learned TTFT model.
+    pub ttft_model: TtftParams,
     /// Blocks in the prefix index.
     pub prefix_blocks: usize,
     /// Prefix-index capacity (from `cache_config_info` when scraped).
@@ -383,11 +424,11 @@ mod tests {
         let f = InFlight::default();
         f.start(100);
         f.start(50);
-        f.finish(100);
-        assert_eq!((f.requests(), f.tokens()), (1, 50));
-        f.finish(50);
-        f.finish(50);
-        assert_eq!((f.requests(), f.tokens()), (0, 0));
+        f.finish(Some(100));
+        assert_eq!((f.requests(), f.prefilling(), f.tokens()), (1, 1, 50));
+        f.finish(Some(50));
+        f.finish(Some(50));
+        assert_eq!((f.requests(), f.prefilling(), f.tokens()), (0, 0, 0));
     }
 
     #[test]
@@ -410,12 +451,14 @@ mod tests {
         let f = Arc::new(InFlight::default());
         let mut g = InFlightGuard::new(f.clone(), 300);
         let h = InFlightGuard::new(f.clone(), 100);
-        assert_eq!((f.requests(), f.tokens()), (2, 400));
+        assert_eq!((f.requests(), f.prefilling(), f.tokens()), (2, 2, 400));
         g.prefill_done();
-        assert_eq!((f.requests(), f.tokens()), (2, 100));
+        g.prefill_done();
+        assert_eq!((f.requests(), f.prefilling(), f.decoding(), f.tokens()), (2, 1, 1, 100));
+        assert!(!g.in_prefill() && h.in_prefill());
         drop(g);
-        assert_eq!((f.requests(), f.tokens()), (1, 100));
+        assert_eq!((f.requests(), f.prefilling(), f.tokens()), (1, 1, 100));
         drop(h);
-        assert_eq!((f.requests(), f.tokens()), (0, 0));
+        assert_eq!((f.requests(), f.prefilling(), f.tokens()), (0, 0, 0));
     }
 }

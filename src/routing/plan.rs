@@ -4,7 +4,7 @@
 
 use crate::routing::endpoint::{Endpoint, EndpointId};
 use crate::routing::prefix::precise::{PreciseIndex, ViewStatus, request_keys};
-use crate::routing::prefix::{BlockHasher, PrefixConfig, PrefixIndex, PromptHashes};
+use crate::routing::prefix::{BlockHasher, BytesPerToken, PrefixConfig, PrefixIndex, PromptHashes};
 use crate::routing::request::{ParsedRequest, TokenSource};
 use crate::routing::schedule::{
     Decision, Explanation, Input, NoDecision, PrefixSource, SchedRequest, Scheduler, Subset, Target,
@@ -40,6 +40,12 @@ pub struct Planned {
     /// The target's view is precise and the request will store at least one block there: its
     /// events should follow the answer.
     pub expects_events: bool,
+    /// Estimated prompt tokens (exact in a precise pool when the prompt was tokenized).
+    pub prompt_tokens: u64,
+    /// Tokens per matched unit of `Target::matched_blocks` (1 where matches are in tokens).
+    pub block_tokens: u64,
+    /// Per target (same order as the decision's), whether its match came from its KV events.
+    pub precise_targets: Vec<bool>,
 }
 
 impl Planned {
@@ -137,6 +143,7 @@ pub struct Planner {
     index: PrefixIndex,
     precise: Option<PrecisePrefix>,
     stale_after_ms: u64,
+    bytes_per_token: BytesPerToken,
 }
 
 impl Planner {
@@ -144,7 +151,12 @@ impl Planner {
     /// unknown to its scheduler.
     pub fn new(models: Vec<String>, scheduler: Scheduler, stale_after_ms: u64) -> Self {
         let index = PrefixIndex::new(scheduler.prefix_config().index_capacity);
-        Self { models, scheduler, index, precise: None, stale_after_ms }
+        Self { models, scheduler, index, precise: None, stale_after_ms, bytes_per_token: BytesPerToken::default() }
+    }
+
+    /// The pool's bytes of prompt per token, learned from responses.
+    pub fn bytes_per_token(&self) -> &BytesPerToken {
+        &self.bytes_per_token
     }
 
     /// The same planner, matching precisely where the endpoints' KV events allow.
@@ -210,7 +222,10 @@ impl Planner {
         // Precise pools count in tokens (blocks of one token); the approximate index in its blocks.
         let (prompt_tokens, total_blocks, block_tokens) = match &exact {
             Some(m) => (m.prompt_tokens, m.prompt_tokens as usize, 1),
-            None => (prompt.prompt_tokens() as u64, prompt.hashes.len(), cfg.block_tokens() as u64),
+            None => {
+                let bpt = self.bytes_per_token.get();
+                (prompt.prompt_tokens_at(bpt), prompt.hashes.len(), cfg.block_tokens_at(bpt))
+            }
         };
         let input = Input {
             request: SchedRequest {
@@ -255,10 +270,18 @@ impl Planner {
                 && uncached(primary) >= bs
                 && u64::from(primary.matched_blocks) < m.window[primary.index]
         }) && decision.prefill.is_none();
+        let precise_targets = decision
+            .targets
+            .iter()
+            .map(|t| exact.as_ref().is_some_and(|m| m.sources[t.index] == PrefixSource::Precise))
+            .collect();
         Ok(Planned {
             uncached_tokens: uncached(primary),
             prefill_uncached_tokens: decision.prefill.as_ref().map(uncached),
             expects_events,
+            prompt_tokens,
+            block_tokens,
+            precise_targets,
             decision,
             prompt,
         })

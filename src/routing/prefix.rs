@@ -29,7 +29,8 @@ pub const DEFAULT_MAX_BLOCKS: usize = 2048;
 /// Default prefix-index capacity per endpoint, in blocks: 8192 × 64 tokens ≈ 524k tokens, about
 /// the KV cache of an 8B model on one 80 GB GPU. Sized from `vllm:cache_config_info` when scraped.
 pub const DEFAULT_INDEX_CAPACITY: usize = 8192;
-/// kvgate's tokenizer-free estimate: bytes of prompt per token.
+/// kvgate's tokenizer-free estimate of bytes of prompt per token, until responses' usage says
+/// better ([`BytesPerToken`]).
 pub const BYTES_PER_TOKEN: usize = 4;
 
 /// The hash of one block, which also identifies every block before it.
@@ -63,11 +64,69 @@ impl PrefixConfig {
         (self.block_bytes / BYTES_PER_TOKEN).max(1)
     }
 
+    /// Estimated tokens per block at `bytes_per_token`.
+    pub fn block_tokens_at(&self, bytes_per_token: f64) -> u64 {
+        ((self.block_bytes as f64 / bytes_per_token.max(0.1)).round() as u64).max(1)
+    }
+
     /// Index capacity in blocks for an endpoint whose KV cache holds `gpu_blocks` × `block_size`
-    /// tokens (from `vllm:cache_config_info`).
-    pub fn capacity_for_kv(&self, gpu_blocks: u64, block_size_tokens: u64) -> usize {
-        let tokens = gpu_blocks.saturating_mul(block_size_tokens);
-        usize::try_from(tokens / self.block_tokens() as u64).unwrap_or(usize::MAX).max(1)
+    /// tokens (from `vllm:cache_config_info`), at `bytes_per_token`.
+    pub fn capacity_for_kv(&self, gpu_blocks: u64, block_size_tokens: u64, bytes_per_token: f64) -> usize {
+        let bytes = gpu_blocks.saturating_mul(block_size_tokens) as f64 * bytes_per_token;
+        ((bytes / self.block_bytes.max(1) as f64) as usize).max(1)
+    }
+}
+
+/// A pool's bytes of canonical prompt per token, learned from responses' `usage.prompt_tokens`
+/// against the prompt bytes kvgate hashed: a decayed ratio of sums (each sample weighs at most
+/// 8,192 tokens, so one huge prompt does not set it alone), starting at [`BYTES_PER_TOKEN`].
+/// Reads are one atomic load.
+#[derive(Debug)]
+pub struct BytesPerToken {
+    current: std::sync::atomic::AtomicU64,
+    sums: parking_lot::Mutex<(f64, f64, u64)>,
+}
+
+impl Default for BytesPerToken {
+    fn default() -> Self {
+        Self {
+            current: std::sync::atomic::AtomicU64::new((BYTES_PER_TOKEN as f64).to_bits()),
+            // A prior worth 2,048 tokens at 4 bytes each.
+            sums: parking_lot::Mutex::new((2048.0 * BYTES_PER_TOKEN as f64, 2048.0, 0)),
+        }
+    }
+}
+
+impl BytesPerToken {
+    /// Bytes per token now.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.current.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Samples learned from.
+    pub fn samples(&self) -> u64 {
+        self.sums.lock().2
+    }
+
+    /// Learns that a prompt of `bytes` canonical bytes was `tokens` tokens. Prompts under 16
+    /// tokens, and ratios outside 0.5–32 bytes per token (a response about another prompt), are
+    /// ignored.
+    pub fn observe(&self, bytes: usize, tokens: u64) {
+        if tokens < 16 {
+            return;
+        }
+        let ratio = bytes as f64 / tokens as f64;
+        if !(0.5..=32.0).contains(&ratio) {
+            return;
+        }
+        let w = tokens.min(8192) as f64;
+        let mut s = self.sums.lock();
+        // Decay: about the last 100k tokens' worth count.
+        let keep = (1.0 - w / 100_000.0).max(0.5);
+        s.0 = s.0 * keep + w * ratio;
+        s.1 = s.1 * keep + w;
+        s.2 += 1;
+        self.current.store((s.0 / s.1).to_bits(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -161,9 +220,9 @@ pub struct PromptHashes {
 }
 
 impl PromptHashes {
-    /// Estimated prompt length in tokens.
-    pub fn prompt_tokens(&self) -> usize {
-        self.prompt_bytes.div_ceil(BYTES_PER_TOKEN)
+    /// Estimated prompt length in tokens at `bytes_per_token`.
+    pub fn prompt_tokens_at(&self, bytes_per_token: f64) -> u64 {
+        (self.prompt_bytes as f64 / bytes_per_token.max(0.1)).ceil() as u64
     }
 }
 
@@ -224,8 +283,27 @@ mod tests {
     fn capacity_from_kv_cache() {
         let c = PrefixConfig::default();
         // 32768 vLLM blocks of 16 tokens = 524288 tokens = 8192 blocks of 64 tokens.
-        assert_eq!(c.capacity_for_kv(32768, 16), 8192);
-        assert_eq!(c.capacity_for_kv(0, 16), 1);
+        assert_eq!(c.capacity_for_kv(32768, 16, 4.0), 8192);
+        assert_eq!(c.capacity_for_kv(0, 16, 4.0), 1);
+        // At 5.5 bytes per token the same cache holds 37.5% more prompt bytes.
+        assert_eq!(c.capacity_for_kv(32768, 16, 5.5), 11264);
+        assert_eq!(c.block_tokens_at(5.5), 47);
+    }
+
+    #[test]
+    fn bytes_per_token_is_learned() {
+        let b = BytesPerToken::default();
+        assert_eq!(b.get(), 4.0);
+        for _ in 0..200 {
+            b.observe(5490, 1000);
+        }
+        assert!((b.get() - 5.49).abs() < 0.02, "{}", b.get());
+        // Tiny prompts and absurd ratios change nothing.
+        b.observe(10_000, 10);
+        b.observe(100_000, 1000);
+        b.observe(10, 1000);
+        assert!((b.get() - 5.49).abs() < 0.02, "{}", b.get());
+        assert_eq!(b.samples(), 200);
     }
 
     proptest! {

@@ -24,10 +24,13 @@ use std::sync::Arc;
 pub use config::{SchedulerSpec, SpecError};
 pub use filter::{AffinityParams, Filter, Subset, UtilizationParams};
 pub use picker::{Picker, PickerParams};
-pub use scorer::{ActiveRequestParams, LoadAwareParams, NoHitLruParams, PrefixParams, Scorer, TokenLoadParams};
+pub use scorer::{
+    ActiveRequestParams, LoadAwareParams, NoHitLruParams, PredictedTtftParams, PrefixParams, Scorer, TokenLoadParams,
+};
 
 use crate::routing::endpoint::{Endpoint, EndpointId, Health, Metrics};
 use crate::routing::prefix::PrefixConfig;
+use crate::routing::ttft::TtftParams;
 use picker::Scored;
 
 /// The scheduler used when a pool configures none (see ARCHITECTURE.md for the reasoning).
@@ -78,6 +81,19 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     fn metrics(&self, i: usize) -> Option<&Metrics> {
         self.input.endpoints[i].fresh_metrics(self.input.now_ms, self.input.stale_after_ms)
+    }
+
+    /// The request's prompt tokens endpoint `i` does not hold.
+    fn uncached_tokens(&self, i: usize) -> u64 {
+        let req = &self.input.request;
+        req.prompt_tokens.saturating_sub(u64::from(self.input.prefix_blocks[i]) * req.block_tokens)
+    }
+
+    /// Endpoint `i`'s predicted TTFT for the request: its model applied to kvgate's prefill
+    /// tokens in flight there plus the request's uncached tokens, and its requests in decode.
+    fn predicted_ttft_ms(&self, i: usize) -> f64 {
+        let e = &self.input.endpoints[i];
+        e.ttft.predict_ms(e.in_flight.tokens() + self.uncached_tokens(i), e.in_flight.decoding())
     }
 
     /// No candidate holds any block of the prompt.
@@ -260,6 +276,10 @@ pub struct EndpointExplanation {
     /// Where the match came from (precise pools only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix_source: Option<PrefixSource>,
+    /// Its TTFT model's prediction for this request, ms.
+    pub predicted_ttft_ms: f64,
+    /// The model's coefficients.
+    pub ttft_model: TtftParams,
     /// The stage that removed it (`subset`, `model`, `health`, or a filter name).
     pub filtered_by: Option<String>,
     /// Each scorer's raw score, weight and weighted score.
@@ -289,11 +309,14 @@ impl Explanation {
                 .endpoints
                 .iter()
                 .zip(input.prefix_blocks)
-                .map(|(e, &m)| EndpointExplanation {
+                .enumerate()
+                .map(|(i, (e, &m))| EndpointExplanation {
                     address: e.address,
                     matched_blocks: m,
                     matched_tokens: u64::from(m) * input.request.block_tokens,
                     prefix_source: None,
+                    predicted_ttft_ms: Ctx { input }.predicted_ttft_ms(i),
+                    ttft_model: e.ttft.params(),
                     filtered_by: None,
                     scores: Vec::new(),
                     total: 0.0,

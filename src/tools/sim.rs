@@ -136,6 +136,19 @@ pub struct SimArgs {
     /// Seconds an idle kept-alive connection stays open (vLLM's HTTP server default: 5).
     #[arg(long, default_value_t = 5.0)]
     pub timeout_keep_alive: f64,
+    /// Honour `/metrics?name[]=…` filters, as vLLM's exporter did before 0.32 (vLLM 0.32
+    /// answers every scrape with its whole exposition, about 50 KB, and so does the simulator
+    /// without this flag).
+    #[arg(long)]
+    pub metrics_name_filter: bool,
+    /// Leave `usage.prompt_tokens_details.cached_tokens` out of responses, as vLLM does without
+    /// `--enable-prompt-tokens-details` (a backend that does not say what it had cached).
+    #[arg(long)]
+    pub no_prompt_tokens_details: bool,
+    /// Leave `vllm:cache_config_info` out of `/metrics` (a backend that does not say how large
+    /// its KV cache is).
+    #[arg(long)]
+    pub no_cache_config_info: bool,
 }
 
 /// Default KV blocks: ~465k tokens of KV for an 8B model on an 80 GB GPU.
@@ -264,6 +277,9 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
             "version": concat!("kvgate-sim-", env!("CARGO_PKG_VERSION")),
         }),
         rng: Mutex::new(fastrand::Rng::with_seed(args.seed)),
+        metrics_name_filter: args.metrics_name_filter,
+        prompt_tokens_details: !args.no_prompt_tokens_details,
+        cache_config_info: !args.no_cache_config_info,
         next_id: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         tokenizer,

@@ -9,19 +9,35 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrapeConfig {
-    /// Time between scrapes of one endpoint, jittered ±20% (default 50).
+    /// Time between scrapes of one endpoint while its scraped load is what kvgate's own
+    /// in-flight count explains, jittered by up to 20% (default 2000). kvgate's counts are
+    /// current to the request, so scraped gauges only correct them; a real vLLM server spends
+    /// about 7 ms of CPU on each exposition.
     pub interval_ms: u64,
+    /// Time between scrapes while they are not explained: the endpoint's running + waiting
+    /// requests differ from kvgate's in-flight count (other clients, a restart), or the last
+    /// scrape failed (default 750; at most `interval_ms`). Together they keep a server's cost
+    /// within 1% of a core.
+    pub fast_interval_ms: u64,
     /// Bound on one scrape (default 1000).
     pub timeout_ms: u64,
-    /// Scraped load older than this counts as unknown, not idle (default 2000).
-    pub stale_after_ms: u64,
+    /// Scraped load older than this counts as unknown, not idle (default: 2.5 × `interval_ms`,
+    /// at least 5000).
+    pub stale_after_ms: Option<u64>,
     /// Largest `/metrics` body accepted (default 8 MiB).
     pub max_bytes: usize,
 }
 
+impl ScrapeConfig {
+    /// `stale_after_ms`, or its default.
+    pub fn stale_after_ms(&self) -> u64 {
+        self.stale_after_ms.unwrap_or_else(|| (self.interval_ms.saturating_mul(5) / 2).max(5000))
+    }
+}
+
 impl Default for ScrapeConfig {
     fn default() -> Self {
-        Self { interval_ms: 50, timeout_ms: 1000, stale_after_ms: 2000, max_bytes: 8 << 20 }
+        Self { interval_ms: 2000, fast_interval_ms: 750, timeout_ms: 1000, stale_after_ms: None, max_bytes: 8 << 20 }
     }
 }
 

@@ -41,6 +41,9 @@ struct BlockLru {
     /// Least recently touched: evicted first.
     tail: u32,
     capacity: usize,
+    /// The capacity set from outside (`vllm:cache_config_info` or the default); cache feedback
+    /// moves `capacity` below it, never above.
+    ceiling: usize,
 }
 
 impl BlockLru {
@@ -51,6 +54,40 @@ impl BlockLru {
             head: NIL,
             tail: NIL,
             capacity: capacity.clamp(1, NIL as usize - 1),
+            ceiling: capacity.clamp(1, NIL as usize - 1),
+        }
+    }
+
+    /// Evicts the least recent entries until at most `keep` remain (their slots are reused by
+    /// later touches; the allocation is kept).
+    fn evict_to(&mut self, keep: usize) {
+        while self.len() > keep && self.tail != NIL {
+            let victim = self.tail;
+            self.unlink(victim);
+            let old = self.nodes[victim as usize].hash;
+            let nodes = &self.nodes;
+            if let Ok(entry) = self.table.find_entry(old, |&i| nodes[i as usize].hash == old) {
+                entry.remove();
+            }
+            // Move the last node into the victim's slot so the slab stays dense.
+            let last = (self.nodes.len() - 1) as u32;
+            if victim != last {
+                let moved = self.nodes[last as usize];
+                self.nodes[victim as usize] = moved;
+                match moved.prev {
+                    NIL => self.head = victim,
+                    p => self.nodes[p as usize].next = victim,
+                }
+                match moved.next {
+                    NIL => self.tail = victim,
+                    n => self.nodes[n as usize].prev = victim,
+                }
+                let nodes = &self.nodes;
+                if let Some(slot) = self.table.find_mut(moved.hash, |&i| nodes[i as usize].hash == moved.hash) {
+                    *slot = victim;
+                }
+            }
+            self.nodes.pop();
         }
     }
 
@@ -230,6 +267,7 @@ impl PrefixIndex {
     }
 
     /// Sets one endpoint's capacity in blocks (creating its set if needed, evicting if smaller).
+    /// A capacity lowered by cache feedback stays as low, within the new ceiling.
     pub fn set_capacity(&self, endpoint: EndpointId, capacity: usize) {
         let mut slots = self.endpoints.write();
         let i = endpoint.index();
@@ -239,11 +277,50 @@ impl PrefixIndex {
         match &mut slots[i] {
             Some(lru) => {
                 let lru = lru.get_mut();
-                if lru.capacity != capacity.max(1) {
-                    lru.resize(capacity);
+                let corrected = lru.capacity < lru.ceiling;
+                let want = if corrected { lru.capacity.min(capacity.max(1)) } else { capacity.max(1) };
+                if lru.capacity != want {
+                    lru.resize(want);
                 }
+                lru.ceiling = capacity.clamp(1, NIL as usize - 1);
             }
             slot @ None => *slot = Some(RwLock::new(BlockLru::new(capacity))),
+        }
+    }
+
+    /// Cache feedback: the endpoint held `missing` fewer blocks of a prompt than the index
+    /// believed, so it keeps fewer than the index does. Its capacity drops to what it holds less
+    /// `missing` (never below 1/16 of its ceiling) and the least recent entries go, as the
+    /// endpoint's own LRU evicted them. Returns the new capacity.
+    pub fn held_less(&self, endpoint: EndpointId, missing: usize) -> usize {
+        let slots = self.endpoints.read();
+        let Some(Some(lru)) = slots.get(endpoint.index()) else { return 0 };
+        let mut lru = lru.write();
+        let floor = (lru.ceiling / 16).max(1);
+        lru.capacity = lru.capacity.min(lru.len()).saturating_sub(missing).max(floor);
+        let cap = lru.capacity;
+        lru.evict_to(cap);
+        cap
+    }
+
+    /// Cache feedback: the endpoint held `extra` more blocks of a prompt than the index
+    /// believed; its capacity grows by as much, up to its ceiling. Returns the new capacity.
+    pub fn held_more(&self, endpoint: EndpointId, extra: usize) -> usize {
+        let slots = self.endpoints.read();
+        let Some(Some(lru)) = slots.get(endpoint.index()) else { return 0 };
+        let mut lru = lru.write();
+        lru.capacity = lru.capacity.saturating_add(extra).min(lru.ceiling);
+        lru.capacity
+    }
+
+    /// One endpoint's capacity now and its ceiling, in blocks.
+    pub fn capacity(&self, endpoint: EndpointId) -> Option<(usize, usize)> {
+        match self.endpoints.read().get(endpoint.index()) {
+            Some(Some(lru)) => {
+                let lru = lru.read();
+                Some((lru.capacity, lru.ceiling))
+            }
+            _ => None,
         }
     }
 
@@ -312,6 +389,34 @@ mod tests {
         let mut out = Vec::new();
         index.match_into(&[ep(1), ep(7), ep(0)], &a, &mut out);
         assert_eq!(out, [3, 0, 6]);
+    }
+
+    #[test]
+    fn feedback_moves_capacity_within_its_ceiling() {
+        let index = PrefixIndex::new(100);
+        let (a, b, c) = (chain(1, 30), chain(2, 30), chain(3, 30));
+        for x in [&a, &b, &c] {
+            index.record(ep(0), x);
+        }
+        // The endpoint held 10 blocks less than believed: the oldest ten go (a's tail).
+        assert_eq!(index.held_less(ep(0), 10), 80);
+        assert_eq!(index.endpoint_blocks(ep(0)), 80);
+        check(&index, 0, &a, 20);
+        check(&index, 0, &c, 30);
+        // The set stays bounded at its new capacity, evicting tails first.
+        index.record(ep(0), &chain(4, 20));
+        assert_eq!(index.endpoint_blocks(ep(0)), 80);
+        check(&index, 0, &a, 0);
+        check(&index, 0, &b, 30);
+        // Never below 1/16 of the ceiling, never above it.
+        assert_eq!(index.held_less(ep(0), 1000), 6);
+        assert_eq!(index.held_more(ep(0), 50), 56);
+        assert_eq!(index.held_more(ep(0), 500), 100);
+        // A ceiling set from outside keeps a lowered capacity as low.
+        index.held_less(ep(0), 1000);
+        index.set_capacity(ep(0), 200);
+        assert_eq!(index.capacity(ep(0)), Some((6, 200)));
+        assert_eq!(index.held_less(ep(9), 1), 0, "unknown endpoints are left alone");
     }
 
     #[test]

@@ -78,10 +78,11 @@ pub struct AffinityParams {
     pub max_in_flight_imbalance: u64,
     /// See `maxInFlightImbalance`: the allowed excess grows with the pool's load.
     pub max_in_flight_ratio: f64,
-    /// Prefill throughput (tokens/s) used to turn queued tokens into waiting time.
+    /// Accepted for compatibility and unused: each endpoint's prefill rate is learned (its
+    /// TTFT model, `routing::ttft`), starting from this figure's default.
     pub peak_prefill_throughput: f64,
-    /// A sticky endpoint whose estimated time to first token exceeds the best candidate's by
-    /// more than this is saturated and released.
+    /// A sticky endpoint whose predicted time to first token (its learned TTFT model) exceeds
+    /// the best candidate's by more than this is saturated and released.
     #[serde(rename = "maxTTFTPenaltyMs")]
     pub max_ttft_penalty_ms: f64,
 }
@@ -163,11 +164,7 @@ fn affinity(p: &AffinityParams, ctx: &Ctx<'_>, cands: &mut Vec<usize>) {
         return;
     }
     let in_flight = |i: usize| &ctx.input.endpoints[i].in_flight;
-    let est_ms = |i: usize| {
-        let cached = u64::from(ctx.input.prefix_blocks[i]) * req.block_tokens;
-        let uncached = req.prompt_tokens.saturating_sub(cached);
-        (in_flight(i).tokens() + uncached) as f64 * 1000.0 / p.peak_prefill_throughput.max(1.0)
-    };
+    let est_ms = |i: usize| ctx.predicted_ttft_ms(i);
     let total: u64 = cands.iter().map(|&i| in_flight(i).requests()).sum();
     let others = cands.len() as f64 - 1.0;
     let min_est = cands.iter().map(|&i| est_ms(i)).fold(f64::INFINITY, f64::min);

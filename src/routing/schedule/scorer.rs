@@ -52,6 +52,20 @@ impl Default for TokenLoadParams {
     }
 }
 
+/// Parameters of `predicted-ttft-scorer`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PredictedTtftParams {
+    /// Predicted TTFT above the best candidate's at which the score halves.
+    pub scale_ms: f64,
+}
+
+impl Default for PredictedTtftParams {
+    fn default() -> Self {
+        Self { scale_ms: 100.0 }
+    }
+}
+
 /// Parameters of `load-aware-scorer`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -108,6 +122,10 @@ pub enum Scorer {
     ActiveRequest(ActiveRequestParams),
     /// `token-load-scorer`: kvgate's in-flight uncached prompt tokens.
     TokenLoad(TokenLoadParams),
+    /// `predicted-ttft-scorer`: each endpoint's learned TTFT model applied to the prefill work
+    /// ahead of the request and its own uncached tokens there; `1 / (1 + excess / scaleMs)` of
+    /// the excess over the best candidate.
+    PredictedTtft(PredictedTtftParams),
     /// `load-aware-scorer`: scraped waiting requests against a fixed threshold.
     LoadAware(LoadAwareParams),
     /// `lora-affinity-scorer`: prefers endpoints with the adapter resident, then room for it.
@@ -167,6 +185,13 @@ impl Scorer {
                 for (o, &i) in out.iter_mut().zip(cands) {
                     let t = ep(i).in_flight.tokens() as f64;
                     *o = 1.0 - (t / p.queue_threshold_tokens.max(1) as f64).min(1.0);
+                }
+            }
+            Self::PredictedTtft(p) => {
+                let predicted: Vec<f64> = cands.iter().map(|&i| ctx.predicted_ttft_ms(i)).collect();
+                let best = predicted.iter().copied().fold(f64::INFINITY, f64::min);
+                for (o, t) in out.iter_mut().zip(predicted) {
+                    *o = 1.0 / (1.0 + (t - best).max(0.0) / p.scale_ms.max(1e-3));
                 }
             }
             Self::LoadAware(p) => {

@@ -164,6 +164,46 @@ fn long_queued_prefill_releases_stickiness() {
 }
 
 #[test]
+fn saturation_follows_each_endpoints_learned_speed() {
+    use crate::routing::ttft::TtftSample;
+    let s = Scheduler::default_config();
+    let eps = endpoints(2);
+    // 8,000 prefill tokens queued on the holder: 0.5 s at the prior rate, sticky.
+    eps[0].in_flight.start(8_000);
+    check(&s, &eps, &[10, 0], request(10), Ok(0));
+    // The holder turns out to prefill at 2,000 tokens/s: 4 s of wait, over the penalty.
+    for k in 0..200u64 {
+        let work = 500 + k * 40;
+        eps[0].ttft.observe(TtftSample { work_tokens: work, decodes: 0, ttft_ms: 20.0 + work as f64 / 2.0, at_ms: k });
+    }
+    check(&s, &eps, &[10, 0], request(10), Ok(1));
+}
+
+#[test]
+fn predicted_ttft_scores_relative_to_the_best() {
+    let s = spec("plugins: [{type: predicted-ttft-scorer, parameters: {scaleMs: 100}}, {type: max-score-picker}]")
+        .expect("valid");
+    let eps = endpoints(3);
+    // 1,592.8 tokens ahead on #0 = 100 ms at the prior rate; 3,185.6 on #1 = 200 ms.
+    eps[0].in_flight.start(1593);
+    eps[1].in_flight.start(3186);
+    let mut x = Explanation::default();
+    let input = Input {
+        request: request(10),
+        endpoints: &eps,
+        prefix_blocks: &[0, 0, 0],
+        pool_models: &models(),
+        now_ms: NOW,
+        stale_after_ms: STALE,
+    };
+    let d = s.schedule(&input, &mut fastrand::Rng::with_seed(1), 3, Some(&mut x)).expect("decision");
+    assert_eq!(d.targets.iter().map(|t| t.index).collect::<Vec<_>>(), [2, 0, 1]);
+    let raw: Vec<f64> = x.endpoints.iter().map(|e| e.scores[0].raw).collect();
+    assert!((raw[2] - 1.0).abs() < 1e-9 && (raw[0] - 0.5).abs() < 0.01 && (raw[1] - 1.0 / 3.0).abs() < 0.01, "{raw:?}");
+    assert!(x.endpoints[1].predicted_ttft_ms > x.endpoints[0].predicted_ttft_ms);
+}
+
+#[test]
 fn partial_match_yields_to_load() {
     let s = Scheduler::default_config();
     let eps = endpoints(3);
@@ -319,7 +359,7 @@ fn explanation_accounts_for_every_endpoint() {
     assert_eq!(x.endpoints[0].filtered_by.as_deref(), Some("health"));
     assert!(x.endpoints[0].scores.is_empty());
     for e in &x.endpoints[1..] {
-        assert_eq!(e.scores.len(), 5, "one term per scorer");
+        assert_eq!(e.scores.len(), 6, "one term per scorer");
         let sum: f64 = e.scores.iter().map(|t| t.weighted).sum();
         assert!((sum - e.total).abs() < 1e-9);
     }

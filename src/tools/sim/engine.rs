@@ -45,6 +45,7 @@ struct Seq {
     cached_tokens: usize,
     admitted: bool,
     scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
     rng: fastrand::Rng,
 }
@@ -192,6 +193,7 @@ impl Engine {
                     cached_tokens: 0,
                     admitted: false,
                     scheduled_at: None,
+                    first_token_at: None,
                     last_token_at: None,
                     rng: fastrand::Rng::with_seed(seed),
                 });
@@ -389,6 +391,10 @@ impl Engine {
         let bs = self.cfg.block_size;
         let now = Instant::now();
         let l = [self.rank_label.clone(), self.cfg.model_name.clone()];
+        let step_tokens: usize = work.iter().map(|w| w.tokens).sum();
+        if step_tokens > 0 {
+            self.metrics.detail.iteration_tokens.with_label_values(&l).observe(step_tokens as f64);
+        }
         let mut finished = Vec::new();
         for (i, w) in work.iter().enumerate() {
             if w.tokens == 0 || i >= self.running.len() {
@@ -415,6 +421,7 @@ impl Engine {
                 // Sample the next token.
                 let token = seq.rng.u32(..self.cfg.vocab.max(1));
                 if seq.output == 0 {
+                    seq.first_token_at = Some(now);
                     self.metrics.ttft.with_label_values(&l).observe((now - seq.sub.arrival).as_secs_f64());
                     self.metrics.prompt_tokens.with_label_values(&l).inc_by(seq.prompt_len as u64);
                 } else if let Some(prev) = seq.last_token_at {
@@ -452,6 +459,12 @@ impl Engine {
         }
         if reason != FinishReason::Abort {
             self.metrics.e2e.with_label_values(&l).observe(seq.sub.arrival.elapsed().as_secs_f64());
+            let started = seq.scheduled_at.unwrap_or(seq.sub.arrival);
+            let first = seq.first_token_at.unwrap_or(started);
+            let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+            let now = Instant::now();
+            let times = [secs(started, first), secs(first, now), secs(started, now)];
+            self.metrics.detail.finished(&l, seq.prompt_len, seq.output, seq.sub.max_tokens, times);
         }
         let kv_transfer_params = (seq.sub.handoff == Handoff::Prefill && reason != FinishReason::Abort).then(|| {
             json!({

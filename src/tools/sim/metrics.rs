@@ -52,9 +52,83 @@ pub(crate) struct SimMetrics {
     pub cache_config: GaugeVec,
     /// `vllm:lora_requests_info` (value: unix time of the last change).
     pub lora_info: GaugeVec,
+    /// The rest of a vLLM server's exposition (request-size and phase-time histograms, the
+    /// Python process and HTTP families), so a scrape costs what a real one does.
+    pub detail: Detail,
     /// `kvgate_sim_kv_handoffs_total{engine,model_name,leg}` (simulator only): finished P/D legs,
     /// `prefill` (KV kept for a decode endpoint) or `decode` (KV loaded from a prefill endpoint).
     pub handoffs: IntCounterVec,
+}
+
+const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+const ITERATION_BUCKETS: &[f64] =
+    &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+const N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
+const TPOT_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const HTTP_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 7.5, 10.0, 30.0, 60.0,
+];
+/// The API server's routes, as its HTTP instrumentation labels them.
+const HANDLERS: &[&str] =
+    &["/v1/chat/completions", "/v1/completions", "/metrics", "/health", "/v1/models", "/tokenize", "/version"];
+
+/// The families of a vLLM server's exposition that routing does not read.
+#[derive(Debug, Clone)]
+pub(crate) struct Detail {
+    /// `vllm:request_prompt_tokens`.
+    pub prompt_tokens: HistogramVec,
+    /// `vllm:request_generation_tokens`.
+    pub generation_tokens: HistogramVec,
+    /// `vllm:request_params_max_tokens`.
+    pub max_tokens: HistogramVec,
+    /// `vllm:request_max_num_generation_tokens`.
+    pub max_generation_tokens: HistogramVec,
+    /// `vllm:request_params_n`.
+    pub n: HistogramVec,
+    /// `vllm:iteration_tokens_total`.
+    pub iteration_tokens: HistogramVec,
+    /// `vllm:request_inference_time_seconds`.
+    pub inference_time: HistogramVec,
+    /// `vllm:request_prefill_time_seconds`.
+    pub prefill_time: HistogramVec,
+    /// `vllm:request_decode_time_seconds`.
+    pub decode_time: HistogramVec,
+    /// `vllm:request_time_per_output_token_seconds`.
+    pub tpot: HistogramVec,
+    /// `http_requests_total{handler,method,status}`.
+    pub http_requests: IntCounterVec,
+    /// `http_request_duration_seconds{handler,method}`.
+    pub http_duration: HistogramVec,
+    /// `http_request_duration_highr_seconds`.
+    pub http_duration_highr: HistogramVec,
+}
+
+impl Detail {
+    /// One finished request: its prompt and output lengths, `max_tokens`, and phase times.
+    pub(crate) fn finished(&self, l: &[&str; 2], prompt: usize, output: usize, max_tokens: usize, t: [f64; 3]) {
+        let [prefill, decode, total] = t;
+        self.prompt_tokens.with_label_values(l).observe(prompt as f64);
+        self.generation_tokens.with_label_values(l).observe(output as f64);
+        self.max_tokens.with_label_values(l).observe(max_tokens as f64);
+        self.max_generation_tokens.with_label_values(l).observe(max_tokens as f64);
+        self.n.with_label_values(l).observe(1.0);
+        self.inference_time.with_label_values(l).observe(total);
+        self.prefill_time.with_label_values(l).observe(prefill);
+        self.decode_time.with_label_values(l).observe(decode);
+        if output > 1 {
+            self.tpot.with_label_values(l).observe(decode / (output - 1) as f64);
+        }
+    }
+
+    /// One HTTP request the API server answered.
+    pub(crate) fn http(&self, handler: &str, method: &str, status: u16, seconds: f64) {
+        let handler = HANDLERS.iter().find(|h| **h == handler).copied().unwrap_or("none");
+        let status = format!("{}xx", status / 100);
+        self.http_requests.with_label_values(&[handler, method, &status]).inc();
+        self.http_duration.with_label_values(&[handler, method]).observe(seconds);
+        self.http_duration_highr.with_label_values(&[] as &[&str]).observe(seconds);
+    }
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -102,6 +176,85 @@ impl SimMetrics {
         )
         .expect("valid gauge");
         reg(Box::new(cache_config.clone()));
+        let hist = |n: &str, h: &str, buckets: &[f64], labels: &[&str]| {
+            let v =
+                HistogramVec::new(HistogramOpts::new(n, h).buckets(buckets.to_vec()), labels).expect("valid histogram");
+            reg(Box::new(v.clone()));
+            v
+        };
+        let detail = Detail {
+            prompt_tokens: hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS, l),
+            generation_tokens: hist(
+                "vllm:request_generation_tokens",
+                "Number of generation tokens processed.",
+                TOKEN_BUCKETS,
+                l,
+            ),
+            max_tokens: hist(
+                "vllm:request_params_max_tokens",
+                "Histogram of the max_tokens request parameter.",
+                TOKEN_BUCKETS,
+                l,
+            ),
+            max_generation_tokens: hist(
+                "vllm:request_max_num_generation_tokens",
+                "Histogram of maximum number of requested generation tokens.",
+                TOKEN_BUCKETS,
+                l,
+            ),
+            n: hist("vllm:request_params_n", "Histogram of the n request parameter.", N_BUCKETS, l),
+            iteration_tokens: hist(
+                "vllm:iteration_tokens_total",
+                "Histogram of number of tokens per engine_step.",
+                ITERATION_BUCKETS,
+                l,
+            ),
+            inference_time: hist(
+                "vllm:request_inference_time_seconds",
+                "Histogram of time spent in RUNNING phase for request.",
+                REQUEST_BUCKETS,
+                l,
+            ),
+            prefill_time: hist(
+                "vllm:request_prefill_time_seconds",
+                "Histogram of time spent in PREFILL phase for request.",
+                REQUEST_BUCKETS,
+                l,
+            ),
+            decode_time: hist(
+                "vllm:request_decode_time_seconds",
+                "Histogram of time spent in DECODE phase for request.",
+                REQUEST_BUCKETS,
+                l,
+            ),
+            tpot: hist(
+                "vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.",
+                TPOT_BUCKETS,
+                l,
+            ),
+            http_requests: {
+                let c = IntCounterVec::new(
+                    opts("http_requests_total", "Total number of requests by method, status and handler."),
+                    &["handler", "method", "status"],
+                )
+                .expect("valid counter");
+                reg(Box::new(c.clone()));
+                c
+            },
+            http_duration: hist(
+                "http_request_duration_seconds",
+                "Latency with only few buckets by handler.",
+                &[0.1, 0.5, 1.0],
+                &["handler", "method"],
+            ),
+            http_duration_highr: hist(
+                "http_request_duration_highr_seconds",
+                "Latency with many buckets but no API specific labels.",
+                HTTP_BUCKETS,
+                &[],
+            ),
+        };
         let lora_info = GaugeVec::new(
             opts("vllm:lora_requests_info", "Running stats on lora requests."),
             &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
@@ -157,14 +310,17 @@ impl SimMetrics {
             ),
             cache_config,
             lora_info,
+            detail,
             registry,
         }
     }
 
-    /// The Prometheus text exposition; with `names`, only those families (as prometheus_client
-    /// does for `?name[]=…`; counters are named without `_total` there).
-    pub(crate) fn render(&self, names: &[String]) -> String {
+    /// The Prometheus text exposition without the `hide` families; with `names`, only those
+    /// families (as prometheus_client does for `?name[]=…`; counters are named without
+    /// `_total` there).
+    pub(crate) fn render(&self, names: &[String], hide: &[&str]) -> String {
         let mut families = self.registry.gather();
+        families.retain(|f| !hide.contains(&f.name()));
         if !names.is_empty() {
             families.retain(|f| {
                 let n = f.name();

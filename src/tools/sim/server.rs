@@ -74,6 +74,12 @@ pub(crate) struct Shared {
     pub created: u64,
     /// The model's tokenizer (`--tokenizer`), else the simulator's own.
     pub tokenizer: Option<PromptTokenizer>,
+    /// `--metrics-name-filter`.
+    pub metrics_name_filter: bool,
+    /// Usage reports `prompt_tokens_details` (not `--no-prompt-tokens-details`).
+    pub prompt_tokens_details: bool,
+    /// `/metrics` shows `vllm:cache_config_info` (not `--no-cache-config-info`).
+    pub cache_config_info: bool,
 }
 
 /// One listening port: its engines and metrics.
@@ -127,7 +133,9 @@ pub(crate) fn app(state: Arc<PortState>) -> Router {
 }
 
 async fn identity_headers(State(st): St, req: Request, next: Next) -> Response {
+    let (path, method, started) = (req.uri().path().to_owned(), req.method().clone(), std::time::Instant::now());
     let mut resp = next.run(req).await;
+    st.metrics.detail.http(&path, method.as_str(), resp.status().as_u16(), started.elapsed().as_secs_f64());
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&st.shared.pod_name) {
         h.insert("x-inference-pod", v);
@@ -235,16 +243,22 @@ async fn health(State(st): St) -> StatusCode {
 }
 
 async fn metrics(State(st): St, uri: axum::http::Uri) -> Response {
-    // `?name[]=a&name[]=b` restricts the output, as prometheus_client's exposition does.
-    let names: Vec<String> = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == "name[]" || *k == "name%5B%5D")
-        .map(|(_, v)| v.replace("%3A", ":").replace("%3a", ":"))
-        .collect();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render(&names)).into_response()
+    // With `--metrics-name-filter`, `?name[]=a&name[]=b` restricts the output, as
+    // prometheus_client's exposition did before vLLM 0.32.
+    let names: Vec<String> = if st.shared.metrics_name_filter {
+        uri.query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| *k == "name[]" || *k == "name%5B%5D")
+            .map(|(_, v)| v.replace("%3A", ":").replace("%3a", ":"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let hide: &[&str] = if st.shared.cache_config_info { &[] } else { &["vllm:cache_config_info"] };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render(&names, hide))
+        .into_response()
 }
 
 async fn version() -> Response {

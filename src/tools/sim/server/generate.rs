@@ -41,6 +41,8 @@ pub(super) struct Reply {
     model: String,
     api: Api,
     include_usage: bool,
+    /// Usage carries `prompt_tokens_details`.
+    details: bool,
     tokenizer: Option<crate::routing::tokenize::PromptTokenizer>,
 }
 
@@ -61,13 +63,16 @@ impl Reply {
         }
     }
 
-    fn usage(done: &crate::tools::sim::engine::Done) -> Value {
-        json!({
+    fn usage(&self, done: &crate::tools::sim::engine::Done) -> Value {
+        let mut u = json!({
             "prompt_tokens": done.prompt_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens,
             "completion_tokens": done.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
-        })
+        });
+        if self.details {
+            u["prompt_tokens_details"] = json!({"cached_tokens": done.cached_tokens});
+        }
+        u
     }
 
     /// The chat stream's opening event: the assistant role with empty content.
@@ -99,7 +104,7 @@ impl Reply {
 
     fn usage_chunk(&self, done: &crate::tools::sim::engine::Done) -> Bytes {
         sse(
-            &json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [], "usage": Self::usage(done)}),
+            &json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [], "usage": self.usage(done)}),
         )
     }
 
@@ -114,7 +119,7 @@ impl Reply {
         };
         json!({
             "id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
-            "choices": [choice], "usage": Self::usage(done), "kv_transfer_params": done.kv_transfer_params,
+            "choices": [choice], "usage": self.usage(done), "kv_transfer_params": done.kv_transfer_params,
         })
     }
 }
@@ -278,6 +283,7 @@ pub(super) async fn generate(
         model,
         api,
         include_usage: stream && flag(&v, "stream_options", "include_usage") == Some(true),
+        details: shared.prompt_tokens_details,
         tokenizer: shared.tokenizer.clone(),
     };
     let abort_after = (fault == Some(FaultKind::Abort)).then_some(max_tokens / 2);
