@@ -31,15 +31,25 @@ export HF_ENDPOINT=http://127.0.0.1:9
 
 replicas=4
 requests=${REQUESTS:-240}
-# 8B-on-H100 latency at 4x speed; 1,200 blocks x 16 = 19,200 tokens of KV per replica (four hold
-# ~40% of a 600-request trace's working set).
-sim_flags=(--model m --served-model-name m --time-scale 0.25 --num-gpu-blocks-override 1200 --max-num-seqs 64 --seed 1)
+# An 8B model on one H100 (the simulator's latency model at time scale 1): prefill about 16k
+# tokens/s, so four replicas round-robin a 2,600-token shared-prefix stream at ~30 requests/s
+# before they queue. 1,200 blocks x 16 = 19,200 tokens of KV per replica for the synthetic
+# workloads; trace replays size the caches to hold 40% of the trace's working set in all.
+sim_flags=(--model m --served-model-name m --time-scale 1 --max-num-seqs 64 --seed 1)
 [ "${BACKEND:-sim}" = plain ] && sim_flags+=(--no-cache-config-info --no-prompt-tokens-details)
 
-rate_of() { case "$1" in light) echo 8 ;; medium) echo 16 ;; heavy) echo 32 ;; esac; }
+rate_of() { case "$1" in light) echo 8 ;; medium) echo 16 ;; heavy) echo 28 ;; esac; }
 burst_of() { case "$1" in light) echo 16 ;; medium) echo 48 ;; heavy) echo 128 ;; esac; }
-# The trace is generated at 8 sessions or one-offs per second; heavier loads replay it faster.
-scale_of() { case "$1" in light) echo 1.0 ;; medium) echo 0.5 ;; heavy) echo 0.25 ;; esac; }
+# The trace is generated at about 15 requests/s; heavier loads replay it faster.
+scale_of() { case "$1" in light) echo 2.0 ;; medium) echo 1.2 ;; heavy) echo 0.8 ;; esac; }
+# `blocks_for WORKLOAD SEED`: each replica's KV blocks.
+blocks_for() {
+  if [ "$1" = trace ]; then
+    python3 -c "import re,sys; n=int(re.search(r'working set (\d+) blocks', open(sys.argv[1]).read()).group(1)); print(max(64, int(n * 0.4 / $replicas)))" "$dir/trace-$2.txt"
+  else
+    echo 1200
+  fi
+}
 
 workload_flags() { # workload load seed
   local groups=$((requests / 16))
@@ -57,9 +67,13 @@ start_router() {
   shift 2
   for s in "$@"; do urls+=("http://127.0.0.1:$s"); eps+=("{address: '127.0.0.1:$s'}"); done
   case "$name" in
-    kvgate)
-      printf 'admin_addr: 127.0.0.1:%s\ngrpc_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:%s\npools: [{name: p, models: [m], endpoints: [%s]}]\n' \
+    kvgate|kvgate:*)
+      # `kvgate:FILE` runs kvgate with the scheduler in FILE (YAML, for comparing settings).
+      printf 'admin_addr: 127.0.0.1:%s\ngrpc_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:%s\npools:\n  - name: p\n    models: [m]\n    endpoints: [%s]\n' \
         "$(port)" "$p" "$(IFS=,; echo "${eps[*]}")" >"$dir/kvgate.yaml"
+      if [ "$name" != kvgate ]; then
+        { echo "    scheduler:"; sed 's/^/      /' "${name#kvgate:}"; } >>"$dir/kvgate.yaml"
+      fi
       "$bin" serve --config "$dir/kvgate.yaml" >"$dir/router.log" 2>&1 & ;;
     round-robin)
       printf 'admin_addr: 127.0.0.1:%s\ngrpc_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:%s\npools: [{name: p, models: [m], endpoints: [%s], scheduler: {plugins: [{type: round-robin-picker}]}}]\n' \
@@ -81,7 +95,7 @@ start_router() {
 wait_router() {
   for _ in $(seq 300); do
     case "$1" in
-      kvgate|round-robin) curl -sf "127.0.0.1:$2/v1/models" >/dev/null && sleep 0.3 && return ;;
+      kvgate*|round-robin) curl -sf "127.0.0.1:$2/v1/models" >/dev/null && sleep 0.3 && return ;;
       *) curl -s "127.0.0.1:$2/readiness" 2>/dev/null | grep -q "\"healthy_workers\":$replicas" && return ;;
     esac
     sleep 0.1
@@ -93,7 +107,7 @@ wait_router() {
 
 seeds=${SEEDS:-1 2}
 for seed in $seeds; do
-  python3 benches/gen_trace.py --seed "$seed" --requests "$((requests * 5 / 2))" --rate 8 >"$dir/trace-$seed.jsonl" 2>"$dir/trace-$seed.txt"
+  python3 benches/gen_trace.py --seed "$seed" --requests "$((requests * 2))" --rate 8 >"$dir/trace-$seed.jsonl" 2>"$dir/trace-$seed.txt"
 done
 workloads=${WORKLOADS:-shared-prefix multi-turn bursty trace}
 loads=${LOADS:-light medium heavy}
@@ -105,7 +119,7 @@ for workload in $workloads; do
         sims=(); ports=(); metrics=()
         for _ in $(seq $replicas); do
           p=$(port)
-          "$bin" sim --host 127.0.0.1 --port "$p" "${sim_flags[@]}" >/dev/null 2>&1 &
+          "$bin" sim --host 127.0.0.1 --port "$p" "${sim_flags[@]}" --num-gpu-blocks-override "$(blocks_for "$workload" "$seed")" >/dev/null 2>&1 &
           sims+=("$!"); ports+=("$p"); metrics+=(--metrics-url "http://127.0.0.1:$p/metrics")
         done
         for p in "${ports[@]}"; do
@@ -116,9 +130,10 @@ for workload in $workloads; do
         if wait_router "$router" "$rp"; then
           # shellcheck disable=SC2046
           timeout 300 "$bin" bench --base-url "http://127.0.0.1:$rp" --model m $(workload_flags "$workload" "$load" "$seed") \
-            "${metrics[@]}" --output "$out/$workload-$load-$seed-$router.json" >/dev/null 2>&1 || true
+            "${metrics[@]}" --output "$out/$workload-$load-$seed-$(basename "$router").json" >/dev/null 2>&1 || true
         fi
-        kill "$router_pid" "${sims[@]}" 2>/dev/null || true
+        # (smg takes seconds to drain on SIGTERM; the run is over, so no grace is needed.)
+        kill -KILL "$router_pid" "${sims[@]}" 2>/dev/null || true
         wait "$router_pid" "${sims[@]}" 2>/dev/null || true
       done
     done
@@ -128,23 +143,23 @@ done
 python3 - "$out" "$workloads" "$loads" "$seeds" "$routers" <<'PY'
 import json, os, sys
 out, workloads, loads, seeds, routers = sys.argv[1], *[a.split() for a in sys.argv[2:]]
-print(f"{'workload':<14}{'load':<8}{'router':<13}{'hit':>6}{'p50':>8}{'p90':>8}{'p99':>8}{'max/mean':>10}{'errors':>8}  (means over seeds {' '.join(seeds)}; TTFT ms)")
+print(f"{'workload':<14}{'load':<8}{'router':<16}{'hit':>6}{'p50':>8}{'p90':>8}{'p99':>8}{'max/mean':>10}{'errors':>8}  (means over seeds {' '.join(seeds)}; TTFT ms)")
 for w in workloads:
     for l in loads:
         for r in routers:
             rows = []
             for s in seeds:
-                path = os.path.join(out, f"{w}-{l}-{s}-{r}.json")
+                path = os.path.join(out, f"{w}-{l}-{s}-{os.path.basename(r)}.json")
                 if os.path.exists(path):
                     rows.append(json.load(open(path)))
             if not rows:
-                print(f"{w:<14}{l:<8}{r:<13}   (no result)")
+                print(f"{w:<14}{l:<8}{os.path.basename(r):<16}   (no result)")
                 continue
             mean = lambda f: sum(f(x) for x in rows) / len(rows)
             def spread(x):
                 counts = list(x.get("per_endpoint", {}).values())
                 return max(counts) / (sum(counts) / len(counts)) if counts else float("nan")
             hit = mean(lambda x: x.get("prefix_cache_hit_rate") or 0.0)
-            print(f"{w:<14}{l:<8}{r:<13}{hit:>6.3f}{mean(lambda x: x['ttft_ms']['p50']):>8.0f}{mean(lambda x: x['ttft_ms']['p90']):>8.0f}"
+            print(f"{w:<14}{l:<8}{os.path.basename(r):<16}{hit:>6.3f}{mean(lambda x: x['ttft_ms']['p50']):>8.0f}{mean(lambda x: x['ttft_ms']['p90']):>8.0f}"
                   f"{mean(lambda x: x['ttft_ms']['p99']):>8.0f}{mean(spread):>10.2f}{sum(x['errors'] for x in rows):>8}")
 PY
