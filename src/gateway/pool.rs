@@ -600,14 +600,7 @@ impl Inner {
                 }
                 Ok(scrape) => Ok(scrape.engine(m.entry.rank).cloned().unwrap_or_default()),
             };
-            // Explained: the endpoint's running + waiting requests are what kvgate has in
-            // flight there, within 2 or a quarter. Otherwise someone else loads it, or it
-            // restarted: scrape faster until they agree again.
-            let explained = engine.as_ref().is_ok_and(|e| {
-                let scraped = e.running.unwrap_or(0.0) + e.waiting.unwrap_or(0.0);
-                let own = m.in_flight.requests() as f64;
-                (scraped - own).abs() <= (own / 4.0).max(2.0)
-            });
+            let explained = engine.as_ref().is_ok_and(|e| scrape::explained(e, m.in_flight.requests()));
             let interval = if explained { s.scrape_interval } else { s.fast_scrape_interval };
             match engine {
                 Ok(engine) => {

@@ -124,6 +124,15 @@ pub(super) fn next_round(interval: Duration, now: u64) -> Duration {
     Duration::from_millis(round * step + jitter - now)
 }
 
+/// Whether a scraped engine's load is what kvgate has in flight there (`own` requests): its
+/// running + waiting requests within 2 or a quarter. Otherwise someone else loads it, or it
+/// restarted, and it is scraped faster until they agree again.
+pub(super) fn explained(engine: &scrape_parse::EngineScrape, own: u64) -> bool {
+    let scraped = engine.running.unwrap_or(0.0) + engine.waiting.unwrap_or(0.0);
+    let own = own as f64;
+    (scraped - own).abs() <= (own / 4.0).max(2.0)
+}
+
 /// Scrapes one endpoint until its pool drops it.
 pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
     // Ask only for the families routing reads: prometheus_client (vLLM's exporter) honours

@@ -58,17 +58,23 @@ impl BlockLru {
         }
     }
 
+    /// Takes the least recent entry off the list and out of the table; returns its slot.
+    fn unlink_tail(&mut self) -> u32 {
+        let victim = self.tail;
+        self.unlink(victim);
+        let old = self.nodes[victim as usize].hash;
+        let nodes = &self.nodes;
+        if let Ok(entry) = self.table.find_entry(old, |&i| nodes[i as usize].hash == old) {
+            entry.remove();
+        }
+        victim
+    }
+
     /// Evicts the least recent entries until at most `keep` remain (their slots are reused by
     /// later touches; the allocation is kept).
     fn evict_to(&mut self, keep: usize) {
         while self.len() > keep && self.tail != NIL {
-            let victim = self.tail;
-            self.unlink(victim);
-            let old = self.nodes[victim as usize].hash;
-            let nodes = &self.nodes;
-            if let Ok(entry) = self.table.find_entry(old, |&i| nodes[i as usize].hash == old) {
-                entry.remove();
-            }
+            let victim = self.unlink_tail();
             // Move the last node into the victim's slot so the slab stays dense.
             let last = (self.nodes.len() - 1) as u32;
             if victim != last {
@@ -163,13 +169,7 @@ impl BlockLru {
             self.nodes.push(Node { hash, prev: NIL, next: NIL });
             (self.nodes.len() - 1) as u32
         } else {
-            let victim = self.tail;
-            self.unlink(victim);
-            let old = self.nodes[victim as usize].hash;
-            let nodes = &self.nodes;
-            if let Ok(entry) = self.table.find_entry(old, |&i| nodes[i as usize].hash == old) {
-                entry.remove();
-            }
+            let victim = self.unlink_tail();
             self.nodes[victim as usize].hash = hash;
             victim
         };
