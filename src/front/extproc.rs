@@ -44,7 +44,7 @@ use crate::front::http::{
 use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
-use crate::gateway::error::RouteError;
+use crate::gateway::error::{RouteError, upstream_error_code};
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{Ask, PathRefusal, Place};
@@ -251,7 +251,7 @@ impl StreamState {
             Some(Req::ResponseBody(b)) => {
                 self.usage.feed(&b.body);
                 if let Some(r) = self.routed.as_mut() {
-                    r.first_byte();
+                    r.received(b.body.len());
                 }
                 if b.end_of_stream {
                     self.finish();
@@ -302,6 +302,16 @@ impl StreamState {
             Ask::Models => {
                 self.done = true;
                 return vec![immediate_json(200, self.gateway.models_list().to_string(), &[], "")];
+            }
+            Ask::ModelInfo => {
+                self.done = true;
+                let (status, body) = self.gateway.model_info_answer(&self.path);
+                return vec![immediate_json(status, body, &[], "")];
+            }
+            Ask::Health => {
+                self.done = true;
+                let (status, body) = self.gateway.health_answer();
+                return vec![immediate_json(status, body, &[], "")];
             }
             Ask::MethodNotAllowed(allow) => {
                 self.done = true;
@@ -471,10 +481,11 @@ impl StreamState {
     fn finish(&mut self) {
         self.usage.finish();
         if let Some(mut r) = self.routed.take() {
-            r.count(self.status, "");
+            r.count(self.status, upstream_error_code(self.status));
             if let Some(u) = self.usage.usage {
                 r.usage(u);
             }
+            r.completed();
         }
     }
 }

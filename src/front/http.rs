@@ -287,6 +287,7 @@ pub(crate) fn relay(
                         if let Some(u) = usage.usage {
                             r.usage(u);
                         }
+                        r.completed();
                     }
                     return None;
                 }
@@ -294,7 +295,7 @@ pub(crate) fn relay(
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         if let Some((r, usage)) = s.routed.as_mut() {
-                            r.first_byte();
+                            r.received(data.len());
                             usage.feed(&data);
                         }
                         return Some((Ok::<Bytes, std::io::Error>(data), s));

@@ -25,7 +25,7 @@ use crate::front::http::{
     upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
-use crate::gateway::error::error_chain;
+use crate::gateway::error::{error_chain, upstream_error_code};
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{Ask, PathRefusal, Place};
@@ -100,9 +100,20 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     match st.gateway.ask(method, path) {
         Ask::Route(place) => forward(&st, place, req).await,
         Ask::Models => axum::Json(st.gateway.models_list()).into_response(),
+        Ask::ModelInfo => own_answer(st.gateway.model_info_answer(path)),
+        Ask::Health => own_answer(st.gateway.health_answer()),
         Ask::NotFound => path_refusal(&PathRefusal::not_found(method, path)),
         Ask::MethodNotAllowed(allow) => path_refusal(&PathRefusal::method_not_allowed(method, path, Some(allow))),
     }
+}
+
+/// One of the gateway's own answers: JSON, or an empty 200.
+fn own_answer((status, body): (u16, String)) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if body.is_empty() {
+        return status.into_response();
+    }
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Routes a request through the gateway, placed as the path policy says, and sends it.
@@ -272,7 +283,7 @@ async fn send(
             last = Failure::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms));
             continue;
         }
-        routed.count(status.as_u16(), "");
+        routed.count(status.as_u16(), upstream_error_code(status.as_u16()));
         let prefiller = routed.decision().prefill.map(|p| p.address);
         let mut out = relay(resp, Some(target.address), Some(routed), st.cfg.idle_timeout_ms);
         if let Some(p) = prefiller

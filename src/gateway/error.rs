@@ -91,6 +91,31 @@ impl RouteError {
     }
 }
 
+/// The `error_code` label of a request whose endpoint answered `status` (empty below 400).
+pub fn upstream_error_code(status: u16) -> &'static str {
+    const NAMED: &[(u16, &str)] = &[
+        (400, "bad_request"),
+        (401, "unauthorized"),
+        (403, "forbidden"),
+        (404, "not_found"),
+        (408, "request_timeout"),
+        (409, "conflict"),
+        (413, "payload_too_large"),
+        (422, "unprocessable_entity"),
+        (429, "rate_limited"),
+        (500, "internal_error"),
+        (502, "bad_gateway"),
+        (503, "service_unavailable"),
+        (504, "gateway_timeout"),
+    ];
+    match NAMED.iter().find(|(s, _)| *s == status) {
+        Some((_, code)) => code,
+        None if status < 400 => "",
+        None if status < 500 => "client_error",
+        None => "server_error",
+    }
+}
+
 /// An OpenAI-shaped error body: `{"error":{"message","type","param","code"}}`.
 pub fn error_body(status: u16, message: &str, code: &str, param: Option<&str>) -> String {
     let kind = match status {

@@ -9,15 +9,15 @@ use serde_json::json;
 
 use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::Admission;
-use crate::gateway::error::RouteError;
+use crate::gateway::error::{RouteError, error_body};
 use crate::gateway::outcome::Routed;
-use crate::gateway::paths::{Ask, PathPolicy, Place};
-use crate::gateway::pool::{Pool, now_ms};
+use crate::gateway::paths::{self, Ask, PathPolicy, Place};
+use crate::gateway::pool::{Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::{PoolView, Telemetry};
-use crate::routing::endpoint::Endpoint;
+use crate::routing::endpoint::{Endpoint, Health};
 use crate::routing::plan::{PlanOptions, candidates_for};
 use crate::routing::request::{self, ApiKind, RequestError};
-use crate::routing::schedule::{Decision, Explanation, Subset};
+use crate::routing::schedule::{Decision, Explanation, NoDecision, Subset};
 
 /// Every pool, and the choice among them by `model` (body-based routing).
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub struct Gateway {
     body_budget: BodyBudget,
     paths: PathPolicy,
     telemetry: Arc<Telemetry>,
+    /// When the gateway started (the `created` of its model list), Unix seconds.
+    created: u64,
 }
 
 impl Gateway {
@@ -34,7 +36,8 @@ impl Gateway {
     /// `max_buffered_bytes` in all.
     pub fn new(pools: Vec<Pool>, max_body_bytes: usize, max_buffered_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
         let body_budget = BodyBudget::new(max_buffered_bytes);
-        Self { pools, max_body_bytes, body_budget, paths: PathPolicy::default(), telemetry }
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self { pools, max_body_bytes, body_budget, paths: PathPolicy::default(), telemetry, created }
     }
 
     /// The gateway with `paths` as its path policy.
@@ -98,25 +101,72 @@ impl Gateway {
     }
 
     /// The `/v1/models` list: every pool's models, then the adapters its endpoints serve (with
-    /// the pool's first model as their parent).
+    /// the pool's first model as their parent), as OpenAI's model objects with vLLM's `root`,
+    /// `parent` and (when the endpoints report it) `max_model_len`.
     pub fn models_list(&self) -> serde_json::Value {
         let mut data = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for pool in &self.pools {
             let models = pool.served_models();
+            let snapshot = pool.snapshot();
             for m in &models {
                 if seen.insert(m.clone()) {
-                    data.push(json!({"id": m, "object": "model", "owned_by": "kvgate", "root": m, "parent": null}));
+                    data.push(self.model_object(&snapshot, m, None));
                 }
             }
-            let parent = models.first();
-            for a in &pool.snapshot().adapters {
+            let parent = models.first().map(String::as_str);
+            for a in &snapshot.adapters {
                 if seen.insert(a.clone()) {
-                    data.push(json!({"id": a, "object": "model", "owned_by": "kvgate", "root": a, "parent": parent}));
+                    data.push(self.model_object(&snapshot, a, parent));
                 }
             }
         }
         json!({"object": "list", "data": data})
+    }
+
+    /// The `/v1/models/{id}` object of `id`, if it is served.
+    pub fn model_info(&self, id: &str) -> Option<serde_json::Value> {
+        self.models_list()["data"].as_array()?.iter().find(|m| m["id"] == id).cloned()
+    }
+
+    /// One entry of the model list.
+    fn model_object(&self, snapshot: &Snapshot, id: &str, parent: Option<&str>) -> serde_json::Value {
+        let mut m = json!({
+            "id": id, "object": "model", "created": self.created, "owned_by": "kvgate",
+            "root": id, "parent": parent,
+        });
+        if let Some(len) = snapshot.max_model_len.get(id) {
+            m["max_model_len"] = json!(len);
+        }
+        m
+    }
+
+    /// The answer to `GET /v1/models/{id}` on `path`, the same from both front-ends: the
+    /// model's object, or a 404 `model_not_found`.
+    pub fn model_info_answer(&self, path: &str) -> (u16, String) {
+        let id = paths::model_id(path).unwrap_or_default();
+        match self.model_info(&id) {
+            Some(m) => (200, m.to_string()),
+            None => {
+                let message = format!("The model `{id}` does not exist");
+                (404, error_body(404, &message, "model_not_found", Some("model")))
+            }
+        }
+    }
+
+    /// The answer to `GET /health`: 200 with an empty body (as vLLM answers) while some pool
+    /// has an endpoint in rotation, else 503.
+    pub fn health_answer(&self) -> (u16, String) {
+        if self.healthy() {
+            (200, String::new())
+        } else {
+            (503, error_body(503, "no pool has an endpoint in rotation", "no_healthy_endpoints", None))
+        }
+    }
+
+    /// Whether some pool has an endpoint in rotation (`GET /health`).
+    pub fn healthy(&self) -> bool {
+        self.pools.iter().any(|p| p.snapshot().endpoints.iter().any(|e| e.health == Health::Healthy))
     }
 
     /// The pool serving `model`: the one configured with it, else one configured without
@@ -147,7 +197,16 @@ impl Gateway {
     /// Counts a request refused before any endpoint was chosen (an unreadable body, say); the
     /// decision path counts its own refusals.
     pub fn refused(&self, e: &RouteError) {
-        self.telemetry.count_request("unknown", "unknown", None, e.status(), e.code());
+        self.refused_for(e, None);
+    }
+
+    /// Counts a refusal of a request for `model` (when its body named one).
+    fn refused_for(&self, e: &RouteError, model: Option<&str>) {
+        let model = match e {
+            RouteError::UnknownModel { model, .. } => model.as_str(),
+            _ => model.unwrap_or("unknown"),
+        };
+        self.telemetry.count_request("unknown", model, None, e.status(), e.code());
     }
 
     /// Decides a request placed as `place` (what [`Gateway::ask`] said of its path) with `body`
@@ -160,14 +219,34 @@ impl Gateway {
         subset: Option<&Subset>,
         places: usize,
     ) -> Result<Routed, RouteError> {
+        let mut model = None;
         let routed = match place {
-            Place::Prompt(api) => self.decide(api, body, subset, places),
+            Place::Prompt(api) => self.decide_for(api, body, subset, places, &mut model),
             Place::Model => match request::model_of(body) {
-                Some(model) => self.decide_by_model(&model, subset, places),
+                Some(m) => self.decide_by_model(&m, subset, places, &mut model),
                 None => Err(RouteError::BadRequest(RequestError::MissingModel)),
             },
+            Place::AnyEndpoint => match self.any_model() {
+                Some(m) => self.decide_by_model(&m, subset, places, &mut model),
+                None => Err(RouteError::Unavailable(NoDecision::NoEndpoints)),
+            },
         };
-        routed.inspect_err(|e| self.refused(e))
+        let routed = routed.inspect_err(|e| self.refused_for(e, model.as_deref()))?;
+        routed.request_bytes(body.len());
+        Ok(routed)
+    }
+
+    /// A model of the first pool with an endpoint in rotation (else of the first with any
+    /// endpoint): where a request for no model in particular goes.
+    fn any_model(&self) -> Option<String> {
+        let first = |healthy: bool| {
+            self.pools.iter().find_map(|p| {
+                let snap = p.snapshot();
+                let up = snap.endpoints.iter().any(|e| !healthy || e.health == Health::Healthy);
+                up.then(|| p.served_models().into_iter().next()).flatten()
+            })
+        };
+        first(true).or_else(|| first(false))
     }
 
     /// Parses, picks the pool, decides for `places` distinct endpoints, and counts the request
@@ -179,8 +258,21 @@ impl Gateway {
         subset: Option<&Subset>,
         places: usize,
     ) -> Result<Routed, RouteError> {
+        self.decide_for(api, body, subset, places, &mut None)
+    }
+
+    /// [`Gateway::decide`], leaving in `model` the model the body named once it is parsed.
+    fn decide_for(
+        &self,
+        api: ApiKind,
+        body: &[u8],
+        subset: Option<&Subset>,
+        places: usize,
+        model: &mut Option<String>,
+    ) -> Result<Routed, RouteError> {
         let started = std::time::Instant::now();
         let req = request::parse(api, body, self.max_body_bytes)?;
+        *model = Some(req.model.to_string());
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
         let now = now_ms();
@@ -199,9 +291,15 @@ impl Gateway {
 
     /// Places a request kvgate does not parse on an endpoint of `model`'s pool, by load alone —
     /// there is no prompt to match.
-    fn decide_by_model(&self, model: &str, subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
+    fn decide_by_model(
+        &self,
+        model: &str,
+        subset: Option<&Subset>,
+        places: usize,
+        named: &mut Option<String>,
+    ) -> Result<Routed, RouteError> {
         let empty_prompt = json!({"model": model, "prompt": ""}).to_string();
-        self.decide(ApiKind::Completions, empty_prompt.as_bytes(), subset, places)
+        self.decide_for(ApiKind::Completions, empty_prompt.as_bytes(), subset, places, named)
     }
 
     /// The decision kvgate would make for a body, with every endpoint's scores; sends nothing

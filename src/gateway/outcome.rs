@@ -39,6 +39,12 @@ pub struct Routed {
     succeeded: bool,
     /// The usage the response reported.
     usage: Option<Usage>,
+    /// When it was decided.
+    decided: Instant,
+    /// Response body bytes seen so far.
+    response_bytes: u64,
+    /// The response's last byte was seen (its duration and size were observed).
+    completed: bool,
 }
 
 /// One attempt's TTFT sample in the making.
@@ -81,6 +87,7 @@ impl Routed {
             let p = planned.decision.prefill?;
             Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
         });
+        pool.telemetry().running.with_label_values(&[model.as_str()]).inc();
         Self {
             pool,
             snapshot,
@@ -94,7 +101,16 @@ impl Routed {
             streaming: false,
             succeeded: false,
             usage: None,
+            decided: Instant::now(),
+            response_bytes: 0,
+            completed: false,
         }
+    }
+
+    /// Observes the request body's size (`inference_objective_request_sizes`).
+    pub(crate) fn request_bytes(&self, n: usize) {
+        let l = [self.model.as_str(), self.model.as_str()];
+        self.pool.telemetry().request_sizes.with_label_values(&l).observe(n as f64);
     }
 
     /// The prompt tokens target `k` computes: those it does not hold, none when a prefill
@@ -221,6 +237,21 @@ impl Routed {
         self.prefill_guard = None;
     }
 
+    /// `n` bytes of the response body arrived (the first: the prompt is computed).
+    pub fn received(&mut self, n: usize) {
+        self.response_bytes += n as u64;
+        self.first_byte();
+    }
+
+    /// The response's last byte arrived: its duration, size and usage are observed (once).
+    pub fn completed(&mut self) {
+        if std::mem::replace(&mut self.completed, true) {
+            return;
+        }
+        let seconds = self.decided.elapsed().as_secs_f64();
+        self.pool.telemetry().observe_response(&self.model, seconds, self.response_bytes, self.usage);
+    }
+
     /// The first byte of the response body: the prompt is computed, its tokens leave the
     /// target's prefill count.
     pub fn first_byte(&mut self) {
@@ -301,6 +332,7 @@ impl Drop for Routed {
     /// The request is over: a streamed, successful decode-only response teaches its target's
     /// TTFT model (with the target's real uncached tokens when usage reported them).
     fn drop(&mut self) {
+        self.pool.telemetry().running.with_label_values(&[self.model.as_str()]).dec();
         let Some(ttft_ms) = self.timing.ttft_ms else { return };
         if !self.streaming || !self.succeeded || self.planned.decision.prefill.is_some() {
             return;

@@ -51,6 +51,9 @@ pub enum Place {
     Prompt(ApiKind),
     /// By its body's `model`, on load alone.
     Model,
+    /// `GET /version`: to an endpoint of the first pool with a healthy one, by load alone (the
+    /// answer is a model server's own).
+    AnyEndpoint,
 }
 
 /// What a request's method and path ask of the gateway — the same answer in both front-ends.
@@ -60,6 +63,10 @@ pub enum Ask {
     Route(Place),
     /// `GET /v1/models`: the gateway answers with every servable model itself.
     Models,
+    /// `GET /v1/models/{id}`: the gateway answers with that model's entry, or a 404.
+    ModelInfo,
+    /// `GET /health`: the gateway answers 200 while some pool has a healthy endpoint.
+    Health,
     /// A routed path with a method it does not take: a 405 naming the one it does.
     MethodNotAllowed(&'static str),
     /// Nothing here: a 404.
@@ -192,11 +199,23 @@ impl PathPolicy {
     /// The ask of `method` on `path`.
     pub fn ask(&self, method: &str, path: &str) -> Ask {
         let path = normal(path);
+        let get = |ask: Ask| if method == "GET" { ask } else { Ask::MethodNotAllowed("GET") };
+        // A model id may hold `/` or be percent-encoded: the gateway answers it itself (nothing
+        // is forwarded), so only the prefix must be plain.
+        if path.starts_with("/v1/models/") {
+            let Some(id) = model_id(path) else { return Ask::NotFound };
+            let spelled = format!("/v1/models/{id}");
+            let refused = self.refuse.iter().any(|p| p.matches("/v1/models") || p.matches(&spelled));
+            return if refused { Ask::NotFound } else { get(Ask::ModelInfo) };
+        }
         if ambiguous(path) || self.refuse.iter().any(|p| p.matches(path)) {
             return Ask::NotFound;
         }
-        if path == "/v1/models" {
-            return if method == "GET" { Ask::Models } else { Ask::MethodNotAllowed("GET") };
+        match path {
+            "/v1/models" => return get(Ask::Models),
+            "/health" => return get(Ask::Health),
+            "/version" => return get(Ask::Route(Place::AnyEndpoint)),
+            _ => {}
         }
         let place = match ApiKind::from_path(path) {
             Some(api) if self.prompt.contains(&api) => Some(Place::Prompt(api)),
@@ -209,6 +228,29 @@ impl PathPolicy {
             None => Ask::NotFound,
         }
     }
+}
+
+/// The model id of a `/v1/models/{id}` path, percent-decoded (`None` when it is no such path
+/// or does not decode to UTF-8).
+pub fn model_id(path: &str) -> Option<String> {
+    let raw = normal(path).strip_prefix("/v1/models/").filter(|id| !id.is_empty())?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut k = 0;
+    while k < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[k], bytes.get(k + 1).copied().and_then(hex), bytes.get(k + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                k += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                k += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -228,6 +270,16 @@ mod tests {
         assert_eq!(p.ask("GET", "/v1/completions"), Ask::MethodNotAllowed("POST"));
         assert_eq!(p.ask("GET", "/v1/models"), Ask::Models);
         assert_eq!(p.ask("POST", "/v1/models"), Ask::MethodNotAllowed("GET"));
+        assert_eq!(p.ask("GET", "/health"), Ask::Health);
+        assert_eq!(p.ask("POST", "/health"), Ask::MethodNotAllowed("GET"));
+        assert_eq!(p.ask("GET", "/version"), Ask::Route(Place::AnyEndpoint));
+        assert_eq!(p.ask("GET", "/v1/models/meta-llama/Llama-3.1-8B"), Ask::ModelInfo);
+        assert_eq!(p.ask("GET", "/v1/models/meta-llama%2FLlama-3.1-8B"), Ask::ModelInfo);
+        assert_eq!(p.ask("DELETE", "/v1/models/x"), Ask::MethodNotAllowed("GET"));
+        assert_eq!(model_id("/v1/models/meta-llama%2FLlama-3.1-8B"), Some("meta-llama/Llama-3.1-8B".into()));
+        assert_eq!(model_id("/v1/models/a/b/?x=1"), Some("a/b".into()));
+        assert_eq!(model_id("/v1/models/%ff"), None);
+        assert_eq!(model_id("/v1/models/"), None);
         for admin in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/reset_prefix_cache", "/admin/faults"] {
             assert_eq!(p.ask("POST", admin), Ask::NotFound, "{admin}");
         }
@@ -261,6 +313,10 @@ mod tests {
         assert_eq!(q.ask("POST", "/v1/x"), Ask::Route(Place::Model), "a prefix covers its own folder");
         assert_eq!(q.ask("POST", "/v1/x/admin"), Ask::NotFound);
         assert_eq!(p.ask("POST", "/v1/embeddings"), Ask::NotFound);
+        let r = policy("refuse: [/health, /version, '/v1/models*']").expect("valid");
+        for path in ["/health", "/version", "/v1/models", "/v1/models/x"] {
+            assert_eq!(r.ask("GET", path), Ask::NotFound, "{path}");
+        }
         // Listing `model` replaced the default list.
         assert_eq!(p.ask("POST", "/tokenize"), Ask::NotFound);
         let p = policy("prompt: [/v1/chat/completions]").expect("valid");

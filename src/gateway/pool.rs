@@ -15,6 +15,7 @@ pub(crate) mod kv_events;
 pub mod scrape;
 pub(crate) mod scrape_parse;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -130,6 +131,8 @@ struct Member {
     adapters: Vec<String>,
     /// Base models learned from `/v1/models`.
     bases: Vec<String>,
+    /// The context lengths its `/v1/models` reported.
+    max_model_len: Vec<(String, u64)>,
     kv_capacity: Option<usize>,
     health: HealthState,
     scrape_errors: u64,
@@ -168,6 +171,8 @@ pub struct Snapshot {
     /// Base models some endpoint lists on `/v1/models` (what a pool configured without
     /// `models` serves).
     pub models: Vec<String>,
+    /// The context length endpoints report for a model or adapter (the least, when they differ).
+    pub max_model_len: BTreeMap<String, u64>,
 }
 
 impl Snapshot {
@@ -357,6 +362,7 @@ impl Pool {
                     metrics: None,
                     adapters: Vec::new(),
                     bases: Vec::new(),
+                    max_model_len: Vec::new(),
                     kv_capacity: None,
                     health: HealthState::new(),
                     scrape_errors: 0,
@@ -534,6 +540,7 @@ impl Inner {
         let st = self.state.lock();
         let mut adapters: Vec<String> = Vec::new();
         let mut bases: Vec<String> = Vec::new();
+        let mut max_model_len: BTreeMap<String, u64> = BTreeMap::new();
         let endpoints = st
             .members
             .iter()
@@ -544,6 +551,10 @@ impl Inner {
                 }
                 adapters.extend(models.iter().cloned());
                 bases.extend(m.bases.iter().cloned());
+                for (model, len) in &m.max_model_len {
+                    let least = max_model_len.entry(model.clone()).or_insert(*len);
+                    *least = (*least).min(*len);
+                }
                 models.extend(m.bases.iter().cloned());
                 models.sort_unstable();
                 models.dedup();
@@ -574,7 +585,7 @@ impl Inner {
         if bases.is_empty() {
             bases.clone_from(&self.snapshot.read().models);
         }
-        let snap = Arc::new(Snapshot { endpoints, adapters, models: bases });
+        let snap = Arc::new(Snapshot { endpoints, adapters, models: bases, max_model_len });
         *self.snapshot.write() = snap;
     }
 
@@ -634,6 +645,7 @@ impl Inner {
                     if let Some(served) = &served {
                         m.adapters.clone_from(&served.adapters);
                         m.bases.clone_from(&served.bases);
+                        m.max_model_len.clone_from(&served.max_model_len);
                     }
                     m.last_error = None;
                     m.health.answered(now);

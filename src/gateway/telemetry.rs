@@ -68,6 +68,25 @@ pub struct Telemetry {
     pub requests: IntCounterVec,
     /// `inference_objective_request_error_total{model_name,target_model_name,error_code}`.
     pub request_errors: IntCounterVec,
+    /// `inference_objective_request_duration_seconds{model_name,target_model_name}`: from the
+    /// decision to the response's last byte, for responses that completed.
+    pub request_duration: HistogramVec,
+    /// `inference_objective_request_sizes{model_name,target_model_name}`: request body bytes.
+    pub request_sizes: HistogramVec,
+    /// `inference_objective_response_sizes{model_name,target_model_name}`: response body bytes.
+    pub response_sizes: HistogramVec,
+    /// `inference_objective_input_tokens{model_name,target_model_name}`, from usage.
+    pub input_tokens: HistogramVec,
+    /// `inference_objective_output_tokens{model_name,target_model_name}`, from usage.
+    pub output_tokens: HistogramVec,
+    /// `inference_objective_prompt_cached_tokens{model_name,target_model_name}`, from usage (0
+    /// when the response does not say).
+    pub cached_tokens: HistogramVec,
+    /// `inference_objective_normalized_time_per_output_token_seconds{model_name,target_model_name}`:
+    /// duration over output tokens.
+    pub ntpot: HistogramVec,
+    /// `inference_objective_running_requests{model_name}`: requests routed and not yet over.
+    pub running: IntGaugeVec,
     /// `kvgate_requests_total{pool,model,decision,status}`.
     pub outcomes: IntCounterVec,
     /// `inference_extension_scheduler_e2e_duration_seconds` (parse to decision).
@@ -116,12 +135,82 @@ impl Telemetry {
                 f
             }};
         }
+        let objective = ["model_name", "target_model_name"];
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &objective)
+                .expect("valid histogram");
+            reg(Box::new(h.clone()));
+            h
+        };
+        // Names, labels and buckets as the Inference Extension's endpoint picker exports them.
+        let request_duration = histogram(
+            "inference_objective_request_duration_seconds",
+            "Inference objective response latency distribution in seconds for each model and target model.",
+            vec![
+                0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,
+                20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0,
+                3600.0,
+            ],
+        );
+        let request_sizes = histogram(
+            "inference_objective_request_sizes",
+            "Inference objective requests size distribution in bytes for each model and target model.",
+            (6..=30).map(|k| f64::from(1u32 << k)).collect(),
+        );
+        let response_sizes = histogram(
+            "inference_objective_response_sizes",
+            "Inference objective responses size distribution in bytes for each model and target model.",
+            vec![
+                1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0,
+                65536.0,
+            ],
+        );
+        let token_buckets = |top: u32| {
+            let mut b = vec![1.0];
+            b.extend((3..=top).map(|k| if k == 15 { 32778.0 } else { f64::from(1u32 << k) }));
+            b
+        };
+        let input_tokens = histogram(
+            "inference_objective_input_tokens",
+            "Inference objective input token count distribution for requests in each model.",
+            token_buckets(20),
+        );
+        let cached_tokens = histogram(
+            "inference_objective_prompt_cached_tokens",
+            "Inference objective prompt cached token count distribution for requests in each model.",
+            token_buckets(20),
+        );
+        let output_tokens = histogram(
+            "inference_objective_output_tokens",
+            "Inference objective output token count distribution for requests in each model.",
+            token_buckets(13),
+        );
+        let ntpot = histogram(
+            "inference_objective_normalized_time_per_output_token_seconds",
+            "Inference objective latency divided by number of output tokens in seconds for each model and target model.",
+            vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
+        );
+        let info = IntGaugeVec::new(
+            Opts::new("inference_extension_info", "General information of the current build of the endpoint picker."),
+            &["commit", "build_ref"],
+        )
+        .expect("valid metric");
+        reg(Box::new(info.clone()));
+        info.with_label_values(&[
+            option_env!("KVGATE_COMMIT").unwrap_or("unknown"),
+            concat!("kvgate-", env!("CARGO_PKG_VERSION")),
+        ])
+        .set(1);
         let decision_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "inference_extension_scheduler_e2e_duration_seconds",
                 "Time from a complete request body to a decision (parse, hash, match, schedule).",
             )
-            .buckets(vec![1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1]),
+            .buckets(vec![
+                // The Inference Extension's buckets (from 100 µs), with finer ones below them: a
+                // decision here takes microseconds.
+                1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
+            ]),
             &["pool"],
         )
         .expect("valid histogram");
@@ -175,6 +264,19 @@ impl Telemetry {
         };
         Self {
             kv_events,
+            request_duration,
+            request_sizes,
+            response_sizes,
+            input_tokens,
+            output_tokens,
+            cached_tokens,
+            ntpot,
+            running: family!(
+                IntGaugeVec,
+                "inference_objective_running_requests",
+                "Inference objective number of running requests in each model.",
+                &["model_name"]
+            ),
             requests: family!(
                 IntCounterVec,
                 "inference_objective_request_total",
@@ -305,6 +407,25 @@ impl Telemetry {
         self.outcomes.with_label_values(&[pool, model, kind, &status.to_string()]).inc();
         if status >= 400 {
             self.request_errors.with_label_values(&[model, model, code]).inc();
+        }
+    }
+
+    /// Observes a completed response of `model`: its duration, size and usage.
+    pub fn observe_response(&self, model: &str, seconds: f64, bytes: u64, usage: Option<Usage>) {
+        let l = [model, model];
+        self.request_duration.with_label_values(&l).observe(seconds);
+        self.response_sizes.with_label_values(&l).observe(bytes as f64);
+        if let Some(u) = usage {
+            if u.prompt > 0 {
+                self.input_tokens.with_label_values(&l).observe(u.prompt as f64);
+            }
+            if u.completion > 0 {
+                self.output_tokens.with_label_values(&l).observe(u.completion as f64);
+            }
+            self.cached_tokens.with_label_values(&l).observe(u.cached as f64);
+            if u.completion > 0 {
+                self.ntpot.with_label_values(&l).observe(seconds / u.completion as f64);
+            }
         }
     }
 

@@ -18,7 +18,6 @@ pub(crate) mod tokenizer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -280,7 +279,6 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         metrics_name_filter: args.metrics_name_filter,
         prompt_tokens_details: !args.no_prompt_tokens_details,
         cache_config_info: !args.no_cache_config_info,
-        next_id: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         tokenizer,
     });

@@ -158,3 +158,23 @@ pub async fn get_json(url: &str) -> serde_json::Value {
 pub async fn post_text(url: &str, body: &serde_json::Value) -> String {
     client().post(url).body(body.to_string()).send().await.expect("request").text().await.expect("body")
 }
+
+/// A Python virtualenv under `target/` with `packages` installed from PyPI (once per machine);
+/// returns its `python`.
+pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
+    use std::process::Command;
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(name);
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join(format!("installed-{}", packages.join("-").replace(['=', '/', '<', '>'], "_")));
+    if !stamp.exists() {
+        let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success())
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args(packages)
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(ok, "could not install {packages:?} into {}", venv.display());
+        std::fs::write(&stamp, "").expect("stamp");
+    }
+    python
+}

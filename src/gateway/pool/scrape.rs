@@ -24,6 +24,8 @@ pub(crate) struct Served {
     pub(crate) bases: Vec<String>,
     /// LoRA adapters (entries with a `parent`).
     pub(crate) adapters: Vec<String>,
+    /// The `max_model_len` each entry reports (vLLM's extension of OpenAI's model object).
+    pub(crate) max_model_len: Vec<(String, u64)>,
 }
 
 /// The models of a `/v1/models` body; `None` when it is not a model list.
@@ -34,6 +36,9 @@ pub(crate) fn served_of(models_json: &str) -> Option<Served> {
         let Some(id) = m["id"].as_str().filter(|id| !id.is_empty()) else { continue };
         let list = if m.get("parent").is_some_and(|p| !p.is_null()) { &mut out.adapters } else { &mut out.bases };
         list.push(id.to_owned());
+        if let Some(len) = m["max_model_len"].as_u64() {
+            out.max_model_len.push((id.to_owned(), len));
+        }
     }
     Some(out)
 }
@@ -193,10 +198,11 @@ mod tests {
 
     #[test]
     fn models_and_adapters_from_models() {
-        let body = r#"{"object":"list","data":[{"id":"base","parent":null},{"id":"sql","parent":"base"},{"id":"x"},{"id":""},{"id":3}]}"#;
+        let body = r#"{"object":"list","data":[{"id":"base","parent":null,"max_model_len":4096},{"id":"sql","parent":"base"},{"id":"x"},{"id":""},{"id":3}]}"#;
         let served = served_of(body).expect("a model list");
         assert_eq!(served.adapters, ["sql"]);
         assert_eq!(served.bases, ["base", "x"]);
+        assert_eq!(served.max_model_len, [("base".to_owned(), 4096)]);
         assert_eq!(served_of("garbage"), None);
         assert_eq!(served_of(r#"{"data":{}}"#), None);
     }

@@ -432,16 +432,19 @@ impl Engine {
                 seq.output += 1;
                 self.metrics.generation_tokens.with_label_values(&l).inc();
                 let prefill_leg = seq.sub.handoff == Handoff::Prefill;
-                if seq.output >= seq.sub.max_tokens || prefill_leg {
-                    finished.push((i, token));
+                let stopped = seq.sub.stop.as_mut().is_some_and(|w| w.hit(token));
+                if stopped {
+                    finished.push((i, token, FinishReason::Stop));
+                } else if seq.output >= seq.sub.max_tokens || prefill_leg {
+                    let reason = if prefill_leg { FinishReason::Length } else { seq.sub.finish_at_max };
+                    finished.push((i, token, reason));
                 } else {
                     let _ = seq.sub.events.send(Event { token: Some(token), done: None });
                 }
             }
         }
-        for &(i, token) in finished.iter().rev() {
+        for &(i, token, reason) in finished.iter().rev() {
             let seq = self.running.remove(i);
-            let reason = if seq.sub.handoff == Handoff::Prefill { FinishReason::Length } else { seq.sub.finish_at_max };
             self.finish(seq, reason, Some(token));
         }
     }

@@ -4,7 +4,7 @@
 //! relays its tokens. Every response carries `x-inference-pod` and `x-inference-port`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -25,7 +25,7 @@ use crate::front::listen::DropConnection;
 mod generate;
 mod prompt;
 
-use generate::{Api, chat_completions, completions, unix_now};
+use generate::{Api, chat_completions, completions, responses, unix_now};
 use prompt::{chat_prompt, completion_prompt, parse_json, resolve_model};
 
 use crate::routing::tokenize::PromptTokenizer;
@@ -68,8 +68,6 @@ pub(crate) struct Shared {
     pub info: Value,
     /// Random draws (faults, default lengths).
     pub rng: Mutex<fastrand::Rng>,
-    /// Request counter for ids.
-    pub next_id: AtomicU64,
     /// Process start (unix seconds), the `created` of models.
     pub created: u64,
     /// The model's tokenizer (`--tokenizer`), else the simulator's own.
@@ -112,7 +110,10 @@ pub(crate) fn app(state: Arc<PortState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions/render", post(render_completions))
         .route("/v1/chat/completions/render", post(render_chat))
+        .route("/v1/responses", post(responses))
+        .route("/v1/embeddings", post(embeddings))
         .route("/tokenize", post(tokenize_route))
+        .route("/detokenize", post(detokenize_route))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -192,7 +193,7 @@ async fn not_found() -> ApiError {
 
 fn prompt_for_render(shared: &Shared, api: Api, v: &Value) -> Result<Vec<u32>, ApiError> {
     match api {
-        Api::Chat => chat_prompt(shared, v),
+        Api::Chat | Api::Responses => chat_prompt(shared, v),
         Api::Completions => completion_prompt(shared, v),
     }
 }
@@ -222,6 +223,118 @@ async fn tokenize_route(State(st): St, body: Bytes) -> Result<Response, ApiError
         json!({"count": ids.len(), "max_model_len": st.shared.max_model_len, "tokens": ids, "token_strs": null}),
     )
     .into_response())
+}
+
+async fn detokenize_route(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+    let v = parse_json(&body)?;
+    resolve_model(&st.shared, &v)?;
+    let bad = || ApiError { param: Some("tokens"), ..ApiError::bad("`tokens` must be a list of token ids") };
+    let ids: Vec<u32> = v
+        .get("tokens")
+        .and_then(Value::as_array)
+        .ok_or_else(bad)?
+        .iter()
+        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(bad))
+        .collect::<Result<_, _>>()?;
+    // The simulator's own vocabulary hashes text into ids: its text of an id is a stand-in
+    // (with `--tokenizer`, the model's tokenizer decodes exactly).
+    let prompt = match &st.shared.tokenizer {
+        Some(t) => t.decode(&ids),
+        None => ids.iter().map(|&t| crate::tools::sim::tokenizer::token_text(t)).collect(),
+    };
+    Ok(axum::Json(json!({"prompt": prompt})).into_response())
+}
+
+/// Dimensions of the simulator's embeddings unless `dimensions` asks for fewer.
+const EMBEDDING_DIMS: usize = 384;
+
+/// `/v1/embeddings`: one unit vector per input, derived from its tokens (equal inputs, equal
+/// vectors), in vLLM's shape; `encoding_format: base64` packs little-endian float32s.
+async fn embeddings(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+    let v = parse_json(&body)?;
+    let (model, _) = resolve_model(&st.shared, &v)?;
+    let bad = || ApiError {
+        param: Some("input"),
+        ..ApiError::bad("`input` must be a string, a list of strings, a list of token ids or a list of those lists")
+    };
+    let one = |x: &Value| completion_prompt(&st.shared, &json!({"prompt": x})).map_err(|_| bad());
+    let inputs: Vec<Vec<u32>> = match v.get("input") {
+        Some(s @ Value::String(_)) => vec![one(s)?],
+        Some(Value::Array(a)) if a.is_empty() => return Err(bad()),
+        Some(Value::Array(a)) if a[0].is_number() => vec![one(&Value::Array(a.clone()))?],
+        Some(Value::Array(a)) => a.iter().map(one).collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    let dims = match v.get("dimensions") {
+        None | Some(Value::Null) => EMBEDDING_DIMS,
+        Some(d) => d.as_u64().filter(|d| (1..=EMBEDDING_DIMS as u64).contains(d)).ok_or_else(|| ApiError {
+            param: Some("dimensions"),
+            ..ApiError::bad(format!("`dimensions` must be an integer from 1 to {EMBEDDING_DIMS}"))
+        })? as usize,
+    };
+    let base64 = match v.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(ApiError::bad(format!("unknown encoding_format `{other}` (float, base64)"))),
+    };
+    let limit = st.shared.max_model_len;
+    let mut prompt_tokens = 0;
+    let mut data = Vec::with_capacity(inputs.len());
+    for (index, ids) in inputs.iter().enumerate() {
+        if ids.is_empty() || ids.len() > limit {
+            return Err(ApiError::bad(format!(
+                "input {index} has {} tokens; it must have from 1 to {limit}",
+                ids.len()
+            )));
+        }
+        prompt_tokens += ids.len();
+        let vector = embedding_of(ids, dims);
+        let embedding = if base64 {
+            let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+            json!(base64_of(&bytes))
+        } else {
+            json!(vector)
+        };
+        data.push(json!({"index": index, "object": "embedding", "embedding": embedding}));
+    }
+    Ok(axum::Json(json!({
+        "id": format!("embd-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+        "object": "list", "created": unix_now(), "model": model, "data": data,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0, "prompt_tokens_details": null},
+    }))
+    .into_response())
+}
+
+/// A unit vector of `dims` from the token ids: the sum of each token's pseudo-random vector.
+fn embedding_of(ids: &[u32], dims: usize) -> Vec<f32> {
+    let mut v = vec![0f32; dims];
+    for &t in ids {
+        let mut rng = fastrand::Rng::with_seed(u64::from(t));
+        for x in &mut v {
+            *x += rng.f32() - 0.5;
+        }
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+/// Standard base64 with padding.
+fn base64_of(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 async fn models(State(st): St) -> Response {

@@ -88,7 +88,7 @@ impl FinishReason {
 }
 
 /// The P/D part a request plays.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Handoff {
     /// An ordinary request.
     None,
@@ -119,6 +119,53 @@ pub(crate) struct Submission {
     pub events: mpsc::UnboundedSender<Event>,
     /// Arrival time.
     pub arrival: Instant,
+    /// The request's `stop` strings: generation ends (`stop`) once its text holds one.
+    pub stop: Option<StopWatch>,
+}
+
+/// The text of a token, in the vocabulary the server speaks.
+pub(crate) type TokenText = std::sync::Arc<dyn Fn(u32) -> String + Send + Sync>;
+
+/// Watches a request's generated text for its `stop` strings.
+pub(crate) struct StopWatch {
+    stops: Vec<String>,
+    longest: usize,
+    text: String,
+    decode: TokenText,
+}
+
+impl std::fmt::Debug for StopWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopWatch").field("stops", &self.stops).finish_non_exhaustive()
+    }
+}
+
+impl StopWatch {
+    /// A watch for `stops` (none empty), reading tokens with `decode`.
+    pub(crate) fn new(stops: Vec<String>, decode: TokenText) -> Self {
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        Self { stops, longest, text: String::new(), decode }
+    }
+
+    /// Adds a generated token; whether the text now holds a stop string.
+    pub(crate) fn hit(&mut self, token: u32) -> bool {
+        let piece = (self.decode)(token);
+        // Only a match that ends in this token's text is new.
+        let mut from = self.text.len().saturating_sub(self.longest.saturating_sub(1));
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.text.push_str(&piece);
+        let window = &self.text[from..];
+        let hit = self.stops.iter().any(|s| window.contains(s.as_str()));
+        // What a later match can still reach is kept; the rest is dropped.
+        let mut keep = self.text.len().saturating_sub(self.longest);
+        while !self.text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        self.text.drain(..keep);
+        hit
+    }
 }
 
 /// What the engine reports about a request: a generated token, the end, or both at once (the

@@ -52,6 +52,7 @@ impl Harness {
             handoff: Handoff::None,
             events: tx,
             arrival: Instant::now(),
+            stop: None,
         })));
         rx
     }
@@ -181,6 +182,7 @@ fn swapping_lora_adapters_costs_load_time() {
             handoff: Handoff::None,
             events: tx,
             arrival: Instant::now(),
+            stop: None,
         })));
         rx
     };

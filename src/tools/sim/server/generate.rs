@@ -16,13 +16,17 @@ use tokio::sync::mpsc;
 
 use super::prompt::{chat_prompt, completion_prompt, flag, parse_json, resolve_model};
 use super::{ApiError, PortState, St};
-use crate::tools::sim::engine::{Command, EngineHandle, Event, FinishReason, Handoff, KvRole, Submission};
+use crate::tools::sim::engine::{
+    Command, Done, EngineHandle, Event, FinishReason, Handoff, KvRole, StopWatch, Submission, TokenText,
+};
 use crate::tools::sim::faults::FaultKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Api {
     Completions,
     Chat,
+    /// `/v1/responses`: a chat underneath, answered in the Responses API's shape.
+    Responses,
 }
 
 pub(super) async fn completions(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
@@ -33,8 +37,17 @@ pub(super) async fn chat_completions(State(st): St, headers: HeaderMap, body: By
     generate(st, Api::Chat, headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
+pub(super) async fn responses(State(st): St, headers: HeaderMap, body: Bytes) -> Response {
+    generate(st, Api::Responses, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Logprobs asked for: how many alternatives per token.
+#[derive(Debug, Clone, Copy)]
+struct Logprobs {
+    top: usize,
+}
+
 /// Everything a response needs to describe itself.
-#[derive(Debug)]
 pub(super) struct Reply {
     id: String,
     created: u64,
@@ -43,58 +56,156 @@ pub(super) struct Reply {
     include_usage: bool,
     /// Usage carries `prompt_tokens_details`.
     details: bool,
-    tokenizer: Option<crate::routing::tokenize::PromptTokenizer>,
+    text_of: TokenText,
+    logprobs: Option<Logprobs>,
+    /// Draws of the (shape-only) log probabilities.
+    rng: fastrand::Rng,
+    /// The Responses API's `max_output_tokens`, echoed.
+    max_output_tokens: Option<usize>,
+    /// The Responses API's output item id.
+    item_id: String,
+    /// The Responses API's events are numbered.
+    sequence: u64,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply").field("id", &self.id).field("api", &self.api).finish_non_exhaustive()
+    }
+}
+
+/// One choice's state while its tokens arrive.
+#[derive(Debug)]
+struct Choice {
+    /// Text released so far (non-streaming: all of it).
+    text: String,
+    cutter: StopCutter,
+    /// The end, once it came.
+    done: Option<Done>,
+    /// Per-token logprob entries not yet sent.
+    logprobs: Vec<Value>,
+    /// Characters sent before this chunk (completions' `text_offset`).
+    offset: usize,
+}
+
+/// Cuts a choice's text before its first stop string, holding back what could still become
+/// one so a stream never shows part of it.
+#[derive(Debug, Default)]
+struct StopCutter {
+    stops: Vec<String>,
+    hold: usize,
+    pending: String,
+    matched: Option<String>,
+}
+
+impl StopCutter {
+    fn new(stops: &[String]) -> Self {
+        let hold = stops.iter().map(String::len).max().unwrap_or(1).saturating_sub(1);
+        Self { stops: stops.to_vec(), hold, ..Self::default() }
+    }
+
+    /// Adds generated text; what may be shown now.
+    fn push(&mut self, piece: &str) -> String {
+        if self.matched.is_some() {
+            return String::new();
+        }
+        self.pending.push_str(piece);
+        let first = self.stops.iter().filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s))).min();
+        if let Some((at, s)) = first {
+            self.matched = Some(s.clone());
+            let out = self.pending[..at].to_owned();
+            self.pending.clear();
+            return out;
+        }
+        let mut cut = self.pending.len().saturating_sub(self.hold);
+        while !self.pending.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.pending.drain(..cut).collect()
+    }
+
+    /// The end: what was held back (nothing after a stop string).
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
 }
 
 impl Reply {
-    /// The text of one generated token.
-    fn text_of(&self, token: u32) -> std::borrow::Cow<'static, str> {
-        match &self.tokenizer {
-            Some(t) => t.decode(&[token]).into(),
-            None => crate::tools::sim::tokenizer::token_text(token).into(),
-        }
-    }
-
     fn object(&self, chunk: bool) -> &'static str {
         match (self.api, chunk) {
             (Api::Chat, true) => "chat.completion.chunk",
             (Api::Chat, false) => "chat.completion",
             (Api::Completions, _) => "text_completion",
+            (Api::Responses, _) => "response",
         }
     }
 
-    fn usage(&self, done: &crate::tools::sim::engine::Done) -> Value {
-        let mut u = json!({
-            "prompt_tokens": done.prompt_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-            "completion_tokens": done.completion_tokens,
-        });
+    /// Usage over every choice: the prompt once, completions summed.
+    fn usage(&self, choices: &[Choice]) -> Value {
+        let first = choices.iter().find_map(|c| c.done.as_ref());
+        let prompt = first.map_or(0, |d| d.prompt_tokens);
+        let cached = first.map_or(0, |d| d.cached_tokens);
+        let completion: usize = choices.iter().filter_map(|c| c.done.as_ref()).map(|d| d.completion_tokens).sum();
+        if self.api == Api::Responses {
+            return json!({
+                "input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion,
+            });
+        }
+        let mut u =
+            json!({"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion});
         if self.details {
-            u["prompt_tokens_details"] = json!({"cached_tokens": done.cached_tokens});
+            u["prompt_tokens_details"] = json!({"cached_tokens": cached});
         }
         u
     }
 
-    /// The chat stream's opening event: the assistant role with empty content.
-    fn role_chunk(&self) -> Bytes {
-        let choice =
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-        let mut v = json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]});
-        if self.include_usage {
-            v["usage"] = Value::Null;
+    /// A logprob entry for `token` (shape only: the values are drawn, not computed).
+    fn logprob_entry(&mut self, token: u32, text: &str, offset: usize) -> Option<Value> {
+        let lp = self.logprobs?;
+        let sampled = -self.rng.f64() * 2.0;
+        let mut alternatives: Vec<(String, f64)> = vec![(text.to_owned(), sampled)];
+        let mut worse = sampled;
+        while alternatives.len() < lp.top {
+            worse -= 0.1 + self.rng.f64() * 2.0;
+            let other = (self.text_of)(token.wrapping_add(alternatives.len() as u32 * 7919));
+            alternatives.push((other, worse));
         }
-        sse(&v)
-    }
-
-    /// One SSE event carrying `text` (and the finish reason on the last one).
-    fn chunk(&self, text: &str, finish: Option<FinishReason>) -> Bytes {
-        let finish = finish.map(FinishReason::as_str);
-        let choice = match self.api {
-            Api::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": finish}),
+        alternatives.truncate(lp.top.max(usize::from(self.api == Api::Completions)));
+        Some(match self.api {
             Api::Completions => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null})
+                let top: serde_json::Map<String, Value> =
+                    alternatives.iter().map(|(t, l)| (t.clone(), json!(l))).collect();
+                json!({"token": text, "logprob": sampled, "top": top, "offset": offset})
             }
-        };
+            _ => {
+                let top: Vec<Value> = alternatives
+                    .iter()
+                    .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+                    .collect();
+                json!({"token": text, "logprob": sampled, "bytes": text.as_bytes(), "top_logprobs": top})
+            }
+        })
+    }
+
+    /// A choice's `logprobs` value for these entries.
+    fn logprobs_value(&self, entries: &[Value]) -> Value {
+        if self.logprobs.is_none() {
+            return Value::Null;
+        }
+        match self.api {
+            Api::Completions => json!({
+                "text_offset": entries.iter().map(|e| e["offset"].clone()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
+                "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
+                "top_logprobs": entries.iter().map(|e| e["top"].clone()).collect::<Vec<_>>(),
+            }),
+            _ => json!({"content": entries}),
+        }
+    }
+
+    fn chunk_envelope(&self, choice: Value) -> Bytes {
         let mut v = json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]});
         if self.include_usage {
             v["usage"] = Value::Null;
@@ -102,25 +213,155 @@ impl Reply {
         sse(&v)
     }
 
-    fn usage_chunk(&self, done: &crate::tools::sim::engine::Done) -> Bytes {
-        sse(
-            &json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [], "usage": self.usage(done)}),
+    /// The chat stream's opening event of choice `index`: the assistant role, empty content.
+    fn role_chunk(&self, index: usize) -> Bytes {
+        self.chunk_envelope(
+            json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
         )
     }
 
-    fn full(&self, text: &str, done: &crate::tools::sim::engine::Done) -> Value {
+    /// One SSE event of choice `index` carrying `text` (and its end on the last one).
+    fn chunk(&self, index: usize, text: &str, logprobs: &[Value], end: Option<(&str, Value)>) -> Bytes {
+        let (finish, stop_reason) = end.map_or((Value::Null, Value::Null), |(f, s)| (json!(f), s));
+        let lp = self.logprobs_value(logprobs);
         let choice = match self.api {
-            Api::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []}, "logprobs": null, "finish_reason": done.reason.as_str(), "stop_reason": null})
-            }
             Api::Completions => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": done.reason.as_str(), "stop_reason": null})
+                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason})
+            }
+            _ => {
+                let mut c =
+                    json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": finish});
+                if !finish.is_null() {
+                    c["stop_reason"] = stop_reason;
+                }
+                c
             }
         };
+        self.chunk_envelope(choice)
+    }
+
+    fn usage_chunk(&self, choices: &[Choice]) -> Bytes {
+        sse(
+            &json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [], "usage": self.usage(choices)}),
+        )
+    }
+
+    /// The whole answer (non-streaming).
+    fn full(&self, choices: &[Choice]) -> Value {
+        if self.api == Api::Responses {
+            return self.response_object(choices, "completed");
+        }
+        let list: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let (finish, stop_reason) = end_of(c);
+                let lp = self.logprobs_value(&c.logprobs);
+                match self.api {
+                    Api::Completions => {
+                        json!({"index": index, "text": c.text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason})
+                    }
+                    _ => {
+                        json!({"index": index, "message": {"role": "assistant", "content": c.text, "tool_calls": []}, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason})
+                    }
+                }
+            })
+            .collect();
+        let kv = choices.first().and_then(|c| c.done.as_ref()).and_then(|d| d.kv_transfer_params.clone());
         json!({
             "id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
-            "choices": [choice], "usage": self.usage(done), "kv_transfer_params": done.kv_transfer_params,
+            "choices": list, "usage": self.usage(choices), "kv_transfer_params": kv,
         })
+    }
+
+    /// The Responses API's response object; `status` `in_progress` while streaming, else it
+    /// follows the finish (`incomplete` at `max_output_tokens`).
+    fn response_object(&self, choices: &[Choice], status: &str) -> Value {
+        let c = &choices[0];
+        let ended = status != "in_progress";
+        let length = c.done.as_ref().is_some_and(|d| d.reason == FinishReason::Length);
+        let status = if ended && length { "incomplete" } else { status };
+        let output = if ended {
+            json!([{"id": self.item_id, "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": c.text, "annotations": [], "logprobs": null}]}])
+        } else {
+            json!([])
+        };
+        json!({
+            "id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+            "status": status, "output": output, "error": null,
+            "incomplete_details": if status == "incomplete" { json!({"reason": "max_output_tokens"}) } else { Value::Null },
+            "instructions": null, "metadata": null, "parallel_tool_calls": true, "temperature": 1.0,
+            "tool_choice": "auto", "tools": [], "top_p": 1.0, "background": false,
+            "max_output_tokens": self.max_output_tokens, "previous_response_id": null, "reasoning": null,
+            "service_tier": "auto", "text": null, "top_logprobs": null, "truncation": "disabled", "user": null,
+            "usage": if ended { self.usage(choices) } else { Value::Null },
+        })
+    }
+
+    /// One Responses API stream event (`event:` and `data:` lines, numbered).
+    fn event(&mut self, kind: &str, mut data: Value) -> Bytes {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.sequence);
+        self.sequence += 1;
+        Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+    }
+
+    /// The Responses stream's opening events, up to the text part.
+    fn response_opening(&mut self, choices: &[Choice]) -> Vec<Bytes> {
+        let r = self.response_object(choices, "in_progress");
+        let item =
+            json!({"id": self.item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []});
+        let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
+        let id = self.item_id.clone();
+        vec![
+            self.event("response.created", json!({"response": r})),
+            self.event("response.in_progress", json!({"response": r})),
+            self.event("response.output_item.added", json!({"output_index": 0, "item": item})),
+            self.event(
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}),
+            ),
+        ]
+    }
+
+    /// A Responses text delta.
+    fn response_delta(&mut self, text: &str) -> Bytes {
+        let id = self.item_id.clone();
+        self.event(
+            "response.output_text.delta",
+            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": []}),
+        )
+    }
+
+    /// The Responses stream's closing events.
+    fn response_closing(&mut self, choices: &[Choice]) -> Vec<Bytes> {
+        let text = choices[0].text.clone();
+        let id = self.item_id.clone();
+        let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+        let item = json!({"id": id, "type": "message", "role": "assistant", "status": "completed", "content": [part]});
+        let done = self.response_object(choices, "completed");
+        vec![
+            self.event(
+                "response.output_text.done",
+                json!({"item_id": id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+            ),
+            self.event(
+                "response.content_part.done",
+                json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}),
+            ),
+            self.event("response.output_item.done", json!({"output_index": 0, "item": item})),
+            self.event("response.completed", json!({"response": done})),
+        ]
+    }
+}
+
+/// A choice's `finish_reason` and `stop_reason`.
+fn end_of(c: &Choice) -> (&'static str, Value) {
+    match (&c.cutter.matched, &c.done) {
+        (Some(s), _) => ("stop", json!(s)),
+        (None, Some(d)) => (d.reason.as_str(), Value::Null),
+        (None, None) => ("abort", Value::Null),
     }
 }
 
@@ -150,6 +391,109 @@ pub(super) fn pick_engine<'a>(st: &'a PortState, headers: &HeaderMap) -> Result<
         .ok_or_else(|| ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "no engine"))
 }
 
+/// The Responses API's request as the chat request it is underneath: `instructions` as the
+/// system message, `input` (a string or a list of messages) as the conversation,
+/// `max_output_tokens` as `max_tokens`.
+fn responses_as_chat(v: &Value) -> Result<Value, ApiError> {
+    let mut messages = Vec::new();
+    if let Some(i) = v.get("instructions").and_then(Value::as_str) {
+        messages.push(json!({"role": "system", "content": i}));
+    }
+    match v.get("input") {
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => {
+            for item in items {
+                let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
+                messages.push(json!({"role": role, "content": item.get("content").cloned().unwrap_or(Value::Null)}));
+            }
+        }
+        _ => {
+            return Err(ApiError {
+                param: Some("input"),
+                ..ApiError::bad("`input` must be a string or a list of messages")
+            });
+        }
+    }
+    let mut chat = json!({"messages": messages, "stream": v.get("stream").cloned().unwrap_or(json!(false))});
+    for (from, to) in [("model", "model"), ("max_output_tokens", "max_tokens"), ("cache_salt", "cache_salt")] {
+        if let Some(x) = v.get(from) {
+            chat[to] = x.clone();
+        }
+    }
+    Ok(chat)
+}
+
+/// `stop` as a list of strings (a string, a list, or null), or why not.
+fn stops_of(v: &Value) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError { param: Some("stop"), ..ApiError::bad("`stop` must be a string or a list of strings") };
+    let stops = match v.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            a.iter().map(|x| x.as_str().map(str::to_owned).ok_or_else(bad)).collect::<Result<_, _>>()?
+        }
+        Some(_) => return Err(bad()),
+    };
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// Logprobs asked for (chat: `logprobs: true` with `top_logprobs`; completions: `logprobs: k`).
+fn logprobs_of(api: Api, v: &Value) -> Result<Option<Logprobs>, ApiError> {
+    const MAX: u64 = 20;
+    let count = |field: &'static str| -> Result<Option<u64>, ApiError> {
+        match v.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x.as_u64().filter(|k| *k <= MAX).map(Some).ok_or_else(|| ApiError {
+                param: Some(field),
+                ..ApiError::bad(format!("`{field}` must be an integer from 0 to {MAX}"))
+            }),
+        }
+    };
+    match api {
+        Api::Completions => Ok(count("logprobs")?.map(|k| Logprobs { top: k as usize })),
+        Api::Chat => {
+            let on = match v.get("logprobs") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError { param: Some("logprobs"), ..ApiError::bad("`logprobs` must be a boolean") });
+                }
+            };
+            let top = count("top_logprobs")?;
+            if !on && top.is_some_and(|k| k > 0) {
+                return Err(ApiError {
+                    param: Some("top_logprobs"),
+                    ..ApiError::bad("when using `top_logprobs`, `logprobs` must be set to true")
+                });
+            }
+            Ok(on.then(|| Logprobs { top: top.unwrap_or(0) as usize }))
+        }
+        Api::Responses => Ok(None),
+    }
+}
+
+/// A fresh response id: the request's `X-Request-Id` when it has one (as vLLM does), else
+/// random — so two simulator processes never hand out the same ids.
+fn response_id(api: Api, headers: &HeaderMap) -> String {
+    let prefix = match api {
+        Api::Chat => "chatcmpl",
+        Api::Completions => "cmpl",
+        Api::Responses => "resp",
+    };
+    // The Responses API's ids are its own (`resp_…`), whatever the header says.
+    if api == Api::Responses {
+        return format!("resp_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    }
+    let given = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+    match given {
+        Some(id) => format!("{prefix}-{id}"),
+        None => format!("{prefix}-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+    }
+}
+
 pub(super) async fn generate(
     st: Arc<PortState>,
     api: Api,
@@ -166,10 +510,17 @@ pub(super) async fn generate(
     if faults.paused {
         return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the server is not accepting requests"));
     }
-    let v = parse_json(&body)?;
+    let mut v = parse_json(&body)?;
+    let max_output_tokens = if api == Api::Responses {
+        let asked = v.get("max_output_tokens").and_then(Value::as_u64).map(|m| m as usize);
+        v = responses_as_chat(&v)?;
+        asked
+    } else {
+        None
+    };
     let (model, lora) = resolve_model(&shared, &v)?;
     let prompt = match api {
-        Api::Chat => chat_prompt(&shared, &v)?,
+        Api::Chat | Api::Responses => chat_prompt(&shared, &v)?,
         Api::Completions => completion_prompt(&shared, &v)?,
     };
     let n = prompt.len();
@@ -179,19 +530,23 @@ pub(super) async fn generate(
     let limit = shared.max_model_len.min(shared.kv_capacity_tokens);
     if n >= limit {
         return Err(ApiError {
-            param: Some(if api == Api::Chat { "messages" } else { "prompt" }),
+            param: Some(if api == Api::Completions { "prompt" } else { "messages" }),
             ..ApiError::bad(format!(
                 "This model's maximum context length is {limit} tokens. However, your request has {n} input tokens. Please reduce the length of the input messages."
             ))
         });
     }
-    let asked = v.get("max_completion_tokens").or_else(|| v.get("max_tokens")).filter(|m| !m.is_null());
+    // Chat: `max_completion_tokens` when given, else `max_tokens` (completions have only the latter).
+    let given = |field: &'static str| v.get(field).filter(|m| !m.is_null()).map(|m| (field, m));
+    let asked =
+        if api == Api::Completions { None } else { given("max_completion_tokens") }.or_else(|| given("max_tokens"));
     let (max_tokens, finish_at_max) = match asked {
-        Some(m) => {
+        Some((field, m)) => {
             let m = m
                 .as_u64()
                 .filter(|&m| m >= 1)
-                .ok_or_else(|| ApiError::bad("`max_tokens` must be a positive integer"))? as usize;
+                .ok_or_else(|| ApiError::bad(format!("`{field}` must be a positive integer")))?
+                as usize;
             if n + m > limit {
                 return Err(ApiError::bad(format!(
                     "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({n} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
@@ -206,6 +561,16 @@ pub(super) async fn generate(
             (m.max(1), FinishReason::Stop)
         }
     };
+    let choices = match v.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(x) => x
+            .as_u64()
+            .filter(|n| (1..=128).contains(n))
+            .ok_or_else(|| ApiError { param: Some("n"), ..ApiError::bad("`n` must be an integer from 1 to 128") })?
+            as usize,
+    };
+    let stops = stops_of(&v)?;
+    let logprobs = logprobs_of(api, &v)?;
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let fault = shared.faults.write().draw(&mut shared.rng.lock());
     match fault {
@@ -255,137 +620,252 @@ pub(super) async fn generate(
         }
         _ => Handoff::None,
     };
-    let (max_tokens, stream) = if handoff == Handoff::Prefill { (1, false) } else { (max_tokens, stream) };
+    let (max_tokens, stream, choices) =
+        if handoff == Handoff::Prefill { (1, false, 1) } else { (max_tokens, stream, choices) };
     let engine = pick_engine(&st, &headers)?;
-    let seq = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let id =
-        format!("{}-{:08x}{:016x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, seq, shared.rng.lock().u64(..));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let sub = Submission {
-        id: id.clone(),
-        prompt,
-        max_tokens,
-        finish_at_max,
-        lora,
-        cache_salt: v.get("cache_salt").and_then(Value::as_str).map(str::to_owned),
-        handoff,
-        events: tx,
-        arrival,
+    let id = response_id(api, &headers);
+    let text_of: TokenText = match shared.tokenizer.clone() {
+        Some(t) => Arc::new(move |token| t.decode(&[token])),
+        None => Arc::new(|token| crate::tools::sim::tokenizer::token_text(token).to_owned()),
     };
-    engine.load.in_flight.fetch_add(1, Ordering::Relaxed);
-    if engine.tx.send(Command::Submit(Box::new(sub))).is_err() {
-        engine.load.in_flight.fetch_sub(1, Ordering::Relaxed);
-        return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped"));
+    let mut receivers = Vec::with_capacity(choices);
+    for k in 0..choices {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sub = Submission {
+            id: if choices == 1 { id.clone() } else { format!("{id}-{k}") },
+            prompt: prompt.clone(),
+            max_tokens,
+            finish_at_max,
+            lora: lora.clone(),
+            cache_salt: v.get("cache_salt").and_then(Value::as_str).map(str::to_owned),
+            handoff,
+            events: tx,
+            arrival,
+            stop: (!stops.is_empty()).then(|| StopWatch::new(stops.clone(), text_of.clone())),
+        };
+        engine.load.in_flight.fetch_add(1, Ordering::Relaxed);
+        if engine.tx.send(Command::Submit(Box::new(sub))).is_err() {
+            engine.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped"));
+        }
+        receivers.push(Some(rx));
     }
+    let item_id = format!("msg_{:016x}", fastrand::u64(..));
     let reply = Reply {
+        rng: fastrand::Rng::with_seed(xxhash_rust::xxh3::xxh3_64(id.as_bytes())),
         id,
         created: unix_now(),
         model,
         api,
         include_usage: stream && flag(&v, "stream_options", "include_usage") == Some(true),
         details: shared.prompt_tokens_details,
-        tokenizer: shared.tokenizer.clone(),
+        text_of,
+        logprobs,
+        max_output_tokens,
+        item_id,
+        sequence: 0,
     };
-    let abort_after = (fault == Some(FaultKind::Abort)).then_some(max_tokens / 2);
-    if stream { Ok(stream_response(reply, rx, abort_after)) } else { collect_response(reply, rx, abort_after).await }
+    let state: Vec<Choice> = (0..choices)
+        .map(|_| Choice {
+            text: String::new(),
+            cutter: StopCutter::new(&stops),
+            done: None,
+            logprobs: Vec::new(),
+            offset: 0,
+        })
+        .collect();
+    let merged = Merged { receivers };
+    let abort_after = (fault == Some(FaultKind::Abort)).then_some(max_tokens * choices / 2);
+    if stream {
+        Ok(stream_response(reply, state, merged, abort_after))
+    } else {
+        collect_response(reply, state, merged, abort_after).await
+    }
 }
 
-/// The SSE response: one event per token, the usage chunk if asked for, then `[DONE]`.
-pub(super) fn stream_response(
-    reply: Reply,
-    rx: mpsc::UnboundedReceiver<Event>,
-    abort_after: Option<usize>,
-) -> Response {
+/// The events of every choice's engine request, as they come.
+struct Merged {
+    receivers: Vec<Option<mpsc::UnboundedReceiver<Event>>>,
+}
+
+impl Merged {
+    /// The next event of some choice (`None` in it: that request was dropped by its engine);
+    /// `None` once every choice has ended.
+    async fn recv(&mut self) -> Option<(usize, Option<Event>)> {
+        std::future::poll_fn(|cx| {
+            let mut open = false;
+            for (k, slot) in self.receivers.iter_mut().enumerate() {
+                let Some(rx) = slot else { continue };
+                open = true;
+                match rx.poll_recv(cx) {
+                    std::task::Poll::Ready(Some(e)) => {
+                        if e.done.is_some() {
+                            *slot = None;
+                        }
+                        return std::task::Poll::Ready(Some((k, Some(e))));
+                    }
+                    std::task::Poll::Ready(None) => {
+                        *slot = None;
+                        return std::task::Poll::Ready(Some((k, None)));
+                    }
+                    std::task::Poll::Pending => {}
+                }
+            }
+            if open { std::task::Poll::Pending } else { std::task::Poll::Ready(None) }
+        })
+        .await
+    }
+}
+
+/// Applies an engine event to its choice: the text it may show now, and whether it ended.
+fn apply(reply: &mut Reply, c: &mut Choice, event: Event) -> (String, Vec<Value>, bool) {
+    let mut shown = String::new();
+    let mut entries = Vec::new();
+    if let Some(t) = event.token {
+        let piece = (reply.text_of)(t);
+        if c.cutter.matched.is_none() {
+            if let Some(e) = reply.logprob_entry(t, &piece, c.offset + shown.len()) {
+                entries.push(e);
+            }
+            shown.push_str(&c.cutter.push(&piece));
+        }
+    }
+    let ended = event.done.is_some();
+    if let Some(d) = event.done {
+        shown.push_str(&c.cutter.finish());
+        c.done = Some(d);
+    }
+    c.offset += shown.len();
+    (shown, entries, ended)
+}
+
+/// The SSE response: one event per token (each naming its choice), the usage chunk if asked
+/// for, then `[DONE]` — or, for the Responses API, its own event sequence.
+fn stream_response(reply: Reply, choices: Vec<Choice>, merged: Merged, abort_after: Option<usize>) -> Response {
     struct S {
         reply: Reply,
-        rx: mpsc::UnboundedReceiver<Event>,
+        choices: Vec<Choice>,
+        merged: Merged,
         sent: usize,
         finished: bool,
         abort_after: Option<usize>,
-        tail: Vec<Bytes>,
+        /// Events to send before reading more, in order.
+        queue: std::collections::VecDeque<Bytes>,
+        opened: bool,
     }
-    let s = S { reply, rx, sent: 0, finished: false, abort_after, tail: Vec::new() };
+    let s = S {
+        reply,
+        choices,
+        merged,
+        sent: 0,
+        finished: false,
+        abort_after,
+        queue: std::collections::VecDeque::new(),
+        opened: false,
+    };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
-        if let Some(b) = s.tail.pop() {
-            return Some((Ok::<Bytes, std::io::Error>(b), s));
-        }
-        if s.finished {
-            return None;
-        }
-        if s.abort_after.is_some_and(|n| s.sent >= n.max(1)) {
-            s.finished = true;
-            // A pause first, so what was sent is flushed to the client before the connection
-            // breaks: the client sees a response cut part-way, not a connection closed unanswered.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            return Some((Err(std::io::Error::other("injected abort")), s));
-        }
-        match s.rx.recv().await {
-            None => {
-                s.finished = true;
-                Some((Err(std::io::Error::other("engine dropped the request")), s))
+        loop {
+            if let Some(b) = s.queue.pop_front() {
+                return Some((Ok::<Bytes, std::io::Error>(b), s));
             }
-            Some(Event { token, done }) => {
-                let text = token.map(|t| s.reply.text_of(t)).unwrap_or_default();
-                let first = s.sent == 0;
-                s.sent += 1;
-                let chunk = s.reply.chunk(&text, done.as_ref().map(|d| d.reason));
-                // `tail` is a stack: push what goes out last first.
-                if let Some(d) = done {
-                    s.finished = true;
-                    s.tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                    if s.reply.include_usage {
-                        s.tail.push(s.reply.usage_chunk(&d));
+            if s.finished {
+                return None;
+            }
+            if s.abort_after.is_some_and(|n| s.sent >= n.max(1)) {
+                s.finished = true;
+                // A pause first, so what was sent is flushed to the client before the connection
+                // breaks: the client sees a response cut part-way, not a connection closed unanswered.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                return Some((Err(std::io::Error::other("injected abort")), s));
+            }
+            let Some((k, event)) = s.merged.recv().await else {
+                // Every choice has ended.
+                s.finished = true;
+                match s.reply.api {
+                    Api::Responses => {
+                        let closing = s.reply.response_closing(&s.choices);
+                        s.queue.extend(closing);
+                    }
+                    _ => {
+                        if s.reply.include_usage {
+                            s.queue.push_back(s.reply.usage_chunk(&s.choices));
+                        }
+                        s.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                     }
                 }
-                if first && s.reply.api == Api::Chat {
-                    s.tail.push(chunk);
-                    return Some((Ok(s.reply.role_chunk()), s));
+                continue;
+            };
+            let Some(event) = event else {
+                s.finished = true;
+                return Some((Err(std::io::Error::other("engine dropped the request")), s));
+            };
+            if !s.opened {
+                s.opened = true;
+                match s.reply.api {
+                    Api::Chat => {
+                        for i in 0..s.choices.len() {
+                            s.queue.push_back(s.reply.role_chunk(i));
+                        }
+                    }
+                    Api::Responses => {
+                        let opening = s.reply.response_opening(&s.choices);
+                        s.queue.extend(opening);
+                    }
+                    Api::Completions => {}
                 }
-                Some((Ok(chunk), s))
             }
+            s.sent += 1;
+            let (shown, entries, ended) = apply(&mut s.reply, &mut s.choices[k], event);
+            if s.reply.api == Api::Responses {
+                s.choices[k].text.push_str(&shown);
+                if !shown.is_empty() {
+                    let delta = s.reply.response_delta(&shown);
+                    s.queue.push_back(delta);
+                }
+                continue;
+            }
+            let end = ended.then(|| end_of(&s.choices[k]));
+            s.queue.push_back(s.reply.chunk(k, &shown, &entries, end));
         }
     });
+    let content_type = "text/event-stream; charset=utf-8";
     Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-pub(super) async fn collect_response(
-    reply: Reply,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+async fn collect_response(
+    mut reply: Reply,
+    mut choices: Vec<Choice>,
+    mut merged: Merged,
     abort_after: Option<usize>,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    loop {
-        match rx.recv().await {
-            None => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request")),
-            Some(Event { token, done }) => {
-                if let Some(t) = token {
-                    text.push_str(&reply.text_of(t));
-                }
-                if let Some(d) = done {
-                    let body = reply.full(&text, &d).to_string();
-                    if abort_after.is_some() {
-                        // Send the head and half the body (flushed, with a pause before the
-                        // break), then break the connection.
-                        let body = Bytes::from(body.into_bytes());
-                        let half = body.slice(..body.len() / 2);
-                        let broken = async {
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                            Err(std::io::Error::other("injected abort"))
-                        };
-                        let parts = futures_util::stream::iter([Ok::<_, std::io::Error>(half)])
-                            .chain(futures_util::stream::once(broken));
-                        return Ok(Response::builder()
-                            .header(header::CONTENT_TYPE, "application/json")
-                            .body(Body::from_stream(parts))
-                            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()));
-                    }
-                    return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
-                }
-            }
-        }
+    while let Some((k, event)) = merged.recv().await {
+        let Some(event) = event else {
+            return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request"));
+        };
+        let (shown, entries, _) = apply(&mut reply, &mut choices[k], event);
+        choices[k].text.push_str(&shown);
+        choices[k].logprobs.extend(entries);
     }
+    let body = reply.full(&choices).to_string();
+    if abort_after.is_some() {
+        // Send the head and half the body (flushed, with a pause before the break), then break
+        // the connection.
+        let body = Bytes::from(body.into_bytes());
+        let half = body.slice(..body.len() / 2);
+        let broken = async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Err(std::io::Error::other("injected abort"))
+        };
+        let parts =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(half)]).chain(futures_util::stream::once(broken));
+        return Ok(Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(parts))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
