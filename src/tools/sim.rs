@@ -77,7 +77,8 @@ pub struct SimArgs {
     /// The model's Hugging Face tokenizer folder (`tokenizer.json`, `tokenizer_config.json`,
     /// `chat_template.jinja`): prompts are tokenized and chats rendered with them, so the KV
     /// cache, the prefix-cache counters, usage and KV events are in the model's real tokens
-    /// (default: the simulator's own ~4-characters-per-token tokenizer).
+    /// (default: the simulator's own ~4-characters-per-token tokenizer, whose counts differ from a
+    /// real model's: give the model's folder here when a client counts tokens itself).
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<std::path::PathBuf>,
     /// KV events, as vLLM's JSON (`{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",…}`):
