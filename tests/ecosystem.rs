@@ -166,6 +166,17 @@ async fn metrics_have_every_inference_extension_family_and_pass_promtool() {
     let upstream = [("model_name", "ghost"), ("error_code", "not_found")];
     assert_eq!(metric(&text, "inference_objective_request_error_total", &upstream), Some(1.0), "{text}");
     assert_eq!(metric(&text, "inference_extension_info", &[]), Some(1.0));
+    // Names of unserved models are the client's to choose: past a bound they count as `other`.
+    for k in 0..kvgate::gateway::telemetry::UNKNOWN_MODEL_LABELS + 5 {
+        let (status, _) = post(&format!("{proxy}/v1/chat/completions"), &chat(&format!("made-up-{k}"), false)).await;
+        assert_eq!(status, 404);
+    }
+    let text = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    let other = [("model_name", "other"), ("error_code", "model_not_found")];
+    assert_eq!(metric(&text, "inference_objective_request_error_total", &other), Some(6.0), "{text}");
+    // `gpt-17` and 99 made-up names take the 100 places.
+    assert!(text.contains("model_name=\"made-up-98\""), "{text}");
+    assert!(!text.contains("model_name=\"made-up-99\""), "{text}");
     let (ok, said) = tokio::task::spawn_blocking(move || promtool_check(&text)).await.expect("join");
     assert!(ok, "promtool check metrics: {said}");
 }

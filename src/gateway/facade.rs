@@ -203,7 +203,7 @@ impl Gateway {
     /// Counts a refusal of a request for `model` (when its body named one).
     fn refused_for(&self, e: &RouteError, model: Option<&str>) {
         let model = match e {
-            RouteError::UnknownModel { model, .. } => model.as_str(),
+            RouteError::UnknownModel { model, .. } => self.telemetry.unknown_model_label(model),
             _ => model.unwrap_or("unknown"),
         };
         self.telemetry.count_request("unknown", model, None, e.status(), e.code());

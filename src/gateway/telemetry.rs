@@ -9,6 +9,9 @@ use prometheus::{
 use crate::routing::endpoint::{EndpointStatus, Health};
 use crate::routing::schedule::DecisionKind;
 
+/// How many names of unserved models label refusals before the rest count as `other`.
+pub const UNKNOWN_MODEL_LABELS: usize = 100;
+
 /// What the metrics page shows of one pool.
 #[derive(Debug)]
 pub struct PoolView<'a> {
@@ -111,6 +114,8 @@ pub struct Telemetry {
     pub buffered_bytes: prometheus::IntGauge,
     /// The KV-event feeds' families.
     pub kv_events: KvEventMetrics,
+    /// Model names of refused requests that no pool serves, kept as label values (bounded).
+    unknown_models: parking_lot::Mutex<std::collections::HashSet<String>>,
     ready_pods: IntGaugeVec,
     avg_kv: GaugeVec,
     avg_queue: GaugeVec,
@@ -263,6 +268,7 @@ impl Telemetry {
             ),
         };
         Self {
+            unknown_models: parking_lot::Mutex::default(),
             kv_events,
             request_duration,
             request_sizes,
@@ -398,6 +404,21 @@ impl Telemetry {
             ),
             registry,
         }
+    }
+
+    /// The `model_name` label of a request for `model`, which no pool serves: the name itself
+    /// for the first [`UNKNOWN_MODEL_LABELS`] such names, `other` beyond (clients choose these
+    /// names; the label values must stay bounded).
+    pub fn unknown_model_label<'a>(&self, model: &'a str) -> &'a str {
+        let mut seen = self.unknown_models.lock();
+        if seen.contains(model) {
+            return model;
+        }
+        if seen.len() < UNKNOWN_MODEL_LABELS {
+            seen.insert(model.to_owned());
+            return model;
+        }
+        "other"
     }
 
     /// Counts a finished (or refused) request: `status` is the HTTP status the client got.
