@@ -2,7 +2,7 @@
 //! accounting logic. [`http`] has the pieces they share (upstream client, request ids, header
 //! names, body reading, refusals as responses, listeners); [`proxy`] is the OpenAI reverse
 //! proxy, [`handoff`] its prefill → decode hand-off (shared with [`sidecar`]), [`admin`] the
-//! admin API, [`extproc`] the Envoy endpoint picker, and [`usage`] reads token usage from
+//! admin API, [`extproc`] the Envoy endpoint picker, [`picker`] kvgate's own gRPC picker API, and [`usage`] reads token usage from
 //! responses for both.
 
 pub(crate) mod admin;
@@ -10,6 +10,7 @@ pub(crate) mod extproc;
 pub(crate) mod handoff;
 pub(crate) mod http;
 pub(crate) mod listen;
+pub mod picker;
 pub(crate) mod proxy;
 pub mod sidecar;
 pub(crate) mod usage;

@@ -1,11 +1,12 @@
 //! Gateway state: the config tree ([`config`]), the pools kept fresh by discovery, scraping and
 //! health judgement ([`pool`]), kvgate's metrics ([`telemetry`]), and the facade every
 //! front-end calls ([`facade::Gateway`]: decide, explain, ready) with its one outcome API
-//! ([`outcome::Routed`]). [`error`] holds the refusals and their one status mapping; [`budget`] bounds the request
+//! ([`outcome::Routed`]). [`decisions`] holds decisions whose callers report on them; [`error`] holds the refusals and their one status mapping; [`budget`] bounds the request
 //! bytes held in memory; [`paths`] is the path policy both front-ends apply.
 
 pub mod budget;
 pub mod config;
+pub mod decisions;
 pub mod error;
 pub mod facade;
 pub mod outcome;

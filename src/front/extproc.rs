@@ -38,12 +38,13 @@ use tonic::{Request, Response, Status, Streaming};
 pub(crate) mod health;
 
 use crate::front::http::{
-    DESTINATION_HEADER, DP_RANK_HEADER, DROPPED_HEADER, PREFILLER_HEADER, PREFILLER_RANK_HEADER, REQUEST_ID_HEADER,
-    SERVED_HEADER, TEST_SELECTION_HEADER, new_request_id, refusal_headers,
+    DESTINATION_HEADER, DROPPED_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER,
+    dropped_reason, new_request_id, refusal_headers,
 };
 use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
+use crate::gateway::decisions::{PrefillReport, StreamTicket};
 use crate::gateway::error::{RouteError, upstream_error_code};
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
@@ -87,7 +88,17 @@ impl ExternalProcessor for Picker {
         let mut stream = StreamState::new(self.gateway.clone(), self.cfg.clone());
         tokio::spawn(async move {
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    // A sidecar's report of the prefill leg comes before the decode leg's
+                    // answer reaches Envoy, so it is taken first.
+                    biased;
+                    report = prefill_report(&mut stream.prefill) => {
+                        stream.prefill_reported(report);
+                        continue;
+                    }
+                    m = inbound.message() => m,
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     // End of stream or a reset: dropping the state releases any in-flight count.
                     Ok(None) => return,
@@ -176,6 +187,8 @@ struct StreamState {
     reservation: Reservation,
     subset: Option<Option<Subset>>,
     routed: Option<Routed>,
+    /// The P/D decision's id while its sidecar may report the prefill leg.
+    prefill: Option<StreamTicket>,
     usage: UsageReader,
     status: u16,
     done: bool,
@@ -199,6 +212,7 @@ impl StreamState {
             reservation,
             subset: None,
             routed: None,
+            prefill: None,
             usage: UsageReader::default(),
             status: 0,
             done: false,
@@ -371,33 +385,13 @@ impl StreamState {
                 return vec![immediate(&e)];
             }
         };
-        // Ranks sharing one address (pinned by header) appear once in the fallback list. A rank
-        // pin is for the primary's server only, so a pinned request gets no fallbacks: another
-        // server would get the wrong rank (or one it does not have).
-        let limit = if routed.decision().primary().header_rank.is_some() { 1 } else { want };
-        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(limit);
-        for t in routed.decision().targets.iter() {
-            if addrs.len() < limit && !addrs.contains(&t.address) {
-                addrs.push(t.address);
-            }
-        }
-        let dest = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
+        let ticket = routed.decision().prefill.is_some().then(|| self.gateway.decisions().stream());
+        let placement = Placement::of(routed.decision(), want, ticket.as_ref().map(StreamTicket::id));
+        let dest = placement.destination;
         let mut set = vec![set_header(DESTINATION_HEADER, &dest)];
         // Placement headers are kvgate's: set them for this decision, drop any the client sent.
-        let mut remove = Vec::new();
-        let d = routed.decision();
-        match d.primary().header_rank {
-            Some(r) => set.push(set_header(DP_RANK_HEADER, &r.to_string())),
-            None => remove.push(DP_RANK_HEADER.to_owned()),
-        }
-        match d.prefill {
-            Some(p) => set.push(set_header(PREFILLER_HEADER, &p.address.to_string())),
-            None => remove.push(PREFILLER_HEADER.to_owned()),
-        }
-        match d.prefill.and_then(|p| p.header_rank) {
-            Some(r) => set.push(set_header(PREFILLER_RANK_HEADER, &r.to_string())),
-            None => remove.push(PREFILLER_RANK_HEADER.to_owned()),
-        }
+        set.extend(placement.set.iter().map(|(k, v)| set_header(k, v)));
+        let remove = placement.remove.iter().map(|h| (*h).to_owned()).collect();
         if self.generated_id
             && let Some(id) = &self.request_id
         {
@@ -410,8 +404,8 @@ impl StreamState {
             self.body = b;
             rewritten = true;
         }
-        // The sidecar runs the hand-off; kvgate does not see its outcome.
-        routed.prefill_delegated();
+        // The sidecar runs the hand-off and reports it under the ticket's id.
+        self.prefill = ticket;
         self.routed = Some(routed);
         let mut common = CommonResponse {
             header_mutation: Some(HeaderMutation { set_headers: set, remove_headers: remove }),
@@ -465,7 +459,11 @@ impl StreamState {
             }
         }
         if let Some(r) = self.routed.as_mut() {
-            // The decode side answers only after the prefill leg, if any, is over.
+            // The decode side answers only after the prefill leg, if any, is over; a sidecar
+            // that did not report it is taken to have run it.
+            if self.prefill.take().is_some() {
+                r.prefill_delegated();
+            }
             r.responded(self.status);
             // Its first body message is its first token only when Envoy streams the body here.
             let streamed = matches!(self.response_mode, BodyMode::Streamed | BodyMode::FullDuplexStreamed);
@@ -475,6 +473,15 @@ impl StreamState {
             self.finish();
         }
         vec![response(Resp::ResponseHeaders(HeadersResponse::default()))]
+    }
+
+    /// The sidecar reported the prefill leg: the outcome API learns it as the proxy's own
+    /// hand-off would.
+    fn prefill_reported(&mut self, p: PrefillReport) {
+        self.prefill = None;
+        if let Some(r) = self.routed.as_mut() {
+            if p.succeeded { r.prefill_succeeded() } else { r.prefill_failed(p.reason, p.learned) }
+        }
     }
 
     /// The response is complete: count it and release the in-flight count.
@@ -487,6 +494,18 @@ impl StreamState {
             }
             r.completed();
         }
+    }
+}
+
+/// The sidecar's report of the prefill leg, when the stream holds a P/D decision; pending
+/// otherwise.
+async fn prefill_report(ticket: &mut Option<StreamTicket>) -> PrefillReport {
+    match ticket {
+        Some(t) => match (&mut t.report).await {
+            Ok(r) => r,
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -520,12 +539,7 @@ fn body_chunks(body: Vec<u8>) -> Vec<ProcessingResponse> {
 
 /// A refusal as an `ImmediateResponse`.
 fn immediate(e: &RouteError) -> ProcessingResponse {
-    let reason = match e {
-        RouteError::Saturated { .. } => "rejected-saturated",
-        RouteError::Unavailable(_) => "rejected-no-endpoints",
-        _ => e.code(),
-    };
-    let mut extra = vec![(DROPPED_HEADER, reason)];
+    let mut extra = vec![(DROPPED_HEADER, dropped_reason(e))];
     extra.extend(refusal_headers(e));
     immediate_json(e.status(), e.to_json(), &extra, e.code())
 }

@@ -20,6 +20,7 @@ use crate::gateway::error::{RouteError, error_body};
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::PathRefusal;
 use crate::routing::request::RequestError;
+use crate::routing::schedule::Decision;
 
 /// Request header (and `envoy.lb` metadata key) carrying the pick.
 pub(crate) const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -43,8 +44,60 @@ pub(crate) const PREFILLER_RANK_HEADER: &str = "x-prefiller-data-parallel-rank";
 /// its ranks internally.
 pub(crate) const DP_RANK_HEADER: &str = "x-data-parallel-rank";
 
+/// Request header for the decode side's sidecar: the decision its prefill leg is reported under
+/// (kvgate's picker API, `Report`).
+pub(crate) const DECISION_HEADER: &str = "x-kvgate-decision-id";
+
 /// The headers that say where a request is placed: kvgate's to set, never a client's.
-const PLACEMENT_HEADERS: [&str; 3] = [PREFILLER_HEADER, PREFILLER_RANK_HEADER, DP_RANK_HEADER];
+const PLACEMENT_HEADERS: [&str; 4] = [PREFILLER_HEADER, PREFILLER_RANK_HEADER, DP_RANK_HEADER, DECISION_HEADER];
+
+/// Where a decision places its request, as headers: the destination list and each placement
+/// header, set for this decision or to be removed from what the client sent.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Placement {
+    /// The `x-gateway-destination-endpoint` value: distinct addresses, target first.
+    pub destination: String,
+    /// Headers to set.
+    pub set: Vec<(&'static str, String)>,
+    /// Placement headers to remove.
+    pub remove: Vec<&'static str>,
+}
+
+impl Placement {
+    /// The placement of `d`, listing at most `limit` addresses. Ranks sharing one address
+    /// appear once; a rank pin is for the target's server only, so a pinned request gets no
+    /// fallbacks (another server would get the wrong rank, or one it does not have).
+    /// `decision_id` names the decision for a sidecar's report of the prefill leg.
+    pub(crate) fn of(d: &Decision, limit: usize, decision_id: Option<&str>) -> Self {
+        let limit = if d.primary().header_rank.is_some() { 1 } else { limit.max(1) };
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(limit);
+        for t in &d.targets {
+            if addrs.len() < limit && !addrs.contains(&t.address) {
+                addrs.push(t.address);
+            }
+        }
+        let destination = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
+        let mut p = Self { destination, ..Self::default() };
+        let mut put = |name: &'static str, value: Option<String>| match value {
+            Some(v) => p.set.push((name, v)),
+            None => p.remove.push(name),
+        };
+        put(DP_RANK_HEADER, d.primary().header_rank.map(|r| r.to_string()));
+        put(PREFILLER_HEADER, d.prefill.map(|t| t.address.to_string()));
+        put(PREFILLER_RANK_HEADER, d.prefill.and_then(|t| t.header_rank).map(|r| r.to_string()));
+        put(DECISION_HEADER, d.prefill.and(decision_id).map(str::to_owned));
+        p
+    }
+}
+
+/// The `x-llm-d-request-dropped-reason` of a refusal.
+pub(crate) fn dropped_reason(e: &RouteError) -> &'static str {
+    match e {
+        RouteError::Saturated { .. } => "rejected-saturated",
+        RouteError::Unavailable(_) => "rejected-no-endpoints",
+        _ => e.code(),
+    }
+}
 
 /// Removes any placement header from `headers`.
 pub(crate) fn strip_placement(headers: &mut HeaderMap) {

@@ -19,13 +19,15 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use tonic::transport::Channel;
 
 use crate::front::handoff::{self, Fallback, PrefillLeg};
 use crate::front::http::{
-    PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, end_to_end, ensure_request_id, json_error, no_route,
-    read_body, refusal, relay, upstream_client, upstream_request, wrong_method,
+    DECISION_HEADER, PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, end_to_end, ensure_request_id,
+    json_error, no_route, read_body, refusal, relay, upstream_client, upstream_request, wrong_method,
 };
 use crate::front::listen::{ConnLimits, drain, serve_http, shutdown_signal};
+use crate::front::picker::pb::{self, picker_client::PickerClient};
 use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::DEFAULT_MAX_BUFFERED_BYTES;
 use crate::routing::pd;
@@ -71,6 +73,15 @@ pub struct SidecarArgs {
     /// Serve the sidecar's own metrics (`/metrics`) and `/healthz` here.
     #[arg(long)]
     pub admin_addr: Option<SocketAddr>,
+    /// kvgate's gRPC address (`http://HOST:9002`): report each hand-off's outcome there
+    /// (`kvgate.v1.Picker/Report`, by the decision id the picker sends in
+    /// `x-kvgate-decision-id`), so kvgate learns which endpoint computed the prompt. Without it
+    /// kvgate takes every hand-off to have succeeded.
+    #[arg(long)]
+    pub report_to: Option<String>,
+    /// Bound on one report; past it the decode leg goes on without it.
+    #[arg(long, default_value_t = 1_000)]
+    pub report_timeout_ms: u64,
 }
 
 /// The sidecar's counters.
@@ -81,6 +92,8 @@ struct Counters {
     requests: IntCounterVec,
     /// `kvgate_disagg_fallbacks_total{reason}`.
     fallbacks: IntCounterVec,
+    /// `kvgate_sidecar_reports_total{result}`: hand-off reports sent to kvgate (`ok`, `failed`).
+    reports: IntCounterVec,
 }
 
 impl Counters {
@@ -102,9 +115,15 @@ impl Counters {
             &["reason"],
         )
         .expect("valid metric");
+        let reports = IntCounterVec::new(
+            Opts::new("kvgate_sidecar_reports_total", "Hand-off outcomes reported to kvgate, by result (ok, failed)."),
+            &["result"],
+        )
+        .expect("valid metric");
         registry.register(Box::new(requests.clone())).expect("unique");
         registry.register(Box::new(fallbacks.clone())).expect("unique");
-        Self { registry, requests, fallbacks }
+        registry.register(Box::new(reports.clone())).expect("unique");
+        Self { registry, requests, fallbacks, reports }
     }
 }
 
@@ -124,6 +143,8 @@ struct Sidecar {
     allow: Allow,
     client: UpstreamClient,
     counters: Counters,
+    /// Where hand-off outcomes are reported.
+    reports: Option<PickerClient<Channel>>,
 }
 
 /// A running sidecar. Dropping it stops it at once; [`Running::shutdown`] lets requests finish.
@@ -172,7 +193,20 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
                 .map_err(|e| anyhow::anyhow!("--allow-prefill: {e}"))?,
         )
     };
+    let reports = match &args.report_to {
+        None => None,
+        Some(url) => {
+            let endpoint = Channel::from_shared(url.clone())
+                .map_err(|e| anyhow::anyhow!("--report-to `{url}`: {e}"))?
+                .connect_timeout(Duration::from_millis(args.connect_timeout_ms));
+            if endpoint.uri().scheme_str() != Some("http") {
+                anyhow::bail!("--report-to `{url}`: give kvgate's gRPC address as http://HOST:PORT");
+            }
+            Some(PickerClient::new(endpoint.connect_lazy()))
+        }
+    };
     let state = Arc::new(Sidecar {
+        reports,
         client: upstream_client(args.connect_timeout_ms),
         allow,
         counters: Counters::new(),
@@ -250,6 +284,39 @@ fn prefiller(
     Ok((addr, rank))
 }
 
+/// Tells kvgate how the hand-off of decision `id` went (`failed`: why it fell back), waiting at
+/// most `--report-timeout-ms`: the report reaches kvgate before the decode leg's answer does.
+async fn report(st: &Sidecar, id: String, failed: Option<&Fallback>) {
+    let Some(client) = &st.reports else { return };
+    let prefill = match failed {
+        None => pb::PrefillOutcome { succeeded: true, ..Default::default() },
+        Some(f) => {
+            let reason = match f {
+                Fallback::Unreachable(_) => pb::FallbackReason::Unreachable,
+                Fallback::Timeout => pb::FallbackReason::Timeout,
+                Fallback::Status(_) => pb::FallbackReason::Status,
+                Fallback::BadResponse(_) => pb::FallbackReason::BadResponse,
+                Fallback::BadRequest(_) => pb::FallbackReason::BadRequest,
+                Fallback::NotAllowed(_) => pb::FallbackReason::NotAllowed,
+            };
+            let status = if let Fallback::Status(s) = f { u32::from(*s) } else { 0 };
+            pb::PrefillOutcome { succeeded: false, reason: reason as i32, status }
+        }
+    };
+    let req = pb::ReportRequest { decision_id: id, prefill: Some(prefill), ..Default::default() };
+    let bound = Duration::from_millis(st.args.report_timeout_ms.max(1));
+    let sent = tokio::time::timeout(bound, client.clone().report(req)).await;
+    let ok = matches!(sent, Ok(Ok(_)));
+    if !ok {
+        let why = match sent {
+            Ok(Err(status)) => status.message().to_owned(),
+            _ => "no answer in time".to_owned(),
+        };
+        tracing::warn!(error = %why, "could not report the hand-off to kvgate");
+    }
+    st.counters.reports.with_label_values(&[if ok { "ok" } else { "failed" }]).inc();
+}
+
 /// A body for the local endpoint to serve alone: a client's own `kv_transfer_params` (which
 /// would make it pull KV from wherever they say) are removed.
 fn local(body: Bytes) -> Bytes {
@@ -267,6 +334,7 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     let mut headers = end_to_end(&parts.headers);
     let named = headers.remove(PREFILLER_HEADER);
     let named_rank = headers.remove(PREFILLER_RANK_HEADER);
+    let decision = headers.remove(DECISION_HEADER).and_then(|v| v.to_str().ok().map(str::to_owned));
     let routed_api =
         parts.method == Method::POST && ApiKind::from_path(parts.uri.path()).is_some_and(ApiKind::disaggregates);
     let body = match named {
@@ -282,6 +350,9 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
                 Ok(leg) => handoff::handoff(&st.client, leg, &body).await,
                 Err(f) => Err(f),
             };
+            if let Some(id) = decision {
+                report(&st, id, decode.as_ref().err()).await;
+            }
             match decode {
                 Ok(b) => {
                     st.counters.requests.with_label_values(&["prefill-decode"]).inc();
@@ -328,7 +399,7 @@ mod tests {
         let args =
             crate::tools::cli::parse_flags::<SidecarArgs, _, _>("sidecar", ["--decode", "127.0.0.1:1"]).expect("flags");
         let budget = BodyBudget::new(args.max_buffered_bytes);
-        Sidecar { allow, client: upstream_client(100), counters: Counters::new(), budget, args }
+        Sidecar { allow, client: upstream_client(100), counters: Counters::new(), budget, args, reports: None }
     }
 
     #[test]

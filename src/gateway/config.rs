@@ -24,8 +24,8 @@ pub use inference_pool::{
     INFERENCE_POOL_GROUP, InferencePoolRef, is_dns_label, is_dns_subdomain, is_label_key, is_label_value,
 };
 pub use sections::{
-    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, ProxyConfig,
-    ScrapeConfig, TlsFiles, bind_address,
+    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, PickerApiConfig,
+    ProxyConfig, ScrapeConfig, TlsFiles, bind_address,
 };
 
 /// The whole config file.
@@ -63,6 +63,9 @@ pub struct Config {
     /// The Envoy ext_proc endpoint picker on `grpc_addr`.
     #[serde(default)]
     pub extproc: ExtProcConfig,
+    /// kvgate's own picker API (`kvgate.v1.Picker`) on `grpc_addr`.
+    #[serde(default)]
+    pub picker_api: PickerApiConfig,
     /// A second listener serving only gRPC health (the reference picker's charts probe `:9003`).
     #[serde(default)]
     pub health_addr: Option<SocketAddr>,
@@ -338,6 +341,9 @@ impl Config {
         }
         if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
             return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
+        }
+        if self.picker_api.report_timeout_ms == 0 || self.picker_api.max_pending == 0 {
+            return Err(invalid("picker_api".into(), "report_timeout_ms and max_pending must be at least 1".into()));
         }
         if self.extproc.max_endpoints == 0 || self.extproc.max_message_bytes < 1024 {
             return Err(invalid(

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::gateway::budget::BodyBudget;
-use crate::gateway::config::Admission;
+use crate::gateway::config::{Admission, PickerApiConfig};
+use crate::gateway::decisions::Decisions;
 use crate::gateway::error::{RouteError, error_body};
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{self, Ask, PathPolicy, Place};
@@ -27,6 +28,8 @@ pub struct Gateway {
     body_budget: BodyBudget,
     paths: PathPolicy,
     telemetry: Arc<Telemetry>,
+    /// Decisions held for their reports (the picker API, P/D sidecars behind Envoy).
+    decisions: Arc<Decisions>,
     /// When the gateway started (the `created` of its model list), Unix seconds.
     created: u64,
 }
@@ -37,7 +40,20 @@ impl Gateway {
     pub fn new(pools: Vec<Pool>, max_body_bytes: usize, max_buffered_bytes: usize, telemetry: Arc<Telemetry>) -> Self {
         let body_budget = BodyBudget::new(max_buffered_bytes);
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Self { pools, max_body_bytes, body_budget, paths: PathPolicy::default(), telemetry, created }
+        let decisions = Arc::new(Decisions::new(&PickerApiConfig::default(), telemetry.clone()));
+        Self { pools, max_body_bytes, body_budget, paths: PathPolicy::default(), telemetry, decisions, created }
+    }
+
+    /// The gateway holding picked decisions for their reports as `cfg` says.
+    #[must_use]
+    pub fn with_picker_api(mut self, cfg: &PickerApiConfig) -> Self {
+        self.decisions = Arc::new(Decisions::new(cfg, self.telemetry.clone()));
+        self
+    }
+
+    /// The decisions held for their reports.
+    pub fn decisions(&self) -> &Arc<Decisions> {
+        &self.decisions
     }
 
     /// The gateway with `paths` as its path policy.

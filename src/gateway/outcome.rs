@@ -139,6 +139,11 @@ impl Routed {
         &self.snapshot
     }
 
+    /// The model the request asked for.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// The pool's name.
     pub fn pool_name(&self) -> &str {
         self.pool.name()

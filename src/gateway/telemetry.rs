@@ -112,6 +112,13 @@ pub struct Telemetry {
     pub index_corrections: IntCounterVec,
     /// `kvgate_buffered_request_bytes`: request body bytes held in memory now.
     pub buffered_bytes: prometheus::IntGauge,
+    /// `kvgate_picker_reports_total{result}`: reports by decision id (`accepted`, `unknown`,
+    /// `ended`, `refused`).
+    pub picker_reports: IntCounterVec,
+    /// `kvgate_picker_decisions_expired_total{pool}`: decisions released with no final report.
+    pub picker_expired: IntCounterVec,
+    /// `kvgate_picker_decisions_pending`: decisions held for their reports now.
+    pub picker_pending: prometheus::IntGauge,
     /// The KV-event feeds' families.
     pub kv_events: KvEventMetrics,
     /// Model names of refused requests that no pool serves, kept as label values (bounded).
@@ -342,6 +349,27 @@ impl Telemetry {
                 let g = prometheus::IntGauge::new(
                     "kvgate_buffered_request_bytes",
                     "Request body bytes held in memory now, over every request (bounded by max_buffered_bytes).",
+                )
+                .expect("valid metric");
+                reg(Box::new(g.clone()));
+                g
+            },
+            picker_reports: family!(
+                IntCounterVec,
+                "kvgate_picker_reports_total",
+                "Reports to the picker API by result (accepted, unknown, ended, refused).",
+                &["result"]
+            ),
+            picker_expired: family!(
+                IntCounterVec,
+                "kvgate_picker_decisions_expired_total",
+                "Picked decisions released after the report timeout with no final report.",
+                &["pool"]
+            ),
+            picker_pending: {
+                let g = prometheus::IntGauge::new(
+                    "kvgate_picker_decisions_pending",
+                    "Picked decisions held for their reports now.",
                 )
                 .expect("valid metric");
                 reg(Box::new(g.clone()));

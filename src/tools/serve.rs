@@ -16,6 +16,7 @@ mod demo;
 use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
 use crate::front::listen::{ConnLimits, Pace, drain, nodelay, serve_http, shutdown_signal, stopped};
+use crate::front::picker;
 use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::{Config, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
@@ -242,8 +243,13 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         pools.push(pool);
     }
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
-    let gateway =
-        Arc::new(Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry).with_paths(paths));
+    let gateway = Arc::new(
+        Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
+            .with_paths(paths)
+            .with_picker_api(&cfg.picker_api),
+    );
+    // Decisions whose reports never come are released by this task.
+    tasks.push(AbortOnDrop(tokio::spawn(gateway.decisions().clone().run())));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
@@ -296,7 +302,14 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .context("TLS on grpc_addr")?;
     }
-    let grpc = builder.add_service(health.clone()).add_service(ext);
+    let api = picker::service(gateway.clone(), &cfg.extproc, stop_rx.clone());
+    let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
+    let grpc = builder
+        .add_service(health.clone())
+        .add_service(ext)
+        .add_service(api)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let grpc_stop = stopped(stop_rx.clone());
     listeners.push(tokio::spawn(async move {
         if let Err(e) = grpc.serve_with_incoming_shutdown(nodelay(listener), grpc_stop).await {

@@ -198,6 +198,23 @@ pub struct ExtProcConfig {
     pub self_signed_tls: bool,
 }
 
+/// kvgate's own picker API: how long a picked decision waits for its reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickerApiConfig {
+    /// A decision with no final report is released (its in-flight count ends) this long after
+    /// it was picked (default 10 minutes: longer than most generations).
+    pub report_timeout_ms: u64,
+    /// Decisions held for their reports at once; past it `Pick` fails with RESOURCE_EXHAUSTED.
+    pub max_pending: usize,
+}
+
+impl Default for PickerApiConfig {
+    fn default() -> Self {
+        Self { report_timeout_ms: 600_000, max_pending: 65_536 }
+    }
+}
+
 /// A PEM certificate (chain) and its private key.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,0 +1,420 @@
+//! Decisions held for their reports: a caller of kvgate's own picker API sends the request
+//! itself and reports what happened by the decision's id, and behind Envoy a P/D sidecar reports
+//! the prefill leg of a decision the ext_proc stream holds. [`Decisions`] keeps each by id, applies
+//! reports through the one outcome API ([`Routed`]), and releases a decision whose final report
+//! never comes after the configured timeout (counted in `kvgate_picker_decisions_expired_total`).
+//!
+//! Ids are `<process nonce>-<sequence>` in hex, so a report for an id this process issued and has
+//! already ended is told apart from one it never issued, without keeping every id.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::gateway::config::PickerApiConfig;
+use crate::gateway::error::upstream_error_code;
+use crate::gateway::outcome::Routed;
+use crate::gateway::pool::Outcome;
+use crate::gateway::telemetry::{Telemetry, Usage};
+
+/// How many ended ids are remembered with how they ended (older ones are still known to have
+/// been issued).
+const ENDED_MEMORY: usize = 65_536;
+
+/// The decisions held for reports.
+#[derive(Debug)]
+pub struct Decisions {
+    nonce: u32,
+    next: AtomicU64,
+    timeout: Duration,
+    max_pending: usize,
+    inner: Mutex<Inner>,
+    telemetry: Arc<Telemetry>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    held: HashMap<u64, Held>,
+    /// Callers' decisions among `held`.
+    callers: usize,
+    ended: HashMap<u64, Ended>,
+    order: VecDeque<u64>,
+}
+
+#[derive(Debug)]
+enum Held {
+    /// A decision its caller reports on entirely.
+    Caller(Box<Caller>),
+    /// A P/D decision an ext_proc stream holds: only its prefill leg is reported here, and handed
+    /// on to the stream.
+    Stream(Option<oneshot::Sender<PrefillReport>>),
+}
+
+#[derive(Debug)]
+struct Caller {
+    routed: Routed,
+    deadline: Instant,
+    prefill_reported: bool,
+    started: bool,
+}
+
+/// How a decision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Its response finished.
+    Finished,
+    /// It failed before a response.
+    Failed,
+    /// No final report came in time.
+    Expired,
+    /// Its ext_proc stream ended.
+    StreamEnded,
+    /// Long ago: how is forgotten.
+    Earlier,
+}
+
+impl Ended {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+            Self::Expired => "expired after the report timeout",
+            Self::StreamEnded => "over (its Envoy stream ended)",
+            Self::Earlier => "over",
+        }
+    }
+}
+
+/// One report: its parts are applied in this order.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The prefill leg's outcome.
+    pub prefill: Option<PrefillReport>,
+    /// The endpoint that really served.
+    pub served_by: Option<SocketAddr>,
+    /// The response started.
+    pub first_token: Option<FirstToken>,
+    /// The decision is over.
+    pub end: Option<End>,
+}
+
+/// How a prefill leg went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillReport {
+    /// The prefill endpoint computed the prompt.
+    pub succeeded: bool,
+    /// Why not (a `kvgate_disagg_fallbacks_total` reason).
+    pub reason: &'static str,
+    /// What the failure says of the prefill endpoint's health.
+    pub learned: Option<Outcome>,
+}
+
+/// The response started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirstToken {
+    /// Its status.
+    pub status: u16,
+    /// It streams its tokens as they come: its first byte timed the first token.
+    pub streaming: bool,
+}
+
+/// How a decision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The response ended.
+    Finished {
+        /// Its status.
+        status: u16,
+        /// Its usage, if reported.
+        usage: Option<Usage>,
+        /// Body bytes.
+        response_bytes: u64,
+    },
+    /// No response came.
+    Failed(Failure),
+}
+
+/// Why no response came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The endpoint could not be reached.
+    Unreachable,
+    /// It sent no answer in time.
+    TimedOut,
+    /// The caller gave up.
+    Cancelled,
+}
+
+/// Why a report was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// Not an id this process issued.
+    #[error("decision `{0}` is unknown here")]
+    Unknown(String),
+    /// Issued, and over.
+    #[error("decision `{0}` is already {how}", how = .1.as_str())]
+    Ended(String, Ended),
+    /// A part Envoy's stream reports itself.
+    #[error("decision `{0}` is held by an Envoy stream, which reports everything but its prefill leg")]
+    NotHere(String),
+}
+
+/// Too many decisions wait for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} decisions are waiting for their reports, the most this server holds")]
+pub struct Full(pub usize);
+
+impl Decisions {
+    /// Decisions held for at most `cfg.report_timeout_ms` each, `cfg.max_pending` at once.
+    pub fn new(cfg: &PickerApiConfig, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            nonce: fastrand::u32(..),
+            next: AtomicU64::new(1),
+            timeout: Duration::from_millis(cfg.report_timeout_ms.max(1)),
+            max_pending: cfg.max_pending.max(1),
+            inner: Mutex::new(Inner::default()),
+            telemetry,
+        }
+    }
+
+    fn issue(&self) -> (u64, String) {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        (seq, format!("{:08x}-{seq:x}", self.nonce))
+    }
+
+    /// The sequence number of an id this process issued.
+    fn sequence(&self, id: &str) -> Option<u64> {
+        let (nonce, seq) = id.split_once('-')?;
+        let seq = u64::from_str_radix(seq, 16).ok()?;
+        (u32::from_str_radix(nonce, 16).ok()? == self.nonce && seq < self.next.load(Ordering::Relaxed)).then_some(seq)
+    }
+
+    /// Holds `routed` until its final report or the timeout; returns its id.
+    pub fn hold(&self, routed: Routed) -> Result<String, Full> {
+        let mut inner = self.inner.lock();
+        if inner.callers >= self.max_pending {
+            return Err(Full(inner.callers));
+        }
+        let (seq, id) = self.issue();
+        let caller =
+            Caller { routed, deadline: Instant::now() + self.timeout, prefill_reported: false, started: false };
+        inner.held.insert(seq, Held::Caller(Box::new(caller)));
+        inner.callers += 1;
+        self.telemetry.picker_pending.set(inner.held.len() as i64);
+        Ok(id)
+    }
+
+    /// An id for a P/D decision an ext_proc stream holds, and where its prefill report arrives.
+    /// Dropping the ticket ends it.
+    pub fn stream(self: &Arc<Self>) -> StreamTicket {
+        let (tx, rx) = oneshot::channel();
+        let (seq, id) = self.issue();
+        let mut inner = self.inner.lock();
+        inner.held.insert(seq, Held::Stream(Some(tx)));
+        self.telemetry.picker_pending.set(inner.held.len() as i64);
+        StreamTicket { decisions: self.clone(), seq, id, report: rx }
+    }
+
+    /// Applies a report; returns whether the decision is over.
+    pub fn report(&self, id: &str, report: Report) -> Result<bool, ReportError> {
+        let result = self.apply(id, report);
+        let label = match &result {
+            Ok(_) => "accepted",
+            Err(ReportError::Unknown(_)) => "unknown",
+            Err(ReportError::Ended(..)) => "ended",
+            Err(ReportError::NotHere(_)) => "refused",
+        };
+        self.telemetry.picker_reports.with_label_values(&[label]).inc();
+        result.map(|over| {
+            if let Some(routed) = over {
+                // Released here, outside the lock.
+                drop(routed);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Applies a report; returns the decision's `Routed` if the report ended it.
+    fn apply(&self, id: &str, report: Report) -> Result<Option<Box<Caller>>, ReportError> {
+        let seq = self.sequence(id).ok_or_else(|| ReportError::Unknown(id.to_owned()))?;
+        let mut inner = self.inner.lock();
+        let caller = match inner.held.get_mut(&seq) {
+            None => {
+                let how = inner.ended.get(&seq).copied().unwrap_or(Ended::Earlier);
+                return Err(ReportError::Ended(id.to_owned(), how));
+            }
+            Some(Held::Stream(tx)) => {
+                let only_prefill = report.served_by.is_none() && report.first_token.is_none() && report.end.is_none();
+                return match (report.prefill, only_prefill) {
+                    (Some(p), true) => {
+                        // A second prefill report for the same leg changes nothing.
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(p);
+                        }
+                        Ok(None)
+                    }
+                    _ => Err(ReportError::NotHere(id.to_owned())),
+                };
+            }
+            Some(Held::Caller(c)) => c,
+        };
+        caller.apply(&report);
+        if report.end.is_none() {
+            return Ok(None);
+        }
+        let how = match report.end {
+            Some(End::Failed(_)) => Ended::Failed,
+            _ => Ended::Finished,
+        };
+        let Some(Held::Caller(done)) = inner.held.remove(&seq) else { return Ok(None) };
+        inner.callers -= 1;
+        inner.remember(seq, how);
+        self.telemetry.picker_pending.set(inner.held.len() as i64);
+        Ok(Some(done))
+    }
+
+    /// Releases the decisions whose report timeout has passed; returns how many.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let expired: Vec<Box<Caller>> = {
+            let mut inner = self.inner.lock();
+            let due: Vec<u64> = inner
+                .held
+                .iter()
+                .filter_map(|(&seq, h)| matches!(h, Held::Caller(c) if c.deadline <= now).then_some(seq))
+                .collect();
+            let mut out = Vec::with_capacity(due.len());
+            for seq in due {
+                if let Some(Held::Caller(c)) = inner.held.remove(&seq) {
+                    inner.callers -= 1;
+                    inner.remember(seq, Ended::Expired);
+                    out.push(c);
+                }
+            }
+            self.telemetry.picker_pending.set(inner.held.len() as i64);
+            out
+        };
+        for c in &expired {
+            tracing::debug!(pool = c.routed.pool_name(), "a picked decision had no final report in time; released");
+            self.telemetry.picker_expired.with_label_values(&[c.routed.pool_name()]).inc();
+        }
+        expired.len()
+    }
+
+    /// Sweeps for expired decisions until dropped (at a quarter of the timeout, 10 ms to 1 s).
+    pub async fn run(self: Arc<Self>) {
+        let period = (self.timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sweep();
+        }
+    }
+
+    /// Decisions held now (callers' and streams').
+    pub fn pending(&self) -> usize {
+        self.inner.lock().held.len()
+    }
+}
+
+impl Inner {
+    fn remember(&mut self, seq: u64, how: Ended) {
+        self.ended.insert(seq, how);
+        self.order.push_back(seq);
+        while self.order.len() > ENDED_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+    }
+}
+
+impl Caller {
+    /// Translates a report's parts into the routed request's wire events, as the proxy calls
+    /// them for a request it sends itself.
+    fn apply(&mut self, report: &Report) {
+        let r = &mut self.routed;
+        if let Some(p) = report.prefill
+            && !std::mem::replace(&mut self.prefill_reported, true)
+        {
+            if p.succeeded { r.prefill_succeeded() } else { r.prefill_failed(p.reason, p.learned) }
+        }
+        if let Some(addr) = report.served_by {
+            r.served_by(addr);
+        }
+        let mut start = |status: u16, streaming: bool, r: &mut Routed| {
+            if std::mem::replace(&mut self.started, true) {
+                return;
+            }
+            // A response without a prefill report: the leg is taken to have run, as a sidecar
+            // that does not report is.
+            if r.decision().prefill.is_some() && !std::mem::replace(&mut self.prefill_reported, true) {
+                r.prefill_delegated();
+            }
+            r.responded(status);
+            r.streaming(streaming);
+            r.first_byte();
+        };
+        if let Some(t) = report.first_token {
+            start(t.status, t.streaming, r);
+        }
+        match report.end {
+            Some(End::Finished { status, usage, response_bytes }) => {
+                // A response whose start was not reported gives no first-token time.
+                start(status, false, r);
+                r.received(usize::try_from(response_bytes).unwrap_or(usize::MAX));
+                r.count(status, upstream_error_code(status));
+                if let Some(u) = usage {
+                    r.usage(u);
+                }
+                r.completed();
+            }
+            Some(End::Failed(f)) => match f {
+                Failure::Unreachable => {
+                    r.unreachable();
+                    r.count(502, "upstream_unreachable");
+                }
+                Failure::TimedOut => {
+                    r.timed_out();
+                    r.count(504, "upstream_timeout");
+                }
+                Failure::Cancelled => {}
+            },
+            None => {}
+        }
+    }
+}
+
+/// A P/D decision's id while an ext_proc stream holds it, and where its prefill report arrives.
+#[derive(Debug)]
+pub struct StreamTicket {
+    decisions: Arc<Decisions>,
+    seq: u64,
+    id: String,
+    /// The sidecar's report of the prefill leg, if one comes.
+    pub report: oneshot::Receiver<PrefillReport>,
+}
+
+impl StreamTicket {
+    /// The decision's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for StreamTicket {
+    fn drop(&mut self) {
+        let mut inner = self.decisions.inner.lock();
+        inner.held.remove(&self.seq);
+        inner.remember(self.seq, Ended::StreamEnded);
+        self.decisions.telemetry.picker_pending.set(inner.held.len() as i64);
+    }
+}

@@ -1,0 +1,366 @@
+//! kvgate's own gRPC API (`kvgate.v1.Picker`) through a real gRPC client on loopback: picks and
+//! reports (missing, duplicate, unknown, refused), the same decision as the proxy's, `Explain`,
+//! `WatchEndpoints`, server reflection, and the Python client example.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{client, eventually, get_json, metric, start_kvgate, start_sim, wait_scraped};
+use kvgate::front::picker::pb::{self, picker_client::PickerClient};
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+async fn picker(kv: &kvgate::tools::serve::Server) -> PickerClient<Channel> {
+    PickerClient::connect(format!("http://{}", kv.grpc_addr)).await.expect("gRPC connects")
+}
+
+fn chat(system: &str, question: &str) -> Value {
+    json!({"model": MODEL, "max_tokens": 3, "stream": true,
+           "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]})
+}
+
+fn pick_body(body: &Value) -> pb::PickRequest {
+    pb::PickRequest {
+        path: "/v1/chat/completions".into(),
+        input: Some(pb::pick_request::Input::Body(body.to_string().into_bytes())),
+        ..Default::default()
+    }
+}
+
+async fn pick(c: &mut PickerClient<Channel>, req: pb::PickRequest) -> pb::pick_response::Result {
+    c.pick(req).await.expect("pick answers").into_inner().result.expect("a result")
+}
+
+async fn decided(c: &mut PickerClient<Channel>, req: pb::PickRequest) -> pb::Decision {
+    match pick(c, req).await {
+        pb::pick_response::Result::Decision(d) => d,
+        pb::pick_response::Result::Refusal(r) => panic!("refused: {r:?}"),
+    }
+}
+
+async fn refused(c: &mut PickerClient<Channel>, req: pb::PickRequest) -> pb::Refusal {
+    match pick(c, req).await {
+        pb::pick_response::Result::Refusal(r) => r,
+        pb::pick_response::Result::Decision(d) => panic!("decided: {d:?}"),
+    }
+}
+
+/// kvgate's in-flight requests per endpoint address.
+async fn in_flight(kv: &kvgate::tools::serve::Server) -> HashMap<String, u64> {
+    let v = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
+    v["pools"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .flat_map(|p| p["endpoints"].as_array().cloned().unwrap_or_default())
+        .map(|e| (e["address"].as_str().unwrap_or("").to_owned(), e["in_flight_requests"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+fn finished(id: &str, status: u32, usage: Option<pb::Usage>) -> pb::ReportRequest {
+    pb::ReportRequest {
+        decision_id: id.into(),
+        end: Some(pb::report_request::End::Finished(pb::Finished { status, usage, response_bytes: 100 })),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn picks_and_reports_round_trip() {
+    let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
+    let limited = start_sim(&["--time-scale", "0", "--served-model-name", "limited"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools:\n\
+         - {{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}\n\
+         - {{name: l, models: [limited], admission: {{max_in_flight: 1}}, endpoints: [{{address: '{}'}}]}}\n",
+        sims[0].addrs[0], sims[1].addrs[0], limited.addrs[0]
+    ))
+    .await;
+    let mut c = picker(&kv).await;
+    let body = chat(&"Terms of the agreement. ".repeat(100), "Summarize.");
+    let d = decided(&mut c, pick_body(&body)).await;
+    assert_eq!((d.pool.as_str(), d.model.as_str(), d.kind.as_str()), ("p", MODEL, "decode-only"));
+    assert_eq!(d.endpoints.len(), 1, "the server's extproc.max_endpoints by default");
+    let target = d.endpoints[0].address.clone();
+    assert_eq!(d.headers["x-gateway-destination-endpoint"], target);
+    assert!(!d.headers["x-request-id"].is_empty());
+    assert!(d.body.is_none(), "the body goes as it is");
+    assert_eq!(in_flight(&kv).await[&target], 1, "a picked request is in flight until reported");
+
+    // The caller sends it itself, then reports its start and its end.
+    let r = client().post(format!("http://{target}/v1/chat/completions")).body(body.to_string()).send().await;
+    let text = r.expect("endpoint answers").text().await.expect("body");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let start = pb::ReportRequest {
+        decision_id: d.decision_id.clone(),
+        first_token: Some(pb::FirstToken { status: 200, streaming: true }),
+        ..Default::default()
+    };
+    assert!(!c.report(start).await.expect("first token").into_inner().ended);
+    let usage = pb::Usage { prompt_tokens: 600, completion_tokens: 3, cached_tokens: Some(0) };
+    let end = c.report(finished(&d.decision_id, 200, Some(usage))).await.expect("finished");
+    assert!(end.into_inner().ended);
+    assert_eq!(in_flight(&kv).await[&target], 0, "released by the final report");
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_requests_total", &[("pool", "p"), ("status", "200")]), Some(1.0));
+    assert_eq!(metric(&m, "kvgate_tokens_total", &[("pool", "p"), ("kind", "prompt")]), Some(600.0));
+
+    // A second final report, an unknown id, a malformed one, a report without an id.
+    let again = c.report(finished(&d.decision_id, 200, None)).await.expect_err("duplicate");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    assert!(again.message().contains("already finished"), "{}", again.message());
+    for id in ["00000000-1", "nonsense", &format!("{}0", d.decision_id)] {
+        let e = c.report(finished(id, 200, None)).await.expect_err("unknown");
+        assert_eq!(e.code(), Code::NotFound, "{id}: {}", e.message());
+    }
+    assert_eq!(c.report(finished("", 200, None)).await.expect_err("no id").code(), Code::InvalidArgument);
+    assert_eq!(c.report(finished(&d.decision_id, 42, None)).await.expect_err("status").code(), Code::InvalidArgument);
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "accepted")]), Some(2.0));
+    assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "ended")]), Some(1.0));
+    assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "unknown")]), Some(3.0));
+
+    // Refusals carry what the proxy answers: status, code, OpenAI body, drop reason, headers.
+    let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
+    let unknown = json!({"model": "nope", "prompt": "hi"});
+    let r = refused(&mut c, pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&unknown) }).await;
+    assert_eq!((r.status, r.code.as_str(), r.dropped_reason.as_str()), (404, "model_not_found", "model_not_found"));
+    let via_proxy = client().post(format!("{proxy}/v1/completions")).body(unknown.to_string()).send().await;
+    assert_eq!(r.body, via_proxy.expect("proxy").text().await.expect("body"), "the proxy's own body");
+    let bad = pb::PickRequest { input: Some(pb::pick_request::Input::Body(b"{not json".to_vec())), ..pick_body(&body) };
+    let r = refused(&mut c, bad).await;
+    assert_eq!(r.status, 400);
+    assert!(serde_json::from_str::<Value>(&r.body).expect("JSON body")["error"]["message"].is_string());
+    let r = refused(&mut c, pb::PickRequest { path: "/v1/nothing-here".into(), ..pick_body(&body) }).await;
+    assert_eq!((r.status, r.code.as_str()), (404, "not_found"));
+    let get = pb::PickRequest { method: "GET".into(), ..pick_body(&body) };
+    let r = refused(&mut c, get).await;
+    assert_eq!((r.status, r.headers.get("allow").map(String::as_str)), (405, Some("POST")));
+    let own = pb::PickRequest { method: "GET".into(), path: "/v1/models".into(), ..Default::default() };
+    assert_eq!(c.pick(own).await.expect_err("not placed").code(), Code::InvalidArgument);
+
+    // A prompt given as fields, held unreported: the limited pool is then saturated, as it is
+    // for the proxy, until the report comes.
+    let fields = |model: &str| pb::PickRequest {
+        input: Some(pb::pick_request::Input::Prompt(pb::Prompt {
+            model: model.into(),
+            text: Some(pb::prompt::Text::TokenIds(pb::TokenIds { ids: (0..300).collect() })),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let held = decided(&mut c, fields("limited")).await;
+    assert_eq!(held.endpoints[0].address, limited.addrs[0].to_string());
+    let r = refused(&mut c, fields("limited")).await;
+    assert_eq!((r.status, r.dropped_reason.as_str()), (429, "rejected-saturated"));
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    let via_proxy = client()
+        .post(format!("{proxy}/v1/completions"))
+        .body(json!({"model": "limited", "prompt": "hi"}).to_string())
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(via_proxy.status(), 429, "the picked request counts for the proxy too");
+    let failed = pb::ReportRequest {
+        decision_id: held.decision_id.clone(),
+        end: Some(pb::report_request::End::Failed(pb::Failed {
+            kind: pb::FailureKind::Cancelled as i32,
+            message: "client left".into(),
+        })),
+        ..Default::default()
+    };
+    assert!(c.report(failed).await.expect("failed").into_inner().ended);
+    assert!(matches!(pick(&mut c, fields("limited")).await, pb::pick_response::Result::Decision(_)));
+    let e = c.report(finished(&held.decision_id, 200, None)).await.expect_err("over");
+    assert!(e.message().contains("already failed"), "{}", e.message());
+    let no_model = refused(&mut c, fields("")).await;
+    assert_eq!((no_model.status, no_model.code.as_str()), (400, "missing_model"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_never_reported_is_released_and_counted() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npicker_api: {{report_timeout_ms: 300, max_pending: 1}}\n\
+         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let mut c = picker(&kv).await;
+    let body = json!({"model": MODEL, "prompt": "hello there"});
+    let req = || pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&body) };
+    let d = decided(&mut c, req()).await;
+    let addr = sim.addrs[0].to_string();
+    assert_eq!(in_flight(&kv).await[&addr], 1);
+    // At most `max_pending` decisions wait for reports.
+    let full = c.pick(req()).await.expect_err("full");
+    assert_eq!(full.code(), Code::ResourceExhausted, "{}", full.message());
+    assert_eq!(in_flight(&kv).await[&addr], 1, "the refused pick holds nothing");
+    let first_token = pb::ReportRequest {
+        decision_id: d.decision_id.clone(),
+        first_token: Some(pb::FirstToken { status: 200, streaming: false }),
+        ..Default::default()
+    };
+    assert!(!c.report(first_token).await.expect("started").into_inner().ended);
+    // No final report: released after the timeout, and counted.
+    assert!(eventually(5, || async { in_flight(&kv).await[&addr] == 0 }).await, "released");
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_picker_decisions_expired_total", &[("pool", "p")]), Some(1.0));
+    assert_eq!(metric(&m, "kvgate_picker_decisions_pending", &[]), Some(0.0));
+    let late = c.report(finished(&d.decision_id, 200, None)).await.expect_err("late");
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    assert!(late.message().contains("expired"), "{}", late.message());
+    decided(&mut c, req()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pick_and_the_proxy_decide_alike() {
+    let sims = [
+        start_sim(&["--time-scale", "0"]).await,
+        start_sim(&["--time-scale", "0"]).await,
+        start_sim(&["--time-scale", "0"]).await,
+    ];
+    let eps: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
+        eps.join(", ")
+    ))
+    .await;
+    wait_scraped(&kv, 3).await;
+    let proxy = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
+    let mut c = picker(&kv).await;
+    let served = |r: &reqwest::Response| {
+        r.headers()["x-gateway-destination-endpoint-served"].to_str().expect("ascii").to_owned()
+    };
+    let mut places = Vec::new();
+    for g in 0..6 {
+        let system = format!("Group {g} has its own long instructions. ").repeat(60);
+        // Warm: the proxy places the group's first request somewhere.
+        let r = client().post(&proxy).body(chat(&system, "first").to_string()).send().await.expect("proxy");
+        let warm = served(&r);
+        let _ = r.text().await;
+        // Pick a follow-up, report it, then send another through the proxy: one place.
+        let d = decided(&mut c, pick_body(&chat(&system, "second"))).await;
+        c.report(finished(&d.decision_id, 200, None)).await.expect("report");
+        let r = client().post(&proxy).body(chat(&system, "third").to_string()).send().await.expect("proxy");
+        let third = served(&r);
+        let _ = r.text().await;
+        assert_eq!((&d.endpoints[0].address, &third), (&warm, &warm), "group {g}");
+        places.push(warm);
+    }
+    places.sort();
+    places.dedup();
+    assert!(places.len() > 1, "the groups were spread, so the equality says something: {places:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_watch_and_reflection() {
+    let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
+        sims[0].addrs[0], sims[1].addrs[0]
+    ))
+    .await;
+    wait_scraped(&kv, 2).await;
+    let mut c = picker(&kv).await;
+    let body = chat(&"Rules of the house. ".repeat(50), "Why?");
+    // Explain is /debug/explain as a message, and holds nothing.
+    let req = pb::ExplainRequest {
+        path: "/v1/chat/completions".into(),
+        input: Some(pb::explain_request::Input::Body(body.to_string().into_bytes())),
+    };
+    let x = match c.explain(req).await.expect("explain").into_inner().result.expect("result") {
+        pb::explain_response::Result::Explained(x) => x,
+        pb::explain_response::Result::Refusal(r) => panic!("refused: {r:?}"),
+    };
+    let http = client()
+        .post(format!("http://{}/debug/explain?path=/v1/chat/completions", kv.admin_addr))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("explain")
+        .json::<Value>()
+        .await
+        .expect("JSON");
+    let e = x.explanation.expect("explanation");
+    assert_eq!(e.endpoints.len(), 2);
+    assert_eq!(e.profile, http["explanation"]["profile"]);
+    for (m, h) in e.endpoints.iter().zip(http["explanation"]["endpoints"].as_array().expect("endpoints")) {
+        assert_eq!(m.address, h["address"]);
+        let scorers: Vec<&str> = m.scores.iter().map(|s| s.scorer.as_str()).collect();
+        let http_scorers: Vec<&str> =
+            h["scores"].as_array().expect("scores").iter().filter_map(|s| s["scorer"].as_str()).collect();
+        assert_eq!(scorers, http_scorers);
+    }
+    let d = x.decision.expect("decision");
+    assert!(d.decision_id.is_empty());
+    let ranked_first = e.endpoints.iter().find(|p| p.rank == Some(0)).expect("a target");
+    assert_eq!(d.endpoints[0].address, ranked_first.address);
+    assert_eq!(in_flight(&kv).await.values().sum::<u64>(), 0, "explain holds nothing");
+    let unknown = pb::ExplainRequest {
+        path: "/v1/completions".into(),
+        input: Some(pb::explain_request::Input::Body(json!({"model": "x", "prompt": "y"}).to_string().into_bytes())),
+    };
+    let r = c.explain(unknown).await.expect("explain").into_inner().result;
+    assert!(matches!(r, Some(pb::explain_response::Result::Refusal(r)) if r.status == 404));
+
+    // WatchEndpoints: the state at once, then each change.
+    let watch = pb::WatchEndpointsRequest { pools: vec![], interval_ms: 100 };
+    let mut updates = c.watch_endpoints(watch).await.expect("watch").into_inner();
+    let first = updates.message().await.expect("stream").expect("an update");
+    assert_eq!(first.pools.len(), 1);
+    assert_eq!((first.pools[0].name.as_str(), first.pools[0].source.as_str()), ("p", "static"));
+    assert_eq!(first.pools[0].endpoints.len(), 2);
+    assert!(first.pools[0].endpoints.iter().all(|e| e.health == "healthy" && e.in_flight_requests == 0));
+    let mut other = picker(&kv).await;
+    let picked = decided(&mut other, pick_body(&body)).await;
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let u = updates.message().await.expect("stream").expect("an update");
+            let e = u.pools[0].endpoints.iter().find(|e| e.address == picked.endpoints[0].address).cloned();
+            if e.is_some_and(|e| e.in_flight_requests == 1) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the pick shows in the watch");
+    let missing = pb::WatchEndpointsRequest { pools: vec!["nope".into()], interval_ms: 0 };
+    assert_eq!(c.watch_endpoints(missing).await.expect_err("unknown pool").code(), Code::NotFound);
+
+    // Reflection (v1 and v1alpha) lists the service and serves its file.
+    use tonic_reflection::pb::{v1, v1alpha};
+    let channel = Channel::from_shared(format!("http://{}", kv.grpc_addr)).expect("uri").connect().await.expect("c");
+    let mut v1c = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let ask = |m| v1::ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+    let list = v1::server_reflection_request::MessageRequest::ListServices(String::new());
+    let mut answers = v1c.server_reflection_info(tokio_stream::iter([ask(list)])).await.expect("v1").into_inner();
+    let answer = answers.message().await.expect("stream").expect("answer");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(services)) = answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<&str> = services.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"kvgate.v1.Picker") && names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    let file = v1::server_reflection_request::MessageRequest::FileContainingSymbol("kvgate.v1.Picker".into());
+    let mut answers = v1c.server_reflection_info(tokio_stream::iter([ask(file)])).await.expect("v1").into_inner();
+    let answer = answers.message().await.expect("stream").expect("answer");
+    assert!(matches!(
+        answer.message_response,
+        Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(f)) if !f.file_descriptor_proto.is_empty()
+    ));
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let list = v1alpha::server_reflection_request::MessageRequest::ListServices(String::new());
+    let req = v1alpha::ServerReflectionRequest { host: String::new(), message_request: Some(list) };
+    let mut answers = alpha.server_reflection_info(tokio_stream::iter([req])).await.expect("v1alpha").into_inner();
+    let answer = answers.message().await.expect("stream").expect("answer");
+    assert!(matches!(
+        answer.message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(s))
+            if s.service.iter().any(|s| s.name == "kvgate.v1.Picker")
+    ));
+}
