@@ -386,14 +386,28 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     let p = start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
     let d = start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
     let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
+    // The sidecar reports each hand-off to kvgate's picker API.
+    let grpc_addr = format!("127.0.0.1:{}", common::free_port());
+    let report_to = format!("http://{grpc_addr}");
     let args: kvgate::front::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
         "sidecar",
-        ["--listen", "127.0.0.1:0", "--decode", &da, "--admin-addr", "127.0.0.1:0", "--allow-prefill", &pa],
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--decode",
+            &da,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--allow-prefill",
+            &pa,
+            "--report-to",
+            &report_to,
+        ],
     )
     .expect("flags");
     let sc = kvgate::front::sidecar::start(args).await.expect("sidecar");
     let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
+        "grpc_addr: {grpc_addr}\nadmin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
          {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
          scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
          {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}], \
@@ -477,6 +491,53 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     assert_eq!(r.status(), 200);
     assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
     assert_eq!((sidecar("prefill-decode").await, sidecar("fallback").await), (1.0, 1.0));
+    // kvgate learned both hand-offs from the sidecar's reports, as its proxy learns its own: the
+    // fallback is counted with its reason, the prefill endpoint holds the prompt it computed and
+    // not the one it failed (the decode endpoint computed that one), and nothing stays in flight.
+    let reports = |result: &'static str| {
+        let base = format!("http://{}", sc.admin_addr.expect("admin"));
+        async move {
+            common::metric(&common::metrics(&base).await, "kvgate_sidecar_reports_total", &[("result", result)])
+                .unwrap_or(0.0)
+        }
+    };
+    assert_eq!((reports("ok").await, reports("failed").await), (2.0, 0.0));
+    let admin = format!("http://{}", kv.admin_addr);
+    let m = common::metrics(&admin).await;
+    let fallbacks = common::metric(&m, "kvgate_disagg_fallbacks_total", &[("pool", "pd"), ("reason", "status")]);
+    assert_eq!(fallbacks, Some(1.0));
+    let held = |body: Value| {
+        let url = format!("{admin}/debug/explain?path=/v1/chat/completions");
+        let (pa, decode) = (pa.clone(), sc.addr.to_string());
+        async move {
+            let x = client().post(url).body(body.to_string()).send().await.expect("explain").json::<Value>().await;
+            let x = x.expect("JSON");
+            let blocks = |addr: &str| {
+                x["explanation"]["endpoints"]
+                    .as_array()
+                    .and_then(|e| e.iter().find(|e| e["address"] == addr))
+                    .and_then(|e| e["matched_blocks"].as_u64())
+                    .unwrap_or(0)
+            };
+            (blocks(&pa), blocks(&decode))
+        }
+    };
+    let (on_prefill, on_decode) = held(body).await;
+    assert_eq!(on_prefill, 0, "the failed prefill endpoint is not taken to hold the prompt");
+    assert!(on_decode > 0, "the decode endpoint computed it");
+    let first = json!({"model": MODEL, "messages": [{"role": "system", "content": "Clause of the service agreement. ".repeat(200)},
+                                                   {"role": "user", "content": "First?"}]});
+    assert!(held(first).await.0 > 0, "the prefill endpoint holds what it computed");
+    let v = get_json(&format!("{admin}/debug/endpoints")).await;
+    let in_flight: u64 = v["pools"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter_map(|e| e["in_flight_requests"].as_u64())
+        .sum();
+    assert_eq!(in_flight, 0);
+    let pending = common::metric(&common::metrics(&admin).await, "kvgate_picker_decisions_pending", &[]);
+    assert_eq!(pending, Some(0.0), "every P/D stream's decision id is let go");
 }
 
 /// Data-parallel ranks behind one port, through Envoy: the picker pins its rank with a header.

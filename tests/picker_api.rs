@@ -89,6 +89,15 @@ async fn picks_and_reports_round_trip() {
     assert_eq!(d.headers["x-gateway-destination-endpoint"], target);
     assert!(!d.headers["x-request-id"].is_empty());
     assert!(d.body.is_none(), "the body goes as it is");
+    // Decode-only: a client's placement headers (the sidecar's decision id among them) are to go.
+    assert!(!d.headers.contains_key("x-kvgate-decision-id"));
+    for h in ["x-kvgate-decision-id", "x-prefiller-host-port", "x-data-parallel-rank"] {
+        assert!(d.remove_headers.iter().any(|r| r == h), "{h} in {:?}", d.remove_headers);
+    }
+    // An id is not guessable from another: the next sequence number with this id's tag is unknown.
+    let (head, tag) = d.decision_id.rsplit_once('-').expect("tagged");
+    let (nonce, seq) = head.split_once('-').expect("sequenced");
+    let next = format!("{nonce}-{:x}-{tag}", u64::from_str_radix(seq, 16).expect("hex") + 1);
     assert_eq!(in_flight(&kv).await[&target], 1, "a picked request is in flight until reported");
 
     // The caller sends it itself, then reports its start and its end.
@@ -113,16 +122,20 @@ async fn picks_and_reports_round_trip() {
     let again = c.report(finished(&d.decision_id, 200, None)).await.expect_err("duplicate");
     assert_eq!(again.code(), Code::FailedPrecondition);
     assert!(again.message().contains("already finished"), "{}", again.message());
-    for id in ["00000000-1", "nonsense", &format!("{}0", d.decision_id)] {
+    let upper = d.decision_id.to_uppercase();
+    for id in ["00000000-1", "nonsense", &format!("{}0", d.decision_id), &next, &upper] {
         let e = c.report(finished(id, 200, None)).await.expect_err("unknown");
         assert_eq!(e.code(), Code::NotFound, "{id}: {}", e.message());
     }
     assert_eq!(c.report(finished("", 200, None)).await.expect_err("no id").code(), Code::InvalidArgument);
     assert_eq!(c.report(finished(&d.decision_id, 42, None)).await.expect_err("status").code(), Code::InvalidArgument);
+    let impossible = pb::Usage { prompt_tokens: 10, completion_tokens: 1, cached_tokens: Some(11) };
+    let e = c.report(finished(&d.decision_id, 200, Some(impossible))).await.expect_err("usage");
+    assert_eq!(e.code(), Code::InvalidArgument);
     let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
     assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "accepted")]), Some(2.0));
     assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "ended")]), Some(1.0));
-    assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "unknown")]), Some(3.0));
+    assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "unknown")]), Some(5.0));
 
     // Refusals carry what the proxy answers: status, code, OpenAI body, drop reason, headers.
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
@@ -185,7 +198,7 @@ async fn picks_and_reports_round_trip() {
 async fn a_decision_never_reported_is_released_and_counted() {
     let sim = start_sim(&["--time-scale", "0"]).await;
     let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npicker_api: {{report_timeout_ms: 300, max_pending: 1}}\n\
+        "admin_addr: 127.0.0.1:0\npicker_api: {{start_timeout_ms: 200, report_timeout_ms: 400, max_pending: 1}}\n\
          pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
         sim.addrs[0]
     ))
@@ -214,7 +227,22 @@ async fn a_decision_never_reported_is_released_and_counted() {
     let late = c.report(finished(&d.decision_id, 200, None)).await.expect_err("late");
     assert_eq!(late.code(), Code::FailedPrecondition);
     assert!(late.message().contains("expired"), "{}", late.message());
-    decided(&mut c, req()).await;
+    // One never reported at all goes after the (shorter) start timeout.
+    let quiet = decided(&mut c, req()).await;
+    assert!(eventually(5, || async { in_flight(&kv).await[&addr] == 0 }).await, "released");
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_picker_decisions_expired_total", &[("pool", "p")]), Some(2.0));
+    let late = c.report(finished(&quiet.decision_id, 200, None)).await.expect_err("late");
+    assert!(late.message().contains("expired"), "{}", late.message());
+    // The index holds nothing of the pick refused for want of room: a refused pick records nothing.
+    let x = c
+        .explain(pb::ExplainRequest {
+            path: "/v1/completions".into(),
+            input: Some(pb::explain_request::Input::Body(body.to_string().into_bytes())),
+        })
+        .await
+        .expect("explain");
+    assert!(matches!(x.into_inner().result, Some(pb::explain_response::Result::Explained(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,4 +391,49 @@ async fn explain_watch_and_reflection() {
         Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(s))
             if s.service.iter().any(|s| s.name == "kvgate.v1.Picker")
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_picks_sends_and_reports() {
+    let python = common::python_venv("grpc-venv", &["grpcio==1.85.1", "grpcio-tools==1.85.1"]);
+    let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
+        sims[0].addrs[0], sims[1].addrs[0]
+    ))
+    .await;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/picker_client.py");
+    let grpc = kv.grpc_addr.to_string();
+    let run = |model: &'static str| {
+        let (python, grpc) = (python.clone(), grpc.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python)
+                .args([example, "--picker", &grpc, "--model", model, "--max-tokens", "4"])
+                .args(["--prompt", "One?", "--prompt", "Two?", "--prompt", "Three?"])
+                .output()
+                .expect("the example runs")
+        })
+    };
+    let out = run(MODEL).await.expect("joined");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
+    for l in &lines {
+        assert_eq!((l["status"].as_u64(), l["ended"].as_bool()), (Some(200), Some(true)), "{l}");
+        assert!(addrs.iter().any(|a| l["endpoint"] == a.as_str()), "{l}");
+        assert!(l["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{l}");
+    }
+    // kvgate saw the three requests end, with their usage and first tokens, and holds none.
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_requests_total", &[("pool", "p"), ("status", "200")]), Some(3.0));
+    assert!(metric(&m, "kvgate_tokens_total", &[("pool", "p"), ("kind", "completion")]).is_some_and(|n| n >= 3.0));
+    assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "accepted")]), Some(6.0));
+    assert_eq!(in_flight(&kv).await.values().sum::<u64>(), 0);
+    // A refused pick is printed as such.
+    let out = run("no-such-model").await.expect("joined");
+    let first = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned).unwrap_or_default();
+    let refusal: Value = serde_json::from_str(&first).expect("a JSON line");
+    assert_eq!((refusal["refused"].as_u64(), refusal["code"].as_str()), (Some(404), Some("model_not_found")));
 }

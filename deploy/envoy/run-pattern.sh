@@ -92,7 +92,7 @@ case "$pattern" in
         --data-parallel-size 2 --data-parallel-multi-port-external-lb --kv-transfer-config "$consumer"
       for r in 0 1; do
         run "kvgate sidecar $((base + r))" "$((base + r))" "$bin" sidecar --listen "127.0.0.1:$((base + r))" \
-          --decode "127.0.0.1:$((base + 100 + r))" --allow-prefill 127.0.0.1
+          --decode "127.0.0.1:$((base + 100 + r))" --allow-prefill 127.0.0.1 --report-to "http://127.0.0.1:$grpc"
       done
     done
     model=$moe ;;

@@ -488,6 +488,10 @@ impl StreamState {
     fn finish(&mut self) {
         self.usage.finish();
         if let Some(mut r) = self.routed.take() {
+            // No response headers came through here (Envoy skips them, say): the leg is over.
+            if self.prefill.take().is_some() {
+                r.prefill_delegated();
+            }
             r.count(self.status, upstream_error_code(self.status));
             if let Some(u) = self.usage.usage {
                 r.usage(u);

@@ -7,6 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -25,7 +26,7 @@ use crate::gateway::error::RouteError;
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::{Ask, PathRefusal, Place};
 use crate::routing::request::ApiKind;
-use crate::routing::schedule::Subset;
+use crate::routing::schedule::{NoDecision, Subset};
 
 /// The messages and service of `proto/kvgate/v1`, generated at build time.
 #[allow(missing_docs, missing_debug_implementations, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -40,6 +41,25 @@ use pb::picker_server::{Picker, PickerServer};
 
 /// Most endpoints a pick may ask for.
 const MAX_PICK_ENDPOINTS: usize = 64;
+/// Most `WatchEndpoints` streams open at once (each builds every pool's state per interval).
+const MAX_WATCHERS: usize = 256;
+
+/// One open watch, counted while it lives.
+#[derive(Debug)]
+struct WatchSlot(Arc<AtomicUsize>);
+
+impl WatchSlot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_WATCHERS).then_some(n + 1)).ok()?;
+        Some(Self(open.clone()))
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// The `kvgate.v1.Picker` service.
 #[derive(Debug, Clone)]
@@ -48,6 +68,8 @@ pub(crate) struct PickerApi {
     max_endpoints: usize,
     /// Turns true when the server stops: watch streams end.
     stop: watch::Receiver<bool>,
+    /// `WatchEndpoints` streams open.
+    watchers: Arc<AtomicUsize>,
 }
 
 /// The service, with the ext_proc listener's message bounds.
@@ -57,7 +79,8 @@ pub(crate) fn service(
     stop: watch::Receiver<bool>,
 ) -> PickerServer<PickerApi> {
     let max = cfg.max_message_bytes;
-    PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop })
+    let watchers = Arc::new(AtomicUsize::new(0));
+    PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watchers })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max)
 }
@@ -85,6 +108,8 @@ fn placed(
     let method = if method.is_empty() { "POST" } else { method };
     let from_prompt = matches!(input, Some(convert::Input::Prompt(_)));
     let path = if path.is_empty() && from_prompt { "/v1/completions" } else { path };
+    // The query string does not place a request.
+    let path = path.split('?').next().unwrap_or_default();
     if !path.starts_with('/') {
         return Err(Status::invalid_argument(format!("`path` must be an HTTP path starting with `/`, not `{path}`")));
     }
@@ -117,13 +142,18 @@ impl Picker for PickerApi {
             Ok(p) => p,
             Err(refusal) => return Ok(Response::new(refused(refusal))),
         };
-        let subset = if req.subset.is_empty() {
-            None
-        } else {
-            let s = Subset::parse(req.subset.iter().map(String::as_str))
-                .map_err(|e| Status::invalid_argument(format!("subset: {e}")))?;
-            Some(s)
+        // An unreadable subset matches nothing, as Envoy's hint does for the ext_proc picker.
+        let subset = match Subset::parse(req.subset.iter().map(String::as_str)) {
+            _ if req.subset.is_empty() => None,
+            Ok(s) if !s.is_empty() => Some(s),
+            _ => {
+                let e = RouteError::Unavailable(NoDecision::SubsetUnmatched);
+                self.gateway.refused(&e);
+                return Ok(Response::new(refused(route_refusal(&e))));
+            }
         };
+        // A pick that could not be held must not be decided (deciding records the prompt).
+        self.gateway.decisions().has_room().map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let want = match req.max_endpoints {
             0 => self.max_endpoints,
             n => usize::try_from(n).unwrap_or(MAX_PICK_ENDPOINTS),
@@ -141,6 +171,7 @@ impl Picker for PickerApi {
         let placement = Placement::of(&ranked, want, Some(&id));
         decision.headers.insert(DESTINATION_HEADER.to_owned(), placement.destination);
         decision.headers.extend(placement.set.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        decision.remove_headers = placement.remove.into_iter().map(str::to_owned).collect();
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         decision.headers.insert(REQUEST_ID_HEADER.to_owned(), request_id);
         decision.decision_id = id;
@@ -154,6 +185,9 @@ impl Picker for PickerApi {
             return Err(Status::invalid_argument("decision_id is required"));
         }
         let report = convert::report(&req).map_err(Status::invalid_argument)?;
+        if let Some(pb::report_request::End::Failed(f)) = &req.end {
+            tracing::debug!(decision = %req.decision_id, kind = ?f.kind(), message = %f.message, "a picked request failed");
+        }
         match self.gateway.decisions().report(&req.decision_id, report) {
             Ok(ended) => Ok(Response::new(pb::ReportResponse { ended })),
             Err(e @ ReportError::Unknown(_)) => Err(Status::not_found(e.to_string())),
@@ -167,7 +201,7 @@ impl Picker for PickerApi {
         use pb::explain_response::Result as R;
         let req = req.into_inner();
         let input = req.input.map(convert::Input::from);
-        let path = if req.path.is_empty() { "/v1/chat/completions" } else { req.path.as_str() };
+        let path = req.path.split('?').next().unwrap_or_default();
         let api = match input {
             Some(convert::Input::Prompt(_)) => Some(ApiKind::Completions),
             _ => ApiKind::from_path(path),
@@ -195,6 +229,11 @@ impl Picker for PickerApi {
         req: Request<pb::WatchEndpointsRequest>,
     ) -> Result<Response<Self::WatchEndpointsStream>, Status> {
         let req = req.into_inner();
+        let Some(slot) = WatchSlot::take(&self.watchers) else {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_WATCHERS} endpoint watches are open, the most served"
+            )));
+        };
         for name in &req.pools {
             if !self.gateway.pools().iter().any(|p| p.name() == name) {
                 return Err(Status::not_found(format!("no pool `{name}` here")));
@@ -206,6 +245,7 @@ impl Picker for PickerApi {
         let gateway = self.gateway.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last: Option<pb::EndpointsUpdate> = None;
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

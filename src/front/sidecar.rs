@@ -4,7 +4,10 @@
 //! The picker sends a request to the decode endpoint's sidecar and, when it chose a separate
 //! prefill endpoint, names it in `x-prefiller-host-port`. For such a request the sidecar runs
 //! the prefill leg against that endpoint ([`crate::front::handoff::handoff`]) and sends the decode leg
-//! to its local vLLM; if the prefill leg fails, the local vLLM prefills itself. Every other
+//! to its local vLLM; if the prefill leg fails, the local vLLM prefills itself. With
+//! `--report-to` it tells kvgate how the leg went (`kvgate.v1.Picker/Report`, by the decision id
+//! in `x-kvgate-decision-id`) before the decode leg goes out, so kvgate's accounting is as exact
+//! as when its own proxy runs the hand-off. Every other
 //! request (no header, other paths, `/metrics`, `/health`) goes to the local vLLM as it is — but
 //! for a client's own `kv_transfer_params`, which are removed — so the sidecar's address can
 //! stand for the decode endpoint everywhere, scraping included.
@@ -92,7 +95,8 @@ struct Counters {
     requests: IntCounterVec,
     /// `kvgate_disagg_fallbacks_total{reason}`.
     fallbacks: IntCounterVec,
-    /// `kvgate_sidecar_reports_total{result}`: hand-off reports sent to kvgate (`ok`, `failed`).
+    /// `kvgate_sidecar_reports_total{result}`: hand-off reports to kvgate (`ok`, `failed`, and
+    /// `skipped` while paused after one went unanswered).
     reports: IntCounterVec,
 }
 
@@ -116,7 +120,10 @@ impl Counters {
         )
         .expect("valid metric");
         let reports = IntCounterVec::new(
-            Opts::new("kvgate_sidecar_reports_total", "Hand-off outcomes reported to kvgate, by result (ok, failed)."),
+            Opts::new(
+                "kvgate_sidecar_reports_total",
+                "Hand-off outcomes reported to kvgate, by result (ok, failed, skipped).",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -145,6 +152,9 @@ struct Sidecar {
     counters: Counters,
     /// Where hand-off outcomes are reported.
     reports: Option<PickerClient<Channel>>,
+    /// Until when reports are not tried, after one that got no answer in time (ms since the
+    /// Unix epoch): a kvgate that is down does not hold up every decode leg.
+    reports_paused_until: std::sync::atomic::AtomicU64,
 }
 
 /// A running sidecar. Dropping it stops it at once; [`Running::shutdown`] lets requests finish.
@@ -196,9 +206,14 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
     let reports = match &args.report_to {
         None => None,
         Some(url) => {
+            // Keepalives find a kvgate that vanished without closing the connection.
             let endpoint = Channel::from_shared(url.clone())
                 .map_err(|e| anyhow::anyhow!("--report-to `{url}`: {e}"))?
-                .connect_timeout(Duration::from_millis(args.connect_timeout_ms));
+                .connect_timeout(Duration::from_millis(args.connect_timeout_ms))
+                .tcp_keepalive(Some(Duration::from_secs(10)))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true);
             if endpoint.uri().scheme_str() != Some("http") {
                 anyhow::bail!("--report-to `{url}`: give kvgate's gRPC address as http://HOST:PORT");
             }
@@ -207,6 +222,7 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
     };
     let state = Arc::new(Sidecar {
         reports,
+        reports_paused_until: std::sync::atomic::AtomicU64::new(0),
         client: upstream_client(args.connect_timeout_ms),
         allow,
         counters: Counters::new(),
@@ -287,7 +303,13 @@ fn prefiller(
 /// Tells kvgate how the hand-off of decision `id` went (`failed`: why it fell back), waiting at
 /// most `--report-timeout-ms`: the report reaches kvgate before the decode leg's answer does.
 async fn report(st: &Sidecar, id: String, failed: Option<&Fallback>) {
+    use std::sync::atomic::Ordering;
     let Some(client) = &st.reports else { return };
+    let now = crate::gateway::pool::now_ms();
+    if now < st.reports_paused_until.load(Ordering::Relaxed) {
+        st.counters.reports.with_label_values(&["skipped"]).inc();
+        return;
+    }
     let prefill = match failed {
         None => pb::PrefillOutcome { succeeded: true, ..Default::default() },
         Some(f) => {
@@ -307,12 +329,14 @@ async fn report(st: &Sidecar, id: String, failed: Option<&Fallback>) {
     let bound = Duration::from_millis(st.args.report_timeout_ms.max(1));
     let sent = tokio::time::timeout(bound, client.clone().report(req)).await;
     let ok = matches!(sent, Ok(Ok(_)));
-    if !ok {
-        let why = match sent {
-            Ok(Err(status)) => status.message().to_owned(),
-            _ => "no answer in time".to_owned(),
-        };
-        tracing::warn!(error = %why, "could not report the hand-off to kvgate");
+    match sent {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) => tracing::warn!(error = %status.message(), "kvgate did not take the hand-off's report"),
+        Err(_) => {
+            // Not answering: try again in 5 s rather than wait on every request meanwhile.
+            st.reports_paused_until.store(now + 5_000, Ordering::Relaxed);
+            tracing::warn!("kvgate did not answer the hand-off's report in time; reports paused for 5 s");
+        }
     }
     st.counters.reports.with_label_values(&[if ok { "ok" } else { "failed" }]).inc();
 }
@@ -399,7 +423,15 @@ mod tests {
         let args =
             crate::tools::cli::parse_flags::<SidecarArgs, _, _>("sidecar", ["--decode", "127.0.0.1:1"]).expect("flags");
         let budget = BodyBudget::new(args.max_buffered_bytes);
-        Sidecar { allow, client: upstream_client(100), counters: Counters::new(), budget, args, reports: None }
+        Sidecar {
+            allow,
+            client: upstream_client(100),
+            counters: Counters::new(),
+            budget,
+            args,
+            reports: None,
+            reports_paused_until: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     #[test]

@@ -342,8 +342,10 @@ impl Config {
         if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
             return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
         }
-        if self.picker_api.report_timeout_ms == 0 || self.picker_api.max_pending == 0 {
-            return Err(invalid("picker_api".into(), "report_timeout_ms and max_pending must be at least 1".into()));
+        let api = &self.picker_api;
+        if api.start_timeout_ms == 0 || api.report_timeout_ms == 0 || api.max_pending == 0 {
+            let why = "start_timeout_ms, report_timeout_ms and max_pending must be at least 1";
+            return Err(invalid("picker_api".into(), why.into()));
         }
         if self.extproc.max_endpoints == 0 || self.extproc.max_message_bytes < 1024 {
             return Err(invalid(

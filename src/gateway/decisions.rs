@@ -1,13 +1,17 @@
 //! Decisions held for their reports: a caller of kvgate's own picker API sends the request
 //! itself and reports what happened by the decision's id, and behind Envoy a P/D sidecar reports
 //! the prefill leg of a decision the ext_proc stream holds. [`Decisions`] keeps each by id, applies
-//! reports through the one outcome API ([`Routed`]), and releases a decision whose final report
-//! never comes after the configured timeout (counted in `kvgate_picker_decisions_expired_total`).
+//! reports through the one outcome API ([`Routed`]), and releases a decision whose reports stop
+//! coming (no first token within `start_timeout_ms` of the pick, nothing for `report_timeout_ms`
+//! after the last report), counted in `kvgate_picker_decisions_expired_total`.
 //!
-//! Ids are `<process nonce>-<sequence>` in hex, so a report for an id this process issued and has
-//! already ended is told apart from one it never issued, without keeping every id.
+//! Ids are `<process nonce>-<sequence>-<tag>` in hex. The tag is the sequence keyed-hashed with a
+//! secret of the process, so one id does not give away the others; the sequence tells an id this
+//! process issued and has already ended from one it never issued, without keeping every id.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +34,12 @@ const ENDED_MEMORY: usize = 65_536;
 #[derive(Debug)]
 pub struct Decisions {
     nonce: u32,
+    /// The key of ids' tags (SipHash with a random key per process).
+    tags: RandomState,
     next: AtomicU64,
+    /// Until the first report.
+    start_timeout: Duration,
+    /// After each report.
     timeout: Duration,
     max_pending: usize,
     inner: Mutex<Inner>,
@@ -48,8 +57,9 @@ struct Inner {
 
 #[derive(Debug)]
 enum Held {
-    /// A decision its caller reports on entirely.
-    Caller(Box<Caller>),
+    /// A decision its caller reports on entirely (locked on its own: reports for different
+    /// decisions do not wait for each other).
+    Caller(Arc<Mutex<Caller>>),
     /// A P/D decision an ext_proc stream holds: only its prefill leg is reported here, and handed
     /// on to the stream.
     Stream(Option<oneshot::Sender<PrefillReport>>),
@@ -61,6 +71,8 @@ struct Caller {
     deadline: Instant,
     prefill_reported: bool,
     started: bool,
+    /// Its final report was applied (a concurrent one finds it so).
+    over: Option<Ended>,
 }
 
 /// How a decision ended.
@@ -84,7 +96,7 @@ impl Ended {
             Self::Finished => "finished",
             Self::Failed => "failed",
             Self::Expired => "expired after the report timeout",
-            Self::StreamEnded => "over (its Envoy stream ended)",
+            Self::StreamEnded => "settled (its Envoy stream has had the decode answer, or ended)",
             Self::Earlier => "over",
         }
     }
@@ -170,11 +182,13 @@ pub enum ReportError {
 pub struct Full(pub usize);
 
 impl Decisions {
-    /// Decisions held for at most `cfg.report_timeout_ms` each, `cfg.max_pending` at once.
+    /// Decisions held as `cfg` says, `cfg.max_pending` at once.
     pub fn new(cfg: &PickerApiConfig, telemetry: Arc<Telemetry>) -> Self {
         Self {
             nonce: fastrand::u32(..),
+            tags: RandomState::new(),
             next: AtomicU64::new(1),
+            start_timeout: Duration::from_millis(cfg.start_timeout_ms.max(1)),
             timeout: Duration::from_millis(cfg.report_timeout_ms.max(1)),
             max_pending: cfg.max_pending.max(1),
             inner: Mutex::new(Inner::default()),
@@ -182,28 +196,39 @@ impl Decisions {
         }
     }
 
+    fn id(&self, seq: u64) -> String {
+        format!("{:08x}-{seq:x}-{:016x}", self.nonce, self.tags.hash_one(seq))
+    }
+
     fn issue(&self) -> (u64, String) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        (seq, format!("{:08x}-{seq:x}", self.nonce))
+        (seq, self.id(seq))
     }
 
-    /// The sequence number of an id this process issued.
+    /// The sequence number of an id this process issued (exactly as it was written).
     fn sequence(&self, id: &str) -> Option<u64> {
-        let (nonce, seq) = id.split_once('-')?;
+        let seq = id.split('-').nth(1)?;
         let seq = u64::from_str_radix(seq, 16).ok()?;
-        (u32::from_str_radix(nonce, 16).ok()? == self.nonce && seq < self.next.load(Ordering::Relaxed)).then_some(seq)
+        (seq >= 1 && seq < self.next.load(Ordering::Relaxed) && self.id(seq) == id).then_some(seq)
     }
 
-    /// Holds `routed` until its final report or the timeout; returns its id.
+    /// Whether another caller's decision may be held now (checked before deciding, so a pick
+    /// that could not be held records nothing).
+    pub fn has_room(&self) -> Result<(), Full> {
+        let inner = self.inner.lock();
+        if inner.callers >= self.max_pending { Err(Full(inner.callers)) } else { Ok(()) }
+    }
+
+    /// Holds `routed` until its final report or until its reports stop coming; returns its id.
     pub fn hold(&self, routed: Routed) -> Result<String, Full> {
         let mut inner = self.inner.lock();
         if inner.callers >= self.max_pending {
             return Err(Full(inner.callers));
         }
         let (seq, id) = self.issue();
-        let caller =
-            Caller { routed, deadline: Instant::now() + self.timeout, prefill_reported: false, started: false };
-        inner.held.insert(seq, Held::Caller(Box::new(caller)));
+        let deadline = Instant::now() + self.start_timeout;
+        let caller = Caller { routed, deadline, prefill_reported: false, started: false, over: None };
+        inner.held.insert(seq, Held::Caller(Arc::new(Mutex::new(caller))));
         inner.callers += 1;
         self.telemetry.picker_pending.set(inner.held.len() as i64);
         Ok(id)
@@ -222,7 +247,7 @@ impl Decisions {
 
     /// Applies a report; returns whether the decision is over.
     pub fn report(&self, id: &str, report: Report) -> Result<bool, ReportError> {
-        let result = self.apply(id, report);
+        let result = self.apply(id, &report);
         let label = match &result {
             Ok(_) => "accepted",
             Err(ReportError::Unknown(_)) => "unknown",
@@ -230,65 +255,71 @@ impl Decisions {
             Err(ReportError::NotHere(_)) => "refused",
         };
         self.telemetry.picker_reports.with_label_values(&[label]).inc();
-        result.map(|over| {
-            if let Some(routed) = over {
-                // Released here, outside the lock.
-                drop(routed);
-                true
-            } else {
-                false
-            }
-        })
+        result
     }
 
-    /// Applies a report; returns the decision's `Routed` if the report ended it.
-    fn apply(&self, id: &str, report: Report) -> Result<Option<Box<Caller>>, ReportError> {
+    /// Applies a report; returns whether it ended the decision.
+    fn apply(&self, id: &str, report: &Report) -> Result<bool, ReportError> {
         let seq = self.sequence(id).ok_or_else(|| ReportError::Unknown(id.to_owned()))?;
-        let mut inner = self.inner.lock();
-        let caller = match inner.held.get_mut(&seq) {
-            None => {
-                let how = inner.ended.get(&seq).copied().unwrap_or(Ended::Earlier);
-                return Err(ReportError::Ended(id.to_owned(), how));
-            }
-            Some(Held::Stream(tx)) => {
-                let only_prefill = report.served_by.is_none() && report.first_token.is_none() && report.end.is_none();
-                return match (report.prefill, only_prefill) {
-                    (Some(p), true) => {
-                        // A second prefill report for the same leg changes nothing.
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(p);
+        let caller = {
+            let mut inner = self.inner.lock();
+            match inner.held.get_mut(&seq) {
+                None => {
+                    let how = inner.ended.get(&seq).copied().unwrap_or(Ended::Earlier);
+                    return Err(ReportError::Ended(id.to_owned(), how));
+                }
+                Some(Held::Stream(tx)) => {
+                    let only_prefill =
+                        report.served_by.is_none() && report.first_token.is_none() && report.end.is_none();
+                    return match (report.prefill, only_prefill) {
+                        (Some(p), true) => {
+                            // A second prefill report for the same leg changes nothing.
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(p);
+                            }
+                            Ok(false)
                         }
-                        Ok(None)
-                    }
-                    _ => Err(ReportError::NotHere(id.to_owned())),
-                };
+                        _ => Err(ReportError::NotHere(id.to_owned())),
+                    };
+                }
+                Some(Held::Caller(c)) => c.clone(),
             }
-            Some(Held::Caller(c)) => c,
         };
-        caller.apply(&report);
-        if report.end.is_none() {
-            return Ok(None);
+        // The map is not locked while the report is applied.
+        let mut c = caller.lock();
+        if let Some(how) = c.over {
+            return Err(ReportError::Ended(id.to_owned(), how));
         }
-        let how = match report.end {
-            Some(End::Failed(_)) => Ended::Failed,
-            _ => Ended::Finished,
-        };
-        let Some(Held::Caller(done)) = inner.held.remove(&seq) else { return Ok(None) };
-        inner.callers -= 1;
+        c.apply(report);
+        c.deadline = Instant::now() + self.timeout;
+        let Some(end) = report.end else { return Ok(false) };
+        let how = if matches!(end, End::Failed(_)) { Ended::Failed } else { Ended::Finished };
+        c.over = Some(how);
+        drop(c);
+        let mut inner = self.inner.lock();
+        if inner.held.remove(&seq).is_some() {
+            inner.callers -= 1;
+        }
         inner.remember(seq, how);
         self.telemetry.picker_pending.set(inner.held.len() as i64);
-        Ok(Some(done))
+        Ok(true)
     }
 
-    /// Releases the decisions whose report timeout has passed; returns how many.
+    /// Releases the decisions whose reports stopped coming; returns how many.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let expired: Vec<Box<Caller>> = {
+        let expired: Vec<Arc<Mutex<Caller>>> = {
             let mut inner = self.inner.lock();
+            // One being reported on now (locked) is not due.
             let due: Vec<u64> = inner
                 .held
                 .iter()
-                .filter_map(|(&seq, h)| matches!(h, Held::Caller(c) if c.deadline <= now).then_some(seq))
+                .filter_map(|(&seq, h)| match h {
+                    Held::Caller(c) => {
+                        c.try_lock().is_some_and(|c| c.over.is_none() && c.deadline <= now).then_some(seq)
+                    }
+                    Held::Stream(_) => None,
+                })
                 .collect();
             let mut out = Vec::with_capacity(due.len());
             for seq in due {
@@ -302,15 +333,20 @@ impl Decisions {
             out
         };
         for c in &expired {
-            tracing::debug!(pool = c.routed.pool_name(), "a picked decision had no final report in time; released");
-            self.telemetry.picker_expired.with_label_values(&[c.routed.pool_name()]).inc();
+            let mut c = c.lock();
+            c.over = Some(Ended::Expired);
+            let pool = c.routed.pool_name();
+            tracing::debug!(pool, "a picked decision's reports stopped coming; released");
+            self.telemetry.picker_expired.with_label_values(&[pool]).inc();
         }
         expired.len()
     }
 
-    /// Sweeps for expired decisions until dropped (at a quarter of the timeout, 10 ms to 1 s).
+    /// Sweeps for expired decisions until dropped (at a quarter of the shorter timeout, 10 ms
+    /// to 1 s).
     pub async fn run(self: Arc<Self>) {
-        let period = (self.timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let period =
+            (self.start_timeout.min(self.timeout) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -342,7 +378,9 @@ impl Caller {
     /// them for a request it sends itself.
     fn apply(&mut self, report: &Report) {
         let r = &mut self.routed;
+        // A prefill report for a decision without a prefill leg changes nothing.
         if let Some(p) = report.prefill
+            && r.decision().prefill.is_some()
             && !std::mem::replace(&mut self.prefill_reported, true)
         {
             if p.succeeded { r.prefill_succeeded() } else { r.prefill_failed(p.reason, p.learned) }
@@ -380,11 +418,11 @@ impl Caller {
             Some(End::Failed(f)) => match f {
                 Failure::Unreachable => {
                     r.unreachable();
-                    r.count(502, "upstream_unreachable");
+                    r.count(502, "upstream_error");
                 }
                 Failure::TimedOut => {
                     r.timed_out();
-                    r.count(504, "upstream_timeout");
+                    r.count(504, "upstream_error");
                 }
                 Failure::Cancelled => {}
             },

@@ -197,13 +197,18 @@ pub(super) fn report(r: &pb::ReportRequest) -> Result<Report, String> {
     let end = match &r.end {
         None => None,
         Some(pb::report_request::End::Finished(f)) => Some(End::Finished {
+            usage: match &f.usage {
+                Some(u) if u.cached_tokens.is_some_and(|c| c > u.prompt_tokens) => {
+                    return Err("finished.usage: cached_tokens exceeds prompt_tokens".into());
+                }
+                u => u.as_ref().map(|u| Usage {
+                    prompt: u.prompt_tokens,
+                    completion: u.completion_tokens,
+                    cached: u.cached_tokens.unwrap_or(0),
+                    cached_reported: u.cached_tokens.is_some(),
+                }),
+            },
             status: status(f.status, "finished.status")?,
-            usage: f.usage.as_ref().map(|u| Usage {
-                prompt: u.prompt_tokens,
-                completion: u.completion_tokens,
-                cached: u.cached_tokens.unwrap_or(0),
-                cached_reported: u.cached_tokens.is_some(),
-            }),
             response_bytes: f.response_bytes,
         }),
         Some(pb::report_request::End::Failed(f)) => Some(End::Failed(match f.kind() {

@@ -202,8 +202,12 @@ pub struct ExtProcConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PickerApiConfig {
-    /// A decision with no final report is released (its in-flight count ends) this long after
-    /// it was picked (default 10 minutes: longer than most generations).
+    /// A decision with no report at all this long after it was picked is released (its
+    /// in-flight count ends): its caller is gone (default 1 minute).
+    pub start_timeout_ms: u64,
+    /// A decision with no report this long after its last one (and no final report) is
+    /// released (default 10 minutes: longer than most generations take between their first
+    /// token and their end).
     pub report_timeout_ms: u64,
     /// Decisions held for their reports at once; past it `Pick` fails with RESOURCE_EXHAUSTED.
     pub max_pending: usize,
@@ -211,7 +215,7 @@ pub struct PickerApiConfig {
 
 impl Default for PickerApiConfig {
     fn default() -> Self {
-        Self { report_timeout_ms: 600_000, max_pending: 65_536 }
+        Self { start_timeout_ms: 60_000, report_timeout_ms: 600_000, max_pending: 65_536 }
     }
 }
 
