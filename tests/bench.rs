@@ -157,3 +157,149 @@ async fn reports_round_trip_through_compare() {
     assert!(kvgate::tools::bench::compare(&[dir.join("missing.json")], None).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_bench_serve_names_and_keys() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", "m"]).await;
+    let metrics = format!("{}/metrics", sim.url(0));
+    let flags = [
+        "--dataset-name",
+        "random",
+        "--groups",
+        "2",
+        "--prompts-per-group",
+        "3",
+        "--random-input-len",
+        "64",
+        "--random-output-len",
+        "5",
+        "--endpoint",
+        "/v1/completions",
+        "--percentile-metrics",
+        "ttft,e2el",
+        "--metric-percentiles",
+        "50,99.9",
+        "--goodput",
+        "ttft:60000",
+        "tpot:60000",
+        "--num-warmups",
+        "2",
+        "--request-rate",
+        "400",
+        "--burstiness",
+        "0.5",
+        "--ignore-eos",
+        "--metrics-url",
+        &metrics,
+    ];
+    let r = run_bench(bench_args(&sim, &flags)).await.expect("runs");
+    // `--workload random` makes groups × prompts-per-group prompts; warm-ups are not counted.
+    assert_eq!((r.requests, r.errors), (6, 0));
+    let v = serde_json::to_value(&r).expect("json");
+    assert_eq!(v["completed"], 6);
+    assert_eq!(v["total_output_tokens"], 30, "5 tokens each, through /v1/completions");
+    assert!(v["total_input_tokens"].as_u64().is_some_and(|n| n >= 6 * 60), "{}", v["total_input_tokens"]);
+    assert_eq!(v["request_goodput"].as_f64(), v["request_throughput"].as_f64(), "every request met the SLOs");
+    for k in [
+        "duration",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "mean_ttft_ms",
+        "median_ttft_ms",
+        "std_ttft_ms",
+        "p50_ttft_ms",
+        "p99.9_ttft_ms",
+        "p99_ttft_ms",
+        "p50_e2el_ms",
+        "mean_tpot_ms",
+        "p99_tpot_ms",
+        "mean_itl_ms",
+        "median_itl_ms",
+        "p99_itl_ms",
+        "mean_e2el_ms",
+        // DESIGN.md's keys beside them.
+        "throughput_rps",
+        "ttft_ms",
+        "e2e_ms",
+        "per_endpoint",
+        "hot_spot_factor",
+        "prefix_cache_hit_rate",
+    ] {
+        assert!(v.get(k).is_some_and(|x| !x.is_null()), "{k} in {v}");
+    }
+    assert!(v.get("p50_tpot_ms").is_none(), "tpot was not among --percentile-metrics");
+    // Four gaps between five tokens per request.
+    assert!(v["mean_itl_ms"].as_f64().is_some_and(|x| x >= 0.0));
+    let strict = bench_args(&sim, &["--num-prompts", "3", "--goodput", "ttft:0.000001"]);
+    let v = serde_json::to_value(run_bench(strict).await.expect("runs")).expect("json");
+    assert_eq!(v["request_goodput"], 0.0, "no request meets a 1 ns TTFT");
+    for bad in [&["--goodput", "latency:5"][..], &["--endpoint", "/v1/embeddings"], &["--percentile-metrics", "x"]] {
+        assert!(run_bench(bench_args(&sim, bad)).await.is_err(), "{bad:?}");
+    }
+}
+
+/// `kvgate bench` as a user runs it: every request failing is a non-zero exit with the report
+/// still written; a closed stdout (`| head -1`) is neither a panic nor a lost report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_and_a_closed_stdout() {
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("kvgate-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let failed = dir.join("failed.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["bench", "--base-url", &dead, "--model", "m", "--num-prompts", "3", "--output"])
+        .arg(&failed)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "all requests failed, yet exit 0");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("failed: connect × 3") && stdout.contains("no request succeeded"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 of 3 requests failed"));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&failed).expect("written")).expect("JSON");
+    assert_eq!(report["errors"], 3);
+    // Allowed by --max-error-rate: exit 0.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["bench", "--base-url", &dead, "--model", "m", "--num-prompts", "2", "--max-error-rate", "1"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", "org/m"]).await;
+    let saved = dir.join("saved");
+    std::fs::create_dir_all(&saved).expect("dir");
+    let piped = dir.join("piped.json");
+    let base = sim.url(0);
+    let report_file = piped.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["bench", "--base-url", &base, "--model", "org/m", "--num-prompts", "4", "--save-result"])
+            .arg("--result-dir")
+            .arg(&saved)
+            .arg("--output")
+            .arg(&report_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runs");
+        // The reader goes away before anything is printed.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("waits");
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned(), saved)
+    })
+    .await
+    .expect("joined");
+    let (status, stderr, saved) = status;
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&piped).expect("written")).expect("JSON");
+    assert_eq!(report["completed"], 4);
+    let names: Vec<String> =
+        std::fs::read_dir(&saved).expect("dir").filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    assert!(
+        names.len() == 1 && names[0].starts_with("kvgate-infqps-m-") && names[0].ends_with(".json"),
+        "vLLM's name pattern: {names:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

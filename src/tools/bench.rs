@@ -3,8 +3,14 @@
 //! output token, end-to-end latency, throughput, errors — and, from the endpoints' `/metrics`,
 //! the prefix-cache hit rate. Writes a JSON report.
 
+mod args;
 mod plot;
+mod report;
 pub(crate) mod workload;
+
+pub use args::BenchArgs;
+use report::{Goodput, METRICS, Samples};
+pub use report::{Report, Stats, percentile, summary};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,144 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use serde::Serialize;
 use serde_json::json;
 
 use workload::Item;
-
-/// `kvgate bench` flags (names after vLLM's and inference-perf's benchmarks).
-#[derive(Debug, Clone, clap::Args, Serialize)]
-pub struct BenchArgs {
-    /// Server root, e.g. `http://127.0.0.1:8080` (no `/v1`).
-    #[arg(long)]
-    pub base_url: String,
-    /// Model name to send.
-    #[arg(long)]
-    pub model: String,
-    /// `shared-prefix`, `multi-turn`, `random` or `trace`.
-    #[arg(long, default_value = "shared-prefix")]
-    pub workload: String,
-    /// Trace to replay (JSONL: `timestamp` ms, `input_length`, `output_length`, `hash_ids`).
-    #[arg(long)]
-    pub trace: Option<std::path::PathBuf>,
-    /// Tokens per trace `hash_ids` block.
-    #[arg(long, default_value_t = 512)]
-    pub block_size: usize,
-    /// Trace time multiplier: 0.5 replays twice as fast.
-    #[arg(long, default_value_t = 1.0)]
-    pub trace_time_scale: f64,
-    /// Requests to send (at most the workload's size).
-    #[arg(long)]
-    pub num_prompts: Option<usize>,
-    /// Poisson arrivals at this rate (requests/s); absent: as fast as `--max-concurrency` allows.
-    #[arg(long)]
-    pub request_rate: Option<f64>,
-    /// Requests in flight at most.
-    #[arg(long, default_value_t = 16)]
-    pub max_concurrency: usize,
-    /// Shared-prefix: groups (multi-turn: sessions).
-    #[arg(long, default_value_t = 10)]
-    pub groups: usize,
-    /// Shared-prefix: requests per group (multi-turn: turns per session).
-    #[arg(long, default_value_t = 5)]
-    pub prompts_per_group: usize,
-    /// System prompt length, tokens.
-    #[arg(long, default_value_t = 1000)]
-    pub system_prompt_len: usize,
-    /// Question length, tokens.
-    #[arg(long, default_value_t = 100)]
-    pub question_len: usize,
-    /// Output length, tokens.
-    #[arg(long, default_value_t = 64)]
-    pub output_len: usize,
-    /// Seed of the workload and of the arrival times.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// An endpoint's `/metrics` URL, scraped before and after (repeatable).
-    #[arg(long)]
-    pub metrics_url: Vec<String>,
-    /// Where to write the JSON report.
-    #[arg(long)]
-    pub output: Option<std::path::PathBuf>,
-    /// Send non-streaming requests.
-    #[arg(long)]
-    pub no_stream: bool,
-    /// Draw the TTFT distribution (CDF) as SVG to this file.
-    #[arg(long)]
-    pub plot: Option<std::path::PathBuf>,
-}
-
-/// Mean and percentiles of a set of samples.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct Stats {
-    /// Mean.
-    pub mean: f64,
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
-
-/// Nearest-rank percentile of sorted samples (`q` in (0, 1]).
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-impl Stats {
-    /// Statistics of `samples`.
-    pub fn of(samples: &[f64]) -> Self {
-        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
-        if v.is_empty() {
-            return Self::default();
-        }
-        v.sort_by(f64::total_cmp);
-        Self {
-            mean: v.iter().sum::<f64>() / v.len() as f64,
-            p50: percentile(&v, 0.5),
-            p90: percentile(&v, 0.9),
-            p99: percentile(&v, 0.99),
-        }
-    }
-}
-
-/// The JSON report.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// Requests sent.
-    pub requests: usize,
-    /// Requests that failed.
-    pub errors: usize,
-    /// Failures by kind (`http_503`, `connect`, `timeout`, …).
-    pub errors_by_kind: BTreeMap<String, usize>,
-    /// Wall time of the run.
-    pub duration_s: f64,
-    /// Successful requests per second.
-    pub throughput_rps: f64,
-    /// Output tokens per second.
-    pub output_tokens_per_s: f64,
-    /// Time to first token (streaming) or to the whole answer.
-    pub ttft_ms: Stats,
-    /// Time per output token after the first.
-    pub tpot_ms: Stats,
-    /// End-to-end latency.
-    pub e2e_ms: Stats,
-    /// Prefix-cache hits / queries over the run, from the endpoints' counters.
-    pub prefix_cache_hit_rate: Option<f64>,
-    /// Requests per serving endpoint.
-    pub per_endpoint: BTreeMap<String, usize>,
-    /// Most-loaded endpoint's requests over the mean.
-    pub hot_spot_factor: Option<f64>,
-    /// What was run (flags and seed), to repeat it.
-    pub config: BenchArgs,
-    /// Every successful request's TTFT, sorted (for CDF plots and comparisons).
-    pub ttft_samples_ms: Vec<f64>,
-}
 
 /// One request's outcome.
 #[derive(Debug, Default)]
@@ -160,6 +31,10 @@ struct Outcome {
     ttft: Option<f64>,
     e2e: f64,
     tokens: usize,
+    /// Prompt tokens, from the usage the server reported.
+    input_tokens: u64,
+    /// Times between successive token events, seconds.
+    itl: Vec<f64>,
     endpoint: Option<String>,
 }
 
@@ -192,6 +67,7 @@ async fn send(client: &Client, url: &str, body: Bytes, stream: bool) -> Outcome 
     let mut body = resp.into_body();
     let mut pending = Vec::new();
     let mut full = Vec::new();
+    let mut last_token: Option<f64> = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             out.error = Some("stream_broken".into());
@@ -205,9 +81,17 @@ async fn send(client: &Client, url: &str, body: Bytes, stream: bool) -> Outcome 
         pending.extend_from_slice(&data);
         while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = pending.drain(..end + 2).collect();
-            if token_event(&event) {
+            let (token, usage) = sse_event(&event);
+            if token {
+                let now = start.elapsed().as_secs_f64();
+                if let Some(last) = last_token.replace(now) {
+                    out.itl.push(now - last);
+                }
                 out.tokens += 1;
-                out.ttft.get_or_insert(start.elapsed().as_secs_f64());
+                out.ttft.get_or_insert(now);
+            }
+            if let Some(u) = usage {
+                out.input_tokens = u;
             }
         }
     }
@@ -218,13 +102,18 @@ async fn send(client: &Client, url: &str, body: Bytes, stream: bool) -> Outcome 
     }
     if !stream {
         out.ttft = Some(out.e2e);
-        out.tokens = serde_json::from_slice::<serde_json::Value>(&full)
-            .ok()
-            .and_then(|v| v["usage"]["completion_tokens"].as_u64())
-            .unwrap_or(0) as usize;
+        let v = serde_json::from_slice::<serde_json::Value>(&full).unwrap_or_default();
+        out.tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+        out.input_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
     }
     out.ok = true;
     out
+}
+
+/// The progress line after `n` of `total` requests and `secs` seconds.
+fn progress_line(n: usize, total: usize, secs: f64) -> String {
+    let filled = n.min(total) * 30 / total.max(1);
+    format!("\r[{}{}] {n}/{total} requests, {secs:.1} s", "#".repeat(filled), " ".repeat(30 - filled))
 }
 
 /// A live progress line on the terminal (none when stderr is not one).
@@ -240,27 +129,48 @@ fn progress_bar(
     Some(tokio::spawn(async move {
         loop {
             let n = done.load(std::sync::atomic::Ordering::Relaxed);
-            let filled = n * 30 / total;
             #[allow(clippy::print_stderr)]
             {
-                eprint!(
-                    "\r[{}{}] {n}/{total} requests, {:.1} s",
-                    "#".repeat(filled),
-                    " ".repeat(30 - filled),
-                    started.elapsed().as_secs_f64()
-                );
+                eprint!("{}", progress_line(n, total, started.elapsed().as_secs_f64()));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }))
 }
 
-/// Whether an SSE event carries generated text (chat `delta.content` or completions `text`).
-fn token_event(event: &[u8]) -> bool {
-    let Some(data) = event.strip_prefix(b"data:") else { return false };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) else { return false };
+/// A Gamma(`shape`, `scale`) draw (Marsaglia and Tsang; below shape 1 by the boost
+/// `Gamma(k) = Gamma(k + 1) · U^(1/k)`), from uniform draws of `rng`.
+fn gamma(rng: &mut fastrand::Rng, shape: f64, scale: f64) -> f64 {
+    if shape < 1.0 {
+        let u = 1.0 - rng.f64();
+        return gamma(rng, shape + 1.0, scale) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        // A standard normal draw (Box–Muller).
+        let (u1, u2) = (1.0 - rng.f64(), rng.f64());
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let v = (1.0 + c * z).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u = 1.0 - rng.f64();
+        if u.ln() < 0.5 * z * z + d - d * v + d * v.ln() {
+            return d * v * scale;
+        }
+    }
+}
+
+/// What an SSE event says: it carries generated text (chat `delta.content` or completions
+/// `text`); the prompt tokens of the usage it reports.
+fn sse_event(event: &[u8]) -> (bool, Option<u64>) {
+    let Some(data) = event.strip_prefix(b"data:") else { return (false, None) };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) else { return (false, None) };
     let choice = &v["choices"][0];
-    [&choice["delta"]["content"], &choice["text"]].iter().any(|t| t.as_str().is_some_and(|s| !s.is_empty()))
+    let token =
+        [&choice["delta"]["content"], &choice["text"]].iter().any(|t| t.as_str().is_some_and(|s| !s.is_empty()));
+    (token, v["usage"]["prompt_tokens"].as_u64())
 }
 
 /// Sums every series of `name` in a Prometheus text exposition.
@@ -288,8 +198,8 @@ async fn counters(urls: &[String]) -> Option<(f64, f64)> {
     Some((hits, queries))
 }
 
-/// Runs a benchmark and returns its report.
-pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
+/// The workload's requests, and their arrival times when it is a trace.
+fn workload_items(args: &BenchArgs) -> anyhow::Result<(Vec<Item>, Option<Vec<f64>>)> {
     let mut arrivals: Option<Vec<f64>> = None;
     let mut items: Vec<Item> = match args.workload.as_str() {
         "trace" => {
@@ -313,8 +223,8 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         }
         "random" => workload::random(
             args.seed,
-            args.num_prompts.unwrap_or(50),
-            args.system_prompt_len + args.question_len,
+            args.num_prompts.unwrap_or(args.groups * args.prompts_per_group),
+            args.random_input_len.unwrap_or(args.system_prompt_len + args.question_len),
             args.output_len,
         ),
         other => bail!("unknown workload `{other}` (shared-prefix, multi-turn, random, trace)"),
@@ -322,37 +232,95 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     if let Some(n) = args.num_prompts {
         items.truncate(n);
     }
+    Ok((items, arrivals))
+}
+
+/// A request body for `item` on the API `args.endpoint` names.
+fn request_body(args: &BenchArgs, item: &Item, stream: bool) -> anyhow::Result<Bytes> {
+    let mut body = match args.endpoint.as_str() {
+        "/v1/chat/completions" => {
+            let messages: Vec<serde_json::Value> =
+                item.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
+            json!({"model": args.model, "messages": messages})
+        }
+        "/v1/completions" => {
+            let prompt: Vec<&str> = item.messages.iter().map(|(_, c)| c.as_str()).collect();
+            json!({"model": args.model, "prompt": prompt.join("\n")})
+        }
+        other => bail!("--endpoint `{other}`: kvgate bench drives /v1/chat/completions or /v1/completions"),
+    };
+    body["max_tokens"] = json!(item.output_len);
+    body["ignore_eos"] = json!(!args.no_ignore_eos);
+    body["stream"] = json!(stream);
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    Ok(Bytes::from(body.to_string()))
+}
+
+/// The percentiles `--metric-percentiles` asks for, and the metrics `--percentile-metrics` names.
+fn percentile_flags(args: &BenchArgs) -> anyhow::Result<(Vec<&str>, Vec<f64>)> {
+    let metrics: Vec<&str> = args.percentile_metrics.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+    if let Some(m) = metrics.iter().find(|m| !METRICS.contains(m)) {
+        bail!("--percentile-metrics: `{m}` is not one of {}", METRICS.join(", "));
+    }
+    let mut ps = Vec::new();
+    for p in args.metric_percentiles.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match p.parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => ps.push(v),
+            _ => bail!("--metric-percentiles: `{p}` is not a percentile in (0, 100]"),
+        }
+    }
+    Ok((metrics, ps))
+}
+
+/// Runs a benchmark and returns its report.
+pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
+    let (items, arrivals) = workload_items(&args)?;
+    let (selected, percentiles) = percentile_flags(&args)?;
+    let goodput = Goodput::parse(&args.goodput)?;
+    if !(args.burstiness.is_finite() && args.burstiness > 0.0) {
+        bail!("--burstiness must be a positive number");
+    }
     let stream = !args.no_stream;
-    let url = format!("{}/v1/chat/completions", args.base_url.trim_end_matches('/'));
+    let url = format!("{}{}", args.base_url.trim_end_matches('/'), args.endpoint);
+    let bodies = items.iter().map(|item| request_body(&args, item, stream)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-    let before = counters(&args.metrics_url).await;
     let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.max(1)));
+    // Warm-ups: the workload's first requests, sent and waited for, not measured.
+    let mut warm = Vec::new();
+    for body in bodies.iter().cycle().take(if bodies.is_empty() { 0 } else { args.num_warmups }) {
+        let (client, url, body, limit) = (client.clone(), url.clone(), body.clone(), limit.clone());
+        warm.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            send(&client, &url, body, stream).await
+        }));
+    }
+    for w in warm {
+        w.await.context("warm-up task")?;
+    }
+    let before = counters(&args.metrics_url).await;
     let mut rng = fastrand::Rng::with_seed(args.seed ^ 0xa11);
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let progress = progress_bar(items.len(), done.clone(), started);
     let mut next_at = Duration::ZERO;
     let mut tasks = Vec::with_capacity(items.len());
-    for (k, item) in items.iter().enumerate() {
+    for (k, body) in bodies.into_iter().enumerate() {
         if let Some(at) = arrivals.as_ref().and_then(|a| a.get(k)) {
             tokio::time::sleep_until((started + Duration::from_secs_f64(*at)).into()).await;
-        } else if let Some(rate) = args.request_rate.filter(|r| *r > 0.0) {
-            next_at += Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate);
+        } else if let Some(rate) = args.request_rate.filter(|r| *r > 0.0 && r.is_finite()) {
+            let gap = gamma(&mut rng, args.burstiness, 1.0 / (rate * args.burstiness));
+            next_at += Duration::from_secs_f64(gap.min(3600.0));
             tokio::time::sleep_until((started + next_at).into()).await;
         }
         let permit = limit.clone().acquire_owned().await.context("semaphore")?;
-        let messages: Vec<serde_json::Value> =
-            item.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
-        let mut body = json!({"model": args.model, "messages": messages, "max_tokens": item.output_len, "ignore_eos": true, "stream": stream});
-        if stream {
-            body["stream_options"] = json!({"include_usage": true});
-        }
         let (client, url, done) = (client.clone(), url.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
-            let out = send(&client, &url, Bytes::from(body.to_string()), stream).await;
+            let out = send(&client, &url, body, stream).await;
             drop(permit);
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             out
@@ -365,9 +333,10 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     let duration = started.elapsed().as_secs_f64();
     if let Some(p) = progress {
         p.abort();
+        // The last frame: every request is done.
         #[allow(clippy::print_stderr)]
         {
-            eprintln!();
+            eprintln!("{}", progress_line(done.load(std::sync::atomic::Ordering::Relaxed), items.len(), duration));
         }
     }
     let after = counters(&args.metrics_url).await;
@@ -387,9 +356,20 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     let tokens: usize = ok.iter().map(|o| o.tokens).sum();
     let mut ttft_samples_ms: Vec<f64> = ok.iter().filter_map(|o| o.ttft).map(|t| t * 1000.0).collect();
     ttft_samples_ms.sort_by(f64::total_cmp);
-    let ms = |f: &dyn Fn(&Outcome) -> Option<f64>| {
-        Stats::of(&ok.iter().filter_map(|o| f(o)).map(|s| s * 1000.0).collect::<Vec<_>>())
-    };
+    let tpot = |o: &Outcome| o.ttft.filter(|_| o.tokens > 1).map(|t| (o.e2e - t) / (o.tokens - 1) as f64);
+    let ms = |f: &dyn Fn(&Outcome) -> Option<f64>| ok.iter().filter_map(|o| f(o)).map(|s| s * 1000.0).collect();
+    let mut samples = Samples::default();
+    samples.by_metric.insert("ttft", ms(&|o| o.ttft));
+    samples.by_metric.insert("tpot", ms(&tpot));
+    samples.by_metric.insert("itl", ok.iter().flat_map(|o| o.itl.iter().map(|s| s * 1000.0)).collect());
+    samples.by_metric.insert("e2el", ms(&|o| Some(o.e2e)));
+    let good = (!goodput.0.is_empty()).then(|| {
+        ok.iter()
+            .filter(|o| goodput.met(o.ttft.unwrap_or(o.e2e) * 1000.0, tpot(o).map(|t| t * 1000.0), o.e2e * 1000.0))
+            .count()
+    });
+    let input: u64 = ok.iter().map(|o| o.input_tokens).sum();
+    let vllm = report::vllm_keys((ok.len(), input, tokens as u64), duration, &samples, &selected, &percentiles, good);
     Ok(Report {
         requests: outcomes.len(),
         errors: outcomes.len() - ok.len(),
@@ -397,58 +377,85 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         duration_s: duration,
         throughput_rps: ok.len() as f64 / duration,
         output_tokens_per_s: tokens as f64 / duration,
-        ttft_ms: ms(&|o| o.ttft),
-        tpot_ms: ms(&|o| o.ttft.filter(|_| o.tokens > 1).map(|t| (o.e2e - t) / (o.tokens - 1) as f64)),
-        e2e_ms: ms(&|o| Some(o.e2e)),
+        ttft_ms: Stats::of(&samples.by_metric["ttft"]),
+        tpot_ms: Stats::of(&samples.by_metric["tpot"]),
+        e2e_ms: Stats::of(&samples.by_metric["e2el"]),
         prefix_cache_hit_rate: match (before, after) {
             (Some((h0, q0)), Some((h1, q1))) if q1 > q0 => Some(((h1 - h0) / (q1 - q0)).clamp(0.0, 1.0)),
             _ => None,
         },
         per_endpoint,
         hot_spot_factor,
+        vllm,
         config: args,
         ttft_samples_ms,
     })
 }
 
-/// The report as a short table.
-pub fn summary(r: &Report) -> String {
-    let hit = r.prefix_cache_hit_rate.map_or("-".to_owned(), |h| format!("{:.1}%", h * 100.0));
-    format!(
-        "requests {} (errors {}) in {:.1} s: {:.1} req/s, {:.0} output tok/s, prefix-cache hit rate {hit}, hot-spot factor {}\n\
-         {:<6} {:>9} {:>9} {:>9} {:>9}\n{}",
-        r.requests,
-        r.errors,
-        r.duration_s,
-        r.throughput_rps,
-        r.output_tokens_per_s,
-        r.hot_spot_factor.map_or("-".to_owned(), |h| format!("{h:.2}")),
-        "ms",
-        "mean",
-        "p50",
-        "p90",
-        "p99",
-        [("ttft", r.ttft_ms), ("tpot", r.tpot_ms), ("e2e", r.e2e_ms)]
-            .iter()
-            .map(|(n, s)| format!("{n:<6} {:>9.1} {:>9.1} {:>9.1} {:>9.1}", s.mean, s.p50, s.p90, s.p99))
-            .collect::<Vec<_>>()
-            .join("\n")
-    )
+/// `--save-result`'s file: `--result-filename` in `--result-dir`, or vLLM's pattern of name.
+fn result_path(args: &BenchArgs) -> std::path::PathBuf {
+    let name = args.result_filename.clone().unwrap_or_else(|| {
+        let rate = args.request_rate.filter(|r| r.is_finite() && *r > 0.0).map_or("inf".to_owned(), |r| r.to_string());
+        let model = args.model.rsplit('/').next().unwrap_or(&args.model);
+        format!("kvgate-{rate}qps-{model}-{}.json", timestamp(std::time::SystemTime::now()))
+    });
+    args.result_dir.clone().unwrap_or_default().join(name)
 }
 
-/// Runs `kvgate bench`: the run, the summary, the report file, the plot.
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn timestamp(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// Runs `kvgate bench`: the run, the report files, the plot, then the summary (a closed
+/// stdout is not an error: the files are written first). Fails when more requests failed than
+/// `--max-error-rate` allows.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (output, plot) = (args.output.clone(), args.plot.clone());
+    let saved = args.save_result.then(|| result_path(&args));
+    let title = format!("{} workload, {}", args.workload, args.endpoint);
+    let max_error_rate = args.max_error_rate;
     let report = run_bench(args).await?;
-    println!("{}", summary(&report));
-    if let Some(path) = output {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    for path in output.iter().chain(saved.iter()) {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = plot {
-        plot::write_plot(&path, &[("run".to_owned(), report.ttft_samples_ms.clone())])?;
+        plot::write_plot(&path, &title, &[("run".to_owned(), report.ttft_samples_ms.clone())])?;
+    }
+    print_out(&summary(&report))?;
+    let rate = if report.requests == 0 { 0.0 } else { report.errors as f64 / report.requests as f64 };
+    if rate > max_error_rate {
+        bail!(
+            "{} of {} requests failed ({:.1}%), more than --max-error-rate {max_error_rate} allows",
+            report.errors,
+            report.requests,
+            rate * 100.0
+        );
     }
     Ok(())
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// `kvgate bench compare`: reports side by side, and their TTFT CDFs overlaid.
@@ -485,7 +492,8 @@ pub fn compare(files: &[std::path::PathBuf], plot: Option<&std::path::Path>) -> 
         series.push((name, samples));
     }
     if let Some(p) = plot {
-        plot::write_plot(p, &series)?;
+        let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
+        plot::write_plot(p, &format!("compare: {}", names.join(", ")), &series)?;
     }
     Ok(rows.join("\n"))
 }
@@ -495,22 +503,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_on_known_data() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        let s = Stats::of(&v);
-        assert_eq!((s.p50, s.p90, s.p99), (50.0, 90.0, 99.0));
-        assert!((s.mean - 50.5).abs() < 1e-9);
-        assert_eq!(Stats::of(&[7.0]).p99, 7.0);
-        assert_eq!(Stats::of(&[]), Stats::default());
-        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+    fn the_last_progress_frame_is_every_request() {
+        assert!(progress_line(80, 80, 1.0).contains("80/80 requests"));
+        assert!(progress_line(80, 80, 1.0).contains(&"#".repeat(30)));
+        assert!(progress_line(0, 0, 0.0).contains("0/0"));
+    }
+
+    #[test]
+    fn gamma_draws_have_the_asked_mean() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for shape in [0.5, 1.0, 4.0] {
+            let n = 20_000;
+            let mean = (0..n).map(|_| gamma(&mut rng, shape, 0.25 / shape)).sum::<f64>() / f64::from(n);
+            assert!((mean - 0.25).abs() < 0.01, "shape {shape}: mean {mean}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_utc_civil_time() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_796_296_547);
+        assert_eq!(timestamp(t), "20261203-111547");
+        assert_eq!(timestamp(std::time::UNIX_EPOCH), "19700101-000000");
     }
 
     #[test]
     fn plots_are_svg_with_one_line_per_series() {
-        let svg = plot::ttft_cdf_svg(&[("a".into(), vec![1.0, 2.0, 30.0]), ("b<".into(), vec![5.0, 500.0])]);
+        let svg = plot::ttft_cdf_svg(
+            "shared-prefix workload",
+            &[("a".into(), vec![1.0, 2.0, 30.0]), ("b<".into(), vec![5.0, 500.0])],
+        );
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("b&lt;"));
+        // A title naming the workload, labelled axes, 0 and 1 on the fraction axis, each
+        // series' percentiles written in, and a time axis fitted to the data (0.8 to 625 ms).
+        assert!(svg.contains("Time to first token: shared-prefix workload (5 requests)"));
+        assert!(svg.contains("time to first token (ms, log scale)") && svg.contains("fraction of requests"));
+        assert!(svg.contains(">0</text>") && svg.contains(">1</text>"));
+        assert!(svg.contains("p50 2.00 ms") && svg.contains("p99 30 ms") && svg.contains("p90 500 ms"));
+        assert!(!svg.contains(">1000</text>") && !svg.contains(">0.10</text>"), "no empty decades");
         let png = plot::svg_to_png(&svg).expect("rasterizes");
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
         // 1440 x 840: the chart at twice its size (IHDR width and height, big-endian).
@@ -519,11 +550,13 @@ mod tests {
 
     #[test]
     fn token_events() {
+        let token_event = |e: &[u8]| sse_event(e).0;
         assert!(token_event(br#"data: {"choices":[{"delta":{"content":" hi"}}]}"#));
         assert!(token_event(br#"data: {"choices":[{"text":" hi"}]}"#));
         assert!(!token_event(br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#));
         assert!(!token_event(br#"data: {"choices":[],"usage":{}}"#));
         assert!(!token_event(b"data: [DONE]"));
+        assert_eq!(sse_event(br#"data: {"choices":[],"usage":{"prompt_tokens":12}}"#), (false, Some(12)));
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 use anyhow::{Context, bail};
 
-/// Writes the TTFT chart as SVG or PNG, by the file's extension.
-pub(super) fn write_plot(path: &std::path::Path, series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-    let svg = ttft_cdf_svg(series);
+/// Writes the TTFT chart (titled after `what` was run) as SVG or PNG, by the file's extension.
+pub(super) fn write_plot(path: &std::path::Path, what: &str, series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+    let svg = ttft_cdf_svg(what, series);
     let bytes = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("svg") => svg.into_bytes(),
         Some("png") => svg_to_png(&svg)?,
@@ -37,52 +37,108 @@ pub(super) fn svg_to_png(svg: &str) -> anyhow::Result<Vec<u8>> {
     pixmap.encode_png().context("encoding the plot as PNG")
 }
 
-/// Overlaid TTFT CDFs, one line per named series of sorted samples (ms), log-scaled time axis.
-pub(super) fn ttft_cdf_svg(series: &[(String, Vec<f64>)]) -> String {
+/// Escapes text for SVG.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A number of ms as a short label: `0.35`, `4.2`, `120`, `2,400`.
+fn ms_label(v: f64) -> String {
+    if (10.0..1000.0).contains(&v) && (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else if v >= 1000.0 {
+        let n = v.round() as u64;
+        let (k, r) = (n / 1000, n % 1000);
+        format!("{k},{r:03}")
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Ticks of a log axis over `[lo, hi]`: the 1-2-5 values within it, or its ends when fewer than
+/// three fall inside.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = 10f64.powi(lo.log10().floor() as i32);
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = decade * m;
+            if v >= lo && v <= hi {
+                ticks.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    if ticks.len() < 3 {
+        ticks = vec![lo, (lo * hi).sqrt(), hi];
+    }
+    ticks
+}
+
+/// Overlaid TTFT CDFs, one line per named series of sorted samples (ms), on a log time axis
+/// fitted to the data, with each series' p50, p90 and p99 marked and written in.
+pub(super) fn ttft_cdf_svg(what: &str, series: &[(String, Vec<f64>)]) -> String {
     const W: f64 = 720.0;
     const H: f64 = 420.0;
-    const L: f64 = 60.0;
-    const B: f64 = 40.0;
+    const L: f64 = 64.0;
+    const R: f64 = 24.0;
+    const T: f64 = 44.0;
+    const B: f64 = 48.0;
     const COLORS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
     let all: Vec<f64> = series.iter().flat_map(|(_, s)| s.iter().copied()).filter(|x| *x > 0.0).collect();
-    let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1e-3);
-    let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
-    let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil());
-    let x = |v: f64| L + (v.max(1e-9).log10() - llo) / (lhi - llo) * (W - L - 20.0);
-    let y = |p: f64| H - B - p * (H - B - 20.0);
+    let min = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = all.iter().copied().fold(0.0, f64::max);
+    // The range the samples span, with a margin; a single value gets a decade around it.
+    let (lo, hi) = if all.is_empty() {
+        (1.0, 1000.0)
+    } else if max / min < 1.5 {
+        (min / 3.0, max * 3.0)
+    } else {
+        (min / 1.25, max * 1.25)
+    };
+    let (llo, lhi) = (lo.log10(), hi.log10());
+    let x = |v: f64| L + (v.max(lo).log10() - llo) / (lhi - llo) * (W - L - R);
+    let y = |p: f64| H - B - p * (H - B - T);
+    let n_total: usize = series.iter().map(|(_, s)| s.len()).sum();
     let mut out = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{L}" y1="20" x2="{L}" y2="{}" stroke="black"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">Time to first token: {} ({n_total} requests)</text>
+<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>
 <text x="{}" y="{}" text-anchor="middle">time to first token (ms, log scale)</text>
-<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">fraction of requests</text>
+<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">fraction of requests at or below</text>
 "#,
+        W / 2.0,
+        esc(what),
         H - B,
-        W - 20.0,
+        W - R,
         H - B,
         H - B,
-        (L + W - 20.0) / 2.0,
-        H - 8.0,
-        H / 2.0,
-        H / 2.0
+        (L + W - R) / 2.0,
+        H - 10.0,
+        (T + H - B) / 2.0,
+        (T + H - B) / 2.0,
     );
-    for d in llo as i32..=lhi as i32 {
-        let v = 10f64.powi(d);
+    for v in log_ticks(lo, hi) {
         out.push_str(&format!(
-            "<line x1=\"{0:.1}\" y1=\"{1}\" x2=\"{0:.1}\" y2=\"{2}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{3}\" text-anchor=\"middle\">{v}</text>\n",
+            "<line x1=\"{0:.1}\" y1=\"{T}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{2}\" text-anchor=\"middle\">{3}</text>\n",
             x(v),
-            20.0,
-            H - B,
-            H - B + 16.0
+            H - B + 5.0,
+            H - B + 18.0,
+            ms_label(v)
         ));
     }
-    for p in [0.5, 0.9, 0.99] {
+    for p in [0.0, 0.25, 0.5, 0.75, 0.9, 1.0] {
         out.push_str(&format!(
-            "<line x1=\"{L}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#eee\"/><text x=\"{2}\" y=\"{0:.1}\" text-anchor=\"end\">p{3}</text>\n",
+            "<line x1=\"{L}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#eee\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{p}</text>\n",
             y(p),
-            W - 20.0,
-            L - 4.0,
-            (p * 100.0) as u32
+            W - R,
+            L - 6.0,
+            y(p) + 4.0
         ));
     }
     for (k, (name, samples)) in series.iter().enumerate() {
@@ -91,12 +147,29 @@ pub(super) fn ttft_cdf_svg(series: &[(String, Vec<f64>)]) -> String {
         let points: Vec<String> =
             samples.iter().enumerate().map(|(i, v)| format!("{:.1},{:.1}", x(*v), y((i + 1) as f64 / n))).collect();
         out.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>\n",
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{color}\">{} ({} requests)</text>\n",
             points.join(" "),
             L + 10.0,
-            34.0 + 16.0 * k as f64,
-            name.replace('&', "&amp;").replace('<', "&lt;")
+            T + 14.0 + 16.0 * k as f64,
+            esc(name),
+            samples.len()
         ));
+        if samples.is_empty() {
+            continue;
+        }
+        for p in [0.5, 0.9, 0.99] {
+            let v = super::percentile(samples, p);
+            let (px, py) = (x(v), y(p));
+            // Labels sit left of the point near the right edge, right of it elsewhere.
+            let (dx, anchor) = if px > W - R - 120.0 { (-7.0, "end") } else { (7.0, "start") };
+            out.push_str(&format!(
+                "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3.5\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\" text-anchor=\"{anchor}\">p{} {} ms</text>\n",
+                px + dx,
+                py + 4.0 + 13.0 * k as f64,
+                (p * 100.0).round() as u32,
+                ms_label(v)
+            ));
+        }
     }
     out.push_str("</svg>\n");
     out
