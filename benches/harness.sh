@@ -1,10 +1,15 @@
-# Shared set-up of the benchmark scripts (sourced, not run): the release binary in $bin, a
+# Shared set-up of the benchmark scripts (sourced, not run): the release binary in $bin (built
+# here, or $KVGATE_BIN as it is, to compare two builds), a
 # scratch folder in $dir removed at exit with every background process, `port` for a free
 # loopback port, `need_wrk`, `find_envoy` (sets $envoy: deploy/envoy/find-envoy.sh), and
 # `proxy_config` / `wait_ready` for a kvgate proxy over local simulators.
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-bin=$PWD/target/release/kvgate
+if [ -n "${KVGATE_BIN:-}" ]; then
+  bin=$(realpath "$KVGATE_BIN")
+else
+  cargo build --release --quiet
+  bin=$PWD/target/release/kvgate
+fi
 dir=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
