@@ -323,18 +323,23 @@ impl Decisions {
                 .collect();
             let mut out = Vec::with_capacity(due.len());
             for seq in due {
-                if let Some(Held::Caller(c)) = inner.held.remove(&seq) {
-                    inner.callers -= 1;
-                    inner.remember(seq, Ended::Expired);
-                    out.push(c);
-                }
+                let Some(Held::Caller(c)) = inner.held.get(&seq) else { continue };
+                let c = c.clone();
+                // Marked over before it leaves the map, so a report that found it just before
+                // is refused; one being applied now (locked) is left for the next sweep.
+                let Some(mut held) = c.try_lock() else { continue };
+                held.over = Some(Ended::Expired);
+                drop(held);
+                inner.held.remove(&seq);
+                inner.callers -= 1;
+                inner.remember(seq, Ended::Expired);
+                out.push(c);
             }
             self.telemetry.picker_pending.set(inner.held.len() as i64);
             out
         };
         for c in &expired {
-            let mut c = c.lock();
-            c.over = Some(Ended::Expired);
+            let c = c.lock();
             let pool = c.routed.pool_name();
             tracing::debug!(pool, "a picked decision's reports stopped coming; released");
             self.telemetry.picker_expired.with_label_values(&[pool]).inc();

@@ -207,7 +207,7 @@ pub fn summary(r: &Report) -> String {
         let kinds: Vec<String> = r.errors_by_kind.iter().map(|(k, n)| format!("{k} × {n}")).collect();
         out.push_str(&format!("failed: {}\n", kinds.join(", ")));
     }
-    if r.errors == r.requests {
+    if r.requests > 0 && r.errors == r.requests {
         out.push_str("no request succeeded: no latencies\n");
         return out;
     }
