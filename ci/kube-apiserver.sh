@@ -49,7 +49,12 @@ rm -f vendor/github.com/modern-go/reflect2/*.go vendor/github.com/modern-go/refl
 cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go vendor/github.com/modern-go/reflect2/
 cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.s vendor/github.com/modern-go/reflect2/ 2>/dev/null || true
 log "building kube-apiserver (5-7 min)"
-CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2
+mkdir -p "$work/home"
+# In an environment of its own: whatever the caller exported (a cargo build's OUT_DIR, TARGET
+# or MAKEFLAGS, a GOFLAGS, another Go on PATH) would change what Kubernetes' make does.
+env -i HOME="$work/home" PATH=/usr/lib/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  GOCACHE="$work/gocache" GOPATH="$work/gopath" GOTOOLCHAIN=local CGO_ENABLED=0 LANG=C.UTF-8 \
+  make WHAT=cmd/kube-apiserver >&2
 mkdir -p "$cache"
 cp _output/bin/kube-apiserver "$bin.partial"
 mv "$bin.partial" "$bin"

@@ -83,8 +83,7 @@ fn promtool() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("KVGATE_PROMTOOL") {
         return p.into();
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/promtool.sh");
-    let out = Command::new("bash").arg(script).stderr(std::process::Stdio::inherit()).output().expect("promtool.sh");
+    let out = common::ci_script("promtool.sh").stderr(std::process::Stdio::inherit()).output().expect("promtool.sh");
     assert!(out.status.success(), "ci/promtool.sh failed");
     String::from_utf8(out.stdout).expect("a path").trim().into()
 }

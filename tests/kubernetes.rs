@@ -533,11 +533,8 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
 /// a runtime base made on the spot (no registry can be reached); the binary inside starts.
 #[test]
 fn the_image_builds_and_its_binary_starts() {
-    let out = std::process::Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/image-test.sh"))
-        .arg(env!("CARGO_BIN_EXE_kvgate"))
-        .output()
-        .expect("ci/image-test.sh runs");
+    let out =
+        common::ci_script("image-test.sh").arg(env!("CARGO_BIN_EXE_kvgate")).output().expect("ci/image-test.sh runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "image test failed: {stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("kvgate {}", env!("CARGO_PKG_VERSION")));

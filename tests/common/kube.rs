@@ -25,11 +25,8 @@ fn tool(env_var: &str, script: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env_var) {
         return PathBuf::from(p);
     }
-    let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("{script} runs: {e}"));
+    let out =
+        super::ci_script(script).stderr(Stdio::inherit()).output().unwrap_or_else(|e| panic!("{script} runs: {e}"));
     assert!(out.status.success(), "{script} failed: {}", out.status);
     PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
 }
@@ -37,7 +34,7 @@ fn tool(env_var: &str, script: &str) -> PathBuf {
 /// The kube-apiserver binary, built and cached once per machine.
 fn apiserver_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| tool("KVGATE_KUBE_APISERVER", "ci/kube-apiserver.sh")).clone()
+    BIN.get_or_init(|| tool("KVGATE_KUBE_APISERVER", "kube-apiserver.sh")).clone()
 }
 
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
@@ -355,7 +352,7 @@ impl Kubelet {
 /// A Helm 3 binary (`ci/helm.sh` fetches and caches it), or the one `KVGATE_HELM` names.
 pub fn helm_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| tool("KVGATE_HELM", "ci/helm.sh")).clone()
+    BIN.get_or_init(|| tool("KVGATE_HELM", "helm.sh")).clone()
 }
 
 /// `helm template RELEASE deploy/helm/kvgate --namespace NS` with `--set` values.

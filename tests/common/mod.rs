@@ -34,6 +34,46 @@ pub async fn start_sim(flags: &[&str]) -> Sim {
     Sim { addrs: running.addrs, _tasks: tasks }
 }
 
+/// `bash ci/SCRIPT` from the repository, with the variables cargo sets for build scripts and
+/// tests taken out of its environment: `OUT_DIR`, `TARGET` or a jobserver's `MAKEFLAGS` mean
+/// something else to the tools a script runs (Kubernetes' `make` writes into `OUT_DIR`).
+pub fn ci_script(script: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ci").join(script));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if is_cargo_variable(name) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Whether `name` is one of the variables cargo sets (or inherits for its jobserver).
+pub fn is_cargo_variable(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "OUT_DIR",
+        "TARGET",
+        "HOST",
+        "PROFILE",
+        "OPT_LEVEL",
+        "DEBUG",
+        "NUM_JOBS",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_LINKER",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "RUSTDOCFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
+        "MAKELEVEL",
+    ];
+    const PREFIXES: &[&str] = &["CARGO", "__CARGO", "DEP_", "RUSTC_", "RUSTDOC_"];
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
