@@ -717,3 +717,208 @@ async fn bodies_held_across_streams_are_bounded() {
     .await;
     assert!(room, "routed again once the held body was released");
 }
+
+/// kvgate's ext_proc server over `n` simulators (all scraped), with `extproc` as its ext_proc
+/// section's fields.
+async fn picker_over(n: usize, extproc: &str) -> (Vec<common::Sim>, kvgate::tools::serve::Server) {
+    let mut sims = Vec::new();
+    for _ in 0..n {
+        sims.push(start_sim(&["--time-scale", "0"]).await);
+    }
+    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{{extproc}}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
+        endpoints.join(", ")
+    ))
+    .await;
+    common::wait_scraped(&kv, n).await;
+    (sims, kv)
+}
+
+/// kvgate's own `/metrics`.
+async fn admin_metrics(kv: &kvgate::tools::serve::Server) -> String {
+    common::metrics(&format!("http://{}", kv.admin_addr)).await
+}
+
+/// One endpoint's entry in `/debug/endpoints`.
+async fn endpoint_status(kv: &kvgate::tools::serve::Server, addr: &str) -> serde_json::Value {
+    let v = get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await;
+    let found = v["pools"][0]["endpoints"].as_array().and_then(|e| e.iter().find(|x| x["address"] == addr).cloned());
+    found.unwrap_or_else(|| panic!("{addr} is listed: {v}"))
+}
+
+/// `envoy.lb` metadata with these fields.
+fn lb_metadata(fields: &[(&str, &str)]) -> Metadata {
+    let lb = Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value { kind: Some(Kind::StringValue((*v).to_owned())) }))
+            .collect(),
+    };
+    Metadata { filter_metadata: [("envoy.lb".to_owned(), lb)].into_iter().collect(), ..Default::default() }
+}
+
+/// Envoy's response headers message (status 200, SSE), with `metadata` when given.
+fn response_headers(metadata: Option<Metadata>) -> ProcessingRequest {
+    let h = |k: &str, v: &str| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() };
+    let headers = Req::ResponseHeaders(HttpHeaders {
+        headers: Some(HeaderMap { headers: vec![h(":status", "200"), h("content-type", "text/event-stream")] }),
+        ..Default::default()
+    });
+    ProcessingRequest { metadata_context: metadata, ..msg(headers) }
+}
+
+/// Sends a request's headers and `body` in chunks of 60,000 bytes (the last marked), and reads
+/// the headers answer and the body sent back; returns the destination.
+async fn route_streamed(s: &mut Stream, body: &[u8]) -> String {
+    s.send(msg(headers(&[(":method", "POST"), (":path", "/v1/chat/completions")], false))).await;
+    let n = body.len().div_ceil(60_000);
+    for (i, part) in body.chunks(60_000).enumerate() {
+        let last = i + 1 == n;
+        s.send(msg(Req::RequestBody(HttpBody { body: part.to_vec(), end_of_stream: last, ..Default::default() })))
+            .await;
+    }
+    let first = s.recv().await;
+    let dest = destination(&first).unwrap_or_else(|| panic!("routed, got {first:?}"));
+    let mut echoed = 0;
+    loop {
+        let (chunk, eos) = streamed_body(&s.recv().await).expect("a body chunk");
+        echoed += chunk.len();
+        if eos {
+            break;
+        }
+    }
+    assert_eq!(echoed, body.len(), "the body comes back whole");
+    dest
+}
+
+/// Envoy repeats the last body chunk of a large full-duplex body (the same bytes, or none):
+/// the request stays routed, the repeat is counted and never parsed, the response goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_end_of_stream_is_ignored() {
+    let (_sims, kv) = picker_over(1, "").await;
+    let mut cases = 0.0;
+    for size in [2_000, 5 << 20] {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "y".repeat(size)}], "stream": true})
+            .to_string()
+            .into_bytes();
+        let last_chunk = body.chunks(60_000).last().expect("a chunk").to_vec();
+        for repeat in [last_chunk, Vec::new()] {
+            let mut s = Stream::open(kv.grpc_addr).await;
+            route_streamed(&mut s, &body).await;
+            s.send(msg(Req::RequestBody(HttpBody { body: repeat.clone(), end_of_stream: true, ..Default::default() })))
+                .await;
+            cases += 1.0;
+            s.send(response_headers(None)).await;
+            match s.recv().await.response {
+                Some(Resp::ResponseHeaders(_)) => {}
+                other => panic!(
+                    "{size} bytes, repeat of {} bytes: expected the response to go on, got {other:?}",
+                    repeat.len()
+                ),
+            }
+        }
+    }
+    let m = admin_metrics(&kv).await;
+    let ignored = [("kind", "request_body_after_end")];
+    assert_eq!(metric(&m, "kvgate_extproc_ignored_messages_total", &ignored), Some(cases));
+    assert_eq!(metric(&m, "inference_objective_request_error_total", &[]), None, "nothing refused");
+}
+
+/// A request is counted in `inference_objective_request_total` when it is routed, before (and
+/// whether or not) its response comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_when_routed() {
+    let (_sims, kv) = picker_over(1, "").await;
+    let mut s = Stream::open(kv.grpc_addr).await;
+    route_streamed(
+        &mut s,
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string().as_bytes(),
+    )
+    .await;
+    let m = admin_metrics(&kv).await;
+    assert_eq!(metric(&m, "inference_objective_request_total", &[("model_name", MODEL)]), Some(1.0));
+    assert_eq!(metric(&m, "kvgate_requests_total", &[]), None, "the outcome waits for the response");
+    drop(s);
+    let m = admin_metrics(&kv).await;
+    assert_eq!(metric(&m, "inference_objective_request_total", &[("model_name", MODEL)]), Some(1.0), "counted once");
+}
+
+/// The gateway may send the request to an endpoint kvgate did not list (a retry policy of its
+/// own): the served endpoint carries the request's in-flight count, learns its prompt and its
+/// usage is counted; an address outside the pool is ignored and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_endpoint_outside_the_list_gets_the_request() {
+    let (sims, kv) = picker_over(3, "max_endpoints: 1").await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "z".repeat(4_000)}], "stream": true})
+        .to_string()
+        .into_bytes();
+    let mut s = Stream::open(kv.grpc_addr).await;
+    let picked = route_streamed(&mut s, &body).await;
+    let other = sims.iter().map(|x| x.addrs[0].to_string()).find(|a| *a != picked).expect("another endpoint");
+    assert_eq!(endpoint_status(&kv, &other).await["prefix_blocks"], 0);
+    s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", &other)])))).await;
+    assert!(matches!(s.recv().await.response, Some(Resp::ResponseHeaders(_))));
+    assert_eq!(endpoint_status(&kv, &other).await["in_flight_requests"], 1, "the served endpoint holds it");
+    assert_eq!(endpoint_status(&kv, &picked).await["in_flight_requests"], 0, "the picked one no longer does");
+    assert!(
+        endpoint_status(&kv, &other).await["prefix_blocks"].as_u64() > Some(0),
+        "the served endpoint learnt the prompt"
+    );
+    let sse = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":900,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
+    s.send(msg(Req::ResponseBody(HttpBody { body: sse.to_vec(), end_of_stream: true, ..Default::default() }))).await;
+    let _ = s.recv().await;
+    assert!(eventually(5, || async { endpoint_status(&kv, &other).await["in_flight_requests"] == 0 }).await);
+    let m = admin_metrics(&kv).await;
+    assert_eq!(metric(&m, "kvgate_tokens_total", &[("kind", "completion")]), Some(7.0));
+
+    // Not an endpoint of the pool: the count stays where kvgate put it.
+    let mut s = Stream::open(kv.grpc_addr).await;
+    let picked = route_streamed(&mut s, &body).await;
+    for served in ["10.255.0.1:8000", "not an address"] {
+        s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", served)])))).await;
+        let _ = s.recv().await;
+    }
+    assert_eq!(endpoint_status(&kv, &picked).await["in_flight_requests"], 1);
+    let m = admin_metrics(&kv).await;
+    assert_eq!(metric(&m, "kvgate_served_unknown_total", &[("pool", "p")]), Some(2.0));
+}
+
+/// The response header value the picker set, if any.
+fn response_header(r: &ProcessingResponse, name: &str) -> Option<String> {
+    let Some(Resp::ResponseHeaders(h)) = &r.response else { panic!("expected a response headers answer, got {r:?}") };
+    h.response.as_ref()?.header_mutation.as_ref()?.set_headers.iter().find_map(|o| {
+        let h = o.header.as_ref()?;
+        (h.key == name).then(|| String::from_utf8_lossy(&h.raw_value).into_owned())
+    })
+}
+
+/// With `conformance_test_filter`, the served endpoint the gateway reported is echoed in
+/// `x-conformance-test-served-endpoint` (or which part of the report was missing), as the
+/// Inference Extension's conformance suite reads it; without it, nothing is added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_endpoint_is_echoed_for_conformance() {
+    const ECHO: &str = "x-conformance-test-served-endpoint";
+    let (sims, kv) = picker_over(1, "conformance_test_filter: true").await;
+    let addr = sims[0].addrs[0].to_string();
+    let served = [("x-gateway-destination-endpoint-served", addr.as_str())];
+    let other = [("x-gateway-destination-endpoint", addr.as_str())];
+    let cases = [
+        (None, "fail: missing envoy lb metadata"),
+        (Some(lb_metadata(&other)), "fail: missing destination endpoint served metadata"),
+        (Some(lb_metadata(&served)), addr.as_str()),
+    ];
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
+    for (metadata, want) in cases {
+        let mut s = Stream::open(kv.grpc_addr).await;
+        route_streamed(&mut s, &body).await;
+        s.send(response_headers(metadata)).await;
+        assert_eq!(response_header(&s.recv().await, ECHO).as_deref(), Some(want));
+    }
+    let (sims, kv) = picker_over(1, "").await;
+    let mut s = Stream::open(kv.grpc_addr).await;
+    route_streamed(&mut s, &body).await;
+    let served = sims[0].addrs[0].to_string();
+    s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", &served)])))).await;
+    assert_eq!(response_header(&s.recv().await, ECHO), None, "off by default");
+}

@@ -58,6 +58,9 @@ pub(crate) const LB_NAMESPACE: &str = "envoy.lb";
 pub(crate) const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Metadata key of the subset hint.
 pub(crate) const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Response header that echoes the served endpoint for the Inference Extension's conformance
+/// suite (with `conformance_test_filter` on).
+pub(crate) const CONFORMANCE_SERVED_HEADER: &str = "x-conformance-test-served-endpoint";
 /// Largest body chunk sent back to Envoy.
 pub(crate) const CHUNK: usize = 62_000;
 
@@ -148,17 +151,23 @@ fn response(r: Resp) -> ProcessingResponse {
     ProcessingResponse { response: Some(r), ..Default::default() }
 }
 
-/// A string list or comma string from a metadata value.
+/// A string list or comma string from a metadata value: items split at commas, trimmed, empty
+/// ones skipped.
 fn metadata_strings(v: &Value) -> Vec<String> {
     match &v.kind {
         Some(Kind::StringValue(s)) => s.split(',').map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect(),
+        // Each item of a list may itself be a comma list, as the reference picker reads it.
         Some(Kind::ListValue(l)) => l
             .values
             .iter()
             .filter_map(|x| match &x.kind {
-                Some(Kind::StringValue(s)) => Some(s.trim().to_owned()),
+                Some(Kind::StringValue(s)) => Some(s),
                 _ => None,
             })
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
             .collect(),
         _ => Vec::new(),
     }
@@ -191,6 +200,9 @@ struct StreamState {
     prefill: Option<StreamTicket>,
     usage: UsageReader,
     status: u16,
+    /// The request body's end was seen: later body chunks are ignored (Envoy may repeat the
+    /// last one of a large full-duplex body).
+    body_ended: bool,
     done: bool,
 }
 
@@ -215,6 +227,7 @@ impl StreamState {
             prefill: None,
             usage: UsageReader::default(),
             status: 0,
+            body_ended: false,
             done: false,
         }
     }
@@ -239,9 +252,14 @@ impl StreamState {
             let entries = metadata_strings(v);
             self.subset = Some(Subset::parse(entries.iter().map(String::as_str)).ok());
         }
-        let served = msg_served(&msg);
+        let served = ServedReport::of(&msg);
         match msg.request {
             Some(Req::RequestHeaders(h)) => self.request_headers(h),
+            Some(Req::RequestBody(_)) if self.body_ended => {
+                // Decided already: a repeated end of stream is neither parsed nor answered.
+                self.gateway.ignored_message("request_body_after_end");
+                Vec::new()
+            }
             Some(Req::RequestBody(b)) => {
                 let limit = self.gateway.max_body_bytes();
                 // Refuse as soon as the body is too large, or the bytes held for every request
@@ -258,7 +276,12 @@ impl StreamState {
                     return vec![immediate(&e)];
                 }
                 self.body.extend_from_slice(&b.body);
-                if b.end_of_stream { self.decide(true) } else { Vec::new() }
+                if b.end_of_stream {
+                    self.body_ended = true;
+                    self.decide(true)
+                } else {
+                    Vec::new()
+                }
             }
             Some(Req::RequestTrailers(_)) => vec![response(Resp::RequestTrailers(TrailersResponse::default()))],
             Some(Req::ResponseHeaders(h)) => self.response_headers(&served, h),
@@ -266,6 +289,9 @@ impl StreamState {
                 self.usage.feed(&b.body);
                 if let Some(r) = self.routed.as_mut() {
                     r.received(b.body.len());
+                    if let Some(u) = self.usage.take_new() {
+                        r.usage(u);
+                    }
                 }
                 if b.end_of_stream {
                     self.finish();
@@ -337,6 +363,7 @@ impl StreamState {
             }
         }
         if h.end_of_stream {
+            self.body_ended = true;
             return self.decide(false);
         }
         match self.request_mode {
@@ -439,7 +466,7 @@ impl StreamState {
         out
     }
 
-    fn response_headers(&mut self, served: &Option<String>, h: HttpHeaders) -> Vec<ProcessingResponse> {
+    fn response_headers(&mut self, served: &ServedReport, h: HttpHeaders) -> Vec<ProcessingResponse> {
         let mut sse = false;
         for hv in h.headers.map(|m| m.headers).unwrap_or_default() {
             let value =
@@ -451,11 +478,14 @@ impl StreamState {
             }
         }
         self.usage = UsageReader::new(sse);
-        if let (Some(served), Some(r)) = (served, self.routed.as_mut()) {
-            // The gateway reports who served (after its own retries): count it there.
-            let first = served.split(',').next().unwrap_or("").trim();
-            if let Ok(addr) = first.parse::<SocketAddr>() {
-                r.served_by(addr);
+        if let (ServedReport::Endpoint(served), Some(r)) = (served, self.routed.as_mut()) {
+            // The gateway reports who served (after its own retries, or by a choice of its
+            // own): the request is accounted there.
+            match served.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    r.served_by(addr);
+                }
+                Err(_) => r.served_unknown(served),
             }
         }
         if let Some(r) = self.routed.as_mut() {
@@ -472,7 +502,14 @@ impl StreamState {
         if h.end_of_stream {
             self.finish();
         }
-        vec![response(Resp::ResponseHeaders(HeadersResponse::default()))]
+        let mut answer = HeadersResponse::default();
+        if self.cfg.conformance_test_filter {
+            // The conformance suite reads what the gateway reported as served from the response.
+            let set = vec![set_header(CONFORMANCE_SERVED_HEADER, served.conformance_value())];
+            let mutation = HeaderMutation { set_headers: set, ..Default::default() };
+            answer.response = Some(CommonResponse { header_mutation: Some(mutation), ..Default::default() });
+        }
+        vec![response(Resp::ResponseHeaders(answer))]
     }
 
     /// The sidecar reported the prefill leg: the outcome API learns it as the proxy's own
@@ -493,10 +530,23 @@ impl StreamState {
                 r.prefill_delegated();
             }
             r.count(self.status, upstream_error_code(self.status));
-            if let Some(u) = self.usage.usage {
+            if let Some(u) = self.usage.take_new() {
                 r.usage(u);
             }
             r.completed();
+        }
+    }
+}
+
+impl Drop for StreamState {
+    /// The stream went away before the response ended (the client left, say): the usage that
+    /// passed through is counted all the same; dropping the routed request releases its counts.
+    fn drop(&mut self) {
+        if let Some(r) = self.routed.as_mut() {
+            self.usage.finish();
+            if let Some(u) = self.usage.take_new() {
+                r.usage(u);
+            }
         }
     }
 }
@@ -513,9 +563,36 @@ async fn prefill_report(ticket: &mut Option<StreamTicket>) -> PrefillReport {
     }
 }
 
-/// The served endpoint the gateway reported in the message's metadata, if any.
-fn msg_served(msg: &ProcessingRequest) -> Option<String> {
-    metadata(msg, LB_NAMESPACE, SERVED_HEADER).map(metadata_strings).and_then(|v| v.into_iter().next())
+/// What a message's `envoy.lb` metadata says of the endpoint that served the request.
+#[derive(Debug, PartialEq)]
+enum ServedReport {
+    /// No `envoy.lb` metadata at all.
+    NoLbMetadata,
+    /// `envoy.lb` without a served endpoint.
+    NotReported,
+    /// The first served endpoint named.
+    Endpoint(String),
+}
+
+impl ServedReport {
+    fn of(msg: &ProcessingRequest) -> Self {
+        let Some(lb) = msg.metadata_context.as_ref().and_then(|m| m.filter_metadata.get(LB_NAMESPACE)) else {
+            return Self::NoLbMetadata;
+        };
+        match lb.fields.get(SERVED_HEADER).map(metadata_strings).and_then(|v| v.into_iter().next()) {
+            Some(e) => Self::Endpoint(e),
+            None => Self::NotReported,
+        }
+    }
+
+    /// The value of [`CONFORMANCE_SERVED_HEADER`]: the endpoint, or which part was missing.
+    fn conformance_value(&self) -> &str {
+        match self {
+            Self::NoLbMetadata => "fail: missing envoy lb metadata",
+            Self::NotReported => "fail: missing destination endpoint served metadata",
+            Self::Endpoint(e) => e,
+        }
+    }
 }
 
 /// The body sent back in streamed chunks of at most [`CHUNK`] bytes, the last marked.

@@ -323,6 +323,18 @@ pub(crate) fn relay(
         routed: Option<(Routed, UsageReader)>,
         idle: Duration,
     }
+    impl Drop for S {
+        /// The client left (or the endpoint failed) before the end: what usage passed through
+        /// is counted all the same.
+        fn drop(&mut self) {
+            if let Some((r, usage)) = self.routed.as_mut() {
+                usage.finish();
+                if let Some(u) = usage.take_new() {
+                    r.usage(u);
+                }
+            }
+        }
+    }
     let sse = is_event_stream(&parts.headers);
     let usage = UsageReader::new(sse);
     let routed = routed.map(|mut r| {
@@ -337,7 +349,7 @@ pub(crate) fn relay(
                 Ok(None) => {
                     if let Some((mut r, mut usage)) = s.routed.take() {
                         usage.finish();
-                        if let Some(u) = usage.usage {
+                        if let Some(u) = usage.take_new() {
                             r.usage(u);
                         }
                         r.completed();
@@ -350,6 +362,9 @@ pub(crate) fn relay(
                         if let Some((r, usage)) = s.routed.as_mut() {
                             r.received(data.len());
                             usage.feed(&data);
+                            if let Some(u) = usage.take_new() {
+                                r.usage(u);
+                            }
                         }
                         return Some((Ok::<Bytes, std::io::Error>(data), s));
                     }

@@ -13,6 +13,8 @@ pub(crate) struct UsageReader {
     pending: Vec<u8>,
     /// The usage the body reported, once read.
     pub usage: Option<Usage>,
+    /// `usage` changed since [`UsageReader::take_new`] last returned it.
+    fresh: bool,
 }
 
 /// Bound on a non-streaming body kept for its usage.
@@ -77,6 +79,7 @@ impl UsageReader {
                     && memchr::memmem::find(data, b"\"usage\"").is_some()
                     && let Some(u) = Self::usage_in(data)
                 {
+                    self.fresh |= self.usage != Some(u);
                     self.usage = Some(u);
                 }
             }
@@ -95,9 +98,16 @@ impl UsageReader {
             && memchr::memmem::find(&self.pending, b"\"usage\"").is_some()
             && let Some(u) = Self::usage_in(&self.pending)
         {
+            self.fresh |= self.usage != Some(u);
             self.usage = Some(u);
         }
         self.pending.clear();
+    }
+
+    /// The usage read since the last call, if it changed: a stream's usage event is counted as
+    /// soon as it has passed, whether or not the client stays for the rest.
+    pub(crate) fn take_new(&mut self) -> Option<Usage> {
+        std::mem::take(&mut self.fresh).then_some(self.usage).flatten()
     }
 }
 

@@ -210,6 +210,11 @@ impl Gateway {
             .ok_or_else(|| RouteError::UnknownModel { model: model.to_owned(), served: self.served_models() })
     }
 
+    /// Counts an ext_proc message ignored because its phase was over (`kind`, a fixed name).
+    pub fn ignored_message(&self, kind: &'static str) {
+        self.telemetry.extproc_ignored.with_label_values(&[kind]).inc();
+    }
+
     /// Counts a request refused before any endpoint was chosen (an unreadable body, say); the
     /// decision path counts its own refusals.
     pub fn refused(&self, e: &RouteError) {

@@ -88,6 +88,7 @@ impl Routed {
             Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
         });
         pool.telemetry().running.with_label_values(&[model.as_str()]).inc();
+        pool.telemetry().count_routed(&model);
         Self {
             pool,
             snapshot,
@@ -192,9 +193,16 @@ impl Routed {
         }
     }
 
-    /// Moves the request (and its in-flight count) to target `k` of the decision.
+    /// Moves the request (and its in-flight count) to target `k` of the decision. Unless a
+    /// prefill endpoint computes it, the prompt is computed there: the prefix index learns it
+    /// holds the prompt. (The first target keeps what the decision recorded: the index cannot
+    /// take a prompt's tail out of an endpoint without orphaning longer prompts it holds, so
+    /// those entries age out.)
     pub fn retarget(&mut self, k: usize) {
         if let Some(t) = self.planned.decision.targets.get(k) {
+            if k != self.current && self.planned.decision.prefill.is_none() {
+                self.pool.planner().index().record(t.id, &self.planned.prompt.hashes);
+            }
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
             self.timing = Timing::start(&in_flight);
             self.guard = InFlightGuard::new(in_flight, self.tokens_on(k));
@@ -208,16 +216,57 @@ impl Routed {
         self.streaming = yes;
     }
 
-    /// The gateway reports that `addr` served the request (after its own retries): the
-    /// in-flight count moves there, if it is one of the decision's targets.
-    pub fn served_by(&mut self, addr: SocketAddr) {
-        if let Some(k) = self.planned.decision.targets.iter().position(|t| t.address == addr)
-            && k != self.current
-        {
-            self.retarget(k);
-            // When the gateway sent it there is not known: no TTFT sample.
-            self.timing.timed = false;
+    /// The gateway reports that `addr` served the request (after its own retries, or by a
+    /// choice of its own): the request's in-flight count, its prompt's place in the prefix
+    /// index, its health record, usage feedback and TTFT sample follow that endpoint, whether
+    /// or not it was among the decision's targets, as long as it is an endpoint of the pool.
+    /// Any other address is ignored (counted; the first one logged). Returns whether the
+    /// request now counts on `addr`.
+    pub fn served_by(&mut self, addr: SocketAddr) -> bool {
+        if self.target().address == addr {
+            return true;
         }
+        let k = match self.planned.decision.targets.iter().position(|t| t.address == addr) {
+            Some(k) => k,
+            None => match self.snapshot.endpoints.iter().position(|e| e.address == addr) {
+                Some(index) => self.add_target(index),
+                None => {
+                    self.pool.served_elsewhere(addr);
+                    return false;
+                }
+            },
+        };
+        let sent = self.timing.sent;
+        self.retarget(k);
+        // The gateway sent it as soon as it had the decision; a retry of its own makes the
+        // sample long, never short (the TTFT model's fit is robust to such outliers).
+        self.timing.sent = sent;
+        true
+    }
+
+    /// The gateway reported a served endpoint that is not an address: ignored, and counted as
+    /// one outside the pool.
+    pub fn served_unknown(&self, reported: &str) {
+        self.pool.served_elsewhere(reported);
+    }
+
+    /// Appends the snapshot's endpoint `index` to the decision's targets; returns its place.
+    fn add_target(&mut self, index: usize) -> usize {
+        let e = &self.snapshot.endpoints[index];
+        // A precise pool counts its matches in tokens, which only its plan knows: none held.
+        let planner = self.pool.planner();
+        let matched =
+            if planner.precise().is_some() { 0 } else { planner.index().matched(e.id, &self.planned.prompt.hashes) };
+        self.planned.decision.targets.push(Target {
+            index,
+            id: e.id,
+            address: e.address,
+            rank: e.rank,
+            header_rank: None,
+            matched_blocks: u32::try_from(matched).unwrap_or(u32::MAX),
+        });
+        self.planned.precise_targets.push(false);
+        self.planned.decision.targets.len() - 1
     }
 
     /// The current target could not be reached.
@@ -286,12 +335,21 @@ impl Routed {
     }
 
     /// Counts the usage the response reported, and learns from it: the pool's bytes per
-    /// token, and (cache feedback) whether the target held what the index believed.
+    /// token, and (cache feedback) whether the target held what the index believed. May be
+    /// called again as a stream reports more (`continuous_usage_stats`): only what grew is
+    /// counted, and the prompt is learnt from once.
     pub fn usage(&mut self, usage: Usage) {
-        self.pool.telemetry().count_tokens(self.pool.name(), usage);
-        self.usage = Some(usage);
+        let before = self.usage.replace(usage);
+        let counted = before.unwrap_or_default();
+        let grown = Usage {
+            prompt: usage.prompt.saturating_sub(counted.prompt),
+            completion: usage.completion.saturating_sub(counted.completion),
+            cached: usage.cached.saturating_sub(counted.cached),
+            cached_reported: usage.cached_reported,
+        };
+        self.pool.telemetry().count_tokens(self.pool.name(), grown);
         let bytes = self.planned.prompt.prompt_bytes;
-        if !self.succeeded || usage.prompt == 0 {
+        if before.is_some() || !self.succeeded || usage.prompt == 0 {
             return;
         }
         self.pool.planner().bytes_per_token().observe(bytes, usage.prompt);

@@ -199,6 +199,8 @@ struct Inner {
     tasks: Mutex<Vec<AbortOnDrop>>,
     /// How the pool meets its endpoints' KV-event publishers, when it follows them.
     kv_events: Mutex<Option<KvEventsSpec>>,
+    /// A served endpoint outside the pool was logged (once per pool).
+    served_elsewhere_logged: AtomicBool,
 }
 
 /// One pool. Cheap to clone; the last clone dropped stops its tasks.
@@ -230,6 +232,7 @@ impl Pool {
             serials: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             kv_events: Mutex::new(None),
+            served_elsewhere_logged: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
         let dirty = inner.dirty.clone();
@@ -408,6 +411,20 @@ impl Pool {
         inner.publish();
         if synced {
             inner.discovered.store(true, Ordering::Release);
+        }
+    }
+
+    /// The gateway reported that `addr`, which is not an endpoint of this pool, served one of
+    /// its requests: counted, and logged the first time.
+    pub fn served_elsewhere(&self, addr: impl std::fmt::Display) {
+        let inner = &self.inner;
+        inner.telemetry.served_unknown.with_label_values(&[inner.name.as_str()]).inc();
+        if !inner.served_elsewhere_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                pool = inner.name.as_str(),
+                served = %addr,
+                "the gateway reports a served endpoint that is not in the pool; ignored (kvgate_served_unknown_total counts them)"
+            );
         }
     }
 

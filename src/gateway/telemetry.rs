@@ -119,6 +119,13 @@ pub struct Telemetry {
     pub picker_expired: IntCounterVec,
     /// `kvgate_picker_decisions_pending`: decisions held for their reports now.
     pub picker_pending: prometheus::IntGauge,
+    /// `kvgate_extproc_ignored_messages_total{kind}`: ext_proc messages that came after their
+    /// phase was over and were ignored (`request_body_after_end`: a body chunk after the one
+    /// marked end of stream, as Envoy repeats for large full-duplex bodies).
+    pub extproc_ignored: IntCounterVec,
+    /// `kvgate_served_unknown_total{pool}`: served endpoints the gateway reported that are not
+    /// endpoints of the request's pool (ignored; the first is logged).
+    pub served_unknown: IntCounterVec,
     /// The KV-event feeds' families.
     pub kv_events: KvEventMetrics,
     /// Model names of refused requests that no pool serves, kept as label values (bounded).
@@ -360,6 +367,18 @@ impl Telemetry {
                 "Reports to the picker API by result (accepted, unknown, ended, refused).",
                 &["result"]
             ),
+            extproc_ignored: family!(
+                IntCounterVec,
+                "kvgate_extproc_ignored_messages_total",
+                "ext_proc messages ignored because their phase was over, by kind.",
+                &["kind"]
+            ),
+            served_unknown: family!(
+                IntCounterVec,
+                "kvgate_served_unknown_total",
+                "Served endpoints reported by the gateway that are not endpoints of the pool.",
+                &["pool"]
+            ),
             picker_expired: family!(
                 IntCounterVec,
                 "kvgate_picker_decisions_expired_total",
@@ -449,10 +468,20 @@ impl Telemetry {
         "other"
     }
 
-    /// Counts a finished (or refused) request: `status` is the HTTP status the client got.
+    /// Counts a routed request in `inference_objective_request_total`, when it is decided (as
+    /// the reference picker does: a request that never completes is counted all the same).
+    pub fn count_routed(&self, model: &str) {
+        self.requests.with_label_values(&[model, model]).inc();
+    }
+
+    /// Counts a finished (or refused) request: `status` is the HTTP status the client got. A
+    /// refusal (`decision` is `None`) is counted in `inference_objective_request_total` here; a
+    /// routed request was counted there when it was decided.
     pub fn count_request(&self, pool: &str, model: &str, decision: Option<DecisionKind>, status: u16, code: &str) {
         let kind = decision.map_or("none", DecisionKind::as_str);
-        self.requests.with_label_values(&[model, model]).inc();
+        if decision.is_none() {
+            self.requests.with_label_values(&[model, model]).inc();
+        }
         self.outcomes.with_label_values(&[pool, model, kind, &status.to_string()]).inc();
         if status >= 400 {
             self.request_errors.with_label_values(&[model, model, code]).inc();
