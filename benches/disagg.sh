@@ -72,6 +72,6 @@ for name in ("long-both", "long-pd", "dp-blind", "dp-aware"):
     r = json.load(open(f"{out}/{name}.json"))
     hit = r["prefix_cache_hit_rate"]
     print(f"{name:<14} {hit*100 if hit is not None else float('nan'):>7.1f}% {r['ttft_ms']['p50']:>7.0f}ms {r['ttft_ms']['p90']:>7.0f}ms "
-          f"{r['tpot_ms']['p50']:>7.1f}ms {r['tpot_ms']['p90']:>7.1f}ms {r['e2e_ms']['p90']:>7.0f}ms {r['throughput_rps']:>6.1f} {r['errors']:>6}")
+          f"{r['tpot_ms']['p50']:>7.1f}ms {r['tpot_ms']['p90']:>7.1f}ms {r['e2e_ms']['p90']:>7.0f}ms {r['throughput_rps']:>6.1f} {r['failed']:>6}")
 PY
 echo "reports and TTFT plots: $out"

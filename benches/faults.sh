@@ -67,7 +67,7 @@ if scope == "all":
     expected = rate ** 3 if retried else rate
 else:
     expected = 0.0 if retried else rate / 4
-failed = r["errors"]
+failed = r["failed"]
 total = r["requests"] if "requests" in r else int(n)
 kinds = ",".join(f"{k}:{v}" for k, v in sorted(r.get("errors_by_kind", {}).items()))
 print(f"{scope}\t{kind}\t{rate}\t{stream}\t{conc}\t{total}\t{failed}\t{100*failed/max(total,1):.1f}\t{100*expected:.1f}\t{kinds or '-'}")

@@ -161,5 +161,5 @@ for w in workloads:
                 return max(counts) / (sum(counts) / len(counts)) if counts else float("nan")
             hit = mean(lambda x: x.get("prefix_cache_hit_rate") or 0.0)
             print(f"{w:<14}{l:<8}{os.path.basename(r):<16}{hit:>6.3f}{mean(lambda x: x['ttft_ms']['p50']):>8.0f}{mean(lambda x: x['ttft_ms']['p90']):>8.0f}"
-                  f"{mean(lambda x: x['ttft_ms']['p99']):>8.0f}{mean(spread):>10.2f}{sum(x['errors'] for x in rows):>8}")
+                  f"{mean(lambda x: x['ttft_ms']['p99']):>8.0f}{mean(spread):>10.2f}{sum(x['failed'] for x in rows):>8}")
 PY

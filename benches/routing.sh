@@ -85,6 +85,6 @@ for w in sys.argv[2].split():
         r = json.load(open(f"{out}/{w}-{p}.json"))
         hit = r["prefix_cache_hit_rate"]
         print(f"{w:<14} {p:<12} {hit*100 if hit is not None else float('nan'):>7.1f}% {r['ttft_ms']['p50']:>8.0f}ms {r['ttft_ms']['p90']:>8.0f}ms "
-              f"{r['ttft_ms']['p99']:>8.0f}ms {r['throughput_rps']:>7.1f} {r['hot_spot_factor'] or 0:>8.2f} {r['errors']:>6}")
+              f"{r['ttft_ms']['p99']:>8.0f}ms {r['throughput_rps']:>7.1f} {r['hot_spot_factor'] or 0:>8.2f} {r['failed']:>6}")
 PY
 echo "reports and TTFT plots: $out"

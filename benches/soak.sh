@@ -78,7 +78,7 @@ path, w, what, rss, fds, inflight = sys.argv[1:]
 r = json.load(open(path))
 kinds = ",".join(f"{k}:{v}" for k, v in sorted(r.get("errors_by_kind", {}).items())) or "-"
 t = r.get("ttft_ms", {})
-print(f"{w:<4} {what[:44]:<44} {r['requests']:>8} {r['errors']:>7} {kinds[:34]:<34} {t.get('p50', 0):>7.0f}ms {t.get('p99', 0):>7.0f}ms {rss:>7} {fds:>5} {inflight:>9}")
+print(f"{w:<4} {what[:44]:<44} {r['requests']:>8} {r['failed']:>7} {kinds[:34]:<34} {t.get('p50', 0):>7.0f}ms {t.get('p99', 0):>7.0f}ms {rss:>7} {fds:>5} {inflight:>9}")
 PY
   clear_all
   kill -0 "${sim_pids[2]}" 2>/dev/null || start_sim 2

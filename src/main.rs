@@ -27,7 +27,7 @@ struct BenchCli {
 enum BenchSub {
     /// Compare reports side by side (and overlay their TTFT distributions with --plot).
     Compare {
-        /// Report files written by `kvgate bench --output`.
+        /// Reports written by `kvgate bench --output` or `--save-result`, or `vllm bench serve` result files.
         #[arg(required = true)]
         reports: Vec<PathBuf>,
         /// Write the overlaid TTFT CDFs here (SVG).

@@ -38,7 +38,7 @@ async fn a_short_run_against_a_simulator() {
         ],
     );
     let r = run_bench(args.clone()).await.expect("runs");
-    assert_eq!((r.requests, r.errors), (12, 0));
+    assert_eq!((r.requests, r.failed), (12, 0));
     assert_eq!(r.per_endpoint.get("sim-a"), Some(&12));
     assert!((r.output_tokens_per_s * r.duration_s - 96.0).abs() < 1e-6, "8 tokens × 12 requests");
     assert!(r.ttft_ms.p50 > 0.0 && r.ttft_ms.p50 <= r.e2e_ms.p50);
@@ -47,7 +47,7 @@ async fn a_short_run_against_a_simulator() {
     assert!((0.5..0.8).contains(&hit), "{hit}");
     // Non-streaming too; and the report is JSON with the contract's fields.
     let r = run_bench(BenchArgs { no_stream: true, ..args }).await.expect("runs");
-    assert_eq!(r.errors, 0);
+    assert_eq!(r.failed, 0);
     let v = serde_json::to_value(&r).expect("json");
     for k in [
         "requests",
@@ -101,7 +101,7 @@ async fn a_trace_replays_with_its_prefix_sharing() {
         ],
     );
     let r = run_bench(args).await.expect("runs");
-    assert_eq!((r.requests, r.errors), (6, 0));
+    assert_eq!((r.requests, r.failed), (6, 0));
     assert!(r.duration_s >= 0.1, "arrivals follow the timestamps (last at 100 ms)");
     // Two shared 100-token blocks of 300: after the first request, about two thirds hit.
     let hit = r.prefix_cache_hit_rate.expect("hit rate");
@@ -137,7 +137,7 @@ async fn reports_round_trip_through_compare() {
             ],
         );
         let r = run_bench(args).await.expect("runs");
-        assert_eq!(r.ttft_samples_ms.len(), r.requests - r.errors);
+        assert_eq!(r.ttft_samples_ms.len(), r.requests - r.failed);
         let f = dir.join(format!("{name}.json"));
         std::fs::write(&f, serde_json::to_string(&r).expect("json")).expect("write");
         files.push(f);
@@ -194,7 +194,7 @@ async fn vllm_bench_serve_names_and_keys() {
     ];
     let r = run_bench(bench_args(&sim, &flags)).await.expect("runs");
     // `--workload random` makes groups × prompts-per-group prompts; warm-ups are not counted.
-    assert_eq!((r.requests, r.errors), (6, 0));
+    assert_eq!((r.requests, r.failed), (6, 0));
     let v = serde_json::to_value(&r).expect("json");
     assert_eq!(v["completed"], 6);
     assert_eq!(v["total_output_tokens"], 30, "5 tokens each, through /v1/completions");
@@ -258,7 +258,7 @@ async fn exit_status_and_a_closed_stdout() {
     assert!(stdout.contains("failed: connect × 3") && stdout.contains("no request succeeded"), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("3 of 3 requests failed"));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&failed).expect("written")).expect("JSON");
-    assert_eq!(report["errors"], 3);
+    assert_eq!(report["failed"], 3);
     // Allowed by --max-error-rate: exit 0.
     let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
         .args(["bench", "--base-url", &dead, "--model", "m", "--num-prompts", "2", "--max-error-rate", "1"])

@@ -4,12 +4,14 @@
 //! the prefix-cache hit rate. Writes a JSON report.
 
 mod args;
+mod compare;
 mod plot;
 mod report;
 pub(crate) mod workload;
 
 pub use args::BenchArgs;
-use report::{Goodput, METRICS, Samples};
+pub use compare::compare;
+use report::{Goodput, METRICS, Samples, Timeline};
 pub use report::{Report, Stats, percentile, summary};
 
 use std::collections::BTreeMap;
@@ -27,6 +29,8 @@ use workload::Item;
 #[derive(Debug, Default)]
 struct Outcome {
     ok: bool,
+    /// When it was sent, seconds since the run started.
+    start: f64,
     error: Option<String>,
     ttft: Option<f64>,
     e2e: f64,
@@ -283,13 +287,15 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         bail!("--burstiness must be a positive number");
     }
     let stream = !args.no_stream;
-    let url = format!("{}{}", args.base_url.trim_end_matches('/'), args.endpoint);
+    let url = format!("{}{}", args.server_root().0, args.endpoint);
     let bodies = items.iter().map(|item| request_body(&args, item, stream)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-    let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.max(1)));
+    // No `--max-concurrency`: no limit, as in vLLM.
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.map_or(most, |n| n.clamp(1, most))));
     // Warm-ups: the workload's first requests, sent and waited for, not measured.
     let mut warm = Vec::new();
     for body in bodies.iter().cycle().take(if bodies.is_empty() { 0 } else { args.num_warmups }) {
@@ -312,7 +318,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     for (k, body) in bodies.into_iter().enumerate() {
         if let Some(at) = arrivals.as_ref().and_then(|a| a.get(k)) {
             tokio::time::sleep_until((started + Duration::from_secs_f64(*at)).into()).await;
-        } else if let Some(rate) = args.request_rate.filter(|r| *r > 0.0 && r.is_finite()) {
+        } else if let Some(rate) = args.arrival_rate() {
             let gap = gamma(&mut rng, args.burstiness, 1.0 / (rate * args.burstiness));
             next_at += Duration::from_secs_f64(gap.min(3600.0));
             tokio::time::sleep_until((started + next_at).into()).await;
@@ -320,7 +326,8 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         let permit = limit.clone().acquire_owned().await.context("semaphore")?;
         let (client, url, done) = (client.clone(), url.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
-            let out = send(&client, &url, body, stream).await;
+            let start = started.elapsed().as_secs_f64();
+            let out = Outcome { start, ..send(&client, &url, body, stream).await };
             drop(permit);
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             out
@@ -340,10 +347,11 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         }
     }
     let after = counters(&args.metrics_url).await;
+    let date = timestamp(std::time::SystemTime::now());
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let mut errors_by_kind = BTreeMap::new();
     for o in outcomes.iter().filter(|o| !o.ok) {
-        *errors_by_kind.entry(o.error.clone().unwrap_or_else(|| "unknown".into())).or_insert(0) += 1;
+        *errors_by_kind.entry(error_kind(o)).or_insert(0) += 1;
     }
     let mut per_endpoint = BTreeMap::new();
     for o in &ok {
@@ -369,14 +377,18 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
             .count()
     });
     let input: u64 = ok.iter().map(|o| o.input_tokens).sum();
-    let vllm = report::vllm_keys((ok.len(), input, tokens as u64), duration, &samples, &selected, &percentiles, good);
+    let mut vllm = report::setup_keys(&args, outcomes.len(), &date);
+    vllm.extend(report::vllm_keys((ok.len(), input, tokens as u64), duration, &samples, &selected, &percentiles, good));
+    vllm.extend(report::peaks(&ok.iter().map(|o| timeline(o)).collect::<Vec<_>>()));
+    let per_s = duration.max(1e-9);
     Ok(Report {
         requests: outcomes.len(),
-        errors: outcomes.len() - ok.len(),
+        failed: outcomes.len() - ok.len(),
+        errors: outcomes.iter().map(|o| if o.ok { String::new() } else { error_kind(o) }).collect(),
         errors_by_kind,
         duration_s: duration,
-        throughput_rps: ok.len() as f64 / duration,
-        output_tokens_per_s: tokens as f64 / duration,
+        throughput_rps: ok.len() as f64 / per_s,
+        output_tokens_per_s: tokens as f64 / per_s,
         ttft_ms: Stats::of(&samples.by_metric["ttft"]),
         tpot_ms: Stats::of(&samples.by_metric["tpot"]),
         e2e_ms: Stats::of(&samples.by_metric["e2el"]),
@@ -392,12 +404,33 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// `--save-result`'s file: `--result-filename` in `--result-dir`, or vLLM's pattern of name.
-fn result_path(args: &BenchArgs) -> std::path::PathBuf {
+/// A failed request's kind of error.
+fn error_kind(o: &Outcome) -> String {
+    o.error.clone().unwrap_or_else(|| "unknown".into())
+}
+
+/// A successful request's timeline: the first token event brings what the others do not (all of
+/// a non-streamed answer), each later one a token.
+fn timeline(o: &Outcome) -> Timeline {
+    let mut tokens = Vec::with_capacity(o.itl.len() + 1);
+    if let Some(ttft) = o.ttft {
+        let mut t = o.start + ttft;
+        tokens.push((t, o.tokens.saturating_sub(o.itl.len())));
+        for gap in &o.itl {
+            t += gap;
+            tokens.push((t, 1));
+        }
+    }
+    Timeline { start: o.start, end: o.start + o.e2e, tokens }
+}
+
+/// `--save-result`'s file: `--result-filename` in `--result-dir`, or vLLM's pattern of name with
+/// the run's `date`.
+fn result_path(args: &BenchArgs, date: &str) -> std::path::PathBuf {
     let name = args.result_filename.clone().unwrap_or_else(|| {
-        let rate = args.request_rate.filter(|r| r.is_finite() && *r > 0.0).map_or("inf".to_owned(), |r| r.to_string());
+        let rate = args.arrival_rate().map_or("inf".to_owned(), |r| r.to_string());
         let model = args.model.rsplit('/').next().unwrap_or(&args.model);
-        format!("kvgate-{rate}qps-{model}-{}.json", timestamp(std::time::SystemTime::now()))
+        format!("kvgate-{rate}qps-{model}-{date}.json")
     });
     args.result_dir.clone().unwrap_or_default().join(name)
 }
@@ -420,14 +453,30 @@ fn timestamp(t: std::time::SystemTime) -> String {
 }
 
 /// Runs `kvgate bench`: the run, the report files, the plot, then the summary (a closed
-/// stdout is not an error: the files are written first). Fails when more requests failed than
+/// stdout is not an error: the files are written first). The report's folders are made before
+/// the run, so a finished run is not lost to a missing one. Fails when more requests failed than
 /// `--max-error-rate` allows.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (output, plot) = (args.output.clone(), args.plot.clone());
-    let saved = args.save_result.then(|| result_path(&args));
     let title = format!("{} workload, {}", args.workload, args.endpoint);
     let max_error_rate = args.max_error_rate;
+    let result_dir = args.save_result.then(|| args.result_dir.clone().unwrap_or_default());
+    let output_dir = output.as_deref().and_then(std::path::Path::parent);
+    for dir in result_dir.iter().map(std::path::PathBuf::as_path).chain(output_dir) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if let (root, true) = args.server_root() {
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!(
+                "note: --base-url {} names /v1, which --endpoint starts with: sending to {root}{}",
+                args.base_url, args.endpoint
+            );
+        }
+    }
     let report = run_bench(args).await?;
+    let date = report.vllm.get("date").and_then(serde_json::Value::as_str).unwrap_or_default();
+    let saved = report.config.save_result.then(|| result_path(&report.config, date));
     let json = serde_json::to_string_pretty(&report)?;
     for path in output.iter().chain(saved.iter()) {
         std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
@@ -436,11 +485,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         plot::write_plot(&path, &title, &[("run".to_owned(), report.ttft_samples_ms.clone())])?;
     }
     print_out(&summary(&report))?;
-    let rate = if report.requests == 0 { 0.0 } else { report.errors as f64 / report.requests as f64 };
+    let rate = if report.requests == 0 { 0.0 } else { report.failed as f64 / report.requests as f64 };
     if rate > max_error_rate {
         bail!(
             "{} of {} requests failed ({:.1}%), more than --max-error-rate {max_error_rate} allows",
-            report.errors,
+            report.failed,
             report.requests,
             rate * 100.0
         );
@@ -456,46 +505,6 @@ fn print_out(text: &str) -> anyhow::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
-}
-
-/// `kvgate bench compare`: reports side by side, and their TTFT CDFs overlaid.
-pub fn compare(files: &[std::path::PathBuf], plot: Option<&std::path::Path>) -> anyhow::Result<String> {
-    let mut rows = vec![format!(
-        "{:<24} {:>8} {:>7} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "report", "requests", "errors", "req/s", "out tok/s", "ttft p50", "ttft p90", "ttft p99", "hit", "hotspot"
-    )];
-    let mut series = Vec::new();
-    for f in files {
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
-                .with_context(|| format!("{} is not a report", f.display()))?;
-        let name = f.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_owned();
-        let num = |p: &str| v.pointer(p).and_then(serde_json::Value::as_f64);
-        let opt = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("-".to_owned(), f);
-        rows.push(format!(
-            "{:<24} {:>8} {:>7} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8}",
-            name,
-            num("/requests").unwrap_or(0.0),
-            num("/errors").unwrap_or(0.0),
-            num("/throughput_rps").unwrap_or(0.0),
-            num("/output_tokens_per_s").unwrap_or(0.0),
-            num("/ttft_ms/p50").unwrap_or(0.0),
-            num("/ttft_ms/p90").unwrap_or(0.0),
-            num("/ttft_ms/p99").unwrap_or(0.0),
-            opt(num("/prefix_cache_hit_rate"), &|h| format!("{:.1}%", h * 100.0)),
-            opt(num("/hot_spot_factor"), &|h| format!("{h:.2}")),
-        ));
-        let samples: Vec<f64> = v["ttft_samples_ms"]
-            .as_array()
-            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-            .unwrap_or_default();
-        series.push((name, samples));
-    }
-    if let Some(p) = plot {
-        let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
-        plot::write_plot(p, &format!("compare: {}", names.join(", ")), &series)?;
-    }
-    Ok(rows.join("\n"))
 }
 
 #[cfg(test)]
@@ -530,17 +539,18 @@ mod tests {
     fn plots_are_svg_with_one_line_per_series() {
         let svg = plot::ttft_cdf_svg(
             "shared-prefix workload",
-            &[("a".into(), vec![1.0, 2.0, 30.0]), ("b<".into(), vec![5.0, 500.0])],
+            &[("a".into(), vec![1.0, 2.0, 30.0]), ("b<".into(), vec![5.0, 500.0, 500.0])],
         );
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("b&lt;"));
         // A title naming the workload, labelled axes, 0 and 1 on the fraction axis, each
-        // series' percentiles written in, and a time axis fitted to the data (0.8 to 625 ms).
-        assert!(svg.contains("Time to first token: shared-prefix workload (5 requests)"));
+        // series' percentiles written in (interpolated between ranks: a's p99 is 98% of the way
+        // from 2 to 30), and a time axis fitted to the data (0.8 to 625 ms).
+        assert!(svg.contains("Time to first token: shared-prefix workload (6 requests)"));
         assert!(svg.contains("time to first token (ms, log scale)") && svg.contains("fraction of requests"));
         assert!(svg.contains(">0</text>") && svg.contains(">1</text>"));
-        assert!(svg.contains("p50 2.00 ms") && svg.contains("p99 30 ms") && svg.contains("p90 500 ms"));
+        assert!(svg.contains("p50 2.00 ms") && svg.contains("p99 29.4 ms") && svg.contains("p90 500 ms"));
         assert!(!svg.contains(">1000</text>") && !svg.contains(">0.10</text>"), "no empty decades");
         let png = plot::svg_to_png(&svg).expect("rasterizes");
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));

@@ -5,7 +5,8 @@ use serde::Serialize;
 /// `kvgate bench` flags (names after vLLM's and inference-perf's benchmarks).
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct BenchArgs {
-    /// Server root, e.g. `http://127.0.0.1:8080` (no `/v1`).
+    /// Server root, e.g. `http://127.0.0.1:8080` (a trailing `/v1` is dropped, with a note:
+    /// `--endpoint` already starts with it).
     #[arg(long)]
     pub base_url: String,
     /// Model name to send.
@@ -27,8 +28,8 @@ pub struct BenchArgs {
     /// Trace time multiplier: 0.5 replays twice as fast.
     #[arg(long, default_value_t = 1.0)]
     pub trace_time_scale: f64,
-    /// Requests to send (at most the workload's size).
-    #[arg(long)]
+    /// Requests to send (at most the workload's size; at least 1).
+    #[arg(long, value_parser = at_least_one)]
     pub num_prompts: Option<usize>,
     /// Arrivals at this rate (requests/s; Poisson unless `--burstiness`); absent or `inf`: as
     /// fast as `--max-concurrency` allows.
@@ -41,9 +42,10 @@ pub struct BenchArgs {
     /// Requests sent first, not measured (the workload's first ones).
     #[arg(long, default_value_t = 0)]
     pub num_warmups: usize,
-    /// Requests in flight at most.
-    #[arg(long, default_value_t = 16)]
-    pub max_concurrency: usize,
+    /// Requests in flight at most (default: no limit, as in `vllm bench serve`: without
+    /// `--request-rate` every request is sent at once).
+    #[arg(long, value_parser = a_limit)]
+    pub max_concurrency: Option<usize>,
     /// Shared-prefix: groups (multi-turn: sessions; random: with `--prompts-per-group`, the
     /// number of prompts unless `--num-prompts`).
     #[arg(long, default_value_t = 10)]
@@ -109,4 +111,36 @@ pub struct BenchArgs {
     /// Draw the TTFT distribution (CDF) to this file: SVG or PNG, by its extension.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
+}
+
+impl BenchArgs {
+    /// Requests/s when arrivals are paced by `--request-rate`; none: as fast as
+    /// `--max-concurrency` allows (`inf`, 0 or absent).
+    pub(crate) fn arrival_rate(&self) -> Option<f64> {
+        self.request_rate.filter(|r| r.is_finite() && *r > 0.0)
+    }
+
+    /// The server root requests go to, and whether `--base-url` named the `/v1` under it (which
+    /// `--endpoint` already starts with).
+    pub(crate) fn server_root(&self) -> (&str, bool) {
+        let url = self.base_url.trim_end_matches('/');
+        match url.strip_suffix("/v1") {
+            Some(root) => (root, true),
+            None => (url, false),
+        }
+    }
+}
+
+/// A count that must be positive.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--max-concurrency`: positive; no limit is the flag left out.
+fn a_limit(s: &str) -> Result<usize, String> {
+    at_least_one(s).map_err(|e| format!("{e} (leave it out for no limit)"))
 }
