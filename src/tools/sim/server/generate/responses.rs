@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use serde_json::{Value, json};
 
-use super::{Choice, Reply};
+use super::reply::{Choice, Reply};
 use crate::tools::sim::engine::FinishReason;
 use crate::tools::sim::server::ApiError;
 
