@@ -585,3 +585,64 @@ async fn a_spent_retry_budget_holds_retries_back() {
     assert!(metric(&m, "kvgate_proxy_retries_total", &[("outcome", "budget_exhausted")]).is_some_and(|n| n >= 1.0));
     assert_eq!(metric(&m, "kvgate_proxy_retries_total", &[("outcome", "sent")]), None);
 }
+
+/// Reads an SSE stream until its `[DONE]` line; returns what was read.
+async fn read_to_done(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+) -> String {
+    let mut text = String::new();
+    while !text.contains("data: [DONE]") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("a chunk in time");
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("more").expect("ok")));
+    }
+    text
+}
+
+/// The completion tokens a stream's usage chunk reported.
+fn completion_tokens(sse: &str) -> f64 {
+    sse.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v["usage"]["completion_tokens"].as_f64())
+        .expect("a usage chunk")
+}
+
+/// A stream's usage is counted once it has passed through kvgate, however the client leaves:
+/// right after `[DONE]` while the endpoint still holds the response open, or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_when_the_client_leaves_after_done() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    // The endpoint keeps each stream open long after `[DONE]`.
+    let (status, v) = post(&format!("{}/admin/faults", sim.url(0)), &json!({"linger_after_done_ms": 60_000})).await;
+    assert_eq!(status, 200, "{v}");
+    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
+    wait_scraped(&kv, 1).await;
+    let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
+    let admin = format!("http://{}", kv.admin_addr);
+    let counted = || async { metric(&metrics(&admin).await, "kvgate_tokens_total", &[("kind", "completion")]) };
+    let body = json!({"model": MODEL, "prompt": "count me", "max_tokens": 4, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let mut want = 0.0;
+    for _ in 0..5 {
+        let r = client().post(&url).body(body.to_string()).send().await.expect("send");
+        let mut stream = r.bytes_stream();
+        want += completion_tokens(&read_to_done(&mut stream).await);
+        drop(stream);
+        assert!(
+            eventually(5, || async { counted().await == Some(want) }).await,
+            "left after [DONE]: {:?}",
+            counted().await
+        );
+    }
+    // A client that stays while the endpoint lingers: counted before the response ends.
+    let r = client().post(&url).body(body.to_string()).send().await.expect("send");
+    let mut stream = r.bytes_stream();
+    want += completion_tokens(&read_to_done(&mut stream).await);
+    assert!(eventually(5, || async { counted().await == Some(want) }).await, "still open: {:?}", counted().await);
+    let debug = format!("{admin}/debug/endpoints");
+    assert_eq!(get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"], 1, "the response is open");
+    drop(stream);
+    let ended = || async { get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"] == 0 };
+    assert!(eventually(5, ended).await);
+    assert_eq!(counted().await, Some(want), "counted once");
+}

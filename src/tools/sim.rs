@@ -209,6 +209,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         fail_next: 0,
         kv_events_drop_next: 0,
         kv_events_stalled: false,
+        linger_after_done_ms: 0,
     };
     faults.validate().map_err(anyhow::Error::msg)?;
     let kv_events: Option<KvEventsConfig> = match &args.kv_events_config {

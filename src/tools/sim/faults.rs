@@ -53,6 +53,9 @@ pub(crate) struct Faults {
     pub kv_events_drop_next: u32,
     /// KV-event batches are held back (not lost) while set, and sent in order once cleared.
     pub kv_events_stalled: bool,
+    /// Streams stay open this long after their last event (`[DONE]`) before they end, as a
+    /// server slow to close its responses.
+    pub linger_after_done_ms: u64,
 }
 
 impl Default for Faults {
@@ -65,6 +68,7 @@ impl Default for Faults {
             fail_next: 0,
             kv_events_drop_next: 0,
             kv_events_stalled: false,
+            linger_after_done_ms: 0,
         }
     }
 }

@@ -183,7 +183,8 @@ pub(super) async fn generate(
     let merged = Merged::new(receivers);
     let abort_after = (fault == Some(FaultKind::Abort)).then_some(max_tokens * choices / 2);
     if stream {
-        Ok(stream_response(reply, state, merged, abort_after))
+        let linger = Duration::from_millis(faults.linger_after_done_ms);
+        Ok(stream_response(reply, state, merged, abort_after, linger))
     } else {
         collect_response(reply, state, merged, abort_after).await
     }

@@ -78,12 +78,14 @@ fn apply(reply: &mut Reply, c: &mut Choice, event: Event) -> (String, Vec<Value>
 }
 
 /// The SSE response: one event per token (each naming its choice), the usage chunk if asked
-/// for, then `[DONE]` — or, for the Responses API, its own event sequence.
+/// for, then `[DONE]` — or, for the Responses API, its own event sequence; the stream ends
+/// `linger` after its last event.
 pub(super) fn stream_response(
     reply: Reply,
     choices: Vec<Choice>,
     merged: Merged,
     abort_after: Option<usize>,
+    linger: Duration,
 ) -> Response {
     struct S {
         reply: Reply,
@@ -95,6 +97,8 @@ pub(super) fn stream_response(
         /// Events to send before reading more, in order.
         queue: std::collections::VecDeque<Bytes>,
         opened: bool,
+        /// How long the stream stays open after its last event (taken once spent).
+        linger: Duration,
     }
     let s = S {
         reply,
@@ -105,6 +109,7 @@ pub(super) fn stream_response(
         abort_after,
         queue: std::collections::VecDeque::new(),
         opened: false,
+        linger,
     };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         loop {
@@ -112,7 +117,12 @@ pub(super) fn stream_response(
                 return Some((Ok::<Bytes, std::io::Error>(b), s));
             }
             if s.finished {
-                return None;
+                let linger = std::mem::take(&mut s.linger);
+                if linger.is_zero() {
+                    return None;
+                }
+                tokio::time::sleep(linger).await;
+                continue;
             }
             if s.abort_after.is_some_and(|n| s.sent >= n.max(1)) {
                 s.finished = true;
