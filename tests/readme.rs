@@ -1,11 +1,56 @@
-//! The README says what the code does: its `/debug/explain` example is answered by the demo it
+//! The README says what the code does: its scheduler plugin table lists every plugin type the
+//! config accepts, under its kind, and its `/debug/explain` example is answered by the demo it
 //! is written against.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 
+use kvgate::routing::schedule::config::PLUGIN_TYPES;
+
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+}
+
+/// The plugin table's rows: its kind column and the backticked names in its types column.
+fn plugin_table(readme: &str) -> Vec<(String, Vec<String>)> {
+    let table = readme.split("**Scheduler plugins.**").nth(1).expect("a plugin table");
+    table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2) // the header and its rule
+        .map(|row| {
+            let mut cells = row.trim_matches('|').split('|').map(str::trim);
+            let kind = cells.next().unwrap_or_default().to_owned();
+            let types = cells.next().unwrap_or_default();
+            let names = types.split('`').skip(1).step_by(2).map(str::to_owned).collect();
+            (kind, names)
+        })
+        .collect()
+}
+
+#[test]
+fn the_plugin_table_lists_every_plugin_type_under_its_kind() {
+    let rows = plugin_table(&readme());
+    let row_of = |category: &str| match category {
+        "filter" => "filters",
+        "scorer" => "scorers",
+        "picker" => "pickers",
+        "profile handler" => "profile handlers",
+        _ => "other",
+    };
+    for (kind, category) in PLUGIN_TYPES {
+        let row = rows.iter().find(|(k, _)| k == row_of(category));
+        let (_, names) = row.unwrap_or_else(|| panic!("no `{}` row in {rows:?}", row_of(category)));
+        assert!(names.iter().any(|n| n == kind), "`{kind}` is not in the README's `{}` row", row_of(category));
+    }
+    // And the table names no plugin the config would refuse.
+    let plugin_suffixes = ["-filter", "-scorer", "-picker", "-handler", "-producer", "-decider"];
+    for name in rows.iter().flat_map(|(_, names)| names) {
+        if plugin_suffixes.iter().any(|s| name.ends_with(s)) {
+            assert!(PLUGIN_TYPES.iter().any(|(t, _)| t == name), "the README lists `{name}`, which is no plugin type");
+        }
+    }
 }
 
 /// `kvgate serve` with no config (the demo), stopped when dropped.
