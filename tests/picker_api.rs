@@ -1,6 +1,7 @@
 //! kvgate's own gRPC API (`kvgate.v1.Picker`) through a real gRPC client on loopback: picks and
 //! reports (missing, duplicate, unknown, refused), the same decision as the proxy's, `Explain`,
-//! `WatchEndpoints`, server reflection, and the Python client example.
+//! `WatchEndpoints`, server reflection and gRPC health of every service on the listener, and the
+//! Python client example.
 
 mod common;
 
@@ -391,6 +392,94 @@ async fn explain_watch_and_reflection() {
         Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(s))
             if s.service.iter().any(|s| s.name == "kvgate.v1.Picker")
     ));
+}
+
+/// The head of a `FileDescriptorProto`: its name, imports and services.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileHead {
+    #[prost(string, optional, tag = "1")]
+    name: Option<String>,
+    #[prost(string, repeated, tag = "3")]
+    dependency: Vec<String>,
+    #[prost(message, repeated, tag = "6")]
+    service: Vec<ServiceHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ServiceHead {
+    #[prost(string, optional, tag = "1")]
+    name: Option<String>,
+}
+
+/// Every service of the gRPC listener can be described by reflection down to the last file it
+/// imports (what a client such as grpcurl needs), and gRPC health reports each one as serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_health_cover_every_grpc_service() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{self, server_reflection_request::MessageRequest};
+    use v1::server_reflection_response::MessageResponse;
+    const EXT_PROC: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", kv.grpc_addr)).expect("uri").connect().await.expect("c");
+    let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut ask = async |m: MessageRequest| -> MessageResponse {
+        let req = v1::ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+        let mut answers = reflection.server_reflection_info(tokio_stream::iter([req])).await.expect("v1").into_inner();
+        answers.message().await.expect("stream").expect("an answer").message_response.expect("a response")
+    };
+    let MessageResponse::ListServicesResponse(list) = ask(MessageRequest::ListServices(String::new())).await else {
+        panic!("not a service list");
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in [EXT_PROC, "kvgate.v1.Picker", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == name), "{name} not in {services:?}");
+    }
+    // Each service's file, then every file it imports, transitively.
+    let mut pending: Vec<MessageRequest> =
+        [EXT_PROC, "kvgate.v1.Picker", "envoy.service.ext_proc.v3.ProcessingRequest"]
+            .map(|s| MessageRequest::FileContainingSymbol(s.to_owned()))
+            .to_vec();
+    let mut seen: Vec<String> = Vec::new();
+    let mut described: Vec<String> = Vec::new();
+    while let Some(request) = pending.pop() {
+        let asked = format!("{request:?}");
+        let MessageResponse::FileDescriptorResponse(files) = ask(request).await else {
+            panic!("{asked}: no file");
+        };
+        for raw in files.file_descriptor_proto {
+            let file = <FileHead as prost::Message>::decode(raw.as_slice()).expect("a file descriptor");
+            described.extend(file.service.iter().filter_map(|s| s.name.clone()));
+            for dep in file.dependency {
+                if !seen.contains(&dep) {
+                    seen.push(dep.clone());
+                    pending.push(MessageRequest::FileByFilename(dep));
+                }
+            }
+        }
+    }
+    assert!(seen.iter().any(|f| f == "envoy/config/core/v3/base.proto"), "{seen:?}");
+    assert!(described.iter().any(|s| s == "ExternalProcessor") && described.iter().any(|s| s == "Picker"));
+
+    let mut health = HealthClient::new(channel);
+    for service in ["", "liveness", "readiness", EXT_PROC, "kvgate.v1.Picker"] {
+        let serving = eventually(5, || {
+            let mut c = health.clone();
+            async move {
+                c.check(HealthCheckRequest { service: service.into() })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+            }
+        })
+        .await;
+        assert!(serving, "{service}");
+    }
+    let unknown = health.check(HealthCheckRequest { service: "kvgate.v1.Nope".into() }).await;
+    assert_eq!(unknown.expect_err("not a service").code(), Code::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
