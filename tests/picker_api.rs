@@ -482,28 +482,42 @@ async fn reflection_and_health_cover_every_grpc_service() {
     assert_eq!(unknown.expect_err("not a service").code(), Code::NotFound);
 }
 
+/// The Python client example's interpreter (its virtualenv made once, whichever test asks first).
+fn example_python() -> std::path::PathBuf {
+    static PYTHON: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| common::python_venv("grpc-venv", &["grpcio==1.85.1", "grpcio-tools==1.85.1"])).clone()
+}
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/picker_client.py");
+
+/// Runs the Python client example with `args`, off the runtime's threads.
+async fn run_example(args: Vec<String>) -> std::process::Output {
+    let python = example_python();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python).arg(EXAMPLE).args(args).output().expect("the example runs")
+    })
+    .await
+    .expect("joined")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_example_picks_sends_and_reports() {
-    let python = common::python_venv("grpc-venv", &["grpcio==1.85.1", "grpcio-tools==1.85.1"]);
     let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
     let kv = start_kvgate(&format!(
         "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
         sims[0].addrs[0], sims[1].addrs[0]
     ))
     .await;
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/picker_client.py");
     let grpc = kv.grpc_addr.to_string();
-    let run = |model: &'static str| {
-        let (python, grpc) = (python.clone(), grpc.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(python)
-                .args([example, "--picker", &grpc, "--model", model, "--max-tokens", "4"])
-                .args(["--prompt", "One?", "--prompt", "Two?", "--prompt", "Three?"])
-                .output()
-                .expect("the example runs")
-        })
+    let run = |model: &str| {
+        let args = ["--picker", &grpc, "--model", model, "--max-tokens", "4"]
+            .into_iter()
+            .chain(["--prompt", "One?", "--prompt", "Two?", "--prompt", "Three?"])
+            .map(str::to_owned)
+            .collect();
+        run_example(args)
     };
-    let out = run(MODEL).await.expect("joined");
+    let out = run(MODEL).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
@@ -521,8 +535,48 @@ async fn the_python_client_example_picks_sends_and_reports() {
     assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "accepted")]), Some(6.0));
     assert_eq!(in_flight(&kv).await.values().sum::<u64>(), 0);
     // A refused pick is printed as such.
-    let out = run("no-such-model").await.expect("joined");
+    let out = run("no-such-model").await;
     let first = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned).unwrap_or_default();
     let refusal: Value = serde_json::from_str(&first).expect("a JSON line");
     assert_eq!((refusal["refused"].as_u64(), refusal["code"].as_str()), (Some(404), Some("model_not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_sends_completions_as_prompts() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let args = ["--picker", &kv.grpc_addr.to_string(), "--model", MODEL, "--max-tokens", "4"]
+        .into_iter()
+        .chain(["--path", "/v1/completions", "--prompt", "Once upon", "--prompt", "a time"])
+        .map(str::to_owned)
+        .collect();
+    let out = run_example(args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for l in &lines {
+        assert_eq!((l["status"].as_u64(), l["ended"].as_bool()), (Some(200), Some(true)), "{l}");
+        assert!(l["text"].as_str().is_some_and(|t| !t.is_empty()), "{l}");
+        assert!(l["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{l}");
+    }
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_requests_total", &[("pool", "p"), ("status", "200")]), Some(2.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_says_when_the_picker_is_down() {
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let args = ["--picker", nobody.as_str(), "--model", MODEL, "--prompt", "Hello"].map(str::to_owned).to_vec();
+    let out = run_example(args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit {:?}", out.status);
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: cannot reach kvgate's picker at ") && stderr.contains(&nobody), "{stderr}");
 }
