@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use kvgate::gateway::config::Config;
+use kvgate::gateway::config::endpoints::{EndpointsDocument, ResolvedEndpoint, load_endpoints_file};
 
 #[derive(Debug, Parser)]
 #[command(name = "kvgate", version, about = "Prefix-cache-aware routing for vLLM fleets")]
@@ -129,6 +130,10 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
+    let document = std::fs::read_to_string(file).ok().and_then(|text| EndpointsDocument::of(&text));
+    if let Some(document) = document {
+        return check_endpoints_file(file, document);
+    }
     let resolved = Config::load(file).and_then(|cfg| cfg.resolve(file).map(|pools| (cfg, pools)));
     let (cfg, pools) = match resolved {
         Ok(v) => v,
@@ -167,14 +172,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             );
         }
         for e in &pool.endpoints {
-            let rank = match e.rank {
-                Some(r) if e.rank_header => format!(" rank {r} (pinned with X-data-parallel-rank)"),
-                Some(r) => format!(" rank {r}"),
-                None => String::new(),
-            };
-            let role = kvgate::routing::endpoint::Role::of_labels(&e.labels);
-            let name = if e.name == e.to_string() { String::new() } else { format!(" ({})", e.name) };
-            let _ = writeln!(out, "  endpoint {e}{name} role {role}{rank}");
+            let _ = writeln!(out, "  {}", endpoint_line(e));
         }
         if let Some(f) = &pool.endpoints_file {
             let _ = writeln!(out, "  endpoints file {} (now {} endpoints):", f.display(), pool.file_endpoints.len());
@@ -218,6 +216,54 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         let _ = writeln!(out, "warning: {w}");
     }
     print_out(&out)
+}
+
+/// `check-config` on a file of endpoints rather than a config: says so, and validates it as the
+/// endpoints file a pool's `endpoints_file` names.
+fn check_endpoints_file(file: &std::path::Path, document: EndpointsDocument) -> ExitCode {
+    let what = "looks like an endpoints file (a list of endpoints), not a kvgate config";
+    let loaded = match document {
+        EndpointsDocument::File => load_endpoints_file(file).map_err(|e| e.to_string()),
+        EndpointsDocument::BareList => Err(format!(
+            "{}: {what}, but its entries are not under `endpoints:`; an endpoints file reads \
+             `endpoints: [{{address: ...}}, ...]`",
+            file.display()
+        )),
+    };
+    let endpoints = match loaded {
+        Ok(endpoints) => endpoints,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("error: {e}");
+                if document == EndpointsDocument::File {
+                    eprintln!("({} {what}: it was checked as one)", file.display());
+                }
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK as an endpoints file (a list of endpoints), not a kvgate config", file.display());
+    let _ = writeln!(out, "reference it from a pool's `endpoints_file` setting; kvgate re-reads it on every change");
+    let _ = writeln!(out, "\n{} endpoints:", endpoints.len());
+    for e in &endpoints {
+        let _ = writeln!(out, "  {}", endpoint_line(e));
+    }
+    print_out(&out)
+}
+
+/// `endpoint ADDRESS (NAME) role ROLE rank N`, as `check-config` lists a resolved endpoint.
+fn endpoint_line(e: &ResolvedEndpoint) -> String {
+    let rank = match e.rank {
+        Some(r) if e.rank_header => format!(" rank {r} (pinned with X-data-parallel-rank)"),
+        Some(r) => format!(" rank {r}"),
+        None => String::new(),
+    };
+    let role = kvgate::routing::endpoint::Role::of_labels(&e.labels);
+    let name = if e.name == e.to_string() { String::new() } else { format!(" ({})", e.name) };
+    format!("endpoint {e}{name} role {role}{rank}")
 }
 
 /// Asks a precise pool's listed endpoints for their `vllm:cache_config_info` (2 s each) and

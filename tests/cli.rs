@@ -1,4 +1,5 @@
-//! `kvgate check-config` as a user runs it: exit status and what it prints.
+//! `kvgate check-config` as a user runs it (on configs and on endpoints files): exit status and
+//! what it prints.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -49,6 +50,28 @@ fn invalid_configs_fail_saying_what_and_where() {
     let broken = config_file("broken.yaml", "pools: [ {name: a\n");
     check(&broken, false, &["broken.yaml"]);
     check(Path::new("/nonexistent/kvgate.yaml"), false, &["cannot read /nonexistent/kvgate.yaml"]);
+}
+
+#[test]
+fn an_endpoints_file_is_checked_as_one() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/endpoints");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("config/endpoints exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no endpoints files in {}", dir.display());
+    for f in &files {
+        check(f, true, &["OK as an endpoints file", "not a kvgate config", "`endpoints_file`", "endpoint "]);
+    }
+    check(&dir.join("qwen.yaml"), true, &["3 endpoints", "endpoint 127.0.0.1:8101 (qwen-0) role both"]);
+    let ranks = config_file("ranks.yaml", "endpoints: [{name: moe, address: '10.0.0.5', ports: [8000, 8001]}]\n");
+    check(&ranks, true, &["endpoint 10.0.0.5:8001 (moe-rank-1) role both rank 1"]);
+    let no_port = config_file("eps-no-port.yaml", "endpoints: [{address: 10.0.0.1}]\n");
+    check(&no_port, false, &["endpoints[0]", "has no port", "looks like an endpoints file"]);
+    let bare = config_file("eps-bare.yaml", "- {address: '10.0.0.1:8000'}\n- {address: '10.0.0.2:8000'}\n");
+    check(&bare, false, &["looks like an endpoints file", "not under `endpoints:`"]);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! kvgate's own gRPC API (`kvgate.v1.Picker`) through a real gRPC client on loopback: picks and
 //! reports (missing, duplicate, unknown, refused), the same decision as the proxy's, `Explain`,
-//! `WatchEndpoints`, server reflection, and the Python client example.
+//! `WatchEndpoints`, server reflection and gRPC health of every service on the listener, and the
+//! Python client example.
 
 mod common;
 
@@ -393,28 +394,130 @@ async fn explain_watch_and_reflection() {
     ));
 }
 
+/// The head of a `FileDescriptorProto`: its name, imports and services.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileHead {
+    #[prost(string, optional, tag = "1")]
+    name: Option<String>,
+    #[prost(string, repeated, tag = "3")]
+    dependency: Vec<String>,
+    #[prost(message, repeated, tag = "6")]
+    service: Vec<ServiceHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ServiceHead {
+    #[prost(string, optional, tag = "1")]
+    name: Option<String>,
+}
+
+/// Every service of the gRPC listener can be described by reflection down to the last file it
+/// imports (what a client such as grpcurl needs), and gRPC health reports each one as serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_health_cover_every_grpc_service() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{self, server_reflection_request::MessageRequest};
+    use v1::server_reflection_response::MessageResponse;
+    const EXT_PROC: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", kv.grpc_addr)).expect("uri").connect().await.expect("c");
+    let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut ask = async |m: MessageRequest| -> MessageResponse {
+        let req = v1::ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+        let mut answers = reflection.server_reflection_info(tokio_stream::iter([req])).await.expect("v1").into_inner();
+        answers.message().await.expect("stream").expect("an answer").message_response.expect("a response")
+    };
+    let MessageResponse::ListServicesResponse(list) = ask(MessageRequest::ListServices(String::new())).await else {
+        panic!("not a service list");
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in [EXT_PROC, "kvgate.v1.Picker", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == name), "{name} not in {services:?}");
+    }
+    // Each service's file, then every file it imports, transitively.
+    let mut pending: Vec<MessageRequest> =
+        [EXT_PROC, "kvgate.v1.Picker", "envoy.service.ext_proc.v3.ProcessingRequest"]
+            .map(|s| MessageRequest::FileContainingSymbol(s.to_owned()))
+            .to_vec();
+    let mut seen: Vec<String> = Vec::new();
+    let mut described: Vec<String> = Vec::new();
+    while let Some(request) = pending.pop() {
+        let asked = format!("{request:?}");
+        let MessageResponse::FileDescriptorResponse(files) = ask(request).await else {
+            panic!("{asked}: no file");
+        };
+        for raw in files.file_descriptor_proto {
+            let file = <FileHead as prost::Message>::decode(raw.as_slice()).expect("a file descriptor");
+            described.extend(file.service.iter().filter_map(|s| s.name.clone()));
+            for dep in file.dependency {
+                if !seen.contains(&dep) {
+                    seen.push(dep.clone());
+                    pending.push(MessageRequest::FileByFilename(dep));
+                }
+            }
+        }
+    }
+    assert!(seen.iter().any(|f| f == "envoy/config/core/v3/base.proto"), "{seen:?}");
+    assert!(described.iter().any(|s| s == "ExternalProcessor") && described.iter().any(|s| s == "Picker"));
+
+    let mut health = HealthClient::new(channel);
+    for service in ["", "liveness", "readiness", EXT_PROC, "kvgate.v1.Picker"] {
+        let serving = eventually(5, || {
+            let mut c = health.clone();
+            async move {
+                c.check(HealthCheckRequest { service: service.into() })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+            }
+        })
+        .await;
+        assert!(serving, "{service}");
+    }
+    let unknown = health.check(HealthCheckRequest { service: "kvgate.v1.Nope".into() }).await;
+    assert_eq!(unknown.expect_err("not a service").code(), Code::NotFound);
+}
+
+/// The Python client example's interpreter (its virtualenv made once, whichever test asks first).
+fn example_python() -> std::path::PathBuf {
+    static PYTHON: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| common::python_venv("grpc-venv", &["grpcio==1.85.1", "grpcio-tools==1.85.1"])).clone()
+}
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/picker_client.py");
+
+/// Runs the Python client example with `args`, off the runtime's threads.
+async fn run_example(args: Vec<String>) -> std::process::Output {
+    let python = example_python();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python).arg(EXAMPLE).args(args).output().expect("the example runs")
+    })
+    .await
+    .expect("joined")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_example_picks_sends_and_reports() {
-    let python = common::python_venv("grpc-venv", &["grpcio==1.85.1", "grpcio-tools==1.85.1"]);
     let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
     let kv = start_kvgate(&format!(
         "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
         sims[0].addrs[0], sims[1].addrs[0]
     ))
     .await;
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/picker_client.py");
     let grpc = kv.grpc_addr.to_string();
-    let run = |model: &'static str| {
-        let (python, grpc) = (python.clone(), grpc.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(python)
-                .args([example, "--picker", &grpc, "--model", model, "--max-tokens", "4"])
-                .args(["--prompt", "One?", "--prompt", "Two?", "--prompt", "Three?"])
-                .output()
-                .expect("the example runs")
-        })
+    let run = |model: &str| {
+        let args = ["--picker", &grpc, "--model", model, "--max-tokens", "4"]
+            .into_iter()
+            .chain(["--prompt", "One?", "--prompt", "Two?", "--prompt", "Three?"])
+            .map(str::to_owned)
+            .collect();
+        run_example(args)
     };
-    let out = run(MODEL).await.expect("joined");
+    let out = run(MODEL).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
@@ -432,8 +535,48 @@ async fn the_python_client_example_picks_sends_and_reports() {
     assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "accepted")]), Some(6.0));
     assert_eq!(in_flight(&kv).await.values().sum::<u64>(), 0);
     // A refused pick is printed as such.
-    let out = run("no-such-model").await.expect("joined");
+    let out = run("no-such-model").await;
     let first = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned).unwrap_or_default();
     let refusal: Value = serde_json::from_str(&first).expect("a JSON line");
     assert_eq!((refusal["refused"].as_u64(), refusal["code"].as_str()), (Some(404), Some("model_not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_sends_completions_as_prompts() {
+    let sim = start_sim(&["--time-scale", "0"]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let args = ["--picker", &kv.grpc_addr.to_string(), "--model", MODEL, "--max-tokens", "4"]
+        .into_iter()
+        .chain(["--path", "/v1/completions", "--prompt", "Once upon", "--prompt", "a time"])
+        .map(str::to_owned)
+        .collect();
+    let out = run_example(args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for l in &lines {
+        assert_eq!((l["status"].as_u64(), l["ended"].as_bool()), (Some(200), Some(true)), "{l}");
+        assert!(l["text"].as_str().is_some_and(|t| !t.is_empty()), "{l}");
+        assert!(l["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{l}");
+    }
+    let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
+    assert_eq!(metric(&m, "kvgate_requests_total", &[("pool", "p"), ("status", "200")]), Some(2.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_says_when_the_picker_is_down() {
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let args = ["--picker", nobody.as_str(), "--model", MODEL, "--prompt", "Hello"].map(str::to_owned).to_vec();
+    let out = run_example(args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit {:?}", out.status);
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: cannot reach kvgate's picker at ") && stderr.contains(&nobody), "{stderr}");
 }

@@ -13,6 +13,10 @@ Needs grpcio and grpcio-tools (PyPI). The Python stubs are generated from kvgate
     pip install grpcio==1.85.1 grpcio-tools==1.85.1
     python examples/python/picker_client.py --picker 127.0.0.1:9002 --model MODEL --prompt "Hello"
 
+`--path /v1/completions` sends each prompt as a completions request (`prompt`); the default,
+/v1/chat/completions, sends it as the user message after the system message.
+A picker that cannot be reached, or that fails a call, is reported on one line (exit status 1).
+
 A P/D decision names a prefill endpoint; this client sends the request to the decode endpoint
 with the decision's headers, which is what a `kvgate sidecar` in front of it expects.
 """
@@ -27,6 +31,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 
 
 def load_stubs(proto_dir):
@@ -59,14 +65,19 @@ def send(endpoint, path, headers, body):
     return conn.getresponse()
 
 
+def request_body(args, question):
+    """The OpenAI body for --path: a prompt for /v1/completions, messages for chat."""
+    body = {"model": args.model, "max_tokens": args.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if args.path == COMPLETIONS:
+        body["prompt"] = question
+    else:
+        body["messages"] = [{"role": "system", "content": args.system}, {"role": "user", "content": question}]
+    return json.dumps(body).encode()
+
+
 def run_one(pb, stub, args, question):
-    body = json.dumps({
-        "model": args.model,
-        "messages": [{"role": "system", "content": args.system}, {"role": "user", "content": question}],
-        "max_tokens": args.max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }).encode()
+    body = request_body(args, question)
     answer = stub.Pick(pb.PickRequest(path=args.path, body=body, max_endpoints=2), timeout=10)
     if answer.WhichOneof("result") == "refusal":
         r = answer.refusal
@@ -129,19 +140,29 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--picker", default="127.0.0.1:9002", help="kvgate's gRPC address")
     p.add_argument("--model", required=True)
-    p.add_argument("--system", default="You are a helpful assistant.")
-    p.add_argument("--prompt", action="append", help="a user message; repeatable (one request each)")
-    p.add_argument("--path", default="/v1/chat/completions")
+    p.add_argument("--system", default="You are a helpful assistant.", help="the system message (chat only)")
+    p.add_argument("--prompt", action="append",
+                   help="a user message (chat) or a prompt (completions); repeatable (one request each)")
+    p.add_argument("--path", default=CHAT, choices=[CHAT, COMPLETIONS],
+                   help="the API to call: chat sends messages, completions a prompt")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--proto-dir", default=os.path.join(HERE, "..", "..", "proto"))
     args = p.parse_args()
-    import grpc
+    try:
+        import grpc
+    except ImportError:
+        sys.exit("error: this client needs grpcio and grpcio-tools (pip install grpcio grpcio-tools)")
 
     pb, rpc = load_stubs(os.path.abspath(args.proto_dir))
     with grpc.insecure_channel(args.picker) as channel:
         stub = rpc.PickerStub(channel)
-        for question in args.prompt or ["Hello!"]:
-            print(json.dumps(run_one(pb, stub, args, question)), flush=True)
+        try:
+            for question in args.prompt or ["Hello!"]:
+                print(json.dumps(run_one(pb, stub, args, question)), flush=True)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                sys.exit(f"error: cannot reach kvgate's picker at {args.picker} ({e.details()})")
+            sys.exit(f"error: kvgate's picker at {args.picker} answered {e.code().name}: {e.details()}")
 
 
 if __name__ == "__main__":

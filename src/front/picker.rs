@@ -85,7 +85,12 @@ pub(crate) fn service(
         .max_encoding_message_size(max)
 }
 
-/// gRPC reflection (v1 and v1alpha) for kvgate's API and gRPC health.
+/// The encoded descriptor set of Envoy's `envoy.service.ext_proc.v3` and the files it imports,
+/// compiled at build time from the protos `envoy-types` ships (`build.rs`).
+const EXT_PROC_FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ext_proc_descriptor.bin"));
+
+/// gRPC reflection (v1 and v1alpha) for every service of the gRPC listener: kvgate's API,
+/// Envoy's ext_proc and gRPC health.
 pub(crate) fn reflection() -> anyhow::Result<(
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
     tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
@@ -93,6 +98,7 @@ pub(crate) fn reflection() -> anyhow::Result<(
     let builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(EXT_PROC_FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))

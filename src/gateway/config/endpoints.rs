@@ -211,6 +211,28 @@ struct EndpointsFile {
     endpoints: Vec<EndpointSpec>,
 }
 
+/// A document that is not a kvgate config but holds endpoints, told apart by its top level
+/// alone (a config has `pools`, never `endpoints`, and is never a list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointsDocument {
+    /// A mapping whose only key is `endpoints`: an endpoints file.
+    File,
+    /// A list at the top level: endpoint entries, but not under `endpoints:`.
+    BareList,
+}
+
+impl EndpointsDocument {
+    /// What `text` is, if it is one of these; `None` for anything else (a config, or a
+    /// document too broken to tell).
+    pub fn of(text: &str) -> Option<Self> {
+        use serde::de::IgnoredAny;
+        if let Ok(top) = parse_yaml::<BTreeMap<String, IgnoredAny>>(text) {
+            return (top.len() == 1 && top.contains_key("endpoints")).then_some(Self::File);
+        }
+        parse_yaml::<Vec<IgnoredAny>>(text).ok().filter(|l| !l.is_empty()).map(|_| Self::BareList)
+    }
+}
+
 /// Reads an endpoints file (YAML or JSON: `endpoints: [...]`) and resolves its entries.
 pub fn load_endpoints_file(path: &Path) -> Result<Vec<ResolvedEndpoint>, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -284,6 +306,21 @@ mod tests {
         assert!(r.iter().all(|e| e.port == 8000 && e.rank_header));
         assert_eq!(r.iter().map(|e| e.rank).collect::<Vec<_>>(), [Some(0), Some(1), Some(2), Some(3)]);
         assert_eq!(r[3].name, "10.0.0.5:8000-rank-3");
+    }
+
+    #[test]
+    fn endpoints_documents() {
+        let check = |text: &str, want: Option<EndpointsDocument>| {
+            assert_eq!(EndpointsDocument::of(text), want, "{text}");
+        };
+        check("endpoints: [{address: '10.0.0.1:8000'}]", Some(EndpointsDocument::File));
+        check(r#"{"endpoints": []}"#, Some(EndpointsDocument::File));
+        check("- {address: '10.0.0.1:8000'}\n- {address: '10.0.0.2:8000'}\n", Some(EndpointsDocument::BareList));
+        check("pools: [{name: a, models: [m], endpoints: [{address: '10.0.0.1:8000'}]}]", None);
+        check("endpoints: []\npools: []", None);
+        check("admin_addr: 127.0.0.1:9090", None);
+        check("pools: [ {name: a\n", None);
+        check("", None);
     }
 
     #[test]
