@@ -2,6 +2,8 @@
 //! Envoy sends (full duplex and buffered modes), against a real simulator.
 
 mod common;
+#[path = "extproc/reference.rs"]
+mod reference;
 
 use std::time::Duration;
 

@@ -619,3 +619,47 @@ async fn metrics_are_as_large_as_a_real_servers_and_filters_are_ignored() {
     assert!(small.contains("vllm:num_requests_running") && !small.contains("cache_config_info"), "{small}");
     assert!(small.len() < 1000);
 }
+
+/// `--fake-metrics` (llm-d-inference-sim's flag): the load families show the pinned values,
+/// for every rank, whatever the engine is doing; the other families stay live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_metrics_pin_the_load_families() {
+    let fake = r#"{"running-requests":10,"waiting-requests":30,"kv-cache-usage":0.4,
+        "loras":[{"running":"lora4,lora2","waiting":"lora3","timestamp":1257894567},
+                 {"running":"lora4,lora3","waiting":"","timestamp":1257894569}]}"#;
+    let sim =
+        start_sim(&["--time-scale", "0", "--data-parallel-size", "2", "--max-loras", "4", "--fake-metrics", fake])
+            .await;
+    let base = sim.url(0);
+    let check = |m: &str| {
+        for engine in ["0", "1"] {
+            let l = [("engine", engine), ("model_name", MODEL)];
+            assert_eq!(metric(m, "vllm:num_requests_running", &l), Some(10.0), "engine {engine}");
+            assert_eq!(metric(m, "vllm:num_requests_waiting", &l), Some(30.0), "engine {engine}");
+            assert_eq!(metric(m, "vllm:kv_cache_usage_perc", &l), Some(0.4), "engine {engine}");
+        }
+        let lora = |running: &str, waiting: &str| {
+            let l = [("max_lora", "4"), ("running_lora_adapters", running), ("waiting_lora_adapters", waiting)];
+            metric(m, "vllm:lora_requests_info", &l)
+        };
+        assert_eq!(lora("lora4,lora2", "lora3"), Some(1_257_894_567.0));
+        assert_eq!(lora("lora4,lora3", ""), Some(1_257_894_569.0));
+        assert_eq!(m.matches("# TYPE vllm:num_requests_waiting gauge").count(), 1, "one family, the pinned one");
+    };
+    check(&metrics(&base).await);
+    // Work on the engine moves its counters, not the pinned gauges.
+    complete(&base, ids(100, 1), 4).await;
+    let m = metrics(&base).await;
+    check(&m);
+    let queried: f64 =
+        ["0", "1"].iter().filter_map(|e| metric(&m, "vllm:prefix_cache_queries_total", &[("engine", e)])).sum();
+    assert_eq!(queried, 100.0, "the engine's own families stay live");
+
+    // Values a vLLM server could not report, and fields kvgate does not pin, are refused.
+    for bad in [r#"{"kv-cache-usage":1.5}"#, r#"{"waiting-requests":-1}"#, r#"{"ttft-buckets-values":[1,2]}"#] {
+        let flags = ["--port", "0", "--fake-metrics", bad];
+        let args = kvgate::tools::cli::parse_flags::<kvgate::tools::sim::SimArgs, _, _>("sim", &flags).expect("flags");
+        let err = kvgate::tools::sim::start(args).await.expect_err(bad);
+        assert!(format!("{err:#}").contains("--fake-metrics"), "{bad}: {err:#}");
+    }
+}

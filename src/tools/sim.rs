@@ -32,7 +32,7 @@ use crate::gateway::pool::AbortOnDrop;
 use engine::{Engine, EngineConfig, KvRole, Latency};
 use events::{Encoding, KvEventsConfig};
 use faults::{FaultKind, Faults};
-use metrics::SimMetrics;
+use metrics::{FakeMetrics, SimMetrics};
 use server::{LoraModule, PortState, Shared};
 
 /// `kvgate sim` flags.
@@ -149,6 +149,11 @@ pub struct SimArgs {
     /// its KV cache is).
     #[arg(long)]
     pub no_cache_config_info: bool,
+    /// Load `/metrics` reports instead of the engine's, as llm-d-inference-sim's flag:
+    /// `{"running-requests":N,"waiting-requests":N,"kv-cache-usage":F,"loras":[{"running":"a,b","waiting":"c","timestamp":T}]}`
+    /// (every rank reports it; absent numbers are 0; `max_lora` is `--max-loras`).
+    #[arg(long, value_name = "JSON")]
+    pub fake_metrics: Option<String>,
 }
 
 /// Default KV blocks: ~465k tokens of KV for an 8B model on an 80 GB GPU.
@@ -217,6 +222,10 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         None => None,
     };
     let kv_role = parse_kv_role(args.kv_transfer_config.as_deref())?;
+    let fake = match &args.fake_metrics {
+        Some(j) => Some(FakeMetrics::parse(j).map_err(|e| anyhow::anyhow!("--fake-metrics: {e}"))?),
+        None => None,
+    };
     let tokenizer = match &args.tokenizer {
         Some(dir) => {
             Some(crate::gateway::config::load_tokenizer(dir).map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?)
@@ -318,16 +327,21 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         };
         Engine::spawn(cfg, metrics.clone(), events_tx)
     };
+    // A port's metrics, pinned for the ranks behind it when `--fake-metrics` says so.
+    let port_metrics = |engines: &[u32]| match &fake {
+        Some(f) => SimMetrics::new().with_fake(f, engines, &served[0], args.max_loras),
+        None => SimMetrics::new(),
+    };
     let mut ports: Vec<(TcpListener, Arc<PortState>)> = Vec::new();
     if multi_port {
         for (listener, &rank) in listeners.into_iter().zip(&ranks) {
-            let metrics = SimMetrics::new();
+            let metrics = port_metrics(&[rank]);
             let h = engine(rank, &metrics, &mut tasks);
             let port = listener.local_addr()?.port();
             ports.push((listener, Arc::new(PortState::new(shared.clone(), vec![h], metrics, port))));
         }
     } else {
-        let metrics = SimMetrics::new();
+        let metrics = port_metrics(&ranks);
         let engines = ranks.iter().map(|&r| engine(r, &metrics, &mut tasks)).collect();
         let listener = listeners.into_iter().next().context("a listener")?;
         let port = listener.local_addr()?.port();

@@ -2,10 +2,20 @@
 //!
 //! Per-engine families carry `model_name` (the first served name) and `engine` (the DP rank as a
 //! string). Counters are named with their `_total` suffix as vLLM's exposition shows them.
+//! `--fake-metrics` pins the load families routing reads to fixed values ([`FakeMetrics`]).
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Deserialize;
+
+/// The load families a router reads, with their help texts: what `--fake-metrics` replaces.
+const RUNNING: (&str, &str) = ("vllm:num_requests_running", "Number of requests in model execution batches.");
+const WAITING: (&str, &str) = ("vllm:num_requests_waiting", "Number of requests waiting to be processed.");
+const KV_USAGE: (&str, &str) = ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.");
+const LORA_INFO: (&str, &str) = ("vllm:lora_requests_info", "Running stats on lora requests.");
+const LORA_LABELS: &[&str] = &["max_lora", "running_lora_adapters", "waiting_lora_adapters"];
+const ENGINE_LABELS: &[&str] = &["engine", "model_name"];
 
 const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
@@ -58,6 +68,56 @@ pub(crate) struct SimMetrics {
     /// `kvgate_sim_kv_handoffs_total{engine,model_name,leg}` (simulator only): finished P/D legs,
     /// `prefill` (KV kept for a decode endpoint) or `decode` (KV loaded from a prefill endpoint).
     pub handoffs: IntCounterVec,
+    /// With `--fake-metrics`: the pinned load families, shown instead of the engine's.
+    pinned: Option<Registry>,
+}
+
+/// `--fake-metrics`: the load `/metrics` reports in place of the engine's, in the JSON shape of
+/// llm-d-inference-sim's flag of that name (the part routing reads), so a scorer can be tested
+/// against endpoints whose queue, KV usage and adapters are known. Absent numbers are 0.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct FakeMetrics {
+    /// `vllm:num_requests_running`.
+    #[serde(default)]
+    pub(crate) running_requests: u32,
+    /// `vllm:num_requests_waiting`.
+    #[serde(default)]
+    pub(crate) waiting_requests: u32,
+    /// `vllm:kv_cache_usage_perc`, a fraction in [0, 1].
+    #[serde(default)]
+    pub(crate) kv_cache_usage: f64,
+    /// One `vllm:lora_requests_info` series each.
+    #[serde(default)]
+    pub(crate) loras: Vec<FakeLoras>,
+}
+
+/// One pinned `vllm:lora_requests_info` series.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FakeLoras {
+    /// Adapters with running requests, comma-separated.
+    #[serde(default)]
+    pub(crate) running: String,
+    /// Adapters with waiting requests, comma-separated.
+    #[serde(default)]
+    pub(crate) waiting: String,
+    /// The series' value, unix seconds of its update: a reader takes the newest series.
+    pub(crate) timestamp: f64,
+}
+
+impl FakeMetrics {
+    /// Parses the flag's JSON and checks its values.
+    pub(crate) fn parse(json: &str) -> Result<Self, String> {
+        let f: Self = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        if !(0.0..=1.0).contains(&f.kv_cache_usage) {
+            return Err(format!("kv-cache-usage is a fraction from 0 to 1; got {}", f.kv_cache_usage));
+        }
+        if let Some(l) = f.loras.iter().find(|l| !(l.timestamp.is_finite() && l.timestamp >= 0.0)) {
+            return Err(format!("a lora timestamp is unix seconds; got {}", l.timestamp));
+        }
+        Ok(f)
+    }
 }
 
 const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
@@ -139,7 +199,7 @@ impl SimMetrics {
     /// Registers every family in a fresh registry.
     pub(crate) fn new() -> Self {
         let registry = Registry::new();
-        let l = &["engine", "model_name"];
+        let l = ENGINE_LABELS;
         let reg = |c: Box<dyn prometheus::core::Collector>| {
             registry.register(c).expect("metric names are valid and unique");
         };
@@ -158,8 +218,7 @@ impl SimMetrics {
             reg(Box::new(v.clone()));
             v
         };
-        let kv_usage = GaugeVec::new(opts("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."), l)
-            .expect("valid gauge");
+        let kv_usage = GaugeVec::new(opts(KV_USAGE.0, KV_USAGE.1), l).expect("valid gauge");
         reg(Box::new(kv_usage.clone()));
         let cache_config = GaugeVec::new(
             opts("vllm:cache_config_info", "Information of the LLMEngine CacheConfig"),
@@ -255,15 +314,11 @@ impl SimMetrics {
                 &[],
             ),
         };
-        let lora_info = GaugeVec::new(
-            opts("vllm:lora_requests_info", "Running stats on lora requests."),
-            &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-        )
-        .expect("valid gauge");
+        let lora_info = GaugeVec::new(opts(LORA_INFO.0, LORA_INFO.1), LORA_LABELS).expect("valid gauge");
         reg(Box::new(lora_info.clone()));
         Self {
-            running: gauge("vllm:num_requests_running", "Number of requests in model execution batches."),
-            waiting: gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+            running: gauge(RUNNING.0, RUNNING.1),
+            waiting: gauge(WAITING.0, WAITING.1),
             kv_usage,
             prefix_queries: counter(
                 "vllm:prefix_cache_queries_total",
@@ -312,7 +367,36 @@ impl SimMetrics {
             lora_info,
             detail,
             registry,
+            pinned: None,
         }
+    }
+
+    /// These metrics with `fake`'s load shown for every one of `engines` in place of what the
+    /// engines report (`max_loras`: the `max_lora` label of the LoRA series).
+    pub(crate) fn with_fake(mut self, fake: &FakeMetrics, engines: &[u32], model: &str, max_loras: usize) -> Self {
+        let registry = Registry::new();
+        let gauge = |(name, help): (&str, &str), labels: &[&str]| {
+            let g = GaugeVec::new(opts(name, help), labels).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("metric names are valid and unique");
+            g
+        };
+        let (running, waiting, kv_usage) =
+            (gauge(RUNNING, ENGINE_LABELS), gauge(WAITING, ENGINE_LABELS), gauge(KV_USAGE, ENGINE_LABELS));
+        for engine in engines {
+            let l = [engine.to_string(), model.to_owned()];
+            running.with_label_values(&l).set(f64::from(fake.running_requests));
+            waiting.with_label_values(&l).set(f64::from(fake.waiting_requests));
+            kv_usage.with_label_values(&l).set(fake.kv_cache_usage);
+        }
+        if !fake.loras.is_empty() {
+            let lora_info = gauge(LORA_INFO, LORA_LABELS);
+            let max = max_loras.to_string();
+            for s in &fake.loras {
+                lora_info.with_label_values(&[max.as_str(), s.running.as_str(), s.waiting.as_str()]).set(s.timestamp);
+            }
+        }
+        self.pinned = Some(registry);
+        self
     }
 
     /// The Prometheus text exposition without the `hide` families; with `names`, only those
@@ -320,6 +404,13 @@ impl SimMetrics {
     /// `_total` there).
     pub(crate) fn render(&self, names: &[String], hide: &[&str]) -> String {
         let mut families = self.registry.gather();
+        if let Some(pinned) = &self.pinned {
+            // Pinned and engine values are never shown together, as with llm-d-inference-sim.
+            let load = [RUNNING.0, WAITING.0, KV_USAGE.0, LORA_INFO.0];
+            families.retain(|f| !load.contains(&f.name()));
+            families.extend(pinned.gather());
+            families.sort_by(|a, b| a.name().cmp(b.name()));
+        }
         families.retain(|f| !hide.contains(&f.name()));
         if !names.is_empty() {
             families.retain(|f| {
