@@ -22,24 +22,7 @@ impl Setup {
 }
 
 async fn setup(n: usize, extra: &str) -> Setup {
-    let mut sims = Vec::new();
-    for _ in 0..n {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
-    }
-    let eps: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\n{extra}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
-        eps.join(", ")
-    ))
-    .await;
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    let ok = eventually(10, || async {
-        get_json(&debug).await["pools"][0]["endpoints"]
-            .as_array()
-            .is_some_and(|e| e.len() == n && e.iter().all(|e| e["stale"] == false))
-    })
-    .await;
-    assert!(ok, "endpoints scraped");
+    let (sims, kv) = common::start_fleet(n, MODEL, extra).await;
     let grpc = kv.grpc_addr.port();
     let envoy =
         tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");

@@ -326,7 +326,7 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_services() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let sim = start_sim(&["--time-scale", "0"]).await;
     let health_port = common::free_port();
     let kv = start_kvgate(&format!(
@@ -340,19 +340,10 @@ async fn grpc_health_services() {
             .connect()
             .await
             .expect("connect");
-        let mut client = HealthClient::new(channel);
         for service in ["", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"] {
-            let serving = eventually(5, || {
-                let mut c = client.clone();
-                async move {
-                    c.check(HealthCheckRequest { service: service.into() })
-                        .await
-                        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
-                }
-            })
-            .await;
-            assert!(serving, "{service} on {addr}");
+            assert!(common::grpc_serving(channel.clone(), service).await, "{service} on {addr}");
         }
+        let mut client = HealthClient::new(channel);
         let unknown = client.check(HealthCheckRequest { service: "nope".into() }).await;
         assert!(unknown.is_err());
     }
@@ -723,18 +714,7 @@ async fn bodies_held_across_streams_are_bounded() {
 /// kvgate's ext_proc server over `n` simulators (all scraped), with `extproc` as its ext_proc
 /// section's fields.
 async fn picker_over(n: usize, extproc: &str) -> (Vec<common::Sim>, kvgate::tools::serve::Server) {
-    let mut sims = Vec::new();
-    for _ in 0..n {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
-    }
-    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{{extproc}}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
-        endpoints.join(", ")
-    ))
-    .await;
-    common::wait_scraped(&kv, n).await;
-    (sims, kv)
+    common::start_fleet(n, MODEL, &format!("grpc_addr: 127.0.0.1:0\nextproc: {{{extproc}}}")).await
 }
 
 /// kvgate's own `/metrics`.

@@ -415,7 +415,7 @@ struct ServiceHead {
 /// imports (what a client such as grpcurl needs), and gRPC health reports each one as serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_and_health_cover_every_grpc_service() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     use tonic_reflection::pb::v1::{self, server_reflection_request::MessageRequest};
     use v1::server_reflection_response::MessageResponse;
     const EXT_PROC: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -465,19 +465,10 @@ async fn reflection_and_health_cover_every_grpc_service() {
     assert!(seen.iter().any(|f| f == "envoy/config/core/v3/base.proto"), "{seen:?}");
     assert!(described.iter().any(|s| s == "ExternalProcessor") && described.iter().any(|s| s == "Picker"));
 
-    let mut health = HealthClient::new(channel);
     for service in ["", "liveness", "readiness", EXT_PROC, "kvgate.v1.Picker"] {
-        let serving = eventually(5, || {
-            let mut c = health.clone();
-            async move {
-                c.check(HealthCheckRequest { service: service.into() })
-                    .await
-                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
-            }
-        })
-        .await;
-        assert!(serving, "{service}");
+        assert!(common::grpc_serving(channel.clone(), service).await, "{service}");
     }
+    let mut health = HealthClient::new(channel);
     let unknown = health.check(HealthCheckRequest { service: "kvgate.v1.Nope".into() }).await;
     assert_eq!(unknown.expect_err("not a service").code(), Code::NotFound);
 }

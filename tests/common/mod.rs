@@ -172,6 +172,39 @@ pub async fn start_kvgate(yaml: &str) -> kvgate::tools::serve::Server {
     kvgate::tools::serve::start(cfg, path).await.expect("kvgate starts")
 }
 
+/// `n` simulators (`--time-scale 0`) and kvgate over them, one pool `p` serving `model`, with
+/// `extra` as more top-level config lines (listeners, sections); returns once every endpoint
+/// has been scraped.
+pub async fn start_fleet(n: usize, model: &str, extra: &str) -> (Vec<Sim>, kvgate::tools::serve::Server) {
+    let mut sims = Vec::new();
+    for _ in 0..n {
+        sims.push(start_sim(&["--time-scale", "0"]).await);
+    }
+    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\n{extra}\npools: [{{name: p, models: ['{model}'], endpoints: [{}]}}]\n",
+        endpoints.join(", ")
+    ))
+    .await;
+    wait_scraped(&kv, n).await;
+    (sims, kv)
+}
+
+/// Whether gRPC health on `channel` comes to answer SERVING for `service` (within 5 s).
+pub async fn grpc_serving(channel: tonic::transport::Channel, service: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let health = HealthClient::new(channel);
+    eventually(5, || {
+        let mut c = health.clone();
+        async move {
+            c.check(HealthCheckRequest { service: service.into() })
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+        }
+    })
+    .await
+}
+
 /// Waits until kvgate lists `n` endpoints in its first pool, all scraped.
 pub async fn wait_scraped(kv: &kvgate::tools::serve::Server, n: usize) {
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
