@@ -114,3 +114,107 @@ fn a_closed_stdout_is_not_a_crash() {
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Each setting kvgate accepts but ignores, in a config of its own: check-config passes and
+/// prints a warning naming the setting and where it is (file, line, YAML path).
+#[test]
+fn ignored_settings_are_warned_about_with_their_place() {
+    let pool = "pools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n    scheduler:\n";
+    let cases = [
+        (
+            "api-version",
+            "      apiVersion: inference.networking.x-k8s.io/v1alpha1\n      plugins: [{type: queue-scorer}]\n",
+            6,
+            "pools[0].scheduler.apiVersion",
+        ),
+        (
+            "auto-tune",
+            "      plugins: [{type: approx-prefix-cache-producer, parameters: {autoTune: true}}]\n",
+            6,
+            "pools[0].scheduler.plugins[0].parameters.autoTune",
+        ),
+        (
+            "peak-prefill",
+            "      plugins:\n        - type: prefix-cache-affinity-filter\n          parameters: {peakPrefillThroughput: 20000}\n",
+            8,
+            "pools[0].scheduler.plugins[0].parameters.peakPrefillThroughput",
+        ),
+        (
+            "lru-size",
+            "      plugins:\n        - {type: queue-scorer}\n        - {type: no-hit-lru-scorer, parameters: {lruSize: 64}}\n",
+            8,
+            "pools[0].scheduler.plugins[1].parameters.lruSize",
+        ),
+        (
+            "unreferenced",
+            "      plugins: [{type: queue-scorer}, {type: kv-cache-utilization-scorer}]\n      schedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}]}]\n",
+            6,
+            "pools[0].scheduler.plugins[1]",
+        ),
+    ];
+    for (name, scheduler, line, at) in cases {
+        let path = config_file(&format!("ignored-{name}.yaml"), &format!("{pool}{scheduler}"));
+        let located = format!("{}:{line}: {at}", path.display());
+        let out = kvgate(&["check-config", path.to_str().expect("utf-8 path")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            text.lines().any(|l| l.starts_with("warning:") && l.contains(&located)),
+            "{name}: no warning line with `{located}`:\n{text}"
+        );
+    }
+    // No warning for a config that sets nothing in vain.
+    let clean = config_file("ignored-none.yaml", &format!("{pool}      plugins: [{{type: queue-scorer}}]\n"));
+    let out = kvgate(&["check-config", clean.to_str().expect("utf-8 path")]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("warning"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// The picker's `maxNumOfEndpoints` and `extproc.max_endpoints` disagreeing is a warning that
+/// says which count applies.
+#[test]
+fn endpoint_counts_that_disagree_are_warned_about() {
+    let yaml = "extproc: {max_endpoints: 2}\npools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n    scheduler:\n      plugins:\n        - {type: max-score-picker, parameters: {maxNumOfEndpoints: 4}}\n";
+    let path = config_file("endpoint-counts.yaml", yaml);
+    let located =
+        format!("warning: pool `a`: {}:8: pools[0].scheduler.plugins[0].parameters.maxNumOfEndpoints", path.display());
+    check(&path, true, &[&located, "extproc.max_endpoints 2 (line 1)", "list 2 endpoints"]);
+}
+
+/// `kvgate serve` logs the same warnings when it starts.
+#[test]
+fn serve_logs_ignored_settings() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let yaml = "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n    scheduler:\n      plugins:\n        - {type: no-hit-lru-scorer, parameters: {lruSize: 64}}\n";
+    let path = config_file("serve-ignored.yaml", yaml);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["serve", "--config", path.to_str().expect("utf-8 path")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kvgate serve starts");
+    let stderr = child.stderr.take().expect("piped stderr");
+    // Read on a thread so that a kvgate that never says it does not hang the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let located = format!("{}:9: pools[0].scheduler.plugins[0].parameters.lruSize", path.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("warning") && line.contains(&located) => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found, "no warning line with `{located}` in:\n{}", seen.join("\n"));
+}

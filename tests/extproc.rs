@@ -904,3 +904,36 @@ async fn the_served_endpoint_is_echoed_for_conformance() {
     s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", &served)])))).await;
     assert_eq!(response_header(&s.recv().await, ECHO), None, "off by default");
 }
+
+/// Envoy's destination lists the pool picker's `maxNumOfEndpoints`; `extproc.max_endpoints`,
+/// when set, caps it (README, "How many endpoints a decision lists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_picker_sets_the_endpoints_listed_and_extproc_caps_them() {
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(start_sim(&["--time-scale", "0"]).await);
+    }
+    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let config = |extproc: &str, picker: &str| {
+        format!(
+            "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\n{extproc}\npools: [{{name: p, models: ['{MODEL}'], \
+             endpoints: [{}], scheduler: {{plugins: [{{type: queue-scorer}}, {{type: max-score-picker{picker}}}]}}}}]\n",
+            endpoints.join(", ")
+        )
+    };
+    let three = ", parameters: {maxNumOfEndpoints: 3}";
+    for (extproc, picker, want) in [
+        ("", "", 1),
+        ("", three, 3),
+        ("extproc: {max_endpoints: 2}", three, 2),
+        ("extproc: {max_endpoints: 4}", three, 3),
+        ("extproc: {max_endpoints: 2}", "", 2),
+    ] {
+        let kv = start_kvgate(&config(extproc, picker)).await;
+        common::wait_scraped(&kv, 4).await;
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello."}]});
+        let (_s, r) = decide(kv.grpc_addr, &body, &[]).await;
+        let list = destination(&r).unwrap_or_else(|| panic!("routed, got {r:?}"));
+        assert_eq!(list.split(',').count(), want, "`{extproc}` `{picker}`: {list}");
+    }
+}

@@ -393,7 +393,7 @@ impl StreamState {
     /// Decides where the request goes; `with_body`: the body has been received (and must be
     /// sent back in full duplex mode).
     fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
-        let want = self.cfg.max_endpoints.max(1);
+        let want = self.cfg.max_endpoints.unwrap_or(1);
         let routed = match self.subset() {
             Ok(subset) => match self.place {
                 Some(place) => self.gateway.route(place, &self.body, subset.as_ref(), want),
@@ -413,7 +413,8 @@ impl StreamState {
             }
         };
         let ticket = routed.decision().prefill.is_some().then(|| self.gateway.decisions().stream());
-        let placement = Placement::of(routed.decision(), want, ticket.as_ref().map(StreamTicket::id));
+        let listed = routed.listed(self.cfg.max_endpoints);
+        let placement = Placement::of(routed.decision(), listed, ticket.as_ref().map(StreamTicket::id));
         let dest = placement.destination;
         let mut set = vec![set_header(DESTINATION_HEADER, &dest)];
         // Placement headers are kvgate's: set them for this decision, drop any the client sent.

@@ -65,7 +65,8 @@ impl Drop for WatchSlot {
 #[derive(Debug, Clone)]
 pub(crate) struct PickerApi {
     gateway: Arc<Gateway>,
-    max_endpoints: usize,
+    /// `extproc.max_endpoints`: the server's cap on endpoints listed when a `Pick` does not say.
+    max_endpoints: Option<usize>,
     /// Turns true when the server stops: watch streams end.
     stop: watch::Receiver<bool>,
     /// `WatchEndpoints` streams open.
@@ -160,18 +161,20 @@ impl Picker for PickerApi {
         };
         // A pick that could not be held must not be decided (deciding records the prompt).
         self.gateway.decisions().has_room().map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let want = match req.max_endpoints {
-            0 => self.max_endpoints,
-            n => usize::try_from(n).unwrap_or(MAX_PICK_ENDPOINTS),
-        }
-        .clamp(1, MAX_PICK_ENDPOINTS);
-        let routed = match self.gateway.route(place, &body, subset.as_ref(), want) {
+        // A caller's own count wins; else the pool's and the server's settings decide.
+        let asked = match req.max_endpoints {
+            0 => None,
+            n => Some(usize::try_from(n).unwrap_or(MAX_PICK_ENDPOINTS).clamp(1, MAX_PICK_ENDPOINTS)),
+        };
+        let places = asked.unwrap_or(self.max_endpoints.unwrap_or(1));
+        let routed = match self.gateway.route(place, &body, subset.as_ref(), places) {
             Ok(r) => r,
             Err(e) => return Ok(Response::new(refused(route_refusal(&e)))),
         };
         let mut decision = convert::decision(routed.decision(), routed.snapshot(), routed.pool_name(), routed.model());
         decision.body = routed.sanitized(&body);
         let first = decision.endpoints.first().map(|e| e.address.clone()).unwrap_or_default();
+        let want = asked.unwrap_or_else(|| routed.listed(self.max_endpoints).min(MAX_PICK_ENDPOINTS));
         let ranked = routed.decision().clone();
         let id = self.gateway.decisions().hold(routed).map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let placement = Placement::of(&ranked, want, Some(&id));

@@ -7,6 +7,7 @@
 
 pub mod endpoints;
 mod inference_pool;
+mod located;
 mod sections;
 
 use std::collections::{BTreeMap, HashSet};
@@ -23,6 +24,7 @@ use endpoints::{Claims, EndpointSpec, ResolvedEndpoint, first_use, load_endpoint
 pub use inference_pool::{
     INFERENCE_POOL_GROUP, InferencePoolRef, is_dns_label, is_dns_subdomain, is_label_key, is_label_value,
 };
+use located::Lines;
 pub use sections::{
     Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, PickerApiConfig,
     ProxyConfig, ScrapeConfig, TlsFiles, bind_address,
@@ -74,6 +76,9 @@ pub struct Config {
     pub paths: crate::gateway::paths::PathsConfig,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
+    /// Where each setting is in the file, for warnings.
+    #[serde(skip)]
+    lines: Lines,
 }
 
 fn default_grpc_addr() -> SocketAddr {
@@ -285,6 +290,7 @@ impl Config {
             at,
             message,
         })?;
+        cfg.lines = Lines::of(text);
         let base = path.parent().unwrap_or(Path::new(""));
         if let Some(tls) = cfg.extproc.tls.as_mut() {
             for p in [&mut tls.cert_path, &mut tls.key_path] {
@@ -323,6 +329,52 @@ impl Config {
         None
     }
 
+    /// `file:line: path: message` for the setting at `at` (a YAML path); without the line when
+    /// it is not known.
+    fn located(&self, path: &Path, at: &str, message: &str) -> String {
+        match self.lines.get(at) {
+            Some(line) => format!("{}:{line}: {at}: {message}", path.display()),
+            None => format!("{}: {at}: {message}", path.display()),
+        }
+    }
+
+    /// Warnings about pool `i`'s settings that are accepted but change nothing (or less than
+    /// they say): its scheduler's, and its picker's `maxNumOfEndpoints` against
+    /// `extproc.max_endpoints`.
+    fn ignored_settings(&self, i: usize, pool: &PoolConfig, scheduler: &Scheduler, path: &Path) -> Vec<String> {
+        let Some(spec) = &pool.scheduler else { return Vec::new() };
+        let mut out: Vec<String> = spec
+            .ignored()
+            .iter()
+            .map(|x| self.located(path, &format!("pools[{i}].scheduler.{}", x.at), &x.message))
+            .collect();
+        if let (Some(picker), Some(server)) = (scheduler.max_endpoints(), self.extproc.max_endpoints)
+            && picker != server
+        {
+            let at = spec
+                .plugins
+                .iter()
+                .position(|p| {
+                    let n = p.parameters.as_ref().and_then(|v| v.get("maxNumOfEndpoints"));
+                    p.kind.ends_with("-picker") && n.and_then(serde_json::Value::as_u64) == Some(picker as u64)
+                })
+                .map_or(format!("pools[{i}].scheduler"), |k| {
+                    format!("pools[{i}].scheduler.plugins[{k}].parameters.maxNumOfEndpoints")
+                });
+            let server_at = self.lines.get("extproc.max_endpoints").map_or(String::new(), |l| format!(" (line {l})"));
+            let listed = picker.min(server);
+            out.push(self.located(
+                path,
+                &at,
+                &format!(
+                    "maxNumOfEndpoints {picker} and extproc.max_endpoints {server}{server_at} disagree: this pool's \
+                     decisions list {listed} endpoints (the smaller of the two)"
+                ),
+            ));
+        }
+        out
+    }
+
     /// Checks the whole config and compiles each pool's scheduler.
     pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
         let invalid =
@@ -347,7 +399,7 @@ impl Config {
             let why = "start_timeout_ms, report_timeout_ms and max_pending must be at least 1";
             return Err(invalid("picker_api".into(), why.into()));
         }
-        if self.extproc.max_endpoints == 0 || self.extproc.max_message_bytes < 1024 {
+        if self.extproc.max_endpoints == Some(0) || self.extproc.max_message_bytes < 1024 {
             return Err(invalid(
                 "extproc".into(),
                 "max_endpoints must be at least 1 and max_message_bytes at least 1024".into(),
@@ -471,7 +523,7 @@ impl Config {
                 Some(spec) => Scheduler::from_spec(spec)
                     .map_err(|e| invalid(format!("pools[{i}].scheduler.{}", e.at), e.message))?,
             };
-            let mut warnings = Vec::new();
+            let mut warnings = self.ignored_settings(i, pool, &scheduler, path);
             let precise = match (&pool.kv_events, &pool.tokenizer, scheduler.precise_producer()) {
                 (None, _, Some(_)) => {
                     return Err(invalid(

@@ -299,7 +299,8 @@ impl Gateway {
         let now = now_ms();
         let planner = pool.planner();
         admit(pool.admission(), pool.name(), &snapshot.endpoints, req.priority, now, planner.stale_after_ms())?;
-        let want = candidates_for(places.max(1));
+        // The pool's `maxNumOfEndpoints` may ask for more places than the caller.
+        let want = candidates_for(places.max(planner.scheduler().max_endpoints().unwrap_or(1)));
         let lora = snapshot.lora(&req.model);
         let opts = PlanOptions { subset, want, now_ms: now, disaggregate: api.disaggregates(), lora };
         let planned = planner.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;

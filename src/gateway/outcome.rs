@@ -145,6 +145,12 @@ impl Routed {
         &self.model
     }
 
+    /// How many endpoints to list for this decision where Envoy (or a `Pick` caller) gets a
+    /// fallback list: the pool's `maxNumOfEndpoints` capped by `server` (`extproc.max_endpoints`).
+    pub fn listed(&self, server: Option<usize>) -> usize {
+        crate::routing::plan::endpoints_listed(self.pool.planner().scheduler().max_endpoints(), server)
+    }
+
     /// The pool's name.
     pub fn pool_name(&self) -> &str {
         self.pool.name()

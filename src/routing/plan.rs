@@ -63,6 +63,18 @@ pub fn candidates_for(places: usize) -> usize {
     if places > 1 { places * 4 } else { 1 }
 }
 
+/// Endpoints a decision lists for Envoy (the destination header) and for a `Pick` that does
+/// not say: the pool's picker's `maxNumOfEndpoints` (`pool`), capped by the server's
+/// `extproc.max_endpoints` (`server`); either alone decides; 1 when neither is set.
+pub fn endpoints_listed(pool: Option<usize>, server: Option<usize>) -> usize {
+    match (pool, server) {
+        (Some(p), Some(s)) => p.min(s),
+        (Some(n), None) | (None, Some(n)) => n,
+        (None, None) => 1,
+    }
+    .max(1)
+}
+
 /// Bodies longer than this are not tokenized (matched approximately).
 pub const MAX_TOKENIZED_BYTES: usize = 1 << 20;
 
@@ -388,6 +400,16 @@ mod tests {
     ) -> Planned {
         let req = request::parse(ApiKind::ChatCompletions, body.as_bytes(), 1 << 20).expect("parses");
         planner.plan(&req, eps, opts(), rng, explain).expect("planned")
+    }
+
+    #[test]
+    fn endpoints_listed_takes_the_smaller_setting() {
+        let check = |pool, server, want| assert_eq!(endpoints_listed(pool, server), want, "{pool:?} {server:?}");
+        check(None, None, 1);
+        check(Some(3), None, 3);
+        check(None, Some(2), 2);
+        check(Some(3), Some(2), 2);
+        check(Some(2), Some(4), 2);
     }
 
     #[test]

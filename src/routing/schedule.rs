@@ -21,7 +21,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use config::{SchedulerSpec, SpecError};
+pub use config::{Ignored, SchedulerSpec, SpecError};
 pub use filter::{AffinityParams, Filter, Subset, UtilizationParams};
 pub use picker::{Picker, PickerParams};
 pub use scorer::{
@@ -350,6 +350,11 @@ impl Scheduler {
     /// `precise-prefix-cache-producer`.
     pub fn default_precise() -> Self {
         Self { precise: Some(crate::routing::prefix::precise::DEFAULT_BLOCK_SIZE), ..config::default_scheduler() }
+    }
+
+    /// The main profile's picker's `maxNumOfEndpoints`, when the config sets it.
+    pub fn max_endpoints(&self) -> Option<usize> {
+        self.profile.picker.plugin.max_endpoints_set()
     }
 
     /// The block size `precise-prefix-cache-producer` starts from, when the scheduler names it.

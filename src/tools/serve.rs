@@ -217,7 +217,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     for rp in resolved {
         let kind = rp.source_kind();
         for w in &rp.warnings {
-            tracing::warn!(pool = rp.name.as_str(), "{w}");
+            tracing::warn!(pool = rp.name.as_str(), "config warning: {w}");
         }
         let mut planner = Planner::new(rp.models, rp.scheduler, stale_ms);
         let kv_events = rp.precise.as_ref().map(|p| p.kv_events.clone());

@@ -181,8 +181,10 @@ pub enum BodyMode {
 #[serde(deny_unknown_fields, default)]
 pub struct ExtProcConfig {
     /// Endpoints written to the destination (1: one `ip:port`, which ORIGINAL_DST clusters need;
-    /// more: an ordered fallback list for `override_host`).
-    pub max_endpoints: usize,
+    /// more: an ordered fallback list for `override_host`). A cap over every pool: a pool whose
+    /// picker sets `maxNumOfEndpoints` lists the smaller of the two; unset, the pool's
+    /// `maxNumOfEndpoints` decides, and 1 when that is unset too.
+    pub max_endpoints: Option<usize>,
     /// Request body mode assumed when Envoy's first message does not say.
     pub request_body_mode: BodyMode,
     /// Response body mode assumed when Envoy's first message does not say.
@@ -232,7 +234,7 @@ pub struct TlsFiles {
 impl Default for ExtProcConfig {
     fn default() -> Self {
         Self {
-            max_endpoints: 1,
+            max_endpoints: None,
             request_body_mode: BodyMode::FullDuplexStreamed,
             response_body_mode: BodyMode::FullDuplexStreamed,
             max_message_bytes: 64 << 20,

@@ -86,3 +86,48 @@ fn config_errors_name_the_place() {
     check_config(&with_admission("{max_in_flight: 0}"), Err(("pools[0].admission", "at least 1")));
     check_config(&with_admission("{max_in_flight: 8, sheddable_headroom: 0.5}"), Ok(1));
 }
+
+/// Settings accepted without effect are warnings naming the file, line and YAML path.
+#[test]
+fn ignored_settings_are_warnings_with_their_line() {
+    let check = |yaml: &str, want: &[&str]| {
+        let path = Path::new("/etc/kvgate/test.yaml");
+        let pools = Config::from_yaml(yaml, path).and_then(|c| c.resolve(path)).expect("valid");
+        let w = &pools[0].warnings;
+        assert_eq!(w.len(), want.len(), "{w:#?}");
+        for (got, needle) in w.iter().zip(want) {
+            assert!(got.starts_with(needle), "`{got}` does not start with `{needle}`");
+        }
+    };
+    let pool = "pools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n    scheduler:\n";
+    check(&format!("{pool}      plugins: [{{type: queue-scorer}}]\n"), &[]);
+    check(
+        &format!(
+            "{pool}      apiVersion: inference.networking.x-k8s.io/v1alpha1\n      plugins:\n\
+             \x20       - {{type: approx-prefix-cache-producer, parameters: {{autoTune: false}}}}\n\
+             \x20       - {{type: prefix-cache-affinity-filter, parameters: {{peakPrefillThroughput: 9000}}}}\n\
+             \x20       - type: no-hit-lru-scorer\n          parameters:\n            lruSize: 64\n\
+             \x20       - {{type: queue-scorer}}\n\
+             \x20       - {{type: max-score-picker}}\n\
+             \x20     schedulingProfiles:\n\
+             \x20       - {{name: default, plugins: [{{pluginRef: prefix-cache-affinity-filter}}, {{pluginRef: no-hit-lru-scorer}}, {{pluginRef: max-score-picker}}]}}\n"
+        ),
+        &[
+            "/etc/kvgate/test.yaml:6: pools[0].scheduler.apiVersion: accepted for compatibility",
+            "/etc/kvgate/test.yaml:8: pools[0].scheduler.plugins[0].parameters.autoTune: accepted for compatibility",
+            "/etc/kvgate/test.yaml:9: pools[0].scheduler.plugins[1].parameters.peakPrefillThroughput: accepted",
+            "/etc/kvgate/test.yaml:12: pools[0].scheduler.plugins[2].parameters.lruSize: accepted",
+            "/etc/kvgate/test.yaml:13: pools[0].scheduler.plugins[3]: `queue-scorer` is defined but no profile",
+        ],
+    );
+    let picker = |n: usize| {
+        format!("{pool}      plugins: [{{type: max-score-picker, parameters: {{maxNumOfEndpoints: {n}}}}}]\n")
+    };
+    check(&format!("extproc: {{max_endpoints: 2}}\n{}", picker(2)), &[]);
+    check(
+        &format!("extproc: {{max_endpoints: 2}}\n{}", picker(3)),
+        &[
+            "/etc/kvgate/test.yaml:7: pools[0].scheduler.plugins[0].parameters.maxNumOfEndpoints: maxNumOfEndpoints 3 and extproc.max_endpoints 2 (line 1) disagree",
+        ],
+    );
+}

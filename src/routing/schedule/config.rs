@@ -9,6 +9,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
+mod ignored;
+
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -20,11 +22,14 @@ use super::{
 use crate::routing::prefix::precise::DEFAULT_BLOCK_SIZE;
 use crate::routing::prefix::{BYTES_PER_TOKEN, PrefixConfig};
 
+pub use ignored::Ignored;
+
 /// The scheduler section of a pool, in EndpointPickerConfig shape.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SchedulerSpec {
-    /// Accepted for compatibility with standalone EndpointPickerConfig files; not checked.
+    /// Accepted for compatibility with standalone EndpointPickerConfig files; has no effect
+    /// (reported by [`SchedulerSpec::ignored`]).
     #[serde(default)]
     pub api_version: Option<String>,
     /// Accepted for compatibility; must be `EndpointPickerConfig` if given.
@@ -196,6 +201,14 @@ fn params<T: DeserializeOwned + Default>(value: Option<&serde_json::Value>) -> R
     }
 }
 
+fn picker_params(value: Option<&serde_json::Value>) -> Result<PickerParams, String> {
+    let p: PickerParams = params(value)?;
+    if p.max_num_of_endpoints == Some(0) {
+        return Err("maxNumOfEndpoints must be at least 1".into());
+    }
+    Ok(p)
+}
+
 fn no_params(value: Option<&serde_json::Value>) -> Result<(), String> {
     match value {
         None | Some(serde_json::Value::Null) => Ok(()),
@@ -273,10 +286,10 @@ fn instantiate(kind: &str, p: Option<&serde_json::Value>) -> Result<Instance, St
         "load-aware-scorer" => scorer(Scorer::LoadAware(params(p)?)),
         "lora-affinity-scorer" => no_params(p).and_then(|()| scorer(Scorer::LoraAffinity)),
         "no-hit-lru-scorer" => scorer(Scorer::NoHitLru(params(p)?, Mutex::default())),
-        "max-score-picker" => picker(Picker::MaxScore(params::<PickerParams>(p)?)),
-        "weighted-random-picker" => picker(Picker::WeightedRandom(params::<PickerParams>(p)?)),
-        "random-picker" => picker(Picker::Random(params::<PickerParams>(p)?)),
-        "round-robin-picker" => picker(Picker::RoundRobin(params::<PickerParams>(p)?, AtomicUsize::new(0))),
+        "max-score-picker" => picker(Picker::MaxScore(picker_params(p)?)),
+        "weighted-random-picker" => picker(Picker::WeightedRandom(picker_params(p)?)),
+        "random-picker" => picker(Picker::Random(picker_params(p)?)),
+        "round-robin-picker" => picker(Picker::RoundRobin(picker_params(p)?, AtomicUsize::new(0))),
         "approx-prefix-cache-producer" => Ok(I::Producer(params(p)?)),
         "precise-prefix-cache-producer" => {
             let pp: PreciseParams = params(p)?;

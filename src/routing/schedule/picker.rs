@@ -8,17 +8,13 @@ use serde::Deserialize;
 use crate::routing::endpoint::EndpointId;
 
 /// Parameters every picker takes.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PickerParams {
-    /// Endpoints to return: the target plus fallbacks, in order.
-    pub max_num_of_endpoints: usize,
-}
-
-impl Default for PickerParams {
-    fn default() -> Self {
-        Self { max_num_of_endpoints: 1 }
-    }
+    /// Endpoints a decision lists: the target plus fallbacks, in order (default 1). Unset, the
+    /// server's `extproc.max_endpoints` decides what Envoy is sent (see
+    /// `routing::plan::endpoints_listed`).
+    pub max_num_of_endpoints: Option<usize>,
 }
 
 /// A picker plugin.
@@ -47,9 +43,14 @@ pub(super) struct Scored {
 impl Picker {
     /// How many endpoints the picker returns.
     pub fn max_endpoints(&self) -> usize {
+        self.max_endpoints_set().unwrap_or(1)
+    }
+
+    /// `maxNumOfEndpoints`, when the config sets it.
+    pub fn max_endpoints_set(&self) -> Option<usize> {
         match self {
             Self::MaxScore(p) | Self::WeightedRandom(p) | Self::Random(p) | Self::RoundRobin(p, _) => {
-                p.max_num_of_endpoints.max(1)
+                p.max_num_of_endpoints.map(|n| n.max(1))
             }
         }
     }
