@@ -18,28 +18,24 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation::Mutation,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ProcessingRequest,
+    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation::Mutation,
 };
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Value, value::Kind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 pub(crate) mod health;
+mod reply;
 
 use crate::front::http::{
-    DESTINATION_HEADER, DROPPED_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER,
-    dropped_reason, new_request_id, refusal_headers,
+    DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, new_request_id,
 };
 use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
@@ -51,6 +47,7 @@ use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{Ask, PathRefusal, Place};
 use crate::routing::request::RequestError;
 use crate::routing::schedule::{NoDecision, Subset};
+use reply::{body_chunks, immediate, immediate_json, lb_metadata, refused_path, response, set_header};
 
 /// Dynamic metadata namespace of the pick.
 pub(crate) const LB_NAMESPACE: &str = "envoy.lb";
@@ -127,28 +124,6 @@ impl ExternalProcessor for Picker {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
-}
-
-fn set_header(key: &str, value: &str) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
-    }
-}
-
-fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.into())) }
-}
-
-/// `{"envoy.lb": {"x-gateway-destination-endpoint": dest}}`.
-fn lb_metadata(dest: &str) -> Struct {
-    let inner = Struct { fields: [(DESTINATION_HEADER.to_owned(), string_value(dest))].into_iter().collect() };
-    Struct { fields: [(LB_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(inner)) })].into_iter().collect() }
-}
-
-fn response(r: Resp) -> ProcessingResponse {
-    ProcessingResponse { response: Some(r), ..Default::default() }
 }
 
 /// A string list or comma string from a metadata value: items split at commas, trimmed, empty
@@ -594,56 +569,6 @@ impl ServedReport {
             Self::Endpoint(e) => e,
         }
     }
-}
-
-/// The body sent back in streamed chunks of at most [`CHUNK`] bytes, the last marked.
-fn body_chunks(body: Vec<u8>) -> Vec<ProcessingResponse> {
-    let chunk = |bytes: Vec<u8>, last: bool| {
-        response(Resp::RequestBody(BodyResponse {
-            response: Some(CommonResponse {
-                body_mutation: Some(BodyMutation {
-                    mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
-                        body: bytes,
-                        end_of_stream: last,
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            }),
-        }))
-    };
-    if body.is_empty() {
-        return vec![chunk(Vec::new(), true)];
-    }
-    let n = body.len().div_ceil(CHUNK);
-    body.chunks(CHUNK).enumerate().map(|(i, c)| chunk(c.to_vec(), i + 1 == n)).collect()
-}
-
-/// A refusal as an `ImmediateResponse`.
-fn immediate(e: &RouteError) -> ProcessingResponse {
-    let mut extra = vec![(DROPPED_HEADER, dropped_reason(e))];
-    extra.extend(refusal_headers(e));
-    immediate_json(e.status(), e.to_json(), &extra, e.code())
-}
-
-/// A refused path as an `ImmediateResponse`, as the proxy answers it.
-fn refused_path(r: &PathRefusal) -> ProcessingResponse {
-    let allow: Vec<(&str, &str)> = r.allow.map(|a| ("allow", a)).into_iter().collect();
-    immediate_json(r.status, r.body(), &allow, r.code)
-}
-
-/// An `ImmediateResponse` with a JSON body, `headers` besides its content type, and `details`
-/// for Envoy's access log.
-fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: &str) -> ProcessingResponse {
-    let mut set = vec![set_header("content-type", "application/json")];
-    set.extend(headers.iter().map(|(k, v)| set_header(k, v)));
-    response(Resp::ImmediateResponse(ImmediateResponse {
-        status: Some(HttpStatus { code: i32::from(status) }),
-        headers: Some(HeaderMutation { set_headers: set, ..Default::default() }),
-        body: body.into_bytes(),
-        details: details.to_owned(),
-        ..Default::default()
-    }))
 }
 
 #[cfg(any(fuzzing, test))]

@@ -29,6 +29,7 @@ use crate::gateway::error::{error_chain, upstream_error_code};
 use crate::gateway::facade::Gateway;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{Ask, PathRefusal, Place};
+use crate::routing::schedule::Target;
 
 /// What the proxy needs.
 #[derive(Debug)]
@@ -197,23 +198,7 @@ async fn send(
         body = Bytes::from(b);
     }
     if let Some(p) = routed.decision().prefill {
-        let leg = PrefillLeg {
-            address: p.address,
-            header_rank: p.header_rank,
-            path: &path,
-            headers: &fwd,
-            timeout: Duration::from_millis(st.cfg.prefill_timeout_ms),
-        };
-        match handoff::handoff(&st.client, leg, &body).await {
-            Ok(decode) => {
-                routed.prefill_succeeded();
-                body = Bytes::from(decode);
-            }
-            Err(f) => {
-                tracing::warn!(pool = routed.pool_name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
-                routed.prefill_failed(f.reason(), f.learned());
-            }
-        }
+        body = prefill_first(st, &mut routed, p, &path, &fwd, body).await;
     }
     let _waiting = Counted::new(&st.waiting);
     let mut retry_permit = None;
@@ -303,4 +288,34 @@ async fn send(
     };
     routed.count(resp.status().as_u16(), "upstream_error");
     resp
+}
+
+/// Runs the prefill leg of a P/D decision and returns the decode leg's body; when the leg fails,
+/// the decode endpoint prefills the original body itself.
+async fn prefill_first(
+    st: &ProxyState,
+    routed: &mut Routed,
+    p: Target,
+    path: &str,
+    fwd: &HeaderMap,
+    body: Bytes,
+) -> Bytes {
+    let leg = PrefillLeg {
+        address: p.address,
+        header_rank: p.header_rank,
+        path,
+        headers: fwd,
+        timeout: Duration::from_millis(st.cfg.prefill_timeout_ms),
+    };
+    match handoff::handoff(&st.client, leg, &body).await {
+        Ok(decode) => {
+            routed.prefill_succeeded();
+            Bytes::from(decode)
+        }
+        Err(f) => {
+            tracing::warn!(pool = routed.pool_name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
+            routed.prefill_failed(f.reason(), f.learned());
+            body
+        }
+    }
 }

@@ -379,6 +379,40 @@ impl Config {
     pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
         let invalid =
             |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
+        self.check_sections(&invalid)?;
+        let mut names = HashSet::new();
+        let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut out = Vec::with_capacity(self.pools.len());
+        for (i, pool) in self.pools.iter().enumerate() {
+            let at = |field: &str| format!("pools[{i}].{field}");
+            check_pool(pool, &at, &mut names, &mut model_owner, &invalid)?;
+            let (endpoints, file_endpoints) = pool_endpoints(pool, &at, &invalid)?;
+            let scheduler = match &pool.scheduler {
+                None if pool.kv_events.is_some() => Scheduler::default_precise(),
+                None => Scheduler::default_config(),
+                Some(spec) => Scheduler::from_spec(spec)
+                    .map_err(|e| invalid(format!("pools[{i}].scheduler.{}", e.at), e.message))?,
+            };
+            let mut warnings = self.ignored_settings(i, pool, &scheduler, path);
+            let precise = precise_setup(pool, &scheduler, &at, &invalid, &mut warnings)?;
+            out.push(ResolvedPool {
+                name: pool.name.clone(),
+                models: pool.models.clone(),
+                endpoints,
+                inference_pool: pool.inference_pool.clone(),
+                file_endpoints,
+                endpoints_file: pool.endpoints_file.clone(),
+                scheduler,
+                admission: pool.admission,
+                precise,
+                warnings,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks the sections shared by every pool: limits, listeners, proxy, health.
+    fn check_sections(&self, invalid: &Invalid<'_>) -> Result<(), ConfigError> {
         if self.pools.is_empty() {
             return Err(invalid("pools".into(), "at least one pool is needed".into()));
         }
@@ -446,140 +480,150 @@ impl Config {
                 "failure_threshold must be at least 1 and backoff_ms at most max_backoff_ms".into(),
             ));
         }
-        let mut names = HashSet::new();
-        let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
-        let mut out = Vec::with_capacity(self.pools.len());
-        for (i, pool) in self.pools.iter().enumerate() {
-            let at = |field: &str| format!("pools[{i}].{field}");
-            if pool.name.trim().is_empty() {
-                return Err(invalid(at("name"), "a pool needs a name".into()));
-            }
-            if !names.insert(pool.name.as_str()) {
-                return Err(invalid(at("name"), format!("two pools are named `{}`", pool.name)));
-            }
-            if let Some(r) = &pool.inference_pool {
-                if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() {
-                    return Err(invalid(
-                        at("inference_pool"),
-                        "a pool's endpoints come from `inference_pool` or from `endpoints`/`endpoints_file`, not both"
-                            .into(),
-                    ));
-                }
-                if let Some((field, message)) = r.problem() {
-                    return Err(invalid(at(&format!("inference_pool.{field}")), message));
-                }
-            } else if pool.models.is_empty() {
-                return Err(invalid(
-                    at("models"),
-                    "a pool must serve at least one model (only an `inference_pool` pool may learn them from its endpoints)"
-                        .into(),
-                ));
-            }
-            for (m, model) in pool.models.iter().enumerate() {
-                if model.is_empty() {
-                    return Err(invalid(at(&format!("models[{m}]")), "empty model name".into()));
-                }
-                if let Some(other) = model_owner.insert(model, &pool.name) {
-                    return Err(invalid(
-                        at(&format!("models[{m}]")),
-                        format!("model `{model}` is also served by pool `{other}`; each model routes to one pool"),
-                    ));
-                }
-            }
-            if let Some(message) = pool.admission.problem() {
-                return Err(invalid(at("admission"), message));
-            }
-            let mut endpoints = Vec::new();
-            let mut file_endpoints = Vec::new();
-            let mut seen = Claims::new();
-            for (j, e) in pool.endpoints.iter().enumerate() {
-                let eat = at(&format!("endpoints[{j}]"));
-                for r in e.resolve().map_err(|m| invalid(eat.clone(), m.to_string()))? {
-                    if !first_use(&mut seen, &r) {
-                        return Err(invalid(eat, format!("endpoint {r} is listed twice")));
-                    }
-                    endpoints.push(r);
-                }
-            }
-            if let Some(f) = &pool.endpoints_file {
-                if !f.is_file() {
-                    return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
-                }
-                for r in load_endpoints_file(f)? {
-                    if !first_use(&mut seen, &r) {
-                        return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
-                    }
-                    file_endpoints.push(r);
-                }
-            } else if endpoints.is_empty() && pool.inference_pool.is_none() {
-                return Err(invalid(
-                    at("endpoints"),
-                    "a pool needs `endpoints`, an `endpoints_file` or an `inference_pool`".into(),
-                ));
-            }
-            let scheduler = match &pool.scheduler {
-                None if pool.kv_events.is_some() => Scheduler::default_precise(),
-                None => Scheduler::default_config(),
-                Some(spec) => Scheduler::from_spec(spec)
-                    .map_err(|e| invalid(format!("pools[{i}].scheduler.{}", e.at), e.message))?,
-            };
-            let mut warnings = self.ignored_settings(i, pool, &scheduler, path);
-            let precise = match (&pool.kv_events, &pool.tokenizer, scheduler.precise_producer()) {
-                (None, _, Some(_)) => {
-                    return Err(invalid(
-                        at("scheduler"),
-                        "`precise-prefix-cache-producer` needs the pool's `kv_events` and `tokenizer`".into(),
-                    ));
-                }
-                (Some(_), None, _) => {
-                    return Err(invalid(
-                        at("kv_events"),
-                        "following KV events needs the model's `tokenizer` folder: kvgate computes prefix keys from token ids".into(),
-                    ));
-                }
-                (Some(ev), Some(_), _) if ev.problem().is_some() => {
-                    return Err(invalid(at("kv_events"), ev.problem().unwrap_or_default()));
-                }
-                (Some(_), Some(_), None) => {
-                    warnings.push("`kv_events` is set but the scheduler names no `precise-prefix-cache-producer`: matches stay approximate".to_owned());
-                    None
-                }
-                (Some(ev), Some(dir), Some(block_size)) => match load_tokenizer(dir) {
-                    Ok(tokenizer) => {
-                        if !tokenizer.has_chat_template() {
-                            warnings.push(format!(
-                                "tokenizer {} has no chat template: chat requests are matched approximately",
-                                dir.display()
-                            ));
-                        }
-                        Some(PreciseSetup { tokenizer, tokenizer_dir: dir.clone(), kv_events: ev.clone(), block_size })
-                    }
-                    Err(e) => {
-                        warnings.push(format!("the tokenizer cannot be loaded ({e}): the pool matches approximately"));
-                        None
-                    }
-                },
-                (None, Some(dir), None) => {
-                    warnings.push(format!("`tokenizer` {} is used only with `kv_events`", dir.display()));
-                    None
-                }
-                (None, None, None) => None,
-            };
-            out.push(ResolvedPool {
-                name: pool.name.clone(),
-                models: pool.models.clone(),
-                endpoints,
-                inference_pool: pool.inference_pool.clone(),
-                file_endpoints,
-                endpoints_file: pool.endpoints_file.clone(),
-                scheduler,
-                admission: pool.admission,
-                precise,
-                warnings,
-            });
-        }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// Builds a [`ConfigError::Invalid`] of the config file from a field and a message.
+type Invalid<'a> = dyn Fn(String, String) -> ConfigError + 'a;
+
+/// Checks a pool's name, endpoint source, models (each served by one pool) and admission.
+fn check_pool<'c>(
+    pool: &'c PoolConfig,
+    at: &dyn Fn(&str) -> String,
+    names: &mut HashSet<&'c str>,
+    model_owner: &mut BTreeMap<&'c str, &'c str>,
+    invalid: &Invalid<'_>,
+) -> Result<(), ConfigError> {
+    if pool.name.trim().is_empty() {
+        return Err(invalid(at("name"), "a pool needs a name".into()));
+    }
+    if !names.insert(pool.name.as_str()) {
+        return Err(invalid(at("name"), format!("two pools are named `{}`", pool.name)));
+    }
+    if let Some(r) = &pool.inference_pool {
+        if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() {
+            return Err(invalid(
+                at("inference_pool"),
+                "a pool's endpoints come from `inference_pool` or from `endpoints`/`endpoints_file`, not both".into(),
+            ));
+        }
+        if let Some((field, message)) = r.problem() {
+            return Err(invalid(at(&format!("inference_pool.{field}")), message));
+        }
+    } else if pool.models.is_empty() {
+        return Err(invalid(
+            at("models"),
+            "a pool must serve at least one model (only an `inference_pool` pool may learn them from its endpoints)"
+                .into(),
+        ));
+    }
+    for (m, model) in pool.models.iter().enumerate() {
+        if model.is_empty() {
+            return Err(invalid(at(&format!("models[{m}]")), "empty model name".into()));
+        }
+        if let Some(other) = model_owner.insert(model, &pool.name) {
+            return Err(invalid(
+                at(&format!("models[{m}]")),
+                format!("model `{model}` is also served by pool `{other}`; each model routes to one pool"),
+            ));
+        }
+    }
+    if let Some(message) = pool.admission.problem() {
+        return Err(invalid(at("admission"), message));
+    }
+    Ok(())
+}
+
+/// A pool's endpoints: those listed in the config, and those of its `endpoints_file`; each
+/// endpoint at most once.
+fn pool_endpoints(
+    pool: &PoolConfig,
+    at: &dyn Fn(&str) -> String,
+    invalid: &Invalid<'_>,
+) -> Result<(Vec<ResolvedEndpoint>, Vec<ResolvedEndpoint>), ConfigError> {
+    let mut endpoints = Vec::new();
+    let mut file_endpoints = Vec::new();
+    let mut seen = Claims::new();
+    for (j, e) in pool.endpoints.iter().enumerate() {
+        let eat = at(&format!("endpoints[{j}]"));
+        for r in e.resolve().map_err(|m| invalid(eat.clone(), m.to_string()))? {
+            if !first_use(&mut seen, &r) {
+                return Err(invalid(eat, format!("endpoint {r} is listed twice")));
+            }
+            endpoints.push(r);
+        }
+    }
+    if let Some(f) = &pool.endpoints_file {
+        if !f.is_file() {
+            return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
+        }
+        for r in load_endpoints_file(f)? {
+            if !first_use(&mut seen, &r) {
+                return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
+            }
+            file_endpoints.push(r);
+        }
+    } else if endpoints.is_empty() && pool.inference_pool.is_none() {
+        return Err(invalid(
+            at("endpoints"),
+            "a pool needs `endpoints`, an `endpoints_file` or an `inference_pool`".into(),
+        ));
+    }
+    Ok((endpoints, file_endpoints))
+}
+
+/// What a precise pool needs (its tokenizer, KV-event feed and block size), or `None` with a
+/// warning saying why the pool matches approximately.
+fn precise_setup(
+    pool: &PoolConfig,
+    scheduler: &Scheduler,
+    at: &dyn Fn(&str) -> String,
+    invalid: &Invalid<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<PreciseSetup>, ConfigError> {
+    Ok(match (&pool.kv_events, &pool.tokenizer, scheduler.precise_producer()) {
+        (None, _, Some(_)) => {
+            return Err(invalid(
+                at("scheduler"),
+                "`precise-prefix-cache-producer` needs the pool's `kv_events` and `tokenizer`".into(),
+            ));
+        }
+        (Some(_), None, _) => {
+            return Err(invalid(
+                at("kv_events"),
+                "following KV events needs the model's `tokenizer` folder: kvgate computes prefix keys from token ids"
+                    .into(),
+            ));
+        }
+        (Some(ev), Some(_), _) if ev.problem().is_some() => {
+            return Err(invalid(at("kv_events"), ev.problem().unwrap_or_default()));
+        }
+        (Some(_), Some(_), None) => {
+            warnings.push("`kv_events` is set but the scheduler names no `precise-prefix-cache-producer`: matches stay approximate".to_owned());
+            None
+        }
+        (Some(ev), Some(dir), Some(block_size)) => match load_tokenizer(dir) {
+            Ok(tokenizer) => {
+                if !tokenizer.has_chat_template() {
+                    warnings.push(format!(
+                        "tokenizer {} has no chat template: chat requests are matched approximately",
+                        dir.display()
+                    ));
+                }
+                Some(PreciseSetup { tokenizer, tokenizer_dir: dir.clone(), kv_events: ev.clone(), block_size })
+            }
+            Err(e) => {
+                warnings.push(format!("the tokenizer cannot be loaded ({e}): the pool matches approximately"));
+                None
+            }
+        },
+        (None, Some(dir), None) => {
+            warnings.push(format!("`tokenizer` {} is used only with `kv_events`", dir.display()));
+            None
+        }
+        (None, None, None) => None,
+    })
 }
 
 #[cfg(test)]

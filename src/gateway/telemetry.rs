@@ -2,9 +2,11 @@
 //! where one exists (`inference_objective_*`, `inference_pool_*`, `inference_extension_*`) and
 //! `kvgate_*` for the rest. Per-endpoint and per-pool gauges are refreshed when scraped.
 
-use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, Registry, TextEncoder};
+
+mod families;
+
+use families::*;
 
 use crate::routing::endpoint::{EndpointStatus, Health};
 use crate::routing::schedule::DecisionKind;
@@ -143,313 +145,63 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Registers every family.
+    /// Registers every family (the table is in [`families`]).
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("metric names are unique");
-        macro_rules! family {
-            ($t:ty, $name:expr, $help:expr, $labels:expr) => {{
-                let f = <$t>::new(Opts::new($name, $help), $labels).expect("valid metric");
-                reg(Box::new(f.clone()));
-                f
-            }};
-        }
-        let objective = ["model_name", "target_model_name"];
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &objective)
-                .expect("valid histogram");
-            reg(Box::new(h.clone()));
-            h
-        };
-        // Names, labels and buckets as the Inference Extension's endpoint picker exports them.
-        let request_duration = histogram(
-            "inference_objective_request_duration_seconds",
-            "Inference objective response latency distribution in seconds for each model and target model.",
-            vec![
-                0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,
-                20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0,
-                3600.0,
-            ],
-        );
-        let request_sizes = histogram(
-            "inference_objective_request_sizes",
-            "Inference objective requests size distribution in bytes for each model and target model.",
-            (6..=30).map(|k| f64::from(1u32 << k)).collect(),
-        );
-        let response_sizes = histogram(
-            "inference_objective_response_sizes",
-            "Inference objective responses size distribution in bytes for each model and target model.",
-            vec![
-                1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0,
-                65536.0,
-            ],
-        );
-        let token_buckets = |top: u32| {
-            let mut b = vec![1.0];
-            b.extend((3..=top).map(|k| if k == 15 { 32778.0 } else { f64::from(1u32 << k) }));
-            b
-        };
-        let input_tokens = histogram(
-            "inference_objective_input_tokens",
-            "Inference objective input token count distribution for requests in each model.",
-            token_buckets(20),
-        );
-        let cached_tokens = histogram(
-            "inference_objective_prompt_cached_tokens",
-            "Inference objective prompt cached token count distribution for requests in each model.",
-            token_buckets(20),
-        );
-        let output_tokens = histogram(
-            "inference_objective_output_tokens",
-            "Inference objective output token count distribution for requests in each model.",
-            token_buckets(13),
-        );
-        let ntpot = histogram(
-            "inference_objective_normalized_time_per_output_token_seconds",
-            "Inference objective latency divided by number of output tokens in seconds for each model and target model.",
-            vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
-        );
-        let info = IntGaugeVec::new(
-            Opts::new("inference_extension_info", "General information of the current build of the endpoint picker."),
-            &["commit", "build_ref"],
-        )
-        .expect("valid metric");
-        reg(Box::new(info.clone()));
+        let r = Registrar(Registry::new());
+        let info = r.int_gauge(&INFO);
         info.with_label_values(&[
             option_env!("KVGATE_COMMIT").unwrap_or("unknown"),
             concat!("kvgate-", env!("CARGO_PKG_VERSION")),
         ])
         .set(1);
-        let decision_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "inference_extension_scheduler_e2e_duration_seconds",
-                "Time from a complete request body to a decision (parse, hash, match, schedule).",
-            )
-            .buckets(vec![
-                // The Inference Extension's buckets (from 100 µs), with finer ones below them: a
-                // decision here takes microseconds.
-                1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
-            ]),
-            &["pool"],
-        )
-        .expect("valid histogram");
-        reg(Box::new(decision_seconds.clone()));
-        let ep = &["pool", "endpoint"];
-        let kv_events = KvEventMetrics {
-            events: family!(
-                IntCounterVec,
-                "kvgate_kv_events_total",
-                "KV events applied, by type.",
-                &["pool", "endpoint", "type"]
-            ),
-            batches: family!(IntCounterVec, "kvgate_kv_events_batches_total", "KV-event batches received.", ep),
-            gaps: family!(IntCounterVec, "kvgate_kv_events_gaps_total", "KV-event batches found missing.", ep),
-            replays: family!(
-                IntCounterVec,
-                "kvgate_kv_events_replays_total",
-                "Replays of lost KV-event batches, by result.",
-                &["pool", "endpoint", "result"]
-            ),
-            errors: family!(
-                IntCounterVec,
-                "kvgate_kv_events_errors_total",
-                "KV-event messages that did not decode.",
-                ep
-            ),
-            lag: family!(
-                GaugeVec,
-                "kvgate_kv_events_lag_seconds",
-                "Arrival minus publication time of the last KV-event batch.",
-                ep
-            ),
-            precise: family!(
-                IntGaugeVec,
-                "kvgate_kv_events_precise",
-                "1 while prefix matches on the endpoint come from its KV events.",
-                ep
-            ),
-            fallbacks: family!(
-                IntCounterVec,
-                "kvgate_kv_events_fallbacks_total",
-                "Times an endpoint fell back to the approximate prefix index, by reason.",
-                &["pool", "endpoint", "reason"]
-            ),
-            blocks: family!(
-                IntGaugeVec,
-                "kvgate_kv_events_blocks",
-                "Blocks the precise prefix index holds for the endpoint.",
-                ep
-            ),
-        };
         Self {
             unknown_models: parking_lot::Mutex::default(),
-            kv_events,
-            request_duration,
-            request_sizes,
-            response_sizes,
-            input_tokens,
-            output_tokens,
-            cached_tokens,
-            ntpot,
-            running: family!(
-                IntGaugeVec,
-                "inference_objective_running_requests",
-                "Inference objective number of running requests in each model.",
-                &["model_name"]
-            ),
-            requests: family!(
-                IntCounterVec,
-                "inference_objective_request_total",
-                "Requests routed, by model.",
-                &["model_name", "target_model_name"]
-            ),
-            request_errors: family!(
-                IntCounterVec,
-                "inference_objective_request_error_total",
-                "Requests that failed, by model and error code.",
-                &["model_name", "target_model_name", "error_code"]
-            ),
-            disagg_decisions: family!(
-                IntCounterVec,
-                "kvgate_disagg_decisions_total",
-                "Prefill/decode decisions by kind (decode-only, prefill-decode).",
-                &["pool", "decision_type"]
-            ),
-            disagg_fallbacks: family!(
-                IntCounterVec,
-                "kvgate_disagg_fallbacks_total",
-                "Prefill hand-offs that failed and fell back to prefill on the decode endpoint, by reason.",
-                &["pool", "reason"]
-            ),
-            index_corrections: family!(
-                IntCounterVec,
-                "kvgate_prefix_index_corrections_total",
-                "Responses whose reported cached tokens corrected the prefix index, by direction (held_less, held_more).",
-                &["pool", "direction"]
-            ),
-            retries: family!(
-                IntCounterVec,
-                "kvgate_proxy_retries_total",
-                "Retries the proxy sent, or held back because the retry budget was spent.",
-                &["pool", "outcome"]
-            ),
-            outcomes: family!(
-                IntCounterVec,
-                "kvgate_requests_total",
-                "Requests by pool, model, decision kind and status.",
-                &["pool", "model", "decision", "status"]
-            ),
-            decision_seconds,
-            scrape_errors: family!(
-                IntCounterVec,
-                "kvgate_scrape_errors_total",
-                "Failed metric scrapes.",
-                &["pool", "endpoint"]
-            ),
-            tokens: family!(
-                IntCounterVec,
-                "kvgate_tokens_total",
-                "Tokens in responses' usage, by kind.",
-                &["pool", "kind"]
-            ),
-            buffered_bytes: {
-                let g = prometheus::IntGauge::new(
-                    "kvgate_buffered_request_bytes",
-                    "Request body bytes held in memory now, over every request (bounded by max_buffered_bytes).",
-                )
-                .expect("valid metric");
-                reg(Box::new(g.clone()));
-                g
+            kv_events: KvEventMetrics {
+                events: r.counter(&KV_EVENTS),
+                batches: r.counter(&KV_BATCHES),
+                gaps: r.counter(&KV_GAPS),
+                replays: r.counter(&KV_REPLAYS),
+                errors: r.counter(&KV_ERRORS),
+                lag: r.gauge(&KV_LAG),
+                precise: r.int_gauge(&KV_PRECISE),
+                fallbacks: r.counter(&KV_FALLBACKS),
+                blocks: r.int_gauge(&KV_BLOCKS),
             },
-            picker_reports: family!(
-                IntCounterVec,
-                "kvgate_picker_reports_total",
-                "Reports to the picker API by result (accepted, unknown, ended, refused).",
-                &["result"]
-            ),
-            extproc_ignored: family!(
-                IntCounterVec,
-                "kvgate_extproc_ignored_messages_total",
-                "ext_proc messages ignored because their phase was over, by kind.",
-                &["kind"]
-            ),
-            served_unknown: family!(
-                IntCounterVec,
-                "kvgate_served_unknown_total",
-                "Served endpoints reported by the gateway that are not endpoints of the pool.",
-                &["pool"]
-            ),
-            picker_expired: family!(
-                IntCounterVec,
-                "kvgate_picker_decisions_expired_total",
-                "Picked decisions released after the report timeout with no final report.",
-                &["pool"]
-            ),
-            picker_pending: {
-                let g = prometheus::IntGauge::new(
-                    "kvgate_picker_decisions_pending",
-                    "Picked decisions held for their reports now.",
-                )
-                .expect("valid metric");
-                reg(Box::new(g.clone()));
-                g
-            },
-            ready_pods: family!(IntGaugeVec, "inference_pool_ready_pods", "Endpoints in rotation.", &["name"]),
-            avg_kv: family!(
-                GaugeVec,
-                "inference_pool_average_kv_cache_utilization",
-                "Mean KV-cache usage of fresh endpoints.",
-                &["name"]
-            ),
-            avg_queue: family!(
-                GaugeVec,
-                "inference_pool_average_queue_size",
-                "Mean waiting requests of fresh endpoints.",
-                &["name"]
-            ),
-            per_pod_queue: family!(
-                GaugeVec,
-                "inference_pool_per_pod_queue_size",
-                "Waiting requests per endpoint.",
-                &["name", "model_server_pod"]
-            ),
-            endpoint_in_flight: family!(
-                IntGaugeVec,
-                "kvgate_endpoint_in_flight_requests",
-                "kvgate's requests in flight.",
-                &["pool", "endpoint"]
-            ),
-            endpoint_in_flight_tokens: family!(
-                IntGaugeVec,
-                "kvgate_endpoint_in_flight_tokens",
-                "kvgate's uncached prompt tokens in flight.",
-                &["pool", "endpoint"]
-            ),
-            endpoint_healthy: family!(
-                IntGaugeVec,
-                "kvgate_endpoint_healthy",
-                "1 when the endpoint is in rotation.",
-                &["pool", "endpoint"]
-            ),
-            endpoint_running: family!(
-                GaugeVec,
-                "kvgate_endpoint_running_requests",
-                "Scraped running requests.",
-                &["pool", "endpoint"]
-            ),
-            endpoint_kv: family!(
-                GaugeVec,
-                "kvgate_endpoint_kv_cache_usage",
-                "Scraped KV-cache usage.",
-                &["pool", "endpoint"]
-            ),
-            prefix_size: family!(
-                IntGaugeVec,
-                "inference_extension_prefix_indexer_size",
-                "Resident prefix-index blocks.",
-                &["pool"]
-            ),
-            registry,
+            request_duration: r.histogram(&REQUEST_DURATION, REQUEST_DURATION_BUCKETS.to_vec()),
+            request_sizes: r.histogram(&REQUEST_SIZES, request_size_buckets()),
+            response_sizes: r.histogram(&RESPONSE_SIZES, RESPONSE_SIZE_BUCKETS.to_vec()),
+            input_tokens: r.histogram(&INPUT_TOKENS, token_buckets(20)),
+            cached_tokens: r.histogram(&CACHED_TOKENS, token_buckets(20)),
+            output_tokens: r.histogram(&OUTPUT_TOKENS, token_buckets(13)),
+            ntpot: r.histogram(&NTPOT, NTPOT_BUCKETS.to_vec()),
+            decision_seconds: r.histogram(&DECISION_SECONDS, DECISION_BUCKETS.to_vec()),
+            buffered_bytes: r.single_gauge(&BUFFERED_BYTES),
+            picker_pending: r.single_gauge(&PICKER_PENDING),
+            running: r.int_gauge(&RUNNING),
+            requests: r.counter(&REQUESTS),
+            request_errors: r.counter(&REQUEST_ERRORS),
+            disagg_decisions: r.counter(&DISAGG_DECISIONS),
+            disagg_fallbacks: r.counter(&DISAGG_FALLBACKS),
+            index_corrections: r.counter(&INDEX_CORRECTIONS),
+            retries: r.counter(&RETRIES),
+            outcomes: r.counter(&OUTCOMES),
+            scrape_errors: r.counter(&SCRAPE_ERRORS),
+            tokens: r.counter(&TOKENS),
+            picker_reports: r.counter(&PICKER_REPORTS),
+            extproc_ignored: r.counter(&EXTPROC_IGNORED),
+            served_unknown: r.counter(&SERVED_UNKNOWN),
+            picker_expired: r.counter(&PICKER_EXPIRED),
+            ready_pods: r.int_gauge(&READY_PODS),
+            avg_kv: r.gauge(&AVG_KV),
+            avg_queue: r.gauge(&AVG_QUEUE),
+            per_pod_queue: r.gauge(&PER_POD_QUEUE),
+            endpoint_in_flight: r.int_gauge(&ENDPOINT_IN_FLIGHT),
+            endpoint_in_flight_tokens: r.int_gauge(&ENDPOINT_IN_FLIGHT_TOKENS),
+            endpoint_healthy: r.int_gauge(&ENDPOINT_HEALTHY),
+            endpoint_running: r.gauge(&ENDPOINT_RUNNING),
+            endpoint_kv: r.gauge(&ENDPOINT_KV),
+            prefix_size: r.int_gauge(&PREFIX_SIZE),
+            registry: r.0,
         }
     }
 

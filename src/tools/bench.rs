@@ -296,18 +296,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     // No `--max-concurrency`: no limit, as in vLLM.
     let most = tokio::sync::Semaphore::MAX_PERMITS;
     let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.map_or(most, |n| n.clamp(1, most))));
-    // Warm-ups: the workload's first requests, sent and waited for, not measured.
-    let mut warm = Vec::new();
-    for body in bodies.iter().cycle().take(if bodies.is_empty() { 0 } else { args.num_warmups }) {
-        let (client, url, body, limit) = (client.clone(), url.clone(), body.clone(), limit.clone());
-        warm.push(tokio::spawn(async move {
-            let _permit = limit.acquire_owned().await;
-            send(&client, &url, body, stream).await
-        }));
-    }
-    for w in warm {
-        w.await.context("warm-up task")?;
-    }
+    warm_up(&client, &url, &bodies, args.num_warmups, stream, &limit).await?;
     let before = counters(&args.metrics_url).await;
     let mut rng = fastrand::Rng::with_seed(args.seed ^ 0xa11);
     let started = Instant::now();
@@ -402,6 +391,29 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         config: args,
         ttft_samples_ms,
     })
+}
+
+/// Warm-ups: the workload's first `count` requests (cycling), sent and waited for, not measured.
+async fn warm_up(
+    client: &Client,
+    url: &str,
+    bodies: &[Bytes],
+    count: usize,
+    stream: bool,
+    limit: &Arc<tokio::sync::Semaphore>,
+) -> anyhow::Result<()> {
+    let mut warm = Vec::new();
+    for body in bodies.iter().cycle().take(if bodies.is_empty() { 0 } else { count }) {
+        let (client, url, body, limit) = (client.clone(), url.to_owned(), body.clone(), limit.clone());
+        warm.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            send(&client, &url, body, stream).await
+        }));
+    }
+    for w in warm {
+        w.await.context("warm-up task")?;
+    }
+    Ok(())
 }
 
 /// A failed request's kind of error.

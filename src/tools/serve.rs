@@ -18,7 +18,7 @@ use crate::front::extproc::{Picker, health::health_service};
 use crate::front::listen::{ConnLimits, Pace, drain, nodelay, serve_http, shutdown_signal, stopped};
 use crate::front::picker;
 use crate::front::proxy::{self, ProxyState};
-use crate::gateway::config::{Config, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
+use crate::gateway::config::{Config, ExtProcConfig, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
 use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery, kubernetes};
@@ -283,20 +283,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let (health, follow_readiness) = health_service(&gateway).await;
     tasks.push(AbortOnDrop(tokio::spawn(follow_readiness)));
     let mut builder = tonic::transport::Server::builder();
-    let identity = match &cfg.extproc.tls {
-        Some(tls) => {
-            let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
-            let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
-            Some(tonic::transport::Identity::from_pem(cert, key))
-        }
-        None if cfg.extproc.self_signed_tls => {
-            let made = rcgen::generate_simple_self_signed(vec!["kvgate".to_owned(), "localhost".to_owned()])
-                .context("making a self-signed certificate")?;
-            tracing::info!("ext_proc over TLS with a self-signed certificate");
-            Some(tonic::transport::Identity::from_pem(made.cert.pem(), made.signing_key.serialize_pem()))
-        }
-        None => None,
-    };
+    let identity = tls_identity(&cfg.extproc)?;
     if let Some(identity) = identity {
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
@@ -329,6 +316,25 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         }));
     }
     Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, stop, listeners, _tasks: tasks })
+}
+
+/// The ext_proc listener's TLS identity: the configured certificate and key, a self-signed
+/// certificate, or none (plain gRPC).
+fn tls_identity(cfg: &ExtProcConfig) -> anyhow::Result<Option<tonic::transport::Identity>> {
+    Ok(match &cfg.tls {
+        Some(tls) => {
+            let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
+            let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
+            Some(tonic::transport::Identity::from_pem(cert, key))
+        }
+        None if cfg.self_signed_tls => {
+            let made = rcgen::generate_simple_self_signed(vec!["kvgate".to_owned(), "localhost".to_owned()])
+                .context("making a self-signed certificate")?;
+            tracing::info!("ext_proc over TLS with a self-signed certificate");
+            Some(tonic::transport::Identity::from_pem(made.cert.pem(), made.signing_key.serialize_pem()))
+        }
+        None => None,
+    })
 }
 
 /// Runs `kvgate serve` until Ctrl-C or SIGTERM.

@@ -191,32 +191,8 @@ fn parse_kv_role(json: Option<&str>) -> anyhow::Result<KvRole> {
 
 /// Starts the simulator's listeners and engines; returns once they are listening.
 pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::JoinHandle<()>>)> {
-    if args.data_parallel_size == 0 {
-        bail!("--data-parallel-size must be at least 1");
-    }
-    if let Some(r) = args.data_parallel_rank.filter(|r| *r >= args.data_parallel_size) {
-        bail!("--data-parallel-rank {r} is not below --data-parallel-size {}", args.data_parallel_size);
-    }
-    if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
-        bail!("--time-scale must be a number >= 0");
-    }
-    if !(args.timeout_keep_alive.is_finite() && args.timeout_keep_alive > 0.0 && args.timeout_keep_alive <= 86_400.0) {
-        bail!("--timeout-keep-alive is in seconds, more than 0 and at most a day");
-    }
-    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
-        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
-    }
-    let faults = Faults {
-        failure_rate: args.failure_rate,
-        failure_types: args.failure_types.clone(),
-        slow_start_ms: args.slow_start_ms,
-        paused: false,
-        fail_next: 0,
-        kv_events_drop_next: 0,
-        kv_events_stalled: false,
-        linger_after_done_ms: 0,
-    };
-    faults.validate().map_err(anyhow::Error::msg)?;
+    check(&args)?;
+    let faults = faults(&args)?;
     let kv_events: Option<KvEventsConfig> = match &args.kv_events_config {
         Some(j) => Some(serde_json::from_str(j).context("--kv-events-config")?).filter(KvEventsConfig::enabled),
         None => None,
@@ -226,12 +202,8 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         Some(j) => Some(FakeMetrics::parse(j).map_err(|e| anyhow::anyhow!("--fake-metrics: {e}"))?),
         None => None,
     };
-    let tokenizer = match &args.tokenizer {
-        Some(dir) => {
-            Some(crate::gateway::config::load_tokenizer(dir).map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?)
-        }
-        None => None,
-    };
+    let tokenizer = args.tokenizer.as_ref().map(|dir| crate::gateway::config::load_tokenizer(dir));
+    let tokenizer = tokenizer.transpose().map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?;
     let vocab = tokenizer.as_ref().map_or(tokenizer::VOCAB, |t| t.vocab_size().max(1));
     let loras = args.lora_modules.iter().map(|s| parse_lora(s)).collect::<anyhow::Result<Vec<_>>>()?;
     if !loras.is_empty() && !args.enable_lora {
@@ -253,15 +225,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
     };
     // Listeners first, so port 0 resolves before anything reports a port.
     let multi_port = args.data_parallel_multi_port_external_lb && args.data_parallel_rank.is_none();
-    let mut listeners = Vec::new();
-    let ports_wanted = if multi_port { ranks.len() } else { 1 };
-    for k in 0..ports_wanted {
-        let port = if args.port == 0 { 0 } else { args.port.checked_add(k as u16).context("port out of range")? };
-        let l = TcpListener::bind((args.host.as_str(), port))
-            .await
-            .with_context(|| format!("binding {}:{port}", args.host))?;
-        listeners.push(l);
-    }
+    let listeners = bind(&args, if multi_port { ranks.len() } else { 1 }).await?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
     let pod_name = args
         .pod_name
@@ -278,14 +242,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         faults: RwLock::new(faults),
         last_request_headers: Mutex::new(Vec::new()),
         pod_name,
-        info: json!({
-            "model_path": args.model, "served_model_names": served, "max_model_len": args.max_model_len,
-            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-            "block_size": args.block_size, "num_gpu_blocks": num_gpu_blocks,
-            "data_parallel_size": args.data_parallel_size, "tensor_parallel_size": 1,
-            "enable_lora": args.enable_lora, "max_loras": args.max_loras, "time_scale": args.time_scale,
-            "version": concat!("kvgate-sim-", env!("CARGO_PKG_VERSION")),
-        }),
+        info: info(&args, &served, num_gpu_blocks),
         rng: Mutex::new(fastrand::Rng::with_seed(args.seed)),
         metrics_name_filter: args.metrics_name_filter,
         prompt_tokens_details: !args.no_prompt_tokens_details,
@@ -347,11 +304,82 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
         let port = listener.local_addr()?.port();
         ports.push((listener, Arc::new(PortState::new(shared.clone(), engines, metrics, port))));
     }
+    serve_ports(ports, args.timeout_keep_alive, &mut tasks);
+    Ok((Running { addrs }, tasks))
+}
+
+/// Refuses flag values the simulator cannot run with.
+fn check(args: &SimArgs) -> anyhow::Result<()> {
+    if args.data_parallel_size == 0 {
+        bail!("--data-parallel-size must be at least 1");
+    }
+    if let Some(r) = args.data_parallel_rank.filter(|r| *r >= args.data_parallel_size) {
+        bail!("--data-parallel-rank {r} is not below --data-parallel-size {}", args.data_parallel_size);
+    }
+    if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
+        bail!("--time-scale must be a number >= 0");
+    }
+    if !(args.timeout_keep_alive.is_finite() && args.timeout_keep_alive > 0.0 && args.timeout_keep_alive <= 86_400.0) {
+        bail!("--timeout-keep-alive is in seconds, more than 0 and at most a day");
+    }
+    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be at least 1");
+    }
+    Ok(())
+}
+
+/// The faults the flags ask for.
+fn faults(args: &SimArgs) -> anyhow::Result<Faults> {
+    let faults = Faults {
+        failure_rate: args.failure_rate,
+        failure_types: args.failure_types.clone(),
+        slow_start_ms: args.slow_start_ms,
+        paused: false,
+        fail_next: 0,
+        kv_events_drop_next: 0,
+        kv_events_stalled: false,
+        linger_after_done_ms: 0,
+    };
+    faults.validate().map_err(anyhow::Error::msg)?;
+    Ok(faults)
+}
+
+/// Binds `count` listeners on consecutive ports from `--port` (all on any free port for 0).
+async fn bind(args: &SimArgs, count: usize) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for k in 0..count {
+        let port = if args.port == 0 { 0 } else { args.port.checked_add(k as u16).context("port out of range")? };
+        let l = TcpListener::bind((args.host.as_str(), port))
+            .await
+            .with_context(|| format!("binding {}:{port}", args.host))?;
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+/// The simulated engine as `/server_info` describes it.
+fn info(args: &SimArgs, served: &[String], num_gpu_blocks: usize) -> serde_json::Value {
+    json!({
+        "model_path": args.model, "served_model_names": served, "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "block_size": args.block_size, "num_gpu_blocks": num_gpu_blocks,
+        "data_parallel_size": args.data_parallel_size, "tensor_parallel_size": 1,
+        "enable_lora": args.enable_lora, "max_loras": args.max_loras, "time_scale": args.time_scale,
+        "version": concat!("kvgate-sim-", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// Serves each port's HTTP API, one owned task per listener.
+fn serve_ports(
+    ports: Vec<(TcpListener, Arc<PortState>)>,
+    keep_alive: f64,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
     // An idle connection is closed after the keep-alive timeout, as vLLM closes it; accepted
     // connections get TCP_NODELAY (tokens go out as small writes, which Nagle's algorithm and
     // delayed ACKs would hold back by up to 40 ms each).
     let limits = ConnLimits {
-        header_read_timeout: Duration::from_secs_f64(args.timeout_keep_alive),
+        header_read_timeout: Duration::from_secs_f64(keep_alive),
         max_connections: 65_536,
         ..ConnLimits::default()
     };
@@ -365,7 +393,6 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
             let _ = (&mut serving.0).await;
         }));
     }
-    Ok((Running { addrs }, tasks))
 }
 
 /// Runs the simulator until Ctrl-C.

@@ -2,6 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::google::protobuf::Struct;
+
+use super::reply::string_value;
 use super::*;
 
 /// Metadata fields as a map.

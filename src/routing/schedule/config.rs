@@ -395,47 +395,7 @@ impl Scheduler {
                 format!("profile `{}`: with `{handler_name}` the profiles are `decode` and `prefill` only", extra.name),
             ));
         }
-        let deciders: Vec<(&String, &PdDecider)> = defined
-            .iter()
-            .filter_map(|(n, _, inst)| match inst {
-                Instance::Decider(x) => Some((n, x)),
-                _ => None,
-            })
-            .collect();
-        let decider = match &hp.deciders.prefill {
-            Some(name) => match deciders.iter().find(|(n, _)| *n == name) {
-                Some((_, x)) => **x,
-                None => {
-                    return Err(err(
-                        "plugins",
-                        format!(
-                            "`{handler_name}` names decider `{name}`, but no prefix-based-pd-decider has that name"
-                        ),
-                    ));
-                }
-            },
-            None => match deciders.as_slice() {
-                [(_, x)] => **x,
-                _ => {
-                    return Err(err(
-                        "plugins",
-                        format!(
-                            "`{handler_name}` needs one prefix-based-pd-decider (or `deciders: {{prefill: NAME}}`) \
-                             to say when prefill is worth a separate endpoint"
-                        ),
-                    ));
-                }
-            },
-        };
-        if decider.non_cached_tokens == 0 {
-            return Err(err(
-                "plugins",
-                format!(
-                    "`{handler_name}` uses a prefix-based-pd-decider with nonCachedTokens 0, which never \
-                     disaggregates; set it to the uncached prompt tokens worth a separate prefill (e.g. 512)"
-                ),
-            ));
-        }
+        let decider = disagg_decider(&handler_name, &hp, &defined)?;
         Ok(Self {
             profile: compile_profile(d, &profiles[d], &defined)?,
             disagg: Some(Disagg { profile: compile_profile(p, &profiles[p], &defined)?, decider }),
@@ -443,6 +403,55 @@ impl Scheduler {
             precise,
         })
     }
+}
+
+/// The decider a `disagg-profile-handler` uses: the one it names, or the only one defined; it
+/// must disaggregate some requests.
+fn disagg_decider(
+    handler_name: &str,
+    hp: &DisaggParams,
+    defined: &[(String, &'static str, Instance)],
+) -> Result<PdDecider, SpecError> {
+    let deciders: Vec<(&String, &PdDecider)> = defined
+        .iter()
+        .filter_map(|(n, _, inst)| match inst {
+            Instance::Decider(x) => Some((n, x)),
+            _ => None,
+        })
+        .collect();
+    let decider = match &hp.deciders.prefill {
+        Some(name) => match deciders.iter().find(|(n, _)| *n == name) {
+            Some((_, x)) => **x,
+            None => {
+                return Err(err(
+                    "plugins",
+                    format!("`{handler_name}` names decider `{name}`, but no prefix-based-pd-decider has that name"),
+                ));
+            }
+        },
+        None => match deciders.as_slice() {
+            [(_, x)] => **x,
+            _ => {
+                return Err(err(
+                    "plugins",
+                    format!(
+                        "`{handler_name}` needs one prefix-based-pd-decider (or `deciders: {{prefill: NAME}}`) \
+                         to say when prefill is worth a separate endpoint"
+                    ),
+                ));
+            }
+        },
+    };
+    if decider.non_cached_tokens == 0 {
+        return Err(err(
+            "plugins",
+            format!(
+                "`{handler_name}` uses a prefix-based-pd-decider with nonCachedTokens 0, which never \
+                 disaggregates; set it to the uncached prompt tokens worth a separate prefill (e.g. 512)"
+            ),
+        ));
+    }
+    Ok(decider)
 }
 
 /// Compiles profile number `idx` against the defined plugins.

@@ -195,53 +195,21 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help)
 }
 
-impl SimMetrics {
-    /// Registers every family in a fresh registry.
-    pub(crate) fn new() -> Self {
-        let registry = Registry::new();
+/// Registers `c` in `registry` and returns it.
+fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry.register(Box::new(c.clone())).expect("metric names are valid and unique");
+    c
+}
+
+impl Detail {
+    /// Registers the per-request detail families (vLLM's request histograms and the HTTP ones).
+    fn new(registry: &Registry) -> Self {
         let l = ENGINE_LABELS;
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("metric names are valid and unique");
-        };
-        let gauge = |n: &str, h: &str| {
-            let g = IntGaugeVec::new(opts(n, h), l).expect("valid gauge");
-            reg(Box::new(g.clone()));
-            g
-        };
-        let counter = |n: &str, h: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(opts(n, h), labels).expect("valid counter");
-            reg(Box::new(c.clone()));
-            c
-        };
-        let histogram = |n: &str, h: &str, buckets: &[f64]| {
-            let v = HistogramVec::new(HistogramOpts::new(n, h).buckets(buckets.to_vec()), l).expect("valid histogram");
-            reg(Box::new(v.clone()));
-            v
-        };
-        let kv_usage = GaugeVec::new(opts(KV_USAGE.0, KV_USAGE.1), l).expect("valid gauge");
-        reg(Box::new(kv_usage.clone()));
-        let cache_config = GaugeVec::new(
-            opts("vllm:cache_config_info", "Information of the LLMEngine CacheConfig"),
-            &[
-                "block_size",
-                "cache_dtype",
-                "enable_prefix_caching",
-                "engine",
-                "gpu_memory_utilization",
-                "num_cpu_blocks",
-                "num_gpu_blocks",
-                "prefix_caching_hash_algo",
-            ],
-        )
-        .expect("valid gauge");
-        reg(Box::new(cache_config.clone()));
         let hist = |n: &str, h: &str, buckets: &[f64], labels: &[&str]| {
-            let v =
-                HistogramVec::new(HistogramOpts::new(n, h).buckets(buckets.to_vec()), labels).expect("valid histogram");
-            reg(Box::new(v.clone()));
-            v
+            let opts = HistogramOpts::new(n, h).buckets(buckets.to_vec());
+            registered(registry, HistogramVec::new(opts, labels).expect("valid histogram"))
         };
-        let detail = Detail {
+        Self {
             prompt_tokens: hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS, l),
             generation_tokens: hist(
                 "vllm:request_generation_tokens",
@@ -292,15 +260,14 @@ impl SimMetrics {
                 TPOT_BUCKETS,
                 l,
             ),
-            http_requests: {
-                let c = IntCounterVec::new(
+            http_requests: registered(
+                registry,
+                IntCounterVec::new(
                     opts("http_requests_total", "Total number of requests by method, status and handler."),
                     &["handler", "method", "status"],
                 )
-                .expect("valid counter");
-                reg(Box::new(c.clone()));
-                c
-            },
+                .expect("valid counter"),
+            ),
             http_duration: hist(
                 "http_request_duration_seconds",
                 "Latency with only few buckets by handler.",
@@ -313,7 +280,51 @@ impl SimMetrics {
                 HTTP_BUCKETS,
                 &[],
             ),
+        }
+    }
+}
+
+impl SimMetrics {
+    /// Registers every family in a fresh registry.
+    pub(crate) fn new() -> Self {
+        let registry = Registry::new();
+        let l = ENGINE_LABELS;
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are valid and unique");
         };
+        let gauge = |n: &str, h: &str| {
+            let g = IntGaugeVec::new(opts(n, h), l).expect("valid gauge");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let counter = |n: &str, h: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(opts(n, h), labels).expect("valid counter");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let histogram = |n: &str, h: &str, buckets: &[f64]| {
+            let v = HistogramVec::new(HistogramOpts::new(n, h).buckets(buckets.to_vec()), l).expect("valid histogram");
+            reg(Box::new(v.clone()));
+            v
+        };
+        let kv_usage = GaugeVec::new(opts(KV_USAGE.0, KV_USAGE.1), l).expect("valid gauge");
+        reg(Box::new(kv_usage.clone()));
+        let cache_config = GaugeVec::new(
+            opts("vllm:cache_config_info", "Information of the LLMEngine CacheConfig"),
+            &[
+                "block_size",
+                "cache_dtype",
+                "enable_prefix_caching",
+                "engine",
+                "gpu_memory_utilization",
+                "num_cpu_blocks",
+                "num_gpu_blocks",
+                "prefix_caching_hash_algo",
+            ],
+        )
+        .expect("valid gauge");
+        reg(Box::new(cache_config.clone()));
+        let detail = Detail::new(&registry);
         let lora_info = GaugeVec::new(opts(LORA_INFO.0, LORA_INFO.1), LORA_LABELS).expect("valid gauge");
         reg(Box::new(lora_info.clone()));
         Self {
