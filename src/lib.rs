@@ -3,7 +3,7 @@
 //!
 //! Four layers, each a folder, each importing only from the layers below it (checked by
 //! `tests/layers.rs`); see ARCHITECTURE.md:
-//! - [`routing`]: the pure decision core — request parsing, prefix hashes and index, endpoints,
+//! - [`routing`]: the decision core (synchronous, no I/O, no clock) — request parsing, prefix hashes and index, endpoints,
 //!   the scheduler and its plugins, per-pool planning, P/D body rewriting;
 //! - [`gateway`]: state that keeps decisions fed — config, pools (discovery, scraping,
 //!   health), telemetry, and the `Gateway` facade with its outcome API;

@@ -1,5 +1,8 @@
-//! The decision core: synchronous and pure — no I/O, no clock, no global randomness (time and a
-//! seeded RNG are arguments). `tests/core_purity.rs` scans this folder.
+//! The decision core: synchronous and deterministic — no I/O, no clock, no async, no global
+//! randomness (time and a seeded RNG are arguments). It is not stateless: the prefix indices,
+//! in-flight counts and TTFT models it keeps are shared between requests behind short
+//! `parking_lot` locks and atomics, never held across a call out. `tests/core_purity.rs` scans
+//! this folder.
 //!
 //! A body is parsed ([`request`]), its prompt cut into chained block hashes ([`prefix`]),
 //! matched against what each endpoint ([`endpoint`]) is believed to hold, and scheduled

@@ -1,7 +1,10 @@
 //! The subcommands beyond the gateway's own front-ends: [`serve`] (config → pools and
 //! listeners, and the built-in demo), [`sim`] (the vLLM simulator) and [`bench`] (the load
 //! generator); [`cli`] parses a subcommand's flags from strings for in-process starts. The
-//! simulator and the load generator do not depend on the gateway.
+//! simulator borrows only the HTTP accept loop (`front::listen`), the task owner
+//! (`gateway::pool::AbortOnDrop`) and the tokenizer loader (`gateway::config::load_tokenizer`)
+//! of the gateway; the load generator nothing of it, and the simulator's tokenizer
+//! (`tests/layers.rs` checks both).
 
 pub mod bench;
 pub mod cli;

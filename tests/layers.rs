@@ -331,6 +331,46 @@ fn layers_import_downward_only_and_without_cycles() {
     assert!(problems.is_empty(), "layering broken:\n{}", problems.join("\n"));
 }
 
+/// Units whose imports beyond the core (and their own unit) are named: the config tree is
+/// plain data the rest of the gateway converts from; the simulator and the load generator are
+/// tools of their own, which borrow only the HTTP accept loop, the task owner and the tokenizer
+/// loader (the load generator counts prompts in the simulator's tokenizer).
+const CONFINED: &[(&str, &[&str])] = &[
+    ("gateway::config", &[]),
+    ("tools::sim", &["front::listen", "gateway::pool", "gateway::config"]),
+    ("tools::bench", &["tools::sim"]),
+];
+
+/// The edges of `a` out of a confined unit to anything but the core, itself or what it names.
+fn unconfined(a: &Analysis) -> Vec<String> {
+    let mut out = Vec::new();
+    for ((from, to), place) in &a.edges {
+        let Some((_, allowed)) = CONFINED.iter().find(|(u, _)| u == from) else { continue };
+        if rank(to) != Some(0) && to != from && !allowed.contains(&to.as_str()) {
+            out.push(format!("{from} -> {to} at {place}"));
+        }
+    }
+    out
+}
+
+#[test]
+fn confined_units_import_only_what_they_name() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let found = unconfined(&analyse(&load(&src), true, false));
+    assert!(found.is_empty(), "imports beyond what ARCHITECTURE.md names:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_confinement_check_catches_a_config_import() {
+    let a = scan(&[
+        ("gateway/config.rs", "use crate::gateway::paths::PathsConfig;\n"),
+        ("gateway/paths.rs", "pub struct PathsConfig;\n"),
+        ("routing.rs", ""),
+        ("gateway.rs", "pub mod config; pub mod paths;\n"),
+    ]);
+    assert_eq!(unconfined(&a).len(), 1, "{:?}", a.edges);
+}
+
 /// A layered scan of an inline tree of (path under `src/`, text).
 fn scan(tree: &[(&str, &str)]) -> Analysis {
     let files: Vec<File> =

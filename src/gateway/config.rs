@@ -26,8 +26,8 @@ pub use inference_pool::{
 };
 use located::Lines;
 pub use sections::{
-    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, PickerApiConfig,
-    ProxyConfig, ScrapeConfig, TlsFiles, bind_address,
+    Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, PathsConfig,
+    PickerApiConfig, ProxyConfig, ScrapeConfig, TlsFiles, bind_address, pattern_parts,
 };
 
 /// The whole config file.
@@ -73,7 +73,7 @@ pub struct Config {
     pub health_addr: Option<SocketAddr>,
     /// Which request paths are routed, and how (both front-ends).
     #[serde(default)]
-    pub paths: crate::gateway::paths::PathsConfig,
+    pub paths: PathsConfig,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
     /// Where each setting is in the file, for warnings.
@@ -416,7 +416,7 @@ impl Config {
         if self.pools.is_empty() {
             return Err(invalid("pools".into(), "at least one pool is needed".into()));
         }
-        if let Err((at, message)) = crate::gateway::paths::PathPolicy::new(&self.paths) {
+        if let Some((at, message)) = self.paths.problem() {
             return Err(invalid(at.into(), message));
         }
         if self.max_body_bytes == 0 {

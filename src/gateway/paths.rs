@@ -3,46 +3,10 @@
 //! of its body's `model` by load alone; everything else — a model server's admin surface
 //! included — is refused, so it is not reachable through the gateway unless opened on purpose.
 
-use serde::Deserialize;
-
+pub use crate::gateway::config::PathsConfig;
+use crate::gateway::config::pattern_parts;
 use crate::gateway::error::error_body;
 use crate::routing::request::ApiKind;
-
-/// The `paths:` section of the config. A pattern is a path (`/tokenize`), or a prefix ending in
-/// `*` (`/v1/audio/*`); a trailing `/` and the query string are ignored when matching.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PathsConfig {
-    /// API paths placed by their prompt (default: the four kvgate parses).
-    pub prompt: Vec<String>,
-    /// Paths sent to an endpoint of their JSON body's `model`, by load alone (default: the
-    /// serving APIs a vLLM server has besides those: `/tokenize`, `/detokenize`, scoring,
-    /// reranking, pooling and classification).
-    pub model: Vec<String>,
-    /// Paths refused even when a pattern above matches them (default: none).
-    pub refuse: Vec<String>,
-}
-
-impl Default for PathsConfig {
-    fn default() -> Self {
-        let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
-        Self {
-            prompt: ApiKind::ALL.iter().map(|a| a.path().to_owned()).collect(),
-            model: own(&[
-                "/tokenize",
-                "/detokenize",
-                "/v1/score",
-                "/score",
-                "/v1/rerank",
-                "/v2/rerank",
-                "/rerank",
-                "/pooling",
-                "/classify",
-            ]),
-            refuse: Vec::new(),
-        }
-    }
-}
 
 /// How a routed request is placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,16 +81,7 @@ enum Pattern {
 
 impl Pattern {
     fn parse(text: &str) -> Result<Self, String> {
-        if !text.starts_with('/') {
-            return Err(format!("`{text}` is not a path; patterns start with `/`"));
-        }
-        let (body, prefix) = match text.strip_suffix('*') {
-            Some(p) => (p, true),
-            None => (text, false),
-        };
-        if body.contains(['*', '?', '#']) {
-            return Err(format!("`{text}`: only a trailing `*` is a wildcard, and no query part is matched"));
-        }
+        let (body, prefix) = pattern_parts(text)?;
         Ok(if prefix { Self::Prefix(body.to_owned()) } else { Self::Exact(normal(body).to_owned()) })
     }
 
@@ -179,17 +134,10 @@ impl Default for PathPolicy {
 impl PathPolicy {
     /// Compiles `cfg`, or says (as `(field, message)`) what is wrong with it.
     pub fn new(cfg: &PathsConfig) -> Result<Self, (&'static str, String)> {
-        let mut prompt = Vec::new();
-        for p in &cfg.prompt {
-            let api = ApiKind::from_path(p).filter(|_| !p.contains('*')).ok_or_else(|| {
-                let known: Vec<&str> = ApiKind::ALL.iter().map(|a| a.path()).collect();
-                (
-                    "paths.prompt",
-                    format!("kvgate parses the prompt of {} only; `{p}` is none of them", known.join(", ")),
-                )
-            })?;
-            prompt.push(api);
+        if let Some(problem) = cfg.problem() {
+            return Err(problem);
         }
+        let prompt = cfg.prompt.iter().filter_map(|p| ApiKind::from_path(p)).collect();
         let patterns = |field: &'static str, list: &[String]| -> Result<Vec<Pattern>, (&'static str, String)> {
             list.iter().map(|p| Pattern::parse(p).map_err(|m| (field, m))).collect()
         };

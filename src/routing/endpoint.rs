@@ -1,8 +1,9 @@
 //! Endpoints as the scheduler sees them: identity, role, data-parallel rank, scraped load,
 //! health, and kvgate's own in-flight counts.
 //!
-//! A pool publishes its endpoints as an immutable snapshot (`Arc<[Endpoint]>`) and swaps it
-//! whole; the in-flight counters are shared atomics (`Arc<InFlight>`), so counts survive a
+//! A pool publishes its endpoints as part of an immutable `gateway::pool::Snapshot` (a
+//! `Vec<Endpoint>` with the pool's models, behind an `Arc`) and swaps it whole; the in-flight
+//! counters are shared atomics (`Arc<InFlight>`), so counts survive a
 //! republish and are always current, unlike scraped metrics.
 //!
 //! Part of the decision core: no I/O, no clock, no async. Times are milliseconds on a monotonic

@@ -1,9 +1,12 @@
 //! The config's sections other than listeners and pools: scraping, health, the proxy,
-//! connections, admission and ext_proc, each with its defaults.
+//! connections, admission, ext_proc and the path policy's patterns (`paths:`, applied by
+//! `gateway::paths`), each with its defaults.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+use crate::routing::request::ApiKind;
 
 /// Metric scraping (applies to every pool).
 #[derive(Debug, Clone, Deserialize)]
@@ -311,4 +314,69 @@ pub fn bind_address(endpoint: &str) -> Option<std::net::SocketAddr> {
     let rest = endpoint.strip_prefix("tcp://")?;
     let rest = rest.replacen('*', "0.0.0.0", 1);
     rest.parse().ok()
+}
+
+/// The `paths:` section of the config. A pattern is a path (`/tokenize`), or a prefix ending in
+/// `*` (`/v1/audio/*`); a trailing `/` and the query string are ignored when matching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// API paths placed by their prompt (default: the four kvgate parses).
+    pub prompt: Vec<String>,
+    /// Paths sent to an endpoint of their JSON body's `model`, by load alone (default: the
+    /// serving APIs a vLLM server has besides those: `/tokenize`, `/detokenize`, scoring,
+    /// reranking, pooling and classification).
+    pub model: Vec<String>,
+    /// Paths refused even when a pattern above matches them (default: none).
+    pub refuse: Vec<String>,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            prompt: ApiKind::ALL.iter().map(|a| a.path().to_owned()).collect(),
+            model: own(&[
+                "/tokenize",
+                "/detokenize",
+                "/v1/score",
+                "/score",
+                "/v1/rerank",
+                "/v2/rerank",
+                "/rerank",
+                "/pooling",
+                "/classify",
+            ]),
+            refuse: Vec::new(),
+        }
+    }
+}
+
+impl PathsConfig {
+    /// What is wrong with the patterns, as `(field, message)`; `None` when they compile.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if let Some(p) = self.prompt.iter().find(|p| p.contains('*') || ApiKind::from_path(p).is_none()) {
+            let known: Vec<&str> = ApiKind::ALL.iter().map(|a| a.path()).collect();
+            let message = format!("kvgate parses the prompt of {} only; `{p}` is none of them", known.join(", "));
+            return Some(("paths.prompt", message));
+        }
+        [("paths.model", &self.model), ("paths.refuse", &self.refuse)]
+            .into_iter()
+            .find_map(|(field, list)| list.iter().find_map(|p| pattern_parts(p).err()).map(|m| (field, m)))
+    }
+}
+
+/// A path pattern's path and whether it is a prefix (`/p/*`), or what is wrong with it.
+pub fn pattern_parts(text: &str) -> Result<(&str, bool), String> {
+    if !text.starts_with('/') {
+        return Err(format!("`{text}` is not a path; patterns start with `/`"));
+    }
+    let (body, prefix) = match text.strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (text, false),
+    };
+    if body.contains(['*', '?', '#']) {
+        return Err(format!("`{text}`: only a trailing `*` is a wildcard, and no query part is matched"));
+    }
+    Ok((body, prefix))
 }
