@@ -9,8 +9,8 @@
 //!   health), telemetry, and the `Gateway` facade with its outcome API;
 //! - [`front`]: the front-ends that translate between the wire and the gateway — proxy,
 //!   prefill hand-off, admin, Envoy ext_proc;
-//! - [`tools`]: the subcommands — `serve` (and its demo), the P/D sidecar, the simulator, the load
-//!   generator.
+//! - [`tools`]: the subcommands — `serve` (and its demo), `check-config`, the P/D sidecar, the
+//!   simulator, the load generator.
 
 pub mod front;
 pub mod gateway;
