@@ -8,8 +8,9 @@
 //! - [`gateway`]: state that keeps decisions fed — config, pools (discovery, scraping,
 //!   health), telemetry, and the `Gateway` facade with its outcome API;
 //! - [`front`]: the front-ends that translate between the wire and the gateway — proxy,
-//!   prefill hand-off, sidecar, admin, Envoy ext_proc;
-//! - [`tools`]: the subcommands — `serve` (and its demo), the simulator, the load generator.
+//!   prefill hand-off, admin, Envoy ext_proc;
+//! - [`tools`]: the subcommands — `serve` (and its demo), `check-config`, the P/D sidecar, the
+//!   simulator, the load generator.
 
 pub mod front;
 pub mod gateway;

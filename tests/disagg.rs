@@ -190,7 +190,7 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
     let p = start_sim(PRODUCER).await;
     let d = start_sim(CONSUMER).await;
     let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
-    let args: kvgate::front::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
+    let args: kvgate::tools::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
         "sidecar",
         [
             "--listen",
@@ -206,7 +206,7 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
         ],
     )
     .expect("flags");
-    let sc = kvgate::front::sidecar::start(args).await.expect("sidecar starts");
+    let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar starts");
     let url = format!("http://{}/v1/chat/completions", sc.addr);
     let counters = || async {
         let m = metrics(&format!("http://{}", sc.admin_addr.expect("admin"))).await;
@@ -242,6 +242,10 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
     assert_eq!(c.status, 200, "{}", c.text);
     assert_eq!(counters().await, (1.0, 1.0, 1.0));
     assert_eq!(handoffs(&format!("http://{da}"), "decode").await, 1.0);
+    // Counted under the sidecar's own name: the gateway's family of that meaning has a pool label.
+    let m = metrics(&format!("http://{}", sc.admin_addr.expect("admin"))).await;
+    assert_eq!(metric(&m, "kvgate_sidecar_fallbacks_total", &[("reason", "unreachable")]), Some(1.0));
+    assert!(!m.contains("kvgate_disagg_"), "{m}");
 
     // Through kvgate's proxy, with the sidecar as the decode endpoint: a client's prefiller
     // header does not reach the sidecar (it would hand off to the named endpoint).
@@ -266,10 +270,10 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
     assert_eq!(handoffs(&format!("http://{da}"), "decode").await, 1.0);
 
     // A sidecar must be told which prefill endpoints it may use.
-    let bare: kvgate::front::sidecar::SidecarArgs =
+    let bare: kvgate::tools::sidecar::SidecarArgs =
         kvgate::tools::cli::parse_flags("sidecar", ["--listen", "127.0.0.1:0", "--decode", da.as_str()])
             .expect("flags");
-    let err = kvgate::front::sidecar::start(bare).await.expect_err("refused");
+    let err = kvgate::tools::sidecar::start(bare).await.expect_err("refused");
     assert!(err.to_string().contains("--allow-prefill"), "{err}");
 
     // Everything else passes through: the sidecar's address stands for the decode endpoint.

@@ -372,7 +372,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     // The sidecar reports each hand-off to kvgate's picker API.
     let grpc_addr = format!("127.0.0.1:{}", common::free_port());
     let report_to = format!("http://{grpc_addr}");
-    let args: kvgate::front::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
+    let args: kvgate::tools::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
         "sidecar",
         [
             "--listen",
@@ -388,7 +388,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
         ],
     )
     .expect("flags");
-    let sc = kvgate::front::sidecar::start(args).await.expect("sidecar");
+    let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar");
     let kv = start_kvgate(&format!(
         "grpc_addr: {grpc_addr}\nadmin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
          {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \

@@ -93,7 +93,8 @@ struct Counters {
     registry: Registry,
     /// `kvgate_sidecar_requests_total{kind}`: prefill-decode, decode-only, fallback.
     requests: IntCounterVec,
-    /// `kvgate_disagg_fallbacks_total{reason}`.
+    /// `kvgate_sidecar_fallbacks_total{reason}`: the gateway's `kvgate_disagg_fallbacks_total`
+    /// has a `pool` label as well, so the sidecar's family has its own name.
     fallbacks: IntCounterVec,
     /// `kvgate_sidecar_reports_total{result}`: hand-off reports to kvgate (`ok`, `failed`, and
     /// `skipped` while paused after one went unanswered).
@@ -113,7 +114,7 @@ impl Counters {
         .expect("valid metric");
         let fallbacks = IntCounterVec::new(
             Opts::new(
-                "kvgate_disagg_fallbacks_total",
+                "kvgate_sidecar_fallbacks_total",
                 "Prefill hand-offs that failed and fell back to prefill on the decode endpoint, by reason.",
             ),
             &["reason"],
