@@ -12,6 +12,8 @@ pub use discovery::SourceStatus;
 mod health;
 pub(crate) mod kubernetes;
 pub(crate) mod kv_events;
+mod launch;
+pub use launch::{Launched, launch};
 mod publish;
 pub mod scrape;
 pub(crate) mod scrape_parse;

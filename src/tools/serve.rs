@@ -21,10 +21,8 @@ use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::{Config, ExtProcConfig, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
-use crate::gateway::pool::{AbortOnDrop, Pool, PoolSettings, discovery, kubernetes};
+use crate::gateway::pool::{AbortOnDrop, Launched, PoolSettings, launch};
 use crate::gateway::telemetry::Telemetry;
-use crate::routing::plan::{Planner, PrecisePrefix};
-use crate::routing::prefix::precise::PreciseIndex;
 use crate::routing::schedule::SchedulerSpec;
 
 /// `kvgate serve` flags.
@@ -200,48 +198,12 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
 }
 
 /// [`start`], with the kubeconfig for pools sourced from an InferencePool (see
-/// [`kubernetes::client`] for the default).
+/// [`launch`] for the default).
 pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> anyhow::Result<Server> {
     let resolved = cfg.resolve(path)?;
-    // One API client for every pool that follows an InferencePool (none without one).
-    let kube = if resolved.iter().any(|p| p.inference_pool.is_some()) {
-        Some(kubernetes::client(kubeconfig).await?)
-    } else {
-        None
-    };
     let settings = PoolSettings::new(&cfg.scrape, &cfg.health);
     let telemetry = Arc::new(Telemetry::new());
-    let stale_ms = settings.stale_after.as_millis() as u64;
-    let mut tasks = Vec::new();
-    let mut pools = Vec::new();
-    for rp in resolved {
-        let kind = rp.source_kind();
-        for w in &rp.warnings {
-            tracing::warn!(pool = rp.name.as_str(), "config warning: {w}");
-        }
-        let mut planner = Planner::new(rp.models, rp.scheduler, stale_ms);
-        let kv_events = rp.precise.as_ref().map(|p| p.kv_events.clone());
-        if let Some(p) = rp.precise {
-            tracing::info!(pool = rp.name.as_str(), tokenizer = %p.tokenizer_dir.display(), "prefix matches from KV events");
-            let index = PreciseIndex::default();
-            planner =
-                planner.with_precise(PrecisePrefix::new(p.tokenizer, index, p.kv_events.stale_after_ms, p.block_size));
-        }
-        let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
-        if let Some(spec) = kv_events {
-            pool.follow_kv_events(spec);
-        }
-        let task = match (&rp.inference_pool, &kube) {
-            (Some(r), Some((client, namespace))) => {
-                let target = kubernetes::Target::new(r, namespace);
-                tracing::info!(pool = pool.name(), inference_pool = %target.describe(), "endpoints from Kubernetes");
-                tokio::spawn(kubernetes::run(pool.clone(), client.clone(), target))
-            }
-            _ => tokio::spawn(discovery::run(pool.clone(), kind, rp.endpoints, rp.endpoints_file)),
-        };
-        tasks.push(AbortOnDrop(task));
-        pools.push(pool);
-    }
+    let Launched { pools, mut tasks } = launch(resolved, &settings, &telemetry, kubeconfig).await?;
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
     let gateway = Arc::new(
         Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
