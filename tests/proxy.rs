@@ -622,6 +622,8 @@ async fn usage_counts_when_the_client_leaves_after_done() {
     let counted = || async { metric(&metrics(&admin).await, "kvgate_tokens_total", &[("kind", "completion")]) };
     let body = json!({"model": MODEL, "prompt": "count me", "max_tokens": 4, "stream": true,
         "stream_options": {"include_usage": true}});
+    let debug = format!("{admin}/debug/endpoints");
+    let in_flight = || async { get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"].clone() };
     let mut want = 0.0;
     for _ in 0..5 {
         let r = client().post(&url).body(body.to_string()).send().await.expect("send");
@@ -633,16 +635,16 @@ async fn usage_counts_when_the_client_leaves_after_done() {
             "left after [DONE]: {:?}",
             counted().await
         );
+        // The request is over once kvgate has seen the client leave.
+        assert!(eventually(5, || async { in_flight().await == 0 }).await, "released");
     }
     // A client that stays while the endpoint lingers: counted before the response ends.
     let r = client().post(&url).body(body.to_string()).send().await.expect("send");
     let mut stream = r.bytes_stream();
     want += completion_tokens(&read_to_done(&mut stream).await);
     assert!(eventually(5, || async { counted().await == Some(want) }).await, "still open: {:?}", counted().await);
-    let debug = format!("{admin}/debug/endpoints");
-    assert_eq!(get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"], 1, "the response is open");
+    assert_eq!(in_flight().await, 1, "the response is open");
     drop(stream);
-    let ended = || async { get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"] == 0 };
-    assert!(eventually(5, ended).await);
+    assert!(eventually(5, || async { in_flight().await == 0 }).await);
     assert_eq!(counted().await, Some(want), "counted once");
 }

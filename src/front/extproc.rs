@@ -261,10 +261,10 @@ impl StreamState {
             Some(Req::RequestTrailers(_)) => vec![response(Resp::RequestTrailers(TrailersResponse::default()))],
             Some(Req::ResponseHeaders(h)) => self.response_headers(&served, h),
             Some(Req::ResponseBody(b)) => {
-                self.usage.feed(&b.body);
+                let usage = self.usage.feed(&b.body);
                 if let Some(r) = self.routed.as_mut() {
                     r.received(b.body.len());
-                    if let Some(u) = self.usage.take_new() {
+                    if let Some(u) = usage {
                         r.usage(u);
                     }
                 }
@@ -458,9 +458,7 @@ impl StreamState {
             // The gateway reports who served (after its own retries, or by a choice of its
             // own): the request is accounted there.
             match served.parse::<SocketAddr>() {
-                Ok(addr) => {
-                    r.served_by(addr);
-                }
+                Ok(addr) => r.served_by(addr),
                 Err(_) => r.served_unknown(served),
             }
         }
@@ -499,14 +497,14 @@ impl StreamState {
 
     /// The response is complete: count it and release the in-flight count.
     fn finish(&mut self) {
-        self.usage.finish();
+        let usage = self.usage.finish();
         if let Some(mut r) = self.routed.take() {
             // No response headers came through here (Envoy skips them, say): the leg is over.
             if self.prefill.take().is_some() {
                 r.prefill_delegated();
             }
             r.count(self.status, upstream_error_code(self.status));
-            if let Some(u) = self.usage.take_new() {
+            if let Some(u) = usage {
                 r.usage(u);
             }
             r.completed();
@@ -518,11 +516,10 @@ impl Drop for StreamState {
     /// The stream went away before the response ended (the client left, say): the usage that
     /// passed through is counted all the same; dropping the routed request releases its counts.
     fn drop(&mut self) {
-        if let Some(r) = self.routed.as_mut() {
-            self.usage.finish();
-            if let Some(u) = self.usage.take_new() {
-                r.usage(u);
-            }
+        if let Some(r) = self.routed.as_mut()
+            && let Some(u) = self.usage.finish()
+        {
+            r.usage(u);
         }
     }
 }

@@ -327,11 +327,10 @@ pub(crate) fn relay(
         /// The client left (or the endpoint failed) before the end: what usage passed through
         /// is counted all the same.
         fn drop(&mut self) {
-            if let Some((r, usage)) = self.routed.as_mut() {
-                usage.finish();
-                if let Some(u) = usage.take_new() {
-                    r.usage(u);
-                }
+            if let Some((r, usage)) = self.routed.as_mut()
+                && let Some(u) = usage.finish()
+            {
+                r.usage(u);
             }
         }
     }
@@ -348,8 +347,7 @@ pub(crate) fn relay(
                 Err(_) => return Some((Err(std::io::Error::other("the endpoint went silent")), s)),
                 Ok(None) => {
                     if let Some((mut r, mut usage)) = s.routed.take() {
-                        usage.finish();
-                        if let Some(u) = usage.take_new() {
+                        if let Some(u) = usage.finish() {
                             r.usage(u);
                         }
                         r.completed();
@@ -361,8 +359,7 @@ pub(crate) fn relay(
                     if let Ok(data) = frame.into_data() {
                         if let Some((r, usage)) = s.routed.as_mut() {
                             r.received(data.len());
-                            usage.feed(&data);
-                            if let Some(u) = usage.take_new() {
+                            if let Some(u) = usage.feed(&data) {
                                 r.usage(u);
                             }
                         }

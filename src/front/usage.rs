@@ -13,8 +13,6 @@ pub(crate) struct UsageReader {
     pending: Vec<u8>,
     /// The usage the body reported, once read.
     pub usage: Option<Usage>,
-    /// `usage` changed since [`UsageReader::take_new`] last returned it.
-    fresh: bool,
 }
 
 /// Bound on a non-streaming body kept for its usage.
@@ -65,8 +63,10 @@ impl UsageReader {
         })
     }
 
-    /// Feeds the next chunk.
-    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+    /// Feeds the next chunk; returns the usage it completed, when that is new (a stream's usage
+    /// event is counted as soon as it has passed, whether or not the client stays for the rest).
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Option<Usage> {
+        let before = self.usage;
         if self.sse == Some(true) {
             self.pending.extend_from_slice(chunk);
             // Complete lines are read in place and dropped at once; a partial one waits.
@@ -79,7 +79,6 @@ impl UsageReader {
                     && memchr::memmem::find(data, b"\"usage\"").is_some()
                     && let Some(u) = Self::usage_in(data)
                 {
-                    self.fresh |= self.usage != Some(u);
                     self.usage = Some(u);
                 }
             }
@@ -90,24 +89,21 @@ impl UsageReader {
         } else if self.pending.len() + chunk.len() <= MAX_USAGE_BODY {
             self.pending.extend_from_slice(chunk);
         }
+        self.usage.filter(|_| self.usage != before)
     }
 
-    /// The body is complete.
-    pub(crate) fn finish(&mut self) {
+    /// The body is complete (or will get no more bytes); returns the usage it completed, when
+    /// that is new.
+    pub(crate) fn finish(&mut self) -> Option<Usage> {
+        let before = self.usage;
         if self.sse != Some(true)
             && memchr::memmem::find(&self.pending, b"\"usage\"").is_some()
             && let Some(u) = Self::usage_in(&self.pending)
         {
-            self.fresh |= self.usage != Some(u);
             self.usage = Some(u);
         }
         self.pending.clear();
-    }
-
-    /// The usage read since the last call, if it changed: a stream's usage event is counted as
-    /// soon as it has passed, whether or not the client stays for the rest.
-    pub(crate) fn take_new(&mut self) -> Option<Usage> {
-        std::mem::take(&mut self.fresh).then_some(self.usage).flatten()
+        self.usage.filter(|_| self.usage != before)
     }
 }
 
@@ -148,6 +144,19 @@ mod tests {
         assert_eq!(r.usage, None, "not before the end");
         r.finish();
         assert_eq!(r.usage, Some(Usage { prompt: 5, completion: 2, cached: 0, cached_reported: false }));
+    }
+
+    #[test]
+    fn new_usage_is_returned_once() {
+        let u = Usage { prompt: 3, completion: 1, cached: 0, cached_reported: false };
+        let mut r = UsageReader::new(true);
+        assert_eq!(r.feed(b"data: {\"usage\":{\"prompt_tokens\":3,"), None, "not before the line ends");
+        assert_eq!(r.feed(b"\"completion_tokens\":1}}\n\n"), Some(u));
+        assert_eq!(r.feed(b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n"), None, "unchanged");
+        assert_eq!(r.finish(), None, "already returned");
+        let mut r = UsageReader::new(false);
+        assert_eq!(r.feed(br#"{"usage":{"prompt_tokens":3,"completion_tokens":1}}"#), None, "JSON waits for its end");
+        assert_eq!(r.finish(), Some(u));
     }
 
     #[test]

@@ -226,20 +226,16 @@ impl Routed {
     /// choice of its own): the request's in-flight count, its prompt's place in the prefix
     /// index, its health record, usage feedback and TTFT sample follow that endpoint, whether
     /// or not it was among the decision's targets, as long as it is an endpoint of the pool.
-    /// Any other address is ignored (counted; the first one logged). Returns whether the
-    /// request now counts on `addr`.
-    pub fn served_by(&mut self, addr: SocketAddr) -> bool {
+    /// Any other address is ignored (counted; the first one logged).
+    pub fn served_by(&mut self, addr: SocketAddr) {
         if self.target().address == addr {
-            return true;
+            return;
         }
         let k = match self.planned.decision.targets.iter().position(|t| t.address == addr) {
             Some(k) => k,
             None => match self.snapshot.endpoints.iter().position(|e| e.address == addr) {
                 Some(index) => self.add_target(index),
-                None => {
-                    self.pool.served_elsewhere(addr);
-                    return false;
-                }
+                None => return self.pool.served_elsewhere(addr),
             },
         };
         let sent = self.timing.sent;
@@ -247,7 +243,6 @@ impl Routed {
         // The gateway sent it as soon as it had the decision; a retry of its own makes the
         // sample long, never short (the TTFT model's fit is robust to such outliers).
         self.timing.sent = sent;
-        true
     }
 
     /// The gateway reported a served endpoint that is not an address: ignored, and counted as
