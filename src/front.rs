@@ -12,4 +12,3 @@ pub(crate) mod http;
 pub(crate) mod listen;
 pub mod picker;
 pub(crate) mod proxy;
-pub(crate) mod usage;

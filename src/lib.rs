@@ -36,7 +36,7 @@ pub mod fuzzing {
     /// A response body fed to the usage reader in pieces (the first bytes pick SSE or JSON and
     /// where it is cut).
     pub fn usage(data: &[u8]) {
-        crate::front::usage::fuzz(data);
+        crate::gateway::usage::fuzz(data);
     }
 
     /// A `/metrics` exposition.

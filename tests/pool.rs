@@ -7,9 +7,19 @@ use std::time::Duration;
 
 use axum::routing::get;
 use common::{SimProcess, eventually, free_port, get_json, start_kvgate, start_sim};
+use kvgate::gateway::answer::Answer;
 use kvgate::gateway::error::RouteError;
+use kvgate::gateway::facade::{Gateway, Input, RouteRequest, SubsetHint};
+use kvgate::gateway::outcome::Routed;
+use kvgate::gateway::paths::Place;
 use kvgate::routing::request::ApiKind;
 use serde_json::{Value, json};
+
+/// Routes a chat body as the proxy would, for one endpoint.
+fn decide(gateway: &Gateway, body: &[u8]) -> Result<Routed, Answer> {
+    let place = Place::Prompt(ApiKind::ChatCompletions);
+    gateway.route(RouteRequest { place, input: Input::Body(body), subset: SubsetHint::Any, places: 1 })
+}
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
@@ -48,7 +58,7 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
     assert!(eventually(5, || async { addrs(&get_json(&debug).await) == [a.addrs[0].to_string()] }).await);
 
     // A request in flight on `a` while `a` is removed keeps its count until it ends.
-    let routed = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect("routed");
+    let routed = decide(&kv.gateway, &chat("x")).expect("routed");
     let in_flight = routed.snapshot().endpoints[routed.decision().primary().index].in_flight.clone();
     assert_eq!(in_flight.requests(), 1);
 
@@ -133,17 +143,11 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     assert!(eventually(10, || async { health(&get_json(&debug).await) == "unhealthy" }).await, "marked unhealthy");
     // While it is out (once the snapshot shows it), every decision goes to the other endpoint.
     let only_other = || async {
-        kv.gateway
-            .decide(ApiKind::ChatCompletions, &chat("probe"), None, 1)
-            .expect("routed")
-            .decision()
-            .primary()
-            .address
-            == other.addrs[0]
+        decide(&kv.gateway, &chat("probe")).expect("routed").decision().primary().address == other.addrs[0]
     };
     assert!(eventually(5, only_other).await);
     for i in 0..20 {
-        let r = kv.gateway.decide(ApiKind::ChatCompletions, &chat(&format!("{i}")), None, 1).expect("routed");
+        let r = decide(&kv.gateway, &chat(&format!("{i}"))).expect("routed");
         assert_eq!(r.decision().primary().address, other.addrs[0]);
     }
     let e = &first_endpoint(&get_json(&debug).await);
@@ -200,13 +204,14 @@ async fn every_endpoint_down_is_a_503_with_a_reason() {
     .await;
     // Before the first discovery there are no endpoints; then the only one fails its scrapes.
     let unhealthy = eventually(10, || async {
-        matches!(kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1), Err(e) if e.code() == "no_healthy_endpoints")
+        matches!(decide(&kv.gateway, &chat("x")), Err(a) if a.code == "no_healthy_endpoints")
     })
     .await;
     assert!(unhealthy);
     let e = RouteError::Unavailable(kvgate::routing::schedule::NoDecision::NoHealthyEndpoints);
     assert_eq!(e.status(), 503);
-    assert!(e.to_json().contains("unhealthy"), "{}", e.to_json());
+    let body = Answer::from(&e).body;
+    assert!(body.contains("unhealthy"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,8 +295,7 @@ async fn a_burst_of_identical_prefixes_is_spread() {
     );
     let body = chat(&"The same long system prompt for everyone. ".repeat(50));
     // Twelve requests at once, none finished: kvgate's own in-flight counts must spread them.
-    let held: Vec<_> =
-        (0..12).map(|_| kv.gateway.decide(ApiKind::ChatCompletions, &body, None, 1).expect("routed")).collect();
+    let held: Vec<_> = (0..12).map(|_| decide(&kv.gateway, &body).expect("routed")).collect();
     let mut per: std::collections::BTreeMap<String, usize> = Default::default();
     for r in &held {
         *per.entry(r.decision().primary().address.to_string()).or_default() += 1;
@@ -353,6 +357,6 @@ async fn garbage_and_enormous_metrics_are_errors_that_hurt_no_one_else() {
             .is_some_and(|n| n >= 3.0)
     );
     assert_eq!(common::metric(&metrics, "inference_pool_ready_pods", &[("name", "p")]), Some(1.0));
-    let r = kv.gateway.decide(ApiKind::ChatCompletions, &chat("x"), None, 1).expect("routed");
+    let r = decide(&kv.gateway, &chat("x")).expect("routed");
     assert_eq!(r.decision().primary().address, good.addrs[0]);
 }

@@ -12,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::front::http::{no_route, refusal, wrong_method};
-use crate::gateway::error::error_body;
+use crate::front::http::{answer, no_route, wrong_method};
+use crate::gateway::answer::Answer;
 use crate::gateway::facade::Gateway;
+use crate::gateway::facade::Input;
 use crate::routing::request::ApiKind;
 
 /// The admin router.
@@ -48,9 +49,7 @@ async fn endpoints(State(g): St) -> Response {
         .pools()
         .iter()
         .map(|p| {
-            let snap = p.snapshot();
-            let mut models = p.served_models();
-            models.extend(snap.adapters.iter().filter(|a| !models.contains(a)).cloned().collect::<Vec<_>>());
+            let models = p.served_names();
             let source = p.source();
             let bpt = p.planner().bytes_per_token();
             json!({
@@ -71,13 +70,12 @@ struct ExplainQuery {
 async fn explain(State(g): St, Query(q): Query<ExplainQuery>, body: Bytes) -> Response {
     let path = q.path.as_deref().unwrap_or("/v1/chat/completions");
     let Some(api) = ApiKind::from_path(path) else {
-        let body = error_body(400, &format!("`{path}` is not a routed API path"), "invalid_path", Some("path"));
-        return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        return answer(&Answer::error(400, format!("`{path}` is not a routed API path"), "invalid_path", Some("path")));
     };
-    match g.explain(api, &body) {
-        Ok((pool, decision, explanation)) => {
+    match g.explain(api, Input::Body(&body)) {
+        Ok((pool, _, decision, explanation)) => {
             axum::Json(json!({"pool": pool, "decision": decision, "explanation": explanation})).into_response()
         }
-        Err(e) => refusal(&e),
+        Err(e) => answer(&Answer::from(&e)),
     }
 }

@@ -15,7 +15,6 @@
 //! served endpoint, when the gateway reports it, moves the in-flight count to the right
 //! endpoint; the count is released when the response ends or the stream goes away.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
@@ -37,17 +36,17 @@ mod reply;
 use crate::front::http::{
     DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, new_request_id,
 };
-use crate::front::usage::UsageReader;
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
-use crate::gateway::decisions::{PrefillReport, StreamTicket};
-use crate::gateway::error::{RouteError, upstream_error_code};
-use crate::gateway::facade::Gateway;
+use crate::gateway::decisions::StreamTicket;
+use crate::gateway::error::RouteError;
+use crate::gateway::events::{Event, Prefill, Served};
+use crate::gateway::facade::{Gateway, Input, RouteRequest, SubsetHint};
 use crate::gateway::outcome::Routed;
-use crate::gateway::paths::{Ask, PathRefusal, Place};
+use crate::gateway::paths::Place;
 use crate::routing::request::RequestError;
-use crate::routing::schedule::{NoDecision, Subset};
-use reply::{body_chunks, immediate, immediate_json, lb_metadata, refused_path, response, set_header};
+use crate::routing::schedule::Subset;
+use reply::{body_chunks, immediate, lb_metadata, response, set_header};
 
 /// Dynamic metadata namespace of the pick.
 pub(crate) const LB_NAMESPACE: &str = "envoy.lb";
@@ -173,8 +172,6 @@ struct StreamState {
     routed: Option<Routed>,
     /// The P/D decision's id while its sidecar may report the prefill leg.
     prefill: Option<StreamTicket>,
-    usage: UsageReader,
-    status: u16,
     /// The request body's end was seen: later body chunks are ignored (Envoy may repeat the
     /// last one of a large full-duplex body).
     body_ended: bool,
@@ -200,8 +197,6 @@ impl StreamState {
             subset: None,
             routed: None,
             prefill: None,
-            usage: UsageReader::default(),
-            status: 0,
             body_ended: false,
             done: false,
         }
@@ -247,8 +242,7 @@ impl StreamState {
                 if let Err(e) = held {
                     self.body = Vec::new();
                     self.done = true;
-                    self.gateway.refused(&e);
-                    return vec![immediate(&e)];
+                    return vec![immediate(&self.gateway.refuse(&e))];
                 }
                 self.body.extend_from_slice(&b.body);
                 if b.end_of_stream {
@@ -261,12 +255,8 @@ impl StreamState {
             Some(Req::RequestTrailers(_)) => vec![response(Resp::RequestTrailers(TrailersResponse::default()))],
             Some(Req::ResponseHeaders(h)) => self.response_headers(&served, h),
             Some(Req::ResponseBody(b)) => {
-                let usage = self.usage.feed(&b.body);
                 if let Some(r) = self.routed.as_mut() {
-                    r.received(b.body.len());
-                    if let Some(u) = usage {
-                        r.usage(u);
-                    }
+                    r.on(Event::Body(&b.body));
                 }
                 if b.end_of_stream {
                     self.finish();
@@ -312,29 +302,11 @@ impl StreamState {
             self.generated_id = true;
         }
         // The gateway's own answers (and 404s) are given at once, as the proxy gives them.
-        match self.gateway.ask(&self.method, &self.path) {
-            Ask::Route(place) => self.place = Some(place),
-            Ask::Models => {
+        match self.gateway.place(&self.method, &self.path) {
+            Ok(place) => self.place = Some(place),
+            Err(a) => {
                 self.done = true;
-                return vec![immediate_json(200, self.gateway.models_list().to_string(), &[], "")];
-            }
-            Ask::ModelInfo => {
-                self.done = true;
-                let (status, body) = self.gateway.model_info_answer(&self.path);
-                return vec![immediate_json(status, body, &[], "")];
-            }
-            Ask::Health => {
-                self.done = true;
-                let (status, body) = self.gateway.health_answer();
-                return vec![immediate_json(status, body, &[], "")];
-            }
-            Ask::MethodNotAllowed(allow) => {
-                self.done = true;
-                return vec![refused_path(&PathRefusal::method_not_allowed(&self.method, &self.path, Some(allow)))];
-            }
-            Ask::NotFound => {
-                self.done = true;
-                return vec![refused_path(&PathRefusal::not_found(&self.method, &self.path))];
+                return vec![immediate(&a)];
             }
         }
         if h.end_of_stream {
@@ -349,42 +321,39 @@ impl StreamState {
 
     /// The subset the request may be placed in: the gateway's hint, narrowed by the
     /// conformance header when that filter is on.
-    fn subset(&self) -> Result<Option<Subset>, RouteError> {
+    fn subset(&self) -> SubsetHint {
         let hint = match &self.subset {
-            None => None,
-            Some(Some(s)) if !s.is_empty() => Some(s.clone()),
-            Some(_) => return Err(RouteError::Unavailable(NoDecision::SubsetUnmatched)),
+            None => SubsetHint::Any,
+            Some(Some(s)) if !s.is_empty() => SubsetHint::Within(s.clone()),
+            Some(_) => return SubsetHint::Unreadable,
         };
         if self.cfg.conformance_test_filter
             && let Some(sel) = &self.test_selection
             && let Ok(s) = Subset::parse_list(sel)
             && !s.is_empty()
         {
-            return Ok(Some(s));
+            return SubsetHint::Within(s);
         }
-        Ok(hint)
+        hint
     }
 
     /// Decides where the request goes; `with_body`: the body has been received (and must be
     /// sent back in full duplex mode).
     fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
         let want = self.cfg.max_endpoints.unwrap_or(1);
-        let routed = match self.subset() {
-            Ok(subset) => match self.place {
-                Some(place) => self.gateway.route(place, &self.body, subset.as_ref(), want),
-                // Bodies before headers: nothing is known of the request.
-                None => Err(RouteError::BadRequest(RequestError::MissingModel)),
-            },
-            Err(e) => {
-                self.gateway.refused(&e);
-                Err(e)
+        let routed = match self.place {
+            Some(place) => {
+                let input = Input::Body(&self.body);
+                self.gateway.route(RouteRequest { place, input, subset: self.subset(), places: want })
             }
+            // Bodies before headers: nothing is known of the request.
+            None => Err(self.gateway.refuse(&RouteError::BadRequest(RequestError::MissingModel))),
         };
-        let routed = match routed {
+        let mut routed = match routed {
             Ok(r) => r,
-            Err(e) => {
+            Err(a) => {
                 self.done = true;
-                return vec![immediate(&e)];
+                return vec![immediate(&a)];
             }
         };
         let ticket = routed.decision().prefill.is_some().then(|| self.gateway.decisions().stream());
@@ -402,7 +371,7 @@ impl StreamState {
         }
         // A client's own transfer parameters never reach a P/D endpoint: the body is rewritten.
         let mut rewritten = false;
-        if with_body && let Some(b) = routed.sanitized(&self.body) {
+        if let Some(b) = routed.take_body().filter(|_| with_body) {
             set.push(set_header("content-length", &b.len().to_string()));
             self.body = b;
             rewritten = true;
@@ -443,35 +412,26 @@ impl StreamState {
     }
 
     fn response_headers(&mut self, served: &ServedReport, h: HttpHeaders) -> Vec<ProcessingResponse> {
-        let mut sse = false;
+        let (mut status, mut event_stream) = (0, false);
         for hv in h.headers.map(|m| m.headers).unwrap_or_default() {
             let value =
                 if hv.raw_value.is_empty() { hv.value } else { String::from_utf8_lossy(&hv.raw_value).into_owned() };
             match hv.key.as_str() {
-                ":status" => self.status = value.parse().unwrap_or(0),
-                "content-type" => sse = value.starts_with("text/event-stream"),
+                ":status" => status = value.parse().unwrap_or(0),
+                "content-type" => event_stream = value.starts_with("text/event-stream"),
                 _ => {}
             }
         }
-        self.usage = UsageReader::new(sse);
-        if let (ServedReport::Endpoint(served), Some(r)) = (served, self.routed.as_mut()) {
-            // The gateway reports who served (after its own retries, or by a choice of its
-            // own): the request is accounted there.
-            match served.parse::<SocketAddr>() {
-                Ok(addr) => r.served_by(addr),
-                Err(_) => r.served_unknown(served),
-            }
-        }
+        // The decode side answers only after the prefill leg, if any, is over: a report of it
+        // can no longer come.
+        self.prefill = None;
         if let Some(r) = self.routed.as_mut() {
-            // The decode side answers only after the prefill leg, if any, is over; a sidecar
-            // that did not report it is taken to have run it.
-            if self.prefill.take().is_some() {
-                r.prefill_delegated();
+            if let ServedReport::Endpoint(served) = served {
+                r.on(Event::ServedBy(Served::parse(served)));
             }
-            r.responded(self.status);
             // Its first body message is its first token only when Envoy streams the body here.
             let streamed = matches!(self.response_mode, BodyMode::Streamed | BodyMode::FullDuplexStreamed);
-            r.streaming(sse && streamed);
+            r.on(Event::Started { status, event_stream, streamed });
         }
         if h.end_of_stream {
             self.finish();
@@ -486,47 +446,26 @@ impl StreamState {
         vec![response(Resp::ResponseHeaders(answer))]
     }
 
-    /// The sidecar reported the prefill leg: the outcome API learns it as the proxy's own
-    /// hand-off would.
-    fn prefill_reported(&mut self, p: PrefillReport) {
+    /// The sidecar reported the prefill leg.
+    fn prefill_reported(&mut self, p: Prefill) {
         self.prefill = None;
         if let Some(r) = self.routed.as_mut() {
-            if p.succeeded { r.prefill_succeeded() } else { r.prefill_failed(p.reason, p.learned) }
+            r.on(Event::Prefill(p));
         }
     }
 
-    /// The response is complete: count it and release the in-flight count.
+    /// The response is complete: it is accounted, and its in-flight count released.
     fn finish(&mut self) {
-        let usage = self.usage.finish();
+        self.prefill = None;
         if let Some(mut r) = self.routed.take() {
-            // No response headers came through here (Envoy skips them, say): the leg is over.
-            if self.prefill.take().is_some() {
-                r.prefill_delegated();
-            }
-            r.count(self.status, upstream_error_code(self.status));
-            if let Some(u) = usage {
-                r.usage(u);
-            }
-            r.completed();
-        }
-    }
-}
-
-impl Drop for StreamState {
-    /// The stream went away before the response ended (the client left, say): the usage that
-    /// passed through is counted all the same; dropping the routed request releases its counts.
-    fn drop(&mut self) {
-        if let Some(r) = self.routed.as_mut()
-            && let Some(u) = self.usage.finish()
-        {
-            r.usage(u);
+            r.on(Event::Finished { status: None, usage: None, body_bytes: None });
         }
     }
 }
 
 /// The sidecar's report of the prefill leg, when the stream holds a P/D decision; pending
 /// otherwise.
-async fn prefill_report(ticket: &mut Option<StreamTicket>) -> PrefillReport {
+async fn prefill_report(ticket: &mut Option<StreamTicket>) -> Prefill {
     match ticket {
         Some(t) => match (&mut t.report).await {
             Ok(r) => r,

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body_util::{BodyExt, Limited};
 
 use crate::front::http::{UpstreamClient, new_request_id, strip_placement, upstream_request};
-use crate::gateway::pool::Outcome;
+use crate::gateway::events::PrefillFailure;
 use crate::routing::pd::{BodyError, decode_body, prefill_body, transfer_params};
 
 /// Largest prefill-leg answer read (its `kv_transfer_params` list every block of the prompt).
@@ -53,26 +53,16 @@ impl From<BodyError> for Fallback {
 }
 
 impl Fallback {
-    /// Metric label.
-    pub(crate) fn reason(&self) -> &'static str {
+    /// The failure in the lifecycle's vocabulary (its reason label, what it says of the
+    /// endpoint's health).
+    pub(crate) fn kind(&self) -> PrefillFailure {
         match self {
-            Self::Unreachable(_) => "unreachable",
-            Self::Timeout => "timeout",
-            Self::Status(_) => "status",
-            Self::BadResponse(_) => "bad_response",
-            Self::BadRequest(_) => "bad_request",
-            Self::NotAllowed(_) => "not_allowed",
-        }
-    }
-
-    /// What the failure says about the prefill endpoint, for its health: an unreachable one, or
-    /// the status it answered with; nothing for a timeout (a long prompt can be slow to prefill
-    /// on a healthy endpoint) or for a failure of the request or the answer's contents.
-    pub(crate) fn learned(&self) -> Option<Outcome> {
-        match self {
-            Self::Unreachable(_) => Some(Outcome::Unreachable),
-            Self::Status(s) => Some(Outcome::Answered(*s)),
-            _ => None,
+            Self::Unreachable(_) => PrefillFailure::Unreachable,
+            Self::Timeout => PrefillFailure::Timeout,
+            Self::Status(s) => PrefillFailure::Status(*s),
+            Self::BadResponse(_) => PrefillFailure::BadResponse,
+            Self::BadRequest(_) => PrefillFailure::BadRequest,
+            Self::NotAllowed(_) => PrefillFailure::NotAllowed,
         }
     }
 }
@@ -124,13 +114,14 @@ pub(crate) async fn handoff(client: &UpstreamClient, leg: PrefillLeg<'_>, body: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::pool::Outcome;
 
     #[test]
     fn fallback_reasons() {
-        assert_eq!(Fallback::Timeout.learned(), None);
-        assert_eq!(Fallback::Unreachable(String::new()).learned(), Some(Outcome::Unreachable));
-        assert_eq!(Fallback::Status(503).learned(), Some(Outcome::Answered(503)));
-        assert_eq!(Fallback::BadResponse(String::new()).learned(), None);
-        assert_eq!(Fallback::NotAllowed(String::new()).reason(), "not_allowed");
+        assert_eq!(Fallback::Timeout.kind().learned(), None);
+        assert_eq!(Fallback::Unreachable(String::new()).kind().learned(), Some(Outcome::Unreachable));
+        assert_eq!(Fallback::Status(503).kind().learned(), Some(Outcome::Answered(503)));
+        assert_eq!(Fallback::BadResponse(String::new()).kind().learned(), None);
+        assert_eq!(Fallback::NotAllowed(String::new()).kind().reason(), "not_allowed");
     }
 }

@@ -14,9 +14,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::front::listen::SlowBody;
-use crate::front::usage::UsageReader;
+use crate::gateway::answer::Answer;
 use crate::gateway::budget::Reservation;
-use crate::gateway::error::{RouteError, error_body};
+use crate::gateway::error::RouteError;
+use crate::gateway::events::Event;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::PathRefusal;
 use crate::routing::request::RequestError;
@@ -27,8 +28,6 @@ pub(crate) const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 /// The endpoint that served: a proxy response header, and the metadata key where a gateway
 /// reports it to ext_proc.
 pub(crate) const SERVED_HEADER: &str = "x-gateway-destination-endpoint-served";
-/// Header naming why a request was refused.
-pub(crate) const DROPPED_HEADER: &str = "x-llm-d-request-dropped-reason";
 /// Conformance-test header forcing the pick among the listed endpoints.
 pub(crate) const TEST_SELECTION_HEADER: &str = "test-epp-endpoint-selection";
 /// The request id header.
@@ -87,15 +86,6 @@ impl Placement {
         put(PREFILLER_RANK_HEADER, d.prefill.and_then(|t| t.header_rank).map(|r| r.to_string()));
         put(DECISION_HEADER, d.prefill.and(decision_id).map(str::to_owned));
         p
-    }
-}
-
-/// The `x-llm-d-request-dropped-reason` of a refusal.
-pub(crate) fn dropped_reason(e: &RouteError) -> &'static str {
-    match e {
-        RouteError::Saturated { .. } => "rejected-saturated",
-        RouteError::Unavailable(_) => "rejected-no-endpoints",
-        _ => e.code(),
     }
 }
 
@@ -257,49 +247,37 @@ pub(crate) fn upstream_request(
     Ok(req)
 }
 
-/// A refused path as a response: its status, OpenAI body and `Allow` header.
-pub(crate) fn path_refusal(r: &PathRefusal) -> Response {
-    let mut resp = json_error(r.status, &r.message, r.code);
-    if let Some(allow) = r.allow {
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+/// One of kvgate's own answers as an HTTP response: its status, its JSON body (none for an
+/// empty answer) and its headers.
+pub(crate) fn answer(a: &Answer) -> Response {
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = if a.body.is_empty() {
+        status.into_response()
+    } else {
+        (status, [(header::CONTENT_TYPE, "application/json")], a.body.clone()).into_response()
+    };
+    for (k, v) in a.all_headers() {
+        r.headers_mut().insert(HeaderName::from_static(k), HeaderValue::from_static(v));
     }
-    resp
+    if a.close {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 /// The 404 of a listener's unknown paths.
 pub(crate) async fn no_route(method: Method, uri: axum::http::Uri) -> Response {
-    path_refusal(&PathRefusal::not_found(method.as_str(), uri.path()))
+    answer(&Answer::from(&PathRefusal::not_found(method.as_str(), uri.path())))
 }
 
 /// The 405 of a known path asked with a method it does not take.
 pub(crate) async fn wrong_method(method: Method, uri: axum::http::Uri) -> Response {
-    path_refusal(&PathRefusal::method_not_allowed(method.as_str(), uri.path(), None))
+    answer(&Answer::from(&PathRefusal::method_not_allowed(method.as_str(), uri.path(), None)))
 }
 
 /// An OpenAI-shaped error response.
-pub(crate) fn json_error(status: u16, message: &str, code: &str) -> Response {
-    let s = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    (s, [(header::CONTENT_TYPE, "application/json")], error_body(status, message, code, None)).into_response()
-}
-
-/// The headers a refusal carries besides its content type: `Retry-After` when trying again
-/// shortly may work (429, and 503 for a full body budget), in both front-ends.
-pub(crate) fn refusal_headers(e: &RouteError) -> Vec<(&'static str, &'static str)> {
-    if e.retry_soon() { vec![("retry-after", "1")] } else { Vec::new() }
-}
-
-/// A refusal as an OpenAI-shaped JSON response.
-pub(crate) fn refusal(e: &RouteError) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response();
-    for (k, v) in refusal_headers(e) {
-        r.headers_mut().insert(HeaderName::from_static(k), HeaderValue::from_static(v));
-    }
-    if matches!(e, RouteError::SlowBody(_)) {
-        // The rest of the body is not worth waiting for.
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    r
+pub(crate) fn json_error(status: u16, message: &str, code: &'static str) -> Response {
+    answer(&Answer::error(status, message, code, None))
 }
 
 /// Whether a response is a server-sent event stream.
@@ -309,8 +287,7 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
 
 /// The client's response: the endpoint's status and end-to-end headers, the served-by header
 /// (when given), and its body relayed frame by frame (bounded by `idle_ms` between frames).
-/// A routed request lives as long as the body: its first byte, usage and in-flight release are
-/// reported through it.
+/// A routed request lives as long as the body and is told each part as it passes.
 pub(crate) fn relay(
     resp: hyper::Response<hyper::body::Incoming>,
     served: Option<SocketAddr>,
@@ -320,25 +297,13 @@ pub(crate) fn relay(
     let (parts, body) = resp.into_parts();
     struct S {
         body: hyper::body::Incoming,
-        routed: Option<(Routed, UsageReader)>,
+        routed: Option<Routed>,
         idle: Duration,
     }
-    impl Drop for S {
-        /// The client left (or the endpoint failed) before the end: what usage passed through
-        /// is counted all the same.
-        fn drop(&mut self) {
-            if let Some((r, usage)) = self.routed.as_mut()
-                && let Some(u) = usage.finish()
-            {
-                r.usage(u);
-            }
-        }
-    }
-    let sse = is_event_stream(&parts.headers);
-    let usage = UsageReader::new(sse);
+    let event_stream = is_event_stream(&parts.headers);
     let routed = routed.map(|mut r| {
-        r.streaming(sse);
-        (r, usage)
+        r.on(Event::Started { status: parts.status.as_u16(), event_stream, streamed: true });
+        r
     });
     let s = S { body, routed, idle: Duration::from_millis(idle_ms) };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
@@ -346,22 +311,16 @@ pub(crate) fn relay(
             match tokio::time::timeout(s.idle, s.body.frame()).await {
                 Err(_) => return Some((Err(std::io::Error::other("the endpoint went silent")), s)),
                 Ok(None) => {
-                    if let Some((mut r, mut usage)) = s.routed.take() {
-                        if let Some(u) = usage.finish() {
-                            r.usage(u);
-                        }
-                        r.completed();
+                    if let Some(mut r) = s.routed.take() {
+                        r.on(Event::Finished { status: None, usage: None, body_bytes: None });
                     }
                     return None;
                 }
                 Ok(Some(Err(e))) => return Some((Err(std::io::Error::other(e)), s)),
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        if let Some((r, usage)) = s.routed.as_mut() {
-                            r.received(data.len());
-                            if let Some(u) = usage.feed(&data) {
-                                r.usage(u);
-                            }
+                        if let Some(r) = s.routed.as_mut() {
+                            r.on(Event::Body(&data));
                         }
                         return Some((Ok::<Bytes, std::io::Error>(data), s));
                     }

@@ -17,16 +17,14 @@ use tonic::{Request, Response, Status};
 
 mod convert;
 
-use crate::front::http::{
-    DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, dropped_reason, new_request_id, refusal_headers,
-};
+use crate::front::http::{DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, new_request_id};
+use crate::gateway::answer::Answer;
 use crate::gateway::config::ExtProcConfig;
 use crate::gateway::decisions::ReportError;
-use crate::gateway::error::RouteError;
-use crate::gateway::facade::Gateway;
-use crate::gateway::paths::{Ask, PathRefusal, Place};
+use crate::gateway::facade::{Gateway, RouteRequest, SubsetHint};
+use crate::gateway::paths::Place;
 use crate::routing::request::ApiKind;
-use crate::routing::schedule::{NoDecision, Subset};
+use crate::routing::schedule::Subset;
 
 /// The messages and service of `proto/kvgate/v1`, generated at build time.
 #[allow(missing_docs, missing_debug_implementations, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -105,59 +103,37 @@ pub(crate) fn reflection() -> anyhow::Result<(
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
-/// A pick's request as the decision path takes it: how it is placed and its body.
+/// How a pick's request is placed, or kvgate's own answer to it (the same as the proxy's and
+/// the Envoy picker's for that method and path).
 fn placed(
     gateway: &Gateway,
     method: &str,
     path: &str,
-    input: Option<convert::Input>,
-) -> Result<Result<(Place, Vec<u8>), pb::Refusal>, Status> {
+    input: Option<&convert::Input>,
+) -> Result<Result<Place, Answer>, Status> {
     let method = if method.is_empty() { "POST" } else { method };
     let from_prompt = matches!(input, Some(convert::Input::Prompt(_)));
     let path = if path.is_empty() && from_prompt { "/v1/completions" } else { path };
-    // The query string does not place a request.
-    let path = path.split('?').next().unwrap_or_default();
     if !path.starts_with('/') {
         return Err(Status::invalid_argument(format!("`path` must be an HTTP path starting with `/`, not `{path}`")));
     }
-    let place = match gateway.ask(method, path) {
-        Ask::Route(place) => place,
-        Ask::NotFound => return Ok(Err(path_refusal(&PathRefusal::not_found(method, path)))),
-        Ask::MethodNotAllowed(allow) => {
-            return Ok(Err(path_refusal(&PathRefusal::method_not_allowed(method, path, Some(allow)))));
-        }
-        Ask::Models | Ask::ModelInfo | Ask::Health => {
-            return Err(Status::invalid_argument(format!(
-                "{method} {path} is answered by kvgate itself (through the proxy or Envoy), not placed on an endpoint"
-            )));
-        }
-    };
-    // A prompt given as fields is placed as a completions body with them.
-    let place = match place {
-        Place::Prompt(_) if from_prompt => Place::Prompt(ApiKind::Completions),
-        p => p,
-    };
-    let body = input.map(convert::Input::into_body).unwrap_or_default();
-    Ok(Ok((place, body)))
+    Ok(gateway.place(method, path))
 }
 
 #[tonic::async_trait]
 impl Picker for PickerApi {
     async fn pick(&self, req: Request<pb::PickRequest>) -> Result<Response<pb::PickResponse>, Status> {
         let req = req.into_inner();
-        let (place, body) = match placed(&self.gateway, &req.method, &req.path, req.input.map(Into::into))? {
+        let input = req.input.map(convert::Input::from);
+        let place = match placed(&self.gateway, &req.method, &req.path, input.as_ref())? {
             Ok(p) => p,
-            Err(refusal) => return Ok(Response::new(refused(refusal))),
+            Err(a) => return Ok(Response::new(refused(&a))),
         };
         // An unreadable subset matches nothing, as Envoy's hint does for the ext_proc picker.
         let subset = match Subset::parse(req.subset.iter().map(String::as_str)) {
-            _ if req.subset.is_empty() => None,
-            Ok(s) if !s.is_empty() => Some(s),
-            _ => {
-                let e = RouteError::Unavailable(NoDecision::SubsetUnmatched);
-                self.gateway.refused(&e);
-                return Ok(Response::new(refused(route_refusal(&e))));
-            }
+            _ if req.subset.is_empty() => SubsetHint::Any,
+            Ok(s) => SubsetHint::Within(s),
+            Err(_) => SubsetHint::Unreadable,
         };
         // A pick that could not be held must not be decided (deciding records the prompt).
         self.gateway.decisions().has_room().map_err(|e| Status::resource_exhausted(e.to_string()))?;
@@ -167,12 +143,15 @@ impl Picker for PickerApi {
             n => Some(usize::try_from(n).unwrap_or(MAX_PICK_ENDPOINTS).clamp(1, MAX_PICK_ENDPOINTS)),
         };
         let places = asked.unwrap_or(self.max_endpoints.unwrap_or(1));
-        let routed = match self.gateway.route(place, &body, subset.as_ref(), places) {
+        let none = convert::Input::Body(Vec::new());
+        let input = input.as_ref().unwrap_or(&none);
+        let route = RouteRequest { place, input: input.route_input(), subset, places };
+        let mut routed = match self.gateway.route(route) {
             Ok(r) => r,
-            Err(e) => return Ok(Response::new(refused(route_refusal(&e)))),
+            Err(a) => return Ok(Response::new(refused(&a))),
         };
         let mut decision = convert::decision(routed.decision(), routed.snapshot(), routed.pool_name(), routed.model());
-        decision.body = routed.sanitized(&body);
+        decision.body = routed.take_body();
         let first = decision.endpoints.first().map(|e| e.address.clone()).unwrap_or_default();
         let want = asked.unwrap_or_else(|| routed.listed(self.max_endpoints).min(MAX_PICK_ENDPOINTS));
         let ranked = routed.decision().clone();
@@ -209,24 +188,22 @@ impl Picker for PickerApi {
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
         use pb::explain_response::Result as R;
         let req = req.into_inner();
-        let input = req.input.map(convert::Input::from);
+        let input = req.input.map(convert::Input::from).unwrap_or(convert::Input::Body(Vec::new()));
         let path = req.path.split('?').next().unwrap_or_default();
         let api = match input {
-            Some(convert::Input::Prompt(_)) => Some(ApiKind::Completions),
-            _ => ApiKind::from_path(path),
+            convert::Input::Prompt(_) => Some(ApiKind::Completions),
+            convert::Input::Body(_) => ApiKind::from_path(path),
         };
         let Some(api) = api else {
             return Err(Status::invalid_argument(format!("`{path}` is not a prompt API path")));
         };
-        let body = input.map(convert::Input::into_body).unwrap_or_default();
-        let result = match self.gateway.explain(api, &body) {
-            Ok((pool, decision, explanation)) => {
+        let result = match self.gateway.explain(api, input.route_input()) {
+            Ok((pool, model, decision, explanation)) => {
                 let snapshot = self.gateway.pools().iter().find(|p| p.name() == pool).map(|p| p.snapshot());
-                let model = crate::routing::request::model_of(&body).unwrap_or_default();
                 let decision = snapshot.map(|s| convert::decision(&decision, &s, &pool, &model));
                 R::Explained(pb::Explained { pool, decision, explanation: Some(convert::explanation(&explanation)) })
             }
-            Err(e) => R::Refusal(route_refusal(&e)),
+            Err(e) => R::Refusal(refusal(&Answer::from(&e))),
         };
         Ok(Response::new(pb::ExplainResponse { result: Some(result) }))
     }
@@ -277,30 +254,19 @@ impl Picker for PickerApi {
     }
 }
 
-fn refused(refusal: pb::Refusal) -> pb::PickResponse {
-    pb::PickResponse { result: Some(pb::pick_response::Result::Refusal(refusal)) }
+fn refused(a: &Answer) -> pb::PickResponse {
+    pb::PickResponse { result: Some(pb::pick_response::Result::Refusal(refusal(a))) }
 }
 
-/// A refusal of the decision path, as the proxy and the Envoy picker answer it.
-fn route_refusal(e: &RouteError) -> pb::Refusal {
+/// One of kvgate's own answers as a `Refusal`: what to answer the client with instead of placing
+/// the request.
+fn refusal(a: &Answer) -> pb::Refusal {
     pb::Refusal {
-        status: u32::from(e.status()),
-        code: e.code().to_owned(),
-        message: e.to_string(),
-        body: e.to_json(),
-        dropped_reason: dropped_reason(e).to_owned(),
-        headers: refusal_headers(e).into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
-    }
-}
-
-/// A path the policy refuses, as the proxy answers it.
-fn path_refusal(r: &PathRefusal) -> pb::Refusal {
-    pb::Refusal {
-        status: u32::from(r.status),
-        code: r.code.to_owned(),
-        message: r.message.clone(),
-        body: r.body(),
-        dropped_reason: r.code.to_owned(),
-        headers: r.allow.map(|a| ("allow".to_owned(), a.to_owned())).into_iter().collect(),
+        status: u32::from(a.status),
+        code: a.code.to_owned(),
+        message: a.message.clone(),
+        body: a.body.clone(),
+        dropped_reason: a.dropped.unwrap_or_default().to_owned(),
+        headers: a.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
     }
 }

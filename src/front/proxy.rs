@@ -16,19 +16,19 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use crate::front::handoff::{self, PrefillLeg};
 use crate::front::http::{
-    PREFILLER_HEADER, UpstreamClient, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
-    json_error, path_refusal, read_body, refusal, relay, strip_gateway_headers, strip_placement, upstream_client,
-    upstream_request,
+    PREFILLER_HEADER, UpstreamClient, answer, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
+    json_error, read_body, relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
 };
 use crate::gateway::config::ProxyConfig;
-use crate::gateway::error::{error_chain, upstream_error_code};
-use crate::gateway::facade::Gateway;
+use crate::gateway::error::error_chain;
+use crate::gateway::events::{Event, Failure, Prefill};
+use crate::gateway::facade::{Gateway, Input, RouteRequest, SubsetHint};
 use crate::gateway::outcome::Routed;
-use crate::gateway::paths::{Ask, PathRefusal, Place};
+use crate::gateway::paths::Place;
 use crate::routing::schedule::Target;
 
 /// What the proxy needs.
@@ -97,24 +97,10 @@ pub(crate) fn app(state: Arc<ProxyState>) -> Router {
 }
 
 async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
-    let (method, path) = (req.method().as_str(), req.uri().path());
-    match st.gateway.ask(method, path) {
-        Ask::Route(place) => forward(&st, place, req).await,
-        Ask::Models => axum::Json(st.gateway.models_list()).into_response(),
-        Ask::ModelInfo => own_answer(st.gateway.model_info_answer(path)),
-        Ask::Health => own_answer(st.gateway.health_answer()),
-        Ask::NotFound => path_refusal(&PathRefusal::not_found(method, path)),
-        Ask::MethodNotAllowed(allow) => path_refusal(&PathRefusal::method_not_allowed(method, path, Some(allow))),
+    match st.gateway.place(req.method().as_str(), req.uri().path()) {
+        Ok(place) => forward(&st, place, req).await,
+        Err(a) => answer(&a),
     }
-}
-
-/// One of the gateway's own answers: JSON, or an empty 200.
-fn own_answer((status, body): (u16, String)) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if body.is_empty() {
-        return status.into_response();
-    }
-    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Routes a request through the gateway, placed as the path policy says, and sends it.
@@ -124,17 +110,16 @@ async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
     let mut held = st.gateway.body_budget().reservation();
     let body = match read_body(body, st.gateway.max_body_bytes(), &mut held).await {
         Ok(b) => b,
-        Err(e) => {
-            st.gateway.refused(&e);
-            return refusal(&e);
-        }
+        Err(e) => return answer(&st.gateway.refuse(&e)),
     };
-    match st.gateway.route(place, &body, None, st.cfg.attempts.max(1)) {
+    let route =
+        RouteRequest { place, input: Input::Body(&body), subset: SubsetHint::Any, places: st.cfg.attempts.max(1) };
+    match st.gateway.route(route) {
         Ok(routed) => {
             let client = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
             send(st, routed, parts.method, parts.uri, parts.headers, client, body).await
         }
-        Err(e) => refusal(&e),
+        Err(a) => answer(&a),
     }
 }
 
@@ -168,7 +153,7 @@ fn connection_broke(e: &hyper_util::client::legacy::Error) -> bool {
 }
 
 /// Why an attempt failed before the response started.
-enum Failure {
+enum Attempt {
     Connect(String),
     Timeout,
     Status(Response),
@@ -194,7 +179,7 @@ async fn send(
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let attempts = st.cfg.attempts.max(1);
     let mut body = body;
-    if let Some(b) = routed.sanitized(&body) {
+    if let Some(b) = routed.take_body() {
         body = Bytes::from(b);
     }
     if let Some(p) = routed.decision().prefill {
@@ -202,7 +187,7 @@ async fn send(
     }
     let _waiting = Counted::new(&st.waiting);
     let mut retry_permit = None;
-    let mut last = Failure::Connect("no endpoint was tried".into());
+    let mut last = Attempt::Connect("no endpoint was tried".into());
     // Servers that could not be reached: their other ranks are not worth an attempt.
     let mut unreachable: Vec<SocketAddr> = Vec::new();
     let mut tried = 0;
@@ -216,14 +201,14 @@ async fn send(
         }
         if tried > 0 {
             let allowed = st.hold_retry(&mut retry_permit);
-            routed.retry(allowed);
+            routed.count_retry(allowed);
             if !allowed {
                 break;
             }
         }
         tried += 1;
         if k > 0 {
-            routed.retarget(k);
+            routed.on(Event::Resent(k));
         }
         let request =
             || upstream_request(method.clone(), target.address, &path, fwd.clone(), target.header_rank, body.clone());
@@ -244,31 +229,31 @@ async fn send(
             && let Ok(req) = request()
         {
             tracing::debug!(endpoint = %target.address, error = %error_chain(e), "connection broke before an answer; resending on a new one");
-            routed.retry(true);
+            routed.count_retry(true);
             let left = first_byte.saturating_sub(sent.elapsed());
             attempt = tokio::time::timeout(left, st.fresh.request(req)).await;
         }
         let resp = match attempt {
             Err(_) => {
-                routed.timed_out();
-                last = Failure::Timeout;
+                routed.on(Event::Failed(Failure::TimedOut));
+                last = Attempt::Timeout;
                 continue;
             }
             Ok(Err(e)) => {
-                routed.unreachable();
+                routed.on(Event::Failed(Failure::Unreachable));
                 unreachable.push(target.address);
-                last = Failure::Connect(error_chain(&e));
+                last = Attempt::Connect(error_chain(&e));
                 continue;
             }
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
-        routed.responded(status.as_u16());
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            last = Failure::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms));
+            // The client gets this answer if no other endpoint gives a better one.
+            routed.on(Event::Failed(Failure::Status(status.as_u16())));
+            last = Attempt::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms));
             continue;
         }
-        routed.count(status.as_u16(), upstream_error_code(status.as_u16()));
         let prefiller = routed.decision().prefill.map(|p| p.address);
         let mut out = relay(resp, Some(target.address), Some(routed), st.cfg.idle_timeout_ms);
         if let Some(p) = prefiller
@@ -278,16 +263,15 @@ async fn send(
         }
         return out;
     }
-    let resp = match last {
-        Failure::Status(r) => r,
-        Failure::Timeout => json_error(504, "the endpoint did not answer in time", "upstream_timeout"),
-        Failure::Connect(e) => {
+    // The request is counted with its last attempt's failure as `routed` goes.
+    match last {
+        Attempt::Status(r) => r,
+        Attempt::Timeout => json_error(504, "the endpoint did not answer in time", "upstream_timeout"),
+        Attempt::Connect(e) => {
             tracing::warn!(error = %e, pool = routed.pool_name(), "no endpoint could be reached");
             json_error(502, "no endpoint could be reached", "upstream_unreachable")
         }
-    };
-    routed.count(resp.status().as_u16(), "upstream_error");
-    resp
+    }
 }
 
 /// Runs the prefill leg of a P/D decision and returns the decode leg's body; when the leg fails,
@@ -309,12 +293,12 @@ async fn prefill_first(
     };
     match handoff::handoff(&st.client, leg, &body).await {
         Ok(decode) => {
-            routed.prefill_succeeded();
+            routed.on(Event::Prefill(Prefill::Succeeded));
             Bytes::from(decode)
         }
         Err(f) => {
             tracing::warn!(pool = routed.pool_name(), prefill = %p.address, reason = %f, "prefill hand-off failed; decode endpoint prefills");
-            routed.prefill_failed(f.reason(), f.learned());
+            routed.on(Event::Prefill(Prefill::Failed(f.kind())));
             body
         }
     }

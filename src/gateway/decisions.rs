@@ -12,7 +12,6 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,10 +20,9 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::gateway::config::PickerApiConfig;
-use crate::gateway::error::upstream_error_code;
+use crate::gateway::events::{Event, Prefill};
 use crate::gateway::outcome::Routed;
-use crate::gateway::pool::Outcome;
-use crate::gateway::telemetry::{Telemetry, Usage};
+use crate::gateway::telemetry::Telemetry;
 
 /// How many ended ids are remembered with how they ended (older ones are still known to have
 /// been issued).
@@ -62,15 +60,13 @@ enum Held {
     Caller(Arc<Mutex<Caller>>),
     /// A P/D decision an ext_proc stream holds: only its prefill leg is reported here, and handed
     /// on to the stream.
-    Stream(Option<oneshot::Sender<PrefillReport>>),
+    Stream(Option<oneshot::Sender<Prefill>>),
 }
 
 #[derive(Debug)]
 struct Caller {
     routed: Routed,
     deadline: Instant,
-    prefill_reported: bool,
-    started: bool,
     /// Its final report was applied (a concurrent one finds it so).
     over: Option<Ended>,
 }
@@ -102,64 +98,18 @@ impl Ended {
     }
 }
 
-/// One report: its parts are applied in this order.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// The prefill leg's outcome.
-    pub prefill: Option<PrefillReport>,
-    /// The endpoint that really served.
-    pub served_by: Option<SocketAddr>,
-    /// The response started.
-    pub first_token: Option<FirstToken>,
-    /// The decision is over.
-    pub end: Option<End>,
-}
+/// One report: the events of the request's lifecycle it carries, applied in order (the same
+/// vocabulary the proxy and the Envoy picker speak). A [`Event::Finished`] or [`Event::Failed`]
+/// ends the decision.
+pub type Report = Vec<Event<'static>>;
 
-/// How a prefill leg went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrefillReport {
-    /// The prefill endpoint computed the prompt.
-    pub succeeded: bool,
-    /// Why not (a `kvgate_disagg_fallbacks_total` reason).
-    pub reason: &'static str,
-    /// What the failure says of the prefill endpoint's health.
-    pub learned: Option<Outcome>,
-}
-
-/// The response started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FirstToken {
-    /// Its status.
-    pub status: u16,
-    /// It streams its tokens as they come: its first byte timed the first token.
-    pub streaming: bool,
-}
-
-/// How a decision ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// The response ended.
-    Finished {
-        /// Its status.
-        status: u16,
-        /// Its usage, if reported.
-        usage: Option<Usage>,
-        /// Body bytes.
-        response_bytes: u64,
-    },
-    /// No response came.
-    Failed(Failure),
-}
-
-/// Why no response came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The endpoint could not be reached.
-    Unreachable,
-    /// It sent no answer in time.
-    TimedOut,
-    /// The caller gave up.
-    Cancelled,
+/// How the decision ends with this report's event, if it does.
+fn ending(e: &Event<'_>) -> Option<Ended> {
+    match e {
+        Event::Finished { .. } => Some(Ended::Finished),
+        Event::Failed(_) => Some(Ended::Failed),
+        _ => None,
+    }
 }
 
 /// Why a report was not taken.
@@ -227,7 +177,7 @@ impl Decisions {
         }
         let (seq, id) = self.issue();
         let deadline = Instant::now() + self.start_timeout;
-        let caller = Caller { routed, deadline, prefill_reported: false, started: false, over: None };
+        let caller = Caller { routed, deadline, over: None };
         inner.held.insert(seq, Held::Caller(Arc::new(Mutex::new(caller))));
         inner.callers += 1;
         self.telemetry.picker_pending.set(inner.held.len() as i64);
@@ -247,7 +197,7 @@ impl Decisions {
 
     /// Applies a report; returns whether the decision is over.
     pub fn report(&self, id: &str, report: Report) -> Result<bool, ReportError> {
-        let result = self.apply(id, &report);
+        let result = self.apply(id, report);
         let label = match &result {
             Ok(_) => "accepted",
             Err(ReportError::Unknown(_)) => "unknown",
@@ -259,7 +209,7 @@ impl Decisions {
     }
 
     /// Applies a report; returns whether it ended the decision.
-    fn apply(&self, id: &str, report: &Report) -> Result<bool, ReportError> {
+    fn apply(&self, id: &str, report: Report) -> Result<bool, ReportError> {
         let seq = self.sequence(id).ok_or_else(|| ReportError::Unknown(id.to_owned()))?;
         let caller = {
             let mut inner = self.inner.lock();
@@ -269,9 +219,12 @@ impl Decisions {
                     return Err(ReportError::Ended(id.to_owned(), how));
                 }
                 Some(Held::Stream(tx)) => {
-                    let only_prefill =
-                        report.served_by.is_none() && report.first_token.is_none() && report.end.is_none();
-                    return match (report.prefill, only_prefill) {
+                    let only_prefill = report.iter().all(|e| matches!(e, Event::Prefill(_)));
+                    let prefill = report.iter().find_map(|e| match e {
+                        Event::Prefill(p) => Some(*p),
+                        _ => None,
+                    });
+                    return match (prefill, only_prefill) {
                         (Some(p), true) => {
                             // A second prefill report for the same leg changes nothing.
                             if let Some(tx) = tx.take() {
@@ -290,10 +243,12 @@ impl Decisions {
         if let Some(how) = c.over {
             return Err(ReportError::Ended(id.to_owned(), how));
         }
-        c.apply(report);
+        let end = report.iter().find_map(ending);
+        for e in report {
+            c.routed.on(e);
+        }
         c.deadline = Instant::now() + self.timeout;
-        let Some(end) = report.end else { return Ok(false) };
-        let how = if matches!(end, End::Failed(_)) { Ended::Failed } else { Ended::Finished };
+        let Some(how) = end else { return Ok(false) };
         c.over = Some(how);
         drop(c);
         let mut inner = self.inner.lock();
@@ -378,64 +333,6 @@ impl Inner {
     }
 }
 
-impl Caller {
-    /// Translates a report's parts into the routed request's wire events, as the proxy calls
-    /// them for a request it sends itself.
-    fn apply(&mut self, report: &Report) {
-        let r = &mut self.routed;
-        // A prefill report for a decision without a prefill leg changes nothing.
-        if let Some(p) = report.prefill
-            && r.decision().prefill.is_some()
-            && !std::mem::replace(&mut self.prefill_reported, true)
-        {
-            if p.succeeded { r.prefill_succeeded() } else { r.prefill_failed(p.reason, p.learned) }
-        }
-        if let Some(addr) = report.served_by {
-            r.served_by(addr);
-        }
-        let mut start = |status: u16, streaming: bool, r: &mut Routed| {
-            if std::mem::replace(&mut self.started, true) {
-                return;
-            }
-            // A response without a prefill report: the leg is taken to have run, as a sidecar
-            // that does not report is.
-            if r.decision().prefill.is_some() && !std::mem::replace(&mut self.prefill_reported, true) {
-                r.prefill_delegated();
-            }
-            r.responded(status);
-            r.streaming(streaming);
-            r.first_byte();
-        };
-        if let Some(t) = report.first_token {
-            start(t.status, t.streaming, r);
-        }
-        match report.end {
-            Some(End::Finished { status, usage, response_bytes }) => {
-                // A response whose start was not reported gives no first-token time.
-                start(status, false, r);
-                r.received(usize::try_from(response_bytes).unwrap_or(usize::MAX));
-                r.count(status, upstream_error_code(status));
-                if let Some(u) = usage {
-                    r.usage(u);
-                }
-                r.completed();
-            }
-            Some(End::Failed(f)) => match f {
-                Failure::Unreachable => {
-                    r.unreachable();
-                    r.count(502, "upstream_error");
-                }
-                Failure::TimedOut => {
-                    r.timed_out();
-                    r.count(504, "upstream_error");
-                }
-                Failure::Cancelled => {}
-            },
-            None => {}
-        }
-    }
-}
-
 /// A P/D decision's id while an ext_proc stream holds it, and where its prefill report arrives.
 #[derive(Debug)]
 pub struct StreamTicket {
@@ -443,7 +340,7 @@ pub struct StreamTicket {
     seq: u64,
     id: String,
     /// The sidecar's report of the prefill leg, if one comes.
-    pub report: oneshot::Receiver<PrefillReport>,
+    pub report: oneshot::Receiver<Prefill>,
 }
 
 impl StreamTicket {

@@ -1,5 +1,5 @@
-//! Why a request is not routed ([`RouteError`]), mapped to an HTTP status and an OpenAI-shaped
-//! body exactly once, for every front-end.
+//! Why a request is not routed ([`RouteError`]), mapped to an HTTP status and a code exactly
+//! once for every front-end (the gateway's `answer` module builds what a client is told).
 
 use serde_json::json;
 
@@ -79,16 +79,6 @@ impl RouteError {
     pub fn retry_soon(&self) -> bool {
         matches!(self, Self::Saturated { .. } | Self::Overloaded { .. })
     }
-
-    /// OpenAI-shaped error body.
-    pub fn to_json(&self) -> String {
-        let param = match self {
-            Self::BadRequest(e) => e.param().map(str::to_owned),
-            Self::UnknownModel { .. } => Some("model".to_owned()),
-            Self::Unavailable(_) | Self::Saturated { .. } | Self::Overloaded { .. } | Self::SlowBody(_) => None,
-        };
-        error_body(self.status(), &self.to_string(), self.code(), param.as_deref())
-    }
 }
 
 /// The `error_code` label of a request whose endpoint answered `status` (empty below 400).
@@ -142,27 +132,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::routing::request::{self, ApiKind};
-
-    #[test]
-    fn errors_map_to_statuses_and_openai_bodies() {
-        let check = |e: RouteError, status: u16, code: &str| {
-            assert_eq!((e.status(), e.code()), (status, code), "{e}");
-            let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error body is JSON");
-            assert_eq!(v["error"]["code"], code);
-            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
-        };
-        let parse =
-            |b: &str| request::parse(ApiKind::Completions, b.as_bytes(), 1 << 20).map(|_| ()).map_err(RouteError::from);
-        check(parse("{").expect_err("bad json"), 400, "invalid_json");
-        check(parse(r#"{"prompt":"x"}"#).expect_err("no model"), 400, "missing_model");
-        check(RouteError::UnknownModel { model: "x".into(), served: vec!["m".into()] }, 404, "model_not_found");
-        check(RouteError::Unavailable(NoDecision::NoEndpoints), 503, "no_endpoints");
-        check(RouteError::Unavailable(NoDecision::NoHealthyEndpoints), 503, "no_healthy_endpoints");
-    }
 }

@@ -1,24 +1,61 @@
 //! The one decision path every front-end calls: request → pool by model → admission → per-pool
-//! planning → a [`Routed`] request counted in flight on its target. [`Gateway`] also answers
-//! the questions the front-ends ask of the whole gateway (served models, readiness, the
-//! metrics page, a dry-run explanation) and counts the requests it refuses.
+//! planning → a [`Routed`] request counted in flight on its target. [`Gateway`] also gives the
+//! answers kvgate gives itself ([`Answer`]: model list, model info, health, refused paths,
+//! refused requests, each refusal counted here), and answers the questions the front-ends ask
+//! of the whole gateway (readiness, the metrics page, a dry-run explanation).
 
 use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::gateway::answer::Answer;
 use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::{Admission, PickerApiConfig};
 use crate::gateway::decisions::Decisions;
-use crate::gateway::error::{RouteError, error_body};
+use crate::gateway::error::RouteError;
 use crate::gateway::outcome::Routed;
-use crate::gateway::paths::{self, Ask, PathPolicy, Place};
+use crate::gateway::paths::{self, Ask, PathPolicy, PathRefusal, Place};
 use crate::gateway::pool::{Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::{PoolView, Telemetry};
 use crate::routing::endpoint::{Endpoint, Health};
 use crate::routing::plan::{PlanOptions, candidates_for};
-use crate::routing::request::{self, ApiKind, RequestError};
+use crate::routing::request::{self, ApiKind, ParsedRequest, PromptFields, RequestError};
 use crate::routing::schedule::{Decision, Explanation, NoDecision, Subset};
+
+/// A request to place: how its path places it, what it carries, the subset it may go to, and
+/// how many distinct endpoints to keep (fallback list entries, retry attempts).
+#[derive(Debug)]
+pub struct RouteRequest<'a> {
+    /// What the path policy said of its path ([`Gateway::place`]).
+    pub place: Place,
+    /// Its body, or its prompt as fields.
+    pub input: Input<'a>,
+    /// Where it may go.
+    pub subset: SubsetHint,
+    /// Distinct endpoints to keep.
+    pub places: usize,
+}
+
+/// What a request carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// Its body as the client sent it (empty when it has none).
+    Body(&'a [u8]),
+    /// A completions prompt as fields (kvgate's picker API).
+    Prompt(PromptFields<'a>),
+}
+
+/// The endpoints a gateway in front allows (Envoy's subset hint, a `Pick`'s `subset`).
+#[derive(Debug, Clone, Default)]
+pub enum SubsetHint {
+    /// Any endpoint of the pool.
+    #[default]
+    Any,
+    /// Only these.
+    Within(Subset),
+    /// A hint that names nothing readable: no endpoint matches.
+    Unreadable,
+}
 
 /// Every pool, and the choice among them by `model` (body-based routing).
 #[derive(Debug)]
@@ -63,11 +100,6 @@ impl Gateway {
         self
     }
 
-    /// What `method` on `path` asks of the gateway, under its path policy.
-    pub fn ask(&self, method: &str, path: &str) -> Ask {
-        self.paths.ask(method, path)
-    }
-
     /// The bound on request bytes held at once, over every request.
     pub fn body_budget(&self) -> &BodyBudget {
         &self.body_budget
@@ -103,14 +135,13 @@ impl Gateway {
         self.telemetry.render(&views)
     }
 
-    /// Every servable model: configured models, then adapters the endpoints report.
+    /// Every name a request may ask for: each pool's models, then the adapters its endpoints
+    /// serve.
     pub fn served_models(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.pools.iter().flat_map(Pool::served_models).collect();
-        for p in &self.pools {
-            for a in &p.snapshot().adapters {
-                if !out.contains(a) {
-                    out.push(a.clone());
-                }
+        let mut out: Vec<String> = Vec::new();
+        for name in self.pools.iter().flat_map(Pool::served_names) {
+            if !out.contains(&name) {
+                out.push(name);
             }
         }
         out
@@ -157,26 +188,30 @@ impl Gateway {
         m
     }
 
-    /// The answer to `GET /v1/models/{id}` on `path`, the same from both front-ends: the
-    /// model's object, or a 404 `model_not_found`.
-    pub fn model_info_answer(&self, path: &str) -> (u16, String) {
-        let id = paths::model_id(path).unwrap_or_default();
-        match self.model_info(&id) {
-            Some(m) => (200, m.to_string()),
-            None => {
-                let message = format!("The model `{id}` does not exist");
-                (404, error_body(404, &message, "model_not_found", Some("model")))
+    /// Where `method` on `path` goes: placed as the returned [`Place`] says, or answered by kvgate
+    /// itself — the model list, a model's info, health, or the 404/405 of a path the policy
+    /// refuses — the same answer on every wire.
+    pub fn place(&self, method: &str, path: &str) -> Result<Place, Answer> {
+        match self.paths.ask(method, path) {
+            Ask::Route(place) => Ok(place),
+            Ask::Models => Err(Answer::ok(&self.models_list())),
+            Ask::ModelInfo => {
+                let id = paths::model_id(path).unwrap_or_default();
+                Err(match self.model_info(&id) {
+                    Some(m) => Answer::ok(&m),
+                    None => {
+                        Answer::error(404, format!("The model `{id}` does not exist"), "model_not_found", Some("model"))
+                    }
+                })
             }
-        }
-    }
-
-    /// The answer to `GET /health`: 200 with an empty body (as vLLM answers) while some pool
-    /// has an endpoint in rotation, else 503.
-    pub fn health_answer(&self) -> (u16, String) {
-        if self.healthy() {
-            (200, String::new())
-        } else {
-            (503, error_body(503, "no pool has an endpoint in rotation", "no_healthy_endpoints", None))
+            // 200 with an empty body (as vLLM answers) while some pool has an endpoint in
+            // rotation.
+            Ask::Health if self.healthy() => Err(Answer::json(200, String::new())),
+            Ask::Health => Err(Answer::error(503, "no pool has an endpoint in rotation", "no_healthy_endpoints", None)),
+            Ask::NotFound => Err(Answer::from(&PathRefusal::not_found(method, path))),
+            Ask::MethodNotAllowed(allow) => {
+                Err(Answer::from(&PathRefusal::method_not_allowed(method, path, Some(allow))))
+            }
         }
     }
 
@@ -215,14 +250,15 @@ impl Gateway {
         self.telemetry.extproc_ignored.with_label_values(&[kind]).inc();
     }
 
-    /// Counts a request refused before any endpoint was chosen (an unreadable body, say); the
-    /// decision path counts its own refusals.
-    pub fn refused(&self, e: &RouteError) {
-        self.refused_for(e, None);
+    /// The answer to a request refused before it could be routed (an unreadable or too large
+    /// body, a full body budget), counted.
+    pub fn refuse(&self, e: &RouteError) -> Answer {
+        self.count_refusal(e, None);
+        Answer::from(e)
     }
 
-    /// Counts a refusal of a request for `model` (when its body named one).
-    fn refused_for(&self, e: &RouteError, model: Option<&str>) {
+    /// Counts a refusal of a request for `model` (when it named one).
+    fn count_refusal(&self, e: &RouteError, model: Option<&str>) {
         let model = match e {
             RouteError::UnknownModel { model, .. } => self.telemetry.unknown_model_label(model),
             _ => model.unwrap_or("unknown"),
@@ -230,31 +266,56 @@ impl Gateway {
         self.telemetry.count_request("unknown", model, None, e.status(), e.code());
     }
 
-    /// Decides a request placed as `place` (what [`Gateway::ask`] said of its path) with `body`
-    /// (empty when it has none), for `places` distinct endpoints (fallback list entries, retry
-    /// attempts). Refusals are counted here.
-    pub fn route(
-        &self,
-        place: Place,
-        body: &[u8],
-        subset: Option<&Subset>,
-        places: usize,
-    ) -> Result<Routed, RouteError> {
-        let mut model = None;
-        let routed = match place {
-            Place::Prompt(api) => self.decide_for(api, body, subset, places, &mut model),
-            Place::Model => match request::model_of(body) {
-                Some(m) => self.decide_by_model(&m, subset, places, &mut model),
-                None => Err(RouteError::BadRequest(RequestError::MissingModel)),
-            },
-            Place::AnyEndpoint => match self.any_model() {
-                Some(m) => self.decide_by_model(&m, subset, places, &mut model),
-                None => Err(RouteError::Unavailable(NoDecision::NoEndpoints)),
-            },
+    /// Decides where a request goes and counts it in flight there; a refusal is counted and
+    /// answered. The routed request holds the body to send when it is not the client's own
+    /// ([`Routed::take_body`]).
+    pub fn route(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
+        let (size, body) = match req.input {
+            Input::Body(b) => (b.len(), Some(b)),
+            Input::Prompt(_) => (0, None),
         };
-        let routed = routed.inspect_err(|e| self.refused_for(e, model.as_deref()))?;
-        routed.request_bytes(body.len());
+        let mut routed = self.decide(&req).map_err(|(e, model)| {
+            self.count_refusal(&e, model.as_deref());
+            Answer::from(&e)
+        })?;
+        routed.request_bytes(size);
+        if let Some(b) = body {
+            routed.sanitize(b);
+        }
         Ok(routed)
+    }
+
+    /// [`Gateway::route`]'s decision; a refusal comes with the model the request named, if known.
+    fn decide(&self, req: &RouteRequest<'_>) -> Result<Routed, (RouteError, Option<String>)> {
+        let subset = match &req.subset {
+            SubsetHint::Any => None,
+            SubsetHint::Within(s) if !s.is_empty() => Some(s),
+            _ => return Err((RouteError::Unavailable(NoDecision::SubsetUnmatched), None)),
+        };
+        let fail = |e: RouteError| (e, None);
+        let max = self.max_body_bytes;
+        let model_only;
+        let parsed = match (req.place, req.input) {
+            (Place::Prompt(api), Input::Body(b)) => request::parse(api, b, max).map_err(|e| fail(e.into()))?,
+            (Place::Prompt(_), Input::Prompt(p)) => ParsedRequest::from_fields(p, max).map_err(|e| fail(e.into()))?,
+            (Place::Model, input) => {
+                model_only = match input {
+                    Input::Body(b) => request::model_of(b),
+                    Input::Prompt(p) => Some(p.model.to_owned()).filter(|m| !m.is_empty()),
+                }
+                .ok_or_else(|| fail(RouteError::BadRequest(RequestError::MissingModel)))?;
+                ParsedRequest::model_only(&model_only)
+            }
+            (Place::AnyEndpoint, _) => {
+                model_only = self.any_model().ok_or_else(|| fail(RouteError::Unavailable(NoDecision::NoEndpoints)))?;
+                ParsedRequest::model_only(&model_only)
+            }
+        };
+        let api = match req.place {
+            Place::Prompt(api) if matches!(req.input, Input::Body(_)) => api,
+            _ => ApiKind::Completions,
+        };
+        self.plan(api, &parsed, subset, req.places).map_err(|e| (e, Some(parsed.model.to_string())))
     }
 
     /// A model of the first pool with an endpoint in rotation (else of the first with any
@@ -270,30 +331,16 @@ impl Gateway {
         first(true).or_else(|| first(false))
     }
 
-    /// Parses, picks the pool, decides for `places` distinct endpoints, and counts the request
+    /// Picks the pool, admits, decides for `places` distinct endpoints, and counts the request
     /// in flight on its target.
-    pub fn decide(
+    fn plan(
         &self,
         api: ApiKind,
-        body: &[u8],
+        req: &ParsedRequest<'_>,
         subset: Option<&Subset>,
         places: usize,
-    ) -> Result<Routed, RouteError> {
-        self.decide_for(api, body, subset, places, &mut None)
-    }
-
-    /// [`Gateway::decide`], leaving in `model` the model the body named once it is parsed.
-    fn decide_for(
-        &self,
-        api: ApiKind,
-        body: &[u8],
-        subset: Option<&Subset>,
-        places: usize,
-        model: &mut Option<String>,
     ) -> Result<Routed, RouteError> {
         let started = std::time::Instant::now();
-        let req = request::parse(api, body, self.max_body_bytes)?;
-        *model = Some(req.model.to_string());
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
         let now = now_ms();
@@ -303,38 +350,33 @@ impl Gateway {
         let want = candidates_for(places.max(planner.scheduler().max_endpoints().unwrap_or(1)));
         let lora = snapshot.lora(&req.model);
         let opts = PlanOptions { subset, want, now_ms: now, disaggregate: api.disaggregates(), lora };
-        let planned = planner.plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
+        let planned = planner.plan(req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         if planner.disaggregates() && opts.disaggregate {
             self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
         }
-        Ok(Routed::new(pool.clone(), snapshot, planned, req.model.into_owned()))
+        Ok(Routed::new(pool.clone(), snapshot, planned, req.model.to_string()))
     }
 
-    /// Places a request kvgate does not parse on an endpoint of `model`'s pool, by load alone —
-    /// there is no prompt to match.
-    fn decide_by_model(
+    /// The decision kvgate would make for a request placed as `api` (a body) or given as
+    /// fields, with every endpoint's scores; sends nothing and records nothing. Returns the pool,
+    /// the model and the decision.
+    pub fn explain(
         &self,
-        model: &str,
-        subset: Option<&Subset>,
-        places: usize,
-        named: &mut Option<String>,
-    ) -> Result<Routed, RouteError> {
-        let empty_prompt = json!({"model": model, "prompt": ""}).to_string();
-        self.decide_for(ApiKind::Completions, empty_prompt.as_bytes(), subset, places, named)
-    }
-
-    /// The decision kvgate would make for a body, with every endpoint's scores; sends nothing
-    /// and records nothing.
-    pub fn explain(&self, api: ApiKind, body: &[u8]) -> Result<(String, Decision, Explanation), RouteError> {
-        let req = request::parse(api, body, self.max_body_bytes)?;
+        api: ApiKind,
+        input: Input<'_>,
+    ) -> Result<(String, String, Decision, Explanation), RouteError> {
+        let (api, req) = match input {
+            Input::Body(b) => (api, request::parse(api, b, self.max_body_bytes)?),
+            Input::Prompt(p) => (ApiKind::Completions, ParsedRequest::from_fields(p, self.max_body_bytes)?),
+        };
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
         let lora = snapshot.lora(&req.model);
         let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate: api.disaggregates(), lora };
         let mut x = Explanation::default();
         let planned = pool.planner().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
-        Ok((pool.name().to_owned(), planned.decision, x))
+        Ok((pool.name().to_owned(), req.model.to_string(), planned.decision, x))
     }
 }
 

@@ -1,14 +1,18 @@
 //! The outcome half of a request: a [`Routed`] request carries its decision and in-flight counts
 //! and is the one place its results are accounted — endpoint health, the prefill leg (index
-//! learning, fallbacks), which candidate it is on, the request count and usage tokens. The
-//! front-ends translate wire events into these calls; none of them accounts by hand.
+//! learning, fallbacks), which candidate it is on, the request count, usage tokens and the
+//! TTFT sample. The front-ends translate their wire into [`Event`]s and hand them to
+//! [`Routed::on`]; none of them accounts by hand.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::gateway::error::upstream_error_code;
+use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
 use crate::gateway::pool::{Outcome, Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::Usage;
+use crate::gateway::usage::UsageReader;
 use crate::routing::endpoint::InFlightGuard;
 use crate::routing::pd;
 use crate::routing::plan::Planned;
@@ -30,21 +34,36 @@ pub struct Routed {
     prefill_guard: Option<InFlightGuard>,
     /// Which of the decision's targets the request is on now.
     current: usize,
-    counted: bool,
     /// What its TTFT model learns from, on the current target.
     timing: Timing,
+    /// The prefill leg was reported, or taken as run (P/D decisions).
+    prefill_over: bool,
+    /// The current attempt's outcome was reported to the endpoint's health record.
+    attempt_reported: bool,
+    /// The current attempt failed (the request is over that way unless it is resent).
+    failure: Option<Failure>,
+    /// The response's status, once it started.
+    started: Option<u16>,
     /// The response is a stream whose first byte is its first token (SSE, relayed as it comes).
     streaming: bool,
     /// The response's status was 2xx.
     succeeded: bool,
-    /// The usage the response reported.
+    /// Reads the usage from the response body as it passes.
+    reader: UsageReader,
+    /// The usage the response reported (counted so far).
     usage: Option<Usage>,
+    /// The usage a caller reported with the response's end (counted when the request goes).
+    reported: Option<Usage>,
     /// When it was decided.
     decided: Instant,
     /// Response body bytes seen so far.
     response_bytes: u64,
-    /// The response's last byte was seen (its duration and size were observed).
-    completed: bool,
+    /// The response ended (its duration and size were observed).
+    finished: bool,
+    /// The request was counted with the status its client got.
+    counted: bool,
+    /// The body to send instead of the client's (P/D: without the client's transfer parameters).
+    body: Option<Vec<u8>>,
 }
 
 /// One attempt's TTFT sample in the making.
@@ -97,14 +116,46 @@ impl Routed {
             guard,
             prefill_guard,
             current: 0,
-            counted: false,
             timing,
+            prefill_over: false,
+            attempt_reported: false,
+            failure: None,
+            started: None,
             streaming: false,
             succeeded: false,
+            reader: UsageReader::default(),
             usage: None,
+            reported: None,
             decided: Instant::now(),
             response_bytes: 0,
-            completed: false,
+            finished: false,
+            counted: false,
+            body: None,
+        }
+    }
+
+    /// Takes in what happened to the request, in any order its wire produces it; each outcome
+    /// is accounted once, whatever is repeated.
+    pub fn on(&mut self, event: Event<'_>) {
+        match event {
+            Event::Prefill(p) => self.prefill(p),
+            Event::Resent(k) => {
+                if self.started.is_none() {
+                    self.retarget(k);
+                }
+            }
+            Event::ServedBy(Served::At(addr)) => self.served_by(addr),
+            Event::ServedBy(Served::Unknown(reported)) => self.pool.served_elsewhere(reported.as_str()),
+            Event::Failed(f) => self.failed(f),
+            Event::Started { status, event_stream, streamed } => self.start(status, event_stream, streamed),
+            Event::Body(bytes) => {
+                self.response_bytes += bytes.len() as u64;
+                self.first_byte();
+                if let Some(u) = self.reader.feed(bytes) {
+                    self.usage(u);
+                }
+            }
+            Event::Finished { status, usage, body_bytes } => self.finish(status, usage, body_bytes),
         }
     }
 
@@ -156,37 +207,46 @@ impl Routed {
         self.pool.name()
     }
 
-    /// The body to send for this request: in a P/D pool, without a client's own
-    /// `kv_transfer_params` (they name where an endpoint pulls KV from, which is kvgate's to
-    /// decide); `None` when `body` can go as it is.
-    pub fn sanitized(&self, body: &[u8]) -> Option<Vec<u8>> {
-        if self.pool.planner().disaggregates() { pd::without_transfer_params(body) } else { None }
-    }
-
-    /// The prefill leg was handed to a sidecar (behind Envoy): the prefill endpoint is taken to
-    /// hold the prompt's blocks from now on. Its in-flight count ends when the response starts.
-    pub fn prefill_delegated(&self) {
-        self.learn_prefill();
-    }
-
-    /// The prefill leg succeeded: the prefill endpoint holds the prompt and its part is over.
-    pub fn prefill_succeeded(&mut self) {
-        if let Some(p) = self.planned.decision.prefill {
-            self.pool.report(p.id, Outcome::Answered(200));
+    /// Keeps the body to send for a request whose body was `body`: in a P/D pool, without a
+    /// client's own `kv_transfer_params` (they name where an endpoint pulls KV from, which is
+    /// kvgate's to decide).
+    pub(crate) fn sanitize(&mut self, body: &[u8]) {
+        if self.pool.planner().disaggregates() {
+            self.body = pd::without_transfer_params(body);
         }
-        self.learn_prefill();
-        self.prefill_guard = None;
     }
 
-    /// The prefill hand-off failed: the decode endpoint computes the prompt itself. Reports
-    /// what the leg learned about the prefill endpoint (`None`: nothing about its health),
-    /// counts the fallback, makes the decision decode-only and moves the prefill work onto the
-    /// decode endpoint's in-flight count.
-    pub fn prefill_failed(&mut self, reason: &str, learned: Option<Outcome>) {
-        if let (Some(p), Some(outcome)) = (self.planned.decision.prefill, learned) {
+    /// The body to send instead of the request's own; `None` when that can go as it is.
+    pub fn take_body(&mut self) -> Option<Vec<u8>> {
+        self.body.take()
+    }
+
+    /// The prefill leg's first report (later ones, and any for a decision without a leg, change
+    /// nothing). A failed leg is reported with what it learned of the prefill endpoint and
+    /// counted as a fallback; the decision becomes decode-only and the prefill work moves onto
+    /// the decode endpoint's in-flight count.
+    fn prefill(&mut self, p: Prefill) {
+        if self.planned.decision.prefill.is_none() || std::mem::replace(&mut self.prefill_over, true) {
+            return;
+        }
+        match p {
+            Prefill::Succeeded => {
+                if let Some(t) = self.planned.decision.prefill {
+                    self.pool.report(t.id, Outcome::Answered(200));
+                }
+                self.learn_prefill();
+                self.prefill_guard = None;
+            }
+            Prefill::Failed(f) => self.prefill_failed(f),
+        }
+    }
+
+    fn prefill_failed(&mut self, f: PrefillFailure) {
+        if let (Some(p), Some(outcome)) = (self.planned.decision.prefill, f.learned()) {
             self.pool.report(p.id, outcome);
         }
-        self.pool.telemetry().disagg_fallbacks.with_label_values(&[self.pool.name(), reason]).inc();
+        let labels = [self.pool.name(), f.reason()];
+        self.pool.telemetry().disagg_fallbacks.with_label_values(&labels).inc();
         self.prefill_guard = None;
         self.planned.decision.prefill = None;
         self.planned.decision.kind = DecisionKind::DecodeOnly;
@@ -204,8 +264,10 @@ impl Routed {
     /// holds the prompt. (The first target keeps what the decision recorded: the index cannot
     /// take a prompt's tail out of an endpoint without orphaning longer prompts it holds, so
     /// those entries age out.)
-    pub fn retarget(&mut self, k: usize) {
+    fn retarget(&mut self, k: usize) {
         if let Some(t) = self.planned.decision.targets.get(k) {
+            self.attempt_reported = false;
+            self.failure = None;
             if k != self.current && self.planned.decision.prefill.is_none() {
                 self.pool.planner().index().record(t.id, &self.planned.prompt.hashes);
             }
@@ -216,18 +278,12 @@ impl Routed {
         }
     }
 
-    /// The response streams its tokens as they come (SSE relayed frame by frame): its first
-    /// byte times its first token, so the target's TTFT model may learn from it.
-    pub fn streaming(&mut self, yes: bool) {
-        self.streaming = yes;
-    }
-
     /// The gateway reports that `addr` served the request (after its own retries, or by a
     /// choice of its own): the request's in-flight count, its prompt's place in the prefix
     /// index, its health record, usage feedback and TTFT sample follow that endpoint, whether
     /// or not it was among the decision's targets, as long as it is an endpoint of the pool.
     /// Any other address is ignored (counted; the first one logged).
-    pub fn served_by(&mut self, addr: SocketAddr) {
+    fn served_by(&mut self, addr: SocketAddr) {
         if self.target().address == addr {
             return;
         }
@@ -243,12 +299,6 @@ impl Routed {
         // The gateway sent it as soon as it had the decision; a retry of its own makes the
         // sample long, never short (the TTFT model's fit is robust to such outliers).
         self.timing.sent = sent;
-    }
-
-    /// The gateway reported a served endpoint that is not an address: ignored, and counted as
-    /// one outside the pool.
-    pub fn served_unknown(&self, reported: &str) {
-        self.pool.served_elsewhere(reported);
     }
 
     /// Appends the snapshot's endpoint `index` to the decision's targets; returns its place.
@@ -270,46 +320,77 @@ impl Routed {
         self.planned.decision.targets.len() - 1
     }
 
-    /// The current target could not be reached.
-    pub fn unreachable(&self) {
-        self.pool.report(self.target().id, Outcome::Unreachable);
+    /// The current attempt failed: the endpoint's health learns it (once per attempt).
+    fn failed(&mut self, f: Failure) {
+        if self.started.is_some() {
+            return;
+        }
+        self.report_attempt(f.learned());
+        if matches!(f, Failure::Status(_)) {
+            // Only a prompt that was computed stores blocks.
+            self.planned.expects_events = false;
+        }
+        self.failure = Some(f);
     }
 
-    /// The current target took the request but sent no answer in time.
-    pub fn timed_out(&self) {
-        self.pool.report(self.target().id, Outcome::TimedOut);
+    /// Reports the current attempt's outcome to its endpoint's health record, once.
+    fn report_attempt(&mut self, outcome: Option<Outcome>) {
+        if let Some(o) = outcome
+            && !std::mem::replace(&mut self.attempt_reported, true)
+        {
+            self.pool.report(self.target().id, o);
+        }
     }
 
-    /// The current target's response started with `status` (5xx count towards its error rate
-    /// unless its load explains them). The prefill leg, if any, is over by now.
-    pub fn responded(&mut self, status: u16) {
-        self.pool.report(self.target().id, Outcome::Answered(status));
+    /// The response started with `status` (5xx count towards the endpoint's error rate unless
+    /// its load explains them). The prefill leg, if any, is over by now: one not reported is
+    /// taken as run (a sidecar that does not report hands off all the same).
+    fn start(&mut self, status: u16, event_stream: bool, streamed: bool) {
+        if self.started.is_some() {
+            return;
+        }
+        if self.planned.decision.prefill.is_some() && !std::mem::replace(&mut self.prefill_over, true) {
+            self.learn_prefill();
+        }
+        self.report_attempt(Some(Outcome::Answered(status)));
+        self.started = Some(status);
+        self.failure = None;
         self.succeeded = (200..300).contains(&status);
-        // Only a prompt that was computed stores blocks.
         if !self.succeeded {
             self.planned.expects_events = false;
         }
         self.prefill_guard = None;
+        self.streaming = event_stream && streamed;
+        // A body that passed already was read as one JSON document, as a body with no start is.
+        if event_stream && self.response_bytes == 0 {
+            self.reader = UsageReader::new(true);
+        }
     }
 
-    /// `n` bytes of the response body arrived (the first: the prompt is computed).
-    pub fn received(&mut self, n: usize) {
-        self.response_bytes += n as u64;
-        self.first_byte();
-    }
-
-    /// The response's last byte arrived: its duration, size and usage are observed (once).
-    pub fn completed(&mut self) {
-        if std::mem::replace(&mut self.completed, true) {
+    /// The response ended. What it ends with is kept; the request is accounted when it goes
+    /// ([`Routed::settle`]), so events that come after this one count as well.
+    fn finish(&mut self, status: Option<u16>, usage: Option<Usage>, body_bytes: Option<u64>) {
+        if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let seconds = self.decided.elapsed().as_secs_f64();
-        self.pool.telemetry().observe_response(&self.model, seconds, self.response_bytes, self.usage);
+        if let Some(s) = status {
+            // A response whose start was not reported gives no first-token time.
+            self.start(s, false, false);
+        }
+        // A response came: the prefill leg, if any, ran.
+        if self.planned.decision.prefill.is_some() && !std::mem::replace(&mut self.prefill_over, true) {
+            self.learn_prefill();
+        }
+        if let Some(n) = body_bytes {
+            self.response_bytes = self.response_bytes.max(n);
+            self.first_byte();
+        }
+        self.reported = usage;
     }
 
     /// The first byte of the response body: the prompt is computed, its tokens leave the
     /// target's prefill count.
-    pub fn first_byte(&mut self) {
+    fn first_byte(&mut self) {
         if self.guard.in_prefill() && self.timing.timed {
             self.timing.ttft_ms = Some(self.timing.sent.elapsed().as_secs_f64() * 1000.0);
         }
@@ -321,25 +402,50 @@ impl Routed {
         }
     }
 
-    /// Counts the request with the status its client got (once; later calls do nothing).
-    pub fn count(&mut self, status: u16, code: &str) {
+    /// Counts the request with the status its client got (once).
+    fn count(&mut self, status: u16, code: &str) {
         if !std::mem::replace(&mut self.counted, true) {
             let kind = Some(self.planned.decision.kind);
             self.pool.telemetry().count_request(self.pool.name(), &self.model, kind, status, code);
         }
     }
 
-    /// Counts a retry the proxy sent (`sent`), or held back for its budget.
-    pub fn retry(&self, sent: bool) {
+    /// The request is over: the usage that passed (or was reported) is counted, and the
+    /// request with the status its client got — its response's, once it ended or started (a
+    /// client that left part-way), else its last attempt's failure. One cancelled before any
+    /// answer has no status and is not counted. A response that ended is observed (duration,
+    /// size, usage).
+    fn settle(&mut self) {
+        if let Some(u) = self.reader.finish() {
+            self.usage(u);
+        }
+        if let Some(u) = self.reported.take() {
+            self.usage(u);
+        }
+        if self.finished {
+            let seconds = self.decided.elapsed().as_secs_f64();
+            self.pool.telemetry().observe_response(&self.model, seconds, self.response_bytes, self.usage);
+            let status = self.started.unwrap_or(0);
+            self.count(status, upstream_error_code(status));
+        } else if let Some(status) = self.started {
+            self.count(status, upstream_error_code(status));
+        } else if let Some(status) = self.failure.and_then(Failure::status) {
+            self.count(status, "upstream_error");
+        }
+    }
+
+    /// Counts a retry a front-end sent (`sent`), or held back for its budget (a metric of the
+    /// front-end's own retries, not an outcome of the request).
+    pub fn count_retry(&self, sent: bool) {
         let outcome = if sent { "sent" } else { "budget_exhausted" };
         self.pool.telemetry().retries.with_label_values(&[self.pool.name(), outcome]).inc();
     }
 
     /// Counts the usage the response reported, and learns from it: the pool's bytes per
-    /// token, and (cache feedback) whether the target held what the index believed. May be
-    /// called again as a stream reports more (`continuous_usage_stats`): only what grew is
-    /// counted, and the prompt is learnt from once.
-    pub fn usage(&mut self, usage: Usage) {
+    /// token, and (cache feedback) whether the target held what the index believed. May come
+    /// again as a stream reports more (`continuous_usage_stats`): only what grew is counted, and
+    /// the prompt is learnt from once.
+    fn usage(&mut self, usage: Usage) {
         let before = self.usage.replace(usage);
         let counted = before.unwrap_or_default();
         let grown = Usage {
@@ -396,6 +502,7 @@ impl Drop for Routed {
     /// The request is over: a streamed, successful decode-only response teaches its target's
     /// TTFT model (with the target's real uncached tokens when usage reported them).
     fn drop(&mut self) {
+        self.settle();
         self.pool.telemetry().running.with_label_values(&[self.model.as_str()]).dec();
         let Some(ttft_ms) = self.timing.ttft_ms else { return };
         if !self.streaming || !self.succeeded || self.planned.decision.prefill.is_some() {

@@ -5,7 +5,6 @@
 
 pub use crate::gateway::config::PathsConfig;
 use crate::gateway::config::pattern_parts;
-use crate::gateway::error::error_body;
 use crate::routing::request::ApiKind;
 
 /// How a routed request is placed.
@@ -65,11 +64,6 @@ impl PathRefusal {
             message.push_str(&format!("; use {a}"));
         }
         Self { status: 405, code: "method_not_allowed", message, allow }
-    }
-
-    /// The OpenAI-shaped body.
-    pub fn body(&self) -> String {
-        error_body(self.status, &self.message, self.code, None)
     }
 }
 

@@ -266,6 +266,18 @@ impl Pool {
         }
     }
 
+    /// Every name a request may ask this pool for: its models, then the adapters its endpoints
+    /// serve.
+    pub fn served_names(&self) -> Vec<String> {
+        let mut names = self.served_models();
+        for a in &self.snapshot().adapters {
+            if !names.contains(a) {
+                names.push(a.clone());
+            }
+        }
+        names
+    }
+
     /// Where the endpoints come from.
     pub fn source(&self) -> SourceStatus {
         self.inner.source.lock().clone()

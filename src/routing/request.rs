@@ -74,7 +74,7 @@ impl ApiKind {
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// The body is larger than the configured limit.
-    #[error("request body is {size} bytes, over the limit of {limit} bytes")]
+    #[error("request body is over the limit of {limit} bytes")]
     TooLarge {
         /// Body size in bytes (or a lower bound, when the body was cut off while streaming).
         size: usize,
@@ -170,6 +170,8 @@ pub struct ParsedRequest<'a> {
     pub priority: i64,
     prompt: Prompt<'a>,
     body: &'a str,
+    /// The request's size in bytes: its body's, or its prompt's when given as fields.
+    size: usize,
 }
 
 /// What a model's tokenizer reads of a request's prompt.
@@ -188,7 +190,7 @@ pub enum TokenSource<'a> {
 #[derive(Debug)]
 enum Prompt<'a> {
     /// Raw JSON string contents (between the quotes, escapes kept).
-    Texts(Vec<&'a str>),
+    Texts(Vec<Cow<'a, str>>),
     Tokens(Vec<Vec<u32>>),
     Chat {
         tools: Option<&'a RawValue>,
@@ -314,13 +316,14 @@ pub fn parse(api: ApiKind, body: &[u8], max_bytes: usize) -> Result<ParsedReques
         priority: body.priority.unwrap_or(0),
         prompt,
         body: text,
+        size: text.len(),
     })
 }
 
 impl ParsedRequest<'_> {
-    /// The body's length in bytes.
+    /// The request's size in bytes (its body's, or its prompt's when given as fields).
     pub fn body_len(&self) -> usize {
-        self.body.len()
+        self.size
     }
 
     /// Whether the body sets an option with which vLLM tokenizes otherwise than by default
@@ -481,7 +484,7 @@ fn prompt_of<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<Promp
     let bad = |detail: &str| RequestError::invalid(field, detail);
     let shape = "must be a string, an array of strings, an array of token ids or an array of arrays of token ids";
     match first_byte(raw) {
-        b'"' => Ok(Prompt::Texts(vec![string_body(raw).ok_or_else(|| bad(shape))?])),
+        b'"' => Ok(Prompt::Texts(vec![Cow::Borrowed(string_body(raw).ok_or_else(|| bad(shape))?)])),
         b'[' => {
             let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| bad(shape))?;
             let Some(head) = items.first() else {
@@ -490,7 +493,7 @@ fn prompt_of<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<Promp
             match first_byte(head) {
                 b'"' => items
                     .iter()
-                    .map(|i| string_body(i).ok_or_else(|| bad(shape)))
+                    .map(|i| string_body(i).map(Cow::Borrowed).ok_or_else(|| bad(shape)))
                     .collect::<Result<_, _>>()
                     .map(Prompt::Texts),
                 b'[' => serde_json::from_str::<Vec<Vec<u32>>>(raw.get()).map_err(|_| bad(shape)).map(Prompt::Tokens),
@@ -572,6 +575,9 @@ fn visit_content(content: &RawValue, sink: &mut dyn FnMut(&[u8])) -> Result<(), 
         _ => Err("must be a string, null or an array of content parts".to_owned()),
     }
 }
+
+mod fields;
+pub use fields::{PromptFields, PromptText};
 
 #[cfg(test)]
 mod tests;

@@ -26,13 +26,15 @@ use tonic::transport::Channel;
 
 use crate::front::handoff::{self, Fallback, PrefillLeg};
 use crate::front::http::{
-    DECISION_HEADER, PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, end_to_end, ensure_request_id,
-    json_error, no_route, read_body, refusal, relay, upstream_client, upstream_request, wrong_method,
+    DECISION_HEADER, PREFILLER_HEADER, PREFILLER_RANK_HEADER, UpstreamClient, answer, end_to_end, ensure_request_id,
+    json_error, no_route, read_body, relay, upstream_client, upstream_request, wrong_method,
 };
 use crate::front::listen::{ConnLimits, drain, serve_http, shutdown_signal};
 use crate::front::picker::pb::{self, picker_client::PickerClient};
+use crate::gateway::answer::Answer;
 use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::DEFAULT_MAX_BUFFERED_BYTES;
+use crate::gateway::events::Prefill;
 use crate::routing::pd;
 use crate::routing::request::ApiKind;
 use crate::routing::schedule::Subset;
@@ -311,21 +313,10 @@ async fn report(st: &Sidecar, id: String, failed: Option<&Fallback>) {
         st.counters.reports.with_label_values(&["skipped"]).inc();
         return;
     }
-    let prefill = match failed {
-        None => pb::PrefillOutcome { succeeded: true, ..Default::default() },
-        Some(f) => {
-            let reason = match f {
-                Fallback::Unreachable(_) => pb::FallbackReason::Unreachable,
-                Fallback::Timeout => pb::FallbackReason::Timeout,
-                Fallback::Status(_) => pb::FallbackReason::Status,
-                Fallback::BadResponse(_) => pb::FallbackReason::BadResponse,
-                Fallback::BadRequest(_) => pb::FallbackReason::BadRequest,
-                Fallback::NotAllowed(_) => pb::FallbackReason::NotAllowed,
-            };
-            let status = if let Fallback::Status(s) = f { u32::from(*s) } else { 0 };
-            pb::PrefillOutcome { succeeded: false, reason: reason as i32, status }
-        }
-    };
+    let prefill = pb::PrefillOutcome::from(match failed {
+        None => Prefill::Succeeded,
+        Some(f) => Prefill::Failed(f.kind()),
+    });
     let req = pb::ReportRequest { decision_id: id, prefill: Some(prefill), ..Default::default() };
     let bound = Duration::from_millis(st.args.report_timeout_ms.max(1));
     let sent = tokio::time::timeout(bound, client.clone().report(req)).await;
@@ -353,7 +344,7 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     let mut held = st.budget.reservation();
     let body = match read_body(body, st.args.max_body_bytes, &mut held).await {
         Ok(b) => b,
-        Err(e) => return refusal(&e),
+        Err(e) => return answer(&Answer::from(&e)),
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let mut headers = end_to_end(&parts.headers);
@@ -386,7 +377,7 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
                 Err(f) => {
                     tracing::warn!(reason = %f, "prefill hand-off failed; the local endpoint prefills");
                     st.counters.requests.with_label_values(&["fallback"]).inc();
-                    st.counters.fallbacks.with_label_values(&[f.reason()]).inc();
+                    st.counters.fallbacks.with_label_values(&[f.kind().reason()]).inc();
                     local(body)
                 }
             }

@@ -13,9 +13,8 @@ use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
 use super::{CHUNK, LB_NAMESPACE};
-use crate::front::http::{DESTINATION_HEADER, DROPPED_HEADER, dropped_reason, refusal_headers};
-use crate::gateway::error::RouteError;
-use crate::gateway::paths::PathRefusal;
+use crate::front::http::DESTINATION_HEADER;
+use crate::gateway::answer::Answer;
 
 pub(super) fn set_header(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
@@ -62,29 +61,19 @@ pub(super) fn body_chunks(body: Vec<u8>) -> Vec<ProcessingResponse> {
     body.chunks(CHUNK).enumerate().map(|(i, c)| chunk(c.to_vec(), i + 1 == n)).collect()
 }
 
-/// A refusal as an `ImmediateResponse`.
-pub(super) fn immediate(e: &RouteError) -> ProcessingResponse {
-    let mut extra = vec![(DROPPED_HEADER, dropped_reason(e))];
-    extra.extend(refusal_headers(e));
-    immediate_json(e.status(), e.to_json(), &extra, e.code())
-}
-
-/// A refused path as an `ImmediateResponse`, as the proxy answers it.
-pub(super) fn refused_path(r: &PathRefusal) -> ProcessingResponse {
-    let allow: Vec<(&str, &str)> = r.allow.map(|a| ("allow", a)).into_iter().collect();
-    immediate_json(r.status, r.body(), &allow, r.code)
-}
-
-/// An `ImmediateResponse` with a JSON body, `headers` besides its content type, and `details`
-/// for Envoy's access log.
-pub(super) fn immediate_json(status: u16, body: String, headers: &[(&str, &str)], details: &str) -> ProcessingResponse {
-    let mut set = vec![set_header("content-type", "application/json")];
-    set.extend(headers.iter().map(|(k, v)| set_header(k, v)));
+/// One of kvgate's own answers as an `ImmediateResponse`: its status, headers (the content type
+/// when it has a body) and body, with its code as the details of Envoy's access log.
+pub(super) fn immediate(a: &Answer) -> ProcessingResponse {
+    let mut set = Vec::new();
+    if !a.body.is_empty() {
+        set.push(set_header("content-type", "application/json"));
+    }
+    set.extend(a.all_headers().map(|(k, v)| set_header(k, v)));
     response(Resp::ImmediateResponse(ImmediateResponse {
-        status: Some(HttpStatus { code: i32::from(status) }),
+        status: Some(HttpStatus { code: i32::from(a.status) }),
         headers: Some(HeaderMutation { set_headers: set, ..Default::default() }),
-        body: body.into_bytes(),
-        details: details.to_owned(),
+        body: a.body.clone().into_bytes(),
+        details: a.code.to_owned(),
         ..Default::default()
     }))
 }

@@ -2,14 +2,16 @@
 
 use std::net::SocketAddr;
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::pb;
-use crate::gateway::decisions::{End, Failure, FirstToken, PrefillReport, Report};
-use crate::gateway::facade::Gateway;
-use crate::gateway::pool::{Outcome, Snapshot};
+use crate::gateway::decisions::Report;
+use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
+use crate::gateway::facade::{Gateway, Input as RouteInput};
+use crate::gateway::pool::Snapshot;
 use crate::gateway::telemetry::Usage;
 use crate::routing::endpoint::EndpointStatus;
+use crate::routing::request::{PromptFields, PromptText};
 use crate::routing::schedule::{Decision, EndpointExplanation, Explanation, Target};
 
 /// A request's input: its body, or a prompt as fields.
@@ -38,30 +40,21 @@ impl From<pb::explain_request::Input> for Input {
 }
 
 impl Input {
-    /// The body the decision path parses: the given one, or a completions body with the
-    /// prompt's fields (no `model` when it is empty, so it is refused as one without).
-    pub(super) fn into_body(self) -> Vec<u8> {
-        let p = match self {
-            Self::Body(b) => return b,
-            Self::Prompt(p) => p,
-        };
-        let mut o = Map::new();
-        if !p.model.is_empty() {
-            o.insert("model".into(), json!(p.model));
+    /// The input as the decision path takes it: the body, or the prompt's fields.
+    pub(super) fn route_input(&self) -> RouteInput<'_> {
+        match self {
+            Self::Body(b) => RouteInput::Body(b),
+            Self::Prompt(p) => RouteInput::Prompt(PromptFields {
+                model: &p.model,
+                text: match &p.text {
+                    Some(pb::prompt::Text::Prompt(s)) => Some(PromptText::Text(s)),
+                    Some(pb::prompt::Text::TokenIds(t)) => Some(PromptText::Ids(&t.ids)),
+                    None => None,
+                },
+                priority: p.priority,
+                cache_salt: Some(p.cache_salt.as_str()).filter(|s| !s.is_empty()),
+            }),
         }
-        let prompt = match p.text {
-            Some(pb::prompt::Text::Prompt(s)) => json!(s),
-            Some(pb::prompt::Text::TokenIds(t)) => json!(t.ids),
-            None => json!(""),
-        };
-        o.insert("prompt".into(), prompt);
-        if p.priority != 0 {
-            o.insert("priority".into(), json!(p.priority));
-        }
-        if !p.cache_salt.is_empty() {
-            o.insert("cache_salt".into(), json!(p.cache_salt));
-        }
-        Value::Object(o).to_string().into_bytes()
     }
 }
 
@@ -161,19 +154,11 @@ pub(super) fn endpoints_update(gateway: &Gateway, only: &[String]) -> pb::Endpoi
         .pools()
         .iter()
         .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name()))
-        .map(|p| {
-            let mut models = p.served_models();
-            for a in &p.snapshot().adapters {
-                if !models.contains(a) {
-                    models.push(a.clone());
-                }
-            }
-            pb::PoolState {
-                name: p.name().to_owned(),
-                models,
-                source: name_of(&p.source().kind),
-                endpoints: p.status().into_iter().map(endpoint_state).collect(),
-            }
+        .map(|p| pb::PoolState {
+            name: p.name().to_owned(),
+            models: p.served_names(),
+            source: name_of(&p.source().kind),
+            endpoints: p.status().into_iter().map(endpoint_state).collect(),
         })
         .collect();
     pb::EndpointsUpdate { pools }
@@ -183,21 +168,29 @@ fn status(s: u32, what: &str) -> Result<u16, String> {
     u16::try_from(s).ok().filter(|s| (100..600).contains(s)).ok_or_else(|| format!("{what}: {s} is not an HTTP status"))
 }
 
-/// A report's parts, checked.
+/// A report's events, checked, in the order the lifecycle takes them: the prefill leg, the
+/// endpoint that served, the response's start, its end.
 pub(super) fn report(r: &pb::ReportRequest) -> Result<Report, String> {
-    let prefill = r.prefill.as_ref().map(prefill_report).transpose()?;
-    let served_by = match r.served_by.as_str() {
-        "" => None,
-        s => Some(s.parse::<SocketAddr>().map_err(|_| format!("served_by: `{s}` is not ip:port"))?),
-    };
-    let first_token = match &r.first_token {
-        Some(t) => Some(FirstToken { status: status(t.status, "first_token.status")?, streaming: t.streaming }),
-        None => None,
-    };
-    let end = match &r.end {
-        None => None,
-        Some(pb::report_request::End::Finished(f)) => Some(End::Finished {
-            usage: match &f.usage {
+    let mut events = Vec::new();
+    if let Some(p) = &r.prefill {
+        events.push(Event::Prefill(prefill(p)?));
+    }
+    match r.served_by.as_str() {
+        "" => {}
+        s => events.push(Event::ServedBy(Served::At(
+            s.parse::<SocketAddr>().map_err(|_| format!("served_by: `{s}` is not ip:port"))?,
+        ))),
+    }
+    if let Some(t) = &r.first_token {
+        let status = status(t.status, "first_token.status")?;
+        events.push(Event::Started { status, event_stream: t.streaming, streamed: true });
+        // The first token came: the body started.
+        events.push(Event::Body(&[]));
+    }
+    match &r.end {
+        None => {}
+        Some(pb::report_request::End::Finished(f)) => {
+            let usage = match &f.usage {
                 Some(u) if u.cached_tokens.is_some_and(|c| c > u.prompt_tokens) => {
                     return Err("finished.usage: cached_tokens exceeds prompt_tokens".into());
                 }
@@ -207,33 +200,52 @@ pub(super) fn report(r: &pb::ReportRequest) -> Result<Report, String> {
                     cached: u.cached_tokens.unwrap_or(0),
                     cached_reported: u.cached_tokens.is_some(),
                 }),
-            },
-            status: status(f.status, "finished.status")?,
-            response_bytes: f.response_bytes,
-        }),
-        Some(pb::report_request::End::Failed(f)) => Some(End::Failed(match f.kind() {
+            };
+            let status = Some(status(f.status, "finished.status")?);
+            events.push(Event::Finished { status, usage, body_bytes: Some(f.response_bytes) });
+        }
+        Some(pb::report_request::End::Failed(f)) => events.push(Event::Failed(match f.kind() {
             pb::FailureKind::Unreachable => Failure::Unreachable,
             pb::FailureKind::TimedOut => Failure::TimedOut,
             pb::FailureKind::Cancelled => Failure::Cancelled,
             pb::FailureKind::Unspecified => return Err("failed.kind is required".into()),
         })),
-    };
-    Ok(Report { prefill, served_by, first_token, end })
+    }
+    Ok(events)
 }
 
-fn prefill_report(p: &pb::PrefillOutcome) -> Result<PrefillReport, String> {
+fn prefill(p: &pb::PrefillOutcome) -> Result<Prefill, String> {
     use pb::FallbackReason as F;
     if p.succeeded {
-        return Ok(PrefillReport { succeeded: true, reason: "", learned: None });
+        return Ok(Prefill::Succeeded);
     }
-    let (reason, learned) = match p.reason() {
-        F::Unreachable => ("unreachable", Some(Outcome::Unreachable)),
-        F::Timeout => ("timeout", None),
-        F::Status => ("status", Some(Outcome::Answered(status(p.status, "prefill.status")?))),
-        F::BadResponse => ("bad_response", None),
-        F::BadRequest => ("bad_request", None),
-        F::NotAllowed => ("not_allowed", None),
+    Ok(Prefill::Failed(match p.reason() {
+        F::Unreachable => PrefillFailure::Unreachable,
+        F::Timeout => PrefillFailure::Timeout,
+        F::Status => PrefillFailure::Status(status(p.status, "prefill.status")?),
+        F::BadResponse => PrefillFailure::BadResponse,
+        F::BadRequest => PrefillFailure::BadRequest,
+        F::NotAllowed => PrefillFailure::NotAllowed,
         F::Unspecified => return Err("prefill.reason is required when the leg did not succeed".into()),
-    };
-    Ok(PrefillReport { succeeded: false, reason, learned })
+    }))
+}
+
+impl From<Prefill> for pb::PrefillOutcome {
+    /// A prefill leg's outcome as a sidecar reports it.
+    fn from(p: Prefill) -> Self {
+        use pb::FallbackReason as F;
+        let f = match p {
+            Prefill::Succeeded => return Self { succeeded: true, ..Self::default() },
+            Prefill::Failed(f) => f,
+        };
+        let (reason, status) = match f {
+            PrefillFailure::Unreachable => (F::Unreachable, 0),
+            PrefillFailure::Timeout => (F::Timeout, 0),
+            PrefillFailure::Status(s) => (F::Status, u32::from(s)),
+            PrefillFailure::BadResponse => (F::BadResponse, 0),
+            PrefillFailure::BadRequest => (F::BadRequest, 0),
+            PrefillFailure::NotAllowed => (F::NotAllowed, 0),
+        };
+        Self { succeeded: false, reason: reason as i32, status }
+    }
 }
