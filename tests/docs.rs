@@ -127,6 +127,21 @@ fn normalise(text: &str) -> String {
     text.replace("\\\n", " ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// A script's commands, one a line: continuation lines joined, comments dropped, whitespace
+/// collapsed.
+fn script_lines(text: &str) -> Vec<String> {
+    let block = Block { line: 0, info: RUNNABLE.to_owned(), run_by: None, body: text.lines().map(str::to_owned).collect() };
+    block.commands()
+}
+
+/// Whether a script's line runs `command` as written: the whole line, or the command followed by
+/// a redirection, a pipe or a list operator.
+fn runs(line: &str, command: &str) -> bool {
+    line.strip_prefix(command).is_some_and(|rest| {
+        rest.is_empty() || rest.strip_prefix(' ').is_some_and(|r| r.starts_with(['>', '|', '&', ';']) || r.starts_with("2>"))
+    })
+}
+
 /// Whether this test runs the command itself (else a marker must name a file that does).
 fn runnable(command: &str) -> bool {
     let program = command.split_whitespace().find(|w| !w.contains('=')).unwrap_or_default();
@@ -149,20 +164,21 @@ fn every_command_block_is_run_here_or_by_the_file_its_marker_names() {
                 continue;
             }
             let files = block.run_by.clone().unwrap_or_else(|| vec![THIS.to_owned()]);
-            let texts: Vec<(String, String)> = files
+            let texts: Vec<(String, Vec<String>)> = files
                 .iter()
                 .filter(|f| *f != THIS)
-                .map(|f| (f.clone(), normalise(&std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap_or_default())))
+                .map(|f| (f.clone(), script_lines(&std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap_or_default())))
                 .collect();
             let commands = block.commands();
+            let in_file = |lines: &[String], command: &str| lines.iter().any(|line| runs(line, command));
             for command in &commands {
                 let here = files.iter().any(|f| f == THIS) && runnable(command);
-                if !here && !texts.iter().any(|(_, text)| text.contains(command.as_str())) {
+                if !here && !texts.iter().any(|(_, lines)| in_file(lines, command)) {
                     problems.push(format!("{at}: nothing runs `{command}` (run by: {files:?})"));
                 }
             }
-            for (file, text) in &texts {
-                if !commands.iter().any(|c| text.contains(c.as_str())) {
+            for (file, lines) in &texts {
+                if !commands.iter().any(|c| in_file(lines, c)) {
                     problems.push(format!("{at}: the marker names {file}, which runs none of the block's commands"));
                 }
             }
@@ -495,5 +511,7 @@ fn blocks_and_commands_are_read_as_written() {
     assert_eq!(found[0].commands(), ["kvgate sim --port 8001", "curl -s localhost:8001/x -d '{\"a\":\"#1\"}'"]);
     assert_eq!((found[1].info.as_str(), found[1].body.as_slice()), ("text", &["$ not a command".to_owned()][..]));
     assert!(runnable("cargo run --release -- serve") && !runnable("cargo test") && !runnable("helm lint x"));
+    assert!(runs("cargo test", "cargo test") && runs("helm lint x >/dev/null", "helm lint x"));
+    assert!(!runs("cargo test --workspace", "cargo test") && !runs("echo cargo test", "cargo test"));
     assert_eq!(replace_port("localhost:80010 localhost:8001/", "localhost:", 8001, 5), "localhost:80010 localhost:5/");
 }
