@@ -130,7 +130,8 @@ fn normalise(text: &str) -> String {
 /// A script's commands, one a line: continuation lines joined, comments dropped, whitespace
 /// collapsed.
 fn script_lines(text: &str) -> Vec<String> {
-    let block = Block { line: 0, info: RUNNABLE.to_owned(), run_by: None, body: text.lines().map(str::to_owned).collect() };
+    let block =
+        Block { line: 0, info: RUNNABLE.to_owned(), run_by: None, body: text.lines().map(str::to_owned).collect() };
     block.commands()
 }
 
@@ -138,7 +139,8 @@ fn script_lines(text: &str) -> Vec<String> {
 /// a redirection, a pipe or a list operator.
 fn runs(line: &str, command: &str) -> bool {
     line.strip_prefix(command).is_some_and(|rest| {
-        rest.is_empty() || rest.strip_prefix(' ').is_some_and(|r| r.starts_with(['>', '|', '&', ';']) || r.starts_with("2>"))
+        rest.is_empty()
+            || rest.strip_prefix(' ').is_some_and(|r| r.starts_with(['>', '|', '&', ';']) || r.starts_with("2>"))
     })
 }
 
@@ -167,7 +169,9 @@ fn every_command_block_is_run_here_or_by_the_file_its_marker_names() {
             let texts: Vec<(String, Vec<String>)> = files
                 .iter()
                 .filter(|f| *f != THIS)
-                .map(|f| (f.clone(), script_lines(&std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap_or_default())))
+                .map(|f| {
+                    (f.clone(), script_lines(&std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap_or_default()))
+                })
                 .collect();
             let commands = block.commands();
             let in_file = |lines: &[String], command: &str| lines.iter().any(|line| runs(line, command));
@@ -234,7 +238,8 @@ impl Session {
 
     /// The command as it runs here: the page's ports moved, `cargo run --release --` as `kvgate`.
     fn rewrite(&self, command: &str) -> String {
-        let mut out = command.strip_prefix("cargo run --release -- ").map_or(command.to_owned(), |rest| format!("kvgate {rest}"));
+        let mut out =
+            command.strip_prefix("cargo run --release -- ").map_or(command.to_owned(), |rest| format!("kvgate {rest}"));
         for (from, to) in &self.ports {
             for prefix in ["localhost:", "127.0.0.1:", "--port "] {
                 out = replace_port(&out, prefix, *from, *to);
