@@ -906,7 +906,7 @@ async fn the_served_endpoint_is_echoed_for_conformance() {
 }
 
 /// Envoy's destination lists the pool picker's `maxNumOfEndpoints`; `extproc.max_endpoints`,
-/// when set, caps it (README, "How many endpoints a decision lists").
+/// when set, caps it (docs/scheduling.md, "How many endpoints a decision lists").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_picker_sets_the_endpoints_listed_and_extproc_caps_them() {
     let mut sims = Vec::new();
