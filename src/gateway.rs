@@ -2,7 +2,7 @@
 //! health judgement ([`pool`]), kvgate's metrics ([`telemetry`]), and the facade every
 //! front-end calls ([`facade::Gateway`]: decide, explain, ready) with its one outcome API
 //! ([`outcome::Routed`]). [`decisions`] holds decisions whose callers report on them; [`error`] holds the refusals and their one status mapping; [`budget`] bounds the request
-//! bytes held in memory; [`paths`] is the path policy both front-ends apply.
+//! bytes held in memory; [`paths`] is the path policy both front-ends apply; [`tasks`] owns every task kvgate spawns and stops them on shutdown.
 
 pub mod budget;
 pub mod config;
@@ -12,4 +12,5 @@ pub mod facade;
 pub mod outcome;
 pub mod paths;
 pub mod pool;
+pub mod tasks;
 pub mod telemetry;
