@@ -5,7 +5,8 @@
 //! from responses as they pass). [`answer`] is what kvgate answers itself, one value for every
 //! wire; [`decisions`] holds decisions whose callers report on them; [`error`] holds the
 //! refusals and their one status mapping; [`budget`] bounds the request bytes held in memory;
-//! [`paths`] is the path policy every front-end applies.
+//! [`paths`] is the path policy every front-end applies; [`tasks`] owns every task kvgate spawns and
+//! stops them on shutdown.
 
 pub mod answer;
 pub mod budget;
@@ -17,5 +18,6 @@ pub mod facade;
 pub mod outcome;
 pub mod paths;
 pub mod pool;
+pub mod tasks;
 pub mod telemetry;
 pub mod usage;

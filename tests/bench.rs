@@ -1,4 +1,5 @@
 //! `kvgate bench` against a simulator: a short run gives sane numbers.
+#![allow(clippy::disallowed_methods, reason = "the test's own tasks (blocking process runs) end with its runtime")]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! `kvgate bench` as a user runs it, the binary against a simulator on loopback: what it
 //! refuses, what it accepts, and the result file a `vllm bench serve` user reads.
+#![allow(clippy::disallowed_methods, reason = "the test's own tasks (blocking process runs) end with its runtime")]
 
 mod common;
 

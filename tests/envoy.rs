@@ -1,5 +1,6 @@
 //! kvgate as Envoy's endpoint picker, through a real Envoy 1.40 on loopback, with simulators
 //! as the model servers.
+#![allow(clippy::disallowed_methods, reason = "the test's own tasks (Envoy starts, a shutdown) end with its runtime")]
 
 mod common;
 

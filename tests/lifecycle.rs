@@ -1,8 +1,8 @@
 //! A running kvgate owns every task it starts: dropping the server, or shutting it down, stops
 //! its pools' publishers and scrapers, discovery, the gRPC health loop, the listeners and the
-//! connections they serve (a client that keeps its connection open holds no task). The
-//! simulator and the clients run on a runtime of their own, so the runtime under test counts
-//! kvgate's tasks alone.
+//! connections they serve (a client that keeps its connection open holds no task). The first
+//! test runs the simulator and the clients on a runtime of their own, so the runtime under test
+//! counts kvgate's tasks alone; the second asks the server's task owner which tasks run.
 
 mod common;
 
@@ -58,4 +58,42 @@ fn no_task_outlives_the_server() {
         drop(keep);
     }
     drop(sim);
+}
+
+/// `Server::shutdown` stops every task the server owns and waits for them: the pool's
+/// publisher, scraper and its connection, the decision reaper, the health loop, the listeners,
+/// and an ext_proc stream a client keeps open past the grace period (static discovery has ended
+/// by then). None is left once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_every_owned_task_before_it_returns() {
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let kv = start_kvgate(&format!(
+        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nhealth_addr: 127.0.0.1:0\n\
+         pools: [{{name: p, models: [{MODEL}], endpoints: [{{address: '{}'}}]}}]\n",
+        sim.addrs[0]
+    ))
+    .await;
+    let tasks = kv.tasks().clone();
+    let names = || tasks.running().into_iter().map(|(name, _)| name).collect::<Vec<_>>();
+    // A stream Envoy opened and never ends: its task is the server's too.
+    let mut client = ExternalProcessorClient::connect(format!("http://{}", kv.grpc_addr)).await.expect("connect");
+    let (_envoy, requests) = tokio::sync::mpsc::channel(1);
+    let _answers = client.process(tokio_stream::wrappers::ReceiverStream::new(requests)).await.expect("a stream");
+    let expected = [
+        "pool publisher",
+        "scraper",
+        "scrape connection",
+        "decision reaper",
+        "grpc health",
+        "admin",
+        "proxy",
+        "ext_proc",
+        "health",
+        "ext_proc stream",
+    ];
+    let all_running = eventually(10, || async { expected.iter().all(|n| names().contains(n)) }).await;
+    assert!(all_running, "running: {:?}", tasks.running());
+    kv.shutdown(Duration::from_millis(300)).await;
+    assert!(tasks.running().is_empty(), "still running after the shutdown: {:?}", tasks.running());
 }

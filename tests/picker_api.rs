@@ -2,6 +2,7 @@
 //! reports (missing, duplicate, unknown, refused), the same decision as the proxy's, `Explain`,
 //! `WatchEndpoints`, server reflection and gRPC health of every service on the listener, and the
 //! Python client example.
+#![allow(clippy::disallowed_methods, reason = "the test's own tasks (blocking process runs) end with its runtime")]
 
 mod common;
 

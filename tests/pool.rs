@@ -1,5 +1,6 @@
 //! Pools against real simulators on loopback: file discovery, scraping, health, staleness,
 //! routing by model, in-flight accounting, and bad metrics.
+#![allow(clippy::disallowed_methods, reason = "the test's own tasks (stand-in servers) end with its runtime")]
 
 mod common;
 

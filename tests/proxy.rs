@@ -1,5 +1,6 @@
 //! The reverse proxy with real simulators on loopback: byte-exact streaming, affinity and
 //! spread, retries (and none after the first byte), aborts, errors, admission and the demo.
+#![allow(clippy::disallowed_methods, reason = "the test's own tasks (clients, a shutdown) end with its runtime")]
 
 mod common;
 

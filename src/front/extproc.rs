@@ -65,12 +65,14 @@ pub(crate) const CHUNK: usize = 62_000;
 pub(crate) struct Picker {
     gateway: Arc<Gateway>,
     cfg: Arc<ExtProcConfig>,
+    /// Spawns each stream's task (a shutdown ends those still open).
+    tasks: crate::gateway::tasks::Tasks,
 }
 
 impl Picker {
-    /// A picker deciding through `gateway`.
-    pub(crate) fn new(gateway: Arc<Gateway>, cfg: ExtProcConfig) -> Self {
-        Self { gateway, cfg: Arc::new(cfg) }
+    /// A picker deciding through `gateway`, its streams' tasks spawned through `tasks`.
+    pub(crate) fn new(gateway: Arc<Gateway>, cfg: ExtProcConfig, tasks: crate::gateway::tasks::Tasks) -> Self {
+        Self { gateway, cfg: Arc::new(cfg), tasks }
     }
 }
 
@@ -85,7 +87,7 @@ impl ExternalProcessor for Picker {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let mut stream = StreamState::new(self.gateway.clone(), self.cfg.clone());
-        tokio::spawn(async move {
+        let task = self.tasks.spawn("ext_proc stream", async move {
             loop {
                 let next = tokio::select! {
                     // A sidecar's report of the prefill leg comes before the decode leg's
@@ -121,6 +123,7 @@ impl ExternalProcessor for Picker {
                 }
             }
         });
+        task.detach();
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -17,9 +17,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tower::ServiceExt;
+
+use crate::gateway::tasks::{Task, Tasks};
 
 /// Resolves when `stop` turns true.
 pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
@@ -54,16 +56,18 @@ impl Default for ConnLimits {
     }
 }
 
-/// Serves `app` on `listener` until `stop`, then lets open connections finish. Every
-/// connection's task belongs to the returned one: aborting it ends them all.
+/// Serves `app` on `listener` until `stop`, then lets open connections finish: a task of
+/// `owner` named `what`. Every connection's task belongs to the returned one: aborting it ends
+/// them all.
 pub(crate) fn serve_http(
+    owner: &Tasks,
     listener: TcpListener,
     app: axum::Router,
     what: &'static str,
     stop: watch::Receiver<bool>,
     limits: ConnLimits,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Task {
+    owner.spawn(what, async move {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
         let graceful = GracefulShutdown::new();
@@ -135,14 +139,11 @@ pub(crate) fn nodelay(
     })
 }
 
-/// Waits up to `grace` for stopping listeners to finish their connections, then aborts them.
-pub(crate) async fn drain(listeners: Vec<JoinHandle<()>>, grace: Duration) {
-    let aborts: Vec<_> = listeners.iter().map(|h| h.abort_handle()).collect();
+/// Waits up to `grace` for stopping listeners to finish their connections, then aborts them
+/// (dropping their handles).
+pub(crate) async fn drain(listeners: Vec<Task>, grace: Duration) {
     if tokio::time::timeout(grace, futures_util::future::join_all(listeners)).await.is_err() {
         tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
-        for a in aborts {
-            a.abort();
-        }
     }
 }
 

@@ -69,6 +69,8 @@ pub(crate) struct PickerApi {
     stop: watch::Receiver<bool>,
     /// `WatchEndpoints` streams open.
     watchers: Arc<AtomicUsize>,
+    /// Spawns each watch's task.
+    tasks: crate::gateway::tasks::Tasks,
 }
 
 /// The service, with the ext_proc listener's message bounds.
@@ -76,10 +78,11 @@ pub(crate) fn service(
     gateway: Arc<Gateway>,
     cfg: &ExtProcConfig,
     stop: watch::Receiver<bool>,
+    tasks: crate::gateway::tasks::Tasks,
 ) -> PickerServer<PickerApi> {
     let max = cfg.max_message_bytes;
     let watchers = Arc::new(AtomicUsize::new(0));
-    PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watchers })
+    PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watchers, tasks })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max)
 }
@@ -230,7 +233,7 @@ impl Picker for PickerApi {
         let (tx, rx) = mpsc::channel(4);
         let gateway = self.gateway.clone();
         let mut stop = self.stop.clone();
-        tokio::spawn(async move {
+        let task = self.tasks.spawn("endpoint watch", async move {
             let _slot = slot;
             let mut last: Option<pb::EndpointsUpdate> = None;
             let mut tick = tokio::time::interval(interval);
@@ -250,6 +253,7 @@ impl Picker for PickerApi {
                 }
             }
         });
+        task.detach();
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

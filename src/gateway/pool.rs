@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 
 use crate::gateway::config::endpoints::ResolvedEndpoint;
 use crate::gateway::config::{Admission, HealthConfig, KvEventsSpec, ScrapeConfig};
+use crate::gateway::tasks::{Task, Tasks};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{Endpoint, EndpointId, Health, InFlight, Metrics};
 use crate::routing::plan::Planner;
@@ -104,16 +105,6 @@ impl Default for PoolSettings {
     }
 }
 
-/// Cancels a task when dropped.
-#[derive(Debug)]
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[derive(Debug)]
 struct Member {
     /// The entry discovery gave (its host an IP).
@@ -135,12 +126,12 @@ struct Member {
     health: HealthState,
     scrape_errors: u64,
     last_error: Option<String>,
-    _scraper: Option<AbortOnDrop>,
+    _scraper: Option<Task>,
     /// `block_size` of its `vllm:cache_config_info`.
     engine_block_size: Option<u64>,
     /// Its KV-event feed's state, and the task following its publisher (connect mode).
     feed: Arc<kv_events::FeedStatus>,
-    _kv_events: Option<AbortOnDrop>,
+    _kv_events: Option<Task>,
     /// The block-size disagreement was logged.
     block_size_warned: bool,
 }
@@ -194,7 +185,10 @@ struct Inner {
     discovered: AtomicBool,
     source: Mutex<SourceStatus>,
     serials: AtomicU64,
-    tasks: Mutex<Vec<AbortOnDrop>>,
+    /// Spawns the pool's tasks (and stops them when kvgate shuts down).
+    owner: Tasks,
+    /// The publisher and the KV-event listener: they end with the pool.
+    tasks: Mutex<Vec<Task>>,
     /// How the pool meets its endpoints' KV-event publishers, when it follows them.
     kv_events: Mutex<Option<KvEventsSpec>>,
     /// A served endpoint outside the pool was logged (once per pool).
@@ -208,13 +202,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool with no endpoints yet; its publisher runs until the pool is dropped.
+    /// A pool with no endpoints yet; its publisher runs until the pool is dropped. Its tasks are
+    /// spawned through `owner`.
     pub fn new(
         name: String,
         planner: Planner,
         admission: Admission,
         settings: PoolSettings,
         telemetry: Arc<Telemetry>,
+        owner: &Tasks,
     ) -> Self {
         let inner = Arc::new(Inner {
             name,
@@ -228,13 +224,14 @@ impl Pool {
             discovered: AtomicBool::new(false),
             source: Mutex::new(SourceStatus::default()),
             serials: AtomicU64::new(0),
+            owner: owner.clone(),
             tasks: Mutex::new(Vec::new()),
             kv_events: Mutex::new(None),
             served_elsewhere_logged: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
         let dirty = inner.dirty.clone();
-        let publisher = tokio::spawn(async move {
+        let publisher = inner.owner.spawn("pool publisher", async move {
             loop {
                 dirty.notified().await;
                 // Coalesce bursts of updates into one publish.
@@ -243,7 +240,7 @@ impl Pool {
                 inner.publish();
             }
         });
-        inner.tasks.lock().push(AbortOnDrop(publisher));
+        inner.tasks.lock().push(publisher);
         Self { inner }
     }
 
@@ -396,8 +393,8 @@ impl Pool {
                     members[k]._scraper = None;
                 } else if members[k]._scraper.is_none() {
                     let (serial, addr) = (members[k].serial, members[k].addr);
-                    let task = tokio::spawn(scrape::run(Arc::downgrade(inner), serial, addr));
-                    members[k]._scraper = Some(AbortOnDrop(task));
+                    let scraper = scrape::run(Arc::downgrade(inner), serial, addr, inner.owner.clone());
+                    members[k]._scraper = Some(inner.owner.spawn("scraper", scraper));
                 }
             }
             // One KV-event subscription per endpoint, when kvgate connects to the publishers.
@@ -405,8 +402,8 @@ impl Pool {
             if let Some(spec) = spec {
                 for m in members.iter_mut().filter(|m| m._kv_events.is_none()) {
                     let target = kv_events::feed_target(m);
-                    let task = tokio::spawn(kv_events::follow(Arc::downgrade(inner), target, spec.clone()));
-                    m._kv_events = Some(AbortOnDrop(task));
+                    let feed = kv_events::follow(Arc::downgrade(inner), target, spec.clone());
+                    m._kv_events = Some(inner.owner.spawn("kv-event feed", feed));
                 }
             }
             for gone in old {
@@ -482,8 +479,9 @@ impl Pool {
     /// kvgate connects to each endpoint's, or binds one socket the engines connect to.
     pub fn follow_kv_events(&self, spec: KvEventsSpec) {
         if spec.bind.is_some() {
-            let task = tokio::spawn(kv_events::listen(Arc::downgrade(&self.inner), spec.clone()));
-            self.inner.tasks.lock().push(AbortOnDrop(task));
+            let listen = kv_events::listen(Arc::downgrade(&self.inner), spec.clone());
+            let task = self.inner.owner.spawn("kv-event listener", listen);
+            self.inner.tasks.lock().push(task);
         }
         *self.inner.kv_events.lock() = Some(spec);
     }

@@ -25,6 +25,8 @@ use serde_json::json;
 
 use workload::Item;
 
+use crate::gateway::tasks::{Task, Tasks};
+
 /// One request's outcome.
 #[derive(Debug, Default)]
 struct Outcome {
@@ -120,17 +122,19 @@ fn progress_line(n: usize, total: usize, secs: f64) -> String {
     format!("\r[{}{}] {n}/{total} requests, {secs:.1} s", "#".repeat(filled), " ".repeat(30 - filled))
 }
 
-/// A live progress line on the terminal (none when stderr is not one).
+/// A live progress line on the terminal (none when stderr is not one), a task of `tasks` that
+/// ends when its handle is dropped.
 fn progress_bar(
+    tasks: &Tasks,
     total: usize,
     done: Arc<std::sync::atomic::AtomicUsize>,
     started: Instant,
-) -> Option<tokio::task::JoinHandle<()>> {
+) -> Option<Task> {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() || total == 0 {
         return None;
     }
-    Some(tokio::spawn(async move {
+    Some(tasks.spawn("bench progress", async move {
         loop {
             let n = done.load(std::sync::atomic::Ordering::Relaxed);
             #[allow(clippy::print_stderr)]
@@ -296,12 +300,14 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     // No `--max-concurrency`: no limit, as in vLLM.
     let most = tokio::sync::Semaphore::MAX_PERMITS;
     let limit = Arc::new(tokio::sync::Semaphore::new(args.max_concurrency.map_or(most, |n| n.clamp(1, most))));
-    warm_up(&client, &url, &bodies, args.num_warmups, stream, &limit).await?;
+    // The run's tasks: requests, warm-ups and the progress line.
+    let owner = Tasks::new();
+    warm_up(&owner, &client, &url, &bodies, args.num_warmups, stream, &limit).await?;
     let before = counters(&args.metrics_url).await;
     let mut rng = fastrand::Rng::with_seed(args.seed ^ 0xa11);
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let progress = progress_bar(items.len(), done.clone(), started);
+    let progress = progress_bar(&owner, items.len(), done.clone(), started);
     let mut next_at = Duration::ZERO;
     let mut tasks = Vec::with_capacity(items.len());
     for (k, body) in bodies.into_iter().enumerate() {
@@ -314,7 +320,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
         }
         let permit = limit.clone().acquire_owned().await.context("semaphore")?;
         let (client, url, done) = (client.clone(), url.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(owner.spawn("bench request", async move {
             let start = started.elapsed().as_secs_f64();
             let out = Outcome { start, ..send(&client, &url, body, stream).await };
             drop(permit);
@@ -324,11 +330,11 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     }
     let mut outcomes = Vec::with_capacity(tasks.len());
     for t in tasks {
-        outcomes.push(t.await.context("request task")?);
+        outcomes.push(t.await.context("a request task did not finish")?);
     }
     let duration = started.elapsed().as_secs_f64();
     if let Some(p) = progress {
-        p.abort();
+        drop(p);
         // The last frame: every request is done.
         #[allow(clippy::print_stderr)]
         {
@@ -393,8 +399,10 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<Report> {
     })
 }
 
-/// Warm-ups: the workload's first `count` requests (cycling), sent and waited for, not measured.
+/// Warm-ups: the workload's first `count` requests (cycling), sent (as tasks of `owner`) and
+/// waited for, not measured.
 async fn warm_up(
+    owner: &Tasks,
     client: &Client,
     url: &str,
     bodies: &[Bytes],
@@ -405,13 +413,13 @@ async fn warm_up(
     let mut warm = Vec::new();
     for body in bodies.iter().cycle().take(if bodies.is_empty() { 0 } else { count }) {
         let (client, url, body, limit) = (client.clone(), url.to_owned(), body.clone(), limit.clone());
-        warm.push(tokio::spawn(async move {
+        warm.push(owner.spawn("bench warm-up", async move {
             let _permit = limit.acquire_owned().await;
             send(&client, &url, body, stream).await
         }));
     }
     for w in warm {
-        w.await.context("warm-up task")?;
+        w.await.context("a warm-up task did not finish")?;
     }
     Ok(())
 }

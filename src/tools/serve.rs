@@ -21,7 +21,8 @@ use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::{Config, ExtProcConfig, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
-use crate::gateway::pool::{AbortOnDrop, Launched, PoolSettings, launch};
+use crate::gateway::pool::{Launched, PoolSettings, launch};
+use crate::gateway::tasks::{Task, Tasks};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::schedule::SchedulerSpec;
 
@@ -159,7 +160,8 @@ impl ReferenceFlags {
     }
 }
 
-/// A running kvgate: its gateway and bound listeners. Dropping it stops everything.
+/// A running kvgate: its gateway, bound listeners and the owner of its tasks. Dropping it stops
+/// everything.
 #[derive(Debug)]
 pub struct Server {
     /// The decision path over every pool.
@@ -171,24 +173,36 @@ pub struct Server {
     /// Where the ext_proc gRPC server listens.
     pub grpc_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
-    listeners: Vec<tokio::task::JoinHandle<()>>,
-    _tasks: Vec<AbortOnDrop>,
+    listeners: Vec<Task>,
+    /// Every task the server spawned: pools' publishers, scrapers and KV-event feeds,
+    /// discovery, the decision reaper, the gRPC health loop, listeners, ext_proc and watch
+    /// streams.
+    tasks: Tasks,
+    /// Discovery, the decision reaper and the health loop: aborted with the server (or when
+    /// starting it fails half-way).
+    _background: Vec<Task>,
 }
 
 impl Server {
     /// Stops accepting new connections and requests, lets the ones in flight (streams
-    /// included) finish for up to `grace`, then stops everything.
+    /// included) finish for up to `grace`, then stops every task and waits for them (up to
+    /// [`TASKS_STOP`]).
     pub async fn shutdown(mut self, grace: std::time::Duration) {
         let _ = self.stop.send(true);
         drain(std::mem::take(&mut self.listeners), grace).await;
+        self.tasks.shutdown(TASKS_STOP).await;
+    }
+
+    /// The owner of the server's tasks (to see which run).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        for l in &self.listeners {
-            l.abort();
-        }
+        // Listeners are aborted as their handles drop; the rest are told to stop.
+        self.tasks.stop();
     }
 }
 
@@ -203,7 +217,8 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let resolved = cfg.resolve(path)?;
     let settings = PoolSettings::new(&cfg.scrape, &cfg.health);
     let telemetry = Arc::new(Telemetry::new());
-    let Launched { pools, mut tasks } = launch(resolved, &settings, &telemetry, kubeconfig).await?;
+    let tasks = Tasks::new();
+    let Launched { pools, tasks: mut background } = launch(resolved, &settings, &telemetry, kubeconfig, &tasks).await?;
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
     let gateway = Arc::new(
         Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
@@ -211,7 +226,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
             .with_picker_api(&cfg.picker_api),
     );
     // Decisions whose reports never come are released by this task.
-    tasks.push(AbortOnDrop(tokio::spawn(gateway.decisions().clone().run())));
+    background.push(tasks.spawn("decision reaper", gateway.decisions().clone().run()));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
@@ -225,13 +240,13 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let listener =
         TcpListener::bind(cfg.admin_addr).await.with_context(|| format!("binding admin_addr {}", cfg.admin_addr))?;
     let admin_addr = listener.local_addr()?;
-    listeners.push(serve_http(listener, admin::app(gateway.clone()), "admin", stop_rx.clone(), limits));
+    listeners.push(serve_http(&tasks, listener, admin::app(gateway.clone()), "admin", stop_rx.clone(), limits));
     let proxy_addr = match cfg.proxy_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.with_context(|| format!("binding proxy_addr {addr}"))?;
             let bound = listener.local_addr()?;
             let state = Arc::new(ProxyState::new(gateway.clone(), cfg.proxy.clone()));
-            listeners.push(serve_http(listener, proxy::app(state), "proxy", stop_rx.clone(), limits));
+            listeners.push(serve_http(&tasks, listener, proxy::app(state), "proxy", stop_rx.clone(), limits));
             Some(bound)
         }
         None => None,
@@ -239,11 +254,11 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let listener =
         TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding grpc_addr {}", cfg.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let picker = Picker::new(gateway.clone(), cfg.extproc.clone());
+    let picker = Picker::new(gateway.clone(), cfg.extproc.clone(), tasks.clone());
     let max = cfg.extproc.max_message_bytes;
     let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
     let (health, follow_readiness) = health_service(&gateway).await;
-    tasks.push(AbortOnDrop(tokio::spawn(follow_readiness)));
+    background.push(tasks.spawn("grpc health", follow_readiness));
     let mut builder = tonic::transport::Server::builder();
     let identity = tls_identity(&cfg.extproc)?;
     if let Some(identity) = identity {
@@ -251,7 +266,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .context("TLS on grpc_addr")?;
     }
-    let api = picker::service(gateway.clone(), &cfg.extproc, stop_rx.clone());
+    let api = picker::service(gateway.clone(), &cfg.extproc, stop_rx.clone(), tasks.clone());
     let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
     let grpc = builder
         .add_service(health.clone())
@@ -260,7 +275,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let grpc_stop = stopped(stop_rx.clone());
-    listeners.push(tokio::spawn(async move {
+    listeners.push(tasks.spawn("ext_proc", async move {
         if let Err(e) = grpc.serve_with_incoming_shutdown(nodelay(listener), grpc_stop).await {
             tracing::error!(error = %e, "ext_proc listener stopped");
         }
@@ -269,7 +284,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding health_addr {addr}"))?;
         let only_health = tonic::transport::Server::builder().add_service(health);
         let health_stop = stopped(stop_rx.clone());
-        listeners.push(tokio::spawn(async move {
+        listeners.push(tasks.spawn("health", async move {
             if let Err(e) =
                 only_health.serve_with_incoming_shutdown(TcpListenerStream::new(listener), health_stop).await
             {
@@ -277,7 +292,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
             }
         }));
     }
-    Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, stop, listeners, _tasks: tasks })
+    Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, stop, listeners, tasks, _background: background })
 }
 
 /// The ext_proc listener's TLS identity: the configured certificate and key, a self-signed
@@ -329,6 +344,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// How long a shutdown waits for requests in flight.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a shutdown then waits for the server's tasks to end once told to stop (they end at
+/// their next await point; this bounds one stuck on its thread).
+pub const TASKS_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Applies `--grpc-addr`, `--admin-addr`, `--proxy-addr` and `--health-addr`.
 pub(crate) fn apply_overrides(cfg: &mut Config, args: &ServeArgs) {

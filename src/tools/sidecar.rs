@@ -35,6 +35,7 @@ use crate::gateway::answer::Answer;
 use crate::gateway::budget::BodyBudget;
 use crate::gateway::config::DEFAULT_MAX_BUFFERED_BYTES;
 use crate::gateway::events::Prefill;
+use crate::gateway::tasks::{Task, Tasks};
 use crate::routing::pd;
 use crate::routing::request::ApiKind;
 use crate::routing::schedule::Subset;
@@ -168,23 +169,19 @@ pub struct Running {
     /// Where its admin listener is, if any.
     pub admin_addr: Option<SocketAddr>,
     stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The listeners (aborted when dropped).
+    listeners: Vec<Task>,
+    /// The owner of the listeners' tasks.
+    tasks: Tasks,
 }
 
 impl Running {
     /// Stops accepting connections and lets requests in flight (streams included) finish for up
-    /// to `grace`.
+    /// to `grace`, then waits for its tasks to end.
     pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.stop.send(true);
-        drain(std::mem::take(&mut self.tasks), grace).await;
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        drain(std::mem::take(&mut self.listeners), grace).await;
+        self.tasks.shutdown(Duration::from_secs(5)).await;
     }
 }
 
@@ -236,10 +233,10 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("binding the sidecar listener {}: {e}", state.args.listen))?;
     let addr = listener.local_addr()?;
-    let mut tasks = Vec::new();
+    let (tasks, mut listeners) = (Tasks::new(), Vec::new());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let app = Router::new().fallback(handle).with_state(state.clone());
-    tasks.push(serve_http(listener, app, "sidecar", stopped.clone(), ConnLimits::default()));
+    listeners.push(serve_http(&tasks, listener, app, "sidecar", stopped.clone(), ConnLimits::default()));
     let mut admin_addr = None;
     if let Some(a) = state.args.admin_addr {
         let l = tokio::net::TcpListener::bind(a)
@@ -262,9 +259,9 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
             )
             .fallback(no_route)
             .method_not_allowed_fallback(wrong_method);
-        tasks.push(serve_http(l, admin, "sidecar admin", stopped.clone(), ConnLimits::default()));
+        listeners.push(serve_http(&tasks, l, admin, "sidecar admin", stopped.clone(), ConnLimits::default()));
     }
-    Ok(Running { addr, admin_addr, stop, tasks })
+    Ok(Running { addr, admin_addr, stop, listeners, tasks })
 }
 
 /// `kvgate sidecar`: runs until Ctrl-C or SIGTERM.

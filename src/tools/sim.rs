@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::front::listen::{ConnLimits, serve_http};
-use crate::gateway::pool::AbortOnDrop;
+use crate::gateway::tasks::Tasks;
 
 use engine::{Engine, EngineConfig, KvRole, Latency};
 use events::{Encoding, KvEventsConfig};
@@ -159,6 +159,9 @@ pub struct SimArgs {
 /// Default KV blocks: ~465k tokens of KV for an 8B model on an 80 GB GPU.
 pub const DEFAULT_GPU_BLOCKS: usize = 29_067;
 
+/// How long the simulator waits for its tasks to end once told to stop.
+const STOP: Duration = Duration::from_secs(5);
+
 /// A running simulator: its bound ports.
 #[derive(Debug)]
 pub struct Running {
@@ -189,8 +192,9 @@ fn parse_kv_role(json: Option<&str>) -> anyhow::Result<KvRole> {
     }
 }
 
-/// Starts the simulator's listeners and engines; returns once they are listening.
-pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::JoinHandle<()>>)> {
+/// Starts the simulator's listeners and engines; returns once they are listening, with the
+/// owner of its tasks (they run until it shuts down).
+pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Tasks)> {
     check(&args)?;
     let faults = faults(&args)?;
     let kv_events: Option<KvEventsConfig> = match &args.kv_events_config {
@@ -252,19 +256,20 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
     });
     let side_host =
         if args.host == "0.0.0.0" || args.host == "::" { "127.0.0.1".to_owned() } else { args.host.clone() };
-    let mut tasks = Vec::new();
-    let engine = |rank: u32, metrics: &SimMetrics, tasks: &mut Vec<tokio::task::JoinHandle<()>>| {
+    let tasks = Tasks::new();
+    let engine = |rank: u32, metrics: &SimMetrics| {
         let events_tx = kv_events.as_ref().map(|cfg| {
             let (tx, rx) = mpsc::unbounded_channel();
             let cfg = cfg.clone();
             let enc = args.kv_events_encoding;
             let shared = shared.clone();
             let host = args.host.clone();
-            tasks.push(tokio::spawn(async move {
+            let publisher = async move {
                 if let Err(e) = events::publish(cfg, rank, enc, rx, shared, host).await {
                     tracing::error!(rank, error = %format!("{e:#}"), "KV event publisher stopped");
                 }
-            }));
+            };
+            tasks.spawn("kv-event publisher", publisher).detach();
             tx
         });
         let cfg = EngineConfig {
@@ -282,7 +287,7 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
             model_name: served[0].clone(),
             vocab,
         };
-        Engine::spawn(cfg, metrics.clone(), events_tx)
+        Engine::spawn(cfg, metrics.clone(), events_tx, &tasks)
     };
     // A port's metrics, pinned for the ranks behind it when `--fake-metrics` says so.
     let port_metrics = |engines: &[u32]| match &fake {
@@ -293,18 +298,18 @@ pub async fn start(args: SimArgs) -> anyhow::Result<(Running, Vec<tokio::task::J
     if multi_port {
         for (listener, &rank) in listeners.into_iter().zip(&ranks) {
             let metrics = port_metrics(&[rank]);
-            let h = engine(rank, &metrics, &mut tasks);
+            let h = engine(rank, &metrics);
             let port = listener.local_addr()?.port();
             ports.push((listener, Arc::new(PortState::new(shared.clone(), vec![h], metrics, port))));
         }
     } else {
         let metrics = port_metrics(&ranks);
-        let engines = ranks.iter().map(|&r| engine(r, &metrics, &mut tasks)).collect();
+        let engines = ranks.iter().map(|&r| engine(r, &metrics)).collect();
         let listener = listeners.into_iter().next().context("a listener")?;
         let port = listener.local_addr()?.port();
         ports.push((listener, Arc::new(PortState::new(shared.clone(), engines, metrics, port))));
     }
-    serve_ports(ports, args.timeout_keep_alive, &mut tasks);
+    serve_ports(ports, args.timeout_keep_alive, &tasks);
     Ok((Running { addrs }, tasks))
 }
 
@@ -369,12 +374,8 @@ fn info(args: &SimArgs, served: &[String], num_gpu_blocks: usize) -> serde_json:
     })
 }
 
-/// Serves each port's HTTP API, one owned task per listener.
-fn serve_ports(
-    ports: Vec<(TcpListener, Arc<PortState>)>,
-    keep_alive: f64,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) {
+/// Serves each port's HTTP API, one task of `tasks` per listener.
+fn serve_ports(ports: Vec<(TcpListener, Arc<PortState>)>, keep_alive: f64, tasks: &Tasks) {
     // An idle connection is closed after the keep-alive timeout, as vLLM closes it; accepted
     // connections get TCP_NODELAY (tokens go out as small writes, which Nagle's algorithm and
     // delayed ACKs would hold back by up to 40 ms each).
@@ -385,22 +386,24 @@ fn serve_ports(
     };
     for (listener, state) in ports {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let serving = AbortOnDrop(serve_http(listener, server::app(state), "simulator", stop_rx, limits));
-        tasks.push(tokio::spawn(async move {
-            // Never told to stop: the simulator serves until this task is aborted.
+        let serving = serve_http(tasks, listener, server::app(state), "simulator", stop_rx, limits);
+        let port = async move {
+            // Never told to stop: the simulator serves until its owner stops this task (which
+            // drops the listener's).
             let _stop = stop;
-            let mut serving = serving;
-            let _ = (&mut serving.0).await;
-        }));
+            serving.await;
+        };
+        tasks.spawn("simulator port", port).detach();
     }
 }
 
 /// Runs the simulator until Ctrl-C.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    let (running, _tasks) = start(args).await?;
+    let (running, tasks) = start(args).await?;
     for a in &running.addrs {
         println!("kvgate sim listening on http://{a}");
     }
     tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tasks.shutdown(STOP).await;
     Ok(())
 }

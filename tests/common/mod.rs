@@ -13,7 +13,7 @@ use kvgate::tools::sim::{self, SimArgs};
 /// A simulator running in this test's runtime; stops when the runtime ends.
 pub struct Sim {
     pub addrs: Vec<SocketAddr>,
-    _tasks: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: kvgate::gateway::tasks::Tasks,
 }
 
 impl Sim {

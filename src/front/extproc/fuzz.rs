@@ -19,7 +19,9 @@ pub(super) fn endpointless_gateway() -> Arc<Gateway> {
     use crate::routing::schedule::Scheduler;
     let telemetry = Arc::new(Telemetry::new());
     let planner = Planner::new(vec!["m".into()], Scheduler::default_config(), 2000);
-    let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone());
+    // The pool's publisher ends with the pool; nothing here shuts its owner down.
+    let owner = crate::gateway::tasks::Tasks::new();
+    let pool = Pool::new("p".into(), planner, Admission::default(), PoolSettings::default(), telemetry.clone(), &owner);
     Arc::new(Gateway::new(vec![pool], 1 << 16, 1 << 20, telemetry))
 }
 

@@ -136,6 +136,7 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     use super::*;
+    use crate::gateway::tasks::Tasks;
 
     type Chunk = Result<Frame<Bytes>, std::io::Error>;
     type Fed = Paced<StreamBody<tokio_stream::wrappers::ReceiverStream<Chunk>>>;
@@ -167,7 +168,7 @@ mod tests {
     async fn a_trickle_is_cut_once_under_the_rate_after_the_grace() {
         let (tx, mut b) = body(Pace { stall: Duration::from_secs(30), min_rate: 100 });
         // 50 bytes a second: under 100/s, cut at the end of the grace period.
-        let feeder = tokio::spawn(async move {
+        let feeder = Tasks::new().spawn("feeder", async move {
             for _ in 0..20 {
                 if tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 50])))).await.is_err() {
                     return;
@@ -186,13 +187,13 @@ mod tests {
         assert!(matches!(slow(e), SlowBody::TooSlow { .. }));
         assert_eq!(t.elapsed(), GRACE);
         assert_eq!(got, 250);
-        feeder.abort();
+        drop(feeder);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_body_at_the_rate_is_read_whole() {
         let (tx, b) = body(Pace { stall: Duration::from_secs(30), min_rate: 100 });
-        tokio::spawn(async move {
+        let _feeder = Tasks::new().spawn("feeder", async move {
             for _ in 0..10 {
                 let _ = tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 150])))).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;

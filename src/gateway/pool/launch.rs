@@ -1,12 +1,14 @@
 //! Pools from a resolved config: each pool's planner (with the precise index when it follows
 //! KV events) and its discovery task (static, file, DNS, or an InferencePool through one API
-//! client shared by every such pool). The caller owns the tasks; dropping them stops discovery.
+//! client shared by every such pool). Their tasks are spawned through the caller's owner; the
+//! caller also holds the discovery tasks' handles, and dropping them stops discovery.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{AbortOnDrop, Pool, PoolSettings, discovery, kubernetes};
+use super::{Pool, PoolSettings, discovery, kubernetes};
 use crate::gateway::config::ResolvedPool;
+use crate::gateway::tasks::{Task, Tasks};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::plan::{Planner, PrecisePrefix};
 use crate::routing::prefix::precise::PreciseIndex;
@@ -17,17 +19,18 @@ pub struct Launched {
     /// In config order.
     pub pools: Vec<Pool>,
     /// Their discovery tasks.
-    pub tasks: Vec<AbortOnDrop>,
+    pub tasks: Vec<Task>,
 }
 
 /// Builds and starts every pool of `resolved`; `kubeconfig` is read only when a pool follows an
 /// InferencePool (see [`kubernetes::client`] for the default). Each pool's config warnings are
-/// logged here.
+/// logged here. Every task of the pools is spawned through `owner`.
 pub async fn launch(
     resolved: Vec<ResolvedPool>,
     settings: &PoolSettings,
     telemetry: &Arc<Telemetry>,
     kubeconfig: Option<&Path>,
+    owner: &Tasks,
 ) -> anyhow::Result<Launched> {
     let kube = if resolved.iter().any(|p| p.inference_pool.is_some()) {
         Some(kubernetes::client(kubeconfig).await?)
@@ -49,7 +52,7 @@ pub async fn launch(
             planner =
                 planner.with_precise(PrecisePrefix::new(p.tokenizer, index, p.kv_events.stale_after_ms, p.block_size));
         }
-        let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone());
+        let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone(), owner);
         if let Some(spec) = kv_events {
             pool.follow_kv_events(spec);
         }
@@ -57,11 +60,11 @@ pub async fn launch(
             (Some(r), Some((client, namespace))) => {
                 let target = kubernetes::Target::new(r, namespace);
                 tracing::info!(pool = pool.name(), inference_pool = %target.describe(), "endpoints from Kubernetes");
-                tokio::spawn(kubernetes::run(pool.clone(), client.clone(), target))
+                owner.spawn("kubernetes discovery", kubernetes::run(pool.clone(), client.clone(), target))
             }
-            _ => tokio::spawn(discovery::run(pool.clone(), kind, rp.endpoints, rp.endpoints_file)),
+            _ => owner.spawn("discovery", discovery::run(pool.clone(), kind, rp.endpoints, rp.endpoints_file)),
         };
-        out.tasks.push(AbortOnDrop(task));
+        out.tasks.push(task);
         out.pools.push(pool);
     }
     Ok(out)

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
 
+use super::WeakPool;
 use super::scrape_parse::{self, ScrapeError};
-use super::{AbortOnDrop, WeakPool};
+use crate::gateway::tasks::{Task, Tasks};
 
 /// The `name[]` filter of the families routing reads.
 /// (`name[]=vllm:…`, percent-encoded.)
@@ -51,21 +52,21 @@ fn transport(message: String) -> ScrapeError {
 /// needs no connection pool (and none of its lookups and locks, twenty times a second).
 struct Conn {
     sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
-    _driver: AbortOnDrop,
+    _driver: Task,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> Result<Self, ScrapeError> {
+    async fn open(addr: SocketAddr, owner: &Tasks) -> Result<Self, ScrapeError> {
         let stream =
             tokio::net::TcpStream::connect(addr).await.map_err(|e| transport(format!("connect failed: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| transport(format!("handshake failed: {e}")))?;
-        let driver = tokio::spawn(async move {
+        let driver = owner.spawn("scrape connection", async move {
             let _ = conn.await;
         });
-        Ok(Self { sender, _driver: AbortOnDrop(driver) })
+        Ok(Self { sender, _driver: driver })
     }
 
     /// GETs `path`; the body as text if it is a 200 within `max_bytes`.
@@ -89,9 +90,11 @@ impl Conn {
     }
 }
 
-/// A GET on the scraper's connection (opened or reopened as needed), bounded by `timeout`.
+/// A GET on the scraper's connection (opened or reopened as needed, its driver spawned through
+/// `owner`), bounded by `timeout`.
 async fn get(
     conn: &mut Option<Conn>,
+    owner: &Tasks,
     addr: SocketAddr,
     path: &str,
     timeout: Duration,
@@ -99,7 +102,7 @@ async fn get(
 ) -> Result<String, ScrapeError> {
     let work = async {
         if conn.is_none() {
-            *conn = Some(Conn::open(addr).await?);
+            *conn = Some(Conn::open(addr, owner).await?);
         }
         match conn.as_mut() {
             Some(c) => c.get(addr, path, max_bytes).await,
@@ -138,8 +141,9 @@ pub(super) fn explained(engine: &scrape_parse::EngineScrape, own: u64) -> bool {
     (scraped - own).abs() <= (own / 4.0).max(2.0)
 }
 
-/// Scrapes one endpoint until its pool drops it.
-pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
+/// Scrapes one endpoint until its pool drops it; its connection's driver is spawned through
+/// `owner`.
+pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr, owner: Tasks) {
     // Ask only for the families routing reads: prometheus_client (vLLM's exporter) honours
     // `name[]`, which cuts a busy server's exposition from tens of kilobytes to one; a server
     // that ignores it still answers with everything.
@@ -153,13 +157,13 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
         let Some(inner) = pool.upgrade() else { return };
         let s = inner.settings.clone();
         drop(inner);
-        let result = get(&mut conn, addr, &metrics_path, s.scrape_timeout, s.max_scrape_bytes)
+        let result = get(&mut conn, &owner, addr, &metrics_path, s.scrape_timeout, s.max_scrape_bytes)
             .await
             .and_then(|text| scrape_parse::parse(&text));
         // A model list that cannot be read is asked for again soon: a pool that learns its
         // models from its endpoints has no other way to know them.
         let served = if result.is_ok() && Instant::now() >= next_models {
-            let served = get(&mut conn, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes)
+            let served = get(&mut conn, &owner, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes)
                 .await
                 .ok()
                 .and_then(|b| served_of(&b));
@@ -184,9 +188,9 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr) {
 /// One endpoint's `vllm:cache_config_info` `(block_size, num_gpu_blocks)`, asked once (for
 /// `kvgate check-config`).
 pub async fn cache_config(addr: SocketAddr, rank: Option<u32>) -> Result<(Option<u64>, Option<u64>), String> {
-    let mut conn = None;
+    let (mut conn, owner) = (None, Tasks::new());
     let path = format!("/metrics?{SCRAPED_FAMILIES}");
-    let text = get(&mut conn, addr, &path, Duration::from_secs(2), 8 << 20).await.map_err(|e| e.to_string())?;
+    let text = get(&mut conn, &owner, addr, &path, Duration::from_secs(2), 8 << 20).await.map_err(|e| e.to_string())?;
     let scrape = scrape_parse::parse(&text).map_err(|e| e.to_string())?;
     let engine = scrape.engine(rank).cloned().unwrap_or_default();
     Ok((engine.block_size, engine.num_gpu_blocks))

@@ -63,6 +63,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     shutdown_signal().await;
     server.shutdown(std::time::Duration::from_secs(5)).await;
-    drop(sims);
+    for sim in sims {
+        sim.shutdown(super::TASKS_STOP).await;
+    }
     Ok(())
 }

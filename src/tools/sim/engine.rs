@@ -79,14 +79,16 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    /// Starts an engine task; returns its handle.
+    /// Starts an engine task of `tasks`; returns its handle (the task ends when every handle
+    /// is dropped, or when `tasks` shuts down).
     pub(crate) fn spawn(
         cfg: EngineConfig,
         metrics: SimMetrics,
         kv_events: Option<mpsc::UnboundedSender<Vec<KvEvent>>>,
+        tasks: &crate::gateway::tasks::Tasks,
     ) -> EngineHandle {
         let (engine, handle, rx) = Self::new(cfg, metrics, kv_events);
-        tokio::spawn(engine.run(rx));
+        tasks.spawn("engine", engine.run(rx)).detach();
         handle
     }
 
