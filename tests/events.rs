@@ -38,6 +38,36 @@ fn counts(text: &str, endpoint: &str) -> Counts {
     }
 }
 
+/// A caller that reports the endpoint that served after the response's start: the request moves
+/// there as one past its prefill, and a failure part-way keeps the status the client got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_served_by_moves_a_started_request_whole() {
+    let (sims, kv) = start_fleet(2, MODEL, "").await;
+    let body = json!({"model": MODEL, "prompt": "x".repeat(4000), "max_tokens": 4}).to_string();
+    let req = RouteRequest {
+        place: Place::Prompt(ApiKind::Completions),
+        input: Input::Body(body.as_bytes()),
+        subset: SubsetHint::Any,
+        places: 1,
+    };
+    let mut r = kv.gateway.route(req).expect("routed");
+    let first = r.target().address;
+    let other = sims.iter().map(|s| s.addrs[0]).find(|a| *a != first).expect("a second endpoint");
+    r.on(Event::Started { status: 200, event_stream: true, streamed: true });
+    r.on(Event::Body(b"data: {}\n\n"));
+    r.on(Event::ServedBy(Served::At(other)));
+    let text = kv.gateway.metrics_text();
+    let at = |name: &str, a: std::net::SocketAddr| metric(&text, name, &[("pool", "p"), ("endpoint", &a.to_string())]);
+    assert_eq!(at("kvgate_endpoint_in_flight_requests", other), Some(1.0));
+    assert_eq!(at("kvgate_endpoint_in_flight_tokens", other), Some(0.0), "its prompt is computed already");
+    assert_eq!(at("kvgate_endpoint_in_flight_requests", first), Some(0.0));
+    let ok = |t: &str| metric(t, "kvgate_requests_total", &[("pool", "p"), ("status", "200")]).unwrap_or(0.0);
+    let before = ok(&text);
+    r.on(Event::Failed(Failure::Unreachable));
+    drop(r);
+    assert_eq!(ok(&kv.gateway.metrics_text()), before + 1.0, "counted with the status its client got");
+}
+
 /// Every ordering of `0..n`.
 fn permutations(n: usize) -> Vec<Vec<usize>> {
     if n == 0 {

@@ -72,7 +72,7 @@ pub struct Config {
     /// A second listener serving only gRPC health (the reference picker's charts probe `:9003`).
     #[serde(default)]
     pub health_addr: Option<SocketAddr>,
-    /// Which request paths are routed, and how (both front-ends).
+    /// Which request paths are routed, and how (every front-end).
     #[serde(default)]
     pub paths: PathsConfig,
     /// The pools, each a set of endpoints serving some models.

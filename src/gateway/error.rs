@@ -7,7 +7,7 @@ use crate::routing::request::RequestError;
 use crate::routing::schedule::NoDecision;
 
 /// Why a request was not routed. [`RouteError::status`] is the one place these become HTTP
-/// statuses, for both front-ends.
+/// statuses, for every front-end.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     /// The body is not a routable OpenAI request.

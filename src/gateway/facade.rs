@@ -270,16 +270,11 @@ impl Gateway {
     /// answered. The routed request holds the body to send when it is not the client's own
     /// ([`Routed::take_body`]).
     pub fn route(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
-        let (size, body) = match req.input {
-            Input::Body(b) => (b.len(), Some(b)),
-            Input::Prompt(_) => (0, None),
-        };
         let mut routed = self.decide(&req).map_err(|(e, model)| {
             self.count_refusal(&e, model.as_deref());
             Answer::from(&e)
         })?;
-        routed.request_bytes(size);
-        if let Some(b) = body {
+        if let Input::Body(b) = req.input {
             routed.sanitize(b);
         }
         Ok(routed)
@@ -304,6 +299,10 @@ impl Gateway {
                     Input::Prompt(p) => Some(p.model.to_owned()).filter(|m| !m.is_empty()),
                 }
                 .ok_or_else(|| fail(RouteError::BadRequest(RequestError::MissingModel)))?;
+                if model_only.is_empty() {
+                    let detail = "must not be empty".to_owned();
+                    return Err(fail(RequestError::InvalidField { field: "model".into(), detail }.into()));
+                }
                 ParsedRequest::model_only(&model_only)
             }
             (Place::AnyEndpoint, _) => {
@@ -315,7 +314,13 @@ impl Gateway {
             Place::Prompt(api) if matches!(req.input, Input::Body(_)) => api,
             _ => ApiKind::Completions,
         };
-        self.plan(api, &parsed, subset, req.places).map_err(|e| (e, Some(parsed.model.to_string())))
+        let routed = self.plan(api, &parsed, subset, req.places).map_err(|e| (e, Some(parsed.model.to_string())))?;
+        // The request's size: its body's, or its prompt's when given as fields.
+        routed.request_bytes(match req.input {
+            Input::Body(b) => b.len(),
+            Input::Prompt(_) => parsed.body_len(),
+        });
+        Ok(routed)
     }
 
     /// A model of the first pool with an endpoint in rotation (else of the first with any

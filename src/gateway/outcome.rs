@@ -42,6 +42,8 @@ pub struct Routed {
     attempt_reported: bool,
     /// The current attempt failed (the request is over that way unless it is resent).
     failure: Option<Failure>,
+    /// A failure after the response started was reported to the endpoint's health.
+    broke_midway: bool,
     /// The response's status, once it started.
     started: Option<u16>,
     /// The response is a stream whose first byte is its first token (SSE, relayed as it comes).
@@ -120,6 +122,7 @@ impl Routed {
             prefill_over: false,
             attempt_reported: false,
             failure: None,
+            broke_midway: false,
             started: None,
             streaming: false,
             succeeded: false,
@@ -294,11 +297,20 @@ impl Routed {
                 None => return self.pool.served_elsewhere(addr),
             },
         };
-        let sent = self.timing.sent;
+        let (sent, ttft_ms, computed) = (self.timing.sent, self.timing.ttft_ms, !self.guard.in_prefill());
         self.retarget(k);
         // The gateway sent it as soon as it had the decision; a retry of its own makes the
         // sample long, never short (the TTFT model's fit is robust to such outliers).
         self.timing.sent = sent;
+        if let Some(status) = self.started {
+            // Reported after the response's start: the start was this endpoint's, and so is
+            // its first byte, if it came.
+            self.timing.ttft_ms = ttft_ms;
+            if computed {
+                self.guard.prefill_done();
+            }
+            self.report_attempt(Some(Outcome::Answered(status)));
+        }
     }
 
     /// Appends the snapshot's endpoint `index` to the decision's targets; returns its place.
@@ -323,6 +335,13 @@ impl Routed {
     /// The current attempt failed: the endpoint's health learns it (once per attempt).
     fn failed(&mut self, f: Failure) {
         if self.started.is_some() {
+            // It broke part-way (a caller reports the endpoint died mid-stream): its health
+            // learns that too, once; the client got the response's status.
+            if let Some(o) = f.learned()
+                && !std::mem::replace(&mut self.broke_midway, true)
+            {
+                self.pool.report(self.target().id, o);
+            }
             return;
         }
         self.report_attempt(f.learned());

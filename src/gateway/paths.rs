@@ -1,4 +1,4 @@
-//! The path policy: which request paths the gateway routes, and how, in both front-ends. An API
+//! The path policy: which request paths the gateway routes, and how, in every front-end. An API
 //! path kvgate parses is placed by its prompt; a path listed as `model` is sent to an endpoint
 //! of its body's `model` by load alone; everything else — a model server's admin surface
 //! included — is refused, so it is not reachable through the gateway unless opened on purpose.
@@ -19,7 +19,7 @@ pub enum Place {
     AnyEndpoint,
 }
 
-/// What a request's method and path ask of the gateway — the same answer in both front-ends.
+/// What a request's method and path ask of the gateway — the same answer in every front-end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ask {
     /// Route it, placed so.
@@ -36,7 +36,7 @@ pub enum Ask {
     NotFound,
 }
 
-/// The answer to a path the policy refuses, the same from both front-ends: 404, or 405 naming
+/// The answer to a path the policy refuses, the same from every front-end: 404, or 405 naming
 /// the method the path takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathRefusal {

@@ -1,4 +1,4 @@
-//! Token usage read from a response body as it streams past, for both front-ends: a JSON body
+//! Token usage read from a response body as it streams past, for every front-end: a JSON body
 //! (kept, bounded, until it ends) or SSE `data:` lines (read in place; a line may span chunks).
 
 use serde_json::Value;
