@@ -530,7 +530,9 @@ async fn engines_connect_to_a_bound_socket() {
     .to_string();
     let yaml = pool_yaml(&[format!("127.0.0.1:{http}")], &format!("{{bind: 'tcp://127.0.0.1:{bind}', topic: 'kv@'}}"));
     let kv = start_kvgate(&yaml).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The engine connects once kvgate's socket is bound.
+    let bound = eventually(5, || async { tokio::net::TcpStream::connect(("127.0.0.1", bind)).await.is_ok() }).await;
+    assert!(bound, "kvgate binds tcp://127.0.0.1:{bind}");
     let sim = sim_on("127.0.0.1", &events, &["--port", &http.to_string()]).await;
     wait_following(&kv, &[sim.url(0)]).await;
     let body = completion(&words(60, 150));

@@ -208,7 +208,15 @@ async fn scrapes_speed_up_only_while_the_load_is_unexplained() {
     for s in &mut held {
         s.next().await.expect("a first chunk").expect("ok");
     }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // kvgate sees the load at its next scrape and speeds up: wait until it scrapes faster than
+    // its idle interval allows (two or more in 400 ms, besides our own).
+    let sped_up = eventually(5, || async {
+        let before = scrapes(&sim.url(0)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        scrapes(&sim.url(0)).await - before - 1.0 >= 2.0
+    })
+    .await;
+    assert!(sped_up, "scrapes speed up while the load is unexplained");
     let b = scrapes(&sim.url(0)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let busy = scrapes(&sim.url(0)).await - b - 1.0;
