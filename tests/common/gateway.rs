@@ -199,14 +199,14 @@ impl Fleet {
         get_json(&format!("{}/debug/endpoints", self.admin())).await
     }
 
-    /// Waits (10 s at most) until kvgate lists endpoints in its first pool, as many as it was
-    /// given at least (more with data-parallel ranks), all scraped.
+    /// Waits (10 s at most) until kvgate lists endpoints in its first pool, at least as many as
+    /// it was given (more with data-parallel ranks), all scraped.
     pub async fn wait_scraped(&self) {
         let ok = eventually(10, || async {
             let v = self.endpoints().await;
             v["pools"][0]["endpoints"]
                 .as_array()
-                .is_some_and(|e| e.len() >= self.entries.max(1) && e.iter().all(|e| e["stale"] == false))
+                .is_some_and(|e| e.len() >= self.entries && e.iter().all(|e| e["stale"] == false))
         })
         .await;
         assert!(ok, "endpoints scraped: {}", self.endpoints().await);
