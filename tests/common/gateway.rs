@@ -16,7 +16,7 @@ use super::{Sim, eventually, get_json, start_kvgate, start_sim};
 /// The simulator flags of [`Gateway::sims`]: answers without simulated delays.
 const INSTANT: &[&str] = &["--time-scale", "0"];
 
-/// kvgate (admin listener on a free port) with one pool `p` serving `model`; add endpoints
+/// kvgate (admin and gRPC listeners on free ports) with one pool `p` serving `model`; add endpoints
 /// with [`Gateway::sims`], [`Gateway::sim`] or [`Gateway::endpoint`].
 pub fn gateway(model: &str) -> Gateway {
     Gateway {
