@@ -13,12 +13,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
 use kvgate::front::picker::pb::{self, picker_client::PickerClient};
 use tonic::transport::Channel;
+
+/// Envoy's ext_proc messages, the same builders the integration tests use.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/common/extproc_msg.rs"]
+mod msg;
+
+/// The chat request builder of the integration tests.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/common/request.rs"]
+mod request;
 
 const MODEL: &str = "m";
 
@@ -83,11 +90,7 @@ fn cpu(pid: u32) -> Duration {
 }
 
 fn body() -> Vec<u8> {
-    let system = "You are a careful assistant. ".repeat(140);
-    serde_json::json!({"model": MODEL, "max_tokens": 1,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Summarize."}]})
-    .to_string()
-    .into_bytes()
+    request::chat(MODEL).system("You are a careful assistant. ".repeat(140)).user("Summarize.").max_tokens(1).bytes()
 }
 
 async fn pick_report(c: &mut PickerClient<Channel>, body: &[u8]) {
@@ -107,33 +110,8 @@ async fn pick_report(c: &mut PickerClient<Channel>, body: &[u8]) {
     c.report(report).await.expect("report");
 }
 
-fn headers(pairs: &[(&str, &str)], eos: bool, response: bool) -> ProcessingRequest {
-    let h = HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| HeaderValue { key: (*k).into(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
-                .collect(),
-        }),
-        end_of_stream: eos,
-        ..Default::default()
-    };
-    let r = if response { Req::ResponseHeaders(h) } else { Req::RequestHeaders(h) };
-    ProcessingRequest { request: Some(r), ..Default::default() }
-}
-
 async fn ext_proc(c: &mut ExternalProcessorClient<Channel>, body: &[u8]) {
-    let msgs = vec![
-        headers(&[(":method", "POST"), (":path", "/v1/chat/completions")], false, false),
-        ProcessingRequest {
-            request: Some(Req::RequestBody(HttpBody {
-                body: body.to_vec(),
-                end_of_stream: true,
-                ..Default::default()
-            })),
-            ..Default::default()
-        },
-    ];
+    let msgs = [msg::post_headers("/v1/chat/completions"), msg::request_body(body, true)];
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     for m in msgs {
         tx.send(m).await.expect("queued");
@@ -143,7 +121,7 @@ async fn ext_proc(c: &mut ExternalProcessorClient<Channel>, body: &[u8]) {
     for _ in 0..2 {
         answers.message().await.expect("answer").expect("a message");
     }
-    tx.send(headers(&[(":status", "200")], true, true)).await.expect("queued");
+    tx.send(msg::response_headers(&[(":status", "200")], true)).await.expect("queued");
     answers.message().await.expect("answer").expect("a message");
 }
 

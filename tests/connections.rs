@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, start_kvgate, start_sim, wait_scraped};
+use common::{client, gateway, start_sim};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -30,12 +30,8 @@ async fn closed_within(conn: &mut TcpStream, secs: u64) -> Option<Vec<u8>> {
 
 /// kvgate's proxy over one endpoint, with `connections` as its connection bounds.
 async fn start(endpoint: std::net::SocketAddr, connections: &str) -> kvgate::tools::serve::Server {
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nconnections: {connections}\n\
-         pools: [{{name: p, models: [{MODEL}], endpoints: [{{address: '{endpoint}'}}]}}]\n"
-    ))
-    .await;
-    wait_scraped(&kv, 1).await;
+    let connections = format!("connections: {connections}");
+    let common::Fleet { kv, .. } = gateway(MODEL).address(endpoint).proxy().config(&connections).start().await;
     kv
 }
 
@@ -79,14 +75,8 @@ async fn slow_idle_and_surplus_connections_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_held_at_once_are_bounded() {
-    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nmax_buffered_bytes: 1000000\n\
-         pools: [{{name: p, models: [{MODEL}], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sims(1).proxy().config("max_buffered_bytes: 1000000").start().await;
+    let kv = &fleet.kv;
     let proxy = kv.proxy_addr.expect("proxy");
     // A slow uploader: 800 kB of a 900 kB body, then a pause.
     let body = format!("{{\"model\":\"{MODEL}\",\"max_tokens\":1,\"prompt\":\"{}\"}}", "x".repeat(900_000));

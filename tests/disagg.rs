@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    SimProcess, client, eventually, free_port, get_json, metric, metrics, start_kvgate, start_sim, wait_scraped,
+    SimProcess, client, eventually, free_port, gateway, get_json, metric, metrics, start_kvgate, start_sim,
+    wait_scraped,
 };
 use serde_json::{Value, json};
 
@@ -24,24 +25,22 @@ const PD_SCHEDULER: &str = "{plugins: [{type: prefix-cache-scorer}, {type: activ
     {name: prefill, plugins: [{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: active-request-scorer}, {pluginRef: max-score-picker}]}, \
     {name: decode, plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: active-request-scorer}, {pluginRef: max-score-picker}]}]}";
 
+/// kvgate's proxy over `prefill` and `decode` endpoints (by role label) with [`PD_SCHEDULER`],
+/// and `extra` config.
 fn pd_config(prefill: &[String], decode: &[String], extra: &str) -> String {
-    let role = |addrs: &[String], role: &str| {
-        addrs.iter().map(|a| format!("{{address: '{a}', labels: {{llm-d.ai/role: {role}}}}}")).collect::<Vec<_>>()
-    };
-    let mut eps = role(prefill, "prefill");
-    eps.extend(role(decode, "decode"));
-    format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n{extra}\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [{}], scheduler: {PD_SCHEDULER}}}]\n",
-        eps.join(", ")
-    )
+    let mut config = gateway(MODEL).proxy().config(extra).pool(&format!("scheduler: {PD_SCHEDULER}"));
+    let roles = prefill.iter().map(|a| (a, "prefill")).chain(decode.iter().map(|a| (a, "decode")));
+    for (a, role) in roles {
+        config = config.endpoint(format!("{{address: '{a}', labels: {{llm-d.ai/role: {role}}}}}"));
+    }
+    config.yaml(&[])
 }
 
 /// A chat request with a system prompt of about `tokens` estimated tokens.
 fn chat(system_seed: &str, tokens: usize, question: &str) -> Value {
     let unit = format!("{system_seed} policy clause. ");
     let system = unit.repeat(tokens * 4 / unit.len() + 1);
-    json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-           "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}})
+    common::chat(MODEL).system(system).user(question).max_tokens(6).stream_with_usage().json()
 }
 
 struct Answer {
@@ -249,12 +248,8 @@ async fn the_sidecar_hands_off_to_the_named_prefill_endpoint() {
 
     // Through kvgate's proxy, with the sidecar as the decode endpoint: a client's prefiller
     // header does not reach the sidecar (it would hand off to the named endpoint).
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sc.addr
-    ))
-    .await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).address(sc.addr).proxy().start().await;
+    let kv = &fleet.kv;
     let via = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let d = send(&via, &chat("Iota", 800, "Q?"), &[(PREFILLER, &pa)]).await;
     assert_eq!(d.status, 200, "{}", d.text);
@@ -290,12 +285,10 @@ async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
         start_sim(&["--time-scale", "0", "--data-parallel-size", "2", "--data-parallel-multi-port-external-lb"]).await;
     let ports: Vec<u16> = sim.addrs.iter().map(|a| a.port()).collect();
     assert_eq!(ports.len(), 2);
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{name: moe, address: 127.0.0.1, ports: [{}, {}]}}]}}]\n",
-        ports[0], ports[1]
-    ))
-    .await;
-    wait_scraped(&kv, 2).await;
+    let moe = format!("{{name: moe, address: 127.0.0.1, ports: [{}, {}]}}", ports[0], ports[1]);
+    let fleet = gateway(MODEL).endpoint(moe).proxy().start_without_waiting().await;
+    let kv = &fleet.kv;
+    wait_scraped(kv, 2).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let a = send(&url, &chat("Iota", 600, "Q1?"), &[]).await;
     let home = a.served.clone().expect("served");
@@ -313,12 +306,10 @@ async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
     let sim = start_sim(&["--time-scale", "0", "--data-parallel-size", "2"]).await;
     assert_eq!(sim.addrs.len(), 1);
     let base = sim.url(0);
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}', data_parallel_size: 2}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    wait_scraped(&kv, 2).await;
+    let ranks = format!("{{address: '{}', data_parallel_size: 2}}", sim.addrs[0]);
+    let fleet = gateway(MODEL).endpoint(ranks).proxy().start_without_waiting().await;
+    let kv = &fleet.kv;
+    wait_scraped(kv, 2).await;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let moved = |before: &[f64], after: &[f64]| -> usize {
         let changed: Vec<usize> = (0..before.len()).filter(|&r| after[r] > before[r]).collect();
@@ -354,12 +345,13 @@ async fn dp_ranks_on_one_ip_are_scored_and_pinned_independently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_the_server_does_not_report_is_taken_out() {
-    let sim = start_sim(&["--time-scale", "0", "--data-parallel-size", "2"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}', data_parallel_size: 3}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL)
+        .sim(&["--time-scale", "0", "--data-parallel-size", "2"])
+        .sim_keys("data_parallel_size: 3")
+        .proxy()
+        .start_without_waiting()
+        .await;
+    let kv = &fleet.kv;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     let ok = eventually(10, || async {
         let v = get_json(&debug).await;

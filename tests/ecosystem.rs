@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{SimProcess, client, eventually, metric, post, start_kvgate, start_sim, wait_scraped};
+use common::{SimProcess, client, eventually, gateway, metric, post, start_kvgate, start_sim};
 use serde_json::json;
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -51,13 +51,8 @@ async fn the_openai_sdk_sees_a_vllm_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_pools_and_version_comes_from_an_endpoint() {
     let sim = SimProcess::start(&["--port", "0", "--time-scale", "0"]);
-    let yaml = format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nhealth: {{failure_threshold: 1}}\n\
-         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addr
-    );
-    let kv = start_kvgate(&yaml).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).address(sim.addr).proxy().config("health: {failure_threshold: 1}").start().await;
+    let kv = &fleet.kv;
     let root = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let r = client().get(format!("{root}/health")).send().await.expect("health");
     assert_eq!(r.status(), 200);
@@ -125,15 +120,9 @@ pub const GIE_FAMILIES: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_have_every_inference_extension_family_and_pass_promtool() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
     // `ghost` is routed to the pool but the simulator does not serve it: an upstream 404.
-    let yaml = format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n\
-         pools: [{{name: p, models: ['{MODEL}', ghost], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    );
-    let kv = start_kvgate(&yaml).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).also_serving("ghost").sims(1).proxy().start().await;
+    let kv = &fleet.kv;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let chat = |model: &str, stream: bool| {
         json!({"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 7,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::envoy::Envoy;
-use common::{client, eventually, get_json, post, start_kvgate, start_sim};
+use common::{chat, client, eventually, gateway, get_json, post};
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -23,7 +23,7 @@ impl Setup {
 }
 
 async fn setup(n: usize, extra: &str) -> Setup {
-    let (sims, kv) = common::start_fleet(n, MODEL, extra).await;
+    let common::Fleet { sims, kv, .. } = gateway(MODEL).sims(n).config(extra).start().await;
     let grpc = kv.grpc_addr.port();
     let envoy =
         tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
@@ -61,7 +61,7 @@ async fn prefix_affinity_and_spread_through_envoy() {
     }
     let mut seen = std::collections::HashSet::new();
     for k in 0..6 {
-        let body = json!({"model": MODEL, "messages": [{"role": "system", "content": format!("{k} another persona ").repeat(40)}, {"role": "user", "content": "hi"}], "max_tokens": 2});
+        let body = chat(MODEL).system(format!("{k} another persona ").repeat(40)).user("hi").max_tokens(2).json();
         let r = client().post(&url).body(body.to_string()).send().await.expect("send");
         assert_eq!(r.status(), 200);
         seen.insert(served_by(&r));
@@ -146,7 +146,8 @@ async fn streams_bodies_and_errors_through_envoy() {
     // Every endpoint down: 503 with a reason.
     drop(s);
     let dead = common::free_port();
-    let kv = start_kvgate(&format!("admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '127.0.0.1:{dead}'}}]}}]\n")).await;
+    let fleet = gateway(MODEL).address(format!("127.0.0.1:{dead}")).start_without_waiting().await;
+    let kv = &fleet.kv;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     assert!(
         eventually(10, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["health"] == "unhealthy" }).await
@@ -190,17 +191,18 @@ fn with_members(text: String, addrs: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn override_host_falls_back_to_the_next_entry() {
-    let live = start_sim(&["--time-scale", "0"]).await;
     let dead = format!("127.0.0.1:{}", common::free_port());
-    let members = vec![dead.clone(), live.addrs[0].to_string()];
     // Two endpoints per pick; scrape rarely and rotate the first choice, so the dead endpoint
     // still looks healthy to kvgate and heads every other list.
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nscrape: {{interval_ms: 600000}}\nextproc: {{max_endpoints: 2}}\n\
-         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{dead}'}}, {{address: '{}'}}], scheduler: {{plugins: [{{type: round-robin-picker}}]}}}}]\n",
-        live.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL)
+        .address(&dead)
+        .sims(1)
+        .config("scrape: {interval_ms: 600000}\nextproc: {max_endpoints: 2}")
+        .pool("scheduler: {plugins: [{type: round-robin-picker}]}")
+        .start_without_waiting()
+        .await;
+    let (kv, live) = (&fleet.kv, &fleet.sims[0]);
+    let members = vec![dead.clone(), live.addrs[0].to_string()];
     let grpc = kv.grpc_addr.port();
     let m = members.clone();
     let envoy =
@@ -261,7 +263,7 @@ async fn conformance_following_epp_routing_with_ranks_on_one_ip() {
 /// not for full-duplex ones: a POST whose body was being streamed to the picker gets a 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_epp_unavailable_fail_open() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
+    let sim = common::start_sim(&["--time-scale", "0"]).await;
     let members = vec![sim.addrs[0].to_string()];
     let nobody = common::free_port();
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 1}).to_string();
@@ -295,14 +297,8 @@ async fn conformance_epp_unavailable_fail_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_picker_finishes_the_streams_it_holds() {
-    let sim = start_sim(&["--time-scale", "1"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    assert!(eventually(10, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["stale"] == false }).await);
+    let fleet = gateway(MODEL).sim(&["--time-scale", "1"]).start().await;
+    let kv = fleet.kv;
     let grpc = kv.grpc_addr.port();
     let envoy =
         tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
@@ -329,12 +325,8 @@ async fn a_stopping_picker_finishes_the_streams_it_holds() {
 /// on its full-duplex default follows an Envoy configured for buffered bodies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_announces_buffered_mode_and_kvgate_follows() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(1).start_without_waiting().await;
+    let (kv, sim) = (&fleet.kv, &fleet.sims[0]);
     let grpc = kv.grpc_addr.port();
     let envoy = tokio::task::spawn_blocking(move || {
         Envoy::start("original-dst.yaml", grpc, |t| {
@@ -367,8 +359,8 @@ async fn envoy_announces_buffered_mode_and_kvgate_follows() {
 async fn prefill_decode_through_envoy_and_the_sidecar() {
     let role = |r: &str| format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{r}"}}"#);
     let (producer, consumer) = (role("kv_producer"), role("kv_consumer"));
-    let p = start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
-    let d = start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
+    let p = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
+    let d = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
     let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
     // The sidecar reports each hand-off to kvgate's picker API.
     let grpc_addr = format!("127.0.0.1:{}", common::free_port());
@@ -390,7 +382,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     )
     .expect("flags");
     let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar");
-    let kv = start_kvgate(&format!(
+    let kv = common::start_kvgate(&format!(
         "grpc_addr: {grpc_addr}\nadmin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
          {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
          scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
@@ -424,11 +416,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
         }
     };
     let system = "Clause of the service agreement. ".repeat(200);
-    let ask = |q: &str| {
-        json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
-               "max_tokens": 5, "stream": true})
-        .to_string()
-    };
+    let ask = |q: &str| chat(MODEL).system(system.clone()).user(q).max_tokens(5).stream().json().to_string();
     let r = client().post(&url).body(ask("First?")).send().await.expect("send");
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(&r), d.addrs[0].port(), "the decode simulator answered");
@@ -469,8 +457,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     let r = client().post(format!("http://{pa}/admin/faults")).body(faults).send().await.expect("faults");
     assert_eq!(r.status(), 200);
     let system = "Entirely different terms of service. ".repeat(200);
-    let body = json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Q?"}],
-                      "max_tokens": 5, "stream": true});
+    let body = chat(MODEL).system(system).user("Q?").max_tokens(5).stream().json();
     let r = client().post(&url).body(body.to_string()).send().await.expect("send");
     assert_eq!(r.status(), 200);
     assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
@@ -509,8 +496,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     let (on_prefill, on_decode) = held(body).await;
     assert_eq!(on_prefill, 0, "the failed prefill endpoint is not taken to hold the prompt");
     assert!(on_decode > 0, "the decode endpoint computed it");
-    let first = json!({"model": MODEL, "messages": [{"role": "system", "content": "Clause of the service agreement. ".repeat(200)},
-                                                   {"role": "user", "content": "First?"}]});
+    let first = chat(MODEL).system("Clause of the service agreement. ".repeat(200)).user("First?").json();
     assert!(held(first).await.0 > 0, "the prefill endpoint holds what it computed");
     let v = get_json(&format!("{admin}/debug/endpoints")).await;
     let in_flight: u64 = v["pools"][0]["endpoints"]
@@ -527,20 +513,11 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
 /// Data-parallel ranks behind one port, through Envoy: the picker pins its rank with a header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_rank_pinned_by_header_through_envoy() {
-    let sim = start_sim(&["--time-scale", "0", "--data-parallel-size", "2"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}', data_parallel_size: 2}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    let ok = eventually(10, || async {
-        get_json(&debug).await["pools"][0]["endpoints"]
-            .as_array()
-            .is_some_and(|e| e.len() == 2 && e.iter().all(|e| e["stale"] == false))
-    })
-    .await;
-    assert!(ok, "ranks scraped");
+    let fleet =
+        gateway(MODEL).sim(&["--time-scale", "0", "--data-parallel-size", "2"]).sim_keys("data_parallel_size: 2");
+    let fleet = fleet.start_without_waiting().await;
+    let (kv, sim) = (&fleet.kv, &fleet.sims[0]);
+    common::wait_scraped(kv, 2).await;
     let grpc = kv.grpc_addr.port();
     let envoy =
         tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", grpc, |t| t)).await.expect("envoy");
@@ -550,8 +527,7 @@ async fn dp_rank_pinned_by_header_through_envoy() {
     let mut ranks = Vec::new();
     for (system, q) in [("Nu", "a"), ("Nu", "b"), ("Nu", "c"), ("Xi", "a"), ("Xi", "b")] {
         let before = queries().await;
-        let body = json!({"model": MODEL, "messages": [{"role": "system", "content": format!("{system} rules. ").repeat(300)},
-                          {"role": "user", "content": q}], "max_tokens": 2});
+        let body = chat(MODEL).system(format!("{system} rules. ").repeat(300)).user(q).max_tokens(2).json();
         let r = client().post(&url).body(body.to_string()).send().await.expect("send");
         assert_eq!(r.status(), 200);
         let after = queries().await;

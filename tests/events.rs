@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{metric, start_fleet};
+use common::{gateway, metric};
 use kvgate::gateway::events::{Event, Failure, Served};
 use kvgate::gateway::facade::{Input, RouteRequest, SubsetHint};
 use kvgate::gateway::paths::Place;
@@ -42,7 +42,8 @@ fn counts(text: &str, endpoint: &str) -> Counts {
 /// there as one past its prefill, and a failure part-way keeps the status the client got.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_served_by_moves_a_started_request_whole() {
-    let (sims, kv) = start_fleet(2, MODEL, "").await;
+    let fleet = gateway(MODEL).sims(2).start().await;
+    let (sims, kv) = (&fleet.sims, &fleet.kv);
     let body = json!({"model": MODEL, "prompt": "x".repeat(4000), "max_tokens": 4}).to_string();
     let req = RouteRequest {
         place: Place::Prompt(ApiKind::Completions),
@@ -86,7 +87,8 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_order_of_the_same_events_is_accounted_once() {
-    let (sims, kv) = start_fleet(1, MODEL, "").await;
+    let fleet = gateway(MODEL).sims(1).start().await;
+    let (sims, kv) = (&fleet.sims, &fleet.kv);
     let endpoint = sims[0].addrs[0];
     let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4}).to_string();
     let route = || {

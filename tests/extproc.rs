@@ -7,51 +7,23 @@ mod reference;
 
 use std::time::Duration;
 
-use common::{eventually, get_json, metric, start_kvgate, start_sim};
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use common::extproc_msg::{
+    lb_metadata, post_headers, request_body, request_body_chunks, request_headers, response_body, response_headers,
+    sse_response_headers, subset_hint, with_metadata,
+};
+use common::{chat, eventually, gateway, get_json, metric};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration, body_mutation::Mutation,
+    ProcessingRequest, ProcessingResponse, ProtocolConfiguration, body_mutation::Mutation,
 };
-use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use envoy_types::pb::google::protobuf::value::Kind;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-fn headers(pairs: &[(&str, &str)], eos: bool) -> Req {
-    Req::RequestHeaders(HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| HeaderValue { key: (*k).into(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
-                .collect(),
-        }),
-        end_of_stream: eos,
-        ..Default::default()
-    })
-}
-
-fn msg(r: Req) -> ProcessingRequest {
-    ProcessingRequest { request: Some(r), ..Default::default() }
-}
-
-fn subset_hint(entries: &[&str]) -> Metadata {
-    let list = Value {
-        kind: Some(Kind::ListValue(ListValue {
-            values: entries.iter().map(|e| Value { kind: Some(Kind::StringValue((*e).into())) }).collect(),
-        })),
-    };
-    let inner = Struct { fields: [("x-gateway-destination-endpoint-subset".to_owned(), list)].into_iter().collect() };
-    Metadata {
-        filter_metadata: [("envoy.lb.subset_hint".to_owned(), inner)].into_iter().collect(),
-        ..Default::default()
-    }
-}
 
 /// One ext_proc stream, as Envoy drives it.
 struct Stream {
@@ -116,32 +88,22 @@ fn streamed_body(r: &ProcessingResponse) -> Option<(Vec<u8>, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_duplex_request_and_response() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    assert!(eventually(5, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["stale"] == false }).await);
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(150_000)}], "stream": true})
-        .to_string()
-        .into_bytes();
-    let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(
+    let fleet = gateway(MODEL).sims(1).start().await;
+    let debug = format!("{}/debug/endpoints", fleet.admin());
+    let body = chat(MODEL).user("x".repeat(150_000)).stream().bytes();
+    let mut s = Stream::open(fleet.kv.grpc_addr).await;
+    s.send(request_headers(
         &[(":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")],
         false,
-    )))
+    ))
     .await;
     // Three body chunks; nothing comes back before the last.
-    for (i, part) in body.chunks(60_000).enumerate() {
-        let last = (i + 1) * 60_000 >= body.len();
-        s.send(msg(Req::RequestBody(HttpBody { body: part.to_vec(), end_of_stream: last, ..Default::default() })))
-            .await;
+    for chunk in request_body_chunks(&body, 60_000) {
+        s.send(chunk).await;
     }
     let first = s.recv().await;
     let dest = destination(&first).expect("destination header");
-    assert_eq!(dest, sim.addrs[0].to_string());
+    assert_eq!(dest, fleet.addr(0));
     assert_eq!(metadata_destination(&first).as_deref(), Some(dest.as_str()), "header and metadata agree");
     match &first.response {
         Some(Resp::RequestHeaders(h)) => assert!(h.response.as_ref().is_some_and(|c| c.clear_route_cache)),
@@ -160,40 +122,19 @@ async fn full_duplex_request_and_response() {
     assert_eq!(get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"], 1);
 
     // Response phase: headers, then SSE chunks with the usage line split across two chunks.
-    s.send(msg(Req::ResponseHeaders(HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: vec![
-                HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() },
-                HeaderValue {
-                    key: "content-type".into(),
-                    raw_value: b"text/event-stream".to_vec(),
-                    ..Default::default()
-                },
-            ],
-        }),
-        ..Default::default()
-    })))
-    .await;
+    s.send(sse_response_headers()).await;
     assert!(matches!(s.recv().await.response, Some(Resp::ResponseHeaders(_))));
     let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":40000,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n";
     let cut = 80;
     for (part, eos) in [(&sse[..cut], false), (&sse[cut..], true)] {
-        s.send(msg(Req::ResponseBody(HttpBody { body: part.to_vec(), end_of_stream: eos, ..Default::default() })))
-            .await;
+        s.send(response_body(part, eos)).await;
         let (back, back_eos) = streamed_body(&s.recv().await).expect("echoed chunk");
         assert_eq!((back.as_slice(), back_eos), (part, eos), "response chunks are echoed at once");
     }
     assert!(
         eventually(5, || async { get_json(&debug).await["pools"][0]["endpoints"][0]["in_flight_requests"] == 0 }).await
     );
-    let m = common::client()
-        .get(format!("http://{}/metrics", kv.admin_addr))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = admin_metrics(&fleet.kv).await;
     assert_eq!(metric(&m, "kvgate_tokens_total", &[("kind", "prompt")]), Some(40000.0));
     assert_eq!(metric(&m, "kvgate_tokens_total", &[("kind", "cached")]), Some(16.0));
     assert_eq!(metric(&m, "kvgate_requests_total", &[("status", "200"), ("decision", "decode-only")]), Some(1.0));
@@ -201,27 +142,16 @@ async fn full_duplex_request_and_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_buffered_mode_bodyless_requests_and_resets() {
-    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
-        a.addrs[0], b.addrs[0]
-    ))
-    .await;
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    assert!(
-        eventually(5, || async {
-            get_json(&debug).await["pools"][0]["endpoints"].as_array().is_some_and(|e| e.len() == 2)
-        })
-        .await
-    );
-    let chat =
-        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
+    let fleet = gateway(MODEL).sims(2).start().await;
+    let (kv, b) = (&fleet.kv, fleet.addr(1));
+    let debug = format!("{}/debug/endpoints", fleet.admin());
+    let hi = |model: &str| chat(model).user("hi").bytes();
     let post = [(":method", "POST"), (":path", "/v1/chat/completions")];
 
     // Unknown model: an ImmediateResponse 404 with an OpenAI body and the drop reason.
     let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&post, false))).await;
-    s.send(msg(Req::RequestBody(HttpBody { body: chat("gpt-17"), end_of_stream: true, ..Default::default() }))).await;
+    s.send(request_headers(&post, false)).await;
+    s.send(request_body(hi("gpt-17"), true)).await;
     match s.recv().await.response {
         Some(Resp::ImmediateResponse(ir)) => {
             assert_eq!(ir.status.map(|s| s.code), Some(404));
@@ -235,16 +165,11 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
     drop(s);
 
     // The subset hint restricts the pick (ip:port exact), and an unmatched hint is a 503.
-    for (hint, want) in [
-        (vec![b.addrs[0].to_string()], Some(b.addrs[0].to_string())),
-        (vec!["10.9.9.9:1".to_owned()], None),
-        (vec![], None),
-    ] {
+    for (hint, want) in [(vec![b.clone()], Some(b.clone())), (vec!["10.9.9.9:1".to_owned()], None), (vec![], None)] {
         let mut s = Stream::open(kv.grpc_addr).await;
         let hint_refs: Vec<&str> = hint.iter().map(String::as_str).collect();
-        s.send(ProcessingRequest { metadata_context: Some(subset_hint(&hint_refs)), ..msg(headers(&post, false)) })
-            .await;
-        s.send(msg(Req::RequestBody(HttpBody { body: chat(MODEL), end_of_stream: true, ..Default::default() }))).await;
+        s.send(with_metadata(request_headers(&post, false), subset_hint(&hint_refs))).await;
+        s.send(request_body(hi(MODEL), true)).await;
         let r = s.recv().await;
         match want {
             Some(w) => assert_eq!(destination(&r), Some(w)),
@@ -263,10 +188,10 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
         response_body_mode: BodySendMode::None as i32,
         ..Default::default()
     };
-    s.send(ProcessingRequest { protocol_config: Some(pc), ..msg(headers(&post, false)) }).await;
+    s.send(ProcessingRequest { protocol_config: Some(pc), ..request_headers(&post, false) }).await;
     let r = s.recv().await;
     assert!(matches!(r.response, Some(Resp::RequestHeaders(_))) && destination(&r).is_none());
-    s.send(msg(Req::RequestBody(HttpBody { body: chat(MODEL), end_of_stream: true, ..Default::default() }))).await;
+    s.send(request_body(hi(MODEL), true)).await;
     let r = s.recv().await;
     assert!(matches!(r.response, Some(Resp::RequestBody(_))));
     let dest = destination(&r).expect("destination on the body answer");
@@ -284,25 +209,25 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
         other => panic!("expected an immediate response, got {other:?}"),
     };
     let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&[(":method", "GET"), (":path", "/v1/models")], true))).await;
+    s.send(request_headers(&[(":method", "GET"), (":path", "/v1/models")], true)).await;
     let (status, v) = immediate(s.recv().await);
     assert_eq!(status, Some(200));
     assert_eq!(v["data"][0]["id"], MODEL);
     drop(s);
     let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&post, true))).await;
+    s.send(request_headers(&post, true)).await;
     assert_eq!(immediate(s.recv().await).0, Some(400));
     drop(s);
     // A wrong method on an API path is a 405, as from the proxy.
     let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&[(":method", "GET"), (":path", "/v1/chat/completions")], true))).await;
+    s.send(request_headers(&[(":method", "GET"), (":path", "/v1/chat/completions")], true)).await;
     let (status, v) = immediate(s.recv().await);
     assert_eq!((status, v["error"]["code"].as_str()), (Some(405), Some("method_not_allowed")));
     drop(s);
     let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&post, false))).await;
+    s.send(request_headers(&post, false)).await;
     let no_model = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
-    s.send(msg(Req::RequestBody(HttpBody { body: no_model, end_of_stream: true, ..Default::default() }))).await;
+    s.send(request_body(no_model, true)).await;
     let (status, v) = immediate(s.recv().await);
     assert_eq!((status, v["error"]["code"].as_str()), (Some(400), Some("missing_model")));
     drop(s);
@@ -316,8 +241,8 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
     };
     assert!(eventually(5, || async { total().await == 0 }).await, "earlier streams released");
     let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&post, false))).await;
-    s.send(msg(Req::RequestBody(HttpBody { body: chat(MODEL), end_of_stream: true, ..Default::default() }))).await;
+    s.send(request_headers(&post, false)).await;
+    s.send(request_body(hi(MODEL), true)).await;
     let _ = s.recv().await;
     assert!(eventually(5, || async { total().await == 1 }).await);
     drop(s);
@@ -327,14 +252,9 @@ async fn refusals_buffered_mode_bodyless_requests_and_resets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_services() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let sim = start_sim(&["--time-scale", "0"]).await;
     let health_port = common::free_port();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nhealth_addr: 127.0.0.1:{health_port}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    for addr in [kv.grpc_addr.to_string(), format!("127.0.0.1:{health_port}")] {
+    let fleet = gateway(MODEL).sims(1).config(&format!("health_addr: 127.0.0.1:{health_port}")).start().await;
+    for addr in [fleet.kv.grpc_addr.to_string(), format!("127.0.0.1:{health_port}")] {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("uri")
             .connect()
@@ -351,19 +271,15 @@ async fn grpc_health_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_proc_over_tls() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
     let dir = std::env::temp_dir().join(format!("kvgate-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     std::fs::write(dir.join("cert.pem"), key.cert.pem()).expect("cert");
     std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).expect("key");
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{tls: {{cert_path: '{}', key_path: '{}'}}}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display(),
-        sim.addrs[0]
-    ))
-    .await;
+    let (cert, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let tls = format!("extproc: {{tls: {{cert_path: '{}', key_path: '{}'}}}}", cert.display(), key_path.display());
+    let fleet = gateway(MODEL).sims(1).config(&tls).start().await;
+    let kv = &fleet.kv;
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(key.cert.pem()))
         .domain_name("localhost");
@@ -377,15 +293,15 @@ async fn ext_proc_over_tls() {
     let mut client = ExternalProcessorClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     let mut resp = client.process(ReceiverStream::new(rx)).await.expect("process").into_inner();
-    tx.send(msg(headers(&[(":method", "POST"), (":path", "/v1/completions")], false))).await.expect("send");
+    tx.send(post_headers("/v1/completions")).await.expect("send");
     let body = json!({"model": MODEL, "prompt": "hi"}).to_string().into_bytes();
-    tx.send(msg(Req::RequestBody(HttpBody { body, end_of_stream: true, ..Default::default() }))).await.expect("send");
+    tx.send(request_body(body, true)).await.expect("send");
     let r = tokio::time::timeout(Duration::from_secs(10), resp.message())
         .await
         .expect("in time")
         .expect("ok")
         .expect("message");
-    assert_eq!(destination(&r), Some(sim.addrs[0].to_string()));
+    assert_eq!(destination(&r), Some(fleet.addr(0)));
     // A plaintext client gets nowhere.
     let plain = ExternalProcessorClient::connect(format!("http://{}", kv.grpc_addr)).await;
     if let Ok(mut c) = plain {
@@ -400,12 +316,8 @@ async fn ext_proc_over_tls() {
 /// one nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_proc_over_self_signed_tls() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{self_signed_tls: true}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(1).config("extproc: {self_signed_tls: true}").start().await;
+    let kv = &fleet.kv;
     let other = rcgen::generate_simple_self_signed(vec!["kvgate".to_owned()]).expect("certificate");
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(other.cert.pem()))
@@ -430,29 +342,11 @@ async fn ext_proc_over_self_signed_tls() {
 /// in-flight count moves there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_endpoint_reported_by_the_gateway_gets_the_count() {
-    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nextproc: {{max_endpoints: 2}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
-        a.addrs[0], b.addrs[0]
-    ))
-    .await;
-    let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    assert!(
-        eventually(5, || async {
-            get_json(&debug).await["pools"][0]["endpoints"]
-                .as_array()
-                .is_some_and(|e| e.len() == 2 && e.iter().all(|x| x["stale"] == false))
-        })
-        .await
-    );
-    let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&[(":method", "POST"), (":path", "/v1/completions")], false))).await;
-    s.send(msg(Req::RequestBody(HttpBody {
-        body: json!({"model": MODEL, "prompt": "x"}).to_string().into_bytes(),
-        end_of_stream: true,
-        ..Default::default()
-    })))
-    .await;
+    let fleet = gateway(MODEL).sims(2).config("extproc: {max_endpoints: 2}").start().await;
+    let debug = format!("{}/debug/endpoints", fleet.admin());
+    let mut s = Stream::open(fleet.kv.grpc_addr).await;
+    s.send(post_headers("/v1/completions")).await;
+    s.send(request_body(json!({"model": MODEL, "prompt": "x"}).to_string(), true)).await;
     let list = destination(&s.recv().await).expect("destination");
     let entries: Vec<&str> = list.split(',').collect();
     assert_eq!(entries.len(), 2, "an ordered fallback list: {list}");
@@ -472,16 +366,8 @@ async fn the_served_endpoint_reported_by_the_gateway_gets_the_count() {
     };
     assert_eq!(in_flight(entries[0].to_owned()).await, 1);
     // The gateway says the second entry served.
-    let served = Value { kind: Some(Kind::StringValue(entries[1].to_owned())) };
-    let lb = Struct { fields: [("x-gateway-destination-endpoint-served".to_owned(), served)].into_iter().collect() };
-    let meta = Metadata { filter_metadata: [("envoy.lb".to_owned(), lb)].into_iter().collect(), ..Default::default() };
-    let resp_headers = Req::ResponseHeaders(HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: vec![HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() }],
-        }),
-        ..Default::default()
-    });
-    s.send(ProcessingRequest { metadata_context: Some(meta), ..msg(resp_headers) }).await;
+    let meta = lb_metadata(&[("x-gateway-destination-endpoint-served", entries[1])]);
+    s.send(with_metadata(response_headers(&[(":status", "200")], false), meta)).await;
     let _ = s.recv().await;
     assert_eq!(in_flight(entries[0].to_owned()).await, 0);
     assert_eq!(in_flight(entries[1].to_owned()).await, 1);
@@ -491,16 +377,11 @@ async fn the_served_endpoint_reported_by_the_gateway_gets_the_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_are_refused_as_they_arrive() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nmax_body_bytes: 100000\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    let mut s = Stream::open(kv.grpc_addr).await;
-    s.send(msg(headers(&[(":method", "POST"), (":path", "/v1/completions")], false))).await;
-    s.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
-    s.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    let fleet = gateway(MODEL).sims(1).config("max_body_bytes: 100000").start().await;
+    let mut s = Stream::open(fleet.kv.grpc_addr).await;
+    s.send(post_headers("/v1/completions")).await;
+    s.send(request_body(vec![b' '; 60_000], false)).await;
+    s.send(request_body(vec![b' '; 60_000], false)).await;
     // Refused at the second chunk, before any end of stream.
     match s.recv().await.response {
         Some(Resp::ImmediateResponse(ir)) => {
@@ -538,13 +419,8 @@ async fn decide(
     let mut s = Stream::open(addr).await;
     let mut hs = vec![(":method", "POST"), (":path", "/v1/chat/completions")];
     hs.extend_from_slice(extra);
-    s.send(msg(headers(&hs, false))).await;
-    s.send(msg(Req::RequestBody(HttpBody {
-        body: body.to_string().into_bytes(),
-        end_of_stream: true,
-        ..Default::default()
-    })))
-    .await;
+    s.send(request_headers(&hs, false)).await;
+    s.send(request_body(body.to_string(), true)).await;
     let r = s.recv().await;
     (s, r)
 }
@@ -552,11 +428,11 @@ async fn decide(
 /// The P/D and data-parallel placement headers the picker sets (and the client's it removes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_headers_for_prefill_and_ranks() {
-    let p = start_sim(&["--time-scale", "0"]).await;
-    let d = start_sim(&["--time-scale", "0"]).await;
-    let dp = start_sim(&["--time-scale", "0", "--data-parallel-size", "2", "--served-model-name", "moe"]).await;
-    let other = start_sim(&["--time-scale", "0", "--served-model-name", "moe"]).await;
-    let kv = start_kvgate(&format!(
+    let p = common::start_sim(&["--time-scale", "0"]).await;
+    let d = common::start_sim(&["--time-scale", "0"]).await;
+    let dp = common::start_sim(&["--time-scale", "0", "--data-parallel-size", "2", "--served-model-name", "moe"]).await;
+    let other = common::start_sim(&["--time-scale", "0", "--served-model-name", "moe"]).await;
+    let kv = common::start_kvgate(&format!(
         "admin_addr: 127.0.0.1:0\nextproc: {{max_endpoints: 4}}\npools:\n\
          - {{name: pd, models: ['{MODEL}'], endpoints: [{{address: '{}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}],\n\
             scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}],\n\
@@ -573,7 +449,7 @@ async fn placement_headers_for_prefill_and_ranks() {
         })
     };
     assert!(eventually(10, scraped).await);
-    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Terms and conditions. ".repeat(200)}]});
+    let long = chat(MODEL).user("Terms and conditions. ".repeat(200)).json();
     let (mut open, first) = decide(kv.grpc_addr, &long, &[("x-data-parallel-rank", "5")]).await;
     let (set, remove) = header_mutation(&first);
     let get = |k: &str| set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -597,20 +473,14 @@ async fn placement_headers_for_prefill_and_ranks() {
     };
     assert_eq!(in_flight(p.addrs[0].to_string()).await, Some(1));
     assert!(streamed_body(&open.recv().await).is_some_and(|(_, eos)| eos), "the body comes back");
-    open.send(msg(Req::ResponseHeaders(HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: vec![HeaderValue { key: ":status".into(), raw_value: b"200".to_vec(), ..Default::default() }],
-        }),
-        ..Default::default()
-    })))
-    .await;
+    open.send(response_headers(&[(":status", "200")], false)).await;
     assert!(matches!(open.recv().await.response, Some(Resp::ResponseHeaders(_))));
     assert_eq!(in_flight(p.addrs[0].to_string()).await, Some(0), "released when the decode side answers");
     assert_eq!(in_flight(d.addrs[0].to_string()).await, Some(1), "the decode side still counts it");
     drop(open);
 
     // Short: decode only, and a client's own prefiller header is removed.
-    let short = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let short = chat(MODEL).user("hi").json();
     let (set, remove) =
         header_mutation(&decide(kv.grpc_addr, &short, &[("x-prefiller-host-port", "10.9.9.9:1")]).await.1);
     assert!(set.iter().all(|(k, _)| k != "x-prefiller-host-port"));
@@ -621,8 +491,7 @@ async fn placement_headers_for_prefill_and_ranks() {
     // server would get the wrong rank); `other` gets the DP server as its fallback, listed once.
     let (mut pinned, mut unpinned) = (std::collections::BTreeMap::new(), 0);
     for k in 0..6 {
-        let moe =
-            json!({"model": "moe", "messages": [{"role": "user", "content": format!("Topic {k}. ").repeat(100)}]});
+        let moe = chat("moe").user(format!("Topic {k}. ").repeat(100)).json();
         let (set, _) = header_mutation(&decide(kv.grpc_addr, &moe, &[]).await.1);
         let get = |k: &str| set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let dest = get("x-gateway-destination-endpoint").expect("destination");
@@ -641,12 +510,8 @@ async fn placement_headers_for_prefill_and_ranks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_does_not_decode_is_invalid_argument() {
     use envoy_types::pb::google::protobuf::Duration as NotARequest;
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(1).start().await;
+    let kv = &fleet.kv;
     // Field 2 of a ProcessingRequest is `request_headers`, a message; this sends it as a varint.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", kv.grpc_addr))
         .expect("uri")
@@ -670,24 +535,19 @@ async fn a_message_that_does_not_decode_is_invalid_argument() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_held_across_streams_are_bounded() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\nmax_buffered_bytes: 100000\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    let post = [(":method", "POST"), (":path", "/v1/completions")];
+    let fleet = gateway(MODEL).sims(1).config("max_buffered_bytes: 100000").start().await;
+    let kv = &fleet.kv;
     // One stream holds 60 kB of an unfinished body...
     let a = Stream::open(kv.grpc_addr).await;
-    a.send(msg(headers(&post, false))).await;
-    a.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
-    let admin = format!("http://{}", kv.admin_addr);
+    a.send(post_headers("/v1/completions")).await;
+    a.send(request_body(vec![b' '; 60_000], false)).await;
+    let admin = fleet.admin();
     let held = || async { metric(&common::metrics(&admin).await, "kvgate_buffered_request_bytes", &[]).unwrap_or(0.0) };
     assert!(eventually(10, || async { held().await >= 60_000.0 }).await, "the first body is held");
     // ...so another's 60 kB is past the bound: refused at once, and told to come back.
     let mut b = Stream::open(kv.grpc_addr).await;
-    b.send(msg(headers(&post, false))).await;
-    b.send(msg(Req::RequestBody(HttpBody { body: vec![b' '; 60_000], ..Default::default() }))).await;
+    b.send(post_headers("/v1/completions")).await;
+    b.send(request_body(vec![b' '; 60_000], false)).await;
     match b.recv().await.response {
         Some(Resp::ImmediateResponse(ir)) => {
             let v: serde_json::Value = serde_json::from_slice(&ir.body).expect("JSON body");
@@ -702,9 +562,9 @@ async fn bodies_held_across_streams_are_bounded() {
     drop(a);
     let room = eventually(10, || async {
         let mut b = Stream::open(kv.grpc_addr).await;
-        b.send(msg(headers(&post, false))).await;
+        b.send(post_headers("/v1/completions")).await;
         let body = json!({"model": MODEL, "prompt": "z".repeat(60_000)}).to_string().into_bytes();
-        b.send(msg(Req::RequestBody(HttpBody { body, end_of_stream: true, ..Default::default() }))).await;
+        b.send(request_body(body, true)).await;
         destination(&b.recv().await).is_some()
     })
     .await;
@@ -714,7 +574,9 @@ async fn bodies_held_across_streams_are_bounded() {
 /// kvgate's ext_proc server over `n` simulators (all scraped), with `extproc` as its ext_proc
 /// section's fields.
 async fn picker_over(n: usize, extproc: &str) -> (Vec<common::Sim>, kvgate::tools::serve::Server) {
-    common::start_fleet(n, MODEL, &format!("grpc_addr: 127.0.0.1:0\nextproc: {{{extproc}}}")).await
+    let common::Fleet { sims, kv, .. } =
+        gateway(MODEL).sims(n).config(&format!("extproc: {{{extproc}}}")).start().await;
+    (sims, kv)
 }
 
 /// kvgate's own `/metrics`.
@@ -729,36 +591,12 @@ async fn endpoint_status(kv: &kvgate::tools::serve::Server, addr: &str) -> serde
     found.unwrap_or_else(|| panic!("{addr} is listed: {v}"))
 }
 
-/// `envoy.lb` metadata with these fields.
-fn lb_metadata(fields: &[(&str, &str)]) -> Metadata {
-    let lb = Struct {
-        fields: fields
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value { kind: Some(Kind::StringValue((*v).to_owned())) }))
-            .collect(),
-    };
-    Metadata { filter_metadata: [("envoy.lb".to_owned(), lb)].into_iter().collect(), ..Default::default() }
-}
-
-/// Envoy's response headers message (status 200, SSE), with `metadata` when given.
-fn response_headers(metadata: Option<Metadata>) -> ProcessingRequest {
-    let h = |k: &str, v: &str| HeaderValue { key: k.into(), raw_value: v.as_bytes().to_vec(), ..Default::default() };
-    let headers = Req::ResponseHeaders(HttpHeaders {
-        headers: Some(HeaderMap { headers: vec![h(":status", "200"), h("content-type", "text/event-stream")] }),
-        ..Default::default()
-    });
-    ProcessingRequest { metadata_context: metadata, ..msg(headers) }
-}
-
 /// Sends a request's headers and `body` in chunks of 60,000 bytes (the last marked), and reads
 /// the headers answer and the body sent back; returns the destination.
 async fn route_streamed(s: &mut Stream, body: &[u8]) -> String {
-    s.send(msg(headers(&[(":method", "POST"), (":path", "/v1/chat/completions")], false))).await;
-    let n = body.len().div_ceil(60_000);
-    for (i, part) in body.chunks(60_000).enumerate() {
-        let last = i + 1 == n;
-        s.send(msg(Req::RequestBody(HttpBody { body: part.to_vec(), end_of_stream: last, ..Default::default() })))
-            .await;
+    s.send(post_headers("/v1/chat/completions")).await;
+    for chunk in request_body_chunks(body, 60_000) {
+        s.send(chunk).await;
     }
     let first = s.recv().await;
     let dest = destination(&first).unwrap_or_else(|| panic!("routed, got {first:?}"));
@@ -781,17 +619,14 @@ async fn a_repeated_end_of_stream_is_ignored() {
     let (_sims, kv) = picker_over(1, "").await;
     let mut cases = 0.0;
     for size in [2_000, 5 << 20] {
-        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "y".repeat(size)}], "stream": true})
-            .to_string()
-            .into_bytes();
+        let body = chat(MODEL).user("y".repeat(size)).stream().bytes();
         let last_chunk = body.chunks(60_000).last().expect("a chunk").to_vec();
         for repeat in [last_chunk, Vec::new()] {
             let mut s = Stream::open(kv.grpc_addr).await;
             route_streamed(&mut s, &body).await;
-            s.send(msg(Req::RequestBody(HttpBody { body: repeat.clone(), end_of_stream: true, ..Default::default() })))
-                .await;
+            s.send(request_body(repeat.clone(), true)).await;
             cases += 1.0;
-            s.send(response_headers(None)).await;
+            s.send(sse_response_headers()).await;
             match s.recv().await.response {
                 Some(Resp::ResponseHeaders(_)) => {}
                 other => panic!(
@@ -813,11 +648,7 @@ async fn a_repeated_end_of_stream_is_ignored() {
 async fn requests_are_counted_when_routed() {
     let (_sims, kv) = picker_over(1, "").await;
     let mut s = Stream::open(kv.grpc_addr).await;
-    route_streamed(
-        &mut s,
-        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string().as_bytes(),
-    )
-    .await;
+    route_streamed(&mut s, &chat(MODEL).user("hi").bytes()).await;
     let m = admin_metrics(&kv).await;
     assert_eq!(metric(&m, "inference_objective_request_total", &[("model_name", MODEL)]), Some(1.0));
     assert_eq!(metric(&m, "kvgate_requests_total", &[]), None, "the outcome waits for the response");
@@ -832,14 +663,13 @@ async fn requests_are_counted_when_routed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_endpoint_outside_the_list_gets_the_request() {
     let (sims, kv) = picker_over(3, "max_endpoints: 1").await;
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "z".repeat(4_000)}], "stream": true})
-        .to_string()
-        .into_bytes();
+    let body = chat(MODEL).user("z".repeat(4_000)).stream().bytes();
     let mut s = Stream::open(kv.grpc_addr).await;
     let picked = route_streamed(&mut s, &body).await;
     let other = sims.iter().map(|x| x.addrs[0].to_string()).find(|a| *a != picked).expect("another endpoint");
     assert_eq!(endpoint_status(&kv, &other).await["prefix_blocks"], 0);
-    s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", &other)])))).await;
+    s.send(with_metadata(sse_response_headers(), lb_metadata(&[("x-gateway-destination-endpoint-served", &other)])))
+        .await;
     assert!(matches!(s.recv().await.response, Some(Resp::ResponseHeaders(_))));
     assert_eq!(endpoint_status(&kv, &other).await["in_flight_requests"], 1, "the served endpoint holds it");
     assert_eq!(endpoint_status(&kv, &picked).await["in_flight_requests"], 0, "the picked one no longer does");
@@ -848,7 +678,7 @@ async fn the_served_endpoint_outside_the_list_gets_the_request() {
         "the served endpoint learnt the prompt"
     );
     let sse = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":900,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
-    s.send(msg(Req::ResponseBody(HttpBody { body: sse.to_vec(), end_of_stream: true, ..Default::default() }))).await;
+    s.send(response_body(sse.to_vec(), true)).await;
     let _ = s.recv().await;
     assert!(eventually(5, || async { endpoint_status(&kv, &other).await["in_flight_requests"] == 0 }).await);
     let m = admin_metrics(&kv).await;
@@ -858,7 +688,11 @@ async fn the_served_endpoint_outside_the_list_gets_the_request() {
     let mut s = Stream::open(kv.grpc_addr).await;
     let picked = route_streamed(&mut s, &body).await;
     for served in ["10.255.0.1:8000", "not an address"] {
-        s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", served)])))).await;
+        s.send(with_metadata(
+            sse_response_headers(),
+            lb_metadata(&[("x-gateway-destination-endpoint-served", served)]),
+        ))
+        .await;
         let _ = s.recv().await;
     }
     assert_eq!(endpoint_status(&kv, &picked).await["in_flight_requests"], 1);
@@ -890,18 +724,19 @@ async fn the_served_endpoint_is_echoed_for_conformance() {
         (Some(lb_metadata(&other)), "fail: missing destination endpoint served metadata"),
         (Some(lb_metadata(&served)), addr.as_str()),
     ];
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes();
+    let body = chat(MODEL).user("hi").bytes();
     for (metadata, want) in cases {
         let mut s = Stream::open(kv.grpc_addr).await;
         route_streamed(&mut s, &body).await;
-        s.send(response_headers(metadata)).await;
+        s.send(ProcessingRequest { metadata_context: metadata, ..sse_response_headers() }).await;
         assert_eq!(response_header(&s.recv().await, ECHO).as_deref(), Some(want));
     }
     let (sims, kv) = picker_over(1, "").await;
     let mut s = Stream::open(kv.grpc_addr).await;
     route_streamed(&mut s, &body).await;
     let served = sims[0].addrs[0].to_string();
-    s.send(response_headers(Some(lb_metadata(&[("x-gateway-destination-endpoint-served", &served)])))).await;
+    s.send(with_metadata(sse_response_headers(), lb_metadata(&[("x-gateway-destination-endpoint-served", &served)])))
+        .await;
     assert_eq!(response_header(&s.recv().await, ECHO), None, "off by default");
 }
 
@@ -909,17 +744,15 @@ async fn the_served_endpoint_is_echoed_for_conformance() {
 /// when set, caps it (docs/scheduling.md, "How many endpoints a decision lists").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_picker_sets_the_endpoints_listed_and_extproc_caps_them() {
+    // The same simulators; a kvgate over them per case.
     let mut sims = Vec::new();
     for _ in 0..4 {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
+        sims.push(common::start_sim(&["--time-scale", "0"]).await);
     }
-    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
     let config = |extproc: &str, picker: &str| {
-        format!(
-            "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\n{extproc}\npools: [{{name: p, models: ['{MODEL}'], \
-             endpoints: [{}], scheduler: {{plugins: [{{type: queue-scorer}}, {{type: max-score-picker{picker}}}]}}}}]\n",
-            endpoints.join(", ")
-        )
+        let scheduler = format!("scheduler: {{plugins: [{{type: queue-scorer}}, {{type: max-score-picker{picker}}}]}}");
+        gateway(MODEL).sims(4).config(extproc).pool(&scheduler).yaml(&addrs)
     };
     let three = ", parameters: {maxNumOfEndpoints: 3}";
     for (extproc, picker, want) in [
@@ -929,10 +762,9 @@ async fn the_pool_picker_sets_the_endpoints_listed_and_extproc_caps_them() {
         ("extproc: {max_endpoints: 4}", three, 3),
         ("extproc: {max_endpoints: 2}", "", 2),
     ] {
-        let kv = start_kvgate(&config(extproc, picker)).await;
+        let kv = common::start_kvgate(&config(extproc, picker)).await;
         common::wait_scraped(&kv, 4).await;
-        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello."}]});
-        let (_s, r) = decide(kv.grpc_addr, &body, &[]).await;
+        let (_s, r) = decide(kv.grpc_addr, &chat(MODEL).user("Hello.").json(), &[]).await;
         let list = destination(&r).unwrap_or_else(|| panic!("routed, got {r:?}"));
         assert_eq!(list.split(',').count(), want, "`{extproc}` `{picker}`: {list}");
     }

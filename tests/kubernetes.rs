@@ -46,6 +46,11 @@ async fn debug(kv: &Server) -> Value {
     get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await
 }
 
+/// Whether the first pool's discovery shows an error.
+async fn discovery_failing(kv: &Server) -> bool {
+    debug(kv).await["pools"][0]["discovery"]["last_error"].as_str().is_some_and(|e| !e.is_empty())
+}
+
 /// The first pool's endpoint addresses, sorted.
 async fn addresses(kv: &Server) -> Vec<String> {
     addresses_at(&format!("http://{}", kv.admin_addr)).await
@@ -302,10 +307,10 @@ async fn api_server_down_at_start_and_restarted_under_kvgate() {
     // Unreachable at start: retried, and /readyz waits for the first list.
     cluster.stop_apiserver();
     let kv = kvgate(&cluster, "t4", "models: [m], inference_pool: {name: vllm}").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once a list has failed, kvgate shows why, and is not ready.
+    let failed = eventually(10, || async { discovery_failing(&kv).await }).await;
+    assert!(failed, "the failed list is shown: {}", debug(&kv).await);
     assert_eq!(readyz(&kv).await, 503, "not ready before the first list");
-    let d = debug(&kv).await;
-    assert!(d["pools"][0]["discovery"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{d}");
     cluster.start_apiserver();
     cluster.wait_ready().await;
     expect_endpoints(&kv, &["127.0.4.2:8000"]).await;

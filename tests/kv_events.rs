@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{SimProcess, client, eventually, free_port, get_json, metric, metrics, post, start_kvgate, start_sim};
+use common::{
+    SimProcess, client, eventually, free_port, gateway, get_json, metric, metrics, post, start_kvgate, start_sim,
+};
 use kvgate::routing::tokenize::{ChatPrompt, PromptTokenizer};
 use serde_json::{Value, json};
 
@@ -73,18 +75,22 @@ async fn sim_on(ip: &str, events: &str, flags: &[&str]) -> common::Sim {
     start_sim(&all).await
 }
 
+/// kvgate's proxy over `endpoints`; with `kv_events`, the pool follows their KV events (and
+/// tokenizes with the test tokenizer).
 fn pool_yaml(endpoints: &[String], kv_events: &str) -> String {
-    let eps = endpoints.iter().map(|e| format!("{{address: '{e}'}}")).collect::<Vec<_>>().join(", ");
-    let dir = tokenizer_dir();
-    let precise = if kv_events.is_empty() {
-        String::new()
-    } else {
-        format!(", tokenizer: '{}', kv_events: {kv_events}", dir.display())
-    };
-    format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n\
-         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{eps}]{precise}}}]\n"
-    )
+    let mut config = gateway(MODEL).proxy();
+    for e in endpoints {
+        config = config.address(e);
+    }
+    if !kv_events.is_empty() {
+        config = config.pool(&precise(kv_events));
+    }
+    config.yaml(&[])
+}
+
+/// The pool keys of precise prefix tracking: the test tokenizer and `kv_events`.
+fn precise(kv_events: &str) -> String {
+    format!("tokenizer: '{}'\nkv_events: {kv_events}", tokenizer_dir().display())
 }
 
 async fn debug(kv: &kvgate::tools::serve::Server) -> Value {
@@ -370,12 +376,11 @@ async fn data_parallel_ranks_publish_on_offset_ports() {
     let port = free_port_pair();
     let events = events_config(port, None, json!({}));
     let sim = sim_on("127.0.0.1", &events, &["--data-parallel-size", "2"]).await;
-    let yaml = format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n\
-         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}', data_parallel_size: 2}}], tokenizer: '{}', kv_events: {{port: {port}}}}}]\n",
-        sim.addrs[0],
-        tokenizer_dir().display()
-    );
+    let yaml = gateway(MODEL)
+        .endpoint(format!("{{address: '{}', data_parallel_size: 2}}", sim.addrs[0]))
+        .proxy()
+        .pool(&precise(&format!("{{port: {port}}}")))
+        .yaml(&[]);
     let kv = start_kvgate(&yaml).await;
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     // Through kvgate, each request is pinned to a rank; both ranks' publishers are followed.
@@ -525,7 +530,9 @@ async fn engines_connect_to_a_bound_socket() {
     .to_string();
     let yaml = pool_yaml(&[format!("127.0.0.1:{http}")], &format!("{{bind: 'tcp://127.0.0.1:{bind}', topic: 'kv@'}}"));
     let kv = start_kvgate(&yaml).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The engine connects once kvgate's socket is bound.
+    let bound = eventually(5, || async { tokio::net::TcpStream::connect(("127.0.0.1", bind)).await.is_ok() }).await;
+    assert!(bound, "kvgate binds tcp://127.0.0.1:{bind}");
     let sim = sim_on("127.0.0.1", &events, &["--port", &http.to_string()]).await;
     wait_following(&kv, &[sim.url(0)]).await;
     let body = completion(&words(60, 150));

@@ -7,19 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, eventually, get_json, metric, metrics, post, start_kvgate, start_sim, wait_scraped};
+use common::{client, eventually, gateway, get_json, metric, metrics, post};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-fn config(addrs: &[String], extra: &str) -> String {
-    let eps: Vec<String> = addrs.iter().map(|a| format!("{{address: '{a}'}}")).collect();
-    format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n{extra}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
-        eps.join(", ")
-    )
-}
 
 async fn endpoint0(kv: &kvgate::tools::serve::Server) -> Value {
     get_json(&format!("http://{}/debug/endpoints", kv.admin_addr)).await["pools"][0]["endpoints"][0].clone()
@@ -35,9 +27,8 @@ fn text(seed: u64, words: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_and_decode_are_counted_apart_and_released() {
-    let sim = start_sim(&["--time-scale", "1"]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&["--time-scale", "1"]).proxy().start().await;
+    let (sim, kv) = (&fleet.sims[0], &fleet.kv);
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     let r = client()
         .post(&url)
@@ -48,7 +39,7 @@ async fn prefill_and_decode_are_counted_apart_and_released() {
     let mut stream = r.bytes_stream();
     stream.next().await.expect("a first chunk").expect("ok");
     // Past its first token: in decode, its prompt tokens no longer wait.
-    let e = endpoint0(&kv).await;
+    let e = endpoint0(kv).await;
     assert_eq!(
         (&e["in_flight_requests"], &e["in_prefill_requests"], &e["in_decode_requests"]),
         (&json!(1), &json!(0), &json!(1)),
@@ -58,11 +49,11 @@ async fn prefill_and_decode_are_counted_apart_and_released() {
     // The client goes away mid-decode: everything is released once.
     drop(stream);
     let released = eventually(10, || async {
-        let e = endpoint0(&kv).await;
+        let e = endpoint0(kv).await;
         e["in_flight_requests"] == 0 && e["in_decode_requests"] == 0 && e["in_prefill_requests"] == 0
     })
     .await;
-    assert!(released, "{}", endpoint0(&kv).await);
+    assert!(released, "{}", endpoint0(kv).await);
 
     // A request that fails before any byte (the endpoint answers 500) leaves nothing counted.
     let admin = format!("{}/admin/faults", sim.url(0));
@@ -70,7 +61,7 @@ async fn prefill_and_decode_are_counted_apart_and_released() {
     assert_eq!(r.expect("faults").status(), 200);
     let (status, _) = post(&url, &json!({"model": MODEL, "prompt": text(2, 50), "max_tokens": 4})).await;
     assert_eq!(status, 500);
-    let e = endpoint0(&kv).await;
+    let e = endpoint0(kv).await;
     assert_eq!(
         (&e["in_flight_requests"], &e["in_prefill_requests"], &e["in_flight_tokens"]),
         (&json!(0), &json!(0), &json!(0)),
@@ -80,9 +71,8 @@ async fn prefill_and_decode_are_counted_apart_and_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttft_models_and_bytes_per_token_learn_from_responses() {
-    let sim = start_sim(&["--time-scale", "0.5"]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&["--time-scale", "0.5"]).proxy().start().await;
+    let kv = &fleet.kv;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     for k in 0..12u64 {
         let body = json!({"model": MODEL, "prompt": text(k, 100 + 150 * k as usize), "max_tokens": 2, "stream": true,
@@ -96,8 +86,8 @@ async fn ttft_models_and_bytes_per_token_learn_from_responses() {
         post(&format!("{proxy}/v1/completions"), &json!({"model": MODEL, "prompt": text(99, 300), "max_tokens": 2}))
             .await;
     assert_eq!(status, 200);
-    let learned = eventually(5, || async { endpoint0(&kv).await["ttft_model"]["samples"] == 12 }).await;
-    let e = endpoint0(&kv).await;
+    let learned = eventually(5, || async { endpoint0(kv).await["ttft_model"]["samples"] == 12 }).await;
+    let e = endpoint0(kv).await;
     assert!(learned, "{e}");
     let m = &e["ttft_model"];
     assert_ne!(m["prefill_tokens_per_s"].as_f64(), Some(kvgate::routing::ttft::PRIOR_PREFILL_TOKENS_PER_S), "{m}");
@@ -133,9 +123,8 @@ async fn evict_behind_the_index(proxy: &str, first: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_feedback_corrects_an_index_that_believes_too_much() {
     let flags = ["--time-scale", "0", "--num-gpu-blocks-override", "200", "--no-cache-config-info"];
-    let sim = start_sim(&flags).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&flags).proxy().start().await;
+    let kv = &fleet.kv;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let corrections = |direction: &'static str| {
         let admin = format!("http://{}/metrics", kv.admin_addr);
@@ -153,10 +142,10 @@ async fn cache_feedback_corrects_an_index_that_believes_too_much() {
         post(&format!("{proxy}/v1/completions"), &json!({"model": MODEL, "prompt": first, "max_tokens": 1})).await;
     assert!(again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() > Some(0), "{again}");
     assert_eq!(corrections("held_less").await, 0.0);
-    let before = endpoint0(&kv).await["prefix_capacity"].as_u64().expect("capacity");
+    let before = endpoint0(kv).await["prefix_capacity"].as_u64().expect("capacity");
     evict_behind_the_index(&proxy, &first).await;
     assert_eq!(corrections("held_less").await, 1.0);
-    let after = endpoint0(&kv).await["prefix_capacity"].as_u64().expect("capacity");
+    let after = endpoint0(kv).await["prefix_capacity"].as_u64().expect("capacity");
     assert!(after < before, "capacity {before} → {after}");
 }
 
@@ -170,16 +159,15 @@ async fn without_cached_tokens_nothing_is_corrected() {
         "--no-cache-config-info",
         "--no-prompt-tokens-details",
     ];
-    let sim = start_sim(&flags).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&flags).proxy().start().await;
+    let kv = &fleet.kv;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let first = text(1, 700);
     let (s, body) =
         post(&format!("{proxy}/v1/completions"), &json!({"model": MODEL, "prompt": first, "max_tokens": 1})).await;
     assert_eq!(s, 200);
     assert!(body["usage"].get("prompt_tokens_details").is_none(), "{body}");
-    let before = endpoint0(&kv).await["prefix_capacity"].clone();
+    let before = endpoint0(kv).await["prefix_capacity"].clone();
     evict_behind_the_index(&proxy, &first).await;
     let text = metrics(&format!("http://{}", kv.admin_addr)).await;
     assert_eq!(
@@ -187,7 +175,7 @@ async fn without_cached_tokens_nothing_is_corrected() {
         None,
         "no correction without cached_tokens"
     );
-    assert_eq!(endpoint0(&kv).await["prefix_capacity"], before);
+    assert_eq!(endpoint0(kv).await["prefix_capacity"], before);
 }
 
 /// `/metrics` scrapes the simulator has answered.
@@ -197,10 +185,9 @@ async fn scrapes(base: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrapes_speed_up_only_while_the_load_is_unexplained() {
-    let sim = start_sim(&["--time-scale", "1"]).await;
-    let kv =
-        start_kvgate(&config(&[sim.addrs[0].to_string()], "scrape: {interval_ms: 1000, fast_interval_ms: 100}")).await;
-    wait_scraped(&kv, 1).await;
+    let scrape = "scrape: {interval_ms: 1000, fast_interval_ms: 100}";
+    let fleet = gateway(MODEL).sim(&["--time-scale", "1"]).proxy().config(scrape).start().await;
+    let sim = &fleet.sims[0];
     // Idle and explained: about one scrape a second (each of ours adds one too).
     let a = scrapes(&sim.url(0)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -221,7 +208,15 @@ async fn scrapes_speed_up_only_while_the_load_is_unexplained() {
     for s in &mut held {
         s.next().await.expect("a first chunk").expect("ok");
     }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // kvgate sees the load at its next scrape and speeds up: wait until it scrapes faster than
+    // its idle interval allows (two or more in 400 ms, besides our own).
+    let sped_up = eventually(5, || async {
+        let before = scrapes(&sim.url(0)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        scrapes(&sim.url(0)).await - before - 1.0 >= 2.0
+    })
+    .await;
+    assert!(sped_up, "scrapes speed up while the load is unexplained");
     let b = scrapes(&sim.url(0)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let busy = scrapes(&sim.url(0)).await - b - 1.0;

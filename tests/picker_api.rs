@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{client, eventually, get_json, metric, start_kvgate, start_sim, wait_scraped};
+use common::{chat, client, eventually, gateway, get_json, metric, start_kvgate, start_sim};
 use kvgate::front::picker::pb::{self, picker_client::PickerClient};
 use serde_json::{Value, json};
 use tonic::Code;
@@ -20,9 +20,9 @@ async fn picker(kv: &kvgate::tools::serve::Server) -> PickerClient<Channel> {
     PickerClient::connect(format!("http://{}", kv.grpc_addr)).await.expect("gRPC connects")
 }
 
-fn chat(system: &str, question: &str) -> Value {
-    json!({"model": MODEL, "max_tokens": 3, "stream": true,
-           "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]})
+/// A streamed chat request with a system prompt.
+fn ask(system: &str, question: &str) -> Value {
+    chat(MODEL).system(system).user(question).max_tokens(3).stream().json()
 }
 
 fn pick_body(body: &Value) -> pb::PickRequest {
@@ -83,7 +83,7 @@ async fn picks_and_reports_round_trip() {
     ))
     .await;
     let mut c = picker(&kv).await;
-    let body = chat(&"Terms of the agreement. ".repeat(100), "Summarize.");
+    let body = ask(&"Terms of the agreement. ".repeat(100), "Summarize.");
     let d = decided(&mut c, pick_body(&body)).await;
     assert_eq!((d.pool.as_str(), d.model.as_str(), d.kind.as_str()), ("p", MODEL, "decode-only"));
     assert_eq!(d.endpoints.len(), 1, "the server's extproc.max_endpoints by default");
@@ -201,23 +201,19 @@ async fn picks_and_reports_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_never_reported_is_released_and_counted() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npicker_api: {{start_timeout_ms: 200, report_timeout_ms: 400, max_pending: 1}}\n\
-         pools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
-    let mut c = picker(&kv).await;
+    let picker_api = "picker_api: {start_timeout_ms: 200, report_timeout_ms: 400, max_pending: 1}";
+    let fleet = gateway(MODEL).sims(1).config(picker_api).start().await;
+    let (sim, kv) = (&fleet.sims[0], &fleet.kv);
+    let mut c = picker(kv).await;
     let body = json!({"model": MODEL, "prompt": "hello there"});
     let req = || pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&body) };
     let d = decided(&mut c, req()).await;
     let addr = sim.addrs[0].to_string();
-    assert_eq!(in_flight(&kv).await[&addr], 1);
+    assert_eq!(in_flight(kv).await[&addr], 1);
     // At most `max_pending` decisions wait for reports.
     let full = c.pick(req()).await.expect_err("full");
     assert_eq!(full.code(), Code::ResourceExhausted, "{}", full.message());
-    assert_eq!(in_flight(&kv).await[&addr], 1, "the refused pick holds nothing");
+    assert_eq!(in_flight(kv).await[&addr], 1, "the refused pick holds nothing");
     let first_token = pb::ReportRequest {
         decision_id: d.decision_id.clone(),
         first_token: Some(pb::FirstToken { status: 200, streaming: false }),
@@ -225,7 +221,7 @@ async fn a_decision_never_reported_is_released_and_counted() {
     };
     assert!(!c.report(first_token).await.expect("started").into_inner().ended);
     // No final report: released after the timeout, and counted.
-    assert!(eventually(5, || async { in_flight(&kv).await[&addr] == 0 }).await, "released");
+    assert!(eventually(5, || async { in_flight(kv).await[&addr] == 0 }).await, "released");
     let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
     assert_eq!(metric(&m, "kvgate_picker_decisions_expired_total", &[("pool", "p")]), Some(1.0));
     assert_eq!(metric(&m, "kvgate_picker_decisions_pending", &[]), Some(0.0));
@@ -234,7 +230,7 @@ async fn a_decision_never_reported_is_released_and_counted() {
     assert!(late.message().contains("expired"), "{}", late.message());
     // One never reported at all goes after the (shorter) start timeout.
     let quiet = decided(&mut c, req()).await;
-    assert!(eventually(5, || async { in_flight(&kv).await[&addr] == 0 }).await, "released");
+    assert!(eventually(5, || async { in_flight(kv).await[&addr] == 0 }).await, "released");
     let m = common::metrics(&format!("http://{}", kv.admin_addr)).await;
     assert_eq!(metric(&m, "kvgate_picker_decisions_expired_total", &[("pool", "p")]), Some(2.0));
     let late = c.report(finished(&quiet.decision_id, 200, None)).await.expect_err("late");
@@ -252,20 +248,10 @@ async fn a_decision_never_reported_is_released_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pick_and_the_proxy_decide_alike() {
-    let sims = [
-        start_sim(&["--time-scale", "0"]).await,
-        start_sim(&["--time-scale", "0"]).await,
-        start_sim(&["--time-scale", "0"]).await,
-    ];
-    let eps: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
-        eps.join(", ")
-    ))
-    .await;
-    wait_scraped(&kv, 3).await;
+    let fleet = gateway(MODEL).sims(3).proxy().start().await;
+    let kv = &fleet.kv;
     let proxy = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
-    let mut c = picker(&kv).await;
+    let mut c = picker(kv).await;
     let served = |r: &reqwest::Response| {
         r.headers()["x-gateway-destination-endpoint-served"].to_str().expect("ascii").to_owned()
     };
@@ -273,13 +259,13 @@ async fn pick_and_the_proxy_decide_alike() {
     for g in 0..6 {
         let system = format!("Group {g} has its own long instructions. ").repeat(60);
         // Warm: the proxy places the group's first request somewhere.
-        let r = client().post(&proxy).body(chat(&system, "first").to_string()).send().await.expect("proxy");
+        let r = client().post(&proxy).body(ask(&system, "first").to_string()).send().await.expect("proxy");
         let warm = served(&r);
         let _ = r.text().await;
         // Pick a follow-up, report it, then send another through the proxy: one place.
-        let d = decided(&mut c, pick_body(&chat(&system, "second"))).await;
+        let d = decided(&mut c, pick_body(&ask(&system, "second"))).await;
         c.report(finished(&d.decision_id, 200, None)).await.expect("report");
-        let r = client().post(&proxy).body(chat(&system, "third").to_string()).send().await.expect("proxy");
+        let r = client().post(&proxy).body(ask(&system, "third").to_string()).send().await.expect("proxy");
         let third = served(&r);
         let _ = r.text().await;
         assert_eq!((&d.endpoints[0].address, &third), (&warm, &warm), "group {g}");
@@ -292,15 +278,10 @@ async fn pick_and_the_proxy_decide_alike() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_watch_and_reflection() {
-    let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
-        sims[0].addrs[0], sims[1].addrs[0]
-    ))
-    .await;
-    wait_scraped(&kv, 2).await;
-    let mut c = picker(&kv).await;
-    let body = chat(&"Rules of the house. ".repeat(50), "Why?");
+    let fleet = gateway(MODEL).sims(2).start().await;
+    let kv = &fleet.kv;
+    let mut c = picker(kv).await;
+    let body = ask(&"Rules of the house. ".repeat(50), "Why?");
     // Explain is /debug/explain as a message, and holds nothing.
     let req = pb::ExplainRequest {
         path: "/v1/chat/completions".into(),
@@ -333,7 +314,7 @@ async fn explain_watch_and_reflection() {
     assert!(d.decision_id.is_empty());
     let ranked_first = e.endpoints.iter().find(|p| p.rank == Some(0)).expect("a target");
     assert_eq!(d.endpoints[0].address, ranked_first.address);
-    assert_eq!(in_flight(&kv).await.values().sum::<u64>(), 0, "explain holds nothing");
+    assert_eq!(in_flight(kv).await.values().sum::<u64>(), 0, "explain holds nothing");
     let unknown = pb::ExplainRequest {
         path: "/v1/completions".into(),
         input: Some(pb::explain_request::Input::Body(json!({"model": "x", "prompt": "y"}).to_string().into_bytes())),
@@ -349,7 +330,7 @@ async fn explain_watch_and_reflection() {
     assert_eq!((first.pools[0].name.as_str(), first.pools[0].source.as_str()), ("p", "static"));
     assert_eq!(first.pools[0].endpoints.len(), 2);
     assert!(first.pools[0].endpoints.iter().all(|e| e.health == "healthy" && e.in_flight_requests == 0));
-    let mut other = picker(&kv).await;
+    let mut other = picker(kv).await;
     let picked = decided(&mut other, pick_body(&body)).await;
     let seen = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         loop {
@@ -423,12 +404,8 @@ async fn reflection_and_health_cover_every_grpc_service() {
     use tonic_reflection::pb::v1::{self, server_reflection_request::MessageRequest};
     use v1::server_reflection_response::MessageResponse;
     const EXT_PROC: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(1).start().await;
+    let kv = &fleet.kv;
     let channel = Channel::from_shared(format!("http://{}", kv.grpc_addr)).expect("uri").connect().await.expect("c");
     let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let mut ask = async |m: MessageRequest| -> MessageResponse {
@@ -497,12 +474,8 @@ async fn run_example(args: Vec<String>) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_example_picks_sends_and_reports() {
-    let sims = [start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await];
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
-        sims[0].addrs[0], sims[1].addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(2).start().await;
+    let (sims, kv) = (&fleet.sims, &fleet.kv);
     let grpc = kv.grpc_addr.to_string();
     let run = |model: &str| {
         let args = ["--picker", &grpc, "--model", model, "--max-tokens", "4"]
@@ -528,7 +501,7 @@ async fn the_python_client_example_picks_sends_and_reports() {
     assert_eq!(metric(&m, "kvgate_requests_total", &[("pool", "p"), ("status", "200")]), Some(3.0));
     assert!(metric(&m, "kvgate_tokens_total", &[("pool", "p"), ("kind", "completion")]).is_some_and(|n| n >= 3.0));
     assert_eq!(metric(&m, "kvgate_picker_reports_total", &[("result", "accepted")]), Some(6.0));
-    assert_eq!(in_flight(&kv).await.values().sum::<u64>(), 0);
+    assert_eq!(in_flight(kv).await.values().sum::<u64>(), 0);
     // A refused pick is printed as such.
     let out = run("no-such-model").await;
     let first = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned).unwrap_or_default();
@@ -538,12 +511,8 @@ async fn the_python_client_example_picks_sends_and_reports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_example_sends_completions_as_prompts() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(1).start().await;
+    let kv = &fleet.kv;
     let args = ["--picker", &kv.grpc_addr.to_string(), "--model", MODEL, "--max-tokens", "4"]
         .into_iter()
         .chain(["--path", "/v1/completions", "--prompt", "Once upon", "--prompt", "a time"])

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use axum::routing::get;
-use common::{SimProcess, eventually, free_port, get_json, start_kvgate, start_sim};
+use common::{SimProcess, chat, eventually, free_port, gateway, get_json, start_kvgate, start_sim};
 use kvgate::gateway::answer::Answer;
 use kvgate::gateway::error::RouteError;
 use kvgate::gateway::facade::{Gateway, Input, RouteRequest, SubsetHint};
@@ -33,10 +33,9 @@ fn first_endpoint(v: &Value) -> Value {
     endpoints_of(v, 0).into_iter().next().unwrap_or(Value::Null)
 }
 
-fn chat(system: &str) -> Vec<u8> {
-    json!({"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": "go"}]})
-        .to_string()
-        .into_bytes()
+/// A chat body with this system prompt, as a client sends it.
+fn body(system: &str) -> Vec<u8> {
+    chat(MODEL).system(system).user("go").bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,11 +46,8 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
     let file = dir.join("endpoints.yaml");
     let write = |text: String| std::fs::write(&file, text).expect("write endpoints file");
     write(format!("endpoints: [{{address: '{}'}}]\n", a.addrs[0]));
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints_file: '{}'}}]\n",
-        file.display()
-    ))
-    .await;
+    let fleet = gateway(MODEL).pool(&format!("endpoints_file: '{}'", file.display())).start_without_waiting().await;
+    let kv = &fleet.kv;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     let addrs = |v: &Value| {
         endpoints_of(v, 0).iter().map(|e| e["address"].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>()
@@ -59,7 +55,7 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
     assert!(eventually(5, || async { addrs(&get_json(&debug).await) == [a.addrs[0].to_string()] }).await);
 
     // A request in flight on `a` while `a` is removed keeps its count until it ends.
-    let routed = decide(&kv.gateway, &chat("x")).expect("routed");
+    let routed = decide(&kv.gateway, &body("x")).expect("routed");
     let in_flight = routed.snapshot().endpoints[routed.decision().primary().index].in_flight.clone();
     assert_eq!(in_flight.requests(), 1);
 
@@ -92,12 +88,9 @@ async fn endpoints_file_edits_apply_and_broken_edits_are_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scraped_numbers_match_the_simulator() {
-    let sim = start_sim(&["--time-scale", "1", "--max-num-seqs", "2", "--num-gpu-blocks-override", "1000"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    ))
-    .await;
+    let flags = ["--time-scale", "1", "--max-num-seqs", "2", "--num-gpu-blocks-override", "1000"];
+    let fleet = gateway(MODEL).sim(&flags).start_without_waiting().await;
+    let (sim, kv) = (&fleet.sims[0], &fleet.kv);
     // Three long streams: two run, one waits.
     let mut streams = Vec::new();
     for i in 0..3 {
@@ -130,12 +123,9 @@ async fn scraped_numbers_match_the_simulator() {
 async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     let port = free_port();
     let sim = SimProcess::start(&["--port", &port.to_string(), "--time-scale", "0"]);
-    let other = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nhealth: {{backoff_ms: 200, max_backoff_ms: 400}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}]\n",
-        sim.addr, other.addrs[0]
-    ))
-    .await;
+    let health = "health: {backoff_ms: 200, max_backoff_ms: 400}";
+    let fleet = gateway(MODEL).address(sim.addr).sims(1).config(health).start_without_waiting().await;
+    let (other, kv) = (&fleet.sims[0], &fleet.kv);
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     // (The list is empty until discovery has published it.)
     let health = |v: &Value| endpoints_of(v, 0).first().and_then(|e| e["health"].as_str()).unwrap_or("").to_owned();
@@ -144,11 +134,11 @@ async fn a_killed_endpoint_leaves_rotation_and_comes_back() {
     assert!(eventually(10, || async { health(&get_json(&debug).await) == "unhealthy" }).await, "marked unhealthy");
     // While it is out (once the snapshot shows it), every decision goes to the other endpoint.
     let only_other = || async {
-        decide(&kv.gateway, &chat("probe")).expect("routed").decision().primary().address == other.addrs[0]
+        decide(&kv.gateway, &body("probe")).expect("routed").decision().primary().address == other.addrs[0]
     };
     assert!(eventually(5, only_other).await);
     for i in 0..20 {
-        let r = decide(&kv.gateway, &chat(&format!("{i}"))).expect("routed");
+        let r = decide(&kv.gateway, &body(&format!("{i}"))).expect("routed");
         assert_eq!(r.decision().primary().address, other.addrs[0]);
     }
     let e = &first_endpoint(&get_json(&debug).await);
@@ -166,12 +156,8 @@ async fn a_recovered_endpoint_returns_at_once_and_a_flapping_one_is_held_out() {
     let port = free_port();
     let flags = ["--port", &port.to_string(), "--time-scale", "0"];
     let mut sim = Some(SimProcess::start(&flags));
-    let other = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '127.0.0.1:{port}'}}, {{address: '{}'}}]}}]\n",
-        other.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL).address(format!("127.0.0.1:{port}")).sims(1).start_without_waiting().await;
+    let kv = &fleet.kv;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     let health = || async { first_endpoint(&get_json(&debug).await)["health"].as_str().unwrap_or("").to_owned() };
     assert!(eventually(5, || async { health().await == "healthy" }).await);
@@ -199,13 +185,11 @@ async fn a_recovered_endpoint_returns_at_once_and_a_flapping_one_is_held_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_down_is_a_503_with_a_reason() {
     let port = free_port();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '127.0.0.1:{port}'}}]}}]\n"
-    ))
-    .await;
+    let fleet = gateway(MODEL).address(format!("127.0.0.1:{port}")).start_without_waiting().await;
+    let kv = &fleet.kv;
     // Before the first discovery there are no endpoints; then the only one fails its scrapes.
     let unhealthy = eventually(10, || async {
-        matches!(decide(&kv.gateway, &chat("x")), Err(a) if a.code == "no_healthy_endpoints")
+        matches!(decide(&kv.gateway, &body("x")), Err(a) if a.code == "no_healthy_endpoints")
     })
     .await;
     assert!(unhealthy);
@@ -219,10 +203,8 @@ async fn every_endpoint_down_is_a_503_with_a_reason() {
 async fn stale_metrics_count_as_unknown_not_idle() {
     let sim = start_sim(&["--time-scale", "0"]).await;
     let config = |stale_ms: u64| {
-        format!(
-            "admin_addr: 127.0.0.1:0\nscrape: {{interval_ms: 600000, stale_after_ms: {stale_ms}}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}]}}]\n",
-            sim.addrs[0]
-        )
+        let scrape = format!("scrape: {{interval_ms: 600000, stale_after_ms: {stale_ms}}}");
+        gateway(MODEL).address(sim.addrs[0]).config(&scrape).yaml(&[])
     };
     let queue_score = |explained: &Value| {
         explained["explanation"]["endpoints"][0]["scores"]
@@ -233,7 +215,7 @@ async fn stale_metrics_count_as_unknown_not_idle() {
     };
     let explain = |kv: &kvgate::tools::serve::Server| {
         let url = format!("http://{}/debug/explain", kv.admin_addr);
-        async move { common::post(&url, &serde_json::from_slice(&chat("s")).expect("json")).await.1 }
+        async move { common::post(&url, &serde_json::from_slice(&body("s")).expect("json")).await.1 }
     };
     // Fresh: an idle endpoint scores 1 on the queue scorer.
     let fresh = start_kvgate(&config(600_000)).await;
@@ -262,7 +244,7 @@ async fn two_pools_route_by_model_and_adapters_find_their_base() {
     let url = format!("http://{}/debug/explain", kv.admin_addr);
     let pool_of = |model: &str| {
         let url = url.clone();
-        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let body = chat(model).user("hi").json();
         async move { common::post(&url, &body).await }
     };
     assert!(eventually(5, || async { pool_of(MODEL).await.1["pool"] == "llama" }).await);
@@ -279,22 +261,10 @@ async fn two_pools_route_by_model_and_adapters_find_their_base() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_identical_prefixes_is_spread() {
-    let sims = [
-        start_sim(&["--time-scale", "0"]).await,
-        start_sim(&["--time-scale", "0"]).await,
-        start_sim(&["--time-scale", "0"]).await,
-    ];
-    let eps: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
-        eps.join(", ")
-    ))
-    .await;
+    let fleet = gateway(MODEL).sims(3).start().await;
+    let kv = &fleet.kv;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
-    assert!(
-        eventually(5, || async { endpoints_of(&get_json(&debug).await, 0).iter().all(|e| e["stale"] == false) }).await
-    );
-    let body = chat(&"The same long system prompt for everyone. ".repeat(50));
+    let body = body(&"The same long system prompt for everyone. ".repeat(50));
     // Twelve requests at once, none finished: kvgate's own in-flight counts must spread them.
     let held: Vec<_> = (0..12).map(|_| decide(&kv.gateway, &body).expect("routed")).collect();
     let mut per: std::collections::BTreeMap<String, usize> = Default::default();
@@ -324,12 +294,14 @@ async fn garbage_and_enormous_metrics_are_errors_that_hurt_no_one_else() {
         addrs.push(l.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(l, app).await.ok() });
     }
-    let good = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nscrape: {{max_bytes: 1000000}}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}, {{address: '{}'}}]}}]\n",
-        addrs[0], addrs[1], good.addrs[0]
-    ))
-    .await;
+    let fleet = gateway(MODEL)
+        .address(addrs[0])
+        .address(addrs[1])
+        .sims(1)
+        .config("scrape: {max_bytes: 1000000}")
+        .start_without_waiting()
+        .await;
+    let (good, kv) = (&fleet.sims[0], &fleet.kv);
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     let settled = eventually(10, || async {
         let e = endpoints_of(&get_json(&debug).await, 0);
@@ -358,6 +330,6 @@ async fn garbage_and_enormous_metrics_are_errors_that_hurt_no_one_else() {
             .is_some_and(|n| n >= 3.0)
     );
     assert_eq!(common::metric(&metrics, "inference_pool_ready_pods", &[("name", "p")]), Some(1.0));
-    let r = decide(&kv.gateway, &chat("x")).expect("routed");
+    let r = decide(&kv.gateway, &body("x")).expect("routed");
     assert_eq!(r.decision().primary().address, good.addrs[0]);
 }

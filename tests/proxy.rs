@@ -6,20 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, eventually, free_port, get_json, metric, metrics, post, start_kvgate, start_sim, wait_scraped};
+use common::{chat, client, eventually, free_port, gateway, get_json, metric, metrics, post, start_kvgate, start_sim};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 const SERVED: &str = "x-gateway-destination-endpoint-served";
-
-fn config(endpoints: &[String], extra: &str) -> String {
-    let eps: Vec<String> = endpoints.iter().map(|a| format!("{{address: '{a}'}}")).collect();
-    format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n{extra}\npools: [{{name: p, models: ['{MODEL}'], endpoints: [{}]}}]\n",
-        eps.join(", ")
-    )
-}
 
 /// Replaces the per-request `id` and `created` values, which differ between two requests.
 fn normalize(text: &str) -> String {
@@ -48,13 +40,10 @@ fn normalize(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_bytes_match_a_direct_request() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sims(1).proxy().start().await;
+    let (sim, kv) = (&fleet.sims[0], &fleet.kv);
     let proxy = kv.proxy_addr.expect("proxy");
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12,
-                      "stream": true, "stream_options": {"include_usage": true}})
-    .to_string();
+    let body = chat(MODEL).user("Count to ten.").max_tokens(12).stream_with_usage().json().to_string();
     let fetch = |base: String| {
         let body = body.clone();
         async move {
@@ -82,12 +71,8 @@ async fn streaming_bytes_match_a_direct_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversations_stick_and_strangers_spread() {
-    let mut sims = Vec::new();
-    for _ in 0..4 {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
-    }
-    let kv = start_kvgate(&config(&sims.iter().map(|s| s.addrs[0].to_string()).collect::<Vec<_>>(), "")).await;
-    wait_scraped(&kv, 4).await;
+    let fleet = gateway(MODEL).sims(4).proxy().start().await;
+    let kv = &fleet.kv;
     let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
     let ask = |messages: Value| {
         let url = url.clone();
@@ -126,16 +111,18 @@ async fn conversations_stick_and_strangers_spread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_first_choices_are_retried_on_the_next() {
-    let live = start_sim(&["--time-scale", "0"]).await;
     let dead = format!("127.0.0.1:{}", free_port());
     // Scrape rarely, so only request failures can reveal the dead endpoint; rotate the first
     // choice, so the dead endpoint is the first choice of every other request.
-    let eps = format!("[{{address: '{dead}'}}, {{address: '{}'}}]", live.addrs[0]);
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\nscrape: {{interval_ms: 600000}}\n\
-         pools: [{{name: p, models: ['{MODEL}'], endpoints: {eps}, scheduler: {{plugins: [{{type: round-robin-picker}}]}}}}]\n"
-    ))
-    .await;
+    let fleet = gateway(MODEL)
+        .address(&dead)
+        .sims(1)
+        .proxy()
+        .config("scrape: {interval_ms: 600000}")
+        .pool("scheduler: {plugins: [{type: round-robin-picker}]}")
+        .start_without_waiting()
+        .await;
+    let (live, kv) = (&fleet.sims[0], &fleet.kv);
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     assert!(
         eventually(5, || async { post(&url, &json!({"model": MODEL, "prompt": "x", "max_tokens": 1})).await.0 == 200 })
@@ -163,9 +150,8 @@ async fn dead_first_choices_are_retried_on_the_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_before_the_first_byte_are_retried_but_never_after() {
-    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
-    let kv = start_kvgate(&config(&[a.addrs[0].to_string(), b.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 2).await;
+    let fleet = gateway(MODEL).sims(2).proxy().start().await;
+    let (a, b, kv) = (&fleet.sims[0], &fleet.sims[1], &fleet.kv);
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let faults = |base: String, f: Value| async move {
         assert_eq!(
@@ -219,9 +205,8 @@ async fn errors_before_the_first_byte_are_retried_but_never_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_upstream() {
-    let sim = start_sim(&["--time-scale", "1"]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&["--time-scale", "1"]).proxy().start().await;
+    let (sim, kv) = (&fleet.sims[0], &fleet.kv);
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     let r = client()
         .post(&url)
@@ -246,10 +231,9 @@ async fn client_disconnect_cancels_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_errors() {
-    let sim = start_sim(&["--time-scale", "0"]).await;
     let paths = "paths: {model: [/v1/completions/render]}";
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], &format!("max_body_bytes: 4096\n{paths}"))).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sims(1).proxy().config("max_body_bytes: 4096").config(paths).start().await;
+    let kv = &fleet.kv;
     let proxy = format!("http://{}", kv.proxy_addr.expect("proxy"));
     let check = |status: u16, body: &Value, want: u16, code: &str| {
         assert_eq!(status, want, "{body}");
@@ -296,13 +280,13 @@ async fn bad_requests_get_openai_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_limits_answer_429_and_shed_low_priority_first() {
-    let sim = start_sim(&["--time-scale", "1"]).await;
-    let yaml = format!(
-        "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools: [{{name: p, models: ['{MODEL}'], admission: {{max_in_flight: 2, sheddable_headroom: 0.5}}, endpoints: [{{address: '{}'}}]}}]\n",
-        sim.addrs[0]
-    );
-    let kv = start_kvgate(&yaml).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL)
+        .sim(&["--time-scale", "1"])
+        .proxy()
+        .pool("admission: {max_in_flight: 2, sheddable_headroom: 0.5}")
+        .start()
+        .await;
+    let kv = &fleet.kv;
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     let long = |priority: i64| {
         json!({"model": MODEL, "prompt": "go on", "max_tokens": 5000, "stream": true, "priority": priority}).to_string()
@@ -407,9 +391,8 @@ fn the_demo_answers_a_chat_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_streams_in_flight() {
-    let sim = start_sim(&["--time-scale", "1"]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&["--time-scale", "1"]).proxy().start().await;
+    let kv = fleet.kv;
     let proxy = kv.proxy_addr.expect("proxy");
     let r = client()
         .post(format!("http://{proxy}/v1/completions"))
@@ -432,9 +415,8 @@ async fn graceful_shutdown_finishes_streams_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_headers_for_the_gateway_stay_behind_and_forwarding_is_recorded() {
-    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).sim(&["--time-scale", "0", "--served-model-name", MODEL]).proxy().start().await;
+    let (sim, kv) = (&fleet.sims[0], &fleet.kv);
     let proxy = kv.proxy_addr.expect("proxy");
     let r = client()
         .post(format!("http://{proxy}/v1/completions"))
@@ -496,14 +478,9 @@ async fn load(proxy: &str, total: usize, concurrency: usize) -> Vec<u16> {
 /// (with `extra` config): three attempts each leave `rate`³ failing (6.4% at 0.4, 12.5% at 0.5),
 /// and `max_failed` bounds that well above; the pool must not eject its way to 503s.
 async fn fail_alike_on_every_endpoint(kind: &str, rate: f64, max_failed: usize, extra: &str) {
-    let mut sims = Vec::new();
-    for _ in 0..4 {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
-    }
-    let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
-    let kv = start_kvgate(&config(&addrs, extra)).await;
-    wait_scraped(&kv, 4).await;
-    for s in &sims {
+    let fleet = gateway(MODEL).sims(4).proxy().config(extra).start().await;
+    let (sims, kv) = (&fleet.sims, &fleet.kv);
+    for s in sims {
         let f = json!({"failure_rate": rate, "failure_types": [kind]});
         let r = client().post(format!("{}/admin/faults", s.url(0))).body(f.to_string()).send().await.expect("send");
         assert_eq!(r.status(), 200);
@@ -540,13 +517,10 @@ async fn hangs_on_every_endpoint_do_not_empty_the_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_far_more_than_the_pool_is_ejected() {
-    let mut sims = Vec::new();
-    for _ in 0..4 {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
-    }
-    let addrs: Vec<String> = sims.iter().map(|s| s.addrs[0].to_string()).collect();
-    let kv = start_kvgate(&config(&addrs, "health: {backoff_ms: 60000, max_backoff_ms: 60000}")).await;
-    wait_scraped(&kv, 4).await;
+    let health = "health: {backoff_ms: 60000, max_backoff_ms: 60000}";
+    let fleet = gateway(MODEL).sims(4).proxy().config(health).start().await;
+    let (sims, kv) = (&fleet.sims, &fleet.kv);
+    let addrs: Vec<String> = (0..4).map(|k| fleet.addr(k)).collect();
     let f = json!({"failure_rate": 1.0, "failure_types": ["500"]});
     let r = client().post(format!("{}/admin/faults", sims[0].url(0))).body(f.to_string()).send().await.expect("send");
     assert_eq!(r.status(), 200);
@@ -572,10 +546,9 @@ async fn an_endpoint_failing_far_more_than_the_pool_is_ejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_retry_budget_holds_retries_back() {
-    let (a, b) = (start_sim(&["--time-scale", "0"]).await, start_sim(&["--time-scale", "0"]).await);
     let cfg = "proxy: {retry_budget_percent: 0, min_retry_concurrency: 0}";
-    let kv = start_kvgate(&config(&[a.addrs[0].to_string(), b.addrs[0].to_string()], cfg)).await;
-    wait_scraped(&kv, 2).await;
+    let fleet = gateway(MODEL).sims(2).proxy().config(cfg).start().await;
+    let (a, kv) = (&fleet.sims[0], &fleet.kv);
     let f = json!({"failure_rate": 1.0, "failure_types": ["503"]});
     let r = client().post(format!("{}/admin/faults", a.url(0))).body(f.to_string()).send().await.expect("send");
     assert_eq!(r.status(), 200);
@@ -616,8 +589,8 @@ async fn usage_counts_when_the_client_leaves_after_done() {
     // The endpoint keeps each stream open long after `[DONE]`.
     let (status, v) = post(&format!("{}/admin/faults", sim.url(0)), &json!({"linger_after_done_ms": 60_000})).await;
     assert_eq!(status, 200, "{v}");
-    let kv = start_kvgate(&config(&[sim.addrs[0].to_string()], "")).await;
-    wait_scraped(&kv, 1).await;
+    let fleet = gateway(MODEL).address(sim.addrs[0]).proxy().start().await;
+    let kv = &fleet.kv;
     let url = format!("http://{}/v1/completions", kv.proxy_addr.expect("proxy"));
     let admin = format!("http://{}", kv.admin_addr);
     let counted = || async { metric(&metrics(&admin).await, "kvgate_tokens_total", &[("kind", "completion")]) };

@@ -1,9 +1,17 @@
-//! Helpers shared by the integration tests: start simulators in-process on loopback port 0,
-//! read Prometheus text, pick free ports.
-#![allow(dead_code, unreachable_pub)]
+//! Helpers shared by the integration tests: a fleet of simulators with kvgate in front
+//! ([`gateway`]), the one chat request builder ([`chat`]), Envoy's ext_proc messages
+//! ([`extproc_msg`]), bounded waits on a condition ([`eventually`]), and smaller pieces: start
+//! simulators in-process on loopback port 0, read Prometheus text, pick free ports.
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod envoy;
+pub mod extproc_msg;
+mod gateway;
 pub mod kube;
+mod request;
+
+pub use gateway::{Fleet, Gateway, gateway};
+pub use request::{Chat, chat};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -170,24 +178,6 @@ pub async fn start_kvgate(yaml: &str) -> kvgate::tools::serve::Server {
     let yaml = if yaml.contains("grpc_addr") { yaml.to_owned() } else { format!("grpc_addr: 127.0.0.1:0\n{yaml}") };
     let cfg = kvgate::gateway::config::Config::from_yaml(&yaml, path).expect("config parses");
     kvgate::tools::serve::start(cfg, path).await.expect("kvgate starts")
-}
-
-/// `n` simulators (`--time-scale 0`) and kvgate over them, one pool `p` serving `model`, with
-/// `extra` as more top-level config lines (listeners, sections); returns once every endpoint
-/// has been scraped.
-pub async fn start_fleet(n: usize, model: &str, extra: &str) -> (Vec<Sim>, kvgate::tools::serve::Server) {
-    let mut sims = Vec::new();
-    for _ in 0..n {
-        sims.push(start_sim(&["--time-scale", "0"]).await);
-    }
-    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
-    let kv = start_kvgate(&format!(
-        "admin_addr: 127.0.0.1:0\n{extra}\npools: [{{name: p, models: ['{model}'], endpoints: [{}]}}]\n",
-        endpoints.join(", ")
-    ))
-    .await;
-    wait_scraped(&kv, n).await;
-    (sims, kv)
 }
 
 /// Whether gRPC health on `channel` comes to answer SERVING for `service` (within 5 s).

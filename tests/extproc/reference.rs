@@ -25,6 +25,8 @@ use super::*;
 use std::net::SocketAddr;
 
 use crate::common::Sim;
+use crate::common::extproc_msg::{SUBSET_KEY, request_headers_in_value_field, string, string_list, subset_hint_with};
+use envoy_types::pb::envoy::config::core::v3::Metadata;
 
 /// kvgate's default profile (a pool without a `scheduler` section).
 const DEFAULT_PROFILE: &str = "";
@@ -75,7 +77,7 @@ impl Fleet {
     /// its pinned load and serving both adapters, and kvgate over them with `pool` added to
     /// the pool's entry and `top` to the file; returns once every pinned value is scraped.
     async fn start(pins: &[Option<Pinned>], hosts: &[&str], pool: &str, top: &str) -> Self {
-        let mut sims = Vec::new();
+        let mut builder = gateway(MODEL).config(top).pool(pool);
         for (pin, host) in pins.iter().zip(hosts) {
             let mut flags = vec!["--host", host, "--time-scale", "0", "--enable-lora", "--max-loras", "4"];
             let adapters =
@@ -90,14 +92,9 @@ impl Fleet {
             if let Some(f) = &fake {
                 flags.extend(["--fake-metrics", f.as_str()]);
             }
-            sims.push(start_sim(&flags).await);
+            builder = builder.sim(&flags);
         }
-        let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
-        let kv = start_kvgate(&format!(
-            "admin_addr: 127.0.0.1:0\n{top}\npools:\n  - name: p\n    models: ['{MODEL}']\n    endpoints: [{}]{pool}\n",
-            endpoints.join(", ")
-        ))
-        .await;
+        let common::Fleet { sims, kv, .. } = builder.start_without_waiting().await;
         let fleet = Self { sims, kv };
         fleet.wait_ready(pins).await;
         fleet
@@ -179,22 +176,10 @@ fn completion(model: &str, prompt: &str, priority: Option<i64>) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
-fn request_headers(raw: bool) -> Req {
+/// The request headers of the reference cases, with the values where `raw` says.
+fn reference_headers(raw: bool) -> ProcessingRequest {
     let pairs = [(":method", "POST"), (":path", "/v1/completions"), ("content-type", "application/json")];
-    Req::RequestHeaders(HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| {
-                    let (value, raw_value) =
-                        if raw { (String::new(), v.as_bytes().to_vec()) } else { (v.to_string(), Vec::new()) };
-                    HeaderValue { key: (*k).into(), value, raw_value }
-                })
-                .collect(),
-        }),
-        end_of_stream: false,
-        ..Default::default()
-    })
+    if raw { request_headers(&pairs, false) } else { request_headers_in_value_field(&pairs, false) }
 }
 
 /// Sends one request the way Envoy does and reads kvgate's answer, checking the wire contract
@@ -206,7 +191,7 @@ async fn send(fleet: &Fleet, body: &[u8], wire: Wire, hint: Option<Metadata>) ->
     s.send(ProcessingRequest {
         protocol_config: Some(announced),
         metadata_context: hint,
-        ..msg(request_headers(wire.raw))
+        ..reference_headers(wire.raw)
     })
     .await;
     if wire.mode == BodySendMode::Buffered {
@@ -215,10 +200,8 @@ async fn send(fleet: &Fleet, body: &[u8], wire: Wire, hint: Option<Metadata>) ->
         assert!(matches!(r.response, Some(Resp::RequestHeaders(_))) && destination(&r).is_none(), "{r:?}");
     }
     let part = body.len().div_ceil(wire.chunks.max(1)).max(1);
-    let parts: Vec<&[u8]> = body.chunks(part).collect();
-    for (i, p) in parts.iter().enumerate() {
-        let last = i + 1 == parts.len();
-        s.send(msg(Req::RequestBody(HttpBody { body: p.to_vec(), end_of_stream: last, ..Default::default() }))).await;
+    for chunk in request_body_chunks(body, part) {
+        s.send(chunk).await;
     }
     let r = s.recv().await;
     if let Some(Resp::ImmediateResponse(ir)) = &r.response {
@@ -345,26 +328,6 @@ async fn a_body_split_over_messages_with_values_in_value() {
 
 // --- Subset hints (the lightweight picker's table) ---
 
-/// A hint as the gateway sends it: `envoy.lb.subset_hint` → `key` → `value`.
-fn hint(key: &str, value: Value) -> Metadata {
-    let inner = Struct { fields: [(key.to_owned(), value)].into_iter().collect() };
-    Metadata {
-        filter_metadata: [("envoy.lb.subset_hint".to_owned(), inner)].into_iter().collect(),
-        ..Default::default()
-    }
-}
-
-fn list(entries: &[String]) -> Value {
-    let values = entries.iter().map(|e| Value { kind: Some(Kind::StringValue(e.clone())) }).collect();
-    Value { kind: Some(Kind::ListValue(ListValue { values })) }
-}
-
-fn string(s: String) -> Value {
-    Value { kind: Some(Kind::StringValue(s)) }
-}
-
-const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
-
 /// One subset case: endpoint 0 on 127.0.0.2, endpoints 1 and 2 on 127.0.0.3 (two ports of one
 /// IP), kvgate's default profile, every eligible endpoint written to the destination. `make`
 /// builds the hint from the fleet's addresses; `want` lists the eligible endpoints, or is
@@ -393,45 +356,53 @@ async fn check_subset(make: impl FnOnce(&Fleet) -> Option<Metadata>, want: &[usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_list_of_one_endpoint() {
-    check_subset(|f| Some(hint(SUBSET_KEY, list(&[f.pod(2).to_string()]))), &[2]).await;
+    check_subset(|f| Some(subset_hint_with(SUBSET_KEY, string_list(&[f.pod(2).to_string()]))), &[2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_comma_separated_string() {
-    check_subset(|f| Some(hint(SUBSET_KEY, string(format!("{},{}", f.pod(0), f.pod(2))))), &[0, 2]).await;
+    check_subset(|f| Some(subset_hint_with(SUBSET_KEY, string(&format!("{},{}", f.pod(0), f.pod(2))))), &[0, 2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_string_with_whitespace_and_empty_items() {
-    check_subset(|f| Some(hint(SUBSET_KEY, string(format!("  {} ,  ,  {}  ", f.pod(0), f.pod(2))))), &[0, 2]).await;
+    check_subset(
+        |f| Some(subset_hint_with(SUBSET_KEY, string(&format!("  {} ,  ,  {}  ", f.pod(0), f.pod(2))))),
+        &[0, 2],
+    )
+    .await;
 }
 
 /// A bare IP stands for every port of that IP: both endpoints on 127.0.0.3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_bare_ip_is_every_port_of_it() {
-    check_subset(|_| Some(hint(SUBSET_KEY, list(&["127.0.0.3".to_owned()]))), &[1, 2]).await;
+    check_subset(|_| Some(subset_hint_with(SUBSET_KEY, string_list(&["127.0.0.3"]))), &[1, 2]).await;
 }
 
 /// A list item holding several entries is split as the string form is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_list_item_with_commas_is_split() {
-    check_subset(|f| Some(hint(SUBSET_KEY, list(&[format!("{}, {}", f.pod(0), f.pod(2))]))), &[0, 2]).await;
+    check_subset(
+        |f| Some(subset_hint_with(SUBSET_KEY, string_list(&[format!("{}, {}", f.pod(0), f.pod(2))]))),
+        &[0, 2],
+    )
+    .await;
 }
 
 /// An empty list names no endpoint: 503, not the whole pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_empty_list_is_503() {
-    check_subset(|_| Some(hint(SUBSET_KEY, list(&[]))), &[]).await;
+    check_subset(|_| Some(subset_hint_with(SUBSET_KEY, string_list::<&str>(&[]))), &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_matching_no_endpoint_is_503() {
-    check_subset(|_| Some(hint(SUBSET_KEY, string("192.168.1.1:8080".to_owned()))), &[]).await;
+    check_subset(|_| Some(subset_hint_with(SUBSET_KEY, string("192.168.1.1:8080"))), &[]).await;
 }
 
 /// The hint's namespace without its key restricts nothing, nor does no metadata at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subset_key_absent_is_the_whole_pool() {
-    check_subset(|_| Some(hint("some-other-key", string("val".to_owned()))), &[0, 1, 2]).await;
+    check_subset(|_| Some(subset_hint_with("some-other-key", string("val"))), &[0, 1, 2]).await;
     check_subset(|_| None, &[0, 1, 2]).await;
 }
