@@ -264,7 +264,7 @@ async fn bad_requests_get_openai_errors() {
         check(s, &b, 404, "not_found");
     }
     let r = client().post(format!("{proxy}/v1/models")).send().await.expect("send");
-    assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().ok()), (405, Some("GET")));
+    assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().ok()), (405, Some("GET, HEAD")));
     // A path opened by model goes to an endpoint of the model's pool.
     let r = client()
         .post(format!("{proxy}/v1/completions/render"))

@@ -5,14 +5,13 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::front::http::{answer, no_route, wrong_method};
+use crate::front::http::{answer, no_route, read_body, wrong_method};
 use crate::gateway::answer::Answer;
 use crate::gateway::facade::Gateway;
 use crate::gateway::facade::Input;
@@ -20,7 +19,6 @@ use crate::routing::request::ApiKind;
 
 /// The admin router.
 pub(crate) fn app(gateway: Arc<Gateway>) -> Router {
-    let limit = gateway.max_body_bytes().saturating_add(1);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -29,7 +27,6 @@ pub(crate) fn app(gateway: Arc<Gateway>) -> Router {
         .route("/debug/explain", post(explain))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(gateway)
 }
 
@@ -67,7 +64,13 @@ struct ExplainQuery {
     path: Option<String>,
 }
 
-async fn explain(State(g): St, Query(q): Query<ExplainQuery>, body: Bytes) -> Response {
+async fn explain(State(g): St, Query(q): Query<ExplainQuery>, body: axum::body::Body) -> Response {
+    // Read as the proxy reads a body: bounded, under the budget, refused as JSON.
+    let mut held = g.body_budget().reservation();
+    let body = match read_body(body, g.max_body_bytes(), &mut held).await {
+        Ok(b) => b,
+        Err(e) => return answer(&Answer::from(&e)),
+    };
     let path = q.path.as_deref().unwrap_or("/v1/chat/completions");
     let Some(api) = ApiKind::from_path(path) else {
         return answer(&Answer::error(400, format!("`{path}` is not a routed API path"), "invalid_path", Some("path")));

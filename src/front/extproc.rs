@@ -34,7 +34,8 @@ pub(crate) mod health;
 mod reply;
 
 use crate::front::http::{
-    DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, new_request_id,
+    CLIENT_ONLY_HEADERS, DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER,
+    new_request_id,
 };
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
@@ -366,7 +367,8 @@ impl StreamState {
         let mut set = vec![set_header(DESTINATION_HEADER, &dest)];
         // Placement headers are kvgate's: set them for this decision, drop any the client sent.
         set.extend(placement.set.iter().map(|(k, v)| set_header(k, v)));
-        let remove = placement.remove.iter().map(|h| (*h).to_owned()).collect();
+        // And what a client sent under the gateway protocol's names never reaches the endpoint.
+        let remove = placement.remove.iter().chain(&CLIENT_ONLY_HEADERS).map(|h| (*h).to_owned()).collect();
         if self.generated_id
             && let Some(id) = &self.request_id
         {

@@ -100,6 +100,10 @@ pub(crate) fn strip_placement(headers: &mut HeaderMap) {
 /// under these names is for kvgate (or nobody), never for an endpoint.
 const GATEWAY_HEADERS: [&str; 4] = [DESTINATION_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
 
+/// Of those, the ones Envoy must drop from a request it sends on (it sets the destination
+/// itself, from kvgate's answer).
+pub(crate) const CLIENT_ONLY_HEADERS: [&str; 3] = [SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
+
 /// Removes the gateway's own headers (and `Proxy-Authorization`) a client sent.
 pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
     for h in GATEWAY_HEADERS {

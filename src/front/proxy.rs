@@ -23,12 +23,14 @@ use crate::front::http::{
     PREFILLER_HEADER, UpstreamClient, answer, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
     json_error, read_body, relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
 };
+use crate::gateway::answer::Answer;
 use crate::gateway::config::ProxyConfig;
-use crate::gateway::error::error_chain;
+use crate::gateway::error::{RouteError, error_chain};
 use crate::gateway::events::{Event, Failure, Prefill};
 use crate::gateway::facade::{Gateway, Input, RouteRequest, SubsetHint};
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::Place;
+use crate::routing::request::RequestError;
 use crate::routing::schedule::Target;
 
 /// What the proxy needs.
@@ -106,6 +108,9 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
 /// Routes a request through the gateway, placed as the path policy says, and sends it.
 async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    if let Some(refused) = refuse_before_reading(&st.gateway, &parts.headers) {
+        return refused;
+    }
     // Held until the request has its answer (retries resend the body).
     let mut held = st.gateway.body_budget().reservation();
     let body = match read_body(body, st.gateway.max_body_bytes(), &mut held).await {
@@ -121,6 +126,26 @@ async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
         }
         Err(a) => answer(&a),
     }
+}
+
+/// The answer to a request whose headers alone refuse it, before a byte of its body is read (so
+/// an `Expect: 100-continue` client is never told to send it): a declared length over the
+/// limit (413), or a transfer coding other than `chunked` (501; kvgate does not decode one).
+fn refuse_before_reading(gateway: &Gateway, headers: &HeaderMap) -> Option<Response> {
+    let limit = gateway.max_body_bytes();
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse().ok());
+    if let Some(size) = declared.filter(|&n: &usize| n > limit) {
+        let e = RouteError::BadRequest(RequestError::TooLarge { size, limit });
+        return Some(answer(&gateway.refuse(&e)));
+    }
+    let codings = headers.get_all(axum::http::header::TRANSFER_ENCODING).iter();
+    let other = codings
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))?;
+    let message = format!("Transfer-Encoding `{other}` is not supported; send the body plain or chunked");
+    Some(answer(&Answer { close: true, ..Answer::error(501, message, "not_implemented", None) }))
 }
 
 /// Whether an upstream error is a connection that closed or reset before any answer — not a

@@ -141,6 +141,8 @@ impl PathPolicy {
     /// The ask of `method` on `path`.
     pub fn ask(&self, method: &str, path: &str) -> Ask {
         let path = normal(path);
+        // kvgate's own answers take HEAD too (the headers of the GET, no body).
+        let own = |ask: Ask| if matches!(method, "GET" | "HEAD") { ask } else { Ask::MethodNotAllowed("GET, HEAD") };
         let get = |ask: Ask| if method == "GET" { ask } else { Ask::MethodNotAllowed("GET") };
         // A model id may hold `/` or be percent-encoded: the gateway answers it itself (nothing
         // is forwarded), so only the prefix must be plain.
@@ -148,14 +150,14 @@ impl PathPolicy {
             let Some(id) = model_id(path) else { return Ask::NotFound };
             let spelled = format!("/v1/models/{id}");
             let refused = self.refuse.iter().any(|p| p.matches("/v1/models") || p.matches(&spelled));
-            return if refused { Ask::NotFound } else { get(Ask::ModelInfo) };
+            return if refused { Ask::NotFound } else { own(Ask::ModelInfo) };
         }
         if ambiguous(path) || self.refuse.iter().any(|p| p.matches(path)) {
             return Ask::NotFound;
         }
         match path {
-            "/v1/models" => return get(Ask::Models),
-            "/health" => return get(Ask::Health),
+            "/v1/models" => return own(Ask::Models),
+            "/health" => return own(Ask::Health),
             "/version" => return get(Ask::Route(Place::AnyEndpoint)),
             _ => {}
         }
@@ -211,13 +213,16 @@ mod tests {
         assert_eq!(p.ask("POST", "/tokenize"), Ask::Route(Place::Model));
         assert_eq!(p.ask("GET", "/v1/completions"), Ask::MethodNotAllowed("POST"));
         assert_eq!(p.ask("GET", "/v1/models"), Ask::Models);
-        assert_eq!(p.ask("POST", "/v1/models"), Ask::MethodNotAllowed("GET"));
+        assert_eq!(p.ask("POST", "/v1/models"), Ask::MethodNotAllowed("GET, HEAD"));
+        assert_eq!(p.ask("HEAD", "/v1/models"), Ask::Models);
         assert_eq!(p.ask("GET", "/health"), Ask::Health);
-        assert_eq!(p.ask("POST", "/health"), Ask::MethodNotAllowed("GET"));
+        assert_eq!(p.ask("HEAD", "/health"), Ask::Health);
+        assert_eq!(p.ask("POST", "/health"), Ask::MethodNotAllowed("GET, HEAD"));
+        assert_eq!(p.ask("HEAD", "/version"), Ask::MethodNotAllowed("GET"));
         assert_eq!(p.ask("GET", "/version"), Ask::Route(Place::AnyEndpoint));
         assert_eq!(p.ask("GET", "/v1/models/meta-llama/Llama-3.1-8B"), Ask::ModelInfo);
         assert_eq!(p.ask("GET", "/v1/models/meta-llama%2FLlama-3.1-8B"), Ask::ModelInfo);
-        assert_eq!(p.ask("DELETE", "/v1/models/x"), Ask::MethodNotAllowed("GET"));
+        assert_eq!(p.ask("DELETE", "/v1/models/x"), Ask::MethodNotAllowed("GET, HEAD"));
         assert_eq!(model_id("/v1/models/meta-llama%2FLlama-3.1-8B"), Some("meta-llama/Llama-3.1-8B".into()));
         assert_eq!(model_id("/v1/models/a/b/?x=1"), Some("a/b".into()));
         assert_eq!(model_id("/v1/models/%ff"), None);
