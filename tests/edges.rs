@@ -67,7 +67,7 @@ async fn protocol_edges_are_answered_cleanly() {
     assert!(answer.contains("not_implemented"), "{answer}");
 
     // The admin explain reads a body as the proxy does: over the limit is a JSON 413.
-    let big = chat(MODEL).user(&"x".repeat(8000)).json();
+    let big = chat(MODEL).user("x".repeat(8000)).json();
     let r = client()
         .post(format!("{}/debug/explain?path=/v1/chat/completions", fleet.admin()))
         .json(&big)
