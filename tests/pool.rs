@@ -334,6 +334,9 @@ async fn garbage_and_enormous_metrics_are_errors_that_hurt_no_one_else() {
     assert_eq!(r.decision().primary().address, good.addrs[0]);
 }
 
+/// Makes something at a path.
+type Make<'a> = dyn Fn(&std::path::Path) + 'a;
+
 /// An endpoints file is read only while it is a regular file within `endpoints_file_max_bytes`:
 /// a symlink to `/dev/zero`, a FIFO and a file over the limit are each refused, the refusal is
 /// shown in `/debug/endpoints` and the last good set keeps serving; a good file is taken again.
@@ -344,7 +347,7 @@ async fn endpoints_files_that_are_not_regular_files_or_too_large_are_refused() {
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let (file, next) = (dir.join("endpoints.yaml"), dir.join("next.yaml"));
     // Each change is made beside the file, then renamed over it: discovery sees one or the other.
-    let replace = |make: &dyn Fn(&std::path::Path)| {
+    let replace = |make: &Make<'_>| {
         std::fs::remove_file(&next).ok();
         make(&next);
         std::fs::rename(&next, &file).expect("rename over the endpoints file");
@@ -368,7 +371,7 @@ async fn endpoints_files_that_are_not_regular_files_or_too_large_are_refused() {
     let last_error = |v: &Value| v["pools"][0]["discovery"]["last_error"].as_str().unwrap_or("").to_owned();
     let chat_url = format!("{}/v1/chat/completions", fleet.proxy());
 
-    let refusals: [(&str, &dyn Fn(&std::path::Path), &str); 3] = [
+    let refusals: [(&str, &Make<'_>, &str); 3] = [
         (
             "a symlink to /dev/zero",
             &|p| std::os::unix::fs::symlink("/dev/zero", p).expect("symlink"),
