@@ -68,7 +68,7 @@ pub enum FileError {
         path: String,
     },
     /// Reading it took longer than its reader waits (a file system that does not answer).
-    #[error("reading {path} took longer than {after:?}; it is read again once that read ends and the file changes")]
+    #[error("reading {path} took longer than {after:?}; no other read of it starts until this one ends")]
     TimedOut {
         /// The file.
         path: String,

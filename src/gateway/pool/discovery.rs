@@ -32,7 +32,8 @@ pub struct SourceStatus {
     pub from: Option<String>,
     /// Whether the source has been read in full (Kubernetes: the pool and its pods listed).
     pub synced: bool,
-    /// The source's last problem, while it lasts (Kubernetes: API errors, a malformed pool).
+    /// The source's last problem, while it lasts (Kubernetes: API errors, a malformed pool; a
+    /// file: why it was refused, the last good set kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Objects the source skipped as malformed, and why (Kubernetes: pods, by name).
