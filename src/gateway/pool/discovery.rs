@@ -150,11 +150,21 @@ impl FileState {
             return Ok(look);
         }
         let (path, max_bytes, last) = (self.file.path.clone(), self.file.max_bytes, self.stamp);
-        let mut task = tasks.spawn_blocking("endpoints file read", move || {
+        self.start_look(tasks, move || {
             let stamp = std::fs::metadata(&path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
             let read = (Some(stamp) != last).then(|| load_endpoints_file(&path, max_bytes));
             (stamp, read)
-        });
+        })
+        .await
+    }
+
+    /// Runs `look` on a blocking thread and waits for it, [`FILE_READ_TIMEOUT`] at most.
+    async fn start_look(
+        &mut self,
+        tasks: &Tasks,
+        look: impl FnOnce() -> Look + Send + 'static,
+    ) -> Result<Option<Look>, ConfigError> {
+        let mut task = tasks.spawn_blocking("endpoints file read", look);
         match tokio::time::timeout(FILE_READ_TIMEOUT, &mut task).await {
             Ok(look) => Ok(look),
             Err(_) => {
@@ -222,5 +232,41 @@ pub(crate) async fn run(
             return;
         }
         tokio::time::sleep(FILE_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A look that does not end in time is given up on, and no other starts until it ends;
+    /// then its result is the next look's.
+    #[tokio::test(start_paused = true)]
+    async fn a_look_that_hangs_times_out_and_blocks_no_other() {
+        let tasks = Tasks::new();
+        let file = WatchedFile { path: PathBuf::from("/nowhere/endpoints.yaml"), max_bytes: 1 };
+        let mut state = FileState { file, stamp: None, stuck: None, entries: Vec::new() };
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        // A blocking task holds paused time still: the clock is moved by hand past the timeout.
+        let look = state.start_look(&tasks, move || (hang.recv().ok().and(None), None));
+        let (looked, ()) = tokio::join!(look, tokio::time::advance(FILE_READ_TIMEOUT + Duration::from_secs(1)));
+        let e = looked.expect_err("the look hangs past the timeout");
+        assert!(e.to_string().contains("took longer than 5s"), "{e}");
+        // While it hangs, nothing new starts (this look would panic the test if it ran).
+        assert!(state.next_look(&tasks).await.expect("no error while it hangs").is_none());
+        release.send(()).expect("the look waits");
+        let mut ended = None;
+        for _ in 0..5000 {
+            match state.next_look(&tasks).await {
+                Ok(Some(look)) => {
+                    ended = Some(look);
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        let (stamp, read) = ended.expect("the hung look ended and was taken");
+        assert!(stamp.is_none() && read.is_none());
+        assert!(state.stuck.is_none());
     }
 }
