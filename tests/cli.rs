@@ -218,3 +218,63 @@ fn serve_logs_ignored_settings() {
     let _ = child.wait();
     assert!(found, "no warning line with `{located}` in:\n{}", seen.join("\n"));
 }
+
+/// Zero or absurd timeouts and sizes are refused, each by its key, file and line.
+#[test]
+fn timeouts_and_sizes_out_of_bounds_are_refused_with_their_place() {
+    let pool = "pools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n";
+    let cases = [
+        ("idle-zero", "proxy:\n  idle_timeout_ms: 0\n", 2, "proxy.idle_timeout_ms", "got 0"),
+        (
+            "first-byte-zero",
+            "proxy: {attempts: 2, first_byte_timeout_ms: 0}\n",
+            1,
+            "proxy.first_byte_timeout_ms",
+            "got 0",
+        ),
+        ("body-max", "admin_addr: 127.0.0.1:0\nmax_body_bytes: 18446744073709551615\n", 2, "max_body_bytes", "1 GiB"),
+        ("report-zero", "picker_api:\n  report_timeout_ms: 0\n", 2, "picker_api.report_timeout_ms", "24 h"),
+    ];
+    for (name, section, line, key, why) in cases {
+        let path = config_file(&format!("bounds-{name}.yaml"), &format!("{section}{pool}"));
+        check(&path, false, &[&format!("{}:{line}: {key}: must be", path.display()), why]);
+    }
+    let file_limit = config_file("bounds-file.yaml", &format!("{pool}    endpoints_file_max_bytes: 0\n"));
+    check(&file_limit, false, &[&format!("{}:5: pools[0].endpoints_file_max_bytes", file_limit.display())]);
+}
+
+/// An endpoints file that is not a regular file is refused by check-config, given directly or
+/// through a config, without waiting on a FIFO or reading a device.
+#[test]
+fn endpoints_files_that_are_not_regular_files_are_refused() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli");
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let fifo = dir.join("fifo-endpoints.yaml");
+    std::fs::remove_file(&fifo).ok();
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs").success());
+    let zero = dir.join("zero-endpoints.yaml");
+    std::fs::remove_file(&zero).ok();
+    std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+    for (file, what) in [(&fifo, "a FIFO (named pipe)"), (&zero, "a character device")] {
+        let refused = format!("{} is {what}, not a regular file", file.display());
+        check(file, false, &[&refused]);
+        let cfg = config_file(
+            "file-not-regular.yaml",
+            &format!("pools:\n  - name: a\n    models: [m]\n    endpoints_file: '{}'\n", file.display()),
+        );
+        check(&cfg, false, &[&format!("{}:4: pools[0].endpoints_file: {refused}", cfg.display())]);
+    }
+    let big = config_file("big-endpoints.yaml", &format!("# {}\nendpoints: []\n", "x".repeat(100)));
+    let cfg = config_file(
+        "file-too-large.yaml",
+        &format!(
+            "pools:\n  - name: a\n    models: [m]\n    endpoints_file: '{}'\n    endpoints_file_max_bytes: 64\n",
+            big.display()
+        ),
+    );
+    check(
+        &cfg,
+        false,
+        &["pools[0].endpoints_file", "is 117 bytes, over the limit of 64 bytes (`endpoints_file_max_bytes`)"],
+    );
+}

@@ -333,3 +333,83 @@ async fn garbage_and_enormous_metrics_are_errors_that_hurt_no_one_else() {
     let r = decide(&kv.gateway, &body("x")).expect("routed");
     assert_eq!(r.decision().primary().address, good.addrs[0]);
 }
+
+/// Makes something at a path.
+type Make<'a> = dyn Fn(&std::path::Path) + 'a;
+
+/// An endpoints file is read only while it is a regular file within `endpoints_file_max_bytes`:
+/// a symlink to `/dev/zero`, a FIFO and a file over the limit are each refused, the refusal is
+/// shown in `/debug/endpoints` and the last good set keeps serving; a good file is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_files_that_are_not_regular_files_or_too_large_are_refused() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    let dir = std::env::temp_dir().join(format!("kvgate-pool-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let (file, next) = (dir.join("endpoints.yaml"), dir.join("next.yaml"));
+    // Each change is made beside the file, then renamed over it: discovery sees one or the other.
+    let replace = |make: &Make<'_>| {
+        std::fs::remove_file(&next).ok();
+        make(&next);
+        std::fs::rename(&next, &file).expect("rename over the endpoints file");
+    };
+    let good = |name: &str| {
+        let text = format!("endpoints: [{{name: {name}, address: '{}'}}]\n", sim.addrs[0]);
+        move |p: &std::path::Path| std::fs::write(p, &text).expect("write endpoints file")
+    };
+    replace(&good("first"));
+    let fleet = gateway(MODEL)
+        .proxy()
+        .pool(&format!("endpoints_file: '{}'\nendpoints_file_max_bytes: 4096", file.display()))
+        .start_without_waiting()
+        .await;
+    let debug = format!("{}/debug/endpoints", fleet.admin());
+    let named = |name: &'static str| {
+        let debug = debug.clone();
+        async move { first_endpoint(&get_json(&debug).await)["name"] == name }
+    };
+    assert!(eventually(10, || named("first")).await, "{}", get_json(&debug).await);
+    let last_error = |v: &Value| v["pools"][0]["discovery"]["last_error"].as_str().unwrap_or("").to_owned();
+    let chat_url = format!("{}/v1/chat/completions", fleet.proxy());
+
+    let refusals: [(&str, &Make<'_>, &str); 3] = [
+        (
+            "a symlink to /dev/zero",
+            &|p| std::os::unix::fs::symlink("/dev/zero", p).expect("symlink"),
+            "is a character device, not a regular file",
+        ),
+        (
+            "a FIFO",
+            &|p| {
+                let made = std::process::Command::new("mkfifo").arg(p).status().expect("mkfifo runs");
+                assert!(made.success(), "mkfifo {}", p.display());
+            },
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        (
+            "a file over the limit",
+            &|p| {
+                let padding = format!("# {}\n", "x".repeat(5000));
+                std::fs::write(p, format!("{padding}endpoints: [{{address: '{}'}}]\n", sim.addrs[0])).expect("write");
+            },
+            "bytes, over the limit of 4096 bytes (`endpoints_file_max_bytes`)",
+        ),
+    ];
+    for (k, (what, make, why)) in refusals.into_iter().enumerate() {
+        replace(make);
+        let refused = eventually(10, || async { last_error(&get_json(&debug).await).contains(why) }).await;
+        let v = get_json(&debug).await;
+        assert!(refused, "{what}: {v}");
+        let error = last_error(&v);
+        assert!(error.contains(&file.display().to_string()) && error.contains("last good endpoint set"), "{error}");
+        // The last good set stays, and serves.
+        assert_eq!(endpoints_of(&v, 0).len(), 1, "{what}: {v}");
+        let (status, answer) = common::post(&chat_url, &chat(MODEL).user("still there?").json()).await;
+        assert_eq!(status, 200, "{what}: {answer}");
+        // A regular file within the limit is read again, and clears the error.
+        let name = ["second", "third", "fourth"][k];
+        replace(&good(name));
+        assert!(eventually(10, || named(name)).await, "{what}, then a good file: {}", get_json(&debug).await);
+        assert_eq!(last_error(&get_json(&debug).await), "", "{what}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,9 +5,11 @@
 //! ports, duplicate names and models, role labels, and each pool's scheduler (compiled, so an
 //! unknown plugin is caught here). Every error says what is wrong and where.
 
+mod bounds;
 pub mod endpoints;
 mod inference_pool;
 mod located;
+pub mod read;
 mod sections;
 mod warnings;
 
@@ -26,6 +28,7 @@ pub use inference_pool::{
     INFERENCE_POOL_GROUP, InferencePoolRef, is_dns_label, is_dns_subdomain, is_label_key, is_label_value,
 };
 use located::Lines;
+use read::{CONFIG_LIMIT, FileError};
 pub use sections::{
     Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, PathsConfig,
     PickerApiConfig, ProxyConfig, ScrapeConfig, TlsFiles, bind_address, pattern_parts,
@@ -101,6 +104,13 @@ fn default_max_body() -> usize {
     DEFAULT_MAX_BODY_BYTES
 }
 
+/// The default of a pool's `endpoints_file_max_bytes`.
+pub const DEFAULT_ENDPOINTS_FILE_MAX_BYTES: u64 = 4 << 20;
+
+fn default_endpoints_file_max_bytes() -> u64 {
+    DEFAULT_ENDPOINTS_FILE_MAX_BYTES
+}
+
 /// One pool.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +132,9 @@ pub struct PoolConfig {
     /// A YAML or JSON file with `endpoints: [...]`, reloaded when it changes.
     #[serde(default)]
     pub endpoints_file: Option<PathBuf>,
+    /// The largest `endpoints_file` read, in bytes (default 4 MiB); a larger one is refused.
+    #[serde(default = "default_endpoints_file_max_bytes")]
+    pub endpoints_file_max_bytes: u64,
     /// The scheduler, in EndpointPickerConfig shape; the default scheduler when absent.
     #[serde(default)]
     pub scheduler: Option<SchedulerSpec>,
@@ -181,20 +194,16 @@ impl ResolvedPool {
 /// A config error: the file, where in it, and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file could not be read, or was refused (not a regular file, too large).
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The file is not valid.
-    #[error("{path}: {at}: {message}")]
+    #[error("{path}{}: {at}: {message}", line.map_or(String::new(), |l| format!(":{l}")))]
     Invalid {
         /// The file.
         path: String,
+        /// The line of `at`, when known.
+        line: Option<u64>,
         /// Where in the file (a path such as `pools[0].endpoints[1].address`).
         at: String,
         /// What is wrong.
@@ -217,6 +226,8 @@ pub struct ResolvedPool {
     pub file_endpoints: Vec<ResolvedEndpoint>,
     /// Endpoints file (absolute, or relative to the working directory).
     pub endpoints_file: Option<PathBuf>,
+    /// The largest endpoints file read.
+    pub endpoints_file_max_bytes: u64,
     /// The compiled scheduler.
     pub scheduler: Scheduler,
     /// Admission limits.
@@ -279,19 +290,19 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (Stri
 impl Config {
     /// Reads and parses a config file (relative paths in it resolve from its folder).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::from_yaml(&text, path)
+        Self::from_yaml(&read::read_text(path, CONFIG_LIMIT)?, path)
     }
 
     /// Parses config text as if read from `path`.
     pub fn from_yaml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let lines = Lines::of(text);
         let mut cfg: Self = parse_yaml(text).map_err(|(at, message)| ConfigError::Invalid {
             path: path.display().to_string(),
+            line: lines.get(&at),
             at,
             message,
         })?;
-        cfg.lines = Lines::of(text);
+        cfg.lines = lines;
         let base = path.parent().unwrap_or(Path::new(""));
         if let Some(tls) = cfg.extproc.tls.as_mut() {
             for p in [&mut tls.cert_path, &mut tls.key_path] {
@@ -332,8 +343,12 @@ impl Config {
 
     /// Checks the whole config and compiles each pool's scheduler.
     pub fn resolve(&self, path: &Path) -> Result<Vec<ResolvedPool>, ConfigError> {
-        let invalid =
-            |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
+        let invalid = |at: String, message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            line: self.lines.get(&at),
+            at,
+            message,
+        };
         self.check_sections(&invalid)?;
         let mut names = HashSet::new();
         let mut model_owner: BTreeMap<&str, &str> = BTreeMap::new();
@@ -357,6 +372,7 @@ impl Config {
                 inference_pool: pool.inference_pool.clone(),
                 file_endpoints,
                 endpoints_file: pool.endpoints_file.clone(),
+                endpoints_file_max_bytes: pool.endpoints_file_max_bytes,
                 scheduler,
                 admission: pool.admission,
                 precise,
@@ -374,45 +390,21 @@ impl Config {
         if let Some((at, message)) = self.paths.problem() {
             return Err(invalid(at.into(), message));
         }
-        if self.max_body_bytes == 0 {
-            return Err(invalid("max_body_bytes".into(), "must be at least 1".into()));
+        // Every timeout and size, each against its bounds (`bounds.rs`).
+        if let Some((at, message)) = self.out_of_bounds() {
+            return Err(invalid(at, message));
         }
-        if self.max_buffered_bytes == 0 {
-            return Err(invalid("max_buffered_bytes".into(), "must be at least 1".into()));
+        if self.picker_api.max_pending == 0 {
+            return Err(invalid("picker_api.max_pending".into(), "must be at least 1".into()));
         }
-        if self.scrape.interval_ms == 0 || self.scrape.timeout_ms == 0 || self.scrape.max_bytes == 0 {
-            return Err(invalid("scrape".into(), "interval_ms, timeout_ms and max_bytes must be at least 1".into()));
+        if self.extproc.max_endpoints == Some(0) {
+            return Err(invalid("extproc.max_endpoints".into(), "must be at least 1".into()));
         }
-        let api = &self.picker_api;
-        if api.start_timeout_ms == 0 || api.report_timeout_ms == 0 || api.max_pending == 0 {
-            let why = "start_timeout_ms, report_timeout_ms and max_pending must be at least 1";
-            return Err(invalid("picker_api".into(), why.into()));
+        if self.proxy.attempts == 0 {
+            return Err(invalid("proxy.attempts".into(), "must be at least 1".into()));
         }
-        if self.extproc.max_endpoints == Some(0) || self.extproc.max_message_bytes < 1024 {
-            return Err(invalid(
-                "extproc".into(),
-                "max_endpoints must be at least 1 and max_message_bytes at least 1024".into(),
-            ));
-        }
-        if self.proxy.attempts == 0 || self.proxy.connect_timeout_ms == 0 || self.proxy.prefill_timeout_ms == 0 {
-            return Err(invalid(
-                "proxy".into(),
-                "attempts, connect_timeout_ms and prefill_timeout_ms must be at least 1".into(),
-            ));
-        }
-        let c = &self.connections;
-        if c.header_read_timeout_ms == 0 || c.max_connections == 0 || c.body_read_timeout_ms == 0 {
-            return Err(invalid(
-                "connections".into(),
-                "header_read_timeout_ms, body_read_timeout_ms and max_connections must be at least 1".into(),
-            ));
-        }
-        const DAY_MS: u64 = 86_400_000;
-        if c.header_read_timeout_ms > DAY_MS || c.body_read_timeout_ms > DAY_MS {
-            return Err(invalid(
-                "connections".into(),
-                format!("header_read_timeout_ms and body_read_timeout_ms are at most a day ({DAY_MS})"),
-            ));
+        if self.connections.max_connections == 0 {
+            return Err(invalid("connections.max_connections".into(), "must be at least 1".into()));
         }
         if self.proxy.retry_budget_percent > 100 {
             return Err(invalid("proxy.retry_budget_percent".into(), "a percentage: 0 to 100".into()));
@@ -510,10 +502,12 @@ fn pool_endpoints(
         }
     }
     if let Some(f) = &pool.endpoints_file {
-        if !f.is_file() {
-            return Err(invalid(at("endpoints_file"), format!("{} is not a file", f.display())));
-        }
-        for r in load_endpoints_file(f)? {
+        let loaded = match load_endpoints_file(f, pool.endpoints_file_max_bytes) {
+            // Not read at all: said at the setting that names the file.
+            Err(ConfigError::File(e)) => return Err(invalid(at("endpoints_file"), e.to_string())),
+            loaded => loaded?,
+        };
+        for r in loaded {
             if !first_use(&mut seen, &r) {
                 return Err(invalid(at("endpoints_file"), format!("endpoint {r} is listed twice")));
             }

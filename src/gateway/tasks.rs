@@ -4,7 +4,8 @@
 //! waits for them, within a bound, naming any that did not end. The [`Task`] handle a spawn
 //! returns aborts its task when dropped, so a task can also belong to a smaller owner (a pool
 //! member's scraper, a listener), or be [detached](Task::detach) to live until it ends or its
-//! owner shuts down (a request's stream).
+//! owner shuts down (a request's stream). [`Tasks::spawn_blocking`] runs blocking work (a file
+//! read) the same way, on the runtime's blocking threads.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -58,6 +59,28 @@ impl Tasks {
         let owned = self.tracker.track_future(owned.instrument(tracing::debug_span!("task", name)));
         #[allow(clippy::disallowed_methods, reason = "the one spawn: tracked, named, and stopped by its owner")]
         let handle = tokio::spawn(owned);
+        Task { handle, detached: false }
+    }
+
+    /// Runs blocking `work` (a file read) on the runtime's blocking threads as task `name`.
+    /// Tracked like any task: a shutdown waits for it within its bound and names it if it is
+    /// still running. But it cannot be stopped once started — only skipped if the owner is
+    /// already shutting down — and dropping its handle only lets go of its output; so `work`
+    /// must end by itself (a bounded read of a regular file does).
+    pub fn spawn_blocking<T, F>(&self, name: &'static str, work: F) -> Task<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let alive = Alive::new(name, self.running.clone());
+        let (stop, tracked) = (self.stop.clone(), self.tracker.token());
+        let owned = move || {
+            let _owned = (alive, tracked);
+            let _span = tracing::debug_span!("task", name).entered();
+            (!stop.is_cancelled()).then(work)
+        };
+        #[allow(clippy::disallowed_methods, reason = "the one blocking spawn: tracked, named, waited for by its owner")]
+        let handle = tokio::task::spawn_blocking(owned);
         Task { handle, detached: false }
     }
 
@@ -198,6 +221,27 @@ mod tests {
             let clone = tasks.clone();
             assert!(clone.shutdown(Duration::from_secs(10)).await, "the aborted task counts as ended");
             assert!(tasks.running().is_empty());
+        });
+    }
+
+    #[test]
+    fn blocking_work_is_tracked_until_it_ends() {
+        check(|| async {
+            let tasks = Tasks::new();
+            let (go_tx, go) = std::sync::mpsc::channel::<()>();
+            let (started_tx, started) = tokio::sync::oneshot::channel();
+            let work = tasks.spawn_blocking("read", move || {
+                let _ = started_tx.send(());
+                go.recv().map(|()| 7).ok()
+            });
+            assert_eq!(tasks.running(), [("read", 1)]);
+            started.await.expect("the work started");
+            assert!(!tasks.shutdown(Duration::from_millis(20)).await, "it runs until its work ends");
+            go_tx.send(()).expect("the work waits");
+            assert_eq!(work.await, Some(Some(7)));
+            assert!(tasks.shutdown(Duration::from_secs(10)).await);
+            assert!(tasks.running().is_empty());
+            assert_eq!(tasks.spawn_blocking("late", || 1).await, None, "skipped after a shutdown");
         });
     }
 

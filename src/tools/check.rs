@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::gateway::config::endpoints::{EndpointsDocument, ResolvedEndpoint, load_endpoints_file};
-use crate::gateway::config::{Config, ConfigError, ResolvedPool};
+use crate::gateway::config::read::{CONFIG_LIMIT, read_text};
+use crate::gateway::config::{Config, ConfigError, DEFAULT_ENDPOINTS_FILE_MAX_BYTES, ResolvedPool};
 use crate::routing::endpoint::Role;
 
 /// What makes `check-config` fail: the message it prints after `error: `.
@@ -38,7 +39,8 @@ const ENDPOINTS_FILE: &str = "looks like an endpoints file (a list of endpoints)
 
 /// Checks `file` (a config, or an endpoints file) and returns the report for stdout.
 pub fn check_config(file: &Path) -> Result<String, CheckError> {
-    let document = std::fs::read_to_string(file).ok().and_then(|text| EndpointsDocument::of(&text));
+    // Read as a config is (a file that is not one is refused by `Config::load` below).
+    let document = read_text(file, CONFIG_LIMIT).ok().and_then(|text| EndpointsDocument::of(&text));
     if let Some(document) = document {
         return check_endpoints_file(file, document);
     }
@@ -122,7 +124,7 @@ fn describe_pool(out: &mut String, pool: &ResolvedPool) {
 /// endpoints file a pool's `endpoints_file` names.
 fn check_endpoints_file(file: &Path, document: EndpointsDocument) -> Result<String, CheckError> {
     let endpoints = match document {
-        EndpointsDocument::File => load_endpoints_file(file)
+        EndpointsDocument::File => load_endpoints_file(file, DEFAULT_ENDPOINTS_FILE_MAX_BYTES)
             .map_err(|source| CheckError::EndpointsFile { file: file.display().to_string(), source })?,
         EndpointsDocument::BareList => return Err(CheckError::BareList(file.display().to_string())),
     };

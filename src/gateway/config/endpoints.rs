@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::located::Lines;
+use super::read::{Limit, read_text};
 use super::{ConfigError, parse_yaml};
 use crate::routing::endpoint::{ROLE_LABEL, Role};
 
@@ -233,11 +235,18 @@ impl EndpointsDocument {
     }
 }
 
-/// Reads an endpoints file (YAML or JSON: `endpoints: [...]`) and resolves its entries.
-pub fn load_endpoints_file(path: &Path) -> Result<Vec<ResolvedEndpoint>, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let invalid = |at: String, message: String| ConfigError::Invalid { path: path.display().to_string(), at, message };
+/// Reads an endpoints file (YAML or JSON: `endpoints: [...]`) of at most `max_bytes` (a pool's
+/// `endpoints_file_max_bytes`) and resolves its entries. Only a regular file is read (see
+/// [`read_text`]); blocking: run it off an async runtime.
+pub fn load_endpoints_file(path: &Path, max_bytes: u64) -> Result<Vec<ResolvedEndpoint>, ConfigError> {
+    let text = read_text(path, Limit { bytes: max_bytes, set_by: "`endpoints_file_max_bytes`" })?;
+    let lines = Lines::of(&text);
+    let invalid = |at: String, message: String| ConfigError::Invalid {
+        path: path.display().to_string(),
+        line: lines.get(&at),
+        at,
+        message,
+    };
     let file: EndpointsFile = parse_yaml(&text).map_err(|(at, m)| invalid(at, m))?;
     let mut out = Vec::new();
     let mut seen = Claims::new();
@@ -255,7 +264,7 @@ pub fn load_endpoints_file(path: &Path) -> Result<Vec<ResolvedEndpoint>, ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::config::Config;
+    use crate::gateway::config::{Config, DEFAULT_ENDPOINTS_FILE_MAX_BYTES as MAX};
 
     fn check_endpoint(yaml: &str, want: Result<&[&str], &str>) {
         let spec: EndpointSpec = parse_yaml(yaml).unwrap_or_else(|e| panic!("{yaml}: {e:?}"));
@@ -336,17 +345,17 @@ mod tests {
             "eps.json",
             r#"{"endpoints": [{"address": "10.1.0.1:8000"}, {"address": "10.1.0.2", "ports": [1, 2]}]}"#,
         );
-        let got: Vec<String> = load_endpoints_file(&json).expect("loads").iter().map(|e| e.to_string()).collect();
+        let got: Vec<String> = load_endpoints_file(&json, MAX).expect("loads").iter().map(|e| e.to_string()).collect();
         assert_eq!(got, ["10.1.0.1:8000", "10.1.0.2:1", "10.1.0.2:2"]);
         let bad = write("bad.yaml", "endpoints: [{address: 10.1.0.1}]");
-        let e = load_endpoints_file(&bad).expect_err("no port");
+        let e = load_endpoints_file(&bad, MAX).expect_err("no port");
         assert!(e.to_string().contains("endpoints[0]: `10.1.0.1` has no port"), "{e}");
         let twice =
             write("twice.yaml", "endpoints: [{address: '10.1.0.1:1', data_parallel_size: 2}, {address: '10.1.0.1:1'}]");
-        let e = load_endpoints_file(&twice).expect_err("one server, two ways");
+        let e = load_endpoints_file(&twice, MAX).expect_err("one server, two ways");
         assert!(e.to_string().contains("endpoints[1]") && e.to_string().contains("listed twice"), "{e}");
         let ranks = write("ranks.yaml", "endpoints: [{address: '10.1.0.1:1', data_parallel_size: 3}]");
-        assert_eq!(load_endpoints_file(&ranks).expect("ranks share their port").len(), 3);
+        assert_eq!(load_endpoints_file(&ranks, MAX).expect("ranks share their port").len(), 3);
         let cfg_path = dir.join("kvgate.yaml");
         let cfg = Config::from_yaml(
             "pools: [{name: a, models: [m], endpoints: [{address: '10.1.0.1:8000'}], endpoints_file: eps.json}]",

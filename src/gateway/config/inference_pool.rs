@@ -115,6 +115,7 @@ impl Config {
                 inference_pool: Some(r),
                 endpoints: Vec::new(),
                 endpoints_file: None,
+                endpoints_file_max_bytes: super::DEFAULT_ENDPOINTS_FILE_MAX_BYTES,
                 scheduler: None,
                 admission: Admission::default(),
                 tokenizer: None,

@@ -47,11 +47,11 @@ fn config_errors_name_the_place() {
     );
     check_config(
         "proxy: {prefill_timeout_ms: 0}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
-        Err(("proxy", "prefill_timeout_ms")),
+        Err(("proxy.prefill_timeout_ms", "milliseconds, from 1 to 86400000 (24 h); got 0")),
     );
     check_config(
         "connections: {body_read_timeout_ms: 18446744073709551615}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
-        Err(("connections", "at most a day")),
+        Err(("connections.body_read_timeout_ms", "from 1 to 86400000 (24 h); got 18446744073709551615")),
     );
     check_config(
         "paths: {model: [tokenize]}\npools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}]",
@@ -60,7 +60,7 @@ fn config_errors_name_the_place() {
     check_config("pools: [{name: a, models: [m]}]", Err(("pools[0].endpoints", "needs `endpoints`")));
     check_config(
         "pools: [{name: a, models: [m], endpoints_file: nowhere.yaml}]",
-        Err(("pools[0].endpoints_file", "/etc/kvgate/nowhere.yaml is not a file")),
+        Err(("pools[0].endpoints_file", "cannot read /etc/kvgate/nowhere.yaml")),
     );
     check_config(
         "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}], scheduler: {plugins: [{type: nope}]}}]",
@@ -85,6 +85,41 @@ fn config_errors_name_the_place() {
     check_config(&with_admission("{sheddable_headroom: .nan}"), Err(("pools[0].admission", "0 to 1")));
     check_config(&with_admission("{max_in_flight: 0}"), Err(("pools[0].admission", "at least 1")));
     check_config(&with_admission("{max_in_flight: 8, sheddable_headroom: 0.5}"), Ok(1));
+}
+
+/// Every timeout and size is refused at zero and past its bound, by its own key, with its line.
+#[test]
+fn timeouts_and_sizes_are_bounded() {
+    let pool = "pools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n";
+    let refused = [
+        ("proxy: {idle_timeout_ms: 0}", "proxy.idle_timeout_ms", "from 1 to 86400000"),
+        ("proxy: {first_byte_timeout_ms: 0}", "proxy.first_byte_timeout_ms", "got 0"),
+        ("proxy: {connect_timeout_ms: 86400001}", "proxy.connect_timeout_ms", "got 86400001"),
+        ("connections: {header_read_timeout_ms: 0}", "connections.header_read_timeout_ms", "got 0"),
+        ("picker_api: {report_timeout_ms: 0}", "picker_api.report_timeout_ms", "got 0"),
+        ("scrape: {stale_after_ms: 0}", "scrape.stale_after_ms", "got 0"),
+        ("health: {backoff_ms: 0}", "health.backoff_ms", "got 0"),
+        ("max_body_bytes: 18446744073709551615", "max_body_bytes", "from 1 to 1073741824 (1 GiB)"),
+        ("max_body_bytes: 0", "max_body_bytes", "got 0"),
+        ("max_buffered_bytes: 0", "max_buffered_bytes", "from 1 to 68719476736 (64 GiB)"),
+        ("scrape: {max_bytes: 1073741825}", "scrape.max_bytes", "1 GiB"),
+        ("extproc: {max_message_bytes: 100}", "extproc.max_message_bytes", "from 1024"),
+    ];
+    for (section, key, needle) in refused {
+        check_config(&format!("{section}\n{pool}"), Err((key, needle)));
+        // The error names the file and the line of the key.
+        let path = Path::new("/etc/kvgate/test.yaml");
+        let e = Config::from_yaml(&format!("{section}\n{pool}"), path).and_then(|c| c.resolve(path)).expect_err(key);
+        assert!(e.to_string().starts_with(&format!("/etc/kvgate/test.yaml:1: {key}: ")), "{e}");
+    }
+    check_config(
+        &format!("{pool}    endpoints_file_max_bytes: 0\n"),
+        Err(("pools[0].endpoints_file_max_bytes", "got 0")),
+    );
+    let precise = "    tokenizer: /nowhere\n    kv_events: {port: 5557, stale_after_ms: 0}\n";
+    check_config(&format!("{pool}{precise}"), Err(("pools[0].kv_events.stale_after_ms", "got 0")));
+    let edges = "proxy: {idle_timeout_ms: 1, first_byte_timeout_ms: 86400000}\nmax_body_bytes: 1073741824\n";
+    check_config(&format!("{edges}{pool}"), Ok(1));
 }
 
 /// Settings accepted without effect are warnings naming the file, line and YAML path.

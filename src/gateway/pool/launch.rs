@@ -62,7 +62,11 @@ pub async fn launch(
                 tracing::info!(pool = pool.name(), inference_pool = %target.describe(), "endpoints from Kubernetes");
                 owner.spawn("kubernetes discovery", kubernetes::run(pool.clone(), client.clone(), target))
             }
-            _ => owner.spawn("discovery", discovery::run(pool.clone(), kind, rp.endpoints, rp.endpoints_file)),
+            _ => {
+                let max_bytes = rp.endpoints_file_max_bytes;
+                let file = rp.endpoints_file.map(|path| discovery::WatchedFile { path, max_bytes });
+                owner.spawn("discovery", discovery::run(pool.clone(), kind, rp.endpoints, file, owner.clone()))
+            }
         };
         out.tasks.push(task);
         out.pools.push(pool);
