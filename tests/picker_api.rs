@@ -199,6 +199,33 @@ async fn picks_and_reports_round_trip() {
     assert_eq!((no_model.status, no_model.code.as_str()), (400, "missing_model"));
 }
 
+/// A report cannot inflate kvgate's counts, and an error never echoes an unbounded id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_bounded() {
+    let fleet = gateway(MODEL).sims(1).start().await;
+    let kv = &fleet.kv;
+    let mut c = picker(kv).await;
+    let body = json!({"model": MODEL, "prompt": "hello there"});
+    let d = decided(&mut c, pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&body) }).await;
+    let tokens = |m: &str| metric(m, "kvgate_tokens_total", &[("pool", "p"), ("kind", "prompt")]).unwrap_or(0.0);
+    let before = tokens(&common::metrics(&fleet.admin()).await);
+    // More tokens than the model's context (the simulator's max_model_len) holds.
+    let inflated = pb::Usage { prompt_tokens: 1 << 63, completion_tokens: 1, cached_tokens: None };
+    let e = c.report(finished(&d.decision_id, 200, Some(inflated))).await.expect_err("implausible");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("more than a request"), "{}", e.message());
+    assert_eq!(tokens(&common::metrics(&fleet.admin()).await), before, "nothing counted");
+    // The decision is still there for a plausible report.
+    let usage = pb::Usage { prompt_tokens: 3, completion_tokens: 1, cached_tokens: None };
+    assert!(c.report(finished(&d.decision_id, 200, Some(usage))).await.expect("accepted").into_inner().ended);
+    assert_eq!(tokens(&common::metrics(&fleet.admin()).await), before + 3.0);
+    // A 100,000-character id is unknown, said in a short message.
+    let long = "x".repeat(100_000);
+    let e = c.report(finished(&long, 200, None)).await.expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert!(e.message().len() < 200, "{}", e.message());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_never_reported_is_released_and_counted() {
     let picker_api = "picker_api: {start_timeout_ms: 200, report_timeout_ms: 400, max_pending: 1}";

@@ -37,6 +37,8 @@ pub mod pb {
 
 use pb::picker_server::{Picker, PickerServer};
 
+/// The longest decision id a report may name (kvgate's are under 45 bytes).
+const MAX_DECISION_ID: usize = 64;
 /// Most endpoints a pick may ask for.
 const MAX_PICK_ENDPOINTS: usize = 64;
 /// Most `WatchEndpoints` streams open at once (each builds every pool's state per interval).
@@ -175,6 +177,11 @@ impl Picker for PickerApi {
         if req.decision_id.is_empty() {
             return Err(Status::invalid_argument("decision_id is required"));
         }
+        // Ids kvgate issues are short; a longer one is unknown, and is not echoed back.
+        if req.decision_id.len() > MAX_DECISION_ID {
+            let message = format!("a decision_id of {} bytes is none kvgate issued", req.decision_id.len());
+            return Err(Status::not_found(message));
+        }
         let report = convert::report(&req).map_err(Status::invalid_argument)?;
         if let Some(pb::report_request::End::Failed(f)) = &req.end {
             tracing::debug!(decision = %req.decision_id, kind = ?f.kind(), message = %f.message, "a picked request failed");
@@ -185,6 +192,7 @@ impl Picker for PickerApi {
             Err(e @ (ReportError::Ended(..) | ReportError::NotHere(_))) => {
                 Err(Status::failed_precondition(e.to_string()))
             }
+            Err(e @ ReportError::Implausible(..)) => Err(Status::invalid_argument(e.to_string())),
         }
     }
 

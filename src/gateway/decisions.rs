@@ -124,6 +124,9 @@ pub enum ReportError {
     /// A part Envoy's stream reports itself.
     #[error("decision `{0}` is held by an Envoy stream, which reports everything but its prefill leg")]
     NotHere(String),
+    /// A value the decision could not have had.
+    #[error("decision `{0}`: {1}")]
+    Implausible(String, String),
 }
 
 /// Too many decisions wait for reports.
@@ -203,6 +206,7 @@ impl Decisions {
             Err(ReportError::Unknown(_)) => "unknown",
             Err(ReportError::Ended(..)) => "ended",
             Err(ReportError::NotHere(_)) => "refused",
+            Err(ReportError::Implausible(..)) => "invalid",
         };
         self.telemetry.picker_reports.with_label_values(&[label]).inc();
         result
@@ -242,6 +246,9 @@ impl Decisions {
         let mut c = caller.lock();
         if let Some(how) = c.over {
             return Err(ReportError::Ended(id.to_owned(), how));
+        }
+        if let Some(problem) = report.iter().find_map(|e| c.routed.implausible(e)) {
+            return Err(ReportError::Implausible(id.to_owned(), problem));
         }
         let end = report.iter().find_map(ending);
         for e in report {

@@ -19,6 +19,9 @@ use crate::routing::plan::Planned;
 use crate::routing::schedule::{Decision, DecisionKind, Target};
 use crate::routing::ttft::TtftSample;
 
+/// The most tokens a reported usage may count when the model's context length is not known.
+pub const MAX_REPORTED_TOKENS: u64 = 1 << 24;
+
 /// A routed request: its decision, and its share of the target's in-flight counts, held until
 /// this is dropped.
 #[derive(Debug)]
@@ -208,6 +211,18 @@ impl Routed {
     /// The pool's name.
     pub fn pool_name(&self) -> &str {
         self.pool.name()
+    }
+
+    /// Why `event` is not one this request could have had, if it is not: reported usage beyond
+    /// what its model's context holds (its `max_model_len` when the endpoints report it, else
+    /// [`MAX_REPORTED_TOKENS`]), so a caller's report cannot inflate the token counts.
+    pub fn implausible(&self, event: &Event<'_>) -> Option<String> {
+        let Event::Finished { usage: Some(u), .. } = event else { return None };
+        let ceiling = self.snapshot.max_model_len.get(&self.model).copied().unwrap_or(MAX_REPORTED_TOKENS);
+        let total = u.prompt.saturating_add(u.completion);
+        (total > ceiling).then(|| {
+            format!("usage of {total} tokens is more than a request for `{}` can have ({ceiling})", self.model)
+        })
     }
 
     /// Keeps the body to send for a request whose body was `body`: in a P/D pool, without a
