@@ -73,6 +73,8 @@ pub(crate) fn serve_http(
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let mut connections = JoinSet::new();
+        // A flood of refusals is one line per interval, not one each.
+        let (mut failed_accepts, mut refused) = (Repeated::new(LOG_EVERY), Repeated::new(LOG_EVERY));
         let stopping = stopped(stop);
         tokio::pin!(stopping);
         loop {
@@ -84,14 +86,19 @@ pub(crate) fn serve_http(
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors, most likely: wait for some to be freed.
-                        tracing::warn!(error = %e, "{what} listener: accept failed");
+                        if let Some(n) = failed_accepts.hit(std::time::Instant::now()) {
+                            tracing::warn!(error = %e, times = n, "{what} listener: accept failed ({n} since the last such line)");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, max = limits.max_connections, "{what} listener: too many connections; closing a new one");
+                if let Some(n) = refused.hit(std::time::Instant::now()) {
+                    let max = limits.max_connections;
+                    tracing::warn!(%peer, max, closed = n, "{what} listener: too many connections; closed {n} new ones since the last such line");
+                }
                 continue;
             };
             let _ = tcp.set_nodelay(true);
@@ -166,5 +173,52 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+/// How often a repeated listener warning is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A warning that may repeat fast: logged once per interval, with how many times it happened
+/// since the last line.
+#[derive(Debug)]
+struct Repeated {
+    interval: Duration,
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl Repeated {
+    fn new(interval: Duration) -> Self {
+        Self { interval, last: None, count: 0 }
+    }
+
+    /// Counts one occurrence at `now`; returns the count to log when a line is due (the first
+    /// occurrence logs at once).
+    fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.count += 1;
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.interval => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.count))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod repeated_tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_one_line_per_interval_with_its_count() {
+        let mut r = Repeated::new(Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(r.hit(t0), Some(1), "the first logs at once");
+        let lines: Vec<_> = (1..1_000).filter_map(|i| r.hit(t0 + Duration::from_millis(i))).collect();
+        assert!(lines.is_empty(), "none within the interval");
+        assert_eq!(r.hit(t0 + Duration::from_secs(10)), Some(1_000), "the next line counts them all");
+        assert_eq!(r.hit(t0 + Duration::from_secs(11)), None);
     }
 }
