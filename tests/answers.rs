@@ -6,14 +6,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use common::{start_kvgate, start_sim, wait_scraped};
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
+use common::extproc_msg::{request_body, request_headers};
+use common::{extproc_first_answer, start_kvgate, start_sim, wait_scraped};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
 use kvgate::front::picker::pb::{self, picker_client::PickerClient};
 use serde_json::json;
 
@@ -51,32 +47,12 @@ async fn through_proxy(base: &str, method: &str, path: &str, body: &[u8]) -> See
 }
 
 async fn through_extproc(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> Seen {
-    let mut client = ExternalProcessorClient::connect(format!("http://{addr}")).await.expect("gRPC connects");
     let pairs = [(":method", method), (":path", path), (":authority", "kvgate"), ("content-type", "application/json")];
-    let headers = HeaderMap {
-        headers: pairs
-            .iter()
-            .map(|(k, v)| HeaderValue { key: (*k).into(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
-            .collect(),
-    };
-    let mut messages = vec![ProcessingRequest {
-        request: Some(Req::RequestHeaders(HttpHeaders {
-            headers: Some(headers),
-            end_of_stream: body.is_empty(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }];
+    let mut messages = vec![request_headers(&pairs, body.is_empty())];
     if !body.is_empty() {
-        let chunk = HttpBody { body: body.to_vec(), end_of_stream: true, ..Default::default() };
-        messages.push(ProcessingRequest { request: Some(Req::RequestBody(chunk)), ..Default::default() });
+        messages.push(request_body(body, true));
     }
-    let mut answers = client.process(tokio_stream::iter(messages)).await.expect("a stream").into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("an answer in time")
-        .expect("no stream error")
-        .expect("a message");
+    let first = extproc_first_answer(addr, messages).await;
     let Some(Resp::ImmediateResponse(ir)) = first.response else {
         panic!("{method} {path}: expected an immediate response, got {first:?}");
     };

@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::extproc_msg::{request_body, request_headers};
-use common::{chat, client, gateway};
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use common::{chat, client, extproc_first_answer, gateway};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
 
 const MODEL: &str = "m";
@@ -80,7 +79,6 @@ async fn protocol_edges_are_answered_cleanly() {
 
     // Behind Envoy, what a client sent under the gateway protocol's names is removed before the
     // request goes to the model server.
-    let mut c = ExternalProcessorClient::connect(format!("http://{}", fleet.kv.grpc_addr)).await.expect("connects");
     let headers = [
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
@@ -89,12 +87,7 @@ async fn protocol_edges_are_answered_cleanly() {
         ("proxy-authorization", "Basic c2VjcmV0"),
     ];
     let messages = vec![request_headers(&headers, false), request_body(chat(MODEL).user("hi").bytes(), true)];
-    let mut answers = c.process(tokio_stream::iter(messages)).await.expect("a stream").into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("in time")
-        .expect("no error")
-        .expect("a message");
+    let first = extproc_first_answer(fleet.kv.grpc_addr, messages).await;
     let Some(Resp::RequestHeaders(h)) = first.response else { panic!("a headers answer, got {first:?}") };
     let removed = h.response.and_then(|c| c.header_mutation).map(|m| m.remove_headers).unwrap_or_default();
     for name in ["x-gateway-destination-endpoint-served", "test-epp-endpoint-selection", "proxy-authorization"] {

@@ -310,11 +310,7 @@ impl Gateway {
                 ParsedRequest::model_only(&model_only)
             }
         };
-        let api = match req.place {
-            Place::Prompt(api) if matches!(req.input, Input::Body(_)) => api,
-            _ => ApiKind::Completions,
-        };
-        let routed = self.plan(api, &parsed, subset, req.places).map_err(|e| (e, Some(parsed.model.to_string())))?;
+        let routed = self.plan(&parsed, subset, req.places).map_err(|e| (e, Some(parsed.model.to_string())))?;
         // The request's size: its body's, or its prompt's when given as fields.
         routed.request_bytes(match req.input {
             Input::Body(b) => b.len(),
@@ -338,13 +334,7 @@ impl Gateway {
 
     /// Picks the pool, admits, decides for `places` distinct endpoints, and counts the request
     /// in flight on its target.
-    fn plan(
-        &self,
-        api: ApiKind,
-        req: &ParsedRequest<'_>,
-        subset: Option<&Subset>,
-        places: usize,
-    ) -> Result<Routed, RouteError> {
+    fn plan(&self, req: &ParsedRequest<'_>, subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
         let started = std::time::Instant::now();
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
@@ -354,7 +344,7 @@ impl Gateway {
         // The pool's `maxNumOfEndpoints` may ask for more places than the caller.
         let want = candidates_for(places.max(planner.scheduler().max_endpoints().unwrap_or(1)));
         let lora = snapshot.lora(&req.model);
-        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: api.disaggregates(), lora };
+        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: req.api.disaggregates(), lora };
         let planned = planner.plan(req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         if planner.disaggregates() && opts.disaggregate {
@@ -371,14 +361,15 @@ impl Gateway {
         api: ApiKind,
         input: Input<'_>,
     ) -> Result<(String, String, Decision, Explanation), RouteError> {
-        let (api, req) = match input {
-            Input::Body(b) => (api, request::parse(api, b, self.max_body_bytes)?),
-            Input::Prompt(p) => (ApiKind::Completions, ParsedRequest::from_fields(p, self.max_body_bytes)?),
+        let req = match input {
+            Input::Body(b) => request::parse(api, b, self.max_body_bytes)?,
+            Input::Prompt(p) => ParsedRequest::from_fields(p, self.max_body_bytes)?,
         };
         let pool = self.pool_for(&req.model)?;
         let snapshot = pool.snapshot();
         let lora = snapshot.lora(&req.model);
-        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate: api.disaggregates(), lora };
+        let disaggregate = req.api.disaggregates();
+        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate, lora };
         let mut x = Explanation::default();
         let planned = pool.planner().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
         Ok((pool.name().to_owned(), req.model.to_string(), planned.decision, x))

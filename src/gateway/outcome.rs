@@ -271,6 +271,14 @@ impl Routed {
         self.retarget(self.current);
     }
 
+    /// A response came with no report of the prefill leg: the leg is taken as run (a sidecar
+    /// that does not report hands off all the same).
+    fn prefill_ran(&mut self) {
+        if self.planned.decision.prefill.is_some() && !std::mem::replace(&mut self.prefill_over, true) {
+            self.learn_prefill();
+        }
+    }
+
     fn learn_prefill(&self) {
         if let Some(p) = &self.planned.decision.prefill {
             self.pool.planner().index().record(p.id, &self.planned.prompt.hashes);
@@ -383,9 +391,7 @@ impl Routed {
         if self.started.is_some() {
             return;
         }
-        if self.planned.decision.prefill.is_some() && !std::mem::replace(&mut self.prefill_over, true) {
-            self.learn_prefill();
-        }
+        self.prefill_ran();
         self.report_attempt(Some(Outcome::Answered(status)));
         self.started = Some(status);
         self.failure = None;
@@ -412,9 +418,7 @@ impl Routed {
             self.start(s, false, false);
         }
         // A response came: the prefill leg, if any, ran.
-        if self.planned.decision.prefill.is_some() && !std::mem::replace(&mut self.prefill_over, true) {
-            self.learn_prefill();
-        }
+        self.prefill_ran();
         if let Some(n) = body_bytes {
             self.response_bytes = self.response_bytes.max(n);
             self.first_byte();

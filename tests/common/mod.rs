@@ -241,3 +241,19 @@ pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
     }
     python
 }
+
+/// Opens an ext_proc stream to kvgate at `addr`, sends `messages` and returns its first answer
+/// (within 10 s).
+pub async fn extproc_first_answer(
+    addr: SocketAddr,
+    messages: Vec<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest>,
+) -> envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse {
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    let mut client = ExternalProcessorClient::connect(format!("http://{addr}")).await.expect("gRPC connects");
+    let mut answers = client.process(tokio_stream::iter(messages)).await.expect("a stream").into_inner();
+    tokio::time::timeout(std::time::Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("no stream error")
+        .expect("a message")
+}
