@@ -216,11 +216,14 @@ pub struct PickerApiConfig {
     pub report_timeout_ms: u64,
     /// Decisions held for their reports at once; past it `Pick` fails with RESOURCE_EXHAUSTED.
     pub max_pending: usize,
+    /// Refuse picker API calls (UNAUTHENTICATED) from clients without a TLS certificate that
+    /// `extproc.tls.client_ca_path` verified (default false).
+    pub require_client_cert: bool,
 }
 
 impl Default for PickerApiConfig {
     fn default() -> Self {
-        Self { start_timeout_ms: 60_000, report_timeout_ms: 600_000, max_pending: 65_536 }
+        Self { start_timeout_ms: 60_000, report_timeout_ms: 600_000, max_pending: 65_536, require_client_cert: false }
     }
 }
 
@@ -232,6 +235,11 @@ pub struct TlsFiles {
     pub cert_path: PathBuf,
     /// Private key (PEM).
     pub key_path: PathBuf,
+    /// CA bundle (PEM) that verifies client certificates, when clients present one; a listener
+    /// with it asks for them but still serves clients without (see
+    /// `picker_api.require_client_cert`).
+    #[serde(default)]
+    pub client_ca_path: Option<PathBuf>,
 }
 
 impl Default for ExtProcConfig {
