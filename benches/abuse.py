@@ -145,6 +145,36 @@ def load(a):
 
 # ---- the attacks ----
 
+class Gauge:
+    """The highest value of one of kvgate's gauges on `/metrics`, read every second (from
+    127.0.0.1) while the attack runs."""
+
+    def __init__(self, admin, name):
+        self.admin, self.name, self.top = admin, name, None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(1.0):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=2)
+                c.request("GET", "/metrics")
+                text = c.getresponse().read().decode()
+                c.close()
+            except (OSError, http.client.HTTPException):
+                continue
+            for line in text.splitlines():
+                if line.startswith(self.name + " ") or line.startswith(self.name + "{"):
+                    v = float(line.rsplit(" ", 1)[1])
+                    self.top = v if self.top is None else max(self.top, v)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return "unread" if self.top is None else f"{self.top:.0f}"
+
+
 def hold(port, count, seconds, payload=b"", drip=b"", every=0.0, max_opens=None):
     """Holds `count` connections to `port` open, each sending `payload` once connected (and
     `drip` every `every` s), reading and discarding what comes back; a connection kvgate
@@ -303,13 +333,15 @@ def trickle(a):
         finally:
             s.close()
 
+    held = Gauge(a.admin, "kvgate_buffered_request_bytes")
     threads = [threading.Thread(target=one, args=(k,)) for k in range(a.count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     counts = {r: results.count(r) for r in sorted(set(results))}
-    return f"{a.count} x 10 MiB then 1 byte/10 s; at the end: {counts}"
+    return (f"{a.count} x 10 MiB then 1 byte/10 s; at the end: {counts}; "
+            f"kvgate_buffered_request_bytes at most {held.stop()}")
 
 
 def extproc_partial(a):
@@ -346,6 +378,7 @@ def extproc_partial(a):
         except (OSError, ConnectionError, TimeoutError):
             ended[k] = True
 
+    held = Gauge(a.admin, "kvgate_buffered_request_bytes")
     threads = [threading.Thread(target=one, args=(k,)) for k in range(a.count)]
     for t in threads:
         t.start()
@@ -353,7 +386,8 @@ def extproc_partial(a):
         t.join()
     h.close()
     return (f"{a.count} streams, {sum(sent) >> 20} MiB of body sent in all; "
-            f"{sum(ended)} streams ended by kvgate before the end")
+            f"{sum(ended)} streams ended by kvgate before the end; "
+            f"kvgate_buffered_request_bytes at most {held.stop()}")
 
 
 def picker(a):
@@ -418,6 +452,7 @@ def picker(a):
         except (OSError, ConnectionError, TimeoutError):
             pass
 
+    pending = Gauge(a.admin, "kvgate_picker_decisions_pending")
     threads = [threading.Thread(target=picks, args=("m", int(a.seconds * 50), 50)),
                threading.Thread(target=picks, args=("m2", 20_000, 1000))]
     threads += [threading.Thread(target=watch, args=(100,)) for _ in range(10)]
@@ -430,7 +465,8 @@ def picker(a):
         time.sleep(0.2)
     for h in watches:
         h.close()
-    return f"picks: {dict(sorted(counts.items()))}; {open_watches}/1000 WatchEndpoints streams open"
+    return (f"picks: {dict(sorted(counts.items()))}; kvgate_picker_decisions_pending at most "
+            f"{pending.stop()}; {open_watches}/1000 WatchEndpoints streams open")
 
 
 def sigstop(a):
