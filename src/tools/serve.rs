@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use tokio_stream::wrappers::TcpListenerStream;
 
 mod demo;
+mod memory;
 
 use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
@@ -142,7 +143,11 @@ impl ReferenceFlags {
         match (self.secure_serving.or(reference.then_some(true)), &self.cert_path) {
             (Some(false), _) | (None, None) => {}
             (_, Some(dir)) => {
-                cfg.extproc.tls = Some(TlsFiles { cert_path: dir.join("tls.crt"), key_path: dir.join("tls.key"), client_ca_path: None });
+                cfg.extproc.tls = Some(TlsFiles {
+                    cert_path: dir.join("tls.crt"),
+                    key_path: dir.join("tls.key"),
+                    client_ca_path: None,
+                });
             }
             (Some(true), None) => cfg.extproc.self_signed_tls = true,
         }
@@ -227,6 +232,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     );
     // Decisions whose reports never come are released by this task.
     background.push(tasks.spawn("decision reaper", gateway.decisions().clone().run()));
+    background.push(tasks.spawn("memory", memory::give_back()));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
