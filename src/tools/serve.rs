@@ -142,7 +142,11 @@ impl ReferenceFlags {
         match (self.secure_serving.or(reference.then_some(true)), &self.cert_path) {
             (Some(false), _) | (None, None) => {}
             (_, Some(dir)) => {
-                cfg.extproc.tls = Some(TlsFiles { cert_path: dir.join("tls.crt"), key_path: dir.join("tls.key"), client_ca_path: None });
+                cfg.extproc.tls = Some(TlsFiles {
+                    cert_path: dir.join("tls.crt"),
+                    key_path: dir.join("tls.key"),
+                    client_ca_path: None,
+                });
             }
             (Some(true), None) => cfg.extproc.self_signed_tls = true,
         }
@@ -219,6 +223,9 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let telemetry = Arc::new(Telemetry::new());
     let tasks = Tasks::new();
     let Launched { pools, tasks: mut background } = launch(resolved, &settings, &telemetry, kubeconfig, &tasks).await?;
+    if let Some(w) = cfg.open_picker_api() {
+        tracing::warn!("{w}");
+    }
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
     let gateway = Arc::new(
         Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
@@ -266,7 +273,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .context("TLS on grpc_addr")?;
     }
-    let api = picker::service(gateway.clone(), &cfg.extproc, stop_rx.clone(), tasks.clone());
+    let api = picker::service(gateway.clone(), &cfg.extproc, &cfg.picker_api, stop_rx.clone(), tasks.clone())?;
     let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
     let grpc = builder
         .add_service(health.clone())
