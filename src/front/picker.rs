@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 mod access;
+pub use access::TokenFile;
 mod convert;
 mod watches;
 

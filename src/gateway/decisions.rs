@@ -472,3 +472,23 @@ impl Drop for StreamTicket {
         self.decisions.telemetry.picker_pending.set(inner.held.len() as i64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(peer: Option<&str>, client: Option<&str>) {
+        let peer = peer.map(|p| p.parse::<SocketAddr>().expect("a socket address"));
+        let want = client.map(|c| c.parse::<IpAddr>().expect("an IP"));
+        assert_eq!(Client::of(peer).ip(), want, "{peer:?}");
+    }
+
+    #[test]
+    fn a_client_is_its_ip_or_its_ipv6_slash_64() {
+        check(Some("127.0.0.2:4000"), Some("127.0.0.2"));
+        check(Some("[::ffff:10.1.2.3]:4000"), Some("10.1.2.3"));
+        check(Some("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:1"), Some("2001:db8:1:2::"));
+        check(Some("[::1]:1"), Some("::"));
+        check(None, None);
+    }
+}

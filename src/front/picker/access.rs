@@ -4,6 +4,7 @@
 //! The file is re-read every second, so a rotated Secret takes effect without a restart; a read
 //! that fails (or finds no token) keeps the last good token and is logged once per cause.
 //! Only this service is guarded: ext_proc and gRPC health on the same listener are not.
+//! [`TokenFile`] is the followed file, which the P/D sidecar also reads for its reports.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,28 @@ pub(crate) struct Access {
     token: Option<Arc<RwLock<Vec<u8>>>>,
 }
 
+/// A token file followed as it changes: the last good token it held.
+#[derive(Debug, Clone)]
+pub struct TokenFile {
+    token: Arc<RwLock<Vec<u8>>>,
+}
+
+impl TokenFile {
+    /// Reads the token at `path` now (an error if there is none) and re-reads it every second
+    /// on a task of `tasks`.
+    pub fn follow(path: &Path, tasks: &Tasks) -> anyhow::Result<Self> {
+        let first = read_token(path).with_context(|| format!("token file {}", path.display()))?;
+        let token = Arc::new(RwLock::new(first));
+        tasks.spawn("token file", reload(path.to_owned(), token.clone(), tasks.clone())).detach();
+        Ok(Self { token })
+    }
+
+    /// The token now.
+    pub fn current(&self) -> Vec<u8> {
+        self.token.read().clone()
+    }
+}
+
 impl Access {
     /// The gate `cfg` asks for; with a token file, reads it now (a file that cannot be read is
     /// an error at start) and spawns its reloader, which `tasks` stops.
@@ -39,10 +62,8 @@ impl Access {
             return Ok(Self { token: Some(Arc::new(RwLock::new(token.expose().trim().as_bytes().to_vec()))) });
         }
         let Some(path) = &cfg.token_file else { return Ok(Self::default()) };
-        let first = read_token(path).with_context(|| format!("picker_api.token_file {}", path.display()))?;
-        let token = Arc::new(RwLock::new(first));
-        tasks.spawn("picker API token", reload(path.clone(), token.clone(), tasks.clone())).detach();
-        Ok(Self { token: Some(token) })
+        let file = TokenFile::follow(path, tasks).context("picker_api.token_file")?;
+        Ok(Self { token: Some(file.token) })
     }
 
     /// Whether `bearer` (an `authorization` value) carries the token.
@@ -106,34 +127,38 @@ fn read_token(path: &Path) -> Result<Vec<u8>, TokenFileError> {
 }
 
 /// Re-reads `path` every [`RELOAD`] (off the serving threads, within [`READ_WITHIN`]), taking
-/// each new token; a failed read keeps the token and is logged when its cause changes.
+/// each new token, until its owner stops it or nothing else holds the token; a failed read
+/// keeps the token and is logged when its cause changes.
 async fn reload(path: PathBuf, token: Arc<RwLock<Vec<u8>>>, tasks: Tasks) {
     let mut tick = tokio::time::interval(RELOAD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
     loop {
         tick.tick().await;
+        // Nobody reads the token any more (a server that failed to start, say): done.
+        if Arc::strong_count(&token) == 1 {
+            return;
+        }
         let p = path.clone();
-        let read =
-            tokio::time::timeout(READ_WITHIN, tasks.spawn_blocking("picker API token read", move || read_token(&p)));
+        let read = tokio::time::timeout(READ_WITHIN, tasks.spawn_blocking("token file read", move || read_token(&p)));
         match read.await {
             Ok(Some(Ok(new))) => {
                 last_error = None;
                 let changed = !bool::from(new.ct_eq(&token.read()));
                 if changed {
                     *token.write() = new;
-                    tracing::info!(file = %path.display(), "picker API token reloaded");
+                    tracing::info!(file = %path.display(), "token reloaded");
                 }
             }
             Ok(Some(Err(e))) => {
                 let e = e.to_string();
                 if last_error.as_deref() != Some(e.as_str()) {
-                    tracing::warn!(file = %path.display(), error = %e, "picker_api.token_file: keeping the last good token");
+                    tracing::warn!(file = %path.display(), error = %e, "token file: keeping the last good token");
                     last_error = Some(e);
                 }
             }
             Ok(None) => return,
-            Err(_) => tracing::warn!(file = %path.display(), "picker_api.token_file: the read did not end in time"),
+            Err(_) => tracing::warn!(file = %path.display(), "token file: the read did not end in time"),
         }
     }
 }
