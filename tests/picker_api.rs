@@ -747,3 +747,30 @@ async fn one_client_cannot_take_every_slot() {
     .await;
     assert!(back, "the slot is given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_sends_the_token() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("python-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("token");
+    write_token(&file, "python-token");
+    let fleet =
+        gateway(MODEL).sims(1).config(&format!("picker_api: {{token_file: '{}'}}", file.display())).start().await;
+    let grpc = fleet.kv.grpc_addr.to_string();
+    let args = |token: bool| {
+        let mut args = vec!["--picker", grpc.as_str(), "--model", MODEL, "--max-tokens", "2", "--prompt", "Hi"];
+        if token {
+            args.extend(["--token-file", file.to_str().expect("UTF-8 path")]);
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let out = run_example(args(false)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    let out = run_example(args(true)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line: Value = serde_json::from_str(stdout.trim()).expect("a JSON line");
+    assert_eq!((line["status"].as_u64(), line["ended"].as_bool()), (Some(200), Some(true)), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
