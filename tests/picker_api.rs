@@ -618,6 +618,8 @@ async fn a_token_guards_the_picker_api_and_rotates() {
     ] {
         assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
     }
+    let refusals = |m: &str| metric(m, "kvgate_picker_refused_total", &[("reason", "unauthenticated")]);
+    assert_eq!(refusals(&common::metrics(&fleet.admin()).await), Some(5.0), "each refusal counted");
     let d = c.pick(bearer(req(), "first-token")).await.expect("the right token").into_inner();
     let Some(pb::pick_response::Result::Decision(d)) = d.result else { panic!("decided: {d:?}") };
     let end = c.report(bearer(finished(&d.decision_id, 200, None), "first-token")).await.expect("report");
@@ -678,6 +680,8 @@ async fn unreported_picks_never_push_the_proxy_into_429() {
         assert_eq!(r.status(), 200, "the proxy is not saturated by held picks");
     }
     assert_eq!((decided_n, refused_n), (2, 48), "half of max_in_flight 4 for the picker API");
+    let m = common::metrics(&fleet.admin()).await;
+    assert_eq!(metric(&m, "kvgate_picker_refused_total", &[("reason", "admission_share")]), Some(48.0));
     // The held picks are still the endpoints' load.
     assert_eq!(in_flight(kv).await.values().sum::<u64>(), 2);
     // Two proxy requests at once still fit beside them.
@@ -746,6 +750,10 @@ async fn one_client_cannot_take_every_slot() {
     })
     .await;
     assert!(back, "the slot is given back");
+    let m = common::metrics(&fleet.admin()).await;
+    let refused = |reason: &str| metric(&m, "kvgate_picker_refused_total", &[("reason", reason)]);
+    assert_eq!((refused("max_pending_per_client"), refused("max_watches_per_client")), (Some(3.0), Some(1.0)));
+    assert_eq!(refused("max_pending"), None, "the total was never reached");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

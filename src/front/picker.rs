@@ -75,8 +75,8 @@ pub(crate) fn service(
     tasks: crate::gateway::tasks::Tasks,
 ) -> anyhow::Result<InterceptedService<PickerServer<PickerApi>, Access>> {
     let max = cfg.max_message_bytes;
-    let access = Access::new(api, &tasks)?;
-    let watches = Arc::new(Watches::new(api));
+    let access = Access::new(api, &tasks, gateway.decisions().clone())?;
+    let watches = Arc::new(Watches::new(api, gateway.decisions().clone()));
     let server = PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watches, tasks })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);

@@ -228,13 +228,21 @@ impl Decisions {
 
     fn room(&self, inner: &Inner, client: Client) -> Result<(), HoldError> {
         if inner.callers >= self.max_pending {
+            self.refused("max_pending");
             return Err(HoldError::Full(inner.callers));
         }
         let mine = inner.per_client.get(&client).copied().unwrap_or(0);
         if mine >= self.max_per_client {
+            self.refused("max_pending_per_client");
             return Err(HoldError::ClientFull(mine));
         }
         Ok(())
+    }
+
+    /// Counts a picker API call refused by `reason` (a fixed name) in
+    /// `kvgate_picker_refused_total`.
+    pub fn refused(&self, reason: &'static str) {
+        self.telemetry.picker_refused.with_label_values(&[reason]).inc();
     }
 
     /// Whether another decision may be held in `pool` (whose admission is `limits`): not while
@@ -252,6 +260,7 @@ impl Decisions {
         if held < share {
             return Ok(());
         }
+        self.refused("admission_share");
         let reason = format!(
             "{held} picked requests wait for their reports, the picker API's share of max_in_flight {max} \
              (picker_api.admission_share {})",

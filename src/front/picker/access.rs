@@ -17,6 +17,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::gateway::config::PickerApiConfig;
+use crate::gateway::decisions::Decisions;
 use crate::gateway::tasks::Tasks;
 
 /// How often the token file is read for a new token.
@@ -27,15 +28,30 @@ const READ_WITHIN: Duration = Duration::from_secs(5);
 const MAX_TOKEN_FILE: u64 = 4096;
 
 /// The picker API's gate: every call passes without a token configured, else only with it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Access {
     token: Option<Arc<RwLock<Vec<u8>>>>,
+    /// Where refusals are counted (none in unit tests).
+    decisions: Option<Arc<Decisions>>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Access").field("token", &token).finish()
+    }
 }
 
 /// A token file followed as it changes: the last good token it held.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TokenFile {
     token: Arc<RwLock<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenFile(<redacted>)")
+    }
 }
 
 impl TokenFile {
@@ -57,13 +73,15 @@ impl TokenFile {
 impl Access {
     /// The gate `cfg` asks for; with a token file, reads it now (a file that cannot be read is
     /// an error at start) and spawns its reloader, which `tasks` stops.
-    pub(crate) fn new(cfg: &PickerApiConfig, tasks: &Tasks) -> anyhow::Result<Self> {
-        if let Some(token) = &cfg.token {
-            return Ok(Self { token: Some(Arc::new(RwLock::new(token.expose().trim().as_bytes().to_vec()))) });
-        }
-        let Some(path) = &cfg.token_file else { return Ok(Self::default()) };
-        let file = TokenFile::follow(path, tasks).context("picker_api.token_file")?;
-        Ok(Self { token: Some(file.token) })
+    pub(crate) fn new(cfg: &PickerApiConfig, tasks: &Tasks, decisions: Arc<Decisions>) -> anyhow::Result<Self> {
+        let token = if let Some(token) = &cfg.token {
+            Some(Arc::new(RwLock::new(token.expose().trim().as_bytes().to_vec())))
+        } else if let Some(path) = &cfg.token_file {
+            Some(TokenFile::follow(path, tasks).context("picker_api.token_file")?.token)
+        } else {
+            None
+        };
+        Ok(Self { token, decisions: Some(decisions) })
     }
 
     /// Whether `bearer` (an `authorization` value) carries the token.
@@ -87,8 +105,11 @@ impl Access {
 
 impl Interceptor for Access {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        self.allows(req.metadata().get("authorization").map(|v| v.as_bytes()))?;
-        Ok(req)
+        let allowed = self.allows(req.metadata().get("authorization").map(|v| v.as_bytes()));
+        if let (Err(_), Some(d)) = (&allowed, &self.decisions) {
+            d.refused("unauthenticated");
+        }
+        allowed.map(|()| req)
     }
 }
 
@@ -168,7 +189,7 @@ mod tests {
     use super::*;
 
     fn check(token: Option<&str>, authorization: Option<&str>, allowed: bool) {
-        let access = Access { token: token.map(|t| Arc::new(RwLock::new(t.as_bytes().to_vec()))) };
+        let access = Access { token: token.map(|t| Arc::new(RwLock::new(t.as_bytes().to_vec()))), decisions: None };
         let got = access.allows(authorization.map(str::as_bytes));
         assert_eq!(got.is_ok(), allowed, "{token:?} {authorization:?}: {got:?}");
         if let Err(s) = got {
@@ -190,6 +211,13 @@ mod tests {
         check(Some("s3cret"), Some("Bearer s3cret2"), false);
         check(Some("s3cret"), Some("Basic s3cret"), false);
         check(Some("s3cret"), Some("s3cret"), false);
+    }
+
+    #[test]
+    fn tokens_never_show_in_debug_output() {
+        let access = Access { token: Some(Arc::new(RwLock::new(b"s3cret".to_vec()))), decisions: None };
+        assert!(!format!("{access:?}").contains("s3cret"));
+        assert!(!format!("{:?}", access.token.as_ref().map(|t| TokenFile { token: t.clone() })).contains("s3cret"));
     }
 
     #[test]

@@ -8,11 +8,13 @@ use parking_lot::Mutex;
 use tonic::Status;
 
 use crate::gateway::config::PickerApiConfig;
-use crate::gateway::decisions::Client;
+use crate::gateway::decisions::{Client, Decisions};
 
 /// The streams open, in all and by client.
 #[derive(Debug)]
 pub(crate) struct Watches {
+    /// Where refusals are counted.
+    decisions: Arc<Decisions>,
     max: usize,
     max_per_client: usize,
     open: Mutex<Open>,
@@ -33,20 +35,23 @@ pub(crate) struct WatchSlot {
 }
 
 impl Watches {
-    /// The bounds `cfg` sets.
-    pub(crate) fn new(cfg: &PickerApiConfig) -> Self {
-        Self { max: cfg.max_watches.max(1), max_per_client: cfg.max_watches_per_client.max(1), open: Mutex::default() }
+    /// The bounds `cfg` sets; refusals counted through `decisions`.
+    pub(crate) fn new(cfg: &PickerApiConfig, decisions: Arc<Decisions>) -> Self {
+        let (max, max_per_client) = (cfg.max_watches.max(1), cfg.max_watches_per_client.max(1));
+        Self { decisions, max, max_per_client, open: Mutex::default() }
     }
 
     /// A slot for another stream of `client`'s, or why there is none (RESOURCE_EXHAUSTED).
     pub(crate) fn take(self: &Arc<Self>, client: Client) -> Result<WatchSlot, Status> {
         let mut open = self.open.lock();
         if open.total >= self.max {
+            self.decisions.refused("max_watches");
             let message = format!("{} endpoint watches are open, the most served (picker_api.max_watches)", open.total);
             return Err(Status::resource_exhausted(message));
         }
         let mine = open.by_client.entry(client).or_default();
         if *mine >= self.max_per_client {
+            self.decisions.refused("max_watches_per_client");
             let message = format!(
                 "{mine} endpoint watches of this client are open, the most one client may have \
                  (picker_api.max_watches_per_client)"
@@ -86,7 +91,8 @@ mod tests {
     #[test]
     fn slots_are_bounded_per_client_and_in_all_and_given_back() {
         let cfg = PickerApiConfig { max_watches: 3, max_watches_per_client: 2, ..PickerApiConfig::default() };
-        let watches = Arc::new(Watches::new(&cfg));
+        let telemetry = Arc::new(crate::gateway::telemetry::Telemetry::new());
+        let watches = Arc::new(Watches::new(&cfg, Arc::new(Decisions::new(&cfg, telemetry))));
         let client = |ip: &str| Client::of(Some(format!("{ip}:1").parse().expect("address")));
         let (a, b) = (client("127.0.0.2"), client("127.0.0.1"));
         let a1 = watches.take(a).expect("first");
