@@ -50,7 +50,7 @@ enum Command {
     Sim(Box<kvgate::tools::sim::SimArgs>),
     /// Run beside a decode endpoint: for requests naming a prefill endpoint in
     /// `x-prefiller-host-port`, do the prefill hand-off, then decode locally.
-    Sidecar(kvgate::tools::sidecar::SidecarArgs),
+    Sidecar(Box<kvgate::tools::sidecar::SidecarArgs>),
 }
 
 fn main() -> ExitCode {
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         Command::Sidecar(args) => {
             return_freed_buffers();
             init_logging();
-            run_async(kvgate::tools::sidecar::run(args))
+            run_async(kvgate::tools::sidecar::run(*args))
         }
     }
 }

@@ -180,13 +180,11 @@ fn endpoint_counts_that_disagree_are_warned_about() {
     check(&path, true, &[&located, "extproc.max_endpoints 2 (line 1)", "list 2 endpoints"]);
 }
 
-/// `kvgate serve` logs the same warnings when it starts.
-#[test]
-fn serve_logs_ignored_settings() {
+/// Runs `kvgate serve --config path` and collects its stderr lines until one satisfies `until`
+/// (returned last) or 20 s pass; then stops it.
+fn serve_until(path: &Path, until: impl Fn(&str) -> bool) -> (bool, Vec<String>) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let yaml = "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n    scheduler:\n      plugins:\n        - {type: no-hit-lru-scorer, parameters: {lruSize: 64}}\n";
-    let path = config_file("serve-ignored.yaml", yaml);
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
         .args(["serve", "--config", path.to_str().expect("utf-8 path")])
         .stdout(Stdio::null())
@@ -203,20 +201,58 @@ fn serve_logs_ignored_settings() {
             }
         }
     });
-    let located = format!("{}:9: pools[0].scheduler.plugins[0].parameters.lruSize", path.display());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut seen = Vec::new();
     let found = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains("warning") && line.contains(&located) => break true,
-            Ok(line) => seen.push(line),
+            Ok(line) => {
+                let done = until(&line);
+                seen.push(line);
+                if done {
+                    break true;
+                }
+            }
             Err(_) => break false,
         }
     };
     let _ = child.kill();
     let _ = child.wait();
+    (found, seen)
+}
+
+/// `kvgate serve` logs the same warnings when it starts.
+#[test]
+fn serve_logs_ignored_settings() {
+    let yaml = "admin_addr: 127.0.0.1:0\ngrpc_addr: 127.0.0.1:0\npools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n    scheduler:\n      plugins:\n        - {type: no-hit-lru-scorer, parameters: {lruSize: 64}}\n";
+    let path = config_file("serve-ignored.yaml", yaml);
+    let located = format!("{}:9: pools[0].scheduler.plugins[0].parameters.lruSize", path.display());
+    let (found, seen) = serve_until(&path, |line| line.contains("warning") && line.contains(&located));
     assert!(found, "no warning line with `{located}` in:\n{}", seen.join("\n"));
+}
+
+/// `kvgate serve` warns once at start when the picker API is open beyond loopback: a gRPC
+/// listener on every interface with neither a token nor client certificates.
+#[test]
+fn serve_warns_of_an_open_picker_api() {
+    let pool = "pools:\n  - name: a\n    models: [m]\n    endpoints: [{address: '127.0.0.1:1'}]\n";
+    let open = "open to every client";
+    let serving = |line: &str| line.contains("kvgate serving");
+    for (name, extra, warned) in
+        [("open", "", true), ("token", "picker_api: {token: s3cret}\n", false), ("loopback", "", false)]
+    {
+        let grpc = if name == "loopback" { "127.0.0.1:0" } else { "0.0.0.0:0" };
+        let yaml = format!("admin_addr: 127.0.0.1:0\ngrpc_addr: {grpc}\n{extra}{pool}");
+        let path = config_file(&format!("serve-picker-{name}.yaml"), &yaml);
+        let (started, seen) = serve_until(&path, serving);
+        assert!(started, "{name}: kvgate did not start:\n{}", seen.join("\n"));
+        let warnings: Vec<&String> = seen.iter().filter(|l| l.contains(open)).collect();
+        assert_eq!(warnings.len(), usize::from(warned), "{name}:\n{}", seen.join("\n"));
+        if warned {
+            assert!(warnings[0].contains("WARN") && warnings[0].contains("picker_api.token_file"), "{}", warnings[0]);
+        }
+        assert!(!seen.join("\n").contains("s3cret"), "the token is never logged");
+    }
 }
 
 /// Zero or absurd timeouts and sizes are refused, each by its key, file and line.

@@ -369,3 +369,46 @@ async fn a_rank_the_server_does_not_report_is_taken_out() {
         assert_eq!(send(&url, &chat("Omicron", 100, q), &[]).await.status, 200);
     }
 }
+
+/// With kvgate's picker API behind a token, a sidecar given the token file reports (kvgate
+/// takes its report and answers for the id), and one without it is refused before kvgate looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_reports_carry_the_picker_api_token() {
+    let p = start_sim(PRODUCER).await;
+    let d = start_sim(CONSUMER).await;
+    let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sidecar-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token = dir.join("token");
+    std::fs::write(&token, "sidecar-token\n").expect("token written");
+    let fleet =
+        gateway(MODEL).sims(1).config(&format!("picker_api: {{token_file: '{}'}}", token.display())).start().await;
+    let report_to = format!("http://{}", fleet.kv.grpc_addr);
+    let sidecar = |with_token: bool| {
+        let mut flags = vec!["--listen", "127.0.0.1:0", "--decode", &da, "--admin-addr", "127.0.0.1:0"];
+        flags.extend(["--allow-prefill", "127.0.0.1", "--report-to", &report_to]);
+        let token = token.to_str().expect("UTF-8 path");
+        if with_token {
+            flags.extend(["--report-token-file", token]);
+        }
+        let args: kvgate::tools::sidecar::SidecarArgs =
+            kvgate::tools::cli::parse_flags("sidecar", flags).expect("flags");
+        kvgate::tools::sidecar::start(args)
+    };
+    // Reports kvgate looked at: this id is none it issued.
+    let unknown = || async {
+        metric(&metrics(&fleet.admin()).await, "kvgate_picker_reports_total", &[("result", "unknown")]).unwrap_or(0.0)
+    };
+    let headers = [(PREFILLER, pa.as_str()), ("x-kvgate-decision-id", "00000000-1-0")];
+    for (with_token, seen) in [(false, 0.0), (true, 1.0)] {
+        let sc = sidecar(with_token).await.expect("sidecar starts");
+        let a = send(&format!("http://{}/v1/chat/completions", sc.addr), &chat("Mu", 800, "Q?"), &headers).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(unknown().await, seen, "with the token: {with_token}");
+    }
+    let missing = sidecar(true);
+    std::fs::remove_file(&token).expect("token removed");
+    let e = missing.await.expect_err("no token file");
+    assert!(e.to_string().contains("--report-token-file"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -544,3 +544,76 @@ fn the_image_builds_and_its_binary_starts() {
     assert!(out.status.success(), "image test failed: {stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("kvgate {}", env!("CARGO_PKG_VERSION")));
 }
+
+/// The chart's picker API token: a Secret it creates (or one named), mounted as a folder, with
+/// `picker_api.token_file` in the rendered config; kvgate run on that config takes the Secret's
+/// token and refuses calls without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_picker_api_token_comes_from_a_secret() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kvgate::front::picker::pb::{self, picker_client::PickerClient};
+    let (cluster, client, _kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t9").await;
+
+    // Named: nothing created, the named Secret and key mounted.
+    let named = common::kube::render_chart(
+        "kvgate",
+        "t9",
+        &["inferenceExtension.pickerApi.token.existingSecret=mine", "inferenceExtension.pickerApi.token.key=tok"],
+    );
+    let docs = common::kube::yaml_documents(&named);
+    assert!(!docs.iter().any(|d| d["kind"] == "Secret"), "no Secret of the chart's own");
+    let volumes =
+        &docs.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment")["spec"]["template"]["spec"]["volumes"];
+    let token_volume =
+        volumes.as_array().expect("volumes").iter().find(|v| v["name"] == "picker-api-token").expect("mounted");
+    assert_eq!(token_volume["secret"], json!({"secretName": "mine", "items": [{"key": "tok", "path": "token"}]}));
+
+    // Created: applied as rendered.
+    let manifests = common::kube::render_chart(
+        "kvgate",
+        "t9",
+        &["inferencePool.modelServers.matchLabels.app=vllm", "inferenceExtension.pickerApi.token.create=true"],
+    );
+    common::kube::create_all(&client, &manifests, "t9").await;
+    let secret = kube::Api::<Secret>::namespaced(client.clone(), "t9").get("kvgate-picker-api").await.expect("Secret");
+    let token = secret.data.expect("data").remove("token").expect("key `token`").0;
+    let token = String::from_utf8(token).expect("ASCII token");
+    assert_eq!(token.len(), 48);
+    let deployment = kube::Api::<Deployment>::namespaced(client.clone(), "t9").get("kvgate").await.expect("Deployment");
+    let pod = deployment.spec.expect("spec").template.spec.expect("pod spec");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .and_then(|m| m.iter().find(|m| m.name == "picker-api-token"))
+        .expect("the token's mount")
+        .clone();
+    assert!(mount.sub_path.is_none(), "a folder, so that a rotated Secret reaches the pod");
+    let config = kube::Api::<ConfigMap>::namespaced(client.clone(), "t9").get("kvgate").await.expect("ConfigMap");
+    let config = config.data.expect("data").remove("config.yaml").expect("config.yaml");
+    let token_file = format!("{}/token", mount.mount_path);
+    assert!(config.contains(&format!("token_file: {token_file}")), "{config}");
+
+    // kvgate on that config, with the Secret's files where the pod would have them.
+    let local = cluster.dir.join("picker-api");
+    std::fs::create_dir_all(&local).expect("folder");
+    std::fs::write(local.join("token"), &token).expect("token");
+    let path = cluster.dir.join("chart-token.yaml");
+    let mut cfg =
+        Config::from_yaml(&config.replace(&mount.mount_path, &local.display().to_string()), &path).expect("config");
+    cfg.grpc_addr = "127.0.0.1:0".parse().expect("address");
+    cfg.admin_addr = "127.0.0.1:0".parse().expect("address");
+    cfg.health_addr = None;
+    let kubeconfig = cluster.kubeconfig("chart-token", ADMIN_TOKEN, "t9");
+    let kv = start_with(cfg, &path, Some(&kubeconfig)).await.expect("kvgate starts");
+    let mut c = PickerClient::connect(format!("http://{}", kv.grpc_addr)).await.expect("gRPC connects");
+    let ask = || pb::ExplainRequest {
+        path: "/v1/completions".into(),
+        input: Some(pb::explain_request::Input::Body(json!({"model": "m", "prompt": "hi"}).to_string().into_bytes())),
+    };
+    let e = c.explain(ask()).await.expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+    let mut req = tonic::Request::new(ask());
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ASCII"));
+    c.explain(req).await.expect("the Secret's token is taken");
+}

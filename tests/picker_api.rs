@@ -78,7 +78,7 @@ async fn picks_and_reports_round_trip() {
     let kv = start_kvgate(&format!(
         "admin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\npools:\n\
          - {{name: p, models: ['{MODEL}'], endpoints: [{{address: '{}'}}, {{address: '{}'}}]}}\n\
-         - {{name: l, models: [limited], admission: {{max_in_flight: 1}}, endpoints: [{{address: '{}'}}]}}\n",
+         - {{name: l, models: [limited], admission: {{max_in_flight: 2}}, endpoints: [{{address: '{}'}}]}}\n",
         sims[0].addrs[0], sims[1].addrs[0], limited.addrs[0]
     ))
     .await;
@@ -161,8 +161,9 @@ async fn picks_and_reports_round_trip() {
     assert_eq!((r.status, r.code.as_str()), (200, ""));
     assert_eq!(serde_json::from_str::<Value>(&r.body).expect("JSON body")["data"][0]["id"], MODEL);
 
-    // A prompt given as fields, held unreported: the limited pool is then saturated, as it is
-    // for the proxy, until the report comes.
+    // A prompt given as fields, held unreported: it is the endpoint's load, and it takes the
+    // picker API's share of the limited pool's admission (half of max_in_flight 2), so the next
+    // pick is refused as a saturated pool is until the report comes; the proxy keeps the rest.
     let fields = |model: &str| pb::PickRequest {
         input: Some(pb::pick_request::Input::Prompt(pb::Prompt {
             model: model.into(),
@@ -173,16 +174,18 @@ async fn picks_and_reports_round_trip() {
     };
     let held = decided(&mut c, fields("limited")).await;
     assert_eq!(held.endpoints[0].address, limited.addrs[0].to_string());
+    assert_eq!(in_flight(&kv).await[&limited.addrs[0].to_string()], 1);
     let r = refused(&mut c, fields("limited")).await;
     assert_eq!((r.status, r.dropped_reason.as_str()), (429, "rejected-saturated"));
     assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    assert!(r.message.contains("picker_api.admission_share"), "{}", r.message);
     let via_proxy = client()
         .post(format!("{proxy}/v1/completions"))
         .body(json!({"model": "limited", "prompt": "hi"}).to_string())
         .send()
         .await
         .expect("proxy");
-    assert_eq!(via_proxy.status(), 429, "the picked request counts for the proxy too");
+    assert_eq!(via_proxy.status(), 200, "the proxy keeps its part of the admission");
     let failed = pb::ReportRequest {
         decision_id: held.decision_id.clone(),
         end: Some(pb::report_request::End::Failed(pb::Failed {
@@ -570,4 +573,212 @@ async fn the_python_client_example_says_when_the_picker_is_down() {
     assert!(!stderr.contains("Traceback"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("error: cannot reach kvgate's picker at ") && stderr.contains(&nobody), "{stderr}");
+}
+
+/// `message` as a request carrying `authorization: Bearer <token>`.
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ASCII token"));
+    req
+}
+
+/// Writes `token` to `path` as the kubelet updates a mounted Secret: a new file renamed over
+/// the old one.
+fn write_token(path: &std::path::Path, token: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, format!("{token}\n")).expect("token written");
+    std::fs::rename(&next, path).expect("token in place");
+}
+
+/// With a token file, every `kvgate.v1.Picker` call needs the token, a rotated file takes
+/// effect while kvgate runs, and ext_proc and gRPC health on the same listener need none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_picker_api_and_rotates() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("picker-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("token");
+    write_token(&file, "first-token");
+    let fleet =
+        gateway(MODEL).sims(1).config(&format!("picker_api: {{token_file: '{}'}}", file.display())).start().await;
+    let kv = &fleet.kv;
+    let mut c = picker(kv).await;
+    let body = json!({"model": MODEL, "prompt": "hello there"});
+    let req = || pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&body) };
+    let refusal = |r: Result<tonic::Response<pb::PickResponse>, tonic::Status>| {
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+        assert!(!e.message().contains("token-"), "the token is not echoed: {}", e.message());
+    };
+    refusal(c.pick(req()).await);
+    refusal(c.pick(bearer(req(), "wrong-token")).await);
+    refusal(c.pick(bearer(req(), "first-token-and-more")).await);
+    for e in [
+        c.report(finished("00000000-1-0", 200, None)).await.expect_err("report"),
+        c.watch_endpoints(pb::WatchEndpointsRequest::default()).await.expect_err("watch"),
+    ] {
+        assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    }
+    let refusals = |m: &str| metric(m, "kvgate_picker_refused_total", &[("reason", "unauthenticated")]);
+    assert_eq!(refusals(&common::metrics(&fleet.admin()).await), Some(5.0), "each refusal counted");
+    let d = c.pick(bearer(req(), "first-token")).await.expect("the right token").into_inner();
+    let Some(pb::pick_response::Result::Decision(d)) = d.result else { panic!("decided: {d:?}") };
+    let end = c.report(bearer(finished(&d.decision_id, 200, None), "first-token")).await.expect("report");
+    assert!(end.into_inner().ended);
+
+    // The Secret is rotated: the new token is taken, the old one refused, without a restart.
+    write_token(&file, "second-token");
+    let rotated = eventually(15, || {
+        let mut c = c.clone();
+        async move { c.pick(bearer(req(), "second-token")).await.is_ok() }
+    })
+    .await;
+    assert!(rotated, "the rotated token is taken");
+    refusal(c.pick(bearer(req(), "first-token")).await);
+    // A file that cannot be read keeps the last good token.
+    std::fs::remove_file(&file).expect("token removed");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(c.pick(bearer(req(), "second-token")).await.is_ok(), "the last good token stays");
+
+    // Envoy's ext_proc and gRPC health need no token.
+    assert!(common::grpc_serving(grpc_channel(kv).await, "").await, "health answers");
+    use common::extproc_msg::{post_headers, request_body};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    let mut ext = ExternalProcessorClient::connect(format!("http://{}", kv.grpc_addr)).await.expect("connect");
+    let chat_body = chat(MODEL).user("hi").max_tokens(1).bytes();
+    let messages = vec![post_headers("/v1/chat/completions"), request_body(chat_body, true)];
+    let mut answers = ext.process(tokio_stream::iter(messages)).await.expect("ext_proc answers").into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), answers.message()).await;
+    let first = first.expect("in time").expect("no error").expect("a message");
+    assert!(format!("{first:?}").contains(&fleet.addr(0)), "a destination: {first:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn grpc_channel(kv: &kvgate::tools::serve::Server) -> Channel {
+    Channel::from_shared(format!("http://{}", kv.grpc_addr)).expect("uri").connect().await.expect("gRPC connects")
+}
+
+/// Picks nobody reports take at most the picker API's share of a pool's admission: the proxy's
+/// requests still get 200 while a client picks and never reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreported_picks_never_push_the_proxy_into_429() {
+    let fleet = gateway(MODEL).sims(2).proxy().pool("admission: {max_in_flight: 4}").start().await;
+    let kv = &fleet.kv;
+    let mut c = picker(kv).await;
+    let body = json!({"model": MODEL, "prompt": "hello there"});
+    let req = || pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&body) };
+    let proxy = format!("{}/v1/completions", fleet.proxy());
+    let (mut decided_n, mut refused_n) = (0, 0);
+    for _ in 0..50 {
+        match pick(&mut c, req()).await {
+            pb::pick_response::Result::Decision(_) => decided_n += 1,
+            pb::pick_response::Result::Refusal(r) => {
+                assert_eq!((r.status, r.code.as_str()), (429, "saturated"), "{r:?}");
+                refused_n += 1;
+            }
+        }
+        let r = client().post(&proxy).body(body.to_string()).send().await.expect("proxy answers");
+        assert_eq!(r.status(), 200, "the proxy is not saturated by held picks");
+    }
+    assert_eq!((decided_n, refused_n), (2, 48), "half of max_in_flight 4 for the picker API");
+    let m = common::metrics(&fleet.admin()).await;
+    assert_eq!(metric(&m, "kvgate_picker_refused_total", &[("reason", "admission_share")]), Some(48.0));
+    // The held picks are still the endpoints' load.
+    assert_eq!(in_flight(kv).await.values().sum::<u64>(), 2);
+    // Two proxy requests at once still fit beside them.
+    let send = || client().post(&proxy).body(body.to_string()).send();
+    let (a, b) = tokio::join!(send(), send());
+    assert_eq!((a.expect("a").status().as_u16(), b.expect("b").status().as_u16()), (200, 200));
+}
+
+/// A client bound to `local` (any 127/8 address reaches kvgate on loopback).
+async fn picker_from(kv: &kvgate::tools::serve::Server, local: &str) -> PickerClient<Channel> {
+    let local: std::net::IpAddr = local.parse().expect("an IP");
+    let target = kv.grpc_addr;
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        let stream = socket.connect(target).await?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+        .expect("uri")
+        .connect_with_connector(connector)
+        .await
+        .expect("gRPC connects");
+    PickerClient::new(channel)
+}
+
+/// One client (one peer IP) fills its own quota of pending decisions and of endpoint watches,
+/// and another client still picks and watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_slot() {
+    let limits = "picker_api: {max_pending: 16, max_pending_per_client: 3, max_watches: 8, max_watches_per_client: 2}";
+    let fleet = gateway(MODEL).sims(1).config(limits).start().await;
+    let kv = &fleet.kv;
+    let mut greedy = picker_from(kv, "127.0.0.2").await;
+    let mut other = picker_from(kv, "127.0.0.1").await;
+    let body = json!({"model": MODEL, "prompt": "hello there"});
+    let req = || pb::PickRequest { path: "/v1/completions".into(), ..pick_body(&body) };
+    for _ in 0..3 {
+        decided(&mut greedy, req()).await;
+    }
+    for _ in 0..3 {
+        let e = greedy.pick(req()).await.expect_err("past its quota");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+        assert!(e.message().contains("picker_api.max_pending_per_client"), "{}", e.message());
+    }
+    let mine = decided(&mut other, req()).await;
+    assert!(other.report(finished(&mine.decision_id, 200, None)).await.expect("report").into_inner().ended);
+
+    let watch = || pb::WatchEndpointsRequest { interval_ms: 100, ..Default::default() };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = greedy.watch_endpoints(watch()).await.expect("a watch").into_inner();
+        assert!(stream.message().await.expect("an update").is_some());
+        open.push(stream);
+    }
+    let e = greedy.watch_endpoints(watch()).await.expect_err("past its quota");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("picker_api.max_watches_per_client"), "{}", e.message());
+    let mut theirs = other.watch_endpoints(watch()).await.expect("another client's watch").into_inner();
+    assert!(theirs.message().await.expect("an update").is_some());
+    // A closed watch gives its slot back.
+    drop(open.pop());
+    let back = eventually(10, || {
+        let mut g = greedy.clone();
+        async move { g.watch_endpoints(watch()).await.is_ok() }
+    })
+    .await;
+    assert!(back, "the slot is given back");
+    let m = common::metrics(&fleet.admin()).await;
+    let refused = |reason: &str| metric(&m, "kvgate_picker_refused_total", &[("reason", reason)]);
+    assert_eq!((refused("max_pending_per_client"), refused("max_watches_per_client")), (Some(3.0), Some(1.0)));
+    assert_eq!(refused("max_pending"), None, "the total was never reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_example_sends_the_token() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("python-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("token");
+    write_token(&file, "python-token");
+    let fleet =
+        gateway(MODEL).sims(1).config(&format!("picker_api: {{token_file: '{}'}}", file.display())).start().await;
+    let grpc = fleet.kv.grpc_addr.to_string();
+    let args = |token: bool| {
+        let mut args = vec!["--picker", grpc.as_str(), "--model", MODEL, "--max-tokens", "2", "--prompt", "Hi"];
+        if token {
+            args.extend(["--token-file", file.to_str().expect("UTF-8 path")]);
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let out = run_example(args(false)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    let out = run_example(args(true)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line: Value = serde_json::from_str(stdout.trim()).expect("a JSON line");
+    assert_eq!((line["status"].as_u64(), line["ended"].as_bool()), (Some(200), Some(true)), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

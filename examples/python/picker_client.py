@@ -16,6 +16,8 @@ Needs grpcio and grpcio-tools (PyPI). The Python stubs are generated from kvgate
 `--path /v1/completions` sends each prompt as a completions request (`prompt`); the default,
 /v1/chat/completions, sends it as the user message after the system message.
 A picker that cannot be reached, or that fails a call, is reported on one line (exit status 1).
+`--token-file FILE` sends the token in FILE (kvgate's `picker_api.token_file`) with every call
+as `authorization: Bearer <token>`.
 
 A P/D decision names a prefill endpoint; this client sends the request to the decode endpoint
 with the decision's headers, which is what a `kvgate sidecar` in front of it expects.
@@ -136,6 +138,17 @@ def run_one(pb, stub, args, question):
             "usage": usage, "ended": ended}
 
 
+class WithToken:
+    """The stub's calls, each with `authorization: Bearer <token>` metadata."""
+
+    def __init__(self, stub, token):
+        self._stub, self._metadata = stub, (("authorization", f"Bearer {token}"),)
+
+    def __getattr__(self, name):
+        call = getattr(self._stub, name)
+        return lambda *args, **kwargs: call(*args, metadata=self._metadata, **kwargs)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--picker", default="127.0.0.1:9002", help="kvgate's gRPC address")
@@ -147,7 +160,15 @@ def main():
                    help="the API to call: chat sends messages, completions a prompt")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--proto-dir", default=os.path.join(HERE, "..", "..", "proto"))
+    p.add_argument("--token-file", help="a file holding the picker API's bearer token")
     args = p.parse_args()
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            sys.exit(f"error: cannot read --token-file {args.token_file}: {e.strerror}")
     try:
         import grpc
     except ImportError:
@@ -156,6 +177,8 @@ def main():
     pb, rpc = load_stubs(os.path.abspath(args.proto_dir))
     with grpc.insecure_channel(args.picker) as channel:
         stub = rpc.PickerStub(channel)
+        if token:
+            stub = WithToken(stub, token)
         try:
             for question in args.prompt or ["Hello!"]:
                 print(json.dumps(run_one(pb, stub, args, question)), flush=True)

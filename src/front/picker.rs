@@ -3,11 +3,14 @@
 //! reports; `Report` applies a caller's (or a sidecar's) report through the one outcome API;
 //! `Explain` is `/debug/explain` as a message; `WatchEndpoints` streams every pool's endpoints.
 //! The messages are generated at build time ([`pb`]); [`convert`] maps them to and from the
-//! gateway's types.
+//! gateway's types. [`access`] guards every call with the configured bearer token; what one
+//! client (its peer IP) may hold is bounded per client as well as in all ([`Decisions`],
+//! [`watches`]).
+//!
+//! [`Decisions`]: crate::gateway::decisions::Decisions
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -15,12 +18,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+mod access;
+pub use access::TokenFile;
 mod convert;
+mod watches;
 
 use crate::front::http::{DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, new_request_id};
 use crate::gateway::answer::Answer;
-use crate::gateway::config::ExtProcConfig;
-use crate::gateway::decisions::ReportError;
+use crate::gateway::config::{ExtProcConfig, PickerApiConfig};
+use crate::gateway::decisions::{Client, HoldError, ReportError};
 use crate::gateway::facade::{Gateway, RouteRequest, SubsetHint};
 use crate::gateway::paths::Place;
 use crate::routing::request::ApiKind;
@@ -35,31 +41,15 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvgate_v1_descriptor.bin"));
 }
 
+use access::Access;
 use pb::picker_server::{Picker, PickerServer};
+use tonic::service::interceptor::InterceptedService;
+use watches::Watches;
 
 /// The longest decision id a report may name (kvgate's are under 45 bytes).
 const MAX_DECISION_ID: usize = 64;
 /// Most endpoints a pick may ask for.
 const MAX_PICK_ENDPOINTS: usize = 64;
-/// Most `WatchEndpoints` streams open at once (each builds every pool's state per interval).
-const MAX_WATCHERS: usize = 256;
-
-/// One open watch, counted while it lives.
-#[derive(Debug)]
-struct WatchSlot(Arc<AtomicUsize>);
-
-impl WatchSlot {
-    fn take(open: &Arc<AtomicUsize>) -> Option<Self> {
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_WATCHERS).then_some(n + 1)).ok()?;
-        Some(Self(open.clone()))
-    }
-}
-
-impl Drop for WatchSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// The `kvgate.v1.Picker` service.
 #[derive(Debug, Clone)]
@@ -69,24 +59,28 @@ pub(crate) struct PickerApi {
     max_endpoints: Option<usize>,
     /// Turns true when the server stops: watch streams end.
     stop: watch::Receiver<bool>,
-    /// `WatchEndpoints` streams open.
-    watchers: Arc<AtomicUsize>,
+    /// `WatchEndpoints` streams open (each builds every pool's state per interval).
+    watches: Arc<Watches>,
     /// Spawns each watch's task.
     tasks: crate::gateway::tasks::Tasks,
 }
 
-/// The service, with the ext_proc listener's message bounds.
+/// The service, with the ext_proc listener's message bounds, behind the picker API's access
+/// check (a token file is read now: one that cannot be read is an error).
 pub(crate) fn service(
     gateway: Arc<Gateway>,
     cfg: &ExtProcConfig,
+    api: &PickerApiConfig,
     stop: watch::Receiver<bool>,
     tasks: crate::gateway::tasks::Tasks,
-) -> PickerServer<PickerApi> {
+) -> anyhow::Result<InterceptedService<PickerServer<PickerApi>, Access>> {
     let max = cfg.max_message_bytes;
-    let watchers = Arc::new(AtomicUsize::new(0));
-    PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watchers, tasks })
+    let access = Access::new(api, &tasks, gateway.decisions().clone())?;
+    let watches = Arc::new(Watches::new(api, gateway.decisions().clone()));
+    let server = PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watches, tasks })
         .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
+        .max_encoding_message_size(max);
+    Ok(InterceptedService::new(server, access))
 }
 
 /// The encoded descriptor set of Envoy's `envoy.service.ext_proc.v3` and the files it imports,
@@ -128,6 +122,7 @@ fn placed(
 #[tonic::async_trait]
 impl Picker for PickerApi {
     async fn pick(&self, req: Request<pb::PickRequest>) -> Result<Response<pb::PickResponse>, Status> {
+        let client = Client::of(req.remote_addr());
         let req = req.into_inner();
         let input = req.input.map(convert::Input::from);
         let place = match placed(&self.gateway, &req.method, &req.path, input.as_ref())? {
@@ -141,7 +136,7 @@ impl Picker for PickerApi {
             Err(_) => SubsetHint::Unreadable,
         };
         // A pick that could not be held must not be decided (deciding records the prompt).
-        self.gateway.decisions().has_room().map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        self.gateway.decisions().has_room(client).map_err(|e| Status::resource_exhausted(e.to_string()))?;
         // A caller's own count wins; else the pool's and the server's settings decide.
         let asked = match req.max_endpoints {
             0 => None,
@@ -151,7 +146,7 @@ impl Picker for PickerApi {
         let none = convert::Input::Body(Vec::new());
         let input = input.as_ref().unwrap_or(&none);
         let route = RouteRequest { place, input: input.route_input(), subset, places };
-        let mut routed = match self.gateway.route(route) {
+        let mut routed = match self.gateway.route_to_hold(route) {
             Ok(r) => r,
             Err(a) => return Ok(Response::new(refused(&a))),
         };
@@ -160,7 +155,11 @@ impl Picker for PickerApi {
         let first = decision.endpoints.first().map(|e| e.address.clone()).unwrap_or_default();
         let want = asked.unwrap_or_else(|| routed.listed(self.max_endpoints).min(MAX_PICK_ENDPOINTS));
         let ranked = routed.decision().clone();
-        let id = self.gateway.decisions().hold(routed).map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let id = match self.gateway.decisions().hold(routed, client) {
+            Ok(id) => id,
+            Err(HoldError::Share(e)) => return Ok(Response::new(refused(&self.gateway.refuse(&e)))),
+            Err(e) => return Err(Status::resource_exhausted(e.to_string())),
+        };
         let placement = Placement::of(&ranked, want, Some(&id));
         decision.headers.insert(DESTINATION_HEADER.to_owned(), placement.destination);
         decision.headers.extend(placement.set.into_iter().map(|(k, v)| (k.to_owned(), v)));
@@ -225,12 +224,8 @@ impl Picker for PickerApi {
         &self,
         req: Request<pb::WatchEndpointsRequest>,
     ) -> Result<Response<Self::WatchEndpointsStream>, Status> {
+        let slot = self.watches.take(Client::of(req.remote_addr()))?;
         let req = req.into_inner();
-        let Some(slot) = WatchSlot::take(&self.watchers) else {
-            return Err(Status::resource_exhausted(format!(
-                "{MAX_WATCHERS} endpoint watches are open, the most served"
-            )));
-        };
         for name in &req.pools {
             if !self.gateway.pools().iter().any(|p| p.name() == name) {
                 return Err(Status::not_found(format!("no pool `{name}` here")));

@@ -31,7 +31,7 @@ use located::Lines;
 use read::{CONFIG_LIMIT, FileError};
 pub use sections::{
     Admission, BodyMode, ConnectionsConfig, ExtProcConfig, HealthConfig, KvEventsSpec, MAX_ATTEMPTS, PathsConfig,
-    PickerApiConfig, ProxyConfig, ScrapeConfig, TlsFiles, bind_address, pattern_parts,
+    PickerApiConfig, ProxyConfig, ScrapeConfig, Secret, TlsFiles, bind_address, pattern_parts,
 };
 
 /// The whole config file.
@@ -394,8 +394,8 @@ impl Config {
         if let Some((at, message)) = self.out_of_bounds() {
             return Err(invalid(at, message));
         }
-        if self.picker_api.max_pending == 0 {
-            return Err(invalid("picker_api.max_pending".into(), "must be at least 1".into()));
+        if let Some((at, message)) = self.picker_api.problem() {
+            return Err(invalid(at.into(), message));
         }
         if self.extproc.max_endpoints == Some(0) {
             return Err(invalid("extproc.max_endpoints".into(), "must be at least 1".into()));

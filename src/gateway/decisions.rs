@@ -5,6 +5,12 @@
 //! coming (no first token within `start_timeout_ms` of the pick, nothing for `report_timeout_ms`
 //! after the last report), counted in `kvgate_picker_decisions_expired_total`.
 //!
+//! What callers may hold is bounded three ways: `max_pending` in all, `max_pending_per_client`
+//! for one [`Client`], and, for each pool with `admission.max_in_flight`, `admission_share` of
+//! that limit — so decisions nobody reports cannot fill the pool's admission for the proxy and
+//! Envoy. Held decisions still count as their endpoints' load; only the picker API's own picks
+//! are refused past its share.
+//!
 //! Ids are `<process nonce>-<sequence>-<tag>` in hex. The tag is the sequence keyed-hashed with a
 //! secret of the process, so one id does not give away the others; the sequence tells an id this
 //! process issued and has already ended from one it never issued, without keeping every id.
@@ -12,6 +18,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +26,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::gateway::config::PickerApiConfig;
+use crate::gateway::config::{Admission, PickerApiConfig};
+use crate::gateway::error::RouteError;
 use crate::gateway::events::{Event, Prefill};
 use crate::gateway::outcome::Routed;
 use crate::gateway::telemetry::Telemetry;
@@ -40,6 +48,10 @@ pub struct Decisions {
     /// After each report.
     timeout: Duration,
     max_pending: usize,
+    /// Most held for one client.
+    max_per_client: usize,
+    /// The share of a pool's `admission.max_in_flight` callers' decisions may take.
+    admission_share: f64,
     inner: Mutex<Inner>,
     telemetry: Arc<Telemetry>,
 }
@@ -49,6 +61,10 @@ struct Inner {
     held: HashMap<u64, Held>,
     /// Callers' decisions among `held`.
     callers: usize,
+    /// Callers' decisions by client (a client holding none has no entry).
+    per_client: HashMap<Client, usize>,
+    /// Callers' decisions by pool name (a pool with none has no entry).
+    per_pool: HashMap<String, usize>,
     ended: HashMap<u64, Ended>,
     order: VecDeque<u64>,
 }
@@ -56,8 +72,8 @@ struct Inner {
 #[derive(Debug)]
 enum Held {
     /// A decision its caller reports on entirely (locked on its own: reports for different
-    /// decisions do not wait for each other).
-    Caller(Arc<Mutex<Caller>>),
+    /// decisions do not wait for each other), with the client that picked it and its pool.
+    Caller(Arc<Mutex<Caller>>, Client, String),
     /// A P/D decision an ext_proc stream holds: only its prefill leg is reported here, and handed
     /// on to the stream.
     Stream(Option<oneshot::Sender<Prefill>>),
@@ -129,10 +145,47 @@ pub enum ReportError {
     Implausible(String, String),
 }
 
-/// Too many decisions wait for reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0} decisions are waiting for their reports, the most this server holds")]
-pub struct Full(pub usize);
+/// Why another decision is not held for a caller.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    /// Too many decisions wait for reports (`picker_api.max_pending`).
+    #[error("{0} decisions are waiting for their reports, the most this server holds (picker_api.max_pending)")]
+    Full(usize),
+    /// Too many of this client's (`picker_api.max_pending_per_client`).
+    #[error(
+        "{0} decisions of this client are waiting for their reports, the most one client may hold \
+         (picker_api.max_pending_per_client)"
+    )]
+    ClientFull(usize),
+    /// The pool's admission share for held decisions is taken (`picker_api.admission_share`):
+    /// answered as a saturated pool is.
+    #[error(transparent)]
+    Share(RouteError),
+}
+
+/// Who holds a decision: the peer's IP address (an IPv6 address's /64, what one host is
+/// usually given), or an unknown peer (every such one counted as one client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Client(Option<IpAddr>);
+
+impl Client {
+    /// The client at `peer`, if known.
+    pub fn of(peer: Option<SocketAddr>) -> Self {
+        Self(peer.map(|p| match p.ip().to_canonical() {
+            IpAddr::V6(v6) => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+            v4 => v4,
+        }))
+    }
+
+    /// The peer address, as far as it is known.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.0
+    }
+}
 
 impl Decisions {
     /// Decisions held as `cfg` says, `cfg.max_pending` at once.
@@ -144,6 +197,8 @@ impl Decisions {
             start_timeout: Duration::from_millis(cfg.start_timeout_ms.max(1)),
             timeout: Duration::from_millis(cfg.report_timeout_ms.max(1)),
             max_pending: cfg.max_pending.max(1),
+            max_per_client: cfg.pending_per_client(),
+            admission_share: cfg.admission_share.clamp(0.0, 1.0),
             inner: Mutex::new(Inner::default()),
             telemetry,
         }
@@ -165,23 +220,68 @@ impl Decisions {
         (seq >= 1 && seq < self.next.load(Ordering::Relaxed) && self.id(seq) == id).then_some(seq)
     }
 
-    /// Whether another caller's decision may be held now (checked before deciding, so a pick
-    /// that could not be held records nothing).
-    pub fn has_room(&self) -> Result<(), Full> {
-        let inner = self.inner.lock();
-        if inner.callers >= self.max_pending { Err(Full(inner.callers)) } else { Ok(()) }
+    /// Whether another decision of `client`'s may be held now (checked before deciding, so a
+    /// pick that could not be held records nothing).
+    pub fn has_room(&self, client: Client) -> Result<(), HoldError> {
+        self.room(&self.inner.lock(), client)
     }
 
-    /// Holds `routed` until its final report or until its reports stop coming; returns its id.
-    pub fn hold(&self, routed: Routed) -> Result<String, Full> {
-        let mut inner = self.inner.lock();
+    fn room(&self, inner: &Inner, client: Client) -> Result<(), HoldError> {
         if inner.callers >= self.max_pending {
-            return Err(Full(inner.callers));
+            self.refused("max_pending");
+            return Err(HoldError::Full(inner.callers));
         }
+        let mine = inner.per_client.get(&client).copied().unwrap_or(0);
+        if mine >= self.max_per_client {
+            self.refused("max_pending_per_client");
+            return Err(HoldError::ClientFull(mine));
+        }
+        Ok(())
+    }
+
+    /// Counts a picker API call refused by `reason` (a fixed name) in
+    /// `kvgate_picker_refused_total`.
+    pub fn refused(&self, reason: &'static str) {
+        self.telemetry.picker_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Whether another decision may be held in `pool` (whose admission is `limits`): not while
+    /// callers' decisions there take `admission_share` of its `max_in_flight`. Refused as a
+    /// saturated pool is.
+    pub fn share_left(&self, pool: &str, limits: &Admission) -> Result<(), RouteError> {
+        self.share_of(&self.inner.lock(), pool, limits)
+    }
+
+    fn share_of(&self, inner: &Inner, pool: &str, limits: &Admission) -> Result<(), RouteError> {
+        let Some(max) = limits.max_in_flight else { return Ok(()) };
+        // Rounded down: the proxy and Envoy keep the rest of the limit.
+        let share = (max as f64 * self.admission_share).floor() as u64;
+        let held = inner.per_pool.get(pool).copied().unwrap_or(0) as u64;
+        if held < share {
+            return Ok(());
+        }
+        self.refused("admission_share");
+        let reason = format!(
+            "{held} picked requests wait for their reports, the picker API's share of max_in_flight {max} \
+             (picker_api.admission_share {})",
+            self.admission_share
+        );
+        Err(RouteError::Saturated { pool: pool.to_owned(), reason, shed: false })
+    }
+
+    /// Holds `routed` for `client` until its final report or until its reports stop coming;
+    /// returns its id.
+    pub fn hold(&self, routed: Routed, client: Client) -> Result<String, HoldError> {
+        let mut inner = self.inner.lock();
+        self.room(&inner, client)?;
+        let pool = routed.pool_name().to_owned();
+        self.share_of(&inner, &pool, routed.admission()).map_err(HoldError::Share)?;
         let (seq, id) = self.issue();
         let deadline = Instant::now() + self.start_timeout;
         let caller = Caller { routed, deadline, over: None };
-        inner.held.insert(seq, Held::Caller(Arc::new(Mutex::new(caller))));
+        *inner.per_client.entry(client).or_default() += 1;
+        *inner.per_pool.entry(pool.clone()).or_default() += 1;
+        inner.held.insert(seq, Held::Caller(Arc::new(Mutex::new(caller)), client, pool));
         inner.callers += 1;
         self.telemetry.picker_pending.set(inner.held.len() as i64);
         Ok(id)
@@ -239,7 +339,7 @@ impl Decisions {
                         _ => Err(ReportError::NotHere(id.to_owned())),
                     };
                 }
-                Some(Held::Caller(c)) => c.clone(),
+                Some(Held::Caller(c, ..)) => c.clone(),
             }
         };
         // The map is not locked while the report is applied.
@@ -259,9 +359,7 @@ impl Decisions {
         c.over = Some(how);
         drop(c);
         let mut inner = self.inner.lock();
-        if inner.held.remove(&seq).is_some() {
-            inner.callers -= 1;
-        }
+        inner.release(seq);
         inner.remember(seq, how);
         self.telemetry.picker_pending.set(inner.held.len() as i64);
         Ok(true)
@@ -277,7 +375,7 @@ impl Decisions {
                 .held
                 .iter()
                 .filter_map(|(&seq, h)| match h {
-                    Held::Caller(c) => {
+                    Held::Caller(c, ..) => {
                         c.try_lock().is_some_and(|c| c.over.is_none() && c.deadline <= now).then_some(seq)
                     }
                     Held::Stream(_) => None,
@@ -285,15 +383,14 @@ impl Decisions {
                 .collect();
             let mut out = Vec::with_capacity(due.len());
             for seq in due {
-                let Some(Held::Caller(c)) = inner.held.get(&seq) else { continue };
+                let Some(Held::Caller(c, ..)) = inner.held.get(&seq) else { continue };
                 let c = c.clone();
                 // Marked over before it leaves the map, so a report that found it just before
                 // is refused; one being applied now (locked) is left for the next sweep.
                 let Some(mut held) = c.try_lock() else { continue };
                 held.over = Some(Ended::Expired);
                 drop(held);
-                inner.held.remove(&seq);
-                inner.callers -= 1;
+                inner.release(seq);
                 inner.remember(seq, Ended::Expired);
                 out.push(c);
             }
@@ -329,6 +426,14 @@ impl Decisions {
 }
 
 impl Inner {
+    /// Takes decision `seq` out of the held ones (a caller's with its counts).
+    fn release(&mut self, seq: u64) {
+        let Some(Held::Caller(_, client, pool)) = self.held.remove(&seq) else { return };
+        self.callers -= 1;
+        lower(&mut self.per_pool, pool);
+        lower(&mut self.per_client, client);
+    }
+
     fn remember(&mut self, seq: u64, how: Ended) {
         self.ended.insert(seq, how);
         self.order.push_back(seq);
@@ -336,6 +441,17 @@ impl Inner {
             if let Some(old) = self.order.pop_front() {
                 self.ended.remove(&old);
             }
+        }
+    }
+}
+
+/// Lowers `key`'s count in `map`, forgetting it at zero (the maps hold only clients and pools
+/// with decisions held).
+fn lower<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(key) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
         }
     }
 }
@@ -360,8 +476,28 @@ impl StreamTicket {
 impl Drop for StreamTicket {
     fn drop(&mut self) {
         let mut inner = self.decisions.inner.lock();
-        inner.held.remove(&self.seq);
+        inner.release(self.seq);
         inner.remember(self.seq, Ended::StreamEnded);
         self.decisions.telemetry.picker_pending.set(inner.held.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(peer: Option<&str>, client: Option<&str>) {
+        let peer = peer.map(|p| p.parse::<SocketAddr>().expect("a socket address"));
+        let want = client.map(|c| c.parse::<IpAddr>().expect("an IP"));
+        assert_eq!(Client::of(peer).ip(), want, "{peer:?}");
+    }
+
+    #[test]
+    fn a_client_is_its_ip_or_its_ipv6_slash_64() {
+        check(Some("127.0.0.2:4000"), Some("127.0.0.2"));
+        check(Some("[::ffff:10.1.2.3]:4000"), Some("10.1.2.3"));
+        check(Some("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:1"), Some("2001:db8:1:2::"));
+        check(Some("[::1]:1"), Some("::"));
+        check(None, None);
     }
 }

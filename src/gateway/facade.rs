@@ -270,7 +270,18 @@ impl Gateway {
     /// answered. The routed request holds the body to send when it is not the client's own
     /// ([`Routed::take_body`]).
     pub fn route(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
-        let mut routed = self.decide(&req).map_err(|(e, model)| {
+        self.route_as(req, false)
+    }
+
+    /// [`Gateway::route`] for a decision to hold for the picker API's reports: refused as a
+    /// saturated pool is while the picker API's decisions take their share of the pool's
+    /// admission (`picker_api.admission_share`).
+    pub fn route_to_hold(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
+        self.route_as(req, true)
+    }
+
+    fn route_as(&self, req: RouteRequest<'_>, held: bool) -> Result<Routed, Answer> {
+        let mut routed = self.decide(&req, held).map_err(|(e, model)| {
             self.count_refusal(&e, model.as_deref());
             Answer::from(&e)
         })?;
@@ -281,7 +292,7 @@ impl Gateway {
     }
 
     /// [`Gateway::route`]'s decision; a refusal comes with the model the request named, if known.
-    fn decide(&self, req: &RouteRequest<'_>) -> Result<Routed, (RouteError, Option<String>)> {
+    fn decide(&self, req: &RouteRequest<'_>, held: bool) -> Result<Routed, (RouteError, Option<String>)> {
         let subset = match &req.subset {
             SubsetHint::Any => None,
             SubsetHint::Within(s) if !s.is_empty() => Some(s),
@@ -310,7 +321,7 @@ impl Gateway {
                 ParsedRequest::model_only(&model_only)
             }
         };
-        let routed = self.plan(&parsed, subset, req.places).map_err(|e| (e, Some(parsed.model.to_string())))?;
+        let routed = self.plan(&parsed, subset, req.places, held).map_err(|e| (e, Some(parsed.model.to_string())))?;
         // The request's size: its body's, or its prompt's when given as fields.
         routed.request_bytes(match req.input {
             Input::Body(b) => b.len(),
@@ -332,11 +343,21 @@ impl Gateway {
         first(true).or_else(|| first(false))
     }
 
-    /// Picks the pool, admits, decides for `places` distinct endpoints, and counts the request
-    /// in flight on its target.
-    fn plan(&self, req: &ParsedRequest<'_>, subset: Option<&Subset>, places: usize) -> Result<Routed, RouteError> {
+    /// Picks the pool, admits (a decision to be `held` for the picker API's reports within
+    /// that API's share), decides for `places` distinct endpoints, and counts the request in
+    /// flight on its target.
+    fn plan(
+        &self,
+        req: &ParsedRequest<'_>,
+        subset: Option<&Subset>,
+        places: usize,
+        held: bool,
+    ) -> Result<Routed, RouteError> {
         let started = std::time::Instant::now();
         let pool = self.pool_for(&req.model)?;
+        if held {
+            self.decisions.share_left(pool.name(), pool.admission())?;
+        }
         let snapshot = pool.snapshot();
         let now = now_ms();
         let planner = pool.planner();

@@ -213,6 +213,11 @@ impl Routed {
         self.pool.name()
     }
 
+    /// The pool's admission limits.
+    pub fn admission(&self) -> &crate::gateway::config::Admission {
+        self.pool.admission()
+    }
+
     /// Why `event` is not one this request could have had, if it is not: reported usage beyond
     /// what its model's context holds (its `max_model_len` when the endpoints report it, else
     /// [`MAX_REPORTED_TOKENS`]), so a caller's report cannot inflate the token counts.

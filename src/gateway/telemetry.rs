@@ -117,6 +117,10 @@ pub struct Telemetry {
     /// `kvgate_picker_reports_total{result}`: reports by decision id (`accepted`, `unknown`,
     /// `ended`, `refused`).
     pub picker_reports: IntCounterVec,
+    /// `kvgate_picker_refused_total{reason}`: picker API calls refused by a check or a limit
+    /// (`unauthenticated`, `max_pending`, `max_pending_per_client`, `admission_share`,
+    /// `max_watches`, `max_watches_per_client`).
+    pub picker_refused: IntCounterVec,
     /// `kvgate_picker_decisions_expired_total{pool}`: decisions released with no final report.
     pub picker_expired: IntCounterVec,
     /// `kvgate_picker_decisions_pending`: decisions held for their reports now.
@@ -188,6 +192,7 @@ impl Telemetry {
             scrape_errors: r.counter(&SCRAPE_ERRORS),
             tokens: r.counter(&TOKENS),
             picker_reports: r.counter(&PICKER_REPORTS),
+            picker_refused: r.counter(&PICKER_REFUSED),
             extproc_ignored: r.counter(&EXTPROC_IGNORED),
             served_unknown: r.counter(&SERVED_UNKNOWN),
             picker_expired: r.counter(&PICKER_EXPIRED),

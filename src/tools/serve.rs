@@ -224,6 +224,9 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let telemetry = Arc::new(Telemetry::new());
     let tasks = Tasks::new();
     let Launched { pools, tasks: mut background } = launch(resolved, &settings, &telemetry, kubeconfig, &tasks).await?;
+    if let Some(w) = cfg.open_picker_api() {
+        tracing::warn!("{w}");
+    }
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
     let gateway = Arc::new(
         Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
@@ -272,7 +275,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .context("TLS on grpc_addr")?;
     }
-    let api = picker::service(gateway.clone(), &cfg.extproc, stop_rx.clone(), tasks.clone());
+    let api = picker::service(gateway.clone(), &cfg.extproc, &cfg.picker_api, stop_rx.clone(), tasks.clone())?;
     let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
     let grpc = builder
         .add_service(health.clone())

@@ -30,6 +30,7 @@ use crate::front::http::{
     json_error, no_route, read_body, relay, upstream_client, upstream_request, wrong_method,
 };
 use crate::front::listen::{ConnLimits, drain, serve_http, shutdown_signal};
+use crate::front::picker::TokenFile;
 use crate::front::picker::pb::{self, picker_client::PickerClient};
 use crate::gateway::answer::Answer;
 use crate::gateway::budget::BodyBudget;
@@ -85,6 +86,11 @@ pub struct SidecarArgs {
     /// kvgate takes every hand-off to have succeeded.
     #[arg(long)]
     pub report_to: Option<String>,
+    /// A file holding the bearer token of kvgate's picker API (`picker_api.token_file` there),
+    /// sent with each report as `authorization: Bearer <token>`; re-read every second, so a
+    /// rotated Secret takes effect without a restart.
+    #[arg(long, requires = "report_to")]
+    pub report_token_file: Option<std::path::PathBuf>,
     /// Bound on one report; past it the decode leg goes on without it.
     #[arg(long, default_value_t = 1_000)]
     pub report_timeout_ms: u64,
@@ -156,6 +162,8 @@ struct Sidecar {
     counters: Counters,
     /// Where hand-off outcomes are reported.
     reports: Option<PickerClient<Channel>>,
+    /// The token reports carry, if kvgate's picker API wants one.
+    report_token: Option<TokenFile>,
     /// Until when reports are not tried, after one that got no answer in time (ms since the
     /// Unix epoch): a kvgate that is down does not hold up every decode leg.
     reports_paused_until: std::sync::atomic::AtomicU64,
@@ -220,8 +228,14 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
             Some(PickerClient::new(endpoint.connect_lazy()))
         }
     };
+    let tasks = Tasks::new();
+    let report_token = match &args.report_token_file {
+        None => None,
+        Some(path) => Some(TokenFile::follow(path, &tasks).map_err(|e| anyhow::anyhow!("--report-token-file: {e:#}"))?),
+    };
     let state = Arc::new(Sidecar {
         reports,
+        report_token,
         reports_paused_until: std::sync::atomic::AtomicU64::new(0),
         client: upstream_client(args.connect_timeout_ms),
         allow,
@@ -233,7 +247,7 @@ pub async fn start(args: SidecarArgs) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("binding the sidecar listener {}: {e}", state.args.listen))?;
     let addr = listener.local_addr()?;
-    let (tasks, mut listeners) = (Tasks::new(), Vec::new());
+    let mut listeners = Vec::new();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let app = Router::new().fallback(handle).with_state(state.clone());
     listeners.push(serve_http(&tasks, listener, app, "sidecar", stopped.clone(), ConnLimits::default()));
@@ -314,7 +328,14 @@ async fn report(st: &Sidecar, id: String, failed: Option<&Fallback>) {
         None => Prefill::Succeeded,
         Some(f) => Prefill::Failed(f.kind()),
     });
-    let req = pb::ReportRequest { decision_id: id, prefill: Some(prefill), ..Default::default() };
+    let mut req =
+        tonic::Request::new(pb::ReportRequest { decision_id: id, prefill: Some(prefill), ..Default::default() });
+    if let Some(token) = &st.report_token {
+        match tonic::metadata::MetadataValue::try_from([b"Bearer ".as_slice(), &token.current()].concat()) {
+            Ok(v) => drop(req.metadata_mut().insert("authorization", v)),
+            Err(_) => tracing::warn!("--report-token-file holds a token that cannot be sent as metadata"),
+        }
+    }
     let bound = Duration::from_millis(st.args.report_timeout_ms.max(1));
     let sent = tokio::time::timeout(bound, client.clone().report(req)).await;
     let ok = matches!(sent, Ok(Ok(_)));
@@ -419,6 +440,7 @@ mod tests {
             budget,
             args,
             reports: None,
+            report_token: None,
             reports_paused_until: std::sync::atomic::AtomicU64::new(0),
         }
     }

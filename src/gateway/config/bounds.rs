@@ -1,4 +1,4 @@
-//! Bounds on every timeout and size the config sets. Zero is never meant (a zero idle timeout
+//! Bounds on every timeout, size, count and fraction the config sets. Zero is never meant (a zero idle timeout
 //! turns every streamed answer into an empty 200, a zero first-byte timeout every request into
 //! a 504), and neither is a number no deployment could want (a request body of 16 EiB): each is
 //! refused, by its key, before anything runs.
@@ -12,6 +12,9 @@ const MAX_MS: u64 = 86_400_000;
 const MAX_ONE_BYTES: u64 = 1 << 30;
 /// The largest `max_buffered_bytes`, every request body at once: 64 GiB.
 const MAX_BUFFERED_BYTES: u64 = 64 << 30;
+
+/// The most of one thing counted at once (decisions held, streams open): 16,777,216.
+const MAX_COUNT: u64 = 1 << 24;
 
 /// A key's accepted values.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +31,8 @@ const TIME: Bound = Bound { min: 1, max: MAX_MS, unit: "milliseconds, from 1 to 
 const SIZE: Bound = Bound { min: 1, max: MAX_ONE_BYTES, unit: "bytes, from 1 to 1073741824 (1 GiB)" };
 /// A gRPC message: room for Envoy's headers at least.
 const MESSAGE: Bound = Bound { min: 1024, max: MAX_ONE_BYTES, unit: "bytes, from 1024 to 1073741824 (1 GiB)" };
+/// How many of something may be held or open at once.
+const COUNT: Bound = Bound { min: 1, max: MAX_COUNT, unit: "a count, from 1 to 16777216" };
 /// Every request body at once.
 const BUFFERED: Bound = Bound { min: 1, max: MAX_BUFFERED_BYTES, unit: "bytes, from 1 to 68719476736 (64 GiB)" };
 
@@ -53,10 +58,16 @@ impl Config {
             ("max_buffered_bytes", self.max_buffered_bytes as u64, BUFFERED),
             ("scrape.max_bytes", s.max_bytes as u64, SIZE),
             ("extproc.max_message_bytes", self.extproc.max_message_bytes as u64, MESSAGE),
+            ("picker_api.max_pending", a.max_pending as u64, COUNT),
+            ("picker_api.max_watches", a.max_watches as u64, COUNT),
+            ("picker_api.max_watches_per_client", a.max_watches_per_client as u64, COUNT),
         ]
         .into_iter()
         .map(|(key, value, bound)| (key.to_owned(), value, bound))
         .collect();
+        if let Some(n) = a.max_pending_per_client {
+            keys.push(("picker_api.max_pending_per_client".to_owned(), n as u64, COUNT));
+        }
         if let Some(stale) = s.stale_after_ms {
             keys.push(("scrape.stale_after_ms".to_owned(), stale, TIME));
         }
@@ -69,11 +80,22 @@ impl Config {
         keys
     }
 
-    /// The first timeout or size out of its bounds, as `(key, message)`.
+    /// Every fraction key, with its value: each more than 0 and at most 1.
+    fn fractions(&self) -> Vec<(&'static str, f64)> {
+        vec![("picker_api.admission_share", self.picker_api.admission_share)]
+    }
+
+    /// The first timeout, size, count or fraction out of its bounds, as `(key, message)`.
     pub(super) fn out_of_bounds(&self) -> Option<(String, String)> {
-        self.bounded()
-            .into_iter()
-            .find(|(_, value, b)| !(b.min..=b.max).contains(value))
-            .map(|(key, value, b)| (key, format!("must be {}; got {value}", b.unit)))
+        let fraction =
+            self.fractions().into_iter().find(|(_, value)| !(*value > 0.0 && *value <= 1.0)).map(|(key, value)| {
+                (key.to_owned(), format!("must be a fraction, more than 0 and at most 1; got {value}"))
+            });
+        fraction.or_else(|| {
+            self.bounded()
+                .into_iter()
+                .find(|(_, value, b)| !(b.min..=b.max).contains(value))
+                .map(|(key, value, b)| (key, format!("must be {}; got {value}", b.unit)))
+        })
     }
 }

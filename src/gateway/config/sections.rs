@@ -203,7 +203,12 @@ pub struct ExtProcConfig {
     pub self_signed_tls: bool,
 }
 
-/// kvgate's own picker API: how long a picked decision waits for its reports.
+/// kvgate's own picker API: who may call it, how long a picked decision waits for its reports,
+/// and how much of the server one client, and the API as a whole, may hold.
+///
+/// Keys: `start_timeout_ms`, `report_timeout_ms`, `max_pending`, `max_pending_per_client`,
+/// `max_watches`, `max_watches_per_client`, `admission_share`, `token`, `token_file`,
+/// `require_client_cert`. A client is its peer IP address (an IPv6 client, its /64).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PickerApiConfig {
@@ -216,6 +221,25 @@ pub struct PickerApiConfig {
     pub report_timeout_ms: u64,
     /// Decisions held for their reports at once; past it `Pick` fails with RESOURCE_EXHAUSTED.
     pub max_pending: usize,
+    /// Decisions held for one client's reports at once; past it that client's `Pick` fails with
+    /// RESOURCE_EXHAUSTED (default `max_pending / 8`, at least 1).
+    pub max_pending_per_client: Option<usize>,
+    /// `WatchEndpoints` streams open at once (default 256).
+    pub max_watches: usize,
+    /// `WatchEndpoints` streams one client may have open at once (default 32).
+    pub max_watches_per_client: usize,
+    /// The share of a pool's `admission.max_in_flight` that decisions held for the picker
+    /// API's reports may take (default 0.5, rounded down): past it a `Pick` for the pool is
+    /// refused as a saturated pool is (429 `saturated`), so unreported picks never push the
+    /// proxy or Envoy into 429. Held decisions still count as the endpoints' load.
+    pub admission_share: f64,
+    /// The bearer token every `kvgate.v1.Picker` call must carry (`authorization: Bearer
+    /// <token>`), given inline; or see `token_file`.
+    pub token: Option<Secret>,
+    /// A file holding the bearer token (surrounding whitespace ignored), as a Kubernetes Secret
+    /// is mounted; re-read every second, so a rotated Secret takes effect without a restart (a
+    /// read that fails keeps the last good token, and is logged).
+    pub token_file: Option<PathBuf>,
     /// Refuse picker API calls (UNAUTHENTICATED) from clients without a TLS certificate that
     /// `extproc.tls.client_ca_path` verified (default false).
     pub require_client_cert: bool,
@@ -223,7 +247,67 @@ pub struct PickerApiConfig {
 
 impl Default for PickerApiConfig {
     fn default() -> Self {
-        Self { start_timeout_ms: 60_000, report_timeout_ms: 600_000, max_pending: 65_536, require_client_cert: false }
+        Self {
+            start_timeout_ms: 60_000,
+            report_timeout_ms: 600_000,
+            max_pending: 65_536,
+            max_pending_per_client: None,
+            max_watches: 256,
+            max_watches_per_client: 32,
+            admission_share: 0.5,
+            token: None,
+            token_file: None,
+            require_client_cert: false,
+        }
+    }
+}
+
+impl PickerApiConfig {
+    /// `max_pending_per_client`, or its default: an eighth of `max_pending`.
+    pub fn pending_per_client(&self) -> usize {
+        self.max_pending_per_client.unwrap_or(self.max_pending / 8).max(1)
+    }
+
+    /// Whether calls must prove who makes them: a token, or a client certificate.
+    pub fn authenticates(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some() || self.require_client_cert
+    }
+
+    /// What is wrong with the section beyond its bounds, as `(key, message)`.
+    pub(crate) fn problem(&self) -> Option<(&'static str, String)> {
+        if self.token.is_some() && self.token_file.is_some() {
+            return Some(("picker_api.token", "give `token` or `token_file`, not both".into()));
+        }
+        if self.token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+            return Some(("picker_api.token", "must not be empty".into()));
+        }
+        if self.pending_per_client() > self.max_pending {
+            let message = format!("at most max_pending ({}); got {}", self.max_pending, self.pending_per_client());
+            return Some(("picker_api.max_pending_per_client", message));
+        }
+        if self.max_watches_per_client > self.max_watches {
+            let message = format!("at most max_watches ({}); got {}", self.max_watches, self.max_watches_per_client);
+            return Some(("picker_api.max_watches_per_client", message));
+        }
+        None
+    }
+}
+
+/// A secret given in the config: its value never shows in logs or debug output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
     }
 }
 

@@ -25,6 +25,14 @@ fn config_errors_name_the_place() {
         Err(("pools[0].endpoints[0].colour", "unknown field `colour`")),
     );
     check_config("bogus: 1\npools: []", Err(("bogus", "unknown field `bogus`")));
+    let both = format!("picker_api: {{token: s3cret, token_file: /run/token}}\n{ok}");
+    check_config(&both, Err(("picker_api.token", "not both")));
+    check_config(&format!("picker_api: {{token: ' '}}\n{ok}"), Err(("picker_api.token", "must not be empty")));
+    let over = format!("picker_api: {{max_pending: 8, max_pending_per_client: 9}}\n{ok}");
+    check_config(&over, Err(("picker_api.max_pending_per_client", "at most max_pending (8); got 9")));
+    let over = format!("picker_api: {{max_watches: 2, max_watches_per_client: 3}}\n{ok}");
+    check_config(&over, Err(("picker_api.max_watches_per_client", "at most max_watches (2)")));
+    check_config(&format!("picker_api: {{token_file: /run/token, admission_share: 1}}\n{ok}"), Ok(1));
     check_config(
         "pools: [{name: a, models: [m], endpoints: [{address: '127.0.0.1:1'}]}, {name: a, models: [n], endpoints: [{address: '127.0.0.1:2'}]}]",
         Err(("pools[1].name", "two pools")),
@@ -104,6 +112,11 @@ fn timeouts_and_sizes_are_bounded() {
         ("max_buffered_bytes: 0", "max_buffered_bytes", "from 1 to 68719476736 (64 GiB)"),
         ("scrape: {max_bytes: 1073741825}", "scrape.max_bytes", "1 GiB"),
         ("extproc: {max_message_bytes: 100}", "extproc.max_message_bytes", "from 1024"),
+        ("picker_api: {max_pending: 0}", "picker_api.max_pending", "from 1 to 16777216"),
+        ("picker_api: {max_pending_per_client: 0}", "picker_api.max_pending_per_client", "got 0"),
+        ("picker_api: {max_watches_per_client: 0}", "picker_api.max_watches_per_client", "got 0"),
+        ("picker_api: {admission_share: 0}", "picker_api.admission_share", "more than 0 and at most 1"),
+        ("picker_api: {admission_share: 1.5}", "picker_api.admission_share", "got 1.5"),
     ];
     for (section, key, needle) in refused {
         check_config(&format!("{section}\n{pool}"), Err((key, needle)));

@@ -59,3 +59,18 @@ impl Config {
         out
     }
 }
+
+impl Config {
+    /// The warning a server gives at start when anyone who reaches `grpc_addr` (not a loopback
+    /// address) may call the picker API: it has neither a token nor `require_client_cert`.
+    pub fn open_picker_api(&self) -> Option<String> {
+        if self.grpc_addr.ip().is_loopback() || self.picker_api.authenticates() {
+            return None;
+        }
+        Some(format!(
+            "the picker API (kvgate.v1.Picker) on grpc_addr {} is open to every client that reaches it: \
+             set picker_api.token_file (or picker_api.token) or picker_api.require_client_cert",
+            self.grpc_addr
+        ))
+    }
+}

@@ -217,6 +217,11 @@ pub(super) const PICKER_REPORTS: Family = Family {
     help: "Reports to the picker API by result (accepted, unknown, ended, refused).",
     labels: &["result"],
 };
+pub(super) const PICKER_REFUSED: Family = Family {
+    name: "kvgate_picker_refused_total",
+    help: "Picker API calls refused before any work, by the limit or check that refused them.",
+    labels: &["reason"],
+};
 pub(super) const EXTPROC_IGNORED: Family = Family {
     name: "kvgate_extproc_ignored_messages_total",
     help: "ext_proc messages ignored because their phase was over, by kind.",

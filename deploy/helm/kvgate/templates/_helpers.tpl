@@ -51,6 +51,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
+The Secret holding the picker API's token: the existing one named, or the chart's own; empty
+when there is none.
+*/}}
+{{- define "kvgate.pickerTokenSecret" -}}
+{{- $t := .Values.inferenceExtension.pickerApi.token -}}
+{{- if $t.existingSecret -}}
+{{- $t.existingSecret -}}
+{{- else if $t.create -}}
+{{- printf "%s-picker-api" (include "kvgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Where the picker API's token Secret is mounted (a folder: a file mounted with subPath would not
+see the Secret rotate).
+*/}}
+{{- define "kvgate.pickerTokenDir" -}}
+/var/run/secrets/kvgate/picker-api
+{{- end -}}
+
+{{/*
 kvgate's config file: the listeners on every address at the chart's ports, and one pool sourced
 from the InferencePool, with inferenceExtension.models/scheduler/poolConfig/config filled in.
 The chart's own keys win over poolConfig and config.
@@ -77,6 +98,9 @@ The chart's own keys win over poolConfig and config.
 {{- if $ie.proxy.enabled -}}
 {{- $_ := set $cfg "proxy_addr" (printf "0.0.0.0:%d" (int $ie.proxy.port)) -}}
 {{- end -}}
+{{- if include "kvgate.pickerTokenSecret" . -}}
+{{- $_ := set $cfg "picker_api" (dict "token_file" (printf "%s/token" (include "kvgate.pickerTokenDir" .))) -}}
+{{- end -}}
 {{- $cfg = merge $cfg (deepCopy (default (dict) $ie.config)) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
@@ -92,6 +116,12 @@ Checks that fail the render with a message rather than produce objects that cann
 {{- $ports := len .Values.inferencePool.targetPorts -}}
 {{- if or (lt $ports 1) (gt $ports 8) -}}
 {{- fail "inferencePool.targetPorts takes 1 to 8 ports" -}}
+{{- end -}}
+{{- if and $ie.pickerApi.token.existingSecret $ie.pickerApi.token.create -}}
+{{- fail "inferenceExtension.pickerApi.token: name an existingSecret or set create, not both" -}}
+{{- end -}}
+{{- if and (include "kvgate.pickerTokenSecret" .) (not $ie.pickerApi.token.key) -}}
+{{- fail "inferenceExtension.pickerApi.token.key must name the Secret's key holding the token" -}}
 {{- end -}}
 {{- if le (int $ie.terminationGracePeriodSeconds) (add 30 (int $ie.preStopSleepSeconds)) -}}
 {{- fail "inferenceExtension.terminationGracePeriodSeconds must exceed kvgate's 30 s drain plus preStopSleepSeconds" -}}
