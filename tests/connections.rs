@@ -1,6 +1,7 @@
-//! The proxy's connections are bounded: a client that sends its headers too slowly, or keeps a
-//! connection idle too long, is closed; past the connection cap, new connections are closed at
-//! once — and the listener keeps serving everyone else.
+//! Every listener's connections are bounded: a client that sends its headers too slowly, or
+//! keeps a connection idle too long, is closed whatever it speaks; at the connection cap the
+//! oldest idle connection makes room for a new one, and only when none is idle is the new one
+//! closed — and the listener keeps serving everyone else.
 
 mod common;
 
@@ -52,20 +53,49 @@ async fn slow_idle_and_surplus_connections_are_closed() {
     let answer = closed_within(&mut idle, 10).await.expect("closed once idle");
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 
-    // Three connections fill a listener capped at three (with time enough to hold them); a
-    // fourth is closed at once, without an answer.
+    // Three idle connections fill a listener capped at three (with time enough to hold them);
+    // a fourth closes the one idle the longest and is served.
     let kv = start(sim.addrs[0], "{max_connections: 3}").await;
     let proxy = kv.proxy_addr.expect("proxy");
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(TcpStream::connect(proxy).await.expect("connect"));
+        // Accepted in this order (the accept loop takes them one by one).
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut surplus = TcpStream::connect(proxy).await.expect("the kernel accepts it");
-    surplus.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.ok();
-    let got = closed_within(&mut surplus, 10).await.expect("closed");
-    assert!(got.is_empty(), "the surplus connection got an answer: {}", String::from_utf8_lossy(&got));
+    let mut newcomer = TcpStream::connect(proxy).await.expect("connect");
+    newcomer.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.expect("write");
+    let got = closed_within_or_answered(&mut newcomer).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "the newcomer is served: {}", String::from_utf8_lossy(&got));
+    assert!(closed_within(&mut held[0], 10).await.is_some(), "the oldest idle connection was closed");
+    assert!(closed_within(&mut held[1], 1).await.is_none(), "the others are kept");
+    drop((held, newcomer));
+
+    // Connections with a request in flight (a body on its way) are never closed for a
+    // newcomer: with three of them, a fourth is closed at once, without an answer.
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let mut conn = TcpStream::connect(proxy).await.expect("connect");
+        let head = "POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+        conn.write_all(head.as_bytes()).await.expect("a request and the start of its body");
+        busy.push(conn);
+    }
+    // All three are in flight once the proxy holds their first body bytes.
+    let admin = format!("http://{}", kv.admin_addr);
+    let in_flight = common::eventually(10, || async {
+        common::metric(&common::metrics(&admin).await, "kvgate_buffered_request_bytes", &[]) == Some(3.0)
+    })
+    .await;
+    assert!(in_flight, "three requests in flight");
+    let refused = common::eventually(10, || async {
+        let Ok(mut surplus) = TcpStream::connect(proxy).await else { return false };
+        let _ = surplus.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await;
+        closed_within(&mut surplus, 2).await.is_some_and(|got| got.is_empty())
+    })
+    .await;
+    assert!(refused, "a surplus connection is closed without an answer while none is idle");
     // Once they go, the listener serves again.
-    drop(held);
+    drop(busy);
     let ok = common::eventually(10, || async {
         client().get(format!("http://{proxy}/v1/models")).send().await.is_ok_and(|r| r.status() == 200)
     })

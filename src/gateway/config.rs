@@ -406,6 +406,13 @@ impl Config {
         if self.connections.max_connections == 0 {
             return Err(invalid("connections.max_connections".into(), "must be at least 1".into()));
         }
+        let client_ca = self.extproc.tls.as_ref().is_some_and(|t| t.client_ca_path.is_some());
+        if self.picker_api.require_client_cert && !client_ca {
+            return Err(invalid(
+                "picker_api.require_client_cert".into(),
+                "needs extproc.tls.client_ca_path: the CA that verifies the clients' certificates".into(),
+            ));
+        }
         if self.proxy.retry_budget_percent > 100 {
             return Err(invalid("proxy.retry_budget_percent".into(), "a percentage: 0 to 100".into()));
         }
