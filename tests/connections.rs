@@ -300,3 +300,130 @@ async fn requests_that_are_not_http_get_openai_errors() {
         }
     }
 }
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: a connection that then says nothing.
+const H2_PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// What idle connections send before falling silent: nothing, an HTTP/2 preface and SETTINGS,
+/// half an HTTP/1 request's headers.
+const IDLE_KINDS: [(&str, &[u8]); 3] = [
+    ("nothing", b""),
+    ("an HTTP/2 preface", H2_PREFACE_AND_SETTINGS),
+    ("half a request", b"POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Ty"),
+];
+
+/// A connection to `addr` that sends `first` and then nothing (`None` if it could not connect).
+async fn idle_connection(addr: std::net::SocketAddr, first: &[u8]) -> Option<TcpStream> {
+    let mut conn = TcpStream::connect(addr).await.ok()?;
+    conn.write_all(first).await.ok()?;
+    Some(conn)
+}
+
+/// Whether kvgate's gRPC health on `addr`, on a new connection, answers SERVING within 1 s.
+async fn grpc_health_within_a_second(addr: std::net::SocketAddr) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+        let answer = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+        Some(answer.into_inner().status == ServingStatus::Serving as i32)
+    };
+    tokio::time::timeout(Duration::from_secs(1), check).await.ok().flatten() == Some(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_floods_past_the_cap_leave_every_listener_serving() {
+    let fleet = gateway(MODEL)
+        .sims(1)
+        .proxy()
+        .config("connections: {max_connections: 64, header_read_timeout_ms: 2000}")
+        .start()
+        .await;
+    let kv = &fleet.kv;
+    let listeners = [("proxy", kv.proxy_addr.expect("proxy")), ("admin", kv.admin_addr), ("gRPC", kv.grpc_addr)];
+    // A flood: idle connections of every kind to every listener, three times the cap of each
+    // held at once, new ones opened all along (for 6 s, three header timeouts).
+    let flood = async {
+        let mut held = std::collections::VecDeque::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(6);
+        while tokio::time::Instant::now() < until {
+            for (_, addr) in listeners {
+                for (_, first) in IDLE_KINDS {
+                    held.extend(idle_connection(addr, first).await);
+                }
+            }
+            while held.len() > 3 * 64 * listeners.len() {
+                held.pop_front();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        held.len()
+    };
+    // Meanwhile a client on a new connection each time is answered within a second, on every
+    // listener.
+    let clients = async {
+        let one_shot = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(1))
+            .build()
+            .expect("client");
+        let body = common::chat(MODEL).user("hi").max_tokens(2).json();
+        let proxy = format!("http://{}/v1/chat/completions", listeners[0].1);
+        let healthz = format!("http://{}/healthz", kv.admin_addr);
+        let mut rounds = 0;
+        // Past the flood's first header timeout.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..8 {
+            let chat = one_shot.post(&proxy).json(&body).send().await;
+            assert!(chat.as_ref().is_ok_and(|r| r.status() == 200), "a chat request through the proxy: {chat:?}");
+            let health = one_shot.get(&healthz).send().await;
+            assert!(health.as_ref().is_ok_and(|r| r.status() == 200), "/healthz: {health:?}");
+            assert!(grpc_health_within_a_second(kv.grpc_addr).await, "gRPC health");
+            rounds += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        rounds
+    };
+    let (held, rounds) = tokio::join!(flood, clients);
+    assert_eq!(held, 3 * 64 * listeners.len(), "the flood reached its full size");
+    assert_eq!(rounds, 8);
+    // Left alone, an idle connection of every kind is closed after the header timeout (plus a
+    // second's grace for a GOAWAY), on every listener.
+    let mut idle = Vec::new();
+    for (name, addr) in listeners {
+        for (kind, first) in IDLE_KINDS {
+            idle.push((name, kind, idle_connection(addr, first).await.expect("connect")));
+        }
+    }
+    for (name, kind, mut conn) in idle {
+        assert!(closed_within(&mut conn, 10).await.is_some(), "{name}: a connection that sent {kind} is closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_outlive_the_header_timeout() {
+    use common::extproc_msg::{post_headers, request_body};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use kvgate::front::picker::pb::{WatchEndpointsRequest, picker_client::PickerClient};
+
+    let fleet = gateway(MODEL).sims(1).config("connections: {header_read_timeout_ms: 500}").start().await;
+    let grpc = format!("http://{}", fleet.kv.grpc_addr);
+    // An ext_proc stream waiting for its request's body, and a watch with nothing new to say.
+    let mut ext = ExternalProcessorClient::connect(grpc.clone()).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers =
+        ext.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("a stream").into_inner();
+    tx.send(post_headers("/v1/completions")).await.expect("headers");
+    let mut picker = PickerClient::connect(grpc).await.expect("connect");
+    let watch = WatchEndpointsRequest { pools: vec![], interval_ms: 60_000 };
+    let mut updates = picker.watch_endpoints(watch).await.expect("a watch").into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), updates.message()).await.expect("in time");
+    assert!(first.is_ok_and(|m| m.is_some()), "the watch's first state");
+    // Six header timeouts later, both streams are still open.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), updates.message()).await;
+    assert!(quiet.is_err(), "the watch is still open, with nothing to say: {quiet:?}");
+    let body = serde_json::json!({"model": MODEL, "prompt": "hi"}).to_string();
+    tx.send(request_body(body, true)).await.expect("the body, late");
+    let answer = tokio::time::timeout(Duration::from_secs(10), answers.message()).await.expect("in time");
+    assert!(answer.as_ref().is_ok_and(|m| m.is_some()), "the ext_proc stream is answered: {answer:?}");
+}
