@@ -427,3 +427,94 @@ async fn grpc_streams_outlive_the_header_timeout() {
     let answer = tokio::time::timeout(Duration::from_secs(10), answers.message()).await.expect("in time");
     assert!(answer.as_ref().is_ok_and(|m| m.is_some()), "the ext_proc stream is answered: {answer:?}");
 }
+
+/// A certificate authority made for a test: its certificate (PEM) and what signs with it.
+struct Ca {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let pem = params.self_signed(&key).expect("the CA's certificate").pem();
+        Self { pem, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// A certificate for `name` with this usage, and its key (PEM).
+    fn sign(&self, name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("parameters");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_picker_api_can_require_a_client_certificate() {
+    use kvgate::front::picker::pb::{WatchEndpointsRequest, picker_client::PickerClient};
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    let (server_ca, client_ca, other_ca) = (Ca::new("server CA"), Ca::new("client CA"), Ca::new("other CA"));
+    let (cert, key) = server_ca.sign("localhost", ServerAuth);
+    let dir = std::env::temp_dir().join(format!("kvgate-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a folder");
+    for (file, pem) in [("cert.pem", &cert), ("key.pem", &key), ("ca.pem", &client_ca.pem)] {
+        std::fs::write(dir.join(file), pem).expect("write");
+    }
+    let path = |f: &str| dir.join(f).display().to_string();
+    let tls = format!(
+        "extproc: {{tls: {{cert_path: '{}', key_path: '{}', client_ca_path: '{}'}}}}\npicker_api: {{require_client_cert: true}}",
+        path("cert.pem"),
+        path("key.pem"),
+        path("ca.pem")
+    );
+    let fleet = gateway(MODEL).sims(1).config(&tls).start().await;
+    let grpc = fleet.kv.grpc_addr;
+    let server_pem = server_ca.pem.clone();
+    let channel = |identity: Option<(String, String)>| {
+        let server_pem = server_pem.clone();
+        async move {
+            let mut tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(server_pem)).domain_name("localhost");
+            if let Some((cert, key)) = identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            let endpoint = Endpoint::from_shared(format!("https://{grpc}")).expect("uri").tls_config(tls).expect("tls");
+            endpoint.connect().await
+        }
+    };
+    let watch = |channel: tonic::transport::Channel| async move {
+        let mut picker = PickerClient::new(channel);
+        let updates = picker.watch_endpoints(WatchEndpointsRequest { pools: vec![], interval_ms: 1000 }).await;
+        updates.map(|_| ()).map_err(|s| s.code())
+    };
+    // A client certificate the client CA signed: served.
+    let signed = channel(Some(client_ca.sign("picker-client", ClientAuth))).await.expect("a TLS connection");
+    assert_eq!(watch(signed).await, Ok(()));
+    // No certificate: the TLS connection is made (Envoy's ext_proc has none), ext_proc and
+    // health are served, the picker API refuses.
+    let anonymous = channel(None).await.expect("a TLS connection without a client certificate");
+    assert_eq!(watch(anonymous.clone()).await, Err(tonic::Code::Unauthenticated));
+    assert!(common::grpc_serving(anonymous, "").await, "gRPC health without a client certificate");
+    // A certificate another CA signed fails the handshake, or the first call.
+    let stranger = match channel(Some(other_ca.sign("stranger", ClientAuth))).await {
+        Ok(channel) => watch(channel).await,
+        Err(_) => Err(tonic::Code::Unavailable),
+    };
+    assert!(stranger.is_err(), "a certificate from another CA is refused");
+    std::fs::remove_dir_all(&dir).ok();
+
+    // A requirement no CA can meet is refused by check-config.
+    let yaml = "admin_addr: 127.0.0.1:0\npicker_api: {require_client_cert: true}\npools: [{name: p, models: [m], endpoints: [{address: '127.0.0.1:9'}]}]\n";
+    let path = std::path::Path::new("t.yaml");
+    let cfg = kvgate::gateway::config::Config::from_yaml(yaml, path).expect("parses");
+    let refused = cfg.resolve(path).map(|_| ()).expect_err("refused");
+    assert!(refused.to_string().contains("extproc.tls.client_ca_path"), "{refused}");
+}

@@ -305,7 +305,7 @@ impl Config {
         cfg.lines = lines;
         let base = path.parent().unwrap_or(Path::new(""));
         if let Some(tls) = cfg.extproc.tls.as_mut() {
-            for p in [&mut tls.cert_path, &mut tls.key_path] {
+            for p in [&mut tls.cert_path, &mut tls.key_path].into_iter().chain(tls.client_ca_path.as_mut()) {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
