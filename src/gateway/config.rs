@@ -403,9 +403,6 @@ impl Config {
         if self.proxy.attempts == 0 {
             return Err(invalid("proxy.attempts".into(), "must be at least 1".into()));
         }
-        if self.connections.max_connections == 0 {
-            return Err(invalid("connections.max_connections".into(), "must be at least 1".into()));
-        }
         let client_ca = self.extproc.tls.as_ref().is_some_and(|t| t.client_ca_path.is_some());
         if self.picker_api.require_client_cert && !client_ca {
             return Err(invalid(

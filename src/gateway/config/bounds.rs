@@ -28,6 +28,8 @@ const TIME: Bound = Bound { min: 1, max: MAX_MS, unit: "milliseconds, from 1 to 
 const SIZE: Bound = Bound { min: 1, max: MAX_ONE_BYTES, unit: "bytes, from 1 to 1073741824 (1 GiB)" };
 /// A gRPC message: room for Envoy's headers at least.
 const MESSAGE: Bound = Bound { min: 1024, max: MAX_ONE_BYTES, unit: "bytes, from 1024 to 1073741824 (1 GiB)" };
+/// Connections one listener holds open at once (each costs a file descriptor and a task).
+const CONNECTIONS: Bound = Bound { min: 1, max: 1 << 20, unit: "connections, from 1 to 1048576" };
 /// Every request body at once.
 const BUFFERED: Bound = Bound { min: 1, max: MAX_BUFFERED_BYTES, unit: "bytes, from 1 to 68719476736 (64 GiB)" };
 
@@ -42,6 +44,7 @@ impl Config {
             ("proxy.prefill_timeout_ms", p.prefill_timeout_ms, TIME),
             ("connections.header_read_timeout_ms", c.header_read_timeout_ms, TIME),
             ("connections.body_read_timeout_ms", c.body_read_timeout_ms, TIME),
+            ("connections.max_connections", c.max_connections as u64, CONNECTIONS),
             ("picker_api.start_timeout_ms", a.start_timeout_ms, TIME),
             ("picker_api.report_timeout_ms", a.report_timeout_ms, TIME),
             ("scrape.interval_ms", s.interval_ms, TIME),
