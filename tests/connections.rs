@@ -470,13 +470,18 @@ async fn the_picker_api_can_require_a_client_certificate() {
     }
     let path = |f: &str| dir.join(f).display().to_string();
     let tls = format!(
-        "extproc: {{tls: {{cert_path: '{}', key_path: '{}', client_ca_path: '{}'}}}}\npicker_api: {{require_client_cert: true}}",
+        "extproc: {{tls: {{cert_path: '{}', key_path: '{}', client_ca_path: '{}'}}}}\npicker_api: {{require_client_cert: true}}\nconnections: {{header_read_timeout_ms: 1000}}",
         path("cert.pem"),
         path("key.pem"),
         path("ca.pem")
     );
     let fleet = gateway(MODEL).sims(1).config(&tls).start().await;
     let grpc = fleet.kv.grpc_addr;
+    // Connections that never finish a handshake: silent, or a TLS record's first bytes.
+    let mut stalled = Vec::new();
+    for first in [&b""[..], b"\x16\x03\x01\x02\x00\x01"] {
+        stalled.push(idle_connection(grpc, first).await.expect("connect"));
+    }
     let server_pem = server_ca.pem.clone();
     let channel = |identity: Option<(String, String)>| {
         let server_pem = server_pem.clone();
@@ -509,6 +514,10 @@ async fn the_picker_api_can_require_a_client_certificate() {
         Err(_) => Err(tonic::Code::Unavailable),
     };
     assert!(stranger.is_err(), "a certificate from another CA is refused");
+    // The stalled handshakes were closed after the header timeout.
+    for mut conn in stalled {
+        assert!(closed_within(&mut conn, 10).await.is_some(), "a stalled TLS handshake is closed");
+    }
     std::fs::remove_dir_all(&dir).ok();
 
     // A requirement no CA can meet is refused by check-config.
