@@ -304,13 +304,25 @@ async fn requests_that_are_not_http_get_openai_errors() {
 /// The HTTP/2 client preface and an empty SETTINGS frame: a connection that then says nothing.
 const H2_PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 
-/// What idle connections send before falling silent: nothing, an HTTP/2 preface and SETTINGS,
-/// half an HTTP/1 request's headers.
-const IDLE_KINDS: [(&str, &[u8]); 3] = [
-    ("nothing", b""),
-    ("an HTTP/2 preface", H2_PREFACE_AND_SETTINGS),
-    ("half a request", b"POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Ty"),
-];
+/// `n` HTTP/2 frames of `kind` on stream 0, each with `payload` bytes.
+fn h2_frames(kind: u8, payload: usize, n: usize) -> Vec<u8> {
+    let frame = [&[0, 0, payload as u8, kind, 0, 0, 0, 0, 0][..], &vec![7u8; payload]].concat();
+    frame.repeat(n)
+}
+
+/// What idle connections send before falling silent: nothing, an HTTP/2 preface and SETTINGS
+/// (then a flood of SETTINGS or PINGs, whose answers they never read), half an HTTP/1
+/// request's headers.
+fn idle_kinds() -> [(&'static str, Vec<u8>); 5] {
+    let preface = H2_PREFACE_AND_SETTINGS.to_vec();
+    [
+        ("nothing", Vec::new()),
+        ("an HTTP/2 preface", preface.clone()),
+        ("a SETTINGS flood", [preface.clone(), h2_frames(4, 0, 200)].concat()),
+        ("a PING flood", [preface, h2_frames(6, 8, 200)].concat()),
+        ("half a request", b"POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Ty".to_vec()),
+    ]
+}
 
 /// A connection to `addr` that sends `first` and then nothing (`None` if it could not connect).
 async fn idle_connection(addr: std::net::SocketAddr, first: &[u8]) -> Option<TcpStream> {
@@ -343,11 +355,12 @@ async fn idle_floods_past_the_cap_leave_every_listener_serving() {
     // A flood: idle connections of every kind to every listener, three times the cap of each
     // held at once, new ones opened all along (for 6 s, three header timeouts).
     let flood = async {
+        let kinds = idle_kinds();
         let mut held = std::collections::VecDeque::new();
         let until = tokio::time::Instant::now() + Duration::from_secs(6);
         while tokio::time::Instant::now() < until {
             for (_, addr) in listeners {
-                for (_, first) in IDLE_KINDS {
+                for (_, first) in &kinds {
                     held.extend(idle_connection(addr, first).await);
                 }
             }
@@ -390,8 +403,8 @@ async fn idle_floods_past_the_cap_leave_every_listener_serving() {
     // second's grace for a GOAWAY), on every listener.
     let mut idle = Vec::new();
     for (name, addr) in listeners {
-        for (kind, first) in IDLE_KINDS {
-            idle.push((name, kind, idle_connection(addr, first).await.expect("connect")));
+        for (kind, first) in idle_kinds() {
+            idle.push((name, kind, idle_connection(addr, &first).await.expect("connect")));
         }
     }
     for (name, kind, mut conn) in idle {
