@@ -53,15 +53,17 @@ async fn slow_idle_and_surplus_connections_are_closed() {
     let answer = closed_within(&mut idle, 10).await.expect("closed once idle");
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 
-    // Three idle connections fill a listener capped at three (with time enough to hold them);
-    // a fourth closes the one idle the longest and is served.
+    // Three idle connections fill a listener capped at three (with time enough to hold them):
+    // the first, idle since its answer, then two that have sent nothing. A fourth closes the
+    // one idle the longest and is served.
     let kv = start(sim.addrs[0], "{max_connections: 3}").await;
     let proxy = kv.proxy_addr.expect("proxy");
-    let mut held = Vec::new();
-    for _ in 0..3 {
+    let mut first = TcpStream::connect(proxy).await.expect("connect");
+    first.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.expect("write");
+    assert!(closed_within_or_answered(&mut first).await.starts_with(b"HTTP/1.1 200"), "the first is served");
+    let mut held = vec![first];
+    for _ in 0..2 {
         held.push(TcpStream::connect(proxy).await.expect("connect"));
-        // Accepted in this order (the accept loop takes them one by one).
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut newcomer = TcpStream::connect(proxy).await.expect("connect");
     newcomer.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.expect("write");

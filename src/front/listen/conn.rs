@@ -21,12 +21,13 @@ use tokio::time::Instant;
 /// One open connection, shared by its task, its requests and the accept loop.
 #[derive(Debug)]
 pub(super) struct Conn {
-    /// The listener's clock origin: `idle_since_ms` counts from it.
+    /// The listener's clock origin: `idle_since_ns` counts from it.
     epoch: Instant,
     /// Requests whose response has not ended.
     in_flight: AtomicU32,
-    /// When the last request ended (or the connection was accepted), in ms since `epoch`.
-    idle_since_ms: AtomicU64,
+    /// When the last request ended (or the connection was accepted), in ns since `epoch`: fine
+    /// enough to tell apart connections a client opens one after another.
+    idle_since_ns: AtomicU64,
     /// Woken when the last request in flight ends.
     idle: Notify,
     /// Woken when the accept loop sheds this connection.
@@ -41,17 +42,17 @@ impl Conn {
         let me = Self {
             epoch,
             in_flight: AtomicU32::new(0),
-            idle_since_ms: AtomicU64::new(0),
+            idle_since_ns: AtomicU64::new(0),
             idle: Notify::new(),
             shed: Notify::new(),
             shedding: AtomicBool::new(false),
         };
-        me.idle_since_ms.store(me.now_ms(), Ordering::Relaxed);
+        me.idle_since_ns.store(me.now_ns(), Ordering::Relaxed);
         Arc::new(me)
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// When it went idle, if it is (no request in flight).
@@ -59,7 +60,7 @@ impl Conn {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        Some(self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)))
+        Some(self.epoch + Duration::from_nanos(self.idle_since_ns.load(Ordering::Acquire)))
     }
 
     /// A request starts: the connection is busy until the returned guard drops.
@@ -109,7 +110,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let conn = &self.0;
         // The time first: whoever sees no request in flight reads a current one.
-        conn.idle_since_ms.store(conn.now_ms(), Ordering::Release);
+        conn.idle_since_ns.store(conn.now_ns(), Ordering::Release);
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             conn.idle.notify_one();
         }
