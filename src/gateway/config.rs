@@ -305,7 +305,7 @@ impl Config {
         cfg.lines = lines;
         let base = path.parent().unwrap_or(Path::new(""));
         if let Some(tls) = cfg.extproc.tls.as_mut() {
-            for p in [&mut tls.cert_path, &mut tls.key_path] {
+            for p in [&mut tls.cert_path, &mut tls.key_path].into_iter().chain(tls.client_ca_path.as_mut()) {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -403,8 +403,12 @@ impl Config {
         if self.proxy.attempts == 0 {
             return Err(invalid("proxy.attempts".into(), "must be at least 1".into()));
         }
-        if self.connections.max_connections == 0 {
-            return Err(invalid("connections.max_connections".into(), "must be at least 1".into()));
+        let client_ca = self.extproc.tls.as_ref().is_some_and(|t| t.client_ca_path.is_some());
+        if self.picker_api.require_client_cert && !client_ca {
+            return Err(invalid(
+                "picker_api.require_client_cert".into(),
+                "needs extproc.tls.client_ca_path: the CA that verifies the clients' certificates".into(),
+            ));
         }
         if self.proxy.retry_budget_percent > 100 {
             return Err(invalid("proxy.retry_budget_percent".into(), "a percentage: 0 to 100".into()));

@@ -9,14 +9,15 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 
 mod demo;
 mod memory;
 
 use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
-use crate::front::listen::{ConnLimits, Pace, drain, nodelay, serve_http, shutdown_signal, stopped};
+use crate::front::listen::{ClientCertCheck, ConnLimits, Pace, Tls, drain, serve_grpc, serve_http, shutdown_signal};
 use crate::front::picker;
 use crate::front::proxy::{self, ProxyState};
 use crate::gateway::config::{Config, ExtProcConfig, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
@@ -268,56 +269,49 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
     let (health, follow_readiness) = health_service(&gateway).await;
     background.push(tasks.spawn("grpc health", follow_readiness));
-    let mut builder = tonic::transport::Server::builder();
-    let identity = tls_identity(&cfg.extproc)?;
-    if let Some(identity) = identity {
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .context("TLS on grpc_addr")?;
-    }
-    let api = picker::service(gateway.clone(), &cfg.extproc, &cfg.picker_api, stop_rx.clone(), tasks.clone())?;
+    let tls = grpc_tls(&cfg.extproc)?;
+    // The picker API alone may require a client certificate; ext_proc and health never do.
+    let require = ClientCertCheck { required: cfg.picker_api.require_client_cert };
+    let api = InterceptedService::new(
+        picker::service(gateway.clone(), &cfg.extproc, &cfg.picker_api, stop_rx.clone(), tasks.clone())?,
+        require,
+    );
     let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
-    let grpc = builder
-        .add_service(health.clone())
+    let grpc = Routes::new(health.clone())
         .add_service(ext)
         .add_service(api)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
-    let grpc_stop = stopped(stop_rx.clone());
-    listeners.push(tasks.spawn("ext_proc", async move {
-        if let Err(e) = grpc.serve_with_incoming_shutdown(nodelay(listener), grpc_stop).await {
-            tracing::error!(error = %e, "ext_proc listener stopped");
-        }
-    }));
+        .add_service(reflection_v1alpha)
+        .prepare()
+        .into_axum_router();
+    listeners.push(serve_grpc(&tasks, listener, grpc, "ext_proc", stop_rx.clone(), limits, tls));
     if let Some(addr) = cfg.health_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding health_addr {addr}"))?;
-        let only_health = tonic::transport::Server::builder().add_service(health);
-        let health_stop = stopped(stop_rx.clone());
-        listeners.push(tasks.spawn("health", async move {
-            if let Err(e) =
-                only_health.serve_with_incoming_shutdown(TcpListenerStream::new(listener), health_stop).await
-            {
-                tracing::error!(error = %e, "health listener stopped");
-            }
-        }));
+        let only_health = Routes::new(health).prepare().into_axum_router();
+        listeners.push(serve_grpc(&tasks, listener, only_health, "health", stop_rx.clone(), limits, None));
     }
     Ok(Server { gateway, admin_addr, proxy_addr, grpc_addr, stop, listeners, tasks, _background: background })
 }
 
-/// The ext_proc listener's TLS identity: the configured certificate and key, a self-signed
+/// The gRPC listener's TLS: the configured certificate and key (and client CA), a self-signed
 /// certificate, or none (plain gRPC).
-fn tls_identity(cfg: &ExtProcConfig) -> anyhow::Result<Option<tonic::transport::Identity>> {
+fn grpc_tls(cfg: &ExtProcConfig) -> anyhow::Result<Option<Tls>> {
+    let read = |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
     Ok(match &cfg.tls {
         Some(tls) => {
-            let cert = std::fs::read(&tls.cert_path).with_context(|| format!("reading {}", tls.cert_path.display()))?;
-            let key = std::fs::read(&tls.key_path).with_context(|| format!("reading {}", tls.key_path.display()))?;
-            Some(tonic::transport::Identity::from_pem(cert, key))
+            let (cert, key) = (read(&tls.cert_path)?, read(&tls.key_path)?);
+            let ca = tls.client_ca_path.as_deref().map(read).transpose()?;
+            let made = Tls::from_pem(&cert, &key, ca.as_deref())
+                .with_context(|| format!("extproc.tls ({}, {})", tls.cert_path.display(), tls.key_path.display()))?;
+            Some(made)
         }
         None if cfg.self_signed_tls => {
             let made = rcgen::generate_simple_self_signed(vec!["kvgate".to_owned(), "localhost".to_owned()])
                 .context("making a self-signed certificate")?;
             tracing::info!("ext_proc over TLS with a self-signed certificate");
-            Some(tonic::transport::Identity::from_pem(made.cert.pem(), made.signing_key.serialize_pem()))
+            let tls = Tls::from_pem(made.cert.pem().as_bytes(), made.signing_key.serialize_pem().as_bytes(), None)
+                .context("the self-signed certificate")?;
+            Some(tls)
         }
         None => None,
     })

@@ -33,6 +33,8 @@ const SIZE: Bound = Bound { min: 1, max: MAX_ONE_BYTES, unit: "bytes, from 1 to 
 const MESSAGE: Bound = Bound { min: 1024, max: MAX_ONE_BYTES, unit: "bytes, from 1024 to 1073741824 (1 GiB)" };
 /// How many of something may be held or open at once.
 const COUNT: Bound = Bound { min: 1, max: MAX_COUNT, unit: "a count, from 1 to 16777216" };
+/// Connections one listener holds open at once (each costs a file descriptor and a task).
+const CONNECTIONS: Bound = Bound { min: 1, max: 1 << 20, unit: "connections, from 1 to 1048576" };
 /// Every request body at once.
 const BUFFERED: Bound = Bound { min: 1, max: MAX_BUFFERED_BYTES, unit: "bytes, from 1 to 68719476736 (64 GiB)" };
 
@@ -47,6 +49,7 @@ impl Config {
             ("proxy.prefill_timeout_ms", p.prefill_timeout_ms, TIME),
             ("connections.header_read_timeout_ms", c.header_read_timeout_ms, TIME),
             ("connections.body_read_timeout_ms", c.body_read_timeout_ms, TIME),
+            ("connections.max_connections", c.max_connections as u64, CONNECTIONS),
             ("picker_api.start_timeout_ms", a.start_timeout_ms, TIME),
             ("picker_api.report_timeout_ms", a.report_timeout_ms, TIME),
             ("scrape.interval_ms", s.interval_ms, TIME),

@@ -84,14 +84,21 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Bounds on each HTTP listener's connections (proxy, admin).
+/// Bounds on the connections of every listener: proxy, admin, gRPC (ext_proc, picker API,
+/// health, reflection) and `health_addr`. The body keys apply to the HTTP listeners (a gRPC
+/// stream's messages come when its peer has them).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionsConfig {
-    /// Time a connection may take to send a request's headers, counted from when it is ready
-    /// for the next one — so also the idle timeout of a kept-alive connection (default 30000).
+    /// Time a connection may go without a request in flight before it is closed, whatever it
+    /// sent: from its accept (a TLS handshake included) to its first request's headers, and
+    /// from the end of each response to the next request — so also the idle timeout of a
+    /// kept-alive HTTP/1 or HTTP/2 connection. HTTP/2 peers are pinged after as long without a
+    /// frame, and closed if the ping is not answered within as long (default 30000).
     pub header_read_timeout_ms: u64,
-    /// Connections open at once per listener; past it new ones are closed (default 4096).
+    /// Connections open at once per listener; at the cap a new one closes the connection idle
+    /// the longest (no request in flight), and is itself closed only when none is idle
+    /// (default 4096, at most 1048576).
     pub max_connections: usize,
     /// Longest wait for the next bytes of a request body; past it the request is a 408
     /// (default 30000).
@@ -241,7 +248,8 @@ pub struct PickerApiConfig {
     /// read that fails keeps the last good token, and is logged).
     pub token_file: Option<PathBuf>,
     /// Refuse picker API calls (UNAUTHENTICATED) from clients without a TLS certificate that
-    /// `extproc.tls.client_ca_path` verified (default false).
+    /// `extproc.tls.client_ca_path` verified (default false; it needs that CA, and the config
+    /// is refused without it). ext_proc and gRPC health never ask for one.
     pub require_client_cert: bool,
 }
 
