@@ -28,6 +28,8 @@ const TIME: Bound = Bound { min: 1, max: MAX_MS, unit: "milliseconds, from 1 to 
 const SIZE: Bound = Bound { min: 1, max: MAX_ONE_BYTES, unit: "bytes, from 1 to 1073741824 (1 GiB)" };
 /// A gRPC message: room for Envoy's headers at least.
 const MESSAGE: Bound = Bound { min: 1024, max: MAX_ONE_BYTES, unit: "bytes, from 1024 to 1073741824 (1 GiB)" };
+/// A share of something, in percent.
+const PERCENT: Bound = Bound { min: 1, max: 100, unit: "a percentage, from 1 to 100" };
 /// Every request body at once.
 const BUFFERED: Bound = Bound { min: 1, max: MAX_BUFFERED_BYTES, unit: "bytes, from 1 to 68719476736 (64 GiB)" };
 
@@ -42,6 +44,9 @@ impl Config {
             ("proxy.prefill_timeout_ms", p.prefill_timeout_ms, TIME),
             ("connections.header_read_timeout_ms", c.header_read_timeout_ms, TIME),
             ("connections.body_read_timeout_ms", c.body_read_timeout_ms, TIME),
+            ("connections.body_rate_window_ms", c.body_rate_window_ms, TIME),
+            ("connections.body_timeout_ms", c.body_timeout_ms, TIME),
+            ("connections.max_body_share_percent", u64::from(c.max_body_share_percent), PERCENT),
             ("picker_api.start_timeout_ms", a.start_timeout_ms, TIME),
             ("picker_api.report_timeout_ms", a.report_timeout_ms, TIME),
             ("scrape.interval_ms", s.interval_ms, TIME),
