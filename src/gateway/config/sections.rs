@@ -84,7 +84,8 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Bounds on each HTTP listener's connections (proxy, admin).
+/// Bounds on each HTTP listener's connections (proxy, admin), and on request bodies (the proxy's
+/// and the Envoy picker's: their pace, and one client's share of `max_buffered_bytes`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionsConfig {
