@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+mod body;
 pub(crate) mod health;
 mod reply;
 
@@ -37,6 +38,7 @@ use crate::front::http::{
     CLIENT_ONLY_HEADERS, DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER,
     new_request_id,
 };
+use crate::front::listen::{Pace, Pacer};
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
 use crate::gateway::decisions::StreamTicket;
@@ -68,12 +70,21 @@ pub(crate) struct Picker {
     cfg: Arc<ExtProcConfig>,
     /// Spawns each stream's task (a shutdown ends those still open).
     tasks: crate::gateway::tasks::Tasks,
+    /// How request bodies must keep arriving.
+    pace: Pace,
 }
 
 impl Picker {
     /// A picker deciding through `gateway`, its streams' tasks spawned through `tasks`.
     pub(crate) fn new(gateway: Arc<Gateway>, cfg: ExtProcConfig, tasks: crate::gateway::tasks::Tasks) -> Self {
-        Self { gateway, cfg: Arc::new(cfg), tasks }
+        Self { gateway, cfg: Arc::new(cfg), tasks, pace: Pace::default() }
+    }
+
+    /// The picker holding request bodies to `pace`.
+    #[must_use]
+    pub(crate) fn with_pace(mut self, pace: Pace) -> Self {
+        self.pace = pace;
+        self
     }
 }
 
@@ -85,11 +96,16 @@ impl ExternalProcessor for Picker {
         &self,
         req: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
+        let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let mut stream = StreamState::new(self.gateway.clone(), self.cfg.clone());
+        stream.peer = peer;
+        stream.pace = self.pace;
+        stream.attribute(None);
         let task = self.tasks.spawn("ext_proc stream", async move {
             loop {
+                let body_due = stream.body_due();
                 let next = tokio::select! {
                     // A sidecar's report of the prefill leg comes before the decode leg's
                     // answer reaches Envoy, so it is taken first.
@@ -99,6 +115,13 @@ impl ExternalProcessor for Picker {
                         continue;
                     }
                     m = inbound.message() => m,
+                    // A request body that stopped coming, or comes too slowly, is refused.
+                    () = due(body_due) => {
+                        for out in stream.body_late() {
+                            let _ = tx.send(Ok(out)).await;
+                        }
+                        return;
+                    }
                 };
                 let msg = match next {
                     Ok(Some(m)) => m,
@@ -126,6 +149,14 @@ impl ExternalProcessor for Picker {
         });
         task.detach();
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Resolves at `at`; never without it.
+async fn due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -170,8 +201,14 @@ struct StreamState {
     generated_id: bool,
     test_selection: Option<String>,
     body: Vec<u8>,
-    /// The body's share of the gateway's buffered-bytes bound, while it is held.
+    /// The body's share of the gateway's buffered-bytes bound, while it is held (as its
+    /// client's).
     reservation: Reservation,
+    /// The gRPC peer: the client when the request names none.
+    peer: Option<std::net::SocketAddr>,
+    /// How the request body must keep arriving, and its progress while it is awaited.
+    pace: Pace,
+    pacer: Option<Pacer>,
     subset: Option<Option<Subset>>,
     routed: Option<Routed>,
     /// The P/D decision's id while its sidecar may report the prefill leg.
@@ -198,6 +235,9 @@ impl StreamState {
             test_selection: None,
             body: Vec::new(),
             reservation,
+            peer: None,
+            pace: Pace::default(),
+            pacer: None,
             subset: None,
             routed: None,
             prefill: None,
@@ -227,6 +267,9 @@ impl StreamState {
             self.subset = Some(Subset::parse(entries.iter().map(String::as_str)).ok());
         }
         let served = ServedReport::of(&msg);
+        if !matches!(msg.request, Some(Req::RequestHeaders(_) | Req::RequestBody(_)) | None) {
+            self.body_over();
+        }
         match msg.request {
             Some(Req::RequestHeaders(h)) => self.request_headers(h),
             Some(Req::RequestBody(_)) if self.body_ended => {
@@ -234,28 +277,7 @@ impl StreamState {
                 self.gateway.ignored_message("request_body_after_end");
                 Vec::new()
             }
-            Some(Req::RequestBody(b)) => {
-                let limit = self.gateway.max_body_bytes();
-                // Refuse as soon as the body is too large, or the bytes held for every request
-                // are at their bound, rather than holding more.
-                let held = if self.body.len() + b.body.len() > limit {
-                    Err(RouteError::BadRequest(RequestError::TooLarge { size: self.body.len() + b.body.len(), limit }))
-                } else {
-                    self.reservation.grow(b.body.len())
-                };
-                if let Err(e) = held {
-                    self.body = Vec::new();
-                    self.done = true;
-                    return vec![immediate(&self.gateway.refuse(&e))];
-                }
-                self.body.extend_from_slice(&b.body);
-                if b.end_of_stream {
-                    self.body_ended = true;
-                    self.decide(true)
-                } else {
-                    Vec::new()
-                }
-            }
+            Some(Req::RequestBody(b)) => self.request_body(b),
             Some(Req::RequestTrailers(_)) => vec![response(Resp::RequestTrailers(TrailersResponse::default()))],
             Some(Req::ResponseHeaders(h)) => self.response_headers(&served, h),
             Some(Req::ResponseBody(b)) => {
@@ -290,6 +312,8 @@ impl StreamState {
     }
 
     fn request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        let now = tokio::time::Instant::now();
+        let mut forwarded = None;
         for hv in h.headers.map(|m| m.headers).unwrap_or_default() {
             let value =
                 if hv.raw_value.is_empty() { hv.value } else { String::from_utf8_lossy(&hv.raw_value).into_owned() };
@@ -298,9 +322,11 @@ impl StreamState {
                 ":path" => self.path = value,
                 REQUEST_ID_HEADER => self.request_id = Some(value),
                 TEST_SELECTION_HEADER => self.test_selection = Some(value),
+                body::FORWARDED_FOR => forwarded = Some(value),
                 _ => {}
             }
         }
+        self.attribute(forwarded.as_deref());
         if self.request_id.is_none() {
             self.request_id = Some(new_request_id());
             self.generated_id = true;
@@ -317,6 +343,7 @@ impl StreamState {
             self.body_ended = true;
             return self.decide(false);
         }
+        self.expect_body(now);
         match self.request_mode {
             BodyMode::FullDuplexStreamed => Vec::new(),
             _ => vec![response(Resp::RequestHeaders(HeadersResponse::default()))],
@@ -394,7 +421,7 @@ impl StreamState {
                 Some(BodyMutation { mutation: Some(Mutation::Body(std::mem::take(&mut self.body))) });
         }
         // The body goes back to Envoy now: its bytes are no longer held here.
-        self.reservation = self.gateway.body_budget().reservation();
+        self.reservation.release();
         let mut out = Vec::new();
         match (self.request_mode, with_body) {
             (BodyMode::Buffered, true) => out.push(ProcessingResponse {

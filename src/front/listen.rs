@@ -12,7 +12,7 @@ mod paced;
 mod shaped;
 mod tls;
 
-pub(crate) use paced::{Pace, SlowBody};
+pub(crate) use paced::{Pace, Pacer, SlowBody};
 pub(crate) use tls::{ClientCert, ClientCertCheck, Tls};
 
 use std::collections::HashMap;
@@ -61,11 +61,7 @@ pub(crate) struct ConnLimits {
 
 impl Default for ConnLimits {
     fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(30),
-            max_connections: 4096,
-            pace: Pace { stall: Duration::from_secs(30), min_rate: 1024 },
-        }
+        Self { header_read_timeout: Duration::from_secs(30), max_connections: 4096, pace: Pace::default() }
     }
 }
 

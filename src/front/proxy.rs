@@ -24,6 +24,7 @@ use crate::front::http::{
     json_error, read_body, relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
 };
 use crate::gateway::answer::Answer;
+use crate::gateway::budget::Client;
 use crate::gateway::config::ProxyConfig;
 use crate::gateway::error::{RouteError, error_chain};
 use crate::gateway::events::{Event, Failure, Prefill};
@@ -111,8 +112,11 @@ async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
     if let Some(refused) = refuse_before_reading(&st.gateway, &parts.headers) {
         return refused;
     }
-    // Held until the request has its answer (retries resend the body).
-    let mut held = st.gateway.body_budget().reservation();
+    let client = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    // Held until the request has its answer (retries resend the body), as the client's: the
+    // TCP peer's share of the budget bounds what it holds over all its connections.
+    let budget = st.gateway.body_budget();
+    let mut held = client.map_or_else(|| budget.reservation(), |ip| budget.reservation_for(Client::of(ip)));
     let body = match read_body(body, st.gateway.max_body_bytes(), &mut held).await {
         Ok(b) => b,
         Err(e) => return answer(&st.gateway.refuse(&e)),
@@ -120,10 +124,7 @@ async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
     let route =
         RouteRequest { place, input: Input::Body(&body), subset: SubsetHint::Any, places: st.cfg.attempts.max(1) };
     match st.gateway.route(route) {
-        Ok(routed) => {
-            let client = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-            send(st, routed, parts.method, parts.uri, parts.headers, client, body).await
-        }
+        Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, client, body).await,
         Err(a) => answer(&a),
     }
 }

@@ -63,7 +63,7 @@ pub struct Config {
     /// How the reverse proxy talks to endpoints.
     #[serde(default)]
     pub proxy: ProxyConfig,
-    /// Bounds on the connections of the proxy and admin listeners.
+    /// Bounds on the connections of the proxy and admin listeners, and on request bodies.
     #[serde(default)]
     pub connections: ConnectionsConfig,
     /// The Envoy ext_proc endpoint picker on `grpc_addr`.

@@ -42,6 +42,15 @@ pub enum RouteError {
         /// `max_buffered_bytes`.
         limit: usize,
     },
+    /// The client holds its share of the request bytes held in memory; try again shortly.
+    #[error("this client holds {held} bytes of request bodies, its share is {share}; try again shortly")]
+    OverShare {
+        /// Bytes the client holds.
+        held: usize,
+        /// The most one client may hold (`connections.max_body_share_percent` of
+        /// `max_buffered_bytes`).
+        share: usize,
+    },
     /// The client sent its body too slowly (or stopped sending it).
     #[error("{0}")]
     SlowBody(String),
@@ -53,7 +62,7 @@ impl RouteError {
         match self {
             Self::BadRequest(e) => e.status(),
             Self::UnknownModel { .. } => 404,
-            Self::Unavailable(_) | Self::Overloaded { .. } => 503,
+            Self::Unavailable(_) | Self::Overloaded { .. } | Self::OverShare { .. } => 503,
             Self::Saturated { .. } => 429,
             Self::SlowBody(_) => 408,
         }
@@ -70,14 +79,14 @@ impl RouteError {
             Self::Unavailable(_) => "no_endpoints",
             Self::Saturated { shed: true, .. } => "shed",
             Self::Saturated { shed: false, .. } => "saturated",
-            Self::Overloaded { .. } => "overloaded",
+            Self::Overloaded { .. } | Self::OverShare { .. } => "overloaded",
             Self::SlowBody(_) => "request_timeout",
         }
     }
 
     /// Whether the client should try again shortly (`Retry-After`).
     pub fn retry_soon(&self) -> bool {
-        matches!(self, Self::Saturated { .. } | Self::Overloaded { .. })
+        matches!(self, Self::Saturated { .. } | Self::Overloaded { .. } | Self::OverShare { .. })
     }
 }
 

@@ -88,6 +88,14 @@ impl Gateway {
         self
     }
 
+    /// The gateway letting one client hold at most `percent` of its request-bytes bound.
+    #[must_use]
+    pub fn with_body_share(mut self, percent: u32) -> Self {
+        let limit = self.body_budget.limit();
+        self.body_budget = BodyBudget::with_share(limit, BodyBudget::share_of(limit, percent));
+        self
+    }
+
     /// The decisions held for their reports.
     pub fn decisions(&self) -> &Arc<Decisions> {
         &self.decisions
@@ -132,6 +140,7 @@ impl Gateway {
             })
             .collect();
         self.telemetry.buffered_bytes.set(self.body_budget.held() as i64);
+        self.telemetry.buffered_clients.set(self.body_budget.clients() as i64);
         self.telemetry.render(&views)
     }
 

@@ -114,6 +114,8 @@ pub struct Telemetry {
     pub index_corrections: IntCounterVec,
     /// `kvgate_buffered_request_bytes`: request body bytes held in memory now.
     pub buffered_bytes: prometheus::IntGauge,
+    /// `kvgate_buffered_request_clients`: client addresses holding request body bytes now.
+    pub buffered_clients: prometheus::IntGauge,
     /// `kvgate_picker_reports_total{result}`: reports by decision id (`accepted`, `unknown`,
     /// `ended`, `refused`).
     pub picker_reports: IntCounterVec,
@@ -180,6 +182,7 @@ impl Telemetry {
             ntpot: r.histogram(&NTPOT, NTPOT_BUCKETS.to_vec()),
             decision_seconds: r.histogram(&DECISION_SECONDS, DECISION_BUCKETS.to_vec()),
             buffered_bytes: r.single_gauge(&BUFFERED_BYTES),
+            buffered_clients: r.single_gauge(&BUFFERED_CLIENTS),
             picker_pending: r.single_gauge(&PICKER_PENDING),
             running: r.int_gauge(&RUNNING),
             requests: r.counter(&REQUESTS),

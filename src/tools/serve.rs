@@ -231,6 +231,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
     let gateway = Arc::new(
         Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
+            .with_body_share(cfg.connections.max_body_share_percent)
             .with_paths(paths)
             .with_picker_api(&cfg.picker_api),
     );
@@ -241,10 +242,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let limits = ConnLimits {
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
         max_connections: cfg.connections.max_connections,
-        pace: Pace {
-            stall: std::time::Duration::from_millis(cfg.connections.body_read_timeout_ms),
-            min_rate: cfg.connections.min_body_bytes_per_s,
-        },
+        pace: Pace::of(&cfg.connections),
     };
     let mut listeners = Vec::new();
     let listener =
@@ -264,7 +262,7 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let listener =
         TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding grpc_addr {}", cfg.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let picker = Picker::new(gateway.clone(), cfg.extproc.clone(), tasks.clone());
+    let picker = Picker::new(gateway.clone(), cfg.extproc.clone(), tasks.clone()).with_pace(limits.pace);
     let max = cfg.extproc.max_message_bytes;
     let ext = ExternalProcessorServer::new(picker).max_decoding_message_size(max).max_encoding_message_size(max);
     let (health, follow_readiness) = health_service(&gateway).await;

@@ -35,6 +35,8 @@ const MESSAGE: Bound = Bound { min: 1024, max: MAX_ONE_BYTES, unit: "bytes, from
 const COUNT: Bound = Bound { min: 1, max: MAX_COUNT, unit: "a count, from 1 to 16777216" };
 /// Connections one listener holds open at once (each costs a file descriptor and a task).
 const CONNECTIONS: Bound = Bound { min: 1, max: 1 << 20, unit: "connections, from 1 to 1048576" };
+/// A share of something, in percent.
+const PERCENT: Bound = Bound { min: 1, max: 100, unit: "a percentage, from 1 to 100" };
 /// Every request body at once.
 const BUFFERED: Bound = Bound { min: 1, max: MAX_BUFFERED_BYTES, unit: "bytes, from 1 to 68719476736 (64 GiB)" };
 
@@ -50,6 +52,9 @@ impl Config {
             ("connections.header_read_timeout_ms", c.header_read_timeout_ms, TIME),
             ("connections.body_read_timeout_ms", c.body_read_timeout_ms, TIME),
             ("connections.max_connections", c.max_connections as u64, CONNECTIONS),
+            ("connections.body_rate_window_ms", c.body_rate_window_ms, TIME),
+            ("connections.body_timeout_ms", c.body_timeout_ms, TIME),
+            ("connections.max_body_share_percent", u64::from(c.max_body_share_percent), PERCENT),
             ("picker_api.start_timeout_ms", a.start_timeout_ms, TIME),
             ("picker_api.report_timeout_ms", a.report_timeout_ms, TIME),
             ("scrape.interval_ms", s.interval_ms, TIME),

@@ -85,8 +85,8 @@ impl Default for ProxyConfig {
 }
 
 /// Bounds on the connections of every listener: proxy, admin, gRPC (ext_proc, picker API,
-/// health, reflection) and `health_addr`. The body keys apply to the HTTP listeners (a gRPC
-/// stream's messages come when its peer has them).
+/// health, reflection) and `health_addr`; and on request bodies (the proxy's and the Envoy
+/// picker's: their pace, and one client's share of `max_buffered_bytes`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionsConfig {
@@ -103,9 +103,21 @@ pub struct ConnectionsConfig {
     /// Longest wait for the next bytes of a request body; past it the request is a 408
     /// (default 30000).
     pub body_read_timeout_ms: u64,
-    /// Least average rate of a request body, bytes per second, once it has taken 5 s: a body
-    /// slower than that is a 408 (default 1024; 0 turns it off).
+    /// Least rate of a request body, bytes per second, held over every stretch of its time: a
+    /// body may fall behind it by at most `body_rate_window_ms` worth of bytes, or it is a 408
+    /// (default 1024; 0 turns it off).
     pub min_body_bytes_per_s: u64,
+    /// How far behind `min_body_bytes_per_s` a body may fall, as time: its first window is its
+    /// grace, and every stretch of `T` ms must bring at least `min_body_bytes_per_s × (T −
+    /// body_rate_window_ms) / 1000` bytes (default 5000).
+    pub body_rate_window_ms: u64,
+    /// Longest time a request body may take in all, from its first byte read (proxy) or its
+    /// request's headers (ext_proc); a body still arriving then is a 408 (default 300000: the
+    /// default 32 MiB `max_body_bytes` at about 0.9 Mbit/s).
+    pub body_timeout_ms: u64,
+    /// The most of `max_buffered_bytes` one client address may hold at once, in percent
+    /// (default 25); past it that client's bodies get 503 `overloaded` while others still get in.
+    pub max_body_share_percent: u32,
 }
 
 impl Default for ConnectionsConfig {
@@ -115,6 +127,9 @@ impl Default for ConnectionsConfig {
             max_connections: 4096,
             body_read_timeout_ms: 30_000,
             min_body_bytes_per_s: 1024,
+            body_rate_window_ms: 5_000,
+            body_timeout_ms: 300_000,
+            max_body_share_percent: 25,
         }
     }
 }

@@ -127,6 +127,11 @@ pub(super) const BUFFERED_BYTES: Family = Family {
     help: "Request body bytes held in memory now, over every request (bounded by max_buffered_bytes).",
     labels: &[],
 };
+pub(super) const BUFFERED_CLIENTS: Family = Family {
+    name: "kvgate_buffered_request_clients",
+    help: "Client addresses holding request body bytes now (each bounded by connections.max_body_share_percent).",
+    labels: &[],
+};
 pub(super) const PICKER_PENDING: Family = Family {
     name: "kvgate_picker_decisions_pending",
     help: "Picked decisions held for their reports now.",
