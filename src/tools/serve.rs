@@ -142,7 +142,11 @@ impl ReferenceFlags {
         match (self.secure_serving.or(reference.then_some(true)), &self.cert_path) {
             (Some(false), _) | (None, None) => {}
             (_, Some(dir)) => {
-                cfg.extproc.tls = Some(TlsFiles { cert_path: dir.join("tls.crt"), key_path: dir.join("tls.key"), client_ca_path: None });
+                cfg.extproc.tls = Some(TlsFiles {
+                    cert_path: dir.join("tls.crt"),
+                    key_path: dir.join("tls.key"),
+                    client_ca_path: None,
+                });
             }
             (Some(true), None) => cfg.extproc.self_signed_tls = true,
         }
