@@ -17,12 +17,16 @@ const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 /// The proxy's served-by response header.
 const SERVED: &str = "x-gateway-destination-endpoint-served";
 
-/// The health `/debug/endpoints` shows for the endpoint at `addr` (empty when it is not listed).
-async fn health(fleet: &Fleet, addr: &str) -> String {
+/// What `/debug/endpoints` shows of the endpoint at `addr` (null when it is not listed).
+async fn endpoint(fleet: &Fleet, addr: &str) -> Value {
     let v = fleet.endpoints().await;
     let endpoints = v["pools"][0]["endpoints"].as_array().cloned().unwrap_or_default();
-    let e = endpoints.into_iter().find(|e| e["address"] == addr).unwrap_or(Value::Null);
-    e["health"].as_str().unwrap_or("").to_owned()
+    endpoints.into_iter().find(|e| e["address"] == addr).unwrap_or(Value::Null)
+}
+
+/// The health `/debug/endpoints` shows for the endpoint at `addr` (empty when it is not listed).
+async fn health(fleet: &Fleet, addr: &str) -> String {
+    endpoint(fleet, addr).await["health"].as_str().unwrap_or("").to_owned()
 }
 
 /// How long until `addr`'s health is (`want`) or is not (`!want`) `healthy`, polled every 10 ms
@@ -61,11 +65,17 @@ async fn a_stopped_endpoint_leaves_rotation_unasked_and_comes_back() {
     let (addr, other, proxy) = (stoppable.addr.to_string(), fleet.addr(0), fleet.proxy());
 
     // No request at all: the scrapes alone notice.
+    let errors = |e: &Value| e["scrape_errors"].as_u64().unwrap_or(0);
+    let before = errors(&endpoint(&fleet, &addr).await);
     stoppable.stop();
     let Some(out) = until_healthy(&fleet, &addr, false, Duration::from_secs(8)).await else {
         panic!("still in rotation 8 s after SIGSTOP: {}", fleet.endpoints().await);
     };
     println!("out of rotation {} ms after SIGSTOP", out.as_millis());
+    // Ejected for its silence, at its first unanswered scrape: not after `failure_threshold` of them.
+    let e = endpoint(&fleet, &addr).await;
+    assert_eq!(errors(&e) - before, 1, "one failed scrape: {e}");
+    assert!(e["last_error"].as_str().is_some_and(|m| m.contains("no answer")), "{e}");
 
     for i in 0..20 {
         let (status, served) = send(&proxy, &chat(MODEL).user(format!("after {i}")).max_tokens(4).json()).await;
@@ -159,4 +169,32 @@ async fn what_waited_on_a_stopped_endpoint_is_served_elsewhere_and_its_stream_en
     // New requests go to the other endpoint while it is stopped.
     let (status, served) = send(&proxy, &chat(MODEL).user("later").max_tokens(4).json()).await;
     assert_eq!((status, served.as_str()), (200, other.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_while_it_is_noticed_are_answered_by_the_other() {
+    let port = free_port();
+    let stoppable = SimProcess::start(&["--port", &port.to_string(), "--time-scale", "0"]);
+    let fleet = gateway(MODEL).address(stoppable.addr).sims(1).proxy().start().await;
+    let (addr, other, proxy) = (stoppable.addr.to_string(), fleet.addr(0), fleet.proxy());
+
+    stoppable.stop();
+    // Cold requests rotate over both endpoints until the stopped one is out: those it gets wait
+    // until it is found silent, then go to the other.
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let (proxy, body) = (proxy.clone(), chat(MODEL).user(format!("during {i}")).max_tokens(4).json());
+        sent.push(tokio::spawn(async move { send(&proxy, &body).await }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, task) in sent.into_iter().enumerate() {
+        let answer = tokio::time::timeout(Duration::from_secs(30), task).await;
+        let (status, served) = answer.expect("an answer within 30 s").expect("the client task");
+        assert_eq!((status, served.as_str()), (200, other.as_str()), "request {i}");
+    }
+    assert_ne!(health(&fleet, &addr).await, "healthy", "{}", fleet.endpoints().await);
+    // Some went to the stopped endpoint first (the test would prove nothing otherwise).
+    let metrics = common::metrics(&fleet.admin()).await;
+    let retried = common::metric(&metrics, "kvgate_proxy_retries_total", &[("outcome", "sent")]);
+    assert!(retried.is_some_and(|n| n >= 1.0), "retries: {retried:?}");
 }

@@ -487,10 +487,19 @@ impl Pool {
     }
 
     /// A token cancelled when endpoint `id` is found silent (ejected as unresponsive, or a probe
-    /// of it still silent): requests sent to it and not yet answered give up on it. `None` for an
-    /// endpoint no longer in the pool.
+    /// of it still silent): requests sent to it and not yet answered give up on it. Cancelled
+    /// already while it is out for its silence (a request decided on a snapshot from before the
+    /// ejection goes elsewhere at once). `None` for an endpoint no longer in the pool.
     pub fn stopped(&self, id: EndpointId) -> Option<CancellationToken> {
-        self.inner.state.lock().members.iter().find(|m| m.id == id).map(|m| m.stopped.clone())
+        let st = self.inner.state.lock();
+        let m = st.members.iter().find(|m| m.id == id)?;
+        let silent = m.health.reason == Some(Ejected::Unresponsive) && m.health.state(now_ms()) == Health::Unhealthy;
+        if silent {
+            let gone = CancellationToken::new();
+            gone.cancel();
+            return Some(gone);
+        }
+        Some(m.stopped.clone())
     }
 
     /// Follows the endpoints' KV-event publishers as `spec` says (before discovery starts):
