@@ -1,8 +1,9 @@
 //! A stopped endpoint (SIGSTOP: its kernel still accepts connections, nothing answers) in front
 //! of kvgate with its default timings: out of rotation with no traffic needed to notice it, the
 //! requests that waited for its answer served by another endpoint, its streams ended, and back in
-//! rotation once it goes on. The stopped simulator is a process of its own, let go (and killed)
-//! when the test ends, even on a panic.
+//! rotation once it goes on; and an endpoint whose scrapes hang while it streams is not taken for
+//! a stopped one. The stopped simulator is a process of its own, let go (and killed) when the
+//! test ends, even on a panic.
 #![allow(clippy::disallowed_methods, reason = "the test's own tasks (its clients) end with its runtime")]
 
 mod common;
@@ -197,4 +198,56 @@ async fn requests_sent_while_it_is_noticed_are_answered_by_the_other() {
     let metrics = common::metrics(&fleet.admin()).await;
     let retried = common::metric(&metrics, "kvgate_proxy_retries_total", &[("outcome", "sent")]);
     assert!(retried.is_some_and(|n| n >= 1.0), "retries: {retried:?}");
+}
+
+/// A server whose `/metrics` answers once and then hangs, and whose chat completions stream a
+/// chunk every 100 ms for 8 s: alive, only its metrics are slow.
+fn slow_metrics_server() -> axum::Router {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let scrapes = std::sync::Arc::new(AtomicUsize::new(0));
+    let metrics = move || {
+        let scrapes = scrapes.clone();
+        async move {
+            if scrapes.fetch_add(1, Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
+            "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+        }
+    };
+    let models = move || async move { format!(r#"{{"object":"list","data":[{{"id":"{MODEL}"}}]}}"#) };
+    let chat = || async {
+        let chunks = futures_util::stream::unfold(0, |n| async move {
+            if n > 80 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let event = if n == 80 { "data: [DONE]\n\n".to_owned() } else { format!("data: {{\"n\":{n}}}\n\n") };
+            Some((Ok::<_, std::io::Error>(event), n + 1))
+        });
+        ([("content-type", "text/event-stream")], axum::body::Body::from_stream(chunks))
+    };
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/v1/models", axum::routing::get(models))
+        .route("/v1/chat/completions", axum::routing::post(chat))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_streams_while_its_metrics_hang_is_not_cut() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, slow_metrics_server()).await.ok() });
+    let fleet = gateway(MODEL).address(addr).proxy().start().await;
+
+    let body = chat(MODEL).user("streams on").stream().json();
+    let text = tokio::time::timeout(
+        Duration::from_secs(30),
+        common::post_text(&format!("{}/v1/chat/completions", fleet.proxy()), &body),
+    )
+    .await
+    .expect("the stream ends within 30 s");
+    assert!(text.ends_with("data: [DONE]\n\n") && text.matches("data: ").count() == 81, "{text}");
+    // Its scrapes went unanswered meanwhile: silence, but for the bytes it streamed.
+    let e = endpoint(&fleet, &addr.to_string()).await;
+    assert!(e["last_error"].as_str().is_some_and(|m| m.contains("no answer")), "{e}");
 }
