@@ -4,9 +4,10 @@
 //! Failures before an endpoint's response starts (refused, reset, timed out, 5xx, 429, or the
 //! endpoint found stopped — ejected as silent — while the request waited) move the request to
 //! the decision's next candidate, up to `proxy.attempts` endpoints; once the client has received
-//! a byte, nothing is retried, and a response from an endpoint found stopped is cut. The request's in-flight count moves with it and is
-//! released when the response ends, fails, or the client goes away (dropping the response drops
-//! the upstream request too, which is how vLLM learns of the abort).
+//! a byte, nothing is retried, and a response from an endpoint found stopped is cut. The
+//! request's in-flight count moves with it and is released when the response ends, fails, or the
+//! client goes away (dropping the response drops the upstream request too, which is how vLLM
+//! learns of the abort).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
