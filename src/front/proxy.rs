@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 
-use crate::front::handoff::{self, PrefillLeg};
+use crate::front::handoff::{self, Fallback, PrefillLeg};
 use crate::front::http::{
     PREFILLER_HEADER, UpstreamClient, answer, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
     json_error, read_body, relay, strip_gateway_headers, strip_placement, unless_stopped, upstream_client,
@@ -267,7 +267,7 @@ async fn send(
         let first_byte = Duration::from_millis(st.cfg.first_byte_timeout_ms);
         let sent = std::time::Instant::now();
         // Cancelled if the endpoint is found stopped (ejected as silent) before it answers.
-        let stopped = routed.target_stopped();
+        let stopped = routed.stopped(target.id);
         let mut attempt =
             unless_stopped(stopped.as_ref(), tokio::time::timeout(first_byte, st.client.request(req))).await;
         // A connection closed or reset under the request before any answer (a kept-alive one
@@ -346,7 +346,11 @@ async fn prefill_first(
         headers: fwd,
         timeout: Duration::from_millis(st.cfg.prefill_timeout_ms),
     };
-    match handoff::handoff(&st.client, leg, &body).await {
+    // An endpoint found stopped meanwhile answers no prefill either: fall back at once.
+    let stopped = routed.stopped(p.id);
+    let leg = unless_stopped(stopped.as_ref(), handoff::handoff(&st.client, leg, &body)).await;
+    let leg = leg.unwrap_or_else(|| Err(Fallback::Unreachable("it stopped answering".into())));
+    match leg {
         Ok(decode) => {
             routed.on(Event::Prefill(Prefill::Succeeded));
             Bytes::from(decode)

@@ -15,7 +15,7 @@ use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
 use crate::gateway::pool::{Outcome, Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::Usage;
 use crate::gateway::usage::UsageReader;
-use crate::routing::endpoint::InFlightGuard;
+use crate::routing::endpoint::{EndpointId, InFlightGuard};
 use crate::routing::pd;
 use crate::routing::plan::Planned;
 use crate::routing::schedule::{Decision, DecisionKind, Target};
@@ -198,11 +198,11 @@ impl Routed {
         &self.planned.decision.targets[self.current]
     }
 
-    /// A token cancelled when the current target is found unresponsive (stopped: it accepts
-    /// connections but answers nothing) — what it was sent will not be answered. `None` when the
-    /// endpoint has left the pool.
-    pub fn target_stopped(&self) -> Option<CancellationToken> {
-        self.pool.stopped(self.target().id)
+    /// A token cancelled when the pool's endpoint `id` (a target of the decision, or its prefill
+    /// endpoint) is found unresponsive (stopped: it accepts connections but answers nothing) —
+    /// what it was sent will not be answered. `None` when the endpoint has left the pool.
+    pub fn stopped(&self, id: EndpointId) -> Option<CancellationToken> {
+        self.pool.stopped(id)
     }
 
     /// The snapshot the decision was made on (the decision's endpoint indices point into it).
