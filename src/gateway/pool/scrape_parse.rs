@@ -89,7 +89,7 @@ pub(crate) enum ScrapeError {
     TimedOut(std::time::Duration),
     /// No answer at all: asked, asked again on a new connection, and still unanswered this long
     /// after the first question went out (at `asked_ms` on the pool's clock).
-    #[error("no answer in {waited_ms} ms, asked twice")]
+    #[error("no answer in {waited_ms} ms")]
     Silent {
         /// When the first question went out.
         asked_ms: u64,
