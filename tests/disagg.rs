@@ -412,3 +412,42 @@ async fn the_sidecars_reports_carry_the_picker_api_token() {
     assert!(e.to_string().contains("--report-token-file"), "{e:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A prefill endpoint that stops (SIGSTOP) while a prefill leg waits for it: once it is found
+/// silent the decode endpoint prefills locally, long before the prefill timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods, reason = "the test's client task ends with its runtime")]
+async fn a_prefill_endpoint_that_stops_falls_back_to_the_decode_endpoint_at_once() {
+    let port = free_port().to_string();
+    let producer = r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#;
+    // Every engine step takes a second: the prefill leg waits.
+    let flags = ["--port", &port, "--step-overhead-ms", "1000", "--kv-transfer-config", producer];
+    let prefill = SimProcess::start(&flags);
+    let decode = start_sim(CONSUMER).await;
+    let (p, d) = (prefill.addr.to_string(), decode.addrs[0].to_string());
+    let config = pd_config(std::slice::from_ref(&p), std::slice::from_ref(&d), "proxy: {prefill_timeout_ms: 60000}");
+    let kv = start_kvgate(&config).await;
+    wait_scraped(&kv, 2).await;
+    let url = format!("http://{}/v1/chat/completions", kv.proxy_addr.expect("proxy"));
+    let admin = format!("http://{}", kv.admin_addr);
+
+    let request = tokio::spawn(async move { send(&url, &chat("Stopped", 1500, "Still there?"), &[]).await });
+    let debug = format!("{admin}/debug/endpoints");
+    let leg_waits = eventually(10, || async {
+        let v = get_json(&debug).await;
+        let e = v["pools"][0]["endpoints"].as_array().cloned().unwrap_or_default();
+        e.iter().any(|e| e["address"] == p.as_str() && e["in_flight_requests"] == 1)
+    })
+    .await;
+    assert!(leg_waits, "the prefill leg on {p}: {}", get_json(&debug).await);
+    let stopped_at = std::time::Instant::now();
+    prefill.stop();
+    let a = tokio::time::timeout(std::time::Duration::from_secs(30), request)
+        .await
+        .expect("an answer within 30 s, half the prefill timeout")
+        .expect("the client task");
+    println!("answered {} ms after SIGSTOP", stopped_at.elapsed().as_millis());
+    assert_eq!((a.status, a.served.as_deref()), (200, Some(d.as_str())), "{}", a.text);
+    let fallbacks = metric(&metrics(&admin).await, "kvgate_disagg_fallbacks_total", &[("reason", "unreachable")]);
+    assert_eq!(fallbacks, Some(1.0));
+}

@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio_util::sync::CancellationToken;
 
 use crate::front::listen::SlowBody;
 use crate::gateway::answer::Answer;
@@ -290,29 +291,37 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// The client's response: the endpoint's status and end-to-end headers, the served-by header
-/// (when given), and its body relayed frame by frame (bounded by `idle_ms` between frames).
+/// (when given), and its body relayed frame by frame (bounded by `idle_ms` between frames, and
+/// cut when `stopped` is cancelled: the endpoint answers nothing any more). A broken body ends
+/// the client's response with an error (the connection closes without the body's end).
 /// A routed request lives as long as the body and is told each part as it passes.
 pub(crate) fn relay(
     resp: hyper::Response<hyper::body::Incoming>,
     served: Option<SocketAddr>,
     routed: Option<Routed>,
     idle_ms: u64,
+    stopped: Option<CancellationToken>,
 ) -> Response {
     let (parts, body) = resp.into_parts();
     struct S {
         body: hyper::body::Incoming,
         routed: Option<Routed>,
         idle: Duration,
+        stopped: Option<CancellationToken>,
     }
     let event_stream = is_event_stream(&parts.headers);
     let routed = routed.map(|mut r| {
         r.on(Event::Started { status: parts.status.as_u16(), event_stream, streamed: true });
         r
     });
-    let s = S { body, routed, idle: Duration::from_millis(idle_ms) };
+    let s = S { body, routed, idle: Duration::from_millis(idle_ms), stopped };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         loop {
-            match tokio::time::timeout(s.idle, s.body.frame()).await {
+            let Some(next) = unless_stopped(s.stopped.as_ref(), tokio::time::timeout(s.idle, s.body.frame())).await
+            else {
+                return Some((Err(std::io::Error::other("the endpoint stopped answering")), s));
+            };
+            match next {
                 Err(_) => return Some((Err(std::io::Error::other("the endpoint went silent")), s)),
                 Ok(None) => {
                     if let Some(mut r) = s.routed.take() {
@@ -342,6 +351,21 @@ pub(crate) fn relay(
         out.headers_mut().insert(HeaderName::from_static(SERVED_HEADER), v);
     }
     out
+}
+
+/// `work`'s output, unless `stopped` is cancelled first (`None`).
+pub(crate) async fn unless_stopped<T>(
+    stopped: Option<&CancellationToken>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match stopped {
+        Some(token) => tokio::select! {
+            biased;
+            out = work => Some(out),
+            () = token.cancelled() => None,
+        },
+        None => Some(work.await),
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! The OpenAI reverse proxy: takes a request, asks the one decision path where it goes, and
 //! forwards it there — the body byte for byte, the answer chunk by chunk as it arrives.
 //!
-//! Failures before an endpoint's response starts (refused, reset, timed out, 5xx, 429) move the
-//! request to the decision's next candidate, up to `proxy.attempts` endpoints; once the client
-//! has received a byte, nothing is retried. The request's in-flight count moves with it and is
-//! released when the response ends, fails, or the client goes away (dropping the response drops
-//! the upstream request too, which is how vLLM learns of the abort).
+//! Failures before an endpoint's response starts (refused, reset, timed out, 5xx, 429, or the
+//! endpoint found stopped — ejected as silent — while the request waited) move the request to
+//! the decision's next candidate, up to `proxy.attempts` endpoints; once the client has received
+//! a byte, nothing is retried, and a response from an endpoint found stopped is cut. The
+//! request's in-flight count moves with it and is released when the response ends, fails, or the
+//! client goes away (dropping the response drops the upstream request too, which is how vLLM
+//! learns of the abort).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,10 +20,11 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 
-use crate::front::handoff::{self, PrefillLeg};
+use crate::front::handoff::{self, Fallback, PrefillLeg};
 use crate::front::http::{
     PREFILLER_HEADER, UpstreamClient, answer, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
-    json_error, read_body, relay, strip_gateway_headers, strip_placement, upstream_client, upstream_request,
+    json_error, read_body, relay, strip_gateway_headers, strip_placement, unless_stopped, upstream_client,
+    upstream_request,
 };
 use crate::gateway::answer::Answer;
 use crate::gateway::budget::Client;
@@ -185,6 +188,33 @@ enum Attempt {
     Status(Response),
 }
 
+impl Attempt {
+    /// The client's answer when this was the last attempt.
+    fn answer(self, pool: &str) -> Response {
+        match self {
+            Attempt::Status(r) => r,
+            Attempt::Timeout => json_error(504, "the endpoint did not answer in time", "upstream_timeout"),
+            Attempt::Connect(e) => {
+                tracing::warn!(error = %e, pool, "no endpoint could be reached");
+                json_error(502, "no endpoint could be reached", "upstream_unreachable")
+            }
+        }
+    }
+}
+
+/// The headers an endpoint gets: the client's end-to-end ones, less placement and gateway
+/// headers, with the client appended to the forwarding headers and a request id.
+fn forwarded_headers(headers: &HeaderMap, client: Option<IpAddr>) -> HeaderMap {
+    let mut fwd = end_to_end(headers);
+    strip_placement(&mut fwd);
+    strip_gateway_headers(&mut fwd);
+    if let Some(ip) = client {
+        append_forwarded(&mut fwd, ip);
+    }
+    ensure_request_id(&mut fwd);
+    fwd
+}
+
 /// Sends the request to the decision's targets in order until one answers.
 async fn send(
     st: &ProxyState,
@@ -195,13 +225,7 @@ async fn send(
     client: Option<IpAddr>,
     body: Bytes,
 ) -> Response {
-    let mut fwd = end_to_end(&headers);
-    strip_placement(&mut fwd);
-    strip_gateway_headers(&mut fwd);
-    if let Some(ip) = client {
-        append_forwarded(&mut fwd, ip);
-    }
-    ensure_request_id(&mut fwd);
+    let fwd = forwarded_headers(&headers, client);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let attempts = st.cfg.attempts.max(1);
     let mut body = body;
@@ -243,13 +267,16 @@ async fn send(
         };
         let first_byte = Duration::from_millis(st.cfg.first_byte_timeout_ms);
         let sent = std::time::Instant::now();
-        let mut attempt = tokio::time::timeout(first_byte, st.client.request(req)).await;
+        // Cancelled if the endpoint is found stopped (ejected as silent) before it answers.
+        let stopped = routed.stopped(target.id);
+        let mut attempt =
+            unless_stopped(stopped.as_ref(), tokio::time::timeout(first_byte, st.client.request(req))).await;
         // A connection closed or reset under the request before any answer (a kept-alive one
         // the endpoint closed as the request went out, say) says nothing of the endpoint: the
         // request goes again, once, on a new connection, within the same first-byte time and as
         // a retry under the budget. (A request that never left a reused connection is resent by
         // the client itself; a malformed answer is not resent.)
-        if let Ok(Err(e)) = &attempt
+        if let Some(Ok(Err(e))) = &attempt
             && connection_broke(e)
             && st.hold_retry(&mut retry_permit)
             && let Ok(req) = request()
@@ -257,31 +284,41 @@ async fn send(
             tracing::debug!(endpoint = %target.address, error = %error_chain(e), "connection broke before an answer; resending on a new one");
             routed.count_retry(true);
             let left = first_byte.saturating_sub(sent.elapsed());
-            attempt = tokio::time::timeout(left, st.fresh.request(req)).await;
+            attempt = unless_stopped(stopped.as_ref(), tokio::time::timeout(left, st.fresh.request(req))).await;
         }
         let resp = match attempt {
-            Err(_) => {
+            // Nothing of the answer reached the client, and the endpoint will send none: the
+            // request goes to the next candidate, as for a connect that failed (work it may
+            // have begun is abandoned with the connection, and it answers nothing meanwhile).
+            None => {
+                tracing::debug!(endpoint = %target.address, "the endpoint stopped answering; trying the next one");
+                routed.on(Event::Failed(Failure::Unreachable));
+                unreachable.push(target.address);
+                last = Attempt::Connect("the endpoint stopped answering".into());
+                continue;
+            }
+            Some(Err(_)) => {
                 routed.on(Event::Failed(Failure::TimedOut));
                 last = Attempt::Timeout;
                 continue;
             }
-            Ok(Err(e)) => {
+            Some(Ok(Err(e))) => {
                 routed.on(Event::Failed(Failure::Unreachable));
                 unreachable.push(target.address);
                 last = Attempt::Connect(error_chain(&e));
                 continue;
             }
-            Ok(Ok(r)) => r,
+            Some(Ok(Ok(r))) => r,
         };
         let status = resp.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             // The client gets this answer if no other endpoint gives a better one.
             routed.on(Event::Failed(Failure::Status(status.as_u16())));
-            last = Attempt::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms));
+            last = Attempt::Status(relay(resp, Some(target.address), None, st.cfg.idle_timeout_ms, None));
             continue;
         }
         let prefiller = routed.decision().prefill.map(|p| p.address);
-        let mut out = relay(resp, Some(target.address), Some(routed), st.cfg.idle_timeout_ms);
+        let mut out = relay(resp, Some(target.address), Some(routed), st.cfg.idle_timeout_ms, stopped);
         if let Some(p) = prefiller
             && let Ok(v) = HeaderValue::from_str(&p.to_string())
         {
@@ -290,14 +327,7 @@ async fn send(
         return out;
     }
     // The request is counted with its last attempt's failure as `routed` goes.
-    match last {
-        Attempt::Status(r) => r,
-        Attempt::Timeout => json_error(504, "the endpoint did not answer in time", "upstream_timeout"),
-        Attempt::Connect(e) => {
-            tracing::warn!(error = %e, pool = routed.pool_name(), "no endpoint could be reached");
-            json_error(502, "no endpoint could be reached", "upstream_unreachable")
-        }
-    }
+    last.answer(routed.pool_name())
 }
 
 /// Runs the prefill leg of a P/D decision and returns the decode leg's body; when the leg fails,
@@ -317,7 +347,11 @@ async fn prefill_first(
         headers: fwd,
         timeout: Duration::from_millis(st.cfg.prefill_timeout_ms),
     };
-    match handoff::handoff(&st.client, leg, &body).await {
+    // An endpoint found stopped meanwhile answers no prefill either: fall back at once.
+    let stopped = routed.stopped(p.id);
+    let leg = unless_stopped(stopped.as_ref(), handoff::handoff(&st.client, leg, &body)).await;
+    let leg = leg.unwrap_or_else(|| Err(Fallback::Unreachable("it stopped answering".into())));
+    match leg {
         Ok(decode) => {
             routed.on(Event::Prefill(Prefill::Succeeded));
             Bytes::from(decode)

@@ -8,12 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::gateway::error::upstream_error_code;
 use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
 use crate::gateway::pool::{Outcome, Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::Usage;
 use crate::gateway::usage::UsageReader;
-use crate::routing::endpoint::InFlightGuard;
+use crate::routing::endpoint::{EndpointId, InFlightGuard};
 use crate::routing::pd;
 use crate::routing::plan::Planned;
 use crate::routing::schedule::{Decision, DecisionKind, Target};
@@ -153,8 +155,12 @@ impl Routed {
             Event::ServedBy(Served::At(addr)) => self.served_by(addr),
             Event::ServedBy(Served::Unknown(reported)) => self.pool.served_elsewhere(reported.as_str()),
             Event::Failed(f) => self.failed(f),
-            Event::Started { status, event_stream, streamed } => self.start(status, event_stream, streamed),
+            Event::Started { status, event_stream, streamed } => {
+                self.guard.in_flight().heard(now_ms());
+                self.start(status, event_stream, streamed);
+            }
             Event::Body(bytes) => {
+                self.guard.in_flight().heard(now_ms());
                 self.response_bytes += bytes.len() as u64;
                 self.first_byte();
                 if let Some(u) = self.reader.feed(bytes) {
@@ -190,6 +196,13 @@ impl Routed {
     /// The target the request is on now (the decision's primary until retargeted).
     pub fn target(&self) -> &Target {
         &self.planned.decision.targets[self.current]
+    }
+
+    /// A token cancelled when the pool's endpoint `id` (a target of the decision, or its prefill
+    /// endpoint) is found unresponsive (stopped: it accepts connections but answers nothing) —
+    /// what it was sent will not be answered. `None` when the endpoint has left the pool.
+    pub fn stopped(&self, id: EndpointId) -> Option<CancellationToken> {
+        self.pool.stopped(id)
     }
 
     /// The snapshot the decision was made on (the decision's endpoint indices point into it).

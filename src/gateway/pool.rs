@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::gateway::config::endpoints::ResolvedEndpoint;
 use crate::gateway::config::{Admission, HealthConfig, KvEventsSpec, ScrapeConfig};
@@ -59,6 +60,10 @@ pub struct PoolSettings {
     /// Consecutive failures to reach an endpoint (scrapes or requests) that take it out of
     /// rotation.
     pub failure_threshold: u32,
+    /// Silence that takes an endpoint out of rotation at once: a scrape unanswered this long
+    /// (asked again on a new connection after `scrape_timeout`), with no response byte from the
+    /// endpoint meanwhile.
+    pub unresponsive: Duration,
     /// Endpoints that may be out of rotation for their error rate, in percent of the pool.
     pub max_ejection_percent: u32,
     /// First time out of rotation; doubles with each ejection that follows soon after a
@@ -80,6 +85,7 @@ impl PoolSettings {
             stale_after: Duration::from_millis(scrape.stale_after_ms()),
             max_scrape_bytes: scrape.max_bytes,
             failure_threshold: health.failure_threshold,
+            unresponsive: Duration::from_millis(health.unresponsive_ms),
             max_ejection_percent: health.max_ejection_percent,
             initial_backoff: Duration::from_millis(health.backoff_ms),
             max_backoff: Duration::from_millis(health.max_backoff_ms),
@@ -97,6 +103,7 @@ impl Default for PoolSettings {
             stale_after: Duration::from_secs(5),
             max_scrape_bytes: 8 << 20,
             failure_threshold: 3,
+            unresponsive: Duration::from_secs(2),
             max_ejection_percent: 50,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -124,6 +131,9 @@ struct Member {
     max_model_len: Vec<(String, u64)>,
     kv_capacity: Option<usize>,
     health: HealthState,
+    /// Cancelled (and replaced) when the endpoint is found silent: requests waiting for its
+    /// answer give up on it.
+    stopped: CancellationToken,
     scrape_errors: u64,
     last_error: Option<String>,
     _scraper: Option<Task>,
@@ -375,6 +385,7 @@ impl Pool {
                     max_model_len: Vec::new(),
                     kv_capacity: None,
                     health: HealthState::new(),
+                    stopped: CancellationToken::new(),
                     scrape_errors: 0,
                     last_error: None,
                     _scraper: None,
@@ -473,6 +484,22 @@ impl Pool {
             drop(st);
             inner.dirty.notify_one();
         }
+    }
+
+    /// A token cancelled when endpoint `id` is found silent (ejected as unresponsive, or a probe
+    /// of it still silent): requests sent to it and not yet answered give up on it. Cancelled
+    /// already while it is out for its silence (a request decided on a snapshot from before the
+    /// ejection goes elsewhere at once). `None` for an endpoint no longer in the pool.
+    pub fn stopped(&self, id: EndpointId) -> Option<CancellationToken> {
+        let st = self.inner.state.lock();
+        let m = st.members.iter().find(|m| m.id == id)?;
+        let silent = m.health.reason == Some(Ejected::Unresponsive) && m.health.state(now_ms()) == Health::Unhealthy;
+        if silent {
+            let gone = CancellationToken::new();
+            gone.cancel();
+            return Some(gone);
+        }
+        Some(m.stopped.clone())
     }
 
     /// Follows the endpoints' KV-event publishers as `spec` says (before discovery starts):

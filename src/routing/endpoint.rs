@@ -131,12 +131,15 @@ pub struct Metrics {
 }
 
 /// kvgate's own count of work sent to an endpoint and not yet finished: requests, the ones of
-/// them still waiting for or in prefill (no response byte yet), and their uncached prompt tokens.
+/// them still waiting for or in prefill (no response byte yet), and their uncached prompt tokens;
+/// and when a response of its last passed a byte (what says an endpoint is alive between scrapes).
 #[derive(Debug, Default)]
 pub struct InFlight {
     requests: AtomicU64,
     prefilling: AtomicU64,
     tokens: AtomicU64,
+    /// When a response from the endpoint last passed a byte (the caller's milliseconds; 0: never).
+    heard_ms: AtomicU64,
 }
 
 fn release(counter: &AtomicU64, n: u64) {
@@ -187,6 +190,16 @@ impl InFlight {
     pub fn tokens(&self) -> u64 {
         self.tokens.load(Ordering::Relaxed)
     }
+
+    /// A response from the endpoint passed a byte at `now_ms`.
+    pub fn heard(&self, now_ms: u64) {
+        self.heard_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    /// When a response from the endpoint last passed a byte (0: never).
+    pub fn heard_ms(&self) -> u64 {
+        self.heard_ms.load(Ordering::Relaxed)
+    }
 }
 
 /// Holds one request's share of an endpoint's [`InFlight`] counts; dropping it releases them,
@@ -216,6 +229,11 @@ impl InFlightGuard {
     /// Whether the request has not had its first token.
     pub fn in_prefill(&self) -> bool {
         self.prefilling.is_some()
+    }
+
+    /// The counts this request holds a share of.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 }
 

@@ -415,7 +415,7 @@ async fn handle(State(st): State<Arc<Sidecar>>, req: Request) -> Response {
     };
     let first_byte = Duration::from_millis(st.args.first_byte_timeout_ms);
     match tokio::time::timeout(first_byte, st.client.request(up)).await {
-        Ok(Ok(resp)) => relay(resp, None, None, st.args.idle_timeout_ms),
+        Ok(Ok(resp)) => relay(resp, None, None, st.args.idle_timeout_ms, None),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, %decode, "decode endpoint unreachable");
             json_error(502, "the decode endpoint could not be reached", "upstream_unreachable")

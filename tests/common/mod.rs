@@ -164,8 +164,29 @@ impl SimProcess {
     }
 }
 
+impl SimProcess {
+    /// Stops the process (SIGSTOP): its kernel still accepts connections, but nothing answers.
+    pub fn stop(&self) {
+        assert!(self.signal("-STOP"), "the simulator stops");
+    }
+
+    /// Lets a stopped process go on (SIGCONT).
+    pub fn resume(&self) {
+        assert!(self.signal("-CONT"), "the simulator goes on");
+    }
+
+    fn signal(&self, signal: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
 impl Drop for SimProcess {
     fn drop(&mut self) {
+        // A stopped process is let go first, so nothing of it outlives the test, even on a panic.
+        self.signal("-CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

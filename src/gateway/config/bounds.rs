@@ -60,6 +60,7 @@ impl Config {
             ("scrape.interval_ms", s.interval_ms, TIME),
             ("scrape.fast_interval_ms", s.fast_interval_ms, TIME),
             ("scrape.timeout_ms", s.timeout_ms, TIME),
+            ("health.unresponsive_ms", h.unresponsive_ms, TIME),
             ("health.backoff_ms", h.backoff_ms, TIME),
             ("health.max_backoff_ms", h.max_backoff_ms, TIME),
             ("max_body_bytes", self.max_body_bytes as u64, SIZE),

@@ -22,7 +22,8 @@ pub struct ScrapeConfig {
     /// scrape failed (default 750; at most `interval_ms`). Together they keep a server's cost
     /// within 1% of a core.
     pub fast_interval_ms: u64,
-    /// Bound on one scrape (default 1000).
+    /// Bound on one scrape (default 1000). One unanswered by then is asked again at once on a
+    /// new connection, within `health.unresponsive_ms` of the first question.
     pub timeout_ms: u64,
     /// Scraped load older than this counts as unknown, not idle (default: 2.5 × `interval_ms`,
     /// at least 5000).
@@ -50,8 +51,12 @@ impl Default for ScrapeConfig {
 pub struct ProxyConfig {
     /// Bound on connecting to an endpoint (default 2000).
     pub connect_timeout_ms: u64,
-    /// Bound on an endpoint's response headers after the request is sent (default 600000:
-    /// a non-streaming answer only starts when it is complete).
+    /// Bound on an endpoint's response headers after the request is sent (default 300000). A
+    /// non-streaming answer only starts when it is complete, and a 100k-token prompt on a loaded
+    /// replica of a large model takes minutes (docs/configuration.md works it out); past the
+    /// bound the request is tried on the next endpoint, redoing its prefill. A stopped endpoint
+    /// does not wait for it: it is ejected as silent (`health.unresponsive_ms`) and what waits
+    /// for its answer goes elsewhere.
     pub first_byte_timeout_ms: u64,
     /// Bound on silence between two chunks of a response (default 300000).
     pub idle_timeout_ms: u64,
@@ -74,7 +79,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             connect_timeout_ms: 2000,
-            first_byte_timeout_ms: 600_000,
+            first_byte_timeout_ms: 300_000,
             idle_timeout_ms: 300_000,
             attempts: 3,
             prefill_timeout_ms: 30_000,
@@ -142,6 +147,14 @@ pub struct HealthConfig {
     /// rotation (default 3). 5xx answers and requests that time out waiting for an answer never
     /// do by themselves: they count towards its error rate (see `max_ejection_percent`).
     pub failure_threshold: u32,
+    /// Silence that takes an endpoint out of rotation at once (default 2000): a scrape unanswered
+    /// after `scrape.timeout_ms`, asked again on a new connection, and still unanswered this
+    /// long after the first question, with no byte of any response from the endpoint meanwhile —
+    /// a stopped process (its kernel still accepts connections) or a wedged server. Requests
+    /// waiting for its first byte then go to another endpoint, and its streams end. A value
+    /// under `scrape.timeout_ms` acts as `scrape.timeout_ms` (no second question). With the
+    /// default scrape interval, a stopped endpoint is out within 4.4 s.
+    pub unresponsive_ms: u64,
     /// An endpoint whose error rate is well above its pool's is ejected, but no more than this
     /// percentage of the pool is ever out of rotation that way (default 50: in the 2–8 endpoint
     /// pools vLLM fleets run, Envoy's 10% would round down to never ejecting anything).
@@ -155,7 +168,13 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { failure_threshold: 3, max_ejection_percent: 50, backoff_ms: 500, max_backoff_ms: 30_000 }
+        Self {
+            failure_threshold: 3,
+            unresponsive_ms: 2000,
+            max_ejection_percent: 50,
+            backoff_ms: 500,
+            max_backoff_ms: 30_000,
+        }
     }
 }
 

@@ -110,6 +110,7 @@ fn timeouts_and_sizes_are_bounded() {
         ("connections: {max_body_share_percent: 101}", "connections.max_body_share_percent", "got 101"),
         ("picker_api: {report_timeout_ms: 0}", "picker_api.report_timeout_ms", "got 0"),
         ("scrape: {stale_after_ms: 0}", "scrape.stale_after_ms", "got 0"),
+        ("health: {unresponsive_ms: 0}", "health.unresponsive_ms", "got 0"),
         ("health: {backoff_ms: 0}", "health.backoff_ms", "got 0"),
         ("max_body_bytes: 18446744073709551615", "max_body_bytes", "from 1 to 1073741824 (1 GiB)"),
         ("max_body_bytes: 0", "max_body_bytes", "got 0"),

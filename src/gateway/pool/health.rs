@@ -1,9 +1,12 @@
 //! Whether an endpoint is in rotation — outlier detection after Envoy's model, not a trip-wire.
 //!
-//! Two things take an endpoint out ("eject" it): `failure_threshold` consecutive failures to
-//! reach it (connects, scrapes), or an error rate well above its pool's, counting 5xx and
-//! requests it took but did not answer in time (the pool decides that, since it needs the other
-//! endpoints' rates and the ejection cap). Errors an endpoint's own load explains (429, 503 with a queue) are load, not failure, and never eject.
+//! Three things take an endpoint out ("eject" it): silence — a scrape unanswered, asked again
+//! on a new connection, and still unanswered `unresponsive` after it was first sent, with no
+//! byte of any response from the endpoint meanwhile (a stopped process, whose kernel still
+//! accepts connections, looks exactly so); `failure_threshold` consecutive failures to reach it
+//! (refused or broken connects, failed scrapes); or an error rate well above its pool's,
+//! counting 5xx and requests it took but did not answer in time (the pool decides that, since
+//! it needs the other endpoints' rates and the ejection cap). Errors an endpoint's own load explains (429, 503 with a queue) are load, not failure, and never eject.
 //!
 //! An ejected endpoint stays out for the base backoff, doubled for each ejection that follows
 //! soon after the last recovery (a flapping endpoint is held out longer and longer), then is
@@ -22,6 +25,8 @@ const WINDOW: u32 = 64;
 pub(super) enum Ejected {
     /// It could not be reached.
     Unreachable,
+    /// It is silent: it takes questions and answers none (stopped, or wedged).
+    Unresponsive,
     /// It answers, with an error rate well above its pool's.
     Outlier,
 }
@@ -92,6 +97,25 @@ impl HealthState {
             Health::Healthy if self.unreachable >= s.failure_threshold => self.eject(Ejected::Unreachable, now, s),
             Health::Probing => self.probe_failed(now, s),
             _ => {}
+        }
+    }
+
+    /// The endpoint is silent (see the module's doc). Returns whether what it was sent should
+    /// be given up: it is ejected now, or a probe found it still silent (requests sent to it
+    /// since, by a snapshot that had not caught up, are as lost as the first ones).
+    pub(super) fn unresponsive(&mut self, now: u64, s: &PoolSettings) -> bool {
+        self.unreachable += 1;
+        match self.state(now) {
+            Health::Healthy => {
+                self.eject(Ejected::Unresponsive, now, s);
+                true
+            }
+            Health::Probing => {
+                self.reason = Some(Ejected::Unresponsive);
+                self.probe_failed(now, s);
+                true
+            }
+            Health::Unhealthy => false,
         }
     }
 
@@ -181,6 +205,20 @@ mod tests {
             h.timed_out(700 + t, &s);
         }
         assert_eq!((h.state(710), h.error_counts()), (Health::Healthy, (5, 5)));
+    }
+
+    #[test]
+    fn a_silent_endpoint_is_ejected_at_once_and_stays_out_while_silent() {
+        let s = settings();
+        let mut h = HealthState::new();
+        assert!(h.unresponsive(0, &s), "one silence ejects: it was asked, and waited for");
+        assert_eq!((h.state(0), h.reason), (Health::Unhealthy, Some(Ejected::Unresponsive)));
+        assert!(!h.unresponsive(50, &s), "already out: nothing new to give up");
+        assert_eq!(h.state(100), Health::Probing);
+        assert!(h.unresponsive(100, &s), "a silent probe: out again, and its requests given up");
+        assert_eq!((h.state(199), h.state(200)), (Health::Unhealthy, Health::Probing));
+        h.answered(200);
+        assert_eq!((h.state(200), h.reason), (Health::Healthy, None));
     }
 
     #[test]

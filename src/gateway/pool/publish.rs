@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use super::health::Ejected;
 use super::scrape::{self, Served};
 use super::scrape_parse::{Scrape, ScrapeError};
-use super::{Inner, Pool, Snapshot, now_ms};
+use super::{Inner, Member, Pool, Snapshot, now_ms};
 use crate::routing::endpoint::{Endpoint, EndpointStatus, Health, KvEventsStatus, LoraState, Metrics, Role};
 use crate::routing::schedule::PrefixSource;
 
@@ -148,11 +150,17 @@ impl Inner {
         let mut st = self.state.lock();
         let Some(scraper) = st.members.iter().find(|m| m.serial == serial) else { return s.scrape_interval };
         let (addr, shared) = (scraper.addr, scraper.entry.rank_header);
+        let served_here = |m: &Member| m.serial == serial || (shared && m.entry.rank_header && m.addr == addr);
+        // A silent scrape of a server that streamed a byte since (on any of its ranks) is not
+        // silence: its event loop is alive, only its metrics are slow.
+        let heard = st.members.iter().filter(|m| served_here(m)).map(|m| m.in_flight.heard_ms()).max().unwrap_or(0);
+        let silent = match &result {
+            Err(ScrapeError::Silent { asked_ms, .. }) => heard < *asked_ms,
+            _ => false,
+        };
         // The next scrape comes as soon as any endpoint it serves needs one.
         let mut wait: Option<Duration> = None;
-        for m in
-            st.members.iter_mut().filter(|m| m.serial == serial || (shared && m.entry.rank_header && m.addr == addr))
-        {
+        for m in st.members.iter_mut().filter(|m| served_here(m)) {
             let engine = match &result {
                 Err(e) => Err(e.clone()),
                 // A rank pinned by header must be reported by its own `engine` series.
@@ -205,7 +213,17 @@ impl Inner {
                     m.scrape_errors += 1;
                     self.telemetry.scrape_errors.with_label_values(&[self.name.as_str(), &m.addr.to_string()]).inc();
                     m.last_error = Some(e.to_string());
-                    m.health.unreachable(now, s);
+                    let was_healthy = m.health.state(now) == Health::Healthy;
+                    if !silent {
+                        m.health.unreachable(now, s);
+                    } else if m.health.unresponsive(now, s) {
+                        // Whatever it was sent will not be answered: the requests waiting for
+                        // its answer go elsewhere, its streams end.
+                        std::mem::replace(&mut m.stopped, CancellationToken::new()).cancel();
+                        if was_healthy {
+                            tracing::warn!(pool = self.name.as_str(), endpoint = %m.addr, error = %e, "endpoint out of rotation: it answers nothing");
+                        }
+                    }
                 }
             }
             let mine = match (m.health.state(now), m.health.down_until) {

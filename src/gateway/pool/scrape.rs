@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
 
-use super::WeakPool;
 use super::scrape_parse::{self, ScrapeError};
+use super::{PoolSettings, WeakPool, now_ms};
 use crate::gateway::tasks::{Task, Tasks};
 
 /// The `name[]` filter of the families routing reads.
@@ -109,14 +109,36 @@ async fn get(
             None => Err(transport("no connection".into())),
         }
     };
-    let result = tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or_else(|_| Err(transport(format!("timed out after {timeout:?}"))));
+    let result = tokio::time::timeout(timeout, work).await.unwrap_or(Err(ScrapeError::TimedOut(timeout)));
     if result.is_err() {
         // Never reuse a connection that failed or may still carry an unread answer.
         *conn = None;
     }
     result
+}
+
+/// A question to the endpoint, told apart from silence: one unanswered within the scrape's bound
+/// is asked again on a new connection (the kept-alive one may be half-open: a new one to a
+/// server that is gone is refused at once), within what is left of `unresponsive` since the
+/// first went out; still unanswered, the endpoint is [`ScrapeError::Silent`].
+async fn ask(
+    conn: &mut Option<Conn>,
+    owner: &Tasks,
+    addr: SocketAddr,
+    path: &str,
+    s: &PoolSettings,
+) -> Result<String, ScrapeError> {
+    let (asked, asked_ms) = (Instant::now(), now_ms());
+    let first = get(conn, owner, addr, path, s.scrape_timeout, s.max_scrape_bytes).await;
+    let Err(ScrapeError::TimedOut(_)) = first else { return first };
+    let left = s.unresponsive.saturating_sub(asked.elapsed());
+    let again = if left.is_zero() { first } else { get(conn, owner, addr, path, left, s.max_scrape_bytes).await };
+    match again {
+        Err(ScrapeError::TimedOut(_)) => {
+            Err(ScrapeError::Silent { asked_ms, waited_ms: asked.elapsed().as_millis() as u64 })
+        }
+        answer => answer,
+    }
 }
 
 /// Time until the next scrape round. Every endpoint's scraper wakes on the same rounds, so a
@@ -157,16 +179,19 @@ pub(super) async fn run(pool: WeakPool, serial: u64, addr: SocketAddr, owner: Ta
         let Some(inner) = pool.upgrade() else { return };
         let s = inner.settings.clone();
         drop(inner);
-        let result = get(&mut conn, &owner, addr, &metrics_path, s.scrape_timeout, s.max_scrape_bytes)
-            .await
-            .and_then(|text| scrape_parse::parse(&text));
+        let mut result =
+            ask(&mut conn, &owner, addr, &metrics_path, &s).await.and_then(|text| scrape_parse::parse(&text));
         // A model list that cannot be read is asked for again soon: a pool that learns its
         // models from its endpoints has no other way to know them.
         let served = if result.is_ok() && Instant::now() >= next_models {
-            let served = get(&mut conn, &owner, addr, "/v1/models", s.scrape_timeout, s.max_scrape_bytes)
-                .await
-                .ok()
-                .and_then(|b| served_of(&b));
+            let served = match ask(&mut conn, &owner, addr, "/v1/models", &s).await {
+                // Silent since the metrics' answer: as silent as a scrape that went unanswered.
+                Err(silent @ ScrapeError::Silent { .. }) => {
+                    result = Err(silent);
+                    None
+                }
+                answer => answer.ok().and_then(|b| served_of(&b)),
+            };
             if served.is_some() {
                 next_models = Instant::now() + s.models_refresh;
                 models_backoff = Duration::from_secs(1);

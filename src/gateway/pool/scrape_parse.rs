@@ -81,9 +81,21 @@ fn family(name: &str) -> Option<Family> {
 /// Why a scrape gave no usable load.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub(crate) enum ScrapeError {
-    /// The endpoint could not be asked (connect, handshake, HTTP status, timeout, body).
+    /// The endpoint could not be asked (connect, handshake, HTTP status, body).
     #[error("{0}")]
     Transport(String),
+    /// No answer within the scrape's bound.
+    #[error("timed out after {0:?}")]
+    TimedOut(std::time::Duration),
+    /// No answer at all: asked, asked again on a new connection, and still unanswered this long
+    /// after the first question went out (at `asked_ms` on the pool's clock).
+    #[error("no answer in {waited_ms} ms")]
+    Silent {
+        /// When the first question went out.
+        asked_ms: u64,
+        /// How long it went unanswered.
+        waited_ms: u64,
+    },
     /// A line of the exposition is not valid.
     #[error("line {line}: {detail}")]
     Malformed {
