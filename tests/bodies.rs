@@ -145,6 +145,22 @@ async fn watch_held(admin: String, stop: Arc<AtomicBool>) -> f64 {
     most
 }
 
+/// The end of an attack: every byte is given back and no client is left in the accounting, the
+/// attacker never held more than its share, and the other client was answered throughout.
+async fn after_the_attack(
+    admin: &str,
+    stop: &AtomicBool,
+    most: tokio::task::JoinHandle<f64>,
+    chats: tokio::task::JoinHandle<Vec<u16>>,
+) {
+    assert!(eventually(10, || async { held(admin).await == (0.0, 0.0) }).await, "{:?}", held(admin).await);
+    stop.store(true, Ordering::Relaxed);
+    let most = most.await.expect("the watcher");
+    assert!(most <= SHARE + 20_000.0, "127.0.0.2 held {most} bytes, past its share");
+    let chats = chats.await.expect("the chatting client");
+    assert!(chats.len() >= 10 && chats.iter().all(|s| *s == 200), "the other client was answered: {chats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_sent_fast_then_trickled_are_cut_and_one_client_holds_only_its_share() {
     let connections = "connections: {max_body_share_percent: 25, min_body_bytes_per_s: 1000, body_rate_window_ms: 3000, body_timeout_ms: 8000}";
@@ -183,13 +199,7 @@ async fn bodies_sent_fast_then_trickled_are_cut_and_one_client_holds_only_its_sh
     assert_eq!((steady.status, steady.code.as_str()), (408, "request_timeout"), "{steady:?}");
     assert!(steady.took >= Duration::from_secs(7), "cut at the deadline: {steady:?}");
 
-    // Every byte is given back, and no client is left in the accounting.
-    assert!(eventually(10, || async { held(&admin).await == (0.0, 0.0) }).await, "{:?}", held(&admin).await);
-    stop.store(true, Ordering::Relaxed);
-    let most = most.await.expect("the watcher");
-    assert!(most <= SHARE + 20_000.0, "127.0.0.2 held {most} bytes, past its share");
-    let chats = chats.await.expect("the chatting client");
-    assert!(chats.len() >= 10 && chats.iter().all(|s| *s == 200), "the other client was answered: {chats:?}");
+    after_the_attack(&admin, &stop, most, chats).await;
     assert!(refusals(&fleet.admin(), "overloaded").await >= 3.0);
 }
 
@@ -307,13 +317,7 @@ async fn partial_extproc_bodies_are_cut_and_one_client_holds_only_its_share() {
     assert!(message(&m).contains("took too long"), "{}", message(&m));
     feeder.abort();
 
-    // Every byte is given back, and no client is left in the accounting.
-    assert!(eventually(10, || async { held(&admin).await == (0.0, 0.0) }).await, "{:?}", held(&admin).await);
-    stop.store(true, Ordering::Relaxed);
-    let most = most.await.expect("the watcher");
-    assert!(most <= SHARE + 20_000.0, "127.0.0.2 held {most} bytes, past its share");
-    let chats = chats.await.expect("the chatting client");
-    assert!(chats.len() >= 10 && chats.iter().all(|s| *s == 200), "the other client was answered: {chats:?}");
+    after_the_attack(&admin, &stop, most, chats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
