@@ -13,6 +13,13 @@ use tokio::net::TcpStream;
 
 const MODEL: &str = "m";
 
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind((std::net::Ipv4Addr::from(from), 0).into()).expect("bind to a loopback address");
+    socket.connect(to).await.expect("connect")
+}
+
 /// Reads until the server closes the connection (returns what it sent), or `None` if it was
 /// still open after `secs`.
 async fn closed_within(conn: &mut TcpStream, secs: u64) -> Option<Vec<u8>> {
@@ -56,7 +63,7 @@ async fn slow_idle_and_surplus_connections_are_closed() {
     // Three idle connections fill a listener capped at three (with time enough to hold them):
     // the first, idle since its answer, then two that have sent nothing. A fourth closes the
     // one idle the longest and is served.
-    let kv = start(sim.addrs[0], "{max_connections: 3}").await;
+    let kv = start(sim.addrs[0], "{max_connections: 3, max_connections_per_client_percent: 100}").await;
     let proxy = kv.proxy_addr.expect("proxy");
     let mut first = TcpStream::connect(proxy).await.expect("connect");
     first.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.expect("write");
@@ -543,4 +550,38 @@ async fn the_picker_api_can_require_a_client_certificate() {
     let cfg = kvgate::gateway::config::Config::from_yaml(yaml, path).expect("parses");
     let refused = cfg.resolve(path).map(|_| ()).expect_err("refused");
     assert!(refused.to_string().contains("extproc.tls.client_ca_path"), "{refused}");
+}
+
+/// A client whose connections are all busy — requests it never finishes — holds at most its
+/// share of the cap: its next connection is closed, and another client still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_with_busy_connections_leaves_the_rest_to_others() {
+    let sim = start_sim(&["--time-scale", "0", "--served-model-name", MODEL]).await;
+    // Four connections, two per client (50%).
+    let kv = start(sim.addrs[0], "{max_connections: 4}").await;
+    let proxy = kv.proxy_addr.expect("proxy");
+    let head = b"POST /v1/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Length: 100000\r\n\r\n{\"model\":";
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from([127, 0, 0, 2], proxy).await;
+        c.write_all(head).await.expect("write");
+        busy.push(c);
+    }
+    // Their requests are in flight once kvgate has read their headers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut third = connect_from([127, 0, 0, 2], proxy).await;
+    let _ = third.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await;
+    let got = closed_within_or_answered(&mut third).await;
+    assert!(got.is_empty(), "the busy client's third connection is closed: {}", String::from_utf8_lossy(&got));
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from([127, 0, 0, 1], proxy).await;
+        c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: kvgate\r\n\r\n").await.expect("write");
+        let got = closed_within_or_answered(&mut c).await;
+        assert!(got.starts_with(b"HTTP/1.1 200"), "another client is served: {}", String::from_utf8_lossy(&got));
+        others.push(c);
+    }
+    for c in &mut busy {
+        assert!(closed_within(c, 1).await.is_none(), "the busy connections are kept");
+    }
 }

@@ -64,10 +64,15 @@ struct ExplainQuery {
     path: Option<String>,
 }
 
-async fn explain(State(g): St, Query(q): Query<ExplainQuery>, body: axum::body::Body) -> Response {
-    // Read as the proxy reads a body: bounded, under the budget, refused as JSON.
-    let mut held = g.body_budget().reservation();
-    let body = match read_body(body, g.max_body_bytes(), &mut held).await {
+async fn explain(State(g): St, Query(q): Query<ExplainQuery>, request: axum::extract::Request) -> Response {
+    // Read as the proxy reads a body: bounded, under the budget and its client's share, refused
+    // as JSON.
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+    let mut held = match peer {
+        Some(peer) => g.body_budget().reservation_for(crate::gateway::budget::Client::of(peer.ip())),
+        None => g.body_budget().reservation(),
+    };
+    let body = match read_body(request.into_body(), g.max_body_bytes(), &mut held).await {
         Ok(b) => b,
         Err(e) => return answer(&Answer::from(&e)),
     };

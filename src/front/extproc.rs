@@ -440,6 +440,8 @@ impl StreamState {
                 }
             }
         }
+        // Envoy holds the body it buffered; the copy here is released with its reservation.
+        self.body = Vec::new();
         out
     }
 

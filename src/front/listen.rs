@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::gateway::budget::Client;
 use crate::gateway::tasks::{Task, Tasks};
 use conn::{Conn, Tracked};
 
@@ -57,11 +58,27 @@ pub(crate) struct ConnLimits {
     /// How each request body must keep arriving (HTTP listeners; a gRPC stream's messages
     /// come when its peer has them).
     pub(crate) pace: Pace,
+    /// Connections one client address (an IPv4 address, an IPv6 /64) may hold at once; at it,
+    /// the client's own oldest idle connection makes room, or its newcomer is closed — so one
+    /// client holding busy connections (streams that never end) leaves the rest to others.
+    pub(crate) max_per_client: usize,
+}
+
+impl ConnLimits {
+    /// The per-client bound for `percent` of `max_connections` (at least one connection).
+    pub(crate) fn per_client(max_connections: usize, percent: u32) -> usize {
+        (max_connections.saturating_mul(percent as usize) / 100).max(1)
+    }
 }
 
 impl Default for ConnLimits {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(30), max_connections: 4096, pace: Pace::default() }
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            pace: Pace::default(),
+            max_per_client: 2048,
+        }
     }
 }
 
@@ -160,8 +177,9 @@ async fn accept_loop(
     let builder = Arc::new(builder(&limits, matches!(wire, Wire::Grpc(_))));
     let local = listener.local_addr().ok();
     let epoch = tokio::time::Instant::now();
-    // Open connections by their task, kept by this loop alone: no lock.
-    let mut open: HashMap<tokio::task::Id, Arc<Conn>> = HashMap::new();
+    // Open connections by their task, and how many each client holds: kept by this loop alone,
+    // no lock.
+    let mut open = Open::default();
     let mut connections = JoinSet::new();
     // A flood of refusals is one line per interval, not one each.
     let mut failed_accepts = Repeated::new(LOG_EVERY);
@@ -173,7 +191,7 @@ async fn accept_loop(
             () = &mut stopping => break,
             // Reap finished connections as they end, so the set stays the size of the open ones.
             Some(done) = connections.join_next_with_id(), if !connections.is_empty() => {
-                forget(&mut open, done);
+                open.forget(done);
                 continue;
             }
             accepted = listener.accept() => match accepted {
@@ -189,19 +207,30 @@ async fn accept_loop(
             },
         };
         while let Some(done) = connections.try_join_next_with_id() {
-            forget(&mut open, done);
+            open.forget(done);
         }
-        if open.len() >= limits.max_connections {
+        let client = Client::of(peer.ip());
+        if open.of(client) >= limits.max_per_client {
+            // A client at its own bound makes room among its own connections only.
+            let max = limits.max_per_client;
+            let Some(oldest) = conn::oldest_idle(open.held_by(client)) else {
+                if let Some(n) = refused.hit(std::time::Instant::now()) {
+                    tracing::warn!(%peer, max, closed = n, "{what} listener: a client at its connection bound, none idle; closed {n} new ones since the last such line");
+                }
+                continue;
+            };
+            open.remove(oldest);
+        } else if open.len() >= limits.max_connections {
             let max = limits.max_connections;
             // Room is made by closing the connection idle the longest; with none idle, the
             // newcomer is closed.
-            let Some(oldest) = conn::oldest_idle(open.iter()) else {
+            let Some(oldest) = conn::oldest_idle(open.all()) else {
                 if let Some(n) = refused.hit(std::time::Instant::now()) {
                     tracing::warn!(%peer, max, closed = n, "{what} listener: too many connections, none idle; closed {n} new ones since the last such line");
                 }
                 continue;
             };
-            open.remove(&oldest);
+            open.remove(oldest);
             if let Some(n) = shed.hit(std::time::Instant::now()) {
                 tracing::warn!(
                     max,
@@ -215,7 +244,7 @@ async fn accept_loop(
         let requests = Requests { app: app.clone(), peer, local, client_cert: false, pace: None, conn: conn.clone() };
         let task = connection(tcp, requests, builder.clone(), wire.clone(), limits, stop.clone());
         let handle = connections.spawn(task);
-        open.insert(handle.id(), conn);
+        open.insert(handle.id(), conn, client);
     }
     drop(listener);
     // Open connections were told to stop too: they finish their requests and close; the
@@ -223,13 +252,53 @@ async fn accept_loop(
     while connections.join_next().await.is_some() {}
 }
 
-/// Drops a finished connection from the open ones.
-fn forget(open: &mut HashMap<tokio::task::Id, Arc<Conn>>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
-    let id = match done {
-        Ok((id, ())) => id,
-        Err(e) => e.id(),
-    };
-    open.remove(&id);
+/// The open connections of one listener, and how many each client holds.
+#[derive(Debug, Default)]
+struct Open {
+    conns: HashMap<tokio::task::Id, (Arc<Conn>, Client)>,
+    per_client: HashMap<Client, usize>,
+}
+
+impl Open {
+    fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn of(&self, client: Client) -> usize {
+        self.per_client.get(&client).copied().unwrap_or(0)
+    }
+
+    fn all(&self) -> impl Iterator<Item = (&tokio::task::Id, &Arc<Conn>)> {
+        self.conns.iter().map(|(id, (conn, _))| (id, conn))
+    }
+
+    fn held_by(&self, client: Client) -> impl Iterator<Item = (&tokio::task::Id, &Arc<Conn>)> {
+        self.conns.iter().filter(move |(_, (_, c))| *c == client).map(|(id, (conn, _))| (id, conn))
+    }
+
+    fn insert(&mut self, id: tokio::task::Id, conn: Arc<Conn>, client: Client) {
+        self.conns.insert(id, (conn, client));
+        *self.per_client.entry(client).or_default() += 1;
+    }
+
+    fn remove(&mut self, id: tokio::task::Id) {
+        let Some((_, client)) = self.conns.remove(&id) else { return };
+        if let Some(n) = self.per_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&client);
+            }
+        }
+    }
+
+    /// Drops a finished connection.
+    fn forget(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => e.id(),
+        };
+        self.remove(id);
+    }
 }
 
 /// One connection, from its accept to its close.

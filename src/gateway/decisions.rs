@@ -254,8 +254,9 @@ impl Decisions {
 
     fn share_of(&self, inner: &Inner, pool: &str, limits: &Admission) -> Result<(), RouteError> {
         let Some(max) = limits.max_in_flight else { return Ok(()) };
-        // Rounded down: the proxy and Envoy keep the rest of the limit.
-        let share = (max as f64 * self.admission_share).floor() as u64;
+        // Rounded down, so the proxy and Envoy keep the rest of the limit; but at least one, or
+        // a pool limited to one request could never be picked through this API.
+        let share = ((max as f64 * self.admission_share).floor() as u64).max(1);
         let held = inner.per_pool.get(pool).copied().unwrap_or(0) as u64;
         if held < share {
             return Ok(());

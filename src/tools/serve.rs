@@ -243,6 +243,10 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         header_read_timeout: std::time::Duration::from_millis(cfg.connections.header_read_timeout_ms),
         max_connections: cfg.connections.max_connections,
         pace: Pace::of(&cfg.connections),
+        max_per_client: ConnLimits::per_client(
+            cfg.connections.max_connections,
+            cfg.connections.max_connections_per_client_percent,
+        ),
     };
     let mut listeners = Vec::new();
     let listener =

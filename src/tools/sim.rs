@@ -382,6 +382,8 @@ fn serve_ports(ports: Vec<(TcpListener, Arc<PortState>)>, keep_alive: f64, tasks
     let limits = ConnLimits {
         header_read_timeout: Duration::from_secs_f64(keep_alive),
         max_connections: 65_536,
+        // A load generator, or one router in front, is one client.
+        max_per_client: 65_536,
         ..ConnLimits::default()
     };
     for (listener, state) in ports {

@@ -55,6 +55,11 @@ impl Config {
             ("connections.body_rate_window_ms", c.body_rate_window_ms, TIME),
             ("connections.body_timeout_ms", c.body_timeout_ms, TIME),
             ("connections.max_body_share_percent", u64::from(c.max_body_share_percent), PERCENT),
+            (
+                "connections.max_connections_per_client_percent",
+                u64::from(c.max_connections_per_client_percent),
+                PERCENT,
+            ),
             ("picker_api.start_timeout_ms", a.start_timeout_ms, TIME),
             ("picker_api.report_timeout_ms", a.report_timeout_ms, TIME),
             ("scrape.interval_ms", s.interval_ms, TIME),

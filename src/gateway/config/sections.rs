@@ -105,6 +105,12 @@ pub struct ConnectionsConfig {
     /// the longest (no request in flight), and is itself closed only when none is idle
     /// (default 4096, at most 1048576).
     pub max_connections: usize,
+    /// The most of `max_connections` one client address (an IPv4 address, an IPv6 /64) may
+    /// hold at once, in percent (default 50); at it, that client's own oldest idle connection
+    /// makes room, or its new one is closed, so a client whose connections are all busy (streams
+    /// it never ends) leaves the rest to others. Behind a load balancer that hides client
+    /// addresses, set 100.
+    pub max_connections_per_client_percent: u32,
     /// Longest wait for the next bytes of a request body; past it the request is a 408
     /// (default 30000).
     pub body_read_timeout_ms: u64,
@@ -130,6 +136,7 @@ impl Default for ConnectionsConfig {
         Self {
             header_read_timeout_ms: 30_000,
             max_connections: 4096,
+            max_connections_per_client_percent: 50,
             body_read_timeout_ms: 30_000,
             min_body_bytes_per_s: 1024,
             body_rate_window_ms: 5_000,
