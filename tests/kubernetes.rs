@@ -469,9 +469,11 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
     args.extend(["--proxy-addr".into(), format!("127.0.0.1:{proxy_port2}").into(), "--kubeconfig".into()]);
     args.push(kubeconfig.clone().into());
     let flag_run = serve_process(&cluster, "flag-run", args);
-    for (admin, proxy) in [(&admin, &proxy), (&admin2, &proxy2)] {
-        let seen = eventually(30, || async { addresses_at(admin).await == ["127.0.5.2:8000"] }).await;
-        assert!(seen, "{admin}: endpoints {:?}", addresses_at(admin).await);
+    for (admin, proxy, run) in [(&admin, &proxy, "chart-run"), (&admin2, &proxy2, "flag-run")] {
+        // Generous: this runs beside the image build, which takes the machine's disk and CPU.
+        let seen = eventually(60, || async { addresses_at(admin).await == ["127.0.5.2:8000"] }).await;
+        let log = std::fs::read_to_string(cluster.dir.join(format!("{run}.log"))).unwrap_or_default();
+        assert!(seen, "{run} at {admin}: endpoints {:?}; its log:\n{log}", addresses_at(admin).await);
         let ready = eventually(10, || async {
             common::client().get(format!("{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
         })
