@@ -56,33 +56,27 @@ def load(a):
     body = lambda i: json.dumps({"model": "m", "max_tokens": 4,
                                  "messages": [{"role": "user", "content": f"hello {i}"}]})
 
-    def chat(i):
-        t0 = time.monotonic()
-        ok = False
+    def answered(port, method, path, payload=None):
+        """Whether a fresh connection to `port` gets 200 within 2 s."""
         try:
-            c = http.client.HTTPConnection("127.0.0.1", a.proxy, timeout=2)
-            c.request("POST", "/v1/chat/completions", body(i), {"Content-Type": "application/json"})
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request(method, path, payload, {"Content-Type": "application/json"} if payload else {})
             r = c.getresponse()
             r.read()
             c.close()
-            ok = r.status == 200
+            return r.status == 200
         except (OSError, http.client.HTTPException):
-            pass
+            return False
+
+    def chat(i):
+        t0 = time.monotonic()
+        ok = answered(a.proxy, "POST", "/v1/chat/completions", body(i))
         t = time.monotonic() - t0
         with lock:
             lat.append((ok and t <= 2.0, t))
 
     def health():
-        ok = False
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", a.admin, timeout=2)
-            c.request("GET", "/healthz")
-            r = c.getresponse()
-            r.read()
-            c.close()
-            ok = r.status == 200
-        except (OSError, http.client.HTTPException):
-            pass
+        ok = answered(a.admin, "GET", "/healthz")
         with lock:
             healthz.append(ok)
 
