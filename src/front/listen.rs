@@ -213,24 +213,24 @@ async fn accept_loop(
         if open.of(client) >= limits.max_per_client {
             // A client at its own bound makes room among its own connections only.
             let max = limits.max_per_client;
-            // The one chosen stays counted until its task ends (`oldest_idle` marks it as being
-            // shed, so it is not chosen twice).
-            if conn::oldest_idle(open.held_by(client)).is_none() {
+            let Some(oldest) = conn::oldest_idle(open.held_by(client)) else {
                 if let Some(n) = refused.hit(std::time::Instant::now()) {
                     tracing::warn!(%peer, max, closed = n, "{what} listener: a client at its connection bound, none idle; closed {n} new ones since the last such line");
                 }
                 continue;
-            }
+            };
+            open.remove(oldest);
         } else if open.len() >= limits.max_connections {
             let max = limits.max_connections;
             // Room is made by closing the connection idle the longest; with none idle, the
             // newcomer is closed.
-            if conn::oldest_idle(open.all()).is_none() {
+            let Some(oldest) = conn::oldest_idle(open.all()) else {
                 if let Some(n) = refused.hit(std::time::Instant::now()) {
                     tracing::warn!(%peer, max, closed = n, "{what} listener: too many connections, none idle; closed {n} new ones since the last such line");
                 }
                 continue;
-            }
+            };
+            open.remove(oldest);
             if let Some(n) = shed.hit(std::time::Instant::now()) {
                 tracing::warn!(
                     max,
