@@ -220,6 +220,9 @@ async fn accept_loop(
                 continue;
             };
             open.remove(oldest);
+            if let Some(n) = shed.hit(std::time::Instant::now()) {
+                tracing::warn!(%peer, max, closed = n, "{what} listener: a client at its connection bound; closed its oldest idle one for its new one ({n} since the last such line)");
+            }
         } else if open.len() >= limits.max_connections {
             let max = limits.max_connections;
             // Room is made by closing the connection idle the longest; with none idle, the
