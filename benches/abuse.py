@@ -169,6 +169,14 @@ class Gauge:
         return "unread" if self.top is None else f"{self.top:.0f}"
 
 
+def together(threads):
+    """Starts `threads`, then waits for every one of them."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def hold(port, count, seconds, payload=b"", drip=b"", every=0.0, max_opens=None):
     """Holds `count` connections to `port` open, each sending `payload` once connected (and
     `drip` every `every` s), reading and discarding what comes back; a connection kvgate
@@ -261,10 +269,7 @@ def h2_preface(a):
     notes = {}
     threads = [threading.Thread(target=lambda p, n: notes.__setitem__(n, hold(p, per, a.seconds, h2)),
                                 args=(port, name)) for port, name in ((a.proxy, "proxy"), (a.admin, "admin"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(threads)
     return "; ".join(f"{n}: {v}" for n, v in notes.items())
 
 
@@ -329,10 +334,7 @@ def trickle(a):
 
     held = Gauge(a.admin, "kvgate_buffered_request_bytes")
     threads = [threading.Thread(target=one, args=(k,)) for k in range(a.count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(threads)
     counts = {r: results.count(r) for r in sorted(set(results))}
     return (f"{a.count} x 10 MiB then 1 byte/10 s; at the end: {counts}; "
             f"kvgate_buffered_request_bytes at most {held.stop()}")
@@ -374,10 +376,7 @@ def extproc_partial(a):
 
     held = Gauge(a.admin, "kvgate_buffered_request_bytes")
     threads = [threading.Thread(target=one, args=(k,)) for k in range(a.count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(threads)
     h.close()
     return (f"{a.count} streams, {sum(sent) >> 20} MiB of body sent in all; "
             f"{sum(ended)} streams ended by kvgate before the end; "
@@ -450,10 +449,7 @@ def picker(a):
     threads = [threading.Thread(target=picks, args=("m", int(a.seconds * 50), 50)),
                threading.Thread(target=picks, args=("m2", 20_000, 1000))]
     threads += [threading.Thread(target=watch, args=(100,)) for _ in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(threads)
     open_watches = sum(sum(not s.done for s in h.streams.values()) for h in watches)
     while not stopping.is_set() and time.monotonic() < deadline:
         time.sleep(0.2)

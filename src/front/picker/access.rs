@@ -17,6 +17,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::gateway::config::PickerApiConfig;
+use crate::gateway::config::read::{FileError, Limit, read_text};
 use crate::gateway::decisions::Decisions;
 use crate::gateway::tasks::Tasks;
 
@@ -116,35 +117,22 @@ impl Interceptor for Access {
 /// Why a token file gave no token.
 #[derive(Debug, thiserror::Error)]
 enum TokenFileError {
-    #[error("cannot read it: {0}")]
-    Read(#[from] std::io::Error),
-    #[error("it is not a regular file")]
-    NotAFile,
-    #[error("it is larger than {MAX_TOKEN_FILE} bytes")]
-    TooLarge,
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("it holds no token")]
     Empty,
 }
 
-/// The token `path` holds (surrounding whitespace dropped).
+/// The token `path` holds (surrounding whitespace dropped), read as every file kvgate follows
+/// is: a regular file only, bounded.
 fn read_token(path: &Path) -> Result<Vec<u8>, TokenFileError> {
-    let meta = std::fs::metadata(path)?;
-    if !meta.is_file() {
-        return Err(TokenFileError::NotAFile);
-    }
-    if meta.len() > MAX_TOKEN_FILE {
-        return Err(TokenFileError::TooLarge);
-    }
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(path)?, MAX_TOKEN_FILE + 1), &mut bytes)?;
-    let token = bytes.trim_ascii();
+    let limit = Limit { bytes: MAX_TOKEN_FILE, set_by: "kvgate's bound on a token file" };
+    let text = read_text(path, limit)?;
+    let token = text.trim();
     if token.is_empty() {
         return Err(TokenFileError::Empty);
     }
-    if bytes.len() as u64 > MAX_TOKEN_FILE {
-        return Err(TokenFileError::TooLarge);
-    }
-    Ok(token.to_vec())
+    Ok(token.as_bytes().to_vec())
 }
 
 /// Re-reads `path` every [`RELOAD`] (off the serving threads, within [`READ_WITHIN`]), taking
@@ -230,9 +218,9 @@ mod tests {
         std::fs::write(&file, "\n \n").expect("write");
         assert!(matches!(read_token(&file), Err(TokenFileError::Empty)));
         std::fs::write(&file, vec![b'a'; 5000]).expect("write");
-        assert!(matches!(read_token(&file), Err(TokenFileError::TooLarge)));
-        assert!(matches!(read_token(&dir), Err(TokenFileError::NotAFile)));
-        assert!(matches!(read_token(&dir.join("missing")), Err(TokenFileError::Read(_))));
+        assert!(matches!(read_token(&file), Err(TokenFileError::File(FileError::TooLarge { .. }))));
+        assert!(matches!(read_token(&dir), Err(TokenFileError::File(FileError::NotRegular { .. }))));
+        assert!(matches!(read_token(&dir.join("missing")), Err(TokenFileError::File(FileError::Io { .. }))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
