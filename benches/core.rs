@@ -298,7 +298,7 @@ fn decision(c: &mut Criterion) {
         let router = Planner::new(vec!["m".into()], Scheduler::default_precise(), 2000)
             .with_precise(PrecisePrefix::new(t, index, 5000, 16));
         let mut rng = fastrand::Rng::with_seed(1);
-        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: false, lora: None };
+        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: false, lora: None, open: None };
         assert_eq!(decide(&router, &body, &eps, opts, &mut rng), 3, "the precise holder wins");
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("precise_chat_64_endpoints", format!("{kib}KiB")), |b| {
@@ -336,7 +336,7 @@ fn decision(c: &mut Criterion) {
         }
         let body = chat_body(kib * 1024 - 2200, "what is the answer?");
         let mut rng = fastrand::Rng::with_seed(1);
-        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd, lora: None };
+        let opts = PlanOptions { subset: None, want: 3, now_ms: 100, disaggregate: pd, lora: None, open: None };
         // Warm the index: the conversation has been seen, and other prompts fill the index.
         for i in 0..256 {
             let other = chat_body(4096, &format!("filler {i}"));

@@ -50,8 +50,9 @@ async fn a_late_served_by_moves_a_started_request_whole() {
         input: Input::Body(body.as_bytes()),
         subset: SubsetHint::Any,
         places: 1,
+        class: Default::default(),
     };
-    let mut r = kv.gateway.route(req).expect("routed");
+    let mut r = kv.gateway.route(req).await.expect("routed");
     let first = r.target().address;
     let other = sims.iter().map(|s| s.addrs[0]).find(|a| *a != first).expect("a second endpoint");
     r.on(Event::Started { status: 200, event_stream: true, streamed: true });
@@ -97,8 +98,9 @@ async fn any_order_of_the_same_events_is_accounted_once() {
             input: Input::Body(body.as_bytes()),
             subset: SubsetHint::Any,
             places: 1,
+            class: Default::default(),
         };
-        kv.gateway.route(req).expect("routed")
+        common::ready(kv.gateway.route(req)).expect("routed")
     };
     let json_body = br#"{"choices":[{"text":"abc"}],"usage":{"prompt_tokens":5,"completion_tokens":4}}"#;
     let usage = Usage { prompt: 5, completion: 4, cached: 0, cached_reported: false };

@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 /// Routes a chat body as the proxy would, for one endpoint.
 fn decide(gateway: &Gateway, body: &[u8]) -> Result<Routed, Answer> {
     let place = Place::Prompt(ApiKind::ChatCompletions);
-    gateway.route(RouteRequest { place, input: Input::Body(body), subset: SubsetHint::Any, places: 1 })
+    let route =
+        RouteRequest { place, input: Input::Body(body), subset: SubsetHint::Any, places: 1, class: Default::default() };
+    common::ready(gateway.route(route))
 }
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";

@@ -35,10 +35,11 @@ pub(crate) mod health;
 mod reply;
 
 use crate::front::http::{
-    CLIENT_ONLY_HEADERS, DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER,
-    new_request_id,
+    CLIENT_ONLY_HEADERS, DESTINATION_HEADER, FLOW_HEADERS, Placement, REQUEST_ID_HEADER, SERVED_HEADER,
+    TEST_SELECTION_HEADER, flow_class, new_request_id,
 };
 use crate::front::listen::{Pace, Pacer};
+use crate::gateway::answer::Answer;
 use crate::gateway::budget::Reservation;
 use crate::gateway::config::{BodyMode, ExtProcConfig};
 use crate::gateway::decisions::StreamTicket;
@@ -137,7 +138,10 @@ impl ExternalProcessor for Picker {
                         return;
                     }
                 };
-                for out in stream.handle(msg) {
+                // While the request waits in flow control's queue the stream is held; one whose
+                // other end left (Envoy reset it) leaves the queue.
+                let Some(out) = stream.handle_and_route(msg, tx.closed()).await else { return };
+                for out in out {
                     if tx.send(Ok(out)).await.is_err() {
                         return;
                     }
@@ -216,6 +220,10 @@ struct StreamState {
     /// The request body's end was seen: later body chunks are ignored (Envoy may repeat the
     /// last one of a large full-duplex body).
     body_ended: bool,
+    /// Its flow-control headers' values (objective, flow, TTFT objective).
+    flow: [Option<String>; 3],
+    /// The request is complete and is to be routed (`true`: with its body to send back).
+    deciding: Option<bool>,
     done: bool,
 }
 
@@ -242,6 +250,8 @@ impl StreamState {
             routed: None,
             prefill: None,
             body_ended: false,
+            flow: [None, None, None],
+            deciding: None,
             done: false,
         }
     }
@@ -323,7 +333,15 @@ impl StreamState {
                 REQUEST_ID_HEADER => self.request_id = Some(value),
                 TEST_SELECTION_HEADER => self.test_selection = Some(value),
                 body::FORWARDED_FOR => forwarded = Some(value),
-                _ => {}
+                key => {
+                    // Flow control's headers; a current name wins over its legacy one.
+                    if let Some(i) = FLOW_HEADERS.iter().position(|names| names.contains(&key)) {
+                        let value = value.trim();
+                        if !value.is_empty() && (key == FLOW_HEADERS[i][0] || self.flow[i].is_none()) {
+                            self.flow[i] = Some(value.to_owned());
+                        }
+                    }
+                }
             }
         }
         self.attribute(forwarded.as_deref());
@@ -368,18 +386,49 @@ impl StreamState {
         hint
     }
 
-    /// Decides where the request goes; `with_body`: the body has been received (and must be
-    /// sent back in full duplex mode).
+    /// The request is complete: it is routed next (by [`StreamState::route`], which may wait
+    /// in flow control's queue); `with_body`: the body has been received (and must be sent back
+    /// in full duplex mode).
     fn decide(&mut self, with_body: bool) -> Vec<ProcessingResponse> {
+        self.deciding = Some(with_body);
+        Vec::new()
+    }
+
+    /// Routes the complete request, waiting in flow control's queue when its pool says so.
+    async fn route(&self) -> Result<Routed, Answer> {
         let want = self.cfg.max_endpoints.unwrap_or(1);
-        let routed = match self.place {
+        match self.place {
             Some(place) => {
                 let input = Input::Body(&self.body);
-                self.gateway.route(RouteRequest { place, input, subset: self.subset(), places: want })
+                let values = [0, 1, 2].map(|i| self.flow[i].as_deref());
+                let class = flow_class(&values);
+                self.gateway.route(RouteRequest { place, input, subset: self.subset(), places: want, class }).await
             }
             // Bodies before headers: nothing is known of the request.
             None => Err(self.gateway.refuse(&RouteError::BadRequest(RequestError::MissingModel))),
-        };
+        }
+    }
+
+    /// Handles a message, and routes the request when it is complete (waiting, if it must, until
+    /// `gone` resolves: the stream's other end left). `None` when it left while waiting.
+    async fn handle_and_route(
+        &mut self,
+        msg: ProcessingRequest,
+        gone: impl Future<Output = ()>,
+    ) -> Option<Vec<ProcessingResponse>> {
+        let mut out = self.handle(msg);
+        if let Some(with_body) = self.deciding.take() {
+            let routed = tokio::select! {
+                r = self.route() => r,
+                () = gone => return None,
+            };
+            out.extend(self.decided(routed, with_body));
+        }
+        Some(out)
+    }
+
+    /// Answers a routed request (its placement), or its refusal.
+    fn decided(&mut self, routed: Result<Routed, Answer>, with_body: bool) -> Vec<ProcessingResponse> {
         let mut routed = match routed {
             Ok(r) => r,
             Err(a) => {

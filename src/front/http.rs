@@ -21,6 +21,7 @@ use crate::gateway::error::RouteError;
 use crate::gateway::events::Event;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::PathRefusal;
+use crate::gateway::pool::flow::Class;
 use crate::routing::request::RequestError;
 use crate::routing::schedule::Decision;
 
@@ -97,13 +98,53 @@ pub(crate) fn strip_placement(headers: &mut HeaderMap) {
     }
 }
 
+/// Flow control's request headers, each with its legacy name: the objective (its priority), the
+/// flow (tenant) and the TTFT objective (EDF's deadline).
+pub(crate) const FLOW_HEADERS: [[&str; 2]; 3] = [
+    ["x-llm-d-inference-objective", "x-gateway-inference-objective"],
+    ["x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id"],
+    ["x-llm-d-slo-ttft-ms", "x-slo-ttft-ms"],
+];
+
 /// Headers of the gateway protocol, and a client's credentials for a proxy: what a client sends
 /// under these names is for kvgate (or nobody), never for an endpoint.
-const GATEWAY_HEADERS: [&str; 4] = [DESTINATION_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
+const GATEWAY_HEADERS: [&str; 10] = [
+    DESTINATION_HEADER,
+    SERVED_HEADER,
+    TEST_SELECTION_HEADER,
+    "proxy-authorization",
+    FLOW_HEADERS[0][0],
+    FLOW_HEADERS[0][1],
+    FLOW_HEADERS[1][0],
+    FLOW_HEADERS[1][1],
+    FLOW_HEADERS[2][0],
+    FLOW_HEADERS[2][1],
+];
 
 /// Of those, the ones Envoy must drop from a request it sends on (it sets the destination
 /// itself, from kvgate's answer).
-pub(crate) const CLIENT_ONLY_HEADERS: [&str; 3] = [SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
+pub(crate) const CLIENT_ONLY_HEADERS: [&str; 9] = [
+    SERVED_HEADER,
+    TEST_SELECTION_HEADER,
+    "proxy-authorization",
+    FLOW_HEADERS[0][0],
+    FLOW_HEADERS[0][1],
+    FLOW_HEADERS[1][0],
+    FLOW_HEADERS[1][1],
+    FLOW_HEADERS[2][0],
+    FLOW_HEADERS[2][1],
+];
+
+/// A request's flow-control headers, as `(objective, flow, TTFT objective)`: each under its
+/// name, else its legacy one (`header` looks a lowercase name up).
+pub(crate) fn flow_headers<'h>(header: impl Fn(&str) -> Option<&'h str>) -> [Option<&'h str>; 3] {
+    FLOW_HEADERS.map(|[name, legacy]| header(name).or_else(|| header(legacy)).map(str::trim).filter(|v| !v.is_empty()))
+}
+
+/// Flow control's view of a request from its headers' values ([`flow_headers`]).
+pub(crate) fn flow_class<'h>(values: &[Option<&'h str>; 3]) -> Class<'h> {
+    Class { objective: values[0], flow: values[1], slo_ttft_ms: values[2].and_then(|v| v.parse().ok()) }
+}
 
 /// Removes the gateway's own headers (and `Proxy-Authorization`) a client sent.
 pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {

@@ -29,6 +29,7 @@ use crate::gateway::config::{ExtProcConfig, PickerApiConfig};
 use crate::gateway::decisions::{Client, HoldError, ReportError};
 use crate::gateway::facade::{Gateway, RouteRequest, SubsetHint};
 use crate::gateway::paths::Place;
+use crate::gateway::pool::flow::Class;
 use crate::routing::request::ApiKind;
 use crate::routing::schedule::Subset;
 
@@ -123,6 +124,7 @@ fn placed(
 impl Picker for PickerApi {
     async fn pick(&self, req: Request<pb::PickRequest>) -> Result<Response<pb::PickResponse>, Status> {
         let client = Client::of(req.remote_addr());
+        let deadline = grpc_timeout(req.metadata());
         let req = req.into_inner();
         let input = req.input.map(convert::Input::from);
         let place = match placed(&self.gateway, &req.method, &req.path, input.as_ref())? {
@@ -145,8 +147,20 @@ impl Picker for PickerApi {
         let places = asked.unwrap_or(self.max_endpoints.unwrap_or(1));
         let none = convert::Input::Body(Vec::new());
         let input = input.as_ref().unwrap_or(&none);
-        let route = RouteRequest { place, input: input.route_input(), subset, places };
-        let mut routed = match self.gateway.route_to_hold(route) {
+        let class = Class {
+            objective: Some(req.objective.as_str()).filter(|o| !o.is_empty()),
+            flow: Some(req.fairness_id.as_str()).filter(|f| !f.is_empty()),
+            slo_ttft_ms: Some(u64::from(req.slo_ttft_ms)).filter(|&ms| ms > 0),
+        };
+        let route = RouteRequest { place, input: input.route_input(), subset, places, class };
+        // A Pick that waits in flow control's queue holds the call, up to its deadline.
+        let routed = match deadline {
+            Some(d) => tokio::time::timeout(d, self.gateway.route_to_hold(route)).await.map_err(|_| {
+                Status::deadline_exceeded("the call's deadline passed while the request waited in flow control's queue")
+            })?,
+            None => self.gateway.route_to_hold(route).await,
+        };
+        let mut routed = match routed {
             Ok(r) => r,
             Err(a) => return Ok(Response::new(refused(&a))),
         };
@@ -259,6 +273,22 @@ impl Picker for PickerApi {
         task.detach();
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// The deadline a gRPC client set on its call (`grpc-timeout`: digits and a unit, H M S m u n).
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn refused(a: &Answer) -> pb::PickResponse {

@@ -22,9 +22,9 @@ use axum::response::Response;
 
 use crate::front::handoff::{self, Fallback, PrefillLeg};
 use crate::front::http::{
-    PREFILLER_HEADER, UpstreamClient, answer, append_forwarded, end_to_end, ensure_request_id, fresh_connection_client,
-    json_error, read_body, relay, strip_gateway_headers, strip_placement, unless_stopped, upstream_client,
-    upstream_request,
+    PREFILLER_HEADER, UpstreamClient, answer, append_forwarded, end_to_end, ensure_request_id, flow_class,
+    flow_headers, fresh_connection_client, json_error, read_body, relay, strip_gateway_headers, strip_placement,
+    unless_stopped, upstream_client, upstream_request,
 };
 use crate::gateway::answer::Answer;
 use crate::gateway::budget::Client;
@@ -124,9 +124,13 @@ async fn forward(st: &ProxyState, place: Place, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return answer(&st.gateway.refuse(&e)),
     };
-    let route =
-        RouteRequest { place, input: Input::Body(&body), subset: SubsetHint::Any, places: st.cfg.attempts.max(1) };
-    match st.gateway.route(route) {
+    let flow = flow_headers(|name| parts.headers.get(name).and_then(|v| v.to_str().ok()));
+    let class = flow_class(&flow);
+    let places = st.cfg.attempts.max(1);
+    let route = RouteRequest { place, input: Input::Body(&body), subset: SubsetHint::Any, places, class };
+    // While it waits in flow control's queue the client holds its connection; one that leaves
+    // drops this future, and with it its place.
+    match st.gateway.route(route).await {
         Ok(routed) => send(st, routed, parts.method, parts.uri, parts.headers, client, body).await,
         Err(a) => answer(&a),
     }

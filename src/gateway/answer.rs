@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::gateway::error::{RouteError, error_body};
+use crate::gateway::error::{QueueRefusal, RouteError, error_body};
 use crate::gateway::paths::PathRefusal;
 
 /// One of kvgate's own answers.
@@ -68,6 +68,8 @@ impl From<&RouteError> for Answer {
         }
         a.dropped = Some(match e {
             RouteError::Saturated { .. } => "rejected-saturated",
+            RouteError::Queue { why: QueueRefusal::Shed | QueueRefusal::Full, .. } => "rejected-saturated",
+            RouteError::Queue { why: QueueRefusal::Expired | QueueRefusal::ExpiredEmpty, .. } => "rejected-ttl-expired",
             RouteError::Unavailable(_) => "rejected-no-endpoints",
             _ => e.code(),
         });

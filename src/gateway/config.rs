@@ -7,6 +7,7 @@
 
 mod bounds;
 pub mod endpoints;
+pub mod flow;
 mod inference_pool;
 mod located;
 pub mod read;
@@ -78,6 +79,12 @@ pub struct Config {
     /// Which request paths are routed, and how (every front-end).
     #[serde(default)]
     pub paths: PathsConfig,
+    /// Flow control for every pool (a pool's own section overrides it key by key).
+    #[serde(default)]
+    pub flow_control: Option<flow::FlowControlConfig>,
+    /// The priority of each objective (`x-llm-d-inference-objective`), for every pool.
+    #[serde(default)]
+    pub objectives: Vec<flow::ObjectiveSpec>,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
     /// Where each setting is in the file, for warnings.
@@ -148,6 +155,12 @@ pub struct PoolConfig {
     /// Follow the endpoints' KV events (needs `tokenizer`): exact prefix matches.
     #[serde(default)]
     pub kv_events: Option<KvEventsSpec>,
+    /// Flow control for this pool, over the global section.
+    #[serde(default)]
+    pub flow_control: Option<flow::FlowControlConfig>,
+    /// This pool's objectives, over the global ones.
+    #[serde(default)]
+    pub objectives: Vec<flow::ObjectiveSpec>,
 }
 
 /// Where a pool's endpoints come from.
@@ -232,6 +245,10 @@ pub struct ResolvedPool {
     pub scheduler: Scheduler,
     /// Admission limits.
     pub admission: Admission,
+    /// Flow control.
+    pub flow: flow::FlowSettings,
+    /// Objectives and their priorities (the pool's over the global ones).
+    pub objectives: Vec<(String, i64)>,
     /// The precise prefix index's set-up, when the pool follows KV events and its tokenizer
     /// loaded.
     pub precise: Option<PreciseSetup>,
@@ -375,6 +392,13 @@ impl Config {
                 endpoints_file_max_bytes: pool.endpoints_file_max_bytes,
                 scheduler,
                 admission: pool.admission,
+                flow: flow::FlowSettings::resolve(self.flow_control.as_ref(), pool.flow_control.as_ref()),
+                objectives: self
+                    .objectives
+                    .iter()
+                    .chain(&pool.objectives)
+                    .map(|o| (o.name.clone(), o.priority))
+                    .collect(),
                 precise,
                 warnings,
             });
@@ -393,6 +417,12 @@ impl Config {
         // Every timeout and size, each against its bounds (`bounds.rs`).
         if let Some((at, message)) = self.out_of_bounds() {
             return Err(invalid(at, message));
+        }
+        if let Some((key, message)) = self.flow_control.as_ref().and_then(flow::FlowControlConfig::problem) {
+            return Err(invalid(format!("flow_control.{key}"), message));
+        }
+        if let Some(message) = flow::objectives_problem(&self.objectives) {
+            return Err(invalid("objectives".into(), message));
         }
         if let Some((at, message)) = self.picker_api.problem() {
             return Err(invalid(at.into(), message));
@@ -482,6 +512,12 @@ fn check_pool<'c>(
     }
     if let Some(message) = pool.admission.problem() {
         return Err(invalid(at("admission"), message));
+    }
+    if let Some((key, message)) = pool.flow_control.as_ref().and_then(flow::FlowControlConfig::problem) {
+        return Err(invalid(at(&format!("flow_control.{key}")), message));
+    }
+    if let Some(message) = flow::objectives_problem(&pool.objectives) {
+        return Err(invalid(at("objectives"), message));
     }
     Ok(())
 }

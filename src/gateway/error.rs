@@ -54,6 +54,31 @@ pub enum RouteError {
     /// The client sent its body too slowly (or stopped sending it).
     #[error("{0}")]
     SlowBody(String),
+    /// Flow control refused the request (the pool's endpoints were saturated).
+    #[error("pool `{pool}`: {why}")]
+    Queue {
+        /// The pool.
+        pool: String,
+        /// Why.
+        why: QueueRefusal,
+    },
+}
+
+/// Why flow control refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueRefusal {
+    /// Sheddable (negative priority), and every endpoint that could take it is saturated.
+    #[error("every endpoint that could take the request is saturated, and it is sheddable")]
+    Shed,
+    /// Its priority band, or the whole queue, is full.
+    #[error("the flow-control queue is full")]
+    Full,
+    /// It waited in the queue for its whole TTL.
+    #[error("the request waited its flow-control TTL and no endpoint had room")]
+    Expired,
+    /// It waited its whole TTL and the pool still had no endpoint for it.
+    #[error("the request waited its flow-control TTL and the pool has no endpoint for it")]
+    ExpiredEmpty,
 }
 
 impl RouteError {
@@ -65,6 +90,8 @@ impl RouteError {
             Self::Unavailable(_) | Self::Overloaded { .. } | Self::OverShare { .. } => 503,
             Self::Saturated { .. } => 429,
             Self::SlowBody(_) => 408,
+            Self::Queue { why: QueueRefusal::ExpiredEmpty, .. } => 503,
+            Self::Queue { .. } => 429,
         }
     }
 
@@ -81,12 +108,16 @@ impl RouteError {
             Self::Saturated { shed: false, .. } => "saturated",
             Self::Overloaded { .. } | Self::OverShare { .. } => "overloaded",
             Self::SlowBody(_) => "request_timeout",
+            Self::Queue { why: QueueRefusal::Shed, .. } => "shed",
+            Self::Queue { why: QueueRefusal::Full, .. } => "queue_full",
+            Self::Queue { why: QueueRefusal::Expired, .. } => "queue_timeout",
+            Self::Queue { why: QueueRefusal::ExpiredEmpty, .. } => "no_endpoints",
         }
     }
 
     /// Whether the client should try again shortly (`Retry-After`).
     pub fn retry_soon(&self) -> bool {
-        matches!(self, Self::Saturated { .. } | Self::Overloaded { .. } | Self::OverShare { .. })
+        matches!(self, Self::Saturated { .. } | Self::Overloaded { .. } | Self::OverShare { .. } | Self::Queue { .. })
     }
 }
 

@@ -15,6 +15,7 @@ use crate::gateway::decisions::Decisions;
 use crate::gateway::error::RouteError;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{self, Ask, PathPolicy, PathRefusal, Place};
+use crate::gateway::pool::flow::{Class, Probe};
 use crate::gateway::pool::{Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::{PoolView, Telemetry};
 use crate::routing::endpoint::{Endpoint, Health};
@@ -34,6 +35,8 @@ pub struct RouteRequest<'a> {
     pub subset: SubsetHint,
     /// Distinct endpoints to keep.
     pub places: usize,
+    /// Its objective, flow and TTFT objective, for flow control.
+    pub class: Class<'a>,
 }
 
 /// What a request carries.
@@ -276,21 +279,23 @@ impl Gateway {
     }
 
     /// Decides where a request goes and counts it in flight there; a refusal is counted and
-    /// answered. The routed request holds the body to send when it is not the client's own
+    /// answered. In a pool with flow control, the request first waits for room when every
+    /// endpoint that could take it is saturated (dropping the future leaves the queue). The
+    /// routed request holds the body to send when it is not the client's own
     /// ([`Routed::take_body`]).
-    pub fn route(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
-        self.route_as(req, false)
+    pub async fn route(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
+        self.route_as(req, false).await
     }
 
     /// [`Gateway::route`] for a decision to hold for the picker API's reports: refused as a
     /// saturated pool is while the picker API's decisions take their share of the pool's
     /// admission (`picker_api.admission_share`).
-    pub fn route_to_hold(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
-        self.route_as(req, true)
+    pub async fn route_to_hold(&self, req: RouteRequest<'_>) -> Result<Routed, Answer> {
+        self.route_as(req, true).await
     }
 
-    fn route_as(&self, req: RouteRequest<'_>, held: bool) -> Result<Routed, Answer> {
-        let mut routed = self.decide(&req, held).map_err(|(e, model)| {
+    async fn route_as(&self, req: RouteRequest<'_>, held: bool) -> Result<Routed, Answer> {
+        let mut routed = self.decide(&req, held).await.map_err(|(e, model)| {
             self.count_refusal(&e, model.as_deref());
             Answer::from(&e)
         })?;
@@ -301,7 +306,7 @@ impl Gateway {
     }
 
     /// [`Gateway::route`]'s decision; a refusal comes with the model the request named, if known.
-    fn decide(&self, req: &RouteRequest<'_>, held: bool) -> Result<Routed, (RouteError, Option<String>)> {
+    async fn decide(&self, req: &RouteRequest<'_>, held: bool) -> Result<Routed, (RouteError, Option<String>)> {
         let subset = match &req.subset {
             SubsetHint::Any => None,
             SubsetHint::Within(s) if !s.is_empty() => Some(s),
@@ -330,12 +335,16 @@ impl Gateway {
                 ParsedRequest::model_only(&model_only)
             }
         };
-        let routed = self.plan(&parsed, subset, req.places, held).map_err(|e| (e, Some(parsed.model.to_string())))?;
         // The request's size: its body's, or its prompt's when given as fields.
-        routed.request_bytes(match req.input {
+        let bytes = match req.input {
             Input::Body(b) => b.len(),
             Input::Prompt(_) => parsed.body_len(),
-        });
+        };
+        let routed = self
+            .plan(&parsed, subset, req.places, held, req.class, bytes)
+            .await
+            .map_err(|e| (e, Some(parsed.model.to_string())))?;
+        routed.request_bytes(bytes);
         Ok(routed)
     }
 
@@ -353,34 +362,70 @@ impl Gateway {
     }
 
     /// Picks the pool, admits (a decision to be `held` for the picker API's reports within
-    /// that API's share), decides for `places` distinct endpoints, and counts the request in
-    /// flight on its target.
-    fn plan(
+    /// that API's share), waits for room when the pool's flow control says so, decides for
+    /// `places` distinct endpoints, and counts the request in flight on its target.
+    async fn plan(
         &self,
         req: &ParsedRequest<'_>,
         subset: Option<&Subset>,
         places: usize,
         held: bool,
+        class: Class<'_>,
+        bytes: usize,
     ) -> Result<Routed, RouteError> {
-        let started = std::time::Instant::now();
         let pool = self.pool_for(&req.model)?;
         if held {
             self.decisions.share_left(pool.name(), pool.admission())?;
         }
-        let snapshot = pool.snapshot();
-        let now = now_ms();
+        let flow = pool.flow();
+        // An objective's priority, when the request names one (else the body's `priority`
+        // for admission, and 0 for flow control).
+        let objective = class.objective.map(|o| flow.objectives().priority(Some(o)));
         let planner = pool.planner();
-        admit(pool.admission(), pool.name(), &snapshot.endpoints, req.priority, now, planner.stale_after_ms())?;
+        let stale_ms = planner.stale_after_ms();
+        let snapshot = pool.snapshot();
+        admit(
+            pool.admission(),
+            pool.name(),
+            &snapshot.endpoints,
+            objective.unwrap_or(req.priority),
+            now_ms(),
+            stale_ms,
+        )?;
+        let admitted = if flow.enabled() {
+            let probe = Probe { model: req.model.to_string(), subset: subset.cloned() };
+            let view = || pool.snapshot();
+            let entered = flow.enter(&view, probe, objective.unwrap_or(0), class, bytes as u64).await;
+            Some(entered.map_err(|why| RouteError::Queue { pool: pool.name().to_owned(), why })?)
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        // The gate's mask is by index of the snapshot it was made on.
+        let snapshot = admitted.as_ref().map_or(snapshot, |a| a.snapshot.clone());
+        let now = now_ms();
         // The pool's `maxNumOfEndpoints` may ask for more places than the caller.
         let want = candidates_for(places.max(planner.scheduler().max_endpoints().unwrap_or(1)));
         let lora = snapshot.lora(&req.model);
-        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: req.api.disaggregates(), lora };
-        let planned = planner.plan(req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None)?;
+        let open = admitted.as_ref().map(|a| a.open.as_slice());
+        let opts = PlanOptions { subset, want, now_ms: now, disaggregate: req.api.disaggregates(), lora, open };
+        let planned =
+            planner.plan(req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), None).map_err(|e| match e {
+                NoDecision::Saturated => RouteError::Saturated {
+                    pool: pool.name().to_owned(),
+                    reason: e.to_string(),
+                    shed: objective.unwrap_or(req.priority) < 0,
+                },
+                e => e.into(),
+            })?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         if planner.disaggregates() && opts.disaggregate {
             self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
         }
-        Ok(Routed::new(pool.clone(), snapshot, planned, req.model.to_string()))
+        // Counted in flight before the turn (if it waited for one) lets the next waiter look.
+        let routed = Routed::new(pool.clone(), snapshot, planned, req.model.to_string());
+        drop(admitted);
+        Ok(routed)
     }
 
     /// The decision kvgate would make for a request placed as `api` (a body) or given as
@@ -399,7 +444,7 @@ impl Gateway {
         let snapshot = pool.snapshot();
         let lora = snapshot.lora(&req.model);
         let disaggregate = req.api.disaggregates();
-        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate, lora };
+        let opts = PlanOptions { subset: None, want: 1, now_ms: now_ms(), disaggregate, lora, open: None };
         let mut x = Explanation::default();
         let planned = pool.planner().plan(&req, &snapshot.endpoints, opts, &mut fastrand::Rng::new(), Some(&mut x))?;
         Ok((pool.name().to_owned(), req.model.to_string(), planned.decision, x))

@@ -71,6 +71,19 @@ pub struct Routed {
     counted: bool,
     /// The body to send instead of the client's (P/D: without the client's transfer parameters).
     body: Option<Vec<u8>>,
+    /// Tells the pool's flow control that room opened, after the counts above are released:
+    /// the last field, so it drops after them.
+    room: Room,
+}
+
+/// Lets the pool's waiters be looked at when dropped.
+#[derive(Debug)]
+struct Room(Arc<crate::gateway::pool::flow::FlowControl>);
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.0.pump();
+    }
 }
 
 /// One attempt's TTFT sample in the making.
@@ -115,6 +128,7 @@ impl Routed {
         });
         pool.telemetry().running.with_label_values(&[model.as_str()]).inc();
         pool.telemetry().count_routed(&model);
+        let room = Room(pool.flow().clone());
         Self {
             pool,
             snapshot,
@@ -139,6 +153,7 @@ impl Routed {
             finished: false,
             counted: false,
             body: None,
+            room,
         }
     }
 
@@ -447,10 +462,20 @@ impl Routed {
     /// The first byte of the response body: the prompt is computed, its tokens leave the
     /// target's prefill count.
     fn first_byte(&mut self) {
-        if self.guard.in_prefill() && self.timing.timed {
+        if !self.guard.in_prefill() {
+            return self.answered_events();
+        }
+        if self.timing.timed {
             self.timing.ttft_ms = Some(self.timing.sent.elapsed().as_secs_f64() * 1000.0);
         }
         self.guard.prefill_done();
+        // Its prefill tokens left the endpoint's bound.
+        self.room.0.pump();
+        self.answered_events();
+    }
+
+    /// A precise endpoint answered the request's prefill: its blocks' events should follow.
+    fn answered_events(&mut self) {
         // Its prefill stored blocks on a precise endpoint: their events should follow.
         if self.planned.expects_events && self.current == 0 {
             self.planned.expects_events = false;

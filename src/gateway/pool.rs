@@ -8,6 +8,7 @@
 //! own in-flight counts are atomics shared by every snapshot, so they are always current.
 
 pub(crate) mod discovery;
+pub mod flow;
 pub use discovery::SourceStatus;
 mod health;
 pub(crate) mod kubernetes;
@@ -203,6 +204,8 @@ struct Inner {
     kv_events: Mutex<Option<KvEventsSpec>>,
     /// A served endpoint outside the pool was logged (once per pool).
     served_elsewhere_logged: AtomicBool,
+    /// The pool's flow control (its queue, off unless configured).
+    flow: Arc<flow::FlowControl>,
 }
 
 /// One pool. Cheap to clone; the last clone dropped stops its tasks.
@@ -222,7 +225,10 @@ impl Pool {
         telemetry: Arc<Telemetry>,
         owner: &Tasks,
     ) -> Self {
+        let stale_ms = settings.stale_after.as_millis() as u64;
+        let flow = Arc::new(flow::FlowControl::new(&name, planner.models(), stale_ms, telemetry.clone()));
         let inner = Arc::new(Inner {
+            flow,
             name,
             planner,
             admission,
@@ -303,6 +309,11 @@ impl Pool {
     /// The pool's decision state.
     pub fn planner(&self) -> &Planner {
         &self.inner.planner
+    }
+
+    /// The pool's flow control.
+    pub fn flow(&self) -> &Arc<flow::FlowControl> {
+        &self.inner.flow
     }
 
     /// The pool's admission limits.

@@ -134,6 +134,14 @@ pub struct Telemetry {
     /// `kvgate_served_unknown_total{pool}`: served endpoints the gateway reported that are not
     /// endpoints of the request's pool (ignored; the first is logged).
     pub served_unknown: IntCounterVec,
+    /// `inference_extension_flow_control_request_queue_duration_seconds{pool,priority,outcome}`.
+    pub flow_queue_duration: HistogramVec,
+    /// `inference_extension_flow_control_queue_size{pool,priority,fairness_id}`.
+    pub flow_queue_size: IntGaugeVec,
+    /// `inference_extension_flow_control_queue_bytes{pool,priority,fairness_id}`.
+    pub flow_queue_bytes: IntGaugeVec,
+    /// `inference_extension_flow_control_pool_saturation{pool}`, set as the page is rendered.
+    pub flow_saturation: GaugeVec,
     /// The KV-event feeds' families.
     pub kv_events: KvEventMetrics,
     /// Model names of refused requests that no pool serves, kept as label values (bounded).
@@ -181,6 +189,10 @@ impl Telemetry {
             output_tokens: r.histogram(&OUTPUT_TOKENS, token_buckets(13)),
             ntpot: r.histogram(&NTPOT, NTPOT_BUCKETS.to_vec()),
             decision_seconds: r.histogram(&DECISION_SECONDS, DECISION_BUCKETS.to_vec()),
+            flow_queue_duration: r.histogram(&FLOW_QUEUE_DURATION, FLOW_QUEUE_BUCKETS.to_vec()),
+            flow_queue_size: r.int_gauge(&FLOW_QUEUE_SIZE),
+            flow_queue_bytes: r.int_gauge(&FLOW_QUEUE_BYTES),
+            flow_saturation: r.gauge(&FLOW_SATURATION),
             buffered_bytes: r.single_gauge(&BUFFERED_BYTES),
             buffered_clients: r.single_gauge(&BUFFERED_CLIENTS),
             picker_pending: r.single_gauge(&PICKER_PENDING),

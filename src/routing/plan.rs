@@ -24,6 +24,8 @@ pub struct PlanOptions<'a> {
     pub disaggregate: bool,
     /// The LoRA adapter the request names, when its `model` is one (precise keys include it).
     pub lora: Option<&'a str>,
+    /// Flow control's gate, by endpoint index: only these may be picked (`None`: any).
+    pub open: Option<&'a [bool]>,
 }
 
 /// A pool-level decision and what it was made from.
@@ -247,6 +249,7 @@ impl Planner {
                 block_tokens,
                 priority: req.priority,
                 subset: opts.subset,
+                open: opts.open,
                 disaggregate: opts.disaggregate,
             },
             endpoints: snapshot,
@@ -388,7 +391,7 @@ mod tests {
     }
 
     fn opts() -> PlanOptions<'static> {
-        PlanOptions { subset: None, want: 1, now_ms: 0, disaggregate: true, lora: None }
+        PlanOptions { subset: None, want: 1, now_ms: 0, disaggregate: true, lora: None, open: None }
     }
 
     fn plan(

@@ -52,6 +52,8 @@ pub struct SchedRequest<'a> {
     pub priority: i64,
     /// The gateway's subset hint: only these endpoints may be picked.
     pub subset: Option<&'a Subset>,
+    /// Flow control's gate, by endpoint index: only the open ones may be picked (`None`: all).
+    pub open: Option<&'a [bool]>,
     /// The request may be split into prefill and decode legs (the completions APIs).
     pub disaggregate: bool,
 }
@@ -170,6 +172,9 @@ pub enum NoDecision {
     /// The pool has no endpoints at all.
     #[error("the pool has no endpoints")]
     NoEndpoints,
+    /// Flow control found every candidate saturated.
+    #[error("every endpoint that could take the request is saturated")]
+    Saturated,
     /// The gateway's subset hint matched none of the pool's endpoints.
     #[error("no endpoint of the pool is in the gateway's subset hint")]
     SubsetUnmatched,
@@ -313,6 +318,14 @@ impl Scheduler {
             }
         }
         locate(&ctx, &mut cands, explain.as_deref_mut())?;
+        if let Some(open) = input.request.open {
+            stage(explain.as_deref_mut(), "flow-control", &mut cands, &|c| {
+                c.retain(|&i| open.get(i).copied().unwrap_or(false));
+            });
+            if cands.is_empty() {
+                return Err(NoDecision::Saturated);
+            }
+        }
         let (targets, cold) = self.run_profile(&self.profile, &ctx, cands, rng, want, explain.as_deref_mut())?;
         let mut decision = Decision {
             profile: self.profile.name.clone(),

@@ -117,6 +117,12 @@ impl TtftModel {
         [0, 1, 2].map(|i| f64::from_bits(self.theta[i].load(Ordering::Relaxed)))
     }
 
+    /// The learned prefill rate, tokens per second.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        let ms_per_ktok = self.coefficients()[1];
+        if ms_per_ktok > 0.0 { KTOK * 1000.0 / ms_per_ktok } else { f64::INFINITY }
+    }
+
     /// Expected TTFT in ms for a request whose prefill work (tokens ahead + its own uncached
     /// tokens) is `work_tokens`, with `decodes` requests in decode.
     pub fn predict_ms(&self, work_tokens: u64, decodes: u64) -> f64 {

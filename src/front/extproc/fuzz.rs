@@ -38,7 +38,7 @@ pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
             let gateway = GATEWAY.with(|g| g.get_or_init(endpointless_gateway).clone());
             let mut stream = StreamState::new(gateway, Arc::new(ExtProcConfig::default()));
             for m in msgs {
-                let _ = stream.handle(m);
+                let _ = stream.handle_and_route(m, std::future::pending()).await;
                 if stream.done {
                     break;
                 }

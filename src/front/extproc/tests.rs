@@ -112,7 +112,7 @@ proptest::proptest! {
         rt.block_on(async {
             let mut stream = StreamState::new(endpointless_gateway(), Arc::new(ExtProcConfig::default()));
             for (kind, text, bytes, flag, mode) in msgs {
-                let _ = stream.handle(message(kind, &text, &bytes, flag, mode));
+                let _ = stream.handle_and_route(message(kind, &text, &bytes, flag, mode), std::future::pending()).await;
                 if stream.done {
                     break;
                 }
@@ -129,7 +129,7 @@ proptest::proptest! {
             let mut stream = StreamState::new(endpointless_gateway(), Arc::new(ExtProcConfig::default()));
             for f in frames {
                 if let Ok(m) = ProcessingRequest::decode(f.as_slice()) {
-                    let _ = stream.handle(m);
+                    let _ = stream.handle_and_route(m, std::future::pending()).await;
                 }
             }
         });

@@ -120,6 +120,8 @@ impl Config {
                 admission: Admission::default(),
                 tokenizer: None,
                 kv_events: None,
+                flow_control: None,
+                objectives: Vec::new(),
             }),
             [pool] if !pool.endpoints.is_empty() || pool.endpoints_file.is_some() => {
                 return Err(format!(

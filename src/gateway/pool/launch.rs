@@ -53,6 +53,13 @@ pub async fn launch(
                 planner.with_precise(PrecisePrefix::new(p.tokenizer, index, p.kv_events.stale_after_ms, p.block_size));
         }
         let pool = Pool::new(rp.name, planner, rp.admission, settings.clone(), telemetry.clone(), owner);
+        if rp.flow.enabled {
+            tracing::info!(
+                pool = pool.name(),
+                "flow control on: requests wait in kvgate while the endpoints are saturated"
+            );
+        }
+        pool.flow().configure(rp.flow, rp.objectives);
         if let Some(spec) = kv_events {
             pool.follow_kv_events(spec);
         }

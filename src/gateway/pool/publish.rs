@@ -134,7 +134,9 @@ impl Inner {
             bases.clone_from(&self.snapshot.read().models);
         }
         let snap = Arc::new(Snapshot { endpoints, adapters, models: bases, max_model_len });
-        *self.snapshot.write() = snap;
+        *self.snapshot.write() = snap.clone();
+        // A scrape, a health change or new endpoints may have opened room for waiters.
+        self.flow.published(snap);
     }
 
     /// Applies a scrape result to the endpoint that scraped it and to the other ranks behind
@@ -186,6 +188,10 @@ impl Inner {
                         }),
                         scraped_at_ms: now,
                     });
+                    let kv_tokens = engine.block_size.zip(engine.num_gpu_blocks).map(|(bs, n)| bs.saturating_mul(n));
+                    if let Some(x) = &m.metrics {
+                        self.flow.observe((m.addr, m.entry.rank), x, kv_tokens);
+                    }
                     if let (Some(bs), Some(blocks)) = (engine.block_size, engine.num_gpu_blocks) {
                         let bpt = self.planner.bytes_per_token().get();
                         let cap = self.planner.prefix_config().capacity_for_kv(blocks, bs, bpt);

@@ -115,7 +115,33 @@ pub(super) const DECISION_SECONDS: Family = Family {
 pub(super) const DECISION_BUCKETS: &[f64] =
     &[1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1];
 
+/// Flow control's queue wait, from arrival to dispatch (or refusal): 1 ms to 60 s and beyond.
+pub(super) const FLOW_QUEUE_BUCKETS: &[f64] =
+    &[0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+pub(super) const FLOW_QUEUE_DURATION: Family = Family {
+    name: "inference_extension_flow_control_request_queue_duration_seconds",
+    help: "Time requests spent in kvgate's flow-control queue, by outcome (dispatched, expired, rejected, shed).",
+    labels: &["pool", "priority", "outcome"],
+};
+
 // Gauges and counters.
+
+pub(super) const FLOW_QUEUE_SIZE: Family = Family {
+    name: "inference_extension_flow_control_queue_size",
+    help: "Requests waiting in kvgate's flow-control queue, by priority band and flow (64 flows by name per pool, then other).",
+    labels: &["pool", "priority", "fairness_id"],
+};
+pub(super) const FLOW_QUEUE_BYTES: Family = Family {
+    name: "inference_extension_flow_control_queue_bytes",
+    help: "Request bytes waiting in kvgate's flow-control queue, by priority band and flow.",
+    labels: &["pool", "priority", "fairness_id"],
+};
+pub(super) const FLOW_SATURATION: Family = Family {
+    name: "inference_extension_flow_control_pool_saturation",
+    help: "Share of the pool's endpoints in rotation that are saturated for a request of priority 0 (1 with none in rotation).",
+    labels: &["pool"],
+};
 
 pub(super) const INFO: Family = Family {
     name: "inference_extension_info",

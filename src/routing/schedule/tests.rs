@@ -29,6 +29,7 @@ fn request(total_blocks: usize) -> SchedRequest<'static> {
         block_tokens: 64,
         priority: 0,
         subset: None,
+        open: None,
         disaggregate: true,
     }
 }

@@ -1,0 +1,630 @@
+//! Flow control: a pool's bounded queue in front of dispatch, gated by what kvgate itself has
+//! in flight on each endpoint.
+//!
+//! An endpoint is *open* to a request while kvgate's requests in flight there are below its
+//! request bound (set, or learned from its scrapes: the running requests it had when it last
+//! queued some), its uncached prompt tokens in prefill below its token bound (set, or what its
+//! learned prefill rate computes in `prefill_window_ms`, at most its KV cache), and its scraped
+//! queue below `max_waiting_per_endpoint`: scrapes can add saturation, never hide what kvgate
+//! sent. A request finds the pool saturated when none of its candidates is open; it then waits
+//! here in its priority band (higher first, strictly), in its flow's line (round robin between
+//! flows, FCFS or EDF within one), until a capacity event — a request's end or first byte, a
+//! published snapshot (scrape, discovery, health) — lets it go ([`FlowControl::pump`]), its TTL
+//! passes, or its client leaves. One waiter is let go at a time: it plans and is counted in
+//! flight holding its [`Turn`], and only when the turn is dropped is the next one looked at, so
+//! a burst of wakes cannot overshoot. Sheddable requests (negative priority) are never queued.
+//! A lower band leaves `headroom_percent` of each bound free while a higher band has had
+//! requests in the last 10 s, so a higher band finds room at once rather than behind it.
+
+pub mod objectives;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
+
+use super::{Snapshot, now_ms};
+use crate::gateway::config::flow::{FlowSettings, GateKind, Ordering};
+use crate::gateway::error::QueueRefusal as Refusal;
+use crate::gateway::telemetry::Telemetry;
+use crate::routing::endpoint::{Endpoint, Health, Metrics};
+use crate::routing::schedule::Subset;
+
+pub use objectives::Objectives;
+
+/// How long a band counts as busy after its last request, for the headroom lower bands leave.
+const BUSY_BAND: Duration = Duration::from_secs(10);
+/// Flows looked at per capacity event at most (the head of each).
+const SCAN: usize = 256;
+/// Distinct flow labels per pool in metrics; the rest are `other`.
+const FLOW_LABELS: usize = 64;
+/// The flow of a request that names none.
+pub const DEFAULT_FLOW: &str = "default-flow";
+
+/// What a request says of itself to flow control, from its headers (or the picker API's
+/// fields).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Class<'a> {
+    /// `x-llm-d-inference-objective`.
+    pub objective: Option<&'a str>,
+    /// `x-llm-d-inference-fairness-id`.
+    pub flow: Option<&'a str>,
+    /// `x-llm-d-slo-ttft-ms`: the deadline EDF orders by.
+    pub slo_ttft_ms: Option<u64>,
+}
+
+/// What an endpoint is learned to take.
+#[derive(Debug, Clone, Copy, Default)]
+struct Learned {
+    /// Running requests it had when it last queued some (then grown while it keeps up).
+    batch: Option<u64>,
+    /// Its KV cache in tokens (`vllm:cache_config_info`).
+    kv_tokens: Option<u64>,
+}
+
+/// An endpoint across snapshots.
+type Key = (SocketAddr, Option<u32>);
+
+fn key(e: &Endpoint) -> Key {
+    (e.address, e.rank)
+}
+
+/// Which endpoints a request could go to.
+#[derive(Debug)]
+pub struct Probe {
+    /// Its model or adapter.
+    pub model: String,
+    /// The subset it may go to.
+    pub subset: Option<Subset>,
+}
+
+/// One waiting request.
+#[derive(Debug)]
+struct Waiting {
+    seq: u64,
+    deadline: Instant,
+    bytes: u64,
+    probe: Arc<Probe>,
+    wake: oneshot::Sender<Turn>,
+}
+
+#[derive(Debug)]
+struct Flow {
+    id: Arc<str>,
+    label: Arc<str>,
+    line: VecDeque<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Band {
+    /// Round-robin order: the front flow is served next.
+    flows: VecDeque<Flow>,
+    requests: u64,
+    bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    bands: BTreeMap<Reverse<i64>, Band>,
+    requests: u64,
+    bytes: u64,
+    next_seq: u64,
+    /// A waiter has been let go and has not planned yet.
+    dispatching: bool,
+    /// Flow labels handed out.
+    labels: Vec<Arc<str>>,
+}
+
+/// A pool's flow control.
+#[derive(Debug)]
+pub struct FlowControl {
+    pool: String,
+    models: Vec<String>,
+    stale_ms: u64,
+    enabled: AtomicBool,
+    settings: RwLock<Arc<FlowSettings>>,
+    objectives: Objectives,
+    learned: Mutex<HashMap<Key, Learned>>,
+    queue: Mutex<Queue>,
+    /// Requests waiting (read without the lock at every capacity event).
+    waiting: AtomicUsize,
+    /// When each priority last had a request.
+    seen: Mutex<BTreeMap<i64, Instant>>,
+    /// The pool's endpoints as last published.
+    snapshot: RwLock<Arc<Snapshot>>,
+    telemetry: Arc<Telemetry>,
+}
+
+/// The right to plan, given to one waiter at a time; the request plans and is counted in
+/// flight while it holds it, and dropping it lets the next waiter be looked at.
+#[derive(Debug)]
+pub struct Turn {
+    flow: Option<Arc<FlowControl>>,
+}
+
+impl Turn {
+    /// Forgets the turn without releasing it (its giver takes it back).
+    fn defuse(mut self) {
+        self.flow = None;
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(f) = self.flow.take() {
+            f.queue.lock().dispatching = false;
+            f.pump();
+        }
+    }
+}
+
+/// A request let through: its turn (if it waited for one), the endpoints open to it, and how
+/// long it waited.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Held while the request plans.
+    pub turn: Option<Turn>,
+    /// The snapshot its gate looked at (the mask is by its indices).
+    pub snapshot: Arc<Snapshot>,
+    /// By index of `snapshot`: the endpoints open to it.
+    pub open: Vec<bool>,
+    /// Its time in the queue.
+    pub waited: Duration,
+}
+
+/// A queued request's place; leaving (a client gone, a TTL passed) takes it out.
+struct Place<'f> {
+    flow: &'f Arc<FlowControl>,
+    priority: i64,
+    id: Arc<str>,
+    seq: Option<u64>,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if let Some(seq) = self.seq.take() {
+            self.flow.remove(self.priority, &self.id, seq);
+        }
+    }
+}
+
+/// One band's queue for `/debug/endpoints`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BandStatus {
+    /// Its priority.
+    pub priority: i64,
+    /// Requests waiting.
+    pub requests: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Requests waiting per flow.
+    pub flows: BTreeMap<String, usize>,
+}
+
+/// A pool's flow control for `/debug/endpoints`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlowStatus {
+    /// The settings in force.
+    pub settings: FlowSettings,
+    /// Each band with requests waiting, highest first.
+    pub bands: Vec<BandStatus>,
+    /// Known objectives and their priorities.
+    pub objectives: BTreeMap<String, i64>,
+    /// Per endpoint: the request bound learned from its scrapes.
+    pub learned_requests: BTreeMap<String, u64>,
+}
+
+impl FlowControl {
+    /// Flow control for pool `pool` serving `models`, off until [`FlowControl::configure`];
+    /// scraped load counts while younger than `stale_ms`.
+    pub fn new(pool: &str, models: &[String], stale_ms: u64, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            pool: pool.to_owned(),
+            models: models.to_vec(),
+            stale_ms,
+            enabled: AtomicBool::new(false),
+            settings: RwLock::new(Arc::new(FlowSettings::default())),
+            objectives: Objectives::default(),
+            learned: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Queue::default()),
+            waiting: AtomicUsize::new(0),
+            seen: Mutex::new(BTreeMap::new()),
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            telemetry,
+        }
+    }
+
+    /// Sets the pool's flow control and its configured objectives.
+    pub fn configure(&self, settings: FlowSettings, objectives: impl IntoIterator<Item = (String, i64)>) {
+        self.enabled.store(settings.enabled, AtomicOrdering::Relaxed);
+        *self.settings.write() = Arc::new(settings);
+        self.objectives.set_configured(objectives);
+    }
+
+    /// Whether requests may wait here.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(AtomicOrdering::Relaxed)
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<FlowSettings> {
+        self.settings.read().clone()
+    }
+
+    /// The pool's objectives.
+    pub fn objectives(&self) -> &Objectives {
+        &self.objectives
+    }
+
+    /// Requests waiting.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Takes a newly published snapshot and lets waiters go if it opened room.
+    pub(super) fn published(self: &Arc<Self>, snapshot: Arc<Snapshot>) {
+        *self.snapshot.write() = snapshot;
+        self.pump();
+    }
+
+    /// Learns from a scrape of an endpoint: one that queues runs as many requests as it can;
+    /// one that runs at least what it was allowed with none waiting may take more (an eighth,
+    /// at least one).
+    pub(super) fn observe(&self, key: Key, m: &Metrics, kv_tokens: Option<u64>) {
+        let mut learned = self.learned.lock();
+        let l = learned.entry(key).or_default();
+        if kv_tokens.is_some() {
+            l.kv_tokens = kv_tokens;
+        }
+        let running = u64::from(m.running);
+        if m.waiting > 0 {
+            l.batch = Some(running.max(1));
+        } else if let Some(b) = l.batch
+            && running >= b
+        {
+            l.batch = Some(b + (b / 8).max(1));
+        }
+    }
+
+    /// Whether bands above `priority` had requests lately (a lower band then leaves headroom).
+    fn headroom_for(&self, priority: i64, now: Instant) -> bool {
+        self.seen.lock().range(priority.saturating_add(1)..).any(|(_, at)| now.duration_since(*at) < BUSY_BAND)
+    }
+
+    /// Whether `e` is open (`headroom`: leaving room for a busy higher band) at monotonic `now_ms`.
+    fn open(&self, s: &FlowSettings, e: &Endpoint, headroom: bool, now_ms: u64) -> bool {
+        let fresh = e.fresh_metrics(now_ms, self.stale_ms);
+        let queues = |m: &Metrics| u64::from(m.waiting) >= s.max_waiting_per_endpoint;
+        if s.gate == GateKind::Scrape {
+            return fresh.is_some_and(|m| !queues(m) && m.kv_usage < s.max_kv_usage);
+        }
+        if fresh.is_some_and(queues) {
+            return false;
+        }
+        let leave = |bound: u64| {
+            if headroom {
+                bound.saturating_sub((bound.saturating_mul(u64::from(s.headroom_percent))).div_ceil(100)).max(1)
+            } else {
+                bound
+            }
+        };
+        let learned = self.learned.lock().get(&key(e)).copied().unwrap_or_default();
+        let f = &e.in_flight;
+        if let Some(max) = s.max_requests_per_endpoint.or(learned.batch)
+            && f.requests() >= leave(max)
+        {
+            return false;
+        }
+        let tokens = f.tokens();
+        if tokens == 0 {
+            return true;
+        }
+        let bound = s.max_prefill_tokens_per_endpoint.unwrap_or_else(|| {
+            let by_rate = (e.ttft.prefill_tokens_per_s() * s.prefill_window.as_secs_f64()).max(1.0) as u64;
+            learned.kv_tokens.map_or(by_rate, |kv| by_rate.min(kv))
+        });
+        tokens < leave(bound)
+    }
+
+    /// The endpoints `probe` could go to, by index: serving its model within its subset, in
+    /// rotation (else ejected but answering, else probing).
+    fn candidates(&self, endpoints: &[Endpoint], probe: &Probe) -> Vec<usize> {
+        let mut c: Vec<usize> = (0..endpoints.len())
+            .filter(|&i| {
+                let e = &endpoints[i];
+                e.serves(&probe.model, &self.models) && probe.subset.as_ref().is_none_or(|s| s.contains(e.address))
+            })
+            .collect();
+        let healthy = |i: &usize| endpoints[*i].health == Health::Healthy;
+        if c.iter().any(healthy) {
+            c.retain(healthy);
+        } else if c.iter().any(|&i| endpoints[i].ejected) {
+            c.retain(|&i| endpoints[i].ejected);
+        } else {
+            c.retain(|&i| endpoints[i].health == Health::Probing);
+        }
+        c
+    }
+
+    /// The endpoints open to `probe` at `priority`, by index of `endpoints`; `None` when none is.
+    fn open_mask(&self, s: &FlowSettings, endpoints: &[Endpoint], probe: &Probe, priority: i64) -> Option<Vec<bool>> {
+        let headroom = self.headroom_for(priority, Instant::now());
+        let now = now_ms();
+        let mut mask = vec![false; endpoints.len()];
+        let mut any = false;
+        for i in self.candidates(endpoints, probe) {
+            if self.open(s, &endpoints[i], headroom, now) {
+                mask[i] = true;
+                any = true;
+            }
+        }
+        any.then_some(mask)
+    }
+
+    /// The share of the pool's endpoints in rotation that are saturated for a request of
+    /// priority 0 (`flow_control_pool_saturation`).
+    pub fn saturation(&self) -> f64 {
+        let s = self.settings();
+        let snap = self.snapshot.read().clone();
+        let now = now_ms();
+        let up: Vec<&Endpoint> = snap.endpoints.iter().filter(|e| e.health == Health::Healthy).collect();
+        if up.is_empty() {
+            return 1.0;
+        }
+        let full = up.iter().filter(|e| !self.open(&s, e, false, now)).count();
+        full as f64 / up.len() as f64
+    }
+
+    /// Waits, if it must, until a request of `class` and `priority` for `probe`, of `bytes`,
+    /// may plan on `endpoints` (the snapshot it will plan on; later ones are asked when it
+    /// waited): at once when an endpoint is open to it and nobody of its priority or above
+    /// waits, else in the queue. Dropping the future leaves the queue.
+    pub async fn enter(
+        self: &Arc<Self>,
+        endpoints: &(dyn Fn() -> Arc<Snapshot> + Send + Sync),
+        probe: Probe,
+        priority: i64,
+        class: Class<'_>,
+        bytes: u64,
+    ) -> Result<Admitted, Refusal> {
+        let s = self.settings();
+        let arrived = Instant::now();
+        self.seen.lock().insert(priority, arrived);
+        {
+            let q = self.queue.lock();
+            let ahead = q.dispatching || q.bands.range(..=Reverse(priority)).any(|(_, b)| b.requests > 0);
+            let snapshot = endpoints();
+            if !ahead && let Some(open) = self.open_mask(&s, &snapshot.endpoints, &probe, priority) {
+                return Ok(Admitted { turn: None, snapshot, open, waited: Duration::ZERO });
+            }
+        }
+        if priority < 0 {
+            self.observe_wait(priority, "shed", Duration::ZERO);
+            return Err(Refusal::Shed);
+        }
+        let ttl = s.ttl;
+        let deadline = arrived + class.slo_ttft_ms.map_or(ttl, Duration::from_millis).min(ttl);
+        let expires = arrived + ttl;
+        let id: Arc<str> = Arc::from(class.flow.filter(|f| !f.is_empty()).unwrap_or(DEFAULT_FLOW));
+        let probe = Arc::new(probe);
+        let mut place = Place { flow: self, priority, id: id.clone(), seq: None };
+        // A turn taken back to the queue: released once its holder is in line again.
+        let mut given_back: Option<Turn> = None;
+        loop {
+            let (tx, mut rx) = oneshot::channel();
+            let w = Waiting { seq: place.seq.unwrap_or(0), deadline, bytes, probe: probe.clone(), wake: tx };
+            let Ok(seq) = self.push(&s, priority, &id, w, given_back.is_some()) else {
+                self.observe_wait(priority, "rejected", arrived.elapsed());
+                return Err(Refusal::Full);
+            };
+            place.seq = Some(seq);
+            match given_back.take() {
+                Some(turn) => drop(turn),
+                // Room may have opened since the look above, with no event left to tell.
+                None => self.pump(),
+            }
+            let turn = tokio::select! {
+                t = &mut rx => t.ok(),
+                () = tokio::time::sleep_until(expires.into()) => rx.try_recv().ok(),
+            };
+            let Some(turn) = turn else {
+                drop(place);
+                let empty = self.candidates(&endpoints().endpoints, &probe).is_empty();
+                self.observe_wait(priority, "expired", arrived.elapsed());
+                return Err(if empty { Refusal::ExpiredEmpty } else { Refusal::Expired });
+            };
+            // The pump took it out of the queue; its place (seq) is kept for a return.
+            let seq = place.seq.take();
+            let snapshot = endpoints();
+            if let Some(open) = self.open_mask(&s, &snapshot.endpoints, &probe, priority) {
+                self.observe_wait(priority, "dispatched", arrived.elapsed());
+                return Ok(Admitted { turn: Some(turn), snapshot, open, waited: arrived.elapsed() });
+            }
+            // Someone took the room in between: back to the head of its line.
+            place.seq = seq;
+            given_back = Some(turn);
+        }
+    }
+
+    /// Queues `w` in its band and flow (at the head of its line when `front`: a waiter taken
+    /// back keeps its place); returns its sequence number, or `Err` when a bound is reached.
+    fn push(&self, s: &FlowSettings, priority: i64, id: &Arc<str>, mut w: Waiting, front: bool) -> Result<u64, ()> {
+        let mut q = self.queue.lock();
+        let band_full = q.bands.get(&Reverse(priority)).is_some_and(|b| {
+            b.requests >= s.max_requests_per_band || b.bytes.saturating_add(w.bytes) > s.max_bytes_per_band
+        });
+        if !front && (band_full || q.requests >= s.max_requests || q.bytes.saturating_add(w.bytes) > s.max_bytes) {
+            return Err(());
+        }
+        if !front {
+            w.seq = q.next_seq;
+            q.next_seq += 1;
+        }
+        let seq = w.seq;
+        let label = if q.labels.iter().any(|l| l == id) {
+            id.clone()
+        } else if q.labels.len() < FLOW_LABELS {
+            q.labels.push(id.clone());
+            id.clone()
+        } else {
+            Arc::from("other")
+        };
+        q.requests += 1;
+        q.bytes += w.bytes;
+        let bytes = w.bytes;
+        let band = q.bands.entry(Reverse(priority)).or_default();
+        band.requests += 1;
+        band.bytes += bytes;
+        let flow = match band.flows.iter().position(|f| f.id == *id) {
+            Some(i) => &mut band.flows[i],
+            None => {
+                band.flows.push_back(Flow { id: id.clone(), label, line: VecDeque::new() });
+                band.flows.back_mut().expect("just pushed")
+            }
+        };
+        let at = match (s.ordering, front) {
+            (Ordering::Fcfs, true) => 0,
+            (Ordering::Fcfs, false) => flow.line.len(),
+            (Ordering::Edf, _) => flow.line.partition_point(|x| (x.deadline, x.seq) <= (w.deadline, w.seq)),
+        };
+        flow.line.insert(at, w);
+        let label = flow.label.clone();
+        drop(q);
+        self.waiting.fetch_add(1, AtomicOrdering::Relaxed);
+        self.gauges(priority, &label, 1, bytes as i64);
+        Ok(seq)
+    }
+
+    /// Takes request `seq` of flow `id` out of band `priority`, if it is still there.
+    fn remove(&self, priority: i64, id: &str, seq: u64) {
+        let mut q = self.queue.lock();
+        let Some(band) = q.bands.get_mut(&Reverse(priority)) else { return };
+        let Some(fi) = band.flows.iter().position(|f| &*f.id == id) else { return };
+        let Some(wi) = band.flows[fi].line.iter().position(|w| w.seq == seq) else { return };
+        let w = band.flows[fi].line.remove(wi).expect("found");
+        let label = band.flows[fi].label.clone();
+        if band.flows[fi].line.is_empty() {
+            band.flows.remove(fi);
+        }
+        Self::took(&mut q, priority, w.bytes);
+        drop(q);
+        self.waiting.fetch_sub(1, AtomicOrdering::Relaxed);
+        self.gauges(priority, &label, -1, -(w.bytes as i64));
+    }
+
+    /// Counts a request out of band `priority`, dropping the band once empty.
+    fn took(q: &mut Queue, priority: i64, bytes: u64) {
+        q.requests -= 1;
+        q.bytes -= bytes;
+        if let Some(band) = q.bands.get_mut(&Reverse(priority)) {
+            band.requests -= 1;
+            band.bytes -= bytes;
+            if band.requests == 0 {
+                q.bands.remove(&Reverse(priority));
+            }
+        }
+    }
+
+    fn gauges(&self, priority: i64, label: &str, requests: i64, bytes: i64) {
+        let p = priority.to_string();
+        let labels = [self.pool.as_str(), p.as_str(), label];
+        self.telemetry.flow_queue_size.with_label_values(&labels).add(requests);
+        self.telemetry.flow_queue_bytes.with_label_values(&labels).add(bytes);
+    }
+
+    fn observe_wait(&self, priority: i64, outcome: &str, waited: Duration) {
+        let p = priority.to_string();
+        self.telemetry
+            .flow_queue_duration
+            .with_label_values(&[self.pool.as_str(), p.as_str(), outcome])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Lets the next waiter go if an endpoint is open to it: bands highest first, and in a band
+    /// the head of each flow in round-robin order. Called at every capacity event; nothing to
+    /// do (one atomic load) while nobody waits or a waiter holds the turn.
+    pub fn pump(self: &Arc<Self>) {
+        if self.waiting() == 0 {
+            return;
+        }
+        let s = self.settings();
+        let snap = self.snapshot.read().clone();
+        let mut q = self.queue.lock();
+        if q.dispatching {
+            return;
+        }
+        loop {
+            let Some((priority, fi)) = self.next_open(&q, &s, &snap.endpoints) else { return };
+            let band = q.bands.get_mut(&Reverse(priority)).expect("found");
+            let mut flow = band.flows.remove(fi).expect("found");
+            let w = flow.line.pop_front().expect("a flow in a band has a line");
+            let label = flow.label.clone();
+            // Round robin: the flow served goes to the back.
+            if !flow.line.is_empty() {
+                band.flows.push_back(flow);
+            }
+            Self::took(&mut q, priority, w.bytes);
+            self.waiting.fetch_sub(1, AtomicOrdering::Relaxed);
+            self.gauges(priority, &label, -1, -(w.bytes as i64));
+            q.dispatching = true;
+            match w.wake.send(Turn { flow: Some(self.clone()) }) {
+                Ok(()) => return,
+                // Its client left as it was chosen: the turn comes back, the next one is looked at.
+                Err(turn) => {
+                    turn.defuse();
+                    q.dispatching = false;
+                }
+            }
+        }
+    }
+
+    /// The band and flow index of the first waiter an endpoint is open to, in service order.
+    fn next_open(&self, q: &Queue, s: &FlowSettings, endpoints: &[Endpoint]) -> Option<(i64, usize)> {
+        let mut looked = 0;
+        for (Reverse(priority), band) in &q.bands {
+            for (fi, flow) in band.flows.iter().enumerate() {
+                looked += 1;
+                if looked > SCAN {
+                    return None;
+                }
+                let Some(head) = flow.line.front() else { continue };
+                if head.wake.is_closed() {
+                    continue;
+                }
+                if self.open_mask(s, endpoints, &head.probe, *priority).is_some() {
+                    return Some((*priority, fi));
+                }
+            }
+        }
+        None
+    }
+
+    /// The queue by band, the objectives and what was learned, for `/debug/endpoints`.
+    pub fn status(&self) -> FlowStatus {
+        let q = self.queue.lock();
+        let bands = q
+            .bands
+            .iter()
+            .map(|(Reverse(priority), b)| BandStatus {
+                priority: *priority,
+                requests: b.requests,
+                bytes: b.bytes,
+                flows: b.flows.iter().map(|f| (f.id.to_string(), f.line.len())).collect(),
+            })
+            .collect();
+        drop(q);
+        let snap = self.snapshot.read().clone();
+        let learned = self.learned.lock();
+        let learned_requests = snap
+            .endpoints
+            .iter()
+            .filter_map(|e| learned.get(&key(e)).and_then(|l| l.batch).map(|b| (e.name.clone(), b)))
+            .collect();
+        FlowStatus { settings: (*self.settings()).clone(), bands, objectives: self.objectives.all(), learned_requests }
+    }
+}
