@@ -144,6 +144,9 @@ impl Gateway {
             .collect();
         self.telemetry.buffered_bytes.set(self.body_budget.held() as i64);
         self.telemetry.buffered_clients.set(self.body_budget.clients() as i64);
+        for p in self.pools.iter().filter(|p| p.flow().enabled()) {
+            self.telemetry.flow_saturation.with_label_values(&[p.name()]).set(p.flow().saturation());
+        }
         self.telemetry.render(&views)
     }
 

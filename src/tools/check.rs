@@ -102,6 +102,7 @@ fn describe_pool(out: &mut String, pool: &ResolvedPool) {
     for line in pool.scheduler.to_string().lines() {
         let _ = writeln!(out, "  {line}");
     }
+    describe_flow(out, pool);
     if let Some(p) = &pool.precise {
         let ev = &p.kv_events;
         let how = match (&ev.port, &ev.bind) {
@@ -117,6 +118,42 @@ fn describe_pool(out: &mut String, pool: &ResolvedPool) {
             p.tokenizer_dir.display(),
             if p.tokenizer.has_chat_template() { "yes" } else { "no" }
         );
+    }
+}
+
+/// The pool's flow control and objectives, as `check-config` prints them.
+fn describe_flow(out: &mut String, pool: &ResolvedPool) {
+    let f = &pool.flow;
+    if f.enabled {
+        let bound = |set: Option<u64>, learned: &str| set.map_or_else(|| learned.to_owned(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "  flow control: on; gate {:?}; TTL {} ms; queue at most {} requests / {} bytes ({} / {} per band); {:?} within a flow",
+            f.gate,
+            f.ttl.as_millis(),
+            f.max_requests,
+            f.max_bytes,
+            f.max_requests_per_band,
+            f.max_bytes_per_band,
+            f.ordering,
+        );
+        let _ = writeln!(
+            out,
+            "    per endpoint: requests {}, prefill tokens {}, scraped waiting {}; lower bands leave {}% to a busy higher one",
+            bound(f.max_requests_per_endpoint, "learned from its scrapes"),
+            bound(
+                f.max_prefill_tokens_per_endpoint,
+                &format!("its learned rate × {} ms", f.prefill_window.as_millis())
+            ),
+            f.max_waiting_per_endpoint,
+            f.headroom_percent,
+        );
+    } else {
+        let _ = writeln!(out, "  flow control: off (requests go to the endpoints' own queues)");
+    }
+    if !pool.objectives.is_empty() {
+        let list: Vec<String> = pool.objectives.iter().map(|(n, p)| format!("{n} → {p}")).collect();
+        let _ = writeln!(out, "  objectives: {}", list.join(", "));
     }
 }
 

@@ -273,8 +273,9 @@ impl FlowControl {
     }
 
     /// Learns from a scrape of an endpoint: one that queues runs as many requests as it can;
-    /// one that runs at least what it was allowed with none waiting may take more (an eighth,
-    /// at least one).
+    /// one that runs at least what it was allowed with none waiting may take one more (so the
+    /// bound finds its way back up after other clients or a full cache held it down, while the
+    /// engine's own queue holds at most one of kvgate's requests meanwhile).
     pub(super) fn observe(&self, key: Key, m: &Metrics, kv_tokens: Option<u64>) {
         let mut learned = self.learned.lock();
         let l = learned.entry(key).or_default();
@@ -287,7 +288,7 @@ impl FlowControl {
         } else if let Some(b) = l.batch
             && running >= b
         {
-            l.batch = Some(b + (b / 8).max(1));
+            l.batch = Some(b + 1);
         }
     }
 
@@ -297,7 +298,14 @@ impl FlowControl {
     }
 
     /// Whether `e` is open (`headroom`: leaving room for a busy higher band) at monotonic `now_ms`.
-    fn open(&self, s: &FlowSettings, e: &Endpoint, headroom: bool, now_ms: u64) -> bool {
+    fn open(
+        &self,
+        s: &FlowSettings,
+        learned: &HashMap<Key, Learned>,
+        e: &Endpoint,
+        headroom: bool,
+        now_ms: u64,
+    ) -> bool {
         let fresh = e.fresh_metrics(now_ms, self.stale_ms);
         let queues = |m: &Metrics| u64::from(m.waiting) >= s.max_waiting_per_endpoint;
         if s.gate == GateKind::Scrape {
@@ -313,7 +321,7 @@ impl FlowControl {
                 bound
             }
         };
-        let learned = self.learned.lock().get(&key(e)).copied().unwrap_or_default();
+        let learned = learned.get(&key(e)).copied().unwrap_or_default();
         let f = &e.in_flight;
         if let Some(max) = s.max_requests_per_endpoint.or(learned.batch)
             && f.requests() >= leave(max)
@@ -357,8 +365,9 @@ impl FlowControl {
         let now = now_ms();
         let mut mask = vec![false; endpoints.len()];
         let mut any = false;
+        let learned = self.learned.lock();
         for i in self.candidates(endpoints, probe) {
-            if self.open(s, &endpoints[i], headroom, now) {
+            if self.open(s, &learned, &endpoints[i], headroom, now) {
                 mask[i] = true;
                 any = true;
             }
@@ -376,7 +385,8 @@ impl FlowControl {
         if up.is_empty() {
             return 1.0;
         }
-        let full = up.iter().filter(|e| !self.open(&s, e, false, now)).count();
+        let learned = self.learned.lock();
+        let full = up.iter().filter(|e| !self.open(&s, &learned, e, false, now)).count();
         full as f64 / up.len() as f64
     }
 
@@ -586,6 +596,8 @@ impl FlowControl {
     /// The band and flow index of the first waiter an endpoint is open to, in service order.
     fn next_open(&self, q: &Queue, s: &FlowSettings, endpoints: &[Endpoint]) -> Option<(i64, usize)> {
         let mut looked = 0;
+        // Heads of the same model and band (no subset) see the same endpoints: one look each.
+        let mut closed: Vec<(&str, i64)> = Vec::new();
         for (Reverse(priority), band) in &q.bands {
             for (fi, flow) in band.flows.iter().enumerate() {
                 looked += 1;
@@ -596,8 +608,15 @@ impl FlowControl {
                 if head.wake.is_closed() {
                     continue;
                 }
+                let plain = head.probe.subset.is_none();
+                if plain && closed.contains(&(head.probe.model.as_str(), *priority)) {
+                    continue;
+                }
                 if self.open_mask(s, endpoints, &head.probe, *priority).is_some() {
                     return Some((*priority, fi));
+                }
+                if plain {
+                    closed.push((head.probe.model.as_str(), *priority));
                 }
             }
         }
