@@ -16,6 +16,7 @@
 //! endpoint; the count is released when the response ends or the stream goes away.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
@@ -25,7 +26,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ProcessingRequest,
     ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation::Mutation,
 };
-use envoy_types::pb::google::protobuf::{Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Value, value::Kind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -140,7 +141,7 @@ impl ExternalProcessor for Picker {
                 };
                 // While the request waits in flow control's queue the stream is held; one whose
                 // other end left (Envoy reset it) leaves the queue.
-                let Some(out) = stream.handle_and_route(msg, tx.closed()).await else { return };
+                let Some(out) = stream.handle_and_route(msg, &tx).await else { return };
                 for out in out {
                     if tx.send(Ok(out)).await.is_err() {
                         return;
@@ -155,6 +156,10 @@ impl ExternalProcessor for Picker {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
+
+/// How long a decision may take before Envoy is asked to wait longer for it (a request waiting
+/// in flow control's queue); well within Envoy's default `message_timeout` of 200 ms.
+const QUEUED_AFTER: Duration = Duration::from_millis(50);
 
 /// Resolves at `at`; never without it.
 async fn due(at: Option<tokio::time::Instant>) {
@@ -409,18 +414,40 @@ impl StreamState {
         }
     }
 
-    /// Handles a message, and routes the request when it is complete (waiting, if it must, until
-    /// `gone` resolves: the stream's other end left). `None` when it left while waiting.
+    /// Handles a message, and routes the request when it is complete. A request that waits in
+    /// flow control's queue holds the stream: after [`QUEUED_AFTER`] Envoy is asked once, on
+    /// `tx`, to wait for the answer as long as the longest queue wait (`override_message_timeout`,
+    /// honoured up to the filter's `max_message_timeout`). `None` when the stream's other end
+    /// left while the request waited (its place in the queue is given up).
     async fn handle_and_route(
         &mut self,
         msg: ProcessingRequest,
-        gone: impl Future<Output = ()>,
+        tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
     ) -> Option<Vec<ProcessingResponse>> {
         let mut out = self.handle(msg);
         if let Some(with_body) = self.deciding.take() {
-            let routed = tokio::select! {
-                r = self.route() => r,
-                () = gone => return None,
+            let wait = self.gateway.longest_queue_wait();
+            let routed = {
+                let route = self.route();
+                tokio::pin!(route);
+                let mut asked = wait.is_none();
+                loop {
+                    tokio::select! {
+                        r = &mut route => break r,
+                        () = tx.closed() => return None,
+                        () = tokio::time::sleep(QUEUED_AFTER), if !asked => {
+                            asked = true;
+                            let longer = wait.map(|w| ProtoDuration {
+                                seconds: i64::try_from(w.as_secs() + 1).unwrap_or(i64::MAX),
+                                nanos: 0,
+                            });
+                            let extend = ProcessingResponse { override_message_timeout: longer, ..Default::default() };
+                            if tx.send(Ok(extend)).await.is_err() {
+                                return None;
+                            }
+                        }
+                    }
+                }
             };
             out.extend(self.decided(routed, with_body));
         }

@@ -230,6 +230,11 @@ impl Gateway {
         }
     }
 
+    /// The longest a request may wait in a pool's flow-control queue (`None`: no pool queues).
+    pub fn longest_queue_wait(&self) -> Option<std::time::Duration> {
+        self.pools.iter().filter(|p| p.flow().enabled()).map(|p| p.flow().settings().ttl).max()
+    }
+
     /// Whether some pool has an endpoint in rotation (`GET /health`).
     pub fn healthy(&self) -> bool {
         self.pools.iter().any(|p| p.snapshot().endpoints.iter().any(|e| e.health == Health::Healthy))

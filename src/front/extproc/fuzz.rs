@@ -36,9 +36,10 @@ pub(crate) fn fuzz(msgs: Vec<ProcessingRequest>) {
     RT.with(|rt| {
         rt.block_on(async {
             let gateway = GATEWAY.with(|g| g.get_or_init(endpointless_gateway).clone());
+            let (tx, _rx) = tokio::sync::mpsc::channel(64);
             let mut stream = StreamState::new(gateway, Arc::new(ExtProcConfig::default()));
             for m in msgs {
-                let _ = stream.handle_and_route(m, std::future::pending()).await;
+                let _ = stream.handle_and_route(m, &tx).await;
                 if stream.done {
                     break;
                 }

@@ -110,9 +110,10 @@ proptest::proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
+            let (tx, _rx) = tokio::sync::mpsc::channel(64);
             let mut stream = StreamState::new(endpointless_gateway(), Arc::new(ExtProcConfig::default()));
             for (kind, text, bytes, flag, mode) in msgs {
-                let _ = stream.handle_and_route(message(kind, &text, &bytes, flag, mode), std::future::pending()).await;
+                let _ = stream.handle_and_route(message(kind, &text, &bytes, flag, mode), &tx).await;
                 if stream.done {
                     break;
                 }
@@ -126,10 +127,11 @@ proptest::proptest! {
         use tonic_prost::prost::Message;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
+            let (tx, _rx) = tokio::sync::mpsc::channel(64);
             let mut stream = StreamState::new(endpointless_gateway(), Arc::new(ExtProcConfig::default()));
             for f in frames {
                 if let Ok(m) = ProcessingRequest::decode(f.as_slice()) {
-                    let _ = stream.handle_and_route(m, std::future::pending()).await;
+                    let _ = stream.handle_and_route(m, &tx).await;
                 }
             }
         });
