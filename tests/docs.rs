@@ -434,6 +434,7 @@ pages! {
     configuration_commands_run => "docs/configuration.md",
     deployment_patterns_commands_run => "docs/deployment-patterns.md",
     envoy_commands_run => "docs/envoy.md",
+    flow_control_commands_run => "docs/flow-control.md",
     kubernetes_commands_run => "docs/kubernetes.md",
     performance_commands_run => "docs/performance.md",
     picker_api_commands_run => "docs/picker-api.md",
