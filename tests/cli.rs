@@ -314,3 +314,17 @@ fn endpoints_files_that_are_not_regular_files_are_refused() {
         &["pools[0].endpoints_file", "is 117 bytes, over the limit of 64 bytes (`endpoints_file_max_bytes`)"],
     );
 }
+
+/// check-config shows each pool's flow control as resolved, and its objectives.
+#[test]
+fn check_config_describes_flow_control() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/flow-control.yaml");
+    let out = kvgate(&["check-config", path]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("flow control: on; gate Accounting; TTL 60000 ms"), "{text}");
+    assert!(text.contains("requests learned from its scrapes"), "{text}");
+    assert!(text.contains("objectives: interactive → 10, standard → 0, batch → -1"), "{text}");
+    let minimal = kvgate(&["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/minimal.yaml")]);
+    assert!(String::from_utf8_lossy(&minimal.stdout).contains("flow control: off"));
+}

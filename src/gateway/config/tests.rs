@@ -95,6 +95,41 @@ fn config_errors_name_the_place() {
     check_config(&with_admission("{max_in_flight: 8, sheddable_headroom: 0.5}"), Ok(1));
 }
 
+/// Flow control's keys and the objectives are checked where they are written, globally and per
+/// pool; a pool's keys override the global ones one by one.
+#[test]
+fn flow_control_and_objectives_are_checked_and_merged() {
+    let pool =
+        |extra: &str| format!("pools: [{{name: a, models: [m], endpoints: [{{address: '127.0.0.1:1'}}]{extra}}}]");
+    check_config(&format!("flow_control: {{ttl_ms: 0}}\n{}", pool("")), Err(("flow_control.ttl_ms", "1 ms to 24 h")));
+    check_config(&pool(", flow_control: {max_kv_usage: 1.5}"), Err(("pools[0].flow_control.max_kv_usage", "fraction")));
+    check_config(
+        &pool(", flow_control: {headroom_percent: 99}"),
+        Err(("pools[0].flow_control.headroom_percent", "0 to 90")),
+    );
+    check_config(
+        &pool(", flow_control: {max_requests_per_band: 0}"),
+        Err(("pools[0].flow_control.max_requests_per_band", "at least 1")),
+    );
+    check_config(
+        &format!("objectives: [{{name: x}}, {{name: x, priority: 2}}]\n{}", pool("")),
+        Err(("objectives", "twice")),
+    );
+    check_config(&pool(", objectives: [{name: '', priority: 1}]"), Err(("pools[0].objectives", "a name")));
+    let yaml = format!(
+        "flow_control: {{enabled: true, ttl_ms: 5000, gate: scrape}}\nobjectives: [{{name: chat, priority: 5}}]\n{}",
+        pool(", flow_control: {ttl_ms: 100}, objectives: [{name: batch, priority: -1}, {name: chat, priority: 7}]")
+    );
+    let path = Path::new("/etc/kvgate/test.yaml");
+    let pools = Config::from_yaml(&yaml, path).and_then(|c| c.resolve(path)).expect("valid");
+    let flow = &pools[0].flow;
+    assert!(flow.enabled);
+    assert_eq!((flow.ttl.as_millis(), flow.gate), (100, super::flow::GateKind::Scrape));
+    // The pool's entries come after the global ones, so its `chat` wins when they are collected.
+    let objectives: std::collections::HashMap<_, _> = pools[0].objectives.iter().cloned().collect();
+    assert_eq!((objectives["chat"], objectives["batch"]), (7, -1));
+}
+
 /// Every timeout and size is refused at zero and past its bound, by its own key, with its line.
 #[test]
 fn timeouts_and_sizes_are_bounded() {
