@@ -271,3 +271,19 @@ async fn the_bound_is_learned_from_the_engine() {
     }
     assert!(most <= 1.0, "the engine queued {most} of kvgate's requests");
 }
+
+/// With `ordering: edf`, a flow's requests leave by deadline: arrival plus their TTFT objective.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edf_serves_the_earliest_deadline_first() {
+    let fleet = one_at_a_time(", ordering: edf").await;
+    let first = blocker(fleet, 40).await;
+    let relaxed = tokio::spawn(send(fleet, 2, &[("x-llm-d-slo-ttft-ms", "30000")]));
+    queued(fleet, &[(0, 1)]).await;
+    let urgent = tokio::spawn(send(fleet, 2, &[("x-slo-ttft-ms", "2000")]));
+    queued(fleet, &[(0, 2)]).await;
+    first.await.expect("blocker");
+    let (s1, t_relaxed, _) = relaxed.await.expect("relaxed");
+    let (s2, t_urgent, _) = urgent.await.expect("urgent");
+    assert_eq!((s1, s2), (200, 200));
+    assert!(t_urgent < t_relaxed, "the earlier deadline went first");
+}
