@@ -53,6 +53,7 @@ async fn endpoints(State(g): St) -> Response {
                 "name": p.name(), "models": models, "source": source.kind, "discovery": source,
                 "bytes_per_token": {"value": bpt.get(), "samples": bpt.samples()},
                 "endpoints": p.status(),
+                "flow_control": p.flow().status(),
             })
         })
         .collect();
