@@ -1,7 +1,8 @@
 //! Kubernetes discovery against a real API server (etcd + kube-apiserver on loopback; see
 //! `tests/common/kube.rs`): pods joining and leaving with their readiness, scaling, label
 //! changes, `targetPorts` ranks, spec changes, malformed objects, an API server that is down at
-//! start or restarts under a running kvgate. Pods get IPs `127.0.N.M`, where simulators listen,
+//! start or restarts under a running kvgate, the InferenceObjectives that give a pool's
+//! priorities. Pods get IPs `127.0.N.M`, where simulators listen,
 //! all on port 8000 as in a cluster; each test has its own `127.0.N.0/24`.
 
 mod common;
@@ -9,7 +10,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::kube::{ADMIN_TOKEN, Cluster, Kubelet, inference_pool, install_crd, namespace, pool_spec, put_pool};
+use common::kube::{
+    ADMIN_TOKEN, Cluster, Kubelet, inference_objective, inference_pool, install_crd, install_objective_crd, namespace,
+    pool_spec, put_pool,
+};
 use common::{eventually, get_json, start_sim};
 use kvgate::gateway::config::Config;
 use kvgate::tools::serve::{Server, start_with};
@@ -341,6 +345,73 @@ async fn api_server_down_at_start_and_restarted_under_kvgate() {
     assert!(cleared, "the error clears: {}", debug(&kv).await);
 }
 
+/// The first pool's flow-control objectives (name → priority) as `/debug/endpoints` shows them.
+async fn objectives_at(admin: &str) -> Value {
+    let Ok(r) = common::client().get(format!("{admin}/debug/endpoints")).send().await else { return Value::Null };
+    let v: Value = r.json().await.unwrap_or_default();
+    v["pools"][0]["flow_control"]["objectives"].clone()
+}
+
+/// Waits until the first pool's objectives are exactly `want`.
+async fn expect_objectives(admin: &str, want: Value) {
+    let ok = eventually(60, || {
+        let want = want.clone();
+        async move { objectives_at(admin).await == want }
+    })
+    .await;
+    assert!(ok, "objectives {want}, got {}", objectives_at(admin).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_objectives_of_the_pool_give_its_priorities() {
+    let (cluster, client, kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t6").await;
+    let _sim = sim("a", "127.0.6.2", &[]).await;
+    put_pool(&client, "t6", &inference_pool(GROUP, "vllm", pool_spec("vllm", &[8000]))).await;
+    kubelet.ready("a", &[("app", "vllm")], "127.0.6.2").await;
+    let pool = "models: [m], inference_pool: {name: vllm}, objectives: [{name: chat, priority: 1}, {name: batch, priority: 5}]";
+    let kv = kvgate(&cluster, "t6", pool).await;
+    let admin = format!("http://{}", kv.admin_addr);
+
+    // No InferenceObjective CRD: the endpoints and readiness do not wait for it, and the
+    // objectives are the config's.
+    expect_endpoints(&kv, &["127.0.6.2:8000"]).await;
+    assert!(eventually(20, || async { readyz(&kv).await == 200 }).await, "ready without the CRD");
+    assert_eq!(objectives_at(&admin).await, json!({"batch": 5, "chat": 1}));
+    assert!(!discovery_failing(&kv).await, "a missing CRD is no discovery error: {}", debug(&kv).await);
+
+    // Installed later: picked up by the watch's retries. Two objectives of the pool (one with
+    // the defaults spelled out), one without a priority (0), one of another pool.
+    install_objective_crd(&client).await;
+    let of_pool = |priority: Option<i64>| {
+        let mut spec = json!({"poolRef": {"name": "vllm"}});
+        if let Some(p) = priority {
+            spec["priority"] = json!(p);
+        }
+        spec
+    };
+    put_pool(&client, "t6", &inference_objective("chat", of_pool(Some(10)))).await;
+    let explicit = json!({"priority": -1, "poolRef": {"name": "vllm", "group": GROUP, "kind": "InferencePool"}});
+    put_pool(&client, "t6", &inference_objective("batch", explicit)).await;
+    put_pool(&client, "t6", &inference_objective("plain", of_pool(None))).await;
+    let other = json!({"priority": 99, "poolRef": {"name": "other"}});
+    put_pool(&client, "t6", &inference_objective("elsewhere", other)).await;
+    expect_objectives(&admin, json!({"batch": -1, "chat": 10, "plain": 0})).await;
+
+    // Patched and deleted: the map follows; a deleted objective's configured priority is back.
+    put_pool(&client, "t6", &inference_objective("chat", of_pool(Some(3)))).await;
+    let api = common::kube::api_for(&client, &inference_objective("batch", json!({})), "t6").await;
+    api.delete("batch", &Default::default()).await.expect("objective deleted");
+    expect_objectives(&admin, json!({"batch": 5, "chat": 3, "plain": 0})).await;
+    // Another pool's objective renamed to this pool's shows; moved away, it goes.
+    put_pool(&client, "t6", &inference_objective("elsewhere", json!({"priority": 7, "poolRef": {"name": "vllm"}})))
+        .await;
+    expect_objectives(&admin, json!({"batch": 5, "chat": 3, "elsewhere": 7, "plain": 0})).await;
+    put_pool(&client, "t6", &inference_objective("elsewhere", json!({"priority": 7, "poolRef": {"name": "x"}}))).await;
+    expect_objectives(&admin, json!({"batch": 5, "chat": 3, "plain": 0})).await;
+    assert_eq!(addresses(&kv).await, ["127.0.6.2:8000"]);
+    assert_eq!(readyz(&kv).await, 200);
+}
+
 /// `kvgate serve` as its own process (the binary a container runs); killed on drop.
 struct Process(std::process::Child);
 
@@ -382,6 +453,7 @@ fn listener_flags() -> (Vec<String>, String, String) {
 async fn the_charts_rbac_is_enough_for_kvgate() {
     let (cluster, client, kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t5").await;
     namespace(&client, "elsewhere").await;
+    install_objective_crd(&client).await;
 
     // The chart as rendered with its default values, applied as is: ServiceAccount, Role,
     // RoleBinding, ConfigMap, Service, Deployment and the InferencePool itself.
@@ -412,8 +484,19 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
         kube::Api::namespaced(restricted.clone(), "elsewhere");
     let denied = pods_elsewhere.list(&Default::default()).await.expect_err("no rights outside its namespace");
     assert!(denied.to_string().contains("forbidden"), "{denied}");
+    let objectives: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        restricted.clone(),
+        "t5",
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk(common::kube::OBJECTIVE_GROUP, "v1alpha2", "InferenceObjective"),
+            "inferenceobjectives",
+        ),
+    );
+    objectives.list(&Default::default()).await.expect("InferenceObjectives readable");
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(restricted, "t5");
-    assert!(secrets.list(&Default::default()).await.is_err(), "no rights beyond pods and InferencePools");
+    assert!(secrets.list(&Default::default()).await.is_err(), "no rights beyond pods, InferencePools and objectives");
+    // An objective of the chart's pool: both runs below show it.
+    put_pool(&client, "t5", &inference_objective("chat", json!({"priority": 7, "poolRef": {"name": "kvgate"}}))).await;
 
     let _sims = [sim("vllm-0", "127.0.5.2", &[]).await, sim("vllm-1", "127.0.5.3", &[]).await];
     kubelet.ready("vllm-0", &[("app", "vllm")], "127.0.5.2").await;
@@ -484,6 +567,7 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
         let served =
             eventually(20, || async { common::post(&format!("{proxy}/v1/completions"), &body).await.0 == 200 }).await;
         assert!(served, "{proxy}: {:?}", common::post(&format!("{proxy}/v1/completions"), &body).await);
+        expect_objectives(admin, json!({"chat": 7})).await;
     }
     // The reference chart's probe (gRPC health, service `inference-extension`, plaintext on the
     // health port) and ext_proc's port over TLS; the scheduler is the file's.

@@ -245,18 +245,41 @@ pub async fn create_all(client: &kube::Client, yaml: &str, namespace: &str) -> V
     out
 }
 
-/// Creates a CRD from a YAML file under `tests/data` and waits until its kind is served.
+/// Creates an InferencePool CRD from a YAML file under `tests/data` and waits until its kind
+/// is served.
 pub async fn install_crd(client: &kube::Client, file: &str, group: &str) {
+    install_crd_of(client, file, &GroupVersionKind::gvk(group, "v1", "InferencePool")).await;
+}
+
+/// The CRD of the InferenceObjective kind (`inference.networking.x-k8s.io/v1alpha2`).
+pub async fn install_objective_crd(client: &kube::Client) {
+    let gvk = GroupVersionKind::gvk(OBJECTIVE_GROUP, "v1alpha2", "InferenceObjective");
+    install_crd_of(client, "inferenceobjective-crd.yaml", &gvk).await;
+}
+
+/// Creates a CRD from a YAML file under `tests/data` and waits until `gvk` is served.
+async fn install_crd_of(client: &kube::Client, file: &str, gvk: &GroupVersionKind) {
     let yaml =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(file)).expect("CRD file");
     create_all(client, &yaml, "default").await;
-    let gvk = GroupVersionKind::gvk(group, "v1", "InferencePool");
     let ok = super::eventually(30, || {
         let gvk = gvk.clone();
         async move { kube::discovery::pinned_kind(client, &gvk).await.is_ok() }
     })
     .await;
-    assert!(ok, "InferencePool in {group} served");
+    assert!(ok, "{gvk:?} served");
+}
+
+/// The InferenceObjective kind's group.
+pub const OBJECTIVE_GROUP: &str = "inference.networking.x-k8s.io";
+
+/// An InferenceObjective `name` with a raw `spec`.
+pub fn inference_objective(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": format!("{OBJECTIVE_GROUP}/v1alpha2"), "kind": "InferenceObjective",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("object")
 }
 
 /// Creates namespace `name`.
@@ -281,12 +304,12 @@ pub fn pool_spec(app: &str, ports: &[u16]) -> Value {
            "endpointPickerRef": {"name": "kvgate", "port": {"number": 9002}}})
 }
 
-/// Creates or replaces an InferencePool.
+/// Creates or replaces an InferencePool (or any object, by server-side apply).
 pub async fn put_pool(client: &kube::Client, namespace: &str, obj: &DynamicObject) {
     let api = api_for(client, obj, namespace).await;
     let name = obj.metadata.name.clone().expect("name");
     let patch = PatchParams::apply("kvgate-tests").force();
-    api.patch(&name, &patch, &Patch::Apply(obj)).await.unwrap_or_else(|e| panic!("applying InferencePool {name}: {e}"));
+    api.patch(&name, &patch, &Patch::Apply(obj)).await.unwrap_or_else(|e| panic!("applying {name}: {e}"));
 }
 
 /// The kubelet's part for the tests' pods.

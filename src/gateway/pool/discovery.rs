@@ -36,7 +36,7 @@ pub struct SourceStatus {
     /// file: why it was refused, the last good set kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Objects the source skipped as malformed, and why (Kubernetes: pods, by name).
+    /// Objects the source skipped as malformed, and why (Kubernetes: pods and InferenceObjectives, by name).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
 }

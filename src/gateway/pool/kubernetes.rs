@@ -1,11 +1,12 @@
 //! Kubernetes discovery: a pool's endpoints are the Ready pods its `InferencePool` selects.
 //!
-//! Two watches, no polling: one on the InferencePool (by name), one on the pods its
-//! `spec.selector.matchLabels` selects, restarted whenever the selector changes. Each pod that
-//! is Ready, has a `podIP` and is not terminating gives one endpoint per `spec.targetPorts[]`
-//! entry (port i = data-parallel rank i when there are several); its labels are the endpoint's
-//! labels. Kubernetes is authoritative: the set follows the watch events at once and may become
-//! empty.
+//! Three watches, no polling: one on the InferencePool (by name), one on the pods its
+//! `spec.selector.matchLabels` selects, restarted whenever the selector changes, and one on the
+//! `InferenceObjective`s of the namespace, for the pool's flow control ([`objectives`]). Each
+//! pod that is Ready, has a `podIP` and is not terminating gives one endpoint per
+//! `spec.targetPorts[]` entry (port i = data-parallel rank i when there are several); its labels
+//! are the endpoint's labels. Kubernetes is authoritative: the set follows the watch events at
+//! once and may become empty.
 //!
 //! The watches list first, then follow changes; a watch that breaks (an API server restart, a
 //! network cut) is resumed with backoff from where it was, and a full relist replaces the set
@@ -25,6 +26,8 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use serde_json::Value;
+
+mod objectives;
 
 use super::{Pool, SourceStatus};
 use crate::gateway::config::endpoints::{Host, MAX_RANK_PORTS, ResolvedEndpoint};
@@ -210,6 +213,8 @@ struct State {
     skipped: BTreeMap<String, String>,
     /// The endpoint set last handed to the pool.
     published: Option<(Vec<ResolvedEndpoint>, bool)>,
+    /// The InferenceObjectives referencing the pool.
+    objectives: objectives::Watch,
 }
 
 impl State {
@@ -249,9 +254,13 @@ pub(crate) async fn run(pool: Pool, client: kube::Client, target: Target) {
     let what = target.describe();
     pool.set_source(SourceStatus { kind: SourceKind::Kubernetes, from: Some(what.clone()), ..SourceStatus::default() });
     let pools: Api<DynamicObject> = Api::namespaced_with(client.clone(), &target.namespace, &target.resource());
+    let objective_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &target.namespace, &objectives::resource());
     let pods: Api<Pod> = Api::namespaced(client, &target.namespace);
     let by_name = watcher::Config::default().fields(&format!("metadata.name={}", target.name));
     let mut pool_events: Events<DynamicObject> = Box::pin(watcher(pools, by_name).default_backoff());
+    let mut objective_events: Events<DynamicObject> =
+        Box::pin(watcher(objective_api, watcher::Config::default()).default_backoff());
     let mut pod_events: Option<Events<Pod>> = None;
     let mut st = State::default();
     loop {
@@ -282,7 +291,13 @@ pub(crate) async fn run(pool: Pool, client: kube::Client, target: Target) {
                 }
                 Err(e) => watch_failed(&mut st, &what, POD_WATCH, &e),
             },
+            ev = objective_events.next() => match ev {
+                None => return,
+                Some(Ok(ev)) => st.objectives.on_event(ev, &target, &what),
+                Some(Err(e)) => st.objectives.watch_failed(&e, &what),
+            },
         }
+        st.objectives.publish(&pool);
         publish(&pool, &mut st);
     }
 }
@@ -427,7 +442,8 @@ fn publish(pool: &Pool, st: &mut State) {
     pool.update_source(|s| {
         s.synced = synced;
         s.last_error = last_error;
-        s.skipped = st.skipped.iter().map(|(n, why)| format!("pod {n}: {why}")).collect();
+        s.skipped =
+            st.skipped.iter().map(|(n, why)| format!("pod {n}: {why}")).chain(st.objectives.skipped()).collect();
     });
     // Until the pods are listed, the last set stands (no flap to empty on a selector change);
     // during a relist, nothing is recomputed until it is complete.
