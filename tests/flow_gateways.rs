@@ -83,6 +83,8 @@ async fn in_flight(admin: &str) -> Vec<u64> {
 struct Stream {
     tx: mpsc::Sender<ProcessingRequest>,
     rx: tonic::Streaming<ProcessingResponse>,
+    /// The longer wait kvgate asked Envoy for while the request was queued, in seconds.
+    extended: Option<i64>,
 }
 
 impl Stream {
@@ -90,7 +92,7 @@ impl Stream {
         let mut client = ExternalProcessorClient::connect(format!("http://{addr}")).await.expect("gRPC connects");
         let (tx, rx) = mpsc::channel(64);
         let answers = client.process(ReceiverStream::new(rx)).await.expect("a stream").into_inner();
-        Self { tx, rx: answers }
+        Self { tx, rx: answers, extended: None }
     }
 
     async fn send(&self, m: ProcessingRequest) {
@@ -111,18 +113,42 @@ impl Stream {
         self.ask_with(headers, chat(MODEL).user("hi").bytes()).await;
     }
 
-    /// The next answer (within 10 s).
+    /// The next answer (within 10 s); a request to wait longer (`override_message_timeout`
+    /// alone) is noted, not an answer.
     async fn recv(&mut self) -> ProcessingResponse {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-            .await
-            .expect("an answer in time")
-            .expect("no stream error")
-            .expect("a message")
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+                .await
+                .expect("an answer in time")
+                .expect("no stream error")
+                .expect("a message");
+            if !self.extension(&m) {
+                return m;
+            }
+        }
     }
 
-    /// Whether nothing comes for `wait` (the stream is held).
+    /// Notes a request to wait longer; whether `m` is one.
+    fn extension(&mut self, m: &ProcessingResponse) -> bool {
+        match (&m.response, &m.override_message_timeout) {
+            (None, Some(d)) => {
+                self.extended = Some(d.seconds);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether no answer comes for `wait` (the stream is held).
     async fn silent(&mut self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, self.rx.message()).await.is_err()
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(until, self.rx.message()).await {
+                Err(_) => return true,
+                Ok(Ok(Some(m))) if self.extension(&m) => {}
+                Ok(_) => return false,
+            }
+        }
     }
 
     /// The headers answer of a routed request: its destination and the headers it removes (the
@@ -196,6 +222,8 @@ async fn ext_proc_streams_are_held_and_served_by_band() {
         "{q}"
     );
     assert!(low.silent(Duration::from_millis(300)).await && high.silent(Duration::from_millis(300)).await);
+    // Each asked Envoy to wait for it as long as the TTL (60 s), and a second more.
+    assert_eq!((low.extended, high.extended), (Some(61), Some(61)));
 
     // The blocker ends: the higher band goes first, and holds the endpoint in turn.
     blocker.respond().await;
@@ -365,16 +393,45 @@ async fn through_envoy_sheddable_requests_are_refused_and_others_wait() {
     assert!(bands(&admin).await.is_empty());
 }
 
-/// Envoy in a buffered body mode gives up on a held stream at its message timeout: its client
-/// gets Envoy's 504, and the request leaves kvgate's queue without ever being counted in flight.
+/// Envoy in a buffered body mode with a 1 s message timeout: (`buffered`) the config as given.
+fn buffered(t: &str) -> String {
+    t.replace("message_timeout: 5s", "message_timeout: 1s")
+        .replace("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+        .replace("request_trailer_mode: SEND", "request_trailer_mode: SKIP")
+}
+
+/// A queued request asks Envoy to wait longer than its message timeout (up to the filter's
+/// `max_message_timeout`), and is answered once the endpoint has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_waits_past_its_message_timeout_for_a_queued_request() {
+    let fleet = saturable().await;
+    let admin = fleet.admin();
+    let (_envoy, url) = envoy(&fleet, |t| {
+        assert!(t.contains("max_message_timeout: 90s"), "the deploy config lets kvgate ask for more time");
+        buffered(&t)
+    })
+    .await;
+    let blocker = tokio::spawn(through(url.clone(), &[], completion(250)));
+    assert!(eventually(10, || async { in_flight(&admin).await == [1] }).await, "the blocker is in flight");
+    let waiting = tokio::spawn(through(url.clone(), &[], completion(1)));
+    wait_bands(&admin, &[(0, 1)]).await;
+    let (status, _, v, blocker_done) = blocker.await.expect("the blocker");
+    assert_eq!(status, 200, "{v}");
+    let (status, _, v, waiter_done) = waiting.await.expect("the waiting request");
+    assert_eq!(status, 200, "answered after more than its 1 s message timeout: {v}");
+    assert!(waiter_done >= blocker_done);
+}
+
+/// Envoy in a buffered body mode, without `max_message_timeout`, gives up on a held stream at
+/// its message timeout: its client gets Envoy's 504, and the request leaves kvgate's queue
+/// without ever being counted in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_envoy_gives_up_on_leaves_the_queue() {
     let fleet = saturable().await;
     let admin = fleet.admin();
     let (_envoy, url) = envoy(&fleet, |t| {
-        t.replace("message_timeout: 5s", "message_timeout: 1s")
-            .replace("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
-            .replace("request_trailer_mode: SEND", "request_trailer_mode: SKIP")
+        let strict: Vec<&str> = t.lines().filter(|l| !l.contains("max_message_timeout")).collect();
+        buffered(&strict.join("\n"))
     })
     .await;
     let blocker = tokio::spawn(through(url.clone(), &[], completion(500)));

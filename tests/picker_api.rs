@@ -93,7 +93,15 @@ async fn picks_and_reports_round_trip() {
     assert!(d.body.is_none(), "the body goes as it is");
     // Decode-only: a client's placement headers (the sidecar's decision id among them) are to go.
     assert!(!d.headers.contains_key("x-kvgate-decision-id"));
-    for h in ["x-kvgate-decision-id", "x-prefiller-host-port", "x-data-parallel-rank"] {
+    // And flow control's headers are kvgate's, under either name.
+    for h in [
+        "x-kvgate-decision-id",
+        "x-prefiller-host-port",
+        "x-data-parallel-rank",
+        "x-llm-d-inference-objective",
+        "x-gateway-inference-fairness-id",
+        "x-llm-d-slo-ttft-ms",
+    ] {
         assert!(d.remove_headers.iter().any(|r| r == h), "{h} in {:?}", d.remove_headers);
     }
     // An id is not guessable from another: the next sequence number with this id's tag is unknown.

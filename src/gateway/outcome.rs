@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::error::upstream_error_code;
 use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
-use crate::gateway::pool::{Outcome, Pool, Snapshot, now_ms};
+use crate::gateway::pool::{Outcome, Pool, Snapshot, flow, now_ms};
 use crate::gateway::telemetry::Usage;
 use crate::gateway::usage::UsageReader;
 use crate::routing::endpoint::{EndpointId, InFlightGuard};
@@ -73,17 +73,7 @@ pub struct Routed {
     body: Option<Vec<u8>>,
     /// Tells the pool's flow control that room opened, after the counts above are released:
     /// the last field, so it drops after them.
-    room: Room,
-}
-
-/// Lets the pool's waiters be looked at when dropped.
-#[derive(Debug)]
-struct Room(Arc<crate::gateway::pool::flow::FlowControl>);
-
-impl Drop for Room {
-    fn drop(&mut self) {
-        self.0.pump();
-    }
+    room: flow::Room,
 }
 
 /// One attempt's TTFT sample in the making.
@@ -128,7 +118,7 @@ impl Routed {
         });
         pool.telemetry().running.with_label_values(&[model.as_str()]).inc();
         pool.telemetry().count_routed(&model);
-        let room = Room(pool.flow().clone());
+        let room = flow::Room::new(pool.flow());
         Self {
             pool,
             snapshot,
@@ -470,7 +460,7 @@ impl Routed {
         }
         self.guard.prefill_done();
         // Its prefill tokens left the endpoint's bound.
-        self.room.0.pump();
+        self.room.pump();
         self.answered_events();
     }
 

@@ -6,6 +6,7 @@ use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::google::protobuf::Struct;
 
 use super::reply::string_value;
+use super::reply::{body_chunks, lb_metadata};
 use super::*;
 
 /// Metadata fields as a map.

@@ -166,6 +166,29 @@ impl Drop for Turn {
     }
 }
 
+/// Held by a routed request: dropped after its in-flight counts, it lets the pool's waiters be
+/// looked at ([`Room::pump`] does so at its first byte too).
+#[derive(Debug)]
+pub struct Room(Arc<FlowControl>);
+
+impl Room {
+    /// Room for `flow`'s waiters.
+    pub fn new(flow: &Arc<FlowControl>) -> Self {
+        Self(flow.clone())
+    }
+
+    /// Lets the next waiter go, if room opened.
+    pub fn pump(&self) {
+        self.0.pump();
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.0.pump();
+    }
+}
+
 /// A request let through: its turn (if it waited for one), the endpoints open to it, and how
 /// long it waited.
 #[derive(Debug)]
