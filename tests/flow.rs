@@ -128,9 +128,17 @@ async fn a_saturated_pool_queues_in_kvgate_and_serves_the_higher_band_first() {
             &[("priority", p), ("outcome", outcome)],
         )
     };
+    // Every request of a flow-controlled pool is counted: the blocker and priority 0's, one at
+    // once and one after waiting.
+    let at_once = metric(
+        &kv,
+        "inference_extension_flow_control_request_queue_duration_seconds_bucket",
+        &[("priority", "0"), ("outcome", "dispatched"), ("le", "0")],
+    );
+    assert_eq!(at_once, Some(1.0));
     assert_eq!(
         (waited("10", "dispatched"), waited("0", "dispatched"), waited("-1", "shed")),
-        (Some(1.0), Some(1.0), Some(1.0))
+        (Some(1.0), Some(2.0), Some(1.0))
     );
     assert_eq!(in_flight(fleet).await, 0);
 }

@@ -31,8 +31,9 @@ pub struct FlowControlConfig {
     /// flight there, scraped queues adding to it) or `scrape` (the scraped queue and KV usage
     /// alone, as a gate that only scrapes would see).
     pub gate: Option<GateKind>,
-    /// Requests in flight an endpoint takes (default: learned from its scrapes — the running
-    /// requests it had when it last queued some).
+    /// Requests in flight an endpoint takes (default: learned from its scrapes — the most
+    /// running requests of its last three scrapes that found it queueing; from 4, doubling,
+    /// before it ever queued).
     pub max_requests_per_endpoint: Option<u64>,
     /// Uncached prompt tokens in prefill an endpoint takes (default: what its learned prefill
     /// rate computes in `prefill_window_ms`, at most its KV cache's tokens from

@@ -2,9 +2,10 @@
 //! in flight on each endpoint.
 //!
 //! An endpoint is *open* to a request while kvgate's requests in flight there are below its
-//! request bound (set, or learned from its scrapes: the running requests it had when it last
-//! queued some), its uncached prompt tokens in prefill below its token bound (set, or what its
-//! learned prefill rate computes in `prefill_window_ms`, at most its KV cache), and its scraped
+//! request bound (set, or learned from its scrapes: the most running requests of its last three
+//! scrapes that found it queueing; a slow start from 4, doubling, before it ever queued), its
+//! uncached prompt tokens in prefill below its token bound (set, or what its learned prefill
+//! rate computes in `prefill_window_ms`, at most its KV cache), and its scraped
 //! queue below `max_waiting_per_endpoint`: scrapes can add saturation, never hide what kvgate
 //! sent. A request finds the pool saturated when none of its candidates is open; it then waits
 //! here in its priority band (higher first, strictly), in its flow's line (round robin between
@@ -61,13 +62,40 @@ pub struct Class<'a> {
     pub slo_ttft_ms: Option<u64>,
 }
 
+/// The request bound of an endpoint that has never been seen queueing: doubled at each scrape
+/// that finds it running that many with none waiting, until it queues.
+const FIRST_BOUND: u64 = 4;
+/// Scrapes in a row that must find an endpoint running its whole bound with none waiting before
+/// the bound grows by one.
+const CALM_SCRAPES: u32 = 3;
+
 /// What an endpoint is learned to take.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Learned {
-    /// Running requests it had when it last queued some (then grown while it keeps up).
+    /// The running requests of its last three scrapes that found it queueing (0: none): the
+    /// bound is their largest, so a scrape taken as a step retires a request does not lower it.
+    queued: [u64; 3],
+    /// The bound learned from them (then grown while it keeps up).
     batch: Option<u64>,
+    /// Before it ever queued: the slow-start bound.
+    start: u64,
+    /// Scrapes in a row that found it running its bound with none waiting.
+    calm: u32,
     /// Its KV cache in tokens (`vllm:cache_config_info`).
     kv_tokens: Option<u64>,
+}
+
+impl Default for Learned {
+    fn default() -> Self {
+        Self { queued: [0; 3], batch: None, start: FIRST_BOUND, calm: 0, kv_tokens: None }
+    }
+}
+
+impl Learned {
+    /// The request bound: learned, else the slow-start one.
+    fn bound(&self) -> u64 {
+        self.batch.unwrap_or(self.start)
+    }
 }
 
 /// An endpoint across snapshots.
@@ -284,11 +312,21 @@ impl FlowControl {
         }
         let running = u64::from(m.running);
         if m.waiting > 0 {
-            l.batch = Some(running.max(1));
-        } else if let Some(b) = l.batch
-            && running >= b
-        {
-            l.batch = Some(b + 1);
+            l.queued.rotate_right(1);
+            l.queued[0] = running.max(1);
+            l.batch = l.queued.iter().max().copied();
+            l.calm = 0;
+        } else if running < l.bound() {
+            l.calm = 0;
+        } else if l.batch.is_none() {
+            // Slow start: it runs all it was allowed and queues none.
+            l.start = l.start.saturating_mul(2);
+        } else {
+            l.calm += 1;
+            if l.calm >= CALM_SCRAPES {
+                l.batch = Some(l.bound() + 1);
+                l.calm = 0;
+            }
         }
     }
 
@@ -323,9 +361,7 @@ impl FlowControl {
         };
         let learned = learned.get(&key(e)).copied().unwrap_or_default();
         let f = &e.in_flight;
-        if let Some(max) = s.max_requests_per_endpoint.or(learned.batch)
-            && f.requests() >= leave(max)
-        {
+        if f.requests() >= leave(s.max_requests_per_endpoint.unwrap_or_else(|| learned.bound())) {
             return false;
         }
         let tokens = f.tokens();
@@ -410,6 +446,7 @@ impl FlowControl {
             let ahead = q.dispatching || q.bands.range(..=Reverse(priority)).any(|(_, b)| b.requests > 0);
             let snapshot = endpoints();
             if !ahead && let Some(open) = self.open_mask(&s, &snapshot.endpoints, &probe, priority) {
+                self.observe_wait(priority, "dispatched", Duration::ZERO);
                 return Ok(Admitted { turn: None, snapshot, open, waited: Duration::ZERO });
             }
         }

@@ -28,7 +28,8 @@ pub struct FlowStatus {
     pub bands: Vec<BandStatus>,
     /// Known objectives and their priorities.
     pub objectives: BTreeMap<String, i64>,
-    /// Per endpoint: the request bound learned from its scrapes.
+    /// Per endpoint scraped: its request bound from its scrapes (the slow-start one until it was
+    /// seen queueing).
     pub learned_requests: BTreeMap<String, u64>,
 }
 
@@ -49,11 +50,8 @@ impl FlowControl {
         drop(q);
         let snap = self.snapshot.read().clone();
         let learned = self.learned.lock();
-        let learned_requests = snap
-            .endpoints
-            .iter()
-            .filter_map(|e| learned.get(&key(e)).and_then(|l| l.batch).map(|b| (e.name.clone(), b)))
-            .collect();
+        let learned_requests =
+            snap.endpoints.iter().filter_map(|e| learned.get(&key(e)).map(|l| (e.name.clone(), l.bound()))).collect();
         FlowStatus { settings: (*self.settings()).clone(), bands, objectives: self.objectives.all(), learned_requests }
     }
 }
