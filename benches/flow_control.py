@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import sys
@@ -371,14 +372,18 @@ async def flood(a):
             sys.executable, __file__, "shed", "--proxy", a.proxy, "--rate", str(a.shed_rate),
             "--delay", "5", "--secs", str(max(1.0, a.flood - 8)), shed_out)
         await asyncio.sleep(0)
-    await asyncio.gather(hi, lo, sampler)
-    after_flood = time.perf_counter()
-    await load.abandon(GRACE_S)
-    after = histogram(await aget(a.admin, "/metrics"), QUEUE_HIST)
-    if shed is not None:
-        try:
-            await asyncio.wait_for(shed.wait(), 15)
-        except asyncio.TimeoutError:
+    try:
+        await asyncio.gather(hi, lo, sampler)
+        after_flood = time.perf_counter()
+        await load.abandon(GRACE_S)
+        after = histogram(await aget(a.admin, "/metrics"), QUEUE_HIST)
+        if shed is not None:
+            try:
+                await asyncio.wait_for(shed.wait(), 15)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        if shed is not None and shed.returncode is None:
             shed.kill()
             await shed.wait()
     drained = await drain(sims)
@@ -722,6 +727,8 @@ def main():
     r = sub.add_parser("report")
     r.add_argument("dir")
     a = p.parse_args()
+    # A `timeout` ending the run still runs the clean-ups (the sheddable probe's process).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.cmd == "capacity":
         asyncio.run(capacity(a))
     elif a.cmd == "flood":
