@@ -265,7 +265,7 @@ async fn the_bound_is_learned_from_the_engine() {
     let learned = fleet.endpoints().await["pools"][0]["flow_control"]["learned_requests"].clone();
     let bound = learned.as_object().and_then(|m| m.values().next()).and_then(Value::as_u64);
     assert!(matches!(bound, Some(2 | 3)), "the engine's batch of 2 is learned: {learned}");
-    // A second wave waits in kvgate: the engine queues at most the one request a probe sends.
+    // A second wave waits in kvgate.
     let sim = fleet.sims[0].url(0);
     let handles = wave(8);
     let mut most = 0.0f64;
@@ -277,7 +277,9 @@ async fn the_bound_is_learned_from_the_engine() {
     for h in handles {
         assert_eq!(h.await.expect("joined").0, 200);
     }
-    assert!(most <= 1.0, "the engine queued {most} of kvgate's requests");
+    // Without the bound the engine would queue 6 of the 8; with it, only what a probe for more
+    // room sends (one, rarely two when a queueing scrape missed the first probe).
+    assert!(most <= 2.0, "the engine queued {most} of kvgate's requests");
 }
 
 /// With `ordering: edf`, a flow's requests leave by deadline: arrival plus their TTFT objective.

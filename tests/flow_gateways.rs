@@ -264,7 +264,7 @@ async fn ext_proc_flows_take_turns_within_the_bounds_and_the_ttl() {
     // Two of flow `big`, then one of `small`: the band is full at three.
     let mut waiting = Vec::new();
     for (i, flow) in ["big", "big", "small"].into_iter().enumerate() {
-        let mut s = Stream::open(grpc).await;
+        let s = Stream::open(grpc).await;
         s.ask(&[(FAIRNESS, flow)]).await;
         wait_bands(&admin, &[(0, i as u64 + 1)]).await;
         waiting.push(s);

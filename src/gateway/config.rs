@@ -394,7 +394,11 @@ impl Config {
                 endpoints_file_max_bytes: pool.endpoints_file_max_bytes,
                 scheduler,
                 admission: pool.admission,
-                flow: flow::FlowSettings::resolve(self.flow_control.as_ref(), pool.flow_control.as_ref()),
+                flow: flow::FlowSettings::resolve_within(
+                    self.flow_control.as_ref(),
+                    pool.flow_control.as_ref(),
+                    self.max_buffered_bytes as u64,
+                ),
                 objectives: self
                     .objectives
                     .iter()

@@ -431,7 +431,7 @@ impl Gateway {
             self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
         }
         // Counted in flight before the turn (if it waited for one) lets the next waiter look.
-        let routed = Routed::new(pool.clone(), snapshot, planned, req.model.to_string());
+        let routed = Routed::new(pool.clone(), snapshot, planned, req.model.to_string(), req.stream);
         drop(admitted);
         Ok(routed)
     }

@@ -35,6 +35,9 @@ pub struct Routed {
     model: String,
     /// The in-flight count on the current target.
     guard: InFlightGuard,
+    /// The request asked for a streamed answer: its tokens count in flow control's token bound
+    /// until its first byte.
+    stream: bool,
     /// The in-flight count on the prefill endpoint, while its leg runs (P/D decisions).
     prefill_guard: Option<InFlightGuard>,
     /// Which of the decision's targets the request is on now.
@@ -107,11 +110,12 @@ impl Timing {
 impl Routed {
     /// A routed request on the decision's primary, counted in flight there (and on the prefill
     /// endpoint while its leg runs).
-    pub(crate) fn new(pool: Pool, snapshot: Arc<Snapshot>, planned: Planned, model: String) -> Self {
+    /// `stream`: the request asked for a streamed answer (its first byte ends its prefill).
+    pub(crate) fn new(pool: Pool, snapshot: Arc<Snapshot>, planned: Planned, model: String, stream: bool) -> Self {
         let target = planned.decision.primary().index;
         let in_flight = snapshot.endpoints[target].in_flight.clone();
         let timing = Timing::start(&in_flight);
-        let guard = InFlightGuard::new(in_flight, planned.target_tokens());
+        let guard = InFlightGuard::with_gate(in_flight, planned.target_tokens(), stream);
         let prefill_guard = planned.prefill_uncached_tokens.and_then(|tokens| {
             let p = planned.decision.prefill?;
             Some(InFlightGuard::new(snapshot.endpoints[p.index].in_flight.clone(), tokens))
@@ -125,6 +129,7 @@ impl Routed {
             planned,
             model,
             guard,
+            stream,
             prefill_guard,
             current: 0,
             timing,
@@ -276,7 +281,7 @@ impl Routed {
                     self.pool.report(t.id, Outcome::Answered(200));
                 }
                 self.learn_prefill();
-                self.prefill_guard = None;
+                self.release_prefill_leg();
             }
             Prefill::Failed(f) => self.prefill_failed(f),
         }
@@ -288,7 +293,7 @@ impl Routed {
         }
         let labels = [self.pool.name(), f.reason()];
         self.pool.telemetry().disagg_fallbacks.with_label_values(&labels).inc();
-        self.prefill_guard = None;
+        self.release_prefill_leg();
         self.planned.decision.prefill = None;
         self.planned.decision.kind = DecisionKind::DecodeOnly;
         self.retarget(self.current);
@@ -322,8 +327,17 @@ impl Routed {
             }
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
             self.timing = Timing::start(&in_flight);
-            self.guard = InFlightGuard::new(in_flight, self.tokens_on(k));
+            self.guard = InFlightGuard::with_gate(in_flight, self.tokens_on(k), self.stream);
             self.current = k;
+            // The endpoint it left has room again.
+            self.room.pump();
+        }
+    }
+
+    /// The prefill leg is over: its endpoint's counts are released, and waiters may have room.
+    fn release_prefill_leg(&mut self) {
+        if self.prefill_guard.take().is_some() {
+            self.room.pump();
         }
     }
 
@@ -422,7 +436,7 @@ impl Routed {
         if !self.succeeded {
             self.planned.expects_events = false;
         }
-        self.prefill_guard = None;
+        self.release_prefill_leg();
         self.streaming = event_stream && streamed;
         // A body that passed already was read as one JSON document, as a body with no start is.
         if event_stream && self.response_bytes == 0 {

@@ -138,6 +138,10 @@ pub struct InFlight {
     requests: AtomicU64,
     prefilling: AtomicU64,
     tokens: AtomicU64,
+    /// Of `tokens`, those of requests whose first response byte ends their prefill (streamed
+    /// ones): what flow control's token bound counts. A non-streamed answer's first byte comes
+    /// with its last, so its tokens would hold the bound for its whole decode.
+    gated: AtomicU64,
     /// When a response from the endpoint last passed a byte (the caller's milliseconds; 0: never).
     heard_ms: AtomicU64,
 }
@@ -191,6 +195,11 @@ impl InFlight {
         self.tokens.load(Ordering::Relaxed)
     }
 
+    /// Uncached prompt tokens in prefill of requests whose first byte will say it ended.
+    pub fn gated_tokens(&self) -> u64 {
+        self.gated.load(Ordering::Relaxed)
+    }
+
     /// A response from the endpoint passed a byte at `now_ms`.
     pub fn heard(&self, now_ms: u64) {
         self.heard_ms.fetch_max(now_ms, Ordering::Relaxed);
@@ -209,13 +218,23 @@ pub struct InFlightGuard {
     in_flight: Arc<InFlight>,
     /// `Some(tokens)` until the first token.
     prefilling: Option<u64>,
+    /// Its tokens counted in [`InFlight::gated_tokens`] until the first token (0: none).
+    gated: u64,
 }
 
 impl InFlightGuard {
     /// Counts a request of `tokens` uncached prompt tokens on `in_flight`.
     pub fn new(in_flight: Arc<InFlight>, tokens: u64) -> Self {
+        Self::with_gate(in_flight, tokens, true)
+    }
+
+    /// [`InFlightGuard::new`]; its tokens count in the gated tokens too when `gated` (its first
+    /// response byte will end its prefill).
+    pub fn with_gate(in_flight: Arc<InFlight>, tokens: u64, gated: bool) -> Self {
         in_flight.start(tokens);
-        Self { in_flight, prefilling: Some(tokens) }
+        let gated = if gated { tokens } else { 0 };
+        in_flight.gated.fetch_add(gated, Ordering::Relaxed);
+        Self { in_flight, prefilling: Some(tokens), gated }
     }
 
     /// The prompt has been computed (first token seen): the request is in decode, its tokens no
@@ -223,6 +242,7 @@ impl InFlightGuard {
     pub fn prefill_done(&mut self) {
         if let Some(tokens) = self.prefilling.take() {
             self.in_flight.prefilled(tokens);
+            release(&self.in_flight.gated, std::mem::take(&mut self.gated));
         }
     }
 
@@ -240,6 +260,7 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.in_flight.finish(self.prefilling.take());
+        release(&self.in_flight.gated, self.gated);
     }
 }
 

@@ -18,11 +18,12 @@ pub struct FlowControlConfig {
     pub ttl_ms: Option<u64>,
     /// Requests waiting in the whole pool's queue at most (default 10000).
     pub max_requests: Option<u64>,
-    /// Request bytes waiting in the whole pool's queue at most (default 1 GiB).
+    /// Request bytes waiting in the whole pool's queue at most (default 1 GiB, at most half of
+    /// `max_buffered_bytes`, which queued bodies count against).
     pub max_bytes: Option<u64>,
     /// Requests waiting in one priority band at most (default 5000).
     pub max_requests_per_band: Option<u64>,
-    /// Request bytes waiting in one priority band at most (default 1 GiB).
+    /// Request bytes waiting in one priority band at most (default as `max_bytes`).
     pub max_bytes_per_band: Option<u64>,
     /// Order within a flow: `fcfs` (default) or `edf`, by the deadline of
     /// `x-llm-d-slo-ttft-ms` (arrival + TTL without it).
@@ -163,6 +164,25 @@ impl FlowSettings {
     }
 }
 
+impl FlowSettings {
+    /// [`FlowSettings::resolve`], with the queue's byte bounds, where neither section sets them,
+    /// at most half of `budget` (`max_buffered_bytes`, which queued bodies count against): the
+    /// other half stays for requests that are not waiting, those of other pools among them.
+    pub fn resolve_within(global: Option<&FlowControlConfig>, pool: Option<&FlowControlConfig>, budget: u64) -> Self {
+        let mut s = Self::resolve(global, pool);
+        let set =
+            |key: fn(&FlowControlConfig) -> Option<u64>| pool.and_then(key).or_else(|| global.and_then(key)).is_some();
+        let half = (budget / 2).max(1);
+        if !set(|c| c.max_bytes) {
+            s.max_bytes = s.max_bytes.min(half);
+        }
+        if !set(|c| c.max_bytes_per_band) {
+            s.max_bytes_per_band = s.max_bytes_per_band.min(half);
+        }
+        s
+    }
+}
+
 impl FlowControlConfig {
     /// What is wrong with these keys, if anything, as `(key, message)`.
     pub(crate) fn problem(&self) -> Option<(&'static str, String)> {
@@ -179,6 +199,7 @@ impl FlowControlConfig {
             .or_else(|| count("max_bytes_per_band", self.max_bytes_per_band))
             .or_else(|| count("max_requests_per_endpoint", self.max_requests_per_endpoint))
             .or_else(|| count("max_prefill_tokens_per_endpoint", self.max_prefill_tokens_per_endpoint))
+            .or_else(|| count("max_waiting_per_endpoint", self.max_waiting_per_endpoint))
             .or_else(|| {
                 self.max_kv_usage
                     .filter(|v| !(*v > 0.0 && *v <= 1.0))

@@ -291,7 +291,7 @@ impl FlowControl {
 
     /// Requests waiting.
     pub fn waiting(&self) -> usize {
-        self.waiting.load(AtomicOrdering::Relaxed)
+        self.waiting.load(AtomicOrdering::SeqCst)
     }
 
     /// Takes a newly published snapshot and lets waiters go if it opened room.
@@ -300,31 +300,38 @@ impl FlowControl {
         self.pump();
     }
 
-    /// Learns from a scrape of an endpoint: one that queues runs as many requests as it can;
-    /// one that runs at least what it was allowed with none waiting may take one more (so the
-    /// bound finds its way back up after other clients or a full cache held it down, while the
-    /// engine's own queue holds at most one of kvgate's requests meanwhile).
-    pub(super) fn observe(&self, key: Key, m: &Metrics, kv_tokens: Option<u64>) {
+    /// Learns from a scrape of an endpoint that held `ours` of kvgate's requests. One that
+    /// queues runs as many requests as it can: the bound is the most it ran in its last three
+    /// queueing scrapes (one scrape at most halves it). One that holds all kvgate let through —
+    /// its bound less the headroom a lower band leaves — with none waiting may take more: twice
+    /// as many before it ever queued (slow start), one more after three such scrapes in a row.
+    pub(super) fn observe(&self, key: Key, m: &Metrics, kv_tokens: Option<u64>, ours: u64) {
+        // While bands of two priorities are busy, the lower holds the bound less its headroom.
+        let at = Instant::now();
+        let busy = self.seen.lock().values().filter(|t| at.duration_since(**t) < BUSY_BAND).count();
+        let headroom = if busy > 1 { u64::from(self.settings().headroom_percent) } else { 0 };
         let mut learned = self.learned.lock();
         let l = learned.entry(key).or_default();
         if kv_tokens.is_some() {
             l.kv_tokens = kv_tokens;
         }
         let running = u64::from(m.running);
+        let bound = l.bound();
+        let held = bound.saturating_sub((bound.saturating_mul(headroom)).div_ceil(100)).max(1);
         if m.waiting > 0 {
+            let floor = l.batch.map_or(1, |b| b / 2).max(1);
             l.queued.rotate_right(1);
-            l.queued[0] = running.max(1);
+            l.queued[0] = running.max(floor);
             l.batch = l.queued.iter().max().copied();
             l.calm = 0;
-        } else if running < l.bound() {
+        } else if running.max(ours) < held {
             l.calm = 0;
         } else if l.batch.is_none() {
-            // Slow start: it runs all it was allowed and queues none.
             l.start = l.start.saturating_mul(2);
         } else {
             l.calm += 1;
             if l.calm >= CALM_SCRAPES {
-                l.batch = Some(l.bound() + 1);
+                l.batch = Some(bound + 1);
                 l.calm = 0;
             }
         }
@@ -364,7 +371,7 @@ impl FlowControl {
         if f.requests() >= leave(s.max_requests_per_endpoint.unwrap_or_else(|| learned.bound())) {
             return false;
         }
-        let tokens = f.tokens();
+        let tokens = f.gated_tokens();
         if tokens == 0 {
             return true;
         }
@@ -381,7 +388,10 @@ impl FlowControl {
         let mut c: Vec<usize> = (0..endpoints.len())
             .filter(|&i| {
                 let e = &endpoints[i];
-                e.serves(&probe.model, &self.models) && probe.subset.as_ref().is_none_or(|s| s.contains(e.address))
+                // Prefill-only endpoints take no request from the gateway (the decode side calls them).
+                e.role.decodes()
+                    && e.serves(&probe.model, &self.models)
+                    && probe.subset.as_ref().is_none_or(|s| s.contains(e.address))
             })
             .collect();
         let healthy = |i: &usize| endpoints[*i].health == Health::Healthy;
@@ -396,19 +406,31 @@ impl FlowControl {
     }
 
     /// The endpoints open to `probe` at `priority`, by index of `endpoints`; `None` when none is.
+    /// A request of a band above others that are busy goes, when it can, where no prefill is
+    /// under way: its own prefill then shares no engine step with theirs.
     fn open_mask(&self, s: &FlowSettings, endpoints: &[Endpoint], probe: &Probe, priority: i64) -> Option<Vec<bool>> {
-        let headroom = self.headroom_for(priority, Instant::now());
+        let at = Instant::now();
+        let headroom = self.headroom_for(priority, at);
+        let favoured = self.seen.lock().range(..priority).any(|(_, t)| at.duration_since(*t) < BUSY_BAND);
         let now = now_ms();
         let mut mask = vec![false; endpoints.len()];
-        let mut any = false;
+        let mut open = Vec::new();
         let learned = self.learned.lock();
         for i in self.candidates(endpoints, probe) {
             if self.open(s, &learned, &endpoints[i], headroom, now) {
                 mask[i] = true;
-                any = true;
+                open.push(i);
             }
         }
-        any.then_some(mask)
+        if open.is_empty() {
+            return None;
+        }
+        if favoured && open.iter().any(|&i| endpoints[i].in_flight.prefilling() == 0) {
+            for i in open {
+                mask[i] = endpoints[i].in_flight.prefilling() == 0;
+            }
+        }
+        Some(mask)
     }
 
     /// The share of the pool's endpoints in rotation that are saturated for a request of
@@ -443,7 +465,9 @@ impl FlowControl {
         self.seen.lock().insert(priority, arrived);
         {
             let q = self.queue.lock();
-            let ahead = q.dispatching || q.bands.range(..=Reverse(priority)).any(|(_, b)| b.requests > 0);
+            // A turn in progress makes newcomers queue behind it, but sheds nobody.
+            let waiters = q.bands.range(..=Reverse(priority)).any(|(_, b)| b.requests > 0);
+            let ahead = waiters || (q.dispatching && priority >= 0);
             let snapshot = endpoints();
             if !ahead && let Some(open) = self.open_mask(&s, &snapshot.endpoints, &probe, priority) {
                 self.observe_wait(priority, "dispatched", Duration::ZERO);

@@ -190,7 +190,7 @@ impl Inner {
                     });
                     let kv_tokens = engine.block_size.zip(engine.num_gpu_blocks).map(|(bs, n)| bs.saturating_mul(n));
                     if let Some(x) = &m.metrics {
-                        self.flow.observe((m.addr, m.entry.rank), x, kv_tokens);
+                        self.flow.observe((m.addr, m.entry.rank), x, kv_tokens, m.in_flight.requests());
                     }
                     if let (Some(bs), Some(blocks)) = (engine.block_size, engine.num_gpu_blocks) {
                         let bpt = self.planner.bytes_per_token().get();

@@ -62,8 +62,8 @@ impl FlowControl {
         };
         flow.line.insert(at, w);
         let label = flow.label.clone();
+        self.waiting.fetch_add(1, AtomicOrdering::SeqCst);
         drop(q);
-        self.waiting.fetch_add(1, AtomicOrdering::Relaxed);
         self.gauges(priority, &label, 1, bytes as i64);
         Ok(seq)
     }
@@ -80,8 +80,8 @@ impl FlowControl {
             band.flows.remove(fi);
         }
         Self::took(&mut q, priority, w.bytes);
+        self.waiting.fetch_sub(1, AtomicOrdering::SeqCst);
         drop(q);
-        self.waiting.fetch_sub(1, AtomicOrdering::Relaxed);
         self.gauges(priority, &label, -1, -(w.bytes as i64));
     }
 
@@ -117,6 +117,10 @@ impl FlowControl {
     /// the head of each flow in round-robin order. Called at every capacity event; nothing to
     /// do (one atomic load) while nobody waits or a waiter holds the turn.
     pub fn pump(self: &Arc<Self>) {
+        // Whoever released room (a store to the in-flight counts) and whoever queued (a store to
+        // `waiting`) each look at the other's store after this fence: one of them sees it, so a
+        // waiter is never left with room open and nobody to tell it.
+        std::sync::atomic::fence(AtomicOrdering::SeqCst);
         if self.waiting() == 0 {
             return;
         }
@@ -137,7 +141,7 @@ impl FlowControl {
                 band.flows.push_back(flow);
             }
             Self::took(&mut q, priority, w.bytes);
-            self.waiting.fetch_sub(1, AtomicOrdering::Relaxed);
+            self.waiting.fetch_sub(1, AtomicOrdering::SeqCst);
             self.gauges(priority, &label, -1, -(w.bytes as i64));
             q.dispatching = true;
             match w.wake.send(Turn { flow: Some(self.clone()) }) {
