@@ -303,8 +303,9 @@ impl FlowControl {
     /// Learns from a scrape of an endpoint that held `ours` of kvgate's requests. One that
     /// queues runs as many requests as it can: the bound is the most it ran in its last three
     /// queueing scrapes (one scrape at most halves it). One that holds all kvgate let through —
-    /// its bound less the headroom a lower band leaves — with none waiting may take more: twice
-    /// as many before it ever queued (slow start), one more after three such scrapes in a row.
+    /// its bound less the headroom a lower band leaves — with none waiting may take one more
+    /// after three such scrapes in a row while only one band is busy. Before it ever queued, one
+    /// that runs its whole bound with none waiting may take twice as many (slow start).
     pub(super) fn observe(&self, key: Key, m: &Metrics, kv_tokens: Option<u64>, ours: u64) {
         // While bands of two priorities are busy, the lower holds the bound less its headroom.
         let at = Instant::now();
@@ -324,10 +325,18 @@ impl FlowControl {
             l.queued[0] = running.max(floor);
             l.batch = l.queued.iter().max().copied();
             l.calm = 0;
+        } else if l.batch.is_none() {
+            // Slow start: doubled only once the engine itself runs the whole bound (not merely
+            // kvgate's share of it under headroom), so a burst overshoots by one doubling at most.
+            if running >= bound {
+                l.start = l.start.saturating_mul(2);
+            }
         } else if running.max(ours) < held {
             l.calm = 0;
-        } else if l.batch.is_none() {
-            l.start = l.start.saturating_mul(2);
+        } else if headroom > 0 {
+            // A probe for one more puts a request in the engine's queue, where a higher band's
+            // next request would wait behind it: no probing while a higher band is busy.
+            l.calm = 0;
         } else {
             l.calm += 1;
             if l.calm >= CALM_SCRAPES {
