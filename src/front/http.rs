@@ -106,34 +106,18 @@ pub(crate) const FLOW_HEADERS: [[&str; 2]; 3] = [
     ["x-llm-d-slo-ttft-ms", "x-slo-ttft-ms"],
 ];
 
+/// Every name of flow control's request headers.
+pub(crate) fn flow_header_names() -> impl Iterator<Item = &'static str> {
+    FLOW_HEADERS.into_iter().flatten()
+}
+
 /// Headers of the gateway protocol, and a client's credentials for a proxy: what a client sends
-/// under these names is for kvgate (or nobody), never for an endpoint.
-const GATEWAY_HEADERS: [&str; 10] = [
-    DESTINATION_HEADER,
-    SERVED_HEADER,
-    TEST_SELECTION_HEADER,
-    "proxy-authorization",
-    FLOW_HEADERS[0][0],
-    FLOW_HEADERS[0][1],
-    FLOW_HEADERS[1][0],
-    FLOW_HEADERS[1][1],
-    FLOW_HEADERS[2][0],
-    FLOW_HEADERS[2][1],
-];
+/// under these names (or flow control's) is for kvgate (or nobody), never for an endpoint.
+const GATEWAY_HEADERS: [&str; 4] = [DESTINATION_HEADER, SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
 
 /// Of those, the ones Envoy must drop from a request it sends on (it sets the destination
-/// itself, from kvgate's answer).
-pub(crate) const CLIENT_ONLY_HEADERS: [&str; 9] = [
-    SERVED_HEADER,
-    TEST_SELECTION_HEADER,
-    "proxy-authorization",
-    FLOW_HEADERS[0][0],
-    FLOW_HEADERS[0][1],
-    FLOW_HEADERS[1][0],
-    FLOW_HEADERS[1][1],
-    FLOW_HEADERS[2][0],
-    FLOW_HEADERS[2][1],
-];
+/// itself, from kvgate's answer); flow control's go too.
+pub(crate) const CLIENT_ONLY_HEADERS: [&str; 3] = [SERVED_HEADER, TEST_SELECTION_HEADER, "proxy-authorization"];
 
 /// A request's flow-control headers, as `(objective, flow, TTFT objective)`: each under its
 /// name, else its legacy one (`header` looks a lowercase name up).
@@ -148,7 +132,7 @@ pub(crate) fn flow_class<'h>(values: &[Option<&'h str>; 3]) -> Class<'h> {
 
 /// Removes the gateway's own headers (and `Proxy-Authorization`) a client sent.
 pub(crate) fn strip_gateway_headers(headers: &mut HeaderMap) {
-    for h in GATEWAY_HEADERS {
+    for h in GATEWAY_HEADERS.into_iter().chain(flow_header_names()) {
         headers.remove(h);
     }
 }

@@ -23,7 +23,7 @@ pub use access::TokenFile;
 mod convert;
 mod watches;
 
-use crate::front::http::{DESTINATION_HEADER, FLOW_HEADERS, Placement, REQUEST_ID_HEADER, new_request_id};
+use crate::front::http::{DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, flow_header_names, new_request_id};
 use crate::gateway::answer::Answer;
 use crate::gateway::config::{ExtProcConfig, PickerApiConfig};
 use crate::gateway::decisions::{Client, HoldError, ReportError};
@@ -177,8 +177,7 @@ impl Picker for PickerApi {
         let placement = Placement::of(&ranked, want, Some(&id));
         decision.headers.insert(DESTINATION_HEADER.to_owned(), placement.destination);
         decision.headers.extend(placement.set.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        let flow = FLOW_HEADERS.iter().flatten();
-        decision.remove_headers = placement.remove.into_iter().chain(flow.copied()).map(str::to_owned).collect();
+        decision.remove_headers = placement.remove.into_iter().chain(flow_header_names()).map(str::to_owned).collect();
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         decision.headers.insert(REQUEST_ID_HEADER.to_owned(), request_id);
         decision.decision_id = id;

@@ -16,7 +16,9 @@ use tonic::Status;
 
 use super::StreamState;
 use super::reply::{body_chunks, immediate, lb_metadata, set_header};
-use crate::front::http::{CLIENT_ONLY_HEADERS, DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, flow_class};
+use crate::front::http::{
+    CLIENT_ONLY_HEADERS, DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, flow_class, flow_header_names,
+};
 use crate::gateway::answer::Answer;
 use crate::gateway::config::BodyMode;
 use crate::gateway::decisions::StreamTicket;
@@ -102,7 +104,14 @@ impl StreamState {
         // Placement headers are kvgate's: set them for this decision, drop any the client sent.
         set.extend(placement.set.iter().map(|(k, v)| set_header(k, v)));
         // And what a client sent under the gateway protocol's names never reaches the endpoint.
-        let remove = placement.remove.iter().chain(&CLIENT_ONLY_HEADERS).map(|h| (*h).to_owned()).collect();
+        let remove = placement
+            .remove
+            .iter()
+            .copied()
+            .chain(CLIENT_ONLY_HEADERS)
+            .chain(flow_header_names())
+            .map(str::to_owned)
+            .collect();
         if self.generated_id
             && let Some(id) = &self.request_id
         {
