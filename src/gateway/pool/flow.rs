@@ -415,31 +415,19 @@ impl FlowControl {
     }
 
     /// The endpoints open to `probe` at `priority`, by index of `endpoints`; `None` when none is.
-    /// A request of a band above others that are busy goes, when it can, where no prefill is
-    /// under way: its own prefill then shares no engine step with theirs.
     fn open_mask(&self, s: &FlowSettings, endpoints: &[Endpoint], probe: &Probe, priority: i64) -> Option<Vec<bool>> {
-        let at = Instant::now();
-        let headroom = self.headroom_for(priority, at);
-        let favoured = self.seen.lock().range(..priority).any(|(_, t)| at.duration_since(*t) < BUSY_BAND);
+        let headroom = self.headroom_for(priority, Instant::now());
         let now = now_ms();
         let mut mask = vec![false; endpoints.len()];
-        let mut open = Vec::new();
+        let mut any = false;
         let learned = self.learned.lock();
         for i in self.candidates(endpoints, probe) {
             if self.open(s, &learned, &endpoints[i], headroom, now) {
                 mask[i] = true;
-                open.push(i);
+                any = true;
             }
         }
-        if open.is_empty() {
-            return None;
-        }
-        if favoured && open.iter().any(|&i| endpoints[i].in_flight.prefilling() == 0) {
-            for i in open {
-                mask[i] = endpoints[i].in_flight.prefilling() == 0;
-            }
-        }
-        Some(mask)
+        any.then_some(mask)
     }
 
     /// The share of the pool's endpoints in rotation that are saturated for a request of
