@@ -106,9 +106,12 @@ async fn what_waited_on_a_stopped_endpoint_is_served_elsewhere_and_its_stream_en
     // The other endpoint reports a long queue, so the queue scorer sends every request to the
     // slow one first, with the other as its fallback.
     let queued = r#"{"waiting-requests": 50}"#;
+    // Scraped load stays known for a minute: on a loaded machine a late scrape would otherwise
+    // make both queues unknown (scored alike), and send requests to the other endpoint.
     let fleet = gateway(MODEL)
         .address(stoppable.addr)
         .sim(&["--time-scale", "0", "--fake-metrics", queued])
+        .config("scrape: {stale_after_ms: 60000}")
         .pool("scheduler: {plugins: [{type: queue-scorer}]}")
         .proxy()
         .start()
