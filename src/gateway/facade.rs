@@ -402,8 +402,7 @@ impl Gateway {
         )?;
         let admitted = if flow.enabled() {
             let probe = Probe { model: req.model.to_string(), subset: subset.cloned() };
-            let view = || pool.snapshot();
-            let entered = flow.enter(&view, probe, objective.unwrap_or(0), class, bytes as u64).await;
+            let entered = flow.enter(probe, objective.unwrap_or(0), class, bytes as u64).await;
             Some(entered.map_err(|why| RouteError::Queue { pool: pool.name().to_owned(), why })?)
         } else {
             None

@@ -48,7 +48,7 @@ const SCAN: usize = 256;
 /// Distinct flow labels per pool in metrics; the rest are `other`.
 const FLOW_LABELS: usize = 64;
 /// The flow of a request that names none.
-pub const DEFAULT_FLOW: &str = "default-flow";
+const DEFAULT_FLOW: &str = "default-flow";
 
 /// What a request says of itself to flow control, from its headers (or the picker API's
 /// fields).
@@ -103,6 +103,12 @@ type Key = (SocketAddr, Option<u32>);
 
 fn key(e: &Endpoint) -> Key {
     (e.address, e.rank)
+}
+
+/// `bound` less `percent` of it (rounded up), at least 1: what a lower band holds while a higher
+/// one is busy.
+fn less_headroom(bound: u64, percent: u64) -> u64 {
+    bound.saturating_sub(bound.saturating_mul(percent).div_ceil(100)).max(1)
 }
 
 /// Which endpoints a request could go to.
@@ -217,8 +223,7 @@ impl Drop for Room {
     }
 }
 
-/// A request let through: its turn (if it waited for one), the endpoints open to it, and how
-/// long it waited.
+/// A request let through: its turn (if it waited for one) and the endpoints open to it.
 #[derive(Debug)]
 pub struct Admitted {
     /// Held while the request plans.
@@ -227,8 +232,6 @@ pub struct Admitted {
     pub snapshot: Arc<Snapshot>,
     /// By index of `snapshot`: the endpoints open to it.
     pub open: Vec<bool>,
-    /// Its time in the queue.
-    pub waited: Duration,
 }
 
 /// A queued request's place; leaving (a client gone, a TTL passed) takes it out.
@@ -290,7 +293,7 @@ impl FlowControl {
     }
 
     /// Requests waiting.
-    pub fn waiting(&self) -> usize {
+    fn waiting(&self) -> usize {
         self.waiting.load(AtomicOrdering::SeqCst)
     }
 
@@ -300,6 +303,11 @@ impl FlowControl {
         self.pump();
     }
 
+    /// The pool's endpoints as last published.
+    fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.read().clone()
+    }
+
     /// Learns from a scrape of an endpoint that held `ours` of kvgate's requests. One that
     /// queues runs as many requests as it can: the bound is the most it ran in its last three
     /// queueing scrapes (one scrape at most halves it). One that holds all kvgate let through —
@@ -307,6 +315,9 @@ impl FlowControl {
     /// after three such scrapes in a row while only one band is busy. Before it ever queued, one
     /// that runs its whole bound with none waiting may take twice as many (slow start).
     pub(super) fn observe(&self, key: Key, m: &Metrics, kv_tokens: Option<u64>, ours: u64) {
+        if !self.enabled() {
+            return;
+        }
         // While bands of two priorities are busy, the lower holds the bound less its headroom.
         let at = Instant::now();
         let busy = self.seen.lock().values().filter(|t| at.duration_since(**t) < BUSY_BAND).count();
@@ -318,7 +329,7 @@ impl FlowControl {
         }
         let running = u64::from(m.running);
         let bound = l.bound();
-        let held = bound.saturating_sub((bound.saturating_mul(headroom)).div_ceil(100)).max(1);
+        let held = less_headroom(bound, headroom);
         if m.waiting > 0 {
             let floor = l.batch.map_or(1, |b| b / 2).max(1);
             l.queued.rotate_right(1);
@@ -368,13 +379,7 @@ impl FlowControl {
         if fresh.is_some_and(queues) {
             return false;
         }
-        let leave = |bound: u64| {
-            if headroom {
-                bound.saturating_sub((bound.saturating_mul(u64::from(s.headroom_percent))).div_ceil(100)).max(1)
-            } else {
-                bound
-            }
-        };
+        let leave = |bound: u64| if headroom { less_headroom(bound, u64::from(s.headroom_percent)) } else { bound };
         let learned = learned.get(&key(e)).copied().unwrap_or_default();
         let f = &e.in_flight;
         if f.requests() >= leave(s.max_requests_per_endpoint.unwrap_or_else(|| learned.bound())) {
@@ -434,7 +439,7 @@ impl FlowControl {
     /// priority 0 (`flow_control_pool_saturation`).
     pub fn saturation(&self) -> f64 {
         let s = self.settings();
-        let snap = self.snapshot.read().clone();
+        let snap = self.current();
         let now = now_ms();
         let up: Vec<&Endpoint> = snap.endpoints.iter().filter(|e| e.health == Health::Healthy).collect();
         if up.is_empty() {
@@ -446,12 +451,11 @@ impl FlowControl {
     }
 
     /// Waits, if it must, until a request of `class` and `priority` for `probe`, of `bytes`,
-    /// may plan on `endpoints` (the snapshot it will plan on; later ones are asked when it
-    /// waited): at once when an endpoint is open to it and nobody of its priority or above
-    /// waits, else in the queue. Dropping the future leaves the queue.
+    /// may plan on the pool's endpoints as last published (the snapshot it is admitted with):
+    /// at once when an endpoint is open to it and nobody of its priority or above waits, else in
+    /// the queue. Dropping the future leaves the queue.
     pub async fn enter(
         self: &Arc<Self>,
-        endpoints: &(dyn Fn() -> Arc<Snapshot> + Send + Sync),
         probe: Probe,
         priority: i64,
         class: Class<'_>,
@@ -465,10 +469,10 @@ impl FlowControl {
             // A turn in progress makes newcomers queue behind it, but sheds nobody.
             let waiters = q.bands.range(..=Reverse(priority)).any(|(_, b)| b.requests > 0);
             let ahead = waiters || (q.dispatching && priority >= 0);
-            let snapshot = endpoints();
+            let snapshot = self.current();
             if !ahead && let Some(open) = self.open_mask(&s, &snapshot.endpoints, &probe, priority) {
                 self.observe_wait(priority, "dispatched", Duration::ZERO);
-                return Ok(Admitted { turn: None, snapshot, open, waited: Duration::ZERO });
+                return Ok(Admitted { turn: None, snapshot, open });
             }
         }
         if priority < 0 {
@@ -502,16 +506,16 @@ impl FlowControl {
             };
             let Some(turn) = turn else {
                 drop(place);
-                let empty = self.candidates(&endpoints().endpoints, &probe).is_empty();
+                let empty = self.candidates(&self.current().endpoints, &probe).is_empty();
                 self.observe_wait(priority, "expired", arrived.elapsed());
                 return Err(if empty { Refusal::ExpiredEmpty } else { Refusal::Expired });
             };
             // The pump took it out of the queue; its place (seq) is kept for a return.
             let seq = place.seq.take();
-            let snapshot = endpoints();
+            let snapshot = self.current();
             if let Some(open) = self.open_mask(&s, &snapshot.endpoints, &probe, priority) {
                 self.observe_wait(priority, "dispatched", arrived.elapsed());
-                return Ok(Admitted { turn: Some(turn), snapshot, open, waited: arrived.elapsed() });
+                return Ok(Admitted { turn: Some(turn), snapshot, open });
             }
             // Someone took the room in between: back to the head of its line.
             place.seq = seq;

@@ -125,7 +125,7 @@ impl FlowControl {
             return;
         }
         let s = self.settings();
-        let snap = self.snapshot.read().clone();
+        let snap = self.current();
         let mut q = self.queue.lock();
         if q.dispatching {
             return;

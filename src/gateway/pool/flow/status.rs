@@ -28,8 +28,8 @@ pub struct FlowStatus {
     pub bands: Vec<BandStatus>,
     /// Known objectives and their priorities.
     pub objectives: BTreeMap<String, i64>,
-    /// Per endpoint scraped: its request bound from its scrapes (the slow-start one until it was
-    /// seen queueing).
+    /// Per endpoint scraped while flow control is on: its request bound from its scrapes (the
+    /// slow-start one until it was seen queueing).
     pub learned_requests: BTreeMap<String, u64>,
 }
 
@@ -48,7 +48,7 @@ impl FlowControl {
             })
             .collect();
         drop(q);
-        let snap = self.snapshot.read().clone();
+        let snap = self.current();
         let learned = self.learned.lock();
         let learned_requests =
             snap.endpoints.iter().filter_map(|e| learned.get(&key(e)).map(|l| (e.name.clone(), l.bound()))).collect();
