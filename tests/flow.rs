@@ -297,3 +297,73 @@ async fn edf_serves_the_earliest_deadline_first() {
     assert_eq!((s1, s2), (200, 200));
     assert!(t_urgent < t_relaxed, "the earlier deadline went first");
 }
+
+/// kvgate's requests in flight on each endpoint of the pool, in its order.
+async fn per_endpoint(fleet: &Fleet) -> Vec<u64> {
+    let v = fleet.endpoints().await;
+    v["pools"][0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["in_flight_requests"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+/// While a higher band is busy, a lower one keeps an endpoint with nothing in prefill, and the
+/// higher band's next request goes there rather than beside a prefill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_band_leaves_an_endpoint_free_of_prefill_for_a_busy_higher_band() {
+    // A prompt of a few hundred tokens takes seconds to prefill on these engines.
+    let slow = ["--max-num-seqs", "8", "--prefill-ms-per-token", "10"];
+    let fleet = gateway(MODEL)
+        .sim(&slow)
+        .sim(&slow)
+        .proxy()
+        .pool("flow_control: {enabled: true, max_requests_per_endpoint: 8}")
+        .pool(OBJECTIVES)
+        .start()
+        .await;
+    let fleet: &'static Fleet = Box::leak(Box::new(fleet));
+    // Each its own prompt, so no prefix pulls one request to another's endpoint.
+    let long = |objective: &'static str, n: u32| {
+        tokio::spawn(async move {
+            let prompt = format!("{n} {}", "many words ".repeat(150));
+            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "stream": true});
+            let r = client()
+                .post(format!("{}/v1/completions", fleet.proxy()))
+                .header("x-llm-d-inference-objective", objective)
+                .json(&body)
+                .send()
+                .await
+                .expect("an answer");
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        })
+    };
+    // The critical band has a request (a short one), so it is busy for the next 10 s.
+    assert_eq!(send(fleet, 1, &[("x-llm-d-inference-objective", "critical")]).await.0, 200);
+    let first = long("bulk", 1);
+    assert!(eventually(10, || async { per_endpoint(fleet).await.iter().sum::<u64>() == 1 }).await);
+    // The second bulk request goes beside the first's prefill, not to the idle endpoint.
+    let second = long("bulk", 2);
+    let ok = eventually(10, || async {
+        let mut n = per_endpoint(fleet).await;
+        n.sort_unstable();
+        n == [0, 2]
+    })
+    .await;
+    assert!(ok, "bulk kept one endpoint idle: {:?}", per_endpoint(fleet).await);
+    // The critical request takes the idle one.
+    let critical = long("critical", 3);
+    let ok = eventually(10, || async {
+        let mut n = per_endpoint(fleet).await;
+        n.sort_unstable();
+        n == [1, 2]
+    })
+    .await;
+    assert!(ok, "critical went to the idle endpoint: {:?}", per_endpoint(fleet).await);
+    for h in [first, second, critical] {
+        assert_eq!(h.await.expect("joined"), 200);
+    }
+}

@@ -139,7 +139,7 @@ fn describe_flow(out: &mut String, pool: &ResolvedPool) {
         );
         let _ = writeln!(
             out,
-            "    per endpoint: requests {}, prefill tokens {}, scraped waiting {}; lower bands leave {}% to a busy higher one",
+            "    per endpoint: requests {}, prefill tokens {}, scraped waiting {}; lower bands leave {}% of each bound and of the endpoints (free of prefill) to a busy higher one",
             bound(f.max_requests_per_endpoint, "learned from its scrapes"),
             bound(
                 f.max_prefill_tokens_per_endpoint,

@@ -48,8 +48,9 @@ pub struct FlowControlConfig {
     /// KV-cache usage from which an endpoint counts as saturated with `gate: scrape` (default
     /// 0.8).
     pub max_kv_usage: Option<f64>,
-    /// Share of each endpoint's bounds a lower band leaves free while a higher band has had
-    /// requests in the last 10 s, so that the higher band finds room at once (default 25).
+    /// Share of each endpoint's bounds, and of the endpoints kept with nothing in prefill, that
+    /// a lower band leaves free while a higher band has had requests in the last 10 s, so that
+    /// the higher band finds room at once (default 25).
     pub headroom_percent: Option<u32>,
 }
 

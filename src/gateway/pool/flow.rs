@@ -15,7 +15,9 @@
 //! flight holding its [`Turn`], and only when the turn is dropped is the next one looked at, so
 //! a burst of wakes cannot overshoot. Sheddable requests (negative priority) are never queued.
 //! A lower band leaves `headroom_percent` of each bound free while a higher band has had
-//! requests in the last 10 s, so a higher band finds room at once rather than behind it.
+//! requests in the last 10 s, so a higher band finds room at once rather than behind it, and
+//! keeps as large a share of the endpoints with nothing in prefill, where the higher band's
+//! requests go so that their prompts are not computed beside another's.
 
 pub mod objectives;
 mod queue;
@@ -357,9 +359,12 @@ impl FlowControl {
         }
     }
 
-    /// Whether bands above `priority` had requests lately (a lower band then leaves headroom).
-    fn headroom_for(&self, priority: i64, now: Instant) -> bool {
-        self.seen.lock().range(priority.saturating_add(1)..).any(|(_, at)| now.duration_since(*at) < BUSY_BAND)
+    /// Whether bands above `priority` had requests lately (a lower band then leaves headroom),
+    /// and whether bands below it did (it is then the band headroom is left for).
+    fn bands_around(&self, priority: i64, now: Instant) -> (bool, bool) {
+        let seen = self.seen.lock();
+        let busy = |(_, at): (&i64, &Instant)| now.duration_since(*at) < BUSY_BAND;
+        (seen.range(priority.saturating_add(1)..).any(busy), seen.range(..priority).any(busy))
     }
 
     /// Whether `e` is open (`headroom`: leaving room for a busy higher band) at monotonic `now_ms`.
@@ -420,16 +425,40 @@ impl FlowControl {
     }
 
     /// The endpoints open to `probe` at `priority`, by index of `endpoints`; `None` when none is.
+    ///
+    /// While bands on both sides of `priority` are busy, prefill is shared out as well as the
+    /// bounds. A lower band keeps `headroom_percent` of the candidates (at least one, never all)
+    /// with nothing of kvgate's in prefill: it may start a prefill on an endpoint already
+    /// prefilling, or on an idle one only while enough others stay idle. A band a lower one
+    /// makes way for goes to an idle endpoint when one is open, where its prompt is computed in
+    /// a step of its own rather than beside another's prefill.
     fn open_mask(&self, s: &FlowSettings, endpoints: &[Endpoint], probe: &Probe, priority: i64) -> Option<Vec<bool>> {
-        let headroom = self.headroom_for(priority, Instant::now());
+        let now_at = Instant::now();
+        let (headroom, favoured) = self.bands_around(priority, now_at);
         let now = now_ms();
+        let candidates = self.candidates(endpoints, probe);
+        let idle = |i: usize| endpoints[i].in_flight.gated_tokens() == 0;
+        let percent = if s.gate == GateKind::Scrape { 0 } else { u64::from(s.headroom_percent) };
+        let reserve = if headroom && percent > 0 && candidates.len() > 1 {
+            let n = candidates.len() as u64;
+            (n * percent).div_ceil(100).clamp(1, n - 1) as usize
+        } else {
+            0
+        };
+        let idle_now = candidates.iter().filter(|&&i| idle(i)).count();
         let mut mask = vec![false; endpoints.len()];
         let mut any = false;
         let learned = self.learned.lock();
-        for i in self.candidates(endpoints, probe) {
-            if self.open(s, &learned, &endpoints[i], headroom, now) {
+        for &i in &candidates {
+            let keeps_reserve = reserve == 0 || !idle(i) || idle_now > reserve;
+            if keeps_reserve && self.open(s, &learned, &endpoints[i], headroom, now) {
                 mask[i] = true;
                 any = true;
+            }
+        }
+        if favoured && percent > 0 && candidates.iter().any(|&i| mask[i] && idle(i)) {
+            for &i in &candidates {
+                mask[i] &= idle(i);
             }
         }
         any.then_some(mask)
