@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     // A new envoy-types may ship new ext_proc protos.
     println!("cargo:rerun-if-changed=Cargo.lock");
-    let protos = ["proto/kvgate/v1/picker.proto"];
+    let protos = ["proto/kvgate/v1/picker.proto", "proto/kvgate/v1/cluster.proto"];
     let descriptors = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("kvgate_v1_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;

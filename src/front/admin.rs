@@ -25,6 +25,7 @@ pub(crate) fn app(gateway: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/debug/endpoints", get(endpoints))
         .route("/debug/explain", post(explain))
+        .route("/debug/cluster", get(cluster))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(gateway)
@@ -58,6 +59,25 @@ async fn endpoints(State(g): St) -> Response {
         })
         .collect();
     axum::Json(json!({"pools": pools})).into_response()
+}
+
+/// This replica and its peers: who they are, how fresh, what they hold in flight.
+async fn cluster(State(g): St) -> Response {
+    let Some(c) = g.cluster() else {
+        let id = g.decisions().replica_id();
+        return axum::Json(json!({"enabled": false, "replica": id, "ready": g.ready(), "peers": []})).into_response();
+    };
+    let s = c.settings();
+    axum::Json(json!({
+        "enabled": true,
+        "replica": c.id(),
+        "ready": c.ready(),
+        "discovery": {"peers": s.peers, "dns": s.dns},
+        "sync_interval_ms": s.sync_interval_ms,
+        "lease_ms": s.lease_ms,
+        "peers": c.peers(),
+    }))
+    .into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 mod access;
+pub(crate) use access::Access;
 pub use access::TokenFile;
 mod convert;
 mod watches;
@@ -42,7 +43,6 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvgate_v1_descriptor.bin"));
 }
 
-use access::Access;
 use pb::picker_server::{Picker, PickerServer};
 use tonic::service::interceptor::InterceptedService;
 use watches::Watches;

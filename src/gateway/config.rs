@@ -6,6 +6,7 @@
 //! unknown plugin is caught here). Every error says what is wrong and where.
 
 mod bounds;
+pub mod cluster;
 pub mod endpoints;
 pub mod flow;
 mod inference_pool;
@@ -87,6 +88,9 @@ pub struct Config {
     /// The priority of each objective (`x-llm-d-inference-objective`), for every pool.
     #[serde(default)]
     pub objectives: Vec<flow::ObjectiveSpec>,
+    /// Peer replicas sharing what they learn (off when absent: a replica on its own).
+    #[serde(default)]
+    pub cluster: Option<cluster::ClusterConfig>,
     /// The pools, each a set of endpoints serving some models.
     pub pools: Vec<PoolConfig>,
     /// Where each setting is in the file, for warnings.
@@ -431,6 +435,9 @@ impl Config {
             return Err(invalid("objectives".into(), message));
         }
         if let Some((at, message)) = self.picker_api.problem() {
+            return Err(invalid(at.into(), message));
+        }
+        if let Some((at, message)) = self.cluster.as_ref().and_then(cluster::ClusterConfig::problem) {
             return Err(invalid(at.into(), message));
         }
         if self.extproc.max_endpoints == Some(0) {

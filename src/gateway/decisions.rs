@@ -270,6 +270,11 @@ impl Decisions {
         Err(RouteError::Saturated { pool: pool.to_owned(), reason, shed: false })
     }
 
+    /// This process's nonce, the first part of every id it issues: its replica id.
+    pub fn replica_id(&self) -> String {
+        format!("{:08x}", self.nonce)
+    }
+
     /// Holds `routed` for `client` until its final report or until its reports stop coming;
     /// returns its id.
     pub fn hold(&self, routed: Routed, client: Client) -> Result<String, HoldError> {

@@ -10,6 +10,8 @@ use serde_json::json;
 
 use crate::gateway::answer::Answer;
 use crate::gateway::budget::BodyBudget;
+use crate::gateway::cluster::Cluster;
+use crate::gateway::config::cluster::ClusterConfig;
 use crate::gateway::config::{Admission, PickerApiConfig};
 use crate::gateway::decisions::Decisions;
 use crate::gateway::error::RouteError;
@@ -72,6 +74,8 @@ pub struct Gateway {
     decisions: Arc<Decisions>,
     /// When the gateway started (the `created` of its model list), Unix seconds.
     created: u64,
+    /// What it shares with peer replicas, if it has any.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Gateway {
@@ -81,7 +85,16 @@ impl Gateway {
         let body_budget = BodyBudget::new(max_buffered_bytes);
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let decisions = Arc::new(Decisions::new(&PickerApiConfig::default(), telemetry.clone()));
-        Self { pools, max_body_bytes, body_budget, paths: PathPolicy::default(), telemetry, decisions, created }
+        Self {
+            pools,
+            max_body_bytes,
+            body_budget,
+            paths: PathPolicy::default(),
+            telemetry,
+            decisions,
+            created,
+            cluster: None,
+        }
     }
 
     /// The gateway holding picked decisions for their reports as `cfg` says.
@@ -97,6 +110,22 @@ impl Gateway {
         let limit = self.body_budget.limit();
         self.body_budget = BodyBudget::with_share(limit, BodyBudget::share_of(limit, percent));
         self
+    }
+
+    /// The gateway sharing what it learns with the peers `cfg` names (after
+    /// [`Gateway::with_picker_api`]: the replica's id is its decision ids' nonce).
+    #[must_use]
+    pub fn with_cluster(mut self, cfg: Option<&ClusterConfig>) -> Self {
+        self.cluster = cfg.map(|c| {
+            let id = self.decisions.replica_id();
+            Arc::new(Cluster::new(id, c.clone(), self.pools.clone(), self.telemetry.clone()))
+        });
+        self
+    }
+
+    /// What it shares with peer replicas, if it has any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The decisions held for their reports.
@@ -128,7 +157,7 @@ impl Gateway {
 
     /// Ready once every pool has completed its first discovery.
     pub fn ready(&self) -> bool {
-        self.pools.iter().all(Pool::ready)
+        self.pools.iter().all(Pool::ready) && self.cluster.as_ref().is_none_or(|c| c.ready())
     }
 
     /// The Prometheus exposition, with pool and endpoint gauges refreshed.
@@ -426,6 +455,9 @@ impl Gateway {
                 e => e.into(),
             })?;
         self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
+        if let Some(c) = &self.cluster {
+            c.placed(pool.name(), &snapshot.endpoints[planned.decision.primary().index], &planned.prompt.hashes);
+        }
         if planner.disaggregates() && opts.disaggregate {
             self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
         }

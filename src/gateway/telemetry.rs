@@ -127,6 +127,18 @@ pub struct Telemetry {
     pub picker_expired: IntCounterVec,
     /// `kvgate_picker_decisions_pending`: decisions held for their reports now.
     pub picker_pending: prometheus::IntGauge,
+    /// `kvgate_cluster_peers`: peers heard within their lease.
+    pub cluster_peers: prometheus::IntGauge,
+    /// `kvgate_cluster_deltas_sent_total{kind}`.
+    pub cluster_sent: IntCounterVec,
+    /// `kvgate_cluster_deltas_applied_total{kind}`.
+    pub cluster_applied: IntCounterVec,
+    /// `kvgate_cluster_sync_lag_seconds`.
+    pub cluster_lag: prometheus::Histogram,
+    /// `kvgate_cluster_snapshot_duration_seconds`.
+    pub cluster_snapshot: prometheus::Histogram,
+    /// `kvgate_cluster_dropped_total{reason}`.
+    pub cluster_dropped: IntCounterVec,
     /// `kvgate_extproc_ignored_messages_total{kind}`: ext_proc messages that came after their
     /// phase was over and were ignored (`request_body_after_end`: a body chunk after the one
     /// marked end of stream, as Envoy repeats for large full-duplex bodies).
@@ -196,6 +208,14 @@ impl Telemetry {
             buffered_bytes: r.single_gauge(&BUFFERED_BYTES),
             buffered_clients: r.single_gauge(&BUFFERED_CLIENTS),
             picker_pending: r.single_gauge(&PICKER_PENDING),
+            cluster_peers: r.single_gauge(&CLUSTER_PEERS),
+            cluster_sent: r.counter(&CLUSTER_SENT),
+            cluster_applied: r.counter(&CLUSTER_APPLIED),
+            cluster_lag: r.histogram(&CLUSTER_LAG, CLUSTER_LAG_BUCKETS.to_vec()).with_label_values(&[] as &[&str]),
+            cluster_snapshot: r
+                .histogram(&CLUSTER_SNAPSHOT, CLUSTER_SNAPSHOT_BUCKETS.to_vec())
+                .with_label_values(&[] as &[&str]),
+            cluster_dropped: r.counter(&CLUSTER_DROPPED),
             running: r.int_gauge(&RUNNING),
             requests: r.counter(&REQUESTS),
             request_errors: r.counter(&REQUEST_ERRORS),

@@ -133,6 +133,7 @@ pub struct Metrics {
 /// kvgate's own count of work sent to an endpoint and not yet finished: requests, the ones of
 /// them still waiting for or in prefill (no response byte yet), and their uncached prompt tokens;
 /// and when a response of its last passed a byte (what says an endpoint is alive between scrapes).
+/// With peer replicas, what they last said they hold is added to every count read.
 #[derive(Debug, Default)]
 pub struct InFlight {
     requests: AtomicU64,
@@ -144,6 +145,45 @@ pub struct InFlight {
     gated: AtomicU64,
     /// When a response from the endpoint last passed a byte (the caller's milliseconds; 0: never).
     heard_ms: AtomicU64,
+    /// What peer replicas have in flight here, as they last said (set whole, never counted up).
+    peers: [AtomicU64; 4],
+}
+
+/// In-flight counts as one replica holds them on one endpoint.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Requests in flight.
+    pub requests: u64,
+    /// Of them, those without their first token.
+    pub prefilling: u64,
+    /// Their uncached prompt tokens waiting for or in prefill.
+    pub tokens: u64,
+    /// Of those, the tokens of requests whose first response byte ends their prefill.
+    pub gated: u64,
+}
+
+impl Load {
+    /// Both loads added (saturating).
+    #[must_use]
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_add(o.requests),
+            prefilling: self.prefilling.saturating_add(o.prefilling),
+            tokens: self.tokens.saturating_add(o.tokens),
+            gated: self.gated.saturating_add(o.gated),
+        }
+    }
+
+    /// `o` taken away (saturating).
+    #[must_use]
+    pub fn minus(self, o: Self) -> Self {
+        Self {
+            requests: self.requests.saturating_sub(o.requests),
+            prefilling: self.prefilling.saturating_sub(o.prefilling),
+            tokens: self.tokens.saturating_sub(o.tokens),
+            gated: self.gated.saturating_sub(o.gated),
+        }
+    }
 }
 
 fn release(counter: &AtomicU64, n: u64) {
@@ -175,14 +215,38 @@ impl InFlight {
         }
     }
 
-    /// Requests in flight.
+    /// Requests in flight (this replica's and its peers').
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.requests.load(Ordering::Relaxed).saturating_add(self.peers[0].load(Ordering::Relaxed))
     }
 
     /// Requests in flight that have not had their first token.
     pub fn prefilling(&self) -> u64 {
-        self.prefilling.load(Ordering::Relaxed)
+        self.prefilling.load(Ordering::Relaxed).saturating_add(self.peers[1].load(Ordering::Relaxed))
+    }
+
+    /// This replica's own counts, without its peers'.
+    pub fn own(&self) -> Load {
+        Load {
+            requests: self.requests.load(Ordering::Relaxed),
+            prefilling: self.prefilling.load(Ordering::Relaxed),
+            tokens: self.tokens.load(Ordering::Relaxed),
+            gated: self.gated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What peer replicas have in flight here, all of them together.
+    pub fn peers(&self) -> Load {
+        let [r, p, t, g] = &self.peers;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Load { requests: get(r), prefilling: get(p), tokens: get(t), gated: get(g) }
+    }
+
+    /// Sets what peer replicas have in flight here, all of them together.
+    pub fn set_peers(&self, l: Load) {
+        for (a, v) in self.peers.iter().zip([l.requests, l.prefilling, l.tokens, l.gated]) {
+            a.store(v, Ordering::Relaxed);
+        }
     }
 
     /// Requests in flight past their first token.
@@ -192,12 +256,12 @@ impl InFlight {
 
     /// Uncached prompt tokens waiting for or in prefill.
     pub fn tokens(&self) -> u64 {
-        self.tokens.load(Ordering::Relaxed)
+        self.tokens.load(Ordering::Relaxed).saturating_add(self.peers[2].load(Ordering::Relaxed))
     }
 
     /// Uncached prompt tokens in prefill of requests whose first byte will say it ended.
     pub fn gated_tokens(&self) -> u64 {
-        self.gated.load(Ordering::Relaxed)
+        self.gated.load(Ordering::Relaxed).saturating_add(self.peers[3].load(Ordering::Relaxed))
     }
 
     /// A response from the endpoint passed a byte at `now_ms`.

@@ -15,11 +15,11 @@ use tonic::service::interceptor::InterceptedService;
 mod demo;
 mod memory;
 
-use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
 use crate::front::listen::{ClientCertCheck, ConnLimits, Pace, Tls, drain, serve_grpc, serve_http, shutdown_signal};
 use crate::front::picker;
 use crate::front::proxy::{self, ProxyState};
+use crate::front::{admin, cluster};
 use crate::gateway::config::{Config, ExtProcConfig, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;
@@ -230,10 +230,11 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     }
     let paths = PathPolicy::new(&cfg.paths).map_err(|(at, m)| anyhow::anyhow!("{at}: {m}"))?;
     let gateway = Arc::new(
-        Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry)
+        Gateway::new(pools, cfg.max_body_bytes, cfg.max_buffered_bytes, telemetry.clone())
             .with_body_share(cfg.connections.max_body_share_percent)
             .with_paths(paths)
-            .with_picker_api(&cfg.picker_api),
+            .with_picker_api(&cfg.picker_api)
+            .with_cluster(cfg.cluster.as_ref()),
     );
     // Decisions whose reports never come are released by this task.
     background.push(tasks.spawn("decision reaper", gateway.decisions().clone().run()));
@@ -279,13 +280,17 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         require,
     );
     let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
-    let grpc = Routes::new(health.clone())
+    let mut grpc = Routes::new(health.clone())
         .add_service(ext)
         .add_service(api)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .prepare()
-        .into_axum_router();
+        .add_service(reflection_v1alpha);
+    if let Some(c) = gateway.cluster() {
+        let (service, tasks_of) = cluster::start(c.clone(), telemetry.clone(), &tasks, stop_rx.clone())?;
+        grpc = grpc.add_service(service);
+        background.extend(tasks_of);
+    }
+    let grpc = grpc.prepare().into_axum_router();
     listeners.push(serve_grpc(&tasks, listener, grpc, "ext_proc", stop_rx.clone(), limits, tls));
     if let Some(addr) = cfg.health_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding health_addr {addr}"))?;

@@ -32,6 +32,8 @@ const MAX_TOKEN_FILE: u64 = 4096;
 #[derive(Clone, Default)]
 pub(crate) struct Access {
     token: Option<Arc<RwLock<Vec<u8>>>>,
+    /// The service it guards, as its refusals name it.
+    service: &'static str,
     /// Where refusals are counted (none in unit tests).
     decisions: Option<Arc<Decisions>>,
 }
@@ -69,6 +71,11 @@ impl TokenFile {
     pub fn current(&self) -> Vec<u8> {
         self.token.read().clone()
     }
+
+    /// The token as it is kept, following the file.
+    pub(crate) fn shared(&self) -> Arc<RwLock<Vec<u8>>> {
+        self.token.clone()
+    }
 }
 
 impl Access {
@@ -82,24 +89,34 @@ impl Access {
         } else {
             None
         };
-        Ok(Self { token, decisions: Some(decisions) })
+        Ok(Self { token, service: "the picker API", decisions: Some(decisions) })
+    }
+
+    /// A gate for `service` that lets only calls carrying `token` through.
+    pub(crate) fn with_token(token: Arc<RwLock<Vec<u8>>>, service: &'static str) -> Self {
+        Self { token: Some(token), service, decisions: None }
     }
 
     /// Whether `bearer` (an `authorization` value) carries the token.
     fn allows(&self, authorization: Option<&[u8]>) -> Result<(), Status> {
         let Some(token) = &self.token else { return Ok(()) };
         let Some(value) = authorization else {
-            return Err(Status::unauthenticated("the picker API needs `authorization: Bearer <token>` metadata"));
+            return Err(Status::unauthenticated(format!(
+                "{} needs `authorization: Bearer <token>` metadata",
+                self.service
+            )));
         };
         let given = value
             .get(..7)
             .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
             .map(|_| value[7..].trim_ascii())
-            .ok_or_else(|| Status::unauthenticated("the picker API takes `authorization: Bearer <token>` only"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(format!("{} takes `authorization: Bearer <token>` only", self.service))
+            })?;
         if bool::from(given.ct_eq(&token.read())) {
             Ok(())
         } else {
-            Err(Status::unauthenticated("the bearer token is not the picker API's"))
+            Err(Status::unauthenticated(format!("the bearer token is not {}'s", self.service)))
         }
     }
 }
@@ -177,7 +194,11 @@ mod tests {
     use super::*;
 
     fn check(token: Option<&str>, authorization: Option<&str>, allowed: bool) {
-        let access = Access { token: token.map(|t| Arc::new(RwLock::new(t.as_bytes().to_vec()))), decisions: None };
+        let access = Access {
+            token: token.map(|t| Arc::new(RwLock::new(t.as_bytes().to_vec()))),
+            service: "the picker API",
+            decisions: None,
+        };
         let got = access.allows(authorization.map(str::as_bytes));
         assert_eq!(got.is_ok(), allowed, "{token:?} {authorization:?}: {got:?}");
         if let Err(s) = got {
@@ -203,7 +224,11 @@ mod tests {
 
     #[test]
     fn tokens_never_show_in_debug_output() {
-        let access = Access { token: Some(Arc::new(RwLock::new(b"s3cret".to_vec()))), decisions: None };
+        let access = Access {
+            token: Some(Arc::new(RwLock::new(b"s3cret".to_vec()))),
+            service: "the picker API",
+            decisions: None,
+        };
         assert!(!format!("{access:?}").contains("s3cret"));
         assert!(!format!("{:?}", access.token.as_ref().map(|t| TokenFile { token: t.clone() })).contains("s3cret"));
     }

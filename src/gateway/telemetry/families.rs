@@ -312,3 +312,33 @@ pub(super) const PREFIX_SIZE: Family = Family {
     help: "Resident prefix-index blocks.",
     labels: &["pool"],
 };
+
+pub(super) const CLUSTER_PEERS: Family =
+    Family { name: "kvgate_cluster_peers", help: "Peer replicas heard within their lease.", labels: &[] };
+pub(super) const CLUSTER_SENT: Family = Family {
+    name: "kvgate_cluster_deltas_sent_total",
+    help: "Placements and endpoint counts sent to followers, by kind (a batch counted once, whatever its followers).",
+    labels: &["kind"],
+};
+pub(super) const CLUSTER_APPLIED: Family = Family {
+    name: "kvgate_cluster_deltas_applied_total",
+    help: "Placements and endpoint counts from peers applied, by kind.",
+    labels: &["kind"],
+};
+pub(super) const CLUSTER_LAG: Family = Family {
+    name: "kvgate_cluster_sync_lag_seconds",
+    help: "From a peer sending a batch to its application here (within the two hosts' clock skew).",
+    labels: &[],
+};
+pub(super) const CLUSTER_SNAPSHOT: Family = Family {
+    name: "kvgate_cluster_snapshot_duration_seconds",
+    help: "Taking a peer's snapshot: from the call to its last part applied.",
+    labels: &[],
+};
+pub(super) const CLUSTER_DROPPED: Family = Family {
+    name: "kvgate_cluster_dropped_total",
+    help: "What was not shared: placements past a full outbox, followers cut off for falling behind.",
+    labels: &["reason"],
+};
+pub(super) const CLUSTER_LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+pub(super) const CLUSTER_SNAPSHOT_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

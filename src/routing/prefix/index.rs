@@ -266,6 +266,43 @@ impl PrefixIndex {
         self.record(endpoint, hashes);
     }
 
+    /// The blocks one endpoint holds, least recent first: at most `limit`, the most recent.
+    pub fn held(&self, endpoint: EndpointId, limit: usize) -> Vec<BlockHash> {
+        let slots = self.endpoints.read();
+        let Some(Some(lru)) = slots.get(endpoint.index()) else { return Vec::new() };
+        let lru = lru.read();
+        let mut out = Vec::with_capacity(lru.len().min(limit));
+        let mut i = lru.head;
+        while i != NIL && out.len() < limit {
+            out.push(BlockHash(lru.nodes[i as usize].hash));
+            i = lru.nodes[i as usize].next;
+        }
+        out.reverse();
+        out
+    }
+
+    /// Takes `blocks` as another index held them for `endpoint`, least recent first ([`held`]):
+    /// each becomes the most recent in turn, ahead of what the endpoint's set held, so a
+    /// prefix-closed list keeps the set prefix-closed.
+    ///
+    /// [`held`]: PrefixIndex::held
+    pub fn restore(&self, endpoint: EndpointId, blocks: &[BlockHash]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let slots = self.endpoints.read();
+        if let Some(Some(lru)) = slots.get(endpoint.index()) {
+            let mut lru = lru.write();
+            for h in blocks {
+                lru.touch(h.0);
+            }
+            return;
+        }
+        drop(slots);
+        self.set_capacity(endpoint, self.default_capacity);
+        self.restore(endpoint, blocks);
+    }
+
     /// Sets one endpoint's capacity in blocks (creating its set if needed, evicting if smaller).
     /// A capacity lowered by cache feedback stays as low, within the new ceiling.
     pub fn set_capacity(&self, endpoint: EndpointId, capacity: usize) {
@@ -389,6 +426,27 @@ mod tests {
         let mut out = Vec::new();
         index.match_into(&[ep(1), ep(7), ep(0)], &a, &mut out);
         assert_eq!(out, [3, 0, 6]);
+    }
+
+    #[test]
+    fn held_blocks_restored_elsewhere_match_the_same_and_keep_their_order() {
+        let (from, to) = (PrefixIndex::new(100), PrefixIndex::new(100));
+        let (a, b, c) = (chain(1, 30), chain(2, 30), chain(3, 30));
+        for x in [&a, &b] {
+            from.record(ep(0), x);
+        }
+        to.record(ep(0), &c);
+        to.restore(ep(0), &from.held(ep(0), usize::MAX));
+        check(&to, 0, &a, 30);
+        check(&to, 0, &b, 30);
+        // The restored blocks are the most recent: c, the oldest, goes first.
+        to.restore(ep(0), &from.held(ep(0), 20));
+        assert_eq!(to.held(ep(0), 100).len(), 90);
+        to.set_capacity(ep(0), 70);
+        check(&to, 0, &c, 10);
+        check(&to, 0, &b, 30);
+        check(&to, 0, &a, 30);
+        assert!(from.held(ep(5), 10).is_empty());
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! `kvgate.v1.Cluster` (`proto/kvgate/v1/cluster.proto`): replicas following each other over
+//! their gRPC listeners. The state is the gateway's ([`Cluster`]); this is its wire.
+//!
+//! - The **service** answers `Follow` with this replica's snapshot (in parts of at most
+//!   [`PART_BLOCKS`] blocks), then every batch, until the follower goes or falls more than
+//!   [`BACKLOG`] batches behind (it is cut off and follows again, from a new snapshot). It is
+//!   served before the replica is ready, so replicas started together take each other's.
+//! - The **syncer** takes a batch every `sync_interval_ms` and hands it to every follower; once
+//!   a second it forgets peers whose lease ran out.
+//! - A **follower** per peer address (the static list, and what the DNS name resolves to)
+//!   follows it, applying what comes, and reconnects with a growing pause when the stream
+//!   ends. A peer that turns out to be this replica is left alone.
+//!
+//! Every call carries the cluster token; a slow or dead peer never blocks a decision (decisions
+//! only put their placements in the outbox).
+//!
+//! [`Cluster`]: crate::gateway::cluster::Cluster
+
+mod follow;
+mod wire;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use parking_lot::RwLock;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::front::picker::pb::cluster_server::{Cluster as ClusterRpc, ClusterServer};
+use crate::front::picker::pb::{ClusterUpdate, FollowRequest};
+use crate::front::picker::{Access, TokenFile};
+use crate::gateway::cluster::Cluster;
+use crate::gateway::tasks::{Task, Tasks};
+use crate::gateway::telemetry::Telemetry;
+
+/// Blocks in one snapshot message at most (8 bytes each).
+const PART_BLOCKS: usize = 64 * 1024;
+/// Batches a follower may fall behind before it is cut off.
+const BACKLOG: usize = 256;
+/// How often peers' leases are checked.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// The cluster token, inline or followed in its file.
+#[derive(Clone)]
+pub(crate) struct Token(Arc<RwLock<Vec<u8>>>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// The token `cluster` configures (a token file is read now and followed).
+    fn of(cluster: &Cluster, tasks: &Tasks) -> anyhow::Result<Self> {
+        let s = cluster.settings();
+        if let Some(t) = &s.token {
+            return Ok(Self(Arc::new(RwLock::new(t.expose().trim().as_bytes().to_vec()))));
+        }
+        let path = s.token_file.as_ref().ok_or_else(|| anyhow::anyhow!("cluster: no token"))?;
+        Ok(Self(TokenFile::follow(path, tasks).map_err(|e| anyhow::anyhow!("cluster.token_file: {e:#}"))?.shared()))
+    }
+
+    /// `authorization` metadata carrying it.
+    fn bearer(&self) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+        let t = String::from_utf8_lossy(&self.0.read()).into_owned();
+        format!("Bearer {t}").parse().ok()
+    }
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterApi {
+    cluster: Arc<Cluster>,
+    updates: broadcast::Sender<Arc<ClusterUpdate>>,
+    tasks: Tasks,
+    telemetry: Arc<Telemetry>,
+}
+
+/// The service as the gRPC listener serves it: behind the token check.
+pub(crate) type Service = InterceptedService<ClusterServer<ClusterApi>, Access>;
+
+/// The cluster's service for the gRPC listener, and its syncer and followers started on
+/// `tasks` (stopped when `stop` turns true or the tasks are).
+pub(crate) fn start(
+    cluster: Arc<Cluster>,
+    telemetry: Arc<Telemetry>,
+    tasks: &Tasks,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(Service, Vec<Task>)> {
+    let token = Token::of(&cluster, tasks)?;
+    let (updates, _) = broadcast::channel(BACKLOG);
+    let api = ClusterApi {
+        cluster: cluster.clone(),
+        updates: updates.clone(),
+        tasks: tasks.clone(),
+        telemetry: telemetry.clone(),
+    };
+    let background = vec![
+        tasks.spawn("cluster sync", sync(cluster.clone(), updates, telemetry.clone(), stop.clone())),
+        tasks.spawn("cluster peers", follow::peers(cluster, token.clone(), telemetry, tasks.clone(), stop)),
+    ];
+    let server = ClusterServer::new(api).max_encoding_message_size(64 << 20).max_decoding_message_size(1 << 20);
+    Ok((InterceptedService::new(server, Access::with_token(token.0, "the cluster API")), background))
+}
+
+/// Every `sync_interval_ms`, the outbox as one batch to every follower; every second, expired
+/// leases.
+async fn sync(
+    cluster: Arc<Cluster>,
+    updates: broadcast::Sender<Arc<ClusterUpdate>>,
+    telemetry: Arc<Telemetry>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(cluster.settings().sync_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let batch = cluster.take_batch();
+        if updates.receiver_count() > 0 && !batch.is_empty() {
+            let (placements, loads) =
+                batch.pools.iter().fold((0, 0), |(p, l), b| (p + b.placements.len(), l + b.loads.len()));
+            telemetry.cluster_sent.with_label_values(&["placements"]).inc_by(placements as u64);
+            telemetry.cluster_sent.with_label_values(&["loads"]).inc_by(loads as u64);
+            let _ = updates.send(Arc::new(wire::update(cluster.id(), batch, false)));
+        }
+        if last_sweep.elapsed() >= SWEEP {
+            last_sweep = tokio::time::Instant::now();
+            cluster.expire();
+            telemetry.cluster_peers.set(cluster.live_peers() as i64);
+        }
+    }
+}
+
+type FollowStream = Pin<Box<dyn Stream<Item = Result<ClusterUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClusterRpc for ClusterApi {
+    type FollowStream = FollowStream;
+
+    async fn follow(&self, req: Request<FollowRequest>) -> Result<Response<FollowStream>, Status> {
+        let follower = req.into_inner().replica;
+        if follower == self.cluster.id() {
+            return Err(Status::failed_precondition("this is the caller's own replica"));
+        }
+        // Subscribed before the snapshot is taken: nothing decided meanwhile is missed.
+        let mut rx = self.updates.subscribe();
+        let cluster = self.cluster.clone();
+        let (tx, out) = mpsc::channel(4);
+        let telemetry = self.telemetry.clone();
+        self.tasks
+            .spawn("cluster follower", async move {
+                let snapshot = cluster.snapshot();
+                for part in wire::snapshot_parts(cluster.id(), snapshot) {
+                    if tx.send(Ok(part)).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    let next = tokio::select! {
+                        u = rx.recv() => u,
+                        () = tx.closed() => return,
+                    };
+                    match next {
+                        Ok(u) => {
+                            if tx.send(Ok((*u).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            telemetry.cluster_dropped.with_label_values(&["follower_behind"]).inc();
+                            let why = format!("the follower fell {n} batches behind; follow again for a new snapshot");
+                            let _ = tx.send(Err(Status::resource_exhausted(why))).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            })
+            .detach();
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}

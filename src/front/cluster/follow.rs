@@ -1,0 +1,181 @@
+//! Following peers: one task per peer address, from the static list and the DNS name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::{Token, wire};
+use crate::front::picker::pb::FollowRequest;
+use crate::front::picker::pb::cluster_client::ClusterClient;
+use crate::gateway::cluster::Cluster;
+use crate::gateway::tasks::{Task, Tasks};
+use crate::gateway::telemetry::Telemetry;
+
+/// The first pause before following a peer again; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+/// Bound on connecting to a peer.
+const CONNECT: Duration = Duration::from_secs(2);
+/// The largest message a peer may send (a snapshot part is about 0.5 MiB).
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// How one attempt to follow a peer ended.
+enum Ended {
+    /// The peer is this replica.
+    Itself,
+    /// Unreachable, refused, or its stream ended; whether a snapshot had come.
+    Lost { joined: bool },
+}
+
+/// Follows every peer the settings name (looking the DNS name up again as it says) until `stop`.
+pub(super) async fn peers(
+    cluster: Arc<Cluster>,
+    token: Token,
+    telemetry: Arc<Telemetry>,
+    tasks: Tasks,
+    mut stop: watch::Receiver<bool>,
+) {
+    let s = cluster.settings().clone();
+    let mut following: HashMap<String, Task> = HashMap::new();
+    let (tried_tx, mut tried_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut first_round: Option<BTreeSet<String>> = None;
+    loop {
+        let mut addresses: BTreeSet<String> = s.peers.iter().cloned().collect();
+        if let Some(name) = &s.dns {
+            match tokio::net::lookup_host(name.as_str()).await {
+                Ok(found) => addresses.extend(found.map(|a| a.to_string())),
+                Err(e) => tracing::warn!(name = %name, error = %e, "cluster: looking up the peers' DNS name failed"),
+            }
+        }
+        following.retain(|a, _| addresses.contains(a));
+        for a in &addresses {
+            if !following.contains_key(a) {
+                let run = one(cluster.clone(), a.clone(), token.clone(), telemetry.clone(), tried_tx.clone());
+                following.insert(a.clone(), tasks.spawn("cluster peer", run));
+            }
+        }
+        let round = first_round.get_or_insert_with(|| addresses.clone());
+        if round.is_empty() {
+            cluster.tried_all();
+        }
+        // A static list does not change: only a DNS name is looked up again.
+        let wait =
+            if s.dns.is_some() { Duration::from_millis(s.dns_interval_ms) } else { Duration::from_secs(1 << 30) };
+        let next = tokio::time::sleep(wait);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                () = &mut next => break,
+                Some(a) = tried_rx.recv() => {
+                    if let Some(r) = first_round.as_mut() {
+                        r.remove(&a);
+                        if r.is_empty() {
+                            cluster.tried_all();
+                        }
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+/// Follows the peer at `address` for as long as it is not this replica, reconnecting with a
+/// growing pause; says on `tried` when the first attempt ended or brought a snapshot.
+async fn one(
+    cluster: Arc<Cluster>,
+    address: String,
+    token: Token,
+    telemetry: Arc<Telemetry>,
+    tried: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let started = Instant::now();
+        let ended = attempt(&cluster, &address, &token, &telemetry, &tried).await;
+        let _ = tried.send(address.clone());
+        match ended {
+            Ended::Itself => return,
+            Ended::Lost { joined } => {
+                if joined || started.elapsed() > MAX_PAUSE * 5 {
+                    pause = FIRST_PAUSE;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+/// One `Follow` call to `address`, applied until it ends.
+async fn attempt(
+    cluster: &Cluster,
+    address: &str,
+    token: &Token,
+    telemetry: &Telemetry,
+    tried: &tokio::sync::mpsc::UnboundedSender<String>,
+) -> Ended {
+    let lost = |joined| Ended::Lost { joined };
+    let Ok(endpoint) = Channel::from_shared(format!("http://{address}")) else {
+        tracing::warn!(peer = %address, "cluster: not a usable peer address");
+        return Ended::Itself;
+    };
+    let endpoint = endpoint
+        .connect_timeout(CONNECT)
+        .tcp_keepalive(Some(Duration::from_secs(10)))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(peer = %address, error = %e, "cluster: peer unreachable");
+            return lost(false);
+        }
+    };
+    let mut client = ClusterClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let mut req = tonic::Request::new(FollowRequest { replica: cluster.id().to_owned() });
+    if let Some(v) = token.bearer() {
+        req.metadata_mut().insert("authorization", v);
+    }
+    let started = Instant::now();
+    let mut stream = match client.follow(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => return Ended::Itself,
+        Err(s) => {
+            tracing::warn!(peer = %address, code = ?s.code(), message = s.message(), "cluster: the peer refused to be followed");
+            return lost(false);
+        }
+    };
+    let mut joined = false;
+    loop {
+        match stream.message().await {
+            Ok(Some(u)) => {
+                let replica = u.replica.clone();
+                let done = u.snapshot_done;
+                let (batch, lag) = wire::batch(u);
+                let (placed, counted) = cluster.apply(&replica, address, &batch, lag);
+                telemetry.cluster_applied.with_label_values(&["placements"]).inc_by(placed);
+                telemetry.cluster_applied.with_label_values(&["loads"]).inc_by(counted);
+                if joined {
+                    telemetry.cluster_lag.observe(lag as f64 / 1000.0);
+                }
+                if done && !joined {
+                    joined = true;
+                    cluster.joined_from(&replica);
+                    telemetry.cluster_snapshot.observe(started.elapsed().as_secs_f64());
+                    let _ = tried.send(address.to_owned());
+                    tracing::info!(peer = %address, replica = %replica, took_ms = started.elapsed().as_millis() as u64, "cluster: took a peer's snapshot");
+                }
+            }
+            Ok(None) => return lost(joined),
+            Err(s) => {
+                tracing::debug!(peer = %address, code = ?s.code(), message = s.message(), "cluster: a peer's stream ended");
+                return lost(joined);
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Batches to and from `kvgate.v1.ClusterUpdate`.
+
+use crate::front::picker::pb::{ClusterUpdate, EndpointLoad, Placement, PoolShare};
+use crate::gateway::cluster::{Batch, PoolBatch};
+use crate::routing::endpoint::Load;
+use crate::routing::prefix::BlockHash;
+
+use super::PART_BLOCKS;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn placement((endpoint, blocks): (String, Vec<BlockHash>)) -> Placement {
+    Placement { endpoint, blocks: blocks.into_iter().map(|b| b.0).collect() }
+}
+
+fn load((endpoint, l): (String, Load)) -> EndpointLoad {
+    EndpointLoad { endpoint, requests: l.requests, prefilling: l.prefilling, tokens: l.tokens, gated: l.gated }
+}
+
+/// One batch as one message (`done`: it ends a snapshot).
+pub(super) fn update(replica: &str, batch: Batch, done: bool) -> ClusterUpdate {
+    let pools = batch
+        .pools
+        .into_iter()
+        .map(|p| PoolShare {
+            pool: p.pool,
+            placements: p.placements.into_iter().map(placement).collect(),
+            loads: p.loads.into_iter().map(load).collect(),
+            held: p.held.into_iter().map(placement).collect(),
+        })
+        .collect();
+    ClusterUpdate {
+        replica: replica.to_owned(),
+        pools,
+        snapshot_done: done,
+        sent_unix_ms: unix_ms(),
+        full_loads: batch.full_loads,
+    }
+}
+
+/// A snapshot as messages of at most [`PART_BLOCKS`] blocks each: the first carries every
+/// count, the last says the snapshot is done.
+pub(super) fn snapshot_parts(replica: &str, snapshot: Batch) -> Vec<ClusterUpdate> {
+    let mut parts = Vec::new();
+    let mut first = Batch { pools: Vec::new(), full_loads: true };
+    let mut rest: Vec<(String, String, Vec<BlockHash>)> = Vec::new();
+    for p in snapshot.pools {
+        first.pools.push(PoolBatch { pool: p.pool.clone(), loads: p.loads, ..PoolBatch::default() });
+        rest.extend(p.held.into_iter().map(|(e, blocks)| (p.pool.clone(), e, blocks)));
+    }
+    parts.push(update(replica, first, false));
+    let mut part = Batch::default();
+    let mut size = 0;
+    for (pool, endpoint, blocks) in rest {
+        for chunk in blocks.chunks(PART_BLOCKS) {
+            if size + chunk.len() > PART_BLOCKS && size > 0 {
+                parts.push(update(replica, std::mem::take(&mut part), false));
+                size = 0;
+            }
+            let share = match part.pools.iter_mut().position(|b| b.pool == pool) {
+                Some(i) => &mut part.pools[i],
+                None => {
+                    part.pools.push(PoolBatch { pool: pool.clone(), ..PoolBatch::default() });
+                    part.pools.last_mut().expect("just pushed")
+                }
+            };
+            share.held.push((endpoint.clone(), chunk.to_vec()));
+            size += chunk.len();
+        }
+    }
+    parts.push(update(replica, part, true));
+    parts
+}
+
+/// A message as a batch; with the milliseconds since it was sent (0 if the clocks disagree).
+pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
+    let lag = unix_ms().saturating_sub(u.sent_unix_ms);
+    let blocks = |b: Vec<u64>| b.into_iter().map(BlockHash).collect::<Vec<_>>();
+    let pools = u
+        .pools
+        .into_iter()
+        .map(|p| PoolBatch {
+            pool: p.pool,
+            placements: p.placements.into_iter().map(|x| (x.endpoint, blocks(x.blocks))).collect(),
+            loads: p
+                .loads
+                .into_iter()
+                .map(|l| {
+                    let load =
+                        Load { requests: l.requests, prefilling: l.prefilling, tokens: l.tokens, gated: l.gated };
+                    (l.endpoint, load)
+                })
+                .collect(),
+            held: p.held.into_iter().map(|x| (x.endpoint, blocks(x.blocks))).collect(),
+        })
+        .collect();
+    (Batch { pools, full_loads: u.full_loads }, lag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_split_by_blocks_and_read_back_whole() {
+        let held: Vec<BlockHash> = (0..(PART_BLOCKS as u64 * 2 + 5)).map(BlockHash).collect();
+        let load = Load { requests: 3, prefilling: 1, tokens: 40, gated: 40 };
+        let snapshot = Batch {
+            pools: vec![PoolBatch {
+                pool: "p".into(),
+                loads: vec![("10.0.0.1:8000".into(), load)],
+                held: vec![("10.0.0.1:8000".into(), held.clone()), ("10.0.0.2:8000#1".into(), vec![BlockHash(7)])],
+                ..PoolBatch::default()
+            }],
+            full_loads: true,
+        };
+        let parts = snapshot_parts("r1", snapshot);
+        assert_eq!(parts.len(), 4, "loads, then three parts of the big chain (the last with the small one)");
+        assert!(parts.last().is_some_and(|p| p.snapshot_done) && parts[..3].iter().all(|p| !p.snapshot_done));
+        assert!(parts[0].full_loads && parts[1..].iter().all(|p| !p.full_loads));
+        let mut got: Vec<BlockHash> = Vec::new();
+        let mut loads = Vec::new();
+        for p in parts {
+            assert!(
+                p.pools.iter().map(|s| s.held.iter().map(|h| h.blocks.len()).sum::<usize>()).sum::<usize>()
+                    <= PART_BLOCKS
+            );
+            let (b, _) = batch(p);
+            for pool in b.pools {
+                loads.extend(pool.loads);
+                got.extend(pool.held.into_iter().filter(|(e, _)| e == "10.0.0.1:8000").flat_map(|(_, b)| b));
+            }
+        }
+        assert_eq!(got, held, "in order, least recent first");
+        assert_eq!(loads, vec![("10.0.0.1:8000".to_owned(), load)]);
+    }
+}

@@ -1,0 +1,374 @@
+//! What replicas share (the wire is `front::cluster`): each decision's prompt blocks and
+//! endpoint, and each replica's own requests in flight per endpoint.
+//!
+//! A decision is put in the [`Outbox`] under a short lock (never waiting on a peer); every
+//! `sync_interval_ms` the outbox is taken as one [`Batch`] with the in-flight counts that changed
+//! (all of them once a second, which renews the replica's lease with its followers). A follower
+//! applies a peer's batch to its own state: placements are recorded in its prefix index as its
+//! own decisions are; a peer's counts replace what that peer said before, and every endpoint's
+//! [`InFlight`] reads its own counts plus the sum of its peers'. A peer not heard within
+//! `lease_ms` is forgotten: its counts are taken away.
+//!
+//! [`InFlight`]: crate::routing::endpoint::InFlight
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::gateway::config::cluster::ClusterConfig;
+use crate::gateway::pool::Pool;
+use crate::gateway::telemetry::Telemetry;
+use crate::routing::endpoint::{Endpoint, Load};
+use crate::routing::prefix::BlockHash;
+
+/// Placements held between batches at most; past it, the oldest of the batch are dropped
+/// (counted): a peer then misses some prefixes, which only costs hits.
+const MAX_OUTBOX: usize = 65_536;
+/// Blocks per endpoint a snapshot carries at most (the most recent).
+pub const MAX_SNAPSHOT_BLOCKS: usize = 1 << 20;
+/// How often every count is sent, changed or not (the lease's renewal).
+const FULL_LOADS: Duration = Duration::from_secs(1);
+
+/// An endpoint as peers name it: `ip:port`, `#rank` added for a data-parallel rank.
+pub fn endpoint_key(e: &Endpoint) -> String {
+    match e.rank {
+        Some(r) => format!("{}#{r}", e.address),
+        None => e.address.to_string(),
+    }
+}
+
+/// A snapshot's endpoints by key.
+fn keyed(endpoints: &[Endpoint]) -> HashMap<String, &Endpoint> {
+    endpoints.iter().map(|e| (endpoint_key(e), e)).collect()
+}
+
+/// One pool's part of a batch or a snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct PoolBatch {
+    /// The pool's name.
+    pub pool: String,
+    /// Prompts placed: endpoint key and block chain.
+    pub placements: Vec<(String, Vec<BlockHash>)>,
+    /// The sender's own counts per endpoint key.
+    pub loads: Vec<(String, Load)>,
+    /// In a snapshot: each endpoint's blocks, least recent first.
+    pub held: Vec<(String, Vec<BlockHash>)>,
+}
+
+/// What a replica sends its followers at once.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    /// Per pool.
+    pub pools: Vec<PoolBatch>,
+    /// Its loads are every count the sender has (a snapshot's, or a renewal's): a count not in
+    /// it is zero.
+    pub full_loads: bool,
+}
+
+impl Batch {
+    /// Whether it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pools.iter().all(|p| p.placements.is_empty() && p.loads.is_empty() && p.held.is_empty())
+    }
+}
+
+/// Decisions not yet sent, and the counts last sent.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Pool index, endpoint key, blocks.
+    placements: Vec<(usize, String, Vec<BlockHash>)>,
+    /// The counts each batch said last, by pool index and endpoint key.
+    sent: HashMap<(usize, String), Load>,
+    last_full: Option<Instant>,
+}
+
+/// One peer as its batches told.
+#[derive(Debug)]
+struct Peer {
+    /// Where it was followed from.
+    address: String,
+    heard: Instant,
+    /// Its counts by pool name and endpoint key.
+    loads: HashMap<(String, String), Load>,
+    /// When its snapshot was applied.
+    joined: Option<Instant>,
+    batches: u64,
+    lag_ms: u64,
+}
+
+/// A peer as `/debug/cluster` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    /// Its replica id.
+    pub replica: String,
+    /// The address it is followed at.
+    pub address: String,
+    /// Milliseconds since its last batch.
+    pub last_heard_ms: u64,
+    /// Milliseconds since its snapshot was applied (none yet: null).
+    pub snapshot_age_ms: Option<u64>,
+    /// Batches applied.
+    pub batches: u64,
+    /// The last batch's sync lag (its send time to its application, within clock skew), ms.
+    pub lag_ms: u64,
+    /// Requests it has in flight, over every endpoint.
+    pub in_flight_requests: u64,
+}
+
+/// This replica's part in the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    id: String,
+    settings: ClusterConfig,
+    pools: Vec<Pool>,
+    outbox: Mutex<Outbox>,
+    peers: Mutex<HashMap<String, Peer>>,
+    started: Instant,
+    joined: AtomicBool,
+    /// Every peer address has been tried once (found, unreachable, or this replica itself).
+    tried_all: AtomicBool,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Cluster {
+    /// The cluster part of replica `id` (its decision ids' nonce) over `pools`.
+    pub fn new(id: String, settings: ClusterConfig, pools: Vec<Pool>, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            id,
+            settings,
+            pools,
+            outbox: Mutex::new(Outbox::default()),
+            peers: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            joined: AtomicBool::new(false),
+            tried_all: AtomicBool::new(false),
+            telemetry,
+        }
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ClusterConfig {
+        &self.settings
+    }
+
+    /// A decision of pool `pool` placed `blocks` on `e`: sent in the next batch.
+    pub fn placed(&self, pool: &str, e: &Endpoint, blocks: &[BlockHash]) {
+        let Some(i) = self.pools.iter().position(|p| p.name() == pool) else { return };
+        if blocks.is_empty() {
+            return;
+        }
+        let mut out = self.outbox.lock();
+        if out.placements.len() >= MAX_OUTBOX {
+            out.placements.remove(0);
+            self.telemetry.cluster_dropped.with_label_values(&["outbox_full"]).inc();
+        }
+        out.placements.push((i, endpoint_key(e), blocks.to_vec()));
+    }
+
+    /// The next batch: the placements since the last one, and the counts that changed (every
+    /// count once a second).
+    pub fn take_batch(&self) -> Batch {
+        let mut out = self.outbox.lock();
+        let placements = std::mem::take(&mut out.placements);
+        let now = Instant::now();
+        let full = out.last_full.is_none_or(|t| now.duration_since(t) >= FULL_LOADS);
+        if full {
+            out.last_full = Some(now);
+        }
+        let mut pools: Vec<PoolBatch> =
+            self.pools.iter().map(|p| PoolBatch { pool: p.name().to_owned(), ..PoolBatch::default() }).collect();
+        for (i, key, blocks) in placements {
+            pools[i].placements.push((key, blocks));
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            for e in &p.snapshot().endpoints {
+                let key = endpoint_key(e);
+                let now_load = e.in_flight.own();
+                let entry = (i, key.clone());
+                let before = out.sent.get(&entry).copied().unwrap_or_default();
+                if full || before != now_load {
+                    pools[i].loads.push((key, now_load));
+                }
+                seen.insert(entry.clone());
+                out.sent.insert(entry, now_load);
+            }
+        }
+        // An endpoint gone from the pool: its counts go to zero.
+        let gone: Vec<(usize, String)> = out.sent.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for k in gone {
+            out.sent.remove(&k);
+            if !full {
+                pools[k.0].loads.push((k.1, Load::default()));
+            }
+        }
+        pools.retain(|p| !(p.placements.is_empty() && p.loads.is_empty()));
+        Batch { pools, full_loads: full }
+    }
+
+    /// This replica's state for a joining peer: every pool's index and counts.
+    pub fn snapshot(&self) -> Batch {
+        let pools = self
+            .pools
+            .iter()
+            .map(|p| {
+                let mut b = PoolBatch { pool: p.name().to_owned(), ..PoolBatch::default() };
+                let index = p.planner().index();
+                for e in &p.snapshot().endpoints {
+                    let key = endpoint_key(e);
+                    let held = index.held(e.id, MAX_SNAPSHOT_BLOCKS);
+                    if !held.is_empty() {
+                        b.held.push((key.clone(), held));
+                    }
+                    b.loads.push((key, e.in_flight.own()));
+                }
+                b
+            })
+            .collect();
+        Batch { pools, full_loads: true }
+    }
+
+    /// Applies peer `replica`'s batch (followed at `address`); `lag_ms` since it was sent.
+    /// Returns the placements and counts applied.
+    pub fn apply(&self, replica: &str, address: &str, batch: &Batch, lag_ms: u64) -> (u64, u64) {
+        let mut peers = self.peers.lock();
+        let now = Instant::now();
+        let peer = peers.entry(replica.to_owned()).or_insert_with(|| Peer {
+            address: address.to_owned(),
+            heard: now,
+            loads: HashMap::new(),
+            joined: None,
+            batches: 0,
+            lag_ms: 0,
+        });
+        peer.heard = now;
+        peer.address = address.to_owned();
+        peer.batches += 1;
+        peer.lag_ms = lag_ms;
+        let mut touched: HashSet<(String, String)> = HashSet::new();
+        if batch.full_loads {
+            touched.extend(peer.loads.drain().map(|(k, _)| k));
+        }
+        let (mut placed, mut counted) = (0, 0);
+        for b in &batch.pools {
+            let Some(pool) = self.pools.iter().find(|p| p.name() == b.pool) else { continue };
+            let snap = pool.snapshot();
+            let by_key = keyed(&snap.endpoints);
+            let local = |key: &str| by_key.get(key).copied();
+            let index = pool.planner().index();
+            for (key, blocks) in &b.held {
+                if let Some(e) = local(key) {
+                    index.restore(e.id, blocks);
+                }
+            }
+            for (key, blocks) in &b.placements {
+                if let Some(e) = local(key) {
+                    index.record(e.id, blocks);
+                    placed += 1;
+                }
+            }
+            for (key, load) in &b.loads {
+                let k = (b.pool.clone(), key.clone());
+                if *load == Load::default() {
+                    peer.loads.remove(&k);
+                } else {
+                    peer.loads.insert(k.clone(), *load);
+                }
+                touched.insert(k);
+                counted += 1;
+            }
+        }
+        self.sum_into_endpoints(&peers, &touched);
+        (placed, counted)
+    }
+
+    /// Marks peer `replica`'s snapshot as applied: this replica has joined.
+    pub fn joined_from(&self, replica: &str) {
+        if let Some(p) = self.peers.lock().get_mut(replica) {
+            p.joined = Some(Instant::now());
+        }
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// Every peer address has been tried once.
+    pub fn tried_all(&self) {
+        self.tried_all.store(true, Ordering::Relaxed);
+    }
+
+    /// Ready to decide: a peer's snapshot is in, or no peer could give one (none answered, or
+    /// the join timeout passed).
+    pub fn ready(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
+            || self.tried_all.load(Ordering::Relaxed) && !self.any_peer_connected()
+            || self.started.elapsed() >= Duration::from_millis(self.settings.join_timeout_ms)
+    }
+
+    fn any_peer_connected(&self) -> bool {
+        !self.peers.lock().is_empty()
+    }
+
+    /// Forgets peers not heard within the lease: their counts leave every endpoint.
+    pub fn expire(&self) -> usize {
+        let lease = Duration::from_millis(self.settings.lease_ms);
+        let mut peers = self.peers.lock();
+        let dead: Vec<String> =
+            peers.iter().filter(|(_, p)| p.heard.elapsed() >= lease).map(|(k, _)| k.clone()).collect();
+        let mut touched = HashSet::new();
+        for id in &dead {
+            if let Some(p) = peers.remove(id) {
+                touched.extend(p.loads.into_keys());
+            }
+        }
+        self.sum_into_endpoints(&peers, &touched);
+        dead.len()
+    }
+
+    /// Sets the peers' summed counts on each `touched` endpoint.
+    fn sum_into_endpoints(&self, peers: &HashMap<String, Peer>, touched: &HashSet<(String, String)>) {
+        for p in &self.pools {
+            if !touched.iter().any(|(pool, _)| pool == p.name()) {
+                continue;
+            }
+            let snap = p.snapshot();
+            for e in &snap.endpoints {
+                let k = (p.name().to_owned(), endpoint_key(e));
+                if touched.contains(&k) {
+                    let sum = peers.values().filter_map(|p| p.loads.get(&k)).fold(Load::default(), |a, l| a.plus(*l));
+                    e.in_flight.set_peers(sum);
+                }
+            }
+        }
+    }
+
+    /// The peers as `/debug/cluster` shows them.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let peers = self.peers.lock();
+        let mut out: Vec<PeerStatus> = peers
+            .iter()
+            .map(|(id, p)| PeerStatus {
+                replica: id.clone(),
+                address: p.address.clone(),
+                last_heard_ms: p.heard.elapsed().as_millis() as u64,
+                snapshot_age_ms: p.joined.map(|t| t.elapsed().as_millis() as u64),
+                batches: p.batches,
+                lag_ms: p.lag_ms,
+                in_flight_requests: p.loads.values().map(|l| l.requests).sum(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out
+    }
+
+    /// Peers heard within the lease.
+    pub fn live_peers(&self) -> usize {
+        self.peers.lock().len()
+    }
+}

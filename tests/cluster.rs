@@ -1,0 +1,178 @@
+//! Replicas sharing what they learn (`cluster:`): real kvgate servers on loopback following each
+//! other over their gRPC listeners, in front of the same simulators. A decision on one steers
+//! the other; requests in flight through one count on the other and leave with it; a replica
+//! that starts late takes a peer's snapshot before it is ready; a wrong token is refused.
+#![allow(clippy::disallowed_methods)] // the test's own clients run as plain tokio tasks
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Sim, client, eventually, free_port, get_json, start_kvgate, start_sim};
+use kvgate::front::picker::pb::FollowRequest;
+use kvgate::front::picker::pb::cluster_client::ClusterClient;
+use kvgate::tools::serve::Server;
+use serde_json::{Value, json};
+
+const MODEL: &str = "cluster-model";
+const TOKEN: &str = "s3cret-cluster-token";
+
+/// Two simulators; `slow`: in real time (a request of `max_tokens: n` takes about n × 10 ms).
+async fn sims(slow: bool) -> Vec<Sim> {
+    let flags: &[&str] =
+        if slow { &["--served-model-name", MODEL] } else { &["--served-model-name", MODEL, "--time-scale", "0"] };
+    vec![start_sim(flags).await, start_sim(flags).await]
+}
+
+/// A replica on gRPC port `grpc` whose peers are `peers` (gRPC ports), with `token`.
+async fn replica(sims: &[Sim], grpc: u16, peers: &[u16], token: &str) -> Server {
+    let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+    let peers: Vec<String> = peers.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+    let yaml = format!(
+        "grpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n\
+         cluster: {{peers: [{}], token: {token}, lease_ms: 1000, join_timeout_ms: 5000}}\n\
+         pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{}]\n",
+        peers.join(", "),
+        endpoints.join(", ")
+    );
+    start_kvgate(&yaml).await
+}
+
+fn admin(s: &Server) -> String {
+    format!("http://{}", s.admin_addr)
+}
+
+async fn ready(s: &Server) -> bool {
+    client().get(format!("{}/readyz", admin(s))).send().await.is_ok_and(|r| r.status() == 200)
+}
+
+/// Peers `s` has heard within their lease.
+async fn peers(s: &Server) -> usize {
+    get_json(&format!("{}/debug/cluster", admin(s))).await["peers"].as_array().map_or(0, Vec::len)
+}
+
+/// A completion body whose prompt starts with `tag` (so each has its own prefix).
+fn body(tag: &str, max_tokens: u32) -> Value {
+    json!({"model": MODEL, "prompt": format!("{tag} {}", "the same long story again ".repeat(40)), "max_tokens": max_tokens})
+}
+
+/// What `s` would decide for `b`: the target's address and the prompt blocks it holds.
+async fn explain(s: &Server, b: &Value) -> (String, u64) {
+    let r = client()
+        .post(format!("{}/debug/explain?path=/v1/completions", admin(s)))
+        .json(b)
+        .send()
+        .await
+        .expect("explain answers");
+    let v: Value = r.json().await.expect("JSON");
+    let t = &v["decision"]["targets"][0];
+    (t["address"].as_str().unwrap_or_default().to_owned(), t["matched_blocks"].as_u64().unwrap_or(0))
+}
+
+async fn send(s: &Server, b: &Value) -> u16 {
+    let url = format!("http://{}/v1/completions", s.proxy_addr.expect("a proxy"));
+    let r = client().post(url).json(b).send().await.expect("an answer");
+    let status = r.status().as_u16();
+    let _ = r.bytes().await;
+    status
+}
+
+/// Requests in flight on each endpoint as `s` counts them, by address.
+async fn in_flight(s: &Server) -> Vec<(String, u64)> {
+    let v = get_json(&format!("{}/debug/endpoints", admin(s))).await;
+    v["pools"][0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| (e["address"].as_str().unwrap_or_default().to_owned(), e["in_flight_requests"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_one_replica_steers_the_other() {
+    let sims = sims(false).await;
+    let (ga, gb) = (free_port(), free_port());
+    // Both list both: each finds itself in the list and skips it.
+    let a = replica(&sims, ga, &[ga, gb], TOKEN).await;
+    let b = replica(&sims, gb, &[ga, gb], TOKEN).await;
+    assert!(eventually(10, || async { peers(&a).await == 1 && peers(&b).await == 1 }).await, "each follows the other");
+    assert!(ready(&a).await && ready(&b).await);
+    for i in 0..6 {
+        let prompt = body(&format!("conversation-{i}"), 2);
+        assert_eq!(send(&a, &prompt).await, 200);
+        let (target, matched) = explain(&a, &prompt).await;
+        assert!(matched > 0, "replica a holds its own decision");
+        // Within a bound, replica b would send it to the same endpoint, for its prefix.
+        let same = eventually(5, || async { explain(&b, &prompt).await == (target.clone(), matched) }).await;
+        assert!(same, "b decides as a did: {:?} vs {:?}", explain(&b, &prompt).await, (target, matched));
+    }
+    let cluster = get_json(&format!("{}/debug/cluster", admin(&b))).await;
+    assert_eq!(cluster["enabled"], true);
+    assert!(cluster["peers"][0]["snapshot_age_ms"].is_u64(), "b took a's snapshot: {cluster}");
+    let m = common::metrics(&admin(&b)).await;
+    let applied = common::metric(&m, "kvgate_cluster_deltas_applied_total", &[("kind", "placements")]);
+    assert!(applied.is_some_and(|n| n >= 6.0), "placements applied: {applied:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_count_on_every_replica_and_leave_with_a_dead_one() {
+    let sims = sims(true).await;
+    let (ga, gb) = (free_port(), free_port());
+    let a = replica(&sims, ga, &[gb], TOKEN).await;
+    let b = replica(&sims, gb, &[ga], TOKEN).await;
+    assert!(eventually(10, || async { peers(&a).await == 1 && peers(&b).await == 1 }).await, "each follows the other");
+    let proxy = a.proxy_addr.expect("a proxy");
+    let long = tokio::spawn(async move {
+        let url = format!("http://{proxy}/v1/completions");
+        let _ = client().post(url).json(&body("long", 1500)).send().await.map(|r| r.status().as_u16());
+    });
+    let total = |v: Vec<(String, u64)>| v.iter().map(|(_, n)| n).sum::<u64>();
+    assert!(eventually(5, || async { total(in_flight(&a).await) == 1 }).await);
+    // b counts a's request on the same endpoint, within a bound.
+    let seen = eventually(2, || async { in_flight(&b).await == in_flight(&a).await }).await;
+    assert!(seen, "b counts a's request: {:?} vs {:?}", in_flight(&b).await, in_flight(&a).await);
+    // a goes away with the request in flight: its count leaves b within the lease.
+    drop(a);
+    long.abort();
+    assert!(eventually(5, || async { total(in_flight(&b).await) == 0 }).await, "{:?}", in_flight(&b).await);
+    assert!(eventually(5, || async { peers(&b).await == 0 }).await, "a's lease ran out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_starts_late_takes_a_snapshot_before_it_is_ready() {
+    let sims = sims(false).await;
+    let (ga, gb) = (free_port(), free_port());
+    // a alone: its peer is not up, so it is ready without a snapshot.
+    let a = replica(&sims, ga, &[gb], TOKEN).await;
+    assert!(eventually(5, || async { ready(&a).await }).await, "a is ready alone");
+    let prompts: Vec<Value> = (0..5).map(|i| body(&format!("early-{i}"), 2)).collect();
+    let mut decided = Vec::new();
+    for p in &prompts {
+        assert_eq!(send(&a, p).await, 200);
+        decided.push(explain(&a, p).await);
+    }
+    let b = replica(&sims, gb, &[ga], TOKEN).await;
+    assert!(eventually(5, || async { ready(&b).await }).await, "b joins");
+    // Ready means the snapshot is in: b decides as a did at once.
+    for (p, want) in prompts.iter().zip(&decided) {
+        assert_eq!(&explain(&b, p).await, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_token_is_refused() {
+    let sims = sims(false).await;
+    let (ga, gb) = (free_port(), free_port());
+    let a = replica(&sims, ga, &[gb], TOKEN).await;
+    let b = replica(&sims, gb, &[ga], "not-the-token").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!((peers(&a).await, peers(&b).await), (0, 0), "neither follows the other");
+    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{ga}")).await.expect("connects");
+    let mut req = tonic::Request::new(FollowRequest { replica: "someone".into() });
+    req.metadata_mut().insert("authorization", "Bearer wrong".parse().expect("ascii"));
+    let err = c.follow(req).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = c.follow(FollowRequest { replica: "someone".into() }).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    drop(b);
+}
