@@ -176,3 +176,47 @@ async fn a_peer_with_the_wrong_token_is_refused() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_sent_to_another_replica_reaches_the_one_that_decided() {
+    use kvgate::front::picker::pb;
+    use kvgate::front::picker::pb::picker_client::PickerClient;
+    let sims = sims(false).await;
+    let (ga, gb) = (free_port(), free_port());
+    let a = replica(&sims, ga, &[gb], TOKEN).await;
+    let b = replica(&sims, gb, &[ga], TOKEN).await;
+    assert!(eventually(10, || async { peers(&a).await == 1 && peers(&b).await == 1 }).await, "each follows the other");
+    let mut on_a = PickerClient::connect(format!("http://127.0.0.1:{ga}")).await.expect("connects");
+    let mut on_b = PickerClient::connect(format!("http://127.0.0.1:{gb}")).await.expect("connects");
+    let pick = pb::PickRequest {
+        path: "/v1/completions".into(),
+        input: Some(pb::pick_request::Input::Body(body("picked", 2).to_string().into_bytes())),
+        ..Default::default()
+    };
+    let decided = match on_a.pick(pick).await.expect("pick answers").into_inner().result {
+        Some(pb::pick_response::Result::Decision(d)) => d,
+        other => panic!("no decision: {other:?}"),
+    };
+    let total = |v: Vec<(String, u64)>| v.iter().map(|(_, n)| n).sum::<u64>();
+    assert_eq!(total(in_flight(&a).await), 1, "the pick counts in flight on a");
+    // Both reports go to b, which did not decide: a applies them.
+    let first = pb::ReportRequest {
+        decision_id: decided.decision_id.clone(),
+        first_token: Some(pb::FirstToken { status: 200, streaming: true }),
+        ..Default::default()
+    };
+    assert!(!on_b.report(first).await.expect("forwarded").into_inner().ended);
+    let end = pb::ReportRequest {
+        decision_id: decided.decision_id.clone(),
+        end: Some(pb::report_request::End::Finished(pb::Finished { status: 200, usage: None, response_bytes: 10 })),
+        ..Default::default()
+    };
+    assert!(on_b.report(end.clone()).await.expect("forwarded").into_inner().ended, "the decision ended on a");
+    assert!(eventually(2, || async { total(in_flight(&a).await) == 0 }).await, "a released it");
+    // The owner's own verdict comes back: the decision is over.
+    let again = on_b.report(end).await.expect_err("over");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    // An id of no known replica is unknown.
+    let stranger = pb::ReportRequest { decision_id: "0badc0de-1-00".into(), ..Default::default() };
+    assert_eq!(on_b.report(stranger).await.expect_err("unknown").code(), tonic::Code::NotFound);
+}

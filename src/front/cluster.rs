@@ -17,7 +17,10 @@
 //! [`Cluster`]: crate::gateway::cluster::Cluster
 
 mod follow;
+mod forward;
 mod wire;
+
+pub(crate) use forward::Forwarder;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,9 +34,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::front::picker::pb::cluster_server::{Cluster as ClusterRpc, ClusterServer};
-use crate::front::picker::pb::{ClusterUpdate, FollowRequest};
-use crate::front::picker::{Access, TokenFile};
+use crate::front::picker::pb::{ClusterUpdate, FollowRequest, ReportRequest, ReportResponse};
+use crate::front::picker::{Access, TokenFile, apply_report};
 use crate::gateway::cluster::Cluster;
+use crate::gateway::facade::Gateway;
 use crate::gateway::tasks::{Task, Tasks};
 use crate::gateway::telemetry::Telemetry;
 
@@ -75,6 +79,7 @@ impl Token {
 /// The service.
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterApi {
+    gateway: Arc<Gateway>,
     cluster: Arc<Cluster>,
     updates: broadcast::Sender<Arc<ClusterUpdate>>,
     tasks: Tasks,
@@ -87,14 +92,17 @@ pub(crate) type Service = InterceptedService<ClusterServer<ClusterApi>, Access>;
 /// The cluster's service for the gRPC listener, and its syncer and followers started on
 /// `tasks` (stopped when `stop` turns true or the tasks are).
 pub(crate) fn start(
+    gateway: Arc<Gateway>,
     cluster: Arc<Cluster>,
     telemetry: Arc<Telemetry>,
     tasks: &Tasks,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Service, Vec<Task>)> {
+) -> anyhow::Result<(Service, Vec<Task>, Arc<Forwarder>)> {
     let token = Token::of(&cluster, tasks)?;
     let (updates, _) = broadcast::channel(BACKLOG);
+    let forward = Arc::new(Forwarder::new(cluster.clone(), token.clone(), telemetry.clone()));
     let api = ClusterApi {
+        gateway,
         cluster: cluster.clone(),
         updates: updates.clone(),
         tasks: tasks.clone(),
@@ -105,7 +113,7 @@ pub(crate) fn start(
         tasks.spawn("cluster peers", follow::peers(cluster, token.clone(), telemetry, tasks.clone(), stop)),
     ];
     let server = ClusterServer::new(api).max_encoding_message_size(64 << 20).max_decoding_message_size(1 << 20);
-    Ok((InterceptedService::new(server, Access::with_token(token.0, "the cluster API")), background))
+    Ok((InterceptedService::new(server, Access::with_token(token.0, "the cluster API")), background, forward))
 }
 
 /// Every `sync_interval_ms`, the outbox as one batch to every follower; every second, expired
@@ -145,6 +153,12 @@ type FollowStream = Pin<Box<dyn Stream<Item = Result<ClusterUpdate, Status>> + S
 #[tonic::async_trait]
 impl ClusterRpc for ClusterApi {
     type FollowStream = FollowStream;
+
+    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        let answer = apply_report(&self.gateway, &req.into_inner());
+        self.telemetry.cluster_applied.with_label_values(&["reports"]).inc();
+        answer.map(Response::new)
+    }
 
     async fn follow(&self, req: Request<FollowRequest>) -> Result<Response<FollowStream>, Status> {
         let follower = req.into_inner().replica;

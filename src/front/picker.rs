@@ -24,6 +24,7 @@ pub use access::TokenFile;
 mod convert;
 mod watches;
 
+use crate::front::cluster::Forwarder;
 use crate::front::http::{DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, flow_header_names, new_request_id};
 use crate::gateway::answer::Answer;
 use crate::gateway::config::{ExtProcConfig, PickerApiConfig};
@@ -64,6 +65,8 @@ pub(crate) struct PickerApi {
     watches: Arc<Watches>,
     /// Spawns each watch's task.
     tasks: crate::gateway::tasks::Tasks,
+    /// Reports for decisions peer replicas made go to them.
+    forward: Option<Arc<Forwarder>>,
 }
 
 /// The service, with the ext_proc listener's message bounds, behind the picker API's access
@@ -74,13 +77,15 @@ pub(crate) fn service(
     api: &PickerApiConfig,
     stop: watch::Receiver<bool>,
     tasks: crate::gateway::tasks::Tasks,
+    forward: Option<Arc<Forwarder>>,
 ) -> anyhow::Result<InterceptedService<PickerServer<PickerApi>, Access>> {
     let max = cfg.max_message_bytes;
     let access = Access::new(api, &tasks, gateway.decisions().clone())?;
     let watches = Arc::new(Watches::new(api, gateway.decisions().clone()));
-    let server = PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watches, tasks })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let server =
+        PickerServer::new(PickerApi { gateway, max_endpoints: cfg.max_endpoints, stop, watches, tasks, forward })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
     Ok(InterceptedService::new(server, access))
 }
 
@@ -101,6 +106,28 @@ pub(crate) fn reflection() -> anyhow::Result<(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// A picker-API report applied to a decision this replica holds.
+pub(crate) fn apply_report(gateway: &Gateway, req: &pb::ReportRequest) -> Result<pb::ReportResponse, Status> {
+    if req.decision_id.is_empty() {
+        return Err(Status::invalid_argument("decision_id is required"));
+    }
+    // Ids kvgate issues are short; a longer one is unknown, and is not echoed back.
+    if req.decision_id.len() > MAX_DECISION_ID {
+        let message = format!("a decision_id of {} bytes is none kvgate issued", req.decision_id.len());
+        return Err(Status::not_found(message));
+    }
+    let report = convert::report(req).map_err(Status::invalid_argument)?;
+    if let Some(pb::report_request::End::Failed(f)) = &req.end {
+        tracing::debug!(decision = %req.decision_id, kind = ?f.kind(), message = %f.message, "a picked request failed");
+    }
+    match gateway.decisions().report(&req.decision_id, report) {
+        Ok(ended) => Ok(pb::ReportResponse { ended }),
+        Err(e @ ReportError::Unknown(_)) => Err(Status::not_found(e.to_string())),
+        Err(e @ (ReportError::Ended(..) | ReportError::NotHere(_))) => Err(Status::failed_precondition(e.to_string())),
+        Err(e @ ReportError::Implausible(..)) => Err(Status::invalid_argument(e.to_string())),
+    }
 }
 
 /// How a pick's request is placed, or kvgate's own answer to it (the same as the proxy's and
@@ -187,26 +214,15 @@ impl Picker for PickerApi {
 
     async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
         let req = req.into_inner();
-        if req.decision_id.is_empty() {
-            return Err(Status::invalid_argument("decision_id is required"));
+        let local = apply_report(&self.gateway, &req);
+        // A decision another replica made: its owner applies the report.
+        if let (Err(s), Some(f)) = (&local, &self.forward)
+            && s.code() == tonic::Code::NotFound
+            && let Some(forwarded) = f.report(&req).await
+        {
+            return forwarded.map(Response::new);
         }
-        // Ids kvgate issues are short; a longer one is unknown, and is not echoed back.
-        if req.decision_id.len() > MAX_DECISION_ID {
-            let message = format!("a decision_id of {} bytes is none kvgate issued", req.decision_id.len());
-            return Err(Status::not_found(message));
-        }
-        let report = convert::report(&req).map_err(Status::invalid_argument)?;
-        if let Some(pb::report_request::End::Failed(f)) = &req.end {
-            tracing::debug!(decision = %req.decision_id, kind = ?f.kind(), message = %f.message, "a picked request failed");
-        }
-        match self.gateway.decisions().report(&req.decision_id, report) {
-            Ok(ended) => Ok(Response::new(pb::ReportResponse { ended })),
-            Err(e @ ReportError::Unknown(_)) => Err(Status::not_found(e.to_string())),
-            Err(e @ (ReportError::Ended(..) | ReportError::NotHere(_))) => {
-                Err(Status::failed_precondition(e.to_string()))
-            }
-            Err(e @ ReportError::Implausible(..)) => Err(Status::invalid_argument(e.to_string())),
-        }
+        local.map(Response::new)
     }
 
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {

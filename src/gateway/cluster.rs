@@ -367,6 +367,11 @@ impl Cluster {
         out
     }
 
+    /// Where peer `replica` is followed, if it is a live peer.
+    pub fn peer_address(&self, replica: &str) -> Option<String> {
+        self.peers.lock().get(replica).map(|p| p.address.clone())
+    }
+
     /// Peers heard within the lease.
     pub fn live_peers(&self) -> usize {
         self.peers.lock().len()

@@ -275,8 +275,17 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
     let tls = grpc_tls(&cfg.extproc)?;
     // The picker API alone may require a client certificate; ext_proc and health never do.
     let require = ClientCertCheck { required: cfg.picker_api.require_client_cert };
+    let (cluster_service, forward) = match gateway.cluster() {
+        Some(c) => {
+            let (service, tasks_of, forward) =
+                cluster::start(gateway.clone(), c.clone(), telemetry.clone(), &tasks, stop_rx.clone())?;
+            background.extend(tasks_of);
+            (Some(service), Some(forward))
+        }
+        None => (None, None),
+    };
     let api = InterceptedService::new(
-        picker::service(gateway.clone(), &cfg.extproc, &cfg.picker_api, stop_rx.clone(), tasks.clone())?,
+        picker::service(gateway.clone(), &cfg.extproc, &cfg.picker_api, stop_rx.clone(), tasks.clone(), forward)?,
         require,
     );
     let (reflection_v1, reflection_v1alpha) = picker::reflection()?;
@@ -285,10 +294,8 @@ pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> 
         .add_service(api)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    if let Some(c) = gateway.cluster() {
-        let (service, tasks_of) = cluster::start(c.clone(), telemetry.clone(), &tasks, stop_rx.clone())?;
+    if let Some(service) = cluster_service {
         grpc = grpc.add_service(service);
-        background.extend(tasks_of);
     }
     let grpc = grpc.prepare().into_axum_router();
     listeners.push(serve_grpc(&tasks, listener, grpc, "ext_proc", stop_rx.clone(), limits, tls));
