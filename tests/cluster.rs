@@ -106,6 +106,29 @@ async fn a_decision_on_one_replica_steers_the_other() {
         let same = eventually(5, || async { explain(&b, &prompt).await == (target.clone(), matched) }).await;
         assert!(same, "b decides as a did: {:?} vs {:?}", explain(&b, &prompt).await, (target, matched));
     }
+    // What a learned from the responses, b learned too, without serving any.
+    let samples = |s: &Server| {
+        let url = format!("{}/debug/endpoints", admin(s));
+        async move { get_json(&url).await["pools"][0]["bytes_per_token"]["samples"].as_u64().unwrap_or(0) }
+    };
+    assert!(samples(&a).await >= 6);
+    let learned = eventually(5, || async { samples(&b).await == samples(&a).await }).await;
+    assert!(learned, "b learned bytes per token from a's responses: {} vs {}", samples(&b).await, samples(&a).await);
+    // And each endpoint's TTFT model from a's streamed responses.
+    let mut streamed = body("streamed", 2);
+    streamed["stream"] = json!(true);
+    assert_eq!(send(&a, &streamed).await, 200);
+    let ttft = |s: &Server| {
+        let url = format!("{}/debug/endpoints", admin(s));
+        async move {
+            let v = get_json(&url).await;
+            let e = v["pools"][0]["endpoints"].as_array().cloned().unwrap_or_default();
+            e.iter().map(|e| e["ttft_model"]["samples"].as_u64().unwrap_or(0)).collect::<Vec<_>>()
+        }
+    };
+    assert!(eventually(5, || async { ttft(&a).await.iter().sum::<u64>() == 1 }).await, "a learned: {:?}", ttft(&a).await);
+    let same = eventually(5, || async { ttft(&b).await == ttft(&a).await }).await;
+    assert!(same, "b's TTFT models learned as a's: {:?} vs {:?}", ttft(&b).await, ttft(&a).await);
     let cluster = get_json(&format!("{}/debug/cluster", admin(&b))).await;
     assert_eq!(cluster["enabled"], true);
     assert!(cluster["peers"][0]["snapshot_age_ms"].is_u64(), "b took a's snapshot: {cluster}");

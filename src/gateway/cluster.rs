@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::gateway::config::cluster::ClusterConfig;
-use crate::gateway::pool::Pool;
+use crate::gateway::pool::{Pool, now_ms};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{Endpoint, Load};
 use crate::routing::prefix::BlockHash;
+use crate::routing::ttft::TtftSample;
 
 /// Placements held between batches at most; past it, the oldest of the batch are dropped
 /// (counted): a peer then misses some prefixes, which only costs hits.
@@ -45,6 +46,65 @@ fn keyed(endpoints: &[Endpoint]) -> HashMap<String, &Endpoint> {
     endpoints.iter().map(|e| (endpoint_key(e), e)).collect()
 }
 
+/// Something a replica learned from a response, which its peers learn from too (each as if the
+/// response had passed through it, so models are merged, not overwritten).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lesson {
+    /// A prompt of `bytes` canonical bytes was `tokens` tokens (the pool's bytes per token).
+    PromptSize {
+        /// Canonical prompt bytes.
+        bytes: u64,
+        /// Prompt tokens the engine counted.
+        tokens: u64,
+    },
+    /// A time to first token measured on an endpoint (its TTFT model).
+    Ttft {
+        /// The endpoint's key.
+        endpoint: String,
+        /// Prefill tokens ahead of the request and its own.
+        work_tokens: u64,
+        /// Requests in decode there when it was sent.
+        decodes: u64,
+        /// The time to first byte, ms.
+        ttft_ms: f64,
+    },
+    /// Cache feedback: the endpoint held `less` fewer, or `more` more, blocks of a prompt than
+    /// the index believed.
+    Held {
+        /// The endpoint's key.
+        endpoint: String,
+        /// Blocks held fewer than believed.
+        less: u64,
+        /// Blocks held more than believed.
+        more: u64,
+    },
+}
+
+/// Applies a peer's `lesson` to `pool` (endpoints by key).
+fn learn(pool: &Pool, by_key: &HashMap<String, &Endpoint>, lesson: &Lesson) {
+    match lesson {
+        Lesson::PromptSize { bytes, tokens } => pool.planner().bytes_per_token().observe(*bytes as usize, *tokens),
+        Lesson::Ttft { endpoint, work_tokens, decodes, ttft_ms } => {
+            if let Some(e) = by_key.get(endpoint.as_str()) {
+                let sample =
+                    TtftSample { work_tokens: *work_tokens, decodes: *decodes, ttft_ms: *ttft_ms, at_ms: now_ms() };
+                e.ttft.observe(sample);
+            }
+        }
+        Lesson::Held { endpoint, less, more } => {
+            if let Some(e) = by_key.get(endpoint.as_str()) {
+                let index = pool.planner().index();
+                if *less > 0 {
+                    index.held_less(e.id, *less as usize);
+                }
+                if *more > 0 {
+                    index.held_more(e.id, *more as usize);
+                }
+            }
+        }
+    }
+}
+
 /// One pool's part of a batch or a snapshot.
 #[derive(Debug, Default, Clone)]
 pub struct PoolBatch {
@@ -56,6 +116,8 @@ pub struct PoolBatch {
     pub loads: Vec<(String, Load)>,
     /// In a snapshot: each endpoint's blocks, least recent first.
     pub held: Vec<(String, Vec<BlockHash>)>,
+    /// What the sender learned from responses since the last batch.
+    pub lessons: Vec<Lesson>,
 }
 
 /// What a replica sends its followers at once.
@@ -71,7 +133,9 @@ pub struct Batch {
 impl Batch {
     /// Whether it carries nothing.
     pub fn is_empty(&self) -> bool {
-        self.pools.iter().all(|p| p.placements.is_empty() && p.loads.is_empty() && p.held.is_empty())
+        self.pools
+            .iter()
+            .all(|p| p.placements.is_empty() && p.loads.is_empty() && p.held.is_empty() && p.lessons.is_empty())
     }
 }
 
@@ -80,6 +144,8 @@ impl Batch {
 struct Outbox {
     /// Pool index, endpoint key, blocks.
     placements: Vec<(usize, String, Vec<BlockHash>)>,
+    /// Pool index and lesson.
+    lessons: Vec<(usize, Lesson)>,
     /// The counts each batch said last, by pool index and endpoint key.
     sent: HashMap<(usize, String), Load>,
     last_full: Option<Instant>,
@@ -173,6 +239,17 @@ impl Cluster {
         out.placements.push((i, endpoint_key(e), blocks.to_vec()));
     }
 
+    /// Pool `pool` learned `lesson` from a response: sent in the next batch.
+    pub fn learned(&self, pool: &str, lesson: Lesson) {
+        let Some(i) = self.pools.iter().position(|p| p.name() == pool) else { return };
+        let mut out = self.outbox.lock();
+        if out.lessons.len() >= MAX_OUTBOX {
+            out.lessons.remove(0);
+            self.telemetry.cluster_dropped.with_label_values(&["outbox_full"]).inc();
+        }
+        out.lessons.push((i, lesson));
+    }
+
     /// The next batch: the placements since the last one, and the counts that changed (every
     /// count once a second).
     pub fn take_batch(&self) -> Batch {
@@ -187,6 +264,9 @@ impl Cluster {
             self.pools.iter().map(|p| PoolBatch { pool: p.name().to_owned(), ..PoolBatch::default() }).collect();
         for (i, key, blocks) in placements {
             pools[i].placements.push((key, blocks));
+        }
+        for (i, lesson) in std::mem::take(&mut out.lessons) {
+            pools[i].lessons.push(lesson);
         }
         let mut seen = HashSet::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -210,7 +290,7 @@ impl Cluster {
                 pools[k.0].loads.push((k.1, Load::default()));
             }
         }
-        pools.retain(|p| !(p.placements.is_empty() && p.loads.is_empty()));
+        pools.retain(|p| !(p.placements.is_empty() && p.loads.is_empty() && p.lessons.is_empty()));
         Batch { pools, full_loads: full }
     }
 
@@ -274,6 +354,9 @@ impl Cluster {
                     index.record(e.id, blocks);
                     placed += 1;
                 }
+            }
+            for lesson in &b.lessons {
+                learn(pool, &by_key, lesson);
             }
             for (key, load) in &b.loads {
                 let k = (b.pool.clone(), key.clone());

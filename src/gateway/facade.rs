@@ -118,7 +118,11 @@ impl Gateway {
     pub fn with_cluster(mut self, cfg: Option<&ClusterConfig>) -> Self {
         self.cluster = cfg.map(|c| {
             let id = self.decisions.replica_id();
-            Arc::new(Cluster::new(id, c.clone(), self.pools.clone(), self.telemetry.clone()))
+            let cluster = Arc::new(Cluster::new(id, c.clone(), self.pools.clone(), self.telemetry.clone()));
+            for p in &self.pools {
+                p.share_with(&cluster);
+            }
+            cluster
         });
         self
     }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::gateway::cluster::{Lesson, endpoint_key};
 use crate::gateway::error::upstream_error_code;
 use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
 use crate::gateway::pool::{Outcome, Pool, Snapshot, flow, now_ms};
@@ -547,6 +548,9 @@ impl Routed {
             return;
         }
         self.pool.planner().bytes_per_token().observe(bytes, usage.prompt);
+        if let Some(c) = self.pool.cluster() {
+            c.learned(self.pool.name(), Lesson::PromptSize { bytes: bytes as u64, tokens: usage.prompt });
+        }
         self.cache_feedback(usage);
     }
 }
@@ -571,6 +575,16 @@ impl Drop for Routed {
             ttft_ms,
             at_ms: self.timing.sent_ms,
         };
-        self.snapshot.endpoints[self.target().index].ttft.observe(sample);
+        let e = &self.snapshot.endpoints[self.target().index];
+        e.ttft.observe(sample);
+        if let Some(c) = self.pool.cluster() {
+            let lesson = Lesson::Ttft {
+                endpoint: endpoint_key(e),
+                work_tokens: sample.work_tokens,
+                decodes: sample.decodes,
+                ttft_ms,
+            };
+            c.learned(self.pool.name(), lesson);
+        }
     }
 }

@@ -29,6 +29,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::gateway::cluster::Cluster;
 use crate::gateway::config::endpoints::ResolvedEndpoint;
 use crate::gateway::config::{Admission, HealthConfig, KvEventsSpec, ScrapeConfig};
 use crate::gateway::tasks::{Task, Tasks};
@@ -206,6 +207,8 @@ struct Inner {
     served_elsewhere_logged: AtomicBool,
     /// The pool's flow control (its queue, off unless configured).
     flow: Arc<flow::FlowControl>,
+    /// What it learns goes to peer replicas through this, when there are any.
+    cluster: OnceLock<Weak<Cluster>>,
 }
 
 /// One pool. Cheap to clone; the last clone dropped stops its tasks.
@@ -229,6 +232,7 @@ impl Pool {
         let flow = Arc::new(flow::FlowControl::new(&name, planner.models(), stale_ms, telemetry.clone()));
         let inner = Arc::new(Inner {
             flow,
+            cluster: OnceLock::new(),
             name,
             planner,
             admission,
@@ -314,6 +318,16 @@ impl Pool {
     /// The pool's flow control.
     pub fn flow(&self) -> &Arc<flow::FlowControl> {
         &self.inner.flow
+    }
+
+    /// Shares what the pool learns with `cluster`'s peers (once; later calls do nothing).
+    pub fn share_with(&self, cluster: &Arc<Cluster>) {
+        let _ = self.inner.cluster.set(Arc::downgrade(cluster));
+    }
+
+    /// The cluster the pool shares with, if any.
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.inner.cluster.get().and_then(Weak::upgrade)
     }
 
     /// The pool's admission limits.

@@ -1,7 +1,7 @@
 //! Batches to and from `kvgate.v1.ClusterUpdate`.
 
-use crate::front::picker::pb::{ClusterUpdate, EndpointLoad, Placement, PoolShare};
-use crate::gateway::cluster::{Batch, PoolBatch};
+use crate::front::picker::pb::{self, ClusterUpdate, EndpointLoad, Placement, PoolShare, lesson::Kind};
+use crate::gateway::cluster::{Batch, Lesson, PoolBatch};
 use crate::routing::endpoint::Load;
 use crate::routing::prefix::BlockHash;
 
@@ -19,6 +19,29 @@ fn load((endpoint, l): (String, Load)) -> EndpointLoad {
     EndpointLoad { endpoint, requests: l.requests, prefilling: l.prefilling, tokens: l.tokens, gated: l.gated }
 }
 
+fn lesson(l: Lesson) -> pb::Lesson {
+    let kind = match l {
+        Lesson::PromptSize { bytes, tokens } => Kind::PromptSize(pb::PromptSize { bytes, tokens }),
+        Lesson::Ttft { endpoint, work_tokens, decodes, ttft_ms } => {
+            Kind::Ttft(pb::TtftSample { endpoint, work_tokens, decodes, ttft_ms })
+        }
+        Lesson::Held { endpoint, less, more } => Kind::Held(pb::HeldCorrection { endpoint, less, more }),
+    };
+    pb::Lesson { kind: Some(kind) }
+}
+
+/// A lesson from the wire; `None` for a sample no model would take.
+fn lesson_of(kind: Kind) -> Option<Lesson> {
+    Some(match kind {
+        Kind::PromptSize(p) => Lesson::PromptSize { bytes: p.bytes, tokens: p.tokens },
+        Kind::Ttft(t) if t.ttft_ms.is_finite() && t.ttft_ms >= 0.0 => {
+            Lesson::Ttft { endpoint: t.endpoint, work_tokens: t.work_tokens, decodes: t.decodes, ttft_ms: t.ttft_ms }
+        }
+        Kind::Ttft(_) => return None,
+        Kind::Held(h) => Lesson::Held { endpoint: h.endpoint, less: h.less, more: h.more },
+    })
+}
+
 /// One batch as one message (`done`: it ends a snapshot).
 pub(super) fn update(replica: &str, batch: Batch, done: bool) -> ClusterUpdate {
     let pools = batch
@@ -29,6 +52,7 @@ pub(super) fn update(replica: &str, batch: Batch, done: bool) -> ClusterUpdate {
             placements: p.placements.into_iter().map(placement).collect(),
             loads: p.loads.into_iter().map(load).collect(),
             held: p.held.into_iter().map(placement).collect(),
+            lessons: p.lessons.into_iter().map(lesson).collect(),
         })
         .collect();
     ClusterUpdate {
@@ -94,6 +118,7 @@ pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
                 })
                 .collect(),
             held: p.held.into_iter().map(|x| (x.endpoint, blocks(x.blocks))).collect(),
+            lessons: p.lessons.into_iter().filter_map(|l| lesson_of(l.kind?)).collect(),
         })
         .collect();
     (Batch { pools, full_loads: u.full_loads }, lag)

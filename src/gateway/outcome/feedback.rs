@@ -2,6 +2,7 @@
 //! predicted for it, and the correction of the endpoint's index capacity that follows.
 
 use super::Routed;
+use crate::gateway::cluster::{Lesson, endpoint_key};
 use crate::gateway::telemetry::Usage;
 
 impl Routed {
@@ -31,11 +32,21 @@ impl Routed {
         if predicted > cached + slack {
             let missing = ((predicted - cached - 16.0) / block_tokens) as usize;
             index.held_less(t.id, missing);
+            self.share_held(missing as u64, 0);
             telemetry.index_corrections.with_label_values(&[self.pool.name(), "held_less"]).inc();
         } else if cached > predicted + slack {
             let extra = ((cached - predicted - 16.0) / block_tokens) as usize;
             index.held_more(t.id, extra);
+            self.share_held(0, extra as u64);
             telemetry.index_corrections.with_label_values(&[self.pool.name(), "held_more"]).inc();
+        }
+    }
+
+    /// Cache feedback on the target, told to the peer replicas too.
+    fn share_held(&self, less: u64, more: u64) {
+        if let Some(c) = self.pool.cluster() {
+            let endpoint = endpoint_key(&self.snapshot.endpoints[self.target().index]);
+            c.learned(self.pool.name(), Lesson::Held { endpoint, less, more });
         }
     }
 }
