@@ -6,7 +6,6 @@
 //! [`extproc`] the Envoy endpoint picker and [`picker`] kvgate's own gRPC picker API.
 
 pub(crate) mod admin;
-pub(crate) mod cluster;
 pub(crate) mod extproc;
 pub(crate) mod handoff;
 pub(crate) mod http;

@@ -10,7 +10,6 @@
 
 pub mod answer;
 pub mod budget;
-pub mod cluster;
 pub mod config;
 pub mod decisions;
 pub mod error;

@@ -126,7 +126,11 @@ async fn a_decision_on_one_replica_steers_the_other() {
             e.iter().map(|e| e["ttft_model"]["samples"].as_u64().unwrap_or(0)).collect::<Vec<_>>()
         }
     };
-    assert!(eventually(5, || async { ttft(&a).await.iter().sum::<u64>() == 1 }).await, "a learned: {:?}", ttft(&a).await);
+    assert!(
+        eventually(5, || async { ttft(&a).await.iter().sum::<u64>() == 1 }).await,
+        "a learned: {:?}",
+        ttft(&a).await
+    );
     let same = eventually(5, || async { ttft(&b).await == ttft(&a).await }).await;
     assert!(same, "b's TTFT models learned as a's: {:?} vs {:?}", ttft(&b).await, ttft(&a).await);
     let cluster = get_json(&format!("{}/debug/cluster", admin(&b))).await;

@@ -19,12 +19,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 mod access;
+pub(crate) mod cluster;
 pub(crate) use access::Access;
 pub use access::TokenFile;
 mod convert;
 mod watches;
 
-use crate::front::cluster::Forwarder;
 use crate::front::http::{DESTINATION_HEADER, Placement, REQUEST_ID_HEADER, flow_header_names, new_request_id};
 use crate::gateway::answer::Answer;
 use crate::gateway::config::{ExtProcConfig, PickerApiConfig};
@@ -34,6 +34,7 @@ use crate::gateway::paths::Place;
 use crate::gateway::pool::flow::Class;
 use crate::routing::request::ApiKind;
 use crate::routing::schedule::Subset;
+use cluster::Forwarder;
 
 /// The messages and service of `proto/kvgate/v1`, generated at build time.
 #[allow(missing_docs, missing_debug_implementations, unreachable_pub, clippy::all, clippy::pedantic)]

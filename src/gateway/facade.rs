@@ -10,13 +10,13 @@ use serde_json::json;
 
 use crate::gateway::answer::Answer;
 use crate::gateway::budget::BodyBudget;
-use crate::gateway::cluster::Cluster;
 use crate::gateway::config::cluster::ClusterConfig;
 use crate::gateway::config::{Admission, PickerApiConfig};
 use crate::gateway::decisions::Decisions;
 use crate::gateway::error::RouteError;
 use crate::gateway::outcome::Routed;
 use crate::gateway::paths::{self, Ask, PathPolicy, PathRefusal, Place};
+use crate::gateway::pool::cluster::Cluster;
 use crate::gateway::pool::flow::{Class, Probe};
 use crate::gateway::pool::{Pool, Snapshot, now_ms};
 use crate::gateway::telemetry::{PoolView, Telemetry};

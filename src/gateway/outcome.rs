@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::cluster::{Lesson, endpoint_key};
 use crate::gateway::error::upstream_error_code;
 use crate::gateway::events::{Event, Failure, Prefill, PrefillFailure, Served};
+use crate::gateway::pool::cluster::{Lesson, endpoint_key};
 use crate::gateway::pool::{Outcome, Pool, Snapshot, flow, now_ms};
 use crate::gateway::telemetry::Usage;
 use crate::gateway::usage::UsageReader;

@@ -7,6 +7,7 @@
 //! every few milliseconds. Readers take the current `Arc<Snapshot>` once per request. kvgate's
 //! own in-flight counts are atomics shared by every snapshot, so they are always current.
 
+pub mod cluster;
 pub(crate) mod discovery;
 pub mod flow;
 pub use discovery::SourceStatus;
@@ -29,7 +30,6 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::cluster::Cluster;
 use crate::gateway::config::endpoints::ResolvedEndpoint;
 use crate::gateway::config::{Admission, HealthConfig, KvEventsSpec, ScrapeConfig};
 use crate::gateway::tasks::{Task, Tasks};
@@ -37,6 +37,7 @@ use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{Endpoint, EndpointId, Health, InFlight, Metrics};
 use crate::routing::plan::Planner;
 use crate::routing::ttft::TtftModel;
+use cluster::Cluster;
 use health::{Ejected, HealthState};
 
 /// Milliseconds on kvgate's monotonic clock (the time the scheduler is given).

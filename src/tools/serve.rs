@@ -15,11 +15,12 @@ use tonic::service::interceptor::InterceptedService;
 mod demo;
 mod memory;
 
+use crate::front::admin;
 use crate::front::extproc::{Picker, health::health_service};
 use crate::front::listen::{ClientCertCheck, ConnLimits, Pace, Tls, drain, serve_grpc, serve_http, shutdown_signal};
 use crate::front::picker;
+use crate::front::picker::cluster;
 use crate::front::proxy::{self, ProxyState};
-use crate::front::{admin, cluster};
 use crate::gateway::config::{Config, ExtProcConfig, INFERENCE_POOL_GROUP, InferencePoolRef, TlsFiles, parse_yaml};
 use crate::gateway::facade::Gateway;
 use crate::gateway::paths::PathPolicy;

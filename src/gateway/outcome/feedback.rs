@@ -2,7 +2,7 @@
 //! predicted for it, and the correction of the endpoint's index capacity that follows.
 
 use super::Routed;
-use crate::gateway::cluster::{Lesson, endpoint_key};
+use crate::gateway::pool::cluster::{Lesson, endpoint_key};
 use crate::gateway::telemetry::Usage;
 
 impl Routed {

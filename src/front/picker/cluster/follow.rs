@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 use super::{Token, wire};
 use crate::front::picker::pb::FollowRequest;
 use crate::front::picker::pb::cluster_client::ClusterClient;
-use crate::gateway::cluster::Cluster;
+use crate::gateway::pool::cluster::Cluster;
 use crate::gateway::tasks::{Task, Tasks};
 use crate::gateway::telemetry::Telemetry;
 

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use super::Token;
 use crate::front::picker::pb::cluster_client::ClusterClient;
 use crate::front::picker::pb::{ReportRequest, ReportResponse};
-use crate::gateway::cluster::Cluster;
+use crate::gateway::pool::cluster::Cluster;
 use crate::gateway::telemetry::Telemetry;
 
 /// Bound on one forwarded report.

@@ -14,7 +14,7 @@
 //! Every call carries the cluster token; a slow or dead peer never blocks a decision (decisions
 //! only put their placements in the outbox).
 //!
-//! [`Cluster`]: crate::gateway::cluster::Cluster
+//! [`Cluster`]: crate::gateway::pool::cluster::Cluster
 
 mod follow;
 mod forward;
@@ -35,9 +35,9 @@ use tonic::{Request, Response, Status};
 
 use crate::front::picker::pb::cluster_server::{Cluster as ClusterRpc, ClusterServer};
 use crate::front::picker::pb::{ClusterUpdate, FollowRequest, ReportRequest, ReportResponse};
-use crate::front::picker::{Access, TokenFile, apply_report};
-use crate::gateway::cluster::Cluster;
+use super::{Access, TokenFile, apply_report};
 use crate::gateway::facade::Gateway;
+use crate::gateway::pool::cluster::Cluster;
 use crate::gateway::tasks::{Task, Tasks};
 use crate::gateway::telemetry::Telemetry;
 

@@ -1,7 +1,7 @@
 //! Batches to and from `kvgate.v1.ClusterUpdate`.
 
 use crate::front::picker::pb::{self, ClusterUpdate, EndpointLoad, Placement, PoolShare, lesson::Kind};
-use crate::gateway::cluster::{Batch, Lesson, PoolBatch};
+use crate::gateway::pool::cluster::{Batch, Lesson, PoolBatch};
 use crate::routing::endpoint::Load;
 use crate::routing::prefix::BlockHash;
 

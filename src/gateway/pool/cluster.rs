@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::{Pool, now_ms};
 use crate::gateway::config::cluster::ClusterConfig;
-use crate::gateway::pool::{Pool, now_ms};
 use crate::gateway::telemetry::Telemetry;
 use crate::routing::endpoint::{Endpoint, Load};
 use crate::routing::prefix::BlockHash;
