@@ -328,3 +328,21 @@ fn check_config_describes_flow_control() {
     let minimal = kvgate(&["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/minimal.yaml")]);
     assert!(String::from_utf8_lossy(&minimal.stdout).contains("flow control: off"));
 }
+
+/// check-config says how a replica finds its peers.
+#[test]
+fn check_config_describes_the_cluster() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/replicas.yaml");
+    let out = kvgate(&["check-config", path]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("cluster: peers from the list 10.0.0.11:9002, 10.0.0.12:9002, 10.0.0.13:9002"), "{text}");
+    assert!(text.contains("authenticated by the token file"), "{text}");
+    let minimal = kvgate(&["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/minimal.yaml")]);
+    assert!(String::from_utf8_lossy(&minimal.stdout).contains("cluster: off"));
+    let tokenless = config_file(
+        "tokenless-cluster.yaml",
+        &std::fs::read_to_string(path).expect("example").replace("  token_file: /var/run/kvgate/cluster-token\n", ""),
+    );
+    check(&tokenless, false, &["cluster.token", "set `token` or `token_file`"]);
+}

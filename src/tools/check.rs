@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::gateway::config::cluster::ClusterConfig;
 use crate::gateway::config::endpoints::{EndpointsDocument, ResolvedEndpoint, load_endpoints_file};
 use crate::gateway::config::read::{CONFIG_LIMIT, read_text};
 use crate::gateway::config::{Config, ConfigError, DEFAULT_ENDPOINTS_FILE_MAX_BYTES, ResolvedPool};
@@ -56,6 +57,7 @@ pub fn check_config(file: &Path) -> Result<String, CheckError> {
         cfg.admin_addr,
         cfg.proxy_addr.map_or("off".to_owned(), |a| a.to_string())
     );
+    let _ = writeln!(out, "{}", describe_cluster(cfg.cluster.as_ref()));
     for pool in &pools {
         describe_pool(&mut out, pool);
         if let Some(p) = &pool.precise {
@@ -71,6 +73,27 @@ pub fn check_config(file: &Path) -> Result<String, CheckError> {
         let _ = writeln!(out, "warning: {w}");
     }
     Ok(out)
+}
+
+/// How the replica finds its peers, and what it shares with them.
+fn describe_cluster(c: Option<&ClusterConfig>) -> String {
+    let Some(c) = c else { return "cluster: off (this replica shares nothing with others)".to_owned() };
+    let mut found = Vec::new();
+    if !c.peers.is_empty() {
+        found.push(format!("the list {} (this replica skips itself)", c.peers.join(", ")));
+    }
+    if let Some(d) = &c.dns {
+        found.push(format!("the addresses of DNS name {d}, looked up every {} ms", c.dns_interval_ms));
+    }
+    let token = if c.token_file.is_some() { "the token file" } else { "the inline token" };
+    format!(
+        "cluster: peers from {}; authenticated by {token}; changes sent every {} ms, a silent peer's \
+         counts kept {} ms, ready after a peer's snapshot (at most {} ms)",
+        found.join(" and "),
+        c.sync_interval_ms,
+        c.lease_ms,
+        c.join_timeout_ms
+    )
 }
 
 /// One pool's part of the report: its models, endpoint sources and endpoints, scheduler and, in

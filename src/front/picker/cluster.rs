@@ -33,9 +33,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use super::{Access, TokenFile, apply_report};
 use crate::front::picker::pb::cluster_server::{Cluster as ClusterRpc, ClusterServer};
 use crate::front::picker::pb::{ClusterUpdate, FollowRequest, ReportRequest, ReportResponse};
-use super::{Access, TokenFile, apply_report};
 use crate::gateway::facade::Gateway;
 use crate::gateway::pool::cluster::Cluster;
 use crate::gateway::tasks::{Task, Tasks};
