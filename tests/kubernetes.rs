@@ -2,8 +2,9 @@
 //! `tests/common/kube.rs`): pods joining and leaving with their readiness, scaling, label
 //! changes, `targetPorts` ranks, spec changes, malformed objects, an API server that is down at
 //! start or restarts under a running kvgate, the InferenceObjectives that give a pool's
-//! priorities. Pods get IPs `127.0.N.M`, where simulators listen,
-//! all on port 8000 as in a cluster; each test has its own `127.0.N.0/24`.
+//! priorities; and the Helm chart's objects applied there (its Role is enough, its picker API
+//! and cluster tokens, its replicas sharing state). Pods get IPs `127.0.N.M`, where simulators
+//! listen, all on port 8000 as in a cluster; each test has its own `127.0.N.0/24`.
 
 mod common;
 
@@ -461,7 +462,18 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
     let manifests = common::kube::render_chart("kvgate", "t5", &["inferencePool.modelServers.matchLabels.app=vllm"]);
     let created = common::kube::create_all(&client, &manifests, "t5").await;
     let kinds: Vec<String> = created.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
-    for kind in ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment", "InferencePool"] {
+    let want = [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "InferencePool",
+        "Secret",
+        "PodDisruptionBudget",
+    ];
+    for kind in want {
         assert!(kinds.iter().any(|k| k == kind), "the chart renders a {kind}: {kinds:?}");
     }
     let config = created
