@@ -2,8 +2,9 @@
 //! `tests/common/kube.rs`): pods joining and leaving with their readiness, scaling, label
 //! changes, `targetPorts` ranks, spec changes, malformed objects, an API server that is down at
 //! start or restarts under a running kvgate, the InferenceObjectives that give a pool's
-//! priorities. Pods get IPs `127.0.N.M`, where simulators listen,
-//! all on port 8000 as in a cluster; each test has its own `127.0.N.0/24`.
+//! priorities; and the Helm chart's objects applied there (its Role is enough, its picker API
+//! and cluster tokens, its replicas sharing state). Pods get IPs `127.0.N.M`, where simulators
+//! listen, all on port 8000 as in a cluster; each test has its own `127.0.N.0/24`.
 
 mod common;
 
@@ -456,11 +457,23 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
     install_objective_crd(&client).await;
 
     // The chart as rendered with its default values, applied as is: ServiceAccount, Role,
-    // RoleBinding, ConfigMap, Service, Deployment and the InferencePool itself.
+    // RoleBinding, ConfigMap, Service, Deployment and the InferencePool itself, and for its two
+    // replicas the peers' Service, the cluster token's Secret and a PodDisruptionBudget.
     let manifests = common::kube::render_chart("kvgate", "t5", &["inferencePool.modelServers.matchLabels.app=vllm"]);
     let created = common::kube::create_all(&client, &manifests, "t5").await;
     let kinds: Vec<String> = created.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
-    for kind in ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment", "InferencePool"] {
+    let want = [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "InferencePool",
+        "Secret",
+        "PodDisruptionBudget",
+    ];
+    for kind in want {
         assert!(kinds.iter().any(|k| k == kind), "the chart renders a {kind}: {kinds:?}");
     }
     let config = created
@@ -469,6 +482,12 @@ async fn the_charts_rbac_is_enough_for_kvgate() {
         .and_then(|o| o.data["data"]["config.yaml"].as_str())
         .expect("the ConfigMap's config.yaml")
         .to_owned();
+    // The cluster token where the pod would have it (its peers' DNS name does not resolve here:
+    // kvgate is ready alone).
+    let token_dir = cluster.dir.join("cluster-token");
+    std::fs::create_dir_all(&token_dir).expect("folder");
+    std::fs::write(token_dir.join("token"), secret_token(&client, "t5", "kvgate-cluster").await).expect("token");
+    let config = config.replace(CLUSTER_TOKEN_DIR, &token_dir.display().to_string());
     let config_path = cluster.dir.join("chart-config.yaml");
     std::fs::write(&config_path, &config).expect("config written");
 
@@ -648,18 +667,23 @@ async fn the_charts_picker_api_token_comes_from_a_secret() {
         &["inferenceExtension.pickerApi.token.existingSecret=mine", "inferenceExtension.pickerApi.token.key=tok"],
     );
     let docs = common::kube::yaml_documents(&named);
-    assert!(!docs.iter().any(|d| d["kind"] == "Secret"), "no Secret of the chart's own");
+    let picker_secret = |d: &&Value| d["kind"] == "Secret" && d["metadata"]["name"] == "kvgate-picker-api";
+    assert!(!docs.iter().any(|d| picker_secret(&d)), "no picker API Secret of the chart's own");
     let volumes =
         &docs.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment")["spec"]["template"]["spec"]["volumes"];
     let token_volume =
         volumes.as_array().expect("volumes").iter().find(|v| v["name"] == "picker-api-token").expect("mounted");
     assert_eq!(token_volume["secret"], json!({"secretName": "mine", "items": [{"key": "tok", "path": "token"}]}));
 
-    // Created: applied as rendered.
+    // Created: applied as rendered (one replica: the cluster token is another test's).
     let manifests = common::kube::render_chart(
         "kvgate",
         "t9",
-        &["inferencePool.modelServers.matchLabels.app=vllm", "inferenceExtension.pickerApi.token.create=true"],
+        &[
+            "inferencePool.modelServers.matchLabels.app=vllm",
+            "inferenceExtension.pickerApi.token.create=true",
+            "inferenceExtension.replicas=1",
+        ],
     );
     common::kube::create_all(&client, &manifests, "t9").await;
     let secret = kube::Api::<Secret>::namespaced(client.clone(), "t9").get("kvgate-picker-api").await.expect("Secret");
@@ -702,4 +726,142 @@ async fn the_charts_picker_api_token_comes_from_a_secret() {
     let mut req = tonic::Request::new(ask());
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ASCII"));
     c.explain(req).await.expect("the Secret's token is taken");
+}
+
+/// Where the chart mounts the cluster token's Secret.
+const CLUSTER_TOKEN_DIR: &str = "/var/run/secrets/kvgate/cluster";
+
+/// The value under `token` of Secret `name` in `ns`.
+async fn secret_token(client: &kube::Client, ns: &str, name: &str) -> String {
+    let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("Secret {ns}/{name}: {e}"));
+    let token = secret.data.and_then(|mut d| d.remove("token")).expect("key `token`").0;
+    String::from_utf8(token).expect("ASCII token")
+}
+
+/// The rendered objects of `kind`.
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+/// The chart's default is two replicas sharing what they learn: a headless Service of every
+/// pod, ready or not, whose DNS name is the config's `cluster.dns`; a generated token in a
+/// Secret (kept on an upgrade), mounted as a file; a PodDisruptionBudget; a spread over nodes.
+/// The API server takes every object; two kvgate on that config, with the Secret's token,
+/// follow each other. One replica renders none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_replicas_share_state_through_a_headless_service() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    let (cluster, client, _kubelet) = cluster_with("inferencepool-crd.yaml", GROUP, "t10").await;
+    let set = ["inferencePool.modelServers.matchLabels.app=vllm"];
+    let manifests = common::kube::render_chart("kvgate", "t10", &set);
+    let docs = common::kube::yaml_documents(&manifests);
+    let selector = json!({"app.kubernetes.io/name": "kvgate", "app.kubernetes.io/instance": "kvgate"});
+
+    // What only the rendering shows: the PodDisruptionBudget's API (this API server predates
+    // policy/v1 and takes it as v1beta1).
+    let pdb = of_kind(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb.len(), 1, "one PodDisruptionBudget");
+    assert_eq!(pdb[0]["apiVersion"], "policy/v1");
+    common::kube::create_all(&client, &manifests, "t10").await;
+
+    // Read back from the API server, as it stored them.
+    let deployment =
+        kube::Api::<Deployment>::namespaced(client.clone(), "t10").get("kvgate").await.expect("Deployment");
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    let pdb_api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        client.clone(),
+        "t10",
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"),
+            "poddisruptionbudgets",
+        ),
+    );
+    let pdb = serde_json::to_value(pdb_api.get("kvgate").await.expect("PodDisruptionBudget")).expect("JSON");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{pdb}");
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], selector);
+    let peers = kube::Api::<Service>::namespaced(client.clone(), "t10").get("kvgate-peers").await.expect("Service");
+    let peers = serde_json::to_value(peers.spec.expect("spec")).expect("JSON");
+    assert_eq!(peers["clusterIP"], "None", "headless: {peers}");
+    assert_eq!(peers["publishNotReadyAddresses"], true, "replicas starting together see each other");
+    assert_eq!(peers["selector"], selector);
+    assert_eq!(peers["ports"][0]["port"], 9002);
+    assert_eq!(peers["ports"][0]["targetPort"], "grpc");
+    let pod = serde_json::to_value(spec.template.spec.expect("pod spec")).expect("JSON");
+    assert_eq!(
+        pod["topologySpreadConstraints"],
+        json!([{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector}}])
+    );
+    let volume = pod["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "cluster-token");
+    let volume = volume.expect("the cluster token's volume");
+    assert_eq!(volume["secret"]["secretName"], "kvgate-cluster");
+    assert_eq!(volume["secret"]["items"], json!([{"key": "token", "path": "token"}]));
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().expect("mounts");
+    let mount = mounts.iter().find(|m| m["name"] == "cluster-token").expect("the cluster token's mount");
+    assert_eq!((&mount["mountPath"], &mount["readOnly"]), (&json!(CLUSTER_TOKEN_DIR), &json!(true)));
+    assert!(mount.get("subPath").is_none(), "a folder, so that a rotated Secret reaches the pod");
+    let token = secret_token(&client, "t10", "kvgate-cluster").await;
+    assert_eq!(token.len(), 48);
+
+    // kvgate's own parser reads the config: its peers are the headless Service's addresses.
+    let config = kube::Api::<ConfigMap>::namespaced(client.clone(), "t10").get("kvgate").await.expect("ConfigMap");
+    let config = config.data.expect("data").remove("config.yaml").expect("config.yaml");
+    let path = cluster.dir.join("chart-cluster.yaml");
+    let cfg = Config::from_yaml(&config, &path).expect("the chart's config parses");
+    let section = cfg.cluster.as_ref().expect("a cluster section");
+    assert_eq!(section.dns.as_deref(), Some("kvgate-peers.t10.svc.cluster.local:9002"));
+    assert_eq!(section.token_file.as_deref(), Some(Path::new(&format!("{CLUSTER_TOKEN_DIR}/token"))));
+
+    // An upgrade renders the Secret with the token it holds.
+    let kubeconfig = cluster.kubeconfig("chart-cluster", ADMIN_TOKEN, "t10");
+    let again = common::kube::yaml_documents(&common::kube::render_chart_on(&kubeconfig, "kvgate", "t10", &set));
+    let rendered = |docs: &[Value]| of_kind(docs, "Secret")[0]["data"]["token"].clone();
+    assert!(rendered(&docs).is_string());
+    assert_eq!(rendered(&again), rendered(&docs), "the token is kept");
+
+    // Two replicas on that config and the Secret's token, each at port P of its own address as
+    // the headless Service's name resolves to (given here as `peers`), follow each other.
+    let local = cluster.dir.join("cluster-token");
+    std::fs::create_dir_all(&local).expect("folder");
+    std::fs::write(local.join("token"), &token).expect("token");
+    let port = common::free_port();
+    let addresses = ["127.0.10.1", "127.0.10.2"].map(|ip| format!("{ip}:{port}"));
+    let mut replicas = Vec::new();
+    for address in &addresses {
+        let mut cfg =
+            Config::from_yaml(&config.replace(CLUSTER_TOKEN_DIR, &local.display().to_string()), &path).expect("config");
+        cfg.grpc_addr = address.parse().expect("address");
+        cfg.admin_addr = "127.0.0.1:0".parse().expect("address");
+        cfg.health_addr = None;
+        let c = cfg.cluster.as_mut().expect("cluster");
+        c.dns = None;
+        c.peers = addresses.to_vec();
+        replicas.push(start_with(cfg, &path, Some(&kubeconfig)).await.expect("kvgate starts"));
+    }
+    for kv in &replicas {
+        let admin = format!("http://{}/debug/cluster", kv.admin_addr);
+        let joined = eventually(20, || async {
+            get_json(&admin).await["peers"].as_array().is_some_and(|p| p.len() == 1 && p[0]["snapshot_age_ms"].is_u64())
+        })
+        .await;
+        assert!(joined, "{} follows its peer: {}", kv.grpc_addr, get_json(&admin).await);
+    }
+
+    // One replica: the objects of a single picker, as before.
+    let one = common::kube::render_chart("kvgate", "t10", &["inferenceExtension.replicas=1"]);
+    let docs = common::kube::yaml_documents(&one);
+    assert!(of_kind(&docs, "PodDisruptionBudget").is_empty() && of_kind(&docs, "Secret").is_empty());
+    let services: Vec<&Value> = of_kind(&docs, "Service");
+    assert_eq!(services.len(), 1, "only the picker's Service");
+    assert_ne!(services[0]["spec"]["clusterIP"], "None");
+    let pod = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    assert!(pod.get("topologySpreadConstraints").is_none(), "{pod}");
+    assert!(!pod["volumes"].as_array().expect("volumes").iter().any(|v| v["name"] == "cluster-token"));
+    let config = of_kind(&docs, "ConfigMap")[0]["data"]["config.yaml"].as_str().expect("config.yaml");
+    assert!(Config::from_yaml(config, &path).expect("config").cluster.is_none(), "{config}");
 }

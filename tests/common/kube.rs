@@ -230,10 +230,15 @@ pub async fn api_for(client: &kube::Client, obj: &DynamicObject, namespace: &str
     }
 }
 
-/// Creates every object of a YAML text (the way `kubectl create -f` would).
+/// Creates every object of a YAML text (the way `kubectl create -f` would). A `policy/v1`
+/// PodDisruptionBudget goes in as `policy/v1beta1`: this API server (v1.20) serves only that
+/// version, whose spec has the same fields.
 pub async fn create_all(client: &kube::Client, yaml: &str, namespace: &str) -> Vec<DynamicObject> {
     let mut out = Vec::new();
-    for doc in yaml_documents(yaml) {
+    for mut doc in yaml_documents(yaml) {
+        if doc["apiVersion"] == "policy/v1" && doc["kind"] == "PodDisruptionBudget" {
+            doc["apiVersion"] = json!("policy/v1beta1");
+        }
         let obj: DynamicObject = serde_json::from_value(doc).expect("a Kubernetes object");
         let api = api_for(client, &obj, namespace).await;
         let created = api
@@ -380,9 +385,19 @@ pub fn helm_binary() -> PathBuf {
 
 /// `helm template RELEASE deploy/helm/kvgate --namespace NS` with `--set` values.
 pub fn render_chart(release: &str, namespace: &str, set: &[&str]) -> String {
+    render(release, namespace, set, &[])
+}
+
+/// The same against the API server of `kubeconfig` (`--dry-run=server`), so that the chart's
+/// `lookup`s see the objects there, as on an upgrade.
+pub fn render_chart_on(kubeconfig: &Path, release: &str, namespace: &str, set: &[&str]) -> String {
+    render(release, namespace, set, &["--dry-run=server".as_ref(), "--kubeconfig".as_ref(), kubeconfig.as_os_str()])
+}
+
+fn render(release: &str, namespace: &str, set: &[&str], more: &[&std::ffi::OsStr]) -> String {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/kvgate");
     let mut cmd = Command::new(helm_binary());
-    cmd.args(["template", release]).arg(&chart).args(["--namespace", namespace]);
+    cmd.args(["template", release]).arg(&chart).args(["--namespace", namespace]).args(more);
     for s in set {
         cmd.args(["--set", s]);
     }

@@ -72,6 +72,54 @@ see the Secret rotate).
 {{- end -}}
 
 {{/*
+Whether the replicas share what they learn (kvgate's `cluster:`): cluster.enabled with more than
+one replica. "true" or empty.
+*/}}
+{{- define "kvgate.clustered" -}}
+{{- if and .Values.inferenceExtension.cluster.enabled (gt (int .Values.inferenceExtension.replicas) 1) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+The headless Service whose addresses are the replicas (every pod, ready or not).
+*/}}
+{{- define "kvgate.peersService" -}}
+{{- printf "%s-peers" (include "kvgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The Secret holding the cluster token: the existing one named, or the chart's own.
+*/}}
+{{- define "kvgate.clusterTokenSecret" -}}
+{{- $t := .Values.inferenceExtension.cluster.token -}}
+{{- if $t.existingSecret -}}
+{{- $t.existingSecret -}}
+{{- else -}}
+{{- printf "%s-cluster" (include "kvgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Where the cluster token's Secret is mounted (a folder, as the picker API's).
+*/}}
+{{- define "kvgate.clusterTokenDir" -}}
+/var/run/secrets/kvgate/cluster
+{{- end -}}
+
+{{/*
+The pods' default spread with several replicas: over nodes, as far as the scheduler can.
+*/}}
+{{- define "kvgate.defaultSpread" -}}
+- maxSkew: 1
+  topologyKey: kubernetes.io/hostname
+  whenUnsatisfiable: ScheduleAnyway
+  labelSelector:
+    matchLabels:
+      {{- include "kvgate.selectorLabels" . | nindent 6 }}
+{{- end -}}
+
+{{/*
 kvgate's config file: the listeners on every address at the chart's ports, and one pool sourced
 from the InferencePool, with inferenceExtension.models/scheduler/poolConfig/config filled in.
 The chart's own keys win over poolConfig and config.
@@ -101,6 +149,10 @@ The chart's own keys win over poolConfig and config.
 {{- if include "kvgate.pickerTokenSecret" . -}}
 {{- $_ := set $cfg "picker_api" (dict "token_file" (printf "%s/token" (include "kvgate.pickerTokenDir" .))) -}}
 {{- end -}}
+{{- if include "kvgate.clustered" . -}}
+{{- $peers := printf "%s.%s.svc.%s:%d" (include "kvgate.peersService" .) .Release.Namespace $ie.cluster.clusterDomain (int $ie.extProcPort) -}}
+{{- $_ := set $cfg "cluster" (dict "dns" $peers "token_file" (printf "%s/token" (include "kvgate.clusterTokenDir" .))) -}}
+{{- end -}}
 {{- $cfg = merge $cfg (deepCopy (default (dict) $ie.config)) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
@@ -123,7 +175,37 @@ Checks that fail the render with a message rather than produce objects that cann
 {{- if and (include "kvgate.pickerTokenSecret" .) (not $ie.pickerApi.token.key) -}}
 {{- fail "inferenceExtension.pickerApi.token.key must name the Secret's key holding the token" -}}
 {{- end -}}
+{{- if and (include "kvgate.clustered" .) (not $ie.cluster.token.key) -}}
+{{- fail "inferenceExtension.cluster.token.key must name the Secret's key holding the token" -}}
+{{- end -}}
+{{- if and (include "kvgate.clustered" .) (not $ie.cluster.clusterDomain) -}}
+{{- fail "inferenceExtension.cluster.clusterDomain must be the cluster's DNS domain (cluster.local)" -}}
+{{- end -}}
+{{- $pdb := $ie.podDisruptionBudget -}}
+{{- if and $pdb.enabled (gt (int $ie.replicas) 1) (not (include "kvgate.pdbMinAvailable" .)) (not (include "kvgate.pdbMaxUnavailable" .)) -}}
+{{- fail "inferenceExtension.podDisruptionBudget: set maxUnavailable or minAvailable" -}}
+{{- end -}}
 {{- if le (int $ie.terminationGracePeriodSeconds) (add 30 (int $ie.preStopSleepSeconds)) -}}
 {{- fail "inferenceExtension.terminationGracePeriodSeconds must exceed kvgate's 30 s drain plus preStopSleepSeconds" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+podDisruptionBudget.minAvailable when set (it then replaces maxUnavailable); empty otherwise.
+*/}}
+{{- define "kvgate.pdbMinAvailable" -}}
+{{- $min := .Values.inferenceExtension.podDisruptionBudget.minAvailable -}}
+{{- if not (kindIs "invalid" $min) -}}
+{{- toString $min -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+podDisruptionBudget.maxUnavailable; empty when not set.
+*/}}
+{{- define "kvgate.pdbMaxUnavailable" -}}
+{{- $max := .Values.inferenceExtension.podDisruptionBudget.maxUnavailable -}}
+{{- if not (kindIs "invalid" $max) -}}
+{{- toString $max -}}
 {{- end -}}
 {{- end -}}
