@@ -247,3 +247,138 @@ async fn a_report_sent_to_another_replica_reaches_the_one_that_decided() {
     let stranger = pb::ReportRequest { decision_id: "0badc0de-1-00".into(), ..Default::default() };
     assert_eq!(on_b.report(stranger).await.expect_err("unknown").code(), tonic::Code::NotFound);
 }
+
+/// A `kvgate serve` child process on fixed loopback ports.
+struct Process {
+    child: std::process::Child,
+    admin: String,
+    proxy: String,
+    grpc: u16,
+}
+
+impl Process {
+    /// Starts `kvgate serve` over `sims` with peers at `peers` (gRPC ports), on gRPC port `grpc`.
+    fn start(sims: &[Sim], grpc: u16, peers: &[u16]) -> Self {
+        let (admin, proxy) = (free_port(), free_port());
+        let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
+        let peers: Vec<String> = peers.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+        let yaml = format!(
+            "grpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:{admin}\nproxy_addr: 127.0.0.1:{proxy}\n\
+             cluster: {{peers: [{}], token: {TOKEN}, lease_ms: 1000, join_timeout_ms: 5000}}\n\
+             pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{}]\n",
+            peers.join(", "),
+            endpoints.join(", ")
+        );
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster");
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join(format!("replica-{grpc}.yaml"));
+        std::fs::write(&path, yaml).expect("config written");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kvgate serve starts");
+        Self { child, admin: format!("http://127.0.0.1:{admin}"), proxy: format!("http://127.0.0.1:{proxy}"), grpc }
+    }
+
+    async fn ready(&self) -> bool {
+        client().get(format!("{}/readyz", self.admin)).send().await.is_ok_and(|r| r.status() == 200)
+    }
+
+    async fn cluster(&self) -> Value {
+        client().get(format!("{}/debug/cluster", self.admin)).send().await.expect("answers").json().await.expect("JSON")
+    }
+
+    async fn peers(&self) -> usize {
+        self.cluster().await["peers"].as_array().map_or(0, Vec::len)
+    }
+
+    async fn explain(&self, b: &Value) -> (String, u64) {
+        let url = format!("{}/debug/explain?path=/v1/completions", self.admin);
+        let v: Value = client().post(url).json(b).send().await.expect("explain").json().await.expect("JSON");
+        let t = &v["decision"]["targets"][0];
+        (t["address"].as_str().unwrap_or_default().to_owned(), t["matched_blocks"].as_u64().unwrap_or(0))
+    }
+
+    async fn send(&self, b: &Value) -> u16 {
+        let r = client().post(format!("{}/v1/completions", self.proxy)).json(b).send().await.expect("an answer");
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        status
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill").args([signal, &self.child.id().to_string()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {signal}");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // A stopped process is let go first, so nothing of it outlives the test.
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three replicas as processes: a decision on any is seen on the others; one that stops
+/// answering (SIGSTOP: a partition, as its peers see it) drops out within its lease while the
+/// other two go on sharing, and rejoins when it answers again, its decisions seen once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replica_processes_share_and_a_partition_heals() {
+    let sims = sims(false).await;
+    let ports = [free_port(), free_port(), free_port()];
+    let tier: Vec<Process> = ports.iter().map(|&g| Process::start(&sims, g, &ports)).collect();
+    let all_ready = eventually(20, || async {
+        for p in &tier {
+            if !p.ready().await || p.peers().await != 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(all_ready, "three replicas, each with two peers: {:?}", futures_util::future::join_all(tier.iter().map(Process::cluster)).await);
+    // Seen by all from any.
+    let seen_everywhere = |b: Value, from: usize| {
+        let tier = &tier;
+        async move {
+            assert_eq!(tier[from].send(&b).await, 200);
+            let want = tier[from].explain(&b).await;
+            assert!(want.1 > 0);
+            eventually(5, || async {
+                for p in tier {
+                    if p.explain(&b).await != want {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await
+        }
+    };
+    for from in 0..3 {
+        assert!(seen_everywhere(body(&format!("from-{from}"), 2), from).await, "a decision on replica {from} seen by all");
+    }
+    // Replica 2 stops answering: the others forget it within its lease and go on.
+    tier[2].signal("-STOP");
+    let gone = eventually(15, || async { tier[0].peers().await == 1 && tier[1].peers().await == 1 }).await;
+    assert!(gone, "the silent replica drops out: {} {}", tier[0].cluster().await, tier[1].cluster().await);
+    let b = body("during-the-partition", 2);
+    assert_eq!(tier[0].send(&b).await, 200);
+    let want = tier[0].explain(&b).await;
+    assert!(eventually(5, || async { tier[1].explain(&b).await == want }).await, "the other two still share");
+    // It answers again: it rejoins, and what it decides is seen again.
+    tier[2].signal("-CONT");
+    let back = eventually(20, || async {
+        tier[0].peers().await == 2 && tier[1].peers().await == 2 && tier[2].peers().await == 2
+    })
+    .await;
+    assert!(back, "the partition heals: {} {}", tier[0].cluster().await, tier[2].cluster().await);
+    assert!(seen_everywhere(body("after-the-heal", 2), 2).await, "its decisions are seen again");
+    // What replica 0 decided during the partition reached replica 2 with its new snapshot.
+    assert!(eventually(5, || async { tier[2].explain(&b).await == want }).await, "the healed replica has the rest");
+}

@@ -370,6 +370,8 @@ impl Cluster {
             }
         }
         self.sum_into_endpoints(&peers, &touched);
+        drop(peers);
+        self.room_may_have_opened(&touched);
         (placed, counted)
     }
 
@@ -411,7 +413,19 @@ impl Cluster {
             }
         }
         self.sum_into_endpoints(&peers, &touched);
+        drop(peers);
+        self.room_may_have_opened(&touched);
         dead.len()
+    }
+
+    /// Peers' counts changed on `touched` endpoints: their pools' queues look for room (a peer's
+    /// request ending frees a place as this replica's own does).
+    fn room_may_have_opened(&self, touched: &HashSet<(String, String)>) {
+        for p in &self.pools {
+            if p.flow().enabled() && touched.iter().any(|(pool, _)| pool == p.name()) {
+                p.flow().pump();
+            }
+        }
     }
 
     /// Sets the peers' summed counts on each `touched` endpoint.
