@@ -431,6 +431,7 @@ pages! {
     readme_commands_run => "README.md",
     index_commands_run => "docs/README.md",
     bench_commands_run => "docs/bench.md",
+    cluster_commands_run => "docs/cluster.md",
     configuration_commands_run => "docs/configuration.md",
     deployment_patterns_commands_run => "docs/deployment-patterns.md",
     envoy_commands_run => "docs/envoy.md",
