@@ -345,4 +345,7 @@ fn check_config_describes_the_cluster() {
         &std::fs::read_to_string(path).expect("example").replace("  token_file: /var/run/kvgate/cluster-token\n", ""),
     );
     check(&tokenless, false, &["cluster.token", "set `token` or `token_file`"]);
+    let text = std::fs::read_to_string(path).expect("example");
+    let with_tls = config_file("tls-cluster.yaml", &format!("extproc: {{self_signed_tls: true}}\n{text}"));
+    check(&with_tls, false, &["cluster", "plaintext gRPC"]);
 }

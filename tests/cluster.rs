@@ -253,7 +253,6 @@ struct Process {
     child: std::process::Child,
     admin: String,
     proxy: String,
-    grpc: u16,
 }
 
 impl Process {
@@ -280,7 +279,7 @@ impl Process {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("kvgate serve starts");
-        Self { child, admin: format!("http://127.0.0.1:{admin}"), proxy: format!("http://127.0.0.1:{proxy}"), grpc }
+        Self { child, admin: format!("http://127.0.0.1:{admin}"), proxy: format!("http://127.0.0.1:{proxy}") }
     }
 
     async fn ready(&self) -> bool {
@@ -341,7 +340,11 @@ async fn three_replica_processes_share_and_a_partition_heals() {
         true
     })
     .await;
-    assert!(all_ready, "three replicas, each with two peers: {:?}", futures_util::future::join_all(tier.iter().map(Process::cluster)).await);
+    assert!(
+        all_ready,
+        "three replicas, each with two peers: {:?}",
+        futures_util::future::join_all(tier.iter().map(Process::cluster)).await
+    );
     // Seen by all from any.
     let seen_everywhere = |b: Value, from: usize| {
         let tier = &tier;
@@ -361,7 +364,10 @@ async fn three_replica_processes_share_and_a_partition_heals() {
         }
     };
     for from in 0..3 {
-        assert!(seen_everywhere(body(&format!("from-{from}"), 2), from).await, "a decision on replica {from} seen by all");
+        assert!(
+            seen_everywhere(body(&format!("from-{from}"), 2), from).await,
+            "a decision on replica {from} seen by all"
+        );
     }
     // Replica 2 stops answering: the others forget it within its lease and go on.
     tier[2].signal("-STOP");

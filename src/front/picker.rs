@@ -215,15 +215,13 @@ impl Picker for PickerApi {
 
     async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
         let req = req.into_inner();
-        let local = apply_report(&self.gateway, &req);
-        // A decision another replica made: its owner applies the report.
-        if let (Err(s), Some(f)) = (&local, &self.forward)
-            && s.code() == tonic::Code::NotFound
+        // A decision a peer replica made (its id says which): the peer applies the report.
+        if let Some(f) = &self.forward
             && let Some(forwarded) = f.report(&req).await
         {
             return forwarded.map(Response::new);
         }
-        local.map(Response::new)
+        apply_report(&self.gateway, &req).map(Response::new)
     }
 
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {

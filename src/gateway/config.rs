@@ -98,6 +98,9 @@ pub struct Config {
     lines: Lines,
 }
 
+/// Why `cluster` and a TLS gRPC listener do not combine.
+pub const CLUSTER_WITHOUT_TLS: &str = "replicas follow each other in plaintext gRPC, so `cluster` cannot be used with `extproc.tls` or self-signed TLS yet";
+
 fn default_grpc_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9002))
 }
@@ -439,6 +442,9 @@ impl Config {
         }
         if let Some((at, message)) = self.cluster.as_ref().and_then(cluster::ClusterConfig::problem) {
             return Err(invalid(at.into(), message));
+        }
+        if self.cluster.is_some() && (self.extproc.tls.is_some() || self.extproc.self_signed_tls) {
+            return Err(invalid("cluster".into(), CLUSTER_WITHOUT_TLS.into()));
         }
         if self.extproc.max_endpoints == Some(0) {
             return Err(invalid("extproc.max_endpoints".into(), "must be at least 1".into()));

@@ -310,9 +310,17 @@ impl Routed {
         }
     }
 
+    /// The prompt placed on endpoint `index` of the snapshot, told to the peer replicas.
+    fn share_placement(&self, index: usize) {
+        if let Some(c) = self.pool.cluster() {
+            c.placed(self.pool.name(), &self.snapshot.endpoints[index], &self.planned.prompt.hashes);
+        }
+    }
+
     fn learn_prefill(&self) {
         if let Some(p) = &self.planned.decision.prefill {
             self.pool.planner().index().record(p.id, &self.planned.prompt.hashes);
+            self.share_placement(p.index);
         }
     }
 
@@ -327,6 +335,7 @@ impl Routed {
             self.failure = None;
             if k != self.current && self.planned.decision.prefill.is_none() {
                 self.pool.planner().index().record(t.id, &self.planned.prompt.hashes);
+                self.share_placement(t.index);
             }
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
             self.timing = Timing::start(&in_flight);

@@ -138,7 +138,9 @@ async fn sync(
                 batch.pools.iter().fold((0, 0), |(p, l), b| (p + b.placements.len(), l + b.loads.len()));
             telemetry.cluster_sent.with_label_values(&["placements"]).inc_by(placements as u64);
             telemetry.cluster_sent.with_label_values(&["loads"]).inc_by(loads as u64);
-            let _ = updates.send(Arc::new(wire::update(cluster.id(), batch, false)));
+            for part in wire::batch_parts(cluster.id(), batch) {
+                let _ = updates.send(Arc::new(part));
+            }
         }
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = tokio::time::Instant::now();

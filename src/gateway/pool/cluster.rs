@@ -25,9 +25,14 @@ use crate::routing::endpoint::{Endpoint, Load};
 use crate::routing::prefix::BlockHash;
 use crate::routing::ttft::TtftSample;
 
-/// Placements held between batches at most; past it, the oldest of the batch are dropped
+/// Placements (and lessons) held between batches at most; past it, new ones are dropped
 /// (counted): a peer then misses some prefixes, which only costs hits.
 const MAX_OUTBOX: usize = 65_536;
+/// Blocks held between batches at most, over every placement (8 bytes each).
+const MAX_OUTBOX_BLOCKS: usize = 1 << 22;
+/// Blocks of one placement shared at most: the prompt's first ones (a prefix of a chain is a
+/// chain).
+pub const MAX_PLACEMENT_BLOCKS: usize = 1 << 16;
 /// Blocks per endpoint a snapshot carries at most (the most recent).
 pub const MAX_SNAPSHOT_BLOCKS: usize = 1 << 20;
 /// How often every count is sent, changed or not (the lease's renewal).
@@ -146,6 +151,8 @@ struct Outbox {
     placements: Vec<(usize, String, Vec<BlockHash>)>,
     /// Pool index and lesson.
     lessons: Vec<(usize, Lesson)>,
+    /// Blocks over every placement held.
+    blocks: usize,
     /// The counts each batch said last, by pool index and endpoint key.
     sent: HashMap<(usize, String), Load>,
     last_full: Option<Instant>,
@@ -231,11 +238,14 @@ impl Cluster {
         if blocks.is_empty() {
             return;
         }
+        let blocks = &blocks[..blocks.len().min(MAX_PLACEMENT_BLOCKS)];
         let mut out = self.outbox.lock();
-        if out.placements.len() >= MAX_OUTBOX {
-            out.placements.remove(0);
+        if out.placements.len() >= MAX_OUTBOX || out.blocks + blocks.len() > MAX_OUTBOX_BLOCKS {
+            drop(out);
             self.telemetry.cluster_dropped.with_label_values(&["outbox_full"]).inc();
+            return;
         }
+        out.blocks += blocks.len();
         out.placements.push((i, endpoint_key(e), blocks.to_vec()));
     }
 
@@ -244,8 +254,9 @@ impl Cluster {
         let Some(i) = self.pools.iter().position(|p| p.name() == pool) else { return };
         let mut out = self.outbox.lock();
         if out.lessons.len() >= MAX_OUTBOX {
-            out.lessons.remove(0);
+            drop(out);
             self.telemetry.cluster_dropped.with_label_values(&["outbox_full"]).inc();
+            return;
         }
         out.lessons.push((i, lesson));
     }
@@ -255,6 +266,7 @@ impl Cluster {
     pub fn take_batch(&self) -> Batch {
         let mut out = self.outbox.lock();
         let placements = std::mem::take(&mut out.placements);
+        out.blocks = 0;
         let now = Instant::now();
         let full = out.last_full.is_none_or(|t| now.duration_since(t) >= FULL_LOADS);
         if full {

@@ -337,7 +337,7 @@ pub(super) const CLUSTER_SNAPSHOT: Family = Family {
 };
 pub(super) const CLUSTER_DROPPED: Family = Family {
     name: "kvgate_cluster_dropped_total",
-    help: "What was not shared: placements past a full outbox, followers cut off for falling behind.",
+    help: "What was not shared: placements and lessons past a full outbox, followers cut off for falling behind, reports whose deciding replica did not answer.",
     labels: &["reason"],
 };
 pub(super) const CLUSTER_LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];

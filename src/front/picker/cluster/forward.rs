@@ -47,11 +47,16 @@ impl Forwarder {
             call.metadata_mut().insert("authorization", v);
         }
         let answer = tokio::time::timeout(WITHIN, client.report(call)).await;
-        let outcome = match &answer {
-            Ok(Ok(_)) => "forwarded",
-            _ => "unreachable",
+        let answered = match &answer {
+            Ok(Ok(_)) => true,
+            Ok(Err(s)) => !matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated),
+            Err(_) => false,
         };
-        self.telemetry.cluster_sent.with_label_values(&[outcome]).inc();
+        if answered {
+            self.telemetry.cluster_sent.with_label_values(&["reports"]).inc();
+        } else {
+            self.telemetry.cluster_dropped.with_label_values(&["owner_unreachable"]).inc();
+        }
         Some(match answer {
             Ok(Ok(r)) => Ok(r.into_inner()),
             // The owner's own verdict on the report (not found, already over, implausible).

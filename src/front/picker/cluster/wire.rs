@@ -98,6 +98,40 @@ pub(super) fn snapshot_parts(replica: &str, snapshot: Batch) -> Vec<ClusterUpdat
     parts
 }
 
+/// A batch as messages of at most [`PART_BLOCKS`] placed blocks each (a placement is never
+/// split: the outbox caps each below that): the first carries the counts and lessons.
+pub(super) fn batch_parts(replica: &str, mut batch: Batch) -> Vec<ClusterUpdate> {
+    let total: usize = batch.pools.iter().flat_map(|p| &p.placements).map(|(_, b)| b.len()).sum();
+    if total <= PART_BLOCKS {
+        return vec![update(replica, batch, false)];
+    }
+    let mut parts = Vec::new();
+    let mut rest: Vec<(String, String, Vec<BlockHash>)> = Vec::new();
+    for p in &mut batch.pools {
+        rest.extend(std::mem::take(&mut p.placements).into_iter().map(|(e, b)| (p.pool.clone(), e, b)));
+    }
+    parts.push(update(replica, batch, false));
+    let mut part = Batch::default();
+    let mut size = 0;
+    for (pool, endpoint, blocks) in rest {
+        if size + blocks.len() > PART_BLOCKS && size > 0 {
+            parts.push(update(replica, std::mem::take(&mut part), false));
+            size = 0;
+        }
+        size += blocks.len();
+        match part.pools.iter_mut().find(|b| b.pool == pool) {
+            Some(b) => b.placements.push((endpoint, blocks)),
+            None => part.pools.push(PoolBatch { pool, placements: vec![(endpoint, blocks)], ..PoolBatch::default() }),
+        }
+    }
+    parts.push(update(replica, part, false));
+    // Only the first part's counts are all of them.
+    for p in &mut parts[1..] {
+        p.full_loads = false;
+    }
+    parts
+}
+
 /// A message as a batch; with the milliseconds since it was sent (0 if the clocks disagree).
 pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
     let lag = unix_ms().saturating_sub(u.sent_unix_ms);
@@ -127,6 +161,28 @@ pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_batch_is_split_by_blocks_with_its_counts_first() {
+        let chain = |n: u64| (0..n).map(BlockHash).collect::<Vec<_>>();
+        let load = Load { requests: 1, ..Load::default() };
+        let batch = Batch {
+            pools: vec![PoolBatch {
+                pool: "p".into(),
+                placements: (0..5).map(|i| (format!("10.0.0.{i}:8000"), chain(PART_BLOCKS as u64 / 2))).collect(),
+                loads: vec![("10.0.0.1:8000".into(), load)],
+                ..PoolBatch::default()
+            }],
+            full_loads: true,
+        };
+        let parts = batch_parts("r1", batch);
+        assert_eq!(parts.len(), 4, "counts, then two placements a part");
+        assert!(parts[0].full_loads && parts[1..].iter().all(|p| !p.full_loads && !p.snapshot_done));
+        let placed: Vec<usize> = parts.iter().map(|p| p.pools.iter().map(|s| s.placements.len()).sum()).collect();
+        assert_eq!(placed, vec![0, 2, 2, 1]);
+        let small = Batch { pools: vec![PoolBatch { pool: "p".into(), ..PoolBatch::default() }], full_loads: false };
+        assert_eq!(batch_parts("r1", small).len(), 1);
+    }
 
     #[test]
     fn a_snapshot_is_split_by_blocks_and_read_back_whole() {
