@@ -32,6 +32,7 @@ ANSWER_TOKENS = 32
 TURNS = 12
 LETTERS = bytes(ord("a") + i % 26 for i in range(256))
 DECISION = "inference_extension_scheduler_e2e_duration_seconds"
+LAG = "kvgate_cluster_sync_lag_seconds"
 
 
 def log(*a):
@@ -190,13 +191,22 @@ async def run(a):
 
     load = multi_turn if a.workload == "multi-turn" else shared_prefix
     await asyncio.gather(sampler(), load(tier, stop, a.seed))
-    cum = {}
+    cum, lag, sent = {}, {}, 0.0
     for admin in a.admins.split(","):
-        for le, c in buckets(await scrape(admin), DECISION).items():
+        text = await scrape(admin)
+        for le, c in buckets(text, DECISION).items():
             cum[le] = cum.get(le, 0.0) + c
+        for le, c in buckets(text, LAG).items():
+            lag[le] = lag.get(le, 0.0) + c
+        sent += series_sum(text, "kvgate_cluster_sent_bytes_total")
+    peers = len(a.admins.split(",")) - 1
     out = {"workload": a.workload, "label": a.label, "secs": a.secs, "ok": tier.ok, "failed": tier.failed,
            "per_replica": tier.sent, "samples": samples,
-           "decision_p50_us": (quantile(cum, 0.5) or 0) * 1e6, "decision_p99_us": (quantile(cum, 0.99) or 0) * 1e6}
+           "decision_p50_us": (quantile(cum, 0.5) or 0) * 1e6, "decision_p99_us": (quantile(cum, 0.99) or 0) * 1e6,
+           "lag_p50_ms": None if not lag else (quantile(lag, 0.5) or 0) * 1e3,
+           "lag_p99_ms": None if not lag else (quantile(lag, 0.99) or 0) * 1e3,
+           # Bytes each replica sent each of its followers, per second.
+           "bytes_per_peer_s": sent / max(1, (peers + 1) * peers) / a.secs if peers else 0.0}
     json.dump(out, open(a.out, "w"))
     log(f"[{a.label}] {tier.ok} ok, {tier.failed} failed, per replica {tier.sent}")
 
@@ -223,8 +233,12 @@ def report(d):
     print("\n### Hit rate over 1, 2 and 3 replicas, requests spread in turn\n")
     print("Prefix-cache hit rate of the simulators over the run's last two thirds (after the caches "
           "warm), decision time p50/p99 from the replicas' `inference_extension_scheduler_e2e_duration_seconds`.\n")
-    print("| workload | replicas | sync | hit rate | vs one replica | decision p50 µs | p99 µs | ok | failed |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("Sync lag: from a batch's sending to its application on a peer (a decision waits up to "
+          "`sync_interval_ms`, 50 ms, in the outbox before that); bandwidth: bytes each replica sent "
+          "each peer per second (`kvgate_cluster_sent_bytes_total`).\n")
+    print("| workload | replicas | sync | hit rate | vs one replica | decision p50 µs | p99 µs | sync lag p50 / p99 ms "
+          "| KB/s per peer | ok | failed |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in ("shared-prefix", "multi-turn"):
         one = runs.get((w, "1"))
         base = one and hit_rate(one["samples"], one["secs"] / 3, one["secs"])
@@ -235,8 +249,10 @@ def report(d):
             h = hit_rate(r["samples"], r["secs"] / 3, r["secs"])
             diff = "—" if h is None or base is None else f"{100 * (h - base):+.1f} pts"
             n, sync = (label.split("-") + ["—"])[:2]
+            lag = "—" if r.get("lag_p50_ms") is None else f"{r['lag_p50_ms']:.1f} / {r['lag_p99_ms']:.1f}"
+            bw = "—" if not r.get("bytes_per_peer_s") else f"{r['bytes_per_peer_s'] / 1000:.1f}"
             print(f"| {w} | {n} | {sync} | {pct(h)} | {diff} | {r['decision_p50_us']:.1f} | {r['decision_p99_us']:.1f} "
-                  f"| {r['ok']} | {r['failed']} |")
+                  f"| {lag} | {bw} | {r['ok']} | {r['failed']} |")
     kill = json.load(open(os.path.join(d, "kill.json"))) if os.path.exists(os.path.join(d, "kill.json")) else None
     for label in ("3-on-kill", "3-off-kill"):
         r = runs.get(("multi-turn", label))

@@ -14,6 +14,7 @@
 set -euo pipefail
 source "$(dirname "$0")/harness.sh"
 run_secs=${RUN:-30}
+kill_secs=${KILL:-60}
 drv=(python3 benches/replicas.py)
 sim_flags=(--served-model-name m --time-scale 0.25 --num-gpu-blocks-override 1200 --max-num-seqs 64 --seed 1)
 token=bench-cluster-token
@@ -111,15 +112,15 @@ for sync in on off; do
   dead_id=$(curl -s "http://127.0.0.1:${admin[2]}/debug/cluster" | python3 -c "import json,sys; print(json.load(sys.stdin)['replica'])")
   t0=$(date +%s.%N)
   timeout --kill-after=5 100 "${drv[@]}" run --proxies "$(addresses "${proxy[@]}")" --admins "$(addresses "${admin[0]}" "${admin[1]}")" \
-    --sims "$(list "${sims[@]}")" --workload multi-turn --secs 60 --label "$label" "$dir/run-multi-turn-$label.json" &
+    --sims "$(list "${sims[@]}")" --workload multi-turn --secs "$kill_secs" --label "$label" "$dir/run-multi-turn-$label.json" &
   driver=$!
-  sleep 30
+  sleep $((kill_secs / 2))
   kill -9 "${pids[2]}"; wait "${pids[2]}" 2>/dev/null || true
   killed_at=$(python3 -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0")
   extra=""
   if [ "$sync" = on ]; then
     drained=$(peer_gone "${admin[0]}" "$dead_id")
-    sleep_left=$(python3 -c "print(max(0.0, 40 - $killed_at - $drained))")
+    sleep_left=$(python3 -c "print(max(0.0, $kill_secs * 2 / 3 - $killed_at - $drained))")
     sleep "$sleep_left"
     r0=$(date +%s.%N)
     start_replica 2

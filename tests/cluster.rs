@@ -26,12 +26,17 @@ async fn sims(slow: bool) -> Vec<Sim> {
 
 /// A replica on gRPC port `grpc` whose peers are `peers` (gRPC ports), with `token`.
 async fn replica(sims: &[Sim], grpc: u16, peers: &[u16], token: &str) -> Server {
+    replica_with(sims, grpc, peers, token, "").await
+}
+
+/// [`replica`] with more keys for its pool (`, admission: {…}`).
+async fn replica_with(sims: &[Sim], grpc: u16, peers: &[u16], token: &str, pool: &str) -> Server {
     let endpoints: Vec<String> = sims.iter().map(|s| format!("{{address: '{}'}}", s.addrs[0])).collect();
     let peers: Vec<String> = peers.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
     let yaml = format!(
         "grpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:0\nproxy_addr: 127.0.0.1:0\n\
          cluster: {{peers: [{}], token: {token}, lease_ms: 1000, join_timeout_ms: 5000}}\n\
-         pools:\n  - name: p\n    models: [{MODEL}]\n    endpoints: [{}]\n",
+         pools:\n  - {{name: p, models: [{MODEL}], endpoints: [{}]{pool}}}\n",
         peers.join(", "),
         endpoints.join(", ")
     );
@@ -387,4 +392,27 @@ async fn three_replica_processes_share_and_a_partition_heals() {
     assert!(seen_everywhere(body("after-the-heal", 2), 2).await, "its decisions are seen again");
     // What replica 0 decided during the partition reached replica 2 with its new snapshot.
     assert!(eventually(5, || async { tier[2].explain(&b).await == want }).await, "the healed replica has the rest");
+}
+
+/// A pool's admission limit means the same over two replicas as over one: what one replica has
+/// in flight fills the limit on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_counts_the_whole_tier() {
+    let sims = sims(true).await;
+    let (ga, gb) = (free_port(), free_port());
+    let limit = ", admission: {max_in_flight: 1}";
+    let a = replica_with(&sims, ga, &[gb], TOKEN, limit).await;
+    let b = replica_with(&sims, gb, &[ga], TOKEN, limit).await;
+    assert!(eventually(10, || async { peers(&a).await == 1 && peers(&b).await == 1 }).await, "each follows the other");
+    let proxy = a.proxy_addr.expect("a proxy");
+    let long = tokio::spawn(async move {
+        let url = format!("http://{proxy}/v1/completions");
+        client().post(url).json(&body("long", 300)).send().await.map(|r| r.status().as_u16()).ok()
+    });
+    let total = |v: Vec<(String, u64)>| v.iter().map(|(_, n)| n).sum::<u64>();
+    assert!(eventually(5, || async { total(in_flight(&b).await) == 1 }).await, "b counts a's request");
+    assert_eq!(send(&b, &body("refused", 2)).await, 429, "the tier's one place is taken");
+    assert_eq!(long.await.expect("joined"), Some(200));
+    assert!(eventually(5, || async { total(in_flight(&b).await) == 0 }).await);
+    assert_eq!(send(&b, &body("admitted", 2)).await, 200, "the place is free again");
 }

@@ -139,6 +139,8 @@ pub struct Telemetry {
     pub cluster_snapshot: prometheus::Histogram,
     /// `kvgate_cluster_dropped_total{reason}`.
     pub cluster_dropped: IntCounterVec,
+    /// `kvgate_cluster_sent_bytes_total`: bytes of snapshots and batches sent to followers.
+    pub cluster_bytes: prometheus::IntCounter,
     /// `kvgate_extproc_ignored_messages_total{kind}`: ext_proc messages that came after their
     /// phase was over and were ignored (`request_body_after_end`: a body chunk after the one
     /// marked end of stream, as Envoy repeats for large full-duplex bodies).
@@ -216,6 +218,7 @@ impl Telemetry {
                 .histogram(&CLUSTER_SNAPSHOT, CLUSTER_SNAPSHOT_BUCKETS.to_vec())
                 .with_label_values(&[] as &[&str]),
             cluster_dropped: r.counter(&CLUSTER_DROPPED),
+            cluster_bytes: r.counter(&CLUSTER_BYTES).with_label_values(&[] as &[&str]),
             running: r.int_gauge(&RUNNING),
             requests: r.counter(&REQUESTS),
             request_errors: r.counter(&REQUEST_ERRORS),

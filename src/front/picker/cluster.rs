@@ -176,6 +176,7 @@ impl ClusterRpc for ClusterApi {
             .spawn("cluster follower", async move {
                 let snapshot = cluster.snapshot();
                 for part in wire::snapshot_parts(cluster.id(), snapshot) {
+                    telemetry.cluster_bytes.inc_by(prost::Message::encoded_len(&part) as u64);
                     if tx.send(Ok(part)).await.is_err() {
                         return;
                     }
@@ -187,6 +188,7 @@ impl ClusterRpc for ClusterApi {
                     };
                     match next {
                         Ok(u) => {
+                            telemetry.cluster_bytes.inc_by(prost::Message::encoded_len(&*u) as u64);
                             if tx.send(Ok((*u).clone())).await.is_err() {
                                 return;
                             }

@@ -35,6 +35,8 @@ const MAX_OUTBOX_BLOCKS: usize = 1 << 22;
 pub const MAX_PLACEMENT_BLOCKS: usize = 1 << 16;
 /// Blocks per endpoint a snapshot carries at most (the most recent).
 pub const MAX_SNAPSHOT_BLOCKS: usize = 1 << 20;
+/// The stretch a peer's rate of deltas is taken over.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How often every count is sent, changed or not (the lease's renewal).
 const FULL_LOADS: Duration = Duration::from_secs(1);
 
@@ -170,6 +172,12 @@ struct Peer {
     joined: Option<Instant>,
     batches: u64,
     lag_ms: u64,
+    /// Placements, counts and lessons applied so far, and the window the rate is taken over
+    /// (its start and the total then).
+    deltas: u64,
+    window: (Instant, u64),
+    /// The last full window's rate.
+    per_s: f64,
 }
 
 /// A peer as `/debug/cluster` shows it.
@@ -187,6 +195,8 @@ pub struct PeerStatus {
     pub batches: u64,
     /// The last batch's sync lag (its send time to its application, within clock skew), ms.
     pub lag_ms: u64,
+    /// Placements, counts and lessons applied per second (over the last 10 s).
+    pub deltas_per_s: f64,
     /// Requests it has in flight, over every endpoint.
     pub in_flight_requests: u64,
 }
@@ -340,6 +350,9 @@ impl Cluster {
             joined: None,
             batches: 0,
             lag_ms: 0,
+            deltas: 0,
+            window: (now, 0),
+            per_s: 0.0,
         });
         peer.heard = now;
         peer.address = address.to_owned();
@@ -379,6 +392,14 @@ impl Cluster {
                 }
                 touched.insert(k);
                 counted += 1;
+            }
+        }
+        if let Some(p) = peers.get_mut(replica) {
+            p.deltas += placed + counted + batch.pools.iter().map(|b| b.lessons.len() as u64).sum::<u64>();
+            let span = now.duration_since(p.window.0);
+            if span >= RATE_WINDOW {
+                p.per_s = (p.deltas - p.window.1) as f64 / span.as_secs_f64();
+                p.window = (now, p.deltas);
             }
         }
         self.sum_into_endpoints(&peers, &touched);
@@ -469,6 +490,7 @@ impl Cluster {
                 snapshot_age_ms: p.joined.map(|t| t.elapsed().as_millis() as u64),
                 batches: p.batches,
                 lag_ms: p.lag_ms,
+                deltas_per_s: (p.per_s * 10.0).round() / 10.0,
                 in_flight_requests: p.loads.values().map(|l| l.requests).sum(),
             })
             .collect();

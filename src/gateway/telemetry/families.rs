@@ -342,3 +342,8 @@ pub(super) const CLUSTER_DROPPED: Family = Family {
 };
 pub(super) const CLUSTER_LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 pub(super) const CLUSTER_SNAPSHOT_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub(super) const CLUSTER_BYTES: Family = Family {
+    name: "kvgate_cluster_sent_bytes_total",
+    help: "Bytes of snapshots and batches sent to followers, over every follower (encoded messages).",
+    labels: &[],
+};
