@@ -203,8 +203,8 @@ async def run(a):
     out = {"workload": a.workload, "label": a.label, "secs": a.secs, "ok": tier.ok, "failed": tier.failed,
            "per_replica": tier.sent, "samples": samples,
            "decision_p50_us": (quantile(cum, 0.5) or 0) * 1e6, "decision_p99_us": (quantile(cum, 0.99) or 0) * 1e6,
-           "lag_p50_ms": None if not lag else (quantile(lag, 0.5) or 0) * 1e3,
-           "lag_p99_ms": None if not lag else (quantile(lag, 0.99) or 0) * 1e3,
+           "lag_p50_ms": None if quantile(lag, 0.5) is None else quantile(lag, 0.5) * 1e3,
+           "lag_p99_ms": None if quantile(lag, 0.99) is None else quantile(lag, 0.99) * 1e3,
            # Bytes each replica sent each of its followers, per second.
            "bytes_per_peer_s": sent / max(1, (peers + 1) * peers) / a.secs if peers else 0.0}
     json.dump(out, open(a.out, "w"))
@@ -263,7 +263,7 @@ def report(d):
         before = hit_rate(r["samples"], at - 20, at)
         after = hit_rate(r["samples"], at + 1, at + 21)
         print(f"\n### A replica killed mid-run ({label}): multi-turn over 3 replicas, the third killed at {at:.0f} s\n")
-        print("| hit rate 20 s before | 20 s after | change | requests failed | survivors' in flight 0 after the run within |")
+        print("| hit rate 20 s before | 20 s after | change | requests failed | the dead replica's counts gone from a survivor after |")
         print("|---:|---:|---:|---:|---:|")
         change = "—" if before is None or after is None else f"{100 * (after - before):+.1f} pts"
         print(f"| {pct(before)} | {pct(after)} | {change} | {r['failed']} | {k.get('drained_s', '—')} s |")

@@ -538,3 +538,104 @@ async fn dp_rank_pinned_by_header_through_envoy() {
     assert!(ranks[..3].iter().all(|&r| r == ranks[0]), "one prefix, one rank: {ranks:?}");
     assert!(ranks[3..].iter().all(|&r| r != ranks[0]), "the other prefix on the other rank: {ranks:?}");
 }
+
+/// Pattern 5 behind Envoy with two kvgate replicas: Envoy asks replica a, the sidecar reports
+/// each hand-off to replica b (as to a Service in front of both), and b forwards the report to
+/// a, which accounts the hand-off exactly as if the report had come to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecars_report_to_another_replica_reaches_the_deciding_one() {
+    let role = |r: &str| format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{r}"}}"#);
+    let (producer, consumer) = (role("kv_producer"), role("kv_consumer"));
+    let p = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
+    let d = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
+    let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
+    let (ga, gb) = (common::free_port(), common::free_port());
+    let report_to = format!("http://127.0.0.1:{gb}");
+    let args: kvgate::tools::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
+        "sidecar",
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--decode",
+            &da,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--allow-prefill",
+            &pa,
+            "--report-to",
+            &report_to,
+        ],
+    )
+    .expect("flags");
+    let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar");
+    let replica = |grpc: u16, peer: u16| {
+        format!(
+            "grpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:0\ncluster: {{peers: ['127.0.0.1:{peer}'], token: t0ken}}\n\
+             pools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
+             {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
+             scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
+             {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}], \
+             schedulingProfiles: [{{name: prefill, plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: prefix-cache-scorer}}]}}, \
+             {{name: decode, plugins: [{{pluginRef: decode-filter}}, {{pluginRef: prefix-cache-scorer}}]}}]}}}}]\n",
+            sc.addr
+        )
+    };
+    let a = common::start_kvgate(&replica(ga, gb)).await;
+    let b = common::start_kvgate(&replica(gb, ga)).await;
+    let (admin_a, admin_b) = (format!("http://{}", a.admin_addr), format!("http://{}", b.admin_addr));
+    let joined = eventually(10, || async {
+        let peers = |admin: String| async move {
+            get_json(&format!("{admin}/debug/cluster")).await["peers"].as_array().map_or(0, Vec::len)
+        };
+        peers(admin_a.clone()).await == 1 && peers(admin_b.clone()).await == 1
+    })
+    .await;
+    assert!(joined, "the replicas follow each other");
+    let debug = format!("{admin_a}/debug/endpoints");
+    let scraped = eventually(10, || async {
+        get_json(&debug).await["pools"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().all(|e| e["stale"] == false))
+    })
+    .await;
+    assert!(scraped, "endpoints scraped");
+    let envoy = tokio::task::spawn_blocking(move || Envoy::start("original-dst.yaml", ga, |t| t)).await.expect("envoy");
+    let url = format!("http://{}/v1/chat/completions", envoy.listener);
+    let body = chat(MODEL)
+        .system("Clause of the service agreement. ".repeat(200))
+        .user("First?")
+        .max_tokens(5)
+        .stream()
+        .json();
+    let r = client().post(&url).body(body.to_string()).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
+    let m = |base: String, name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
+        common::metric(&common::metrics(&base).await, name, labels).unwrap_or(0.0)
+    };
+    let sidecar_admin = format!("http://{}", sc.admin_addr.expect("admin"));
+    assert_eq!(m(sidecar_admin.clone(), "kvgate_sidecar_requests_total", &[("kind", "prefill-decode")]).await, 1.0);
+    assert_eq!(m(sidecar_admin, "kvgate_sidecar_reports_total", &[("result", "ok")]).await, 1.0, "b took the report");
+    // b sent it on, a applied it: the prefill endpoint holds the prompt it computed, no
+    // fallback is counted, and nothing stays in flight on a.
+    assert_eq!(m(admin_b.clone(), "kvgate_cluster_deltas_sent_total", &[("kind", "reports")]).await, 1.0);
+    assert_eq!(m(admin_a.clone(), "kvgate_cluster_deltas_applied_total", &[("kind", "reports")]).await, 1.0);
+    let fallbacks = common::metric(
+        &common::metrics(&admin_a).await,
+        "kvgate_disagg_fallbacks_total",
+        &[("pool", "pd"), ("reason", "status")],
+    );
+    assert_eq!(fallbacks.unwrap_or(0.0), 0.0);
+    let url = format!("{admin_a}/debug/explain?path=/v1/chat/completions");
+    let x: Value = client().post(url).body(body.to_string()).send().await.expect("explain").json().await.expect("JSON");
+    let on_prefill = x["explanation"]["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["address"] == pa.as_str()))
+        .and_then(|e| e["matched_blocks"].as_u64())
+        .unwrap_or(0);
+    assert!(on_prefill > 0, "a learned from the forwarded report that the prefill endpoint holds the prompt: {x}");
+    let in_flight = get_json(&debug).await["pools"][0]["endpoints"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|e| e["in_flight_requests"].as_u64()).sum::<u64>());
+    assert_eq!(in_flight, Some(0));
+}
