@@ -185,10 +185,25 @@ async fn a_replica_that_starts_late_takes_a_snapshot_before_it_is_ready() {
     }
     let b = replica(&sims, gb, &[ga], TOKEN).await;
     assert!(eventually(5, || async { ready(&b).await }).await, "b joins");
-    // Ready means the snapshot is in: b decides as a did at once.
+    // Ready means the snapshot is in: b decides as a did at once, with a's index whole and
+    // what a learned of the prompts' size.
     for (p, want) in prompts.iter().zip(&decided) {
         assert_eq!(&explain(&b, p).await, want);
     }
+    let state = |s: &Server| {
+        let url = format!("{}/debug/endpoints", admin(s));
+        async move {
+            let v = get_json(&url).await;
+            let blocks: u64 = v["pools"][0]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["prefix_blocks"].as_u64())
+                .sum();
+            (blocks, v["pools"][0]["bytes_per_token"]["value"].as_f64())
+        }
+    };
+    assert_eq!(state(&b).await, state(&a).await, "b's index and bytes per token are a's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

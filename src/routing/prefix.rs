@@ -108,6 +108,20 @@ impl BytesPerToken {
         self.sums.lock().2
     }
 
+    /// Takes another replica's figure, learned from `samples` responses, when this one learned
+    /// from fewer: it weighs as a full window of tokens.
+    pub fn adopt(&self, bytes_per_token: f64, samples: u64) {
+        if !(0.5..=32.0).contains(&bytes_per_token) {
+            return;
+        }
+        let mut s = self.sums.lock();
+        if s.2 >= samples {
+            return;
+        }
+        *s = (100_000.0 * bytes_per_token, 100_000.0, samples);
+        self.current.store(bytes_per_token.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Learns that a prompt of `bytes` canonical bytes was `tokens` tokens. Prompts under 16
     /// tokens, and ratios outside 0.5–32 bytes per token (a response about another prompt), are
     /// ignored.

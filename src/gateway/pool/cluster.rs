@@ -121,8 +121,10 @@ pub struct PoolBatch {
     pub placements: Vec<(String, Vec<BlockHash>)>,
     /// The sender's own counts per endpoint key.
     pub loads: Vec<(String, Load)>,
-    /// In a snapshot: each endpoint's blocks, least recent first.
-    pub held: Vec<(String, Vec<BlockHash>)>,
+    /// In a snapshot: each endpoint's blocks, least recent first, and its capacity.
+    pub held: Vec<(String, Vec<BlockHash>, usize)>,
+    /// In a snapshot: the learned bytes per token and its samples.
+    pub bytes_per_token: Option<(f64, u64)>,
     /// What the sender learned from responses since the last batch.
     pub lessons: Vec<Lesson>,
 }
@@ -322,13 +324,19 @@ impl Cluster {
             .pools
             .iter()
             .map(|p| {
-                let mut b = PoolBatch { pool: p.name().to_owned(), ..PoolBatch::default() };
+                let bpt = p.planner().bytes_per_token();
+                let mut b = PoolBatch {
+                    pool: p.name().to_owned(),
+                    bytes_per_token: Some((bpt.get(), bpt.samples())),
+                    ..PoolBatch::default()
+                };
                 let index = p.planner().index();
                 for e in &p.snapshot().endpoints {
                     let key = endpoint_key(e);
                     let held = index.held(e.id, MAX_SNAPSHOT_BLOCKS);
                     if !held.is_empty() {
-                        b.held.push((key.clone(), held));
+                        let capacity = index.capacity(e.id).map_or(held.len(), |(c, _)| c);
+                        b.held.push((key.clone(), held, capacity));
                     }
                     b.loads.push((key, e.in_flight.own()));
                 }
@@ -369,8 +377,16 @@ impl Cluster {
             let by_key = keyed(&snap.endpoints);
             let local = |key: &str| by_key.get(key).copied();
             let index = pool.planner().index();
-            for (key, blocks) in &b.held {
+            if let Some((bpt, samples)) = b.bytes_per_token {
+                pool.planner().bytes_per_token().adopt(bpt, samples);
+            }
+            for (key, blocks, capacity) in &b.held {
                 if let Some(e) = local(key) {
+                    // The peer's capacity, so that nothing it holds is evicted on the way in.
+                    let want = (*capacity).clamp(blocks.len(), MAX_SNAPSHOT_BLOCKS);
+                    if index.capacity(e.id).is_none_or(|(c, _)| c < want) {
+                        index.set_capacity(e.id, want);
+                    }
                     index.restore(e.id, blocks);
                 }
             }

@@ -12,7 +12,11 @@ fn unix_ms() -> u64 {
 }
 
 fn placement((endpoint, blocks): (String, Vec<BlockHash>)) -> Placement {
-    Placement { endpoint, blocks: blocks.into_iter().map(|b| b.0).collect() }
+    Placement { endpoint, blocks: blocks.into_iter().map(|b| b.0).collect(), capacity: 0 }
+}
+
+fn held((endpoint, blocks, capacity): (String, Vec<BlockHash>, usize)) -> Placement {
+    Placement { endpoint, blocks: blocks.into_iter().map(|b| b.0).collect(), capacity: capacity as u64 }
 }
 
 fn load((endpoint, l): (String, Load)) -> EndpointLoad {
@@ -51,8 +55,10 @@ pub(super) fn update(replica: &str, batch: Batch, done: bool) -> ClusterUpdate {
             pool: p.pool,
             placements: p.placements.into_iter().map(placement).collect(),
             loads: p.loads.into_iter().map(load).collect(),
-            held: p.held.into_iter().map(placement).collect(),
+            held: p.held.into_iter().map(held).collect(),
             lessons: p.lessons.into_iter().map(lesson).collect(),
+            bytes_per_token: p.bytes_per_token.map_or(0.0, |b| b.0),
+            bytes_per_token_samples: p.bytes_per_token.map_or(0, |b| b.1),
         })
         .collect();
     ClusterUpdate {
@@ -69,15 +75,16 @@ pub(super) fn update(replica: &str, batch: Batch, done: bool) -> ClusterUpdate {
 pub(super) fn snapshot_parts(replica: &str, snapshot: Batch) -> Vec<ClusterUpdate> {
     let mut parts = Vec::new();
     let mut first = Batch { pools: Vec::new(), full_loads: true };
-    let mut rest: Vec<(String, String, Vec<BlockHash>)> = Vec::new();
+    let mut rest: Vec<(String, String, Vec<BlockHash>, usize)> = Vec::new();
     for p in snapshot.pools {
-        first.pools.push(PoolBatch { pool: p.pool.clone(), loads: p.loads, ..PoolBatch::default() });
-        rest.extend(p.held.into_iter().map(|(e, blocks)| (p.pool.clone(), e, blocks)));
+        let bytes_per_token = p.bytes_per_token;
+        first.pools.push(PoolBatch { pool: p.pool.clone(), loads: p.loads, bytes_per_token, ..PoolBatch::default() });
+        rest.extend(p.held.into_iter().map(|(e, blocks, capacity)| (p.pool.clone(), e, blocks, capacity)));
     }
     parts.push(update(replica, first, false));
     let mut part = Batch::default();
     let mut size = 0;
-    for (pool, endpoint, blocks) in rest {
+    for (pool, endpoint, blocks, capacity) in rest {
         for chunk in blocks.chunks(PART_BLOCKS) {
             if size + chunk.len() > PART_BLOCKS && size > 0 {
                 parts.push(update(replica, std::mem::take(&mut part), false));
@@ -90,7 +97,7 @@ pub(super) fn snapshot_parts(replica: &str, snapshot: Batch) -> Vec<ClusterUpdat
                     part.pools.last_mut().expect("just pushed")
                 }
             };
-            share.held.push((endpoint.clone(), chunk.to_vec()));
+            share.held.push((endpoint.clone(), chunk.to_vec(), capacity));
             size += chunk.len();
         }
     }
@@ -151,8 +158,9 @@ pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
                     (l.endpoint, load)
                 })
                 .collect(),
-            held: p.held.into_iter().map(|x| (x.endpoint, blocks(x.blocks))).collect(),
+            held: p.held.into_iter().map(|x| (x.endpoint, blocks(x.blocks), x.capacity as usize)).collect(),
             lessons: p.lessons.into_iter().filter_map(|l| lesson_of(l.kind?)).collect(),
+            bytes_per_token: (p.bytes_per_token_samples > 0).then_some((p.bytes_per_token, p.bytes_per_token_samples)),
         })
         .collect();
     (Batch { pools, full_loads: u.full_loads }, lag)
@@ -192,7 +200,10 @@ mod tests {
             pools: vec![PoolBatch {
                 pool: "p".into(),
                 loads: vec![("10.0.0.1:8000".into(), load)],
-                held: vec![("10.0.0.1:8000".into(), held.clone()), ("10.0.0.2:8000#1".into(), vec![BlockHash(7)])],
+                held: vec![
+                    ("10.0.0.1:8000".into(), held.clone(), held.len()),
+                    ("10.0.0.2:8000#1".into(), vec![BlockHash(7)], 10),
+                ],
                 ..PoolBatch::default()
             }],
             full_loads: true,
@@ -211,7 +222,7 @@ mod tests {
             let (b, _) = batch(p);
             for pool in b.pools {
                 loads.extend(pool.loads);
-                got.extend(pool.held.into_iter().filter(|(e, _)| e == "10.0.0.1:8000").flat_map(|(_, b)| b));
+                got.extend(pool.held.into_iter().filter(|(e, ..)| e == "10.0.0.1:8000").flat_map(|(_, b, _)| b));
             }
         }
         assert_eq!(got, held, "in order, least recent first");
