@@ -139,7 +139,7 @@ impl BytesPerToken {
         let keep = (1.0 - w / 100_000.0).max(0.5);
         s.0 = s.0 * keep + w * ratio;
         s.1 = s.1 * keep + w;
-        s.2 += 1;
+        s.2 = s.2.saturating_add(1);
         self.current.store((s.0 / s.1).to_bits(), std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -45,6 +45,9 @@ use crate::gateway::telemetry::Telemetry;
 const PART_BLOCKS: usize = 64 * 1024;
 /// Batches a follower may fall behind before it is cut off.
 const BACKLOG: usize = 256;
+/// Follow calls served at once at most (twice the peers a static list may name: a peer that
+/// reconnects may briefly hold two).
+const MAX_FOLLOWERS: usize = 2 * crate::gateway::config::cluster::MAX_PEERS;
 /// How often peers' leases are checked.
 const SWEEP: Duration = Duration::from_secs(1);
 
@@ -84,6 +87,10 @@ pub(crate) struct ClusterApi {
     updates: broadcast::Sender<Arc<ClusterUpdate>>,
     tasks: Tasks,
     telemetry: Arc<Telemetry>,
+    /// Places for followers.
+    followers: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the server stops: follow streams end.
+    stop: watch::Receiver<bool>,
 }
 
 /// The service as the gRPC listener serves it: behind the token check.
@@ -107,6 +114,8 @@ pub(crate) fn start(
         updates: updates.clone(),
         tasks: tasks.clone(),
         telemetry: telemetry.clone(),
+        followers: Arc::new(tokio::sync::Semaphore::new(MAX_FOLLOWERS)),
+        stop: stop.clone(),
     };
     let background = vec![
         tasks.spawn("cluster sync", sync(cluster.clone(), updates, telemetry.clone(), stop.clone())),
@@ -133,7 +142,8 @@ async fn sync(
             _ = stop.changed() => return,
         }
         let batch = cluster.take_batch();
-        if updates.receiver_count() > 0 && !batch.is_empty() {
+        // A batch of every count goes out even when empty: it renews this replica's lease.
+        if updates.receiver_count() > 0 && (!batch.is_empty() || batch.full_loads) {
             let (placements, loads) =
                 batch.pools.iter().fold((0, 0), |(p, l), b| (p + b.placements.len(), l + b.loads.len()));
             telemetry.cluster_sent.with_label_values(&["placements"]).inc_by(placements as u64);
@@ -167,15 +177,29 @@ impl ClusterRpc for ClusterApi {
         if follower == self.cluster.id() {
             return Err(Status::failed_precondition("this is the caller's own replica"));
         }
+        if !self.cluster.pools_ready() {
+            return Err(Status::unavailable("this replica is still discovering its endpoints"));
+        }
+        // Each follower costs a snapshot and a task: a bounded number at once.
+        let Ok(permit) = self.followers.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!("{MAX_FOLLOWERS} followers already follow this replica")));
+        };
         // Subscribed before the snapshot is taken: nothing decided meanwhile is missed.
         let mut rx = self.updates.subscribe();
         let cluster = self.cluster.clone();
         let (tx, out) = mpsc::channel(4);
         let telemetry = self.telemetry.clone();
+        let tasks = self.tasks.clone();
+        let mut stop = self.stop.clone();
         self.tasks
             .spawn("cluster follower", async move {
-                let snapshot = cluster.snapshot();
-                for part in wire::snapshot_parts(cluster.id(), snapshot) {
+                let _permit = permit;
+                // Copying every index is long work: off the runtime's threads.
+                let id = cluster.id().to_owned();
+                let parts =
+                    tasks.spawn_blocking("cluster snapshot", move || wire::snapshot_parts(&id, cluster.snapshot()));
+                let Some(parts) = parts.await else { return };
+                for part in parts {
                     telemetry.cluster_bytes.inc_by(prost::Message::encoded_len(&part) as u64);
                     if tx.send(Ok(part)).await.is_err() {
                         return;
@@ -185,6 +209,10 @@ impl ClusterRpc for ClusterApi {
                     let next = tokio::select! {
                         u = rx.recv() => u,
                         () = tx.closed() => return,
+                        _ = stop.changed() => {
+                            let _ = tx.send(Err(Status::unavailable("the replica is shutting down"))).await;
+                            return;
+                        }
                     };
                     match next {
                         Ok(u) => {

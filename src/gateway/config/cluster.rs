@@ -83,8 +83,9 @@ impl ClusterConfig {
         if !within(self.join_timeout_ms, 0, 10_000) {
             return Some(("cluster.join_timeout_ms", format!("0 to 10000; got {}", self.join_timeout_ms)));
         }
-        if !within(self.lease_ms, 1_000, 60_000) {
-            return Some(("cluster.lease_ms", format!("1000 to 60000; got {}", self.lease_ms)));
+        if !within(self.lease_ms, 3_000, 60_000) {
+            // Counts are renewed every second: a lease must outlive a few renewals.
+            return Some(("cluster.lease_ms", format!("3000 to 60000; got {}", self.lease_ms)));
         }
         if !within(self.dns_interval_ms, 100, 600_000) {
             return Some(("cluster.dns_interval_ms", format!("100 to 600000; got {}", self.dns_interval_ms)));

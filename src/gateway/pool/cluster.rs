@@ -121,7 +121,7 @@ pub struct PoolBatch {
     pub placements: Vec<(String, Vec<BlockHash>)>,
     /// The sender's own counts per endpoint key.
     pub loads: Vec<(String, Load)>,
-    /// In a snapshot: each endpoint's blocks, least recent first, and its capacity.
+    /// In a snapshot: each endpoint's blocks, most recent first, and its capacity.
     pub held: Vec<(String, Vec<BlockHash>, usize)>,
     /// In a snapshot: the learned bytes per token and its samples.
     pub bytes_per_token: Option<(f64, u64)>,
@@ -215,6 +215,8 @@ pub struct Cluster {
     joined: AtomicBool,
     /// Every peer address has been tried once (found, unreachable, or this replica itself).
     tried_all: AtomicBool,
+    /// It has been ready.
+    ready: AtomicBool,
     telemetry: Arc<Telemetry>,
 }
 
@@ -230,6 +232,7 @@ impl Cluster {
             started: Instant::now(),
             joined: AtomicBool::new(false),
             tried_all: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
             telemetry,
         }
     }
@@ -347,10 +350,49 @@ impl Cluster {
     }
 
     /// Applies peer `replica`'s batch (followed at `address`); `lag_ms` since it was sent.
-    /// Returns the placements and counts applied.
+    /// Returns the placements and counts applied. The index and the learned models are worked
+    /// on before the peers' lock is taken, which only covers the counts.
     pub fn apply(&self, replica: &str, address: &str, batch: &Batch, lag_ms: u64) -> (u64, u64) {
-        let mut peers = self.peers.lock();
+        let mut placed = 0;
+        // The counts of endpoints this replica has, by (pool, key).
+        let mut loads: Vec<((String, String), Load)> = Vec::new();
+        for b in &batch.pools {
+            let Some(pool) = self.pools.iter().find(|p| p.name() == b.pool) else { continue };
+            let snap = pool.snapshot();
+            let by_key = keyed(&snap.endpoints);
+            let local = |key: &str| by_key.get(key).copied();
+            let index = pool.planner().index();
+            if let Some((bpt, samples)) = b.bytes_per_token {
+                pool.planner().bytes_per_token().adopt(bpt, samples);
+            }
+            for (key, blocks, capacity) in &b.held {
+                if let Some(e) = local(key) {
+                    // Before the endpoint's own capacity is known (no scrape yet), the peer's.
+                    if index.capacity(e.id).is_none() {
+                        index.set_capacity(e.id, (*capacity).max(blocks.len()).min(MAX_SNAPSHOT_BLOCKS));
+                    }
+                    index.merge(e.id, blocks);
+                }
+            }
+            for (key, blocks) in &b.placements {
+                if let Some(e) = local(key) {
+                    index.record(e.id, blocks);
+                    placed += 1;
+                }
+            }
+            for lesson in &b.lessons {
+                learn(pool, &by_key, lesson);
+            }
+            loads.extend(
+                b.loads
+                    .iter()
+                    .filter(|(key, _)| by_key.contains_key(key.as_str()))
+                    .map(|(key, l)| ((b.pool.clone(), key.clone()), *l)),
+            );
+        }
+        let counted = loads.len() as u64;
         let now = Instant::now();
+        let mut peers = self.peers.lock();
         let peer = peers.entry(replica.to_owned()).or_insert_with(|| Peer {
             address: address.to_owned(),
             heard: now,
@@ -370,53 +412,19 @@ impl Cluster {
         if batch.full_loads {
             touched.extend(peer.loads.drain().map(|(k, _)| k));
         }
-        let (mut placed, mut counted) = (0, 0);
-        for b in &batch.pools {
-            let Some(pool) = self.pools.iter().find(|p| p.name() == b.pool) else { continue };
-            let snap = pool.snapshot();
-            let by_key = keyed(&snap.endpoints);
-            let local = |key: &str| by_key.get(key).copied();
-            let index = pool.planner().index();
-            if let Some((bpt, samples)) = b.bytes_per_token {
-                pool.planner().bytes_per_token().adopt(bpt, samples);
+        for (k, load) in loads {
+            if load == Load::default() {
+                peer.loads.remove(&k);
+            } else {
+                peer.loads.insert(k.clone(), load);
             }
-            for (key, blocks, capacity) in &b.held {
-                if let Some(e) = local(key) {
-                    // The peer's capacity, so that nothing it holds is evicted on the way in.
-                    let want = (*capacity).clamp(blocks.len(), MAX_SNAPSHOT_BLOCKS);
-                    if index.capacity(e.id).is_none_or(|(c, _)| c < want) {
-                        index.set_capacity(e.id, want);
-                    }
-                    index.restore(e.id, blocks);
-                }
-            }
-            for (key, blocks) in &b.placements {
-                if let Some(e) = local(key) {
-                    index.record(e.id, blocks);
-                    placed += 1;
-                }
-            }
-            for lesson in &b.lessons {
-                learn(pool, &by_key, lesson);
-            }
-            for (key, load) in &b.loads {
-                let k = (b.pool.clone(), key.clone());
-                if *load == Load::default() {
-                    peer.loads.remove(&k);
-                } else {
-                    peer.loads.insert(k.clone(), *load);
-                }
-                touched.insert(k);
-                counted += 1;
-            }
+            touched.insert(k);
         }
-        if let Some(p) = peers.get_mut(replica) {
-            p.deltas += placed + counted + batch.pools.iter().map(|b| b.lessons.len() as u64).sum::<u64>();
-            let span = now.duration_since(p.window.0);
-            if span >= RATE_WINDOW {
-                p.per_s = (p.deltas - p.window.1) as f64 / span.as_secs_f64();
-                p.window = (now, p.deltas);
-            }
+        peer.deltas += placed + counted + batch.pools.iter().map(|b| b.lessons.len() as u64).sum::<u64>();
+        let span = now.duration_since(peer.window.0);
+        if span >= RATE_WINDOW {
+            peer.per_s = (peer.deltas - peer.window.1) as f64 / span.as_secs_f64();
+            peer.window = (now, peer.deltas);
         }
         self.sum_into_endpoints(&peers, &touched);
         drop(peers);
@@ -432,6 +440,12 @@ impl Cluster {
         self.joined.store(true, Ordering::Relaxed);
     }
 
+    /// Every pool has discovered its endpoints: what peers say can be matched to them, and what
+    /// this replica holds is worth a snapshot.
+    pub fn pools_ready(&self) -> bool {
+        self.pools.iter().all(Pool::ready)
+    }
+
     /// Every peer address has been tried once.
     pub fn tried_all(&self) {
         self.tried_all.store(true, Ordering::Relaxed);
@@ -440,9 +454,17 @@ impl Cluster {
     /// Ready to decide: a peer's snapshot is in, or no peer could give one (none answered, or
     /// the join timeout passed).
     pub fn ready(&self) -> bool {
-        self.joined.load(Ordering::Relaxed)
+        if self.ready.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.joined.load(Ordering::Relaxed)
             || self.tried_all.load(Ordering::Relaxed) && !self.any_peer_connected()
-            || self.started.elapsed() >= Duration::from_millis(self.settings.join_timeout_ms)
+            || self.started.elapsed() >= Duration::from_millis(self.settings.join_timeout_ms);
+        // Once ready, ready: a peer connecting later does not take it back.
+        if now {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        now
     }
 
     fn any_peer_connected(&self) -> bool {

@@ -178,6 +178,26 @@ impl BlockLru {
         self.push_front(slot);
     }
 
+    /// Adds `hash`, if absent and there is room, as the least recent entry.
+    fn push_tail(&mut self, hash: u64) {
+        if self.len() >= self.capacity || self.contains(hash) {
+            return;
+        }
+        if self.nodes.len() == self.nodes.capacity() {
+            let extra = self.nodes.len().max(64).min(self.capacity - self.nodes.len());
+            self.nodes.reserve_exact(extra);
+        }
+        let slot = self.nodes.len() as u32;
+        self.nodes.push(Node { hash, prev: self.tail, next: NIL });
+        match self.tail {
+            NIL => self.head = slot,
+            t => self.nodes[t as usize].next = slot,
+        }
+        self.tail = slot;
+        let nodes = &self.nodes;
+        self.table.insert_unique(hash, slot, |&i| nodes[i as usize].hash);
+    }
+
     /// Rebuilds with a new capacity, keeping the most recent entries.
     fn resize(&mut self, capacity: usize) {
         let mut order = Vec::with_capacity(self.len());
@@ -266,7 +286,8 @@ impl PrefixIndex {
         self.record(endpoint, hashes);
     }
 
-    /// The blocks one endpoint holds, least recent first: at most `limit`, the most recent.
+    /// The blocks one endpoint holds, most recent first: at most `limit`. Any leading part of
+    /// the list is prefix-closed (a block's predecessors are more recent than it).
     pub fn held(&self, endpoint: EndpointId, limit: usize) -> Vec<BlockHash> {
         let slots = self.endpoints.read();
         let Some(Some(lru)) = slots.get(endpoint.index()) else { return Vec::new() };
@@ -277,16 +298,16 @@ impl PrefixIndex {
             out.push(BlockHash(lru.nodes[i as usize].hash));
             i = lru.nodes[i as usize].next;
         }
-        out.reverse();
         out
     }
 
-    /// Takes `blocks` as another index held them for `endpoint`, least recent first ([`held`]):
-    /// each becomes the most recent in turn, ahead of what the endpoint's set held, so a
-    /// prefix-closed list keeps the set prefix-closed.
+    /// Takes `blocks` as another index held them for `endpoint`, most recent first ([`held`]),
+    /// into the room the endpoint's set has left: each block it lacks goes in as its least
+    /// recent entry, so nothing it held is evicted, the other's order carries over, and the set
+    /// stays prefix-closed even when only a leading part of the list arrives.
     ///
     /// [`held`]: PrefixIndex::held
-    pub fn restore(&self, endpoint: EndpointId, blocks: &[BlockHash]) {
+    pub fn merge(&self, endpoint: EndpointId, blocks: &[BlockHash]) {
         if blocks.is_empty() {
             return;
         }
@@ -294,13 +315,16 @@ impl PrefixIndex {
         if let Some(Some(lru)) = slots.get(endpoint.index()) {
             let mut lru = lru.write();
             for h in blocks {
-                lru.touch(h.0);
+                if lru.len() >= lru.capacity {
+                    break;
+                }
+                lru.push_tail(h.0);
             }
             return;
         }
         drop(slots);
         self.set_capacity(endpoint, self.default_capacity);
-        self.restore(endpoint, blocks);
+        self.merge(endpoint, blocks);
     }
 
     /// Sets one endpoint's capacity in blocks (creating its set if needed, evicting if smaller).
@@ -429,23 +453,40 @@ mod tests {
     }
 
     #[test]
-    fn held_blocks_restored_elsewhere_match_the_same_and_keep_their_order() {
+    fn held_blocks_merged_elsewhere_match_the_same_and_evict_nothing() {
         let (from, to) = (PrefixIndex::new(100), PrefixIndex::new(100));
         let (a, b, c) = (chain(1, 30), chain(2, 30), chain(3, 30));
         for x in [&a, &b] {
             from.record(ep(0), x);
         }
         to.record(ep(0), &c);
-        to.restore(ep(0), &from.held(ep(0), usize::MAX));
+        to.merge(ep(0), &from.held(ep(0), usize::MAX));
         check(&to, 0, &a, 30);
         check(&to, 0, &b, 30);
-        // The restored blocks are the most recent: c, the oldest, goes first.
-        to.restore(ep(0), &from.held(ep(0), 20));
-        assert_eq!(to.held(ep(0), 100).len(), 90);
-        to.set_capacity(ep(0), 70);
-        check(&to, 0, &c, 10);
-        check(&to, 0, &b, 30);
-        check(&to, 0, &a, 30);
+        check(&to, 0, &c, 30);
+        // Full: what it held stays, the rest of the other's is left out.
+        let d = chain(4, 30);
+        from.record(ep(0), &d);
+        to.merge(ep(0), &from.held(ep(0), usize::MAX));
+        check(&to, 0, &c, 30);
+        assert_eq!(to.endpoint_blocks(ep(0)), 100);
+        check(&to, 0, &d, 10);
+        // A leading part of the list alone keeps the set prefix-closed: every chain it holds
+        // part of, it holds from the start.
+        let part = PrefixIndex::new(100);
+        part.merge(ep(1), &from.held(ep(0), 45));
+        for x in [&a, &b, &d] {
+            let n = part.matched(ep(1), x);
+            for (i, h) in x.iter().enumerate() {
+                assert_eq!(
+                    part.matched(ep(1), std::slice::from_ref(h)) == 1,
+                    i < n,
+                    "block {i} of a chain held to {n}"
+                );
+            }
+        }
+        check(&part, 1, &d, 30);
+        check(&part, 1, &b, 15);
         assert!(from.held(ep(5), 10).is_empty());
     }
 

@@ -19,6 +19,8 @@ const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// Bound on connecting to a peer.
 const CONNECT: Duration = Duration::from_secs(2);
+/// Bound on one lookup of the peers' DNS name.
+const LOOKUP: Duration = Duration::from_secs(5);
 /// The largest message a peer may send (a snapshot part is about 0.5 MiB).
 const MAX_MESSAGE: usize = 16 << 20;
 
@@ -42,12 +44,40 @@ pub(super) async fn peers(
     let mut following: HashMap<String, Task> = HashMap::new();
     let (tried_tx, mut tried_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut first_round: Option<BTreeSet<String>> = None;
+    // What the DNS name last resolved to: a failed lookup keeps it.
+    let mut resolved: Option<BTreeSet<String>> = None;
+    // Until this replica knows its own endpoints, nothing a peer says could be matched to them.
+    while !cluster.pools_ready() {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.changed() => return,
+        }
+    }
     loop {
         let mut addresses: BTreeSet<String> = s.peers.iter().cloned().collect();
         if let Some(name) = &s.dns {
-            match tokio::net::lookup_host(name.as_str()).await {
-                Ok(found) => addresses.extend(found.map(|a| a.to_string())),
-                Err(e) => tracing::warn!(name = %name, error = %e, "cluster: looking up the peers' DNS name failed"),
+            let lookup = tokio::time::timeout(LOOKUP, tokio::net::lookup_host(name.as_str()));
+            let found = tokio::select! {
+                r = lookup => r,
+                _ = stop.changed() => return,
+            };
+            match found {
+                Ok(Ok(found)) => resolved = Some(found.map(|a| a.to_string()).collect()),
+                Ok(Err(e)) => {
+                    tracing::warn!(name = %name, error = %e, "cluster: looking up the peers' DNS name failed")
+                }
+                Err(_) => tracing::warn!(name = %name, "cluster: looking up the peers' DNS name timed out"),
+            }
+            match &resolved {
+                Some(r) => addresses.extend(r.iter().cloned()),
+                // No answer yet: the first round waits for one.
+                None if s.peers.is_empty() => {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(s.dns_interval_ms.min(1000))) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+                None => {}
             }
         }
         following.retain(|a, _| addresses.contains(a));
@@ -151,10 +181,16 @@ async fn attempt(
         }
     };
     let mut joined = false;
+    // The peer's id, as its first message says: a stream is one replica's.
+    let mut peer: Option<String> = None;
     loop {
         match stream.message().await {
             Ok(Some(u)) => {
-                let replica = u.replica.clone();
+                let replica = peer.get_or_insert_with(|| u.replica.clone()).clone();
+                if u.replica != replica || replica == cluster.id() {
+                    tracing::warn!(peer = %address, "cluster: a peer's stream changed replica id; following it again");
+                    return lost(joined);
+                }
                 let done = u.snapshot_done;
                 let (batch, lag) = wire::batch(u);
                 let (placed, counted) = cluster.apply(&replica, address, &batch, lag);

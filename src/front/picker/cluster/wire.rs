@@ -1,7 +1,7 @@
 //! Batches to and from `kvgate.v1.ClusterUpdate`.
 
 use crate::front::picker::pb::{self, ClusterUpdate, EndpointLoad, Placement, PoolShare, lesson::Kind};
-use crate::gateway::pool::cluster::{Batch, Lesson, PoolBatch};
+use crate::gateway::pool::cluster::{Batch, Lesson, MAX_PLACEMENT_BLOCKS, PoolBatch};
 use crate::routing::endpoint::Load;
 use crate::routing::prefix::BlockHash;
 
@@ -37,12 +37,21 @@ fn lesson(l: Lesson) -> pb::Lesson {
 /// A lesson from the wire; `None` for a sample no model would take.
 fn lesson_of(kind: Kind) -> Option<Lesson> {
     Some(match kind {
-        Kind::PromptSize(p) => Lesson::PromptSize { bytes: p.bytes, tokens: p.tokens },
-        Kind::Ttft(t) if t.ttft_ms.is_finite() && t.ttft_ms >= 0.0 => {
-            Lesson::Ttft { endpoint: t.endpoint, work_tokens: t.work_tokens, decodes: t.decodes, ttft_ms: t.ttft_ms }
+        Kind::PromptSize(p) => Lesson::PromptSize { bytes: p.bytes.min(MAX_TOKENS), tokens: p.tokens.min(MAX_TOKENS) },
+        Kind::Ttft(t) if t.ttft_ms.is_finite() && t.ttft_ms >= 0.0 && t.work_tokens <= MAX_TOKENS / 1024 => {
+            Lesson::Ttft {
+                endpoint: t.endpoint,
+                work_tokens: t.work_tokens,
+                decodes: t.decodes.min(MAX_REQUESTS),
+                ttft_ms: t.ttft_ms,
+            }
         }
         Kind::Ttft(_) => return None,
-        Kind::Held(h) => Lesson::Held { endpoint: h.endpoint, less: h.less, more: h.more },
+        Kind::Held(h) => Lesson::Held {
+            endpoint: h.endpoint,
+            less: h.less.min(MAX_PLACEMENT_BLOCKS as u64),
+            more: h.more.min(MAX_PLACEMENT_BLOCKS as u64),
+        },
     })
 }
 
@@ -139,10 +148,22 @@ pub(super) fn batch_parts(replica: &str, mut batch: Batch) -> Vec<ClusterUpdate>
     parts
 }
 
+/// Bounds on what a peer's message may say (larger figures are clamped: a peer is trusted to
+/// be kvgate, not to be right).
+const MAX_REQUESTS: u64 = 1 << 20;
+const MAX_TOKENS: u64 = 1 << 40;
+const MAX_SAMPLES: u64 = 1 << 40;
+
+fn clamp_load(l: &EndpointLoad) -> Load {
+    let requests = l.requests.min(MAX_REQUESTS);
+    let tokens = l.tokens.min(MAX_TOKENS);
+    Load { requests, prefilling: l.prefilling.min(requests), tokens, gated: l.gated.min(tokens) }
+}
+
 /// A message as a batch; with the milliseconds since it was sent (0 if the clocks disagree).
 pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
     let lag = unix_ms().saturating_sub(u.sent_unix_ms);
-    let blocks = |b: Vec<u64>| b.into_iter().map(BlockHash).collect::<Vec<_>>();
+    let blocks = |b: Vec<u64>| b.into_iter().take(MAX_PLACEMENT_BLOCKS).map(BlockHash).collect::<Vec<_>>();
     let pools = u
         .pools
         .into_iter()
@@ -153,14 +174,14 @@ pub(super) fn batch(u: ClusterUpdate) -> (Batch, u64) {
                 .loads
                 .into_iter()
                 .map(|l| {
-                    let load =
-                        Load { requests: l.requests, prefilling: l.prefilling, tokens: l.tokens, gated: l.gated };
+                    let load = clamp_load(&l);
                     (l.endpoint, load)
                 })
                 .collect(),
             held: p.held.into_iter().map(|x| (x.endpoint, blocks(x.blocks), x.capacity as usize)).collect(),
             lessons: p.lessons.into_iter().filter_map(|l| lesson_of(l.kind?)).collect(),
-            bytes_per_token: (p.bytes_per_token_samples > 0).then_some((p.bytes_per_token, p.bytes_per_token_samples)),
+            bytes_per_token: (p.bytes_per_token_samples > 0)
+                .then_some((p.bytes_per_token, p.bytes_per_token_samples.min(MAX_SAMPLES))),
         })
         .collect();
     (Batch { pools, full_loads: u.full_loads }, lag)
