@@ -260,10 +260,14 @@ def report(d):
             continue
         k = kill.get(label, {})
         at = k.get("killed_at", 0)
-        before = hit_rate(r["samples"], at - 20, at)
-        after = hit_rate(r["samples"], at + 1, at + 21)
-        print(f"\n### A replica killed mid-run ({label}): multi-turn over 3 replicas, the third killed at {at:.0f} s\n")
-        print("| hit rate 20 s before | 20 s after | change | requests failed | the dead replica's counts gone from a survivor after |")
+        # Up to a minute each side of the kill (the first seconds of the run warm the caches).
+        span = max(5.0, min(60.0, at - 5, r["secs"] - at - 2))
+        before = hit_rate(r["samples"], at - span, at)
+        after = hit_rate(r["samples"], at + 1, at + 1 + span)
+        print(f"\n### A replica killed mid-run ({label}): multi-turn over 3 replicas for {r['secs']:.0f} s, "
+              f"the third killed at {at:.0f} s\n")
+        print(f"| hit rate {span:.0f} s before | {span:.0f} s after | change | requests failed "
+              "| the dead replica's counts gone from a survivor after |")
         print("|---:|---:|---:|---:|---:|")
         change = "—" if before is None or after is None else f"{100 * (after - before):+.1f} pts"
         print(f"| {pct(before)} | {pct(after)} | {change} | {r['failed']} | {k.get('drained_s', '—')} s |")

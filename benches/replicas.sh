@@ -5,16 +5,17 @@
 # restarted.
 #   1. hit rate and decision time per (workload, replicas, sync): shared-prefix and multi-turn,
 #      RUN seconds each (default 30), fresh simulators for each run;
-#   2. multi-turn over 3 replicas for 60 s, the third killed (SIGKILL) at 30 s: hit rate in the
-#      20 s before against the 20 s after, with sync and without; how long the survivors kept
-#      the dead replica's in-flight counts; with sync, the killed replica restarted at 40 s: how
-#      long until it was ready, and its index against a survivor's then.
-# Prints Markdown tables. About 8 minutes; loopback only.
+#   2. multi-turn over 3 replicas for KILL seconds (default 140), the third killed (SIGKILL)
+#      halfway: hit rate in the minute before against the minute after, with sync and without;
+#      how long the survivors kept the dead replica's in-flight counts; with sync, the killed
+#      replica restarted at two thirds: how long until it was ready, and its index against a
+#      survivor's then.
+# Prints Markdown tables. About 11 minutes; loopback only.
 # Usage: benches/replicas.sh       (KVGATE_BIN=target/release/kvgate to skip the build)
 set -euo pipefail
 source "$(dirname "$0")/harness.sh"
 run_secs=${RUN:-30}
-kill_secs=${KILL:-60}
+kill_secs=${KILL:-140}
 drv=(python3 benches/replicas.py)
 sim_flags=(--served-model-name m --time-scale 0.25 --num-gpu-blocks-override 1200 --max-num-seqs 64 --seed 1)
 token=bench-cluster-token
@@ -111,7 +112,7 @@ for sync in on off; do
   start_tier 3 "$sync"
   dead_id=$(curl -s "http://127.0.0.1:${admin[2]}/debug/cluster" | python3 -c "import json,sys; print(json.load(sys.stdin)['replica'])")
   t0=$(date +%s.%N)
-  timeout --kill-after=5 100 "${drv[@]}" run --proxies "$(addresses "${proxy[@]}")" --admins "$(addresses "${admin[0]}" "${admin[1]}")" \
+  timeout --kill-after=5 $((kill_secs + 40)) "${drv[@]}" run --proxies "$(addresses "${proxy[@]}")" --admins "$(addresses "${admin[0]}" "${admin[1]}")" \
     --sims "$(list "${sims[@]}")" --workload multi-turn --secs "$kill_secs" --label "$label" "$dir/run-multi-turn-$label.json" &
   driver=$!
   sleep $((kill_secs / 2))

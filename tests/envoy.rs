@@ -352,46 +352,56 @@ async fn envoy_announces_buffered_mode_and_kvgate_follows() {
     assert_eq!(served_by(&r), sim.addrs[0].port());
 }
 
+/// Pattern 5's pieces: a producer and a consumer simulator, and a sidecar beside the consumer
+/// that reports each hand-off to `report_to`; with the pool's config line for them.
+struct PdFleet {
+    _sims: (common::Sim, common::Sim),
+    /// The prefill simulator's and the decode simulator's addresses.
+    pa: String,
+    da: String,
+    sc: kvgate::tools::sidecar::Running,
+}
+
+impl PdFleet {
+    async fn start(report_to: &str) -> Self {
+        let role = |r: &str| format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{r}"}}"#);
+        let (producer, consumer) = (role("kv_producer"), role("kv_consumer"));
+        let p = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
+        let d = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
+        let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
+        let flags = ["--listen", "127.0.0.1:0", "--decode", &da, "--admin-addr", "127.0.0.1:0", "--allow-prefill", &pa];
+        let args: kvgate::tools::sidecar::SidecarArgs =
+            kvgate::tools::cli::parse_flags("sidecar", flags.iter().copied().chain(["--report-to", report_to]))
+                .expect("flags");
+        let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar");
+        Self { _sims: (p, d), pa, da, sc }
+    }
+
+    /// The pool `pd`: the prefill simulator and the sidecar (as the decode endpoint), with the
+    /// reference P/D scheduler.
+    fn pool(&self) -> String {
+        format!(
+            "pools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
+             {{address: '{}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
+             scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
+             {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}], \
+             schedulingProfiles: [{{name: prefill, plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: prefix-cache-scorer}}]}}, \
+             {{name: decode, plugins: [{{pluginRef: decode-filter}}, {{pluginRef: prefix-cache-scorer}}]}}]}}}}]\n",
+            self.pa, self.sc.addr
+        )
+    }
+}
+
 /// Pattern 5 behind Envoy with kvgate alone: Envoy asks kvgate's picker, which chooses the decode
 /// endpoint (its sidecar's address) and, for a long uncached prompt, a prefill endpoint named in
 /// `x-prefiller-host-port`; the sidecar runs the hand-off and the decode simulator answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_decode_through_envoy_and_the_sidecar() {
-    let role = |r: &str| format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{r}"}}"#);
-    let (producer, consumer) = (role("kv_producer"), role("kv_consumer"));
-    let p = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
-    let d = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
-    let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
     // The sidecar reports each hand-off to kvgate's picker API.
     let grpc_addr = format!("127.0.0.1:{}", common::free_port());
-    let report_to = format!("http://{grpc_addr}");
-    let args: kvgate::tools::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
-        "sidecar",
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--decode",
-            &da,
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--allow-prefill",
-            &pa,
-            "--report-to",
-            &report_to,
-        ],
-    )
-    .expect("flags");
-    let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar");
-    let kv = common::start_kvgate(&format!(
-        "grpc_addr: {grpc_addr}\nadmin_addr: 127.0.0.1:0\npools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
-         {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
-         scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
-         {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}], \
-         schedulingProfiles: [{{name: prefill, plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: prefix-cache-scorer}}]}}, \
-         {{name: decode, plugins: [{{pluginRef: decode-filter}}, {{pluginRef: prefix-cache-scorer}}]}}]}}}}]\n",
-        sc.addr
-    ))
-    .await;
+    let fleet = PdFleet::start(&format!("http://{grpc_addr}")).await;
+    let (pa, da, sc) = (fleet.pa.clone(), fleet.da.clone(), &fleet.sc);
+    let kv = common::start_kvgate(&format!("grpc_addr: {grpc_addr}\nadmin_addr: 127.0.0.1:0\n{}", fleet.pool())).await;
     let debug = format!("http://{}/debug/endpoints", kv.admin_addr);
     // The decode endpoint is scraped through its sidecar.
     let ok = eventually(10, || async {
@@ -419,7 +429,7 @@ async fn prefill_decode_through_envoy_and_the_sidecar() {
     let ask = |q: &str| chat(MODEL).system(system.clone()).user(q).max_tokens(5).stream().json().to_string();
     let r = client().post(&url).body(ask("First?")).send().await.expect("send");
     assert_eq!(r.status(), 200);
-    assert_eq!(served_by(&r), d.addrs[0].port(), "the decode simulator answered");
+    assert_eq!(served_by(&r).to_string(), da.rsplit(':').next().unwrap_or_default(), "the decode simulator answered");
     assert!(r.text().await.expect("body").ends_with("data: [DONE]\n\n"));
     assert_eq!((leg(format!("http://{pa}"), "prefill").await, leg(format!("http://{da}"), "decode").await), (1.0, 1.0));
     assert_eq!(sidecar("prefill-decode").await, 1.0);
@@ -544,40 +554,13 @@ async fn dp_rank_pinned_by_header_through_envoy() {
 /// a, which accounts the hand-off exactly as if the report had come to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecars_report_to_another_replica_reaches_the_deciding_one() {
-    let role = |r: &str| format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{r}"}}"#);
-    let (producer, consumer) = (role("kv_producer"), role("kv_consumer"));
-    let p = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &producer]).await;
-    let d = common::start_sim(&["--time-scale", "0", "--kv-transfer-config", &consumer]).await;
-    let (pa, da) = (p.addrs[0].to_string(), d.addrs[0].to_string());
     let (ga, gb) = (common::free_port(), common::free_port());
-    let report_to = format!("http://127.0.0.1:{gb}");
-    let args: kvgate::tools::sidecar::SidecarArgs = kvgate::tools::cli::parse_flags(
-        "sidecar",
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--decode",
-            &da,
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--allow-prefill",
-            &pa,
-            "--report-to",
-            &report_to,
-        ],
-    )
-    .expect("flags");
-    let sc = kvgate::tools::sidecar::start(args).await.expect("sidecar");
+    let fleet = PdFleet::start(&format!("http://127.0.0.1:{gb}")).await;
+    let (pa, sc) = (fleet.pa.clone(), &fleet.sc);
     let replica = |grpc: u16, peer: u16| {
         format!(
-            "grpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:0\ncluster: {{peers: ['127.0.0.1:{peer}'], token: t0ken}}\n\
-             pools: [{{name: pd, models: ['{MODEL}'], endpoints: [\
-             {{address: '{pa}', labels: {{llm-d.ai/role: prefill}}}}, {{address: '{}', labels: {{llm-d.ai/role: decode}}}}], \
-             scheduler: {{plugins: [{{type: prefill-filter}}, {{type: decode-filter}}, {{type: prefix-cache-scorer}}, \
-             {{type: disagg-profile-handler}}, {{type: prefix-based-pd-decider, parameters: {{nonCachedTokens: 256}}}}], \
-             schedulingProfiles: [{{name: prefill, plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: prefix-cache-scorer}}]}}, \
-             {{name: decode, plugins: [{{pluginRef: decode-filter}}, {{pluginRef: prefix-cache-scorer}}]}}]}}}}]\n",
-            sc.addr
+            "grpc_addr: 127.0.0.1:{grpc}\nadmin_addr: 127.0.0.1:0\ncluster: {{peers: ['127.0.0.1:{peer}'], token: t0ken}}\n{}",
+            fleet.pool()
         )
     };
     let a = common::start_kvgate(&replica(ga, gb)).await;

@@ -458,10 +458,11 @@ impl Gateway {
                 },
                 e => e.into(),
             })?;
-        self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
+        // Telling the peers is part of the decision's cost.
         if let Some(c) = &self.cluster {
             c.placed(pool.name(), &snapshot.endpoints[planned.decision.primary().index], &planned.prompt.hashes);
         }
+        self.telemetry.decision_seconds.with_label_values(&[pool.name()]).observe(started.elapsed().as_secs_f64());
         if planner.disaggregates() && opts.disaggregate {
             self.telemetry.disagg_decisions.with_label_values(&[pool.name(), planned.decision.kind.as_str()]).inc();
         }

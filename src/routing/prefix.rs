@@ -109,17 +109,18 @@ impl BytesPerToken {
     }
 
     /// Takes another replica's figure, learned from `samples` responses, when this one learned
-    /// from fewer: it weighs as a full window of tokens.
-    pub fn adopt(&self, bytes_per_token: f64, samples: u64) {
+    /// from fewer: it weighs as a full window of tokens. Whether it was taken.
+    pub fn adopt(&self, bytes_per_token: f64, samples: u64) -> bool {
         if !(0.5..=32.0).contains(&bytes_per_token) {
-            return;
+            return false;
         }
         let mut s = self.sums.lock();
         if s.2 >= samples {
-            return;
+            return false;
         }
         *s = (100_000.0 * bytes_per_token, 100_000.0, samples);
         self.current.store(bytes_per_token.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     /// Learns that a prompt of `bytes` canonical bytes was `tokens` tokens. Prompts under 16

@@ -362,14 +362,15 @@ impl Cluster {
             let by_key = keyed(&snap.endpoints);
             let local = |key: &str| by_key.get(key).copied();
             let index = pool.planner().index();
-            if let Some((bpt, samples)) = b.bytes_per_token {
-                pool.planner().bytes_per_token().adopt(bpt, samples);
-            }
+            let adopted = b.bytes_per_token.is_some_and(|(bpt, n)| pool.planner().bytes_per_token().adopt(bpt, n));
             for (key, blocks, capacity) in &b.held {
                 if let Some(e) = local(key) {
-                    // Before the endpoint's own capacity is known (no scrape yet), the peer's.
-                    if index.capacity(e.id).is_none() {
-                        index.set_capacity(e.id, (*capacity).max(blocks.len()).min(MAX_SNAPSHOT_BLOCKS));
+                    // The peer's capacity before the endpoint's own is known (no scrape yet), or
+                    // when its own was figured with the bytes per token just replaced by the
+                    // peer's (the next scrape figures it again, with the new figure).
+                    let want = (*capacity).max(blocks.len()).min(MAX_SNAPSHOT_BLOCKS);
+                    if index.capacity(e.id).is_none_or(|(c, _)| adopted && c < want) {
+                        index.set_capacity(e.id, want);
                     }
                     index.merge(e.id, blocks);
                 }
