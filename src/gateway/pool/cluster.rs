@@ -1,4 +1,4 @@
-//! What replicas share (the wire is `front::cluster`): each decision's prompt blocks and
+//! What replicas share (the wire is `front::picker::cluster`): each decision's prompt blocks and
 //! endpoint, and each replica's own requests in flight per endpoint.
 //!
 //! A decision is put in the [`Outbox`] under a short lock (never waiting on a peer); every
