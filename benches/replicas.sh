@@ -101,7 +101,7 @@ peer_gone() {
     curl -s "http://127.0.0.1:$1/debug/cluster" | grep -q "\"$2\"" || { echo "$t" | awk '{print $1 / 2}'; return; }
     sleep 0.5; t=$((t + 1))
   done
-  echo "over 20"
+  echo 20
 }
 blocks() { curl -s "http://127.0.0.1:$1/debug/endpoints" | python3 -c "import json,sys; print(sum(e['prefix_blocks'] for p in json.load(sys.stdin)['pools'] for e in p['endpoints']))"; }
 

@@ -98,9 +98,6 @@ pub struct Config {
     lines: Lines,
 }
 
-/// Why `cluster` and a TLS gRPC listener do not combine.
-pub const CLUSTER_WITHOUT_TLS: &str = "replicas follow each other in plaintext gRPC, so `cluster` cannot be used with `extproc.tls` or self-signed TLS yet";
-
 fn default_grpc_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9002))
 }
@@ -419,6 +416,14 @@ impl Config {
         Ok(out)
     }
 
+    /// Why the `cluster` section cannot be served as the gRPC listener is set (checked again at
+    /// start, as flags may turn TLS on after the file was checked).
+    pub fn cluster_over_tls(&self) -> Option<&'static str> {
+        (self.cluster.is_some() && (self.extproc.tls.is_some() || self.extproc.self_signed_tls)).then_some(
+            "replicas follow each other in plaintext gRPC, so `cluster` cannot be used with `extproc.tls` or self-signed TLS yet",
+        )
+    }
+
     /// Checks the sections shared by every pool: limits, listeners, proxy, health.
     fn check_sections(&self, invalid: &Invalid<'_>) -> Result<(), ConfigError> {
         if self.pools.is_empty() {
@@ -443,8 +448,8 @@ impl Config {
         if let Some((at, message)) = self.cluster.as_ref().and_then(cluster::ClusterConfig::problem) {
             return Err(invalid(at.into(), message));
         }
-        if self.cluster.is_some() && (self.extproc.tls.is_some() || self.extproc.self_signed_tls) {
-            return Err(invalid("cluster".into(), CLUSTER_WITHOUT_TLS.into()));
+        if let Some(message) = self.cluster_over_tls() {
+            return Err(invalid("cluster".into(), message.into()));
         }
         if self.extproc.max_endpoints == Some(0) {
             return Err(invalid("extproc.max_endpoints".into(), "must be at least 1".into()));

@@ -275,6 +275,11 @@ impl Decisions {
         format!("{:08x}", self.nonce)
     }
 
+    /// The replica id an id names (its first part), whichever process issued it.
+    pub fn replica_of(id: &str) -> Option<&str> {
+        id.split_once('-').map(|(replica, _)| replica)
+    }
+
     /// Holds `routed` for `client` until its final report or until its reports stop coming;
     /// returns its id.
     pub fn hold(&self, routed: Routed, client: Client) -> Result<String, HoldError> {

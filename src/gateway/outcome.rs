@@ -310,17 +310,19 @@ impl Routed {
         }
     }
 
-    /// The prompt placed on endpoint `index` of the snapshot, told to the peer replicas.
-    fn share_placement(&self, index: usize) {
+    /// The prompt is held by endpoint `index` of the snapshot now: the prefix index records it,
+    /// and the peer replicas are told.
+    fn record_on(&self, index: usize) {
+        let e = &self.snapshot.endpoints[index];
+        self.pool.planner().index().record(e.id, &self.planned.prompt.hashes);
         if let Some(c) = self.pool.cluster() {
-            c.placed(self.pool.name(), &self.snapshot.endpoints[index], &self.planned.prompt.hashes);
+            c.placed(self.pool.name(), e, &self.planned.prompt.hashes);
         }
     }
 
     fn learn_prefill(&self) {
         if let Some(p) = &self.planned.decision.prefill {
-            self.pool.planner().index().record(p.id, &self.planned.prompt.hashes);
-            self.share_placement(p.index);
+            self.record_on(p.index);
         }
     }
 
@@ -334,8 +336,7 @@ impl Routed {
             self.attempt_reported = false;
             self.failure = None;
             if k != self.current && self.planned.decision.prefill.is_none() {
-                self.pool.planner().index().record(t.id, &self.planned.prompt.hashes);
-                self.share_placement(t.index);
+                self.record_on(t.index);
             }
             let in_flight = self.snapshot.endpoints[t.index].in_flight.clone();
             self.timing = Timing::start(&in_flight);

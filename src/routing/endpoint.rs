@@ -173,17 +173,6 @@ impl Load {
             gated: self.gated.saturating_add(o.gated),
         }
     }
-
-    /// `o` taken away (saturating).
-    #[must_use]
-    pub fn minus(self, o: Self) -> Self {
-        Self {
-            requests: self.requests.saturating_sub(o.requests),
-            prefilling: self.prefilling.saturating_sub(o.prefilling),
-            tokens: self.tokens.saturating_sub(o.tokens),
-            gated: self.gated.saturating_sub(o.gated),
-        }
-    }
 }
 
 fn release(counter: &AtomicU64, n: u64) {

@@ -223,8 +223,8 @@ pub async fn start(cfg: Config, path: &Path) -> anyhow::Result<Server> {
 pub async fn start_with(cfg: Config, path: &Path, kubeconfig: Option<&Path>) -> anyhow::Result<Server> {
     let resolved = cfg.resolve(path)?;
     // Flags may have turned TLS on after the file was checked.
-    if cfg.cluster.is_some() && (cfg.extproc.tls.is_some() || cfg.extproc.self_signed_tls) {
-        anyhow::bail!("cluster: {}", crate::gateway::config::CLUSTER_WITHOUT_TLS);
+    if let Some(message) = cfg.cluster_over_tls() {
+        anyhow::bail!("cluster: {message}");
     }
     let settings = PoolSettings::new(&cfg.scrape, &cfg.health);
     let telemetry = Arc::new(Telemetry::new());

@@ -330,11 +330,8 @@ async fn report(st: &Sidecar, id: String, failed: Option<&Fallback>) {
     });
     let mut req =
         tonic::Request::new(pb::ReportRequest { decision_id: id, prefill: Some(prefill), ..Default::default() });
-    if let Some(token) = &st.report_token {
-        match tonic::metadata::MetadataValue::try_from([b"Bearer ".as_slice(), &token.current()].concat()) {
-            Ok(v) => drop(req.metadata_mut().insert("authorization", v)),
-            Err(_) => tracing::warn!("--report-token-file holds a token that cannot be sent as metadata"),
-        }
+    if let Some(v) = st.report_token.as_ref().and_then(TokenFile::bearer) {
+        req.metadata_mut().insert("authorization", v);
     }
     let bound = Duration::from_millis(st.args.report_timeout_ms.max(1));
     let sent = tokio::time::timeout(bound, client.clone().report(req)).await;

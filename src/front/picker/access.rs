@@ -16,8 +16,8 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::gateway::config::PickerApiConfig;
 use crate::gateway::config::read::{FileError, Limit, read_text};
+use crate::gateway::config::{PickerApiConfig, Secret};
 use crate::gateway::decisions::Decisions;
 use crate::gateway::tasks::Tasks;
 
@@ -67,14 +67,26 @@ impl TokenFile {
         Ok(Self { token })
     }
 
-    /// The token now.
-    pub fn current(&self) -> Vec<u8> {
-        self.token.read().clone()
+    /// The token a section configures: `token` inline, or `token_file` read now (an error if it
+    /// cannot be) and followed; none when it sets neither. `key` names the section in errors.
+    pub(crate) fn configured(
+        token: Option<&Secret>,
+        file: Option<&Path>,
+        tasks: &Tasks,
+        key: &'static str,
+    ) -> anyhow::Result<Option<Self>> {
+        Ok(match (token, file) {
+            (Some(t), _) => Some(Self { token: Arc::new(RwLock::new(t.expose().trim().as_bytes().to_vec())) }),
+            (None, Some(path)) => Some(Self::follow(path, tasks).with_context(|| format!("{key}.token_file"))?),
+            (None, None) => None,
+        })
     }
 
-    /// The token as it is kept, following the file.
-    pub(crate) fn shared(&self) -> Arc<RwLock<Vec<u8>>> {
-        self.token.clone()
+    /// `authorization: Bearer <token>` metadata for a call; none (with a warning) when the token
+    /// cannot be sent as metadata.
+    pub fn bearer(&self) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+        let value = tonic::metadata::MetadataValue::try_from([b"Bearer ".as_slice(), &self.token.read()].concat());
+        value.map_err(|_| tracing::warn!("a token that cannot be sent as metadata is not sent")).ok()
     }
 }
 
@@ -82,19 +94,13 @@ impl Access {
     /// The gate `cfg` asks for; with a token file, reads it now (a file that cannot be read is
     /// an error at start) and spawns its reloader, which `tasks` stops.
     pub(crate) fn new(cfg: &PickerApiConfig, tasks: &Tasks, decisions: Arc<Decisions>) -> anyhow::Result<Self> {
-        let token = if let Some(token) = &cfg.token {
-            Some(Arc::new(RwLock::new(token.expose().trim().as_bytes().to_vec())))
-        } else if let Some(path) = &cfg.token_file {
-            Some(TokenFile::follow(path, tasks).context("picker_api.token_file")?.token)
-        } else {
-            None
-        };
-        Ok(Self { token, service: "the picker API", decisions: Some(decisions) })
+        let token = TokenFile::configured(cfg.token.as_ref(), cfg.token_file.as_deref(), tasks, "picker_api")?;
+        Ok(Self { token: token.map(|t| t.token), service: "the picker API", decisions: Some(decisions) })
     }
 
     /// A gate for `service` that lets only calls carrying `token` through.
-    pub(crate) fn with_token(token: Arc<RwLock<Vec<u8>>>, service: &'static str) -> Self {
-        Self { token: Some(token), service, decisions: None }
+    pub(crate) fn with_token(token: &TokenFile, service: &'static str) -> Self {
+        Self { token: Some(token.token.clone()), service, decisions: None }
     }
 
     /// Whether `bearer` (an `authorization` value) carries the token.

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use parking_lot::RwLock;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -48,35 +47,23 @@ const BACKLOG: usize = 256;
 /// Follow calls served at once at most (twice the peers a static list may name: a peer that
 /// reconnects may briefly hold two).
 const MAX_FOLLOWERS: usize = 2 * crate::gateway::config::cluster::MAX_PEERS;
+/// Bound on connecting to a peer.
+const CONNECT: Duration = Duration::from_secs(2);
 /// How often peers' leases are checked.
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// The cluster token, inline or followed in its file.
-#[derive(Clone)]
-pub(crate) struct Token(Arc<RwLock<Vec<u8>>>);
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl Token {
-    /// The token `cluster` configures (a token file is read now and followed).
-    fn of(cluster: &Cluster, tasks: &Tasks) -> anyhow::Result<Self> {
-        let s = cluster.settings();
-        if let Some(t) = &s.token {
-            return Ok(Self(Arc::new(RwLock::new(t.expose().trim().as_bytes().to_vec()))));
-        }
-        let path = s.token_file.as_ref().ok_or_else(|| anyhow::anyhow!("cluster: no token"))?;
-        Ok(Self(TokenFile::follow(path, tasks).map_err(|e| anyhow::anyhow!("cluster.token_file: {e:#}"))?.shared()))
-    }
-
-    /// `authorization` metadata carrying it.
-    fn bearer(&self) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
-        let t = String::from_utf8_lossy(&self.0.read()).into_owned();
-        format!("Bearer {t}").parse().ok()
-    }
+/// A peer's gRPC address as a channel to it: a bounded connect, and keep-alives that find a
+/// peer gone without a word within about 10 s. `None` for an address that is not one.
+fn peer_endpoint(address: &str) -> Option<tonic::transport::Endpoint> {
+    let endpoint = tonic::transport::Channel::from_shared(format!("http://{address}")).ok()?;
+    Some(
+        endpoint
+            .connect_timeout(CONNECT)
+            .tcp_keepalive(Some(Duration::from_secs(10)))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true),
+    )
 }
 
 /// The service.
@@ -105,7 +92,9 @@ pub(crate) fn start(
     tasks: &Tasks,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Service, Vec<Task>, Arc<Forwarder>)> {
-    let token = Token::of(&cluster, tasks)?;
+    let s = cluster.settings();
+    let token = TokenFile::configured(s.token.as_ref(), s.token_file.as_deref(), tasks, "cluster")?
+        .ok_or_else(|| anyhow::anyhow!("cluster: no token"))?;
     let (updates, _) = broadcast::channel(BACKLOG);
     let forward = Arc::new(Forwarder::new(cluster.clone(), token.clone(), telemetry.clone()));
     let api = ClusterApi {
@@ -122,7 +111,7 @@ pub(crate) fn start(
         tasks.spawn("cluster peers", follow::peers(cluster, token.clone(), telemetry, tasks.clone(), stop)),
     ];
     let server = ClusterServer::new(api).max_encoding_message_size(64 << 20).max_decoding_message_size(1 << 20);
-    Ok((InterceptedService::new(server, Access::with_token(token.0, "the cluster API")), background, forward))
+    Ok((InterceptedService::new(server, Access::with_token(&token, "the cluster API")), background, forward))
 }
 
 /// Every `sync_interval_ms`, the outbox as one batch to every follower; every second, expired

@@ -12,6 +12,7 @@
 //! [`InFlight`]: crate::routing::endpoint::InFlight
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -42,9 +43,13 @@ const FULL_LOADS: Duration = Duration::from_secs(1);
 
 /// An endpoint as peers name it: `ip:port`, `#rank` added for a data-parallel rank.
 pub fn endpoint_key(e: &Endpoint) -> String {
-    match e.rank {
-        Some(r) => format!("{}#{r}", e.address),
-        None => e.address.to_string(),
+    key_of(e.address, e.rank)
+}
+
+fn key_of(address: SocketAddr, rank: Option<u32>) -> String {
+    match rank {
+        Some(r) => format!("{address}#{r}"),
+        None => address.to_string(),
     }
 }
 
@@ -139,26 +144,38 @@ pub struct Batch {
     pub full_loads: bool,
 }
 
-impl Batch {
+impl PoolBatch {
     /// Whether it carries nothing.
     pub fn is_empty(&self) -> bool {
-        self.pools
-            .iter()
-            .all(|p| p.placements.is_empty() && p.loads.is_empty() && p.held.is_empty() && p.lessons.is_empty())
+        self.placements.is_empty() && self.loads.is_empty() && self.held.is_empty() && self.lessons.is_empty()
     }
 }
 
-/// Decisions not yet sent, and the counts last sent.
+impl Batch {
+    /// Whether it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pools.iter().all(PoolBatch::is_empty)
+    }
+}
+
+/// Decisions and lessons not yet sent (taken under a short lock by every decision: endpoint
+/// keys are formatted when the batch is made, not here).
 #[derive(Debug, Default)]
 struct Outbox {
-    /// Pool index, endpoint key, blocks.
-    placements: Vec<(usize, String, Vec<BlockHash>)>,
+    /// Pool index, endpoint (address and rank), blocks.
+    placements: Vec<(usize, SocketAddr, Option<u32>, Vec<BlockHash>)>,
     /// Pool index and lesson.
     lessons: Vec<(usize, Lesson)>,
     /// Blocks over every placement held.
     blocks: usize,
-    /// The counts each batch said last, by pool index and endpoint key.
-    sent: HashMap<(usize, String), Load>,
+}
+
+/// The counts the batches said last (the syncer's alone).
+#[derive(Debug, Default)]
+struct Sent {
+    /// By pool index and endpoint key.
+    loads: HashMap<(usize, String), Load>,
+    /// When every count was last sent.
     last_full: Option<Instant>,
 }
 
@@ -210,6 +227,7 @@ pub struct Cluster {
     settings: ClusterConfig,
     pools: Vec<Pool>,
     outbox: Mutex<Outbox>,
+    sent: Mutex<Sent>,
     peers: Mutex<HashMap<String, Peer>>,
     started: Instant,
     joined: AtomicBool,
@@ -228,6 +246,7 @@ impl Cluster {
             settings,
             pools,
             outbox: Mutex::new(Outbox::default()),
+            sent: Mutex::new(Sent::default()),
             peers: Mutex::new(HashMap::new()),
             started: Instant::now(),
             joined: AtomicBool::new(false),
@@ -261,7 +280,7 @@ impl Cluster {
             return;
         }
         out.blocks += blocks.len();
-        out.placements.push((i, endpoint_key(e), blocks.to_vec()));
+        out.placements.push((i, e.address, e.rank, blocks.to_vec()));
     }
 
     /// Pool `pool` learned `lesson` from a response: sent in the next batch.
@@ -279,21 +298,24 @@ impl Cluster {
     /// The next batch: the placements since the last one, and the counts that changed (every
     /// count once a second).
     pub fn take_batch(&self) -> Batch {
-        let mut out = self.outbox.lock();
-        let placements = std::mem::take(&mut out.placements);
-        out.blocks = 0;
-        let now = Instant::now();
-        let full = out.last_full.is_none_or(|t| now.duration_since(t) >= FULL_LOADS);
-        if full {
-            out.last_full = Some(now);
-        }
+        let (placements, lessons) = {
+            let mut out = self.outbox.lock();
+            out.blocks = 0;
+            (std::mem::take(&mut out.placements), std::mem::take(&mut out.lessons))
+        };
         let mut pools: Vec<PoolBatch> =
             self.pools.iter().map(|p| PoolBatch { pool: p.name().to_owned(), ..PoolBatch::default() }).collect();
-        for (i, key, blocks) in placements {
-            pools[i].placements.push((key, blocks));
+        for (i, address, rank, blocks) in placements {
+            pools[i].placements.push((key_of(address, rank), blocks));
         }
-        for (i, lesson) in std::mem::take(&mut out.lessons) {
+        for (i, lesson) in lessons {
             pools[i].lessons.push(lesson);
+        }
+        let mut sent = self.sent.lock();
+        let now = Instant::now();
+        let full = sent.last_full.is_none_or(|t| now.duration_since(t) >= FULL_LOADS);
+        if full {
+            sent.last_full = Some(now);
         }
         let mut seen = HashSet::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -301,23 +323,23 @@ impl Cluster {
                 let key = endpoint_key(e);
                 let now_load = e.in_flight.own();
                 let entry = (i, key.clone());
-                let before = out.sent.get(&entry).copied().unwrap_or_default();
+                let before = sent.loads.get(&entry).copied().unwrap_or_default();
                 if full || before != now_load {
                     pools[i].loads.push((key, now_load));
                 }
                 seen.insert(entry.clone());
-                out.sent.insert(entry, now_load);
+                sent.loads.insert(entry, now_load);
             }
         }
         // An endpoint gone from the pool: its counts go to zero.
-        let gone: Vec<(usize, String)> = out.sent.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        let gone: Vec<(usize, String)> = sent.loads.keys().filter(|k| !seen.contains(*k)).cloned().collect();
         for k in gone {
-            out.sent.remove(&k);
+            sent.loads.remove(&k);
             if !full {
                 pools[k.0].loads.push((k.1, Load::default()));
             }
         }
-        pools.retain(|p| !(p.placements.is_empty() && p.loads.is_empty() && p.lessons.is_empty()));
+        pools.retain(|p| !p.is_empty());
         Batch { pools, full_loads: full }
     }
 

@@ -433,8 +433,7 @@ impl FlowControl {
     /// makes way for goes to an idle endpoint when one is open, where its prompt is computed in
     /// a step of its own rather than beside another's prefill.
     fn open_mask(&self, s: &FlowSettings, endpoints: &[Endpoint], probe: &Probe, priority: i64) -> Option<Vec<bool>> {
-        let now_at = Instant::now();
-        let (headroom, favoured) = self.bands_around(priority, now_at);
+        let (headroom, favoured) = self.bands_around(priority, Instant::now());
         let now = now_ms();
         let candidates = self.candidates(endpoints, probe);
         let idle = |i: usize| endpoints[i].in_flight.gated_tokens() == 0;

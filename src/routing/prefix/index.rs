@@ -273,17 +273,26 @@ impl PrefixIndex {
         if hashes.is_empty() {
             return;
         }
-        let slots = self.endpoints.read();
-        if let Some(Some(lru)) = slots.get(endpoint.index()) {
-            let mut lru = lru.write();
+        self.with_set(endpoint, |lru| {
             for h in hashes.iter().rev() {
                 lru.touch(h.0);
             }
+        });
+    }
+
+    /// Runs `f` on one endpoint's set, made with the default capacity if it has none.
+    fn with_set(&self, endpoint: EndpointId, f: impl FnOnce(&mut BlockLru)) {
+        let slots = self.endpoints.read();
+        if let Some(Some(lru)) = slots.get(endpoint.index()) {
+            f(&mut lru.write());
             return;
         }
         drop(slots);
         self.set_capacity(endpoint, self.default_capacity);
-        self.record(endpoint, hashes);
+        // Just made: present unless removed meanwhile (then there is nothing to add to).
+        if let Some(Some(lru)) = self.endpoints.read().get(endpoint.index()) {
+            f(&mut lru.write());
+        }
     }
 
     /// The blocks one endpoint holds, most recent first: at most `limit`. Any leading part of
@@ -311,20 +320,14 @@ impl PrefixIndex {
         if blocks.is_empty() {
             return;
         }
-        let slots = self.endpoints.read();
-        if let Some(Some(lru)) = slots.get(endpoint.index()) {
-            let mut lru = lru.write();
+        self.with_set(endpoint, |lru| {
             for h in blocks {
                 if lru.len() >= lru.capacity {
                     break;
                 }
                 lru.push_tail(h.0);
             }
-            return;
-        }
-        drop(slots);
-        self.set_capacity(endpoint, self.default_capacity);
-        self.merge(endpoint, blocks);
+        });
     }
 
     /// Sets one endpoint's capacity in blocks (creating its set if needed, evicting if smaller).

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
-use super::{Token, wire};
+use super::wire;
+use crate::front::picker::TokenFile;
 use crate::front::picker::pb::FollowRequest;
 use crate::front::picker::pb::cluster_client::ClusterClient;
 use crate::gateway::pool::cluster::Cluster;
@@ -17,8 +17,6 @@ use crate::gateway::telemetry::Telemetry;
 /// The first pause before following a peer again; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
-/// Bound on connecting to a peer.
-const CONNECT: Duration = Duration::from_secs(2);
 /// Bound on one lookup of the peers' DNS name.
 const LOOKUP: Duration = Duration::from_secs(5);
 /// The largest message a peer may send (a snapshot part is about 0.5 MiB).
@@ -35,7 +33,7 @@ enum Ended {
 /// Follows every peer the settings name (looking the DNS name up again as it says) until `stop`.
 pub(super) async fn peers(
     cluster: Arc<Cluster>,
-    token: Token,
+    token: TokenFile,
     telemetry: Arc<Telemetry>,
     tasks: Tasks,
     mut stop: watch::Receiver<bool>,
@@ -118,7 +116,7 @@ pub(super) async fn peers(
 async fn one(
     cluster: Arc<Cluster>,
     address: String,
-    token: Token,
+    token: TokenFile,
     telemetry: Arc<Telemetry>,
     tried: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
@@ -144,21 +142,15 @@ async fn one(
 async fn attempt(
     cluster: &Cluster,
     address: &str,
-    token: &Token,
+    token: &TokenFile,
     telemetry: &Telemetry,
     tried: &tokio::sync::mpsc::UnboundedSender<String>,
 ) -> Ended {
     let lost = |joined| Ended::Lost { joined };
-    let Ok(endpoint) = Channel::from_shared(format!("http://{address}")) else {
+    let Some(endpoint) = super::peer_endpoint(address) else {
         tracing::warn!(peer = %address, "cluster: not a usable peer address");
         return Ended::Itself;
     };
-    let endpoint = endpoint
-        .connect_timeout(CONNECT)
-        .tcp_keepalive(Some(Duration::from_secs(10)))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
     let channel = match endpoint.connect().await {
         Ok(c) => c,
         Err(e) => {

@@ -8,9 +8,10 @@ use parking_lot::Mutex;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use super::Token;
+use crate::front::picker::TokenFile;
 use crate::front::picker::pb::cluster_client::ClusterClient;
 use crate::front::picker::pb::{ReportRequest, ReportResponse};
+use crate::gateway::decisions::Decisions;
 use crate::gateway::pool::cluster::Cluster;
 use crate::gateway::telemetry::Telemetry;
 
@@ -21,21 +22,21 @@ const WITHIN: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct Forwarder {
     cluster: Arc<Cluster>,
-    token: Token,
+    token: TokenFile,
     telemetry: Arc<Telemetry>,
     /// A client per peer address (connected on first use, reconnecting by itself).
     clients: Mutex<HashMap<String, ClusterClient<Channel>>>,
 }
 
 impl Forwarder {
-    pub(super) fn new(cluster: Arc<Cluster>, token: Token, telemetry: Arc<Telemetry>) -> Self {
+    pub(super) fn new(cluster: Arc<Cluster>, token: TokenFile, telemetry: Arc<Telemetry>) -> Self {
         Self { cluster, token, telemetry, clients: Mutex::new(HashMap::new()) }
     }
 
     /// The owner's answer to `req`, when the decision is a live peer's (its id's first part
     /// names the replica); `None` when it is this replica's or no peer's.
     pub(crate) async fn report(&self, req: &ReportRequest) -> Option<Result<ReportResponse, Status>> {
-        let owner = req.decision_id.split('-').next()?;
+        let owner = Decisions::replica_of(&req.decision_id)?;
         if owner == self.cluster.id() {
             return None;
         }
@@ -78,8 +79,7 @@ impl Forwarder {
         if let Some(c) = clients.get(address) {
             return Some(c.clone());
         }
-        let endpoint = Channel::from_shared(format!("http://{address}")).ok()?.connect_timeout(Duration::from_secs(2));
-        let c = ClusterClient::new(endpoint.connect_lazy());
+        let c = ClusterClient::new(super::peer_endpoint(address)?.connect_lazy());
         clients.insert(address.to_owned(), c.clone());
         Some(c)
     }

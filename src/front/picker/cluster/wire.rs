@@ -79,39 +79,72 @@ pub(super) fn update(replica: &str, batch: Batch, done: bool) -> ClusterUpdate {
     }
 }
 
+/// A block list packed into messages: a placement, or a part of an endpoint's held blocks
+/// (with its capacity).
+enum Item {
+    Placement(String, Vec<BlockHash>),
+    Held(String, Vec<BlockHash>, usize),
+}
+
+impl Item {
+    fn blocks(&self) -> usize {
+        match self {
+            Self::Placement(_, b) | Self::Held(_, b, _) => b.len(),
+        }
+    }
+}
+
+/// `first`, then `items` (each with its pool's name) in messages of at most [`PART_BLOCKS`]
+/// blocks each (one item larger than that alone in its message); the last says whether a
+/// snapshot is `done`.
+fn packed(replica: &str, first: Batch, items: Vec<(String, Item)>, done: bool) -> Vec<ClusterUpdate> {
+    let mut parts = vec![update(replica, first, false)];
+    let mut part = Batch::default();
+    let mut size = 0;
+    for (pool, item) in items {
+        if size + item.blocks() > PART_BLOCKS && size > 0 {
+            parts.push(update(replica, std::mem::take(&mut part), false));
+            size = 0;
+        }
+        size += item.blocks();
+        let share = match part.pools.iter().position(|b| b.pool == pool) {
+            Some(i) => &mut part.pools[i],
+            None => {
+                part.pools.push(PoolBatch { pool, ..PoolBatch::default() });
+                part.pools.last_mut().expect("just pushed")
+            }
+        };
+        match item {
+            Item::Placement(e, b) => share.placements.push((e, b)),
+            Item::Held(e, b, capacity) => share.held.push((e, b, capacity)),
+        }
+    }
+    if size > 0 || done {
+        parts.push(update(replica, part, done));
+    }
+    parts
+}
+
 /// A snapshot as messages of at most [`PART_BLOCKS`] blocks each: the first carries every
 /// count, the last says the snapshot is done.
 pub(super) fn snapshot_parts(replica: &str, snapshot: Batch) -> Vec<ClusterUpdate> {
-    let mut parts = Vec::new();
     let mut first = Batch { pools: Vec::new(), full_loads: true };
-    let mut rest: Vec<(String, String, Vec<BlockHash>, usize)> = Vec::new();
+    let mut items = Vec::new();
     for p in snapshot.pools {
-        let bytes_per_token = p.bytes_per_token;
-        first.pools.push(PoolBatch { pool: p.pool.clone(), loads: p.loads, bytes_per_token, ..PoolBatch::default() });
-        rest.extend(p.held.into_iter().map(|(e, blocks, capacity)| (p.pool.clone(), e, blocks, capacity)));
-    }
-    parts.push(update(replica, first, false));
-    let mut part = Batch::default();
-    let mut size = 0;
-    for (pool, endpoint, blocks, capacity) in rest {
-        for chunk in blocks.chunks(PART_BLOCKS) {
-            if size + chunk.len() > PART_BLOCKS && size > 0 {
-                parts.push(update(replica, std::mem::take(&mut part), false));
-                size = 0;
-            }
-            let share = match part.pools.iter_mut().position(|b| b.pool == pool) {
-                Some(i) => &mut part.pools[i],
-                None => {
-                    part.pools.push(PoolBatch { pool: pool.clone(), ..PoolBatch::default() });
-                    part.pools.last_mut().expect("just pushed")
-                }
-            };
-            share.held.push((endpoint.clone(), chunk.to_vec(), capacity));
-            size += chunk.len();
+        for (endpoint, blocks, capacity) in p.held {
+            let chunks = blocks
+                .chunks(PART_BLOCKS)
+                .map(|c| (p.pool.clone(), Item::Held(endpoint.clone(), c.to_vec(), capacity)));
+            items.extend(chunks);
         }
+        first.pools.push(PoolBatch {
+            pool: p.pool,
+            loads: p.loads,
+            bytes_per_token: p.bytes_per_token,
+            ..PoolBatch::default()
+        });
     }
-    parts.push(update(replica, part, true));
-    parts
+    packed(replica, first, items, true)
 }
 
 /// A batch as messages of at most [`PART_BLOCKS`] placed blocks each (a placement is never
@@ -121,31 +154,13 @@ pub(super) fn batch_parts(replica: &str, mut batch: Batch) -> Vec<ClusterUpdate>
     if total <= PART_BLOCKS {
         return vec![update(replica, batch, false)];
     }
-    let mut parts = Vec::new();
-    let mut rest: Vec<(String, String, Vec<BlockHash>)> = Vec::new();
+    let mut items = Vec::new();
     for p in &mut batch.pools {
-        rest.extend(std::mem::take(&mut p.placements).into_iter().map(|(e, b)| (p.pool.clone(), e, b)));
+        items.extend(
+            std::mem::take(&mut p.placements).into_iter().map(|(e, b)| (p.pool.clone(), Item::Placement(e, b))),
+        );
     }
-    parts.push(update(replica, batch, false));
-    let mut part = Batch::default();
-    let mut size = 0;
-    for (pool, endpoint, blocks) in rest {
-        if size + blocks.len() > PART_BLOCKS && size > 0 {
-            parts.push(update(replica, std::mem::take(&mut part), false));
-            size = 0;
-        }
-        size += blocks.len();
-        match part.pools.iter_mut().find(|b| b.pool == pool) {
-            Some(b) => b.placements.push((endpoint, blocks)),
-            None => part.pools.push(PoolBatch { pool, placements: vec![(endpoint, blocks)], ..PoolBatch::default() }),
-        }
-    }
-    parts.push(update(replica, part, false));
-    // Only the first part's counts are all of them.
-    for p in &mut parts[1..] {
-        p.full_loads = false;
-    }
-    parts
+    packed(replica, batch, items, false)
 }
 
 /// Bounds on what a peer's message may say (larger figures are clamped: a peer is trusted to
